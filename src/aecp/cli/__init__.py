@@ -1,0 +1,1 @@
+"""The ``aecp`` command (Typer + Rich). Talks to clusters over REST only."""

@@ -1,0 +1,50 @@
+"""``aecp node``: list nodes, and ``node run`` (the node process itself)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from aecp.cli.common import client
+from aecp.cli.output import Format, OutputOpt, emit
+
+app = typer.Typer(help="Cluster nodes.", no_args_is_help=True)
+COLS = [
+    "name",
+    "state",
+    "address",
+    "accel",
+    "capacity.cpus",
+    "capacity.memory_mib",
+    "reserved_memory_mib",
+    "vms",
+    "usage.cpu_percent",
+    "usage.memory_used_mib",
+]
+
+
+@app.command("list")
+def list_nodes(output: OutputOpt = Format.TABLE) -> None:
+    """List nodes with state, capacity and usage."""
+    with client() as c:
+        emit(c.get("/v1/nodes"), output, COLS)
+
+
+@app.command("show")
+def show(name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Show one node."""
+    with client() as c:
+        emit(c.get(f"/v1/nodes/{name}"), output)
+
+
+@app.command("run")
+def run(config: Annotated[Path, typer.Option(help="node settings (JSON)")]) -> None:
+    """Run this node's agent, storage of VM state and cluster API (a daemon; SIGTERM stops it,
+    VMs keep running)."""
+    from aecp.conf.settings import load
+    from aecp.node.main import run_node
+
+    asyncio.run(run_node(load(config)))

@@ -1,0 +1,99 @@
+"""``aecp vm``: create, list, show, power operations, delete and the serial console."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from aecp.cli import console as vmconsole
+from aecp.cli.common import client, follow
+from aecp.cli.output import Format, NoWaitOpt, OutputOpt, emit
+
+app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
+COLS = ["name", "state", "node", "vcpus", "memory_mib", "image", "http_url", "message"]
+
+
+@app.command("create")
+def create(
+    name: str,
+    image: Annotated[str, typer.Option(help="image to boot from")] = "tiny",
+    vcpus: Annotated[int, typer.Option(help="virtual CPUs")] = 1,
+    memory: Annotated[int, typer.Option(help="memory in MiB")] = 256,
+    node: Annotated[str | None, typer.Option(help="pin to this node")] = None,
+    data_disk: Annotated[list[int] | None, typer.Option(help="extra blank disk, MiB")] = None,
+    start: Annotated[bool, typer.Option(help="power on once created")] = True,
+    no_wait: NoWaitOpt = False,
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """Create a VM (and start it) on the node with the most free memory."""
+    body = {
+        "name": name,
+        "image": image,
+        "vcpus": vcpus,
+        "memory_mib": memory,
+        "node": node,
+        "data_disks_mib": data_disk or [],
+        "start": start,
+    }
+    with client() as c:
+        follow(c, c.post("/v1/vms", json=body), no_wait, output)
+        if not no_wait and output is Format.TABLE:
+            emit(c.get(f"/v1/vms/{name}"), output)
+
+
+@app.command("list")
+def list_vms(output: OutputOpt = Format.TABLE) -> None:
+    """List VMs with their state and node."""
+    with client() as c:
+        emit(c.get("/v1/vms"), output, COLS)
+
+
+@app.command("show")
+def show(name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Show one VM."""
+    with client() as c:
+        emit(c.get(f"/v1/vms/{name}"), output)
+
+
+def _power(action: str, help_text: str) -> None:
+    def command(name: str, no_wait: NoWaitOpt = False, output: OutputOpt = Format.TABLE) -> None:
+        with client() as c:
+            follow(c, c.post(f"/v1/vms/{name}/actions/{action}"), no_wait, output)
+
+    command.__doc__ = help_text
+    app.command(action)(command)
+
+
+_power("start", "Power a stopped VM on.")
+_power("shutdown", "Shut a VM down cleanly (ACPI power button; powered off after a timeout).")
+_power("poweroff", "Power a VM off at once (like pulling the plug).")
+_power("reboot", "Reboot a running VM cleanly (ACPI shutdown, then reset).")
+_power("suspend", "Pause a running VM (its memory is kept).")
+_power("resume", "Resume a suspended VM.")
+
+
+@app.command("delete")
+def delete(name: str, no_wait: NoWaitOpt = False, output: OutputOpt = Format.TABLE) -> None:
+    """Delete a stopped VM and its disks."""
+    with client() as c:
+        follow(c, c.delete(f"/v1/vms/{name}"), no_wait, output)
+
+
+@app.command("console")
+def console(
+    name: str,
+    log: Annotated[
+        bool, typer.Option("--log", help="print what the console showed so far")
+    ] = False,
+) -> None:
+    """Attach to a VM's serial console (detach with Ctrl-]), or print its log."""
+    with client() as c:
+        if log:
+            typer.echo(c.get(f"/v1/vms/{name}/console/log"), nl=False)
+            return
+        vm = c.get(f"/v1/vms/{name}")
+        if not vm["node"]:
+            raise typer.BadParameter(f"VM {name} is not on a node yet", param_hint="NAME")
+        node = c.get(f"/v1/nodes/{vm['node']}")
+        vmconsole.attach(node["api_url"], name, c.token)

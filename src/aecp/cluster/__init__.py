@@ -1,0 +1,1 @@
+"""The cluster API (api/) and the leader-elected controllers (scheduler)."""

@@ -1,0 +1,66 @@
+"""Public (response) models of the cluster API."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from aecp.model.operation import Operation
+from aecp.model.vm import Power, VMState
+from aecp.store.snapshot import Snapshot
+
+
+class VMPublic(BaseModel):
+    name: str
+    uuid: str
+    image: str
+    vcpus: int
+    memory_mib: int
+    data_disks_mib: list[int]
+    pinned_node: str | None
+    node: str | None
+    state: VMState
+    power: Power
+    message: str
+    http_url: str
+    pid: int | None
+    boots: int
+    created_at: float
+    last_operation: str
+
+    @classmethod
+    def from_snapshot(cls, snap: Snapshot, name: str) -> VMPublic:
+        e = snap.vms[name]
+        st = e.status
+        state = snap.vm_state(name)
+        message = st.message if st else ""
+        if state is VMState.UNKNOWN:
+            message = f"node {e.node} is unreachable"
+        return cls(
+            name=name,
+            uuid=e.spec.uuid,
+            image=e.spec.image,
+            vcpus=e.spec.vcpus,
+            memory_mib=e.spec.memory_mib,
+            data_disks_mib=e.spec.data_disks_mib,
+            pinned_node=e.spec.node,
+            node=e.node,
+            state=state,
+            power=e.spec.power,
+            message=message,
+            http_url=st.http_url if st and state is VMState.RUNNING else "",
+            pid=st.pid if st else None,
+            boots=st.boots if st else 0,
+            created_at=e.spec.created_at,
+            last_operation=e.spec.op_id,
+        )
+
+
+class Accepted(BaseModel):
+    """A request that takes time: follow ``operation`` to its end."""
+
+    operation: Operation
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str

@@ -1,0 +1,115 @@
+"""``/v1/vms/{name}/console``: the serial console of a VM.
+
+``GET .../console/log`` works on any node (it is forwarded to the VM's node); the interactive
+WebSocket is served by the VM's node only (clients look the node up with ``GET /v1/vms/{name}``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import httpx
+from fastapi import APIRouter, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import PlainTextResponse
+
+from aecp.cluster.api.deps import Node, Service, check_token
+from aecp.common.errors import AecpError, Conflict, NotFound, Unavailable
+
+router = APIRouter(prefix="/v1/vms", tags=["console"])
+ws_router = APIRouter(prefix="/v1/vms", tags=["console"])  # authenticates inside
+
+MAX_LOG = 4 * 1024 * 1024
+
+
+@router.get("/{name}/console/log", operation_id="get_console_log", response_class=PlainTextResponse)
+async def console_log(
+    name: str,
+    request: Request,
+    svc: Service,
+    node: Node,
+    tail: int = Query(MAX_LOG, ge=1, le=MAX_LOG, description="at most this many last bytes"),
+) -> PlainTextResponse:
+    entry, snap = await svc.vm(name)
+    owner = entry.node
+    if owner is None:
+        raise Conflict(f"VM {name} has not been placed on a node yet", vm=name)
+    if owner != node.name:
+        return await _forward(snap.nodes[owner].api_url, request)
+    path = node.run_dir / name / "console.log"
+    data = await asyncio.to_thread(_read_tail, path, tail)
+    return PlainTextResponse(data.decode(errors="replace"))
+
+
+def _read_tail(path: object, tail: int) -> bytes:
+    try:
+        with open(path, "rb") as f:  # type: ignore[call-overload]
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - tail))
+            data: bytes = f.read()
+            return data
+    except FileNotFoundError:
+        return b""
+
+
+async def _forward(api_url: str, request: Request) -> PlainTextResponse:
+    headers = {"authorization": request.headers.get("authorization", "")}
+    url = api_url + request.url.path
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            resp = await client.get(url, params=dict(request.query_params), headers=headers)
+    except httpx.HTTPError as exc:
+        raise Unavailable(f"the VM's node at {api_url} did not answer: {exc}") from None
+    return PlainTextResponse(resp.text, status_code=resp.status_code)
+
+
+@ws_router.websocket("/{name}/console")
+async def console_ws(websocket: WebSocket, name: str) -> None:
+    """Bridge the WebSocket to the VM's serial console socket (bytes both ways)."""
+    svc = websocket.app.state.service
+    node = websocket.app.state.node
+    token = websocket.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    try:
+        await check_token(svc, token)
+        entry, _ = await svc.vm(name)
+        if entry.node != node.name:
+            raise NotFound(f"VM {name} does not run on {node.name}; ask node {entry.node}")
+        reader, writer = await asyncio.open_unix_connection(
+            str(node.run_dir / name / "console.sock")
+        )
+    except (AecpError, OSError) as exc:
+        await websocket.close(
+            code=4000 + getattr(exc, "http_status", 503) % 1000, reason=str(exc)[:120]
+        )
+        return
+    await websocket.accept()
+    try:
+        await _pump(websocket, reader, writer)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _pump(ws: WebSocket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def to_ws() -> None:
+        while data := await reader.read(4096):
+            await ws.send_bytes(data)
+
+    async def to_console() -> None:
+        with contextlib.suppress(WebSocketDisconnect):
+            while True:
+                data = await ws.receive_bytes()
+                writer.write(data)
+                await writer.drain()
+
+    tasks = [asyncio.ensure_future(to_ws()), asyncio.ensure_future(to_console())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await ws.close()

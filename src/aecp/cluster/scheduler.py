@@ -1,0 +1,130 @@
+"""Placement: which node runs a new VM.
+
+``choose_node`` is the pure rule: among ready nodes with room (free memory >= the VM's memory,
+vCPUs <= the node's CPUs), the one with the most free memory; ties go to the name that sorts
+first. Free memory is capacity minus the memory of every VM placed on the node (running or not:
+a VM's disk lives on its node, so its place is kept).
+
+``Scheduler.run_pass`` is the control loop body run by the elected leader: read a snapshot,
+place every unplaced VM, return one sentence per decision.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from aecp.common.clock import SYSTEM_CLOCK, Clock
+from aecp.common.errors import NoCapacity
+from aecp.model.node import NodeState, NodeView
+from aecp.model.vm import Placement, VMSpec, VMState, VMStatus
+from aecp.store import keys
+from aecp.store.base import Compare, Put, Store
+from aecp.store.snapshot import Snapshot, VMEntry, read_snapshot
+from aecp.store.typed import update_op
+
+log = logging.getLogger(__name__)
+
+
+def choose_node(spec: VMSpec, nodes: Sequence[NodeView]) -> NodeView:
+    """The node for ``spec``; ``NoCapacity`` naming why each node was ruled out."""
+    reasons = []
+    fits = []
+    for n in nodes:
+        why = _unfit_reason(spec, n)
+        if why:
+            reasons.append(f"{n.name}: {why}")
+        else:
+            fits.append(n)
+    if not fits:
+        detail = "; ".join(reasons) if reasons else "the cluster has no nodes"
+        raise NoCapacity(
+            f"no node can run VM {spec.name} ({spec.vcpus} vCPUs, {spec.memory_mib} MiB): {detail}",
+            reasons=reasons,
+        )
+    return min(fits, key=lambda n: (-n.free_memory_mib, n.name))
+
+
+def _unfit_reason(spec: VMSpec, n: NodeView) -> str:
+    if spec.node is not None and n.name != spec.node:
+        return f"the VM is pinned to {spec.node}"
+    if n.state is not NodeState.READY:
+        return "unreachable"
+    if spec.vcpus > n.capacity.cpus:
+        return f"has {n.capacity.cpus} CPUs"
+    if spec.memory_mib > n.free_memory_mib:
+        return f"{n.free_memory_mib} MiB free"
+    return ""
+
+
+def reserve(view: NodeView, spec: VMSpec) -> NodeView:
+    """``view`` after placing ``spec`` on it (so one pass can place several VMs)."""
+    return view.model_copy(
+        update={
+            "reserved_memory_mib": view.reserved_memory_mib + spec.memory_mib,
+            "reserved_vcpus": view.reserved_vcpus + spec.vcpus,
+            "vms": view.vms + 1,
+        }
+    )
+
+
+class Scheduler:
+    """Places unplaced VMs. Run only by the holder of the scheduler role."""
+
+    def __init__(self, store: Store, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.store = store
+        self.clock = clock
+
+    async def run_pass(self) -> list[str]:
+        snap = await read_snapshot(self.store)
+        views = {v.name: v for v in snap.node_views()}
+        decisions = []
+        for entry in sorted(snap.vms.values(), key=lambda e: (e.spec.created_at, e.spec.name)):
+            if entry.placement is not None or entry.spec.deleting:
+                continue
+            decisions.append(await self._place(entry, views, snap))
+        return decisions
+
+    async def _place(self, entry: VMEntry, views: dict[str, NodeView], snap: Snapshot) -> str:
+        spec = entry.spec
+        try:
+            chosen = choose_node(spec, list(views.values()))
+        except NoCapacity as exc:
+            return await self._unschedulable(entry, exc.message)
+        placement = Placement(node=chosen.name, at=self.clock.wall())
+        placed = await self.store.txn(
+            [
+                Compare.absent(keys.vm_placement(spec.name)),
+                Compare.unchanged(keys.vm_spec(spec.name), entry.spec_rev),
+            ],
+            [Put(keys.vm_placement(spec.name), placement.dump())],
+        )
+        if not placed:
+            return f"{spec.name} changed while being placed: will look again"
+        views[chosen.name] = reserve(chosen, spec)
+        await update_op(
+            self.store,
+            spec.op_id,
+            progress=20,
+            message=f"placed on {chosen.name}",
+            clock=self.clock,
+        )
+        return (
+            f"{spec.name} placed on {chosen.name}: most free memory "
+            f"({chosen.free_memory_mib} MiB) among ready nodes"
+        )
+
+    async def _unschedulable(self, entry: VMEntry, reason: str) -> str:
+        spec = entry.spec
+        current = entry.status
+        if (
+            current is None
+            or current.state is not VMState.UNSCHEDULABLE
+            or current.message != reason
+        ):
+            status = VMStatus(
+                state=VMState.UNSCHEDULABLE, message=reason, updated_at=self.clock.wall()
+            )
+            await self.store.put(keys.vm_status(spec.name), status.dump())
+            await update_op(self.store, spec.op_id, error=reason, clock=self.clock)
+        return f"{spec.name} cannot be placed: {reason}"

@@ -1,0 +1,199 @@
+"""The cluster's request logic, below the REST layer: validate, then write desired state and an
+operation in one transaction. Nothing here talks HTTP; every error is an ``AecpError``.
+
+Ordering: a mutating request checks everything it can *before* its single store transaction, so
+a refused request changes nothing that was stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from aecp.cluster.scheduler import choose_node
+from aecp.common.clock import SYSTEM_CLOCK, Clock
+from aecp.common.errors import AlreadyExists, Conflict, InvalidInput, NotFound
+from aecp.compute.images import catalog
+from aecp.model.base import check_name
+from aecp.model.image import ImageRecord
+from aecp.model.node import NodeState, NodeView
+from aecp.model.operation import Operation, new_op_id
+from aecp.model.vm import (
+    PowerOp,
+    VMCreate,
+    VMSpec,
+    apply_power_op,
+    check_deletable,
+)
+from aecp.store import keys
+from aecp.store.base import Compare, Delete, Put, Store
+from aecp.store.snapshot import Snapshot, VMEntry, read_snapshot
+from aecp.store.typed import read
+
+log = logging.getLogger(__name__)
+
+
+class ClusterService:
+    """VM, node, image and operation requests over the cluster store."""
+
+    def __init__(self, store: Store, images_dir: Path, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.store = store
+        self.images_dir = images_dir
+        self.clock = clock
+
+    # ---- reads -------------------------------------------------------------------------
+    async def snapshot(self) -> Snapshot:
+        return await read_snapshot(self.store)
+
+    async def nodes(self) -> list[NodeView]:
+        return (await self.snapshot()).node_views()
+
+    async def node(self, name: str) -> NodeView:
+        snap = await self.snapshot()
+        if name not in snap.nodes:
+            raise NotFound(f"node {name} does not exist", node=name)
+        return snap.node_view(name)
+
+    async def vm(self, name: str) -> tuple[VMEntry, Snapshot]:
+        check_name("name", name)
+        snap = await self.snapshot()
+        if name not in snap.vms:
+            raise NotFound(f"VM {name} does not exist", vm=name)
+        return snap.vms[name], snap
+
+    async def operation(self, op_id: str) -> Operation:
+        got = await read(self.store, keys.op(op_id), Operation)
+        if got is None:
+            raise NotFound(f"operation {op_id} does not exist", operation=op_id)
+        return got[0]
+
+    async def operations(self) -> list[Operation]:
+        ops = [Operation.load(kv.value) for kv in await self.store.list(keys.OPS)]
+        return sorted(ops, key=lambda o: o.created_at)
+
+    async def images(self) -> list[ImageRecord]:
+        return [ImageRecord.load(kv.value) for kv in await self.store.list(keys.IMAGES)]
+
+    async def image(self, name: str) -> ImageRecord:
+        check_name("image", name)
+        got = await read(self.store, keys.image(name), ImageRecord)
+        if got is None:
+            raise NotFound(f"image {name} does not exist", image=name)
+        return got[0]
+
+    # ---- VM create / power / delete -------------------------------------------------------
+    async def create_vm(self, req: VMCreate) -> tuple[VMSpec, Operation]:
+        """Validate ``req`` fully, then store the spec and a ``vm.create`` operation atomically."""
+        req.validate_fields()
+        snap = await self.snapshot()
+        if req.name in snap.vms:
+            raise AlreadyExists(f"VM {req.name} already exists", field="name")
+        self._check_fits(req, snap)
+        image = await self._usable_image(req.image)
+        now = self.clock.wall()
+        op = self._new_op("vm.create", req.name, f"creating from image {image.name}")
+        spec = VMSpec.from_create(req, op.id, now)
+        ok = await self.store.txn(
+            [Compare.absent(keys.vm_spec(req.name))],
+            [Put(keys.vm_spec(req.name), spec.dump()), Put(keys.op(op.id), op.dump())],
+        )
+        if not ok:
+            raise AlreadyExists(f"VM {req.name} already exists", field="name")
+        log.info(
+            "vm %s: created (%d vCPUs, %d MiB, image %s) as %s",
+            spec.name,
+            spec.vcpus,
+            spec.memory_mib,
+            spec.image,
+            op.id,
+        )
+        return spec, op
+
+    def _check_fits(self, req: VMCreate, snap: Snapshot) -> None:
+        views = snap.node_views()
+        if req.node is not None and req.node not in snap.nodes:
+            raise InvalidInput("node", f"node {req.node} does not exist")
+        most = max((v.capacity.cpus for v in views), default=0)
+        if req.vcpus > most:
+            raise InvalidInput("vcpus", f"{req.vcpus} vCPUs is more than any node has ({most})")
+        most_mem = max((v.capacity.memory_mib for v in views), default=0)
+        if req.memory_mib > most_mem:
+            raise InvalidInput(
+                "memory_mib", f"{req.memory_mib} MiB is more than any node has ({most_mem} MiB)"
+            )
+        if req.node is not None and snap.node_view(req.node).state is not NodeState.READY:
+            raise Conflict(f"node {req.node} is unreachable", field="node")
+        probe = VMSpec.from_create(req, "", 0.0)
+        choose_node(probe, views)  # raises NoCapacity with the reason per node
+
+    async def _usable_image(self, name: str) -> ImageRecord:
+        try:
+            record = await self.image(name)
+        except NotFound:
+            raise InvalidInput("image", f"image {name} does not exist") from None
+        await asyncio.to_thread(catalog.verify, record, self.images_dir)
+        return record
+
+    async def power(self, name: str, op: PowerOp) -> Operation:
+        """Apply a power operation; ``InvalidState`` when it is not valid in the VM's state."""
+        for _ in range(5):
+            entry, snap = await self.vm(name)
+            new_op = self._new_op(f"vm.{op.value}", name, f"{op.value} requested")
+            spec = apply_power_op(op, entry.spec, snap.vm_state(name), new_op.id)
+            if await self._swap_spec(entry, spec, new_op):
+                log.info("vm %s: %s requested as %s", name, op.value, new_op.id)
+                return new_op
+        raise Conflict(f"VM {name} keeps changing; try again", vm=name)
+
+    async def delete_vm(self, name: str) -> Operation:
+        """Delete a stopped VM: at once when it never reached a node, else via its node."""
+        for _ in range(5):
+            entry, snap = await self.vm(name)
+            check_deletable(entry.spec, snap.vm_state(name))
+            op = self._new_op("vm.delete", name, "delete requested")
+            if entry.placement is None:
+                done = op.succeed("deleted", self.clock.wall())
+                ok = await self.store.txn(
+                    [Compare.unchanged(keys.vm_spec(name), entry.spec_rev)],
+                    [Delete(keys.vm_prefix(name), prefix=True), Put(keys.op(op.id), done.dump())],
+                )
+                if ok:
+                    return done
+                continue
+            spec = entry.spec.model_copy(update={"deleting": True, "op_id": op.id})
+            if await self._swap_spec(entry, spec, op):
+                return op
+        raise Conflict(f"VM {name} keeps changing; try again", vm=name)
+
+    async def _swap_spec(self, entry: VMEntry, spec: VMSpec, op: Operation) -> bool:
+        return await self.store.txn(
+            [Compare.unchanged(keys.vm_spec(spec.name), entry.spec_rev)],
+            [Put(keys.vm_spec(spec.name), spec.dump()), Put(keys.op(op.id), op.dump())],
+        )
+
+    def _new_op(self, kind: str, target: str, message: str) -> Operation:
+        now = self.clock.wall()
+        return Operation(
+            id=new_op_id(),
+            kind=kind,
+            target=target,
+            message=message,
+            created_at=now,
+            updated_at=now,
+        )
+
+    # ---- images ----------------------------------------------------------------------------
+    async def register_image(self, record: ImageRecord) -> None:
+        if not await self.store.create(keys.image(record.name), record.dump()):
+            raise AlreadyExists(f"image {record.name} already exists", field="name")
+
+    async def delete_image(self, name: str) -> None:
+        record = await self.image(name)
+        users = [e.spec.name for e in (await self.snapshot()).vms.values() if e.spec.image == name]
+        if users:
+            raise Conflict(
+                f"image {name} is used by VMs: {', '.join(sorted(users))}", vms=sorted(users)
+            )
+        await self.store.delete(keys.image(name))
+        (self.images_dir / record.file).unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""Shared building blocks: errors, logging, clocks, guarded tasks, subprocesses."""

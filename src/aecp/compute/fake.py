@@ -1,0 +1,194 @@
+"""In-memory test double of the hypervisor contract (like Nova's ``virt/fake.py``).
+
+``FakeHypervisor`` keeps instances in a dict and emits the same events, in the same order, as the
+QEMU driver. Tests drive the "outside world" with ``crash(name)`` (QEMU died) and
+``guest_poweroff(name)`` (the guest powered itself off). Failure injection uses named subclasses
+(``FailingLaunchHypervisor``), never ad-hoc mocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from aecp.common.errors import InvalidState, LaunchError
+from aecp.compute.hypervisor import (
+    EventKind,
+    Hypervisor,
+    InstanceEvent,
+    InstanceInfo,
+    InstanceSpec,
+    RunState,
+)
+
+_PIDS = itertools.count(40000)
+
+
+@dataclass
+class FakeInstance:
+    """One simulated QEMU process."""
+
+    spec: InstanceSpec
+    pid: int
+    state: RunState
+    boots: int = 1
+
+
+class FakeHypervisor(Hypervisor):
+    """Honours the ``Hypervisor`` contract without processes.
+
+    ``guest_cooperates`` decides whether an ACPI power-button press makes the guest power off
+    (``shutdown``/``reboot`` then return True) or is ignored (they return False after the
+    timeout, which is not actually waited for). ``persistent`` is the "still running" world
+    shared with a new object over the same ``run_dir``, to simulate an agent restart.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path = Path("/nonexistent/aecp-fake"),
+        *,
+        guest_cooperates: bool = True,
+        persistent: dict[str, FakeInstance] | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.guest_cooperates = guest_cooperates
+        self.world: dict[str, FakeInstance] = {} if persistent is None else persistent
+        self._tracked: dict[str, FakeInstance] = {}
+        self._events: asyncio.Queue[InstanceEvent] = asyncio.Queue()
+        self.calls: list[tuple[str, str]] = []  # (method, name), for assertions
+
+    # --- the contract -------------------------------------------------------------------------
+
+    async def start(self, spec: InstanceSpec) -> InstanceInfo:
+        self.calls.append(("start", spec.name))
+        if spec.name in self.world:
+            raise InvalidState(f"{spec.name} is already running", name=spec.name)
+        self._launch(spec)
+        inst = FakeInstance(spec, next(_PIDS), RunState.RUNNING)
+        self.world[spec.name] = self._tracked[spec.name] = inst
+        self._emit(spec.name, EventKind.STARTED)
+        return self._info(inst)
+
+    def _launch(self, spec: InstanceSpec) -> None:
+        """Hook for failure-injecting subclasses; the fake launch always works."""
+
+    async def attach_all(self) -> list[InstanceInfo]:
+        self._tracked.update(self.world)
+        return self.instances()
+
+    def instances(self) -> list[InstanceInfo]:
+        return [self._info(i) for i in self._tracked.values()]
+
+    async def state(self, name: str) -> RunState:
+        inst = self._tracked.get(name)
+        return RunState.STOPPED if inst is None else inst.state
+
+    async def shutdown(self, name: str, timeout: float) -> bool:  # noqa: ASYNC109
+        self.calls.append(("shutdown", name))
+        inst = self._require(name)
+        clean = self.guest_cooperates and inst.state is RunState.RUNNING
+        if clean:
+            self.guest_poweroff(name)
+        elif name in self._tracked:
+            self._gone(name)
+        return clean
+
+    async def poweroff(self, name: str) -> None:
+        self.calls.append(("poweroff", name))
+        if name in self._tracked:
+            self._gone(name)
+
+    async def reboot(self, name: str, timeout: float) -> bool:  # noqa: ASYNC109
+        self.calls.append(("reboot", name))
+        inst = self._require(name)
+        clean = self.guest_cooperates and inst.state is RunState.RUNNING
+        inst.boots += 1
+        inst.state = RunState.RUNNING
+        self._emit(name, EventKind.RESET)
+        return clean
+
+    async def pause(self, name: str) -> None:
+        self.calls.append(("pause", name))
+        inst = self._require(name, RunState.RUNNING)
+        inst.state = RunState.PAUSED
+        self._emit(name, EventKind.PAUSED)
+
+    async def resume(self, name: str) -> None:
+        self.calls.append(("resume", name))
+        inst = self._require(name, RunState.PAUSED)
+        inst.state = RunState.RUNNING
+        self._emit(name, EventKind.RESUMED)
+
+    async def events(self) -> AsyncIterator[InstanceEvent]:
+        while True:
+            yield await self._events.get()
+
+    async def close(self) -> None:
+        self._tracked.clear()
+
+    # --- the outside world --------------------------------------------------------------------
+
+    def crash(self, name: str) -> None:
+        """QEMU died (killed from outside): the instance is gone, STOPPED is emitted."""
+        self._require(name)
+        self._gone(name, reason="process-exited")
+
+    def guest_poweroff(self, name: str) -> None:
+        """The guest powered itself off: GUEST_SHUTDOWN, then (QEMU quit) STOPPED."""
+        self._require(name).state = RunState.SHUTDOWN
+        self._emit(name, EventKind.GUEST_SHUTDOWN)
+        self._gone(name)
+
+    def pending_events(self) -> list[InstanceEvent]:
+        """Every event not consumed yet (drains the queue), for synchronous assertions."""
+        out: list[InstanceEvent] = []
+        while not self._events.empty():
+            out.append(self._events.get_nowait())
+        return out
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _require(self, name: str, *states: RunState) -> FakeInstance:
+        inst = self._tracked.get(name)
+        if inst is None:
+            raise InvalidState(f"{name} is not running", name=name)
+        if states and inst.state not in states:
+            raise InvalidState(f"{name} is {inst.state}, not {'/'.join(states)}", name=name)
+        return inst
+
+    def _gone(self, name: str, reason: str = "quit") -> None:
+        self._tracked.pop(name, None)
+        self.world.pop(name, None)
+        self._emit(name, EventKind.STOPPED, reason=reason)
+
+    def _emit(self, name: str, kind: EventKind, **detail: object) -> None:
+        self._events.put_nowait(InstanceEvent(name, kind, dict(detail)))
+
+    def _info(self, inst: FakeInstance) -> InstanceInfo:
+        d = self.run_dir / inst.spec.name
+        return InstanceInfo(
+            name=inst.spec.name,
+            pid=inst.pid,
+            state=inst.state,
+            console_log=d / "console.log",
+            console_socket=d / "console.sock",
+        )
+
+
+class FailingLaunchHypervisor(FakeHypervisor):
+    """Every ``start`` fails as QEMU would on a bad disk: ``LaunchError`` with exit code 1."""
+
+    def _launch(self, spec: InstanceSpec) -> None:
+        raise LaunchError(
+            f"QEMU failed to launch {spec.name}",
+            exit_code=1,
+            argv=["qemu-system-x86_64", "-name", f"guest={spec.name}"],
+            output=f"qemu-system-x86_64: Could not open '{_first_disk(spec)}'",
+        )
+
+
+def _first_disk(spec: InstanceSpec) -> str:
+    return spec.disks[0].path if spec.disks else ""

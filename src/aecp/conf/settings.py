@@ -1,0 +1,124 @@
+"""Settings of a node process (``aecp node run --config FILE``).
+
+A JSON file with one group per component. ``load`` validates the whole file and reports every
+problem at once in a ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from aecp.common.errors import ConfigError
+from aecp.model.base import NAME_RE
+
+
+class StoreSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    endpoints: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:2379"], description="etcd client endpoints host:port"
+    )
+    timeout: float = Field(5.0, gt=0, description="deadline of one store call, seconds")
+
+
+class AgentSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lease_ttl: int = Field(10, ge=2, le=120, description="node lease TTL, seconds")
+    fence_margin: float = Field(
+        1.0, ge=0.1, description="fence this many seconds before the lease could have expired"
+    )
+    resync_interval: float = Field(5.0, gt=0, description="full reconcile at least this often")
+    heartbeat_every: int = Field(3, ge=1, description="rewrite usage every N lease refreshes")
+
+
+class ComputeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    accel: Literal["auto", "kvm", "tcg"] = Field("auto", description="auto probes KVM once")
+    qemu_binary: str = "qemu-system-x86_64"
+    cpus: int | None = Field(None, ge=1, description="vCPUs offered (default: host cores)")
+    memory_mib: int | None = Field(None, ge=64, description="memory offered (default: host)")
+    probe_image: str | None = Field(None, description="bootable image used by the KVM probe")
+
+
+class ApiSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    port: int = Field(8700, ge=1, le=65535)
+
+
+class NodeSettings(BaseModel):
+    """Everything one node process needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    address: str = Field(description="the address this node's services bind to")
+    data_dir: Path
+    images_dir: Path
+    store: StoreSettings = Field(default_factory=lambda: StoreSettings())
+    agent: AgentSettings = Field(default_factory=lambda: AgentSettings())
+    compute: ComputeSettings = Field(default_factory=lambda: ComputeSettings())
+    api: ApiSettings = Field(default_factory=lambda: ApiSettings())
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.address}:{self.api.port}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def vm_dir(self) -> Path:
+        return self.data_dir / "vms"
+
+
+def load(path: Path) -> NodeSettings:
+    """Read and validate a settings file; ``ConfigError`` lists every problem found."""
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"{path}: not JSON: {exc}"]) from exc
+    return parse(raw)
+
+
+def parse(raw: object) -> NodeSettings:
+    """Validate a settings mapping; ``ConfigError`` lists every problem found."""
+    try:
+        settings = NodeSettings.model_validate(raw)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError(problems) from None
+    problems = _semantic_problems(settings)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _semantic_problems(s: NodeSettings) -> list[str]:
+    problems = []
+    if not NAME_RE.match(s.name):
+        problems.append(f"name: {s.name!r} is not a valid node name")
+    try:
+        ipaddress.ip_address(s.address)
+    except ValueError:
+        problems.append(f"address: {s.address!r} is not an IP address")
+    if s.agent.fence_margin >= s.agent.lease_ttl:
+        problems.append("agent.fence_margin: must be smaller than agent.lease_ttl")
+    if not s.store.endpoints:
+        problems.append("store.endpoints: at least one endpoint is needed")
+    for ep in s.store.endpoints:
+        host, _, port = ep.rpartition(":")
+        if not host or not port.isdigit():
+            problems.append(f"store.endpoints: {ep!r} is not host:port")
+    return problems

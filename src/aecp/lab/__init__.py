@@ -1,0 +1,1 @@
+"""The all-in-one lab harness: start N nodes on this machine, inject faults."""

@@ -1,0 +1,317 @@
+"""The all-in-one lab: N nodes on this machine, node k on loopback address ``<subnet>.k`` with its
+own data directory; the first three also run an etcd member. Usable from the CLI
+(``aecp lab ...``, one process per command: all state is in ``<root>/lab.json`` and pidfiles)
+and from tests (the same class).
+
+Layout of ``root``::
+
+    lab.json  token  cli.json  images/  etcd/  nodes/<node>/{node.json,agent.log,agent.pid,data/}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import httpx
+from pydantic import BaseModel, Field
+
+from aecp.common.errors import InvalidInput, NotFound, Unavailable
+from aecp.common.proc import pid_alive, read_pidfile
+from aecp.lab.etcd import EtcdCluster, EtcdMember
+from aecp.lab.process import Daemon, kill_pidfiles
+from aecp.model.cluster import ClusterInfo, new_token
+from aecp.store import keys
+from aecp.store.etcd import EtcdStore
+
+ETCD_MEMBERS = 3
+Progress = Callable[[str], None]
+
+
+def default_root() -> Path:
+    env = os.environ.get("AECP_LAB_DIR")
+    if env:
+        return Path(env)
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "aecp" / "lab"
+
+
+class LabSpec(BaseModel):
+    """How the lab is laid out; saved in lab.json."""
+
+    nodes: int = Field(3, ge=1, le=9)
+    subnet: str = "127.0.1"
+    api_port: int = 8700
+    etcd_client_port: int = 2379
+    etcd_peer_port: int = 2380
+    lease_ttl: int = 5
+    fence_margin: float = 1.0
+    resync_interval: float = 2.0
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    etcd_mode: Literal["all", "local"] = "all"
+    node_memory_mib: int | None = None
+    node_cpus: int | None = None
+    cluster_name: str = "lab"
+
+    def address(self, k: int) -> str:
+        return f"{self.subnet}.{k}"
+
+
+class Lab:
+    """One lab under ``root``. Methods are safe to call from a fresh process."""
+
+    def __init__(self, root: Path, spec: LabSpec) -> None:
+        self.root = root
+        self.spec = spec
+        self.images_dir = root / "images"
+        self.token_file = root / "token"
+
+    @classmethod
+    def open(cls, root: Path | None = None) -> Lab:
+        root = root or default_root()
+        try:
+            spec = LabSpec.model_validate_json((root / "lab.json").read_text())
+        except FileNotFoundError:
+            raise NotFound(f"no lab at {root} (start one with: aecp lab up)") from None
+        return cls(root, spec)
+
+    # ---- naming ----------------------------------------------------------------------------
+    @property
+    def node_names(self) -> list[str]:
+        return [f"node{k}" for k in range(1, self.spec.nodes + 1)]
+
+    def index(self, name: str) -> int:
+        if name not in self.node_names:
+            raise InvalidInput("node", f"no node {name} in this lab ({', '.join(self.node_names)})")
+        return int(name.removeprefix("node"))
+
+    def node_dir(self, name: str) -> Path:
+        return self.root / "nodes" / name
+
+    def api_url(self, name: str) -> str:
+        return f"http://{self.spec.address(self.index(name))}:{self.spec.api_port}"
+
+    def api_urls(self) -> list[str]:
+        return [self.api_url(n) for n in self.node_names]
+
+    def token(self) -> str:
+        return self.token_file.read_text().strip()
+
+    def etcd_cluster(self) -> EtcdCluster:
+        hosts = [self.spec.address(k) for k in range(1, min(ETCD_MEMBERS, self.spec.nodes) + 1)]
+        return EtcdCluster.on_loopback(
+            self.root / "etcd",
+            hosts,
+            client_port=self.spec.etcd_client_port,
+            peer_port=self.spec.etcd_peer_port,
+        )
+
+    def etcd_member(self, name: str) -> EtcdMember | None:
+        k = self.index(name)
+        return self.etcd_cluster().members[k - 1] if k <= ETCD_MEMBERS else None
+
+    def agent(self, name: str) -> Daemon:
+        d = self.node_dir(name)
+        cfg = d / "node.json"
+        argv = [sys.executable, "-m", "aecp", "node", "run", "--config", str(cfg)]
+        return Daemon(argv, d / "agent.pid", d / "agent.log", marker=str(cfg))
+
+    def qemu_pidfiles(self, name: str) -> dict[Path, str]:
+        run = self.node_dir(name) / "data" / "run"
+        return {pf: f"guest={pf.parent.name}" for pf in run.glob("*/qemu.pid")}
+
+    # ---- up --------------------------------------------------------------------------------
+    async def up(
+        self, progress: Progress = lambda _: None, probe_image: Path | None = None
+    ) -> None:
+        """Start etcd, initialise the cluster, start every node agent, wait until all are ready.
+
+        Raises ``InvalidInput`` if a lab already exists at ``root``.
+        """
+        if (self.root / "lab.json").exists():
+            raise InvalidInput(
+                "root", f"a lab already exists at {self.root}; run 'aecp lab down' first"
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "lab.json").write_text(self.spec.model_dump_json(indent=2))
+        self.images_dir.mkdir(exist_ok=True)
+        progress("starting etcd")
+        cluster = self.etcd_cluster()
+        await cluster.start()
+        progress("initialising the cluster")
+        await self._init_cluster(cluster.client_endpoints())
+        for name in self.node_names:
+            self._write_node_settings(name, probe_image)
+        progress(f"starting {self.spec.nodes} node agents")
+        for name in self.node_names:
+            self.agent(name).start()
+        await self.wait_ready(progress)
+
+    async def _init_cluster(self, endpoints: list[str]) -> None:
+        token, digest = new_token()
+        self.token_file.touch(mode=0o600)
+        self.token_file.write_text(token + "\n")
+        info = ClusterInfo(name=self.spec.cluster_name, created_at=time.time(), token_sha256=digest)
+        store = EtcdStore(endpoints)
+        try:
+            await store.put(keys.CLUSTER, info.dump())
+        finally:
+            await store.close()
+        (self.root / "cli.json").write_text(
+            json.dumps({"api": self.api_urls(), "token_file": str(self.token_file)}, indent=2)
+        )
+
+    def _endpoints_for(self, name: str) -> list[str]:
+        all_eps = self.etcd_cluster().client_endpoints()
+        member = self.etcd_member(name)
+        if self.spec.etcd_mode == "local" and member is not None:
+            return [member.client_address]
+        if member is not None:  # local member first, others for failover
+            return [member.client_address] + [e for e in all_eps if e != member.client_address]
+        return all_eps
+
+    def _write_node_settings(self, name: str, probe_image: Path | None) -> None:
+        d = self.node_dir(name)
+        (d / "data").mkdir(parents=True, exist_ok=True)
+        s = {
+            "name": name,
+            "address": self.spec.address(self.index(name)),
+            "data_dir": str(d / "data"),
+            "images_dir": str(self.images_dir),
+            "store": {"endpoints": self._endpoints_for(name)},
+            "agent": {
+                "lease_ttl": self.spec.lease_ttl,
+                "fence_margin": self.spec.fence_margin,
+                "resync_interval": self.spec.resync_interval,
+            },
+            "compute": {
+                "accel": self.spec.accel,
+                "memory_mib": self.spec.node_memory_mib,
+                "cpus": self.spec.node_cpus,
+                "probe_image": str(probe_image) if probe_image else None,
+            },
+            "api": {"port": self.spec.api_port},
+        }
+        (d / "node.json").write_text(json.dumps(s, indent=2))
+
+    async def wait_ready(self, progress: Progress = lambda _: None, timeout: float = 120) -> None:
+        """Wait until every node answers its API and shows as ready."""
+        deadline = time.monotonic() + timeout
+        ready: set[str] = set()
+        while time.monotonic() < deadline:
+            ready = await self._ready_nodes()
+            if ready >= set(self.node_names):
+                progress("all nodes ready")
+                return
+            for name in self.node_names:
+                if name not in ready and not self.agent(name).is_running():
+                    raise Unavailable(f"node agent {name} exited; see {self.agent(name).log_file}")
+            await asyncio.sleep(0.3)
+        missing = sorted(set(self.node_names) - ready)
+        raise Unavailable(f"nodes not ready after {timeout:.0f}s: {', '.join(missing)}")
+
+    async def _ready_nodes(self) -> set[str]:
+        headers = {"authorization": f"Bearer {self.token()}"}
+        async with httpx.AsyncClient(timeout=3, headers=headers) as c:
+            for url in self.api_urls():
+                try:
+                    r = await c.get(url + "/v1/nodes")
+                except httpx.HTTPError:
+                    continue
+                if r.status_code == 200:
+                    return {n["name"] for n in r.json() if n["state"] == "ready"}
+        return set()
+
+    # ---- faults ----------------------------------------------------------------------------
+    def kill_agent(self, name: str) -> None:
+        """SIGKILL the node agent only (its VMs keep running)."""
+        self.agent(name).kill()
+
+    def start_agent(self, name: str) -> None:
+        self.index(name)
+        self.agent(name).start()
+
+    def kill_etcd(self, name: str) -> None:
+        member = self.etcd_member(name)
+        if member is None:
+            raise InvalidInput("node", f"{name} runs no etcd member")
+        member.kill()
+
+    def start_etcd(self, name: str) -> None:
+        member = self.etcd_member(name)
+        if member is None:
+            raise InvalidInput("node", f"{name} runs no etcd member")
+        member.start(self.etcd_cluster().initial_cluster())
+
+    def kill_node(self, name: str) -> list[int]:
+        """A power loss: SIGKILL the agent, its VMs and its etcd member."""
+        self.kill_agent(name)
+        pids = kill_pidfiles(list(self.qemu_pidfiles(name)), self.qemu_pidfiles(name))
+        member = self.etcd_member(name)
+        if member is not None:
+            member.kill()
+        return pids
+
+    def start_node(self, name: str) -> None:
+        """Boot a killed node again: its etcd member, then its agent."""
+        member = self.etcd_member(name)
+        if member is not None and not member.is_running():
+            member.start(self.etcd_cluster().initial_cluster())
+        self.start_agent(name)
+
+    # ---- status and down -------------------------------------------------------------------
+    def status(self) -> list[dict[str, object]]:
+        rows: list[dict[str, object]] = []
+        for name in self.node_names:
+            member = self.etcd_member(name)
+            rows.append(
+                {
+                    "node": name,
+                    "address": self.spec.address(self.index(name)),
+                    "api": self.api_url(name),
+                    "agent_pid": self.agent(name).pid(),
+                    "etcd_pid": member.pid() if member else None,
+                    "etcd": member.client_address if member else "",
+                    "vms_running": len([p for p in self.qemu_pidfiles(name) if _live(p)]),
+                }
+            )
+        return rows
+
+    def processes(self) -> list[int]:
+        """Every live process this lab started (agents, QEMU, etcd)."""
+        pids = []
+        for name in self.node_names:
+            pids += [p for p in [self.agent(name).pid()] if p]
+            pids += [p for pf in self.qemu_pidfiles(name) if (p := _live(pf))]
+        pids += [p for m in self.etcd_cluster().members if (p := m.pid())]
+        return pids
+
+    def down(self) -> list[int]:
+        """Stop everything the lab started and remove its directory. Returns the pids stopped."""
+        stopped = self.processes()
+        for name in self.node_names:
+            self.agent(name).stop()
+        for name in self.node_names:
+            pf = self.qemu_pidfiles(name)
+            kill_pidfiles(list(pf), pf)
+        self.etcd_cluster().stop()
+        left = [p for p in stopped if pid_alive(p)]
+        if left:
+            raise Unavailable(f"processes still alive after lab down: {left}")
+        _rmtree(self.root)
+        return stopped
+
+
+def _live(pidfile: Path) -> int | None:
+    return read_pidfile(pidfile)
+
+
+def _rmtree(root: Path) -> None:
+    shutil.rmtree(root, ignore_errors=True)

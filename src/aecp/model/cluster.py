@@ -1,0 +1,28 @@
+"""The cluster record: its name and the digest of the API token created with it."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from aecp.model.base import Stored
+
+
+class ClusterInfo(Stored):
+    """``/aecp/cluster``. The token itself is never stored, only its SHA-256."""
+
+    name: str
+    created_at: float
+    token_sha256: str
+
+    def token_ok(self, token: str) -> bool:
+        """Constant-time check of a presented bearer token."""
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        return hmac.compare_digest(digest, self.token_sha256)
+
+
+def new_token() -> tuple[str, str]:
+    """A fresh API token and its digest."""
+    token = secrets.token_urlsafe(32)
+    return token, hashlib.sha256(token.encode()).hexdigest()

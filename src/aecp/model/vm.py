@@ -1,0 +1,217 @@
+"""VMs: the desired spec (API-owned), the placement (scheduler-owned), the observed status
+(agent-owned), and the power state machine that says which operation is valid when.
+
+Ownership keeps writers apart: each of the three keys has exactly one writer role, so no write
+needs to merge another writer's fields. The one exception is a guest-initiated power-off, where
+the agent records the guest's decision in the spec (``power = stopped``) by compare-and-swap.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid as uuidlib
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from aecp.common.errors import InvalidInput, InvalidState
+from aecp.model.base import Stored, check_name
+
+MAX_DATA_DISKS = 4
+MAX_DATA_DISK_MIB = 1024 * 1024
+
+
+class Power(enum.StrEnum):
+    """Desired power state."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+class VMState(enum.StrEnum):
+    """Observed state, as shown to users."""
+
+    PENDING = "pending"  # created, not placed yet
+    UNSCHEDULABLE = "unschedulable"  # no node fits it
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    REBOOTING = "rebooting"
+    STOPPED = "stopped"
+    ERROR = "error"
+    DELETING = "deleting"
+    UNKNOWN = "unknown"  # its node is unreachable
+
+
+class PowerOp(enum.StrEnum):
+    START = "start"
+    SHUTDOWN = "shutdown"
+    POWEROFF = "poweroff"
+    REBOOT = "reboot"
+    SUSPEND = "suspend"
+    RESUME = "resume"
+
+
+class VMCreate(BaseModel):
+    """The body of ``POST /v1/vms``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="unique VM name: " + "1-63 of [a-z0-9-]")
+    image: str = Field(description="name of a registered image to boot from")
+    vcpus: int = Field(1, description="virtual CPUs (1..the most any node has)")
+    memory_mib: int = Field(256, description="memory in MiB (>= 64)")
+    data_disks_mib: list[int] = Field(default_factory=list, description="extra blank disks, MiB")
+    node: str | None = Field(None, description="pin the VM to this node")
+    start: bool = Field(True, description="power the VM on once created")
+
+    def validate_fields(self) -> None:
+        """Raise ``InvalidInput`` naming the first bad field (pure checks only)."""
+        check_name("name", self.name)
+        check_name("image", self.image)
+        if self.node is not None:
+            check_name("node", self.node)
+        if self.vcpus < 1:
+            raise InvalidInput("vcpus", f"must be at least 1, got {self.vcpus}")
+        if self.memory_mib < 64:
+            raise InvalidInput("memory_mib", f"must be at least 64 MiB, got {self.memory_mib}")
+        if len(self.data_disks_mib) > MAX_DATA_DISKS:
+            raise InvalidInput("data_disks_mib", f"at most {MAX_DATA_DISKS} data disks")
+        for size in self.data_disks_mib:
+            if not 1 <= size <= MAX_DATA_DISK_MIB:
+                raise InvalidInput(
+                    "data_disks_mib", f"each size must be 1..{MAX_DATA_DISK_MIB} MiB, got {size}"
+                )
+
+
+class VMSpec(Stored):
+    """``/aecp/vms/<name>/spec``: what the user wants."""
+
+    name: str
+    uuid: str
+    image: str
+    vcpus: int
+    memory_mib: int
+    data_disks_mib: list[int] = Field(default_factory=list)
+    node: str | None = None
+    power: Power = Power.RUNNING
+    stop_mode: Literal["acpi", "hard"] = "acpi"
+    shutdown_timeout: float = 60.0
+    reboot_seq: int = 0
+    deleting: bool = False
+    op_id: str = ""
+    created_at: float = 0.0
+
+    @classmethod
+    def from_create(cls, req: VMCreate, op_id: str, now: float) -> VMSpec:
+        return cls(
+            name=req.name,
+            uuid=str(uuidlib.uuid4()),
+            image=req.image,
+            vcpus=req.vcpus,
+            memory_mib=req.memory_mib,
+            data_disks_mib=list(req.data_disks_mib),
+            node=req.node,
+            power=Power.RUNNING if req.start else Power.STOPPED,
+            op_id=op_id,
+            created_at=now,
+        )
+
+
+class Placement(Stored):
+    """``/aecp/vms/<name>/placement``: the node the scheduler chose."""
+
+    node: str
+    at: float
+
+
+class VMStatus(Stored):
+    """``/aecp/vms/<name>/status``: what the node agent observed."""
+
+    state: VMState
+    node: str = ""
+    pid: int | None = None
+    message: str = ""
+    http_url: str = ""
+    boots: int = 0
+    reboot_seq: int = 0
+    updated_at: float = 0.0
+
+
+def apply_power_op(op: PowerOp, spec: VMSpec, state: VMState, op_id: str) -> VMSpec:
+    """The new spec after ``op``, or ``InvalidState`` saying why ``op`` is not valid now.
+
+    ``state`` is the observed state; ``spec.power`` the desired one. An operation is valid when it
+    moves the VM somewhere it is not already going (resume a running VM is refused; poweroff during
+    a slow ACPI shutdown escalates it).
+    """
+    if spec.deleting:
+        raise InvalidState(f"VM {spec.name} is being deleted", state=state.value, op=op.value)
+    update: dict[str, object] = {"op_id": op_id}
+    if op is PowerOp.START:
+        _require(spec, state, op, spec.power is Power.STOPPED, "it is not stopped")
+        update["power"] = Power.RUNNING
+    elif op is PowerOp.SHUTDOWN:
+        _require(spec, state, op, spec.power is not Power.STOPPED, "it is not running")
+        update |= {"power": Power.STOPPED, "stop_mode": "acpi"}
+    elif op is PowerOp.POWEROFF:
+        escalate = spec.power is Power.STOPPED and state not in _AT_REST
+        _require(spec, state, op, spec.power is not Power.STOPPED or escalate, "it is not running")
+        update |= {"power": Power.STOPPED, "stop_mode": "hard"}
+    elif op is PowerOp.REBOOT:
+        ok = spec.power is Power.RUNNING and state is VMState.RUNNING
+        _require(spec, state, op, ok, "it is not running")
+        update["reboot_seq"] = spec.reboot_seq + 1
+    elif op is PowerOp.SUSPEND:
+        ok = spec.power is Power.RUNNING and state is VMState.RUNNING
+        _require(spec, state, op, ok, "it is not running")
+        update["power"] = Power.PAUSED
+    elif op is PowerOp.RESUME:
+        _require(spec, state, op, spec.power is Power.PAUSED, "it is not suspended")
+        update["power"] = Power.RUNNING
+    return spec.model_copy(update=update)
+
+
+_AT_REST = frozenset(
+    {VMState.STOPPED, VMState.PENDING, VMState.UNSCHEDULABLE, VMState.ERROR, VMState.UNKNOWN}
+)
+
+
+def check_deletable(spec: VMSpec, state: VMState) -> None:
+    """Raise ``InvalidState`` unless the VM is stopped (power it off first)."""
+    if spec.deleting:
+        raise InvalidState(f"VM {spec.name} is already being deleted", state=state.value)
+    if spec.power is not Power.STOPPED or state not in _AT_REST:
+        raise InvalidState(
+            f"VM {spec.name} is {state.value}; power it off before deleting it",
+            state=state.value,
+        )
+
+
+def _require(spec: VMSpec, state: VMState, op: PowerOp, ok: bool, why: str) -> None:
+    if not ok:
+        raise InvalidState(
+            f"cannot {op.value} VM {spec.name}: {why} (state {state.value}, "
+            f"desired {spec.power.value})",
+            state=state.value,
+            op=op.value,
+        )
+
+
+def observed_state(
+    spec: VMSpec, placement: Placement | None, status: VMStatus | None, node_alive: bool
+) -> VMState:
+    """The state to show for a VM, from its three keys and whether its node is alive."""
+    if spec.deleting:
+        return VMState.DELETING
+    if placement is None:
+        if status is not None and status.state is VMState.UNSCHEDULABLE:
+            return VMState.UNSCHEDULABLE
+        return VMState.PENDING
+    if not node_alive:
+        return VMState.UNKNOWN
+    if status is None:
+        return VMState.STARTING if spec.power is not Power.STOPPED else VMState.STOPPED
+    return status.state

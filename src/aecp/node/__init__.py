@@ -1,0 +1,1 @@
+"""The node agent: lease and self-fencing, VM reconciliation, host capacity, the node process."""

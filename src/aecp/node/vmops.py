@@ -1,0 +1,243 @@
+"""What the node agent does to one VM: each method carries one change through — hypervisor,
+local disks, then status and operation in the store, in that order — so a crash between steps is
+repaired by the next reconcile pass (it re-reads both sides)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import socket
+from pathlib import Path
+
+from aecp.common.clock import SYSTEM_CLOCK, Clock
+from aecp.common.errors import ImageError
+from aecp.compute import disks
+from aecp.compute.hypervisor import (
+    Accel,
+    Hypervisor,
+    InstanceSpec,
+    NicSpec,
+    PortForward,
+)
+from aecp.model.image import ImageRecord
+from aecp.model.vm import Power, VMSpec, VMState, VMStatus
+from aecp.store import keys
+from aecp.store.base import Compare, Delete, Put, Store
+from aecp.store.snapshot import VMEntry
+from aecp.store.typed import read, update_op
+
+log = logging.getLogger(__name__)
+
+GUEST_HTTP_PORT = 80
+
+
+class VMActions:
+    """Carries out reconcile decisions for the VMs of node ``node``."""
+
+    def __init__(
+        self,
+        node: str,
+        address: str,
+        store: Store,
+        hv: Hypervisor,
+        vm_dir: Path,
+        images_dir: Path,
+        accel: Accel,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.node = node
+        self.address = address
+        self.store = store
+        self.hv = hv
+        self.vm_dir = vm_dir
+        self.images_dir = images_dir
+        self.accel = accel
+        self.clock = clock
+        self._status: dict[str, VMStatus] = {}
+        self._ops_done: set[str] = set()
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def start(self, e: VMEntry) -> None:
+        spec = e.spec
+        await self._op(spec, 40, f"preparing disks on {self.node}")
+        image = await self._image(spec.image)
+        vm_disks = await asyncio.to_thread(
+            disks.prepare, self.vm_dir, spec.name, image[0], image[1], spec.data_disks_mib
+        )
+        port = _free_port(self.address)
+        inst = InstanceSpec(
+            name=spec.name,
+            uuid=spec.uuid,
+            vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib,
+            disks=vm_disks,
+            accel=self.accel,
+            nics=(
+                NicSpec(
+                    mac=mac_for(spec.uuid),
+                    forwards=(PortForward(self.address, port, GUEST_HTTP_PORT),),
+                ),
+            ),
+        )
+        await self._write(e, VMState.STARTING, message="starting QEMU")
+        await self._op(spec, 60, f"starting QEMU on {self.node}")
+        info = await self.hv.start(inst)
+        last = self._last(e)
+        boots = (last.boots if last else 0) + 1
+        await self._write(
+            e,
+            VMState.RUNNING,
+            pid=info.pid,
+            boots=boots,
+            message="",
+            http_url=f"http://{self.address}:{port}/",
+            reboot_seq=spec.reboot_seq,
+        )
+        if spec.power is Power.PAUSED:
+            await self.hv.pause(spec.name)
+            await self._write(e, VMState.PAUSED)
+        await self._finish(spec, f"{spec.name} is {spec.power.value} on {self.node}")
+
+    async def stop(self, e: VMEntry, hard: bool) -> None:
+        spec = e.spec
+        await self._write(e, VMState.STOPPING)
+        if hard:
+            await self.hv.poweroff(spec.name)
+            how = "powered off"
+        else:
+            await self._op(spec, 50, "ACPI power button pressed; waiting for the guest")
+            clean = await self.hv.shutdown(spec.name, spec.shutdown_timeout)
+            how = (
+                "shut down cleanly"
+                if clean
+                else (f"powered off after the guest ignored ACPI for {spec.shutdown_timeout:.0f}s")
+            )
+        await self._write(e, VMState.STOPPED, pid=None, http_url="")
+        log.info("vm %s: %s", spec.name, how)
+        await self._finish(spec, f"{spec.name} {how}")
+
+    async def reboot(self, e: VMEntry) -> None:
+        spec = e.spec
+        await self._write(e, VMState.REBOOTING)
+        clean = await self.hv.reboot(spec.name, spec.shutdown_timeout)
+        last = self._last(e)
+        await self._write(
+            e, VMState.RUNNING, boots=(last.boots if last else 0) + 1, reboot_seq=spec.reboot_seq
+        )
+        await self._finish(spec, f"{spec.name} rebooted" + ("" if clean else " (reset hard)"))
+
+    async def pause(self, e: VMEntry) -> None:
+        await self.hv.pause(e.spec.name)
+        await self._write(e, VMState.PAUSED)
+        await self._finish(e.spec, f"{e.spec.name} suspended")
+
+    async def resume(self, e: VMEntry) -> None:
+        await self.hv.resume(e.spec.name)
+        await self._write(e, VMState.RUNNING)
+        await self._finish(e.spec, f"{e.spec.name} resumed")
+
+    async def delete(self, e: VMEntry) -> None:
+        name = e.spec.name
+        await self.hv.poweroff(name)
+        await asyncio.to_thread(disks.remove, self.vm_dir, name)
+        await self.store.txn([], [Delete(keys.vm_prefix(name), prefix=True)])
+        self._status.pop(name, None)
+        await self._finish(e.spec, f"{name} deleted")
+
+    async def poweroff(self, name: str) -> None:
+        await self.hv.poweroff(name)
+
+    async def guest_powered_off(self, name: str) -> str:
+        """Record a power-off decided inside the guest as the desired state (not a failure:
+        the VM must not be restarted). Returns a sentence."""
+        got = await read(self.store, keys.vm_spec(name), VMSpec)
+        if got is None:
+            return f"{name} powered off from inside but has no spec: nothing to record"
+        spec, rev = got
+        if spec.power is Power.STOPPED:
+            return f"{name} powered off from inside, as desired"
+        new = spec.model_copy(update={"power": Power.STOPPED, "stop_mode": "acpi"})
+        ok = await self.store.txn(
+            [Compare.unchanged(keys.vm_spec(name), rev)], [Put(keys.vm_spec(name), new.dump())]
+        )
+        if not ok:
+            return f"{name} powered off from inside while its spec changed: reconciling"
+        return f"{name} powered off from inside: recorded it as stopped"
+
+    # ---- status and operations ----------------------------------------------------------
+    async def record(self, e: VMEntry, state: VMState, pid: int | None) -> None:
+        await self._write(e, state, pid=pid)
+        await self.finish_op(e)
+
+    async def finish_op(self, e: VMEntry) -> None:
+        await self._finish(e.spec, f"{e.spec.name} is {e.spec.power.value} on {self.node}")
+
+    def op_done(self, op_id: str) -> bool:
+        return op_id in self._ops_done
+
+    async def record_failure(self, name: str, error: str) -> None:
+        got = await read(self.store, keys.vm_spec(name), VMSpec)
+        if got is None:
+            return
+        spec = got[0]
+        status = VMStatus(
+            state=VMState.ERROR, node=self.node, message=error[:500], updated_at=self.clock.wall()
+        )
+        await self.store.put(keys.vm_status(name), status.dump())
+        self._status[name] = status
+        if spec.op_id and await update_op(
+            self.store, spec.op_id, error=error[:500], clock=self.clock
+        ):
+            self._ops_done.add(spec.op_id)
+
+    async def _finish(self, spec: VMSpec, message: str) -> None:
+        if spec.op_id and spec.op_id not in self._ops_done:
+            await update_op(
+                self.store, spec.op_id, succeeded=True, message=message, clock=self.clock
+            )
+            self._ops_done.add(spec.op_id)
+
+    async def _op(self, spec: VMSpec, progress: int, message: str) -> None:
+        await update_op(
+            self.store, spec.op_id, progress=progress, message=message, clock=self.clock
+        )
+
+    def _last(self, e: VMEntry) -> VMStatus | None:
+        return self._status.get(e.spec.name) or e.status
+
+    async def _write(self, e: VMEntry, state: VMState, **fields: object) -> None:
+        last = self._last(e)
+        base = last.model_dump() if last else {}
+        base.update(state=state, node=self.node, updated_at=self.clock.wall())
+        if "message" not in fields and state is not VMState.ERROR:
+            base["message"] = ""
+        base.update(fields)
+        status = VMStatus.model_validate(base)
+        await self.store.put(keys.vm_status(e.spec.name), status.dump())
+        self._status[e.spec.name] = status
+
+    async def _image(self, name: str) -> tuple[Path, str]:
+        got = await read(self.store, keys.image(name), ImageRecord)
+        if got is None:
+            raise ImageError(f"image {name} no longer exists", image=name)
+        record = got[0]
+        path = self.images_dir / record.file
+        if not path.is_file() or path.stat().st_size != record.size_bytes:
+            raise ImageError(
+                f"image {name} is missing or truncated on node {self.node}", image=name
+            )
+        return path, record.format.value
+
+
+def mac_for(uuid: str) -> str:
+    """A stable locally administered MAC for a VM (QEMU's 52:54:00 prefix)."""
+    h = hashlib.sha256(uuid.encode()).digest()
+    return f"52:54:00:{h[0]:02x}:{h[1]:02x}:{h[2]:02x}"
+
+
+def _free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        port: int = s.getsockname()[1]
+        return port

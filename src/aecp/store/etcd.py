@@ -1,0 +1,423 @@
+"""The etcd adapter of the cluster store: the only module that imports the etcd client (aetcd).
+
+Owns: turning the ``Store`` contract into etcd v3 calls over one gRPC channel, the deadline on
+every call, and the translation of client errors into ``StoreUnavailable`` / ``LeaseExpired``.
+
+Connection: lazy. ``EtcdStore(endpoints)`` opens nothing; the first call opens one gRPC channel
+aimed at a multi-address target (``ipv4:a:p,b:p,c:p``, policy pick_first), so a member that
+refuses connections is skipped and a member that dies is replaced by the next one on the next
+call. ``wait_ready`` waits until the cluster answers a linearizable read. An RPC in flight when
+its member dies fails with ``StoreUnavailable``: nothing is known to have happened, and the caller
+decides whether to retry (the adapter never retries a write on its own).
+
+Deadline: every call, including opening a watch, gives up after ``timeout`` seconds (a gRPC
+deadline, plus an asyncio deadline slightly later as a backstop), so a wedged or partitioned etcd
+makes the caller see ``StoreUnavailable`` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import aetcd
+import aetcd.exceptions
+import aetcd.rpc
+
+from aecp.common.errors import LeaseExpired, StoreUnavailable
+from aecp.store.base import (
+    Compare,
+    Delete,
+    EventKind,
+    KeyValue,
+    Lease,
+    Op,
+    Put,
+    Store,
+    WatchEvent,
+)
+
+log = logging.getLogger(__name__)
+
+_CLIENT_ERRORS: tuple[type[Exception], ...] = (
+    aetcd.exceptions.ClientError,
+    aetcd.rpc.RpcError,
+    aetcd.rpc.BaseError,
+)
+"""What aetcd and gRPC raise when etcd cannot be reached or refuses a call."""
+
+_CLEANUP_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *_CLIENT_ERRORS)
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 5.0
+"""Seconds one store call may take before it raises ``StoreUnavailable``."""
+
+_BACKSTOP = 1.0
+"""Extra seconds the asyncio deadline allows beyond the gRPC deadline."""
+
+CHANNEL_OPTIONS: dict[str, int] = {
+    # Reconnect quickly after a member restarts (gRPC's default starts at 1 s and grows to 120 s).
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 2000,
+    # Notice a frozen member under a long-lived watch. etcd refuses pings more often than its
+    # --grpc-keepalive-min-time (5 s) and pings without an open stream.
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.keepalive_permit_without_calls": 0,
+}
+
+
+def grpc_target(endpoints: Sequence[str]) -> tuple[str, int]:
+    """The (host, port) pair to give aetcd so that gRPC sees every endpoint.
+
+    aetcd builds its target as ``f"{host}:{port}"``; a multi-address target
+    ``ipv4:a:p1,b:p2,c:p3`` is therefore passed as host ``ipv4:a:p1,b:p2,c`` and port ``p3``.
+    Several endpoints must be IPv4 literals (``"127.0.0.1:2379"``); a single endpoint may be any
+    ``host:port``. Raises ``ValueError`` for anything else.
+    """
+    if not endpoints:
+        raise ValueError("at least one etcd endpoint is needed")
+    parsed = [_split_endpoint(e) for e in endpoints]
+    if len(parsed) == 1:
+        return parsed[0]
+    for host, _ in parsed:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(
+                f"several etcd endpoints must be IPv4 addresses, got {host!r}"
+            ) from None
+    *head, (last_host, last_port) = parsed
+    listed = ",".join([f"{h}:{p}" for h, p in head] + [last_host])
+    return f"ipv4:{listed}", last_port
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"an etcd endpoint is host:port, got {endpoint!r}")
+    return host, int(port)
+
+
+def prefix_range(prefix: str) -> tuple[bytes, bytes]:
+    """The etcd key range ``[key, range_end)`` holding every key that starts with ``prefix``."""
+    start = prefix.encode()
+    end = bytearray(start)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return start, bytes(end)
+        end.pop()
+    # Empty prefix (or only 0xff bytes): everything from ``start`` on.
+    return (start or b"\0"), b"\0"
+
+
+class EtcdStore(Store):
+    """The cluster store on an etcd v3 cluster.
+
+    ``endpoints`` are ``"host:port"`` client addresses of the members (see ``grpc_target``);
+    ``timeout`` bounds every call. Connects lazily (see the module docstring); ``close()`` must be
+    awaited when done, and the store is unusable afterwards.
+    """
+
+    def __init__(self, endpoints: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        host, port = grpc_target(self.endpoints)
+        self._client: Any = aetcd.Client(
+            host=host, port=port, timeout=timeout, options=dict(CHANNEL_OPTIONS)
+        )
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"EtcdStore({','.join(self.endpoints)})"
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _call(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """Run ``fn(client)`` under the deadline, translating client errors (module docstring)."""
+        if self._closed:
+            raise StoreUnavailable(f"etcd {what}: the store is closed", endpoints=self.endpoints)
+        try:
+            async with asyncio.timeout(self.timeout + _BACKSTOP):
+                return await fn(self._client)
+        except TimeoutError as e:
+            raise self._unavailable(what, f"no answer within {self.timeout:g} s") from e
+        except Exception as e:
+            translated = self._translate(what, e)
+            if translated is e:
+                raise
+            raise translated from e
+
+    def _translate(self, what: str, error: Exception) -> Exception:
+        """The contract's exception for a client error; other errors are returned unchanged."""
+        if _is_lease_not_found(error):
+            return LeaseExpired(f"etcd {what}: the lease is gone")
+        if isinstance(error, aetcd.exceptions.InvalidArgumentError):
+            return ValueError(f"etcd {what}: {error}")
+        if isinstance(error, _CLIENT_ERRORS):
+            return self._unavailable(what, str(error) or type(error).__name__)
+        return error
+
+    def _unavailable(self, what: str, reason: str) -> StoreUnavailable:
+        return StoreUnavailable(f"etcd {what}: {reason}", endpoints=self.endpoints)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def get(self, key: str) -> KeyValue | None:
+        got = await self._call("get", lambda c: c.get(key.encode()))
+        return None if got is None else _key_value(got)
+
+    async def list(self, prefix: str) -> list[KeyValue]:
+        start, end = prefix_range(prefix)
+        got = await self._call(
+            "list", lambda c: c.get_range(start, end, sort_order="ascend", sort_target="key")
+        )
+        return [_key_value(kv) for kv in got]
+
+    async def revision(self) -> int:
+        request = aetcd.rpc.RangeRequest(key=b"\0", count_only=True)
+
+        async def current(c: Any) -> Any:
+            await c.connect()
+            return await c.kvstub.Range(request, timeout=self.timeout, metadata=c.metadata)
+
+        response = await self._call("revision", current)
+        return int(response.header.revision)
+
+    async def wait_ready(self, timeout: float) -> None:  # noqa: ASYNC109 - raises StoreUnavailable
+        """Return once the cluster answers a linearizable read; ``StoreUnavailable`` after
+        ``timeout`` seconds of trying."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                await self.revision()
+                return
+            except StoreUnavailable as e:
+                if loop.time() + 0.1 >= deadline:
+                    raise self._unavailable("wait_ready", f"not ready after {timeout:g} s") from e
+            await asyncio.sleep(0.1)
+
+    # -- writes --------------------------------------------------------------------------------
+
+    async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
+        lease_id = lease.id if lease else 0
+        done = await self._call("put", lambda c: c.put(key.encode(), value, lease=lease_id))
+        return int(done.header.revision)
+
+    async def create(self, key: str, value: bytes, *, lease: Lease | None = None) -> bool:
+        return await self.txn([Compare.absent(key)], [Put(key, value, lease)])
+
+    async def replace(
+        self, key: str, value: bytes, *, mod_revision: int, lease: Lease | None = None
+    ) -> bool:
+        return await self.txn([Compare.unchanged(key, mod_revision)], [Put(key, value, lease)])
+
+    async def delete(self, key: str, *, mod_revision: int | None = None) -> bool:
+        if mod_revision is not None:
+            guard = [Compare.unchanged(key, mod_revision), Compare(key, "version", ">", 0)]
+            return await self.txn(guard, [Delete(key)])
+        done = await self._call("delete", lambda c: c.delete(key.encode()))
+        return done is not None
+
+    async def delete_prefix(self, prefix: str) -> int:
+        start, end = prefix_range(prefix)
+        done = await self._call("delete_prefix", lambda c: c.delete_range(start, end))
+        return int(done.deleted)
+
+    async def txn(
+        self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+    ) -> bool:
+        async def run(c: Any) -> Any:
+            return await c.transaction(
+                compare=[_compare(c, cmp) for cmp in compare],
+                success=[_op(c, op) for op in success],
+                failure=[_op(c, op) for op in failure],
+            )
+
+        succeeded, _ = await self._call("txn", run)
+        return bool(succeeded)
+
+    # -- leases --------------------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> Lease:
+        if ttl < 1:
+            raise ValueError(f"a lease TTL is at least 1 s, got {ttl}")
+        granted = await self._call("grant_lease", lambda c: c.lease(ttl))
+        return Lease(int(granted.id), int(granted.ttl))
+
+    async def refresh_lease(self, lease: Lease) -> int:
+        """etcd answers a keep-alive for an unknown lease with TTL 0: that is ``LeaseExpired``."""
+        reply = await self._call(
+            "refresh_lease", lambda c: _keep_alive_once(c, lease.id, self.timeout)
+        )
+        ttl = getattr(reply, "TTL", None)
+        if ttl is None:
+            raise self._unavailable("refresh_lease", "the keep-alive stream ended without answer")
+        if int(ttl) <= 0:
+            raise LeaseExpired(f"etcd refresh_lease: lease {lease.id:x} is gone")
+        return int(ttl)
+
+    async def revoke_lease(self, lease: Lease) -> None:
+        with contextlib.suppress(LeaseExpired):
+            await self._call("revoke_lease", lambda c: c.revoke_lease(lease.id))
+
+    # -- watches -------------------------------------------------------------------------------
+
+    def watch(
+        self, prefix: str, *, start_revision: int | None = None
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[WatchEvent]]:
+        return self._watch(prefix, start_revision)
+
+    @contextlib.asynccontextmanager
+    async def _watch(
+        self, prefix: str, start_revision: int | None
+    ) -> AsyncIterator[AsyncIterator[WatchEvent]]:
+        start, end = prefix_range(prefix)
+        handle = await self._call(
+            "watch", lambda c: c.watch(start, range_end=end, start_revision=start_revision)
+        )
+        events = _WatchEvents(self, prefix, handle)
+        try:
+            yield events
+        finally:
+            await events.cancel()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close the channel (ending every watch). Idempotent; never raises for a dead cluster."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._client.close()
+        except _CLEANUP_ERRORS as e:
+            log.warning("%r: closing the etcd client failed: %r", self, e)
+
+
+class _WatchEvents:
+    """The iterator handed out by ``EtcdStore.watch``: aetcd events in, ``WatchEvent`` out.
+
+    States: open → (cancelled | broken). Iteration ends quietly only after ``cancel()``; if the
+    stream ends or fails on its own, iteration raises ``StoreUnavailable``.
+    """
+
+    def __init__(self, store: EtcdStore, prefix: str, handle: Any) -> None:
+        self._store = store
+        self._prefix = prefix
+        self._handle = handle
+        self._events: Any = aiter(handle)
+        self._cancelled = False
+
+    def __aiter__(self) -> _WatchEvents:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        try:
+            event = await anext(self._events)
+        except StopAsyncIteration:
+            if self._cancelled:
+                raise
+            raise self._store._unavailable(
+                "watch", f"the watch on {self._prefix!r} ended"
+            ) from None
+        except Exception as e:
+            translated = self._store._translate("watch", e)
+            if translated is e:
+                raise
+            raise translated from e
+        return _watch_event(event)
+
+    async def cancel(self) -> None:
+        """Stop the watch on the server and release the stream (best effort, bounded)."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        try:
+            async with asyncio.timeout(self._store.timeout):
+                await self._handle.cancel()
+        except _CLEANUP_ERRORS as e:
+            log.debug("cancelling the watch on %r failed: %r", self._prefix, e)
+        await self._events.aclose()
+
+
+# -- conversions between the contract's types and aetcd's -------------------------------------
+
+
+def _is_lease_not_found(error: BaseException) -> bool:
+    """etcd says "requested lease not found" (gRPC NOT_FOUND) for a write naming a dead lease."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if "lease not found" in str(seen):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+async def _keep_alive_once(client: Any, lease_id: int, grpc_timeout: float) -> Any:
+    """One keep-alive round trip on a stream that is closed again before returning."""
+    await client.connect()
+    call = client.leasestub.LeaseKeepAlive(timeout=grpc_timeout, metadata=client.metadata)
+    try:
+        await call.write(aetcd.rpc.LeaseKeepAliveRequest(ID=lease_id))
+        await call.done_writing()
+        return await call.read()
+    finally:
+        call.cancel()
+
+
+def _key_value(kv: Any) -> KeyValue:
+    return KeyValue(
+        key=bytes(kv.key).decode(),
+        value=bytes(kv.value),
+        create_revision=int(kv.create_revision),
+        mod_revision=int(kv.mod_revision),
+        lease=int(kv.lease),
+    )
+
+
+def _watch_event(event: Any) -> WatchEvent:
+    kind = EventKind.PUT if str(event.kind) == "PUT" else EventKind.DELETE
+    value = bytes(event.kv.value) if kind is EventKind.PUT else None
+    return WatchEvent(kind, bytes(event.kv.key).decode(), value, int(event.kv.mod_revision))
+
+
+def _compare(client: Any, cmp: Compare) -> Any:
+    """An aetcd compare for ``cmp`` (aetcd builds them with Python's comparison operators)."""
+    if (cmp.target == "value") != isinstance(cmp.operand, bytes):
+        raise TypeError(f"compare on {cmp.target!r} needs a matching operand, got {cmp.operand!r}")
+    targets = client.transactions
+    target = {
+        "value": targets.value,
+        "mod": targets.mod,
+        "create": targets.create,
+        "version": targets.version,
+    }[cmp.target](cmp.key.encode())
+    if cmp.op == "==":
+        return target == cmp.operand
+    if cmp.op == "!=":
+        return target != cmp.operand
+    if cmp.op == "<":
+        return target < cmp.operand
+    return target > cmp.operand
+
+
+def _op(client: Any, op: Op) -> Any:
+    ops = client.transactions
+    if isinstance(op, Put):
+        return ops.put(op.key.encode(), op.value, lease=op.lease.id if op.lease else 0)
+    if op.prefix:
+        start, end = prefix_range(op.key)
+        return ops.delete(start, range_end=end)
+    return ops.delete(op.key.encode())

@@ -1,0 +1,76 @@
+"""The key layout of the cluster store, in one place.
+
+::
+
+    /aecp/cluster                      ClusterInfo (name, created, API token digest)
+    /aecp/nodes/<node>                 NodeRecord: address, API URL, capacity (persistent)
+    /aecp/alive/<node>                 NodeHeartbeat: usage, accel (attached to the node's lease)
+    /aecp/vms/<vm>/spec                VMSpec: desired state (written by the API)
+    /aecp/vms/<vm>/placement           Placement: the node chosen by the scheduler
+    /aecp/vms/<vm>/status              VMStatus: actual state (written by the node agent)
+    /aecp/images/<image>               ImageRecord
+    /aecp/ops/<op-id>                  Operation: a long-running request and its progress
+    /aecp/leaders/<role>               the holder of a controller role (attached to its lease)
+"""
+
+from __future__ import annotations
+
+ROOT = "/aecp/"
+CLUSTER = ROOT + "cluster"
+NODES = ROOT + "nodes/"
+ALIVE = ROOT + "alive/"
+VMS = ROOT + "vms/"
+IMAGES = ROOT + "images/"
+OPS = ROOT + "ops/"
+LEADERS = ROOT + "leaders/"
+
+
+def node(name: str) -> str:
+    return NODES + name
+
+
+def alive(name: str) -> str:
+    return ALIVE + name
+
+
+def vm_prefix(name: str) -> str:
+    return f"{VMS}{name}/"
+
+
+def vm_spec(name: str) -> str:
+    return f"{VMS}{name}/spec"
+
+
+def vm_placement(name: str) -> str:
+    return f"{VMS}{name}/placement"
+
+
+def vm_status(name: str) -> str:
+    return f"{VMS}{name}/status"
+
+
+def image(name: str) -> str:
+    return IMAGES + name
+
+
+def op(op_id: str) -> str:
+    return OPS + op_id
+
+
+def leader(role: str) -> str:
+    return LEADERS + role
+
+
+def split_vm_key(key: str) -> tuple[str, str] | None:
+    """``/aecp/vms/<vm>/<part>`` → ``(vm, part)``; None for any other key."""
+    if not key.startswith(VMS):
+        return None
+    rest = key[len(VMS) :].split("/")
+    if len(rest) != 2 or not rest[0] or not rest[1]:
+        return None
+    return rest[0], rest[1]
+
+
+def last_segment(key: str, prefix: str) -> str:
+    """The name after ``prefix`` in ``key`` (``/aecp/nodes/n1`` → ``n1``)."""
+    return key[len(prefix) :]

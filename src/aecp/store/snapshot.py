@@ -1,0 +1,95 @@
+"""A consistent-enough snapshot of the cluster (nodes, heartbeats, VMs) for control loops."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from aecp.model.node import Capacity, NodeHeartbeat, NodeRecord, NodeState, NodeView
+from aecp.model.vm import Placement, VMSpec, VMState, VMStatus, observed_state
+from aecp.store import keys
+from aecp.store.base import Store
+
+
+@dataclass(frozen=True)
+class VMEntry:
+    """The three keys of one VM. ``spec_rev`` is the spec's mod_revision (for CAS)."""
+
+    spec: VMSpec
+    spec_rev: int
+    placement: Placement | None = None
+    status: VMStatus | None = None
+
+    @property
+    def node(self) -> str | None:
+        return self.placement.node if self.placement else None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    alive: dict[str, NodeHeartbeat] = field(default_factory=dict)
+    vms: dict[str, VMEntry] = field(default_factory=dict)
+
+    def vm_state(self, name: str) -> VMState:
+        e = self.vms[name]
+        return observed_state(e.spec, e.placement, e.status, e.node in self.alive)
+
+    def vms_on(self, node: str) -> list[VMEntry]:
+        return [e for e in self.vms.values() if e.node == node]
+
+    def node_views(self) -> list[NodeView]:
+        return [self.node_view(n) for n in sorted(self.nodes)]
+
+    def node_view(self, name: str) -> NodeView:
+        rec = self.nodes[name]
+        hb = self.alive.get(name)
+        placed = self.vms_on(name)
+        return NodeView(
+            name=name,
+            address=rec.address,
+            api_url=rec.api_url,
+            state=NodeState.READY if hb else NodeState.UNREACHABLE,
+            capacity=rec.capacity,
+            usage=hb.usage if hb else None,
+            accel=hb.accel if hb else "unknown",
+            reserved_memory_mib=sum(e.spec.memory_mib for e in placed),
+            reserved_vcpus=sum(e.spec.vcpus for e in placed),
+            vms=len(placed),
+        )
+
+    def largest_capacity(self) -> Capacity | None:
+        if not self.nodes:
+            return None
+        return Capacity(
+            cpus=max(n.capacity.cpus for n in self.nodes.values()),
+            memory_mib=max(n.capacity.memory_mib for n in self.nodes.values()),
+            disk_bytes=max(n.capacity.disk_bytes for n in self.nodes.values()),
+        )
+
+
+async def read_snapshot(store: Store) -> Snapshot:
+    """Read nodes, heartbeats and VMs (three prefix reads, concurrently)."""
+    node_kvs, alive_kvs, vm_kvs = await asyncio.gather(
+        store.list(keys.NODES), store.list(keys.ALIVE), store.list(keys.VMS)
+    )
+    nodes = {keys.last_segment(kv.key, keys.NODES): NodeRecord.load(kv.value) for kv in node_kvs}
+    alive = {
+        keys.last_segment(kv.key, keys.ALIVE): NodeHeartbeat.load(kv.value) for kv in alive_kvs
+    }
+    parts: dict[str, dict[str, tuple[bytes, int]]] = {}
+    for kv in vm_kvs:
+        split = keys.split_vm_key(kv.key)
+        if split is not None:
+            parts.setdefault(split[0], {})[split[1]] = (kv.value, kv.mod_revision)
+    vms = {}
+    for name, p in parts.items():
+        if "spec" not in p:
+            continue  # a half-deleted VM: status or placement without a spec
+        vms[name] = VMEntry(
+            spec=VMSpec.load(p["spec"][0]),
+            spec_rev=p["spec"][1],
+            placement=Placement.load(p["placement"][0]) if "placement" in p else None,
+            status=VMStatus.load(p["status"][0]) if "status" in p else None,
+        )
+    return Snapshot(nodes=nodes, alive=alive, vms=vms)
