@@ -18,12 +18,17 @@ COLS = ["name", "format", "size_bytes", "virtual_size", "sha256", "source"]
 @app.command("build-tiny")
 def build_tiny(
     dest: Annotated[Path | None, typer.Option(help="where to write the image")] = None,
+    if_missing: Annotated[bool, typer.Option(help="keep an existing valid image")] = False,
     output: OutputOpt = Format.TABLE,
 ) -> None:
     """Build the tiny guest image (Debian cloud kernel + busybox) without root."""
     from aecp.compute.images.tiny import build_tiny as build
+    from aecp.compute.images.tiny import ensure_tiny_image
 
-    path = build(dest, progress=lambda m: err_console.print(f"[dim]{m}[/dim]"))
+    if if_missing and dest is None:
+        path = ensure_tiny_image()
+    else:
+        path = build(dest, progress=lambda m: err_console.print(f"[dim]{m}[/dim]"))
     emit({"image": str(path), "bytes": path.stat().st_size}, output)
 
 

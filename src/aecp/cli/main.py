@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
 
 from aecp.cli import image, lab, node, ops, vm
 from aecp.cli.client import ApiError
@@ -31,10 +32,10 @@ def main() -> None:
     except ApiError as exc:
         field = exc.body.get("field") if exc.body else None
         where = f" [field: {field}]" if field else ""
-        err_console.print(f"[red]error:[/red] {exc}{where}")
+        err_console.print(f"[red]error:[/red] {escape(str(exc) + where)}")
         sys.exit(1)
     except AecpError as exc:
-        err_console.print(f"[red]error:[/red] {exc.message}")
+        err_console.print(f"[red]error:[/red] {escape(exc.message)}")
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -42,7 +42,7 @@ def emit(data: Any, fmt: Format, columns: Sequence[str] = (), title: str = "") -
         return
     table = Table(title=title)
     for c in columns:
-        table.add_column(c.upper().replace("_", " "))
+        table.add_column(c.rsplit(".", 1)[-1].upper().replace("_", " "), overflow="fold")
     for row in rows:
         table.add_row(*(_cell(_get(row, c)) for c in columns))
     console.print(table)

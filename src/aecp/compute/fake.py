@@ -86,7 +86,7 @@ class FakeHypervisor(Hypervisor):
         inst = self._tracked.get(name)
         return RunState.STOPPED if inst is None else inst.state
 
-    async def shutdown(self, name: str, timeout: float) -> bool:  # noqa: ASYNC109
+    async def shutdown(self, name: str, timeout: float) -> bool:
         self.calls.append(("shutdown", name))
         inst = self._require(name)
         clean = self.guest_cooperates and inst.state is RunState.RUNNING
@@ -101,7 +101,7 @@ class FakeHypervisor(Hypervisor):
         if name in self._tracked:
             self._gone(name)
 
-    async def reboot(self, name: str, timeout: float) -> bool:  # noqa: ASYNC109
+    async def reboot(self, name: str, timeout: float) -> bool:
         self.calls.append(("reboot", name))
         inst = self._require(name)
         clean = self.guest_cooperates and inst.state is RunState.RUNNING

@@ -297,14 +297,14 @@ class EtcdCluster:
             m.start(self.initial_cluster(), token=self.token)
         return started
 
-    async def start(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 - see docstring
+    async def start(self, timeout: float = 30.0) -> None:
         """Start every member that is not running, then wait until each one answers a read.
         Idempotent. Raises ``CommandFailed`` (with the log tail) if a member exits meanwhile,
         ``StoreUnavailable`` if the cluster is not healthy within ``timeout`` seconds."""
         self.launch()
         await self.wait_healthy(timeout)
 
-    async def wait_healthy(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    async def wait_healthy(self, timeout: float = 30.0) -> None:
         """Wait until every member answers a linearizable read (so a quorum and a leader exist)."""
         deadline = asyncio.get_running_loop().time() + timeout
         for m in self.members:

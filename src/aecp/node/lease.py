@@ -61,7 +61,14 @@ class LeaseKeeper:
         while True:
             decision = await self.step()
             log.debug("node %s: %s", self.node, decision)
-            await self.clock.sleep(self.interval if self.lease else min(1.0, self.interval))
+            await self.clock.sleep(self.next_delay())
+
+    def next_delay(self) -> float:
+        """Seconds until the next step: the refresh interval, but never past the moment the
+        lease stops being certain (so fencing happens on time, not a whole interval late)."""
+        if self.lease is None:
+            return min(1.0, self.interval)
+        return max(0.0, min(self.interval, self.valid_until - self.clock.monotonic()))
 
     async def step(self) -> str:
         """One round: acquire or refresh; returns a sentence saying what happened."""

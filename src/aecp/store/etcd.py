@@ -61,6 +61,9 @@ _BACKSTOP = 1.0
 """Extra seconds the asyncio deadline allows beyond the gRPC deadline."""
 
 CHANNEL_OPTIONS: dict[str, int] = {
+    # Each store has its own connections: pick_first then starts at the first endpoint, instead
+    # of skipping a member whose connection another store's channel saw fail a moment ago.
+    "grpc.use_local_subchannel_pool": 1,
     # Reconnect quickly after a member restarts (gRPC's default starts at 1 s and grows to 120 s).
     "grpc.initial_reconnect_backoff_ms": 100,
     "grpc.min_reconnect_backoff_ms": 100,
@@ -193,7 +196,7 @@ class EtcdStore(Store):
         response = await self._call("revision", current)
         return int(response.header.revision)
 
-    async def wait_ready(self, timeout: float) -> None:  # noqa: ASYNC109 - raises StoreUnavailable
+    async def wait_ready(self, timeout: float) -> None:
         """Return once the cluster answers a linearizable read; ``StoreUnavailable`` after
         ``timeout`` seconds of trying."""
         loop = asyncio.get_running_loop()

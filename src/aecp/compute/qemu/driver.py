@@ -1,24 +1,18 @@
 """``QemuHypervisor``: the QEMU process lifecycle behind the ``Hypervisor`` contract.
 
-One QEMU process per instance, launched in its own session so it outlives the agent:
+One QEMU process per instance, in its own session so that it outlives the agent.
+Pre-launch makes ``run_dir/<name>/`` and removes stale sockets and pidfile; launch is
+``os.posix_spawnp`` of the argv list with stdout+stderr appended to ``qemu.log`` (not ``Popen``: a
+Popen let go of while running warns ResourceWarning, and an asyncio subprocess transport kills its
+child on close); post-launch connects QMP (retrying until it answers or the process dies), reads
+the status and starts a monitor task. A launch failure kills the process, removes the runtime
+files except the logs, and raises ``LaunchError`` (exit code, argv, this launch's ``qemu.log``).
 
-* pre-launch: make ``run_dir/<name>/``, remove stale sockets and pidfile;
-* launch: ``os.posix_spawnp`` of the argv list, stdin from /dev/null, stdout+stderr appended to
-  ``qemu.log``. (Not ``subprocess.Popen``: a Popen left running when the agent lets go of it warns
-  ``ResourceWarning``, and an asyncio subprocess transport kills its child on close — both wrong
-  for a process that must outlive us.);
-* post-launch: connect QMP (retrying until the socket answers or the process dies), read the
-  status, start a monitor task that notices the process exit.
-
-A launch failure kills the process, removes the runtime files except the logs, and raises
-``LaunchError`` with the exit code, argv and the tail of this launch's ``qemu.log``.
-
-QEMU runs with ``-no-shutdown``: a guest power-off leaves the process alive in status ``shutdown``.
-The QMP event handler then quits it (GUEST_SHUTDOWN, then STOPPED), unless a ``reboot`` is in
-progress, which resets and continues the same process instead. Whatever ends the process (quit,
-SIGKILL, someone else's kill), the monitor reaps it if it is our child, removes the runtime files
-and emits STOPPED once. The event loop is never blocked: exits are found by ``waitpid(WNOHANG)``
-and pid polling.
+QEMU runs with ``-no-shutdown``: a guest power-off leaves it alive in status ``shutdown``; the QMP
+event handler then quits it (GUEST_SHUTDOWN, then STOPPED) unless a ``reboot`` is in progress,
+which resets and continues the same process. Whatever ends the process, the monitor reaps it if it
+is our child, removes the runtime files and emits STOPPED once. The event loop never blocks:
+exits are found by ``waitpid(WNOHANG)`` and pid polling.
 """
 
 from __future__ import annotations
@@ -123,12 +117,9 @@ class QemuHypervisor(Hypervisor):
             if not isinstance(exc, HypervisorError):
                 raise
             output = _read_from(paths.qemu_log, log_offset)
-            raise LaunchError(
-                f"QEMU failed to launch {spec.name}: {exc.message}",
-                exit_code=inst.exit_code,
-                argv=argv,
-                output=output,
-            ) from exc
+            log.warning("%s: QEMU failed to launch (exit code %s)", spec.name, inst.exit_code)
+            msg = f"QEMU failed to launch {spec.name}: {exc.message}"
+            raise LaunchError(msg, exit_code=inst.exit_code, argv=argv, output=output) from exc
         self._instances[spec.name] = inst
         log.info("%s: QEMU started, pid %d, %s", spec.name, pid, inst.state)
         self._emit(inst, EventKind.STARTED, pid=pid)
@@ -136,11 +127,7 @@ class QemuHypervisor(Hypervisor):
 
     def _new_instance(self, name: str, pid: int, paths: RuntimePaths) -> _Instance:
         inst = _Instance(name, pid, paths)
-        inst.qmp = QmpConnection(
-            name,
-            on_event=lambda ev, data: self._on_qmp_event(inst, ev, data),
-            on_lost=lambda: log.debug("%s: QMP hung up", name),
-        )
+        inst.qmp = QmpConnection(name, on_event=lambda ev, d: self._on_qmp_event(inst, ev, d))
         return inst
 
     async def _postlaunch(self, inst: _Instance) -> None:
@@ -155,7 +142,10 @@ class QemuHypervisor(Hypervisor):
         await inst.qmp.disconnect()
         if _alive(inst):
             kill(inst.pid, signal.SIGKILL)
-            await _wait_exit(inst, QUIT_TIMEOUT)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(QUIT_TIMEOUT):
+                    while _alive(inst):  # noqa: ASYNC110 - polling a pid
+                        await asyncio.sleep(POLL_INTERVAL / 2)
         _cleanup(inst.paths)
 
     async def attach_all(self) -> list[InstanceInfo]:
@@ -181,6 +171,8 @@ class QemuHypervisor(Hypervisor):
             return
         self._instances[name] = inst
         log.info("%s: re-attached to QEMU pid %d, %s", name, pid, inst.state)
+        if inst.state is RunState.SHUTDOWN:  # the guest powered off while nobody was attached
+            self._guest_powered_off(inst, {"guest": True, "reason": "while-detached"})
 
     # --- observe --------------------------------------------------------------------------------
 
@@ -206,7 +198,7 @@ class QemuHypervisor(Hypervisor):
 
     # --- power ----------------------------------------------------------------------------------
 
-    async def shutdown(self, name: str, timeout: float) -> bool:  # noqa: ASYNC109
+    async def shutdown(self, name: str, timeout: float) -> bool:
         inst = self._require(name)
         if inst.state is not RunState.SHUTDOWN:
             inst.powered_off.clear()
@@ -224,7 +216,7 @@ class QemuHypervisor(Hypervisor):
         if inst is not None:
             await self._stop(inst)
 
-    async def reboot(self, name: str, timeout: float) -> bool:  # noqa: ASYNC109
+    async def reboot(self, name: str, timeout: float) -> bool:
         inst = self._require(name)
         inst.rebooting = True
         try:
@@ -333,12 +325,9 @@ class QemuHypervisor(Hypervisor):
         return inst
 
     def _info(self, inst: _Instance) -> InstanceInfo:
+        paths = inst.paths
         return InstanceInfo(
-            name=inst.name,
-            pid=inst.pid,
-            state=inst.state,
-            console_log=inst.paths.console_log,
-            console_socket=inst.paths.console_socket,
+            inst.name, inst.pid, inst.state, paths.console_log, paths.console_socket
         )
 
 
@@ -349,12 +338,8 @@ def _prelaunch(paths: RuntimePaths, argv: list[str]) -> None:
     """Make the instance directory and remove what a previous run left behind."""
     for sock in (paths.qmp_socket, paths.console_socket):
         if len(os.fsencode(sock)) > _SUN_PATH_MAX:
-            raise LaunchError(
-                f"socket path too long for a unix socket: {sock}",
-                exit_code=None,
-                argv=argv,
-                output="",
-            )
+            msg = f"socket path too long for a unix socket: {sock}"
+            raise LaunchError(msg, exit_code=None, argv=argv, output=msg)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     _cleanup(paths)
 
@@ -399,16 +384,6 @@ def _alive(inst: _Instance) -> bool:
         inst.exited = True
         inst.exit_code = os.waitstatus_to_exitcode(status)
     return not inst.exited
-
-
-async def _wait_exit(inst: _Instance, within: float) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while _alive(inst):
-        if loop.time() >= deadline:
-            return False
-        await asyncio.sleep(POLL_INTERVAL / 2)
-    return True
 
 
 async def _wait_first(within: float, *events: asyncio.Event) -> bool:

@@ -81,7 +81,7 @@ class QmpConnection:
         deadline = loop.time() + within
         last: Exception = FileNotFoundError(f"{socket_path} does not exist")
         while loop.time() < deadline and (alive is None or alive()):
-            if not socket_path.exists():  # noqa: ASYNC240 - a stat; QEMU has not bound it yet
+            if not socket_path.exists():
                 await asyncio.sleep(0.02)
                 continue
             try:

@@ -1,0 +1,93 @@
+# AECP — the two commands a newcomer needs:
+#   make run    install what is missing, start the all-in-one lab (3 nodes) and a demo VM
+#   make test   install what is missing, run every test (lint, types, unit, integration, e2e)
+# System packages come from Debian via apt (needs root); Python packages from PyPI, pinned in
+# requirements.lock, into .venv. Both targets are idempotent and fast the second time.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+PY := $(VENV)/bin/python
+AECP := $(VENV)/bin/aecp
+PYTEST_ARGS ?=
+
+APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils qemu-block-extra busybox-static cpio \
+	etcd-server etcd-client syslinux syslinux-common mtools dosfstools kmod curl
+
+.PHONY: help run test deps system-deps venv image lint typecheck unit integration e2e down status
+
+help:
+	@echo "make run    start the all-in-one lab (3 nodes) with a demo VM"
+	@echo "make test   run every test"
+	@echo "make down   stop the lab"
+
+deps: system-deps venv image
+
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	done); \
+	lists=$$(ls /var/lib/apt/lists/ 2>/dev/null | grep -c '_Packages' || true); \
+	if [ -n "$$missing" ] || [ "$$lists" = 0 ]; then \
+		if [ "$$(id -u)" != 0 ]; then \
+			echo "missing Debian packages: $$missing"; \
+			echo "run as root (sudo make $(MAKECMDGOALS)) or: sudo apt-get update && sudo apt-get install -y $$missing"; \
+			exit 1; \
+		fi; \
+		echo "installing Debian packages: $${missing:-none (refreshing package lists)}"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+image: venv
+	@$(AECP) image build-tiny --if-missing -o json >/dev/null
+
+lint: venv
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/pytest tests/unit -q $(PYTEST_ARGS)
+
+integration: deps
+	$(VENV)/bin/pytest tests/integration -q $(PYTEST_ARGS)
+
+e2e: deps
+	$(VENV)/bin/pytest tests/e2e -q $(PYTEST_ARGS)
+
+test: deps lint typecheck
+	$(VENV)/bin/pytest tests -q $(PYTEST_ARGS)
+
+run: deps
+	@if $(AECP) lab status >/dev/null 2>&1; then \
+		echo "a lab is already running:"; $(AECP) lab status; \
+	else \
+		$(AECP) lab up; \
+	fi
+	@$(AECP) vm show demo >/dev/null 2>&1 || $(AECP) vm create demo --image tiny --memory 256
+	@echo
+	@echo "The lab is up: 3 nodes, a demo VM booted from its own disk."
+	@echo "  export PATH=$$PWD/$(VENV)/bin:\$$PATH     # put 'aecp' on your PATH"
+	@echo "  aecp node list                      # the nodes, their capacity and usage"
+	@echo "  aecp vm list                        # VMs, their node and HTTP address"
+	@echo "  aecp vm console demo --log          # what the demo VM printed on its serial console"
+	@echo "  aecp vm console demo                # attach (Ctrl-] detaches)"
+	@echo "  aecp vm create web --memory 256     # another VM"
+	@echo "  aecp lab status / aecp lab down     # the lab's processes / stop everything"
+	@echo "API: $$($(AECP) lab status -o json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)[0]["api"])')/docs  (token: $$HOME/.local/state/aecp/lab/token)"
+
+status: venv
+	@$(AECP) lab status
+
+down: venv
+	@$(AECP) lab down

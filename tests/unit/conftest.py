@@ -1,0 +1,60 @@
+"""Fixtures for unit tests: an in-memory store, a fake clock, nodes and an image in the store."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from aecp.common.clock import FakeClock
+from aecp.model.image import ImageFormat, ImageRecord
+from aecp.model.node import Capacity, NodeHeartbeat, NodeRecord, Usage
+from aecp.store import keys
+from aecp.store.base import Lease
+from aecp.store.memory import MemoryStore
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(clock: FakeClock) -> MemoryStore:
+    return MemoryStore(clock)
+
+
+async def add_node(
+    store: MemoryStore, name: str, memory_mib: int = 4096, cpus: int = 4, alive: bool = True
+) -> Lease | None:
+    """Register a node record (and a heartbeat on a fresh lease when ``alive``)."""
+    rec = NodeRecord(name=name, address="127.0.9.1", api_url="http://127.0.9.1:8700",
+                     capacity=Capacity(cpus=cpus, memory_mib=memory_mib, disk_bytes=10**10),
+                     registered_at=1.0)
+    await store.put(keys.node(name), rec.dump())
+    if not alive:
+        return None
+    lease = await store.grant_lease(10)
+    hb = NodeHeartbeat(name=name, at=1.0, usage=Usage(), accel="tcg")
+    await store.put(keys.alive(name), hb.dump(), lease=lease)
+    return lease
+
+
+@pytest.fixture
+async def images_dir(tmp_path: Path, store: MemoryStore) -> Path:
+    """An images directory holding image ``tiny`` (1 MiB of raw zeros), registered."""
+    d = tmp_path / "images"
+    d.mkdir()
+    data = b"\0" * (1 << 20)
+    (d / "tiny.raw").write_bytes(data)
+    rec = ImageRecord(name="tiny", format=ImageFormat.RAW, file="tiny.raw", size_bytes=len(data),
+                      virtual_size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                      created_at=1.0)
+    await store.put(keys.image("tiny"), rec.dump())
+    return d
+
+
+async def dump_store(store: MemoryStore) -> dict[str, bytes]:
+    """Everything stored, to check that a refused request changed nothing."""
+    return {kv.key: kv.value for kv in await store.list("/")}

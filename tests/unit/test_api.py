@@ -1,0 +1,111 @@
+"""The cluster API over an in-memory store: authentication, error bodies, OpenAPI."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from aecp.cluster.api.app import create_app
+from aecp.cluster.api.deps import NodeContext
+from aecp.cluster.service import ClusterService
+from aecp.model.cluster import ClusterInfo, new_token
+from aecp.store import keys
+from aecp.store.memory import MemoryStore
+from tests.unit.conftest import add_node, dump_store
+
+
+@pytest.fixture
+async def api(store: MemoryStore, images_dir: Path, tmp_path: Path
+              ) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+    token, digest = new_token()
+    await store.put(keys.CLUSTER, ClusterInfo(name="t", created_at=1, token_sha256=digest).dump())
+    await add_node(store, "n1")
+    app = create_app(ClusterService(store, images_dir),
+                     NodeContext("n1", "http://127.0.9.1:8700", tmp_path / "run"))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        yield client, token
+
+
+async def test_a_call_without_a_token_gets_401_and_changes_nothing(
+    api: tuple[httpx.AsyncClient, str], store: MemoryStore
+) -> None:
+    client, _ = api
+    before = await dump_store(store)
+    r = await client.post("/v1/vms", json={"name": "vm1", "image": "tiny"})
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+    r = await client.post("/v1/vms", json={"name": "vm1", "image": "tiny"},
+                          headers={"authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+    assert await dump_store(store) == before
+
+
+async def test_health_needs_no_token_and_says_nothing_else(
+    api: tuple[httpx.AsyncClient, str],
+) -> None:
+    client, _ = api
+    r = await client.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok", "node": "n1"}
+
+
+async def test_create_returns_202_with_an_operation(api: tuple[httpx.AsyncClient, str]) -> None:
+    client, token = api
+    auth = {"authorization": f"Bearer {token}"}
+    r = await client.post("/v1/vms", json={"name": "vm1", "image": "tiny"}, headers=auth)
+    assert r.status_code == 202
+    op = r.json()["operation"]
+    assert op["kind"] == "vm.create" and op["state"] == "running"
+    r = await client.get(f"/v1/operations/{op['id']}", headers=auth)
+    assert r.status_code == 200
+    r = await client.get("/v1/vms/vm1", headers=auth)
+    assert r.json()["state"] == "pending"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"name": "vm1", "image": "tiny", "memory_mib": "lots"}, 422, "memory_mib"),
+        ({"name": "vm1", "image": "tiny", "colour": "red"}, 422, "colour"),
+        ({"image": "tiny"}, 422, "name"),
+        ({"name": "vm1", "image": "tiny", "memory_mib": 0}, 422, "memory_mib"),
+        ({"name": "VM1", "image": "tiny"}, 422, "name"),
+    ],
+)
+async def test_bad_bodies_get_4xx_naming_the_field(
+    api: tuple[httpx.AsyncClient, str], store: MemoryStore,
+    body: dict[str, object], status: int, field: str,
+) -> None:
+    client, token = api
+    before = await dump_store(store)
+    r = await client.post("/v1/vms", json=body, headers={"authorization": f"Bearer {token}"})
+    assert r.status_code == status
+    assert r.json()["field"] == field
+    assert field in r.json()["message"]
+    assert await dump_store(store) == before
+
+
+async def test_unknown_vm_and_unknown_action_are_404_and_422(
+    api: tuple[httpx.AsyncClient, str],
+) -> None:
+    client, token = api
+    auth = {"authorization": f"Bearer {token}"}
+    assert (await client.get("/v1/vms/nope", headers=auth)).status_code == 404
+    r = await client.post("/v1/vms/nope/actions/explode", headers=auth)
+    assert r.status_code == 422 and r.json()["field"] == "action"
+
+
+async def test_the_openapi_document_covers_every_route_with_an_operation_id(
+    api: tuple[httpx.AsyncClient, str],
+) -> None:
+    client, _ = api
+    doc = (await client.get("/openapi.json")).json()
+    ops = [op for path in doc["paths"].values() for op in path.values()]
+    assert all(op.get("operationId") for op in ops)
+    ids = {op["operationId"] for op in ops}
+    assert {"list_nodes", "create_vm", "get_vm", "vm_action", "delete_vm", "list_images",
+            "upload_image", "get_operation", "get_console_log"} <= ids
+    assert "bearer" in str(doc["components"]["securitySchemes"]).lower()

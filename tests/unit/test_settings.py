@@ -1,0 +1,48 @@
+"""Node settings: typed, and every problem in a file reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aecp.common.errors import ConfigError
+from aecp.conf.settings import load, parse
+
+
+def good() -> dict[str, object]:
+    return {"name": "node1", "address": "127.0.1.1", "data_dir": "/tmp/d", "images_dir": "/tmp/i"}
+
+
+def test_defaults_fill_the_groups() -> None:
+    s = parse(good())
+    assert s.agent.lease_ttl == 10 and s.compute.accel == "auto"
+    assert s.api_url == "http://127.0.1.1:8700"
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    bad = good() | {"name": "Node_1", "address": "nowhere",
+                    "agent": {"lease_ttl": 1, "bogus": 2}, "store": {"endpoints": ["x"]}}
+    with pytest.raises(ConfigError) as err:
+        parse(bad)
+    problems = " | ".join(err.value.fields["problems"])
+    assert "agent.lease_ttl" in problems and "agent.bogus" in problems
+
+
+def test_semantic_problems_are_reported_together() -> None:
+    bad = good() | {"name": "Node_1", "address": "nowhere", "store": {"endpoints": ["x"]}}
+    with pytest.raises(ConfigError) as err:
+        parse(bad)
+    problems = err.value.fields["problems"]
+    assert len(problems) == 3
+    assert any(p.startswith("name:") for p in problems)
+    assert any(p.startswith("address:") for p in problems)
+    assert any(p.startswith("store.endpoints:") for p in problems)
+
+
+def test_an_unreadable_or_non_json_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="not JSON"):
+        load(tmp_path / "bad.json")
