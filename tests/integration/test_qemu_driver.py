@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -119,11 +120,13 @@ class Guests:
         return hv
 
     async def teardown(self) -> None:
-        for hv in self.hvs:
-            await hv.close()
-        for pid in self.pids:
-            kill_by_pid(pid)
-        shutil.rmtree(self.base, ignore_errors=True)
+        try:
+            for hv in self.hvs:
+                await hv.close()
+        finally:
+            for pid in self.pids:
+                kill_by_pid(pid)
+            shutil.rmtree(self.base, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager
@@ -237,6 +240,46 @@ async def test_an_acpi_shutdown_ends_in_stopped_and_returns_true(vm_a: BootedVm)
 
 
 # --- short-lived guests ---------------------------------------------------------------------------
+
+AGENT_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from aecp.compute.hypervisor import DiskSpec, InstanceSpec
+from aecp.compute.qemu.driver import QemuHypervisor
+
+async def main():
+    hv = QemuHypervisor(Path(sys.argv[1]))
+    disk = DiskSpec(sys.argv[2], boot=True)
+    info = await hv.start(InstanceSpec("vm-o", sys.argv[3], 1, 160, (disk,)))
+    await hv.close()
+    print(info.pid)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_vm_outlives_the_agent_process_that_started_it_and_is_reattached(
+    image: Path,
+) -> None:
+    async with guests() as g:
+        disk = overlay(g.base, "vm-o")
+        agent = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", AGENT_SCRIPT, str(g.run_dir), str(disk), str(uuid.uuid4())],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        pid = int(agent.stdout.strip())
+        g.pids.add(pid)
+        assert pid_alive(pid)  # the agent is gone, QEMU is not
+
+        hv = g.hypervisor()
+        assert [(i.name, i.pid) for i in await hv.attach_all()] == [("vm-o", pid)]
+        await hv.poweroff("vm-o")  # not our child: its exit is seen by polling the pid
+
+        assert not pid_alive(pid)
+        assert (await next_event(hv, EventKind.STOPPED))[-1].name == "vm-o"
 
 
 async def test_poweroff_stops_qemu_keeps_the_logs_and_is_idempotent(image: Path) -> None:

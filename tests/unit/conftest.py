@@ -29,9 +29,13 @@ async def add_node(
     store: MemoryStore, name: str, memory_mib: int = 4096, cpus: int = 4, alive: bool = True
 ) -> Lease | None:
     """Register a node record (and a heartbeat on a fresh lease when ``alive``)."""
-    rec = NodeRecord(name=name, address="127.0.9.1", api_url="http://127.0.9.1:8700",
-                     capacity=Capacity(cpus=cpus, memory_mib=memory_mib, disk_bytes=10**10),
-                     registered_at=1.0)
+    rec = NodeRecord(
+        name=name,
+        address="127.0.9.1",
+        api_url="http://127.0.9.1:8700",
+        capacity=Capacity(cpus=cpus, memory_mib=memory_mib, disk_bytes=10**10),
+        registered_at=1.0,
+    )
     await store.put(keys.node(name), rec.dump())
     if not alive:
         return None
@@ -48,9 +52,15 @@ async def images_dir(tmp_path: Path, store: MemoryStore) -> Path:
     d.mkdir()
     data = b"\0" * (1 << 20)
     (d / "tiny.raw").write_bytes(data)
-    rec = ImageRecord(name="tiny", format=ImageFormat.RAW, file="tiny.raw", size_bytes=len(data),
-                      virtual_size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                      created_at=1.0)
+    rec = ImageRecord(
+        name="tiny",
+        format=ImageFormat.RAW,
+        file="tiny.raw",
+        size_bytes=len(data),
+        virtual_size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        created_at=1.0,
+    )
     await store.put(keys.image("tiny"), rec.dump())
     return d
 

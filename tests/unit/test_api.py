@@ -18,13 +18,16 @@ from tests.unit.conftest import add_node, dump_store
 
 
 @pytest.fixture
-async def api(store: MemoryStore, images_dir: Path, tmp_path: Path
-              ) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+async def api(
+    store: MemoryStore, images_dir: Path, tmp_path: Path
+) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
     token, digest = new_token()
     await store.put(keys.CLUSTER, ClusterInfo(name="t", created_at=1, token_sha256=digest).dump())
     await add_node(store, "n1")
-    app = create_app(ClusterService(store, images_dir),
-                     NodeContext("n1", "http://127.0.9.1:8700", tmp_path / "run"))
+    app = create_app(
+        ClusterService(store, images_dir),
+        NodeContext("n1", "http://127.0.9.1:8700", tmp_path / "run"),
+    )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
         yield client, token
@@ -38,8 +41,9 @@ async def test_a_call_without_a_token_gets_401_and_changes_nothing(
     r = await client.post("/v1/vms", json={"name": "vm1", "image": "tiny"})
     assert r.status_code == 401
     assert r.headers["www-authenticate"] == "Bearer"
-    r = await client.post("/v1/vms", json={"name": "vm1", "image": "tiny"},
-                          headers={"authorization": "Bearer wrong"})
+    r = await client.post(
+        "/v1/vms", json={"name": "vm1", "image": "tiny"}, headers={"authorization": "Bearer wrong"}
+    )
     assert r.status_code == 401 and r.json()["error"] == "unauthorized"
     assert await dump_store(store) == before
 
@@ -76,8 +80,11 @@ async def test_create_returns_202_with_an_operation(api: tuple[httpx.AsyncClient
     ],
 )
 async def test_bad_bodies_get_4xx_naming_the_field(
-    api: tuple[httpx.AsyncClient, str], store: MemoryStore,
-    body: dict[str, object], status: int, field: str,
+    api: tuple[httpx.AsyncClient, str],
+    store: MemoryStore,
+    body: dict[str, object],
+    status: int,
+    field: str,
 ) -> None:
     client, token = api
     before = await dump_store(store)
@@ -106,6 +113,15 @@ async def test_the_openapi_document_covers_every_route_with_an_operation_id(
     ops = [op for path in doc["paths"].values() for op in path.values()]
     assert all(op.get("operationId") for op in ops)
     ids = {op["operationId"] for op in ops}
-    assert {"list_nodes", "create_vm", "get_vm", "vm_action", "delete_vm", "list_images",
-            "upload_image", "get_operation", "get_console_log"} <= ids
+    assert {
+        "list_nodes",
+        "create_vm",
+        "get_vm",
+        "vm_action",
+        "delete_vm",
+        "list_images",
+        "upload_image",
+        "get_operation",
+        "get_console_log",
+    } <= ids
     assert "bearer" in str(doc["components"]["securitySchemes"]).lower()

@@ -17,7 +17,14 @@ def test_split_vm_key_returns_vm_and_part() -> None:
 
 
 def test_every_root_is_under_the_aecp_prefix() -> None:
-    for prefix in (keys.CLUSTER, keys.NODES, keys.ALIVE, keys.VMS, keys.IMAGES, keys.OPS,
-                   keys.LEADERS):
+    for prefix in (
+        keys.CLUSTER,
+        keys.NODES,
+        keys.ALIVE,
+        keys.VMS,
+        keys.IMAGES,
+        keys.OPS,
+        keys.LEADERS,
+    ):
         assert prefix.startswith(keys.ROOT)
     assert keys.last_segment(keys.alive("n2"), keys.ALIVE) == "n2"

@@ -22,8 +22,15 @@ class Recorder:
 
 
 def keeper(store: MemoryStore, clock: FakeClock, rec: Recorder) -> LeaseKeeper:
-    return LeaseKeeper(store, ttl=6, margin=1.0, on_acquired=rec.on_acquired,
-                       on_lost=rec.on_lost, clock=clock, node="n1")
+    return LeaseKeeper(
+        store,
+        ttl=6,
+        margin=1.0,
+        on_acquired=rec.on_acquired,
+        on_lost=rec.on_lost,
+        clock=clock,
+        node="n1",
+    )
 
 
 async def test_the_first_step_acquires_a_lease(store: MemoryStore, clock: FakeClock) -> None:

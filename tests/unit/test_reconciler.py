@@ -25,16 +25,19 @@ class World:
         self.store, self.hv, self.rec = store, hv, rec
 
     async def add_vm(self, name: str, power: Power = Power.RUNNING, node: str = "n1") -> None:
-        spec = VMSpec(name=name, uuid=f"uuid-{name}", image="tiny", vcpus=1, memory_mib=128,
-                      power=power)
+        spec = VMSpec(
+            name=name, uuid=f"uuid-{name}", image="tiny", vcpus=1, memory_mib=128, power=power
+        )
         await self.store.put(keys.vm_spec(name), spec.dump())
         await self.store.put(keys.vm_placement(name), Placement(node=node, at=1).dump())
 
     async def set_power(self, name: str, power: Power, stop_mode: str = "acpi") -> None:
         got = await read(self.store, keys.vm_spec(name), VMSpec)
         assert got is not None
-        await self.store.put(keys.vm_spec(name), got[0].model_copy(
-            update={"power": power, "stop_mode": stop_mode}).dump())
+        await self.store.put(
+            keys.vm_spec(name),
+            got[0].model_copy(update={"power": power, "stop_mode": stop_mode}).dump(),
+        )
 
     async def reconcile(self, held: bool = True) -> list[str]:
         sentences = self.rec.run_pass(await read_snapshot(self.store), held)
@@ -51,8 +54,9 @@ class World:
 async def world(store: MemoryStore, clock: FakeClock, images_dir: Path, tmp_path: Path) -> World:
     await add_node(store, "n1")
     hv = FakeHypervisor()
-    actions = VMActions("n1", "127.0.0.1", store, hv, tmp_path / "vms", images_dir, Accel.TCG,
-                        clock)
+    actions = VMActions(
+        "n1", "127.0.0.1", store, hv, tmp_path / "vms", images_dir, Accel.TCG, clock
+    )
     return World(store, hv, Reconciler("n1", hv, actions, clock))
 
 
@@ -75,7 +79,8 @@ async def test_vms_assigned_to_other_nodes_are_left_alone(world: World) -> None:
 async def test_nothing_changes_while_the_node_does_not_hold_its_lease(world: World) -> None:
     await world.add_vm("vm1")
     assert await world.reconcile(held=False) == [
-        "this node does not hold its lease: changing nothing"]
+        "this node does not hold its lease: changing nothing"
+    ]
     assert world.hv.calls == []
 
 
@@ -115,7 +120,8 @@ async def test_a_guest_that_powers_itself_off_stays_off(world: World) -> None:
     world.hv.guest_poweroff("vm1")
     world.rec.note_guest_poweroff("vm1")
     assert await world.reconcile() == [
-        "vm1 powered itself off from inside: recording it as stopped"]
+        "vm1 powered itself off from inside: recording it as stopped"
+    ]
     got = await read(world.store, keys.vm_spec("vm1"), VMSpec)
     assert got is not None and got[0].power is Power.STOPPED
     [sentence] = await world.reconcile()
@@ -134,7 +140,8 @@ async def test_a_crashed_qemu_is_restarted(world: World) -> None:
 async def test_an_instance_not_assigned_here_is_powered_off(world: World) -> None:
     await world.hv.start(InstanceSpec(name="ghost", uuid="g", vcpus=1, memory_mib=64, disks=()))
     assert await world.reconcile() == [
-        "ghost runs here but is not assigned to this node: powering it off"]
+        "ghost runs here but is not assigned to this node: powering it off"
+    ]
     assert await world.hv.state("ghost") is RunState.STOPPED
 
 

@@ -15,11 +15,21 @@ from aecp.store.typed import read
 from tests.unit.conftest import add_node
 
 
-def view(name: str, mem: int, reserved: int = 0, cpus: int = 4,
-         state: NodeState = NodeState.READY) -> NodeView:
-    return NodeView(name=name, address="a", api_url="u", state=state,
-                    capacity=Capacity(cpus=cpus, memory_mib=mem, disk_bytes=1), usage=None,
-                    accel="tcg", reserved_memory_mib=reserved, reserved_vcpus=0, vms=0)
+def view(
+    name: str, mem: int, reserved: int = 0, cpus: int = 4, state: NodeState = NodeState.READY
+) -> NodeView:
+    return NodeView(
+        name=name,
+        address="a",
+        api_url="u",
+        state=state,
+        capacity=Capacity(cpus=cpus, memory_mib=mem, disk_bytes=1),
+        usage=None,
+        accel="tcg",
+        reserved_memory_mib=reserved,
+        reserved_vcpus=0,
+        vms=0,
+    )
 
 
 def vm(name: str = "vm1", mem: int = 512, vcpus: int = 1, node: str | None = None) -> VMSpec:
@@ -36,14 +46,18 @@ def test_ties_go_to_the_first_name() -> None:
 
 
 def test_unreachable_nodes_and_nodes_without_room_are_skipped() -> None:
-    nodes = [view("n1", 8192, state=NodeState.UNREACHABLE), view("n2", 1024, reserved=900),
-             view("n3", 1024)]
+    nodes = [
+        view("n1", 8192, state=NodeState.UNREACHABLE),
+        view("n2", 1024, reserved=900),
+        view("n3", 1024),
+    ]
     assert choose_node(vm(mem=512), nodes).name == "n3"
 
 
 def test_a_vm_with_more_vcpus_than_a_node_has_does_not_go_there() -> None:
-    assert choose_node(vm(vcpus=8), [view("n1", 99999, cpus=4), view("n2", 512, cpus=8)]).name \
-        == "n2"
+    assert (
+        choose_node(vm(vcpus=8), [view("n1", 99999, cpus=4), view("n2", 512, cpus=8)]).name == "n2"
+    )
 
 
 def test_no_fit_raises_no_capacity_with_a_reason_per_node() -> None:
@@ -68,8 +82,9 @@ async def test_one_pass_spreads_new_vms_across_equal_nodes(store: MemoryStore) -
     for n in ("n1", "n2", "n3"):
         await add_node(store, n, memory_mib=2048)
     for i in range(3):
-        await store.put(keys.vm_spec(f"vm{i}"), vm(f"vm{i}").model_copy(
-            update={"created_at": float(i)}).dump())
+        await store.put(
+            keys.vm_spec(f"vm{i}"), vm(f"vm{i}").model_copy(update={"created_at": float(i)}).dump()
+        )
     decisions = await Scheduler(store).run_pass()
     placed = {}
     for i in range(3):
@@ -88,8 +103,9 @@ async def test_an_unplaceable_vm_is_marked_unschedulable_and_its_operation_fails
     await add_node(store, "n1", memory_mib=1024)
     op = Operation(id="op-1", kind="vm.create", target="big", created_at=1, updated_at=1)
     await store.put(keys.op("op-1"), op.dump())
-    await store.put(keys.vm_spec("big"), vm("big", mem=4096).model_copy(
-        update={"op_id": "op-1"}).dump())
+    await store.put(
+        keys.vm_spec("big"), vm("big", mem=4096).model_copy(update={"op_id": "op-1"}).dump()
+    )
     decisions = await Scheduler(store).run_pass()
     assert decisions == [f"big cannot be placed: {decisions[0].split(': ', 1)[1]}"]
     status = await read(store, keys.vm_status("big"), VMStatus)

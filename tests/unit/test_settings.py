@@ -21,8 +21,12 @@ def test_defaults_fill_the_groups() -> None:
 
 
 def test_every_problem_is_reported_at_once() -> None:
-    bad = good() | {"name": "Node_1", "address": "nowhere",
-                    "agent": {"lease_ttl": 1, "bogus": 2}, "store": {"endpoints": ["x"]}}
+    bad = good() | {
+        "name": "Node_1",
+        "address": "nowhere",
+        "agent": {"lease_ttl": 1, "bogus": 2},
+        "store": {"endpoints": ["x"]},
+    }
     with pytest.raises(ConfigError) as err:
         parse(bad)
     problems = " | ".join(err.value.fields["problems"])

@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from aecp.cli.client import Client
 from aecp.cli.output import Format, OutputOpt, emit, err_console
 from aecp.lab.harness import Lab, LabSpec, default_root
 
@@ -47,14 +46,7 @@ def up(
             node_memory_mib=memory,
         ),
     )
-    asyncio.run(lab.up(_say, probe_image=image))
-    _say("importing the tiny image")
-    c = Client(lab.api_urls(), lab.token())
-    try:
-        with image.open("rb") as f:
-            c.put("/v1/images/tiny", params={"source": "aecp image build-tiny"}, content=f.read())
-    finally:
-        c.close()
+    asyncio.run(lab.up(_say, image=image))
     emit(
         {
             "root": str(lab.root),

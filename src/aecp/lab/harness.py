@@ -72,6 +72,7 @@ class Lab:
         self.spec = spec
         self.images_dir = root / "images"
         self.token_file = root / "token"
+        self._etcd: EtcdCluster | None = None
 
     @classmethod
     def open(cls, root: Path | None = None) -> Lab:
@@ -105,6 +106,12 @@ class Lab:
         return self.token_file.read_text().strip()
 
     def etcd_cluster(self) -> EtcdCluster:
+        """The lab's etcd members (one object per lab, so members started here are tracked)."""
+        if self._etcd is None:
+            self._etcd = self._make_etcd_cluster()
+        return self._etcd
+
+    def _make_etcd_cluster(self) -> EtcdCluster:
         hosts = [self.spec.address(k) for k in range(1, min(ETCD_MEMBERS, self.spec.nodes) + 1)]
         return EtcdCluster.on_loopback(
             self.root / "etcd",
@@ -128,12 +135,12 @@ class Lab:
         return {pf: f"guest={pf.parent.name}" for pf in run.glob("*/qemu.pid")}
 
     # ---- up --------------------------------------------------------------------------------
-    async def up(
-        self, progress: Progress = lambda _: None, probe_image: Path | None = None
-    ) -> None:
-        """Start etcd, initialise the cluster, start every node agent, wait until all are ready.
+    async def up(self, progress: Progress = lambda _: None, image: Path | None = None) -> None:
+        """Start etcd, initialise the cluster, start every node agent, wait until all are ready,
+        then import ``image`` (the tiny guest image) as image ``tiny``.
 
-        Raises ``InvalidInput`` if a lab already exists at ``root``.
+        ``image`` is also the KVM probe's guest. Raises ``InvalidInput`` if a lab already exists
+        at ``root``.
         """
         if (self.root / "lab.json").exists():
             raise InvalidInput(
@@ -148,11 +155,26 @@ class Lab:
         progress("initialising the cluster")
         await self._init_cluster(cluster.client_endpoints())
         for name in self.node_names:
-            self._write_node_settings(name, probe_image)
+            self._write_node_settings(name, image)
         progress(f"starting {self.spec.nodes} node agents")
         for name in self.node_names:
             self.agent(name).start()
         await self.wait_ready(progress)
+        if image is not None:
+            progress("importing the tiny image")
+            await self.import_image("tiny", image)
+
+    async def import_image(self, name: str, path: Path) -> None:
+        """Upload ``path`` through the API as image ``name``."""
+        headers = {"authorization": f"Bearer {self.token()}"}
+        async with httpx.AsyncClient(timeout=120, headers=headers) as c:
+            r = await c.put(
+                f"{self.api_urls()[0]}/v1/images/{name}",
+                params={"source": path.name},
+                content=path.read_bytes(),
+            )
+        if r.status_code != 201:
+            raise Unavailable(f"importing image {name} failed: {r.text[:300]}")
 
     async def _init_cluster(self, endpoints: list[str]) -> None:
         token, digest = new_token()
@@ -218,16 +240,21 @@ class Lab:
         raise Unavailable(f"nodes not ready after {timeout:.0f}s: {', '.join(missing)}")
 
     async def _ready_nodes(self) -> set[str]:
+        """Nodes that are ready in the cluster's view AND answer on their own API."""
         headers = {"authorization": f"Bearer {self.token()}"}
+        ready: set[str] = set()
         async with httpx.AsyncClient(timeout=3, headers=headers) as c:
-            for url in self.api_urls():
+            for name in self.node_names:
                 try:
-                    r = await c.get(url + "/v1/nodes")
+                    r = await c.get(self.api_url(name) + "/v1/nodes")
                 except httpx.HTTPError:
                     continue
-                if r.status_code == 200:
-                    return {n["name"] for n in r.json() if n["state"] == "ready"}
-        return set()
+                if r.status_code != 200:
+                    continue
+                states = {n["name"]: n["state"] for n in r.json()}
+                if states.get(name) == "ready":
+                    ready.add(name)
+        return ready
 
     # ---- faults ----------------------------------------------------------------------------
     def kill_agent(self, name: str) -> None:

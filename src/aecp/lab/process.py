@@ -13,6 +13,11 @@ from pathlib import Path
 from aecp.common.proc import pid_alive, pid_cmdline, read_pidfile
 
 
+# Popen objects of daemons started by this process, kept until the daemon is stopped so that
+# they are reaped (no zombies) and never garbage-collected while running.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
 class Daemon:
     """``argv`` run detached (own session), output appended to ``log_file``, pid in ``pidfile``.
 
@@ -49,6 +54,7 @@ class Daemon:
                 start_new_session=True,
                 env={**os.environ, **(env or {})},
             )
+        _CHILDREN[proc.pid] = proc
         self.pidfile.write_text(f"{proc.pid}\n")
         return proc.pid
 
@@ -84,6 +90,14 @@ class Daemon:
 def wait_gone(pid: int, timeout: float) -> bool:
     """Wait for ``pid`` to exit, reaping it if it is our child."""
     deadline = time.monotonic() + timeout
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        try:
+            child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        del _CHILDREN[pid]
+        return True
     while time.monotonic() < deadline:
         try:
             done, _ = os.waitpid(pid, os.WNOHANG)

@@ -20,7 +20,7 @@ class OpState(enum.StrEnum):
 
 class Operation(Stored):
     """``/aecp/ops/<id>``: created by the API with the request, finished by whoever carries it
-    out (the scheduler, the node agent). ``progress`` is 0–100."""
+    out (the scheduler, the node agent). ``progress`` is 0-100."""
 
     id: str
     kind: str  # e.g. "vm.create", "vm.shutdown"

@@ -1,4 +1,4 @@
-"""The cluster store: contract (base), etcd adapter (etcd), in-memory double (memory), key layout."""
+"""The cluster store: contract (base), etcd adapter, in-memory double (memory), key layout."""
 
 from aecp.store.base import (
     Compare,

@@ -8,7 +8,9 @@ aimed at a multi-address target (``ipv4:a:p,b:p,c:p``, policy pick_first), so a 
 refuses connections is skipped and a member that dies is replaced by the next one on the next
 call. ``wait_ready`` waits until the cluster answers a linearizable read. An RPC in flight when
 its member dies fails with ``StoreUnavailable``: nothing is known to have happened, and the caller
-decides whether to retry (the adapter never retries a write on its own).
+decides whether to retry (the adapter never retries a write on its own). When the member that
+died led the cluster, writes fail the same way until the others elect a leader (1-2 s with the
+lab's tuning).
 
 Deadline: every call, including opening a watch, gives up after ``timeout`` seconds (a gRPC
 deadline, plus an asyncio deadline slightly later as a backstop), so a wedged or partitioned etcd
@@ -28,6 +30,7 @@ import aetcd
 import aetcd.exceptions
 import aetcd.rpc
 
+from aecp.common import tasks
 from aecp.common.errors import LeaseExpired, StoreUnavailable
 from aecp.store.base import (
     Compare,
@@ -72,7 +75,11 @@ CHANNEL_OPTIONS: dict[str, int] = {
     # --grpc-keepalive-min-time (5 s) and pings without an open stream.
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.http2.ping_timeout_ms": 5_000,
     "grpc.keepalive_permit_without_calls": 0,
+    "grpc.http2.max_pings_without_data": 0,
+    # A bandwidth-probe ping that a frozen member never answers would hold keepalive back.
+    "grpc.http2.bdp_probe": 0,
 }
 
 
@@ -312,38 +319,52 @@ class EtcdStore(Store):
 class _WatchEvents:
     """The iterator handed out by ``EtcdStore.watch``: aetcd events in, ``WatchEvent`` out.
 
-    States: open → (cancelled | broken). Iteration ends quietly only after ``cancel()``; if the
-    stream ends or fails on its own, iteration raises ``StoreUnavailable``.
+    A pump task drains aetcd's event generator into a queue, so a caller may time out or cancel
+    a wait for the next event (``asyncio.timeout`` around ``anext``) without losing the watch.
+
+    States: open → cancelled (by ``cancel()``: iteration then ends quietly) or open → broken (the
+    stream failed or ended on its own: this and every later ``__anext__`` raises
+    ``StoreUnavailable``).
     """
 
     def __init__(self, store: EtcdStore, prefix: str, handle: Any) -> None:
         self._store = store
         self._prefix = prefix
         self._handle = handle
-        self._events: Any = aiter(handle)
+        self._queue: asyncio.Queue[WatchEvent | Exception | None] = asyncio.Queue()
         self._cancelled = False
+        self._error: Exception | None = None
+        self._pump = tasks.spawn(self._drain(), name=f"etcd-watch {prefix!r}")
 
     def __aiter__(self) -> _WatchEvents:
         return self
 
     async def __anext__(self) -> WatchEvent:
-        try:
-            event = await anext(self._events)
-        except StopAsyncIteration:
-            if self._cancelled:
-                raise
-            raise self._store._unavailable(
+        if self._error is None:
+            item = await self._queue.get()
+            if isinstance(item, WatchEvent):
+                return item
+            self._error = item or self._store._unavailable(
                 "watch", f"the watch on {self._prefix!r} ended"
-            ) from None
+            )
+        if self._cancelled:
+            raise StopAsyncIteration
+        raise self._error
+
+    async def _drain(self) -> None:
+        """Move aetcd's events into the queue; finish with the error that broke the stream, or
+        None when it ended."""
+        try:
+            async for event in self._handle:
+                self._queue.put_nowait(_watch_event(event))
         except Exception as e:
             translated = self._store._translate("watch", e)
-            if translated is e:
-                raise
-            raise translated from e
-        return _watch_event(event)
+            self._queue.put_nowait(translated)
+        else:
+            self._queue.put_nowait(None)
 
     async def cancel(self) -> None:
-        """Stop the watch on the server and release the stream (best effort, bounded)."""
+        """Stop the watch on the server and the pump (best effort, bounded by the timeout)."""
         if self._cancelled:
             return
         self._cancelled = True
@@ -352,7 +373,7 @@ class _WatchEvents:
                 await self._handle.cancel()
         except _CLEANUP_ERRORS as e:
             log.debug("cancelling the watch on %r failed: %r", self._prefix, e)
-        await self._events.aclose()
+        await tasks.cancel(self._pump)
 
 
 # -- conversions between the contract's types and aetcd's -------------------------------------

@@ -122,13 +122,15 @@ class QmpConnection:
     async def disconnect(self) -> None:
         """Close the session (idempotent). Never raises: after ``quit`` the client reports the
         server's hang-up as EOFError, which is expected and swallowed. Post-condition: CLOSED."""
-        if self._state is QmpState.CLOSED:
-            return
-        was_connected = self._state is QmpState.CONNECTED
-        self._state = QmpState.CLOSED
-        await cancel(self._watch, self._pump)
-        if was_connected:
+        if self._state is QmpState.CONNECTED:
+            self._state = QmpState.CLOSED
+            await cancel(self._watch, self._pump)
             await self._close_client()
+            return
+        self._state = QmpState.CLOSED
+        watch = self._watch  # QEMU hung up: let the watcher finish closing the client
+        if watch is not None and not watch.done() and watch is not asyncio.current_task():
+            await asyncio.wait([watch])
 
     def _require(self, state: QmpState) -> None:
         if self._state is not state:

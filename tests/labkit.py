@@ -1,0 +1,135 @@
+"""Test support for whole-lab tests: start a lab on its own loopback subnet, talk to its API,
+wait for conditions (polling with a deadline; never asserting on durations)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from aecp.compute.images.tiny import ensure_tiny_image
+from aecp.lab.harness import Lab, LabSpec
+from aecp.store.etcd import EtcdStore
+
+T = TypeVar("T")
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 60, every: float = 0.2
+) -> T:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` after timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(every)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+class LabKit:
+    """A running lab plus an authenticated API client."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.http = httpx.AsyncClient(
+            timeout=30, headers={"authorization": f"Bearer {lab.token()}"}
+        )
+
+    def url(self, node: str = "node1") -> str:
+        return self.lab.api_url(node)
+
+    async def call(self, method: str, path: str, node: str = "node1", **kw: Any) -> httpx.Response:
+        return await self.http.request(method, self.url(node) + path, **kw)
+
+    async def vm(self, name: str) -> dict[str, Any]:
+        r = await self.call("GET", f"/v1/vms/{name}")
+        r.raise_for_status()
+        body: dict[str, Any] = r.json()
+        return body
+
+    async def create_vm(self, name: str, **fields: Any) -> dict[str, Any]:
+        r = await self.call("POST", "/v1/vms", json={"name": name, "image": "tiny", **fields})
+        assert r.status_code == 202, r.text
+        return await self.wait_op(r.json()["operation"]["id"])
+
+    async def action(self, name: str, action: str) -> dict[str, Any]:
+        r = await self.call("POST", f"/v1/vms/{name}/actions/{action}")
+        assert r.status_code == 202, r.text
+        return await self.wait_op(r.json()["operation"]["id"])
+
+    async def wait_op(self, op_id: str, timeout: float = 120) -> dict[str, Any]:
+        async def done() -> dict[str, Any] | None:
+            op: dict[str, Any] = (await self.call("GET", f"/v1/operations/{op_id}")).json()
+            return op if op["state"] != "running" else None
+
+        return await wait_for(done, f"operation {op_id}", timeout)
+
+    async def console(self, name: str) -> str:
+        r = await self.call("GET", f"/v1/vms/{name}/console/log")
+        r.raise_for_status()
+        return r.text
+
+    async def wait_console(self, name: str, text: str, count: int = 1, timeout: float = 90) -> str:
+        async def seen() -> str | None:
+            log = await self.console(name)
+            return log if log.count(text) >= count else None
+
+        return await wait_for(seen, f"{text!r} x{count} on {name}'s console", timeout)
+
+    async def wait_vm(self, name: str, state: str, timeout: float = 60) -> dict[str, Any]:
+        async def reached() -> dict[str, Any] | None:
+            vm = await self.vm(name)
+            return vm if vm["state"] == state else None
+
+        return await wait_for(reached, f"{name} {state}", timeout)
+
+    async def node_state(self, name: str, via: str = "node1") -> str:
+        """The node's state as the API on ``via`` reports it ("http 503" while etcd elects)."""
+        r = await self.call("GET", f"/v1/nodes/{name}", node=via)
+        if r.status_code != 200:
+            return f"http {r.status_code}"
+        state: str = r.json()["state"]
+        return state
+
+    async def store_dump(self) -> dict[str, bytes]:
+        """Every key in etcd (to show a refused request changed nothing), minus heartbeats."""
+        store = EtcdStore(self.lab.etcd_cluster().client_endpoints())
+        try:
+            kvs = await store.list("/aecp/")
+        finally:
+            await store.close()
+        return {kv.key: kv.value for kv in kvs if not kv.key.startswith("/aecp/alive/")}
+
+
+@asynccontextmanager
+async def running_lab(root: Path, **spec: Any) -> AsyncIterator[LabKit]:
+    """A lab under ``root`` (give each module its own ``subnet``); always torn down."""
+    lab = Lab(
+        root,
+        LabSpec(
+            **{
+                "accel": "auto",
+                "lease_ttl": 3,
+                "node_memory_mib": 2048,
+                "resync_interval": 1.0,
+                **spec,
+            }
+        ),
+    )
+    kit: LabKit | None = None
+    try:
+        await lab.up(image=ensure_tiny_image())
+        kit = LabKit(lab)
+        yield kit
+    finally:
+        if kit is not None:
+            await kit.http.aclose()
+        if (root / "lab.json").exists():
+            lab.down()
