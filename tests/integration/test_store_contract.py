@@ -383,6 +383,16 @@ async def test_a_watch_sees_lease_expiry_as_delete_events(backend: Backend, pref
     assert [(e.kind, e.key) for e in seen] == [(EventKind.DELETE, prefix + "held")]
 
 
+async def test_a_watch_survives_a_timed_out_wait_for_its_next_event(store: Store, prefix: str):
+    async with store.watch(prefix) as events:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await anext(events)
+        rev = await store.put(prefix + "k", b"v")
+
+        assert await next_events(events, 1) == [WatchEvent(EventKind.PUT, prefix + "k", b"v", rev)]
+
+
 async def test_watches_can_be_opened_and_left_one_after_another(store: Store, prefix: str):
     for i in range(3):
         async with store.watch(prefix) as events:

@@ -28,6 +28,7 @@ def up(
     root: RootOpt = None,
     accel: Annotated[str, typer.Option(help="auto, kvm or tcg")] = "auto",
     node_memory: Annotated[int | None, typer.Option(help="MiB each node offers")] = None,
+    subnet: Annotated[str, typer.Option(help="node k listens on <subnet>.k")] = "127.0.1",
     output: OutputOpt = Format.TABLE,
 ) -> None:
     """Start a lab of N nodes (3 etcd members), import the tiny image, print the endpoints."""
@@ -42,6 +43,7 @@ def up(
         root or default_root(),
         LabSpec(
             nodes=nodes,
+            subnet=subnet,
             accel=accel,
             node_memory_mib=memory,
         ),

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import httpx
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from aecp.common.errors import InvalidInput, NotFound, Unavailable
 from aecp.common.proc import pid_alive, read_pidfile
@@ -59,6 +59,18 @@ class LabSpec(BaseModel):
     node_memory_mib: int | None = None
     node_cpus: int | None = None
     cluster_name: str = "lab"
+
+    @field_validator("subnet")
+    @classmethod
+    def _loopback_subnet(cls, v: str) -> str:
+        parts = v.split(".")
+        if (
+            len(parts) != 3
+            or parts[0] != "127"
+            or not all(p.isdigit() and 0 <= int(p) <= 255 for p in parts)
+        ):
+            raise ValueError(f"{v!r} is not a loopback prefix like 127.0.1")
+        return v
 
     def address(self, k: int) -> str:
         return f"{self.subnet}.{k}"

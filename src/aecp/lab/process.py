@@ -12,7 +12,6 @@ from pathlib import Path
 
 from aecp.common.proc import pid_alive, pid_cmdline, read_pidfile
 
-
 # Popen objects of daemons started by this process, kept until the daemon is stopped so that
 # they are reaped (no zombies) and never garbage-collected while running.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}

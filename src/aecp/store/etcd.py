@@ -14,7 +14,8 @@ lab's tuning).
 
 Deadline: every call, including opening a watch, gives up after ``timeout`` seconds (a gRPC
 deadline, plus an asyncio deadline slightly later as a backstop), so a wedged or partitioned etcd
-makes the caller see ``StoreUnavailable`` instead of hanging.
+makes the caller see ``StoreUnavailable`` instead of hanging. A watch has no deadline, but gRPC
+keepalive pings break it (``StoreUnavailable``) about 15 s after its member stops answering.
 """
 
 from __future__ import annotations
