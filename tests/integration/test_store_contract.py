@@ -531,3 +531,18 @@ async def test_a_watch_breaks_with_store_unavailable_when_its_member_dies_and_ca
         assert await next_events(events, 1) == [
             WatchEvent(EventKind.PUT, prefix + "k", b"w", missed)
         ]
+
+
+async def test_a_watch_breaks_with_store_unavailable_when_its_member_freezes(
+    etcd: tuple[EtcdCluster, EtcdStore], prefix: str
+):
+    cluster, store = etcd
+    async with store.watch(prefix) as events:
+        cluster.members[0].pause()  # pick_first: the watch stream is on the first endpoint
+
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            async with asyncio.timeout(30):
+                await anext(events)
+
+    assert time.monotonic() - started < 20  # gRPC keepalive: 10 s idle + 5 s ping timeout
