@@ -347,3 +347,15 @@ async def test_without_a_probe_image_the_decision_is_tcg(tmp_path: Path) -> None
     cache = tmp_path / "accel.json"
     assert await asyncio.to_thread(probe_accel, cache, probe_image=None) is Accel.TCG
     assert not cache.exists()
+
+
+async def test_a_shutdown_requested_while_the_guest_still_boots_ends_cleanly(image: Path) -> None:
+    # Regression: a single ACPI press sent before the guest's acpid runs was lost, and the VM
+    # was powered off hard after the timeout. The driver presses again until the guest listens.
+    async with guests() as g:
+        hv = g.hypervisor()
+        info = await hv.start(make_spec("vm-early", str(overlay(g.base, "vm-early"))))
+        g.pids.add(info.pid)
+        assert await hv.shutdown("vm-early", timeout=60) is True
+        assert not pid_alive(info.pid)
+        assert "AECP-POWEROFF" in info.console_log.read_text(errors="replace")

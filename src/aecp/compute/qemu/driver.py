@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 QMP_CONNECT_TIMEOUT = 15.0  # s from spawn until QMP must answer
 QUIT_TIMEOUT = 5.0  # s for QEMU to exit after ``quit`` (then SIGKILL), and after SIGKILL
 POLL_INTERVAL = 0.1  # s between liveness checks of a QEMU process
+PRESS_EVERY = 5.0  # s between ACPI power-button presses while waiting for a guest to power off
 _SUN_PATH_MAX = 107  # bytes in a unix socket path (sockaddr_un.sun_path minus the NUL)
 
 _STATUS: dict[str, RunState] = {
@@ -198,14 +199,27 @@ class QemuHypervisor(Hypervisor):
 
     # --- power ----------------------------------------------------------------------------------
 
-    async def shutdown(self, name: str, timeout: float) -> bool:
-        inst = self._require(name)
+    async def _press_until_off(self, inst: _Instance, timeout: float) -> bool:
+        """Press the ACPI power button, again every ``PRESS_EVERY`` s (a guest still booting
+        misses an early press), until the guest powers off or ``timeout`` passes.
+        True if the guest powered off."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         if inst.state is not RunState.SHUTDOWN:
             inst.powered_off.clear()
-            with contextlib.suppress(QmpDisconnected):
-                await inst.qmp.execute("system_powerdown")
-        clean = await _wait_first(timeout, inst.powered_off, inst.gone)
-        clean = clean and inst.powered_off.is_set()
+        while True:
+            if inst.state is not RunState.SHUTDOWN and not inst.powered_off.is_set():
+                with contextlib.suppress(QmpDisconnected):
+                    await inst.qmp.execute("system_powerdown")
+            left = deadline - loop.time()
+            if left <= 0:
+                return inst.powered_off.is_set()
+            if await _wait_first(min(PRESS_EVERY, left), inst.powered_off, inst.gone):
+                return inst.powered_off.is_set()
+
+    async def shutdown(self, name: str, timeout: float) -> bool:
+        inst = self._require(name)
+        clean = await self._press_until_off(inst, timeout)
         if not clean:
             log.warning("%s: no power-off within %.0f s: powering off hard", name, timeout)
         await self._stop(inst)
@@ -220,10 +234,7 @@ class QemuHypervisor(Hypervisor):
         inst = self._require(name)
         inst.rebooting = True
         try:
-            if inst.state is not RunState.SHUTDOWN:
-                inst.powered_off.clear()
-                await inst.qmp.execute("system_powerdown")
-            clean = await _wait_first(timeout, inst.powered_off, inst.gone)
+            clean = await self._press_until_off(inst, timeout)
             self._require(name)
             await inst.qmp.execute("system_reset")
             if await self._query(inst) is not RunState.RUNNING:
