@@ -45,8 +45,19 @@ class LabKit:
     def url(self, node: str = "node1") -> str:
         return self.lab.api_url(node)
 
-    async def call(self, method: str, path: str, node: str = "node1", **kw: Any) -> httpx.Response:
-        return await self.http.request(method, self.url(node) + path, **kw)
+    async def call(
+        self, method: str, path: str, node: str | None = None, **kw: Any
+    ) -> httpx.Response:
+        """Call ``node``'s API, or the first node whose API answers (like the CLI does)."""
+        if node is not None:
+            return await self.http.request(method, self.url(node) + path, **kw)
+        error: Exception | None = None
+        for name in self.lab.node_names:
+            try:
+                return await self.http.request(method, self.url(name) + path, **kw)
+            except httpx.TransportError as exc:
+                error = exc
+        raise AssertionError(f"no node API answered: {error!r}")
 
     async def vm(self, name: str) -> dict[str, Any]:
         r = await self.call("GET", f"/v1/vms/{name}")
@@ -90,7 +101,7 @@ class LabKit:
 
         return await wait_for(reached, f"{name} {state}", timeout)
 
-    async def node_state(self, name: str, via: str = "node1") -> str:
+    async def node_state(self, name: str, via: str | None = None) -> str:
         """The node's state as the API on ``via`` reports it ("http 503" while etcd elects)."""
         r = await self.call("GET", f"/v1/nodes/{name}", node=via)
         if r.status_code != 200:

@@ -88,3 +88,16 @@ async def test_a_node_that_loses_etcd_stops_its_vms_before_its_lease_expires(
     await kit.lab.wait_ready()
     back = await kit.wait_vm("fenced", "running")
     assert back["pid"] != pid
+
+
+async def test_an_operation_outlives_the_agent_that_must_carry_it_out(kit: LabKit) -> None:
+    kit.lab.kill_agent("node1")
+    r = await kit.call(
+        "POST", "/v1/vms", node="node2", json={"name": "later", "image": "tiny", "node": "node1"}
+    )
+    assert r.status_code == 202, r.text
+    op_id = r.json()["operation"]["id"]
+    kit.lab.start_agent("node1")
+    op = await kit.wait_op(op_id)
+    assert op["state"] == "succeeded" and "running on node1" in op["message"]
+    assert (await kit.vm("later"))["boots"] == 1

@@ -95,7 +95,7 @@ async def test_one_pass_spreads_new_vms_across_equal_nodes(store: MemoryStore) -
     assert all("placed on" in d for d in decisions)
 
 
-async def test_an_unplaceable_vm_is_marked_unschedulable_and_its_operation_fails(
+async def test_an_unplaceable_vm_waits_as_unschedulable_with_the_reason(
     store: MemoryStore,
 ) -> None:
     from aecp.model.operation import Operation
@@ -107,9 +107,12 @@ async def test_an_unplaceable_vm_is_marked_unschedulable_and_its_operation_fails
         keys.vm_spec("big"), vm("big", mem=4096).model_copy(update={"op_id": "op-1"}).dump()
     )
     decisions = await Scheduler(store).run_pass()
-    assert decisions == [f"big cannot be placed: {decisions[0].split(': ', 1)[1]}"]
+    assert decisions[0].startswith("big cannot be placed now: no node can run VM big")
     status = await read(store, keys.vm_status("big"), VMStatus)
     assert status is not None and status[0].state is VMState.UNSCHEDULABLE
     got = await read(store, keys.op("op-1"), Operation)
-    assert got is not None and got[0].state is OpState.FAILED
+    assert got is not None and got[0].state is OpState.RUNNING
+    assert "waiting for a node" in got[0].message and "n1: 1024 MiB free" in got[0].message
     assert await store.get(keys.vm_placement("big")) is None
+    await add_node(store, "n2", memory_mib=8192)
+    assert (await Scheduler(store).run_pass())[0].startswith("big placed on n2")

@@ -63,7 +63,8 @@ def list_images(output: OutputOpt = Format.TABLE) -> None:
 
 
 @app.command("delete")
-def delete(name: str) -> None:
+def delete(name: str, output: OutputOpt = Format.TABLE) -> None:
     """Delete an image no VM uses."""
     with client() as c:
         c.delete(f"/v1/images/{name}")
+    emit({"image": name, "deleted": True}, output)

@@ -6,7 +6,9 @@ first. Free memory is capacity minus the memory of every VM placed on the node (
 a VM's disk lives on its node, so its place is kept).
 
 ``Scheduler.run_pass`` is the control loop body run by the elected leader: read a snapshot,
-place every unplaced VM, return one sentence per decision.
+place every unplaced VM, return one sentence per decision. A VM that fits nowhere stays pending
+(state ``unschedulable``, its operation still running with the reason as its message) and is
+placed as soon as a node can take it — a pinned node coming back, memory freed by a delete.
 """
 
 from __future__ import annotations
@@ -126,5 +128,7 @@ class Scheduler:
                 state=VMState.UNSCHEDULABLE, message=reason, updated_at=self.clock.wall()
             )
             await self.store.put(keys.vm_status(spec.name), status.dump())
-            await update_op(self.store, spec.op_id, error=reason, clock=self.clock)
-        return f"{spec.name} cannot be placed: {reason}"
+            await update_op(
+                self.store, spec.op_id, message=f"waiting for a node: {reason}", clock=self.clock
+            )
+        return f"{spec.name} cannot be placed now: {reason}"

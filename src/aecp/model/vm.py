@@ -212,6 +212,6 @@ def observed_state(
         return VMState.PENDING
     if not node_alive:
         return VMState.UNKNOWN
-    if status is None:
+    if status is None or status.state is VMState.UNSCHEDULABLE:  # placed since
         return VMState.STARTING if spec.power is not Power.STOPPED else VMState.STOPPED
     return status.state

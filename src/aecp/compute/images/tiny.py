@@ -31,7 +31,7 @@ import lzma
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,8 +60,6 @@ MODULES: tuple[str, ...] = (
 )
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 DISK_MIB = 64
-#: Bump to force every cached image to be rebuilt when the build itself changes.
-FORMAT_VERSION = 1
 GUEST_DIR = Path(__file__).with_name("guest")
 BUILD_INFO_NAME = "aecp-build.json"
 
@@ -102,8 +100,6 @@ def recipe_digest() -> str:
     (guest files edited, module list changed...) is stale.
     """
     h = hashlib.sha256(Path(__file__).read_bytes())
-    meta = {"format": FORMAT_VERSION, "modules": MODULES, "cfg": syslinux_cfg(), "mib": DISK_MIB}
-    h.update(json.dumps(meta, sort_keys=True).encode())
     for path in sorted(p for p in GUEST_DIR.rglob("*") if p.is_file()):
         h.update(path.relative_to(GUEST_DIR).as_posix().encode() + b"\0")
         h.update(path.read_bytes() + b"\0")
@@ -119,7 +115,11 @@ def read_build_info(image: Path) -> dict[str, object] | None:
                 return None
     except OSError:
         return None
-    res = run(["mtype", "-i", str(image), f"::{BUILD_INFO_NAME}"], check=False, env=_MTOOLS_ENV)
+    argv = [_which("mtype"), "-i", str(image), f"::{BUILD_INFO_NAME}"]
+    try:
+        res = run(argv, check=False, env=_MTOOLS_ENV)
+    except OSError:
+        return None
     if res.returncode != 0:
         return None
     try:
@@ -213,19 +213,19 @@ def _kernel_deb(debs: Path, say: Progress) -> Path:
     try:
         name = resolve_kernel_package()
     except ImageError:
-        cached = sorted(debs.glob("linux-image-*-cloud-amd64_*.deb"))
-        if not cached:
+        cached = _newest(debs.glob("linux-image-*-cloud-amd64_*.deb"))
+        if cached is None:
             raise
-        say(f"apt cannot resolve the kernel; re-using {cached[-1].name}")
-        return cached[-1]
+        say(f"apt cannot resolve the kernel; re-using {cached.name}")
+        return cached
     return _fetch_deb(name, debs, say)
 
 
 def _fetch_deb(name: str, debs: Path, say: Progress) -> Path:
     """``debs/<name>_*.deb``, downloaded with ``apt-get download <name>`` unless already there."""
     pattern = f"{glob.escape(name)}_*.deb"
-    found = sorted(debs.glob(pattern))
-    if not found:
+    found = _newest(debs.glob(pattern))
+    if found is None:
         say(f"downloading {name}")
         try:
             run(["apt-get", "download", name], cwd=debs, timeout=900)
@@ -235,10 +235,15 @@ def _fetch_deb(name: str, debs: Path, say: Progress) -> Path:
                 package=name,
                 detail=str(e),
             ) from e
-        found = sorted(debs.glob(pattern))
-    if not found:
+        found = _newest(debs.glob(pattern))
+    if found is None:
         raise ImageError(f"apt-get download {name} produced no .deb in {debs}", package=name)
-    return found[-1]
+    return found
+
+
+def _newest(paths: Iterable[Path]) -> Path | None:
+    """The most recently downloaded of ``paths``, or None if there is none."""
+    return max(paths, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def _extract(deb: Path, into: Path) -> None:
@@ -305,7 +310,7 @@ def _visit_module(
         raise ImageError(f"kernel module {name!r} is missing or cyclic (via {stack})")
     out = dest / f"{name}.ko"
     _decompress_module(index[name], out)
-    depends = _tool([_which("modinfo"), "-F", "depends", str(out)]).strip()
+    depends = _tool(["modinfo", "-F", "depends", str(out)]).strip()
     for dep in filter(None, depends.split(",")):
         _visit_module(dep.replace("-", "_"), index, dest, order, [*stack, name])
     order.append(name)
