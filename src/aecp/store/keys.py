@@ -11,6 +11,10 @@
     /aecp/images/<image>               ImageRecord
     /aecp/ops/<op-id>                  Operation: a long-running request and its progress
     /aecp/leaders/<role>               the holder of a controller role (attached to its lease)
+    /aecp/abs/servers/<node>           StorageServer: a node's chunk/NBD addresses (on its lease)
+    /aecp/abs/volumes/<volume>         VolumeRecord: size, factor, extent table, epoch
+    /aecp/abs/extents/<extent>         ExtentRecord: valid replicas, generation, stale replicas
+    /aecp/abs/attach/<volume>          AttachRecord: the access point serving it (on its lease)
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ VMS = ROOT + "vms/"
 IMAGES = ROOT + "images/"
 OPS = ROOT + "ops/"
 LEADERS = ROOT + "leaders/"
+ABS_SERVERS = ROOT + "abs/servers/"
+ABS_VOLUMES = ROOT + "abs/volumes/"
+ABS_EXTENTS = ROOT + "abs/extents/"
+ABS_ATTACH = ROOT + "abs/attach/"
 
 
 def node(name: str) -> str:
@@ -74,3 +82,19 @@ def split_vm_key(key: str) -> tuple[str, str] | None:
 def last_segment(key: str, prefix: str) -> str:
     """The name after ``prefix`` in ``key`` (``/aecp/nodes/n1`` → ``n1``)."""
     return key[len(prefix) :]
+
+
+def abs_server(node: str) -> str:
+    return ABS_SERVERS + node
+
+
+def abs_volume(name: str) -> str:
+    return ABS_VOLUMES + name
+
+
+def abs_extent(extent_id: str) -> str:
+    return ABS_EXTENTS + extent_id
+
+
+def abs_attach(volume: str) -> str:
+    return ABS_ATTACH + volume

@@ -1,0 +1,2 @@
+"""Protocol front ends. Each sees only ``storage.blockdev.BlockDevice``; siblings do not import
+each other."""

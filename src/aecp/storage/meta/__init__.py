@@ -1,0 +1,1 @@
+"""Meta: volume and extent metadata (persisted in etcd), replica placement and generations."""

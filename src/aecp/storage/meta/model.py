@@ -1,0 +1,117 @@
+"""Stored ABS metadata: volumes (an ordered table of extent slots) and extents (replica sets with
+generations).
+
+A volume slot is ``None`` until the first write to it (thin). An extent's ``replicas`` are the
+*valid* replicas: every acknowledged write is on each of them. A replica dropped after a failure
+moves to ``stale`` with the generation it had missed from; the extent's ``generation`` is bumped
+whenever the valid set changes, so a stale replica can catch up by copying only the blocks
+modified at a later generation.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from pydantic import Field
+
+from aecp.common.errors import InvalidInput
+from aecp.model.base import Stored, check_name
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+DEFAULT_EXTENT_SIZE = 256 * MIB
+SECTOR = 512
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+class VolumeRecord(Stored):
+    """``/aecp/abs/volumes/<name>``."""
+
+    name: str
+    size: int
+    replicas: int
+    extent_size: int
+    extents: list[str | None] = Field(default_factory=list)
+    epoch: int = 0  # bumped by every attach; replicas reject older epochs
+    created_at: float = 0.0
+    deleting: bool = False
+
+    @property
+    def slots(self) -> int:
+        return len(self.extents)
+
+
+class ExtentRecord(Stored):
+    """``/aecp/abs/extents/<id>``."""
+
+    id: str
+    size: int
+    replicas: list[str]  # valid replicas (node names)
+    generation: int = 1
+    stale: dict[str, int] = Field(default_factory=dict)  # node -> generation it missed from
+    refs: int = 1  # volumes and snapshots whose tables name this extent
+
+
+class AttachRecord(Stored):
+    """``/aecp/abs/attach/<volume>``: who serves the volume, under which epoch (on a lease)."""
+
+    volume: str
+    node: str
+    epoch: int
+    at: float
+
+
+def new_extent_id() -> str:
+    return "ext-" + secrets.token_hex(8)
+
+
+def parse_size(field: str, value: str | int) -> int:
+    """``10G``, ``512M``, ``4096`` → bytes; ``InvalidInput`` naming ``field`` otherwise."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise InvalidInput(field, f"{value!r} is not a size (e.g. 10G, 512M, 1048576)")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def validate_volume(name: str, size: int, replicas: int, storage_nodes: int) -> None:
+    """``InvalidInput`` naming the first bad field of a new volume."""
+    check_name("name", name)
+    if size <= 0:
+        raise InvalidInput("size", f"must be positive, got {size}")
+    if size % SECTOR:
+        raise InvalidInput("size", f"must be a multiple of {SECTOR} bytes, got {size}")
+    if replicas not in (1, 2, 3):
+        raise InvalidInput("replicas", f"must be 1, 2 or 3, got {replicas}")
+    if replicas > storage_nodes:
+        raise InvalidInput(
+            "replicas",
+            f"{replicas} replicas need {replicas} storage nodes; the cluster has {storage_nodes}",
+        )
+
+
+def default_replicas(storage_nodes: int) -> int:
+    """The product's rule: factor 3 from 5 storage nodes, else 2 (1 on a single node)."""
+    if storage_nodes >= 5:
+        return 3
+    return min(2, max(1, storage_nodes))
+
+
+def slots_for(size: int, extent_size: int) -> int:
+    return (size + extent_size - 1) // extent_size
+
+
+class StorageServer(Stored):
+    """``/aecp/abs/servers/<node>``: a node's storage server, present while the node is alive."""
+
+    node: str
+    address: str
+    chunk_port: int
+    nbd_port: int
+    capacity_bytes: int
+    free_bytes: int
+    rack: str = ""
+    chassis: str = ""

@@ -1,0 +1,255 @@
+"""Meta operations over the cluster store. Every change is one etcd transaction guarded by the
+revisions it read (compare-and-swap), so concurrent callers on any node cannot corrupt the
+metadata: one wins, the others re-read and retry or get a clear error.
+
+Ordering rules (each caller follows them):
+- new extent: create its replicas on the chunk servers first, then ``commit_extent`` (a failed
+  commit deletes them again); an extent is never named in a volume before its replicas exist;
+- drop a replica: ``drop_replica`` (generation bump) before acknowledging the write that failed
+  on it, then re-issue that write to the remaining replicas under the new generation, so a
+  returning replica finds it among the blocks modified after the generation it missed from.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TypeVar
+
+from aecp.common.clock import SYSTEM_CLOCK, Clock
+from aecp.common.errors import AlreadyExists, Conflict, InvalidInput, InvalidState, NotFound
+from aecp.model.base import Stored, check_name
+from aecp.storage.meta.model import (
+    DEFAULT_EXTENT_SIZE,
+    AttachRecord,
+    ExtentRecord,
+    StorageServer,
+    VolumeRecord,
+    default_replicas,
+    slots_for,
+    validate_volume,
+)
+from aecp.store import keys
+from aecp.store.base import Compare, Delete, Lease, Put, Store
+from aecp.store.typed import read
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Stored)
+RETRIES = 8
+
+
+class MetaService:
+    """Volume and extent metadata for one cluster."""
+
+    def __init__(
+        self, store: Store, extent_size: int = DEFAULT_EXTENT_SIZE, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
+        self.store = store
+        self.extent_size = extent_size
+        self.clock = clock
+
+    # ---- reads -------------------------------------------------------------------------------
+    async def servers(self) -> dict[str, StorageServer]:
+        kvs = await self.store.list(keys.ABS_SERVERS)
+        return {s.node: s for s in (StorageServer.load(kv.value) for kv in kvs)}
+
+    async def volume(self, name: str) -> tuple[VolumeRecord, int]:
+        check_name("volume", name)
+        got = await read(self.store, keys.abs_volume(name), VolumeRecord)
+        if got is None:
+            raise NotFound(f"volume {name} does not exist", volume=name)
+        return got
+
+    async def volumes(self) -> list[VolumeRecord]:
+        return [VolumeRecord.load(kv.value) for kv in await self.store.list(keys.ABS_VOLUMES)]
+
+    async def extent(self, extent_id: str) -> tuple[ExtentRecord, int]:
+        got = await read(self.store, keys.abs_extent(extent_id), ExtentRecord)
+        if got is None:
+            raise NotFound(f"extent {extent_id} does not exist", extent=extent_id)
+        return got
+
+    async def extents(self) -> dict[str, ExtentRecord]:
+        kvs = await self.store.list(keys.ABS_EXTENTS)
+        return {e.id: e for e in (ExtentRecord.load(kv.value) for kv in kvs)}
+
+    async def attachment(self, volume: str) -> AttachRecord | None:
+        got = await read(self.store, keys.abs_attach(volume), AttachRecord)
+        return got[0] if got else None
+
+    # ---- volume lifecycle ----------------------------------------------------------------------
+    async def create_volume(
+        self, name: str, size: int, replicas: int | None = None, extent_size: int | None = None
+    ) -> VolumeRecord:
+        """Validate and store a new, empty (thin) volume."""
+        servers = await self.servers()
+        factor = replicas if replicas is not None else default_replicas(len(servers))
+        validate_volume(name, size, factor, len(servers))
+        esize = extent_size or self.extent_size
+        self._check_capacity(size, factor, servers)
+        vol = VolumeRecord(
+            name=name,
+            size=size,
+            replicas=factor,
+            extent_size=esize,
+            extents=[None] * slots_for(size, esize),
+            created_at=self.clock.wall(),
+        )
+        if not await self.store.create(keys.abs_volume(name), vol.dump()):
+            raise AlreadyExists(f"volume {name} already exists", field="name")
+        log.info("volume %s: created (%d bytes, %d replicas, thin)", name, size, factor)
+        return vol
+
+    @staticmethod
+    def _check_capacity(size: int, factor: int, servers: dict[str, StorageServer]) -> None:
+        capacity = sum(s.capacity_bytes for s in servers.values())
+        if size * factor > capacity:
+            raise InvalidInput(
+                "size",
+                f"{size} bytes x {factor} replicas exceed the cluster's storage "
+                f"capacity ({capacity} bytes)",
+            )
+
+    async def resize(self, name: str, size: int) -> VolumeRecord:
+        """Grow a volume; shrinking is refused."""
+        for _ in range(RETRIES):
+            vol, rev = await self.volume(name)
+            if size < vol.size:
+                raise InvalidInput("size", f"volumes only grow: {size} < current {vol.size}")
+            if size % 512:
+                raise InvalidInput("size", "must be a multiple of 512 bytes")
+            self._check_capacity(size - vol.size, vol.replicas, await self.servers())
+            slots = slots_for(size, vol.extent_size)
+            new = vol.model_copy(
+                update={"size": size, "extents": vol.extents + [None] * (slots - vol.slots)}
+            )
+            if await self.store.replace(keys.abs_volume(name), new.dump(), mod_revision=rev):
+                return new
+        raise Conflict(f"volume {name} keeps changing; try again")
+
+    async def delete_volume(self, name: str) -> list[ExtentRecord]:
+        """Remove a volume that nobody has attached; returns the extents no longer referenced
+        (their replicas are for the caller to delete)."""
+        for _ in range(RETRIES):
+            vol, rev = await self.volume(name)
+            if await self.attachment(name) is not None:
+                raise InvalidState(
+                    f"volume {name} is in use (attached); detach it first", volume=name
+                )
+            ops: list[Put | Delete] = [Delete(keys.abs_volume(name))]
+            cmp = [
+                Compare.unchanged(keys.abs_volume(name), rev),
+                Compare.absent(keys.abs_attach(name)),
+            ]
+            freed = []
+            for ext_id in {e for e in vol.extents if e}:
+                ext, erev = await self.extent(ext_id)
+                cmp.append(Compare.unchanged(keys.abs_extent(ext_id), erev))
+                if ext.refs <= 1:
+                    ops.append(Delete(keys.abs_extent(ext_id)))
+                    freed.append(ext)
+                else:
+                    ops.append(
+                        Put(
+                            keys.abs_extent(ext_id),
+                            ext.model_copy(update={"refs": ext.refs - 1}).dump(),
+                        )
+                    )
+            if await self.store.txn(cmp, ops):
+                log.info("volume %s: deleted, %d extents freed", name, len(freed))
+                return freed
+        raise Conflict(f"volume {name} keeps changing; try again")
+
+    # ---- attach (single writer) ------------------------------------------------------------
+    async def attach(
+        self, name: str, node: str, lease: Lease, takeover: bool = False
+    ) -> tuple[VolumeRecord, int]:
+        """Become the volume's access point under a new epoch (on ``lease``).
+
+        Refused (``InvalidState``) if another node holds it, unless ``takeover``: then the new
+        epoch fences the old access point (its replicas reject the older epoch).
+        """
+        for _ in range(RETRIES):
+            vol, rev = await self.volume(name)
+            current = await self.attachment(name)
+            if current and current.node != node and not takeover:
+                raise InvalidState(
+                    f"volume {name} is attached on {current.node}", volume=name, node=current.node
+                )
+            epoch = vol.epoch + 1
+            new = vol.model_copy(update={"epoch": epoch})
+            rec = AttachRecord(volume=name, node=node, epoch=epoch, at=self.clock.wall())
+            ok = await self.store.txn(
+                [Compare.unchanged(keys.abs_volume(name), rev)],
+                [
+                    Put(keys.abs_volume(name), new.dump()),
+                    Put(keys.abs_attach(name), rec.dump(), lease=lease),
+                ],
+            )
+            if ok:
+                log.info("volume %s: attached on %s with epoch %d", name, node, epoch)
+                return new, epoch
+        raise Conflict(f"volume {name} keeps changing; try again")
+
+    async def detach(self, name: str, node: str, epoch: int) -> None:
+        """Release the attachment if it is still ours (same node and epoch)."""
+        key = keys.abs_attach(name)
+        kv = await self.store.get(key)
+        if kv is None:
+            return
+        rec = AttachRecord.load(kv.value)
+        if rec.node == node and rec.epoch == epoch:
+            await self.store.delete(key, mod_revision=kv.mod_revision)
+
+    # ---- extents ---------------------------------------------------------------------------
+    async def commit_extent(self, volume: str, slot: int, ext: ExtentRecord) -> bool:
+        """Name the new extent ``ext`` (replicas already created) in ``volume``'s slot.
+        False if the slot was filled meanwhile (the caller deletes its replicas)."""
+        for _ in range(RETRIES):
+            vol, rev = await self.volume(volume)
+            if vol.extents[slot] is not None:
+                return False
+            table = list(vol.extents)
+            table[slot] = ext.id
+            ok = await self.store.txn(
+                [
+                    Compare.unchanged(keys.abs_volume(volume), rev),
+                    Compare.absent(keys.abs_extent(ext.id)),
+                ],
+                [
+                    Put(keys.abs_volume(volume), vol.model_copy(update={"extents": table}).dump()),
+                    Put(keys.abs_extent(ext.id), ext.dump()),
+                ],
+            )
+            if ok:
+                return True
+        raise Conflict(f"volume {volume} keeps changing; try again")
+
+    async def drop_replica(self, extent_id: str, node: str) -> ExtentRecord:
+        """Remove ``node`` from the valid replicas (it failed) and bump the generation."""
+        for _ in range(RETRIES):
+            ext, rev = await self.extent(extent_id)
+            if node not in ext.replicas:
+                return ext
+            if len(ext.replicas) == 1:
+                raise InvalidState(f"extent {extent_id}: cannot drop its last valid replica")
+            new = ext.model_copy(
+                update={
+                    "replicas": [r for r in ext.replicas if r != node],
+                    "stale": {**ext.stale, node: ext.generation},
+                    "generation": ext.generation + 1,
+                }
+            )
+            if await self.store.replace(keys.abs_extent(extent_id), new.dump(), mod_revision=rev):
+                log.warning(
+                    "extent %s: replica on %s dropped; generation %d -> %d; valid: %s",
+                    extent_id,
+                    node,
+                    ext.generation,
+                    new.generation,
+                    ", ".join(new.replicas),
+                )
+                return new
+        raise Conflict(f"extent {extent_id} keeps changing; try again")
+
+    async def update_extent(self, ext: ExtentRecord, rev: int) -> bool:
+        return await self.store.replace(keys.abs_extent(ext.id), ext.dump(), mod_revision=rev)
