@@ -18,6 +18,7 @@ from aecp.store.memory import MemoryStore
 from aecp.store.snapshot import read_snapshot
 from aecp.store.typed import read
 from tests.unit.conftest import add_node
+from tests.unit.localdisks import LocalDisks
 
 
 class World:
@@ -55,7 +56,7 @@ async def world(store: MemoryStore, clock: FakeClock, images_dir: Path, tmp_path
     await add_node(store, "n1")
     hv = FakeHypervisor()
     actions = VMActions(
-        "n1", "127.0.0.1", store, hv, tmp_path / "vms", images_dir, Accel.TCG, clock
+        "n1", "127.0.0.1", store, hv, LocalDisks(tmp_path / "vms"), images_dir, Accel.TCG, clock
     )
     return World(store, hv, Reconciler("n1", hv, actions, clock))
 

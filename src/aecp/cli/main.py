@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from aecp.cli import image, lab, node, ops, vm
+from aecp.cli import image, lab, node, ops, storage, vm, volume
 from aecp.cli.client import ApiError
 from aecp.cli.output import err_console
 from aecp.common.errors import AecpError
@@ -24,6 +24,8 @@ app.add_typer(vm.app, name="vm")
 app.add_typer(image.app, name="image")
 app.add_typer(lab.app, name="lab")
 app.add_typer(ops.app, name="operation")
+app.add_typer(volume.app, name="volume")
+app.add_typer(storage.app, name="storage")
 
 
 def main() -> None:

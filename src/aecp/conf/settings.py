@@ -53,6 +53,17 @@ class ApiSettings(BaseModel):
     port: int = Field(8700, ge=1, le=65535)
 
 
+class StorageSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    chunk_port: int = Field(8710, ge=1, le=65535, description="replica protocol port")
+    nbd_port: int = Field(10809, ge=1, le=65535, description="NBD export port")
+    extent_mib: int = Field(256, ge=1, le=4096, description="extent size of new volumes")
+    capacity_gib: int | None = Field(None, ge=1, description="space offered (default: disk)")
+    rack: str = ""
+    chassis: str = ""
+
+
 class NodeSettings(BaseModel):
     """Everything one node process needs."""
 
@@ -66,6 +77,7 @@ class NodeSettings(BaseModel):
     agent: AgentSettings = Field(default_factory=lambda: AgentSettings())
     compute: ComputeSettings = Field(default_factory=lambda: ComputeSettings())
     api: ApiSettings = Field(default_factory=lambda: ApiSettings())
+    storage: StorageSettings = Field(default_factory=lambda: StorageSettings())
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @property
@@ -79,6 +91,10 @@ class NodeSettings(BaseModel):
     @property
     def vm_dir(self) -> Path:
         return self.data_dir / "vms"
+
+    @property
+    def chunk_dir(self) -> Path:
+        return self.data_dir / "chunks"
 
 
 def load(path: Path) -> NodeSettings:

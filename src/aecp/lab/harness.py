@@ -32,6 +32,7 @@ from aecp.store import keys
 from aecp.store.etcd import EtcdStore
 
 ETCD_MEMBERS = 3
+NBD_PORT = 10809
 Progress = Callable[[str], None]
 
 
@@ -59,6 +60,8 @@ class LabSpec(BaseModel):
     node_memory_mib: int | None = None
     node_cpus: int | None = None
     cluster_name: str = "lab"
+    extent_mib: int = 64
+    storage: bool = True
 
     @field_validator("subnet")
     @classmethod
@@ -142,6 +145,16 @@ class Lab:
         argv = [sys.executable, "-m", "aecp", "node", "run", "--config", str(cfg)]
         return Daemon(argv, d / "agent.pid", d / "agent.log", marker=str(cfg))
 
+    def storage(self, name: str) -> Daemon:
+        d = self.node_dir(name)
+        cfg = d / "node.json"
+        argv = [sys.executable, "-m", "aecp", "storage", "run", "--config", str(cfg)]
+        return Daemon(argv, d / "storage.pid", d / "storage.log", marker=str(cfg))
+
+    def daemons(self, name: str) -> list[Daemon]:
+        """The node's processes other than QEMU and etcd: agent, then storage server."""
+        return [self.agent(name)] + ([self.storage(name)] if self.spec.storage else [])
+
     def qemu_pidfiles(self, name: str) -> dict[Path, str]:
         run = self.node_dir(name) / "data" / "run"
         return {pf: f"guest={pf.parent.name}" for pf in run.glob("*/qemu.pid")}
@@ -168,9 +181,10 @@ class Lab:
         await self._init_cluster(cluster.client_endpoints())
         for name in self.node_names:
             self._write_node_settings(name, image)
-        progress(f"starting {self.spec.nodes} node agents")
+        progress(f"starting {self.spec.nodes} nodes (agent and storage server each)")
         for name in self.node_names:
-            self.agent(name).start()
+            for d in self.daemons(name):
+                d.start()
         await self.wait_ready(progress)
         if image is not None:
             progress("importing the tiny image")
@@ -232,6 +246,7 @@ class Lab:
                 "probe_image": str(probe_image) if probe_image else None,
             },
             "api": {"port": self.spec.api_port},
+            "storage": {"extent_mib": self.spec.extent_mib},
         }
         (d / "node.json").write_text(json.dumps(s, indent=2))
 
@@ -245,8 +260,9 @@ class Lab:
                 progress("all nodes ready")
                 return
             for name in self.node_names:
-                if name not in ready and not self.agent(name).is_running():
-                    raise Unavailable(f"node agent {name} exited; see {self.agent(name).log_file}")
+                for d in self.daemons(name):
+                    if name not in ready and not d.is_running():
+                        raise Unavailable(f"{name}: a daemon exited; see {d.log_file}")
             await asyncio.sleep(0.3)
         missing = sorted(set(self.node_names) - ready)
         raise Unavailable(f"nodes not ready after {timeout:.0f}s: {', '.join(missing)}")
@@ -264,9 +280,21 @@ class Lab:
                 if r.status_code != 200:
                     continue
                 states = {n["name"]: n["state"] for n in r.json()}
-                if states.get(name) == "ready":
+                if states.get(name) == "ready" and await self._storage_ready(name):
                     ready.add(name)
         return ready
+
+    async def _storage_ready(self, name: str) -> bool:
+        """The node's NBD port accepts connections (or the lab runs no storage)."""
+        if not self.spec.storage:
+            return True
+        try:
+            _, writer = await asyncio.open_connection(self.spec.address(self.index(name)), NBD_PORT)
+        except OSError:
+            return False
+        writer.close()
+        await writer.wait_closed()
+        return True
 
     # ---- faults ----------------------------------------------------------------------------
     def kill_agent(self, name: str) -> None:
@@ -289,9 +317,18 @@ class Lab:
             raise InvalidInput("node", f"{name} runs no etcd member")
         member.start(self.etcd_cluster().initial_cluster())
 
+    def kill_storage(self, name: str) -> None:
+        """SIGKILL the node's storage server only."""
+        self.storage(name).kill()
+
+    def start_storage(self, name: str) -> None:
+        self.index(name)
+        self.storage(name).start()
+
     def kill_node(self, name: str) -> list[int]:
-        """A power loss: SIGKILL the agent, its VMs and its etcd member."""
-        self.kill_agent(name)
+        """A power loss: SIGKILL the agent, storage server, VMs and etcd member."""
+        for d in self.daemons(name):
+            d.kill()
         pids = kill_pidfiles(list(self.qemu_pidfiles(name)), self.qemu_pidfiles(name))
         member = self.etcd_member(name)
         if member is not None:
@@ -303,7 +340,8 @@ class Lab:
         member = self.etcd_member(name)
         if member is not None and not member.is_running():
             member.start(self.etcd_cluster().initial_cluster())
-        self.start_agent(name)
+        for d in self.daemons(name):
+            d.start()
 
     # ---- status and down -------------------------------------------------------------------
     def status(self) -> list[dict[str, object]]:
@@ -316,6 +354,7 @@ class Lab:
                     "address": self.spec.address(self.index(name)),
                     "api": self.api_url(name),
                     "agent_pid": self.agent(name).pid(),
+                    "storage_pid": self.storage(name).pid() if self.spec.storage else None,
                     "etcd_pid": member.pid() if member else None,
                     "etcd": member.client_address if member else "",
                     "vms_running": len([p for p in self.qemu_pidfiles(name) if _live(p)]),
@@ -327,7 +366,7 @@ class Lab:
         """Every live process this lab started (agents, QEMU, etcd)."""
         pids = []
         for name in self.node_names:
-            pids += [p for p in [self.agent(name).pid()] if p]
+            pids += [p for d in self.daemons(name) if (p := d.pid())]
             pids += [p for pf in self.qemu_pidfiles(name) if (p := _live(pf))]
         pids += [p for m in self.etcd_cluster().members if (p := m.pid())]
         return pids
@@ -336,7 +375,8 @@ class Lab:
         """Stop everything the lab started and remove its directory. Returns the pids stopped."""
         stopped = self.processes()
         for name in self.node_names:
-            self.agent(name).stop()
+            for d in self.daemons(name):
+                d.stop()
         for name in self.node_names:
             pf = self.qemu_pidfiles(name)
             kill_pidfiles(list(pf), pf)

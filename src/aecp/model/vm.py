@@ -137,6 +137,7 @@ class VMStatus(Stored):
     http_url: str = ""
     boots: int = 0
     reboot_seq: int = 0
+    disks_ready: bool = False  # the VM's volumes exist and the boot volume holds its image
     updated_at: float = 0.0
 
 

@@ -23,6 +23,7 @@ from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.election import Election
 from aecp.cluster.scheduler import Scheduler
 from aecp.cluster.service import ClusterService
+from aecp.cluster.volumes import VolumeService
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, StoreUnavailable
 from aecp.common.tasks import cancel, spawn
@@ -32,7 +33,11 @@ from aecp.model.node import NodeHeartbeat, NodeRecord
 from aecp.node import host
 from aecp.node.lease import LeaseKeeper
 from aecp.node.reconciler import Reconciler
+from aecp.node.vmdisks import VMDisks
 from aecp.node.vmops import VMActions
+from aecp.storage.meta.model import MIB
+from aecp.storage.meta.service import MetaService
+from aecp.storage.pool import ReplicaPool
 from aecp.store import keys
 from aecp.store.base import Lease, Store
 from aecp.store.snapshot import read_snapshot
@@ -60,15 +65,11 @@ class NodeAgent:
         self.clock = clock
         self.name = settings.name
         self.sampler = host.UsageSampler(settings.data_dir)
+        self.meta = MetaService(store, settings.storage.extent_mib * MIB, clock)
+        self.volume_pool = ReplicaPool(self.meta)
+        vmdisks = VMDisks(self.meta, self.volume_pool, settings.address, settings.storage.nbd_port)
         self.actions = VMActions(
-            settings.name,
-            settings.address,
-            store,
-            hv,
-            settings.vm_dir,
-            settings.images_dir,
-            accel,
-            clock,
+            settings.name, settings.address, store, hv, vmdisks, settings.images_dir, accel, clock
         )
         self.reconciler = Reconciler(settings.name, hv, self.actions, clock)
         self.keeper = LeaseKeeper(
@@ -115,13 +116,15 @@ class NodeAgent:
             await asyncio.sleep(0.2)
             await cancel(*tasks)
             await self.hv.close()
+            await self.volume_pool.close()
             log.info("node %s: agent stopped (VMs keep running)", self.name)
 
     def _api_server(self) -> uvicorn.Server:
         svc = ClusterService(self.store, self.s.images_dir, self.clock)
         ctx = NodeContext(self.name, self.s.api_url, self.s.run_dir)
+        volumes = VolumeService(self.meta, self.volume_pool)
         config = uvicorn.Config(
-            create_app(svc, ctx),
+            create_app(svc, ctx, volumes),
             host=self.s.address,
             port=self.s.api.port,
             log_level="warning",

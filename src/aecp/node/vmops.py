@@ -4,7 +4,6 @@ repaired by the next reconcile pass (it re-reads both sides)."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import socket
@@ -12,7 +11,6 @@ from pathlib import Path
 
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import ImageError
-from aecp.compute import disks
 from aecp.compute.hypervisor import (
     Accel,
     Hypervisor,
@@ -22,6 +20,7 @@ from aecp.compute.hypervisor import (
 )
 from aecp.model.image import ImageRecord
 from aecp.model.vm import Power, VMSpec, VMState, VMStatus
+from aecp.node.vmdisks import DiskProvider
 from aecp.store import keys
 from aecp.store.base import Compare, Delete, Put, Store
 from aecp.store.snapshot import VMEntry
@@ -41,7 +40,7 @@ class VMActions:
         address: str,
         store: Store,
         hv: Hypervisor,
-        vm_dir: Path,
+        disks: DiskProvider,
         images_dir: Path,
         accel: Accel,
         clock: Clock = SYSTEM_CLOCK,
@@ -50,7 +49,7 @@ class VMActions:
         self.address = address
         self.store = store
         self.hv = hv
-        self.vm_dir = vm_dir
+        self.disks = disks
         self.images_dir = images_dir
         self.accel = accel
         self.clock = clock
@@ -61,10 +60,13 @@ class VMActions:
     async def start(self, e: VMEntry) -> None:
         spec = e.spec
         await self._op(spec, 40, f"preparing disks on {self.node}")
-        image = await self._image(spec.image)
-        vm_disks = await asyncio.to_thread(
-            disks.prepare, self.vm_dir, spec.name, image[0], image[1], spec.data_disks_mib
-        )
+        last = self._last(e)
+        if last is not None and last.disks_ready:
+            vm_disks = self.disks.disks(spec)
+        else:
+            path, fmt, vsize = await self._image(spec.image)
+            vm_disks = await self.disks.prepare(spec, path, fmt, vsize)
+            await self._write(e, VMState.STARTING, disks_ready=True, message="disks ready")
         port = _free_port(self.address)
         inst = InstanceSpec(
             name=spec.name,
@@ -140,7 +142,7 @@ class VMActions:
     async def delete(self, e: VMEntry) -> None:
         name = e.spec.name
         await self.hv.poweroff(name)
-        await asyncio.to_thread(disks.remove, self.vm_dir, name)
+        await self.disks.remove(e.spec)
         await self.store.txn([], [Delete(keys.vm_prefix(name), prefix=True)])
         self._status.pop(name, None)
         await self._finish(e.spec, f"{name} deleted")
@@ -217,7 +219,7 @@ class VMActions:
         await self.store.put(keys.vm_status(e.spec.name), status.dump())
         self._status[e.spec.name] = status
 
-    async def _image(self, name: str) -> tuple[Path, str]:
+    async def _image(self, name: str) -> tuple[Path, str, int]:
         got = await read(self.store, keys.image(name), ImageRecord)
         if got is None:
             raise ImageError(f"image {name} no longer exists", image=name)
@@ -227,7 +229,7 @@ class VMActions:
             raise ImageError(
                 f"image {name} is missing or truncated on node {self.node}", image=name
             )
-        return path, record.format.value
+        return path, record.format.value, record.virtual_size
 
 
 def mac_for(uuid: str) -> str:

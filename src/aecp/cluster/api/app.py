@@ -11,8 +11,9 @@ from fastapi.responses import JSONResponse
 
 from aecp import __version__
 from aecp.cluster.api.deps import NodeContext, Service, authenticate
-from aecp.cluster.api.routes import console, images, nodes, operations, vms
+from aecp.cluster.api.routes import console, images, nodes, operations, vms, volumes
 from aecp.cluster.service import ClusterService
+from aecp.cluster.volumes import VolumeService
 from aecp.common.errors import AecpError, Unauthorized
 from aecp.model.cluster import ClusterInfo
 from aecp.store import keys
@@ -21,7 +22,9 @@ from aecp.store.typed import read
 log = logging.getLogger(__name__)
 
 
-def create_app(service: ClusterService, node: NodeContext) -> FastAPI:
+def create_app(
+    service: ClusterService, node: NodeContext, volume_service: VolumeService | None = None
+) -> FastAPI:
     """The API served by a node. Every route except ``/healthz`` needs the bearer token."""
     app = FastAPI(
         title="AECP cluster API",
@@ -30,8 +33,12 @@ def create_app(service: ClusterService, node: NodeContext) -> FastAPI:
     )
     app.state.service = service
     app.state.node = node
+    app.state.volumes = volume_service
     auth = [Depends(authenticate)]
-    for r in (nodes.router, vms.router, images.router, operations.router, console.router):
+    routers = [nodes.router, vms.router, images.router, operations.router, console.router]
+    if volume_service is not None:
+        routers += [volumes.router, volumes.storage_router]
+    for r in routers:
         app.include_router(r, dependencies=auth)
     app.include_router(console.ws_router)
     app.add_exception_handler(AecpError, _aecp_error)  # type: ignore[arg-type]

@@ -1,0 +1,40 @@
+"""``aecp storage``: the node's storage server (a daemon)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from aecp.cli.common import client
+from aecp.cli.output import Format, OutputOpt, emit
+
+app = typer.Typer(help="The ABS storage server of a node.", no_args_is_help=True)
+
+
+@app.command("run")
+def run(config: Annotated[Path, typer.Option(help="node settings (JSON)")]) -> None:
+    """Run this node's storage server: replicas and NBD exports (a daemon; SIGTERM stops it)."""
+    from aecp.conf.settings import load
+    from aecp.node.storage import run_storage
+
+    asyncio.run(run_storage(load(config)))
+
+
+@app.command("status")
+def status(output: OutputOpt = Format.TABLE) -> None:
+    """Storage servers, capacity, and how many extents are missing replicas."""
+    with client() as c:
+        st = c.get("/v1/storage")
+    if output is Format.JSON:
+        emit(st, output)
+        return
+    emit(
+        st["servers"],
+        output,
+        ["node", "address", "chunk_port", "nbd_port", "capacity_bytes", "free_bytes"],
+        title="storage servers",
+    )
+    emit({k: v for k, v in st.items() if k != "servers"}, output)

@@ -1,0 +1,104 @@
+"""``aecp volume``: ABS volumes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from aecp.cli.common import client
+from aecp.cli.output import Format, OutputOpt, emit
+
+app = typer.Typer(help="ABS volumes (replicated block storage).", no_args_is_help=True)
+COLS = [
+    "name",
+    "size",
+    "replicas",
+    "allocated_bytes",
+    "provisioned_bytes",
+    "extents_allocated",
+    "extents_total",
+    "attached_to",
+    "health",
+]
+
+
+@app.command("create")
+def create(
+    name: str,
+    size: Annotated[str, typer.Option(help="e.g. 10G, 512M")],
+    replicas: Annotated[int | None, typer.Option(help="1, 2 or 3 (default: by node count)")] = None,
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """Create a thin volume (space is used on first write)."""
+    with client() as c:
+        emit(
+            c.post("/v1/volumes", json={"name": name, "size": size, "replicas": replicas}),
+            output,
+            ["name", "size", "replicas", "extent_size"],
+        )
+
+
+@app.command("list")
+def list_volumes(output: OutputOpt = Format.TABLE) -> None:
+    """List volumes with allocated vs provisioned bytes and health."""
+    with client() as c:
+        emit(c.get("/v1/volumes"), output, COLS)
+
+
+@app.command("show")
+def show(name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Show a volume and the health of each allocated extent."""
+    with client() as c:
+        vol = c.get(f"/v1/volumes/{name}")
+        if output is Format.JSON:
+            emit(vol, output)
+            return
+        extents = vol.pop("extents")
+        emit(vol, output)
+        if extents:
+            emit(
+                extents,
+                output,
+                ["slot", "id", "replicas", "stale", "generation", "allocated_bytes", "healthy"],
+                title="extents",
+            )
+
+
+@app.command("resize")
+def resize(
+    name: str,
+    size: Annotated[str, typer.Option(help="new size (grow only)")],
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """Grow a volume."""
+    with client() as c:
+        emit(
+            c.post(f"/v1/volumes/{name}/resize", json={"size": size}),
+            output,
+            ["name", "size", "replicas"],
+        )
+
+
+@app.command("delete")
+def delete(name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Delete a volume nobody has attached."""
+    with client() as c:
+        c.delete(f"/v1/volumes/{name}")
+    emit({"volume": name, "deleted": True}, output)
+
+
+@app.command("export")
+def export(
+    name: str,
+    node: Annotated[str | None, typer.Option(help="serve via this node")] = None,
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """Print the nbd:// URI at which any NBD client reads and writes the volume."""
+    with client() as c:
+        params = {"node": node} if node else {}
+        uri = c.get(f"/v1/volumes/{name}/export", params=params)["uri"]
+    if output is Format.JSON:
+        emit({"uri": uri}, output)
+    else:
+        typer.echo(uri)

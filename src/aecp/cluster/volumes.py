@@ -1,0 +1,156 @@
+"""Volume requests (ABS) below the REST layer: Meta for metadata, the chunk servers for what the
+replicas hold (allocation, health) and for reclaiming the replicas of deleted volumes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pydantic import BaseModel
+
+from aecp.common.errors import NotFound
+from aecp.storage.chunk.errors import ChunkError
+from aecp.storage.meta.model import ExtentRecord, StorageServer, VolumeRecord, parse_size
+from aecp.storage.meta.service import MetaService
+from aecp.storage.pool import ReplicaPool
+
+log = logging.getLogger(__name__)
+
+
+class ExtentHealth(BaseModel):
+    slot: int
+    id: str
+    replicas: list[str]
+    stale: list[str]
+    generation: int
+    allocated_bytes: int
+    healthy: bool
+
+
+class VolumePublic(BaseModel):
+    name: str
+    size: int
+    replicas: int
+    extent_size: int
+    provisioned_bytes: int
+    allocated_bytes: int
+    extents_allocated: int
+    extents_total: int
+    attached_to: str | None
+    epoch: int
+    health: str
+    extents: list[ExtentHealth] = []
+
+
+class StorageStatus(BaseModel):
+    servers: list[StorageServer]
+    volumes: int
+    extents: int
+    degraded_extents: int
+    replicas_missing: int
+
+
+class VolumeCreate(BaseModel):
+    name: str
+    size: str | int
+    replicas: int | None = None
+
+
+class VolumeService:
+    def __init__(self, meta: MetaService, pool: ReplicaPool) -> None:
+        self.meta = meta
+        self.pool = pool
+
+    async def create(self, req: VolumeCreate) -> VolumeRecord:
+        return await self.meta.create_volume(req.name, parse_size("size", req.size), req.replicas)
+
+    async def show(self, name: str, detail: bool = True) -> VolumePublic:
+        vol, _ = await self.meta.volume(name)
+        att = await self.meta.attachment(name)
+        exts = await self.meta.extents()
+        healths = await asyncio.gather(
+            *(
+                self._health(slot, exts[x], vol.replicas)
+                for slot, x in enumerate(vol.extents)
+                if x and x in exts
+            )
+        )
+        degraded = any(not h.healthy for h in healths)
+        return VolumePublic(
+            name=vol.name,
+            size=vol.size,
+            replicas=vol.replicas,
+            extent_size=vol.extent_size,
+            provisioned_bytes=vol.size * vol.replicas,
+            allocated_bytes=sum(h.allocated_bytes for h in healths),
+            extents_allocated=len(healths),
+            extents_total=vol.slots,
+            attached_to=att.node if att else None,
+            epoch=vol.epoch,
+            health="degraded" if degraded else "healthy",
+            extents=list(healths) if detail else [],
+        )
+
+    async def _health(self, slot: int, ext: ExtentRecord, factor: int) -> ExtentHealth:
+        allocated = 0
+        for node in ext.replicas:
+            try:
+                allocated += (await (await self.pool.client(node)).stat(ext.id)).allocated_bytes
+            except ChunkError:
+                continue
+        return ExtentHealth(
+            slot=slot,
+            id=ext.id,
+            replicas=ext.replicas,
+            stale=sorted(ext.stale),
+            generation=ext.generation,
+            allocated_bytes=allocated,
+            healthy=len(ext.replicas) >= factor,
+        )
+
+    async def all(self) -> list[VolumePublic]:
+        vols = await self.meta.volumes()
+        return list(await asyncio.gather(*(self.show(v.name, detail=False) for v in vols)))
+
+    async def resize(self, name: str, size: str | int) -> VolumeRecord:
+        return await self.meta.resize(name, parse_size("size", size))
+
+    async def delete(self, name: str) -> list[str]:
+        """Delete the volume and reclaim the replicas of its unshared extents (best effort:
+        a replica on an unreachable node is left for the scrubber)."""
+        freed = await self.meta.delete_volume(name)
+        leftovers = []
+        for ext in freed:
+            for node in ext.replicas + list(ext.stale):
+                try:
+                    await (await self.pool.client(node)).delete(ext.id)
+                except ChunkError as exc:
+                    if "no replica" not in str(exc):
+                        leftovers.append(f"{ext.id}@{node}")
+        if leftovers:
+            log.warning("volume %s: replicas left to reclaim later: %s", name, ", ".join(leftovers))
+        return leftovers
+
+    async def status(self) -> StorageStatus:
+        servers = await self.meta.servers()
+        vols = await self.meta.volumes()
+        exts = await self.meta.extents()
+        factor = {x: v.replicas for v in vols for x in v.extents if x}
+        missing = {x: factor[x] - len(e.replicas) for x, e in exts.items() if x in factor}
+        return StorageStatus(
+            servers=sorted(servers.values(), key=lambda s: s.node),
+            volumes=len(vols),
+            extents=len(exts),
+            degraded_extents=sum(1 for m in missing.values() if m > 0),
+            replicas_missing=sum(m for m in missing.values() if m > 0),
+        )
+
+    async def export_uri(self, name: str, node: str | None) -> str:
+        await self.meta.volume(name)
+        servers = await self.meta.servers()
+        if not servers:
+            raise NotFound("no storage server is running")
+        srv = servers.get(node) if node else next(iter(sorted(servers.items())))[1]
+        if srv is None:
+            raise NotFound(f"node {node} runs no storage server", node=node)
+        return f"nbd://{srv.address}:{srv.nbd_port}/{name}"

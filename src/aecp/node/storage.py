@@ -1,0 +1,211 @@
+"""``aecp storage run``: a node's storage server — the local replica store served over the
+replica protocol, and every volume served over NBD through an access point on this node.
+
+The server registers ``/aecp/abs/servers/<node>`` on its own lease. Losing the lease (etcd
+unreachable) closes every export: their attachments vanished with the lease, so another access
+point may already have attached the volumes under a newer epoch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+from aecp.common import log as logsetup
+from aecp.common.clock import SYSTEM_CLOCK, Clock
+from aecp.common.errors import NotFound, Unavailable
+from aecp.conf.settings import NodeSettings
+from aecp.node.lease import LeaseKeeper
+from aecp.storage.access import VolumeDevice, open_volume
+from aecp.storage.blockdev import BlockDevice, Span
+from aecp.storage.chunk.server import ChunkServer
+from aecp.storage.chunk.store import ReplicaStore
+from aecp.storage.frontends.nbd.server import NbdServer
+from aecp.storage.meta.model import MIB, StorageServer
+from aecp.storage.meta.service import MetaService
+from aecp.storage.pool import ReplicaPool
+from aecp.store import keys
+from aecp.store.base import Lease, Store
+from aecp.store.etcd import EtcdStore
+
+log = logging.getLogger(__name__)
+
+
+class _Handle(BlockDevice):
+    """One NBD connection's view of a shared ``VolumeDevice``; closing it releases one
+    reference (the volume detaches when the last connection closes)."""
+
+    def __init__(self, daemon: StorageDaemon, name: str, dev: VolumeDevice) -> None:
+        self.daemon, self.name, self.dev = daemon, name, dev
+        self.size = dev.size
+        self._closed = False
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.dev.read(offset, length)
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        await self.dev.write(offset, data, fua)
+
+    async def flush(self) -> None:
+        await self.dev.flush()
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self.dev.trim(offset, length)
+
+    async def write_zeroes(
+        self, offset: int, length: int, fua: bool = False, may_trim: bool = True
+    ) -> None:
+        await self.dev.write_zeroes(offset, length, fua, may_trim)
+
+    async def block_status(self, offset: int, length: int) -> list[Span]:
+        return await self.dev.block_status(offset, length)
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self.daemon.release(self.name)
+
+
+class StorageDaemon:
+    """Chunk server + NBD server + access points of one node."""
+
+    def __init__(self, settings: NodeSettings, store: Store, clock: Clock = SYSTEM_CLOCK):
+        self.s = settings
+        self.store = store
+        self.clock = clock
+        self.node = settings.name
+        self.replicas = ReplicaStore(settings.chunk_dir)
+        self.meta = MetaService(store, settings.storage.extent_mib * MIB, clock)
+        self.pool = ReplicaPool(self.meta, self.node, self.replicas)
+        self.chunk = ChunkServer(self.replicas, settings.address, settings.storage.chunk_port)
+        self.nbd = NbdServer(
+            settings.address, settings.storage.nbd_port, self.open_export, self.list_exports
+        )
+        self.keeper = LeaseKeeper(
+            store,
+            settings.agent.lease_ttl,
+            settings.agent.fence_margin,
+            self._register,
+            self._lost,
+            clock,
+            node=f"{self.node}/storage",
+        )
+        self._exports: dict[str, tuple[VolumeDevice, int]] = {}
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        await self.chunk.start()
+        while not self.keeper.held():  # registered before the first client can connect
+            log.info("node %s/storage: %s", self.node, await self.keeper.step())
+            if not self.keeper.held():
+                await asyncio.sleep(1.0)
+        await self.nbd.start()
+        keeper = asyncio.create_task(self.keeper.run(), name=f"storage-lease-{self.node}")
+        log.info(
+            "node %s: storage server up: replicas on %s:%d, NBD on %s:%d",
+            self.node,
+            self.s.address,
+            self.s.storage.chunk_port,
+            self.s.address,
+            self.s.storage.nbd_port,
+        )
+        try:
+            await self._stop.wait()
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            await self.nbd.stop()
+            await self._close_exports()
+            await self.chunk.stop()
+            await self.pool.close()
+            await self.replicas.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _register(self, lease: Lease) -> None:
+        st = os.statvfs(self.s.chunk_dir)
+        capacity = (self.s.storage.capacity_gib or 0) << 30 or st.f_blocks * st.f_frsize
+        free = min(capacity, st.f_bavail * st.f_frsize)
+        rec = StorageServer(
+            node=self.node,
+            address=self.s.address,
+            chunk_port=self.s.storage.chunk_port,
+            nbd_port=self.s.storage.nbd_port,
+            capacity_bytes=capacity,
+            free_bytes=free,
+            rack=self.s.storage.rack,
+            chassis=self.s.storage.chassis,
+        )
+        await self.store.put(keys.abs_server(self.node), rec.dump(), lease=lease)
+
+    async def _lost(self, reason: str) -> None:
+        log.warning(
+            "node %s: storage lease lost (%s): closing %d exports",
+            self.node,
+            reason,
+            len(self._exports),
+        )
+        await self._close_exports()
+
+    async def _close_exports(self) -> None:
+        async with self._lock:
+            devs = [d for d, _ in self._exports.values()]
+            self._exports.clear()
+        for d in devs:
+            with contextlib.suppress(Exception):
+                await d.flush()
+                await d.close()
+
+    # ---- NBD exports ----------------------------------------------------------------------
+    async def list_exports(self) -> list[str]:
+        return sorted(v.name for v in await self.meta.volumes())
+
+    async def open_export(self, name: str) -> BlockDevice:
+        """A handle on volume ``name`` (attached here on first use). ``KeyError`` if unknown."""
+        lease = self.keeper.lease
+        if lease is None or not self.keeper.held():
+            raise Unavailable(f"node {self.node} holds no storage lease")
+        async with self._lock:
+            entry = self._exports.get(name)
+            if entry is None:
+                try:
+                    dev = await open_volume(self.meta, self.pool, self.node, name, lease)
+                except NotFound:
+                    raise KeyError(name) from None
+                entry = (dev, 0)
+            self._exports[name] = (entry[0], entry[1] + 1)
+            return _Handle(self, name, entry[0])
+
+    async def release(self, name: str) -> None:
+        async with self._lock:
+            entry = self._exports.get(name)
+            if entry is None:
+                return
+            dev, refs = entry
+            if refs > 1:
+                self._exports[name] = (dev, refs - 1)
+                return
+            del self._exports[name]
+        await dev.flush()
+        await dev.close()
+
+
+async def run_storage(settings: NodeSettings) -> None:
+    """Run the storage server until SIGTERM/SIGINT."""
+    logsetup.setup(settings.log_level)
+    settings.chunk_dir.mkdir(parents=True, exist_ok=True)
+    store = EtcdStore(settings.store.endpoints, timeout=settings.store.timeout)
+    daemon = StorageDaemon(settings, store)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop)
+    try:
+        await daemon.run()
+    finally:
+        await store.close()

@@ -1,0 +1,418 @@
+"""The access point: one attached volume as a ``BlockDevice``, over its extents' replicas.
+
+Write path: each piece of a write goes to every valid replica of its extent in parallel and is
+acknowledged only when all of them have it. A replica that cannot be reached is dropped from the
+valid set by Meta (generation bump) and the piece is written again, under the new generation, to
+the replicas left — so a returning replica finds it among the blocks modified after the
+generation it missed from. A replica answering ``StaleEpoch`` means a newer access point attached
+the volume: this one is fenced and fails every later request.
+
+Read path: the local replica first, then the others; a checksum failure is served from another
+replica and the bad sectors are repaired from the good data.
+
+Extents are allocated on the first write to their slot (thin): replicas created first, then
+committed to the volume's table (see ``meta.service`` for the ordering rules).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+from aecp.common.errors import AecpError, NoCapacity
+from aecp.storage.blockdev import (
+    Allocation,
+    BlockDevice,
+    BlockError,
+    Fenced,
+    NoSpace,
+    Span,
+    check_range,
+)
+from aecp.storage.chunk.api import ReplicaClient
+from aecp.storage.chunk.errors import (
+    ChecksumError,
+    ChunkError,
+    ChunkIOError,
+    ReplicaUnavailable,
+    StaleEpoch,
+)
+from aecp.storage.meta.model import ExtentRecord, VolumeRecord, new_extent_id
+from aecp.storage.meta.placement import StorageNode, place
+from aecp.storage.meta.service import MetaService
+from aecp.storage.pool import ReplicaPool
+from aecp.store.base import Lease
+
+log = logging.getLogger(__name__)
+SECTOR = 4096
+ReplicaOp = Callable[[ReplicaClient, ExtentRecord], Awaitable[object]]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The part of a request that falls in one extent slot."""
+
+    slot: int
+    offset: int  # inside the extent
+    length: int
+    at: int  # offset of the piece inside the request
+
+
+def split(offset: int, length: int, extent_size: int) -> Iterator[Piece]:
+    """Cut ``[offset, offset+length)`` at extent boundaries."""
+    at = 0
+    while at < length:
+        pos = offset + at
+        slot, inside = divmod(pos, extent_size)
+        n = min(length - at, extent_size - inside)
+        yield Piece(slot, inside, n, at)
+        at += n
+
+
+class VolumeDevice(BlockDevice):
+    """An attached volume. Create with ``open_volume``."""
+
+    def __init__(
+        self, meta: MetaService, pool: ReplicaPool, node: str, vol: VolumeRecord, epoch: int
+    ) -> None:
+        self.meta = meta
+        self.pool = pool
+        self.node = node
+        self.vol = vol
+        self.epoch = epoch
+        self.size = vol.size
+        self._extents: dict[str, ExtentRecord] = {}
+        self._slot_locks: dict[int, asyncio.Lock] = {}
+        self._dirty: set[str] = set()
+        self._fenced: str = ""
+
+    # ---- reads --------------------------------------------------------------------------
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check_live()
+        check_range(self, offset, length)
+        pieces = list(split(offset, length, self.vol.extent_size))
+        if len(pieces) == 1:
+            return await self._read_piece(pieces[0])
+        parts = await asyncio.gather(*(self._read_piece(p) for p in pieces))
+        return b"".join(parts)
+
+    async def _read_piece(self, p: Piece) -> bytes:
+        ext_id = self.vol.extents[p.slot]
+        if ext_id is None:
+            return bytes(p.length)
+        ext = await self._extent(ext_id)
+        bad: list[tuple[str, ChecksumError]] = []
+        for node in self._read_order(ext):
+            try:
+                data = await (await self.pool.client(node)).read(ext_id, p.offset, p.length)
+            except ChecksumError as exc:
+                log.warning(
+                    "volume %s: extent %s on %s failed its checksum: %s",
+                    self.vol.name,
+                    ext_id,
+                    node,
+                    exc,
+                )
+                bad.append((node, exc))
+                continue
+            except ReplicaUnavailable:
+                continue
+            if bad:
+                await self._repair(ext_id, node, bad)
+            return data
+        raise BlockError(f"volume {self.vol.name}: no replica of extent {ext_id} could be read")
+
+    def _read_order(self, ext: ExtentRecord) -> list[str]:
+        return sorted(ext.replicas, key=lambda n: n != self.node)
+
+    async def _repair(self, ext_id: str, good: str, bad: list[tuple[str, ChecksumError]]) -> None:
+        src = await self.pool.client(good)
+        for node, exc in bad:
+            sectors = exc.sectors
+            try:
+                dst = await self.pool.client(node)
+                for s in sectors:
+                    data = await src.read(ext_id, s * SECTOR, SECTOR)
+                    await dst.repair(ext_id, s * SECTOR, data)
+                await dst.flush(ext_id)
+                log.info(
+                    "volume %s: repaired %d sectors of extent %s on %s from %s",
+                    self.vol.name,
+                    len(sectors),
+                    ext_id,
+                    node,
+                    good,
+                )
+            except ChunkError as err:
+                log.error(
+                    "volume %s: repair of %s on %s failed: %s", self.vol.name, ext_id, node, err
+                )
+
+    # ---- writes -------------------------------------------------------------------------
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        self._check_live()
+        check_range(self, offset, len(data))
+        view = memoryview(data)
+        pieces = list(split(offset, len(data), self.vol.extent_size))
+
+        async def one(p: Piece) -> None:
+            chunk = view[p.at : p.at + p.length]
+            ext_id = await self._ensure_extent(p.slot)
+            await self._replicate(
+                ext_id,
+                lambda c, e: c.write(
+                    ext_id, p.offset, chunk, epoch=self.epoch, generation=e.generation, fua=fua
+                ),
+            )
+
+        if len(pieces) == 1:
+            await one(pieces[0])
+        else:
+            await asyncio.gather(*(one(p) for p in pieces))
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self._clear(offset, length)
+
+    async def write_zeroes(
+        self, offset: int, length: int, fua: bool = False, may_trim: bool = True
+    ) -> None:
+        await self._clear(offset, length)
+        if fua:
+            await self.flush()
+
+    async def _clear(self, offset: int, length: int) -> None:
+        self._check_live()
+        check_range(self, offset, length)
+        for p in split(offset, length, self.vol.extent_size):
+            ext_id = self.vol.extents[p.slot]
+            if ext_id is None:
+                continue  # never written: already zeros
+            await self._replicate(ext_id, self._trim_op(ext_id, p))
+
+    def _trim_op(self, ext_id: str, p: Piece) -> ReplicaOp:
+        def op(c: ReplicaClient, e: ExtentRecord) -> Awaitable[object]:
+            return c.trim(ext_id, p.offset, p.length, epoch=self.epoch, generation=e.generation)
+
+        return op
+
+    async def flush(self) -> None:
+        self._check_live()
+        dirty, self._dirty = self._dirty, set()
+        try:
+            await asyncio.gather(*(self._replicate(x, _flush_op(x), dirty=False) for x in dirty))
+        except BaseException:
+            self._dirty |= dirty
+            raise
+
+    async def _replicate(self, ext_id: str, op: ReplicaOp, dirty: bool = True) -> None:
+        """Run ``op`` on every valid replica; drop the unreachable ones and redo ``op`` on the
+        rest under the new generation. Raises ``Fenced`` on a stale epoch, ``BlockError`` if no
+        replica is left."""
+        if dirty:
+            self._dirty.add(ext_id)
+        while True:
+            ext = await self._extent(ext_id)
+            clients = [await self._client_or_none(n) for n in ext.replicas]
+            results = await asyncio.gather(
+                *(op(c, ext) if c else _unavailable() for c in clients), return_exceptions=True
+            )
+            failed = []
+            for node, res in zip(ext.replicas, results, strict=True):
+                if isinstance(res, StaleEpoch):
+                    self._fence(str(res))
+                elif isinstance(res, ReplicaUnavailable | ChunkIOError):
+                    failed.append(node)
+                elif isinstance(res, BaseException):
+                    raise _as_block_error(res)
+            if not failed:
+                return
+            if len(failed) == len(ext.replicas):
+                raise BlockError(
+                    f"volume {self.vol.name}: every replica of extent {ext_id} "
+                    f"is unreachable ({', '.join(failed)})"
+                )
+            for node in failed:
+                self._extents[ext_id] = await self.meta.drop_replica(ext_id, node)
+
+    async def _client_or_none(self, node: str) -> ReplicaClient | None:
+        try:
+            return await self.pool.client(node)
+        except ReplicaUnavailable:
+            return None
+
+    # ---- extent allocation ---------------------------------------------------------------
+    async def _extent(self, ext_id: str) -> ExtentRecord:
+        ext = self._extents.get(ext_id)
+        if ext is None:
+            ext, _ = await self.meta.extent(ext_id)
+            self._extents[ext_id] = ext
+        return ext
+
+    async def _ensure_extent(self, slot: int) -> str:
+        ext_id = self.vol.extents[slot]
+        if ext_id is not None:
+            return ext_id
+        lock = self._slot_locks.setdefault(slot, asyncio.Lock())
+        async with lock:
+            ext_id = self.vol.extents[slot]
+            if ext_id is None:
+                ext_id = await self._allocate(slot)
+        return ext_id
+
+    async def _allocate(self, slot: int) -> str:
+        """Create the replicas of a new extent for ``slot`` (skipping nodes that do not answer)
+        and commit it; returns the extent id now in the slot (ours or a concurrent one)."""
+        ext = await self._create_replicas()
+        if not await self.meta.commit_extent(self.vol.name, slot, ext):
+            clients = [await self.pool.client(n) for n in ext.replicas]
+            await asyncio.gather(*(c.delete(ext.id) for c in clients), return_exceptions=True)
+        self.vol, _ = await self.meta.volume(self.vol.name)
+        ext_id = self.vol.extents[slot]
+        assert ext_id is not None
+        log.info(
+            "volume %s: slot %d allocated as extent %s on %s",
+            self.vol.name,
+            slot,
+            ext_id,
+            ", ".join(ext.replicas),
+        )
+        return ext_id
+
+    async def _create_replicas(self) -> ExtentRecord:
+        """A full replica set for a new extent: new data always gets the volume's factor."""
+        excluded: list[str] = []
+        while True:
+            servers = await self.meta.servers()
+            nodes = [StorageNode(s.node, s.free_bytes, s.rack, s.chassis) for s in servers.values()]
+            try:
+                chosen = place(
+                    self.vol.replicas,
+                    nodes,
+                    self.vol.extent_size,
+                    prefer=self.node,
+                    exclude=excluded,
+                )
+            except NoCapacity as exc:
+                raise NoSpace(
+                    f"volume {self.vol.name}: cannot place a new extent: {exc.message}"
+                ) from None
+            ext = ExtentRecord(id=new_extent_id(), size=self.vol.extent_size, replicas=chosen)
+            results = await asyncio.gather(
+                *(self._create_on(n, ext) for n in chosen), return_exceptions=True
+            )
+            failed = [n for n, r in zip(chosen, results, strict=True) if r is not None]
+            if not failed:
+                return ext
+            excluded += failed
+            for n, r in zip(chosen, results, strict=True):
+                if r is None:
+                    await (await self.pool.client(n)).delete(ext.id)
+                elif not isinstance(r, ReplicaUnavailable | ChunkIOError):
+                    raise _as_block_error(r)
+
+    async def _create_on(self, node: str, ext: ExtentRecord) -> BaseException | None:
+        try:
+            client = await self.pool.client(node)
+            await client.create(ext.id, ext.size, epoch=self.epoch, generation=ext.generation)
+        except ChunkError as exc:
+            return exc
+        return None
+
+    # ---- status -------------------------------------------------------------------------
+    async def block_status(self, offset: int, length: int) -> list[Span]:
+        self._check_live()
+        check_range(self, offset, length)
+        p = next(split(offset, length, self.vol.extent_size))
+        ext_id = self.vol.extents[p.slot]
+        if ext_id is None:
+            return [Span(p.length, Allocation.HOLE | Allocation.ZERO)]
+        ext = await self._extent(ext_id)
+        runs: list[tuple[int, int, bool]] = []
+        for node in self._read_order(ext):
+            try:
+                runs = await (await self.pool.client(node)).allocation(ext_id)
+                break
+            except ReplicaUnavailable:
+                continue
+        return _clip(runs, p.offset, p.length)
+
+    # ---- fencing ------------------------------------------------------------------------
+    def _fence(self, why: str) -> None:
+        if not self._fenced:
+            log.warning(
+                "volume %s: access point on %s fenced (epoch %d): %s",
+                self.vol.name,
+                self.node,
+                self.epoch,
+                why,
+            )
+        self._fenced = why or "a newer access point attached the volume"
+        raise Fenced(f"volume {self.vol.name}: this access point was fenced: {self._fenced}")
+
+    def _check_live(self) -> None:
+        if self._fenced:
+            raise Fenced(f"volume {self.vol.name}: this access point was fenced: {self._fenced}")
+
+    async def fence_replicas(self) -> None:
+        """Claim every allocated extent for this epoch (older access points get StaleEpoch)."""
+        for ext_id in {x for x in self.vol.extents if x}:
+            await self._replicate(ext_id, _fence_op(ext_id, self.epoch), dirty=False)
+
+    async def close(self) -> None:
+        if not self._fenced:
+            await self.meta.detach(self.vol.name, self.node, self.epoch)
+
+
+async def open_volume(
+    meta: MetaService, pool: ReplicaPool, node: str, name: str, lease: Lease, takeover: bool = False
+) -> VolumeDevice:
+    """Attach ``name`` here under a new epoch, fence older access points, return the device."""
+    vol, epoch = await meta.attach(name, node, lease, takeover=takeover)
+    dev = VolumeDevice(meta, pool, node, vol, epoch)
+    try:
+        await dev.fence_replicas()
+    except BaseException:
+        await meta.detach(name, node, epoch)
+        raise
+    return dev
+
+
+def _clip(runs: list[tuple[int, int, bool]], offset: int, length: int) -> list[Span]:
+    spans: list[Span] = []
+    end = offset + length
+    for start, n, valid in runs:
+        lo, hi = max(start, offset), min(start + n, end)
+        if lo >= hi:
+            continue
+        flags = Allocation.DATA if valid else Allocation.HOLE | Allocation.ZERO
+        if spans and spans[-1].flags == flags:
+            spans[-1] = Span(spans[-1].length + hi - lo, flags)
+        else:
+            spans.append(Span(hi - lo, flags))
+    return spans or [Span(length, Allocation.HOLE | Allocation.ZERO)]
+
+
+def _flush_op(ext_id: str) -> ReplicaOp:
+    def op(c: ReplicaClient, e: ExtentRecord) -> Awaitable[object]:
+        return c.flush(ext_id)
+
+    return op
+
+
+def _fence_op(ext_id: str, epoch: int) -> ReplicaOp:
+    def op(c: ReplicaClient, e: ExtentRecord) -> Awaitable[object]:
+        return c.fence(ext_id, epoch)
+
+    return op
+
+
+async def _unavailable() -> None:
+    raise ReplicaUnavailable("-", "no storage server registered for the node")
+
+
+def _as_block_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, AecpError) and not isinstance(exc, BlockError):
+        return BlockError(f"replica error: {exc}")
+    return exc

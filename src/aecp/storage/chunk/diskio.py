@@ -1,0 +1,253 @@
+"""The blocking disk I/O of the replica store, run in ``IoPool`` worker threads.
+
+Each function touches only what it is given: file descriptors, buffers and copies of metadata.
+All metadata changes happen on the event-loop thread, when the job's result comes back.
+Mutating functions first append the INTENT records they are handed (see ``meta``), then write.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import zlib
+from array import array
+
+from aecp.storage.chunk.api import Buffer
+from aecp.storage.chunk.errors import ChecksumError
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _fallocate.restype = ctypes.c_int
+
+
+def pwrite_all(fd: int, data: Buffer, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def append_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def pread_full(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    return data if len(data) == length else data + bytes(length - len(data))
+
+
+def punch(fd: int, offset: int, length: int) -> None:
+    """Deallocate ``[offset, offset+length)``; it reads as zeros afterwards."""
+    if _fallocate is not None:
+        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+        if _fallocate(fd, mode, offset, length) == 0:
+            return
+    pwrite_all(fd, bytes(length), offset)  # no hole punching here: write zeros instead
+
+
+def sector_crcs(buf: Buffer, sector: int) -> array[int]:
+    view = memoryview(buf)
+    if len(view) == sector:
+        return array("I", (zlib.crc32(view),))
+    return array("I", [zlib.crc32(view[i : i + sector]) for i in range(0, len(view), sector)])
+
+
+def check_sectors(
+    raw: bytes, first: int, sector: int, bits: list[bool], crcs: array[int]
+) -> tuple[list[int], list[int]]:
+    """Verify the valid sectors of ``raw`` (sector ``first`` onwards): (bad sector indexes,
+    positions in ``raw`` of invalid sectors)."""
+    view = memoryview(raw)
+    bad: list[int] = []
+    holes: list[int] = []
+    for i, valid in enumerate(bits):
+        if not valid:
+            holes.append(i)
+        elif zlib.crc32(view[i * sector : (i + 1) * sector]) != crcs[i]:
+            bad.append(first + i)
+    return bad, holes
+
+
+def read_sectors(
+    extent_id: str,
+    fd: int,
+    offset: int,
+    length: int,
+    sector: int,
+    first: int,
+    bits: list[bool],
+    crcs: array[int],
+) -> bytes:
+    """``length`` bytes at ``offset``, reading whole sectors ``first ..`` (validity ``bits``,
+    checksums ``crcs``); invalid sectors read as zeros."""
+    start = first * sector
+    raw = pread_full(fd, len(bits) * sector, start)
+    bad, holes = check_sectors(raw, first, sector, bits, crcs)
+    if bad:
+        raise ChecksumError(extent_id, bad)
+    lo, hi = offset - start, offset - start + length
+    if holes:
+        buf = bytearray(raw)
+        zero = bytes(sector)
+        for i in holes:
+            buf[i * sector : (i + 1) * sector] = zero
+        with memoryview(buf) as view:
+            return bytes(view[lo:hi])
+    return raw if lo == 0 and hi == len(raw) else raw[lo:hi]
+
+
+def old_sector(
+    extent_id: str, fd: int, sector_no: int, sector: int, valid: bool, crc: int
+) -> bytes:
+    """The current content of one sector (zeros if invalid), verified."""
+    if not valid:
+        return bytes(sector)
+    data = pread_full(fd, sector, sector_no * sector)
+    if zlib.crc32(data) != crc:
+        raise ChecksumError(extent_id, [sector_no])
+    return data
+
+
+Partial = tuple[bool, int] | None  # (valid, crc) of a partially written sector
+
+
+def write_sectors(
+    journal_fd: int,
+    intents: bytes,
+    extent_id: str,
+    fd: int,
+    offset: int,
+    data: Buffer,
+    sector: int,
+    head: Partial,
+    tail: Partial,
+) -> array[int]:
+    """Write ``data`` at ``offset``, merging the partial first/last sectors with their old
+    content (``head``/``tail``: their validity and crc, None when fully covered); returns the
+    crcs of the sectors written. INTENT records go to the journal first."""
+    if intents:
+        append_all(journal_fd, intents)
+    first = offset // sector
+    start = first * sector
+    end = offset + len(data)
+    count = -(-end // sector) - first
+    buf: Buffer = data
+    if head is not None or tail is not None:
+        merged = bytearray(count * sector)
+        if head is not None:
+            merged[:sector] = old_sector(extent_id, fd, first, sector, *head)
+        if tail is not None:
+            last = first + count - 1
+            merged[-sector:] = old_sector(extent_id, fd, last, sector, *tail)
+        merged[offset - start : end - start] = data
+        buf = merged
+    pwrite_all(fd, buf, start)
+    return sector_crcs(buf, sector)
+
+
+def clear_sectors(
+    journal_fd: int,
+    intents: bytes,
+    extent_id: str,
+    fd: int,
+    sector: int,
+    partials: list[tuple[int, int, int, int]],
+    punch_ranges: list[tuple[int, int]],
+) -> list[tuple[int, array[int]]]:
+    """Trim: zero the partial sectors ``(sector_no, from, to, crc)`` (all valid), then punch
+    ``(offset, length)`` ranges. Returns the new crc of each partial sector."""
+    if intents:
+        append_all(journal_fd, intents)
+    out: list[tuple[int, array[int]]] = []
+    for sector_no, lo, hi, crc in partials:
+        buf = bytearray(old_sector(extent_id, fd, sector_no, sector, True, crc))
+        buf[lo:hi] = bytes(hi - lo)
+        pwrite_all(fd, buf, sector_no * sector)
+        out.append((sector_no, sector_crcs(buf, sector)))
+    for offset, length in punch_ranges:
+        punch(fd, offset, length)
+    return out
+
+
+def runs_of(bitmap: int, spb: int) -> list[tuple[int, int]]:
+    """``(first, count)`` runs of set bits."""
+    out: list[tuple[int, int]] = []
+    i = 0
+    while i < spb:
+        if bitmap >> i & 1:
+            j = i
+            while j < spb and bitmap >> j & 1:
+                j += 1
+            out.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def read_blocks(
+    extent_id: str,
+    fd: int,
+    offset: int,
+    block_size: int,
+    sector: int,
+    bitmaps: list[int],
+    crcs: array[int],
+) -> bytes:
+    """The valid sectors of the blocks from ``offset`` (``bitmaps``, ``crcs`` of those
+    blocks), verified and concatenated in order."""
+    spb = block_size // sector
+    out: list[memoryview] = []
+    bad: list[int] = []
+    for i, bitmap in enumerate(bitmaps):
+        if not bitmap:
+            continue
+        raw = pread_full(fd, block_size, offset + i * block_size)
+        bits = [bool(bitmap >> j & 1) for j in range(spb)]
+        first = (offset + i * block_size) // sector
+        bad += check_sectors(raw, first, sector, bits, crcs[i * spb : (i + 1) * spb])[0]
+        view = memoryview(raw)
+        out += [view[a * sector : (a + n) * sector] for a, n in runs_of(bitmap, spb)]
+    if bad:
+        raise ChecksumError(extent_id, bad)
+    return b"".join(out)
+
+
+def write_blocks(
+    journal_fd: int,
+    intents: bytes,
+    fd: int,
+    offset: int,
+    block_size: int,
+    sector: int,
+    bitmaps: tuple[int, ...],
+    old_bitmaps: list[int],
+    data: bytes,
+) -> list[array[int]]:
+    """Recovery copy: write the valid sectors (``data`` holds them in order) of each block and
+    punch blocks left empty; returns each block's crcs (0 for invalid sectors)."""
+    if intents:
+        append_all(journal_fd, intents)
+    spb = block_size // sector
+    view = memoryview(data)
+    pos = 0
+    result: list[array[int]] = []
+    for i, bitmap in enumerate(bitmaps):
+        base = offset + i * block_size
+        crcs = array("I", bytes(4 * spb))
+        if not bitmap and old_bitmaps[i]:
+            punch(fd, base, block_size)
+        for a, n in runs_of(bitmap, spb):
+            chunk = view[pos : pos + n * sector]
+            pwrite_all(fd, chunk, base + a * sector)
+            crcs[a : a + n] = sector_crcs(chunk, sector)
+            pos += n * sector
+        result.append(crcs)
+    return result

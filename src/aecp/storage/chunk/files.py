@@ -1,0 +1,183 @@
+"""The files of a replica and their life cycle: create, load (journal replay, crash recovery),
+persist (flush), compact, delete. Blocking; run on the replica's ``IoPool`` lane.
+
+Files (format in ``meta``): ``<id>.data`` (sparse, the extent's size), ``<id>.meta`` (the
+snapshot: its rename is the commit point of ``create``, its unlink that of ``delete``) and
+``<id>.jrnl`` (the journal). A ``.data`` file without ``.meta`` is debris of a crashed create or
+delete and is overwritten by the next create.
+
+Ordering: ``create`` writes data and journal before the snapshot; ``flush`` fsyncs data before
+appending the metadata that describes it; ``compact`` fsyncs data, replaces the snapshot, then
+resets the journal (a crash in between leaves a stale journal, ignored on load).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import zlib
+from pathlib import Path
+
+from aecp.storage.chunk.diskio import append_all, pread_full
+from aecp.storage.chunk.errors import ChunkInvalid, ExtentNotFound
+from aecp.storage.chunk.meta import ReplicaMeta
+from aecp.storage.chunk.replica import Replica
+
+_OPEN_FLAGS = os.O_RDWR | os.O_CLOEXEC
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_snapshot(path: Path, snapshot: bytes) -> None:
+    """Replace ``path`` atomically with ``snapshot`` (temp file, fsync, rename, dir fsync)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        append_all(fd, snapshot)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def create_files(rep: Replica) -> None:
+    """Create the files of the new replica ``rep`` and open them."""
+    rep.data_path.parent.mkdir(parents=True, exist_ok=True)
+    meta = rep.meta
+    try:
+        rep.data_fd = os.open(rep.data_path, _OPEN_FLAGS | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(rep.data_fd, meta.size)
+        rep.journal_fd = os.open(
+            rep.journal_path, _OPEN_FLAGS | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600
+        )
+        append_all(rep.journal_fd, meta.journal_header())
+        os.fsync(rep.data_fd)
+        os.fsync(rep.journal_fd)
+        write_snapshot(rep.meta_path, meta.encode_snapshot())
+    except BaseException:
+        close_files(rep)
+        raise
+
+
+def load_files(
+    root: Path, extent_id: str, block_size: int, sector: int, lane: int
+) -> tuple[Replica, int]:
+    """Open an existing replica: snapshot, journal replay, and after a crash re-verification
+    of the blocks named by INTENT records. Returns it and the number of sectors whose checksum
+    was adopted from disk (0 after a clean close)."""
+    try:
+        snapshot = (root / f"{extent_id}.meta").read_bytes()
+    except FileNotFoundError:
+        raise ExtentNotFound(extent_id) from None
+    meta = ReplicaMeta.decode_snapshot(snapshot)
+    if (meta.block_size, meta.sector) != (block_size, sector):
+        raise ChunkInvalid(
+            f"extent {extent_id} has blocks of {meta.block_size}/{meta.sector} bytes, "
+            f"this store uses {block_size}/{sector}"
+        )
+    rep = Replica(root, extent_id, meta, lane)
+    try:
+        rep.data_fd = os.open(rep.data_path, _OPEN_FLAGS)
+        rep.journal_fd = os.open(rep.journal_path, _OPEN_FLAGS | os.O_CREAT | os.O_APPEND, 0o600)
+        suspects = _replay(rep)
+        adopted = _adopt(rep, suspects)
+        if suspects:
+            meta.serial += 1
+            compact_files(rep, meta.encode_snapshot(), meta.journal_header())
+            rep.touched.clear()
+            rep.journal_size = 0
+        return rep, adopted
+    except BaseException:
+        close_files(rep)
+        raise
+
+
+def _replay(rep: Replica) -> set[int]:
+    """Apply the journal to ``rep.meta``; cut a torn tail; reset a stale journal."""
+    size = os.fstat(rep.journal_fd).st_size
+    journal = pread_full(rep.journal_fd, size, 0)
+    replayed = rep.meta.replay(journal)
+    if replayed is None:
+        reset_journal(rep.journal_fd, rep.meta.journal_header())
+        return set()
+    good, suspects = replayed
+    if good < size:
+        os.ftruncate(rep.journal_fd, good)
+        os.fsync(rep.journal_fd)
+    rep.journal_size = good - len(rep.meta.journal_header())
+    rep.touched = set(suspects)
+    return suspects
+
+
+def _adopt(rep: Replica, suspects: set[int]) -> int:
+    """Take the checksums of what is on disk for the valid sectors of ``suspects``."""
+    meta, adopted = rep.meta, 0
+    sec, spb = meta.sector, meta.spb
+    for block in sorted(suspects):
+        bitmap = meta.bitmaps[block]
+        if not bitmap:
+            continue
+        raw = memoryview(pread_full(rep.data_fd, meta.block_size, block * meta.block_size))
+        for i in range(spb):
+            if bitmap >> i & 1:
+                crc = zlib.crc32(raw[i * sec : (i + 1) * sec])
+                if crc != meta.crcs[block * spb + i]:
+                    meta.crcs[block * spb + i] = crc
+                    adopted += 1
+    return adopted
+
+
+def reset_journal(journal_fd: int, header: bytes) -> None:
+    os.ftruncate(journal_fd, 0)
+    append_all(journal_fd, header)
+    os.fdatasync(journal_fd)
+
+
+def flush_files(data_fd: int, journal_fd: int, records: bytes, sync_data: bool) -> None:
+    """Make data durable, then append ``records`` to the journal and make them durable."""
+    if sync_data:
+        os.fdatasync(data_fd)
+    if records:
+        append_all(journal_fd, records)
+        os.fdatasync(journal_fd)
+
+
+def compact_files(rep: Replica, snapshot: bytes, header: bytes) -> None:
+    """Data fsync, new snapshot (atomically), then an empty journal of the new serial."""
+    os.fdatasync(rep.data_fd)
+    write_snapshot(rep.meta_path, snapshot)
+    reset_journal(rep.journal_fd, header)
+
+
+def close_files(rep: Replica) -> None:
+    for fd in (rep.data_fd, rep.journal_fd):
+        if fd >= 0:
+            os.close(fd)
+    rep.data_fd = rep.journal_fd = -1
+
+
+def delete_files(rep: Replica) -> None:
+    """Close and remove the replica's files; the snapshot goes first (the commit point)."""
+    close_files(rep)
+    rep.meta_path.unlink(missing_ok=True)
+    for path in (rep.journal_path, rep.data_path, rep.meta_path.with_suffix(".meta.tmp")):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    fsync_dir(rep.meta_path.parent)
+
+
+def list_ids(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    return sorted(p.name[: -len(".meta")] for p in root.glob("*.meta"))
+
+
+def meta_exists(root: Path, extent_id: str) -> bool:
+    return (root / f"{extent_id}.meta").exists()

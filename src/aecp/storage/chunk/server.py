@@ -1,0 +1,297 @@
+"""The chunk server: a node's ``ReplicaStore`` served over the replica protocol (``wire``).
+
+Three pieces: the codec (``wire.RequestDecoder``), the session (``_Session``: one connection,
+a small state machine OPEN -> CLOSED), and the handler (``_Handler``: one request -> one store
+call -> one response). A session runs up to ``max_inflight`` requests of its connection at once
+and answers each as it finishes (out of order); beyond that it stops reading the socket until
+requests finish. Responses produced in one event-loop iteration leave in one ``send``.
+
+A malformed frame closes the connection (logged); an error of one request is answered with its
+status code and the connection goes on. ``stop`` closes every connection and cancels the
+requests in flight (their clients see ``ReplicaUnavailable``); it does not close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aecp.storage.chunk import wire
+from aecp.storage.chunk.api import Buffer
+from aecp.storage.chunk.errors import ChunkError, ChunkInvalid, ChunkProtocolError
+from aecp.storage.chunk.store import ReplicaStore
+from aecp.storage.chunk.wire import MAX_DATA, MAX_PAYLOAD, Op, Request, Status
+
+log = logging.getLogger(__name__)
+
+
+class ChunkServer:
+    """Serves ``store`` on ``host:port`` (port 0: any free port, see ``port`` after start)."""
+
+    def __init__(
+        self, store: ReplicaStore, host: str, port: int = 0, *, max_inflight: int = 256
+    ) -> None:
+        self.host = host
+        self._port = port
+        self._handler = _Handler(store)
+        self._max_inflight = max_inflight
+        self._server: asyncio.Server | None = None
+        self._sessions: set[_Session] = set()
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the real one once started)."""
+        return self._port
+
+    async def start(self) -> None:
+        """Listen; raises ``OSError`` if the address cannot be bound."""
+        if self._server is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._session, self.host, self._port)
+        self._port = self._server.sockets[0].getsockname()[1]
+        log.info("chunk server listening on %s:%d", self.host, self._port)
+
+    async def stop(self) -> None:
+        """Stop listening, drop every connection and cancel its requests (idempotent)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        sessions = list(self._sessions)
+        for session in sessions:
+            session.abort("server stopping")
+        await asyncio.gather(*(s.wait_closed() for s in sessions))
+        await server.wait_closed()
+        log.info("chunk server on %s:%d stopped", self.host, self._port)
+
+    def _session(self) -> _Session:
+        return _Session(self._handler, self._max_inflight, self._sessions)
+
+
+class SessionState(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _Session(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, handler: _Handler, max_inflight: int, registry: set[_Session]) -> None:
+        self.state = SessionState.OPEN
+        self._handler = handler
+        self._max = max_inflight
+        self._registry = registry
+        self._decoder = wire.RequestDecoder()
+        self._transport: asyncio.Transport | None = None
+        self._peer = "?"
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._backlog: collections.deque[Request] = collections.deque()
+        self._out: list[Buffer] = []
+        self._reading_paused = False
+        self._writing_paused = False
+        self._closed: asyncio.Future[None] | None = None
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._closed = asyncio.get_running_loop().create_future()
+        peer = transport.get_extra_info("peername")
+        self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._registry.add(self)
+        log.info("chunk server: connection from %s", self._peer)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            requests = self._decoder.feed(data)
+        except ChunkProtocolError as e:
+            self.abort(f"protocol error: {e}")
+            return
+        for request in requests:
+            if len(self._tasks) < self._max:
+                self._start(request)
+            else:
+                self._backlog.append(request)
+        self._update_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = SessionState.CLOSED
+        self._registry.discard(self)
+        self._backlog.clear()
+        for task in self._tasks:
+            task.cancel()
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        log.info("chunk server: connection from %s closed%s", self._peer, f": {exc}" if exc else "")
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    # --- session -------------------------------------------------------------------------
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once (its requests are cancelled)."""
+        if self.state is SessionState.OPEN and self._transport is not None:
+            log.warning("chunk server: dropping connection from %s: %s", self._peer, reason)
+            self._transport.abort()
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed and its requests have ended."""
+        if self._closed is not None:
+            await self._closed
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _start(self, request: Request) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self.state is SessionState.OPEN:
+            while self._backlog and len(self._tasks) < self._max:
+                self._start(self._backlog.popleft())
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or self.state is not SessionState.OPEN:
+            return
+        pause = self._writing_paused or len(self._backlog) >= self._max
+        if pause != self._reading_paused:
+            self._reading_paused = pause
+            (transport.pause_reading if pause else transport.resume_reading)()
+
+    async def _serve(self, request: Request) -> None:
+        status, payload = await self._handler.handle(request)
+        self._send(wire.encode_response(request.op, status, request.request_id, payload))
+
+    def _send(self, buffers: list[Buffer]) -> None:
+        if self.state is not SessionState.OPEN:
+            return
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush_out)
+        self._out += buffers
+
+    def _flush_out(self) -> None:
+        out, self._out = self._out, []
+        if self.state is SessionState.OPEN and self._transport is not None and out:
+            self._transport.writelines(out)
+
+
+class _Handler:
+    """One request in, one store call, (status, payload) out."""
+
+    def __init__(self, store: ReplicaStore) -> None:
+        self.store = store
+        self._ops: dict[Op, Callable[[Request], Awaitable[bytes]]] = {
+            op: getattr(self, f"_{op.name.lower()}") for op in Op
+        }
+
+    async def handle(self, request: Request) -> tuple[Status, bytes]:
+        try:
+            return Status.OK, await self._ops[request.op](request)
+        except ChunkProtocolError as e:
+            return wire.encode_error(ChunkInvalid(f"malformed payload: {e}"))
+        except ChunkError as e:
+            return wire.encode_error(e)
+        except Exception as e:
+            log.exception("chunk server: %s on %s failed", request.op.name, request.extent_id)
+            return wire.encode_error(ChunkError(f"internal error: {e!r}"))
+
+    async def _ping(self, r: Request) -> bytes:
+        return b""
+
+    async def _create(self, r: Request) -> bytes:
+        await self.store.create(r.extent_id, r.length, epoch=r.epoch, generation=r.generation)
+        return b""
+
+    async def _delete(self, r: Request) -> bytes:
+        await self.store.delete(r.extent_id)
+        return b""
+
+    async def _stat(self, r: Request) -> bytes:
+        return wire.encode_stat(await self.store.stat(r.extent_id))
+
+    async def _list(self, r: Request) -> bytes:
+        return wire.encode_ids(await self.store.list_extents())
+
+    async def _write(self, r: Request) -> bytes:
+        fua = bool(r.flags & wire.FLAG_FUA)
+        await self.store.write(
+            r.extent_id, r.offset, r.payload, epoch=r.epoch, generation=r.generation, fua=fua
+        )
+        return b""
+
+    async def _read(self, r: Request) -> bytes:
+        _check_length(r.length)
+        return await self.store.read(r.extent_id, r.offset, r.length)
+
+    async def _trim(self, r: Request) -> bytes:
+        await self.store.trim(r.extent_id, r.offset, r.length, **_versions(r))
+        return b""
+
+    async def _zero(self, r: Request) -> bytes:
+        await self.store.write_zeroes(r.extent_id, r.offset, r.length, **_versions(r))
+        return b""
+
+    async def _flush(self, r: Request) -> bytes:
+        await self.store.flush(r.extent_id or None)
+        return b""
+
+    async def _fence(self, r: Request) -> bytes:
+        return wire.encode_u64(await self.store.fence(r.extent_id, r.epoch))
+
+    async def _set_gen(self, r: Request) -> bytes:
+        await self.store.set_generation(r.extent_id, r.generation)
+        return b""
+
+    async def _modified_since(self, r: Request) -> bytes:
+        return _bounded(
+            wire.encode_ranges(await self.store.modified_since(r.extent_id, r.generation))
+        )
+
+    async def _allocation(self, r: Request) -> bytes:
+        return _bounded(wire.encode_runs(await self.store.allocation(r.extent_id)))
+
+    async def _read_raw(self, r: Request) -> bytes:
+        _check_length(r.length)
+        return wire.encode_raw(await self.store.read_raw(r.extent_id, r.offset, r.length))
+
+    async def _write_raw(self, r: Request) -> bytes:
+        await self.store.write_raw(r.extent_id, wire.decode_raw(r.payload))
+        return b""
+
+    async def _scrub(self, r: Request) -> bytes:
+        return _bounded(wire.encode_sectors(await self.store.scrub(r.extent_id)))
+
+    async def _repair(self, r: Request) -> bytes:
+        await self.store.repair(r.extent_id, r.offset, r.payload)
+        return b""
+
+
+def _versions(r: Request) -> dict[str, Any]:
+    return {"epoch": r.epoch, "generation": r.generation}
+
+
+def _check_length(length: int) -> None:
+    if length > MAX_DATA:
+        raise ChunkInvalid(f"{length} bytes is more than one request may read ({MAX_DATA})")
+
+
+def _bounded(payload: bytes) -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ChunkInvalid("the answer is larger than the replica protocol allows")
+    return payload

@@ -1,0 +1,519 @@
+"""The local replica store of one node: ``ReplicaStore``.
+
+Semantics are those of ``api.ReplicaClient`` (the spec); this module owns how they are carried
+out. Files and their formats: ``files`` and ``meta``. Blocking I/O runs in an ``IoPool``; the
+metadata tables are changed only on the event-loop thread, in the completion callback of the job
+that did the I/O, so a cancelled request never leaves metadata and data out of step.
+
+Request ordering per replica:
+1. validate (``ChunkInvalid``, nothing changed);
+2. take the block locks (mutations exclusive, reads shared; arrival order where they overlap);
+3. check the epoch (``StaleEpoch``, nothing changed; a newer epoch is persisted first);
+4. one I/O job (INTENT records, then data); its completion applies metadata, then unlocks.
+
+Durability: mutations change data in the page cache and metadata in memory; ``flush`` (and
+``fua``) fsyncs data, then appends the changed metadata to the journal and fsyncs it. A journal
+that outgrew the snapshot is compacted at flush time under an all-blocks lock. ``close`` compacts.
+A failed data write or fsync marks the replica *failed*: later mutations and flushes raise
+``ChunkIOError`` (reads still work) until the replica is re-created from a peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aecp.storage.chunk import files
+from aecp.storage.chunk.api import Buffer, RawBlocks, ReplicaStat
+from aecp.storage.chunk.diskio import read_blocks, write_blocks, write_sectors
+from aecp.storage.chunk.errors import (
+    ChecksumError,
+    ChunkError,
+    ChunkInvalid,
+    ChunkIOError,
+    ExtentExists,
+    ExtentNotFound,
+    StaleEpoch,
+)
+from aecp.storage.chunk.iopool import IoPool
+from aecp.storage.chunk.meta import ReplicaMeta
+from aecp.storage.chunk.replica import (
+    Job,
+    Replica,
+    check_id,
+    check_range,
+    check_raw,
+    check_u64,
+    plan_read,
+    plan_trim,
+    plan_write,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_EXTENT_SIZE = 64 << 30
+SCRUB_BLOCKS = 16
+
+
+class ReplicaStore:
+    """The replicas of one node under ``root``. Use from one event loop; ``close`` when done."""
+
+    def __init__(
+        self, root: Path, *, block_size: int = 256 * 1024, sector: int = 4096, threads: int = 4
+    ) -> None:
+        if sector < 512 or sector & (sector - 1) or block_size % sector:
+            raise ChunkInvalid(f"bad geometry: blocks of {block_size}, sectors of {sector}")
+        if not 1 <= block_size // sector <= 64:
+            raise ChunkInvalid("a block holds 1 to 64 sectors")
+        self.root = Path(root)
+        self.block_size = block_size
+        self.sector = sector
+        self._pool = IoPool(threads, lanes=max(1, threads // 2))
+        self._replicas: dict[str, Replica] = {}
+        self._namespace = asyncio.Lock()
+        self._closed = False
+
+    async def __aenter__(self) -> ReplicaStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- replicas ------------------------------------------------------------------------
+
+    async def create(
+        self, extent_id: str, size: int, *, epoch: int = 0, generation: int = 0
+    ) -> None:
+        check_id(extent_id)
+        check_u64(epoch=epoch, generation=generation)
+        if not 0 < size <= MAX_EXTENT_SIZE or size % self.block_size:
+            raise ChunkInvalid(f"extent size {size} is not a positive multiple of the block size")
+        async with self._namespace:
+            try:
+                rep = await self._load(extent_id)
+            except ExtentNotFound:
+                pass
+            else:
+                if rep.meta.size != size:
+                    raise ExtentExists(extent_id, f"exists with size {rep.meta.size}, not {size}")
+                return
+            meta = ReplicaMeta(size, self.block_size, self.sector, epoch, generation)
+            rep = Replica(self.root, extent_id, meta, self._lane(extent_id))
+
+            def register(_: object, exc: BaseException | None) -> None:
+                if exc is None:
+                    self._replicas[extent_id] = rep
+
+            await self._run(files.create_files, rep, lane=rep.lane, done=register)
+        log.info("replica %s created (%d bytes, epoch %d)", extent_id, size, epoch)
+
+    async def delete(self, extent_id: str) -> None:
+        check_id(extent_id)
+        async with self._namespace:
+            rep = await self._load(extent_id)
+            rep.deleted = True
+            await rep.locks.drain()
+            self._replicas.pop(extent_id, None)
+            await self._run(files.delete_files, rep, lane=rep.lane)
+        log.info("replica %s deleted", extent_id)
+
+    async def exists(self, extent_id: str) -> bool:
+        check_id(extent_id)
+        rep = self._replicas.get(extent_id)
+        if rep is not None:
+            return not rep.deleted
+        return await self._run(files.meta_exists, self.root, extent_id)
+
+    async def list_extents(self) -> list[str]:
+        self._check_open()
+        ids = await self._run(files.list_ids, self.root)
+        return [i for i in ids if not ((r := self._replicas.get(i)) and r.deleted)]
+
+    async def stat(self, extent_id: str) -> ReplicaStat:
+        meta = (await self._get(extent_id)).meta
+        return ReplicaStat(
+            size=meta.size,
+            epoch=meta.epoch,
+            generation=meta.generation,
+            allocated_bytes=meta.allocated_blocks() * meta.block_size,
+            valid_bytes=meta.valid_sectors() * meta.sector,
+        )
+
+    # --- I/O -----------------------------------------------------------------------------
+
+    async def write(
+        self,
+        extent_id: str,
+        offset: int,
+        data: Buffer,
+        *,
+        epoch: int,
+        generation: int,
+        fua: bool = False,
+    ) -> None:
+        rep = await self._get(extent_id)
+        view = data if isinstance(data, bytes) else memoryview(data).cast("B")
+        check_range(rep, offset, len(view))
+        check_u64(epoch=epoch, generation=generation)
+        if view:
+            plan = lambda: plan_write(rep, offset, view, generation)  # noqa: E731
+            await self._locked(rep, offset, len(view), mutate=True, epoch=epoch, prepare=plan)
+        else:
+            await self._admit(rep, epoch)
+        if fua:
+            await self._flush_one(rep)
+
+    async def read(self, extent_id: str, offset: int, length: int) -> bytes:
+        rep = await self._get(extent_id)
+        check_range(rep, offset, length)
+        first, last = self._blocks(offset, length)
+        if not length or not rep.meta.any_valid(first, last):
+            return bytes(length)
+        plan = lambda: plan_read(rep, offset, length)  # noqa: E731
+        data: bytes = await self._locked(
+            rep, offset, length, mutate=False, epoch=None, prepare=plan
+        )
+        return data
+
+    async def trim(
+        self, extent_id: str, offset: int, length: int, *, epoch: int, generation: int
+    ) -> None:
+        rep = await self._get(extent_id)
+        check_range(rep, offset, length)
+        check_u64(epoch=epoch, generation=generation)
+        if not length:
+            await self._admit(rep, epoch)
+            return
+        plan = lambda: plan_trim(rep, offset, length, generation)  # noqa: E731
+        await self._locked(rep, offset, length, mutate=True, epoch=epoch, prepare=plan)
+
+    async def write_zeroes(
+        self, extent_id: str, offset: int, length: int, *, epoch: int, generation: int
+    ) -> None:
+        await self.trim(extent_id, offset, length, epoch=epoch, generation=generation)
+
+    async def flush(self, extent_id: str | None = None) -> None:
+        if extent_id is not None:
+            await self._flush_one(await self._get(extent_id))
+            return
+        self._check_open()
+        await asyncio.gather(*(self._flush_one(r) for r in list(self._replicas.values())))
+
+    # --- epochs and generations ----------------------------------------------------------
+
+    async def fence(self, extent_id: str, epoch: int) -> int:
+        rep = await self._get(extent_id)
+        check_u64(epoch=epoch)
+        if epoch < rep.meta.epoch:
+            raise StaleEpoch(extent_id, epoch, rep.meta.epoch)
+        if epoch > rep.meta.epoch:
+            rep.meta.epoch = epoch
+            await self._persist_state(rep)
+            await rep.locks.drain()
+            log.info("replica %s fenced at epoch %d", extent_id, epoch)
+        return rep.meta.epoch
+
+    async def set_generation(self, extent_id: str, generation: int) -> None:
+        rep = await self._get(extent_id)
+        check_u64(generation=generation)
+        rep.meta.generation = generation
+        await self._persist_state(rep)
+
+    async def modified_since(self, extent_id: str, generation: int) -> list[tuple[int, int]]:
+        return (await self._get(extent_id)).meta.modified_since(generation)
+
+    async def allocation(self, extent_id: str) -> list[tuple[int, int, bool]]:
+        return (await self._get(extent_id)).meta.runs()
+
+    # --- recovery ------------------------------------------------------------------------
+
+    async def read_raw(self, extent_id: str, offset: int, length: int) -> RawBlocks:
+        rep = await self._get(extent_id)
+        check_range(rep, offset, length, align=self.block_size)
+        first, last = self._blocks(offset, length)
+        meta, bs, sec = rep.meta, self.block_size, self.sector
+        if not length:
+            return RawBlocks(offset, bs, sec, (), (), b"")
+        seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+        def plan() -> Job:
+            bitmaps = meta.bitmaps[first:last].tolist()
+            seen.append((tuple(bitmaps), tuple(meta.modgens[first:last])))
+            crcs = meta.crcs[first * meta.spb : last * meta.spb]
+            return read_blocks, (rep.id, rep.data_fd, offset, bs, sec, bitmaps, crcs), None
+
+        data = await self._locked(rep, offset, length, mutate=False, epoch=None, prepare=plan)
+        return RawBlocks(offset, bs, sec, seen[0][0], seen[0][1], data)
+
+    async def write_raw(self, extent_id: str, raw: RawBlocks) -> None:
+        rep = await self._get(extent_id)
+        check_raw(rep, raw)
+        if not raw.bitmaps:
+            return
+        meta, first = rep.meta, raw.offset // self.block_size
+
+        def plan() -> Job:
+            old = meta.bitmaps[first : first + len(raw.bitmaps)].tolist()
+            args = (rep.data_fd, raw.offset, self.block_size, self.sector, raw.bitmaps, old)
+            return write_blocks, (*args, raw.data), apply
+
+        def apply(crcs: list[Any]) -> None:
+            for i, block_crcs in enumerate(crcs):
+                meta.set_block(first + i, raw.bitmaps[i], raw.modgens[i], block_crcs)
+
+        await self._locked(rep, raw.offset, raw.length, mutate=True, epoch=None, prepare=plan)
+
+    async def scrub(self, extent_id: str) -> list[int]:
+        rep = await self._get(extent_id)
+        bad: list[int] = []
+        bs = self.block_size
+        for first in range(0, rep.meta.nblocks, SCRUB_BLOCKS):
+            last = min(rep.meta.nblocks, first + SCRUB_BLOCKS)
+            if rep.meta.any_valid(first, last):
+                try:
+                    await self.read_raw(extent_id, first * bs, (last - first) * bs)
+                except ChecksumError as e:
+                    bad += e.sectors
+        if bad:
+            log.warning("replica %s: scrub found %d bad sectors", extent_id, len(bad))
+        return bad
+
+    async def repair(self, extent_id: str, offset: int, data: Buffer) -> None:
+        rep = await self._get(extent_id)
+        view = data if isinstance(data, bytes) else memoryview(data).cast("B")
+        check_range(rep, offset, len(view), align=self.sector)
+        if not view:
+            return
+        first = offset // self.sector
+
+        def plan() -> Job:
+            args = (rep.id, rep.data_fd, offset, view, self.sector, None, None)
+            return write_sectors, args, lambda crcs: rep.meta.mark_written(first, crcs, None)
+
+        await self._locked(rep, offset, len(view), mutate=True, epoch=None, prepare=plan)
+        log.info("replica %s: repaired %d bytes at %d", extent_id, len(view), offset)
+
+    async def close(self) -> None:
+        """Wait for in-flight requests, compact every replica, release files and threads."""
+        if self._closed:
+            return
+        self._closed = True
+        for rep in list(self._replicas.values()):
+            meta = rep.meta
+            changed = rep.journal_size or rep.unsynced or meta.dirty or meta.state_dirty
+            try:
+                if changed and not rep.deleted and not rep.failed:
+                    await self._compact(rep)
+            except ChunkError as e:
+                log.error("replica %s: not persisted at close: %s", rep.id, e)
+            await rep.locks.drain()
+            rep.deleted = True
+            await self._run(files.close_files, rep, lane=rep.lane)
+        self._replicas.clear()
+        await self._pool.close()
+
+    # --- machinery -----------------------------------------------------------------------
+
+    async def _get(self, extent_id: str) -> Replica:
+        rep = self._replicas.get(extent_id)
+        if rep is not None:
+            if rep.deleted:
+                raise ExtentNotFound(extent_id)
+            return rep
+        check_id(extent_id)
+        async with self._namespace:
+            return await self._load(extent_id)
+
+    async def _load(self, extent_id: str) -> Replica:
+        """The open replica, loading it from disk if needed (namespace lock held)."""
+        self._check_open()
+        rep = self._replicas.get(extent_id)
+        if rep is not None:
+            return rep
+
+        def register(result: tuple[Replica, int] | None, exc: BaseException | None) -> None:
+            if result is not None:
+                self._replicas[extent_id] = result[0]
+                if result[1]:
+                    log.warning("replica %s: %d sectors re-checksummed after a crash", *result)
+
+        lane = self._lane(extent_id)
+        args = (self.root, extent_id, self.block_size, self.sector, lane)
+        loaded: tuple[Replica, int] = await self._run(
+            files.load_files, *args, lane=lane, done=register
+        )
+        return loaded[0]
+
+    async def _locked(
+        self,
+        rep: Replica,
+        offset: int,
+        length: int,
+        *,
+        mutate: bool,
+        epoch: int | None,
+        prepare: Callable[[], Job],
+    ) -> Any:
+        """Run the job ``prepare`` plans under the block locks of the byte range (see the
+        module docstring for the order). The locks are released by the job's completion."""
+        first, last = self._blocks(offset, length)
+        await rep.locks.acquire(first, last, mutate)
+        try:
+            if rep.deleted:
+                raise ExtentNotFound(rep.id)
+            if mutate:
+                self._check_failed(rep)
+            if epoch is not None:
+                await self._admit(rep, epoch)
+            fn, args, apply = prepare()
+            if mutate:
+                args = (rep.journal_fd, rep.intents_for(first, last), *args)
+
+            def done(result: Any, exc: BaseException | None) -> None:
+                try:
+                    if isinstance(exc, OSError) and mutate:
+                        rep.failed = rep.failed or f"write failed: {exc}"
+                    elif exc is None and apply is not None:
+                        apply(result)
+                        rep.unsynced = rep.unsynced or mutate
+                finally:
+                    rep.locks.release(first, last, mutate)
+
+            fut = self._pool.submit(fn, *args, done=done)
+        except BaseException:
+            rep.locks.release(first, last, mutate)
+            raise
+        return await self._await(fut)
+
+    async def _admit(self, rep: Replica, epoch: int) -> None:
+        """``StaleEpoch`` unless ``epoch`` is current; a newer epoch is persisted first."""
+        if epoch < rep.meta.epoch:
+            raise StaleEpoch(rep.id, epoch, rep.meta.epoch)
+        if epoch > rep.meta.epoch:
+            rep.meta.epoch = epoch
+            await self._persist_state(rep)
+            if epoch < rep.meta.epoch:  # a fence overtook this request meanwhile
+                raise StaleEpoch(rep.id, epoch, rep.meta.epoch)
+
+    async def _persist_state(self, rep: Replica) -> None:
+        await self._persist(rep, files.flush_files, rep.data_fd, rep.journal_fd, _state(rep), False)
+
+    async def _flush_one(self, rep: Replica) -> None:
+        """Persist what changed (see the module docstring); returns once every job persisting
+        ``rep`` submitted before has finished too (the lane runs them in order)."""
+        meta = rep.meta
+        if rep.deleted:
+            return
+        if not (rep.unsynced or meta.dirty or meta.state_dirty or rep.persisting):
+            return
+        if rep.journal_size >= rep.compact_at:
+            await self._compact(rep)
+            return
+        records = meta.encode_blocks(meta.dirty)
+        if meta.state_dirty:
+            records += meta.encode_state()
+        sync_data = rep.unsynced
+        meta.dirty, meta.state_dirty, rep.unsynced = set(), False, False
+        rep.journal_size += len(records)
+        await self._persist(rep, files.flush_files, rep.data_fd, rep.journal_fd, records, sync_data)
+
+    async def _compact(self, rep: Replica) -> None:
+        """New snapshot and empty journal, with every block of ``rep`` locked."""
+        meta = rep.meta
+        await rep.locks.acquire(0, meta.nblocks, True)
+        try:
+            if rep.deleted:
+                raise ExtentNotFound(rep.id)
+            meta.serial += 1
+            snapshot, header = meta.encode_snapshot(), meta.journal_header()
+            meta.dirty, meta.state_dirty, rep.unsynced = set(), False, False
+            rep.touched, rep.journal_size = set(), 0
+        except BaseException:
+            rep.locks.release(0, meta.nblocks, True)
+            raise
+        await self._persist(
+            rep,
+            files.compact_files,
+            rep,
+            snapshot,
+            header,
+            then=lambda: rep.locks.release(0, meta.nblocks, True),
+        )
+
+    async def _persist(
+        self,
+        rep: Replica,
+        fn: Callable[..., None],
+        *args: Any,
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """Run a persistence job on the replica's lane; a failure marks the replica failed."""
+        if rep.deleted:
+            if then is not None:
+                then()
+            raise ExtentNotFound(rep.id)
+
+        def done(_: object, exc: BaseException | None) -> None:
+            rep.persisting -= 1
+            if exc is not None:
+                rep.failed = rep.failed or f"persisting metadata failed: {exc}"
+            if then is not None:
+                then()
+
+        try:
+            self._check_failed(rep)
+            fut = self._pool.submit(fn, *args, done=done, lane=rep.lane)
+        except BaseException:
+            if then is not None:
+                then()
+            raise
+        rep.persisting += 1
+        await self._await(fut)
+        self._check_failed(rep)
+
+    async def _run(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        lane: int | None = None,
+        done: Callable[[Any, BaseException | None], None] | None = None,
+    ) -> T:
+        return await self._await(self._pool.submit(fn, *args, done=done, lane=lane))
+
+    @staticmethod
+    async def _await(fut: asyncio.Future[T]) -> T:
+        try:
+            return await fut
+        except OSError as e:
+            raise ChunkIOError(str(e), e.errno or errno.EIO) from e
+
+    # --- checks --------------------------------------------------------------------------
+
+    def _lane(self, extent_id: str) -> int:
+        return zlib.crc32(extent_id.encode()) % self._pool.lanes
+
+    def _blocks(self, offset: int, length: int) -> tuple[int, int]:
+        bs = self.block_size
+        return offset // bs, max(offset // bs + 1, -(-(offset + length) // bs))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChunkError("the replica store is closed")
+
+    @staticmethod
+    def _check_failed(rep: Replica) -> None:
+        if rep.failed:
+            raise ChunkIOError(f"replica {rep.id} failed earlier ({rep.failed})")
+
+
+def _state(rep: Replica) -> bytes:
+    record = rep.meta.encode_state()
+    rep.journal_size += len(record)
+    return record

@@ -1,0 +1,437 @@
+"""The replica protocol between access points and chunk servers: a sans-I/O codec.
+
+Spec — AECP replica protocol, version 1. TCP, one stream per connection, integers big-endian.
+The client sends request frames, the server answers each with one response frame carrying the
+same request id, in any order (many requests may be in flight: pipelining).
+
+Request frame: a 52-byte header, the extent id (``id_len`` ASCII bytes), the payload::
+
+    magic u32 = 0x41435251 "ACRQ" | op u8 | flags u8 | id_len u8 (<= 64) | reserved u8 = 0
+    | request_id u64 | offset u64 | length u64 | epoch u64 | generation u64 | payload_len u32
+
+Response frame: a 20-byte header, the payload::
+
+    magic u32 = 0x41435253 "ACRS" | op u8 (echoed) | status u8 | reserved u16 = 0
+    | request_id u64 | payload_len u32
+
+Ops (fields not named are 0; only WRITE, REPAIR and WRITE_RAW carry a request payload; for
+WRITE and REPAIR ``length`` equals ``payload_len``)::
+
+    op  name            request                          OK response payload
+    0   PING            -                                -
+    1   CREATE          id, length=size, epoch, gen      -
+    2   DELETE          id                               -
+    3   STAT            id                               size|epoch|generation|allocated|valid u64
+    4   LIST            -                                per id: len u8, ASCII bytes
+    5   WRITE           id, offset, epoch, gen, data     -          (flags bit 0: FUA)
+    6   READ            id, offset, length               the data (exactly length bytes)
+    7   TRIM            id, offset, length, epoch, gen   -
+    8   ZERO            id, offset, length, epoch, gen   -
+    9   FLUSH           id (empty: every replica)        -
+    10  FENCE           id, epoch                        the stored epoch u64
+    11  SET_GEN         id, gen                          -
+    12  MODIFIED_SINCE  id, gen                          per range: offset u64, length u64
+    13  ALLOCATION      id                               per run: offset u64, length u64, valid u8
+    14  READ_RAW        id, offset, length               raw blocks (below)
+    15  WRITE_RAW       id, raw blocks                   -
+    16  SCRUB           id                               per bad sector: index u64
+    17  REPAIR          id, offset, data                 -
+
+Raw blocks: offset u64 | block_size u32 | sector u32 | count u32 | count x (bitmap u64,
+modgen u64) | the valid sectors' data, in order.
+
+Status: 0 OK, 1 STALE_EPOCH, 2 CHECKSUM, 3 NOT_FOUND, 4 EXISTS, 5 INVALID, 6 IO_ERROR,
+7 INTERNAL. An error payload is ``arg u64 | count u32 | count x sector u64 | message UTF-8``,
+where ``arg`` is the stored epoch (STALE_EPOCH) or the errno (IO_ERROR) and the sectors are
+those of a CHECKSUM error.
+
+Limits: ``payload_len <= MAX_PAYLOAD``; READ and READ_RAW ask for at most ``MAX_DATA`` bytes.
+A frame with a bad magic, unknown op, status or flag bits, non-zero reserved bits, ``id_len``
+over 64, an oversized or unexpected payload, or a WRITE/REPAIR whose length differs from its
+payload is malformed: the decoder raises ``ChunkProtocolError`` and the receiver closes the
+connection. Payloads that do not parse raise ``ChunkProtocolError`` too.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from aecp.storage.chunk.api import Buffer, RawBlocks, ReplicaStat
+from aecp.storage.chunk.errors import (
+    ChecksumError,
+    ChunkError,
+    ChunkInvalid,
+    ChunkIOError,
+    ChunkProtocolError,
+    ExtentExists,
+    ExtentNotFound,
+    StaleEpoch,
+)
+
+REQUEST_MAGIC = 0x41435251
+RESPONSE_MAGIC = 0x41435253
+MAX_DATA = 32 << 20
+MAX_PAYLOAD = MAX_DATA + (1 << 20)
+MAX_ID = 64
+FLAG_FUA = 0x01
+
+REQUEST = struct.Struct("!IBBBBQQQQQI")
+RESPONSE = struct.Struct("!IBBHQI")
+STAT = struct.Struct("!QQQQQ")
+RANGE = struct.Struct("!QQ")
+RUN = struct.Struct("!QQB")
+U64 = struct.Struct("!Q")
+RAW_HEAD = struct.Struct("!QIII")
+ERROR_HEAD = struct.Struct("!QI")
+
+
+class Op(enum.IntEnum):
+    PING = 0
+    CREATE = 1
+    DELETE = 2
+    STAT = 3
+    LIST = 4
+    WRITE = 5
+    READ = 6
+    TRIM = 7
+    ZERO = 8
+    FLUSH = 9
+    FENCE = 10
+    SET_GEN = 11
+    MODIFIED_SINCE = 12
+    ALLOCATION = 13
+    READ_RAW = 14
+    WRITE_RAW = 15
+    SCRUB = 16
+    REPAIR = 17
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    STALE_EPOCH = 1
+    CHECKSUM = 2
+    NOT_FOUND = 3
+    EXISTS = 4
+    INVALID = 5
+    IO_ERROR = 6
+    INTERNAL = 7
+
+
+PAYLOAD_OPS = frozenset({Op.WRITE, Op.REPAIR, Op.WRITE_RAW})
+_OPS = frozenset(int(o) for o in Op)
+_STATUSES = frozenset(int(s) for s in Status)
+
+
+@dataclass(slots=True)
+class Request:
+    op: Op
+    request_id: int
+    extent_id: str = ""
+    offset: int = 0
+    length: int = 0
+    epoch: int = 0
+    generation: int = 0
+    flags: int = 0
+    payload: bytes = b""
+
+    def encode(self) -> list[Buffer]:
+        return encode_request(
+            self.op,
+            self.request_id,
+            self.extent_id,
+            self.offset,
+            self.length,
+            self.epoch,
+            self.generation,
+            self.flags,
+            self.payload,
+        )
+
+
+@dataclass(slots=True)
+class Response:
+    op: Op
+    status: Status
+    request_id: int
+    payload: bytes = b""
+
+    def encode(self) -> list[Buffer]:
+        return encode_response(self.op, self.status, self.request_id, self.payload)
+
+
+def encode_request(
+    op: Op,
+    request_id: int,
+    extent_id: str = "",
+    offset: int = 0,
+    length: int = 0,
+    epoch: int = 0,
+    generation: int = 0,
+    flags: int = 0,
+    payload: Buffer = b"",
+) -> list[Buffer]:
+    """The buffers of one request frame (header + id, then the payload if any)."""
+    try:
+        ident = extent_id.encode("ascii")
+    except UnicodeEncodeError:
+        raise ChunkInvalid(f"bad extent id {extent_id!r}") from None
+    if len(ident) > MAX_ID or len(payload) > MAX_PAYLOAD:
+        raise ChunkInvalid("extent id or payload too long for the replica protocol")
+    try:
+        fields = (request_id, offset, length, epoch, generation, len(payload))
+        head = REQUEST.pack(REQUEST_MAGIC, op, flags, len(ident), 0, *fields)
+    except struct.error as e:
+        raise ChunkInvalid(f"a request field is out of range: {e}") from None
+    return [head + ident, payload] if payload else [head + ident]
+
+
+def encode_response(op: Op, status: Status, request_id: int, payload: Buffer = b"") -> list[Buffer]:
+    head = RESPONSE.pack(RESPONSE_MAGIC, op, status, 0, request_id, len(payload))
+    return [head, payload] if payload else [head]
+
+
+F = TypeVar("F")
+
+
+class _Decoder(Generic[F]):
+    """Bytes in, frames out; ``ChunkProtocolError`` on a malformed frame (then useless)."""
+
+    head: struct.Struct
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self._max = max_payload
+        self._buf = bytearray()
+        self._need = 0
+        self._broken = False
+
+    def feed(self, data: Buffer) -> list[F]:
+        """Every frame completed by ``data``, in order."""
+        if self._broken:
+            raise ChunkProtocolError("the stream is already broken")
+        buf = self._buf
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return []
+        try:
+            frames, used, self._need = self._parse(buf if buf else data)
+        except ChunkProtocolError:
+            self._broken = True
+            raise
+        if buf:
+            del buf[:used]
+        elif used < len(data):
+            buf += memoryview(data)[used:]
+        return frames
+
+    def _parse(self, src: Buffer) -> tuple[list[F], int, int]:
+        frames: list[F] = []
+        pos, hsize = 0, self.head.size
+        with memoryview(src) as view:
+            end = len(view)
+            while end - pos >= hsize:
+                total = self._frame_size(view, pos)
+                if end - pos < total:
+                    return frames, pos, total
+                frames.append(self._frame(view, pos, total))
+                pos += total
+        return frames, pos, hsize
+
+    def _frame_size(self, view: memoryview, pos: int) -> int:
+        raise NotImplementedError
+
+    def _frame(self, view: memoryview, pos: int, total: int) -> F:
+        raise NotImplementedError
+
+
+class RequestDecoder(_Decoder[Request]):
+    """The server side: bytes from a client in, ``Request`` frames out."""
+
+    head = REQUEST
+
+    def _frame_size(self, view: memoryview, pos: int) -> int:
+        magic, op, flags, id_len, reserved, _, _, length, _, _, plen = REQUEST.unpack_from(
+            view, pos
+        )
+        if magic != REQUEST_MAGIC:
+            raise ChunkProtocolError(f"bad request magic {magic:#x}")
+        if op not in _OPS or flags & ~FLAG_FUA or reserved or id_len > MAX_ID:
+            raise ChunkProtocolError(f"malformed request header (op {op}, flags {flags})")
+        if plen > self._max or (plen and op not in PAYLOAD_OPS):
+            raise ChunkProtocolError(f"unexpected payload of {plen} bytes for op {op}")
+        if op in (Op.WRITE, Op.REPAIR) and length != plen:
+            raise ChunkProtocolError(f"length {length} differs from payload {plen}")
+        size: int = REQUEST.size + id_len + plen
+        return size
+
+    def _frame(self, view: memoryview, pos: int, total: int) -> Request:
+        _, op, flags, id_len, _, rid, offset, length, epoch, gen, _ = REQUEST.unpack_from(view, pos)
+        start = pos + REQUEST.size
+        ident = bytes(view[start : start + id_len]).decode("latin-1")
+        payload = bytes(view[start + id_len : pos + total])
+        return Request(Op(op), rid, ident, offset, length, epoch, gen, flags, payload)
+
+
+class ResponseDecoder(_Decoder[Response]):
+    """The client side: bytes from a server in, ``Response`` frames out."""
+
+    head = RESPONSE
+
+    def _frame_size(self, view: memoryview, pos: int) -> int:
+        magic, op, status, reserved, _, plen = RESPONSE.unpack_from(view, pos)
+        if magic != RESPONSE_MAGIC:
+            raise ChunkProtocolError(f"bad response magic {magic:#x}")
+        if op not in _OPS or status not in _STATUSES or reserved or plen > self._max:
+            raise ChunkProtocolError(f"malformed response header (op {op}, status {status})")
+        size: int = RESPONSE.size + plen
+        return size
+
+    def _frame(self, view: memoryview, pos: int, total: int) -> Response:
+        _, op, status, _, rid, _ = RESPONSE.unpack_from(view, pos)
+        return Response(Op(op), Status(status), rid, bytes(view[pos + RESPONSE.size : pos + total]))
+
+
+# --- payloads ------------------------------------------------------------------------------
+
+
+def _records(payload: Buffer, record: struct.Struct, what: str) -> list[tuple[int, ...]]:
+    if len(payload) % record.size:
+        raise ChunkProtocolError(f"{what}: {len(payload)} bytes is not a whole number of records")
+    return list(record.iter_unpack(payload))
+
+
+def encode_stat(stat: ReplicaStat) -> bytes:
+    return STAT.pack(stat.size, stat.epoch, stat.generation, stat.allocated_bytes, stat.valid_bytes)
+
+
+def decode_stat(payload: Buffer) -> ReplicaStat:
+    if len(payload) != STAT.size:
+        raise ChunkProtocolError("stat: wrong size")
+    return ReplicaStat(*STAT.unpack(payload))
+
+
+def encode_ids(ids: Sequence[str]) -> bytes:
+    return b"".join(bytes((len(i),)) + i.encode("ascii") for i in ids)
+
+
+def decode_ids(payload: Buffer) -> list[str]:
+    data, out, pos = bytes(payload), [], 0
+    while pos < len(data):
+        n = data[pos]
+        if not n or pos + 1 + n > len(data):
+            raise ChunkProtocolError("extent id list: truncated")
+        out.append(data[pos + 1 : pos + 1 + n].decode("latin-1"))
+        pos += 1 + n
+    return out
+
+
+def encode_u64(value: int) -> bytes:
+    return U64.pack(value)
+
+
+def decode_u64(payload: Buffer) -> int:
+    if len(payload) != U64.size:
+        raise ChunkProtocolError("u64: wrong size")
+    value: int = U64.unpack(payload)[0]
+    return value
+
+
+def encode_ranges(ranges: Sequence[tuple[int, int]]) -> bytes:
+    return b"".join(RANGE.pack(o, n) for o, n in ranges)
+
+
+def decode_ranges(payload: Buffer) -> list[tuple[int, int]]:
+    return [(o, n) for o, n in _records(payload, RANGE, "ranges")]
+
+
+def encode_runs(runs: Sequence[tuple[int, int, bool]]) -> bytes:
+    return b"".join(RUN.pack(o, n, v) for o, n, v in runs)
+
+
+def decode_runs(payload: Buffer) -> list[tuple[int, int, bool]]:
+    runs = _records(payload, RUN, "allocation")
+    if any(v > 1 for _, _, v in runs):
+        raise ChunkProtocolError("allocation: bad valid flag")
+    return [(o, n, bool(v)) for o, n, v in runs]
+
+
+def encode_sectors(sectors: Sequence[int]) -> bytes:
+    return b"".join(U64.pack(s) for s in sectors)
+
+
+def decode_sectors(payload: Buffer) -> list[int]:
+    return [s for (s,) in _records(payload, U64, "sectors")]
+
+
+def encode_raw(raw: RawBlocks) -> bytes:
+    try:
+        head = RAW_HEAD.pack(raw.offset, raw.block_size, raw.sector, len(raw.bitmaps))
+        pairs = zip(raw.bitmaps, raw.modgens, strict=True)
+        table = b"".join(RANGE.pack(b, g) for b, g in pairs)
+    except (struct.error, ValueError) as e:
+        raise ChunkInvalid(f"raw blocks do not fit the replica protocol: {e}") from None
+    return b"".join((head, table, raw.data))
+
+
+def decode_raw(payload: bytes) -> RawBlocks:
+    if len(payload) < RAW_HEAD.size:
+        raise ChunkProtocolError("raw blocks: truncated")
+    offset, block_size, sector, count = RAW_HEAD.unpack_from(payload)
+    start = RAW_HEAD.size + count * RANGE.size
+    if len(payload) < start:
+        raise ChunkProtocolError("raw blocks: truncated table")
+    table = list(RANGE.iter_unpack(memoryview(payload)[RAW_HEAD.size : start]))
+    bitmaps = tuple(b for b, _ in table)
+    modgens = tuple(g for _, g in table)
+    return RawBlocks(offset, block_size, sector, bitmaps, modgens, payload[start:])
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def encode_error(exc: ChunkError) -> tuple[Status, bytes]:
+    """The status and payload that carry ``exc``."""
+    status, arg, sectors = Status.INTERNAL, 0, []
+    if isinstance(exc, StaleEpoch):
+        status, arg = Status.STALE_EPOCH, exc.stored
+    elif isinstance(exc, ChecksumError):
+        status, sectors = Status.CHECKSUM, exc.sectors[: (1 << 16)]
+    elif isinstance(exc, ExtentNotFound):
+        status = Status.NOT_FOUND
+    elif isinstance(exc, ExtentExists):
+        status = Status.EXISTS
+    elif isinstance(exc, ChunkInvalid):
+        status = Status.INVALID
+    elif isinstance(exc, ChunkIOError):
+        status, arg = Status.IO_ERROR, exc.errno
+    message = exc.message.encode("utf-8", "replace")[:4096]
+    return status, ERROR_HEAD.pack(arg, len(sectors)) + encode_sectors(sectors) + message
+
+
+def decode_error(status: Status, payload: bytes, extent_id: str, epoch: int) -> ChunkError:
+    """The error a non-OK response stands for (``extent_id``/``epoch``: of the request)."""
+    if len(payload) < ERROR_HEAD.size:
+        raise ChunkProtocolError("error payload truncated")
+    arg, count = ERROR_HEAD.unpack_from(payload)
+    end = ERROR_HEAD.size + count * U64.size
+    if len(payload) < end:
+        raise ChunkProtocolError("error payload truncated")
+    sectors = decode_sectors(memoryview(payload)[ERROR_HEAD.size : end])
+    message = payload[end:].decode("utf-8", "replace")
+    if status == Status.STALE_EPOCH:
+        return StaleEpoch(extent_id, epoch, arg)
+    if status == Status.CHECKSUM:
+        return ChecksumError(extent_id, sectors)
+    if status == Status.NOT_FOUND:
+        return ExtentNotFound(extent_id)
+    if status == Status.EXISTS:
+        return ExtentExists(extent_id, message)
+    if status == Status.INVALID:
+        return ChunkInvalid(message)
+    if status == Status.IO_ERROR:
+        return ChunkIOError(message, arg)
+    return ChunkError(message)

@@ -1,0 +1,61 @@
+"""Connections to the chunk servers of the cluster, by node name: the node-local replica store
+directly, every other node over the replica protocol."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aecp.storage.chunk.api import ReplicaClient
+from aecp.storage.chunk.client import ChunkClient, LocalChunkClient
+from aecp.storage.chunk.errors import ReplicaUnavailable
+from aecp.storage.chunk.store import ReplicaStore
+from aecp.storage.meta.service import MetaService
+
+
+class ReplicaPool:
+    """``client(node)`` gives a ``ReplicaClient`` for ``node`` (``ReplicaUnavailable`` if the
+    node has no registered storage server)."""
+
+    def __init__(
+        self,
+        meta: MetaService,
+        local_node: str | None = None,
+        local_store: ReplicaStore | None = None,
+        timeout: float = 5.0,
+        connections: int = 2,
+    ) -> None:
+        self.meta = meta
+        self.local_node = local_node
+        self.timeout = timeout
+        self.connections = connections
+        self._clients: dict[str, ReplicaClient] = {}
+        if local_node and local_store is not None:
+            self._clients[local_node] = LocalChunkClient(local_store)
+        self._lock = asyncio.Lock()
+
+    async def client(self, node: str) -> ReplicaClient:
+        c = self._clients.get(node)
+        if c is not None:
+            return c
+        async with self._lock:
+            c = self._clients.get(node)
+            if c is None:
+                servers = await self.meta.servers()
+                srv = servers.get(node)
+                if srv is None:
+                    raise ReplicaUnavailable(node, "the node has no storage server running")
+                c = ChunkClient(
+                    srv.address, srv.chunk_port, timeout=self.timeout, connections=self.connections
+                )
+                self._clients[node] = c
+            return c
+
+    def add(self, node: str, client: ReplicaClient) -> None:
+        """Use ``client`` for ``node`` (a node-local store, or a test double)."""
+        self._clients[node] = client
+
+    async def close(self) -> None:
+        clients = list(self._clients.values())
+        self._clients.clear()
+        for c in clients:
+            await c.close()

@@ -1,0 +1,176 @@
+"""The access point over three nodes' replica stores (real stores in temporary directories, an
+in-memory cluster store): replication, thin allocation, dropping an unreachable replica with a
+generation bump, fencing by epoch, and repair of a corrupt replica from a good one."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aecp.storage.access import VolumeDevice, open_volume, split
+from aecp.storage.blockdev import Allocation, Fenced, InvalidRequest
+from aecp.storage.chunk.errors import ReplicaUnavailable
+from aecp.storage.chunk.store import ReplicaStore
+from aecp.storage.meta.model import MIB, StorageServer
+from aecp.storage.meta.service import MetaService
+from aecp.storage.pool import ReplicaPool
+from aecp.store import keys
+from aecp.store.memory import MemoryStore
+
+EXTENT = 1 * MIB
+
+
+class Flaky:
+    """A replica whose node can be switched off: every call then raises ReplicaUnavailable."""
+
+    def __init__(self, store: ReplicaStore) -> None:
+        self.store = store
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self.store, name)
+
+        async def call(*args: Any, **kw: Any) -> Any:
+            if self.down:
+                raise ReplicaUnavailable("test-node", "switched off by the test")
+            return await target(*args, **kw)
+
+        return call
+
+
+class Cluster:
+    def __init__(self, store: MemoryStore, stores: dict[str, ReplicaStore]) -> None:
+        self.meta = MetaService(store, extent_size=EXTENT)
+        self.store = store
+        self.replicas = {n: Flaky(s) for n, s in stores.items()}
+        self.pool = ReplicaPool(self.meta)
+        for n, f in self.replicas.items():
+            self.pool.add(n, f)  # type: ignore[arg-type]
+
+    async def open(self, name: str, node: str = "n1", takeover: bool = False) -> VolumeDevice:
+        lease = await self.store.grant_lease(60)
+        return await open_volume(self.meta, self.pool, node, name, lease, takeover=takeover)
+
+
+@pytest.fixture
+async def cluster(store: MemoryStore, tmp_path: Path) -> AsyncIterator[Cluster]:
+    stores = {}
+    for i in (1, 2, 3):
+        n = f"n{i}"
+        stores[n] = ReplicaStore(tmp_path / n, block_size=64 * 1024)
+        rec = StorageServer(
+            node=n,
+            address="127.0.9.9",
+            chunk_port=1,
+            nbd_port=2,
+            capacity_bytes=1 << 30,
+            free_bytes=(1 << 30) - i,
+        )
+        await store.put(keys.abs_server(n), rec.dump())
+    yield Cluster(store, stores)
+    for s in stores.values():
+        await s.close()
+
+
+def test_requests_are_cut_at_extent_boundaries() -> None:
+    pieces = list(split(EXTENT - 10, 30, EXTENT))
+    assert [(p.slot, p.offset, p.length, p.at) for p in pieces] == [
+        (0, EXTENT - 10, 10, 0),
+        (1, 0, 20, 10),
+    ]
+
+
+async def test_a_write_lands_on_every_replica_and_only_its_extent_is_allocated(
+    cluster: Cluster,
+) -> None:
+    await cluster.meta.create_volume("v", 4 * EXTENT, replicas=2)
+    dev = await cluster.open("v")
+    await dev.write(EXTENT + 512, b"x" * 8192)
+    vol, _ = await cluster.meta.volume("v")
+    assert vol.extents[0] is None and vol.extents[1] is not None
+    ext, _ = await cluster.meta.extent(vol.extents[1])
+    assert ext.replicas[0] == "n1"  # the access point's node holds one replica
+    for node in ext.replicas:
+        data = await cluster.replicas[node].store.read(ext.id, 512, 8192)
+        assert data == b"x" * 8192
+    assert await dev.read(EXTENT, 1024) == bytes(512) + b"x" * 512
+    assert await dev.read(0, 4096) == bytes(4096)  # never written: zeros, no extent
+    status = await dev.block_status(0, 4 * EXTENT)
+    assert status[0].flags == Allocation.HOLE | Allocation.ZERO
+
+
+async def test_an_unreachable_replica_is_dropped_and_writes_go_on(cluster: Cluster) -> None:
+    await cluster.meta.create_volume("v", 2 * EXTENT, replicas=2)
+    dev = await cluster.open("v")
+    await dev.write(0, b"a" * 4096)
+    vol, _ = await cluster.meta.volume("v")
+    ext, _ = await cluster.meta.extent(vol.extents[0] or "")
+    other = ext.replicas[1]
+    cluster.replicas[other].down = True
+    await dev.write(4096, b"b" * 4096)  # acknowledged with one replica left
+    after, _ = await cluster.meta.extent(ext.id)
+    assert after.replicas == ["n1"]
+    assert after.stale == {other: ext.generation}
+    assert after.generation == ext.generation + 1
+    # the write that hit the failure was re-issued under the new generation: a returning
+    # replica finds it among the blocks modified since the generation it missed from
+    changed = await cluster.replicas["n1"].store.modified_since(ext.id, ext.generation)
+    assert changed and changed[0][0] == 0
+    assert await dev.read(0, 8192) == b"a" * 4096 + b"b" * 4096
+
+
+async def test_all_replicas_unreachable_fails_the_write(cluster: Cluster) -> None:
+    await cluster.meta.create_volume("v", EXTENT, replicas=1)
+    dev = await cluster.open("v")
+    await dev.write(0, b"a" * 512)
+    cluster.replicas["n1"].down = True
+    with pytest.raises(Exception, match="unreachable"):
+        await dev.write(0, b"b" * 512)
+
+
+async def test_a_newer_attach_fences_the_older_access_point(cluster: Cluster) -> None:
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    old = await cluster.open("v", "n1")
+    await old.write(0, b"1" * 4096)
+    new = await cluster.open("v", "n2", takeover=True)
+    with pytest.raises(Fenced):
+        await old.write(0, b"2" * 4096)
+    with pytest.raises(Fenced):
+        await old.read(0, 4096)
+    assert await new.read(0, 4096) == b"1" * 4096
+    await new.write(0, b"3" * 4096)
+    assert await new.read(0, 4096) == b"3" * 4096
+
+
+async def test_a_corrupt_sector_is_served_from_another_replica_and_repaired(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    dev = await cluster.open("v")
+    await dev.write(0, b"good" * 2048)
+    await dev.flush()
+    vol, _ = await cluster.meta.volume("v")
+    ext_id = vol.extents[0] or ""
+    local = cluster.replicas["n1"].store
+    await local.close()
+    data_files = list((tmp_path / "n1").rglob(f"{ext_id}.data"))
+    assert data_files, list((tmp_path / "n1").rglob("*"))
+    with data_files[0].open("r+b") as f:
+        f.seek(100)
+        f.write(b"\xff")
+    cluster.replicas["n1"].store = ReplicaStore(tmp_path / "n1", block_size=64 * 1024)
+    assert await dev.read(0, 8192) == b"good" * 2048
+    assert await cluster.replicas["n1"].store.scrub(ext_id) == []
+    await cluster.replicas["n1"].store.close()
+
+
+async def test_out_of_range_requests_are_refused(cluster: Cluster) -> None:
+    await cluster.meta.create_volume("v", EXTENT, replicas=1)
+    dev = await cluster.open("v")
+    with pytest.raises(InvalidRequest):
+        await dev.write(EXTENT - 100, b"x" * 200)
+    with pytest.raises(InvalidRequest):
+        await dev.read(-1, 10)

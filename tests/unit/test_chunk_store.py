@@ -1,0 +1,359 @@
+"""ReplicaStore on a temporary directory: thin allocation, epochs, checksums, generations,
+trim, persistence across close and crash, recovery copies, and request validation."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from aecp.storage.chunk.api import RawBlocks
+from aecp.storage.chunk.errors import (
+    ChecksumError,
+    ChunkInvalid,
+    ExtentExists,
+    ExtentNotFound,
+    StaleEpoch,
+)
+from aecp.storage.chunk.store import ReplicaStore
+
+KIB = 1024
+MIB = 1024 * KIB
+BLOCK = 256 * KIB
+SECTOR = 4 * KIB
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "replicas"
+
+
+@pytest.fixture
+async def store(root: Path) -> AsyncIterator[ReplicaStore]:
+    s = ReplicaStore(root)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def pattern(n: int, seed: int = 1) -> bytes:
+    return bytes((i * 7 + seed) & 0xFF for i in range(n))
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+async def test_a_4k_write_to_a_64mib_extent_allocates_one_block(
+    store: ReplicaStore, root: Path
+) -> None:
+    await store.create("e1", 64 * MIB)
+    await store.write("e1", 10 * MIB, pattern(4 * KIB), epoch=1, generation=1)
+    await store.flush("e1")
+    st = await store.stat("e1")
+    assert (st.size, st.allocated_bytes, st.valid_bytes) == (64 * MIB, BLOCK, 4 * KIB)
+    data_file = root / "e1.data"
+    assert data_file.stat().st_size == 64 * MIB
+    assert data_file.stat().st_blocks * 512 <= BLOCK
+    assert await store.read("e1", 10 * MIB, 4 * KIB) == pattern(4 * KIB)
+    assert await store.read("e1", 0, 1 * MIB) == bytes(1 * MIB)
+    assert await store.read("e1", 10 * MIB + 4 * KIB, 8 * KIB) == bytes(8 * KIB)
+
+
+async def test_partial_sector_writes_merge_with_what_is_there(store: ReplicaStore) -> None:
+    await store.create("e1", 4 * MIB)
+    await store.write("e1", 0, pattern(8 * KIB), epoch=0, generation=1)
+    await store.write("e1", 100, b"abc", epoch=0, generation=1)
+    await store.write("e1", 8 * KIB - 2, b"WXYZ", epoch=0, generation=1)
+    expected = bytearray(pattern(8 * KIB) + bytes(4 * KIB))
+    expected[100:103] = b"abc"
+    expected[8 * KIB - 2 : 8 * KIB + 2] = b"WXYZ"
+    assert await store.read("e1", 0, 12 * KIB) == expected
+    assert await store.read("e1", 99, 5) == bytes(expected[99:104])
+    assert (await store.stat("e1")).valid_bytes == 12 * KIB
+
+
+async def test_an_older_epoch_is_refused_and_changes_nothing(store: ReplicaStore) -> None:
+    await store.create("e1", 4 * MIB, epoch=3)
+    await store.write("e1", 0, pattern(4 * KIB), epoch=3, generation=1)
+    for attempt in (
+        store.write("e1", 0, b"x" * 4 * KIB, epoch=2, generation=9),
+        store.trim("e1", 0, 4 * KIB, epoch=2, generation=9),
+        store.write_zeroes("e1", 0, 4 * KIB, epoch=1, generation=9),
+        store.fence("e1", 2),
+    ):
+        with pytest.raises(StaleEpoch) as err:
+            await attempt
+        assert err.value.stored == 3
+    assert await store.read("e1", 0, 4 * KIB) == pattern(4 * KIB)
+    st = await store.stat("e1")
+    assert (st.epoch, st.generation) == (3, 1)
+    assert await store.modified_since("e1", 1) == []
+
+
+async def test_a_newer_epoch_is_adopted_and_fences_the_old_one(store: ReplicaStore) -> None:
+    await store.create("e1", 4 * MIB, epoch=1)
+    await store.write("e1", 0, b"a" * 512, epoch=2, generation=1)
+    assert (await store.stat("e1")).epoch == 2
+    with pytest.raises(StaleEpoch):
+        await store.write("e1", 0, b"b" * 512, epoch=1, generation=1)
+    assert await store.fence("e1", 5) == 5
+    assert await store.fence("e1", 5) == 5
+    with pytest.raises(StaleEpoch):
+        await store.write("e1", 0, b"c" * 512, epoch=4, generation=2)
+    assert await store.read("e1", 0, 512) == b"a" * 512
+
+
+async def test_fence_waits_for_writes_of_the_old_epoch_in_flight(store: ReplicaStore) -> None:
+    await store.create("e1", 4 * MIB, epoch=1)
+    writes = [
+        asyncio.ensure_future(
+            store.write("e1", i * BLOCK, pattern(BLOCK, i), epoch=1, generation=1)
+        )
+        for i in range(8)
+    ]
+    await asyncio.sleep(0)
+    await store.fence("e1", 2)
+    done = [w for w in writes if w.done()]
+    assert len(done) == len(writes)
+    for w in writes:
+        assert w.exception() is None or isinstance(w.exception(), StaleEpoch)
+
+
+async def test_a_flipped_byte_is_caught_by_read_and_scrub_and_fixed_by_repair(
+    store: ReplicaStore, root: Path
+) -> None:
+    await store.create("e1", 4 * MIB)
+    good = pattern(64 * KIB)
+    await store.write("e1", BLOCK, good, epoch=0, generation=1)
+    await store.flush()
+    flip_byte(root / "e1.data", BLOCK + 5 * SECTOR + 17)
+    bad_sector = (BLOCK + 5 * SECTOR) // SECTOR
+    with pytest.raises(ChecksumError) as err:
+        await store.read("e1", BLOCK, 64 * KIB)
+    assert err.value.sectors == [bad_sector]
+    assert await store.read("e1", BLOCK, 5 * SECTOR) == good[: 5 * SECTOR]
+    with pytest.raises(ChecksumError):
+        await store.write("e1", BLOCK + 5 * SECTOR + 1, b"z", epoch=0, generation=2)
+    assert await store.scrub("e1") == [bad_sector]
+    await store.repair("e1", bad_sector * SECTOR, good[5 * SECTOR : 6 * SECTOR])
+    assert await store.scrub("e1") == []
+    assert await store.read("e1", BLOCK, 64 * KIB) == good
+
+
+async def test_modified_since_names_only_blocks_written_after_the_generation(
+    store: ReplicaStore,
+) -> None:
+    await store.create("e1", 4 * MIB, generation=1)
+    await store.write("e1", 0, b"a" * SECTOR, epoch=0, generation=1)
+    await store.write("e1", 2 * BLOCK + 7, b"b", epoch=0, generation=2)
+    await store.write("e1", 3 * BLOCK, b"c" * BLOCK, epoch=0, generation=3)
+    await store.trim("e1", 9 * BLOCK, SECTOR, epoch=0, generation=3)
+    assert await store.modified_since("e1", 0) == [
+        (0, BLOCK),
+        (2 * BLOCK, 2 * BLOCK),
+        (9 * BLOCK, BLOCK),
+    ]
+    assert await store.modified_since("e1", 1) == [(2 * BLOCK, 2 * BLOCK), (9 * BLOCK, BLOCK)]
+    assert await store.modified_since("e1", 2) == [(3 * BLOCK, BLOCK), (9 * BLOCK, BLOCK)]
+    assert await store.modified_since("e1", 3) == []
+    assert (await store.stat("e1")).generation == 3
+    await store.set_generation("e1", 7)
+    assert (await store.stat("e1")).generation == 7
+
+
+async def test_trim_frees_whole_blocks_and_zeroes_partial_sectors(
+    store: ReplicaStore, root: Path
+) -> None:
+    await store.create("e1", 4 * MIB)
+    await store.write("e1", 0, pattern(4 * BLOCK), epoch=0, generation=1)
+    await store.flush()
+    used = (root / "e1.data").stat().st_blocks
+    await store.trim("e1", BLOCK, 2 * BLOCK, epoch=0, generation=2)
+    await store.write_zeroes("e1", 3 * BLOCK + 10, 20, epoch=0, generation=2)
+    st = await store.stat("e1")
+    assert st.allocated_bytes == 2 * BLOCK
+    assert st.valid_bytes == 2 * BLOCK
+    assert (root / "e1.data").stat().st_blocks <= used - 2 * BLOCK // 512
+    expected = bytearray(pattern(4 * BLOCK))
+    expected[BLOCK : 3 * BLOCK] = bytes(2 * BLOCK)
+    expected[3 * BLOCK + 10 : 3 * BLOCK + 30] = bytes(20)
+    assert await store.read("e1", 0, 4 * BLOCK) == expected
+    assert await store.allocation("e1") == [
+        (0, BLOCK, True),
+        (BLOCK, 2 * BLOCK, False),
+        (3 * BLOCK, BLOCK, True),
+        (4 * BLOCK, 4 * MIB - 4 * BLOCK, False),
+    ]
+
+
+async def test_metadata_survives_close_and_reopen(root: Path) -> None:
+    async with ReplicaStore(root) as s:
+        await s.create("e1", 4 * MIB, epoch=1)
+        await s.write("e1", 3 * SECTOR, pattern(3 * BLOCK), epoch=4, generation=6)
+        await s.trim("e1", 0, 4 * SECTOR, epoch=4, generation=7)
+        before = await s.allocation("e1")
+    async with ReplicaStore(root) as s:
+        assert await s.list_extents() == ["e1"]
+        st = await s.stat("e1")
+        assert (st.epoch, st.generation, st.valid_bytes) == (4, 7, 3 * BLOCK - SECTOR)
+        assert await s.allocation("e1") == before
+        assert await s.read("e1", 4 * SECTOR, 3 * BLOCK - SECTOR) == pattern(3 * BLOCK)[SECTOR:]
+        assert await s.modified_since("e1", 6) == [(0, BLOCK)]
+
+
+async def test_flushed_writes_survive_a_killed_process_without_checksum_errors(root: Path) -> None:
+    """The child flushes some writes, overwrites and trims more without flushing, and is
+    SIGKILLed: flushed data must be intact and nothing may fail its checksum."""
+    child = textwrap.dedent(
+        f"""
+        import asyncio, os, signal
+        from pathlib import Path
+        from aecp.storage.chunk.store import ReplicaStore
+        async def main():
+            s = ReplicaStore(Path({str(root)!r}))
+            await s.create("e1", 4 * 1024 * 1024)
+            await s.write("e1", 0, b"A" * 262144 * 4, epoch=1, generation=1)
+            await s.flush()
+            await s.write("e1", 0, b"B" * 262144, epoch=1, generation=2)
+            await s.write("e1", 262144 + 100, b"C" * 10, epoch=1, generation=2)
+            await s.trim("e1", 2 * 262144, 262144, epoch=1, generation=2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        asyncio.run(main())
+        """
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", child)
+    assert await proc.wait() == -9
+    async with ReplicaStore(root) as s:
+        assert await s.scrub("e1") == []
+        assert await s.read("e1", 3 * BLOCK, BLOCK) == b"A" * BLOCK
+        assert await s.read("e1", 0, BLOCK) in (b"A" * BLOCK, b"B" * BLOCK)
+        assert (await s.stat("e1")).epoch == 1
+
+
+async def test_compaction_keeps_everything(root: Path) -> None:
+    async with ReplicaStore(root) as s:
+        await s.create("e1", 4 * MIB)
+        rep = s._replicas["e1"]
+        rep.compact_at = 1024  # compact at nearly every flush
+        for i in range(40):
+            await s.write("e1", (i * 37 % 1024) * SECTOR, pattern(SECTOR, i), epoch=0, generation=i)
+            await s.flush("e1")
+        expected = await s.read("e1", 0, 4 * MIB)
+    async with ReplicaStore(root) as s:
+        assert await s.read("e1", 0, 4 * MIB) == expected
+        assert (await s.stat("e1")).generation == 39
+
+
+async def test_raw_blocks_copy_data_valid_sectors_and_modgens(root: Path) -> None:
+    async with ReplicaStore(root / "a") as a, ReplicaStore(root / "b") as b:
+        await a.create("e1", 4 * MIB)
+        await b.create("e1", 4 * MIB)
+        await a.write("e1", 5 * SECTOR, pattern(3 * SECTOR), epoch=0, generation=4)
+        await a.write("e1", 2 * BLOCK, pattern(BLOCK, 3), epoch=0, generation=5)
+        await b.write("e1", 0, b"stale" * 1000, epoch=0, generation=1)
+        await b.write("e1", 3 * BLOCK, b"stale" * 1000, epoch=0, generation=1)
+        raw = await a.read_raw("e1", 0, 4 * BLOCK)
+        assert len(raw.data) == 3 * SECTOR + BLOCK
+        await b.write_raw("e1", raw)
+        assert await b.read("e1", 0, 4 * MIB) == await a.read("e1", 0, 4 * MIB)
+        assert await b.allocation("e1") == await a.allocation("e1")
+        assert await b.modified_since("e1", 0) == await a.modified_since("e1", 0)
+        with pytest.raises(ChunkInvalid):
+            await b.write_raw("e1", RawBlocks(0, BLOCK, SECTOR, (1,), (0,), b""))
+
+
+async def test_concurrent_overlapping_writes_keep_checksums_consistent(store: ReplicaStore) -> None:
+    await store.create("e1", 4 * MIB)
+    writes = [
+        store.write("e1", 1000 + i * 3, pattern(6000, i), epoch=0, generation=1) for i in range(50)
+    ]
+    await asyncio.gather(*writes)
+    assert await store.scrub("e1") == []
+    assert len(await store.read("e1", 0, 16 * KIB)) == 16 * KIB
+
+
+async def test_a_cancelled_write_leaves_data_and_checksums_in_step(store: ReplicaStore) -> None:
+    await store.create("e1", 4 * MIB)
+    for i in range(20):
+        task = asyncio.ensure_future(store.write("e1", 0, pattern(BLOCK, i), epoch=0, generation=1))
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert await store.scrub("e1") == []
+
+
+async def test_create_is_idempotent_and_delete_removes_everything(
+    store: ReplicaStore, root: Path
+) -> None:
+    await store.create("e1", 4 * MIB)
+    await store.create("e1", 4 * MIB)
+    with pytest.raises(ExtentExists):
+        await store.create("e1", 8 * MIB)
+    await store.create("e2", 4 * MIB)
+    assert await store.list_extents() == ["e1", "e2"]
+    assert await store.exists("e1")
+    await store.delete("e1")
+    assert not await store.exists("e1")
+    assert sorted(p.name for p in root.iterdir()) == ["e2.data", "e2.jrnl", "e2.meta"]
+    for call in (store.stat("e1"), store.read("e1", 0, 1), store.delete("e1")):
+        with pytest.raises(ExtentNotFound):
+            await call
+
+
+@pytest.mark.parametrize(
+    ("offset", "length"), [(-1, 10), (4 * MIB - 1, 2), (4 * MIB + 1, 0), (0, -5)]
+)
+async def test_out_of_range_requests_are_refused_and_change_nothing(
+    store: ReplicaStore, offset: int, length: int
+) -> None:
+    await store.create("e1", 4 * MIB)
+    await store.write("e1", 0, b"x" * SECTOR, epoch=0, generation=1)
+    with pytest.raises(ChunkInvalid):
+        await store.read("e1", offset, length)
+    with pytest.raises(ChunkInvalid):
+        await store.trim("e1", offset, length, epoch=0, generation=2)
+    if length >= 0:
+        with pytest.raises(ChunkInvalid):
+            await store.write("e1", offset, b"y" * length, epoch=0, generation=2)
+    assert await store.read("e1", 0, SECTOR) == b"x" * SECTOR
+    assert (await store.stat("e1")).generation == 1
+
+
+@pytest.mark.parametrize("bad_id", ["", "UPPER", "a/b", "../e", "x" * 65, "e.1", "é"])
+async def test_bad_extent_ids_are_refused(store: ReplicaStore, bad_id: str) -> None:
+    with pytest.raises(ChunkInvalid):
+        await store.create(bad_id, 4 * MIB)
+    with pytest.raises(ChunkInvalid):
+        await store.read(bad_id, 0, 1)
+    assert await store.list_extents() == []
+
+
+@pytest.mark.parametrize("size", [0, -BLOCK, BLOCK + 1, 100])
+async def test_bad_sizes_and_versions_are_refused(store: ReplicaStore, size: int) -> None:
+    with pytest.raises(ChunkInvalid):
+        await store.create("e1", size)
+    await store.create("e2", BLOCK)
+    with pytest.raises(ChunkInvalid):
+        await store.write("e2", 0, b"x", epoch=-1, generation=0)
+    with pytest.raises(ChunkInvalid):
+        await store.repair("e2", 1, b"x" * SECTOR)
+    with pytest.raises(ChunkInvalid):
+        await store.read_raw("e2", SECTOR, BLOCK - SECTOR)
+    assert await store.list_extents() == ["e2"]
+
+
+def test_a_bad_geometry_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ChunkInvalid):
+        ReplicaStore(tmp_path, block_size=1024 * KIB, sector=4 * KIB)
+    with pytest.raises(ChunkInvalid):
+        ReplicaStore(tmp_path, block_size=256 * KIB, sector=3000)
