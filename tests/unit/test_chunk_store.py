@@ -123,10 +123,11 @@ async def test_fence_waits_for_writes_of_the_old_epoch_in_flight(store: ReplicaS
     ]
     await asyncio.sleep(0)
     await store.fence("e1", 2)
-    done = [w for w in writes if w.done()]
-    assert len(done) == len(writes)
-    for w in writes:
-        assert w.exception() is None or isinstance(w.exception(), StaleEpoch)
+    valid_when_fenced = (await store.stat("e1")).valid_bytes
+    results = await asyncio.gather(*writes, return_exceptions=True)
+    assert all(r is None or isinstance(r, StaleEpoch) for r in results)
+    assert valid_when_fenced == BLOCK * sum(r is None for r in results)
+    assert (await store.stat("e1")).valid_bytes == valid_when_fenced
 
 
 async def test_a_flipped_byte_is_caught_by_read_and_scrub_and_fixed_by_repair(

@@ -13,10 +13,12 @@ import contextlib
 import logging
 import os
 import signal
+from pathlib import Path
 
 from aecp.common import log as logsetup
 from aecp.common.clock import SYSTEM_CLOCK, Clock
-from aecp.common.errors import NotFound, Unavailable
+from aecp.common.errors import AecpError, NotFound, Unavailable
+from aecp.common.tasks import cancel
 from aecp.conf.settings import NodeSettings
 from aecp.node.lease import LeaseKeeper
 from aecp.storage.access import VolumeDevice, open_volume
@@ -32,6 +34,7 @@ from aecp.store.base import Lease, Store
 from aecp.store.etcd import EtcdStore
 
 log = logging.getLogger(__name__)
+REPORT_EVERY = 5.0
 
 
 class _Handle(BlockDevice):
@@ -105,6 +108,7 @@ class StorageDaemon:
                 await asyncio.sleep(1.0)
         await self.nbd.start()
         keeper = asyncio.create_task(self.keeper.run(), name=f"storage-lease-{self.node}")
+        report = asyncio.create_task(self._report_loop(), name=f"storage-report-{self.node}")
         log.info(
             "node %s: storage server up: replicas on %s:%d, NBD on %s:%d",
             self.node,
@@ -116,9 +120,7 @@ class StorageDaemon:
         try:
             await self._stop.wait()
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            await cancel(keeper, report)
             await self.nbd.stop()
             await self._close_exports()
             await self.chunk.stop()
@@ -129,9 +131,11 @@ class StorageDaemon:
         self._stop.set()
 
     async def _register(self, lease: Lease) -> None:
+        """Publish this server (and its free space) on ``lease``."""
         st = os.statvfs(self.s.chunk_dir)
         capacity = (self.s.storage.capacity_gib or 0) << 30 or st.f_blocks * st.f_frsize
-        free = min(capacity, st.f_bavail * st.f_frsize)
+        used = await asyncio.to_thread(_bytes_used, self.s.chunk_dir)
+        free = max(0, min(capacity - used, st.f_bavail * st.f_frsize))
         rec = StorageServer(
             node=self.node,
             address=self.s.address,
@@ -143,6 +147,15 @@ class StorageDaemon:
             chassis=self.s.storage.chassis,
         )
         await self.store.put(keys.abs_server(self.node), rec.dump(), lease=lease)
+
+    async def _report_loop(self) -> None:
+        """Refresh the published free space every few seconds (placement balances on it)."""
+        while True:
+            await asyncio.sleep(REPORT_EVERY)
+            lease = self.keeper.lease
+            if lease is not None and self.keeper.held():
+                with contextlib.suppress(AecpError):
+                    await self._register(lease)
 
     async def _lost(self, reason: str) -> None:
         log.warning(
@@ -194,6 +207,16 @@ class StorageDaemon:
             del self._exports[name]
         await dev.flush()
         await dev.close()
+
+
+def _bytes_used(root: Path) -> int:
+    """Bytes really allocated under ``root`` (sparse files count what they hold)."""
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(dirpath, f)).st_blocks * 512
+    return total
 
 
 async def run_storage(settings: NodeSettings) -> None:

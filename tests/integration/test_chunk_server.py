@@ -1,0 +1,265 @@
+"""ChunkServer and ChunkClient over real TCP on 127.0.46.1: pipelining, every operation of the
+contract (also through LocalChunkClient), errors across the wire, a server that stops or stalls
+mid-flight, and malformed frames."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aecp.storage.chunk.api import ReplicaClient
+from aecp.storage.chunk.client import ChunkClient, LocalChunkClient
+from aecp.storage.chunk.errors import (
+    ChecksumError,
+    ChunkInvalid,
+    ExtentExists,
+    ExtentNotFound,
+    ReplicaUnavailable,
+    StaleEpoch,
+)
+from aecp.storage.chunk.server import ChunkServer
+from aecp.storage.chunk.store import ReplicaStore
+
+pytestmark = pytest.mark.integration
+
+HOST = "127.0.46.1"
+MIB = 1 << 20
+BLOCK = 256 * 1024
+SECTOR = 4096
+
+
+class CountingStore(ReplicaStore):
+    """Records how many writes were inside the store at once."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.inside = 0
+        self.peak = 0
+
+    async def write(self, *args: Any, **kwargs: Any) -> None:
+        self.inside += 1
+        self.peak = max(self.peak, self.inside)
+        try:
+            await super().write(*args, **kwargs)
+        finally:
+            self.inside -= 1
+
+
+class StallingStore(ReplicaStore):
+    """Writes wait until ``release`` is set, so requests stay in flight; ``stalled`` is set
+    once ``expect`` writes are waiting."""
+
+    def __init__(self, root: Path, expect: int = 1) -> None:
+        super().__init__(root)
+        self.release = asyncio.Event()
+        self.stalled = asyncio.Event()
+        self.expect = expect
+        self.arrived = 0
+
+    async def write(self, *args: Any, **kwargs: Any) -> None:
+        self.arrived += 1
+        if self.arrived >= self.expect:
+            self.stalled.set()
+        await self.release.wait()
+        await super().write(*args, **kwargs)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[CountingStore]:
+    s = CountingStore(tmp_path / "node")
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def server(store: ReplicaStore) -> AsyncIterator[ChunkServer]:
+    srv = ChunkServer(store, HOST, 0)
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
+async def client(server: ChunkServer) -> AsyncIterator[ChunkClient]:
+    c = ChunkClient(HOST, server.port, timeout=30)
+    yield c
+    await c.close()
+
+
+@pytest.fixture(params=["tcp", "local"])
+async def replica(
+    request: pytest.FixtureRequest, store: ReplicaStore, client: ChunkClient
+) -> ReplicaClient:
+    return client if request.param == "tcp" else LocalChunkClient(store)
+
+
+def pattern(n: int, seed: int) -> bytes:
+    return bytes((i * 13 + seed) & 0xFF for i in range(n))
+
+
+async def test_64_pipelined_writes_on_one_connection_read_back(
+    client: ChunkClient, store: CountingStore
+) -> None:
+    await client.create("e1", 64 * MIB)
+    offsets = random.Random(7).sample(range(64 * MIB // SECTOR), 64)
+    await asyncio.gather(
+        *(
+            client.write("e1", o * SECTOR, pattern(SECTOR, i), epoch=1, generation=1)
+            for i, o in enumerate(offsets)
+        )
+    )
+    assert store.peak > 1
+    reads = await asyncio.gather(*(client.read("e1", o * SECTOR, SECTOR) for o in offsets))
+    assert reads == [pattern(SECTOR, i) for i in range(64)]
+    assert (await client.stat("e1")).valid_bytes == 64 * SECTOR
+
+
+async def test_every_operation_behaves_the_same_over_tcp_and_locally(
+    replica: ReplicaClient,
+) -> None:
+    await replica.ping()
+    await replica.create("e1", 4 * MIB, epoch=1, generation=1)
+    await replica.create("e1", 4 * MIB, epoch=1, generation=1)
+    await replica.write("e1", 0, pattern(3 * BLOCK, 1), epoch=1, generation=2, fua=True)
+    await replica.trim("e1", BLOCK, BLOCK, epoch=1, generation=3)
+    await replica.write_zeroes("e1", 10, 20, epoch=1, generation=3)
+    await replica.flush("e1")
+    await replica.flush()
+    expected = bytearray(pattern(3 * BLOCK, 1))
+    expected[BLOCK : 2 * BLOCK] = bytes(BLOCK)
+    expected[10:30] = bytes(20)
+    assert await replica.read("e1", 0, 3 * BLOCK) == expected
+    assert await replica.list_extents() == ["e1"]
+    stat = await replica.stat("e1")
+    assert (stat.epoch, stat.generation, stat.allocated_bytes) == (1, 3, 2 * BLOCK)
+    assert await replica.modified_since("e1", 2) == [(0, 2 * BLOCK)]
+    assert await replica.allocation("e1") == [
+        (0, BLOCK, True),
+        (BLOCK, BLOCK, False),
+        (2 * BLOCK, BLOCK, True),
+        (3 * BLOCK, 4 * MIB - 3 * BLOCK, False),
+    ]
+    raw = await replica.read_raw("e1", 0, 4 * BLOCK)
+    await replica.create("e2", 4 * MIB)
+    await replica.write_raw("e2", raw)
+    assert await replica.read("e2", 0, 4 * BLOCK) == await replica.read("e1", 0, 4 * BLOCK)
+    assert await replica.scrub("e1") == []
+    await replica.repair("e1", 0, pattern(SECTOR, 9))
+    assert await replica.read("e1", 0, SECTOR) == pattern(SECTOR, 9)
+    assert await replica.fence("e1", 4) == 4
+    await replica.set_generation("e1", 11)
+    assert (await replica.stat("e1")).generation == 11
+    await replica.delete("e2")
+    assert await replica.list_extents() == ["e1"]
+    await replica.close()
+    with pytest.raises(ReplicaUnavailable):
+        await replica.ping()
+
+
+async def test_errors_cross_the_wire_and_the_connection_goes_on(
+    client: ChunkClient, tmp_path: Path
+) -> None:
+    await client.create("e1", 4 * MIB, epoch=5)
+    with pytest.raises(StaleEpoch) as stale:
+        await client.write("e1", 0, b"x" * SECTOR, epoch=4, generation=1)
+    assert (stale.value.epoch, stale.value.stored) == (4, 5)
+    with pytest.raises(ExtentNotFound):
+        await client.read("nope", 0, 1)
+    with pytest.raises(ExtentExists):
+        await client.create("e1", 8 * MIB)
+    with pytest.raises(ChunkInvalid):
+        await client.read("e1", 4 * MIB - 1, 2)
+    with pytest.raises(ChunkInvalid):
+        await client.read("BAD/ID", 0, 1)
+    await client.write("e1", 0, pattern(SECTOR, 3), epoch=5, generation=1)
+    await client.flush("e1")
+    with (tmp_path / "node" / "e1.data").open("r+b") as f:
+        f.write(b"corrupt")
+    with pytest.raises(ChecksumError) as bad:
+        await client.read("e1", 0, SECTOR)
+    assert bad.value.sectors == [0]
+    assert await client.scrub("e1") == [0]
+    await client.ping()
+
+
+async def test_a_server_stopped_mid_flight_fails_pending_requests_then_the_client_reconnects(
+    tmp_path: Path,
+) -> None:
+    store = StallingStore(tmp_path / "node", expect=8)
+    server = ChunkServer(store, HOST, 0)
+    await server.start()
+    port = server.port
+    client = ChunkClient(HOST, port, timeout=30)
+    try:
+        await client.create("e1", 4 * MIB)
+        writes = [
+            asyncio.ensure_future(
+                client.write("e1", i * SECTOR, b"w" * SECTOR, epoch=1, generation=1)
+            )
+            for i in range(8)
+        ]
+        await store.stalled.wait()
+        await server.stop()
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert all(isinstance(r, ReplicaUnavailable) for r in results), results
+        store.release.set()
+        with pytest.raises(ReplicaUnavailable):
+            await client.ping()
+        server = ChunkServer(store, HOST, port)
+        await server.start()
+        await client.write("e1", 0, b"again" * 100, epoch=1, generation=2)
+        assert await client.read("e1", 0, 500) == b"again" * 100
+    finally:
+        await client.close()
+        await server.stop()
+        await store.close()
+
+
+async def test_a_request_that_times_out_fails_the_connection_and_the_next_call_reconnects(
+    tmp_path: Path,
+) -> None:
+    store = StallingStore(tmp_path / "node")
+    server = ChunkServer(store, HOST, 0)
+    await server.start()
+    client = ChunkClient(HOST, server.port, timeout=0.2)
+    try:
+        await client.create("e1", 4 * MIB)
+        ping = asyncio.ensure_future(client.ping())
+        with pytest.raises(ReplicaUnavailable, match="no answer"):
+            await client.write("e1", 0, b"x" * SECTOR, epoch=1, generation=1)
+        await ping
+        store.release.set()
+        await client.write("e1", 0, b"y" * SECTOR, epoch=1, generation=1)
+        assert await client.read("e1", 0, SECTOR) == b"y" * SECTOR
+    finally:
+        await client.close()
+        await server.stop()
+        await store.close()
+
+
+async def test_an_unreachable_server_raises_replica_unavailable() -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+    client = ChunkClient(HOST, port, timeout=2)
+    with pytest.raises(ReplicaUnavailable, match="cannot connect"):
+        await client.ping()
+    await client.close()
+
+
+async def test_a_malformed_frame_closes_that_connection_only(
+    server: ChunkServer, client: ChunkClient
+) -> None:
+    reader, writer = await asyncio.open_connection(HOST, server.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(64))
+    await writer.drain()
+    assert await reader.read() == b""
+    writer.close()
+    await writer.wait_closed()
+    await client.ping()

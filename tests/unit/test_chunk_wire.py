@@ -1,0 +1,224 @@
+"""The replica protocol codec: round trips of frames and payloads, any chunking of the byte
+stream, and arbitrary bytes never raising anything but ChunkProtocolError."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aecp.storage.chunk import wire
+from aecp.storage.chunk.api import RawBlocks, ReplicaStat
+from aecp.storage.chunk.errors import (
+    ChecksumError,
+    ChunkError,
+    ChunkInvalid,
+    ChunkIOError,
+    ChunkProtocolError,
+    ExtentExists,
+    ExtentNotFound,
+    StaleEpoch,
+)
+from aecp.storage.chunk.wire import Op, Request, Response, Status
+
+u64 = st.integers(0, 2**64 - 1)
+ID_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-"
+extent_ids = st.text(ID_CHARS, max_size=64)
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> Request:
+    op = draw(st.sampled_from(Op))
+    payload = draw(st.binary(max_size=300)) if op in wire.PAYLOAD_OPS else b""
+    length = len(payload) if op in (Op.WRITE, Op.REPAIR) else draw(u64)
+    return Request(
+        op=op,
+        request_id=draw(u64),
+        extent_id=draw(extent_ids),
+        offset=draw(u64),
+        length=length,
+        epoch=draw(u64),
+        generation=draw(u64),
+        flags=draw(st.sampled_from([0, wire.FLAG_FUA])),
+        payload=payload,
+    )
+
+
+responses = st.builds(
+    Response,
+    op=st.sampled_from(Op),
+    status=st.sampled_from(Status),
+    request_id=u64,
+    payload=st.binary(max_size=300),
+)
+
+
+def frame(parts: list[wire.Buffer]) -> bytes:
+    return b"".join(bytes(p) for p in parts)
+
+
+def feed_in_chunks(
+    decoder: wire.RequestDecoder | wire.ResponseDecoder, data: bytes, cuts: list[int]
+) -> list[object]:
+    out: list[object] = []
+    pos = 0
+    for cut in sorted(set(cuts)):
+        out += decoder.feed(data[pos:cut])
+        pos = cut
+    out += decoder.feed(data[pos:])
+    return out
+
+
+@given(st.lists(requests(), max_size=8), st.lists(st.integers(0, 4000), max_size=10))
+def test_requests_round_trip_whatever_the_chunking(reqs: list[Request], cuts: list[int]) -> None:
+    data = b"".join(frame(r.encode()) for r in reqs)
+    cuts = [c for c in cuts if c <= len(data)]
+    assert feed_in_chunks(wire.RequestDecoder(), data, cuts) == reqs
+
+
+@given(st.lists(responses, max_size=8), st.lists(st.integers(0, 4000), max_size=10))
+def test_responses_round_trip_whatever_the_chunking(resps: list[Response], cuts: list[int]) -> None:
+    data = b"".join(frame(r.encode()) for r in resps)
+    cuts = [c for c in cuts if c <= len(data)]
+    assert feed_in_chunks(wire.ResponseDecoder(), data, cuts) == resps
+
+
+@given(st.binary(max_size=2000), st.lists(st.integers(0, 2000), max_size=6))
+def test_arbitrary_bytes_never_raise_anything_but_a_protocol_error(
+    data: bytes, cuts: list[int]
+) -> None:
+    for decoder in (wire.RequestDecoder(), wire.ResponseDecoder()):
+        with contextlib.suppress(ChunkProtocolError):
+            feed_in_chunks(decoder, data, [c for c in cuts if c <= len(data)])
+
+
+@given(
+    st.binary(min_size=0, max_size=200), st.sampled_from([wire.REQUEST_MAGIC, wire.RESPONSE_MAGIC])
+)
+def test_a_valid_magic_followed_by_garbage_is_handled(tail: bytes, magic: int) -> None:
+    data = struct.pack("!I", magic) + tail
+    for decoder in (wire.RequestDecoder(), wire.ResponseDecoder()):
+        try:
+            decoder.feed(data)
+        except ChunkProtocolError:
+            with pytest.raises(ChunkProtocolError):
+                decoder.feed(b"")
+
+
+def test_malformed_frames_are_protocol_errors() -> None:
+    good = frame(Request(Op.READ, 1, "e1", 0, 4096).encode())
+    cases = {
+        "magic": b"XXXX" + good[4:],
+        "op": good[:4] + bytes([99]) + good[5:],
+        "flags": good[:5] + bytes([0x80]) + good[6:],
+        "id_len": good[:6] + bytes([65]) + good[7:],
+        "reserved": good[:7] + bytes([1]) + good[8:],
+        "payload on READ": good[:-6] + struct.pack("!I", 1) + b"e1" + b"x",
+        "oversized": frame(Request(Op.WRITE, 1, "e1").encode())[:-6]
+        + struct.pack("!I", wire.MAX_PAYLOAD + 1)
+        + b"e1",
+    }
+    for name, data in cases.items():
+        with pytest.raises(ChunkProtocolError):
+            wire.RequestDecoder().feed(data)
+            pytest.fail(f"{name} was accepted")
+
+
+def test_a_write_whose_length_differs_from_its_payload_is_malformed() -> None:
+    data = frame(wire.encode_request(Op.WRITE, 1, "e1", 0, 5, 0, 0, 0, b"abcd"))
+    with pytest.raises(ChunkProtocolError):
+        wire.RequestDecoder().feed(data)
+
+
+def test_a_broken_decoder_stays_broken() -> None:
+    decoder = wire.ResponseDecoder()
+    with pytest.raises(ChunkProtocolError):
+        decoder.feed(b"\0" * 64)
+    with pytest.raises(ChunkProtocolError):
+        decoder.feed(frame(Response(Op.PING, Status.OK, 1).encode()))
+
+
+def test_request_fields_out_of_range_are_refused_before_sending() -> None:
+    with pytest.raises(ChunkInvalid):
+        wire.encode_request(Op.READ, 1, "e1", -1, 10)
+    with pytest.raises(ChunkInvalid):
+        wire.encode_request(Op.READ, 1, "x" * 65)
+    with pytest.raises(ChunkInvalid):
+        wire.encode_request(Op.READ, 1, "é")
+
+
+@given(st.builds(ReplicaStat, u64, u64, u64, u64, u64))
+def test_stat_round_trips(stat: ReplicaStat) -> None:
+    assert wire.decode_stat(wire.encode_stat(stat)) == stat
+
+
+@given(st.lists(st.text(ID_CHARS, min_size=1, max_size=64), max_size=20))
+def test_id_lists_round_trip(ids: list[str]) -> None:
+    assert wire.decode_ids(wire.encode_ids(ids)) == ids
+
+
+@given(st.lists(st.tuples(u64, u64), max_size=20))
+def test_ranges_round_trip(ranges: list[tuple[int, int]]) -> None:
+    assert wire.decode_ranges(wire.encode_ranges(ranges)) == ranges
+
+
+@given(st.lists(st.tuples(u64, u64, st.booleans()), max_size=20))
+def test_runs_round_trip(runs: list[tuple[int, int, bool]]) -> None:
+    assert wire.decode_runs(wire.encode_runs(runs)) == runs
+
+
+@given(st.lists(u64, max_size=20))
+def test_sector_lists_round_trip(sectors: list[int]) -> None:
+    assert wire.decode_sectors(wire.encode_sectors(sectors)) == sectors
+
+
+@st.composite
+def raw_blocks(draw: st.DrawFn) -> RawBlocks:
+    n = draw(st.integers(0, 4))
+    bitmaps = tuple(draw(st.lists(st.integers(0, 2**64 - 1), min_size=n, max_size=n)))
+    modgens = tuple(draw(st.lists(u64, min_size=n, max_size=n)))
+    return RawBlocks(draw(u64), 256 * 1024, 4096, bitmaps, modgens, draw(st.binary(max_size=64)))
+
+
+@given(raw_blocks())
+def test_raw_blocks_round_trip(raw: RawBlocks) -> None:
+    assert wire.decode_raw(wire.encode_raw(raw)) == raw
+
+
+@given(st.binary(max_size=100))
+def test_payload_decoders_raise_only_protocol_errors(data: bytes) -> None:
+    decoders = [
+        wire.decode_stat,
+        wire.decode_ids,
+        wire.decode_u64,
+        wire.decode_ranges,
+        wire.decode_runs,
+        wire.decode_sectors,
+        wire.decode_raw,
+        lambda p: wire.decode_error(Status.CHECKSUM, p, "e1", 0),
+    ]
+    for decode in decoders:
+        with contextlib.suppress(ChunkProtocolError):
+            decode(data)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        StaleEpoch("e1", 3, 7),
+        ChecksumError("e1", [5, 9]),
+        ExtentNotFound("e1"),
+        ExtentExists("e1", "exists with size 4"),
+        ChunkInvalid("bad range"),
+        ChunkIOError("disk full", 28),
+        ChunkError("something else"),
+    ],
+)
+def test_errors_cross_the_wire_with_their_class_and_fields(error: ChunkError) -> None:
+    status, payload = wire.encode_error(error)
+    again = wire.decode_error(status, payload, "e1", 3)
+    assert type(again) is type(error)
+    assert again.fields == error.fields
