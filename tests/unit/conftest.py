@@ -68,3 +68,6 @@ async def images_dir(tmp_path: Path, store: MemoryStore) -> Path:
 async def dump_store(store: MemoryStore) -> dict[str, bytes]:
     """Everything stored, to check that a refused request changed nothing."""
     return {kv.key: kv.value for kv in await store.list("/")}
+
+
+from tests.unit.abskit import cluster as cluster  # noqa: E402 - the fixture, re-exported

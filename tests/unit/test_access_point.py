@@ -4,75 +4,14 @@ generation bump, fencing by epoch, and repair of a corrupt replica from a good o
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from aecp.storage.access import VolumeDevice, open_volume, split
+from aecp.storage.access import split
 from aecp.storage.blockdev import Allocation, Fenced, InvalidRequest
-from aecp.storage.chunk.errors import ReplicaUnavailable
 from aecp.storage.chunk.store import ReplicaStore
-from aecp.storage.meta.model import MIB, StorageServer
-from aecp.storage.meta.service import MetaService
-from aecp.storage.pool import ReplicaPool
-from aecp.store import keys
-from aecp.store.memory import MemoryStore
-
-EXTENT = 1 * MIB
-
-
-class Flaky:
-    """A replica whose node can be switched off: every call then raises ReplicaUnavailable."""
-
-    def __init__(self, store: ReplicaStore) -> None:
-        self.store = store
-        self.down = False
-
-    def __getattr__(self, name: str) -> Any:
-        target = getattr(self.store, name)
-
-        async def call(*args: Any, **kw: Any) -> Any:
-            if self.down:
-                raise ReplicaUnavailable("test-node", "switched off by the test")
-            return await target(*args, **kw)
-
-        return call
-
-
-class Cluster:
-    def __init__(self, store: MemoryStore, stores: dict[str, ReplicaStore]) -> None:
-        self.meta = MetaService(store, extent_size=EXTENT)
-        self.store = store
-        self.replicas = {n: Flaky(s) for n, s in stores.items()}
-        self.pool = ReplicaPool(self.meta)
-        for n, f in self.replicas.items():
-            self.pool.add(n, f)  # type: ignore[arg-type]
-
-    async def open(self, name: str, node: str = "n1", takeover: bool = False) -> VolumeDevice:
-        lease = await self.store.grant_lease(60)
-        return await open_volume(self.meta, self.pool, node, name, lease, takeover=takeover)
-
-
-@pytest.fixture
-async def cluster(store: MemoryStore, tmp_path: Path) -> AsyncIterator[Cluster]:
-    stores = {}
-    for i in (1, 2, 3):
-        n = f"n{i}"
-        stores[n] = ReplicaStore(tmp_path / n, block_size=64 * 1024)
-        rec = StorageServer(
-            node=n,
-            address="127.0.9.9",
-            chunk_port=1,
-            nbd_port=2,
-            capacity_bytes=1 << 30,
-            free_bytes=(1 << 30) - i,
-        )
-        await store.put(keys.abs_server(n), rec.dump())
-    yield Cluster(store, stores)
-    for s in stores.values():
-        await s.close()
+from tests.unit.abskit import EXTENT, Cluster
 
 
 def test_requests_are_cut_at_extent_boundaries() -> None:

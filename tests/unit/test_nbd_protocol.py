@@ -495,6 +495,22 @@ def test_a_write_payload_cut_off_by_eof_is_never_applied() -> None:
     assert h.device.calls == []
 
 
+def test_a_large_write_arriving_in_pieces_lands_whole_and_a_cut_one_never() -> None:
+    h = Harness()
+    h.go()
+    payload = bytes(range(256)) * 800  # 200 KiB: collected in pieces, joined once
+    stream = p.encode_request(p.Cmd.WRITE, 1, 4096, len(payload), payload=payload)
+    stream += p.encode_request(p.Cmd.FLUSH, 2)
+    for i in range(0, len(stream), 7000):
+        h.send(stream[i : i + 7000])
+    assert [h.simple_reply() for _ in range(2)] == [(0, 1), (0, 2)]
+    assert bytes(h.device.data[4096 : 4096 + len(payload)]) == payload
+    h.send(p.encode_request(p.Cmd.WRITE, 3, 0, len(payload), payload=payload[:-1]))
+    with pytest.raises(p.ProtocolError, match="1 bytes missing"):
+        h.session.parser.eof()
+    assert len(h.device.calls) == 2
+
+
 def test_disc_ends_parsing_and_a_clean_eof_is_fine() -> None:
     parser = p.ServerParser()
     parser.enter_transmission(p.ExportParams(size=SIZE))
@@ -545,11 +561,12 @@ def feed_in_pieces(parser: p.ServerParser, data: bytes, sizes: list[int]) -> lis
 
 
 @settings(max_examples=300)
-@given(export=export_params, data=st.binary(max_size=600), sizes=splits)
+@given(export=export_params, data=st.binary(max_size=600), sizes=splits, small=st.booleans())
 def test_arbitrary_bytes_in_transmission_never_yield_a_write_outside_the_device(
-    export: p.ExportParams, data: bytes, sizes: list[int]
+    export: p.ExportParams, data: bytes, sizes: list[int], small: bool
 ) -> None:
     parser = p.ServerParser()
+    parser.collect_min = 8 if small else parser.collect_min
     parser.enter_transmission(export)
     try:
         events = feed_in_pieces(parser, data, sizes)
@@ -613,9 +630,9 @@ requests = st.lists(
 
 
 @settings(max_examples=300)
-@given(reqs=requests, sizes=splits)
+@given(reqs=requests, sizes=splits, collect_min=st.sampled_from([1, 100, 64 * 1024]))
 def test_a_valid_request_stream_split_anywhere_parses_to_the_same_requests(
-    reqs: list[tuple[int, int, int, int]], sizes: list[int]
+    reqs: list[tuple[int, int, int, int]], sizes: list[int], collect_min: int
 ) -> None:
     expected, stream = [], b""
     for cmd, cookie, offset, length in reqs:
@@ -623,6 +640,7 @@ def test_a_valid_request_stream_split_anywhere_parses_to_the_same_requests(
         expected.append(p.Request(0, cmd, cookie, offset, length, payload, 0))
         stream += p.encode_request(cmd, cookie, offset, length, payload=payload or b"")
     parser = p.ServerParser()
+    parser.collect_min = collect_min  # large payloads are gathered in pieces, small ones buffered
     parser.enter_transmission(p.ExportParams(size=4096))
     assert feed_in_pieces(parser, stream, sizes) == expected
     parser.eof()

@@ -62,6 +62,17 @@ class StorageSettings(BaseModel):
     capacity_gib: int | None = Field(None, ge=1, description="space offered (default: disk)")
     rack: str = ""
     chassis: str = ""
+    recovery_grace_s: float = Field(
+        600,
+        ge=0,
+        description="wait this long for a failed replica's node before copying "
+        "its data elsewhere (a node back in time only catches up what it missed)",
+    )
+    recovery_mib_s: float = Field(64, gt=0, description="recovery copy rate limit per volume")
+    recovery_interval_s: float = Field(
+        5, gt=0, description="how often degraded extents are looked at"
+    )
+    scrub_interval_s: float = Field(3600, gt=0, description="re-verify every replica this often")
 
 
 class NodeSettings(BaseModel):

@@ -87,6 +87,12 @@ class VolumeDevice(BlockDevice):
         self._slot_locks: dict[int, asyncio.Lock] = {}
         self._dirty: set[str] = set()
         self._fenced: str = ""
+        # recovery (see ``begin_join``): writes in flight per extent, the copy lock of an extent
+        # being repaired, and the replica joining it (receives live writes while it copies)
+        self._active: dict[str, int] = {}
+        self._copy_locks: dict[str, asyncio.Lock] = {}
+        self._joining: dict[str, str] = {}
+        self._join_failed: set[str] = set()
 
     # ---- reads --------------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes:
@@ -209,18 +215,38 @@ class VolumeDevice(BlockDevice):
     async def _replicate(self, ext_id: str, op: ReplicaOp, dirty: bool = True) -> None:
         """Run ``op`` on every valid replica; drop the unreachable ones and redo ``op`` on the
         rest under the new generation. Raises ``Fenced`` on a stale epoch, ``BlockError`` if no
-        replica is left."""
-        if dirty:
-            self._dirty.add(ext_id)
+        replica is left. Mutations (``dirty``) also go to a joining replica, and wait while a
+        recovery copy of the extent holds its copy lock."""
+        if not dirty:
+            return await self._replicate_now(ext_id, op, joining=False)
+        self._dirty.add(ext_id)
+        lock = self._copy_locks.get(ext_id)
+        if lock is not None:
+            async with lock:
+                return await self._replicate_now(ext_id, op, joining=True)
+        self._active[ext_id] = self._active.get(ext_id, 0) + 1
+        try:
+            await self._replicate_now(ext_id, op, joining=True)
+        finally:
+            self._active[ext_id] -= 1
+
+    async def _replicate_now(self, ext_id: str, op: ReplicaOp, joining: bool) -> None:
         while True:
             ext = await self._extent(ext_id)
-            clients = [await self._client_or_none(n) for n in ext.replicas]
+            targets = list(ext.replicas)
+            joiner = self._joining.get(ext_id) if joining else None
+            if joiner is not None:
+                targets.append(joiner)
+            clients = [await self._client_or_none(n) for n in targets]
             results = await asyncio.gather(
                 *(op(c, ext) if c else _unavailable() for c in clients), return_exceptions=True
             )
             failed = []
-            for node, res in zip(ext.replicas, results, strict=True):
-                if isinstance(res, StaleEpoch):
+            for node, res in zip(targets, results, strict=True):
+                if node == joiner:
+                    if isinstance(res, BaseException):
+                        self._join_failed.add(ext_id)
+                elif isinstance(res, StaleEpoch):
                     self._fence(str(res))
                 elif isinstance(res, ReplicaUnavailable | ChunkIOError):
                     failed.append(node)
@@ -235,6 +261,51 @@ class VolumeDevice(BlockDevice):
                 )
             for node in failed:
                 self._extents[ext_id] = await self.meta.drop_replica(ext_id, node)
+
+    # ---- recovery support (used by ``storage.recovery``) --------------------------------
+    async def begin_join(self, ext_id: str, node: str) -> None:
+        """From now on live writes of the extent also go to ``node``; returns once every write
+        that started before is done (so a copy listed afterwards misses nothing)."""
+        lock = self._copy_locks.setdefault(ext_id, asyncio.Lock())
+        async with lock:
+            while self._active.get(ext_id, 0):
+                await asyncio.sleep(0.001)
+            self._join_failed.discard(ext_id)
+            self._joining[ext_id] = node
+
+    async def copy_range(
+        self, ext_id: str, src: ReplicaClient, dst: ReplicaClient, offset: int, length: int
+    ) -> None:
+        """Copy whole blocks from ``src`` to ``dst`` while no live write touches the extent."""
+        lock = self._copy_locks[ext_id]
+        async with lock:
+            raw = await src.read_raw(ext_id, offset, length)
+            await dst.write_raw(ext_id, raw)
+
+    def join_failed(self, ext_id: str) -> bool:
+        return ext_id in self._join_failed
+
+    async def end_join(
+        self, ext_id: str, admit: Callable[[], Awaitable[ExtentRecord]] | None
+    ) -> None:
+        """Stop sending live writes to the joining replica. ``admit`` (run while no write can
+        touch the extent) records it as valid and returns the new extent record; None aborts."""
+        lock = self._copy_locks[ext_id]
+        try:
+            async with lock:
+                if admit is not None and ext_id not in self._join_failed:
+                    self._extents[ext_id] = await admit()
+        finally:
+            self._joining.pop(ext_id, None)
+            self._join_failed.discard(ext_id)
+            self._copy_locks.pop(ext_id, None)
+
+    def refresh(self, vol: VolumeRecord, extents: dict[str, ExtentRecord]) -> None:
+        """Adopt the metadata Meta holds now (the recovery loop reads it every pass)."""
+        self.vol = vol
+        for ext_id in self._extents.keys() & extents.keys():
+            if ext_id not in self._copy_locks:
+                self._extents[ext_id] = extents[ext_id]
 
     async def _client_or_none(self, node: str) -> ReplicaClient | None:
         try:

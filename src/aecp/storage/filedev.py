@@ -1,13 +1,17 @@
 """``FileDevice``: a ``BlockDevice`` over a local (sparse) file — the baseline device behind NBD
 tests and benchmarks.
 
-I/O runs on a small dedicated thread pool (``_IoPool``), never on the event loop, except small
-reads that ``preadv2(RWF_NOWAIT)`` can serve from the page cache without blocking (where the
-file system supports it). Durability: ``flush`` is ``fdatasync``; a FUA write is a
-``pwritev2(RWF_DSYNC)``. ``trim`` and ``write_zeroes`` punch holes with
-``fallocate(PUNCH_HOLE|KEEP_SIZE)`` (``ZERO_RANGE`` when holes are not allowed), falling back
-to writing zeros. ``block_status`` walks ``SEEK_DATA``/``SEEK_HOLE``. Several ``FileDevice``
-objects may open the same file: they share the page cache, so ``multi_conn`` holds.
+I/O runs on a small dedicated thread pool (``_IoPool``) so the event loop never waits for a
+disk. Two exceptions, both for requests of at most 64 KiB, where the data is in memory and the
+call is a memory copy: reads that ``preadv2(RWF_NOWAIT)`` serves from the page cache (it fails
+instead of waiting), and reads and writes of files on a memory file system (tmpfs, ramfs: there
+is no device to wait for; ``inline_io`` turns this off or forces it).
+
+Durability: ``flush`` is ``fdatasync``; a FUA write is a ``pwritev2(RWF_DSYNC)``. ``trim`` and
+``write_zeroes`` punch holes with ``fallocate(PUNCH_HOLE|KEEP_SIZE)`` (``ZERO_RANGE`` when holes
+are not allowed), falling back to writing zeros. ``block_status`` walks ``SEEK_DATA`` and
+``SEEK_HOLE``. Several ``FileDevice`` objects may open the same file: they share the page
+cache, so ``multi_conn`` holds.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ _Job = tuple["asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
-NOWAIT_MAX = 64 * 1024  # reads up to this size may be tried inline with RWF_NOWAIT
+INLINE_MAX = 64 * 1024  # I/O up to this size may run on the loop (see the module docstring)
+MEMORY_FS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}  # statfs f_type magic numbers
 ZERO_CHUNK = 1 << 20
 MAX_SPANS = 1024  # block_status returns at most this many spans per call
 _HOLE = Allocation.HOLE | Allocation.ZERO
@@ -49,6 +54,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+
+
+def fs_type(fd: int) -> int:
+    """The file system magic (``statfs.f_type``) of an open file."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first word
+    if _libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ctypes.c_long.from_buffer(buf).value
 
 
 class _IoPool:
@@ -154,17 +168,30 @@ class FileDevice(BlockDevice):
 
     multi_conn = True
 
-    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False, workers: int = 4):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        read_only: bool = False,
+        workers: int = 4,
+        inline_io: bool | None = None,
+    ) -> None:
+        """Open ``path``; ``inline_io``: small I/O on the loop (None: only on tmpfs/ramfs)."""
         self.path = Path(path)
         self.read_only = read_only
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         self._fd = os.open(self.path, flags)
-        size = os.fstat(self._fd).st_size
-        if size % 512:
+        try:
+            size = os.fstat(self._fd).st_size
+            if size % 512:
+                raise InvalidInput("path", f"{self.path} is {size} bytes, not a multiple of 512")
+            memory = fs_type(self._fd) in MEMORY_FS
+        except BaseException:
             os.close(self._fd)
-            raise InvalidInput("path", f"{self.path} is {size} bytes, not a multiple of 512")
+            raise
         self.size = size
         self._pool = _IoPool(workers)
+        self._inline = memory if inline_io is None else inline_io
         self._nowait = True
         self._closed = False
 
@@ -178,29 +205,39 @@ class FileDevice(BlockDevice):
 
     async def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
-        if self._nowait and length <= NOWAIT_MAX:
-            data = self._read_nowait(offset, length)
+        if length <= INLINE_MAX:
+            data = self._read_inline(offset, length)
             if data is not None:
                 return data
         return await self._run(_pread, self._fd, offset, length)
 
-    def _read_nowait(self, offset: int, length: int) -> bytes | None:
-        """The data if the page cache has it all now, else None (never blocks)."""
-        buf = bytearray(length)
+    def _read_inline(self, offset: int, length: int) -> bytes | None:
+        """The data if it can be had without waiting, else None (never blocks)."""
         try:
+            if self._inline:
+                return _pread(self._fd, offset, length)
+            if not self._nowait:
+                return None
+            buf = bytearray(length)
             n = os.preadv(self._fd, [buf], offset, os.RWF_NOWAIT)
         except BlockingIOError:
             return None
         except OSError as e:
-            if e.errno in _NOT_SUPPORTED:
-                self._nowait = False  # e.g. tmpfs: always use the pool
+            if e.errno in _NOT_SUPPORTED and not self._inline:
+                self._nowait = False  # this file system cannot say "not now": use the pool
                 return None
             raise _block_error(e, "read", offset) from e
         return bytes(buf) if n == length else None
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         self._check(offset, len(data), write=True)
-        await self._run(_pwrite, self._fd, offset, data, os.RWF_DSYNC if fua else 0)
+        flags = os.RWF_DSYNC if fua else 0
+        if self._inline and len(data) <= INLINE_MAX:
+            try:
+                return _pwrite(self._fd, offset, data, flags)
+            except OSError as e:
+                raise _block_error(e, "write", offset) from e
+        await self._run(_pwrite, self._fd, offset, data, flags)
 
     async def flush(self) -> None:
         self._check(0, 0)

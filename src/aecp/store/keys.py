@@ -15,6 +15,7 @@
     /aecp/abs/volumes/<volume>         VolumeRecord: size, factor, extent table, epoch
     /aecp/abs/extents/<extent>         ExtentRecord: valid replicas, generation, stale replicas
     /aecp/abs/attach/<volume>          AttachRecord: the access point serving it (on its lease)
+    /aecp/abs/recovery/<extent>        RecoveryRecord: a recovery copy and its progress
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ABS_SERVERS = ROOT + "abs/servers/"
 ABS_VOLUMES = ROOT + "abs/volumes/"
 ABS_EXTENTS = ROOT + "abs/extents/"
 ABS_ATTACH = ROOT + "abs/attach/"
+ABS_RECOVERY = ROOT + "abs/recovery/"
 
 
 def node(name: str) -> str:
@@ -98,3 +100,7 @@ def abs_extent(extent_id: str) -> str:
 
 def abs_attach(volume: str) -> str:
     return ABS_ATTACH + volume
+
+
+def abs_recovery(extent_id: str) -> str:
+    return ABS_RECOVERY + extent_id

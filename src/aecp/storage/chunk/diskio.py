@@ -26,7 +26,11 @@ if _fallocate is not None:
 
 
 def pwrite_all(fd: int, data: Buffer, offset: int) -> None:
-    view = memoryview(data)
+    n = os.pwrite(fd, data, offset)
+    if n == len(data):
+        return
+    view = memoryview(data)[n:]
+    offset += n
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
@@ -64,6 +68,10 @@ def check_sectors(
 ) -> tuple[list[int], list[int]]:
     """Verify the valid sectors of ``raw`` (sector ``first`` onwards): (bad sector indexes,
     positions in ``raw`` of invalid sectors)."""
+    if len(bits) == 1:
+        if not bits[0]:
+            return [], [0]
+        return ([] if zlib.crc32(raw) == crcs[0] else [first]), []
     view = memoryview(raw)
     bad: list[int] = []
     holes: list[int] = []

@@ -70,14 +70,13 @@ class IoPool:
         lane: int | None = None,
     ) -> asyncio.Future[T]:
         """Run ``fn(*args)`` in a worker; ``done(result, exception)`` then runs on the loop
-        thread before the future resolves. Must be called from the event-loop thread."""
+        thread before the future resolves. Must be called from the thread of the event loop the
+        pool serves (the loop of its first ``submit``; no check is made later, for speed)."""
         if self._closed:
             raise RuntimeError("IoPool is closed")
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-        elif self._loop is not loop:
-            raise RuntimeError("an IoPool serves one event loop")
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         q = self._shared if lane is None else self._lanes[lane % len(self._lanes)]
         q.put((fut, done, fn, args))

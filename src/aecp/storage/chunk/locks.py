@@ -23,9 +23,22 @@ class BlockLocks:
         #: requests holding a lock
         self.active = 0
 
+    def try_acquire(self, first: int, last: int, exclusive: bool) -> bool:
+        """Take the lock if that needs no waiting."""
+        if last - first == 1 and not self._waiting:
+            n = self._held.get(first)
+            if n is None or (n > 0 and not exclusive):
+                self._held[first] = -1 if exclusive else (n or 0) + 1
+                self.active += 1
+                return True
+            return False
+        if self._conflicts(first, last, exclusive) or self._queued_over(first, last):
+            return False
+        self._take(first, last, exclusive)
+        return True
+
     async def acquire(self, first: int, last: int, exclusive: bool) -> None:
-        if not self._conflicts(first, last, exclusive) and not self._queued_over(first, last):
-            self._take(first, last, exclusive)
+        if self.try_acquire(first, last, exclusive):
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiter = (first, last, exclusive, fut)
@@ -44,14 +57,14 @@ class BlockLocks:
         held = self._held
         for b in range(first, last):
             n = held[b]
-            if exclusive or n == 1:
+            if n == 1 or exclusive:
                 del held[b]
             else:
                 held[b] = n - 1
         self.active -= 1
         if self._waiting:
             self._grant()
-        if self.active == 0:
+        if self._idle and not self.active:
             idle, self._idle = self._idle, []
             for fut in idle:
                 if not fut.done():

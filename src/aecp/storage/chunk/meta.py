@@ -200,7 +200,7 @@ class ReplicaMeta:
         spb, sector = self.spb, first_sector
         while sector < end:
             block = sector // spb
-            stop = min(end, (block + 1) * spb)
+            stop = end if end <= (block + 1) * spb else (block + 1) * spb
             self.bitmaps[block] |= ((1 << (stop - sector)) - 1) << (sector - block * spb)
             if modgen is not None and self.modgens[block] < modgen:
                 self.modgens[block] = modgen

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aecp.storage.chunk import files
-from aecp.storage.chunk.api import Buffer, RawBlocks, ReplicaStat
+from aecp.storage.chunk.api import U64_MAX, Buffer, RawBlocks, ReplicaStat
 from aecp.storage.chunk.diskio import read_blocks, write_blocks, write_sectors
 from aecp.storage.chunk.errors import (
     ChecksumError,
@@ -158,28 +158,34 @@ class ReplicaStore:
         generation: int,
         fua: bool = False,
     ) -> None:
-        rep = await self._get(extent_id)
-        view = data if isinstance(data, bytes) else memoryview(data).cast("B")
-        check_range(rep, offset, len(view))
-        check_u64(epoch=epoch, generation=generation)
-        if view:
+        rep = self._replicas.get(extent_id)
+        if rep is None or rep.deleted:
+            rep = await self._get(extent_id)
+        view = data if type(data) is bytes else memoryview(data).cast("B")
+        length = len(view)
+        if not (offset >= 0 and offset + length <= rep.meta.size):
+            check_range(rep, offset, length)
+        if not (0 <= epoch <= U64_MAX and 0 <= generation <= U64_MAX):
+            check_u64(epoch=epoch, generation=generation)
+        if length:
             plan = lambda: plan_write(rep, offset, view, generation)  # noqa: E731
-            await self._locked(rep, offset, len(view), mutate=True, epoch=epoch, prepare=plan)
+            await self._locked(rep, offset, length, True, epoch, plan)
         else:
             await self._admit(rep, epoch)
         if fua:
             await self._flush_one(rep)
 
     async def read(self, extent_id: str, offset: int, length: int) -> bytes:
-        rep = await self._get(extent_id)
-        check_range(rep, offset, length)
-        first, last = self._blocks(offset, length)
-        if not length or not rep.meta.any_valid(first, last):
+        rep = self._replicas.get(extent_id)
+        if rep is None or rep.deleted:
+            rep = await self._get(extent_id)
+        if not (offset >= 0 and length >= 0 and offset + length <= rep.meta.size):
+            check_range(rep, offset, length)
+        bs = self.block_size
+        if not length or not rep.meta.any_valid(offset // bs, (offset + length - 1) // bs + 1):
             return bytes(length)
         plan = lambda: plan_read(rep, offset, length)  # noqa: E731
-        data: bytes = await self._locked(
-            rep, offset, length, mutate=False, epoch=None, prepare=plan
-        )
+        data: bytes = await self._locked(rep, offset, length, False, None, plan)
         return data
 
     async def trim(
@@ -192,7 +198,7 @@ class ReplicaStore:
             await self._admit(rep, epoch)
             return
         plan = lambda: plan_trim(rep, offset, length, generation)  # noqa: E731
-        await self._locked(rep, offset, length, mutate=True, epoch=epoch, prepare=plan)
+        await self._locked(rep, offset, length, True, epoch, plan)
 
     async def write_zeroes(
         self, extent_id: str, offset: int, length: int, *, epoch: int, generation: int
@@ -249,7 +255,7 @@ class ReplicaStore:
             crcs = meta.crcs[first * meta.spb : last * meta.spb]
             return read_blocks, (rep.id, rep.data_fd, offset, bs, sec, bitmaps, crcs), None
 
-        data = await self._locked(rep, offset, length, mutate=False, epoch=None, prepare=plan)
+        data = await self._locked(rep, offset, length, False, None, plan)
         return RawBlocks(offset, bs, sec, seen[0][0], seen[0][1], data)
 
     async def write_raw(self, extent_id: str, raw: RawBlocks) -> None:
@@ -268,7 +274,7 @@ class ReplicaStore:
             for i, block_crcs in enumerate(crcs):
                 meta.set_block(first + i, raw.bitmaps[i], raw.modgens[i], block_crcs)
 
-        await self._locked(rep, raw.offset, raw.length, mutate=True, epoch=None, prepare=plan)
+        await self._locked(rep, raw.offset, raw.length, True, None, plan)
 
     async def scrub(self, extent_id: str) -> list[int]:
         rep = await self._get(extent_id)
@@ -297,7 +303,7 @@ class ReplicaStore:
             args = (rep.id, rep.data_fd, offset, view, self.sector, None, None)
             return write_sectors, args, lambda crcs: rep.meta.mark_written(first, crcs, None)
 
-        await self._locked(rep, offset, len(view), mutate=True, epoch=None, prepare=plan)
+        await self._locked(rep, offset, len(view), True, None, plan)
         log.info("replica %s: repaired %d bytes at %d", extent_id, len(view), offset)
 
     async def close(self) -> None:
@@ -356,7 +362,6 @@ class ReplicaStore:
         rep: Replica,
         offset: int,
         length: int,
-        *,
         mutate: bool,
         epoch: int | None,
         prepare: Callable[[], Job],
@@ -364,13 +369,15 @@ class ReplicaStore:
         """Run the job ``prepare`` plans under the block locks of the byte range (see the
         module docstring for the order). The locks are released by the job's completion."""
         first, last = self._blocks(offset, length)
-        await rep.locks.acquire(first, last, mutate)
+        locks = rep.locks
+        if not locks.try_acquire(first, last, mutate):
+            await locks.acquire(first, last, mutate)
         try:
             if rep.deleted:
                 raise ExtentNotFound(rep.id)
-            if mutate:
+            if mutate and rep.failed:
                 self._check_failed(rep)
-            if epoch is not None:
+            if epoch is not None and epoch != rep.meta.epoch:
                 await self._admit(rep, epoch)
             fn, args, apply = prepare()
             if mutate:
@@ -378,19 +385,24 @@ class ReplicaStore:
 
             def done(result: Any, exc: BaseException | None) -> None:
                 try:
-                    if isinstance(exc, OSError) and mutate:
+                    if exc is None:
+                        if apply is not None:
+                            apply(result)
+                        if mutate:
+                            rep.unsynced = True
+                    elif mutate and isinstance(exc, OSError):
                         rep.failed = rep.failed or f"write failed: {exc}"
-                    elif exc is None and apply is not None:
-                        apply(result)
-                        rep.unsynced = rep.unsynced or mutate
                 finally:
-                    rep.locks.release(first, last, mutate)
+                    locks.release(first, last, mutate)
 
             fut = self._pool.submit(fn, *args, done=done)
         except BaseException:
-            rep.locks.release(first, last, mutate)
+            locks.release(first, last, mutate)
             raise
-        return await self._await(fut)
+        try:
+            return await fut
+        except OSError as e:
+            raise ChunkIOError(str(e), e.errno or errno.EIO) from e
 
     async def _admit(self, rep: Replica, epoch: int) -> None:
         """``StaleEpoch`` unless ``epoch`` is current; a newer epoch is persisted first."""
@@ -500,8 +512,9 @@ class ReplicaStore:
         return zlib.crc32(extent_id.encode()) % self._pool.lanes
 
     def _blocks(self, offset: int, length: int) -> tuple[int, int]:
-        bs = self.block_size
-        return offset // bs, max(offset // bs + 1, -(-(offset + length) // bs))
+        """The blocks ``[first, last)`` a byte range touches (at least one)."""
+        first = offset // self.block_size
+        return first, ((offset + length - 1) // self.block_size + 1 if length else first + 1)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -51,6 +51,7 @@ class ExtentRecord(Stored):
     replicas: list[str]  # valid replicas (node names)
     generation: int = 1
     stale: dict[str, int] = Field(default_factory=dict)  # node -> generation it missed from
+    stale_since: dict[str, float] = Field(default_factory=dict)  # node -> when it was dropped
     refs: int = 1  # volumes and snapshots whose tables name this extent
 
 
@@ -115,3 +116,15 @@ class StorageServer(Stored):
     free_bytes: int
     rack: str = ""
     chassis: str = ""
+
+
+class RecoveryRecord(Stored):
+    """``/aecp/abs/recovery/<extent>``: a copy in progress (on the copier's lease)."""
+
+    volume: str
+    extent: str
+    kind: str  # "catch-up" | "re-replicate"
+    target: str
+    total_bytes: int
+    copied_bytes: int
+    started_at: float

@@ -236,6 +236,7 @@ class MetaService:
                 update={
                     "replicas": [r for r in ext.replicas if r != node],
                     "stale": {**ext.stale, node: ext.generation},
+                    "stale_since": {**ext.stale_since, node: self.clock.wall()},
                     "generation": ext.generation + 1,
                 }
             )
@@ -245,6 +246,34 @@ class MetaService:
                     extent_id,
                     node,
                     ext.generation,
+                    new.generation,
+                    ", ".join(new.replicas),
+                )
+                return new
+        raise Conflict(f"extent {extent_id} keeps changing; try again")
+
+    async def admit_replica(
+        self, extent_id: str, node: str, replaces: str | None = None
+    ) -> ExtentRecord:
+        """Make ``node`` a valid replica again after it copied what it lacked (catch-up), or as
+        a new replica that ``replaces`` a lost one (re-replication). Bumps the generation."""
+        for _ in range(RETRIES):
+            ext, rev = await self.extent(extent_id)
+            gone = {node, replaces} - {None}
+            new = ext.model_copy(
+                update={
+                    "replicas": [*[r for r in ext.replicas if r != node], node],
+                    "stale": {k: v for k, v in ext.stale.items() if k not in gone},
+                    "stale_since": {k: v for k, v in ext.stale_since.items() if k not in gone},
+                    "generation": ext.generation + 1,
+                }
+            )
+            if await self.store.replace(keys.abs_extent(extent_id), new.dump(), mod_revision=rev):
+                log.info(
+                    "extent %s: replica on %s admitted%s; generation %d; valid: %s",
+                    extent_id,
+                    node,
+                    f" in place of {replaces}" if replaces else "",
                     new.generation,
                     ", ".join(new.replicas),
                 )

@@ -254,12 +254,18 @@ class ServerParser:
     before asking for the next event. ``eof`` tells whether the client stopped mid-message.
     """
 
+    #: WRITE payloads at least this large are collected as chunks and joined once
+    collect_min = 64 * 1024
+
     def __init__(
         self, handshake_flags: int = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
     ):
         self._handshake_flags = int(handshake_flags)
         self._buf = bytearray()
         self._skip = 0  # bytes of an oversized payload still to drop
+        self._need = 0  # bytes of a large WRITE payload still to collect into _parts
+        self._parts: list[bytes | memoryview] = []
+        self._header: tuple[int, int, int, int, int] | None = None  # the collected WRITE
         self._mode = _Mode.CLIENT_FLAGS
         self._export = ExportParams(size=0)
 
@@ -272,12 +278,18 @@ class ServerParser:
         """Append bytes received from the client."""
         if self._mode is _Mode.DONE:
             return
-        if self._skip:
-            n = min(self._skip, len(data))
+        if self._skip or self._need:
+            view = memoryview(data)
+            n = min(self._skip, len(view))
             self._skip -= n
-            if n == len(data):
-                return
-            self._buf += memoryview(data)[n:]
+            view = view[n:]
+            n = min(self._need, len(view))
+            if n:
+                self._parts.append(view[:n])
+                self._need -= n
+                view = view[n:]
+            if view:
+                self._buf += view
         else:
             self._buf += data
 
@@ -288,10 +300,10 @@ class ServerParser:
 
     def eof(self) -> None:
         """The client closed its side; ``ProtocolError`` if that cut a message in two."""
-        if self._mode is not _Mode.DONE and (self._buf or self._skip):
+        if self._mode is not _Mode.DONE and (self._buf or self._skip or self._need):
             raise ProtocolError(
                 f"connection closed in the middle of a message ({self._mode.value} phase, "
-                f"{len(self._buf) or self._skip} bytes pending)"
+                f"{len(self._buf) or self._skip or self._need} bytes missing or pending)"
             )
 
     def next_event(self) -> ClientFlags | OptionRequest | Request | None:
@@ -335,6 +347,8 @@ class ServerParser:
         return OptionRequest(option, data)
 
     def _next_request(self) -> Request | None:
+        if self._header is not None:
+            return self._collected()
         buf = self._buf
         if len(buf) < 28:
             return None
@@ -350,6 +364,11 @@ class ServerParser:
                 return Request(flags, cmd, cookie, offset, length, None, error)
             end = 28 + length
             if len(buf) < end:
+                if length >= self.collect_min:  # gather the rest without growing the buffer
+                    self._header = (flags, cmd, cookie, offset, length)
+                    self._parts = [memoryview(buf)[28:].tobytes()]
+                    self._need = end - len(buf)
+                    buf.clear()
                 return None
             payload = memoryview(buf)[28:end].tobytes()
             del buf[:end]
@@ -359,6 +378,15 @@ class ServerParser:
             self._mode = _Mode.DONE
             buf.clear()
         return Request(flags, cmd, cookie, offset, length, None, error)
+
+    def _collected(self) -> Request | None:
+        """The large WRITE being collected, once its payload is complete."""
+        if self._need or self._header is None:
+            return None
+        flags, cmd, cookie, offset, length = self._header
+        payload = b"".join(self._parts)
+        self._header, self._parts = None, []
+        return Request(flags, cmd, cookie, offset, length, payload, 0)
 
     def _check(self, flags: int, cmd: int, offset: int, length: int) -> int:
         """The NBD errno a request deserves, 0 if valid (proto.md "Error values")."""

@@ -1,0 +1,251 @@
+"""Recovery and scrubbing for one attached volume, run by its access point (the only writer, so
+copies can be ordered against live writes; see ``VolumeDevice.begin_join``).
+
+For each extent below its factor, ``Repairer.run_pass`` decides one of:
+
+- *catch-up*: a dropped replica's node is back within the grace period → copy only the blocks
+  modified after the generation it missed from (and any it changed itself since), then admit it;
+- *re-replicate*: the grace period is over (or the node is gone) → create a replica on another
+  node (different from the current ones; rack/chassis rules apply), copy every written block,
+  admit it in place of the lost one;
+- *wait*: the node may still come back.
+
+Copies go block range by block range under the extent's copy lock (a live write to that extent
+waits for at most one range), throttled to ``rate`` bytes/s so VM I/O keeps priority. Progress is
+published at ``/aecp/abs/recovery/<extent>`` while it runs. ``scrub_pass`` re-verifies every
+replica's checksums and repairs bad sectors from a good replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aecp.common.errors import AecpError, NoCapacity
+from aecp.storage.access import VolumeDevice
+from aecp.storage.chunk.api import ReplicaClient
+from aecp.storage.chunk.errors import ChecksumError, ChunkError
+from aecp.storage.meta.model import ExtentRecord, RecoveryRecord
+from aecp.storage.meta.placement import StorageNode, place
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20  # bytes copied per step (a multiple of every block size in use)
+SECTOR = 4096
+Publish = Callable[[RecoveryRecord | None, str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class RecoveryPolicy:
+    grace: float  # seconds a dropped replica's node may take to come back
+    rate: float  # bytes per second
+
+
+class Repairer:
+    def __init__(self, dev: VolumeDevice, policy: RecoveryPolicy, publish: Publish) -> None:
+        self.dev = dev
+        self.meta = dev.meta
+        self.pool = dev.pool
+        self.policy = policy
+        self.publish = publish
+        self.copied_last = 0  # bytes copied by the last catch-up or re-replication (tests)
+
+    async def run_pass(self) -> list[str]:
+        """Look at every allocated extent once; returns one sentence per degraded extent."""
+        vol, _ = await self.meta.volume(self.dev.vol.name)
+        exts = await self.meta.extents()
+        mine = {x: exts[x] for x in vol.extents if x and x in exts}
+        self.dev.refresh(vol, mine)
+        out = []
+        for ext in mine.values():
+            if len(ext.replicas) < vol.replicas:
+                try:
+                    out.append(await self._repair(ext))
+                except (AecpError, OSError) as exc:
+                    out.append(f"extent {ext.id}: repair failed, will retry: {exc}")
+        return out
+
+    async def _repair(self, ext: ExtentRecord) -> str:
+        servers = await self.meta.servers()
+        now = self.meta.clock.wall()
+        for node, gen in sorted(ext.stale.items()):
+            in_grace = now - ext.stale_since.get(node, now) < self.policy.grace
+            if node in servers and in_grace and await self._answers(node):
+                return await self._catch_up(ext, node, gen)
+        waiting = [n for n in ext.stale if now - ext.stale_since.get(n, now) < self.policy.grace]
+        if waiting:
+            return (
+                f"extent {ext.id}: waiting for {', '.join(sorted(waiting))} to come back "
+                f"(grace {self.policy.grace:.0f}s)"
+            )
+        lost = min(ext.stale, key=lambda n: ext.stale_since.get(n, 0)) if ext.stale else None
+        nodes = [StorageNode(s.node, s.free_bytes, s.rack, s.chassis) for s in servers.values()]
+        try:
+            [target] = place(1, nodes, ext.size, exclude=[*ext.replicas, *ext.stale])
+        except NoCapacity:
+            return f"extent {ext.id}: no node can take a new replica; it stays degraded"
+        return await self._rereplicate(ext, target, lost)
+
+    async def _answers(self, node: str) -> bool:
+        try:
+            await (await self.pool.client(node)).ping()
+        except ChunkError:
+            return False
+        return True
+
+    async def _catch_up(self, ext: ExtentRecord, node: str, missed_from: int) -> str:
+        src, src_node = await self._source(ext)
+        dst = await self.pool.client(node)
+        await self.dev.begin_join(ext.id, node)
+        admitted = False
+        try:
+            ranges = _union(
+                await src.modified_since(ext.id, missed_from),
+                await dst.modified_since(ext.id, missed_from),
+            )
+            copied = await self._copy(ext, src, dst, ranges, node, "catch-up")
+            await self.dev.end_join(ext.id, lambda: self._admit(ext.id, node, dst, None))
+            admitted = True
+        finally:
+            if not admitted:
+                await self.dev.end_join(ext.id, None)
+            await self.publish(None, ext.id)
+        self.copied_last = copied
+        return (
+            f"extent {ext.id}: {node} caught up from {src_node}: copied {copied} bytes "
+            f"modified since generation {missed_from}"
+        )
+
+    async def _rereplicate(self, ext: ExtentRecord, target: str, lost: str | None) -> str:
+        src, src_node = await self._source(ext)
+        dst = await self.pool.client(target)
+        await dst.create(ext.id, ext.size, epoch=self.dev.epoch, generation=0)
+        await self.dev.begin_join(ext.id, target)
+        admitted = False
+        try:
+            ranges = await src.modified_since(ext.id, 0)
+            copied = await self._copy(ext, src, dst, ranges, target, "re-replicate")
+            await self.dev.end_join(ext.id, lambda: self._admit(ext.id, target, dst, lost))
+            admitted = True
+        finally:
+            if not admitted:
+                await self.dev.end_join(ext.id, None)
+            await self.publish(None, ext.id)
+        self.copied_last = copied
+        if lost:
+            await self._delete_quietly(lost, ext.id)
+        return f"extent {ext.id}: re-replicated to {target} from {src_node} ({copied} bytes)" + (
+            f" in place of {lost}" if lost else ""
+        )
+
+    async def _admit(
+        self, ext_id: str, node: str, dst: ReplicaClient, replaces: str | None
+    ) -> ExtentRecord:
+        await dst.flush(ext_id)
+        new = await self.meta.admit_replica(ext_id, node, replaces=replaces)
+        await dst.set_generation(ext_id, new.generation)
+        return new
+
+    async def _source(self, ext: ExtentRecord) -> tuple[ReplicaClient, str]:
+        order = sorted(ext.replicas, key=lambda n: n != self.dev.node)
+        for node in order:
+            if await self._answers(node):
+                return await self.pool.client(node), node
+        raise ChunkError(f"extent {ext.id}: no valid replica answers")
+
+    async def _copy(
+        self,
+        ext: ExtentRecord,
+        src: ReplicaClient,
+        dst: ReplicaClient,
+        ranges: list[tuple[int, int]],
+        target: str,
+        kind: str,
+    ) -> int:
+        total = sum(n for _, n in ranges)
+        rec = RecoveryRecord(
+            volume=self.dev.vol.name,
+            extent=ext.id,
+            kind=kind,
+            target=target,
+            total_bytes=total,
+            copied_bytes=0,
+            started_at=time.time(),
+        )
+        await self.publish(rec, ext.id)
+        copied, last_report, started = 0, time.monotonic(), time.monotonic()
+        for offset, length in ranges:
+            pos = offset
+            while pos < offset + length:
+                n = min(CHUNK, offset + length - pos)
+                await self.dev.copy_range(ext.id, src, dst, pos, n)
+                pos += n
+                copied += n
+                if self.dev.join_failed(ext.id):
+                    raise ChunkError(f"extent {ext.id}: {target} failed while joining")
+                ahead = copied / self.policy.rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)  # throttle: VM I/O keeps priority
+                if time.monotonic() - last_report > 0.5:
+                    last_report = time.monotonic()
+                    await self.publish(rec.model_copy(update={"copied_bytes": copied}), ext.id)
+        return copied
+
+    async def _delete_quietly(self, node: str, ext_id: str) -> None:
+        try:
+            await (await self.pool.client(node)).delete(ext_id)
+        except ChunkError as exc:
+            log.info(
+                "extent %s: old replica on %s not deleted (%s); left for later", ext_id, node, exc
+            )
+
+    # ---- scrubbing ------------------------------------------------------------------------
+    async def scrub_pass(self) -> list[str]:
+        """Verify every replica of every allocated extent; repair bad sectors from a good
+        replica. Returns one sentence per repair."""
+        out = []
+        exts = await self.meta.extents()
+        for ext_id in {x for x in self.dev.vol.extents if x and x in exts}:
+            ext = exts[ext_id]
+            for node in ext.replicas:
+                try:
+                    bad = await (await self.pool.client(node)).scrub(ext_id)
+                except ChunkError:
+                    continue
+                if bad:
+                    out.append(await self._repair_sectors(ext, node, bad))
+        return out
+
+    async def _repair_sectors(self, ext: ExtentRecord, node: str, sectors: list[int]) -> str:
+        dst = await self.pool.client(node)
+        for good in (n for n in ext.replicas if n != node):
+            src = await self.pool.client(good)
+            try:
+                for s in sectors:
+                    await dst.repair(ext.id, s * SECTOR, await src.read(ext.id, s * SECTOR, SECTOR))
+                await dst.flush(ext.id)
+            except (ChecksumError, ChunkError):
+                continue
+            log.warning(
+                "extent %s: scrub repaired %d sectors on %s from %s",
+                ext.id,
+                len(sectors),
+                node,
+                good,
+            )
+            return f"extent {ext.id}: repaired {len(sectors)} bad sectors on {node} from {good}"
+        return f"extent {ext.id}: {len(sectors)} bad sectors on {node} and no good copy answered"
+
+
+def _union(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merge two sorted lists of (offset, length) ranges into coalesced ranges."""
+    out: list[tuple[int, int]] = []
+    for off, n in sorted(a + b):
+        if out and off <= out[-1][0] + out[-1][1]:
+            last_off, last_n = out[-1]
+            out[-1] = (last_off, max(last_n, off + n - last_off))
+        else:
+            out.append((off, n))
+    return out

@@ -1,0 +1,107 @@
+"""Recovery by the access point: a returning replica catches up only what it missed; a replica
+gone past the grace period is re-created elsewhere; copies never lose concurrent writes; the
+scrubber repairs corrupt sectors from a good replica."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from aecp.common.clock import FakeClock
+from aecp.storage.meta.model import RecoveryRecord
+from aecp.storage.recovery import RecoveryPolicy, Repairer
+from tests.unit.abskit import BLOCK, EXTENT, Cluster
+
+published: list[RecoveryRecord | None] = []
+
+
+async def publish(rec: RecoveryRecord | None, extent: str) -> None:
+    published.append(rec)
+
+
+async def degraded_volume(cluster: Cluster) -> tuple[Repairer, str, str]:
+    """A 2-replica volume with one full extent whose second replica was dropped."""
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    dev = await cluster.open("v")
+    await dev.write(0, b"\x11" * EXTENT)
+    vol, _ = await cluster.meta.volume("v")
+    ext_id = vol.extents[0] or ""
+    ext, _ = await cluster.meta.extent(ext_id)
+    other = ext.replicas[1]
+    cluster.replicas[other].down = True
+    await dev.write(3 * BLOCK, b"\x22" * 100)  # dropped here: generation bump
+    await dev.write(7 * BLOCK + 5, b"\x33" * BLOCK)  # touches blocks 7 and 8
+    cluster.replicas[other].down = False
+    return Repairer(dev, RecoveryPolicy(grace=60, rate=1e12), publish), ext_id, other
+
+
+async def test_a_returning_replica_copies_only_the_blocks_it_missed(cluster: Cluster) -> None:
+    rep, ext_id, other = await degraded_volume(cluster)
+    [sentence] = await rep.run_pass()
+    assert f"{other} caught up" in sentence
+    assert rep.copied_last == 3 * BLOCK  # blocks 3, 7 and 8: not the whole extent
+    ext, _ = await cluster.meta.extent(ext_id)
+    assert sorted(ext.replicas) == sorted(["n1", other]) and ext.stale == {}
+    good = await cluster.replicas["n1"].store.read(ext_id, 0, EXTENT)
+    assert await cluster.replicas[other].store.read(ext_id, 0, EXTENT) == good
+    assert await rep.run_pass() == []  # healthy now
+
+
+async def test_a_replica_gone_past_the_grace_period_is_recreated_elsewhere(
+    cluster: Cluster, clock: FakeClock
+) -> None:
+    rep, ext_id, other = await degraded_volume(cluster)
+    cluster.replicas[other].down = True
+    [waiting] = await rep.run_pass()
+    assert "waiting for" in waiting
+    await clock.advance(61)
+    [sentence] = await rep.run_pass()
+    third = ({"n1", "n2", "n3"} - {"n1", other}).pop()
+    assert f"re-replicated to {third}" in sentence and f"in place of {other}" in sentence
+    ext, _ = await cluster.meta.extent(ext_id)
+    assert sorted(ext.replicas) == sorted(["n1", third]) and ext.stale == {}
+    good = await cluster.replicas["n1"].store.read(ext_id, 0, EXTENT)
+    assert await cluster.replicas[third].store.read(ext_id, 0, EXTENT) == good
+    assert published and published[-1] is None  # progress record removed at the end
+
+
+async def test_writes_during_a_catch_up_reach_the_returning_replica(cluster: Cluster) -> None:
+    rep, ext_id, other = await degraded_volume(cluster)
+    rep.policy = RecoveryPolicy(grace=60, rate=4 * BLOCK)  # slow copy: ~0.75 s
+
+    async def writer() -> None:
+        for i in range(20):
+            await rep.dev.write(i * 4096 * 3, bytes([i + 1]) * 4096)
+            await asyncio.sleep(0.02)
+
+    await asyncio.gather(rep.run_pass(), writer())
+    ext, _ = await cluster.meta.extent(ext_id)
+    assert other in ext.replicas
+    good = await cluster.replicas["n1"].store.read(ext_id, 0, EXTENT)
+    assert await cluster.replicas[other].store.read(ext_id, 0, EXTENT) == good
+
+
+async def test_the_scrubber_repairs_a_corrupt_sector_from_a_good_replica(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    dev = await cluster.open("v")
+    await dev.write(0, b"s" * 65536)
+    await dev.flush()
+    vol, _ = await cluster.meta.volume("v")
+    ext_id = vol.extents[0] or ""
+    ext, _ = await cluster.meta.extent(ext_id)
+    victim = ext.replicas[1]
+    await cluster.replicas[victim].store.close()
+    [data] = list((tmp_path / victim).rglob(f"{ext_id}.data"))
+    with data.open("r+b") as f:
+        f.seek(4096 * 3 + 7)
+        f.write(b"\x00")
+    from aecp.storage.chunk.store import ReplicaStore
+
+    cluster.replicas[victim].store = ReplicaStore(tmp_path / victim, block_size=BLOCK)
+    rep = Repairer(dev, RecoveryPolicy(grace=60, rate=1e12), publish)
+    [sentence] = await rep.scrub_pass()
+    assert f"repaired 1 bad sectors on {victim}" in sentence
+    assert await cluster.replicas[victim].store.scrub(ext_id) == []
+    assert await rep.scrub_pass() == []
