@@ -19,7 +19,7 @@ from aecp.storage.blockdev import Fenced
 from aecp.storage.meta.service import MetaService
 from aecp.storage.pool import ReplicaPool
 from aecp.store.etcd import EtcdStore
-from tests.labkit import LabKit, running_lab
+from tests.labkit import LabKit, running_lab, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 MIB = 1 << 20
@@ -187,3 +187,87 @@ async def test_a_second_access_point_fences_the_first(kit: LabKit) -> None:
         await store.revoke_lease(lease)
         await pool.close()
         await store.close()
+
+
+async def wait_healthy(kit: LabKit, name: str, timeout: float = 90) -> dict[str, Any]:
+    async def healthy() -> dict[str, Any] | None:
+        vol: dict[str, Any] = (await kit.call("GET", f"/v1/volumes/{name}")).json()
+        return vol if vol["health"] == "healthy" else None
+
+    return await wait_for(healthy, f"volume {name} healthy again", timeout)
+
+
+async def test_a_replica_back_within_the_grace_period_copies_only_what_it_missed(
+    kit: LabKit,
+) -> None:
+    await create_volume(kit, "inc", "16M")
+    u = await uri(kit, "inc", "node1")
+    await tool("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 16M", u)
+    vol = (await kit.call("GET", "/v1/volumes/inc")).json()
+    victim = next(n for n in vol["extents"][0]["replicas"] if n != "node1")
+    ext = vol["extents"][0]["id"]
+    kit.lab.kill_storage(victim)
+    await tool("qemu-io", "-f", "raw", "-c", "write -P 0x6b 1M 512k", u)  # 512 KiB missed
+    kit.lab.start_storage(victim)
+    healthy = await wait_healthy(kit, "inc")
+    assert all(victim in e["replicas"] for e in healthy["extents"] if e["slot"] == 0)
+    logs = "".join(kit.lab.storage(n).log_file.read_text() for n in kit.lab.node_names)
+    lines = [ln for ln in logs.splitlines() if ext in ln and "caught up" in ln]
+    copied = [int(ln.split("copied ")[1].split(" bytes")[0]) for ln in lines]
+    assert copied and max(copied) <= 512 * 1024, lines  # only the blocks written meanwhile
+    _, text = await tool(
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x6b 1M 512k",
+        "-c",
+        "read -P 0x5a 2M 1M",
+        await uri(kit, "inc", victim),
+    )
+    assert "Pattern verification failed" not in text
+
+
+async def test_a_replica_kept_down_is_recreated_on_another_node(kit: LabKit) -> None:
+    await create_volume(kit, "rerep", "8M")
+    u = await uri(kit, "rerep", "node1")
+    await tool("qemu-io", "-f", "raw", "-c", "write -P 0x77 0 8M", u)
+    vol = (await kit.call("GET", "/v1/volumes/rerep")).json()
+    victim = next(n for n in vol["extents"][0]["replicas"] if n != "node1")
+    third = ({"node2", "node3"} - {victim}).pop()
+    kit.lab.kill_storage(victim)
+    await tool("qemu-io", "-f", "raw", "-c", "write -P 0x78 0 4k", u)  # drops the replica
+    healthy = await wait_healthy(kit, "rerep")
+    assert all(sorted(e["replicas"]) == sorted(["node1", third]) for e in healthy["extents"])
+    kit.lab.start_storage(victim)
+    await kit.lab.wait_ready()
+    _, text = await tool(
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x78 0 4k",
+        "-c",
+        "read -P 0x77 4k 4M",
+        await uri(kit, "rerep", third),
+    )
+    assert "Pattern verification failed" not in text
+
+
+async def test_a_flipped_bit_in_a_replica_is_served_good_and_repaired(kit: LabKit) -> None:
+    await create_volume(kit, "flip", "4M")
+    u = await uri(kit, "flip", "node1")
+    await tool("qemu-io", "-f", "raw", "-c", "write -P 0x42 0 1M", "-c", "flush", u)
+    vol = (await kit.call("GET", "/v1/volumes/flip")).json()
+    ext = vol["extents"][0]["id"]
+    [data] = list(kit.lab.node_dir("node1").rglob(f"{ext}.data"))
+    with data.open("r+b") as f:
+        f.seek(8192 + 17)
+        byte = f.read(1)
+        f.seek(8192 + 17)
+        f.write(bytes([byte[0] ^ 0x01]))
+    _, text = await tool("qemu-io", "-f", "raw", "-c", "read -P 0x42 0 1M", u)
+    assert "Pattern verification failed" not in text
+    with data.open("rb") as f:
+        f.seek(8192 + 17)
+        assert f.read(1) == byte, "the bad replica was repaired from the good one"

@@ -10,9 +10,16 @@ from pydantic import BaseModel
 
 from aecp.common.errors import NotFound
 from aecp.storage.chunk.errors import ChunkError
-from aecp.storage.meta.model import ExtentRecord, StorageServer, VolumeRecord, parse_size
+from aecp.storage.meta.model import (
+    ExtentRecord,
+    RecoveryRecord,
+    StorageServer,
+    VolumeRecord,
+    parse_size,
+)
 from aecp.storage.meta.service import MetaService
 from aecp.storage.pool import ReplicaPool
+from aecp.store import keys
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +32,7 @@ class ExtentHealth(BaseModel):
     generation: int
     allocated_bytes: int
     healthy: bool
+    recovery: str = ""
 
 
 class VolumePublic(BaseModel):
@@ -48,6 +56,7 @@ class StorageStatus(BaseModel):
     extents: int
     degraded_extents: int
     replicas_missing: int
+    recoveries: list[str] = []
 
 
 class VolumeCreate(BaseModel):
@@ -68,9 +77,10 @@ class VolumeService:
         vol, _ = await self.meta.volume(name)
         att = await self.meta.attachment(name)
         exts = await self.meta.extents()
+        recs = await self._recoveries()
         healths = await asyncio.gather(
             *(
-                self._health(slot, exts[x], vol.replicas)
+                self._health(slot, exts[x], vol.replicas, recs.get(x))
                 for slot, x in enumerate(vol.extents)
                 if x and x in exts
             )
@@ -91,7 +101,13 @@ class VolumeService:
             extents=list(healths) if detail else [],
         )
 
-    async def _health(self, slot: int, ext: ExtentRecord, factor: int) -> ExtentHealth:
+    async def _recoveries(self) -> dict[str, RecoveryRecord]:
+        kvs = await self.meta.store.list(keys.ABS_RECOVERY)
+        return {r.extent: r for r in (RecoveryRecord.load(kv.value) for kv in kvs)}
+
+    async def _health(
+        self, slot: int, ext: ExtentRecord, factor: int, rec: RecoveryRecord | None
+    ) -> ExtentHealth:
         allocated = 0
         for node in ext.replicas:
             try:
@@ -132,6 +148,7 @@ class VolumeService:
         return leftovers
 
     async def status(self) -> StorageStatus:
+        recs = await self._recoveries()
         servers = await self.meta.servers()
         vols = await self.meta.volumes()
         exts = await self.meta.extents()
@@ -143,6 +160,7 @@ class VolumeService:
             extents=len(exts),
             degraded_extents=sum(1 for m in missing.values() if m > 0),
             replicas_missing=sum(m for m in missing.values() if m > 0),
+            recoveries=[f"{r.volume}/{r.extent}: {_progress(r)}" for r in recs.values()],
         )
 
     async def export_uri(self, name: str, node: str | None) -> str:
@@ -154,3 +172,10 @@ class VolumeService:
         if srv is None:
             raise NotFound(f"node {node} runs no storage server", node=node)
         return f"nbd://{srv.address}:{srv.nbd_port}/{name}"
+
+
+def _progress(rec: RecoveryRecord | None) -> str:
+    if rec is None:
+        return ""
+    pct = 100 * rec.copied_bytes // rec.total_bytes if rec.total_bytes else 100
+    return f"{rec.kind} to {rec.target}: {pct}% of {rec.total_bytes} bytes"

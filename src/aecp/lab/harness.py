@@ -61,6 +61,7 @@ class LabSpec(BaseModel):
     node_cpus: int | None = None
     cluster_name: str = "lab"
     extent_mib: int = 64
+    recovery_grace_s: float = 10.0
     storage: bool = True
 
     @field_validator("subnet")
@@ -246,7 +247,12 @@ class Lab:
                 "probe_image": str(probe_image) if probe_image else None,
             },
             "api": {"port": self.spec.api_port},
-            "storage": {"extent_mib": self.spec.extent_mib},
+            "storage": {
+                "extent_mib": self.spec.extent_mib,
+                "recovery_grace_s": self.spec.recovery_grace_s,
+                "recovery_interval_s": 1.0,
+                "scrub_interval_s": 30.0,
+            },
         }
         (d / "node.json").write_text(json.dumps(s, indent=2))
 

@@ -15,6 +15,7 @@ import os
 import signal
 from pathlib import Path
 
+from aecp.cluster.election import Election
 from aecp.common import log as logsetup
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, NotFound, Unavailable
@@ -22,13 +23,14 @@ from aecp.common.tasks import cancel
 from aecp.conf.settings import NodeSettings
 from aecp.node.lease import LeaseKeeper
 from aecp.storage.access import VolumeDevice, open_volume
-from aecp.storage.blockdev import BlockDevice, Span
+from aecp.storage.blockdev import BlockDevice, Fenced, Span
 from aecp.storage.chunk.server import ChunkServer
 from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.frontends.nbd.server import NbdServer
-from aecp.storage.meta.model import MIB, StorageServer
+from aecp.storage.meta.model import MIB, RecoveryRecord, StorageServer
 from aecp.storage.meta.service import MetaService
 from aecp.storage.pool import ReplicaPool
+from aecp.storage.recovery import RecoveryPolicy, Repairer
 from aecp.store import keys
 from aecp.store.base import Lease, Store
 from aecp.store.etcd import EtcdStore
@@ -97,6 +99,7 @@ class StorageDaemon:
             node=f"{self.node}/storage",
         )
         self._exports: dict[str, tuple[VolumeDevice, int]] = {}
+        self.election = Election(store, "abs-meta", self.node)
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
 
@@ -109,6 +112,8 @@ class StorageDaemon:
         await self.nbd.start()
         keeper = asyncio.create_task(self.keeper.run(), name=f"storage-lease-{self.node}")
         report = asyncio.create_task(self._report_loop(), name=f"storage-report-{self.node}")
+        repair = asyncio.create_task(self._recovery_loop(), name=f"recovery-{self.node}")
+        scrub = asyncio.create_task(self._scrub_loop(), name=f"scrub-{self.node}")
         log.info(
             "node %s: storage server up: replicas on %s:%d, NBD on %s:%d",
             self.node,
@@ -120,7 +125,7 @@ class StorageDaemon:
         try:
             await self._stop.wait()
         finally:
-            await cancel(keeper, report)
+            await cancel(keeper, report, repair, scrub)
             await self.nbd.stop()
             await self._close_exports()
             await self.chunk.stop()
@@ -156,6 +161,78 @@ class StorageDaemon:
             if lease is not None and self.keeper.held():
                 with contextlib.suppress(AecpError):
                     await self._register(lease)
+
+    # ---- recovery and scrubbing ----------------------------------------------------------
+    def _policy(self) -> RecoveryPolicy:
+        st = self.s.storage
+        return RecoveryPolicy(grace=st.recovery_grace_s, rate=st.recovery_mib_s * MIB)
+
+    async def _publish(self, rec: RecoveryRecord | None, extent: str) -> None:
+        lease = self.keeper.lease
+        with contextlib.suppress(AecpError):
+            if rec is None:
+                await self.store.delete(keys.abs_recovery(extent))
+            elif lease is not None:
+                await self.store.put(keys.abs_recovery(extent), rec.dump(), lease=lease)
+
+    async def _recovery_loop(self) -> None:
+        """Repair the volumes attached here; as the elected Meta leader, also the degraded
+        volumes nobody has attached (attached for repair, which yields to any client)."""
+        while True:
+            await asyncio.sleep(self.s.storage.recovery_interval_s)
+            await self._each_volume("repair", degraded_only=True)
+
+    async def _scrub_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.s.storage.scrub_interval_s)
+            await self._each_volume("scrub", degraded_only=False)
+
+    async def _each_volume(self, what: str, degraded_only: bool) -> None:
+        lease = self.keeper.lease
+        if lease is None or not self.keeper.held():
+            return
+        try:
+            async with self._lock:
+                attached = {name: dev for name, (dev, _) in self._exports.items()}
+            for dev in attached.values():
+                await self._work(dev, what)
+            if await self.election.check(lease):
+                for name in await self._idle_volumes(set(attached), degraded_only):
+                    await self._work_idle(name, lease, what)
+        except AecpError as exc:
+            log.warning("node %s: %s pass stopped: %s", self.node, what, exc)
+
+    async def _work(self, dev: VolumeDevice, what: str) -> None:
+        rep = Repairer(dev, self._policy(), self._publish)
+        sentences = await (rep.run_pass() if what == "repair" else rep.scrub_pass())
+        for sentence in sentences:
+            log.info("volume %s: %s", dev.vol.name, sentence)
+
+    async def _idle_volumes(self, attached: set[str], degraded_only: bool) -> list[str]:
+        vols = await self.meta.volumes()
+        exts = await self.meta.extents()
+        out = []
+        for v in vols:
+            if v.name in attached or await self.meta.attachment(v.name) is not None:
+                continue
+            ids = [x for x in v.extents if x and x in exts]
+            if not degraded_only or any(len(exts[x].replicas) < v.replicas for x in ids):
+                out.append(v.name)
+        return out
+
+    async def _work_idle(self, name: str, lease: Lease, what: str) -> None:
+        try:
+            dev = await open_volume(self.meta, self.pool, self.node, name, lease, purpose="repair")
+        except AecpError as exc:
+            log.info("volume %s: not attached for %s: %s", name, what, exc)
+            return
+        try:
+            await self._work(dev, what)
+            await dev.flush()
+        except Fenced:
+            log.info("volume %s: %s interrupted: a client attached it", name, what)
+        finally:
+            await dev.close()
 
     async def _lost(self, reason: str) -> None:
         log.warning(

@@ -268,7 +268,7 @@ class VolumeDevice(BlockDevice):
         that started before is done (so a copy listed afterwards misses nothing)."""
         lock = self._copy_locks.setdefault(ext_id, asyncio.Lock())
         async with lock:
-            while self._active.get(ext_id, 0):
+            while self._active.get(ext_id, 0):  # noqa: ASYNC110 - a few in-flight writes
                 await asyncio.sleep(0.001)
             self._join_failed.discard(ext_id)
             self._joining[ext_id] = node
@@ -437,10 +437,16 @@ class VolumeDevice(BlockDevice):
 
 
 async def open_volume(
-    meta: MetaService, pool: ReplicaPool, node: str, name: str, lease: Lease, takeover: bool = False
+    meta: MetaService,
+    pool: ReplicaPool,
+    node: str,
+    name: str,
+    lease: Lease,
+    takeover: bool = False,
+    purpose: str = "io",
 ) -> VolumeDevice:
     """Attach ``name`` here under a new epoch, fence older access points, return the device."""
-    vol, epoch = await meta.attach(name, node, lease, takeover=takeover)
+    vol, epoch = await meta.attach(name, node, lease, takeover=takeover, purpose=purpose)
     dev = VolumeDevice(meta, pool, node, vol, epoch)
     try:
         await dev.fence_replicas()

@@ -73,6 +73,11 @@ class _Connection(asyncio.Protocol):
             self._timer = self._loop.call_later(self._timeout, self._check_age)
         return fut
 
+    @property
+    def paused(self) -> bool:
+        """The socket's send buffer is above its high-water mark."""
+        return self._writable is not None
+
     async def writable(self) -> None:
         """Return once the socket's send buffer is below its high-water mark."""
         if self._writable is not None:
@@ -153,6 +158,7 @@ class ChunkClient(ReplicaClient):
         self._closed = False
 
     async def _connection(self) -> _Connection:
+        """The next connection in turn, connecting it first if it is not ready."""
         slot = self._turn
         self._turn = (slot + 1) % len(self._conns)
         conn = self._conns[slot]
@@ -199,8 +205,13 @@ class ChunkClient(ReplicaClient):
         payload: Buffer = b"",
     ) -> T | None:
         """Send one request; raise the error its response carries, else decode its payload."""
-        conn = await self._connection()
-        await conn.writable()
+        conn = self._conns[self._turn]
+        if conn is not None and conn.state is ConnState.READY and len(self._conns) == 1:
+            pass  # the common case, without a coroutine call
+        else:
+            conn = await self._connection()
+        if conn.paused:
+            await conn.writable()
         fields = (offset, length, epoch, generation, flags, payload)
         response = await conn.send(op, extent_id, fields)
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import zlib
 from array import array
@@ -16,6 +17,9 @@ from array import array
 from aecp.storage.chunk.api import Buffer
 from aecp.storage.chunk.errors import ChecksumError
 
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+#: whether reads may try the page cache on the event-loop thread (``pread_cached``)
+CACHED_READS = bool(_RWF_NOWAIT) and hasattr(os, "preadv")
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -83,6 +87,16 @@ def check_sectors(
     return bad, holes
 
 
+def pread_cached(fd: int, length: int, offset: int) -> bytes:
+    """``os.pread`` that never waits for the disk: ``BlockingIOError`` unless every byte is in
+    the page cache (``preadv`` with ``RWF_NOWAIT``); ``OSError(EOPNOTSUPP)`` if the file
+    system cannot tell."""
+    buf = bytearray(length)
+    if os.preadv(fd, (buf,), offset, _RWF_NOWAIT) != length:
+        raise BlockingIOError(errno.EAGAIN, "partly in the page cache")
+    return bytes(buf)
+
+
 def read_sectors(
     extent_id: str,
     fd: int,
@@ -92,11 +106,13 @@ def read_sectors(
     first: int,
     bits: list[bool],
     crcs: array[int],
+    cached_only: bool = False,
 ) -> bytes:
     """``length`` bytes at ``offset``, reading whole sectors ``first ..`` (validity ``bits``,
-    checksums ``crcs``); invalid sectors read as zeros."""
+    checksums ``crcs``); invalid sectors read as zeros. With ``cached_only``, raises
+    ``BlockingIOError`` rather than wait for the disk (see ``pread_cached``)."""
     start = first * sector
-    raw = pread_full(fd, len(bits) * sector, start)
+    raw = (pread_cached if cached_only else pread_full)(fd, len(bits) * sector, start)
     bad, holes = check_sectors(raw, first, sector, bits, crcs)
     if bad:
         raise ChecksumError(extent_id, bad)

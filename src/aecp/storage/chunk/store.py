@@ -5,6 +5,11 @@ out. Files and their formats: ``files`` and ``meta``. Blocking I/O runs in an ``
 metadata tables are changed only on the event-loop thread, in the completion callback of the job
 that did the I/O, so a cancelled request never leaves metadata and data out of step.
 
+Reads of at most ``CACHED_READ_MAX`` bytes are first tried on the event-loop thread with
+``preadv(RWF_NOWAIT)``, which returns at once (EAGAIN) instead of waiting for the disk: data in
+the page cache costs no thread hand-off, anything else goes to a worker as usual. So the loop
+never waits for the disk; ``cached_reads=False`` sends every read to a worker.
+
 Request ordering per replica:
 1. validate (``ChunkInvalid``, nothing changed);
 2. take the block locks (mutations exclusive, reads shared; arrival order where they overlap);
@@ -30,7 +35,7 @@ from typing import Any, TypeVar
 
 from aecp.storage.chunk import files
 from aecp.storage.chunk.api import U64_MAX, Buffer, RawBlocks, ReplicaStat
-from aecp.storage.chunk.diskio import read_blocks, write_blocks, write_sectors
+from aecp.storage.chunk.diskio import CACHED_READS, read_blocks, write_blocks, write_sectors
 from aecp.storage.chunk.errors import (
     ChecksumError,
     ChunkError,
@@ -59,14 +64,25 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_EXTENT_SIZE = 64 << 30
+#: larger reads always go to a worker thread (checksumming them would hold the loop too long)
+CACHED_READ_MAX = 64 * 1024
 SCRUB_BLOCKS = 16
 
 
 class ReplicaStore:
-    """The replicas of one node under ``root``. Use from one event loop; ``close`` when done."""
+    """The replicas of one node under ``root``. Use from one event loop; ``close`` when done.
+
+    ``threads`` worker threads run data I/O (plus ``threads // 2`` ordered lanes for metadata
+    persistence); blocks hold ``block_size // sector`` sectors (at most 64)."""
 
     def __init__(
-        self, root: Path, *, block_size: int = 256 * 1024, sector: int = 4096, threads: int = 4
+        self,
+        root: Path,
+        *,
+        block_size: int = 256 * 1024,
+        sector: int = 4096,
+        threads: int = 4,
+        cached_reads: bool = True,
     ) -> None:
         if sector < 512 or sector & (sector - 1) or block_size % sector:
             raise ChunkInvalid(f"bad geometry: blocks of {block_size}, sectors of {sector}")
@@ -79,6 +95,7 @@ class ReplicaStore:
         self._replicas: dict[str, Replica] = {}
         self._namespace = asyncio.Lock()
         self._closed = False
+        self._cached_reads = cached_reads and CACHED_READS
 
     async def __aenter__(self) -> ReplicaStore:
         return self
@@ -184,9 +201,33 @@ class ReplicaStore:
         bs = self.block_size
         if not length or not rep.meta.any_valid(offset // bs, (offset + length - 1) // bs + 1):
             return bytes(length)
+        if self._cached_reads and length <= CACHED_READ_MAX:
+            cached = self._read_cached(rep, offset, length)
+            if cached is not None:
+                return cached
         plan = lambda: plan_read(rep, offset, length)  # noqa: E731
         data: bytes = await self._locked(rep, offset, length, False, None, plan)
         return data
+
+    def _read_cached(self, rep: Replica, offset: int, length: int) -> bytes | None:
+        """The read done at once on this thread if its blocks are not locked and its data is
+        in the page cache (``diskio.pread_cached`` never waits for the disk), else None."""
+        first, last = self._blocks(offset, length)
+        if rep.deleted or not rep.locks.try_acquire(first, last, False):
+            return None
+        try:
+            fn, args, _ = plan_read(rep, offset, length)
+            data: bytes = fn(*args, cached_only=True)
+            return data
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise ChunkIOError(str(e), e.errno or errno.EIO) from e
+            self._cached_reads = False  # this file system cannot say: always use threads
+            return None
+        finally:
+            rep.locks.release(first, last, False)
 
     async def trim(
         self, extent_id: str, offset: int, length: int, *, epoch: int, generation: int

@@ -62,6 +62,7 @@ class AttachRecord(Stored):
     node: str
     epoch: int
     at: float
+    purpose: str = "io"  # "io" (a client) or "repair" (Meta's recovery: yields to any client)
 
 
 def new_extent_id() -> str:

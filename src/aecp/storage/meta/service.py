@@ -161,23 +161,26 @@ class MetaService:
 
     # ---- attach (single writer) ------------------------------------------------------------
     async def attach(
-        self, name: str, node: str, lease: Lease, takeover: bool = False
+        self, name: str, node: str, lease: Lease, takeover: bool = False, purpose: str = "io"
     ) -> tuple[VolumeRecord, int]:
         """Become the volume's access point under a new epoch (on ``lease``).
 
-        Refused (``InvalidState``) if another node holds it, unless ``takeover``: then the new
-        epoch fences the old access point (its replicas reject the older epoch).
+        Refused (``InvalidState``) if another node holds it for I/O, unless ``takeover``: then
+        the new epoch fences the old access point (its replicas reject the older epoch). An
+        attachment held only for repair always yields to a client.
         """
         for _ in range(RETRIES):
             vol, rev = await self.volume(name)
             current = await self.attachment(name)
-            if current and current.node != node and not takeover:
+            if current is not None and _refused(current, node, takeover, purpose):
                 raise InvalidState(
                     f"volume {name} is attached on {current.node}", volume=name, node=current.node
                 )
             epoch = vol.epoch + 1
             new = vol.model_copy(update={"epoch": epoch})
-            rec = AttachRecord(volume=name, node=node, epoch=epoch, at=self.clock.wall())
+            rec = AttachRecord(
+                volume=name, node=node, epoch=epoch, at=self.clock.wall(), purpose=purpose
+            )
             ok = await self.store.txn(
                 [Compare.unchanged(keys.abs_volume(name), rev)],
                 [
@@ -282,3 +285,12 @@ class MetaService:
 
     async def update_extent(self, ext: ExtentRecord, rev: int) -> bool:
         return await self.store.replace(keys.abs_extent(ext.id), ext.dump(), mod_revision=rev)
+
+
+def _refused(current: AttachRecord, node: str, takeover: bool, purpose: str) -> bool:
+    """Whether an attach must be refused while ``current`` holds the volume."""
+    if purpose == "repair":
+        return True  # repair never preempts anyone
+    if current.node == node or current.purpose == "repair":
+        return False
+    return not takeover

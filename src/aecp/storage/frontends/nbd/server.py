@@ -180,54 +180,59 @@ class _Connection:
             if len(inflight) >= self.max_inflight:
                 self._room = loop.create_future()
                 await self._room
-            task = loop.create_task(self._serve(req))
-            inflight.add(task)
-            task.add_done_callback(self._request_done)
-
-    def _request_done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        room = self._room
-        if room is not None and not room.done():
-            room.set_result(None)
+            inflight.add(loop.create_task(self._serve(req)))
 
     async def _serve(self, req: p.Request) -> None:
-        """Run one request and queue its reply; never raises."""
+        """Run one request and send (or batch) its reply; never raises.
+
+        Request tasks are never cancelled, so the ``finally`` always removes this one from the
+        in-flight set (cheaper than a done callback per request).
+        """
         try:
-            reply = await self.session.execute(req)
+            self._reply(await self.session.execute(req))
+            if self.writer.transport.get_write_buffer_size() > HIGH_WATER:
+                with contextlib.suppress(ConnectionError):
+                    await self.writer.drain()
         except Exception:
             log.exception("nbd %s: request %d failed", self.peer, req.cookie)
             self._abort = True
             self.writer.transport.abort()
-            return
-        if isinstance(reply, bytes):
-            self._queue(reply)
-        else:
-            head, data = reply
-            if len(data) <= INLINE_DATA:
-                self._queue(head + data)
-            else:  # large: no copy into the batch
-                self._flush()
-                self.writer.write(head)
-                self.writer.write(data)
-        if len(self._inflight) <= 1:  # nothing else will finish soon: send now
-            self._flush()
-        elif self.writer.transport.get_write_buffer_size() > HIGH_WATER:
-            with contextlib.suppress(ConnectionError):
-                await self.writer.drain()
+        finally:
+            self._inflight.discard(asyncio.current_task())
+            room = self._room
+            if room is not None and not room.done():
+                room.set_result(None)
 
-    def _queue(self, reply: bytes) -> None:
-        """Batch replies finished in the same loop iteration into one send."""
-        if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._out.append(reply)
+    def _reply(self, reply: bytes | tuple[bytes, bytes]) -> None:
+        """Send a reply now if no other request is running, else batch it with the replies
+        that finish in the same loop iteration (one send for all)."""
+        if not isinstance(reply, bytes):
+            head, data = reply
+            if len(data) > INLINE_DATA:  # large: no copy into a batch
+                self._flush()
+                self._write(head)
+                self._write(data)
+                return
+            reply = head + data
+        if len(self._inflight) > 1:
+            if not self._out:
+                asyncio.get_running_loop().call_soon(self._flush)
+            self._out.append(reply)
+        elif self._out:
+            self._out.append(reply)
+            self._flush()
+        else:
+            self._write(reply)
 
     def _flush(self) -> None:
         out = self._out
-        if not out:
-            return
-        self._out = []
+        if out:
+            self._out = []
+            self._write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _write(self, data: bytes) -> None:
         if not self.writer.transport.is_closing():
-            self.writer.write(out[0] if len(out) == 1 else b"".join(out))
+            self.writer.write(data)
 
     async def _finish(self, reason: str) -> None:
         """Let in-flight requests finish, close the socket, then the session and its device."""
