@@ -75,10 +75,10 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
         await server.stop()
 
 
-async def run(*argv: str, ok: bool = True) -> tuple[int, str]:
+async def run(*argv: str, ok: bool = True, cwd: Path | None = None) -> tuple[int, str]:
     """Run a tool; its exit code and combined output (asserting success when ``ok``)."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=cwd
     )
     out, _ = await proc.communicate()
     text = out.decode(errors="replace")
@@ -163,11 +163,12 @@ async def test_nbdcopy_both_ways_over_four_connections(served: Served, tmp_path:
     assert back.read_bytes() == data
 
 
-async def test_fio_random_writes_verify_over_nbd(served: Served) -> None:
+async def test_fio_random_writes_verify_over_nbd(served: Served, tmp_path: Path) -> None:
     _, out = await run(
         "fio", "--name=nbdverify", "--ioengine=nbd", f"--uri={served.uri}",
         "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M", "--verify=crc32c",
-        "--do_verify=1", "--runtime=60",
+        "--do_verify=1", "--verify_state_save=0", "--runtime=60",
+        cwd=tmp_path,
     )  # fmt: skip
     assert "err= 0" in out  # a verify mismatch makes fio report an error
     assert re.search(r"read: IOPS=.*\(16\.0MiB/", out), out  # every block was read back
@@ -264,10 +265,13 @@ async def test_stop_closes_live_connections_and_waits_for_them(served: Served) -
 # --- FileDevice, the baseline device behind these tests -----------------------------------
 
 
-async def test_file_device_trim_and_zeroes_read_back_as_zeros_and_holes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inline_io", [None, True, False])
+async def test_file_device_trim_and_zeroes_read_back_as_zeros_and_holes(
+    tmp_path: Path, inline_io: bool | None
+) -> None:
     path = tmp_path / "f.raw"
     path.write_bytes(b"\x55" * (1 << 20))
-    dev = await FileDevice.open(path)
+    dev = await FileDevice.open(path, inline_io=inline_io)
     try:
         await dev.trim(0, 256 << 10)
         await dev.write_zeroes(256 << 10, 256 << 10, may_trim=False)
@@ -277,6 +281,8 @@ async def test_file_device_trim_and_zeroes_read_back_as_zeros_and_holes(tmp_path
         spans = await dev.block_status(0, 1 << 20)
         assert spans[0] == Span(256 << 10, Allocation.HOLE | Allocation.ZERO)
         assert sum(s.length for s in spans) == 1 << 20
+        await dev.write(1000, b"\x66" * 3000, fua=True)
+        assert await dev.read(999, 3002) == b"\x00" + b"\x66" * 3000 + b"\x00"
     finally:
         await dev.close()
 

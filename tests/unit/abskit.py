@@ -67,8 +67,8 @@ async def cluster(store: MemoryStore, tmp_path: Path, clock: FakeClock) -> Async
             address="127.0.9.9",
             chunk_port=1,
             nbd_port=2,
-            capacity_bytes=1 << 30,
-            free_bytes=(1 << 30) - i,
+            capacity_bytes=1 << 42,
+            free_bytes=(1 << 42) - i,
         )
         await store.put(keys.abs_server(n), rec.dump())
     yield Cluster(store, stores, clock)

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aecp.storage.chunk.api import RawBlocks
 from aecp.storage.chunk.errors import (
     ChecksumError,
     ChunkInvalid,
+    ChunkIOError,
     ExtentExists,
     ExtentNotFound,
     StaleEpoch,
@@ -32,9 +36,9 @@ def root(tmp_path: Path) -> Path:
     return tmp_path / "replicas"
 
 
-@pytest.fixture
-async def store(root: Path) -> AsyncIterator[ReplicaStore]:
-    s = ReplicaStore(root)
+@pytest.fixture(params=[True, False], ids=["cached-reads", "thread-reads"])
+async def store(root: Path, request: pytest.FixtureRequest) -> AsyncIterator[ReplicaStore]:
+    s = ReplicaStore(root, cached_reads=request.param)
     try:
         yield s
     finally:
@@ -311,6 +315,21 @@ async def test_create_is_idempotent_and_delete_removes_everything(
             await call
 
 
+async def test_a_replica_with_damaged_metadata_is_reported_and_can_be_deleted(root: Path) -> None:
+    async with ReplicaStore(root) as s:
+        await s.create("e1", 4 * MIB)
+        await s.create("e2", 4 * MIB)
+    flip_byte(root / "e1.meta", 60)
+    async with ReplicaStore(root) as s:
+        with pytest.raises(ChunkIOError):
+            await s.stat("e1")
+        assert (await s.stat("e2")).size == 4 * MIB
+        await s.delete("e1")
+        assert await s.list_extents() == ["e2"]
+        with pytest.raises(ExtentNotFound):
+            await s.delete("e1")
+
+
 @pytest.mark.parametrize(
     ("offset", "length"), [(-1, 10), (4 * MIB - 1, 2), (4 * MIB + 1, 0), (0, -5)]
 )
@@ -358,3 +377,60 @@ def test_a_bad_geometry_is_refused(tmp_path: Path) -> None:
         ReplicaStore(tmp_path, block_size=1024 * KIB, sector=4 * KIB)
     with pytest.raises(ChunkInvalid):
         ReplicaStore(tmp_path, block_size=256 * KIB, sector=3000)
+
+
+REGION = 1 * MIB
+
+op_strategy = st.tuples(
+    st.sampled_from(["write", "trim", "zero", "read"]),
+    st.integers(0, REGION - 1),
+    st.integers(0, 70_000),
+    st.integers(0, 255),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(op_strategy, min_size=1, max_size=4), max_size=8), st.booleans())
+def test_random_concurrent_operations_match_a_simple_model(
+    batches: list[list[tuple[str, int, int, int]]], reopen: bool
+) -> None:
+    """Batches of operations on disjoint 1 MiB regions run concurrently; afterwards (and after
+    a close and reopen) the replica reads exactly like a bytearray that got the same changes."""
+    asyncio.run(_run_model(batches, reopen))
+
+
+async def _run_model(batches: list[list[tuple[str, int, int, int]]], reopen: bool) -> None:
+    model = bytearray(4 * MIB)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ReplicaStore(Path(tmp))
+        try:
+            await store.create("e1", 4 * MIB)
+            for generation, batch in enumerate(batches, 1):
+                calls = []
+                for region, (kind, offset, length, seed) in enumerate(batch):
+                    start = region * REGION + offset
+                    length = min(length, (region + 1) * REGION - start)
+                    calls.append(_apply(store, model, kind, start, length, seed, generation))
+                await asyncio.gather(*calls)
+            if reopen:
+                await store.close()
+                store = ReplicaStore(Path(tmp))
+            assert await store.read("e1", 0, 4 * MIB) == model
+            assert await store.scrub("e1") == []
+        finally:
+            await store.close()
+
+
+async def _apply(
+    store: ReplicaStore, model: bytearray, kind: str, offset: int, length: int, seed: int, gen: int
+) -> None:
+    if kind == "write":
+        data = pattern(length, seed)
+        await store.write("e1", offset, data, epoch=0, generation=gen)
+        model[offset : offset + length] = data
+    elif kind in ("trim", "zero"):
+        call = store.trim if kind == "trim" else store.write_zeroes
+        await call("e1", offset, length, epoch=0, generation=gen)
+        model[offset : offset + length] = bytes(length)
+    else:
+        assert await store.read("e1", offset, length) == model[offset : offset + length]

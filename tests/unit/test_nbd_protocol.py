@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aecp.common.errors import InvalidState
 from aecp.storage.blockdev import Allocation, BlockDevice, BlockError, Span, check_range
 from aecp.storage.frontends.nbd import protocol as p
 from aecp.storage.frontends.nbd.session import NbdSession, State
@@ -519,6 +520,31 @@ def test_disc_ends_parsing_and_a_clean_eof_is_fine() -> None:
     assert isinstance(ev, p.Request) and ev.command == p.Cmd.DISC
     assert parser.next_event() is None
     parser.eof()
+
+
+def test_block_status_needs_the_context_chosen_for_the_same_export() -> None:
+    h = Harness(exports=("disk", "other"))
+    h.handshake()
+    h.send(p.encode_option(p.Opt.STRUCTURED_REPLY))
+    h.option_reply()
+    h.send(p.encode_option(p.Opt.SET_META_CONTEXT, meta_data("other", [p.BASE_ALLOCATION])))
+    assert [h.option_reply()[1] for _ in range(2)] == [p.Rep.META_CONTEXT, p.Rep.ACK]
+    h.send(p.encode_option(p.Opt.GO, go_data("disk")))
+    while h.option_reply()[1] != p.Rep.ACK:
+        pass
+    h.send(p.encode_request(p.Cmd.BLOCK_STATUS, 1, 0, 512))
+    assert h.chunk()[1] == p.ReplyType.ERROR and h.device.calls == []
+
+
+def test_session_methods_refuse_the_wrong_state_and_close_releases_the_device() -> None:
+    h = Harness()
+    with pytest.raises(InvalidState, match="execute needs state transmission"):
+        h.session.execute(p.Request(0, 0, 1, 0, 1, None, 0))
+    h.go()
+    with pytest.raises(InvalidState):
+        h.session.greeting()
+    run(h.session.close())
+    assert h.session.state is State.CLOSED and h.device.closed
 
 
 def test_reply_encoders_follow_the_wire_layout() -> None:

@@ -17,7 +17,9 @@ committed to the volume's table (see ``meta.service`` for the ordering rules).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
@@ -39,7 +41,12 @@ from aecp.storage.chunk.errors import (
     ReplicaUnavailable,
     StaleEpoch,
 )
-from aecp.storage.meta.model import ExtentRecord, VolumeRecord, new_extent_id
+from aecp.storage.meta.model import (
+    ExtentRecord,
+    VolumeRecord,
+    new_extent_id,
+    writable_in_place,
+)
 from aecp.storage.meta.placement import StorageNode, place
 from aecp.storage.meta.service import MetaService
 from aecp.storage.pool import ReplicaPool
@@ -47,6 +54,7 @@ from aecp.store.base import Lease
 
 log = logging.getLogger(__name__)
 SECTOR = 4096
+COPY_CHUNK = 1 << 20
 ReplicaOp = Callable[[ReplicaClient, ExtentRecord], Awaitable[object]]
 
 
@@ -75,7 +83,13 @@ class VolumeDevice(BlockDevice):
     """An attached volume. Create with ``open_volume``."""
 
     def __init__(
-        self, meta: MetaService, pool: ReplicaPool, node: str, vol: VolumeRecord, epoch: int
+        self,
+        meta: MetaService,
+        pool: ReplicaPool,
+        node: str,
+        vol: VolumeRecord,
+        epoch: int,
+        ap: str = "",
     ) -> None:
         self.meta = meta
         self.pool = pool
@@ -93,6 +107,7 @@ class VolumeDevice(BlockDevice):
         self._copy_locks: dict[str, asyncio.Lock] = {}
         self._joining: dict[str, str] = {}
         self._join_failed: set[str] = set()
+        self.ap = ap
 
     # ---- reads --------------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes:
@@ -165,13 +180,12 @@ class VolumeDevice(BlockDevice):
 
         async def one(p: Piece) -> None:
             chunk = view[p.at : p.at + p.length]
-            ext_id = await self._ensure_extent(p.slot)
-            await self._replicate(
-                ext_id,
-                lambda c, e: c.write(
-                    ext_id, p.offset, chunk, epoch=self.epoch, generation=e.generation, fua=fua
-                ),
-            )
+            while True:
+                ext_id = await self._ensure_writable(p.slot)
+                try:
+                    return await self._replicate(ext_id, self._write_op(ext_id, p, chunk, fua))
+                except _Reepoched:
+                    continue  # a snapshot was taken: the slot may now need copy-on-write
 
         if len(pieces) == 1:
             await one(pieces[0])
@@ -192,10 +206,21 @@ class VolumeDevice(BlockDevice):
         self._check_live()
         check_range(self, offset, length)
         for p in split(offset, length, self.vol.extent_size):
-            ext_id = self.vol.extents[p.slot]
-            if ext_id is None:
-                continue  # never written: already zeros
-            await self._replicate(ext_id, self._trim_op(ext_id, p))
+            while self.vol.extents[p.slot] is not None:  # never written: already zeros
+                ext_id = await self._ensure_writable(p.slot)
+                try:
+                    await self._replicate(ext_id, self._trim_op(ext_id, p))
+                    break
+                except _Reepoched:
+                    continue
+
+    def _write_op(self, ext_id: str, p: Piece, chunk: memoryview, fua: bool) -> ReplicaOp:
+        def op(c: ReplicaClient, e: ExtentRecord) -> Awaitable[object]:
+            return c.write(
+                ext_id, p.offset, chunk, epoch=self.epoch, generation=e.generation, fua=fua
+            )
+
+        return op
 
     def _trim_op(self, ext_id: str, p: Piece) -> ReplicaOp:
         def op(c: ReplicaClient, e: ExtentRecord) -> Awaitable[object]:
@@ -247,7 +272,7 @@ class VolumeDevice(BlockDevice):
                     if isinstance(res, BaseException):
                         self._join_failed.add(ext_id)
                 elif isinstance(res, StaleEpoch):
-                    self._fence(str(res))
+                    await self._stale_epoch(str(res))
                 elif isinstance(res, ReplicaUnavailable | ChunkIOError):
                     failed.append(node)
                 elif isinstance(res, BaseException):
@@ -321,16 +346,67 @@ class VolumeDevice(BlockDevice):
             self._extents[ext_id] = ext
         return ext
 
-    async def _ensure_extent(self, slot: int) -> str:
+    async def _ensure_writable(self, slot: int) -> str:
+        """The extent of ``slot`` this volume may write in place: allocated on first write,
+        copied first when it is shared with a snapshot or another volume."""
         ext_id = self.vol.extents[slot]
-        if ext_id is not None:
+        if ext_id is not None and writable_in_place(await self._extent(ext_id), self.vol):
             return ext_id
         lock = self._slot_locks.setdefault(slot, asyncio.Lock())
         async with lock:
             ext_id = self.vol.extents[slot]
             if ext_id is None:
-                ext_id = await self._allocate(slot)
+                return await self._allocate(slot)
+            ext = await self._extent(ext_id)
+            if writable_in_place(ext, self.vol):
+                return ext_id
+            return await self._copy_on_write(slot, ext)
+
+    async def _copy_on_write(self, slot: int, shared: ExtentRecord) -> str:
+        """Copy the shared extent's written blocks into a new extent owned by this volume and
+        put it in ``slot`` (the snapshot keeps the old one)."""
+        new = await self._create_replicas()
+        src, _ = await self._readable(shared)
+        dsts = [await self.pool.client(n) for n in new.replicas]
+        copied = 0
+        for offset, length in await src.modified_since(shared.id, 0):
+            pos = offset
+            while pos < offset + length:
+                n = min(COPY_CHUNK, offset + length - pos)
+                raw = await src.read_raw(shared.id, pos, n)
+                await asyncio.gather(*(d.write_raw(new.id, raw) for d in dsts))
+                pos += n
+                copied += n
+        await asyncio.gather(*(d.flush(new.id) for d in dsts))
+        if not await self.meta.replace_extent(self.vol.name, slot, shared.id, new):
+            await asyncio.gather(*(d.delete(new.id) for d in dsts), return_exceptions=True)
+        self.vol, _ = await self.meta.volume(self.vol.name)
+        ext_id = self.vol.extents[slot]
+        assert ext_id is not None
+        self._extents.pop(shared.id, None)
+        log.info(
+            "volume %s: slot %d copied on write: %s -> %s (%d bytes)",
+            self.vol.name,
+            slot,
+            shared.id,
+            ext_id,
+            copied,
+        )
+        for gone in await self.meta.collect({shared.id}):
+            for node in gone.replicas:
+                with contextlib.suppress(ChunkError):
+                    await (await self.pool.client(node)).delete(gone.id)
         return ext_id
+
+    async def _readable(self, ext: ExtentRecord) -> tuple[ReplicaClient, str]:
+        for node in self._read_order(ext):
+            try:
+                client = await self.pool.client(node)
+                await client.ping()
+            except ChunkError:
+                continue
+            return client, node
+        raise BlockError(f"volume {self.vol.name}: no replica of extent {ext.id} answers")
 
     async def _allocate(self, slot: int) -> str:
         """Create the replicas of a new extent for ``slot`` (skipping nodes that do not answer)
@@ -369,7 +445,13 @@ class VolumeDevice(BlockDevice):
                 raise NoSpace(
                     f"volume {self.vol.name}: cannot place a new extent: {exc.message}"
                 ) from None
-            ext = ExtentRecord(id=new_extent_id(), size=self.vol.extent_size, replicas=chosen)
+            ext = ExtentRecord(
+                id=new_extent_id(),
+                size=self.vol.extent_size,
+                replicas=chosen,
+                owner=self.vol.name,
+                owner_epoch=self.vol.cow_epoch,
+            )
             results = await asyncio.gather(
                 *(self._create_on(n, ext) for n in chosen), return_exceptions=True
             )
@@ -410,6 +492,18 @@ class VolumeDevice(BlockDevice):
         return _clip(runs, p.offset, p.length)
 
     # ---- fencing ------------------------------------------------------------------------
+    async def _stale_epoch(self, why: str) -> None:
+        """A replica refused our epoch: adopt the newer one if it is still ours (a snapshot
+        re-epoched this access point) and make the caller retry; else we are fenced."""
+        att = await self.meta.attachment(self.vol.name)
+        if att is not None and self.ap and att.ap == self.ap and att.epoch > self.epoch:
+            self.epoch = att.epoch
+            self.vol, _ = await self.meta.volume(self.vol.name)
+            self._extents.clear()
+            log.info("volume %s: adopted epoch %d after a snapshot", self.vol.name, self.epoch)
+            raise _Reepoched
+        self._fence(why)
+
     def _fence(self, why: str) -> None:
         if not self._fenced:
             log.warning(
@@ -427,8 +521,11 @@ class VolumeDevice(BlockDevice):
             raise Fenced(f"volume {self.vol.name}: this access point was fenced: {self._fenced}")
 
     async def fence_replicas(self) -> None:
-        """Claim every allocated extent for this epoch (older access points get StaleEpoch)."""
+        """Claim every extent this volume writes in place for this epoch (older access points
+        get StaleEpoch). Shared extents are never written in place: nothing to fence."""
         for ext_id in {x for x in self.vol.extents if x}:
+            if not writable_in_place(await self._extent(ext_id), self.vol):
+                continue
             await self._replicate(ext_id, _fence_op(ext_id, self.epoch), dirty=False)
 
     async def close(self) -> None:
@@ -446,8 +543,9 @@ async def open_volume(
     purpose: str = "io",
 ) -> VolumeDevice:
     """Attach ``name`` here under a new epoch, fence older access points, return the device."""
-    vol, epoch = await meta.attach(name, node, lease, takeover=takeover, purpose=purpose)
-    dev = VolumeDevice(meta, pool, node, vol, epoch)
+    ap = secrets.token_hex(6)
+    vol, epoch = await meta.attach(name, node, lease, takeover=takeover, purpose=purpose, ap=ap)
+    dev = VolumeDevice(meta, pool, node, vol, epoch, ap)
     try:
         await dev.fence_replicas()
     except BaseException:
@@ -469,6 +567,10 @@ def _clip(runs: list[tuple[int, int, bool]], offset: int, length: int) -> list[S
         else:
             spans.append(Span(hi - lo, flags))
     return spans or [Span(length, Allocation.HOLE | Allocation.ZERO)]
+
+
+class _Reepoched(Exception):
+    """The access point adopted a newer epoch: redo the request from the start."""
 
 
 def _flush_op(ext_id: str) -> ReplicaOp:

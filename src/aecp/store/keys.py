@@ -16,6 +16,7 @@
     /aecp/abs/extents/<extent>         ExtentRecord: valid replicas, generation, stale replicas
     /aecp/abs/attach/<volume>          AttachRecord: the access point serving it (on its lease)
     /aecp/abs/recovery/<extent>        RecoveryRecord: a recovery copy and its progress
+    /aecp/abs/snapshots/<vol>/<snap>   SnapshotRecord: a frozen extent table
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ ABS_VOLUMES = ROOT + "abs/volumes/"
 ABS_EXTENTS = ROOT + "abs/extents/"
 ABS_ATTACH = ROOT + "abs/attach/"
 ABS_RECOVERY = ROOT + "abs/recovery/"
+ABS_SNAPSHOTS = ROOT + "abs/snapshots/"
+ABS_EPOCH = ROOT + "abs/epoch"  # the last attach epoch handed out, cluster-wide
 
 
 def node(name: str) -> str:
@@ -104,3 +107,11 @@ def abs_attach(volume: str) -> str:
 
 def abs_recovery(extent_id: str) -> str:
     return ABS_RECOVERY + extent_id
+
+
+def abs_snapshots(volume: str) -> str:
+    return f"{ABS_SNAPSHOTS}{volume}/"
+
+
+def abs_snapshot(volume: str, snap: str) -> str:
+    return f"{ABS_SNAPSHOTS}{volume}/{snap}"

@@ -164,13 +164,22 @@ def close_files(rep: Replica) -> None:
 
 
 def delete_files(rep: Replica) -> None:
-    """Close and remove the replica's files; the snapshot goes first (the commit point)."""
+    """Close and remove the replica's files."""
     close_files(rep)
-    rep.meta_path.unlink(missing_ok=True)
-    for path in (rep.journal_path, rep.data_path, rep.meta_path.with_suffix(".meta.tmp")):
+    remove_files(rep.meta_path.parent, rep.id)
+
+
+def remove_files(root: Path, extent_id: str) -> None:
+    """Remove the files of a replica (open or not, damaged or not); the snapshot goes first
+    (the commit point). ``ExtentNotFound`` if there is no snapshot."""
+    try:
+        (root / f"{extent_id}.meta").unlink()
+    except FileNotFoundError:
+        raise ExtentNotFound(extent_id) from None
+    for suffix in (".jrnl", ".data", ".meta.tmp"):
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-    fsync_dir(rep.meta_path.parent)
+            (root / f"{extent_id}{suffix}").unlink()
+    fsync_dir(root)
 
 
 def list_ids(root: Path) -> list[str]:

@@ -64,7 +64,7 @@ class ChunkServer:
         server.close()
         sessions = list(self._sessions)
         for session in sessions:
-            session.abort("server stopping")
+            session.abort("server stopping", logging.INFO)
         await asyncio.gather(*(s.wait_closed() for s in sessions))
         await server.wait_closed()
         log.info("chunk server on %s:%d stopped", self.host, self._port)
@@ -140,10 +140,10 @@ class _Session(asyncio.Protocol):
 
     # --- session -------------------------------------------------------------------------
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: str, level: int = logging.WARNING) -> None:
         """Drop the connection at once (its requests are cancelled)."""
         if self.state is SessionState.OPEN and self._transport is not None:
-            log.warning("chunk server: dropping connection from %s: %s", self._peer, reason)
+            log.log(level, "chunk server: dropping connection from %s: %s", self._peer, reason)
             self._transport.abort()
 
     async def wait_closed(self) -> None:

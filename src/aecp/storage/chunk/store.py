@@ -72,6 +72,7 @@ SCRUB_BLOCKS = 16
 class ReplicaStore:
     """The replicas of one node under ``root``. Use from one event loop; ``close`` when done.
 
+    Each public method has the semantics of the ``api.ReplicaClient`` method of the same name.
     ``threads`` worker threads run data I/O (plus ``threads // 2`` ordered lanes for metadata
     persistence); blocks hold ``block_size // sector`` sectors (at most 64)."""
 
@@ -134,7 +135,12 @@ class ReplicaStore:
     async def delete(self, extent_id: str) -> None:
         check_id(extent_id)
         async with self._namespace:
-            rep = await self._load(extent_id)
+            try:
+                rep = await self._load(extent_id)
+            except (ChunkIOError, ChunkInvalid) as e:  # damaged or foreign metadata
+                log.warning("replica %s: deleting it although it is damaged (%s)", extent_id, e)
+                await self._run(files.remove_files, self.root, extent_id)
+                return
             rep.deleted = True
             await rep.locks.drain()
             self._replicas.pop(extent_id, None)
@@ -142,6 +148,7 @@ class ReplicaStore:
         log.info("replica %s deleted", extent_id)
 
     async def exists(self, extent_id: str) -> bool:
+        """Whether a replica of ``extent_id`` is stored here."""
         check_id(extent_id)
         rep = self._replicas.get(extent_id)
         if rep is not None:
@@ -389,7 +396,9 @@ class ReplicaStore:
             if result is not None:
                 self._replicas[extent_id] = result[0]
                 if result[1]:
-                    log.warning("replica %s: %d sectors re-checksummed after a crash", *result)
+                    log.warning(
+                        "replica %s: %d sectors re-checksummed after a crash", extent_id, result[1]
+                    )
 
         lane = self._lane(extent_id)
         args = (self.root, extent_id, self.block_size, self.sector, lane)

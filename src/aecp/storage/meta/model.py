@@ -34,9 +34,10 @@ class VolumeRecord(Stored):
     replicas: int
     extent_size: int
     extents: list[str | None] = Field(default_factory=list)
-    epoch: int = 0  # bumped by every attach; replicas reject older epochs
+    epoch: int = 0  # bumped by every attach (and snapshot); replicas reject older epochs
+    cow_epoch: int = 0  # bumped by every snapshot: extents from before are shared
     created_at: float = 0.0
-    deleting: bool = False
+    source: str = ""  # "snapshot <volume>@<snap>" for a clone
 
     @property
     def slots(self) -> int:
@@ -52,7 +53,8 @@ class ExtentRecord(Stored):
     generation: int = 1
     stale: dict[str, int] = Field(default_factory=dict)  # node -> generation it missed from
     stale_since: dict[str, float] = Field(default_factory=dict)  # node -> when it was dropped
-    refs: int = 1  # volumes and snapshots whose tables name this extent
+    owner: str = ""  # the volume that allocated it ...
+    owner_epoch: int = 0  # ... at this cow_epoch: only it, at that epoch, writes in place
 
 
 class AttachRecord(Stored):
@@ -63,6 +65,7 @@ class AttachRecord(Stored):
     epoch: int
     at: float
     purpose: str = "io"  # "io" (a client) or "repair" (Meta's recovery: yields to any client)
+    ap: str = ""  # the access point instance; a snapshot re-epochs it without fencing it
 
 
 def new_extent_id() -> str:
@@ -129,3 +132,23 @@ class RecoveryRecord(Stored):
     total_bytes: int
     copied_bytes: int
     started_at: float
+
+
+class SnapshotRecord(Stored):
+    """``/aecp/abs/snapshots/<volume>/<snapshot>``: a frozen copy of a volume's extent table.
+
+    Independent of every other snapshot and clone: extents are shared, never chained, and an
+    extent lives while any volume or snapshot table names it."""
+
+    volume: str
+    name: str
+    size: int
+    replicas: int
+    extent_size: int
+    extents: list[str | None]
+    created_at: float
+
+
+def writable_in_place(ext: ExtentRecord, vol: VolumeRecord) -> bool:
+    """True if ``vol`` may write ``ext`` without copying it first (it is not shared)."""
+    return ext.owner == vol.name and ext.owner_epoch == vol.cow_epoch

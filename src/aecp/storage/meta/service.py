@@ -22,6 +22,7 @@ from aecp.storage.meta.model import (
     DEFAULT_EXTENT_SIZE,
     AttachRecord,
     ExtentRecord,
+    SnapshotRecord,
     StorageServer,
     VolumeRecord,
     default_replicas,
@@ -127,41 +128,63 @@ class MetaService:
         raise Conflict(f"volume {name} keeps changing; try again")
 
     async def delete_volume(self, name: str) -> list[ExtentRecord]:
-        """Remove a volume that nobody has attached; returns the extents no longer referenced
-        (their replicas are for the caller to delete)."""
+        """Remove a volume that nobody has attached and that has no snapshots; returns the
+        extents no other volume or snapshot names (their replicas are for the caller to
+        delete)."""
         for _ in range(RETRIES):
             vol, rev = await self.volume(name)
             if await self.attachment(name) is not None:
                 raise InvalidState(
                     f"volume {name} is in use (attached); detach it first", volume=name
                 )
-            ops: list[Put | Delete] = [Delete(keys.abs_volume(name))]
-            cmp = [
-                Compare.unchanged(keys.abs_volume(name), rev),
-                Compare.absent(keys.abs_attach(name)),
-            ]
-            freed = []
-            for ext_id in {e for e in vol.extents if e}:
-                ext, erev = await self.extent(ext_id)
-                cmp.append(Compare.unchanged(keys.abs_extent(ext_id), erev))
-                if ext.refs <= 1:
-                    ops.append(Delete(keys.abs_extent(ext_id)))
-                    freed.append(ext)
-                else:
-                    ops.append(
-                        Put(
-                            keys.abs_extent(ext_id),
-                            ext.model_copy(update={"refs": ext.refs - 1}).dump(),
-                        )
-                    )
-            if await self.store.txn(cmp, ops):
+            if await self.store.list(keys.abs_snapshots(name)):
+                raise InvalidState(f"volume {name} has snapshots; delete them first", volume=name)
+            ok = await self.store.txn(
+                [
+                    Compare.unchanged(keys.abs_volume(name), rev),
+                    Compare.absent(keys.abs_attach(name)),
+                ],
+                [Delete(keys.abs_volume(name))],
+            )
+            if ok:
+                freed = await self.collect({e for e in vol.extents if e})
                 log.info("volume %s: deleted, %d extents freed", name, len(freed))
                 return freed
         raise Conflict(f"volume {name} keeps changing; try again")
 
+    async def referenced(self) -> set[str]:
+        """Every extent id named by a volume or snapshot table."""
+        refs: set[str] = set()
+        for kv in await self.store.list(keys.ABS_VOLUMES):
+            refs.update(x for x in VolumeRecord.load(kv.value).extents if x)
+        for kv in await self.store.list(keys.ABS_SNAPSHOTS):
+            refs.update(x for x in SnapshotRecord.load(kv.value).extents if x)
+        return refs
+
+    async def collect(self, candidates: set[str]) -> list[ExtentRecord]:
+        """Delete the records of the ``candidates`` no table names any more (reference counting
+        by derivation: nothing to drift); returns them so their replicas can be deleted."""
+        if not candidates:
+            return []
+        unused = candidates - await self.referenced()
+        freed = []
+        for ext_id in sorted(unused):
+            kv = await self.store.get(keys.abs_extent(ext_id))
+            if kv is None:
+                continue
+            if await self.store.delete(keys.abs_extent(ext_id), mod_revision=kv.mod_revision):
+                freed.append(ExtentRecord.load(kv.value))
+        return freed
+
     # ---- attach (single writer) ------------------------------------------------------------
     async def attach(
-        self, name: str, node: str, lease: Lease, takeover: bool = False, purpose: str = "io"
+        self,
+        name: str,
+        node: str,
+        lease: Lease,
+        takeover: bool = False,
+        purpose: str = "io",
+        ap: str = "",
     ) -> tuple[VolumeRecord, int]:
         """Become the volume's access point under a new epoch (on ``lease``).
 
@@ -176,22 +199,36 @@ class MetaService:
                 raise InvalidState(
                     f"volume {name} is attached on {current.node}", volume=name, node=current.node
                 )
-            epoch = vol.epoch + 1
+            epoch, epoch_cmp, epoch_put = await self.next_epoch()
             new = vol.model_copy(update={"epoch": epoch})
             rec = AttachRecord(
-                volume=name, node=node, epoch=epoch, at=self.clock.wall(), purpose=purpose
+                volume=name, node=node, epoch=epoch, at=self.clock.wall(), purpose=purpose, ap=ap
             )
             ok = await self.store.txn(
-                [Compare.unchanged(keys.abs_volume(name), rev)],
+                [Compare.unchanged(keys.abs_volume(name), rev), epoch_cmp],
                 [
                     Put(keys.abs_volume(name), new.dump()),
                     Put(keys.abs_attach(name), rec.dump(), lease=lease),
+                    epoch_put,
                 ],
             )
             if ok:
                 log.info("volume %s: attached on %s with epoch %d", name, node, epoch)
                 return new, epoch
         raise Conflict(f"volume {name} keeps changing; try again")
+
+    async def next_epoch(self) -> tuple[int, Compare, Put]:
+        """The next attach epoch, cluster-wide (extents can be shared between volumes, so
+        epochs must be comparable across them), with the guard and write that claim it in the
+        caller's transaction."""
+        kv = await self.store.get(keys.ABS_EPOCH)
+        current = int(kv.value) if kv else 0
+        guard = (
+            Compare.unchanged(keys.ABS_EPOCH, kv.mod_revision)
+            if kv
+            else Compare.absent(keys.ABS_EPOCH)
+        )
+        return current + 1, guard, Put(keys.ABS_EPOCH, str(current + 1).encode())
 
     async def detach(self, name: str, node: str, epoch: int) -> None:
         """Release the attachment if it is still ours (same node and epoch)."""
@@ -221,6 +258,29 @@ class MetaService:
                 [
                     Put(keys.abs_volume(volume), vol.model_copy(update={"extents": table}).dump()),
                     Put(keys.abs_extent(ext.id), ext.dump()),
+                ],
+            )
+            if ok:
+                return True
+        raise Conflict(f"volume {volume} keeps changing; try again")
+
+    async def replace_extent(self, volume: str, slot: int, old: str, new: ExtentRecord) -> bool:
+        """Copy-on-write: name ``new`` (replicas created and filled) in ``slot`` instead of the
+        shared extent ``old``. False if the slot changed meanwhile."""
+        for _ in range(RETRIES):
+            vol, rev = await self.volume(volume)
+            if vol.extents[slot] != old:
+                return False
+            table = list(vol.extents)
+            table[slot] = new.id
+            ok = await self.store.txn(
+                [
+                    Compare.unchanged(keys.abs_volume(volume), rev),
+                    Compare.absent(keys.abs_extent(new.id)),
+                ],
+                [
+                    Put(keys.abs_volume(volume), vol.model_copy(update={"extents": table}).dump()),
+                    Put(keys.abs_extent(new.id), new.dump()),
                 ],
             )
             if ok:

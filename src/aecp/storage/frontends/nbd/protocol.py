@@ -275,7 +275,7 @@ class ServerParser:
         return len(self._buf)
 
     def feed(self, data: bytes) -> None:
-        """Append bytes received from the client."""
+        """Append bytes received from the client (kept by reference: do not modify them)."""
         if self._mode is _Mode.DONE:
             return
         if self._skip or self._need:

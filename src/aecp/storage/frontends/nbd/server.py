@@ -28,7 +28,7 @@ READ_SIZE = 1 << 20  # bytes asked of the stream at a time
 STREAM_LIMIT = 1 << 20  # StreamReader buffer before it stops reading the socket
 HIGH_WATER = 4 << 20  # wait for the socket to drain when more replies than this are queued
 INLINE_DATA = 64 * 1024  # READ data up to this size is joined to its header (one send)
-CLOSE_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 5.0  # then unsent replies are dropped (the client stopped reading)
 _DISC = int(p.Cmd.DISC)
 
 
@@ -79,14 +79,14 @@ class NbdServer:
 
     async def stop(self) -> None:
         """Stop listening, end every connection (in-flight requests finish first) and wait."""
+        port = self.port
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        live = list(self._connections)
-        await tasks.cancel(*live)
+        await tasks.cancel(*self._connections)
         if server is not None:
             await server.wait_closed()
-            log.info("nbd: stopped listening on %s:%d", self.host, self._port)
+            log.info("nbd: stopped listening on %s:%d", self.host, port)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Connection(self, reader, writer)
@@ -120,12 +120,12 @@ class _Connection:
             await self._negotiate()
             if self.session.state is State.TRANSMISSION:
                 reason = await self._transmit()
-        except p.ProtocolError as e:
-            reason, self._abort = f"protocol error: {e}", True
-        except (ConnectionError, OSError) as e:
+        except p.ProtocolError as e:  # replies already owed are still sent, then we close
+            reason = f"protocol error: {e}"
+        except OSError as e:
             reason, self._abort = f"connection lost: {e!r}", True
-        except asyncio.CancelledError:
-            reason, self._abort = "server stopping", True
+        except asyncio.CancelledError:  # proto.md: finish in-flight requests, then disconnect
+            reason = "server stopping"
             raise
         except Exception as e:
             log.exception("nbd %s: unexpected failure", self.peer)
@@ -251,6 +251,8 @@ class _Connection:
         finally:
             await self.session.close()
         export = self.session.export_name
-        log.info(
-            "nbd %s: closed%s: %s", self.peer, f" (export {export!r})" if export else "", reason
-        )
+        level = logging.WARNING if self._abort or reason.startswith("protocol") else logging.INFO
+        log.log(
+            level, "nbd %s: closed%s: %s", self.peer, f" (export {export!r})" if export else "",
+            reason,
+        )  # fmt: skip

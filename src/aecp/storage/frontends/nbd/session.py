@@ -6,8 +6,8 @@ opened ``BlockDevice``, turning each into reply bytes. It does no socket I/O: th
 events and writes what it returns.
 
 Device ownership: ``open_export(name)`` hands the session a device it owns. The session closes
-it when NBD_OPT_INFO is answered, when the connection ends (``close``), or when the export could
-not be used. ``open_export`` raises ``KeyError`` for an unknown export.
+it once NBD_OPT_INFO is answered, or in ``close`` (the connection ended). ``open_export`` raises
+``KeyError`` for an unknown export; any other exception is logged and answered ERR_UNKNOWN.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ _FUA = int(p.CmdFlag.FUA)
 
 
 class State(enum.Enum):
+    """Where a connection is: greeting and client flags, option haggling, requests, gone."""
+
     HANDSHAKE = "handshake"
     OPTIONS = "options"
     TRANSMISSION = "transmission"

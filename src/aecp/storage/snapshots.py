@@ -1,0 +1,217 @@
+"""Snapshots and clones of volumes: O(1) metadata operations (redirect-on-write).
+
+A snapshot copies the volume's extent table into a snapshot record and bumps the volume's
+``cow_epoch``: every extent from before is now shared, and the first write to it copies it into
+a new extent owned by the volume (``access.VolumeDevice._copy_on_write``). A clone is a new
+volume whose table is the snapshot's (its extents are owned by another volume, so shared too).
+Snapshots and clones are independent: no chains; an extent lives while any volume or snapshot
+table names it (``MetaService.collect``), so any of them can be deleted in any order.
+
+Snapshotting a volume that is attached for I/O is allowed only for the node whose VM uses it,
+after pausing the VM (QEMU drains in-flight I/O on pause): the snapshot then re-epochs the
+access point (same instance, newer epoch, fenced on the replicas), so its next write learns of
+the snapshot from the replicas and copies on write. Any other attached volume is refused: a
+write in flight could land on one replica before the snapshot and on another after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+
+from aecp.common.errors import AlreadyExists, Conflict, InvalidInput, InvalidState, NotFound
+from aecp.model.base import check_name
+from aecp.storage.chunk.errors import ChunkError
+from aecp.storage.meta.model import (
+    AttachRecord,
+    SnapshotRecord,
+    VolumeRecord,
+    writable_in_place,
+)
+from aecp.storage.meta.service import RETRIES, MetaService
+from aecp.storage.pool import ReplicaPool
+from aecp.store import keys
+from aecp.store.base import Compare, Delete, Lease, Put
+from aecp.store.typed import read
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotService:
+    def __init__(self, meta: MetaService, pool: ReplicaPool) -> None:
+        self.meta = meta
+        self.store = meta.store
+        self.pool = pool
+
+    async def snapshot(
+        self, volume: str, name: str, paused_on: str | None = None
+    ) -> SnapshotRecord:
+        """Snapshot ``volume`` as ``name``. ``paused_on``: the node whose paused VM has the
+        volume attached (the only attached case allowed)."""
+        check_name("snapshot", name)
+        for _ in range(RETRIES):
+            vol, rev = await self.meta.volume(volume)
+            att_kv = await self.store.get(keys.abs_attach(volume))
+            att = AttachRecord.load(att_kv.value) if att_kv else None
+            if att is not None and (att.node != paused_on or att.purpose != "io"):
+                raise InvalidState(
+                    f"volume {volume} is attached on {att.node}; snapshot the VM that uses it "
+                    "(it pauses I/O) or stop the client first",
+                    volume=volume,
+                    node=att.node,
+                )
+            snap = SnapshotRecord(
+                volume=volume,
+                name=name,
+                size=vol.size,
+                replicas=vol.replicas,
+                extent_size=vol.extent_size,
+                extents=list(vol.extents),
+                created_at=self.meta.clock.wall(),
+            )
+            epoch = vol.epoch
+            cmp: list[Compare] = []
+            ops: list[Put | Delete] = []
+            if att is not None:
+                epoch, guard, claim = await self.meta.next_epoch()
+                cmp.append(guard)
+                ops.append(claim)
+            new = vol.model_copy(update={"cow_epoch": vol.cow_epoch + 1, "epoch": epoch})
+            cmp += [
+                Compare.unchanged(keys.abs_volume(volume), rev),
+                Compare.absent(keys.abs_snapshot(volume, name)),
+            ]
+            ops += [
+                Put(keys.abs_volume(volume), new.dump()),
+                Put(keys.abs_snapshot(volume, name), snap.dump()),
+            ]
+            if att is not None and att_kv is not None:
+                cmp.append(Compare.unchanged(keys.abs_attach(volume), att_kv.mod_revision))
+                ops.append(
+                    Put(
+                        keys.abs_attach(volume),
+                        att.model_copy(update={"epoch": epoch}).dump(),
+                        lease=Lease(att_kv.lease, 0),
+                    )
+                )
+            if await self.store.txn(cmp, ops):
+                if att is not None:
+                    await self._fence_all(vol, epoch)
+                log.info(
+                    "volume %s: snapshot %s taken (%d extents shared)",
+                    volume,
+                    name,
+                    sum(1 for x in vol.extents if x),
+                )
+                return snap
+            if await self.store.get(keys.abs_snapshot(volume, name)):
+                raise AlreadyExists(f"snapshot {volume}@{name} already exists", field="name")
+        raise Conflict(f"volume {volume} keeps changing; try again")
+
+    async def _fence_all(self, before: VolumeRecord, epoch: int) -> None:
+        """Raise the replicas of every extent the volume could write in place before the
+        snapshot to ``epoch`` (the access point's next write there meets StaleEpoch, adopts the
+        epoch and copies on write)."""
+        exts = await self.meta.extents()
+        calls: list[Awaitable[None]] = []
+        for x in {x for x in before.extents if x and x in exts}:
+            if writable_in_place(exts[x], before):
+                calls.extend(self._fence(node, x, epoch) for node in exts[x].replicas)
+        await asyncio.gather(*calls)
+
+    async def _fence(self, node: str, ext_id: str, epoch: int) -> None:
+        try:
+            await (await self.pool.client(node)).fence(ext_id, epoch)
+        except ChunkError as exc:  # an unreachable replica is dropped on the next write
+            log.warning("extent %s on %s not fenced for a snapshot: %s", ext_id, node, exc)
+
+    async def snapshots(self, volume: str) -> list[SnapshotRecord]:
+        await self.meta.volume(volume)
+        kvs = await self.store.list(keys.abs_snapshots(volume))
+        return sorted((SnapshotRecord.load(kv.value) for kv in kvs), key=lambda s: s.created_at)
+
+    async def get(self, volume: str, name: str) -> tuple[SnapshotRecord, int]:
+        check_name("snapshot", name)
+        got = await read(self.store, keys.abs_snapshot(volume, name), SnapshotRecord)
+        if got is None:
+            raise NotFound(f"snapshot {volume}@{name} does not exist", snapshot=name)
+        return got
+
+    async def delete(self, volume: str, name: str) -> int:
+        """Delete a snapshot; returns how many extents were reclaimed. Clones made from it are
+        not affected (they do not depend on it)."""
+        snap, rev = await self.get(volume, name)
+        if not await self.store.delete(keys.abs_snapshot(volume, name), mod_revision=rev):
+            raise Conflict(f"snapshot {volume}@{name} changed; try again")
+        return await self._reclaim({x for x in snap.extents if x})
+
+    async def clone(self, volume: str, name: str, new_volume: str) -> VolumeRecord:
+        """A new volume with the snapshot's content, in O(1): its table is the snapshot's."""
+        check_name("name", new_volume)
+        snap, rev = await self.get(volume, name)
+        servers = await self.meta.servers()
+        if snap.replicas > len(servers):
+            raise InvalidInput("replicas", f"{snap.replicas} replicas need as many nodes")
+        vol = VolumeRecord(
+            name=new_volume,
+            size=snap.size,
+            replicas=snap.replicas,
+            extent_size=snap.extent_size,
+            extents=list(snap.extents),
+            created_at=self.meta.clock.wall(),
+            source=f"snapshot {volume}@{name}",
+        )
+        ok = await self.store.txn(
+            [
+                Compare.unchanged(keys.abs_snapshot(volume, name), rev),
+                Compare.absent(keys.abs_volume(new_volume)),
+            ],
+            [Put(keys.abs_volume(new_volume), vol.dump())],
+        )
+        if not ok:
+            if await self.store.get(keys.abs_volume(new_volume)):
+                raise AlreadyExists(f"volume {new_volume} already exists", field="name")
+            raise Conflict(f"snapshot {volume}@{name} changed; try again")
+        log.info("volume %s: cloned from %s@%s", new_volume, volume, name)
+        return vol
+
+    async def rollback(self, volume: str, name: str) -> VolumeRecord:
+        """Make a detached volume hold the snapshot's content again (O(1))."""
+        snap, srev = await self.get(volume, name)
+        for _ in range(RETRIES):
+            vol, rev = await self.meta.volume(volume)
+            if await self.meta.attachment(volume) is not None:
+                raise InvalidState(
+                    f"volume {volume} is attached; stop its VM or client first", volume=volume
+                )
+            new = vol.model_copy(
+                update={
+                    "extents": list(snap.extents),
+                    "size": snap.size,
+                    "cow_epoch": vol.cow_epoch + 1,
+                }
+            )
+            ok = await self.store.txn(
+                [
+                    Compare.unchanged(keys.abs_volume(volume), rev),
+                    Compare.unchanged(keys.abs_snapshot(volume, name), srev),
+                    Compare.absent(keys.abs_attach(volume)),
+                ],
+                [Put(keys.abs_volume(volume), new.dump())],
+            )
+            if ok:
+                await self._reclaim({x for x in vol.extents if x})
+                log.info("volume %s: rolled back to snapshot %s", volume, name)
+                return new
+        raise Conflict(f"volume {volume} keeps changing; try again")
+
+    async def _reclaim(self, candidates: set[str]) -> int:
+        freed = await self.meta.collect(candidates)
+        for ext in freed:
+            for node in [*ext.replicas, *ext.stale]:
+                try:
+                    await (await self.pool.client(node)).delete(ext.id)
+                except ChunkError as exc:
+                    log.info("extent %s on %s not deleted: %s", ext.id, node, exc)
+        return len(freed)
