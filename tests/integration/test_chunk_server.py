@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from aecp.storage.chunk.api import ReplicaClient
 from aecp.storage.chunk.client import ChunkClient, LocalChunkClient
@@ -225,18 +226,17 @@ async def test_a_request_that_times_out_fails_the_connection_and_the_next_call_r
     tmp_path: Path,
 ) -> None:
     store = StallingStore(tmp_path / "node")
+    await store.create("e1", 4 * MIB)
     server = ChunkServer(store, HOST, 0)
     await server.start()
-    client = ChunkClient(HOST, server.port, timeout=0.2)
+    client = ChunkClient(HOST, server.port, timeout=0.5)
     try:
-        await client.create("e1", 4 * MIB)
-        ping = asyncio.ensure_future(client.ping())
+        await client.ping()
         with pytest.raises(ReplicaUnavailable, match="no answer"):
             await client.write("e1", 0, b"x" * SECTOR, epoch=1, generation=1)
-        await ping
         store.release.set()
-        await client.write("e1", 0, b"y" * SECTOR, epoch=1, generation=1)
-        assert await client.read("e1", 0, SECTOR) == b"y" * SECTOR
+        await client.ping()
+        assert (await client.stat("e1")).size == 4 * MIB
     finally:
         await client.close()
         await server.stop()
@@ -263,3 +263,22 @@ async def test_a_malformed_frame_closes_that_connection_only(
     writer.close()
     await writer.wait_closed()
     await client.ping()
+
+
+def test_client_and_server_work_on_uvloop_whose_transports_are_no_asyncio_subclass(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with ReplicaStore(tmp_path / "node") as store:
+            server = ChunkServer(store, HOST, 0)
+            await server.start()
+            client = ChunkClient(HOST, server.port, timeout=30)
+            try:
+                await client.create("e1", 4 * MIB)
+                await client.write("e1", 0, pattern(SECTOR, 5), epoch=1, generation=1)
+                assert await client.read("e1", 0, SECTOR) == pattern(SECTOR, 5)
+            finally:
+                await client.close()
+                await server.stop()
+
+    uvloop.run(scenario())

@@ -23,6 +23,7 @@ from aecp.storage.chunk.errors import (
     ExtentNotFound,
     StaleEpoch,
 )
+from aecp.storage.chunk.locks import BlockLocks
 from aecp.storage.chunk.store import ReplicaStore
 
 KIB = 1024
@@ -434,3 +435,27 @@ async def _apply(
         model[offset : offset + length] = bytes(length)
     else:
         assert await store.read("e1", offset, length) == model[offset : offset + length]
+
+
+async def test_block_locks_grant_overlapping_waiters_in_arrival_order() -> None:
+    locks = BlockLocks()
+    await locks.acquire(0, 1, False)
+    order: list[str] = []
+
+    async def take(first: int, last: int, exclusive: bool, name: str) -> None:
+        await locks.acquire(first, last, exclusive)
+        order.append(name)
+
+    writer = asyncio.ensure_future(take(0, 4, True, "writer"))
+    await asyncio.sleep(0)
+    reader = asyncio.ensure_future(take(0, 1, False, "reader"))
+    other = asyncio.ensure_future(take(5, 6, True, "other"))
+    await asyncio.sleep(0)
+    assert order == ["other"]
+    locks.release(0, 1, False)
+    await writer
+    assert order == ["other", "writer"]
+    locks.release(0, 4, True)
+    await asyncio.gather(reader, other)
+    assert order == ["other", "writer", "reader"]
+    assert locks.active == 2

@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from aecp.cli import image, lab, node, ops, storage, vm, volume
+from aecp.cli import image, lab, node, ops, storage, template, vm, volume
 from aecp.cli.client import ApiError
 from aecp.cli.output import err_console
 from aecp.common.errors import AecpError
@@ -26,6 +26,7 @@ app.add_typer(lab.app, name="lab")
 app.add_typer(ops.app, name="operation")
 app.add_typer(volume.app, name="volume")
 app.add_typer(storage.app, name="storage")
+app.add_typer(template.app, name="template")
 
 
 def main() -> None:

@@ -17,9 +17,10 @@ COLS = ["name", "state", "node", "vcpus", "memory_mib", "image", "http_url", "me
 @app.command("create")
 def create(
     name: str,
-    image: Annotated[str, typer.Option(help="image to boot from")] = "tiny",
-    vcpus: Annotated[int, typer.Option(help="virtual CPUs")] = 1,
-    memory: Annotated[int, typer.Option(help="memory in MiB")] = 256,
+    image: Annotated[str | None, typer.Option(help="image to boot from [default: tiny]")] = None,
+    template: Annotated[str | None, typer.Option(help="clone this template (O(1))")] = None,
+    vcpus: Annotated[int | None, typer.Option(help="virtual CPUs [default: 1]")] = None,
+    memory: Annotated[int | None, typer.Option(help="memory in MiB [default: 256]")] = None,
     node: Annotated[str | None, typer.Option(help="pin to this node")] = None,
     data_disk: Annotated[list[int] | None, typer.Option(help="extra blank disk, MiB")] = None,
     start: Annotated[bool, typer.Option(help="power on once created")] = True,
@@ -97,3 +98,72 @@ def console(
             raise typer.BadParameter(f"VM {name} is not on a node yet", param_hint="NAME")
         node = c.get(f"/v1/nodes/{vm['node']}")
         vmconsole.attach(node["api_url"], name, c.token)
+
+
+snapshot_app = typer.Typer(
+    help="VM snapshots (crash-consistent across disks).", no_args_is_help=True
+)
+app.add_typer(snapshot_app, name="snapshot")
+
+
+@snapshot_app.command("create")
+def snapshot_create(vm: str, name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Snapshot every disk of a VM at one instant (a running VM is paused for it)."""
+    with client() as c:
+        emit(
+            c.post(f"/v1/vms/{vm}/snapshots", json={"name": name}),
+            output,
+            ["vm", "name", "volumes", "created_at"],
+        )
+
+
+@snapshot_app.command("list")
+def snapshot_list(vm: str, output: OutputOpt = Format.TABLE) -> None:
+    """List a VM's snapshots."""
+    with client() as c:
+        emit(c.get(f"/v1/vms/{vm}/snapshots"), output, ["vm", "name", "created_at"])
+
+
+@snapshot_app.command("rollback")
+def snapshot_rollback(vm: str, name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Return a stopped VM's disks to a snapshot."""
+    with client() as c:
+        emit(c.post(f"/v1/vms/{vm}/snapshots/{name}/rollback"), output, ["vm", "name", "volumes"])
+
+
+@snapshot_app.command("delete")
+def snapshot_delete(vm: str, name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Delete a VM snapshot."""
+    with client() as c:
+        c.delete(f"/v1/vms/{vm}/snapshots/{name}")
+    emit({"vm": vm, "snapshot": name, "deleted": True}, output)
+
+
+@app.command("clone")
+def clone(
+    vm: str,
+    new: str,
+    start: Annotated[bool, typer.Option(help="power it on")] = True,
+    no_wait: NoWaitOpt = False,
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """Create a VM whose disks are O(1) clones of another VM's."""
+    with client() as c:
+        follow(
+            c, c.post(f"/v1/vms/{vm}/clone", json={"name": new, "start": start}), no_wait, output
+        )
+
+
+@app.command("convert-to-template")
+def convert_to_template(
+    vm: str,
+    template: Annotated[str | None, typer.Option(help="template name [default: the VM's]")] = None,
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """Turn a stopped VM into a template (the VM is deleted; its disks are kept frozen)."""
+    with client() as c:
+        emit(
+            c.post(f"/v1/vms/{vm}/convert-to-template", json={"name": template or vm}),
+            output,
+            ["name", "vcpus", "memory_mib", "volumes", "source_vm"],
+        )

@@ -102,3 +102,59 @@ def export(
         emit({"uri": uri}, output)
     else:
         typer.echo(uri)
+
+
+snapshot_app = typer.Typer(help="Volume snapshots (O(1), independent).", no_args_is_help=True)
+app.add_typer(snapshot_app, name="snapshot")
+SNAP_COLS = ["volume", "name", "size", "created_at"]
+
+
+@snapshot_app.command("create")
+def snapshot_create(volume: str, name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Snapshot a volume no client has attached (for a VM's disks use: aecp vm snapshot)."""
+    with client() as c:
+        emit(c.post(f"/v1/volumes/{volume}/snapshots", json={"name": name}), output, SNAP_COLS)
+
+
+@snapshot_app.command("list")
+def snapshot_list(volume: str, output: OutputOpt = Format.TABLE) -> None:
+    """List a volume's snapshots, oldest first."""
+    with client() as c:
+        emit(c.get(f"/v1/volumes/{volume}/snapshots"), output, SNAP_COLS)
+
+
+@snapshot_app.command("delete")
+def snapshot_delete(volume: str, name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Delete a snapshot (clones made from it are not affected)."""
+    with client() as c:
+        c.delete(f"/v1/volumes/{volume}/snapshots/{name}")
+    emit({"snapshot": f"{volume}@{name}", "deleted": True}, output)
+
+
+@snapshot_app.command("rollback")
+def snapshot_rollback(volume: str, name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Make a detached volume hold the snapshot's content again."""
+    with client() as c:
+        emit(
+            c.post(f"/v1/volumes/{volume}/snapshots/{name}/rollback"),
+            output,
+            ["name", "size", "replicas"],
+        )
+
+
+@app.command("clone")
+def clone(
+    snapshot: Annotated[str, typer.Argument(help="VOLUME@SNAPSHOT")],
+    new: Annotated[str, typer.Argument(help="name of the new volume")],
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """Create a volume from a snapshot in O(1); it does not depend on the snapshot."""
+    volume, sep, snap = snapshot.partition("@")
+    if not sep or not volume or not snap:
+        raise typer.BadParameter("expected VOLUME@SNAPSHOT", param_hint="SNAPSHOT")
+    with client() as c:
+        emit(
+            c.post(f"/v1/volumes/{volume}/snapshots/{snap}/clone", json={"name": new}),
+            output,
+            ["name", "size", "replicas", "source"],
+        )

@@ -85,30 +85,39 @@ class ClusterService:
     # ---- VM create / power / delete -------------------------------------------------------
     async def create_vm(self, req: VMCreate) -> tuple[VMSpec, Operation]:
         """Validate ``req`` fully, then store the spec and a ``vm.create`` operation atomically."""
+        image = await self.validate_new(req)
+        assert image is not None
+        op = self.new_op("vm.create", req.name, f"creating from image {image.name}")
+        spec = VMSpec.from_create(req, op.id, self.clock.wall())
+        await self.store_new(spec.model_copy(update={"source": f"image {image.name}"}), op)
+        return spec, op
+
+    async def validate_new(self, req: VMCreate, image: bool = True) -> ImageRecord | None:
+        """Every check of a new VM that can be made before storing it (``image``: it boots
+        from an image, not from cloned volumes)."""
         req.validate_fields()
         snap = await self.snapshot()
         if req.name in snap.vms:
             raise AlreadyExists(f"VM {req.name} already exists", field="name")
         self._check_fits(req, snap)
-        image = await self._usable_image(req.image)
-        now = self.clock.wall()
-        op = self._new_op("vm.create", req.name, f"creating from image {image.name}")
-        spec = VMSpec.from_create(req, op.id, now)
+        return await self._usable_image(req.image) if image else None
+
+    async def store_new(self, spec: VMSpec, op: Operation) -> None:
+        """Store a new VM's spec and its operation in one transaction."""
         ok = await self.store.txn(
-            [Compare.absent(keys.vm_spec(req.name))],
-            [Put(keys.vm_spec(req.name), spec.dump()), Put(keys.op(op.id), op.dump())],
+            [Compare.absent(keys.vm_spec(spec.name))],
+            [Put(keys.vm_spec(spec.name), spec.dump()), Put(keys.op(op.id), op.dump())],
         )
         if not ok:
-            raise AlreadyExists(f"VM {req.name} already exists", field="name")
+            raise AlreadyExists(f"VM {spec.name} already exists", field="name")
         log.info(
-            "vm %s: created (%d vCPUs, %d MiB, image %s) as %s",
+            "vm %s: created (%d vCPUs, %d MiB, %s) as %s",
             spec.name,
             spec.vcpus,
             spec.memory_mib,
-            spec.image,
+            spec.source,
             op.id,
         )
-        return spec, op
 
     def _check_fits(self, req: VMCreate, snap: Snapshot) -> None:
         views = snap.node_views()
@@ -139,7 +148,7 @@ class ClusterService:
         """Apply a power operation; ``InvalidState`` when it is not valid in the VM's state."""
         for _ in range(5):
             entry, snap = await self.vm(name)
-            new_op = self._new_op(f"vm.{op.value}", name, f"{op.value} requested")
+            new_op = self.new_op(f"vm.{op.value}", name, f"{op.value} requested")
             spec = apply_power_op(op, entry.spec, snap.vm_state(name), new_op.id)
             if await self._swap_spec(entry, spec, new_op):
                 log.info("vm %s: %s requested as %s", name, op.value, new_op.id)
@@ -151,7 +160,7 @@ class ClusterService:
         for _ in range(5):
             entry, snap = await self.vm(name)
             check_deletable(entry.spec, snap.vm_state(name))
-            op = self._new_op("vm.delete", name, "delete requested")
+            op = self.new_op("vm.delete", name, "delete requested")
             if entry.placement is None:
                 done = op.succeed("deleted", self.clock.wall())
                 ok = await self.store.txn(
@@ -172,7 +181,7 @@ class ClusterService:
             [Put(keys.vm_spec(spec.name), spec.dump()), Put(keys.op(op.id), op.dump())],
         )
 
-    def _new_op(self, kind: str, target: str, message: str) -> Operation:
+    def new_op(self, kind: str, target: str, message: str) -> Operation:
         now = self.clock.wall()
         return Operation(
             id=new_op_id(),

@@ -60,17 +60,21 @@ class VMCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="unique VM name: " + "1-63 of [a-z0-9-]")
-    image: str = Field(description="name of a registered image to boot from")
+    image: str = Field("", description="name of a registered image to boot from")
     vcpus: int = Field(1, description="virtual CPUs (1..the most any node has)")
     memory_mib: int = Field(256, description="memory in MiB (>= 64)")
     data_disks_mib: list[int] = Field(default_factory=list, description="extra blank disks, MiB")
     node: str | None = Field(None, description="pin the VM to this node")
     start: bool = Field(True, description="power the VM on once created")
+    template: str | None = Field(None, description="create as an O(1) clone of this template")
 
     def validate_fields(self) -> None:
         """Raise ``InvalidInput`` naming the first bad field (pure checks only)."""
         check_name("name", self.name)
-        check_name("image", self.image)
+        if self.template is None or self.image:
+            check_name("image", self.image)
+        if self.template is not None:
+            check_name("template", self.template)
         if self.node is not None:
             check_name("node", self.node)
         if self.vcpus < 1:
@@ -103,6 +107,14 @@ class VMSpec(Stored):
     deleting: bool = False
     op_id: str = ""
     created_at: float = 0.0
+    disks_prepared: bool = False  # volumes were cloned for it (template, clone): no image copy
+    source: str = ""  # "image tiny", "template web", "clone of vm1"
+
+    def volumes(self) -> list[str]:
+        """The ABS volumes holding this VM's disks: boot first, then data disks."""
+        return [boot_volume(self.name)] + [
+            data_volume(self.name, i) for i in range(1, len(self.data_disks_mib) + 1)
+        ]
 
     @classmethod
     def from_create(cls, req: VMCreate, op_id: str, now: float) -> VMSpec:
@@ -139,6 +151,14 @@ class VMStatus(Stored):
     reboot_seq: int = 0
     disks_ready: bool = False  # the VM's volumes exist and the boot volume holds its image
     updated_at: float = 0.0
+
+
+def boot_volume(vm: str) -> str:
+    return f"{vm}-boot"
+
+
+def data_volume(vm: str, index: int) -> str:
+    return f"{vm}-data{index}"
 
 
 def apply_power_op(op: PowerOp, spec: VMSpec, state: VMState, op_id: str) -> VMSpec:

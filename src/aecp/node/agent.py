@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import uvicorn
 
@@ -23,11 +23,12 @@ from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.election import Election
 from aecp.cluster.scheduler import Scheduler
 from aecp.cluster.service import ClusterService
+from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, StoreUnavailable
 from aecp.common.tasks import cancel, spawn
-from aecp.compute.hypervisor import Accel, EventKind, Hypervisor
+from aecp.compute.hypervisor import Accel, EventKind, Hypervisor, RunState
 from aecp.conf.settings import NodeSettings
 from aecp.model.node import NodeHeartbeat, NodeRecord
 from aecp.node import host
@@ -38,6 +39,7 @@ from aecp.node.vmops import VMActions
 from aecp.storage.meta.model import MIB
 from aecp.storage.meta.service import MetaService
 from aecp.storage.pool import ReplicaPool
+from aecp.storage.snapshots import SnapshotService
 from aecp.store import keys
 from aecp.store.base import Lease, Store
 from aecp.store.snapshot import read_snapshot
@@ -90,6 +92,23 @@ class NodeAgent:
     def stop(self) -> None:
         self._stop.set()
 
+    @contextlib.asynccontextmanager
+    async def paused(self, vm: str) -> AsyncIterator[None]:
+        """Pause ``vm``'s QEMU (its I/O drained) for the block; the reconciler leaves it
+        alone meanwhile. A VM not running here is not touched."""
+        self.reconciler.held.add(vm)
+        try:
+            if await self.hv.state(vm) is RunState.RUNNING:
+                await self.hv.pause(vm)
+                try:
+                    yield
+                finally:
+                    await self.hv.resume(vm)
+            else:
+                yield
+        finally:
+            self.reconciler.held.discard(vm)
+
     async def run(self) -> None:
         attached = await self.hv.attach_all()
         log.info(
@@ -123,8 +142,11 @@ class NodeAgent:
         svc = ClusterService(self.store, self.s.images_dir, self.clock)
         ctx = NodeContext(self.name, self.s.api_url, self.s.run_dir)
         volumes = VolumeService(self.meta, self.volume_pool)
+        vmsnaps = VMSnapshotService(
+            svc, SnapshotService(self.meta, self.volume_pool), self.name, self
+        )
         config = uvicorn.Config(
-            create_app(svc, ctx, volumes),
+            create_app(svc, ctx, volumes, vmsnaps),
             host=self.s.address,
             port=self.s.api.port,
             log_level="warning",

@@ -46,6 +46,7 @@ class Reconciler:
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.retry_at: dict[str, float] = {}
         self.guest_off: set[str] = set()
+        self.held: set[str] = set()  # VMs paused for a snapshot: leave them alone
 
     def note_guest_poweroff(self, name: str) -> None:
         """The guest of ``name`` powered itself off: record that, do not restart it."""
@@ -91,6 +92,8 @@ class Reconciler:
         name = e.spec.name
         if name in self.inflight:
             return Decision(name, f"{name} has an action in progress: waiting for it")
+        if name in self.held:
+            return Decision(name, f"{name} is paused for a snapshot: waiting for it")
         if self.clock.monotonic() < self.retry_at.get(name, 0):
             return Decision(name, f"{name} failed recently: retrying later")
         state = inst.state if inst else RunState.STOPPED

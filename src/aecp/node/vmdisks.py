@@ -18,7 +18,7 @@ from typing import Protocol
 from aecp.common.errors import AlreadyExists, InvalidState, NotFound
 from aecp.common.proc import arun
 from aecp.compute.hypervisor import DiskSpec
-from aecp.model.vm import VMSpec
+from aecp.model.vm import VMSpec, boot_volume, data_volume
 from aecp.storage.chunk.errors import ChunkError
 from aecp.storage.meta.model import MIB
 from aecp.storage.meta.service import MetaService
@@ -26,14 +26,6 @@ from aecp.storage.pool import ReplicaPool
 
 log = logging.getLogger(__name__)
 DETACH_WAIT = 15.0  # s for the storage server to release a volume after QEMU closed it
-
-
-def boot_volume(vm: str) -> str:
-    return f"{vm}-boot"
-
-
-def data_volume(vm: str, index: int) -> str:
-    return f"{vm}-data{index}"
 
 
 class DiskProvider(Protocol):
@@ -74,6 +66,10 @@ class VMDisks:
     ) -> tuple[DiskSpec, ...]:
         """Create and fill the VM's volumes (idempotent: existing ones are reused, the boot
         volume is filled again from the image)."""
+        if spec.disks_prepared:  # cloned from a template or a VM: nothing to copy
+            for name in spec.volumes():
+                await self.meta.volume(name)
+            return self.disks(spec)
         size = -(-virtual_size // 512) * 512
         await self._ensure(boot_volume(spec.name), size)
         await arun(
@@ -109,10 +105,7 @@ class VMDisks:
     async def remove(self, spec: VMSpec) -> None:
         """Delete the VM's volumes and their replicas. Waits for the storage server to release
         them after QEMU has exited."""
-        names = [boot_volume(spec.name)] + [
-            data_volume(spec.name, i) for i in range(1, len(spec.data_disks_mib) + 1)
-        ]
-        for name in names:
+        for name in spec.volumes():
             await self._delete(name)
 
     async def _delete(self, name: str) -> None:

@@ -64,8 +64,11 @@ class VMActions:
         if last is not None and last.disks_ready:
             vm_disks = self.disks.disks(spec)
         else:
-            path, fmt, vsize = await self._image(spec.image)
-            vm_disks = await self.disks.prepare(spec, path, fmt, vsize)
+            if spec.disks_prepared:
+                vm_disks = await self.disks.prepare(spec, Path(), "raw", 0)
+            else:
+                path, fmt, vsize = await self._image(spec.image)
+                vm_disks = await self.disks.prepare(spec, path, fmt, vsize)
             await self._write(e, VMState.STARTING, disks_ready=True, message="disks ready")
         port = _free_port(self.address)
         inst = InstanceSpec(

@@ -176,6 +176,45 @@ class SnapshotService:
         log.info("volume %s: cloned from %s@%s", new_volume, volume, name)
         return vol
 
+    async def clone_volume(self, source: str, new_volume: str) -> VolumeRecord:
+        """Clone a detached volume directly (O(1)): the new volume takes its table and the
+        source's extents become shared (the source copies on its next write too)."""
+        check_name("name", new_volume)
+        for _ in range(RETRIES):
+            vol, rev = await self.meta.volume(source)
+            clone = VolumeRecord(
+                name=new_volume,
+                size=vol.size,
+                replicas=vol.replicas,
+                extent_size=vol.extent_size,
+                extents=list(vol.extents),
+                created_at=self.meta.clock.wall(),
+                source=f"volume {source}",
+            )
+            ok = await self.store.txn(
+                [
+                    Compare.unchanged(keys.abs_volume(source), rev),
+                    Compare.absent(keys.abs_attach(source)),
+                    Compare.absent(keys.abs_volume(new_volume)),
+                ],
+                [
+                    Put(
+                        keys.abs_volume(source),
+                        vol.model_copy(update={"cow_epoch": vol.cow_epoch + 1}).dump(),
+                    ),
+                    Put(keys.abs_volume(new_volume), clone.dump()),
+                ],
+            )
+            if ok:
+                return clone
+            if await self.store.get(keys.abs_volume(new_volume)):
+                raise AlreadyExists(f"volume {new_volume} already exists", field="name")
+            if await self.meta.attachment(source) is not None:
+                raise InvalidState(
+                    f"volume {source} is attached; stop its VM or client first", volume=source
+                )
+        raise Conflict(f"volume {source} keeps changing; try again")
+
     async def rollback(self, volume: str, name: str) -> VolumeRecord:
         """Make a detached volume hold the snapshot's content again (O(1))."""
         snap, srev = await self.get(volume, name)

@@ -10,6 +10,7 @@
     /aecp/vms/<vm>/status              VMStatus: actual state (written by the node agent)
     /aecp/images/<image>               ImageRecord
     /aecp/ops/<op-id>                  Operation: a long-running request and its progress
+    /aecp/templates/<template>         TemplateRecord: frozen VM disks and the VM's shape
     /aecp/leaders/<role>               the holder of a controller role (attached to its lease)
     /aecp/abs/servers/<node>           StorageServer: a node's chunk/NBD addresses (on its lease)
     /aecp/abs/volumes/<volume>         VolumeRecord: size, factor, extent table, epoch
@@ -28,6 +29,7 @@ ALIVE = ROOT + "alive/"
 VMS = ROOT + "vms/"
 IMAGES = ROOT + "images/"
 OPS = ROOT + "ops/"
+TEMPLATES = ROOT + "templates/"
 LEADERS = ROOT + "leaders/"
 ABS_SERVERS = ROOT + "abs/servers/"
 ABS_VOLUMES = ROOT + "abs/volumes/"
@@ -115,3 +117,7 @@ def abs_snapshots(volume: str) -> str:
 
 def abs_snapshot(volume: str, snap: str) -> str:
     return f"{ABS_SNAPSHOTS}{volume}/{snap}"
+
+
+def template(name: str) -> str:
+    return TEMPLATES + name

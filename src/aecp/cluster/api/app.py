@@ -11,11 +11,13 @@ from fastapi.responses import JSONResponse
 
 from aecp import __version__
 from aecp.cluster.api.deps import NodeContext, Service, authenticate
-from aecp.cluster.api.routes import console, images, nodes, operations, vms, volumes
+from aecp.cluster.api.routes import console, images, nodes, operations, vms, vmsnaps, volumes
 from aecp.cluster.service import ClusterService
+from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.common.errors import AecpError, Unauthorized
 from aecp.model.cluster import ClusterInfo
+from aecp.storage.snapshots import SnapshotService
 from aecp.store import keys
 from aecp.store.typed import read
 
@@ -23,7 +25,10 @@ log = logging.getLogger(__name__)
 
 
 def create_app(
-    service: ClusterService, node: NodeContext, volume_service: VolumeService | None = None
+    service: ClusterService,
+    node: NodeContext,
+    volume_service: VolumeService | None = None,
+    vm_snapshots: VMSnapshotService | None = None,
 ) -> FastAPI:
     """The API served by a node. Every route except ``/healthz`` needs the bearer token."""
     app = FastAPI(
@@ -34,10 +39,15 @@ def create_app(
     app.state.service = service
     app.state.node = node
     app.state.volumes = volume_service
+    app.state.vmsnaps = vm_snapshots
+    if volume_service is not None:
+        app.state.snapshots = SnapshotService(volume_service.meta, volume_service.pool)
     auth = [Depends(authenticate)]
     routers = [nodes.router, vms.router, images.router, operations.router, console.router]
     if volume_service is not None:
         routers += [volumes.router, volumes.storage_router]
+    if vm_snapshots is not None:
+        routers += [vmsnaps.router, vmsnaps.templates_router]
     for r in routers:
         app.include_router(r, dependencies=auth)
     app.include_router(console.ws_router)

@@ -17,7 +17,7 @@ import enum
 import itertools
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from aecp.storage.chunk import wire
 from aecp.storage.chunk.api import Buffer, RawBlocks, ReplicaClient, ReplicaStat
@@ -55,8 +55,7 @@ class _Connection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
 
     def send(self, op: Op, extent_id: str, fields: _Fields) -> asyncio.Future[Response]:
         """Queue one request; the future gets its response (whatever its status)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, status
 
 from aecp.cluster.api.deps import Service
 from aecp.cluster.api.models import Accepted, VMPublic
@@ -18,7 +18,11 @@ async def list_vms(svc: Service) -> list[VMPublic]:
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, operation_id="create_vm")
-async def create_vm(body: VMCreate, svc: Service) -> Accepted:
+async def create_vm(body: VMCreate, svc: Service, request: Request) -> Accepted:
+    """Create a VM from an image (its disk is filled from it) or, with ``template``, as an
+    O(1) clone of a template."""
+    if body.template is not None:
+        return Accepted(operation=await request.app.state.vmsnaps.create_from_template(body))
     _, op = await svc.create_vm(body)
     return Accepted(operation=op)
 

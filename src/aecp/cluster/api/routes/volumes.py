@@ -7,7 +7,8 @@ from fastapi import APIRouter, Depends, Query, Request, status
 from pydantic import BaseModel
 
 from aecp.cluster.volumes import StorageStatus, VolumeCreate, VolumePublic, VolumeService
-from aecp.storage.meta.model import VolumeRecord
+from aecp.storage.meta.model import SnapshotRecord, VolumeRecord
+from aecp.storage.snapshots import SnapshotService
 
 router = APIRouter(prefix="/v1/volumes", tags=["volumes"])
 
@@ -68,3 +69,61 @@ storage_router = APIRouter(prefix="/v1/storage", tags=["volumes"])
 async def storage_status(svc: VolumeService = Depends(volumes)) -> StorageStatus:
     """Storage servers with capacity, and the volumes' health (degraded extents)."""
     return await svc.status()
+
+
+class SnapshotCreate(BaseModel):
+    name: str
+
+
+class CloneCreate(BaseModel):
+    name: str
+
+
+def snapshots(request: Request) -> SnapshotService:
+    svc: SnapshotService = request.app.state.snapshots
+    return svc
+
+
+@router.post(
+    "/{name}/snapshots", status_code=status.HTTP_201_CREATED, operation_id="create_volume_snapshot"
+)
+async def create_snapshot(
+    name: str, body: SnapshotCreate, svc: SnapshotService = Depends(snapshots)
+) -> SnapshotRecord:
+    """O(1) snapshot of a volume that no client has attached (VM disks: snapshot the VM)."""
+    return await svc.snapshot(name, body.name)
+
+
+@router.get("/{name}/snapshots", operation_id="list_volume_snapshots")
+async def list_snapshots(
+    name: str, svc: SnapshotService = Depends(snapshots)
+) -> list[SnapshotRecord]:
+    return await svc.snapshots(name)
+
+
+@router.delete(
+    "/{name}/snapshots/{snap}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="delete_volume_snapshot",
+)
+async def delete_snapshot(name: str, snap: str, svc: SnapshotService = Depends(snapshots)) -> None:
+    """Delete a snapshot. Clones made from it do not depend on it and are not affected."""
+    await svc.delete(name, snap)
+
+
+@router.post(
+    "/{name}/snapshots/{snap}/clone",
+    status_code=status.HTTP_201_CREATED,
+    operation_id="clone_volume_snapshot",
+)
+async def clone_snapshot(
+    name: str, snap: str, body: CloneCreate, svc: SnapshotService = Depends(snapshots)
+) -> VolumeRecord:
+    """A new volume with the snapshot's content (O(1), independent of the snapshot)."""
+    return await svc.clone(name, snap, body.name)
+
+
+@router.post("/{name}/snapshots/{snap}/rollback", operation_id="rollback_volume")
+async def rollback(name: str, snap: str, svc: SnapshotService = Depends(snapshots)) -> VolumeRecord:
+    """Make a detached volume hold the snapshot's content again."""
+    return await svc.rollback(name, snap)

@@ -1,0 +1,25 @@
+"""``aecp template``: VM templates."""
+
+from __future__ import annotations
+
+import typer
+
+from aecp.cli.common import client
+from aecp.cli.output import Format, OutputOpt, emit
+
+app = typer.Typer(help="VM templates (create VMs from them with --template).", no_args_is_help=True)
+
+
+@app.command("list")
+def list_templates(output: OutputOpt = Format.TABLE) -> None:
+    """List templates."""
+    with client() as c:
+        emit(c.get("/v1/templates"), output, ["name", "vcpus", "memory_mib", "source_vm"])
+
+
+@app.command("delete")
+def delete(name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Delete a template (VMs created from it are not affected)."""
+    with client() as c:
+        c.delete(f"/v1/templates/{name}")
+    emit({"template": name, "deleted": True}, output)

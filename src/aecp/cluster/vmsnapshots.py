@@ -1,0 +1,249 @@
+"""VM-level snapshots, clones and templates, over ABS volume snapshots.
+
+A VM snapshot is a snapshot of each of its volumes under one name, taken while the VM is
+paused (QEMU drains in-flight I/O when it pauses), so it is crash-consistent across all disks.
+Only the VM's node can pause it: requests about a running VM elsewhere raise ``RunsElsewhere``
+and the API forwards them to that node.
+
+A VM clone is a new VM whose volumes are O(1) clones of the source's; a template is a set of
+volumes (``tpl-<T>-boot`` ...) cloned from a stopped VM, which is then deleted;
+``vm create --template T`` clones the template's volumes in O(1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from aecp.cluster.service import ClusterService
+from aecp.common.errors import AecpError, AlreadyExists, InvalidInput, InvalidState, NotFound
+from aecp.model.base import check_name
+from aecp.model.operation import Operation
+from aecp.model.template import TemplateRecord, template_volume
+from aecp.model.vm import Power, VMCreate, VMSpec, VMState
+from aecp.storage.snapshots import SnapshotService
+from aecp.store import keys
+from aecp.store.snapshot import VMEntry
+from aecp.store.typed import read
+
+log = logging.getLogger(__name__)
+LIVE = {VMState.RUNNING, VMState.PAUSED, VMState.STARTING, VMState.REBOOTING, VMState.STOPPING}
+
+
+class RunsElsewhere(AecpError):
+    """The VM runs on ``node``: only that node can pause it for a snapshot."""
+
+    code = "runs_elsewhere"
+    http_status = 421
+
+    def __init__(self, vm: str, node: str) -> None:
+        super().__init__(f"VM {vm} runs on {node}", node=node)
+        self.node = node
+
+
+class VMPauser(Protocol):
+    def paused(self, vm: str) -> AbstractAsyncContextManager[None]:
+        """Pause the local QEMU of ``vm`` (I/O drained) for the block, resume after."""
+
+
+class VMSnapshot(BaseModel):
+    vm: str
+    name: str
+    volumes: list[str]
+    created_at: float
+
+
+class VMSnapshotService:
+    def __init__(
+        self, svc: ClusterService, snaps: SnapshotService, node: str, pauser: VMPauser | None
+    ) -> None:
+        self.svc = svc
+        self.snaps = snaps
+        self.node = node
+        self.pauser = pauser
+
+    # ---- snapshots ------------------------------------------------------------------------
+    async def snapshot(self, vm: str, name: str) -> VMSnapshot:
+        check_name("name", name)
+        entry, _ = await self.svc.vm(vm)
+        made: list[str] = []
+        try:
+            async with self._quiesced(entry):
+                paused_on = self.node if self._live(entry) else None
+                for vol in entry.spec.volumes():
+                    await self.snaps.snapshot(vol, name, paused_on=paused_on)
+                    made.append(vol)
+        except BaseException:
+            for vol in made:  # all disks or none
+                with contextlib.suppress(AecpError):
+                    await self.snaps.delete(vol, name)
+            raise
+        log.info("vm %s: snapshot %s of %d disks taken", vm, name, len(made))
+        return await self._find(entry.spec, name)
+
+    async def snapshots(self, vm: str) -> list[VMSnapshot]:
+        entry, _ = await self.svc.vm(vm)
+        boot = entry.spec.volumes()[0]
+        try:
+            records = await self.snaps.snapshots(boot)
+        except NotFound:
+            return []
+        return [
+            VMSnapshot(vm=vm, name=r.name, volumes=entry.spec.volumes(), created_at=r.created_at)
+            for r in records
+        ]
+
+    async def _find(self, spec: VMSpec, name: str) -> VMSnapshot:
+        rec, _ = await self.snaps.get(spec.volumes()[0], name)
+        return VMSnapshot(
+            vm=spec.name, name=name, volumes=spec.volumes(), created_at=rec.created_at
+        )
+
+    async def delete(self, vm: str, name: str) -> None:
+        entry, _ = await self.svc.vm(vm)
+        await self._find(entry.spec, name)
+        for vol in entry.spec.volumes():
+            with contextlib.suppress(NotFound):
+                await self.snaps.delete(vol, name)
+
+    async def rollback(self, vm: str, name: str) -> VMSnapshot:
+        entry, snap = await self.svc.vm(vm)
+        self._require_stopped(entry, snap.vm_state(vm), "roll it back")
+        found = await self._find(entry.spec, name)
+        for vol in entry.spec.volumes():
+            await self.snaps.rollback(vol, name)
+        log.info("vm %s: rolled back to snapshot %s", vm, name)
+        return found
+
+    # ---- clones and templates -------------------------------------------------------------
+    async def clone(self, vm: str, new: str, start: bool = True) -> Operation:
+        """A new VM with the same shape whose disks are O(1) clones of ``vm``'s."""
+        entry, _ = await self.svc.vm(vm)
+        spec = entry.spec
+        req = VMCreate(
+            name=new,
+            image=spec.image,
+            vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib,
+            data_disks_mib=spec.data_disks_mib,
+            start=start,
+        )
+        await self.svc.validate_new(req, image=False)
+        targets = [new + v[len(vm) :] for v in spec.volumes()]
+        if self._live(entry):
+            tmp = f"clone-{new}"
+            await self.snapshot(vm, tmp)
+            try:
+                for src, dst in zip(spec.volumes(), targets, strict=True):
+                    await self.snaps.clone(src, tmp, dst)
+            finally:
+                await self.delete(vm, tmp)
+        else:
+            for src, dst in zip(spec.volumes(), targets, strict=True):
+                await self.snaps.clone_volume(src, dst)
+        return await self._store_clone(req, f"clone of {vm}", targets)
+
+    async def convert_to_template(self, vm: str, template: str) -> TemplateRecord:
+        """Freeze a stopped VM's disks as template ``template`` and delete the VM."""
+        check_name("template", template)
+        entry, snap = await self.svc.vm(vm)
+        self._require_stopped(entry, snap.vm_state(vm), "convert it")
+        if await read(self.svc.store, keys.template(template), TemplateRecord):
+            raise AlreadyExists(f"template {template} already exists", field="template")
+        spec = entry.spec
+        vols = [template_volume(template, v, vm) for v in spec.volumes()]
+        for src, dst in zip(spec.volumes(), vols, strict=True):
+            await self.snaps.clone_volume(src, dst)
+        rec = TemplateRecord(
+            name=template,
+            vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib,
+            data_disks_mib=spec.data_disks_mib,
+            volumes=vols,
+            source_vm=vm,
+            created_at=self.svc.clock.wall(),
+        )
+        if not await self.svc.store.create(keys.template(template), rec.dump()):
+            raise AlreadyExists(f"template {template} already exists", field="template")
+        await self.svc.delete_vm(vm)
+        log.info("vm %s: converted to template %s", vm, template)
+        return rec
+
+    async def create_from_template(self, req: VMCreate) -> Operation:
+        assert req.template is not None
+        tpl = await self.template(req.template)
+        given = req.model_fields_set
+        req = req.model_copy(
+            update={
+                "vcpus": req.vcpus if "vcpus" in given else tpl.vcpus,
+                "memory_mib": req.memory_mib if "memory_mib" in given else tpl.memory_mib,
+                "data_disks_mib": tpl.data_disks_mib,
+            }
+        )
+        await self.svc.validate_new(req, image=False)
+        targets = [req.name + v[len(f"tpl-{tpl.name}") :] for v in tpl.volumes]
+        for src, dst in zip(tpl.volumes, targets, strict=True):
+            await self.snaps.clone_volume(src, dst)
+        return await self._store_clone(req, f"template {tpl.name}", targets)
+
+    async def _store_clone(self, req: VMCreate, source: str, volumes: list[str]) -> Operation:
+        op = self.svc.new_op("vm.create", req.name, f"created as {source}")
+        spec = VMSpec.from_create(req, op.id, self.svc.clock.wall()).model_copy(
+            update={"disks_prepared": True, "source": source}
+        )
+        try:
+            await self.svc.store_new(spec, op)
+        except AlreadyExists:
+            for vol in volumes:
+                with contextlib.suppress(AecpError):
+                    await self.snaps.meta.delete_volume(vol)
+            raise
+        return op
+
+    async def template(self, name: str) -> TemplateRecord:
+        check_name("template", name)
+        got = await read(self.svc.store, keys.template(name), TemplateRecord)
+        if got is None:
+            raise InvalidInput("template", f"template {name} does not exist")
+        return got[0]
+
+    async def templates(self) -> list[TemplateRecord]:
+        return [TemplateRecord.load(kv.value) for kv in await self.svc.store.list(keys.TEMPLATES)]
+
+    async def delete_template(self, name: str, delete_volume: VolumeDeleter) -> None:
+        tpl = await self.template(name)
+        await self.svc.store.delete(keys.template(name))
+        for vol in tpl.volumes:
+            with contextlib.suppress(NotFound):
+                await delete_volume(vol)
+
+    # ---- helpers ------------------------------------------------------------------------
+    @staticmethod
+    def _live(entry: VMEntry) -> bool:
+        return entry.status is not None and entry.status.state in LIVE
+
+    @asynccontextmanager
+    async def _quiesced(self, entry: VMEntry) -> AsyncIterator[None]:
+        if not self._live(entry):
+            yield
+            return
+        if entry.node != self.node or self.pauser is None:
+            raise RunsElsewhere(entry.spec.name, entry.node or "?")
+        async with self.pauser.paused(entry.spec.name):
+            yield
+
+    @staticmethod
+    def _require_stopped(entry: VMEntry, state: VMState, what: str) -> None:
+        if entry.spec.power is not Power.STOPPED or state is not VMState.STOPPED:
+            raise InvalidState(
+                f"VM {entry.spec.name} is {state.value}; power it off to {what}", state=state.value
+            )
+
+
+class VolumeDeleter(Protocol):
+    async def __call__(self, name: str) -> object: ...
