@@ -143,4 +143,40 @@ async def running_lab(root: Path, **spec: Any) -> AsyncIterator[LabKit]:
         if kit is not None:
             await kit.http.aclose()
         if (root / "lab.json").exists():
+            _keep_logs(lab, root.parent / "logs")
             lab.down()
+
+
+def _keep_logs(lab: Lab, dest: Path) -> None:
+    """Copy the lab's logs next to it before ``down`` removes it (for failure analysis)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for log in lab.root.rglob("*.log"):
+        rel = log.relative_to(lab.root)
+        (dest / str(rel).replace("/", "_")).write_bytes(log.read_bytes())
+
+
+async def console_command(
+    kit: LabKit, vm: str, command: str, expect: str, timeout: float = 60
+) -> str:
+    """Type ``command`` on ``vm``'s serial console and wait until ``expect`` is printed."""
+    from websockets.asyncio.client import connect
+
+    info = await kit.vm(vm)
+    node = (await kit.call("GET", f"/v1/nodes/{info['node']}")).json()
+    url = node["api_url"].replace("http://", "ws://") + f"/v1/vms/{vm}/console"
+    seen = ""
+    async with connect(
+        url, additional_headers={"authorization": f"Bearer {kit.lab.token()}"}
+    ) as ws:
+        await ws.send(("\n" + command + "\n").encode())
+        deadline = time.monotonic() + timeout
+        while expect not in seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{expect!r} not printed by {command!r}: {seen[-800:]}")
+            try:
+                msg = await asyncio.wait_for(ws.recv(), timeout=left)
+            except TimeoutError:
+                continue
+            seen += msg.decode(errors="replace") if isinstance(msg, bytes) else msg
+    return seen

@@ -59,3 +59,6 @@ class LocalDisks:
             for i in range(1, len(spec.data_disks_mib) + 1)
         ]
         return (boot, *data)
+
+    async def released(self, spec: VMSpec) -> None:
+        return None

@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 
-from aecp.common.errors import InvalidState
 from aecp.cluster.volumes import VolumeService
+from aecp.common.errors import InvalidState
 from aecp.storage.snapshots import SnapshotService
 from aecp.store.memory import MemoryStore
 from tests.unit.abskit import EXTENT, Cluster
@@ -130,3 +130,22 @@ async def test_rollback_restores_a_detached_volume(cluster: Cluster) -> None:
     await dev.close()
     await s.rollback("v", "s")
     assert await content(cluster, "v", 4096) == b"a" * 4096
+
+
+async def test_many_writes_in_flight_after_a_snapshot_all_adopt_the_new_epoch(
+    cluster: Cluster,
+) -> None:
+    # Regression: every write in flight met StaleEpoch; the first adopted the new epoch, the
+    # others then saw no newer epoch and fenced the access point (I/O errors in the guest).
+    import asyncio
+
+    s = snaps(cluster)
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    dev = await cluster.open("v", "n1")
+    await dev.write(0, b"0" * EXTENT)
+    await s.snapshot("v", "s", paused_on="n1")
+    await asyncio.gather(*(dev.write(i * 4096, bytes([i]) * 4096) for i in range(32)))
+    assert await dev.read(31 * 4096, 4096) == bytes([31]) * 4096
+    await dev.close()
+    await s.clone("v", "s", "c")
+    assert await content(cluster, "c", 4096) == b"0" * 4096

@@ -37,6 +37,8 @@ class DiskProvider(Protocol):
 
     def disks(self, spec: VMSpec) -> tuple[DiskSpec, ...]: ...
 
+    async def released(self, spec: VMSpec) -> None: ...
+
     async def remove(self, spec: VMSpec) -> None: ...
 
 
@@ -101,6 +103,15 @@ class VMDisks:
     async def _ensure(self, name: str, size: int) -> None:
         with contextlib.suppress(AlreadyExists):
             await self.meta.create_volume(name, size)
+
+    async def released(self, spec: VMSpec) -> None:
+        """Return once the storage server has detached every volume of the stopped VM (so a
+        stopped VM's disks can be rolled back, cloned or deleted at once)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DETACH_WAIT
+        for name in spec.volumes():
+            while await self.meta.attachment(name) is not None and loop.time() < deadline:
+                await asyncio.sleep(0.1)
 
     async def remove(self, spec: VMSpec) -> None:
         """Delete the VM's volumes and their replicas. Waits for the storage server to release

@@ -118,6 +118,7 @@ class VMActions:
                 if clean
                 else (f"powered off after the guest ignored ACPI for {spec.shutdown_timeout:.0f}s")
             )
+        await self.disks.released(spec)
         await self._write(e, VMState.STOPPED, pid=None, http_url="")
         log.info("vm %s: %s", spec.name, how)
         await self._finish(spec, f"{spec.name} {how}")

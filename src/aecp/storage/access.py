@@ -272,7 +272,7 @@ class VolumeDevice(BlockDevice):
                     if isinstance(res, BaseException):
                         self._join_failed.add(ext_id)
                 elif isinstance(res, StaleEpoch):
-                    await self._stale_epoch(str(res))
+                    await self._stale_epoch(str(res), res.epoch)
                 elif isinstance(res, ReplicaUnavailable | ChunkIOError):
                     failed.append(node)
                 elif isinstance(res, BaseException):
@@ -492,15 +492,17 @@ class VolumeDevice(BlockDevice):
         return _clip(runs, p.offset, p.length)
 
     # ---- fencing ------------------------------------------------------------------------
-    async def _stale_epoch(self, why: str) -> None:
-        """A replica refused our epoch: adopt the newer one if it is still ours (a snapshot
-        re-epoched this access point) and make the caller retry; else we are fenced."""
+    async def _stale_epoch(self, why: str, used: int) -> None:
+        """A replica refused epoch ``used``: if the attachment is still this access point's
+        (a snapshot re-epoched it), adopt its epoch — once, however many requests in flight
+        hit the same refusal — and make the caller retry; else this access point is fenced."""
         att = await self.meta.attachment(self.vol.name)
-        if att is not None and self.ap and att.ap == self.ap and att.epoch > self.epoch:
-            self.epoch = att.epoch
-            self.vol, _ = await self.meta.volume(self.vol.name)
-            self._extents.clear()
-            log.info("volume %s: adopted epoch %d after a snapshot", self.vol.name, self.epoch)
+        if att is not None and self.ap and att.ap == self.ap and att.epoch > used:
+            if att.epoch > self.epoch:
+                self.epoch = att.epoch
+                self.vol, _ = await self.meta.volume(self.vol.name)
+                self._extents.clear()
+                log.info("volume %s: adopted epoch %d after a snapshot", self.vol.name, self.epoch)
             raise _Reepoched
         self._fence(why)
 
@@ -530,7 +532,7 @@ class VolumeDevice(BlockDevice):
 
     async def close(self) -> None:
         if not self._fenced:
-            await self.meta.detach(self.vol.name, self.node, self.epoch)
+            await self.meta.detach(self.vol.name, self.node, self.epoch, self.ap)
 
 
 async def open_volume(
@@ -549,7 +551,7 @@ async def open_volume(
     try:
         await dev.fence_replicas()
     except BaseException:
-        await meta.detach(name, node, epoch)
+        await meta.detach(name, node, epoch, ap)
         raise
     return dev
 

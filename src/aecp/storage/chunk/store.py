@@ -16,10 +16,9 @@ Request ordering per replica:
 3. check the epoch (``StaleEpoch``, nothing changed; a newer epoch is persisted first);
 4. one I/O job (INTENT records, then data); its completion applies metadata, then unlocks.
 
-Durability: mutations change data in the page cache and metadata in memory; ``flush`` (and
-``fua``) fsyncs data, then appends the changed metadata to the journal and fsyncs it. A journal
-that outgrew the snapshot is compacted at flush time under an all-blocks lock. ``close`` compacts.
-A failed data write or fsync marks the replica *failed*: later mutations and flushes raise
+Durability (``persist``): mutations change data in the page cache and metadata in memory;
+``flush`` (and ``fua``) fsyncs data, then the metadata journal. ``close`` compacts. A failed
+data write or fsync marks the replica *failed*: later mutations and flushes raise
 ``ChunkIOError`` (reads still work) until the replica is re-created from a peer.
 """
 
@@ -47,6 +46,7 @@ from aecp.storage.chunk.errors import (
 )
 from aecp.storage.chunk.iopool import IoPool
 from aecp.storage.chunk.meta import ReplicaMeta
+from aecp.storage.chunk.persist import Persistence, await_io, check_failed
 from aecp.storage.chunk.replica import (
     Job,
     Replica,
@@ -93,6 +93,7 @@ class ReplicaStore:
         self.block_size = block_size
         self.sector = sector
         self._pool = IoPool(threads, lanes=max(1, threads // 2))
+        self._persistence = Persistence(self._pool)
         self._replicas: dict[str, Replica] = {}
         self._namespace = asyncio.Lock()
         self._closed = False
@@ -150,6 +151,7 @@ class ReplicaStore:
     async def exists(self, extent_id: str) -> bool:
         """Whether a replica of ``extent_id`` is stored here."""
         check_id(extent_id)
+        self._check_open()
         rep = self._replicas.get(extent_id)
         if rep is not None:
             return not rep.deleted
@@ -197,7 +199,7 @@ class ReplicaStore:
         else:
             await self._admit(rep, epoch)
         if fua:
-            await self._flush_one(rep)
+            await self._persistence.flush(rep)
 
     async def read(self, extent_id: str, offset: int, length: int) -> bytes:
         rep = self._replicas.get(extent_id)
@@ -255,10 +257,10 @@ class ReplicaStore:
 
     async def flush(self, extent_id: str | None = None) -> None:
         if extent_id is not None:
-            await self._flush_one(await self._get(extent_id))
+            await self._persistence.flush(await self._get(extent_id))
             return
         self._check_open()
-        await asyncio.gather(*(self._flush_one(r) for r in list(self._replicas.values())))
+        await asyncio.gather(*(self._persistence.flush(r) for r in list(self._replicas.values())))
 
     # --- epochs and generations ----------------------------------------------------------
 
@@ -269,7 +271,7 @@ class ReplicaStore:
             raise StaleEpoch(extent_id, epoch, rep.meta.epoch)
         if epoch > rep.meta.epoch:
             rep.meta.epoch = epoch
-            await self._persist_state(rep)
+            await self._persistence.state(rep)
             await rep.locks.drain()
             log.info("replica %s fenced at epoch %d", extent_id, epoch)
         return rep.meta.epoch
@@ -278,7 +280,7 @@ class ReplicaStore:
         rep = await self._get(extent_id)
         check_u64(generation=generation)
         rep.meta.generation = generation
-        await self._persist_state(rep)
+        await self._persistence.state(rep)
 
     async def modified_since(self, extent_id: str, generation: int) -> list[tuple[int, int]]:
         return (await self._get(extent_id)).meta.modified_since(generation)
@@ -364,7 +366,7 @@ class ReplicaStore:
             changed = rep.journal_size or rep.unsynced or meta.dirty or meta.state_dirty
             try:
                 if changed and not rep.deleted and not rep.failed:
-                    await self._compact(rep)
+                    await self._persistence.compact(rep)
             except ChunkError as e:
                 log.error("replica %s: not persisted at close: %s", rep.id, e)
             await rep.locks.drain()
@@ -426,7 +428,7 @@ class ReplicaStore:
             if rep.deleted:
                 raise ExtentNotFound(rep.id)
             if mutate and rep.failed:
-                self._check_failed(rep)
+                check_failed(rep)
             if epoch is not None and epoch != rep.meta.epoch:
                 await self._admit(rep, epoch)
             fn, args, apply = prepare()
@@ -460,85 +462,9 @@ class ReplicaStore:
             raise StaleEpoch(rep.id, epoch, rep.meta.epoch)
         if epoch > rep.meta.epoch:
             rep.meta.epoch = epoch
-            await self._persist_state(rep)
+            await self._persistence.state(rep)
             if epoch < rep.meta.epoch:  # a fence overtook this request meanwhile
                 raise StaleEpoch(rep.id, epoch, rep.meta.epoch)
-
-    async def _persist_state(self, rep: Replica) -> None:
-        await self._persist(rep, files.flush_files, rep.data_fd, rep.journal_fd, _state(rep), False)
-
-    async def _flush_one(self, rep: Replica) -> None:
-        """Persist what changed (see the module docstring); returns once every job persisting
-        ``rep`` submitted before has finished too (the lane runs them in order)."""
-        meta = rep.meta
-        if rep.deleted:
-            return
-        if not (rep.unsynced or meta.dirty or meta.state_dirty or rep.persisting):
-            return
-        if rep.journal_size >= rep.compact_at:
-            await self._compact(rep)
-            return
-        records = meta.encode_blocks(meta.dirty)
-        if meta.state_dirty:
-            records += meta.encode_state()
-        sync_data = rep.unsynced
-        meta.dirty, meta.state_dirty, rep.unsynced = set(), False, False
-        rep.journal_size += len(records)
-        await self._persist(rep, files.flush_files, rep.data_fd, rep.journal_fd, records, sync_data)
-
-    async def _compact(self, rep: Replica) -> None:
-        """New snapshot and empty journal, with every block of ``rep`` locked."""
-        meta = rep.meta
-        await rep.locks.acquire(0, meta.nblocks, True)
-        try:
-            if rep.deleted:
-                raise ExtentNotFound(rep.id)
-            meta.serial += 1
-            snapshot, header = meta.encode_snapshot(), meta.journal_header()
-            meta.dirty, meta.state_dirty, rep.unsynced = set(), False, False
-            rep.touched, rep.journal_size = set(), 0
-        except BaseException:
-            rep.locks.release(0, meta.nblocks, True)
-            raise
-        await self._persist(
-            rep,
-            files.compact_files,
-            rep,
-            snapshot,
-            header,
-            then=lambda: rep.locks.release(0, meta.nblocks, True),
-        )
-
-    async def _persist(
-        self,
-        rep: Replica,
-        fn: Callable[..., None],
-        *args: Any,
-        then: Callable[[], None] | None = None,
-    ) -> None:
-        """Run a persistence job on the replica's lane; a failure marks the replica failed."""
-        if rep.deleted:
-            if then is not None:
-                then()
-            raise ExtentNotFound(rep.id)
-
-        def done(_: object, exc: BaseException | None) -> None:
-            rep.persisting -= 1
-            if exc is not None:
-                rep.failed = rep.failed or f"persisting metadata failed: {exc}"
-            if then is not None:
-                then()
-
-        try:
-            self._check_failed(rep)
-            fut = self._pool.submit(fn, *args, done=done, lane=rep.lane)
-        except BaseException:
-            if then is not None:
-                then()
-            raise
-        rep.persisting += 1
-        await self._await(fut)
-        self._check_failed(rep)
 
     async def _run(
         self,
@@ -547,14 +473,7 @@ class ReplicaStore:
         lane: int | None = None,
         done: Callable[[Any, BaseException | None], None] | None = None,
     ) -> T:
-        return await self._await(self._pool.submit(fn, *args, done=done, lane=lane))
-
-    @staticmethod
-    async def _await(fut: asyncio.Future[T]) -> T:
-        try:
-            return await fut
-        except OSError as e:
-            raise ChunkIOError(str(e), e.errno or errno.EIO) from e
+        return await await_io(self._pool.submit(fn, *args, done=done, lane=lane))
 
     # --- checks --------------------------------------------------------------------------
 
@@ -569,14 +488,3 @@ class ReplicaStore:
     def _check_open(self) -> None:
         if self._closed:
             raise ChunkError("the replica store is closed")
-
-    @staticmethod
-    def _check_failed(rep: Replica) -> None:
-        if rep.failed:
-            raise ChunkIOError(f"replica {rep.id} failed earlier ({rep.failed})")
-
-
-def _state(rep: Replica) -> bytes:
-    record = rep.meta.encode_state()
-    rep.journal_size += len(record)
-    return record

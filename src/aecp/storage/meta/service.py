@@ -230,14 +230,16 @@ class MetaService:
         )
         return current + 1, guard, Put(keys.ABS_EPOCH, str(current + 1).encode())
 
-    async def detach(self, name: str, node: str, epoch: int) -> None:
-        """Release the attachment if it is still ours (same node and epoch)."""
+    async def detach(self, name: str, node: str, epoch: int, ap: str = "") -> None:
+        """Release the attachment if it is still ours: the same access point instance (``ap``;
+        a snapshot may have raised its epoch since), else the same node and epoch."""
         key = keys.abs_attach(name)
         kv = await self.store.get(key)
         if kv is None:
             return
         rec = AttachRecord.load(kv.value)
-        if rec.node == node and rec.epoch == epoch:
+        ours = rec.ap == ap if ap else rec.epoch == epoch
+        if rec.node == node and ours:
             await self.store.delete(key, mod_revision=kv.mod_revision)
 
     # ---- extents ---------------------------------------------------------------------------

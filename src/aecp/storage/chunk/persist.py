@@ -1,0 +1,124 @@
+"""Persistence of replica metadata: flush, compaction, and durable epoch/generation changes.
+
+Every persistence job of a replica runs on the replica's ``IoPool`` lane, so journal appends
+and compactions happen in the order they were submitted; a flush therefore returns only once
+every earlier persistence job of the replica has finished too.
+
+``flush``: capture (on the loop thread) the metadata of the blocks changed since the last flush,
+then fsync the data file, append the records to the journal and fsync it. A mutation that
+completed before the capture is durable when the flush returns. When the journal outgrew
+``Replica.compact_at``, a flush *compacts* instead: with every block of the replica locked, a
+new snapshot (serial + 1) replaces the old one and the journal is reset (``files``).
+
+A failed persistence job marks the replica failed (``Replica.failed``): what the disk holds is
+then unknown (a failed fsync may have dropped dirty pages), so every later mutation and flush
+raises ``ChunkIOError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from aecp.storage.chunk import files
+from aecp.storage.chunk.errors import ChunkIOError, ExtentNotFound
+from aecp.storage.chunk.iopool import IoPool
+from aecp.storage.chunk.replica import Replica
+
+T = TypeVar("T")
+
+
+async def await_io(fut: asyncio.Future[T]) -> T:
+    """The result of an I/O job, an ``OSError`` turned into ``ChunkIOError``."""
+    try:
+        return await fut
+    except OSError as e:
+        raise ChunkIOError(str(e), e.errno or errno.EIO) from e
+
+
+def check_failed(rep: Replica) -> None:
+    """``ChunkIOError`` if the replica stopped taking mutations."""
+    if rep.failed:
+        raise ChunkIOError(f"replica {rep.id} failed earlier ({rep.failed})")
+
+
+class Persistence:
+    """Persists the metadata of replicas, using the lanes of ``pool``."""
+
+    def __init__(self, pool: IoPool) -> None:
+        self._pool = pool
+
+    async def state(self, rep: Replica) -> None:
+        """Make the replica's epoch and generation durable now."""
+        record = rep.meta.encode_state()
+        rep.journal_size += len(record)
+        await self._persist(rep, files.flush_files, rep.data_fd, rep.journal_fd, record, False)
+
+    async def flush(self, rep: Replica) -> None:
+        """Make every mutation of ``rep`` that completed before this call durable."""
+        meta = rep.meta
+        if rep.deleted:
+            return
+        if not (rep.unsynced or meta.dirty or meta.state_dirty or rep.persisting):
+            return
+        if rep.journal_size >= rep.compact_at:
+            await self.compact(rep)
+            return
+        records = meta.encode_blocks(meta.dirty)
+        if meta.state_dirty:
+            records += meta.encode_state()
+        sync_data = rep.unsynced
+        meta.dirty, meta.state_dirty, rep.unsynced = set(), False, False
+        rep.journal_size += len(records)
+        await self._persist(rep, files.flush_files, rep.data_fd, rep.journal_fd, records, sync_data)
+
+    async def compact(self, rep: Replica) -> None:
+        """New snapshot and empty journal, with every block of ``rep`` locked."""
+        meta = rep.meta
+        await rep.locks.acquire(0, meta.nblocks, True)
+        try:
+            if rep.deleted:
+                raise ExtentNotFound(rep.id)
+            meta.serial += 1
+            snapshot, header = meta.encode_snapshot(), meta.journal_header()
+            meta.dirty, meta.state_dirty, rep.unsynced = set(), False, False
+            rep.touched, rep.journal_size = set(), 0
+        except BaseException:
+            rep.locks.release(0, meta.nblocks, True)
+            raise
+        unlock = lambda: rep.locks.release(0, meta.nblocks, True)  # noqa: E731
+        await self._persist(rep, files.compact_files, rep, snapshot, header, then=unlock)
+
+    async def _persist(
+        self,
+        rep: Replica,
+        fn: Callable[..., None],
+        *args: Any,
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """Run a persistence job on the replica's lane; ``then`` runs on the loop thread when
+        it has finished (at once if it never started); a failure marks the replica failed."""
+        if rep.deleted:
+            if then is not None:
+                then()
+            raise ExtentNotFound(rep.id)
+
+        def done(_: object, exc: BaseException | None) -> None:
+            rep.persisting -= 1
+            if exc is not None:
+                rep.failed = rep.failed or f"persisting metadata failed: {exc}"
+            if then is not None:
+                then()
+
+        try:
+            check_failed(rep)
+            fut = self._pool.submit(fn, *args, done=done, lane=rep.lane)
+        except BaseException:
+            if then is not None:
+                then()
+            raise
+        rep.persisting += 1
+        await await_io(fut)
+        check_failed(rep)
