@@ -12,9 +12,10 @@ AECP := $(VENV)/bin/aecp
 PYTEST_ARGS ?=
 
 APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils qemu-block-extra busybox-static cpio \
-	etcd-server etcd-client syslinux syslinux-common mtools dosfstools kmod curl
+	etcd-server etcd-client syslinux syslinux-common mtools dosfstools kmod curl libnbd-bin fio
 
-.PHONY: help run test deps system-deps venv image lint typecheck unit integration e2e down status
+.PHONY: help run test deps system-deps venv image lint typecheck unit integration e2e down status \
+	bench-storage
 
 help:
 	@echo "make run    start the all-in-one lab (3 nodes) with a demo VM"
@@ -85,6 +86,9 @@ run: deps
 	@echo "  aecp vm create web --memory 256     # another VM"
 	@echo "  aecp lab status / aecp lab down     # the lab's processes / stop everything"
 	@echo "API: $$($(AECP) lab status -o json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)[0]["api"])')/docs  (token: $$HOME/.local/state/aecp/lab/token)"
+
+bench-storage: deps
+	$(PY) benchmarks/storage.py $(BENCH_ARGS)
 
 status: venv
 	@$(AECP) lab status
