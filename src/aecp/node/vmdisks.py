@@ -110,7 +110,7 @@ class VMDisks:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DETACH_WAIT
         for name in spec.volumes():
-            while await self.meta.attachment(name) is not None and loop.time() < deadline:
+            while await self.meta.attachment(name) is not None and loop.time() < deadline:  # noqa: ASYNC110 - polls etcd
                 await asyncio.sleep(0.1)
 
     async def remove(self, spec: VMSpec) -> None:
