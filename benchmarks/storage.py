@@ -6,10 +6,12 @@ memory, durable on flush/FUA, as ABS). Volumes with replication factor 1, 2 and 
 through node1. Every target is first filled end to end with a 1 MiB sequential write, so reads
 hit allocated data and writes overwrite allocated extents. Then each fio job (4k random read and
 write at QD1 and QD32, 1M sequential read and write at QD8) runs against qemu-nbd and ABS
-factor 1, 2, 3, interleaved (the order rotates per job and round) to reduce drift. The CPU
+factor 1, 2, 3, interleaved (the order rotates per job and round) to reduce drift; each figure
+is the round with the median IOPS (3 rounds; 1 with --quick, which also cuts jobs to 3 s). The CPU
 column is the CPU time of the serving processes (qemu-nbd; all three storage servers for ABS) as
 a percentage of one core over the job. Last, snapshot and clone creation times of a 1 GiB and a
 1 TiB thin volume (64 MiB written, factor 2), median of 5 each, as seen by an API client.
+--profile adds an extra run of 4k randwrite QD32 on factor 2 under py-spy (node1's server).
 
 Usage: .venv/bin/python benchmarks/storage.py [--quick] [--runtime S] [--size-gib N]
        [--rounds N] [--profile]
@@ -42,6 +44,7 @@ SUBNET = "127.0.80"
 QEMU_HOST = f"{SUBNET}.9"
 MIB, GIB = 1 << 20, 1 << 30
 TICK = os.sysconf("SC_CLK_TCK")
+RATE = 200  # py-spy samples per second
 JOBS = [  # name, fio rw, block size, queue depth
     ("4k randread QD1", "randread", "4k", 1),
     ("4k randread QD32", "randread", "4k", 32),
@@ -135,16 +138,25 @@ class Api:
         await self.call(method, path, **kw)
         return (time.perf_counter() - t0) * 1000
 
-    async def wait_storage(self, count: int, timeout: float = 120) -> None:
+    async def wait_storage(self, count: int, capacity: int = 0, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if len((await self.call("GET", "/v1/storage"))["servers"]) >= count:
+                servers = (await self.call("GET", "/v1/storage"))["servers"]
+                if sum(s["capacity_bytes"] >= capacity for s in servers) >= count:
                     return
             except (RuntimeError, httpx.HTTPError):
                 pass
             await asyncio.sleep(0.5)
         raise RuntimeError(f"fewer than {count} storage servers registered after {timeout}s")
+
+    async def wait_detached(self, name: str, timeout: float = 60) -> None:
+        """The access point detaches a volume (flush, close) after its last NBD client left."""
+        deadline = time.monotonic() + timeout
+        while (await self.call("GET", f"/v1/volumes/{name}"))["attached_to"] is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"volume {name} still attached {timeout}s after fio exited")
+            await asyncio.sleep(0.1)
 
     async def volume(self, name: str, size: int, replicas: int) -> str:
         await self.call(
@@ -204,7 +216,8 @@ def profile(lab: Lab, uri: str, size: int, runtime: int, pids: list[int]) -> Non
     pid = int((lab.node_dir("node1") / "storage.pid").read_text())
     out = lab.root.parent / "profile.txt"
     argv = [str(pyspy), "record", "--pid", str(pid), "--duration", str(runtime), "--nonblocking",
-            "--nolineno", "--format", "raw", "--output", str(out)]  # fmt: skip
+            "--nolineno", "--threads", "--rate", str(RATE), "--format", "raw",
+            "--output", str(out)]  # fmt: skip
     spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603
     time.sleep(0.5)
     x = fio(uri, "randwrite", "4k", 32, size, runtime, pids)
@@ -214,19 +227,30 @@ def profile(lab: Lab, uri: str, size: int, runtime: int, pids: list[int]) -> Non
         return
     own: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
-    for line in out.read_text().splitlines():
+    per_thread: collections.Counter[str] = collections.Counter()
+    tids: dict[str, set[str]] = collections.defaultdict(set)
+    for line in out.read_text().splitlines():  # "thread (tid): name;frame;...;frame count"
         stack, _, n = line.rpartition(" ")
-        frames = [f.strip() for f in stack.split(";") if f.strip()]
-        if frames and n.isdigit():
+        thread, *frames = stack.split(";")
+        tid, _, tname = thread.partition(": ")
+        group = tname.rstrip("0123456789_-") or tname
+        per_thread[group] += int(n)
+        tids[group].add(tid)
+        if frames:
             own[frames[-1]] += int(n)
             for f in set(frames):
-                incl[f] += int(n)
+                if "aecp/" in f and "aecp/cli" not in f and "__main__" not in f:
+                    incl[f] += int(n)
     total = sum(own.values()) or 1
     print(f"\nProfile: node1 storage server (pid {pid}), 4k randwrite QD32 factor 2, {runtime}s,")
-    print(f"{x.iops:.0f} IOPS under the profiler; {total} non-idle samples (all threads)")
-    for title, counts in (("self time", own), ("inclusive time", incl)):
-        print(f"  top functions by {title}:")
-        for frame, hits in counts.most_common(15):
+    print(f"{x.iops:.0f} IOPS under the profiler; {total} non-idle samples at {RATE} Hz")
+    print("  busy share of each thread (non-idle samples / possible samples):")
+    for group, hits in per_thread.most_common():
+        busy = 100 * hits / (RATE * runtime * len(tids[group]))
+        print(f"    {group:<24} x{len(tids[group])}: {busy:5.1f}% busy each")
+    for title, counts in (("self time", own), ("inclusive time (aecp code)", incl)):
+        print(f"  top functions by {title}, % of non-idle samples:")
+        for frame, hits in counts.most_common(12):
             print(f"    {100 * hits / total:5.1f}%  {frame[:110]}")
 
 
@@ -239,6 +263,7 @@ async def snapshot_times(api: Api, uri_of: dict[str, str]) -> None:
         vol = f"snap-{size >> 30}g"
         uri = uri_of[vol]
         fio(uri, "write", "1M", 8, 64 * MIB, None, [])
+        await api.wait_detached(vol)
         snaps, clones, gets = [], [], []
         for i in range(5):
             gets.append(await api.timed("GET", f"/v1/volumes/{vol}"))
@@ -256,6 +281,20 @@ async def snapshot_times(api: Api, uri_of: dict[str, str]) -> None:
         print(f"  {what:<22} {rows['1 GiB'][i]:>8.1f} {rows['1 TiB'][i]:>8.1f}")
 
 
+async def offer_capacity(lab: Lab, api: Api, gib: int) -> None:
+    """All nodes share one disk, and a volume's size x factor may not exceed the cluster's
+    capacity (thin or not): each storage server is restarted offering ``gib`` GiB
+    (``storage.capacity_gib``) so that the 1 TiB thin volume is admitted."""
+    for name in lab.node_names:
+        cfg = lab.node_dir(name) / "node.json"
+        settings = json.loads(cfg.read_text())
+        settings["storage"]["capacity_gib"] = gib
+        cfg.write_text(json.dumps(settings, indent=2))
+        lab.storage(name).stop()
+        lab.storage(name).start()
+    await api.wait_storage(len(lab.node_names), capacity=gib << 30)
+
+
 async def bench(lab: Lab, tmp: Path, args: argparse.Namespace) -> None:
     size = args.size_gib * GIB
     log("starting a 3-node lab on 127.0.80")
@@ -264,6 +303,7 @@ async def bench(lab: Lab, tmp: Path, args: argparse.Namespace) -> None:
     qemu: subprocess.Popen[bytes] | None = None
     try:
         await api.wait_storage(3)
+        await offer_capacity(lab, api, 1024)
         uris: dict[str, str] = {}
         for f in (1, 2, 3):
             uris[f"abs-f{f}"] = await api.volume(f"bench-f{f}", size, f)
@@ -308,11 +348,12 @@ def main() -> None:
     ap.add_argument("--runtime", type=int, default=10, help="seconds per fio job")
     ap.add_argument("--quick", action="store_true", help="3 s per fio job")
     ap.add_argument("--size-gib", type=int, default=2, help="volume and baseline file size")
-    ap.add_argument("--rounds", type=int, default=1, help="runs per job and target (median)")
+    ap.add_argument("--rounds", type=int, help="runs per job and target, median (default 3)")
     ap.add_argument("--profile", action="store_true", help="py-spy on node1's storage server")
     args = ap.parse_args()
     if args.quick:
         args.runtime = 3
+    args.rounds = args.rounds or (1 if args.quick else 3)
     for tool in ("fio", "qemu-nbd"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed")

@@ -28,15 +28,16 @@ def create(
     output: OutputOpt = Format.TABLE,
 ) -> None:
     """Create a VM (and start it) on the node with the most free memory."""
-    body = {
-        "name": name,
-        "image": image,
-        "vcpus": vcpus,
-        "memory_mib": memory,
-        "node": node,
-        "data_disks_mib": data_disk or [],
-        "start": start,
-    }
+    body: dict[str, object] = {"name": name, "node": node, "start": start}
+    if template:
+        body["template"] = template
+    else:
+        body["image"] = image or "tiny"
+        body["data_disks_mib"] = data_disk or []
+    if vcpus is not None:
+        body["vcpus"] = vcpus
+    if memory is not None:
+        body["memory_mib"] = memory
     with client() as c:
         follow(c, c.post("/v1/vms", json=body), no_wait, output)
         if not no_wait and output is Format.TABLE:

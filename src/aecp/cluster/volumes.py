@@ -122,6 +122,7 @@ class VolumeService:
             generation=ext.generation,
             allocated_bytes=allocated,
             healthy=len(ext.replicas) >= factor,
+            recovery=_progress(rec),
         )
 
     async def all(self) -> list[VolumePublic]:
