@@ -133,17 +133,9 @@ class VolumeService:
         return await self.meta.resize(name, parse_size("size", size))
 
     async def delete(self, name: str) -> list[str]:
-        """Delete the volume and reclaim the replicas of its unshared extents (best effort:
-        a replica on an unreachable node is left for the scrubber)."""
-        freed = await self.meta.delete_volume(name)
-        leftovers = []
-        for ext in freed:
-            for node in ext.replicas + list(ext.stale):
-                try:
-                    await (await self.pool.client(node)).delete(ext.id)
-                except ChunkError as exc:
-                    if "no replica" not in str(exc):
-                        leftovers.append(f"{ext.id}@{node}")
+        """Delete the volume and reclaim the replicas of the extents nothing else names (best
+        effort: a replica on an unreachable node is left for later)."""
+        leftovers = await self.pool.delete_replicas(await self.meta.delete_volume(name))
         if leftovers:
             log.warning("volume %s: replicas left to reclaim later: %s", name, ", ".join(leftovers))
         return leftovers

@@ -19,7 +19,6 @@ from aecp.common.errors import AlreadyExists, InvalidState, NotFound
 from aecp.common.proc import arun
 from aecp.compute.hypervisor import DiskSpec
 from aecp.model.vm import VMSpec, boot_volume, data_volume
-from aecp.storage.chunk.errors import ChunkError
 from aecp.storage.meta.model import MIB
 from aecp.storage.meta.service import MetaService
 from aecp.storage.pool import ReplicaPool
@@ -132,11 +131,4 @@ class VMDisks:
                 if loop.time() > deadline:
                     raise
                 await asyncio.sleep(0.2)
-        for ext in freed:
-            for node in [*ext.replicas, *ext.stale]:
-                try:
-                    await (await self.pool.client(node)).delete(ext.id)
-                except ChunkError as exc:
-                    log.warning(
-                        "volume %s: replica %s on %s not reclaimed: %s", name, ext.id, node, exc
-                    )
+        await self.pool.delete_replicas(freed)

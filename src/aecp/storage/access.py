@@ -17,7 +17,6 @@ committed to the volume's table (see ``meta.service`` for the ordering rules).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
@@ -392,10 +391,7 @@ class VolumeDevice(BlockDevice):
             ext_id,
             copied,
         )
-        for gone in await self.meta.collect({shared.id}):
-            for node in gone.replicas:
-                with contextlib.suppress(ChunkError):
-                    await (await self.pool.client(node)).delete(gone.id)
+        await self.pool.delete_replicas(await self.meta.collect({shared.id}))
         return ext_id
 
     async def _readable(self, ext: ExtentRecord) -> tuple[ReplicaClient, str]:

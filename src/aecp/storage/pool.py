@@ -4,12 +4,17 @@ directly, every other node over the replica protocol."""
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Iterable
 
 from aecp.storage.chunk.api import ReplicaClient
 from aecp.storage.chunk.client import ChunkClient, LocalChunkClient
-from aecp.storage.chunk.errors import ReplicaUnavailable
+from aecp.storage.chunk.errors import ChunkError, ExtentNotFound, ReplicaUnavailable
 from aecp.storage.chunk.store import ReplicaStore
+from aecp.storage.meta.model import ExtentRecord
 from aecp.storage.meta.service import MetaService
+
+log = logging.getLogger(__name__)
 
 
 class ReplicaPool:
@@ -49,6 +54,21 @@ class ReplicaPool:
                 )
                 self._clients[node] = c
             return c
+
+    async def delete_replicas(self, extents: Iterable[ExtentRecord]) -> list[str]:
+        """Delete every replica (valid or stale) of ``extents`` that Meta no longer names;
+        returns ``extent@node`` for those that could not be deleted now (unreachable)."""
+        leftovers = []
+        for ext in extents:
+            for node in [*ext.replicas, *ext.stale]:
+                try:
+                    await (await self.client(node)).delete(ext.id)
+                except ExtentNotFound:
+                    continue
+                except ChunkError as exc:
+                    log.info("extent %s on %s not deleted now: %s", ext.id, node, exc)
+                    leftovers.append(f"{ext.id}@{node}")
+        return leftovers
 
     def add(self, node: str, client: ReplicaClient) -> None:
         """Use ``client`` for ``node`` (a node-local store, or a test double)."""

@@ -98,21 +98,14 @@ class Repairer:
     async def _catch_up(self, ext: ExtentRecord, node: str, missed_from: int) -> str:
         src, src_node = await self._source(ext)
         dst = await self.pool.client(node)
-        await self.dev.begin_join(ext.id, node)
-        admitted = False
-        try:
-            ranges = _union(
+
+        async def ranges() -> list[tuple[int, int]]:
+            return _union(
                 await src.modified_since(ext.id, missed_from),
                 await dst.modified_since(ext.id, missed_from),
             )
-            copied = await self._copy(ext, src, dst, ranges, node, "catch-up")
-            await self.dev.end_join(ext.id, lambda: self._admit(ext.id, node, dst, None))
-            admitted = True
-        finally:
-            if not admitted:
-                await self.dev.end_join(ext.id, None)
-            await self.publish(None, ext.id)
-        self.copied_last = copied
+
+        copied = await self._join(ext, node, src, dst, ranges, "catch-up", None)
         return (
             f"extent {ext.id}: {node} caught up from {src_node}: copied {copied} bytes "
             f"modified since generation {missed_from}"
@@ -122,23 +115,41 @@ class Repairer:
         src, src_node = await self._source(ext)
         dst = await self.pool.client(target)
         await dst.create(ext.id, ext.size, epoch=self.dev.epoch, generation=0)
-        await self.dev.begin_join(ext.id, target)
+
+        async def ranges() -> list[tuple[int, int]]:
+            return await src.modified_since(ext.id, 0)
+
+        copied = await self._join(ext, target, src, dst, ranges, "re-replicate", lost)
+        if lost:
+            await self._delete_quietly(lost, ext.id)
+        return f"extent {ext.id}: re-replicated to {target} from {src_node} ({copied} bytes)" + (
+            f" in place of {lost}" if lost else ""
+        )
+
+    async def _join(
+        self,
+        ext: ExtentRecord,
+        node: str,
+        src: ReplicaClient,
+        dst: ReplicaClient,
+        ranges: Callable[[], Awaitable[list[tuple[int, int]]]],
+        kind: str,
+        replaces: str | None,
+    ) -> int:
+        """Let ``node`` join the extent: live writes reach it from now on, the listed ranges
+        are copied to it, then it is admitted (or, on any failure, the join is undone)."""
+        await self.dev.begin_join(ext.id, node)
         admitted = False
         try:
-            ranges = await src.modified_since(ext.id, 0)
-            copied = await self._copy(ext, src, dst, ranges, target, "re-replicate")
-            await self.dev.end_join(ext.id, lambda: self._admit(ext.id, target, dst, lost))
+            copied = await self._copy(ext, src, dst, await ranges(), node, kind)
+            await self.dev.end_join(ext.id, lambda: self._admit(ext.id, node, dst, replaces))
             admitted = True
         finally:
             if not admitted:
                 await self.dev.end_join(ext.id, None)
             await self.publish(None, ext.id)
         self.copied_last = copied
-        if lost:
-            await self._delete_quietly(lost, ext.id)
-        return f"extent {ext.id}: re-replicated to {target} from {src_node} ({copied} bytes)" + (
-            f" in place of {lost}" if lost else ""
-        )
+        return copied
 
     async def _admit(
         self, ext_id: str, node: str, dst: ReplicaClient, replaces: str | None

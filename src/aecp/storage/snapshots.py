@@ -247,10 +247,5 @@ class SnapshotService:
 
     async def _reclaim(self, candidates: set[str]) -> int:
         freed = await self.meta.collect(candidates)
-        for ext in freed:
-            for node in [*ext.replicas, *ext.stale]:
-                try:
-                    await (await self.pool.client(node)).delete(ext.id)
-                except ChunkError as exc:
-                    log.info("extent %s on %s not deleted: %s", ext.id, node, exc)
+        await self.pool.delete_replicas(freed)
         return len(freed)
