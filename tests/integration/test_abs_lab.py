@@ -271,3 +271,73 @@ async def test_a_flipped_bit_in_a_replica_is_served_good_and_repaired(kit: LabKi
     with data.open("rb") as f:
         f.seek(8192 + 17)
         assert f.read(1) == byte, "the bad replica was repaired from the good one"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"name": "bad", "size": 0}, 422, "size"),
+        ({"name": "bad", "size": 1000}, 422, "size"),
+        ({"name": "bad", "size": "ten"}, 422, "size"),
+        ({"name": "bad", "size": "1P"}, 422, "size"),
+        ({"name": "bad", "size": "1M", "replicas": 4}, 422, "replicas"),
+        ({"name": "Bad!", "size": "1M"}, 422, "name"),
+        ({"name": "dupe", "size": "1M"}, 409, "name"),
+    ],
+)
+async def test_bad_volume_requests_name_the_field_and_change_nothing(
+    kit: LabKit, body: dict[str, Any], status: int, field: str
+) -> None:
+    if status == 409:
+        await create_volume(kit, "dupe", "1M", replicas=1)
+    before = await kit.store_dump()
+    r = await kit.call("POST", "/v1/volumes", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["field"] == field
+    assert await kit.store_dump() == before
+
+
+async def test_shrinking_and_deleting_an_attached_volume_are_refused(kit: LabKit) -> None:
+    await create_volume(kit, "busy", "4M")
+    r = await kit.call("POST", "/v1/volumes/busy/resize", json={"size": "1M"})
+    assert r.status_code == 422 and "only grow" in r.json()["message"]
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "sleep 3000",
+        await uri(kit, "busy", "node1"),
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await wait_for(lambda: _attached(kit, "busy"), "busy to be attached")
+        r = await kit.call("DELETE", "/v1/volumes/busy")
+        assert r.status_code == 409 and "in use" in r.json()["message"]
+    finally:
+        await proc.wait()
+
+
+async def _attached(kit: LabKit, name: str) -> bool:
+    vol: dict[str, Any] = (await kit.call("GET", f"/v1/volumes/{name}")).json()
+    return vol["attached_to"] is not None
+
+
+async def test_snapshot_and_clone_hold_their_data_whatever_is_deleted_first(
+    kit: LabKit,
+) -> None:
+    await create_volume(kit, "orig", "8M")
+    u = await uri(kit, "orig", "node1")
+    await tool("qemu-io", "-f", "raw", "-c", "write -P 0x31 0 8M", u)
+    r = await kit.call("POST", "/v1/volumes/orig/snapshots", json={"name": "s1"})
+    assert r.status_code == 201, r.text
+    await tool("qemu-io", "-f", "raw", "-c", "write -P 0x32 0 1M", u)
+    r = await kit.call("POST", "/v1/volumes/orig/snapshots/s1/clone", json={"name": "copy"})
+    assert r.status_code == 201, r.text
+    assert (await kit.call("DELETE", "/v1/volumes/orig/snapshots/s1")).status_code == 204
+    assert (await kit.call("DELETE", "/v1/volumes/orig")).status_code == 204
+    _, text = await tool(
+        "qemu-io", "-f", "raw", "-c", "read -P 0x31 0 8M", await uri(kit, "copy", "node2")
+    )
+    assert "Pattern verification failed" not in text
+    assert (await kit.call("DELETE", "/v1/volumes/copy")).status_code == 204
