@@ -29,10 +29,12 @@ def rss_mib(pid: int) -> float:
 
 
 def groups(lab: Lab) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {"agents": [], "etcd": [], "qemu": []}
+    out: dict[str, list[int]] = {"agents": [], "storage": [], "etcd": [], "qemu": []}
     for name in lab.node_names:
         if (pid := lab.agent(name).pid()) is not None:
             out["agents"].append(pid)
+        if (pid := lab.storage(name).pid()) is not None:
+            out["storage"].append(pid)
         out["qemu"] += [int(pf.read_text()) for pf in lab.qemu_pidfiles(name)]
     out["etcd"] = [p for m in lab.etcd_cluster().members if (p := m.pid()) is not None]
     return out
