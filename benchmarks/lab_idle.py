@@ -52,8 +52,10 @@ def main() -> None:
     for k, pids in g.items():
         used = (sum(cpu_ticks(p) for p in pids) - before[k]) / TICK
         rss = sum(rss_mib(p) for p in pids)
-        print(f"{k:7s} n={len(pids)}  cpu={100 * used / args.seconds:5.1f}% of one core  "
-              f"rss={rss:7.1f} MiB")
+        print(
+            f"{k:7s} n={len(pids)}  cpu={100 * used / args.seconds:5.1f}% of one core  "
+            f"rss={rss:7.1f} MiB"
+        )
 
 
 if __name__ == "__main__":
