@@ -17,6 +17,16 @@ from aecp.lab.harness import Lab, LabSpec
 from aecp.store.etcd import EtcdStore
 
 T = TypeVar("T")
+# keys that background loops rewrite on their own (heartbeats, free space, attachments of
+# clients that just left, recovery progress, leadership): not state a request could change
+VOLATILE = (
+    "/aecp/alive/",
+    "/aecp/abs/servers/",
+    "/aecp/abs/attach/",
+    "/aecp/abs/epoch",
+    "/aecp/abs/recovery/",
+    "/aecp/leaders/",
+)
 
 
 async def wait_for(
@@ -116,7 +126,7 @@ class LabKit:
             kvs = await store.list("/aecp/")
         finally:
             await store.close()
-        return {kv.key: kv.value for kv in kvs if not kv.key.startswith("/aecp/alive/")}
+        return {kv.key: kv.value for kv in kvs if not kv.key.startswith(VOLATILE)}
 
 
 @asynccontextmanager
