@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aecp.common.errors import ConfigError
-from aecp.model.base import NAME_RE
+from aecp.common.names import NAME_RE
 
 
 class StoreSettings(BaseModel):

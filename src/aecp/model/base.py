@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Self
 
 from pydantic import BaseModel, ConfigDict
 
 from aecp.common.errors import InvalidInput
-
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-NAME_RULE = "1-63 lowercase letters, digits or '-', starting and ending with a letter or digit"
+from aecp.common.names import NAME_RE, NAME_RULE
 
 
 class Stored(BaseModel):
