@@ -244,31 +244,15 @@ class MetaService:
 
     # ---- extents ---------------------------------------------------------------------------
     async def commit_extent(self, volume: str, slot: int, ext: ExtentRecord) -> bool:
-        """Name the new extent ``ext`` (replicas already created) in ``volume``'s slot.
+        """Name the new extent ``ext`` (replicas already created) in ``volume``'s empty slot.
         False if the slot was filled meanwhile (the caller deletes its replicas)."""
-        for _ in range(RETRIES):
-            vol, rev = await self.volume(volume)
-            if vol.extents[slot] is not None:
-                return False
-            table = list(vol.extents)
-            table[slot] = ext.id
-            ok = await self.store.txn(
-                [
-                    Compare.unchanged(keys.abs_volume(volume), rev),
-                    Compare.absent(keys.abs_extent(ext.id)),
-                ],
-                [
-                    Put(keys.abs_volume(volume), vol.model_copy(update={"extents": table}).dump()),
-                    Put(keys.abs_extent(ext.id), ext.dump()),
-                ],
-            )
-            if ok:
-                return True
-        raise Conflict(f"volume {volume} keeps changing; try again")
+        return await self.replace_extent(volume, slot, None, ext)
 
-    async def replace_extent(self, volume: str, slot: int, old: str, new: ExtentRecord) -> bool:
-        """Copy-on-write: name ``new`` (replicas created and filled) in ``slot`` instead of the
-        shared extent ``old``. False if the slot changed meanwhile."""
+    async def replace_extent(
+        self, volume: str, slot: int, old: str | None, new: ExtentRecord
+    ) -> bool:
+        """Name ``new`` (replicas created, and filled for a copy-on-write) in ``slot`` where
+        ``old`` is now (None: an empty slot). False if the slot changed meanwhile."""
         for _ in range(RETRIES):
             vol, rev = await self.volume(volume)
             if vol.extents[slot] != old:
