@@ -32,7 +32,7 @@ from aecp.storage.blockdev import (
     Span,
     check_range,
 )
-from aecp.storage.chunk.api import ReplicaClient
+from aecp.storage.chunk.api import Buffer, ReplicaClient
 from aecp.storage.chunk.errors import (
     ChecksumError,
     ChunkError,
@@ -174,22 +174,26 @@ class VolumeDevice(BlockDevice):
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         self._check_live()
         check_range(self, offset, len(data))
+        esize = self.vol.extent_size
+        slot, inside = divmod(offset, esize)
+        if inside + len(data) <= esize:  # the usual case: one extent
+            await self._write_piece(slot, inside, data, fua)
+            return
         view = memoryview(data)
-        pieces = list(split(offset, len(data), self.vol.extent_size))
+        await asyncio.gather(
+            *(
+                self._write_piece(p.slot, p.offset, view[p.at : p.at + p.length], fua)
+                for p in split(offset, len(data), esize)
+            )
+        )
 
-        async def one(p: Piece) -> None:
-            chunk = view[p.at : p.at + p.length]
-            while True:
-                ext_id = await self._ensure_writable(p.slot)
-                try:
-                    return await self._replicate(ext_id, self._write_op(ext_id, p, chunk, fua))
-                except _Reepoched:
-                    continue  # a snapshot was taken: the slot may now need copy-on-write
-
-        if len(pieces) == 1:
-            await one(pieces[0])
-        else:
-            await asyncio.gather(*(one(p) for p in pieces))
+    async def _write_piece(self, slot: int, offset: int, chunk: Buffer, fua: bool) -> None:
+        while True:
+            ext_id = self._writable_now(slot) or await self._ensure_writable(slot)
+            try:
+                return await self._replicate(ext_id, self._write_op(ext_id, offset, chunk, fua))
+            except _Reepoched:
+                continue  # a snapshot was taken: the slot may now need copy-on-write
 
     async def trim(self, offset: int, length: int) -> None:
         await self._clear(offset, length)
@@ -213,10 +217,10 @@ class VolumeDevice(BlockDevice):
                 except _Reepoched:
                     continue
 
-    def _write_op(self, ext_id: str, p: Piece, chunk: memoryview, fua: bool) -> ReplicaOp:
+    def _write_op(self, ext_id: str, offset: int, chunk: Buffer, fua: bool) -> ReplicaOp:
         def op(c: ReplicaClient, e: ExtentRecord) -> Awaitable[object]:
             return c.write(
-                ext_id, p.offset, chunk, epoch=self.epoch, generation=e.generation, fua=fua
+                ext_id, offset, chunk, epoch=self.epoch, generation=e.generation, fua=fua
             )
 
         return op
@@ -256,15 +260,13 @@ class VolumeDevice(BlockDevice):
 
     async def _replicate_now(self, ext_id: str, op: ReplicaOp, joining: bool) -> None:
         while True:
-            ext = await self._extent(ext_id)
-            targets = list(ext.replicas)
+            ext = self._extents.get(ext_id) or await self._extent(ext_id)
+            targets = ext.replicas
             joiner = self._joining.get(ext_id) if joining else None
             if joiner is not None:
-                targets.append(joiner)
-            clients = [await self._client_or_none(n) for n in targets]
-            results = await asyncio.gather(
-                *(op(c, ext) if c else _unavailable() for c in clients), return_exceptions=True
-            )
+                targets = [*targets, joiner]
+            clients = [self.pool.cached(n) or await self._client_or_none(n) for n in targets]
+            results = await fan_out([op(c, ext) if c else _unavailable() for c in clients])
             failed = []
             for node, res in zip(targets, results, strict=True):
                 if node == joiner:
@@ -344,6 +346,14 @@ class VolumeDevice(BlockDevice):
             ext, _ = await self.meta.extent(ext_id)
             self._extents[ext_id] = ext
         return ext
+
+    def _writable_now(self, slot: int) -> str | None:
+        """The extent of ``slot`` if it is known to be writable in place, without waiting."""
+        ext_id = self.vol.extents[slot]
+        if ext_id is None:
+            return None
+        ext = self._extents.get(ext_id)
+        return ext_id if ext is not None and writable_in_place(ext, self.vol) else None
 
     async def _ensure_writable(self, slot: int) -> str:
         """The extent of ``slot`` this volume may write in place: allocated on first write,
@@ -583,6 +593,24 @@ def _fence_op(ext_id: str, epoch: int) -> ReplicaOp:
         return c.fence(ext_id, epoch)
 
     return op
+
+
+async def fan_out(aws: list[Awaitable[object]]) -> list[object]:
+    """``asyncio.gather(*aws, return_exceptions=True)``, but the first awaitable runs in the
+    calling task: the usual single-replica case creates no task at all. If the caller is
+    cancelled, the others are cancelled too."""
+    rest = [asyncio.ensure_future(a) for a in aws[1:]]
+    try:
+        first: object = await aws[0]
+    except asyncio.CancelledError:
+        for t in rest:
+            t.cancel()
+        raise
+    except Exception as exc:
+        first = exc
+    if not rest:
+        return [first]
+    return [first, *await asyncio.gather(*rest, return_exceptions=True)]
 
 
 async def _unavailable() -> None:

@@ -38,6 +38,10 @@ class ReplicaPool:
             self._clients[local_node] = LocalChunkClient(local_store)
         self._lock = asyncio.Lock()
 
+    def cached(self, node: str) -> ReplicaClient | None:
+        """The client of ``node`` if one was made already (no waiting)."""
+        return self._clients.get(node)
+
     async def client(self, node: str) -> ReplicaClient:
         c = self._clients.get(node)
         if c is not None:

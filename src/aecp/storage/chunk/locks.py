@@ -49,7 +49,8 @@ class BlockLocks:
             if fut.done() and not fut.cancelled():
                 self.release(first, last, exclusive)
             else:
-                self._waiting.remove(waiter)
+                if waiter in self._waiting:  # else ``_grant`` dropped it already
+                    self._waiting.remove(waiter)
                 self._grant()
             raise
 
@@ -100,6 +101,9 @@ class BlockLocks:
         ahead: list[tuple[int, int]] = []
         for waiter in list(self._waiting):
             first, last, exclusive, fut = waiter
+            if fut.done():  # cancelled before its task could withdraw it
+                self._waiting.remove(waiter)
+                continue
             blocked = any(a < last and first < b for a, b in ahead)
             if blocked or self._conflicts(first, last, exclusive):
                 ahead.append((first, last))

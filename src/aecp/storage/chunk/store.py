@@ -28,13 +28,20 @@ import asyncio
 import errno
 import logging
 import zlib
+from asyncio import Future
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from aecp.storage.chunk import files
 from aecp.storage.chunk.api import U64_MAX, Buffer, RawBlocks, ReplicaStat
-from aecp.storage.chunk.diskio import CACHED_READS, read_blocks, write_blocks, write_sectors
+from aecp.storage.chunk.diskio import (
+    CACHED_READS,
+    read_blocks,
+    sector_crcs,
+    write_blocks,
+    write_sectors,
+)
 from aecp.storage.chunk.errors import (
     ChecksumError,
     ChunkError,
@@ -44,7 +51,7 @@ from aecp.storage.chunk.errors import (
     ExtentNotFound,
     StaleEpoch,
 )
-from aecp.storage.chunk.iopool import IoPool
+from aecp.storage.chunk.iopool import Done, IoPool
 from aecp.storage.chunk.meta import ReplicaMeta
 from aecp.storage.chunk.persist import Persistence, await_io, check_failed
 from aecp.storage.chunk.replica import (
@@ -58,6 +65,7 @@ from aecp.storage.chunk.replica import (
     plan_trim,
     plan_write,
 )
+from aecp.storage.chunk.uring import Ring, ring_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +92,7 @@ class ReplicaStore:
         sector: int = 4096,
         threads: int = 4,
         cached_reads: bool = True,
+        uring: bool = True,
     ) -> None:
         if sector < 512 or sector & (sector - 1) or block_size % sector:
             raise ChunkInvalid(f"bad geometry: blocks of {block_size}, sectors of {sector}")
@@ -98,6 +107,7 @@ class ReplicaStore:
         self._namespace = asyncio.Lock()
         self._closed = False
         self._cached_reads = cached_reads and CACHED_READS
+        self._ring = Ring() if uring and not ring_unavailable() else None
 
     async def __aenter__(self) -> ReplicaStore:
         return self
@@ -374,6 +384,8 @@ class ReplicaStore:
             await self._run(files.close_files, rep, lane=rep.lane)
         self._replicas.clear()
         await self._pool.close()
+        if self._ring is not None:
+            await self._ring.close()
 
     # --- machinery -----------------------------------------------------------------------
 
@@ -447,7 +459,7 @@ class ReplicaStore:
                 finally:
                     locks.release(first, last, mutate)
 
-            fut = self._pool.submit(fn, *args, done=done)
+            fut = self._submit(fn, args, done)
         except BaseException:
             locks.release(first, last, mutate)
             raise
@@ -455,6 +467,29 @@ class ReplicaStore:
             return await fut
         except OSError as e:
             raise ChunkIOError(str(e), e.errno or errno.EIO) from e
+
+    def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...], done: Done) -> Future[Any]:
+        """Start the job: a whole-sector write that needs no INTENT record goes to the io_uring
+        (its checksums are computed on this thread when it is done), the rest to a worker."""
+        ring = self._ring
+        if ring is None or fn is not write_sectors:
+            return self._pool.submit(fn, *args, done=done)
+        _, intents, _, fd, offset, data, sector, head, tail = args
+        if intents or head is not None or tail is not None:
+            return self._pool.submit(fn, *args, done=done)
+
+        def written(_: object, exc: BaseException | None) -> None:
+            if exc is not None:
+                done(None, exc)
+                return
+            try:
+                crcs = sector_crcs(data, sector)
+            except Exception as e:  # pragma: no cover - a buffer that cannot be sliced
+                done(None, e)
+                return
+            done(crcs, None)
+
+        return ring.pwrite(fd, data, offset, done=written)
 
     async def _admit(self, rep: Replica, epoch: int) -> None:
         """``StaleEpoch`` unless ``epoch`` is current; a newer epoch is persisted first."""

@@ -1,0 +1,217 @@
+"""One access point measured alone: fio over NBD against an ABS volume served by this process,
+and against ``qemu-nbd`` on a raw file in the same directory, in the same run.
+
+This process plays node1 (NBD server, access point, local replica store); node2 and node3 are
+chunk servers in child processes; Meta runs over the in-memory store (no etcd, no agents, no
+recovery or scrub loops). It isolates the data path from the rest of the lab, starts in about a
+second, and can profile this process (``--profile``: cProfile, the top functions by own time).
+``make bench-storage`` remains the measurement of record; this one is for finding where the
+time goes.
+
+Usage: .venv/bin/python benchmarks/access_point.py [--factor 1] [--job randwrite]
+       [--qd 32] [--bs 4k] [--seconds 5] [--size-mib 512] [--uvloop] [--profile]
+       [--no-baseline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import json
+import os
+import pstats
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from aecp.common.clock import SYSTEM_CLOCK
+from aecp.storage.access import open_volume
+from aecp.storage.blockdev import BlockDevice
+from aecp.storage.chunk.server import ChunkServer
+from aecp.storage.chunk.store import ReplicaStore
+from aecp.storage.frontends.nbd.server import NbdServer
+from aecp.storage.meta.model import MIB, StorageServer
+from aecp.storage.meta.service import MetaService
+from aecp.storage.pool import ReplicaPool
+from aecp.store import keys
+from aecp.store.memory import MemoryStore
+
+HOST = "127.0.0.1"
+VOLUME = "bench"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fio_argv(uri: str, args: argparse.Namespace, fill: bool) -> list[str]:
+    size = args.size_mib * MIB
+    if fill:
+        return ["fio", "--name=fill", "--ioengine=nbd", f"--uri={uri}", "--rw=write",
+                "--bs=1M", "--iodepth=8", f"--size={size}", "--output-format=json"]  # fmt: skip
+    return ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={args.job}",
+            f"--bs={args.bs}", f"--iodepth={args.qd}", f"--size={size}", "--time_based",
+            f"--runtime={args.seconds}", "--output-format=json"]  # fmt: skip
+
+
+async def fio(uri: str, args: argparse.Namespace, pids: list[int], fill: bool = False) -> str:
+    """Run fio (without blocking this loop); a line of figures."""
+    c0 = sum(cpu_seconds(p) for p in pids)
+    t0, l0 = time.monotonic(), time.thread_time()
+    proc = await asyncio.create_subprocess_exec(
+        *fio_argv(uri, args, fill), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"fio failed: {err.decode()[-800:]}")
+    wall = time.monotonic() - t0
+    cpu = 100 * (sum(cpu_seconds(p) for p in pids) - c0) / wall
+    loop = 100 * (time.thread_time() - l0) / wall
+    text = out.decode()
+    job = json.loads(text[text.index("{") :])["jobs"][0]
+    side = job["write"] if "write" in (args.job if not fill else "write") else job["read"]
+    p99 = side["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1000
+    return (
+        f"{side['iops']:9.0f} IOPS {side['bw_bytes'] / MIB:7.1f} MiB/s p99 {p99:7.0f} µs "
+        f"srv {cpu:4.0f}% loop {loop:3.0f}% ({1e4 * loop / max(side['iops'], 1):.0f} µs/op)"
+    )
+
+
+async def child_servers(root: Path, n: int) -> list[tuple[asyncio.subprocess.Process, int]]:
+    out = []
+    for i in range(n):
+        argv = [__file__, "--serve", str(root / f"n{i + 2}")]
+        child = await asyncio.create_subprocess_exec(sys.executable, *argv, stdout=subprocess.PIPE)
+        assert child.stdout is not None
+        out.append((child, int(await child.stdout.readline())))
+    return out
+
+
+async def serve(root: Path) -> None:
+    async with ReplicaStore(root) as store:
+        server = ChunkServer(store, HOST, 0)
+        await server.start()
+        print(server.port, flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.stop()
+
+
+async def register(store: MemoryStore, node: str, port: int) -> None:
+    rec = StorageServer(
+        node=node,
+        address=HOST,
+        chunk_port=port,
+        nbd_port=0,
+        capacity_bytes=1 << 40,
+        free_bytes=(1 << 40) - int(node[1:]),
+    )
+    await store.put(keys.abs_server(node), rec.dump())
+
+
+async def baseline(root: Path, args: argparse.Namespace) -> None:
+    image = root / "baseline.raw"
+    image.touch()
+    os.truncate(image, args.size_mib * MIB)
+    port = 10899
+    argv = ["qemu-nbd", "-t", "--cache=writeback", "-f", "raw", "--bind", HOST,
+            "--port", str(port), "-x", "disk", str(image)]  # fmt: skip
+    qemu = subprocess.Popen(argv, stderr=subprocess.DEVNULL)  # noqa: S603, ASYNC220
+    try:
+        await asyncio.sleep(0.5)
+        uri = f"nbd://{HOST}:{port}/disk"
+        await fio(uri, args, [qemu.pid], fill=True)
+        print(f"qemu-nbd  {args.job} {args.bs} QD{args.qd}: {await fio(uri, args, [qemu.pid])}")
+    finally:
+        qemu.send_signal(signal.SIGTERM)
+        qemu.wait()
+
+
+async def main(args: argparse.Namespace) -> None:
+    if os.environ.get("NOGC"):
+        import gc
+
+        gc.freeze()
+        gc.set_threshold(100_000, 50, 100)
+    root = Path(tempfile.mkdtemp(prefix="ap-bench-", dir="/tmp"))
+    children = await child_servers(root, 2)
+    store = MemoryStore()
+    local = ReplicaStore(root / "n1")
+    meta = MetaService(store, 256 * MIB, SYSTEM_CLOCK)
+    pool = ReplicaPool(meta, "n1", local)
+    await register(store, "n1", 1)
+    for i, (_, port) in enumerate(children):
+        await register(store, f"n{i + 2}", port)
+    await meta.create_volume(VOLUME, args.size_mib * MIB, args.factor)
+    lease = await store.grant_lease(600)
+
+    async def open_export(name: str) -> BlockDevice:
+        if name != VOLUME:
+            raise KeyError(name)
+        return await open_volume(meta, pool, "n1", name, lease, takeover=True)
+
+    async def list_exports() -> list[str]:
+        return [VOLUME]
+
+    nbd = NbdServer(HOST, 0, open_export, list_exports)
+    await nbd.start()
+    pids = [os.getpid()] + [c.pid for c, _ in children]
+    uri = f"nbd://{HOST}:{nbd.port}/{VOLUME}"
+    prof = cProfile.Profile() if args.profile else None
+    try:
+        if not args.no_baseline:
+            await baseline(root, args)
+        print(f"fill      {await fio(uri, args, pids, fill=True)}")
+        if prof is not None:
+            prof.enable()
+        line = await fio(uri, args, pids)
+        if prof is not None:
+            prof.disable()
+        print(f"ABS f{args.factor}    {args.job} {args.bs} QD{args.qd}: {line}")
+    finally:
+        await nbd.stop()
+        await pool.close()
+        await local.close()
+        for c, _ in children:
+            c.terminate()
+            await c.wait()
+        shutil.rmtree(root, ignore_errors=True)
+    if prof is not None:
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(args.top)
+        print(s.getvalue())
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--factor", type=int, default=1, choices=(1, 2, 3))
+    p.add_argument("--job", default="randwrite", help="fio --rw")
+    p.add_argument("--bs", default="4k")
+    p.add_argument("--qd", type=int, default=32)
+    p.add_argument("--seconds", type=int, default=5)
+    p.add_argument("--size-mib", type=int, default=512)
+    p.add_argument("--uvloop", action="store_true")
+    p.add_argument("--profile", action="store_true", help="cProfile this process during the job")
+    p.add_argument("--top", type=int, default=35, help="functions printed with --profile")
+    p.add_argument("--no-baseline", action="store_true", help="skip qemu-nbd")
+    p.add_argument("--serve", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+if __name__ == "__main__":
+    arguments = parse()
+    coro = serve(Path(arguments.serve)) if arguments.serve else main(arguments)
+    if arguments.uvloop:
+        import uvloop
+
+        uvloop.run(coro)
+    else:
+        asyncio.run(coro)

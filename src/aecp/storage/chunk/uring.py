@@ -1,0 +1,334 @@
+"""``Ring``: Linux io_uring for the disk I/O of the replica store, without a thread hand-off.
+
+The kernel runs the I/O (buffered writes go to its own io-wq workers, so the event-loop thread
+never waits for the disk and no Python thread competes for the GIL); this module only fills
+submission entries in the shared ring, tells the kernel once per event-loop iteration
+(``io_uring_enter``), and resolves futures when the completion ring's eventfd becomes readable.
+
+It speaks the raw system calls through ``ctypes`` and maps the rings with ``mmap``, so it needs
+no library beyond libc. ``Ring.probe()`` says whether it can work here: Linux on x86-64 (whose
+memory model orders the plain loads and stores this module does on the rings; other
+architectures would need barriers), io_uring not disabled (``kernel.io_uring_disabled``), a
+kernel with a single ring mapping (5.4+). Callers fall back to threads (``IoPool``) otherwise.
+
+Contract of each operation (``pwrite``, ``pread``): the buffer is pinned until the kernel is
+done with it, *even if the awaiting coroutine is cancelled*; short transfers are continued until
+complete (a read past the end of the file reads zeros); a failure is an ``OSError`` with the
+errno the kernel gave. ``done(result, exc)``, when given, runs on the loop thread before the
+future resolves, whether or not it was cancelled (the same contract as ``IoPool.submit``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import functools
+import logging
+import mmap
+import os
+import platform
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_SYS_SETUP, _SYS_ENTER, _SYS_REGISTER = 425, 426, 427
+_OFF_SQ_RING, _OFF_SQES = 0, 0x10000000
+_FEAT_SINGLE_MMAP = 1
+_REGISTER_EVENTFD = 4
+_OP_READ, _OP_WRITE = 22, 23
+_SQE_ASYNC = 1 << 4
+_U32 = 0xFFFFFFFF
+
+# io_uring_params: 7 u32, 3 reserved u32, then the SQ and CQ offsets (8 u32 + 1 u64 each)
+_PARAMS = struct.Struct("<7I3I8IQ8IQ")
+# io_uring_sqe: opcode, flags, ioprio, fd, off, addr, len, rw_flags, user_data, buf_index,
+# personality, splice_fd_in, addr3, pad
+_SQE = struct.Struct("<BBHiQQIIQHHiQQ")
+_CQE = struct.Struct("<QiI")
+
+Done = Callable[[Any, BaseException | None], None]
+
+
+@functools.cache
+def ring_unavailable() -> str:
+    """``Ring.probe()``, asked once per process."""
+    reason = Ring.probe()
+    if reason:
+        log.info("disk I/O goes through threads: %s", reason)
+    return reason
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.restype = None
+_PYBUF_SIMPLE, _PYBUF_WRITABLE = 0, 1
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def _sys(number: int, *args: Any) -> int:
+    ret = int(_syscall(number, *args))
+    if ret < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return ret
+
+
+class _Op:
+    """One I/O in flight: its pinned buffer and how far it got."""
+
+    __slots__ = ("addr", "done", "fd", "fut", "length", "offset", "op", "pinned", "pos")
+
+    def __init__(
+        self, op: int, fd: int, pinned: _PyBuffer, offset: int, fut: asyncio.Future[Any]
+    ) -> None:
+        self.op = op
+        self.fd = fd
+        self.pinned = pinned
+        self.addr = int(pinned.buf or 0)
+        self.length = int(pinned.len)
+        self.offset = offset
+        self.pos = 0
+        self.fut = fut
+        self.done: Done | None = None
+
+
+class Ring:
+    """An io_uring serving the event loop it is first used from. ``Ring.probe()`` first."""
+
+    def __init__(self, entries: int = 256, force_async: bool = False) -> None:
+        params = ctypes.create_string_buffer(_PARAMS.size)
+        self._fd = _sys(_SYS_SETUP, ctypes.c_uint(entries), params)
+        self._closed = False
+        try:
+            self._map(_PARAMS.unpack(params.raw))
+            self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            efd = ctypes.c_int(self._efd)
+            _sys(_SYS_REGISTER, self._fd, _REGISTER_EVENTFD, ctypes.byref(efd), 1)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._flags = _SQE_ASYNC if force_async else 0
+        self._ops: dict[int, _Op] = {}
+        self._next = 1
+        self._unsubmitted = 0
+        self._backlog: collections.deque[_Op] = collections.deque()
+        self._enter_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: asyncio.Future[None] | None = None
+
+    @staticmethod
+    def probe() -> str:
+        """Why io_uring cannot be used here, or '' if it can (a ring is set up and closed)."""
+        if platform.system() != "Linux" or platform.machine() != "x86_64":
+            return f"io_uring is used only on Linux x86-64, not {platform.machine()}"
+        disabled = Path("/proc/sys/kernel/io_uring_disabled")
+        if disabled.exists() and disabled.read_text().strip() not in ("", "0"):
+            return "io_uring is disabled (kernel.io_uring_disabled)"
+        try:
+            Ring(entries=4).close_now()
+        except OSError as e:
+            return f"io_uring is not available: {e}"
+        return ""
+
+    def _map(self, p: tuple[int, ...]) -> None:
+        sq_entries, cq_entries, features = p[0], p[1], p[5]
+        if not features & _FEAT_SINGLE_MMAP:
+            raise OSError(errno.ENOSYS, "io_uring without a single ring mapping (kernel < 5.4)")
+        sq_head, sq_tail, sq_mask, _, _, _, sq_array = p[10:17]
+        cq_head, cq_tail, cq_mask, _, _, cqes = p[19:25]
+        size = max(sq_array + 4 * sq_entries, cqes + 16 * cq_entries)
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
+        self._ring = mmap.mmap(self._fd, size, flags, prot, offset=_OFF_SQ_RING)
+        self._sqes = mmap.mmap(self._fd, 64 * sq_entries, flags, prot, offset=_OFF_SQES)
+        self._u32 = memoryview(self._ring).cast("I")
+        self._sq_head, self._sq_tail = sq_head // 4, sq_tail // 4
+        self._sq_mask = self._u32[sq_mask // 4]
+        self._cq_head, self._cq_tail = cq_head // 4, cq_tail // 4
+        self._cq_mask = self._u32[cq_mask // 4]
+        self._cqes = cqes
+        self.entries = sq_entries
+        self._max_inflight = cq_entries
+        for i in range(sq_entries):  # slot i of the SQ array names SQE i, for good
+            self._u32[sq_array // 4 + i] = i
+
+    # ---- operations --------------------------------------------------------------------------
+    def pwrite(
+        self, fd: int, data: Any, offset: int, done: Done | None = None
+    ) -> asyncio.Future[int]:
+        """Write all of ``data`` (any buffer) at ``offset``; the result is its length."""
+        return self._start(_OP_WRITE, fd, data, _PYBUF_SIMPLE, offset, done)
+
+    def pread(
+        self, fd: int, buf: bytearray, offset: int, done: Done | None = None
+    ) -> asyncio.Future[int]:
+        """Fill ``buf`` from ``offset`` (zeros past the end of the file); the result is its
+        length."""
+        return self._start(_OP_READ, fd, buf, _PYBUF_WRITABLE, offset, done)
+
+    def _start(
+        self, op: int, fd: int, obj: Any, flags: int, offset: int, done: Done | None
+    ) -> asyncio.Future[int]:
+        if self._closed:
+            raise RuntimeError("the io_uring is closed")
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            loop.add_reader(self._efd, self._reap)
+        pinned = _PyBuffer()
+        if _get_buffer(obj, ctypes.byref(pinned), flags) != 0:  # pragma: no cover - raises
+            raise TypeError("not a contiguous buffer")
+        fut: asyncio.Future[int] = loop.create_future()
+        rec = _Op(op, fd, pinned, offset, fut)
+        rec.done = done
+        if not rec.length:
+            self._finish(rec, 0, None)
+            return fut
+        self._submit(rec)
+        return fut
+
+    # ---- submission --------------------------------------------------------------------------
+    def _submit(self, rec: _Op) -> None:
+        if len(self._ops) >= self._max_inflight:
+            self._backlog.append(rec)
+            return
+        if self._unsubmitted >= self.entries:
+            self._enter()
+        ud = self._next
+        self._next = ud + 1
+        self._ops[ud] = rec
+        u32 = self._u32
+        tail = u32[self._sq_tail]
+        n = rec.length - rec.pos
+        _SQE.pack_into(
+            self._sqes, 64 * (tail & self._sq_mask), rec.op, self._flags, 0, rec.fd,
+            rec.offset + rec.pos, rec.addr + rec.pos, n, 0, ud, 0, 0, 0, 0, 0,
+        )  # fmt: skip
+        u32[self._sq_tail] = (tail + 1) & _U32  # after the entry: x86 keeps stores in order
+        self._unsubmitted += 1
+        if not self._enter_scheduled:
+            self._enter_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._enter)
+
+    def _enter(self) -> None:
+        """Tell the kernel about every queued entry (once per loop iteration)."""
+        self._enter_scheduled = False
+        while self._unsubmitted:
+            try:
+                n = _sys(_SYS_ENTER, self._fd, self._unsubmitted, 0, 0, None, 0)
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                if e.errno in (errno.EAGAIN, errno.EBUSY):  # retry on the next iteration
+                    self._enter_scheduled = True
+                    assert self._loop is not None
+                    self._loop.call_soon(self._enter)
+                    return
+                raise
+            self._unsubmitted -= n
+
+    # ---- completion --------------------------------------------------------------------------
+    def _reap(self) -> None:
+        """On the loop thread, when the eventfd fires: handle every completion posted."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._efd, 8)
+        u32 = self._u32
+        head, tail = u32[self._cq_head], u32[self._cq_tail]
+        got = []
+        while head != tail:
+            ud, res, _ = _CQE.unpack_from(self._ring, self._cqes + 16 * (head & self._cq_mask))
+            got.append((ud, res))
+            head = (head + 1) & _U32
+        u32[self._cq_head] = head
+        for ud, res in got:
+            rec = self._ops.pop(ud, None)
+            if rec is None:  # pragma: no cover - the kernel echoes our own user_data
+                log.error("io_uring: completion for unknown request %d", ud)
+                continue
+            self._progress(rec, res)
+        while self._backlog and len(self._ops) < self._max_inflight:
+            self._submit(self._backlog.popleft())
+        if not self._ops and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    def _progress(self, rec: _Op, res: int) -> None:
+        if res < 0:
+            self._finish(rec, None, OSError(-res, os.strerror(-res)))
+            return
+        rec.pos += res
+        if rec.pos >= rec.length:
+            self._finish(rec, rec.length, None)
+        elif res == 0 and rec.op == _OP_READ:  # end of file: the rest reads as zeros
+            ctypes.memset(rec.addr + rec.pos, 0, rec.length - rec.pos)
+            self._finish(rec, rec.length, None)
+        elif res == 0:
+            self._finish(rec, None, OSError(errno.EIO, "io_uring wrote nothing"))
+        else:
+            self._submit(rec)  # a short transfer: go on from where it stopped
+
+    def _finish(self, rec: _Op, result: int | None, exc: BaseException | None) -> None:
+        _release_buffer(ctypes.byref(rec.pinned))
+        if rec.done is not None:
+            try:
+                rec.done(result, exc)
+            except Exception:
+                log.exception("I/O completion callback failed")
+        if rec.fut.cancelled():
+            return
+        if exc is None:
+            rec.fut.set_result(result)
+        else:
+            rec.fut.set_exception(exc)
+
+    # ---- shutdown ----------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Wait for every operation in flight, then release the ring (idempotent)."""
+        if self._closed:
+            return
+        if self._ops or self._backlog:
+            self._idle = asyncio.get_running_loop().create_future()
+            await self._idle
+        self.close_now()
+
+    def close_now(self) -> None:
+        """Release the ring at once; only when nothing is in flight."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._efd)
+        self._u32.release()
+        self._ring.close()
+        self._sqes.close()
+        os.close(self._efd)
+        os.close(self._fd)

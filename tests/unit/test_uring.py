@@ -1,0 +1,105 @@
+"""``Ring`` (io_uring through raw system calls) against real files: writes and reads of any
+buffer, short transfers, errors, cancellation, closing; and the fallback when it is missing."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from aecp.storage.chunk.store import ReplicaStore
+from aecp.storage.chunk.uring import Ring, ring_unavailable
+
+AVAILABLE = not ring_unavailable()
+
+
+@pytest.fixture
+async def ring() -> AsyncIterator[Ring]:
+    if not AVAILABLE:  # the store then uses threads: see the last test
+        pytest.fail(f"io_uring is expected on this machine: {ring_unavailable()}")
+    r = Ring(entries=8)
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+@pytest.fixture
+def fd(tmp_path: Path) -> Iterator[int]:
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    os.truncate(fd, 1 << 20)
+    yield fd
+    os.close(fd)
+
+
+async def test_writes_of_bytes_and_memoryviews_read_back(ring: Ring, fd: int) -> None:
+    data = os.urandom(64 * 1024)
+    assert await ring.pwrite(fd, data, 4096) == len(data)
+    view = memoryview(b"abcdefgh" * 1024)[8:4104]
+    await ring.pwrite(fd, view, 200_000)
+    assert os.pread(fd, len(data), 4096) == data
+    assert os.pread(fd, 4096, 200_000) == bytes(view)
+    buf = bytearray(len(data))
+    assert await ring.pread(fd, buf, 4096) == len(data)
+    assert bytes(buf) == data
+
+
+async def test_more_requests_than_ring_entries_all_complete(ring: Ring, fd: int) -> None:
+    blocks = [os.urandom(4096) for _ in range(100)]  # the ring has 8 entries, 16 completions
+    await asyncio.gather(*(ring.pwrite(fd, b, i * 4096) for i, b in enumerate(blocks)))
+    assert os.pread(fd, 100 * 4096, 0) == b"".join(blocks)
+
+
+async def test_a_read_past_the_end_of_the_file_gives_zeros(ring: Ring, fd: int) -> None:
+    os.pwrite(fd, b"\xff" * 4096, (1 << 20) - 4096)
+    buf = bytearray(b"\x01" * 8192)
+    assert await ring.pread(fd, buf, (1 << 20) - 4096) == 8192
+    assert bytes(buf) == b"\xff" * 4096 + bytes(4096)
+
+
+async def test_errors_carry_the_kernels_errno_and_call_done(ring: Ring, fd: int) -> None:
+    seen: list[object] = []
+    ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as info:
+            await ring.pwrite(ro, b"x" * 512, 0, done=lambda r, e: seen.append(e))
+    finally:
+        os.close(ro)
+    assert info.value.errno == errno.EBADF
+    assert seen == [info.value]
+
+
+async def test_done_runs_even_when_the_waiter_was_cancelled(ring: Ring, fd: int) -> None:
+    seen: list[object] = []
+    fut = ring.pwrite(fd, b"y" * 4096, 0, done=lambda r, e: seen.append(r))
+    fut.cancel()
+    await ring.close()  # waits for the I/O in flight
+    assert seen == [4096]
+    assert os.pread(fd, 4096, 0) == b"y" * 4096
+
+
+async def test_an_empty_buffer_completes_at_once(ring: Ring, fd: int) -> None:
+    assert await ring.pwrite(fd, b"", 0) == 0
+
+
+async def test_a_closed_ring_refuses_work(fd: int) -> None:
+    r = Ring(entries=4)
+    await r.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        r.pwrite(fd, b"z", 0)
+
+
+async def test_the_store_uses_the_ring_only_where_the_kernel_has_it(tmp_path: Path) -> None:
+    async with ReplicaStore(tmp_path / "a") as s:
+        assert (s._ring is not None) == AVAILABLE
+        await s.create("e1", 1 << 20)
+        await s.write("e1", 0, b"q" * 8192, epoch=0, generation=1)
+        await s.write("e1", 0, b"r" * 8192, epoch=0, generation=1)  # no INTENT: the ring
+        assert await s.read("e1", 0, 8192) == b"r" * 8192
+        assert await s.scrub("e1") == []
+    async with ReplicaStore(tmp_path / "b", uring=False) as s:
+        assert s._ring is None
