@@ -2,9 +2,10 @@
 and against ``qemu-nbd`` on a raw file in the same directory, in the same run.
 
 This process plays node1 (NBD server, access point, local replica store); node2 and node3 are
-chunk servers in child processes; Meta runs over the in-memory store (no etcd, no agents, no
-recovery or scrub loops). It isolates the data path from the rest of the lab, starts in about a
-second, and can profile this process (``--profile``: cProfile, the top functions by own time).
+chunk servers in child processes (``chunk_store.py --serve``); Meta runs over the in-memory
+store (no etcd, no agents, no recovery or scrub loops). It isolates the data path from the
+rest of the lab, starts in about a second, and can profile this process (``--profile``:
+cProfile, the top functions by own time).
 ``make bench-storage`` remains the measurement of record; this one is for finding where the
 time goes.
 
@@ -33,7 +34,6 @@ from pathlib import Path
 from aecp.common.clock import SYSTEM_CLOCK
 from aecp.storage.access import open_volume
 from aecp.storage.blockdev import BlockDevice
-from aecp.storage.chunk.server import ChunkServer
 from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.frontends.nbd.server import NbdServer
 from aecp.storage.meta.model import MIB, StorageServer
@@ -87,22 +87,11 @@ async def fio(uri: str, args: argparse.Namespace, pids: list[int], fill: bool = 
 async def child_servers(root: Path, n: int) -> list[tuple[asyncio.subprocess.Process, int]]:
     out = []
     for i in range(n):
-        argv = [__file__, "--serve", str(root / f"n{i + 2}")]
+        argv = [str(Path(__file__).with_name("chunk_store.py")), "--serve", str(root / f"n{i + 2}")]
         child = await asyncio.create_subprocess_exec(sys.executable, *argv, stdout=subprocess.PIPE)
         assert child.stdout is not None
         out.append((child, int(await child.stdout.readline())))
     return out
-
-
-async def serve(root: Path) -> None:
-    async with ReplicaStore(root) as store:
-        server = ChunkServer(store, HOST, 0)
-        await server.start()
-        print(server.port, flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await server.stop()
 
 
 async def register(store: MemoryStore, node: str, port: int) -> None:
@@ -202,16 +191,14 @@ def parse() -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="cProfile this process during the job")
     p.add_argument("--top", type=int, default=35, help="functions printed with --profile")
     p.add_argument("--no-baseline", action="store_true", help="skip qemu-nbd")
-    p.add_argument("--serve", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
 if __name__ == "__main__":
     arguments = parse()
-    coro = serve(Path(arguments.serve)) if arguments.serve else main(arguments)
     if arguments.uvloop:
         import uvloop
 
-        uvloop.run(coro)
+        uvloop.run(main(arguments))
     else:
-        asyncio.run(coro)
+        asyncio.run(main(arguments))
