@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from aecp.common.clock import SYSTEM_CLOCK
+from aecp.node.storage import tune_gc
 from aecp.storage.access import open_volume
 from aecp.storage.blockdev import BlockDevice
 from aecp.storage.chunk.store import ReplicaStore
@@ -63,7 +64,7 @@ def fio_argv(uri: str, args: argparse.Namespace, fill: bool) -> list[str]:
 
 async def fio(uri: str, args: argparse.Namespace, pids: list[int], fill: bool = False) -> str:
     """Run fio (without blocking this loop); a line of figures."""
-    c0 = sum(cpu_seconds(p) for p in pids)
+    c0 = [cpu_seconds(p) for p in pids]
     t0, l0 = time.monotonic(), time.thread_time()
     proc = await asyncio.create_subprocess_exec(
         *fio_argv(uri, args, fill), stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -72,7 +73,8 @@ async def fio(uri: str, args: argparse.Namespace, pids: list[int], fill: bool = 
     if proc.returncode:
         raise RuntimeError(f"fio failed: {err.decode()[-800:]}")
     wall = time.monotonic() - t0
-    cpu = 100 * (sum(cpu_seconds(p) for p in pids) - c0) / wall
+    each = [100 * (cpu_seconds(p) - c) / wall for p, c in zip(pids, c0, strict=True)]
+    cpu = sum(each)
     loop = 100 * (time.thread_time() - l0) / wall
     text = out.decode()
     job = json.loads(text[text.index("{") :])["jobs"][0]
@@ -80,7 +82,8 @@ async def fio(uri: str, args: argparse.Namespace, pids: list[int], fill: bool = 
     p99 = side["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1000
     return (
         f"{side['iops']:9.0f} IOPS {side['bw_bytes'] / MIB:7.1f} MiB/s p99 {p99:7.0f} µs "
-        f"srv {cpu:4.0f}% loop {loop:3.0f}% ({1e4 * loop / max(side['iops'], 1):.0f} µs/op)"
+        f"srv {cpu:4.0f}% ({'+'.join(f'{c:.0f}' for c in each)}) loop {loop:3.0f}% "
+        f"({1e4 * loop / max(side['iops'], 1):.0f} µs/op)"
     )
 
 
@@ -125,11 +128,8 @@ async def baseline(root: Path, args: argparse.Namespace) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    if os.environ.get("NOGC"):
-        import gc
-
-        gc.freeze()
-        gc.set_threshold(100_000, 50, 100)
+    if not args.default_gc:
+        tune_gc()  # as ``aecp storage run`` does
     root = Path(tempfile.mkdtemp(prefix="ap-bench-", dir="/tmp"))
     children = await child_servers(root, 2)
     store = MemoryStore()
@@ -187,7 +187,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--qd", type=int, default=32)
     p.add_argument("--seconds", type=int, default=5)
     p.add_argument("--size-mib", type=int, default=512)
-    p.add_argument("--uvloop", action="store_true")
+    p.add_argument("--uvloop", action="store_true", help="as ``aecp storage run`` does")
+    p.add_argument("--default-gc", action="store_true", help="keep CPython's GC thresholds")
     p.add_argument("--profile", action="store_true", help="cProfile this process during the job")
     p.add_argument("--top", type=int, default=35, help="functions printed with --profile")
     p.add_argument("--no-baseline", action="store_true", help="skip qemu-nbd")

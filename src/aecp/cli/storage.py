@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated
 
@@ -18,9 +17,9 @@ app = typer.Typer(help="The ABS storage server of a node.", no_args_is_help=True
 def run(config: Annotated[Path, typer.Option(help="node settings (JSON)")]) -> None:
     """Run this node's storage server: replicas and NBD exports (a daemon; SIGTERM stops it)."""
     from aecp.conf.settings import load
-    from aecp.node.storage import run_storage
+    from aecp.node.storage import main
 
-    asyncio.run(run_storage(load(config)))
+    main(load(config))
 
 
 @app.command("status")
