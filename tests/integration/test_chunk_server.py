@@ -178,6 +178,9 @@ async def test_errors_cross_the_wire_and_the_connection_goes_on(
         await client.read("e1", 4 * MIB - 1, 2)
     with pytest.raises(ChunkInvalid):
         await client.read("BAD/ID", 0, 1)
+    pending = client.write("BAD/ID", 0, b"x", epoch=5, generation=1)  # the call raises nothing
+    with pytest.raises(ChunkInvalid):
+        await pending
     await client.write("e1", 0, pattern(SECTOR, 3), epoch=5, generation=1)
     await client.flush("e1")
     with (tmp_path / "node" / "e1.data").open("r+b") as f:

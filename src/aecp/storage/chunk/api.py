@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 Buffer = bytes | bytearray | memoryview
@@ -86,7 +87,7 @@ class ReplicaClient(ABC):
         """Ids of every replica on the node, sorted."""
 
     @abstractmethod
-    async def write(
+    def write(
         self,
         extent_id: str,
         offset: int,
@@ -95,8 +96,9 @@ class ReplicaClient(ABC):
         epoch: int,
         generation: int,
         fua: bool = False,
-    ) -> None:
-        """Write ``data`` at ``offset`` (any alignment).
+    ) -> Awaitable[None]:
+        """Write ``data`` at ``offset`` (any alignment). Returns an awaitable (a coroutine, or
+        a future on the hot path): errors are raised when it is awaited, never by the call.
 
         ``epoch`` older than the stored epoch: ``StaleEpoch``, nothing written. Newer: the
         stored epoch is raised (durably) first. Sectors written become valid; touched blocks get

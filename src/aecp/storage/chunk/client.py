@@ -16,20 +16,27 @@ import asyncio
 import enum
 import itertools
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from aecp.storage.chunk import wire
 from aecp.storage.chunk.api import Buffer, RawBlocks, ReplicaClient, ReplicaStat
-from aecp.storage.chunk.errors import ChunkInvalid, ChunkProtocolError, ReplicaUnavailable
+from aecp.storage.chunk.errors import (
+    ChunkError,
+    ChunkInvalid,
+    ChunkProtocolError,
+    ReplicaUnavailable,
+)
 from aecp.storage.chunk.store import ReplicaStore
-from aecp.storage.chunk.wire import MAX_DATA, Op, Response, Status
+from aecp.storage.chunk.wire import MAX_DATA, Op, Status
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 #: offset, length, epoch, generation, flags, payload of a request
 _Fields = tuple[int, int, int, int, int, Buffer]
+#: a request waiting for its response: future, op, time sent, extent id, epoch, decode
+_Pending = tuple["asyncio.Future[Any]", Op, float, str, int, Callable[[bytes], Any] | None]
 
 
 class ConnState(enum.Enum):
@@ -48,8 +55,8 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._decoder = wire.ResponseDecoder()
         self._ids = itertools.count(1)
-        #: request id -> (future, op, time sent); insertion order = age
-        self._pending: dict[int, tuple[asyncio.Future[Response], Op, float]] = {}
+        #: request id -> (future, op, time sent, extent id, epoch, decode); insertion order = age
+        self._pending: dict[int, _Pending] = {}
         self._out: list[Buffer] = []
         self._timer: asyncio.TimerHandle | None = None
         self._writable: asyncio.Future[None] | None = None
@@ -57,14 +64,22 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
 
-    def send(self, op: Op, extent_id: str, fields: _Fields) -> asyncio.Future[Response]:
-        """Queue one request; the future gets its response (whatever its status)."""
+    def send(
+        self,
+        op: Op,
+        extent_id: str,
+        fields: _Fields,
+        decode: Callable[[bytes], Any] | None = None,
+    ) -> asyncio.Future[Any]:
+        """Queue one request. The future gets the decoded payload of an OK response (None
+        without ``decode``), else the error the response carries; ``ReplicaUnavailable`` if
+        the connection fails first or the answer is malformed (the connection then fails)."""
         if self.state is not ConnState.READY:
             raise ReplicaUnavailable(self.address, "connection closed")
         request_id = next(self._ids)
         frame = wire.encode_request(op, request_id, extent_id, *fields)
-        fut: asyncio.Future[Response] = self._loop.create_future()
-        self._pending[request_id] = (fut, op, self._loop.time())
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._pending[request_id] = (fut, op, self._loop.time(), extent_id, fields[2], decode)
         if not self._out:
             self._loop.call_soon(self._flush_out)
         self._out += frame
@@ -93,8 +108,19 @@ class _Connection(asyncio.Protocol):
             if entry is None or entry[1] != response.op:
                 self.fail(f"unexpected response to request {response.request_id}")
                 return
-            if not entry[0].done():
-                entry[0].set_result(response)
+            fut, _, _, extent_id, epoch, decode = entry
+            if fut.done():
+                continue
+            try:
+                if response.status is not Status.OK:
+                    error = wire.decode_error(response.status, response.payload, extent_id, epoch)
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(None if decode is None else decode(response.payload))
+            except ChunkProtocolError as e:
+                fut.set_exception(ReplicaUnavailable(self.address, f"malformed answer: {e}"))
+                self.fail(f"malformed answer: {e}")
+                return
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(f"connection lost ({exc})" if exc else "connection closed by the server")
@@ -121,7 +147,7 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         pending, self._pending = self._pending, {}
-        for fut, _, _ in pending.values():
+        for fut, *_ in pending.values():
             if not fut.done():
                 fut.set_exception(ReplicaUnavailable(self.address, reason))
         self.resume_writing()
@@ -155,6 +181,15 @@ class ChunkClient(ReplicaClient):
         self._connecting: list[asyncio.Task[_Connection] | None] = [None] * connections
         self._turn = 0
         self._closed = False
+
+    def _ready(self) -> _Connection | None:
+        """The next connection in turn if it can take a request now (connected, not paused)."""
+        slot = self._turn
+        conn = self._conns[slot]
+        if conn is None or conn.state is not ConnState.READY or conn.paused:
+            return None
+        self._turn = (slot + 1) % len(self._conns)
+        return conn
 
     async def _connection(self) -> _Connection:
         """The next connection in turn, connecting it first if it is not ready."""
@@ -204,22 +239,12 @@ class ChunkClient(ReplicaClient):
         payload: Buffer = b"",
     ) -> T | None:
         """Send one request; raise the error its response carries, else decode its payload."""
-        conn = self._conns[self._turn]
-        if conn is not None and conn.state is ConnState.READY and len(self._conns) == 1:
-            pass  # the common case, without a coroutine call
-        else:
-            conn = await self._connection()
+        conn = self._ready() or await self._connection()
         if conn.paused:
             await conn.writable()
         fields = (offset, length, epoch, generation, flags, payload)
-        response = await conn.send(op, extent_id, fields)
-        try:
-            if response.status is not Status.OK:
-                raise wire.decode_error(response.status, response.payload, extent_id, epoch)
-            return None if decode is None else decode(response.payload)
-        except ChunkProtocolError as e:
-            conn.fail(f"malformed answer: {e}")
-            raise ReplicaUnavailable(self.address, f"malformed answer: {e}") from e
+        result: T | None = await conn.send(op, extent_id, fields, decode)
+        return result
 
     async def create(
         self, extent_id: str, size: int, *, epoch: int = 0, generation: int = 0
@@ -235,7 +260,7 @@ class ChunkClient(ReplicaClient):
     async def list_extents(self) -> list[str]:
         return _some(await self._call(Op.LIST, "", wire.decode_ids))
 
-    async def write(
+    def write(
         self,
         extent_id: str,
         offset: int,
@@ -244,6 +269,22 @@ class ChunkClient(ReplicaClient):
         epoch: int,
         generation: int,
         fua: bool = False,
+    ) -> Awaitable[None]:
+        """On a ready connection, the request's future itself: no coroutine, no task."""
+        view = data if isinstance(data, bytes) else memoryview(data).cast("B")
+        conn = self._ready()
+        if conn is None or len(view) > MAX_DATA:
+            return self._write(extent_id, offset, view, epoch, generation, fua)
+        fields = (offset, len(view), epoch, generation, wire.FLAG_FUA if fua else 0, view)
+        try:
+            fut: asyncio.Future[None] = conn.send(Op.WRITE, extent_id, fields)
+        except ChunkError as e:  # a bad argument, or the connection just closed
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(e)
+        return fut
+
+    async def _write(
+        self, extent_id: str, offset: int, data: Buffer, epoch: int, generation: int, fua: bool
     ) -> None:
         view = data if isinstance(data, bytes) else memoryview(data).cast("B")
         if len(view) > MAX_DATA:
