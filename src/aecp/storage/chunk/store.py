@@ -1,9 +1,11 @@
 """The local replica store of one node: ``ReplicaStore``.
 
 Semantics are those of ``api.ReplicaClient`` (the spec); this module owns how they are carried
-out. Files and their formats: ``files`` and ``meta``. Blocking I/O runs in an ``IoPool``; the
-metadata tables are changed only on the event-loop thread, in the completion callback of the job
-that did the I/O, so a cancelled request never leaves metadata and data out of step.
+out. Files and their formats: ``files`` and ``meta``. Whole-sector writes that need no INTENT
+record go to an io_uring (``uring.Ring``, where the kernel has it); other blocking I/O runs in an
+``IoPool``. The metadata tables are changed only on the event-loop thread, in the completion
+callback of the job that did the I/O, so a cancelled request never leaves metadata and data out
+of step.
 
 Reads of at most ``CACHED_READ_MAX`` bytes are first tried on the event-loop thread with
 ``preadv(RWF_NOWAIT)``, which returns at once (EAGAIN) instead of waiting for the disk: data in

@@ -128,13 +128,16 @@ class Ring:
         params = ctypes.create_string_buffer(_PARAMS.size)
         self._fd = _sys(_SYS_SETUP, ctypes.c_uint(entries), params)
         self._closed = False
+        self._efd = -1
         try:
             self._map(_PARAMS.unpack(params.raw))
             self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             efd = ctypes.c_int(self._efd)
             _sys(_SYS_REGISTER, self._fd, _REGISTER_EVENTFD, ctypes.byref(efd), 1)
         except BaseException:
-            os.close(self._fd)
+            if self._efd >= 0:
+                os.close(self._efd)
+            os.close(self._fd)  # the mappings, if made, go with their last reference
             raise
         self._flags = _SQE_ASYNC if force_async else 0
         self._ops: dict[int, _Op] = {}
