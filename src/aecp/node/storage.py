@@ -320,8 +320,8 @@ def tune_gc() -> None:
 
 
 def main(settings: NodeSettings) -> None:
-    """The ``aecp storage run`` process: ``run_storage`` on uvloop (its event loop and
-    transports cost less per request than asyncio's own, see docs/design/abs.md)."""
+    """The ``aecp storage run`` process: ``run_storage`` on uvloop, with ``tune_gc``
+    (docs/design/abs.md, "Disk I/O", gives what each was measured to bring)."""
     tune_gc()
     uvloop.run(run_storage(settings))
 

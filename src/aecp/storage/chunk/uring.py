@@ -43,7 +43,6 @@ _OFF_SQ_RING, _OFF_SQES = 0, 0x10000000
 _FEAT_SINGLE_MMAP = 1
 _REGISTER_EVENTFD = 4
 _OP_READ, _OP_WRITE = 22, 23
-_SQE_ASYNC = 1 << 4
 _U32 = 0xFFFFFFFF
 
 # io_uring_params: 7 u32, 3 reserved u32, then the SQ and CQ offsets (8 u32 + 1 u64 each)
@@ -108,7 +107,13 @@ class _Op:
     __slots__ = ("addr", "done", "fd", "fut", "length", "offset", "op", "pinned", "pos")
 
     def __init__(
-        self, op: int, fd: int, pinned: _PyBuffer, offset: int, fut: asyncio.Future[Any]
+        self,
+        op: int,
+        fd: int,
+        pinned: _PyBuffer,
+        offset: int,
+        fut: asyncio.Future[Any],
+        done: Done | None,
     ) -> None:
         self.op = op
         self.fd = fd
@@ -118,13 +123,13 @@ class _Op:
         self.offset = offset
         self.pos = 0
         self.fut = fut
-        self.done: Done | None = None
+        self.done = done
 
 
 class Ring:
     """An io_uring serving the event loop it is first used from. ``Ring.probe()`` first."""
 
-    def __init__(self, entries: int = 256, force_async: bool = False) -> None:
+    def __init__(self, entries: int = 256) -> None:
         params = ctypes.create_string_buffer(_PARAMS.size)
         self._fd = _sys(_SYS_SETUP, ctypes.c_uint(entries), params)
         self._closed = False
@@ -139,7 +144,6 @@ class Ring:
                 os.close(self._efd)
             os.close(self._fd)  # the mappings, if made, go with their last reference
             raise
-        self._flags = _SQE_ASYNC if force_async else 0
         self._ops: dict[int, _Op] = {}
         self._next = 1
         self._unsubmitted = 0
@@ -211,8 +215,7 @@ class Ring:
         if _get_buffer(obj, ctypes.byref(pinned), flags) != 0:  # pragma: no cover - raises
             raise TypeError("not a contiguous buffer")
         fut: asyncio.Future[int] = loop.create_future()
-        rec = _Op(op, fd, pinned, offset, fut)
-        rec.done = done
+        rec = _Op(op, fd, pinned, offset, fut, done)
         if not rec.length:
             self._finish(rec, 0, None)
             return fut
@@ -233,7 +236,7 @@ class Ring:
         tail = u32[self._sq_tail]
         n = rec.length - rec.pos
         _SQE.pack_into(
-            self._sqes, 64 * (tail & self._sq_mask), rec.op, self._flags, 0, rec.fd,
+            self._sqes, 64 * (tail & self._sq_mask), rec.op, 0, 0, rec.fd,
             rec.offset + rec.pos, rec.addr + rec.pos, n, 0, ud, 0, 0, 0, 0, 0,
         )  # fmt: skip
         u32[self._sq_tail] = (tail + 1) & _U32  # after the entry: x86 keeps stores in order
