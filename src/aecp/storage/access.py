@@ -17,10 +17,12 @@ committed to the volume's table (see ``meta.service`` for the ordering rules).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from aecp.common.errors import AecpError, NoCapacity
 from aecp.storage.blockdev import (
@@ -106,6 +108,7 @@ class VolumeDevice(BlockDevice):
         self._copy_locks: dict[str, asyncio.Lock] = {}
         self._joining: dict[str, str] = {}
         self._join_failed: set[str] = set()
+        self._redos: set[asyncio.Future[None]] = set()  # write_nowait retries running
         self.ap = ap
 
     # ---- reads --------------------------------------------------------------------------
@@ -186,6 +189,80 @@ class VolumeDevice(BlockDevice):
                 for p in split(offset, len(data), esize)
             )
         )
+
+    def write_nowait(self, offset: int, data: bytes) -> asyncio.Future[None] | None:
+        """The usual write started without a task: inside one extent that is writable in
+        place and not being recovered, every replica's client already made, this access
+        point not fenced. The future is set once every replica has the data. If any replica
+        write fails, the whole write is redone by ``write`` (in a task: it drops unreachable
+        replicas, adopts a new epoch or fences, as usual; rewriting the same bytes where
+        they already landed is harmless) and the future gets its outcome. None, having done
+        nothing, in every other case: await ``write``."""
+        length = len(data)
+        slot, inside = divmod(offset, self.vol.extent_size)
+        if (
+            self._fenced
+            or not length
+            or offset < 0
+            or inside + length > self.vol.extent_size
+            or offset + length > self.size
+        ):
+            return None
+        ext_id = self._writable_now(slot)
+        if ext_id is None or ext_id in self._copy_locks or ext_id in self._joining:
+            return None
+        ext = self._extents[ext_id]
+        cached = self.pool.cached
+        clients = [cached(node) for node in ext.replicas]
+        if None in clients:
+            return None
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        fan_in = _FanIn(len(clients), self._written, (ext_id, slot, inside, data, done))
+        epoch, generation = self.epoch, ext.generation
+        for client in clients:
+            assert client is not None
+            try:
+                aw = client.write(ext_id, inside, data, epoch=epoch, generation=generation)
+                fut = aw if isinstance(aw, asyncio.Future) else asyncio.ensure_future(aw)
+            except Exception as exc:  # a client that fails at once fails this replica
+                fut = loop.create_future()
+                fut.set_exception(exc)
+            fut.add_done_callback(fan_in.one_done)
+        self._dirty.add(ext_id)
+        self._active[ext_id] = self._active.get(ext_id, 0) + 1
+        return done
+
+    def _written(
+        self,
+        failed: bool,
+        ext_id: str,
+        slot: int,
+        inside: int,
+        data: bytes,
+        done: asyncio.Future[None],
+    ) -> None:
+        """Every replica write of a ``write_nowait`` is done: settle ``done`` or redo."""
+        self._active[ext_id] -= 1
+        if done.done():
+            return
+        if not failed:
+            done.set_result(None)
+            return
+        redo = asyncio.ensure_future(self._write_piece(slot, inside, data, False))
+        self._redos.add(redo)
+        redo.add_done_callback(functools.partial(self._redone, done))
+
+    def _redone(self, done: asyncio.Future[None], redo: asyncio.Future[None]) -> None:
+        self._redos.discard(redo)
+        if done.done():
+            return
+        if redo.cancelled():
+            done.cancel()
+        elif (exc := redo.exception()) is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
 
     async def _write_piece(self, slot: int, offset: int, chunk: Buffer, fua: bool) -> None:
         while True:
@@ -611,6 +688,26 @@ async def fan_out(aws: list[Awaitable[object]]) -> list[object]:
     if not rest:
         return [first]
     return [first, *await asyncio.gather(*rest, return_exceptions=True)]
+
+
+class _FanIn:
+    """Waits for the replica writes of one ``write_nowait``: once all are done, calls
+    ``then(failed, *args)``, ``failed`` telling whether any raised or was cancelled."""
+
+    __slots__ = ("args", "failed", "left", "then")
+
+    def __init__(self, count: int, then: Callable[..., None], args: tuple[Any, ...]) -> None:
+        self.left = count
+        self.failed = False
+        self.then = then
+        self.args = args
+
+    def one_done(self, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            self.failed = True
+        self.left -= 1
+        if not self.left:
+            self.then(self.failed, *self.args)
 
 
 async def _unavailable() -> None:

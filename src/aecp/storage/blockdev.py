@@ -12,6 +12,7 @@ completed before it durable.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import errno
 from abc import ABC, abstractmethod
@@ -82,6 +83,12 @@ class BlockDevice(ABC):
     @abstractmethod
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write ``data``; see the module docstring for durability."""
+
+    def write_nowait(self, offset: int, data: bytes) -> asyncio.Future[None] | None:
+        """``write`` (without ``fua``) started at once if the device can, with a future for
+        its outcome; None, having done nothing, if the caller must await ``write`` instead.
+        The default never can; a front end uses it to serve a write without a task."""
+        return None
 
     @abstractmethod
     async def flush(self) -> None:

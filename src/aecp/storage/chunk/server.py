@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -89,7 +90,7 @@ class _Session(asyncio.Protocol):
         self._decoder = wire.RequestDecoder()
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()  # requests running (tasks or writes)
         self._backlog: collections.deque[Request] = collections.deque()
         self._out: list[Buffer] = []
         self._reading_paused = False
@@ -153,11 +154,30 @@ class _Session(asyncio.Protocol):
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _start(self, request: Request) -> None:
+        if request.op is Op.WRITE and not request.flags & wire.FLAG_FUA:
+            fut = self._handler.store.write_nowait(
+                request.extent_id,
+                request.offset,
+                request.payload,
+                epoch=request.epoch,
+                generation=request.generation,
+            )
+            if fut is not None:  # started at once: no task, answered from its callback
+                self._tasks.add(fut)
+                fut.add_done_callback(functools.partial(self._written, request.request_id))
+                return
         task = asyncio.get_running_loop().create_task(self._serve(request))
         self._tasks.add(task)
         task.add_done_callback(self._finished)
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
+    def _written(self, request_id: int, fut: asyncio.Future[None]) -> None:
+        if not fut.cancelled():
+            exc = fut.exception()
+            status, payload = (Status.OK, b"") if exc is None else self._handler.error(exc)
+            self._send(wire.encode_response(Op.WRITE, status, request_id, payload))
+        self._finished(fut)
+
+    def _finished(self, task: asyncio.Future[None]) -> None:
         self._tasks.discard(task)
         if self.state is SessionState.OPEN:
             while self._backlog and len(self._tasks) < self._max:
@@ -202,13 +222,19 @@ class _Handler:
     async def handle(self, request: Request) -> tuple[Status, bytes]:
         try:
             return Status.OK, await self._ops[request.op](request)
-        except ChunkProtocolError as e:
-            return wire.encode_error(ChunkInvalid(f"malformed payload: {e}"))
-        except ChunkError as e:
-            return wire.encode_error(e)
         except Exception as e:
-            log.exception("chunk server: %s on %s failed", request.op.name, request.extent_id)
-            return wire.encode_error(ChunkError(f"internal error: {e!r}"))
+            if not isinstance(e, ChunkError):
+                log.exception("chunk server: %s on %s failed", request.op.name, request.extent_id)
+            return self.error(e)
+
+    @staticmethod
+    def error(exc: BaseException) -> tuple[Status, bytes]:
+        """The status and payload that answer a request which raised ``exc``."""
+        if isinstance(exc, ChunkProtocolError):
+            return wire.encode_error(ChunkInvalid(f"malformed payload: {exc}"))
+        if isinstance(exc, ChunkError):
+            return wire.encode_error(exc)
+        return wire.encode_error(ChunkError(f"internal error: {exc!r}"))
 
     async def _ping(self, r: Request) -> bytes:
         return b""

@@ -213,6 +213,65 @@ class ReplicaStore:
         if fua:
             await self._persistence.flush(rep)
 
+    def write_nowait(
+        self, extent_id: str, offset: int, data: Buffer, *, epoch: int, generation: int
+    ) -> Future[None] | None:
+        """``write`` (without ``fua``) started at once, when nothing stands in its way: the
+        replica is open and healthy, ``epoch`` is its current one, the range covers whole
+        sectors of blocks already INTENT-logged and none of them is locked, and the io_uring
+        is in use. Returns a future set when the data is in the page cache with its checksums
+        recorded (``ChunkIOError`` if the write failed; cancelling it does not stop the
+        write). Returns None, having changed nothing, when any of that does not hold: then
+        call ``write``, which validates and waits where needed."""
+        ring = self._ring
+        rep = self._replicas.get(extent_id)
+        if ring is None or rep is None or rep.deleted or rep.failed:
+            return None
+        meta = rep.meta
+        sec = meta.sector
+        view = data if type(data) is bytes else memoryview(data).cast("B")
+        length = len(view)
+        if (
+            not length
+            or offset % sec
+            or length % sec
+            or offset < 0
+            or offset + length > meta.size
+            or epoch != meta.epoch
+            or not 0 <= generation <= U64_MAX
+        ):
+            return None
+        first, last = self._blocks(offset, length)
+        touched = rep.touched
+        if not (first in touched if last - first == 1 else touched.issuperset(range(first, last))):
+            return None
+        locks = rep.locks
+        if not locks.try_acquire(first, last, True):
+            return None
+        fut: Future[None] = asyncio.get_running_loop().create_future()
+
+        def written(_: object, exc: BaseException | None) -> None:
+            try:
+                if exc is None:
+                    meta.mark_written(offset // sec, sector_crcs(view, sec), generation)
+                    rep.unsynced = True
+                    if not fut.done():
+                        fut.set_result(None)
+                    return
+                rep.failed = rep.failed or f"write failed: {exc}"
+                if not fut.done():
+                    code = exc.errno if isinstance(exc, OSError) else None
+                    fut.set_exception(ChunkIOError(str(exc), code or errno.EIO))
+            finally:
+                locks.release(first, last, True)
+
+        try:
+            ring.pwrite_then(rep.data_fd, view, offset, written)
+        except BaseException:
+            locks.release(first, last, True)
+            raise
+        return fut
+
     async def read(self, extent_id: str, offset: int, length: int) -> bytes:
         rep = self._replicas.get(extent_id)
         if rep is None or rep.deleted:

@@ -34,7 +34,7 @@ import platform
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class _Op:
         fd: int,
         pinned: _PyBuffer,
         offset: int,
-        fut: asyncio.Future[Any],
+        fut: asyncio.Future[Any] | None,
         done: Done | None,
     ) -> None:
         self.op = op
@@ -193,18 +193,34 @@ class Ring:
         self, fd: int, data: Any, offset: int, done: Done | None = None
     ) -> asyncio.Future[int]:
         """Write all of ``data`` (any buffer) at ``offset``; the result is its length."""
-        return self._start(_OP_WRITE, fd, data, _PYBUF_SIMPLE, offset, done)
+        return cast(
+            "asyncio.Future[int]", self._start(_OP_WRITE, fd, data, _PYBUF_SIMPLE, offset, done)
+        )
+
+    def pwrite_then(self, fd: int, data: Any, offset: int, done: Done) -> None:
+        """``pwrite`` without a future: only ``done(length, None)`` or ``done(None, error)``
+        (called on the loop thread; it must not raise)."""
+        self._start(_OP_WRITE, fd, data, _PYBUF_SIMPLE, offset, done, with_future=False)
 
     def pread(
         self, fd: int, buf: bytearray, offset: int, done: Done | None = None
     ) -> asyncio.Future[int]:
         """Fill ``buf`` from ``offset`` (zeros past the end of the file); the result is its
         length."""
-        return self._start(_OP_READ, fd, buf, _PYBUF_WRITABLE, offset, done)
+        return cast(
+            "asyncio.Future[int]", self._start(_OP_READ, fd, buf, _PYBUF_WRITABLE, offset, done)
+        )
 
     def _start(
-        self, op: int, fd: int, obj: Any, flags: int, offset: int, done: Done | None
-    ) -> asyncio.Future[int]:
+        self,
+        op: int,
+        fd: int,
+        obj: Any,
+        flags: int,
+        offset: int,
+        done: Done | None,
+        with_future: bool = True,
+    ) -> asyncio.Future[int] | None:
         if self._closed:
             raise RuntimeError("the io_uring is closed")
         loop = self._loop
@@ -214,7 +230,7 @@ class Ring:
         pinned = _PyBuffer()
         if _get_buffer(obj, ctypes.byref(pinned), flags) != 0:  # pragma: no cover - raises
             raise TypeError("not a contiguous buffer")
-        fut: asyncio.Future[int] = loop.create_future()
+        fut: asyncio.Future[int] | None = loop.create_future() if with_future else None
         rec = _Op(op, fd, pinned, offset, fut, done)
         if not rec.length:
             self._finish(rec, 0, None)
@@ -309,12 +325,13 @@ class Ring:
                 rec.done(result, exc)
             except Exception:
                 log.exception("I/O completion callback failed")
-        if rec.fut.cancelled():
+        fut = rec.fut
+        if fut is None or fut.cancelled():
             return
         if exc is None:
-            rec.fut.set_result(result)
+            fut.set_result(result)
         else:
-            rec.fut.set_exception(exc)
+            fut.set_exception(exc)
 
     # ---- shutdown ----------------------------------------------------------------------------
     async def close(self) -> None:

@@ -1,9 +1,14 @@
-"""``NbdServer``: NBD over TCP on asyncio streams, one ``NbdSession`` per connection.
+"""``NbdServer``: NBD over TCP, one ``NbdSession`` per connection.
 
-Each connection runs in a guarded task (``common.tasks.spawn``). Negotiation is sequential.
-In transmission, requests are read in order (a WRITE's payload with its header) and each one
-runs as its own task, at most ``max_inflight`` per connection; replies go out as requests
-finish, so they may be out of order (the cookie matches them, proto.md "Transmission").
+A connection is an ``asyncio.Protocol`` whose bytes go straight into the session's sans-I/O
+parser (no stream buffer in between). Its life runs in a guarded task
+(``common.tasks.spawn``): negotiation is sequential; in transmission, ``data_received`` starts
+each complete request (a WRITE's payload with its header) as its own task — or, for a WRITE
+the device starts at once (``BlockDevice.write_nowait``), as a future answered from its
+callback — at most
+``max_inflight`` per connection, and stops reading the socket while all slots are taken or
+replies back up. Replies go out as requests finish, so they may be out of order (the cookie
+matches them, proto.md "Transmission").
 
 Ordering: a FLUSH calls ``device.flush()`` when it is received, and the device contract makes
 every write that completed (and so every write already answered) durable — what proto.md
@@ -15,8 +20,9 @@ the socket and the device are closed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
+from typing import cast
 
 from aecp.common import tasks
 from aecp.storage.frontends.nbd import protocol as p
@@ -24,9 +30,8 @@ from aecp.storage.frontends.nbd.session import ListExports, NbdSession, OpenExpo
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 1 << 20  # bytes asked of the stream at a time
-STREAM_LIMIT = 1 << 20  # StreamReader buffer before it stops reading the socket
-HIGH_WATER = 4 << 20  # wait for the socket to drain when more replies than this are queued
+NEGOTIATION_BUFFER = 1 << 20  # unparsed bytes before negotiation stops reading the socket
+HIGH_WATER = 4 << 20  # stop reading requests while more replies than this wait to be sent
 INLINE_DATA = 64 * 1024  # READ data up to this size is joined to its header (one send)
 CLOSE_TIMEOUT = 5.0  # then unsent replies are dropped (the client stopped reading)
 _DISC = int(p.Cmd.DISC)
@@ -72,9 +77,8 @@ class NbdServer:
         """Listen; returns once the socket is bound."""
         if self._server is not None:
             return
-        self._server = await asyncio.start_server(
-            self._accept, self.host, self._port, limit=STREAM_LIMIT
-        )
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), self.host, self._port)
         log.info("nbd: listening on %s:%d", self.host, self.port)
 
     async def stop(self) -> None:
@@ -88,29 +92,82 @@ class NbdServer:
             await server.wait_closed()
             log.info("nbd: stopped listening on %s:%d", self.host, port)
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = _Connection(self, reader, writer)
+    def _opened(self, conn: _Connection) -> None:
         task = tasks.spawn(conn.run(), name=f"nbd-conn-{conn.peer}")
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
 
 
-class _Connection:
-    """One client: negotiation, then the pipelined request loop."""
+class _Connection(asyncio.Protocol):
+    """One client: negotiation (a task), then requests dispatched as their bytes arrive."""
 
-    def __init__(
-        self, server: NbdServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        peer = writer.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.reader = reader
-        self.writer = writer
-        self.session = NbdSession(server._open_export, server._list_exports, peer=self.peer)
+    def __init__(self, server: NbdServer) -> None:
+        self._server = server
+        self.peer = "?"
+        self.session = NbdSession(server._open_export, server._list_exports)
         self.max_inflight = server.max_inflight
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._room: asyncio.Future[None] | None = None
-        self._abort = False
+        self._transport: asyncio.Transport | None = None
+        self._inflight: set[asyncio.Future[None]] = set()
         self._out: list[bytes] = []  # replies waiting for the end of this loop iteration
+        self._wakeup: asyncio.Future[None] | None = None  # negotiation waiting for bytes
+        self._ended: asyncio.Future[str] | None = None  # transmission's end, with the reason
+        self._closed: asyncio.Future[None] | None = None  # set by connection_lost
+        self._transmitting = False
+        self._eof = False
+        self._lost = False
+        self._abort = False
+        self._reading_paused = False
+        self._writing_paused = False
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self._transport.set_write_buffer_limits(high=HIGH_WATER)
+        loop = asyncio.get_running_loop()
+        self._ended, self._closed = loop.create_future(), loop.create_future()
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.session.peer = self.peer
+        self._server._opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.session.parser.feed(data)
+        if self._transmitting:
+            self._dispatch()
+        else:
+            self._wake()
+            self._update_reading()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        if self._transmitting:
+            self._dispatch()
+        else:
+            self._wake()
+        return True  # keep our side open: replies still owed are sent before closing
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if exc is not None:
+            self._abort = True
+        self._end(f"connection lost: {exc!r}" if exc else "client disconnected")
+        self._wake()
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._transmitting:
+            self._dispatch()
+        else:
+            self._update_reading()
+
+    # --- the connection's life -----------------------------------------------------------
 
     async def run(self) -> None:
         """Serve until the client leaves; never raises except on cancellation."""
@@ -118,12 +175,13 @@ class _Connection:
         reason = "client disconnected"
         try:
             await self._negotiate()
-            if self.session.state is State.TRANSMISSION:
-                reason = await self._transmit()
+            if self.session.state is State.TRANSMISSION and not self._lost:
+                self._transmitting = True
+                self._dispatch()
+                assert self._ended is not None
+                reason = await asyncio.shield(self._ended)
         except p.ProtocolError as e:  # replies already owed are still sent, then we close
             reason = f"protocol error: {e}"
-        except OSError as e:
-            reason, self._abort = f"connection lost: {e!r}", True
         except asyncio.CancelledError:  # proto.md: finish in-flight requests, then disconnect
             reason = "server stopping"
             raise
@@ -131,22 +189,29 @@ class _Connection:
             log.exception("nbd %s: unexpected failure", self.peer)
             reason, self._abort = f"internal error: {e!r}", True
         finally:
+            self._transmitting = False
             await self._finish(reason)
 
     async def _next_event(self) -> p.ClientFlags | p.OptionRequest | p.Request | None:
-        """The next event from the client; None at a clean end of stream."""
+        """The next negotiation event; None once the client is gone (or sent EOF cleanly)."""
         parser = self.session.parser
         while (event := parser.next_event()) is None:
-            data = await self.reader.read(READ_SIZE)
-            if not data:
+            if self._lost:
+                return None
+            if self._eof:
                 parser.eof()
                 return None
-            parser.feed(data)
+            self._update_reading()
+            self._wakeup = asyncio.get_running_loop().create_future()
+            try:
+                await self._wakeup
+            finally:
+                self._wakeup = None
         return event
 
     async def _negotiate(self) -> None:
         session = self.session
-        self.writer.write(session.greeting())
+        self._write(session.greeting())
         while session.state in (State.HANDSHAKE, State.OPTIONS):
             event = await self._next_event()
             if event is None:
@@ -154,33 +219,39 @@ class _Connection:
             if isinstance(event, p.ClientFlags):
                 session.client_flags(event)
             elif isinstance(event, p.OptionRequest):
-                self.writer.write(await session.option(event))
-                await self.writer.drain()
+                self._write(await session.option(event))
             else:  # the parser yields requests only after enter_transmission
                 raise p.ProtocolError("request before the end of negotiation")
 
-    async def _transmit(self) -> str:
-        """Read requests and start one task each; returns why the loop ended."""
+    def _dispatch(self) -> None:
+        """Start every complete request buffered, up to ``max_inflight`` at once; end the
+        transmission on NBD_CMD_DISC, EOF or a protocol error."""
+        if self._ended is None or self._ended.done():
+            return
         parser = self.session.parser
-        reader = self.reader
-        loop = asyncio.get_running_loop()
         inflight = self._inflight
-        while True:
-            req = parser.next_event()
-            if req is None:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    parser.eof()
-                    return "client closed the connection without NBD_CMD_DISC"
-                parser.feed(data)
-                continue
-            assert type(req) is p.Request
-            if req.command == _DISC:
-                return "client disconnected (NBD_CMD_DISC)"
-            if len(inflight) >= self.max_inflight:
-                self._room = loop.create_future()
-                await self._room
-            inflight.add(loop.create_task(self._serve(req)))
+        try:
+            while len(inflight) < self.max_inflight:
+                req = parser.next_event()
+                if req is None:
+                    if self._eof:
+                        parser.eof()
+                        self._end("client closed the connection without NBD_CMD_DISC")
+                    break
+                assert type(req) is p.Request
+                if req.command == _DISC:
+                    self._end("client disconnected (NBD_CMD_DISC)")
+                    break
+                started = self.session.start_write(req)
+                if started is not None:  # no task: answered from the future's callback
+                    inflight.add(started)
+                    started.add_done_callback(functools.partial(self._written, req))
+                    continue
+                task = asyncio.get_running_loop().create_task(self._serve(req))
+                inflight.add(task)
+        except p.ProtocolError as e:
+            self._end(f"protocol error: {e}")
+        self._update_reading()
 
     async def _serve(self, req: p.Request) -> None:
         """Run one request and send (or batch) its reply; never raises.
@@ -190,18 +261,52 @@ class _Connection:
         """
         try:
             self._reply(await self.session.execute(req))
-            if self.writer.transport.get_write_buffer_size() > HIGH_WATER:
-                with contextlib.suppress(ConnectionError):
-                    await self.writer.drain()
         except Exception:
             log.exception("nbd %s: request %d failed", self.peer, req.cookie)
             self._abort = True
-            self.writer.transport.abort()
+            if self._transport is not None:
+                self._transport.abort()
         finally:
-            self._inflight.discard(asyncio.current_task())
-            room = self._room
-            if room is not None and not room.done():
-                room.set_result(None)
+            self._request_done(cast("asyncio.Future[None]", asyncio.current_task()))
+
+    def _written(self, req: p.Request, fut: asyncio.Future[None]) -> None:
+        self._reply(self.session.written(req, fut))
+        self._request_done(fut)
+
+    def _request_done(self, fut: asyncio.Future[None]) -> None:
+        inflight = self._inflight
+        full = len(inflight) >= self.max_inflight
+        inflight.discard(fut)
+        if full and self._transmitting:
+            self._dispatch()
+
+    def _end(self, reason: str) -> None:
+        """End the transmission phase (the first reason wins)."""
+        ended = self._ended
+        if ended is not None and not ended.done():
+            ended.set_result(reason)
+
+    def _wake(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    def _update_reading(self) -> None:
+        """Stop reading the socket while replies back up, every request slot is taken, or
+        negotiation has more unparsed bytes than it may buffer."""
+        transport = self._transport
+        if transport is None or self._lost:
+            return
+        pause = (
+            self._writing_paused
+            or len(self._inflight) >= self.max_inflight
+            or (not self._transmitting and self.session.parser.buffered > NEGOTIATION_BUFFER)
+        )
+        if pause != self._reading_paused:
+            self._reading_paused = pause
+            (transport.pause_reading if pause else transport.resume_reading)()
+
+    # --- replies -------------------------------------------------------------------------
 
     def _reply(self, reply: bytes | tuple[bytes, bytes]) -> None:
         """Send a reply now if no other request is running, else batch it with the replies
@@ -231,23 +336,27 @@ class _Connection:
             self._write(out[0] if len(out) == 1 else b"".join(out))
 
     def _write(self, data: bytes) -> None:
-        if not self.writer.transport.is_closing():
-            self.writer.write(data)
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
 
     async def _finish(self, reason: str) -> None:
         """Let in-flight requests finish, close the socket, then the session and its device."""
         if self._inflight:
             await asyncio.wait(list(self._inflight))
         self._flush()
-        writer = self.writer
+        transport = self._transport
         try:
-            if self._abort:
-                writer.transport.abort()
-            else:
-                writer.close()
-            await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
-        except (TimeoutError, ConnectionError, OSError):
-            writer.transport.abort()
+            if transport is not None:
+                if self._abort:
+                    transport.abort()
+                else:
+                    transport.close()
+            if self._closed is not None:
+                await asyncio.wait_for(asyncio.shield(self._closed), CLOSE_TIMEOUT)
+        except TimeoutError:
+            if transport is not None:
+                transport.abort()
         finally:
             await self.session.close()
         export = self.session.export_name

@@ -12,6 +12,7 @@ it once NBD_OPT_INFO is answered, or in ``close`` (the connection ended). ``open
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import errno
 import functools
@@ -279,12 +280,33 @@ class NbdSession:
                 await self._write_zeroes(dev, req)
             elif cmd == _BS:
                 return await self._block_status_reply(dev, req)
-        except BlockError as e:
-            return self._error(req.cookie, e.errno, str(e))
         except Exception as e:
-            log.exception("nbd %s: %s failed", self.peer, _describe(req))
-            return self._error(req.cookie, errno.EIO, f"internal error: {e!r}")
+            return self.failed(req, e)
         return p.simple_reply(req.cookie)
+
+    def start_write(self, req: p.Request) -> asyncio.Future[None] | None:
+        """A valid WRITE without FUA started at once by the device (``write_nowait``): the
+        future of its outcome, for ``written``. None if the request must go to ``execute``."""
+        if req.command != _WRITE or req.error or req.flags & _FUA or not req.length:
+            return None
+        dev = self.device
+        assert dev is not None and req.payload is not None
+        return dev.write_nowait(req.offset, req.payload)
+
+    def written(self, req: p.Request, fut: asyncio.Future[None]) -> bytes:
+        """The reply to a WRITE started by ``start_write``, once its future is done."""
+        if fut.cancelled():
+            return self._error(req.cookie, errno.EIO, "the write was cancelled")
+        exc = fut.exception()
+        return p.simple_reply(req.cookie) if exc is None else self.failed(req, exc)
+
+    def failed(self, req: p.Request, exc: BaseException) -> bytes:
+        """The error reply to a request the device failed: ``BlockError.errno``, else EIO
+        (logged: the device broke its contract)."""
+        if isinstance(exc, BlockError):
+            return self._error(req.cookie, exc.errno, str(exc))
+        log.error("nbd %s: %s failed", self.peer, _describe(req), exc_info=exc)
+        return self._error(req.cookie, errno.EIO, f"internal error: {exc!r}")
 
     def _read_reply(self, req: p.Request, data: bytes) -> bytes | tuple[bytes, bytes]:
         if not self.structured:
