@@ -5,6 +5,7 @@ mid-flight, and malformed frames."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import socket
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from aecp.storage.chunk.client import ChunkClient, LocalChunkClient
 from aecp.storage.chunk.errors import (
     ChecksumError,
     ChunkInvalid,
+    ChunkIOError,
     ExtentExists,
     ExtentNotFound,
     ReplicaUnavailable,
@@ -43,6 +45,9 @@ class CountingStore(ReplicaStore):
         self.inside = 0
         self.peak = 0
 
+    def write_nowait(self, *args: Any, **kwargs: Any) -> None:
+        return None  # every write goes through ``write``, where it is counted
+
     async def write(self, *args: Any, **kwargs: Any) -> None:
         self.inside += 1
         self.peak = max(self.peak, self.inside)
@@ -62,6 +67,9 @@ class StallingStore(ReplicaStore):
         self.stalled = asyncio.Event()
         self.expect = expect
         self.arrived = 0
+
+    def write_nowait(self, *args: Any, **kwargs: Any) -> None:
+        return None  # every write goes through ``write``, where it stalls
 
     async def write(self, *args: Any, **kwargs: Any) -> None:
         self.arrived += 1
@@ -119,6 +127,45 @@ async def test_64_pipelined_writes_on_one_connection_read_back(
     reads = await asyncio.gather(*(client.read("e1", o * SECTOR, SECTOR) for o in offsets))
     assert reads == [pattern(SECTOR, i) for i in range(64)]
     assert (await client.stat("e1")).valid_bytes == 64 * SECTOR
+
+
+async def test_writes_started_at_once_are_answered_and_their_errors_cross_the_wire(
+    tmp_path: Path,
+) -> None:
+    """Writes into blocks already written take the store's ``write_nowait`` path (no task on
+    the server); their answers, errors included, are those of ``write``."""
+    store = ReplicaStore(tmp_path / "node")
+    server = ChunkServer(store, HOST, 0)
+    await server.start()
+    client = ChunkClient(HOST, server.port, timeout=30)
+    try:
+        await client.create("e1", 4 * MIB, epoch=1)
+        await client.write("e1", 0, pattern(BLOCK, 0), epoch=1, generation=1)
+        await asyncio.gather(
+            *(
+                client.write("e1", i * SECTOR, pattern(SECTOR, i), epoch=1, generation=2)
+                for i in range(BLOCK // SECTOR)
+            )
+        )
+        expect = b"".join(pattern(SECTOR, i) for i in range(BLOCK // SECTOR))
+        assert await client.read("e1", 0, BLOCK) == expect
+        assert await client.modified_since("e1", 1) == [(0, BLOCK)]
+        with pytest.raises(StaleEpoch):
+            await client.write("e1", 0, pattern(SECTOR, 9), epoch=0, generation=3)
+        rep = store._replicas["e1"]
+        good_fd, rep.data_fd = rep.data_fd, os.open(os.devnull, os.O_RDONLY)
+        try:
+            with pytest.raises(ChunkIOError):
+                await client.write("e1", 0, pattern(SECTOR, 9), epoch=1, generation=3)
+        finally:
+            os.close(rep.data_fd)
+            rep.data_fd = good_fd
+        await client.ping()  # the connection went on
+        assert await client.read("e1", 0, BLOCK) == expect
+    finally:
+        await client.close()
+        await server.stop()
+        await store.close()
 
 
 async def test_every_operation_behaves_the_same_over_tcp_and_locally(

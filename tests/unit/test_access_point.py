@@ -113,3 +113,55 @@ async def test_out_of_range_requests_are_refused(cluster: Cluster) -> None:
         await dev.write(EXTENT - 100, b"x" * 200)
     with pytest.raises(InvalidRequest):
         await dev.read(-1, 10)
+
+
+async def test_write_nowait_serves_the_usual_write_and_declines_the_rest(cluster: Cluster) -> None:
+    await cluster.meta.create_volume("v", 2 * EXTENT, replicas=2)
+    dev = await cluster.open("v")
+    assert dev.write_nowait(0, b"a" * 4096) is None, "the extent does not exist yet"
+    await dev.write(0, b"a" * 4096)
+    for offset, length in ((EXTENT - 512, 1024), (2 * EXTENT - 512, 1024), (-512, 512)):
+        assert dev.write_nowait(offset, b"x" * length) is None, (offset, length)
+    started = dev.write_nowait(4096, b"b" * 4096)
+    assert started is not None
+    await started
+    vol, _ = await cluster.meta.volume("v")
+    ext, _ = await cluster.meta.extent(vol.extents[0] or "")
+    for node in ext.replicas:
+        assert await cluster.replicas[node].store.read(ext.id, 0, 8192) == b"a" * 4096 + b"b" * 4096
+
+
+async def test_write_nowait_redoes_a_write_a_replica_failed_like_write_does(
+    cluster: Cluster,
+) -> None:
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    dev = await cluster.open("v")
+    await dev.write(0, b"a" * 4096)
+    vol, _ = await cluster.meta.volume("v")
+    ext, _ = await cluster.meta.extent(vol.extents[0] or "")
+    other = ext.replicas[1]
+    cluster.replicas[other].down = True
+    started = dev.write_nowait(4096, b"b" * 4096)
+    assert started is not None
+    await started  # acknowledged once the write was redone on the replica left
+    after, _ = await cluster.meta.extent(ext.id)
+    assert after.replicas == ["n1"]
+    assert after.generation == ext.generation + 1
+    changed = await cluster.replicas["n1"].store.modified_since(ext.id, ext.generation)
+    assert changed and changed[0][0] == 0
+    assert await dev.read(0, 8192) == b"a" * 4096 + b"b" * 4096
+
+
+async def test_write_nowait_of_a_fenced_access_point_fails_and_changes_nothing(
+    cluster: Cluster,
+) -> None:
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    old = await cluster.open("v", "n1")
+    await old.write(0, b"1" * 4096)
+    new = await cluster.open("v", "n2", takeover=True)
+    started = old.write_nowait(0, b"2" * 4096)
+    assert started is not None, "the old access point does not know yet"
+    with pytest.raises(Fenced):
+        await started
+    assert old.write_nowait(0, b"2" * 4096) is None, "now it knows"
+    assert await new.read(0, 4096) == b"1" * 4096

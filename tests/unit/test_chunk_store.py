@@ -4,6 +4,7 @@ trim, persistence across close and crash, recovery copies, and request validatio
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import tempfile
 import textwrap
@@ -25,6 +26,7 @@ from aecp.storage.chunk.errors import (
 )
 from aecp.storage.chunk.locks import BlockLocks
 from aecp.storage.chunk.store import ReplicaStore
+from aecp.storage.chunk.uring import ring_unavailable
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -476,3 +478,70 @@ async def test_a_waiter_cancelled_as_the_lock_is_released_is_skipped() -> None:
     assert locks.active == 1
     locks.release(0, 1, True)
     assert locks.active == 0
+
+
+async def test_write_nowait_starts_only_writes_that_need_no_waiting(root: Path) -> None:
+    if ring_unavailable():
+        pytest.skip(f"this kernel: {ring_unavailable()}")
+    store = ReplicaStore(root)
+    try:
+        await store.create("e1", 4 * MIB, epoch=3)
+        assert store.write_nowait("e1", 0, pattern(SECTOR), epoch=3, generation=1) is None, (
+            "a block never written needs its INTENT record first"
+        )
+        await store.write("e1", 0, pattern(SECTOR), epoch=3, generation=1)
+        declined = [
+            ("e1", 512, pattern(SECTOR), 3),  # not sector-aligned
+            ("e1", 0, pattern(1000), 3),  # not whole sectors
+            ("e1", 0, pattern(SECTOR), 2),  # an older epoch: ``write`` raises StaleEpoch
+            ("e1", 0, pattern(SECTOR), 4),  # a newer one: ``write`` persists it first
+            ("e1", 4 * MIB, pattern(SECTOR), 3),  # past the end
+            ("nope", 0, pattern(SECTOR), 3),  # no such replica
+        ]
+        for ext, offset, data, epoch in declined:
+            assert store.write_nowait(ext, offset, data, epoch=epoch, generation=2) is None
+        assert await store.read("e1", 0, SECTOR) == pattern(SECTOR)
+        assert await store.modified_since("e1", 1) == []
+
+        first = store.write_nowait("e1", SECTOR, pattern(SECTOR, 2), epoch=3, generation=2)
+        assert first is not None
+        # the same block is locked until the first write completes
+        assert store.write_nowait("e1", 0, pattern(SECTOR, 3), epoch=3, generation=2) is None
+        await first
+        second = store.write_nowait("e1", 0, pattern(SECTOR, 3), epoch=3, generation=2)
+        assert second is not None
+        await second
+        assert await store.read("e1", 0, 2 * SECTOR) == pattern(SECTOR, 3) + pattern(SECTOR, 2)
+        assert await store.modified_since("e1", 1) == [(0, BLOCK)]
+        assert await store.scrub("e1") == []
+    finally:
+        await store.close()
+
+
+async def test_a_failed_write_nowait_raises_chunk_io_error_and_fails_the_replica(
+    root: Path,
+) -> None:
+    if ring_unavailable():
+        pytest.skip(f"this kernel: {ring_unavailable()}")
+    store = ReplicaStore(root)
+    try:
+        await store.create("e1", 4 * MIB)
+        await store.write("e1", 0, pattern(SECTOR), epoch=0, generation=1)
+        rep = store._replicas["e1"]
+        good_fd = rep.data_fd
+        rep.data_fd = os.open(os.devnull, os.O_RDONLY)  # writes to it fail with EBADF
+        try:
+            started = store.write_nowait("e1", 0, pattern(SECTOR, 9), epoch=0, generation=2)
+            assert started is not None
+            with pytest.raises(ChunkIOError):
+                await started
+        finally:
+            os.close(rep.data_fd)
+            rep.data_fd = good_fd
+        assert rep.failed
+        assert store.write_nowait("e1", 0, pattern(SECTOR), epoch=0, generation=3) is None
+        with pytest.raises(ChunkIOError):
+            await store.write("e1", 0, pattern(SECTOR), epoch=0, generation=3)
+        assert await store.read("e1", 0, SECTOR) == pattern(SECTOR)
+    finally:
+        await store.close()

@@ -196,6 +196,10 @@ class ReplicaStore:
         generation: int,
         fua: bool = False,
     ) -> None:
+        if not fua:
+            started = self.write_nowait(extent_id, offset, data, epoch=epoch, generation=generation)
+            if started is not None:
+                return await started
         rep = self._replicas.get(extent_id)
         if rep is None or rep.deleted:
             rep = await self._get(extent_id)

@@ -88,6 +88,22 @@ _release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
 _release_buffer.restype = None
 _PYBUF_SIMPLE, _PYBUF_WRITABLE = 0, 1
 
+
+def _bytes_data_offset() -> int:
+    """Where a ``bytes`` object's data starts, from its address (CPython: after the header),
+    checked here on a sample; 0 if the check fails (then bytes are pinned like any buffer).
+    A bytes object never moves or changes, so holding a reference keeps its data valid."""
+    offset = bytes.__basicsize__ - 1  # the header, then ob_sval (whose 1 byte is counted)
+    sample = b"aecp io_uring bytes layout check"
+    try:
+        ok = ctypes.string_at(id(sample) + offset, len(sample)) == sample
+    except Exception:  # pragma: no cover - an interpreter laid out otherwise
+        ok = False
+    return offset if ok else 0
+
+
+_BYTES_DATA = _bytes_data_offset()
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
@@ -110,16 +126,18 @@ class _Op:
         self,
         op: int,
         fd: int,
-        pinned: _PyBuffer,
+        pinned: _PyBuffer | bytes,
+        addr: int,
+        length: int,
         offset: int,
         fut: asyncio.Future[Any] | None,
         done: Done | None,
     ) -> None:
         self.op = op
         self.fd = fd
-        self.pinned = pinned
-        self.addr = int(pinned.buf or 0)
-        self.length = int(pinned.len)
+        self.pinned = pinned  # a held buffer (released when done), or a bytes object
+        self.addr = addr
+        self.length = length
         self.offset = offset
         self.pos = 0
         self.fut = fut
@@ -227,11 +245,14 @@ class Ring:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
             loop.add_reader(self._efd, self._reap)
-        pinned = _PyBuffer()
-        if _get_buffer(obj, ctypes.byref(pinned), flags) != 0:  # pragma: no cover - raises
-            raise TypeError("not a contiguous buffer")
         fut: asyncio.Future[int] | None = loop.create_future() if with_future else None
-        rec = _Op(op, fd, pinned, offset, fut, done)
+        if type(obj) is bytes and _BYTES_DATA and not flags & _PYBUF_WRITABLE:
+            rec = _Op(op, fd, obj, id(obj) + _BYTES_DATA, len(obj), offset, fut, done)
+        else:
+            pinned = _PyBuffer()
+            if _get_buffer(obj, ctypes.byref(pinned), flags) != 0:  # pragma: no cover - raises
+                raise TypeError("not a contiguous buffer")
+            rec = _Op(op, fd, pinned, int(pinned.buf or 0), int(pinned.len), offset, fut, done)
         if not rec.length:
             self._finish(rec, 0, None)
             return fut
@@ -319,7 +340,9 @@ class Ring:
             self._submit(rec)  # a short transfer: go on from where it stopped
 
     def _finish(self, rec: _Op, result: int | None, exc: BaseException | None) -> None:
-        _release_buffer(ctypes.byref(rec.pinned))
+        pinned = rec.pinned
+        if type(pinned) is _PyBuffer:
+            _release_buffer(ctypes.byref(pinned))
         if rec.done is not None:
             try:
                 rec.done(result, exc)

@@ -122,8 +122,8 @@ class Status(enum.IntEnum):
 
 
 PAYLOAD_OPS = frozenset({Op.WRITE, Op.REPAIR, Op.WRITE_RAW})
-_OPS = frozenset(int(o) for o in Op)
-_STATUSES = frozenset(int(s) for s in Status)
+_OP_OF = {int(o): o for o in Op}  # a dict lookup is cheaper than Op(value)
+_STATUS_OF = {int(s): s for s in Status}
 
 
 @dataclass(slots=True)
@@ -230,21 +230,19 @@ class _Decoder(Generic[F]):
 
     def _parse(self, src: Buffer) -> tuple[list[F], int, int]:
         frames: list[F] = []
-        pos, hsize = 0, self.head.size
+        pos, hsize, frame = 0, self.head.size, self._frame
         with memoryview(src) as view:
             end = len(view)
             while end - pos >= hsize:
-                total = self._frame_size(view, pos)
-                if end - pos < total:
+                item, total = frame(view, pos, end)
+                if item is None:
                     return frames, pos, total
-                frames.append(self._frame(view, pos, total))
+                frames.append(item)
                 pos += total
         return frames, pos, hsize
 
-    def _frame_size(self, view: memoryview, pos: int) -> int:
-        raise NotImplementedError
-
-    def _frame(self, view: memoryview, pos: int, total: int) -> F:
+    def _frame(self, view: memoryview, pos: int, end: int) -> tuple[F | None, int]:
+        """The frame at ``pos`` (None if it ends after ``end``) and its size in bytes."""
         raise NotImplementedError
 
 
@@ -253,27 +251,26 @@ class RequestDecoder(_Decoder[Request]):
 
     head = REQUEST
 
-    def _frame_size(self, view: memoryview, pos: int) -> int:
-        magic, op, flags, id_len, reserved, _, _, length, _, _, plen = REQUEST.unpack_from(
-            view, pos
+    def _frame(self, view: memoryview, pos: int, end: int) -> tuple[Request | None, int]:
+        magic, op, flags, id_len, reserved, rid, offset, length, epoch, gen, plen = (
+            REQUEST.unpack_from(view, pos)
         )
         if magic != REQUEST_MAGIC:
             raise ChunkProtocolError(f"bad request magic {magic:#x}")
-        if op not in _OPS or flags & ~FLAG_FUA or reserved or id_len > MAX_ID:
+        code = _OP_OF.get(op)
+        if code is None or flags & ~FLAG_FUA or reserved or id_len > MAX_ID:
             raise ChunkProtocolError(f"malformed request header (op {op}, flags {flags})")
-        if plen > self._max or (plen and op not in PAYLOAD_OPS):
+        if plen > self._max or (plen and code not in PAYLOAD_OPS):
             raise ChunkProtocolError(f"unexpected payload of {plen} bytes for op {op}")
-        if op in (Op.WRITE, Op.REPAIR) and length != plen:
+        if (code is Op.WRITE or code is Op.REPAIR) and length != plen:
             raise ChunkProtocolError(f"length {length} differs from payload {plen}")
-        size: int = REQUEST.size + id_len + plen
-        return size
-
-    def _frame(self, view: memoryview, pos: int, total: int) -> Request:
-        _, op, flags, id_len, _, rid, offset, length, epoch, gen, _ = REQUEST.unpack_from(view, pos)
         start = pos + REQUEST.size
+        total = REQUEST.size + id_len + plen
+        if end - pos < total:
+            return None, total
         ident = bytes(view[start : start + id_len]).decode("latin-1")
         payload = bytes(view[start + id_len : pos + total])
-        return Request(Op(op), rid, ident, offset, length, epoch, gen, flags, payload)
+        return Request(code, rid, ident, offset, length, epoch, gen, flags, payload), total
 
 
 class ResponseDecoder(_Decoder[Response]):
@@ -281,18 +278,18 @@ class ResponseDecoder(_Decoder[Response]):
 
     head = RESPONSE
 
-    def _frame_size(self, view: memoryview, pos: int) -> int:
-        magic, op, status, reserved, _, plen = RESPONSE.unpack_from(view, pos)
+    def _frame(self, view: memoryview, pos: int, end: int) -> tuple[Response | None, int]:
+        magic, op, status, reserved, rid, plen = RESPONSE.unpack_from(view, pos)
         if magic != RESPONSE_MAGIC:
             raise ChunkProtocolError(f"bad response magic {magic:#x}")
-        if op not in _OPS or status not in _STATUSES or reserved or plen > self._max:
+        code, outcome = _OP_OF.get(op), _STATUS_OF.get(status)
+        if code is None or outcome is None or reserved or plen > self._max:
             raise ChunkProtocolError(f"malformed response header (op {op}, status {status})")
-        size: int = RESPONSE.size + plen
-        return size
-
-    def _frame(self, view: memoryview, pos: int, total: int) -> Response:
-        _, op, status, _, rid, _ = RESPONSE.unpack_from(view, pos)
-        return Response(Op(op), Status(status), rid, bytes(view[pos + RESPONSE.size : pos + total]))
+        total = RESPONSE.size + plen
+        if end - pos < total:
+            return None, total
+        payload = bytes(view[pos + RESPONSE.size : pos + total]) if plen else b""
+        return Response(code, outcome, rid, payload), total
 
 
 # --- payloads ------------------------------------------------------------------------------
