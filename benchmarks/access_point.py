@@ -87,10 +87,14 @@ async def fio(uri: str, args: argparse.Namespace, pids: list[int], fill: bool = 
     )
 
 
-async def child_servers(root: Path, n: int) -> list[tuple[asyncio.subprocess.Process, int]]:
+async def child_servers(
+    root: Path, n: int, like_daemon: bool
+) -> list[tuple[asyncio.subprocess.Process, int]]:
+    """``n`` chunk servers; ``like_daemon``: on uvloop with the GC tuned, as in production."""
     out = []
     for i in range(n):
         argv = [str(Path(__file__).with_name("chunk_store.py")), "--serve", str(root / f"n{i + 2}")]
+        argv += ["--uvloop"] if like_daemon else []
         child = await asyncio.create_subprocess_exec(sys.executable, *argv, stdout=subprocess.PIPE)
         assert child.stdout is not None
         out.append((child, int(await child.stdout.readline())))
@@ -131,7 +135,7 @@ async def main(args: argparse.Namespace) -> None:
     if not args.default_gc:
         tune_gc()  # as ``aecp storage run`` does
     root = Path(tempfile.mkdtemp(prefix="ap-bench-", dir="/tmp"))
-    children = await child_servers(root, 2)
+    children = await child_servers(root, 2, args.uvloop and not args.default_gc)
     store = MemoryStore()
     local = ReplicaStore(root / "n1")
     meta = MetaService(store, 256 * MIB, SYSTEM_CLOCK)

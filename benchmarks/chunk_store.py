@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from aecp.node.storage import tune_gc
 from aecp.storage.chunk.api import ReplicaClient
 from aecp.storage.chunk.client import ChunkClient, LocalChunkClient
 from aecp.storage.chunk.server import ChunkServer
@@ -157,6 +158,9 @@ if __name__ == "__main__":
     coro = serve(Path(arguments.serve), arguments.threads) if arguments.serve else main(arguments)
     if arguments.uvloop:
         import uvloop
+
+        if arguments.serve:
+            tune_gc()  # as ``aecp storage run`` does
 
         uvloop.run(coro)
     else:
