@@ -33,6 +33,8 @@ from aecp.storage.chunk.wire import MAX_DATA, Op, Status
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: queued request bytes before new requests wait for the socket (several large writes in flight)
+SEND_HIGH_WATER = 8 << 20
 #: offset, length, epoch, generation, flags, payload of a request
 _Fields = tuple[int, int, int, int, int, Buffer]
 #: a request waiting for its response: future, op, time sent, extent id, epoch, decode
@@ -63,6 +65,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self._transport.set_write_buffer_limits(high=SEND_HIGH_WATER)
 
     def send(
         self,

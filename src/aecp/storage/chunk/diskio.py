@@ -11,8 +11,12 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import zlib
 from array import array
+
+try:  # ISA-L: the same CRC-32 as zlib's, about 4x faster on large buffers
+    from isal.isal_zlib import crc32 as crc32
+except ImportError:  # pragma: no cover - a platform without an isal wheel
+    from zlib import crc32 as crc32
 
 from aecp.storage.chunk.api import Buffer
 from aecp.storage.chunk.errors import ChecksumError
@@ -63,8 +67,8 @@ def punch(fd: int, offset: int, length: int) -> None:
 def sector_crcs(buf: Buffer, sector: int) -> array[int]:
     view = memoryview(buf)
     if len(view) == sector:
-        return array("I", (zlib.crc32(view),))
-    return array("I", [zlib.crc32(view[i : i + sector]) for i in range(0, len(view), sector)])
+        return array("I", (crc32(view),))
+    return array("I", [crc32(view[i : i + sector]) for i in range(0, len(view), sector)])
 
 
 def check_sectors(
@@ -75,14 +79,14 @@ def check_sectors(
     if len(bits) == 1:
         if not bits[0]:
             return [], [0]
-        return ([] if zlib.crc32(raw) == crcs[0] else [first]), []
+        return ([] if crc32(raw) == crcs[0] else [first]), []
     view = memoryview(raw)
     bad: list[int] = []
     holes: list[int] = []
     for i, valid in enumerate(bits):
         if not valid:
             holes.append(i)
-        elif zlib.crc32(view[i * sector : (i + 1) * sector]) != crcs[i]:
+        elif crc32(view[i * sector : (i + 1) * sector]) != crcs[i]:
             bad.append(first + i)
     return bad, holes
 
@@ -134,7 +138,7 @@ def old_sector(
     if not valid:
         return bytes(sector)
     data = pread_full(fd, sector, sector_no * sector)
-    if zlib.crc32(data) != crc:
+    if crc32(data) != crc:
         raise ChecksumError(extent_id, [sector_no])
     return data
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import zlib
 from pathlib import Path
 
-from aecp.storage.chunk.diskio import append_all, pread_full
+from aecp.storage.chunk.diskio import append_all, crc32, pread_full
 from aecp.storage.chunk.errors import ChunkInvalid, ExtentNotFound
 from aecp.storage.chunk.meta import ReplicaMeta
 from aecp.storage.chunk.replica import Replica
@@ -127,7 +126,7 @@ def _adopt(rep: Replica, suspects: set[int]) -> int:
         raw = memoryview(pread_full(rep.data_fd, meta.block_size, block * meta.block_size))
         for i in range(spb):
             if bitmap >> i & 1:
-                crc = zlib.crc32(raw[i * sec : (i + 1) * sec])
+                crc = crc32(raw[i * sec : (i + 1) * sec])
                 if crc != meta.crcs[block * spb + i]:
                     meta.crcs[block * spb + i] = crc
                     adopted += 1
