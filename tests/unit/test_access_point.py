@@ -165,3 +165,21 @@ async def test_write_nowait_of_a_fenced_access_point_fails_and_changes_nothing(
         await started
     assert old.write_nowait(0, b"2" * 4096) is None, "now it knows"
     assert await new.read(0, 4096) == b"1" * 4096
+
+
+async def test_read_nowait_serves_the_local_replica_and_declines_the_rest(
+    cluster: Cluster,
+) -> None:
+    await cluster.meta.create_volume("v", 2 * EXTENT, replicas=2)
+    here = await cluster.open("v", "n1")
+    assert here.read_nowait(0, 4096) == bytes(4096), "never written: zeros"
+    await here.write(0, b"a" * 8192)
+    assert here.read_nowait(4096, 4096) == b"a" * 4096
+    assert here.read_nowait(EXTENT - 512, 1024) is None, "two extents"
+    assert here.read_nowait(2 * EXTENT - 512, 1024) is None, "past the end"
+    vol, _ = await cluster.meta.volume("v")
+    ext, _ = await cluster.meta.extent(vol.extents[0] or "")
+    elsewhere = next(n for n in ("n1", "n2", "n3") if n not in ext.replicas)
+    there = await cluster.open("v", elsewhere, takeover=True)
+    await there.read(0, 4096)  # learns the extent
+    assert there.read_nowait(0, 4096) is None, "no local replica: read over the network"

@@ -545,3 +545,31 @@ async def test_a_failed_write_nowait_raises_chunk_io_error_and_fails_the_replica
         assert await store.read("e1", 0, SECTOR) == pattern(SECTOR)
     finally:
         await store.close()
+
+
+async def test_read_nowait_answers_from_the_page_cache_or_leaves_it_to_read(root: Path) -> None:
+    store = ReplicaStore(root)
+    try:
+        await store.create("e1", 4 * MIB)
+        assert store.read_nowait("e1", 0, SECTOR) == bytes(SECTOR), "never written: zeros"
+        await store.write("e1", 0, pattern(2 * SECTOR), epoch=0, generation=1)
+        await store.flush("e1")
+        assert store.read_nowait("e1", 100, SECTOR) == pattern(2 * SECTOR)[100 : 100 + SECTOR]
+        for ext, offset, length in (("nope", 0, 1), ("e1", -1, 1), ("e1", 4 * MIB - 1, 2)):
+            assert store.read_nowait(ext, offset, length) is None
+        # a block being written is left to ``read``, which waits for the write
+        started = store.write_nowait("e1", 0, pattern(SECTOR, 5), epoch=0, generation=2)
+        if started is not None:
+            assert store.read_nowait("e1", 0, SECTOR) is None
+            await started
+        await store.close()
+        flip_byte(
+            root / "e1.data" if (root / "e1.data").exists() else next(root.rglob("e1.data")), 10
+        )
+        store = ReplicaStore(root)
+        assert store.read_nowait("e1", 0, SECTOR) is None, "not loaded yet: left to read"
+        with pytest.raises(ChecksumError):
+            await store.read("e1", 0, SECTOR)
+        assert store.read_nowait("e1", 0, SECTOR) is None, "a bad checksum is left to read"
+    finally:
+        await store.close()

@@ -121,6 +121,24 @@ class VolumeDevice(BlockDevice):
         parts = await asyncio.gather(*(self._read_piece(p) for p in pieces))
         return b"".join(parts)
 
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """The usual read done at once: inside one extent, never written (zeros) or served by
+        this node's replica from the page cache. None in every other case: await ``read``."""
+        esize = self.vol.extent_size
+        slot, inside = divmod(offset, esize)
+        if self._fenced or length <= 0 or offset < 0 or inside + length > esize:
+            return None
+        if offset + length > self.size:
+            return None
+        ext_id = self.vol.extents[slot]
+        if ext_id is None:
+            return bytes(length)
+        ext = self._extents.get(ext_id)
+        if ext is None or self.node not in ext.replicas:
+            return None
+        client = self.pool.cached(self.node)
+        return None if client is None else client.read_nowait(ext_id, inside, length)
+
     async def _read_piece(self, p: Piece) -> bytes:
         ext_id = self.vol.extents[p.slot]
         if ext_id is None:

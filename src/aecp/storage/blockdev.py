@@ -84,6 +84,12 @@ class BlockDevice(ABC):
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         """Write ``data``; see the module docstring for durability."""
 
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """``read`` done at once if the device can without waiting; None, having done
+        nothing, if the caller must await ``read`` (also for anything ``read`` would raise).
+        The default never can; a front end uses it to answer a read without a task."""
+        return None
+
     def write_nowait(self, offset: int, data: bytes) -> asyncio.Future[None] | None:
         """``write`` (without ``fua``) started at once if the device can, with a future for
         its outcome; None, having done nothing, if the caller must await ``write`` instead.

@@ -111,6 +111,12 @@ class ReplicaClient(ABC):
         """Exactly ``length`` bytes; invalid sectors read as zeros. Every valid sector read is
         verified: a mismatch raises ``ChecksumError`` naming the sectors, nothing returned."""
 
+    def read_nowait(self, extent_id: str, offset: int, length: int) -> bytes | None:
+        """``read`` done at once, without waiting for anything (a local replica whose data is
+        in the page cache), or None if it cannot be: then call ``read``. Never raises: what
+        would fail is left to ``read``. The default never can."""
+        return None
+
     @abstractmethod
     async def trim(
         self, extent_id: str, offset: int, length: int, *, epoch: int, generation: int

@@ -447,6 +447,9 @@ class LocalChunkClient(ReplicaClient):
             return self._refuse()
         return self.store.read(extent_id, offset, length)
 
+    def read_nowait(self, extent_id: str, offset: int, length: int) -> bytes | None:
+        return None if self._closed else self.store.read_nowait(extent_id, offset, length)
+
     async def _refuse(self) -> Any:
         self._open()
 

@@ -293,6 +293,25 @@ class ReplicaStore:
         data: bytes = await self._locked(rep, offset, length, False, None, plan)
         return data
 
+    def read_nowait(self, extent_id: str, offset: int, length: int) -> bytes | None:
+        """``read`` done at once if it needs no waiting: the replica is open, the range valid,
+        and its data unwritten or in the page cache (``_read_cached``). None otherwise, and
+        for anything ``read`` would raise (a checksum mismatch included): call ``read``."""
+        rep = self._replicas.get(extent_id)
+        if rep is None or rep.deleted or length <= 0 or length > CACHED_READ_MAX:
+            return None
+        if offset < 0 or offset + length > rep.meta.size:
+            return None
+        bs = self.block_size
+        if not rep.meta.any_valid(offset // bs, (offset + length - 1) // bs + 1):
+            return bytes(length)
+        if not self._cached_reads:
+            return None
+        try:
+            return self._read_cached(rep, offset, length)
+        except ChunkError:
+            return None
+
     def _read_cached(self, rep: Replica, offset: int, length: int) -> bytes | None:
         """The read done at once on this thread if its blocks are not locked and its data is
         in the page cache (``diskio.pread_cached`` never waits for the disk), else None."""

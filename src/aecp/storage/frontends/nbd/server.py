@@ -230,8 +230,12 @@ class _Connection(asyncio.Protocol):
             return
         parser = self.session.parser
         inflight = self._inflight
+        answered = 0  # replies queued at once in this call
         try:
-            while len(inflight) < self.max_inflight:
+            while len(inflight) < self.max_inflight and not self._writing_paused:
+                if answered >= self.max_inflight:  # the rest after these replies are sent
+                    asyncio.get_running_loop().call_soon(self._dispatch)
+                    break
                 req = parser.next_event()
                 if req is None:
                     if self._eof:
@@ -242,6 +246,11 @@ class _Connection(asyncio.Protocol):
                 if req.command == _DISC:
                     self._end("client disconnected (NBD_CMD_DISC)")
                     break
+                reply = self.session.read_now(req)
+                if reply is not None:
+                    self._queue(reply)
+                    answered += 1
+                    continue
                 started = self.session.start_write(req)
                 if started is not None:  # no task: answered from the future's callback
                     inflight.add(started)
@@ -328,6 +337,14 @@ class _Connection(asyncio.Protocol):
             self._flush()
         else:
             self._write(reply)
+
+    def _queue(self, reply: bytes | tuple[bytes, bytes]) -> None:
+        """Batch a reply produced at once with the others of this loop iteration."""
+        if not isinstance(reply, bytes):
+            reply = reply[0] + reply[1]  # a READ at most CACHED_READ_MAX long
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(reply)
 
     def _flush(self) -> None:
         out = self._out

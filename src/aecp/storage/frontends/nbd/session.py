@@ -284,6 +284,16 @@ class NbdSession:
             return self.failed(req, e)
         return p.simple_reply(req.cookie)
 
+    def read_now(self, req: p.Request) -> bytes | tuple[bytes, bytes] | None:
+        """The reply to a valid READ the device answers at once (``read_nowait``); None if
+        the request must go to ``execute``."""
+        if req.command != _READ or req.error or not req.length:
+            return None
+        dev = self.device
+        assert dev is not None
+        data = dev.read_nowait(req.offset, req.length)
+        return None if data is None else self._read_reply(req, data)
+
     def start_write(self, req: p.Request) -> asyncio.Future[None] | None:
         """A valid WRITE without FUA started at once by the device (``write_nowait``): the
         future of its outcome, for ``written``. None if the request must go to ``execute``."""
