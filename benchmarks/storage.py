@@ -12,7 +12,8 @@ the CPU time of the serving processes (qemu-nbd; all three storage servers for A
 the whole machine (fio included), both in percent of one core over the job. Last, snapshot and
 clone creation times of a 1 GiB and a 1 TiB thin volume (64 MiB written, factor 2), median of 5
 each, as seen by an API client.
---profile adds an extra run of 4k randwrite QD32 on factor 2 under py-spy (node1's server).
+--profile adds an extra run of 4k randwrite QD32 on factor 2 under py-spy (node1's server);
+--profile-job and --profile-factor choose another job or factor.
 
 Usage: .venv/bin/python benchmarks/storage.py [--quick] [--runtime S] [--size-gib N]
        [--rounds N] [--profile]
@@ -202,8 +203,10 @@ def print_table(results: dict[tuple[str, str], Result]) -> None:
             print(f"  {target} {name:<18} >= {need:4.0%}: {got:6.1%}  {verdict}")
 
 
-def profile(lab: Lab, uri: str, size: int, runtime: int, pids: list[int]) -> None:
-    """py-spy on node1's storage server during an extra run of 4k randwrite QD32, factor 2."""
+def profile(
+    lab: Lab, uri: str, size: int, runtime: int, pids: list[int], job: str, factor: int
+) -> None:
+    """py-spy on node1's storage server during an extra run of 4k ``job`` QD32."""
     pyspy = Path(sys.executable).parent / "py-spy"
     if not pyspy.exists():
         pip = [sys.executable, "-m", "pip", "install", "-q", "py-spy"]
@@ -217,7 +220,7 @@ def profile(lab: Lab, uri: str, size: int, runtime: int, pids: list[int]) -> Non
             "--output", str(out)]  # fmt: skip
     spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # noqa: S603
     time.sleep(0.5)
-    x = fio(uri, "randwrite", "4k", 32, size, runtime, pids)
+    x = fio(uri, job, "4k", 32, size, runtime, pids)
     _, err = spy.communicate(timeout=runtime + 60)
     if spy.returncode != 0 or not out.exists():
         print(f"\nprofile failed: {err.decode(errors='replace').strip()[-400:]}")
@@ -239,7 +242,9 @@ def profile(lab: Lab, uri: str, size: int, runtime: int, pids: list[int]) -> Non
                 if "aecp/" in f and "aecp/cli" not in f and "__main__" not in f:
                     incl[f] += int(n)
     total = sum(own.values()) or 1
-    print(f"\nProfile: node1 storage server (pid {pid}), 4k randwrite QD32 factor 2, {runtime}s,")
+    print(
+        f"\nProfile: node1 storage server (pid {pid}), 4k {job} QD32 factor {factor}, {runtime}s,"
+    )
     print(f"{x.iops:.0f} IOPS under the profiler; {total} non-idle samples at {RATE} Hz")
     print("  busy share of each thread (non-idle samples / possible samples):")
     for group, hits in per_thread.most_common():
@@ -336,7 +341,8 @@ async def bench(lab: Lab, tmp: Path, args: argparse.Namespace) -> None:
               f"rounds={args.rounds}\n")  # fmt: skip
         print_table(run_jobs(uris, pids, size, args))
         if args.profile:
-            profile(lab, uris["abs-f2"], size, args.runtime, storage)
+            f, job = args.profile_factor, args.profile_job
+            profile(lab, uris[f"abs-f{f}"], size, args.runtime, storage, job, f)
         await snapshot_times(api, uris)
     except BaseException:
         for name in lab.node_names:
@@ -357,6 +363,8 @@ def main() -> None:
     ap.add_argument("--size-gib", type=int, default=2, help="volume and baseline file size")
     ap.add_argument("--rounds", type=int, help="runs per job and target, median (default 3)")
     ap.add_argument("--profile", action="store_true", help="py-spy on node1's storage server")
+    ap.add_argument("--profile-job", choices=("randwrite", "randread"), default="randwrite")
+    ap.add_argument("--profile-factor", type=int, choices=(1, 2, 3), default=2)
     args = ap.parse_args()
     if args.quick:
         args.runtime = 3

@@ -59,6 +59,12 @@ class _Handle(BlockDevice):
     def write(self, offset: int, data: bytes, fua: bool = False) -> Coroutine[Any, Any, None]:
         return self.dev.write(offset, data, fua)
 
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        return self.dev.read_nowait(offset, length)
+
+    def write_nowait(self, offset: int, data: bytes) -> asyncio.Future[None] | None:
+        return self.dev.write_nowait(offset, data)
+
     async def flush(self) -> None:
         await self.dev.flush()
 
