@@ -22,6 +22,7 @@ from aecp.storage.blockdev import (
     BlockDevice,
     BlockError,
     InvalidRequest,
+    NoSpace,
     ReadOnly,
     Span,
 )
@@ -312,3 +313,114 @@ async def test_file_device_close_waits_for_io_whose_caller_was_cancelled(tmp_pat
     assert path.read_bytes() == b"\x01" * (8 << 20)  # every queued write still landed
     with pytest.raises(BlockError):
         await dev.read(0, 1)
+
+
+# --- devices that answer at once (``read_nowait``/``write_nowait``) ------------------------
+
+
+class InstantDevice(BlockDevice):
+    """An in-memory device whose reads and writes complete at once (like a volume whose
+    data is in the page cache); a write at ``fail_at`` fails with ENOSPC. Counts the reads
+    it answered at once."""
+
+    def __init__(self, size: int, fail_at: int = -1) -> None:
+        self.size = size
+        self.data = bytearray(size)
+        self.fail_at = fail_at
+        self.instant_reads = 0
+
+    def read_nowait(self, offset: int, length: int) -> bytes:
+        self.instant_reads += 1
+        return bytes(self.data[offset : offset + length])
+
+    def write_nowait(self, offset: int, data: bytes) -> asyncio.Future[None]:
+        fut = asyncio.get_running_loop().create_future()
+        if offset == self.fail_at:
+            fut.set_exception(NoSpace("no room for this one"))
+        else:
+            self.data[offset : offset + len(data)] = data
+            fut.set_result(None)
+        return fut
+
+    async def read(self, offset: int, length: int) -> bytes:
+        raise AssertionError("every read should have been answered at once")
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        self.data[offset : offset + len(data)] = data
+
+    async def flush(self) -> None:
+        return None
+
+    async def trim(self, offset: int, length: int) -> None:
+        self.data[offset : offset + length] = bytes(length)
+
+    async def write_zeroes(
+        self, offset: int, length: int, fua: bool = False, may_trim: bool = True
+    ) -> None:
+        self.data[offset : offset + length] = bytes(length)
+
+    async def block_status(self, offset: int, length: int) -> list[Span]:
+        return [Span(length, Allocation.DATA)]
+
+
+@pytest.fixture
+async def instant(tmp_path: Path) -> AsyncIterator[tuple[Served, InstantDevice]]:
+    device = InstantDevice(DISK_SIZE, fail_at=7 * 4096)
+
+    async def open_export(name: str) -> BlockDevice:
+        if name != "disk":
+            raise KeyError(name)
+        return device
+
+    async def list_exports() -> list[str]:
+        return ["disk"]
+
+    server = NbdServer(HOST, 0, open_export, list_exports)
+    await server.start()
+    try:
+        yield Served(server, tmp_path / "unused"), device
+    finally:
+        await server.stop()
+
+
+async def test_instant_replies_stop_while_the_client_does_not_read_them(
+    instant: tuple[Served, InstantDevice],
+) -> None:
+    served, device = instant
+    device.data[:] = bytes(range(256)) * (DISK_SIZE // 256)
+    reader, writer = await go_raw(served)
+    count = 16384  # 64 MiB of replies: far more than the socket buffers hold
+    writer.write(
+        b"".join(p.encode_request(p.Cmd.READ, c, (c % 256) * 4096, 4096) for c in range(count))
+    )
+    await writer.drain()
+    await asyncio.sleep(0.5)
+    assert device.instant_reads < count, "replies were produced with nobody reading them"
+    for c in range(count):
+        magic, err, cookie = struct.unpack(">IIQ", await reader.readexactly(16))
+        assert (magic, err, cookie) == (p.SIMPLE_REPLY_MAGIC, 0, c)
+        offset = (c % 256) * 4096
+        assert await reader.readexactly(4096) == device.data[offset : offset + 4096], c
+    assert device.instant_reads == count
+    writer.write(p.encode_request(p.Cmd.DISC, count))
+    assert await closed_by_server(reader, writer) == b""
+
+
+async def test_writes_started_at_once_answer_each_with_its_own_outcome(
+    instant: tuple[Served, InstantDevice],
+) -> None:
+    served, device = instant
+    reader, writer = await go_raw(served)
+    for c in range(16):
+        payload = bytes([c]) * 4096
+        writer.write(p.encode_request(p.Cmd.WRITE, c, c * 4096, 4096, payload=payload))
+    errors = {}
+    for _ in range(16):
+        magic, err, cookie = struct.unpack(">IIQ", await reader.readexactly(16))
+        assert magic == p.SIMPLE_REPLY_MAGIC
+        errors[cookie] = err
+    assert errors == {c: (28 if c == 7 else 0) for c in range(16)}  # ENOSPC for the one
+    assert device.data[7 * 4096 : 8 * 4096] == bytes(4096)
+    assert device.data[8 * 4096 : 9 * 4096] == bytes([8]) * 4096
+    writer.write(p.encode_request(p.Cmd.DISC, 99))
+    assert await closed_by_server(reader, writer) == b""
