@@ -4,7 +4,9 @@ generation bump, fencing by epoch, and repair of a corrupt replica from a good o
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -183,3 +185,38 @@ async def test_read_nowait_serves_the_local_replica_and_declines_the_rest(
     there = await cluster.open("v", elsewhere, takeover=True)
     await there.read(0, 4096)  # learns the extent
     assert there.read_nowait(0, 4096) is None, "no local replica: read over the network"
+
+
+async def test_a_write_that_completes_after_a_flush_began_is_covered_by_the_next_flush(
+    cluster: Cluster,
+) -> None:
+    """FLUSH makes every write completed before it durable: a write still in flight when an
+    earlier flush took the set of dirty extents must still be flushed by the next one."""
+    await cluster.meta.create_volume("v", EXTENT, replicas=1)
+    dev = await cluster.open("v")
+    await dev.write(0, b"a" * 4096)
+    await dev.flush()
+    store = cluster.replicas["n1"].store
+    gate = asyncio.Event()
+    real_write, real_flush = store.write, store.flush
+    flushed: list[str | None] = []
+
+    async def slow_write(*args: Any, **kw: Any) -> None:
+        await gate.wait()
+        await real_write(*args, **kw)
+
+    async def counting_flush(extent_id: str | None = None) -> None:
+        flushed.append(extent_id)
+        await real_flush(extent_id)
+
+    store.write_nowait = lambda *args, **kw: None  # type: ignore[method-assign]
+    store.write = slow_write  # type: ignore[method-assign]
+    store.flush = counting_flush  # type: ignore[method-assign]
+    writing = asyncio.ensure_future(dev.write(4096, b"b" * 4096))
+    await asyncio.sleep(0.01)
+    await dev.flush()  # overlaps the write in flight
+    gate.set()
+    await writing
+    flushed.clear()
+    await dev.flush()
+    assert flushed, "the write completed before this flush, yet its extent was not flushed"

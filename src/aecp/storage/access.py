@@ -247,7 +247,6 @@ class VolumeDevice(BlockDevice):
                 fut = loop.create_future()
                 fut.set_exception(exc)
             fut.add_done_callback(fan_in.one_done)
-        self._dirty.add(ext_id)
         self._active[ext_id] = self._active.get(ext_id, 0) + 1
         return done
 
@@ -262,6 +261,8 @@ class VolumeDevice(BlockDevice):
     ) -> None:
         """Every replica write of a ``write_nowait`` is done: settle ``done`` or redo."""
         self._active[ext_id] -= 1
+        if not failed:
+            self._dirty.add(ext_id)  # before the answer: the next flush covers this write
         if done.done():
             return
         if not failed:
@@ -342,16 +343,17 @@ class VolumeDevice(BlockDevice):
         recovery copy of the extent holds its copy lock."""
         if not dirty:
             return await self._replicate_now(ext_id, op, joining=False)
-        self._dirty.add(ext_id)
         lock = self._copy_locks.get(ext_id)
         if lock is not None:
             async with lock:
-                return await self._replicate_now(ext_id, op, joining=True)
-        self._active[ext_id] = self._active.get(ext_id, 0) + 1
-        try:
-            await self._replicate_now(ext_id, op, joining=True)
-        finally:
-            self._active[ext_id] -= 1
+                await self._replicate_now(ext_id, op, joining=True)
+        else:
+            self._active[ext_id] = self._active.get(ext_id, 0) + 1
+            try:
+                await self._replicate_now(ext_id, op, joining=True)
+            finally:
+                self._active[ext_id] -= 1
+        self._dirty.add(ext_id)  # once done: the next flush covers it, whatever began before
 
     async def _replicate_now(self, ext_id: str, op: ReplicaOp, joining: bool) -> None:
         while True:
