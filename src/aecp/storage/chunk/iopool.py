@@ -28,6 +28,26 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Done = Callable[[Any, BaseException | None], None]
+
+
+def complete(
+    fut: asyncio.Future[Any] | None, done: Done | None, result: Any, exc: BaseException | None
+) -> None:
+    """An I/O finished: run ``done`` (its errors are logged, never raised), then settle
+    ``fut`` unless there is none or it was cancelled. On the loop thread."""
+    if done is not None:
+        try:
+            done(result, exc)
+        except Exception:
+            log.exception("I/O completion callback failed")
+    if fut is None or fut.cancelled():
+        return
+    if exc is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(exc)
+
+
 _Job = tuple["asyncio.Future[Any]", Done | None, Callable[..., Any], tuple[Any, ...]]
 
 
@@ -107,17 +127,7 @@ class IoPool:
         finished = self._finished
         while finished:
             (fut, done, _, _), result, exc = finished.popleft()
-            if done is not None:
-                try:
-                    done(result, exc)
-                except Exception:
-                    log.exception("I/O completion callback failed")
-            if fut.cancelled():
-                continue
-            if exc is None:
-                fut.set_result(result)
-            else:
-                fut.set_exception(exc)
+            complete(fut, done, result, exc)
 
     async def close(self) -> None:
         """Let queued jobs finish, then stop the threads (idempotent)."""

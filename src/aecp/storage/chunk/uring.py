@@ -32,9 +32,10 @@ import mmap
 import os
 import platform
 import struct
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
+
+from aecp.storage.chunk.iopool import Done, complete
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ _PARAMS = struct.Struct("<7I3I8IQ8IQ")
 # personality, splice_fd_in, addr3, pad
 _SQE = struct.Struct("<BBHiQQIIQHHiQQ")
 _CQE = struct.Struct("<QiI")
-
-Done = Callable[[Any, BaseException | None], None]
 
 
 @functools.cache
@@ -343,18 +342,7 @@ class Ring:
         pinned = rec.pinned
         if type(pinned) is _PyBuffer:
             _release_buffer(ctypes.byref(pinned))
-        if rec.done is not None:
-            try:
-                rec.done(result, exc)
-            except Exception:
-                log.exception("I/O completion callback failed")
-        fut = rec.fut
-        if fut is None or fut.cancelled():
-            return
-        if exc is None:
-            fut.set_result(result)
-        else:
-            fut.set_exception(exc)
+        complete(rec.fut, rec.done, result, exc)
 
     # ---- shutdown ----------------------------------------------------------------------------
     async def close(self) -> None:
