@@ -4,11 +4,13 @@ any order), reclaiming extents nobody names, and snapshots of a volume a paused 
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 
 from aecp.cluster.volumes import VolumeService
 from aecp.common.errors import InvalidState
+from aecp.storage.access import VolumeDevice
 from aecp.storage.snapshots import SnapshotService
 from aecp.store.memory import MemoryStore
 from tests.unit.abskit import EXTENT, Cluster
@@ -23,6 +25,17 @@ async def fill(cluster: Cluster, name: str, data: bytes, offset: int = 0) -> Non
     await dev.write(offset, data)
     await dev.flush()
     await dev.close()
+
+
+async def paused_snapshot(cluster: Cluster) -> tuple[SnapshotService, VolumeDevice]:
+    """Volume ``v`` (one extent of b"0", two replicas) attached on n1, snapshotted as ``s``
+    as for a paused VM; returns the service and the still-attached access point."""
+    s = snaps(cluster)
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    dev = await cluster.open("v", "n1")
+    await dev.write(0, b"0" * EXTENT)
+    await s.snapshot("v", "s", paused_on="n1")
+    return s, dev
 
 
 async def content(cluster: Cluster, name: str, length: int = 2 * EXTENT) -> bytes:
@@ -139,13 +152,65 @@ async def test_many_writes_in_flight_after_a_snapshot_all_adopt_the_new_epoch(
     # others then saw no newer epoch and fenced the access point (I/O errors in the guest).
     import asyncio
 
-    s = snaps(cluster)
-    await cluster.meta.create_volume("v", EXTENT, replicas=2)
-    dev = await cluster.open("v", "n1")
-    await dev.write(0, b"0" * EXTENT)
-    await s.snapshot("v", "s", paused_on="n1")
+    s, dev = await paused_snapshot(cluster)
     await asyncio.gather(*(dev.write(i * 4096, bytes([i]) * 4096) for i in range(32)))
     assert await dev.read(31 * 4096, 4096) == bytes([31]) * 4096
     await dev.close()
     await s.clone("v", "s", "c")
     assert await content(cluster, "c", 4096) == b"0" * 4096
+
+
+@pytest.mark.parametrize("path", ["write_nowait", "write"])
+async def test_writes_started_while_a_snapshot_epoch_is_adopted_never_land_in_the_snapshot(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    # Regression (a VM's rolled-back disk held data written after its snapshot): the access
+    # point took the new epoch, then awaited the volume record; a write started in between
+    # still saw the old table (extent writable in place) and went out under the new epoch,
+    # which the snapshot's fenced replicas accept.
+    import asyncio
+
+    s, dev = await paused_snapshot(cluster)
+    reading, go_on = asyncio.Event(), asyncio.Event()
+    real_volume = cluster.meta.volume
+
+    async def slow_volume(name: str) -> Any:
+        reading.set()
+        await go_on.wait()
+        return await real_volume(name)
+
+    monkeypatch.setattr(cluster.meta, "volume", slow_volume)
+    first = asyncio.ensure_future(dev.write(0, b"a" * 4096))  # meets StaleEpoch, adopts
+    await reading.wait()
+    second: Any = dev.write_nowait(4096, b"b" * 4096) if path == "write_nowait" else None
+    if second is None:
+        second = asyncio.ensure_future(dev.write(4096, b"b" * 4096))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    go_on.set()
+    await asyncio.gather(first, second)
+    assert await dev.read(0, 2 * 4096) == b"a" * 4096 + b"b" * 4096
+    await dev.close()
+    await s.clone("v", "s", "c")
+    assert await content(cluster, "c", EXTENT) == b"0" * EXTENT
+
+
+async def test_a_recovery_read_overtaken_by_a_snapshot_does_not_bring_back_the_old_table(
+    cluster: Cluster,
+) -> None:
+    # The recovery loop reads the volume, then hands it to the access point: if a snapshot
+    # was adopted in between, that older table must not make shared extents writable again.
+    s = snaps(cluster)
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    dev = await cluster.open("v", "n1")
+    await dev.write(0, b"0" * EXTENT)
+    before, rev = await cluster.meta.volume("v")
+    exts = await cluster.meta.extents()
+    await s.snapshot("v", "s", paused_on="n1")
+    await dev.write(0, b"a" * 4096)  # adopts the snapshot's epoch, copies on write
+    dev.refresh(before, rev, exts)
+    assert dev.vol.cow_epoch > before.cow_epoch
+    await dev.write(4096, b"b" * 4096)
+    await dev.close()
+    await s.clone("v", "s", "c")
+    assert await content(cluster, "c", EXTENT) == b"0" * EXTENT

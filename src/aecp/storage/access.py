@@ -96,6 +96,7 @@ class VolumeDevice(BlockDevice):
         self.pool = pool
         self.node = node
         self.vol = vol
+        self._vol_rev = 0  # store revision of ``vol`` (0: as attached, older than any read)
         self.epoch = epoch
         self.size = vol.size
         self._extents: dict[str, ExtentRecord] = {}
@@ -285,9 +286,13 @@ class VolumeDevice(BlockDevice):
 
     async def _write_piece(self, slot: int, offset: int, chunk: Buffer, fua: bool) -> None:
         while True:
-            ext_id = self._writable_now(slot) or await self._ensure_writable(slot)
+            ext_id = self._writable_now(slot)
+            if ext_id is None:
+                await self._ensure_writable(slot)
+                continue  # decide again without awaiting, together with the epoch below
+            op = self._write_op(ext_id, offset, chunk, fua, self.epoch)
             try:
-                return await self._replicate(ext_id, self._write_op(ext_id, offset, chunk, fua))
+                return await self._replicate(ext_id, op)
             except _Reepoched:
                 continue  # a snapshot was taken: the slot may now need copy-on-write
 
@@ -306,24 +311,30 @@ class VolumeDevice(BlockDevice):
         check_range(self, offset, length)
         for p in split(offset, length, self.vol.extent_size):
             while self.vol.extents[p.slot] is not None:  # never written: already zeros
-                ext_id = await self._ensure_writable(p.slot)
+                ext_id = self._writable_now(p.slot)
+                if ext_id is None:
+                    await self._ensure_writable(p.slot)
+                    continue
                 try:
-                    await self._replicate(ext_id, self._trim_op(ext_id, p))
+                    await self._replicate(ext_id, self._trim_op(ext_id, p, self.epoch))
                     break
                 except _Reepoched:
                     continue
 
-    def _write_op(self, ext_id: str, offset: int, chunk: Buffer, fua: bool) -> ReplicaOp:
+    # A mutation carries the epoch under which its extent was found writable in place, read in
+    # the same step (no await between): after a snapshot the replicas accept the new epoch, so a
+    # write deciding on the old table but sending the new epoch would change the snapshot.
+    @staticmethod
+    def _write_op(ext_id: str, offset: int, chunk: Buffer, fua: bool, epoch: int) -> ReplicaOp:
         def op(c: ReplicaClient, e: ExtentRecord) -> Awaitable[object]:
-            return c.write(
-                ext_id, offset, chunk, epoch=self.epoch, generation=e.generation, fua=fua
-            )
+            return c.write(ext_id, offset, chunk, epoch=epoch, generation=e.generation, fua=fua)
 
         return op
 
-    def _trim_op(self, ext_id: str, p: Piece) -> ReplicaOp:
+    @staticmethod
+    def _trim_op(ext_id: str, p: Piece, epoch: int) -> ReplicaOp:
         def op(c: ReplicaClient, e: ExtentRecord) -> Awaitable[object]:
-            return c.trim(ext_id, p.offset, p.length, epoch=self.epoch, generation=e.generation)
+            return c.trim(ext_id, p.offset, p.length, epoch=epoch, generation=e.generation)
 
         return op
 
@@ -423,12 +434,20 @@ class VolumeDevice(BlockDevice):
             self._join_failed.discard(ext_id)
             self._copy_locks.pop(ext_id, None)
 
-    def refresh(self, vol: VolumeRecord, extents: dict[str, ExtentRecord]) -> None:
-        """Adopt the metadata Meta holds now (the recovery loop reads it every pass)."""
-        self.vol = vol
+    def refresh(self, vol: VolumeRecord, rev: int, extents: dict[str, ExtentRecord]) -> None:
+        """Adopt the metadata Meta held when read (the recovery loop reads it every pass):
+        the volume record (store revision ``rev``) and extent records, each unless older
+        than the one held (a read that was overtaken by a change made here is ignored)."""
+        self._adopt(vol, rev)
         for ext_id in self._extents.keys() & extents.keys():
-            if ext_id not in self._copy_locks:
-                self._extents[ext_id] = extents[ext_id]
+            held, new = self._extents[ext_id], extents[ext_id]
+            if ext_id not in self._copy_locks and new.generation >= held.generation:
+                self._extents[ext_id] = new
+
+    def _adopt(self, vol: VolumeRecord, rev: int) -> None:
+        """Hold ``vol``, read at store revision ``rev``, unless a newer read is held."""
+        if rev >= self._vol_rev:
+            self.vol, self._vol_rev = vol, rev
 
     async def _client_or_none(self, node: str) -> ReplicaClient | None:
         try:
@@ -486,7 +505,7 @@ class VolumeDevice(BlockDevice):
         await asyncio.gather(*(d.flush(new.id) for d in dsts))
         if not await self.meta.replace_extent(self.vol.name, slot, shared.id, new):
             await asyncio.gather(*(d.delete(new.id) for d in dsts), return_exceptions=True)
-        self.vol, _ = await self.meta.volume(self.vol.name)
+        self._adopt(*await self.meta.volume(self.vol.name))
         ext_id = self.vol.extents[slot]
         assert ext_id is not None
         self._extents.pop(shared.id, None)
@@ -518,7 +537,7 @@ class VolumeDevice(BlockDevice):
         if not await self.meta.commit_extent(self.vol.name, slot, ext):
             clients = [await self.pool.client(n) for n in ext.replicas]
             await asyncio.gather(*(c.delete(ext.id) for c in clients), return_exceptions=True)
-        self.vol, _ = await self.meta.volume(self.vol.name)
+        self._adopt(*await self.meta.volume(self.vol.name))
         ext_id = self.vol.extents[slot]
         assert ext_id is not None
         log.info(
@@ -602,10 +621,15 @@ class VolumeDevice(BlockDevice):
         att = await self.meta.attachment(self.vol.name)
         if att is not None and self.ap and att.ap == self.ap and att.epoch > used:
             if att.epoch > self.epoch:
-                self.epoch = att.epoch
-                self.vol, _ = await self.meta.volume(self.vol.name)
-                self._extents.clear()
-                log.info("volume %s: adopted epoch %d after a snapshot", self.vol.name, self.epoch)
+                # read after the attachment, the table is at least as new as its epoch; the
+                # epoch and the table change together (no await between), or a write could
+                # find an extent the snapshot shares writable and send it under the new epoch
+                vol, rev = await self.meta.volume(self.vol.name)
+                if att.epoch > self.epoch:
+                    self._adopt(vol, rev)
+                    self.epoch = att.epoch
+                    self._extents.clear()
+                    log.info("volume %s: adopted epoch %d after a snapshot", vol.name, att.epoch)
             raise _Reepoched
         self._fence(why)
 

@@ -54,10 +54,10 @@ class Repairer:
 
     async def run_pass(self) -> list[str]:
         """Look at every allocated extent once; returns one sentence per degraded extent."""
-        vol, _ = await self.meta.volume(self.dev.vol.name)
+        vol, rev = await self.meta.volume(self.dev.vol.name)
         exts = await self.meta.extents()
         mine = {x: exts[x] for x in vol.extents if x and x in exts}
-        self.dev.refresh(vol, mine)
+        self.dev.refresh(vol, rev, mine)
         out = []
         for ext in mine.values():
             if len(ext.replicas) < vol.replicas:
