@@ -54,7 +54,7 @@ class Cluster:
             self.pool.add(n, f)  # type: ignore[arg-type]
 
     async def open(self, name: str, node: str = "n1", takeover: bool = False) -> VolumeDevice:
-        lease = await self.store.grant_lease(60)
+        lease = await self.store.grant_lease(3600)  # outlives the tests' clock advances
         return await open_volume(self.meta, self.pool, node, name, lease, takeover=takeover)
 
 

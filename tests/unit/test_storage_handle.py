@@ -1,11 +1,15 @@
 """The NBD export handle of the storage daemon passes every request through to its volume,
 the fast paths (``read_nowait``, ``write_nowait``) included: a wrapper that dropped them would
-silently send every request down the slow path."""
+silently send every request down the slow path. A volume opened again while its last
+handle's close is still flushing waits for that flush."""
 
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any, cast
+
+import pytest
 
 from aecp.node.storage import StorageDaemon, _Handle
 from aecp.storage.access import VolumeDevice
@@ -38,3 +42,47 @@ async def test_the_handle_forwards_the_fast_paths_to_its_volume() -> None:
     started = handle.write_nowait(0, b"w")
     assert started is not None and started is dev.started
     assert dev.calls == [("read_nowait", (4096, 8)), ("write_nowait", (0, b"w"))]
+
+
+async def test_reopening_a_volume_waits_until_its_last_close_has_flushed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A FLUSH on the new device must cover the writes the old device acknowledged.
+    events: list[str] = []
+    gate = asyncio.Event()
+
+    class Device:
+        size = 1 << 20
+
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        async def flush(self) -> None:
+            events.append(f"flush {self.n}")
+            await gate.wait()
+
+        async def close(self) -> None:
+            events.append(f"closed {self.n}")
+
+    opened: list[Device] = []
+
+    async def open_volume(*args: Any, **kw: Any) -> Device:
+        opened.append(Device(len(opened)))
+        events.append(f"opened {opened[-1].n}")
+        return opened[-1]
+
+    monkeypatch.setattr("aecp.node.storage.open_volume", open_volume)
+    daemon = StorageDaemon.__new__(StorageDaemon)  # only the export bookkeeping is used
+    daemon.keeper = cast(Any, SimpleNamespace(lease=object(), held=lambda: True))
+    daemon.meta, daemon.pool, daemon.node = cast(Any, None), cast(Any, None), "n1"
+    daemon._lock, daemon._exports, daemon._closing = asyncio.Lock(), {}, {}
+    first = await daemon.open_export("v")
+    closing = asyncio.ensure_future(first.close())
+    await asyncio.sleep(0)
+    reopening = asyncio.ensure_future(daemon.open_export("v"))
+    await asyncio.sleep(0.01)
+    assert not reopening.done()
+    gate.set()
+    await closing
+    await reopening
+    assert events == ["opened 0", "flush 0", "closed 0", "opened 1"]

@@ -110,6 +110,7 @@ class StorageDaemon:
             node=f"{self.node}/storage",
         )
         self._exports: dict[str, tuple[VolumeDevice, int]] = {}
+        self._closing: dict[str, asyncio.Future[None]] = {}  # last handle gone, device closing
         self.election = Election(store, "abs-meta", self.node)
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
@@ -212,6 +213,8 @@ class StorageDaemon:
                     await self._work_idle(name, lease, what)
         except AecpError as exc:
             log.warning("node %s: %s pass stopped: %s", self.node, what, exc)
+        except Exception:  # a bug in one pass must not end the loop for the whole node
+            log.exception("node %s: %s pass failed", self.node, what)
 
     async def _work(self, dev: VolumeDevice, what: str) -> None:
         rep = Repairer(dev, self._policy(), self._publish)
@@ -274,6 +277,8 @@ class StorageDaemon:
             raise Unavailable(f"node {self.node} holds no storage lease")
         async with self._lock:
             entry = self._exports.get(name)
+            if entry is None and (closing := self._closing.get(name)) is not None:
+                await asyncio.shield(closing)  # its flush first: FLUSHes here cover those writes
             if entry is None:
                 try:
                     dev = await open_volume(self.meta, self.pool, self.node, name, lease)
@@ -293,8 +298,14 @@ class StorageDaemon:
                 self._exports[name] = (dev, refs - 1)
                 return
             del self._exports[name]
-        await dev.flush()
-        await dev.close()
+            closing = self._closing[name] = asyncio.get_running_loop().create_future()
+        try:
+            await dev.flush()
+            await dev.close()
+        finally:
+            closing.set_result(None)
+            if self._closing.get(name) is closing:
+                del self._closing[name]
 
 
 def _bytes_used(root: Path) -> int:

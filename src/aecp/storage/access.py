@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from aecp.common.errors import AecpError, NoCapacity
+from aecp.common.errors import AecpError, NoCapacity, NotFound
 from aecp.storage.blockdev import (
     Allocation,
     BlockDevice,
@@ -42,8 +42,10 @@ from aecp.storage.chunk.errors import (
     ReplicaUnavailable,
     StaleEpoch,
 )
+from aecp.storage.dirty import DirtyExtents
 from aecp.storage.meta.model import (
     ExtentRecord,
+    Holder,
     VolumeRecord,
     new_extent_id,
     writable_in_place,
@@ -101,7 +103,7 @@ class VolumeDevice(BlockDevice):
         self.size = vol.size
         self._extents: dict[str, ExtentRecord] = {}
         self._slot_locks: dict[int, asyncio.Lock] = {}
-        self._dirty: set[str] = set()
+        self._dirty = DirtyExtents()
         self._fenced: str = ""
         # recovery (see ``begin_join``): writes in flight per extent, the copy lock of an extent
         # being repaired, and the replica joining it (receives live writes while it copies)
@@ -340,12 +342,13 @@ class VolumeDevice(BlockDevice):
 
     async def flush(self) -> None:
         self._check_live()
-        dirty, self._dirty = self._dirty, set()
+        await self._dirty.flush(self._flush_extent)
+
+    async def _flush_extent(self, ext_id: str) -> None:
         try:
-            await asyncio.gather(*(self._replicate(x, _flush_op(x), dirty=False) for x in dirty))
-        except BaseException:
-            self._dirty |= dirty
-            raise
+            await self._replicate(ext_id, _flush_op(ext_id), dirty=False)
+        except NotFound:  # reclaimed since (copied on write, then its snapshot deleted)
+            log.info("volume %s: extent %s is gone: nothing to flush", self.vol.name, ext_id)
 
     async def _replicate(self, ext_id: str, op: ReplicaOp, dirty: bool = True) -> None:
         """Run ``op`` on every valid replica; drop the unreachable ones and redo ``op`` on the
@@ -354,10 +357,11 @@ class VolumeDevice(BlockDevice):
         recovery copy of the extent holds its copy lock."""
         if not dirty:
             return await self._replicate_now(ext_id, op, joining=False)
-        lock = self._copy_locks.get(ext_id)
-        if lock is not None:
+        while (lock := self._copy_locks.get(ext_id)) is not None:
             async with lock:
-                await self._replicate_now(ext_id, op, joining=True)
+                if self._copy_locks.get(ext_id) is lock:  # else that join ended: look again
+                    await self._replicate_now(ext_id, op, joining=True)
+                    break
         else:
             self._active[ext_id] = self._active.get(ext_id, 0) + 1
             try:
@@ -375,12 +379,13 @@ class VolumeDevice(BlockDevice):
                 targets = [*targets, joiner]
             clients = [self.pool.cached(n) or await self._client_or_none(n) for n in targets]
             results = await fan_out([op(c, ext) if c else _unavailable() for c in clients])
+            if joiner is not None and any(isinstance(r, BaseException) for r in results):
+                # the joiner failed, or has what the others refused (a newer epoch: this
+                # write is redone elsewhere, e.g. copied on write after a snapshot)
+                self._join_failed.add(ext_id)
             failed = []
-            for node, res in zip(targets, results, strict=True):
-                if node == joiner:
-                    if isinstance(res, BaseException):
-                        self._join_failed.add(ext_id)
-                elif isinstance(res, StaleEpoch):
+            for node, res in zip(ext.replicas, results, strict=False):
+                if isinstance(res, StaleEpoch):
                     await self._stale_epoch(str(res), res.epoch)
                 elif isinstance(res, ReplicaUnavailable | ChunkIOError):
                     failed.append(node)
@@ -394,12 +399,13 @@ class VolumeDevice(BlockDevice):
                     f"is unreachable ({', '.join(failed)})"
                 )
             for node in failed:
-                self._extents[ext_id] = await self.meta.drop_replica(ext_id, node)
+                self._keep(await self.meta.drop_replica(ext_id, node))
 
     # ---- recovery support (used by ``storage.recovery``) --------------------------------
     async def begin_join(self, ext_id: str, node: str) -> None:
         """From now on live writes of the extent also go to ``node``; returns once every write
         that started before is done (so a copy listed afterwards misses nothing)."""
+        self._check_live()
         lock = self._copy_locks.setdefault(ext_id, asyncio.Lock())
         async with lock:
             while self._active.get(ext_id, 0):  # noqa: ASYNC110 - a few in-flight writes
@@ -423,12 +429,21 @@ class VolumeDevice(BlockDevice):
         self, ext_id: str, admit: Callable[[], Awaitable[ExtentRecord]] | None
     ) -> None:
         """Stop sending live writes to the joining replica. ``admit`` (run while no write can
-        touch the extent) records it as valid and returns the new extent record; None aborts."""
-        lock = self._copy_locks[ext_id]
+        touch the extent) records it as valid and returns the new extent record; None aborts.
+        A join that failed, or an access point fenced or closed meanwhile, admits nothing.
+        Ending a join that already ended does nothing."""
+        lock = self._copy_locks.get(ext_id)
+        if lock is None:
+            return
         try:
             async with lock:
                 if admit is not None and ext_id not in self._join_failed:
-                    self._extents[ext_id] = await admit()
+                    self._check_live()
+                    try:
+                        self._keep(await admit())
+                    except BaseException:
+                        self._extents.pop(ext_id, None)  # Meta may have admitted it: re-read
+                        raise
         finally:
             self._joining.pop(ext_id, None)
             self._join_failed.discard(ext_id)
@@ -440,9 +455,17 @@ class VolumeDevice(BlockDevice):
         than the one held (a read that was overtaken by a change made here is ignored)."""
         self._adopt(vol, rev)
         for ext_id in self._extents.keys() & extents.keys():
-            held, new = self._extents[ext_id], extents[ext_id]
-            if ext_id not in self._copy_locks and new.generation >= held.generation:
-                self._extents[ext_id] = new
+            if ext_id not in self._copy_locks:
+                self._keep(extents[ext_id])
+
+    def _keep(self, ext: ExtentRecord) -> ExtentRecord:
+        """Hold ``ext`` unless the record held for that extent is newer (a higher generation:
+        replies from Meta may arrive out of order); returns the record held."""
+        held = self._extents.get(ext.id)
+        if held is not None and held.generation > ext.generation:
+            return held
+        self._extents[ext.id] = ext
+        return ext
 
     def _adopt(self, vol: VolumeRecord, rev: int) -> None:
         """Hold ``vol``, read at store revision ``rev``, unless a newer read is held."""
@@ -459,8 +482,7 @@ class VolumeDevice(BlockDevice):
     async def _extent(self, ext_id: str) -> ExtentRecord:
         ext = self._extents.get(ext_id)
         if ext is None:
-            ext, _ = await self.meta.extent(ext_id)
-            self._extents[ext_id] = ext
+            ext = self._keep((await self.meta.extent(ext_id))[0])
         return ext
 
     def _writable_now(self, slot: int) -> str | None:
@@ -657,9 +679,16 @@ class VolumeDevice(BlockDevice):
                 continue
             await self._replicate(ext_id, _fence_op(ext_id, self.epoch), dirty=False)
 
+    @property
+    def holder(self) -> Holder:
+        """This access point as its attachment record names it."""
+        return Holder(self.vol.name, self.node, self.epoch, self.ap)
+
     async def close(self) -> None:
+        """Detach (unless fenced); every later request, and any join, fails."""
         if not self._fenced:
             await self.meta.detach(self.vol.name, self.node, self.epoch, self.ap)
+        self._fenced = self._fenced or "it was closed"
 
 
 async def open_volume(

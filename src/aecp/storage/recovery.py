@@ -155,7 +155,7 @@ class Repairer:
         self, ext_id: str, node: str, dst: ReplicaClient, replaces: str | None
     ) -> ExtentRecord:
         await dst.flush(ext_id)
-        new = await self.meta.admit_replica(ext_id, node, replaces=replaces)
+        new = await self.meta.admit_replica(ext_id, node, self.dev.holder, replaces=replaces)
         await dst.set_generation(ext_id, new.generation)
         return new
 

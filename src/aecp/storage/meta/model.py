@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from dataclasses import dataclass
 
 from pydantic import Field
 
@@ -66,6 +67,21 @@ class AttachRecord(Stored):
     at: float
     purpose: str = "io"  # "io" (a client) or "repair" (Meta's recovery: yields to any client)
     ap: str = ""  # the access point instance; a snapshot re-epochs it without fencing it
+
+
+@dataclass(frozen=True)
+class Holder:
+    """One access point as its attachment record names it: the same instance (``ap``; a
+    snapshot may have raised its epoch since), else the same node and epoch."""
+
+    volume: str
+    node: str
+    epoch: int
+    ap: str = ""
+
+    def holds(self, rec: AttachRecord) -> bool:
+        same = rec.ap == self.ap if self.ap else rec.epoch == self.epoch
+        return rec.volume == self.volume and rec.node == self.node and same
 
 
 def new_extent_id() -> str:

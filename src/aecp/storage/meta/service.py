@@ -22,6 +22,7 @@ from aecp.storage.meta.model import (
     DEFAULT_EXTENT_SIZE,
     AttachRecord,
     ExtentRecord,
+    Holder,
     SnapshotRecord,
     StorageServer,
     VolumeRecord,
@@ -237,9 +238,7 @@ class MetaService:
         kv = await self.store.get(key)
         if kv is None:
             return
-        rec = AttachRecord.load(kv.value)
-        ours = rec.ap == ap if ap else rec.epoch == epoch
-        if rec.node == node and ours:
+        if Holder(name, node, epoch, ap).holds(AttachRecord.load(kv.value)):
             await self.store.delete(key, mod_revision=kv.mod_revision)
 
     # ---- extents ---------------------------------------------------------------------------
@@ -302,12 +301,24 @@ class MetaService:
         raise Conflict(f"extent {extent_id} keeps changing; try again")
 
     async def admit_replica(
-        self, extent_id: str, node: str, replaces: str | None = None
+        self, extent_id: str, node: str, holder: Holder, replaces: str | None = None
     ) -> ExtentRecord:
         """Make ``node`` a valid replica again after it copied what it lacked (catch-up), or as
-        a new replica that ``replaces`` a lost one (re-replication). Bumps the generation."""
+        a new replica that ``replaces`` a lost one (re-replication). Bumps the generation.
+
+        Only the access point that ordered the copy against the live writes may admit it: the
+        change is made only while ``holder`` still holds its volume's attachment (and
+        otherwise ``InvalidState``: a client that attached since may have written what the
+        copy lacks)."""
         for _ in range(RETRIES):
             ext, rev = await self.extent(extent_id)
+            att = await self.store.get(keys.abs_attach(holder.volume))
+            rec = AttachRecord.load(att.value) if att else None
+            if att is None or rec is None or not holder.holds(rec):
+                raise InvalidState(
+                    f"volume {holder.volume}: no longer attached by this access point; "
+                    f"replica of extent {extent_id} on {node} not admitted"
+                )
             gone = {node, replaces} - {None}
             new = ext.model_copy(
                 update={
@@ -317,7 +328,11 @@ class MetaService:
                     "generation": ext.generation + 1,
                 }
             )
-            if await self.store.replace(keys.abs_extent(extent_id), new.dump(), mod_revision=rev):
+            cmp = [
+                Compare.unchanged(keys.abs_extent(extent_id), rev),
+                Compare.unchanged(keys.abs_attach(holder.volume), att.mod_revision),
+            ]
+            if await self.store.txn(cmp, [Put(keys.abs_extent(extent_id), new.dump())]):
                 log.info(
                     "extent %s: replica on %s admitted%s; generation %d; valid: %s",
                     extent_id,

@@ -1,0 +1,86 @@
+"""FLUSH on an access point: it answers only once every write acknowledged before it is
+durable, also while another FLUSH is in flight, and an extent reclaimed since it was written
+does not make every later FLUSH fail."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from aecp.storage.blockdev import BlockError
+from aecp.storage.snapshots import SnapshotService
+from tests.unit.abskit import EXTENT, Cluster
+
+
+async def test_a_flush_waits_for_the_flush_in_flight_before_it(cluster: Cluster) -> None:
+    await cluster.meta.create_volume("v", EXTENT, replicas=1)
+    dev = await cluster.open("v")
+    await dev.write(0, b"a" * 4096)  # acknowledged: its extent is dirty
+    store = cluster.replicas["n1"].store
+    gate, real_flush = asyncio.Event(), store.flush
+    durable: list[str | None] = []
+
+    async def slow_flush(extent_id: str | None = None) -> None:
+        await gate.wait()
+        await real_flush(extent_id)
+        durable.append(extent_id)
+
+    store.flush = slow_flush  # type: ignore[method-assign]
+    first = asyncio.ensure_future(dev.flush())  # e.g. FLUSH on one NBD connection
+    await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(dev.flush())  # another connection's, sent after the ack
+    await asyncio.sleep(0.01)
+    assert not second.done(), "answered while the acknowledged write is not durable yet"
+    gate.set()
+    await asyncio.gather(first, second)
+    assert durable
+
+
+async def test_a_flush_after_a_failed_flush_in_flight_fails_too(cluster: Cluster) -> None:
+    await cluster.meta.create_volume("v", EXTENT, replicas=1)
+    dev = await cluster.open("v")
+    await dev.write(0, b"a" * 4096)
+    store = cluster.replicas["n1"].store
+    gate, real_flush = asyncio.Event(), store.flush
+
+    async def failing_flush(extent_id: str | None = None) -> None:
+        await gate.wait()
+        raise OSError(5, "Input/output error")
+
+    store.flush = failing_flush  # type: ignore[method-assign]
+    first = asyncio.ensure_future(dev.flush())
+    await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(dev.flush())
+    await asyncio.sleep(0.01)
+    gate.set()
+    results = await asyncio.gather(first, second, return_exceptions=True)
+    assert all(isinstance(r, BaseException) for r in results), results
+    store.flush = real_flush  # type: ignore[method-assign]
+    await dev.flush()  # the failed extent is still dirty: this one makes it durable
+
+
+async def test_a_flush_after_a_copy_on_write_of_a_reclaimed_extent_succeeds(
+    cluster: Cluster,
+) -> None:
+    s = SnapshotService(cluster.meta, cluster.pool)
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    dev = await cluster.open("v", "n1")
+    await dev.write(0, b"0" * EXTENT)  # dirty, not flushed
+    await s.snapshot("v", "s", paused_on="n1")
+    await s.delete("v", "s")
+    await dev.write(0, b"a" * 4096)  # copies on write; the old extent is reclaimed
+    for _ in range(2):
+        await dev.flush()
+    assert await dev.read(0, 8192) == b"a" * 4096 + b"0" * 4096
+
+
+async def test_flushing_a_fenced_access_point_fails(cluster: Cluster) -> None:
+    await cluster.meta.create_volume("v", EXTENT, replicas=1)
+    dev = await cluster.open("v", "n1")
+    await dev.write(0, b"a" * 4096)
+    await cluster.open("v", "n2", takeover=True)
+    with pytest.raises(BlockError):
+        await dev.write(0, b"b" * 4096)
+    with pytest.raises(BlockError):
+        await dev.flush()

@@ -1,0 +1,162 @@
+"""Recovery ordered against everything else the access point sees: a join never admits a
+replica that missed a write (a client took the volume over, a snapshot was taken during the
+join, an earlier join's lock was still held), and a failure after admission leaves the access
+point's view and the recovery loop intact. Each test holds one step of the join open at the
+moment another event happens."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aecp.storage.access import VolumeDevice, open_volume
+from aecp.storage.chunk.errors import ReplicaUnavailable
+from aecp.storage.meta.model import RecoveryRecord
+from aecp.storage.recovery import RecoveryPolicy, Repairer
+from aecp.storage.snapshots import SnapshotService
+from tests.unit.abskit import BLOCK, EXTENT, Cluster
+
+
+async def publish(rec: RecoveryRecord | None, extent: str) -> None:
+    pass
+
+
+async def degraded(cluster: Cluster) -> tuple[VolumeDevice, str, str]:
+    """Volume ``v`` attached on n1, its extent full, its second replica dropped (block 3
+    missed): (the access point, the extent, the dropped replica's node)."""
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    dev = await cluster.open("v", "n1")
+    await dev.write(0, b"\x11" * EXTENT)
+    vol, _ = await cluster.meta.volume("v")
+    ext_id = vol.extents[0] or ""
+    ext, _ = await cluster.meta.extent(ext_id)
+    other = next(n for n in ext.replicas if n != "n1")
+    cluster.replicas[other].down = True
+    await dev.write(3 * BLOCK, b"\x22" * 4096)
+    cluster.replicas[other].down = False
+    return dev, ext_id, other
+
+
+class Override:
+    """A replica client with one method replaced."""
+
+    def __init__(self, client: Any, name: str, method: Any) -> None:
+        self.client, self.name, self.method = client, name, method
+
+    def __getattr__(self, name: str) -> Any:
+        return self.method if name == self.name else getattr(self.client, name)
+
+
+def hold_copy(dev: VolumeDevice) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make ``dev``'s next join stop before its first copy: (copying, go_on)."""
+    copying, go_on = asyncio.Event(), asyncio.Event()
+    real_copy = dev.copy_range
+
+    async def gated_copy(*args: Any) -> None:
+        copying.set()
+        await go_on.wait()
+        await real_copy(*args)
+
+    dev.copy_range = gated_copy  # type: ignore[method-assign]
+    return copying, go_on
+
+
+async def valid_and_complete(cluster: Cluster, ext_id: str, node: str, block: int) -> bool:
+    """True unless ``node`` is a valid replica whose ``block`` differs from n1's."""
+    ext, _ = await cluster.meta.extent(ext_id)
+    at = block * BLOCK
+    good = await cluster.replicas["n1"].store.read(ext_id, at, 4096)
+    return (
+        node not in ext.replicas
+        or await cluster.replicas[node].store.read(ext_id, at, 4096) == good
+    )
+
+
+async def test_a_repair_overtaken_by_a_client_attach_does_not_admit_its_replica(
+    cluster: Cluster,
+) -> None:
+    dev, ext_id, other = await degraded(cluster)
+    await dev.flush()
+    await dev.close()
+    lease = await cluster.store.grant_lease(60)  # the Meta leader repairs the idle volume
+    rdev = await open_volume(cluster.meta, cluster.pool, "n1", "v", lease, purpose="repair")
+    copying, go_on = hold_copy(rdev)
+    repairing = asyncio.ensure_future(Repairer(rdev, RecoveryPolicy(60, 1e12), publish).run_pass())
+    await copying.wait()
+    third = ({"n1", "n2", "n3"} - {"n1", other}).pop()
+    client = await cluster.open("v", third)  # the repair attachment yields
+    await client.write(12 * BLOCK, b"\x99" * 4096)  # reaches n1 only
+    go_on.set()
+    [sentence] = await repairing
+    assert "failed" in sentence
+    assert await valid_and_complete(cluster, ext_id, other, 12)
+    await client.close()
+
+
+async def test_a_snapshot_taken_during_a_join_stays_out_of_the_joining_replica(
+    cluster: Cluster,
+) -> None:
+    dev, ext_id, other = await degraded(cluster)
+    copying, go_on = hold_copy(dev)
+    repairing = asyncio.ensure_future(Repairer(dev, RecoveryPolicy(60, 1e12), publish).run_pass())
+    await copying.wait()
+    await SnapshotService(cluster.meta, cluster.pool).snapshot("v", "s", paused_on="n1")
+    writing = asyncio.ensure_future(dev.write(12 * BLOCK, b"A" * 4096))  # copies on write
+    await asyncio.sleep(0.02)
+    go_on.set()
+    await asyncio.gather(repairing, writing)
+    # the extent is the snapshot's now: on every valid replica it still holds the old data
+    assert await cluster.replicas["n1"].store.read(ext_id, 12 * BLOCK, 4096) == b"\x11" * 4096
+    assert await valid_and_complete(cluster, ext_id, other, 12)
+
+
+async def test_a_failure_right_after_admission_keeps_writes_reaching_the_admitted_replica(
+    cluster: Cluster,
+) -> None:
+    dev, ext_id, other = await degraded(cluster)
+    flaky = cluster.replicas[other]
+
+    async def blip(*args: Any, **kw: Any) -> None:
+        raise ReplicaUnavailable(other, "blip right after admission")
+
+    cluster.pool.add(other, Override(flaky, "set_generation", blip))  # type: ignore[arg-type]
+    [sentence] = await Repairer(dev, RecoveryPolicy(60, 1e12), publish).run_pass()
+    assert "repair failed" in sentence  # a sentence: the recovery loop goes on
+    cluster.pool.add(other, flaky)  # type: ignore[arg-type]
+    await dev.write(12 * BLOCK, b"\x99" * 4096)
+    assert await valid_and_complete(cluster, ext_id, other, 12)
+
+
+async def test_a_write_still_holding_an_ended_joins_lock_is_waited_for_by_the_next_join(
+    cluster: Cluster,
+) -> None:
+    dev, ext_id, other = await degraded(cluster)
+    n1, slow = cluster.replicas["n1"], asyncio.Event()
+
+    async def write(ext: str, offset: int, *args: Any, **kw: Any) -> Any:
+        if offset == 12 * BLOCK:
+            await slow.wait()
+        return await n1.write(ext, offset, *args, **kw)
+
+    cluster.pool.add("n1", Override(n1, "write", write))  # type: ignore[arg-type]
+    await dev.begin_join(ext_id, other)
+    gate = asyncio.Event()
+
+    async def nothing_admitted() -> Any:
+        await gate.wait()
+        return (await cluster.meta.extent(ext_id))[0]
+
+    ending = asyncio.ensure_future(dev.end_join(ext_id, nothing_admitted))
+    await asyncio.sleep(0)
+    writing = asyncio.ensure_future(dev.write(12 * BLOCK, b"\x99" * 4096))  # waits on lock 1
+    await asyncio.sleep(0.01)
+    gate.set()
+    await ending
+    await asyncio.sleep(0.01)
+    assert not writing.done()
+    rep = Repairer(dev, RecoveryPolicy(60, 1e12), publish)  # the next pass: a new join
+    repairing = asyncio.ensure_future(rep.run_pass())
+    await asyncio.sleep(0.05)
+    slow.set()
+    await asyncio.gather(repairing, writing)
+    assert await valid_and_complete(cluster, ext_id, other, 12)
