@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from aecp.storage.access import split
 from aecp.storage.blockdev import Allocation, Fenced, InvalidRequest
 from aecp.storage.chunk.store import ReplicaStore
+from aecp.storage.fanout import split
 from tests.unit.abskit import EXTENT, Cluster
 
 

@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from aecp.storage.blockdev import BlockError
+from aecp.storage.dirty import DirtyExtents
 from aecp.storage.snapshots import SnapshotService
 from tests.unit.abskit import EXTENT, Cluster
 
@@ -37,7 +38,9 @@ async def test_a_flush_waits_for_the_flush_in_flight_before_it(cluster: Cluster)
     assert durable
 
 
-async def test_a_flush_after_a_failed_flush_in_flight_fails_too(cluster: Cluster) -> None:
+async def test_a_flush_after_a_failed_flush_in_flight_fails_too_if_it_fails_again(
+    cluster: Cluster,
+) -> None:
     await cluster.meta.create_volume("v", EXTENT, replicas=1)
     dev = await cluster.open("v")
     await dev.write(0, b"a" * 4096)
@@ -84,3 +87,24 @@ async def test_flushing_a_fenced_access_point_fails(cluster: Cluster) -> None:
         await dev.write(0, b"b" * 4096)
     with pytest.raises(BlockError):
         await dev.flush()
+
+
+async def test_a_flush_after_a_cancelled_one_flushes_what_that_one_left() -> None:
+    dirty, gate, flushed = DirtyExtents(), asyncio.Event(), []
+    dirty.add("x")
+
+    async def flush_one(ext_id: str) -> None:
+        await gate.wait()
+        flushed.append(ext_id)
+
+    first = asyncio.ensure_future(dirty.flush(flush_one))
+    await asyncio.sleep(0)
+    dirty.add("y")
+    second = asyncio.ensure_future(dirty.flush(flush_one))
+    await asyncio.sleep(0)
+    first.cancel()
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await second  # nothing failed: it answers, having flushed x as well
+    assert sorted(flushed) == ["x", "y"] and "x" not in dirty

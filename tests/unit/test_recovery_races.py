@@ -21,16 +21,21 @@ async def publish(rec: RecoveryRecord | None, extent: str) -> None:
     pass
 
 
-async def degraded(cluster: Cluster) -> tuple[VolumeDevice, str, str]:
-    """Volume ``v`` attached on n1, its extent full, its second replica dropped (block 3
-    missed): (the access point, the extent, the dropped replica's node)."""
+async def filled(cluster: Cluster) -> tuple[VolumeDevice, str, str]:
+    """Volume ``v`` (two replicas) attached on n1, its extent full of 0x11: (the access point,
+    the extent, the node of the replica not on n1)."""
     await cluster.meta.create_volume("v", EXTENT, replicas=2)
     dev = await cluster.open("v", "n1")
     await dev.write(0, b"\x11" * EXTENT)
     vol, _ = await cluster.meta.volume("v")
     ext_id = vol.extents[0] or ""
     ext, _ = await cluster.meta.extent(ext_id)
-    other = next(n for n in ext.replicas if n != "n1")
+    return dev, ext_id, next(n for n in ext.replicas if n != "n1")
+
+
+async def degraded(cluster: Cluster) -> tuple[VolumeDevice, str, str]:
+    """``filled``, then the second replica dropped (it missed block 3)."""
+    dev, ext_id, other = await filled(cluster)
     cluster.replicas[other].down = True
     await dev.write(3 * BLOCK, b"\x22" * 4096)
     cluster.replicas[other].down = False
@@ -45,6 +50,19 @@ class Override:
 
     def __getattr__(self, name: str) -> Any:
         return self.method if name == self.name else getattr(self.client, name)
+
+
+async def snapshot_during_join(
+    cluster: Cluster,
+) -> tuple[VolumeDevice, str, str, asyncio.Future[list[str]], asyncio.Event]:
+    """``degraded``, then a catch-up held before its first copy while a snapshot is taken as
+    for a paused VM: (..., the recovery pass running, the event that lets it go on)."""
+    dev, ext_id, other = await degraded(cluster)
+    copying, go_on = hold_copy(dev)
+    repairing = asyncio.ensure_future(Repairer(dev, RecoveryPolicy(60, 1e12), publish).run_pass())
+    await copying.wait()
+    await SnapshotService(cluster.meta, cluster.pool).snapshot("v", "s", paused_on="n1")
+    return dev, ext_id, other, repairing, go_on
 
 
 def hold_copy(dev: VolumeDevice) -> tuple[asyncio.Event, asyncio.Event]:
@@ -96,11 +114,7 @@ async def test_a_repair_overtaken_by_a_client_attach_does_not_admit_its_replica(
 async def test_a_snapshot_taken_during_a_join_stays_out_of_the_joining_replica(
     cluster: Cluster,
 ) -> None:
-    dev, ext_id, other = await degraded(cluster)
-    copying, go_on = hold_copy(dev)
-    repairing = asyncio.ensure_future(Repairer(dev, RecoveryPolicy(60, 1e12), publish).run_pass())
-    await copying.wait()
-    await SnapshotService(cluster.meta, cluster.pool).snapshot("v", "s", paused_on="n1")
+    dev, ext_id, other, repairing, go_on = await snapshot_during_join(cluster)
     writing = asyncio.ensure_future(dev.write(12 * BLOCK, b"A" * 4096))  # copies on write
     await asyncio.sleep(0.02)
     go_on.set()
@@ -160,3 +174,92 @@ async def test_a_write_still_holding_an_ended_joins_lock_is_waited_for_by_the_ne
     slow.set()
     await asyncio.gather(repairing, writing)
     assert await valid_and_complete(cluster, ext_id, other, 12)
+
+
+async def test_a_replica_admitted_after_a_snapshot_refuses_the_old_epoch_like_the_others(
+    cluster: Cluster,
+) -> None:
+    dev, ext_id, other, repairing, go_on = await snapshot_during_join(cluster)
+    go_on.set()
+    [sentence] = await repairing  # nothing written during the join: admitted
+    assert "caught up" in sentence
+    await dev.write(12 * BLOCK, b"A" * 4096)  # still under the old epoch: copies on write
+    assert await cluster.replicas["n1"].store.read(ext_id, 12 * BLOCK, 4096) == b"\x11" * 4096
+    assert await valid_and_complete(cluster, ext_id, other, 12)
+
+
+async def test_a_failed_re_replication_leaves_nothing_a_later_one_would_admit(
+    cluster: Cluster,
+) -> None:
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    dev = await cluster.open("v", "n1")
+    await dev.write(0, b"\x11" * 4096)  # block 12 never written: the source has no copy
+    vol, _ = await cluster.meta.volume("v")
+    ext_id = vol.extents[0] or ""
+    ext, _ = await cluster.meta.extent(ext_id)
+    other = next(n for n in ext.replicas if n != "n1")
+    target = ({"n1", "n2", "n3"} - {"n1", other}).pop()
+    cluster.replicas[other].down = True
+    await dev.write(BLOCK, b"\x22" * 4096)  # drops `other`
+    policy = RecoveryPolicy(0, 1e12)  # no grace: re-replicate to `target`
+    copying, go_on = hold_copy(dev)
+    first = asyncio.ensure_future(Repairer(dev, policy, publish).run_pass())
+    await copying.wait()
+    snaps = SnapshotService(cluster.meta, cluster.pool)
+    await snaps.snapshot("v", "s", paused_on="n1")
+    await dev.write(12 * BLOCK, b"A" * 4096)  # refused by n1, taken by the joiner
+    go_on.set()
+    assert "failed" in (await first)[0]
+    await dev.close()
+    await snaps.clone("v", "s", "c")
+    clone = await cluster.open("c", target)  # the clone's repair re-replicates to `target`
+    await Repairer(clone, policy, publish).run_pass()
+    assert await clone.read(12 * BLOCK, 4096) == bytes(4096)
+    assert await valid_and_complete(cluster, ext_id, target, 12)
+
+
+async def test_a_join_that_fails_after_its_last_copy_is_reported_as_failed(
+    cluster: Cluster,
+) -> None:
+    dev, ext_id, other = await degraded(cluster)
+    real_copy, writes = dev.copy_range, []
+
+    async def refuse(*args: Any, **kw: Any) -> None:
+        raise ReplicaUnavailable(other, "the joiner blips for one live write")
+
+    async def copy(*args: Any) -> None:
+        if not writes:  # a live write waits on the copy lock; the joiner fails it
+            cluster.pool.add(other, Override(cluster.replicas[other], "write", refuse))  # type: ignore[arg-type]
+            writes.append(asyncio.ensure_future(dev.write(12 * BLOCK, b"\x99" * 4096)))
+        await real_copy(*args)
+
+    dev.copy_range = copy  # type: ignore[method-assign]
+    [sentence] = await Repairer(dev, RecoveryPolicy(60, 1e12), publish).run_pass()
+    await asyncio.gather(*writes)
+    ext, _ = await cluster.meta.extent(ext_id)
+    assert other not in ext.replicas and "failed" in sentence, sentence
+
+
+async def test_a_scrub_repair_never_overwrites_a_write_acknowledged_meanwhile(
+    cluster: Cluster,
+) -> None:
+    dev, ext_id, other = await filled(cluster)
+    ext, _ = await cluster.meta.extent(ext_id)
+    n1, gate, reading = cluster.replicas["n1"], asyncio.Event(), asyncio.Event()
+
+    async def slow_read(*args: Any, **kw: Any) -> Any:
+        data = await n1.read(*args, **kw)
+        reading.set()
+        await gate.wait()
+        return data
+
+    cluster.pool.add("n1", Override(n1, "read", slow_read))  # type: ignore[arg-type]
+    rep = Repairer(dev, RecoveryPolicy(60, 1e12), publish)
+    repairing = asyncio.ensure_future(rep._repair_sectors(ext, other, [12 * BLOCK // 4096]))
+    await reading.wait()
+    cluster.pool.add("n1", n1)  # type: ignore[arg-type]
+    writing = asyncio.ensure_future(dev.write(12 * BLOCK, b"\x99" * 4096))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(repairing, writing)
+    assert await cluster.replicas[other].store.read(ext_id, 12 * BLOCK, 4096) == b"\x99" * 4096

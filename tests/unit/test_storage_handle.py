@@ -44,45 +44,83 @@ async def test_the_handle_forwards_the_fast_paths_to_its_volume() -> None:
     assert dev.calls == [("read_nowait", (4096, 8)), ("write_nowait", (0, b"w"))]
 
 
+class Device:
+    """A volume device that records what is done to it; its flush waits for ``gate``."""
+
+    size = 1 << 20
+
+    def __init__(self, n: int, events: list[str], gate: asyncio.Event, fail: bool) -> None:
+        self.n, self.events, self.gate, self.fail = n, events, gate, fail
+
+    async def flush(self) -> None:
+        self.events.append(f"flush {self.n}")
+        await self.gate.wait()
+        if self.fail:
+            raise OSError(5, "Input/output error")
+
+    async def close(self) -> None:
+        self.events.append(f"closed {self.n}")
+
+
+def daemon(
+    monkeypatch: pytest.MonkeyPatch, events: list[str], gate: asyncio.Event, fail: bool = False
+) -> StorageDaemon:
+    """A storage daemon whose exports open ``Device``s (only its export bookkeeping runs)."""
+    opened: list[Device] = []
+
+    async def open_volume(*args: Any, **kw: Any) -> Device:
+        opened.append(Device(len(opened), events, gate, fail))
+        events.append(f"opened {opened[-1].n}")
+        return opened[-1]
+
+    monkeypatch.setattr("aecp.node.storage.open_volume", open_volume)
+    d = StorageDaemon.__new__(StorageDaemon)
+    d.keeper = cast(Any, SimpleNamespace(lease=object(), held=lambda: True))
+    d.meta, d.pool, d.node = cast(Any, None), cast(Any, None), "n1"
+    d._lock, d._exports, d._closing = asyncio.Lock(), {}, {}
+    return d
+
+
 async def test_reopening_a_volume_waits_until_its_last_close_has_flushed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A FLUSH on the new device must cover the writes the old device acknowledged.
     events: list[str] = []
     gate = asyncio.Event()
-
-    class Device:
-        size = 1 << 20
-
-        def __init__(self, n: int) -> None:
-            self.n = n
-
-        async def flush(self) -> None:
-            events.append(f"flush {self.n}")
-            await gate.wait()
-
-        async def close(self) -> None:
-            events.append(f"closed {self.n}")
-
-    opened: list[Device] = []
-
-    async def open_volume(*args: Any, **kw: Any) -> Device:
-        opened.append(Device(len(opened)))
-        events.append(f"opened {opened[-1].n}")
-        return opened[-1]
-
-    monkeypatch.setattr("aecp.node.storage.open_volume", open_volume)
-    daemon = StorageDaemon.__new__(StorageDaemon)  # only the export bookkeeping is used
-    daemon.keeper = cast(Any, SimpleNamespace(lease=object(), held=lambda: True))
-    daemon.meta, daemon.pool, daemon.node = cast(Any, None), cast(Any, None), "n1"
-    daemon._lock, daemon._exports, daemon._closing = asyncio.Lock(), {}, {}
-    first = await daemon.open_export("v")
+    d = daemon(monkeypatch, events, gate)
+    first = await d.open_export("v")
     closing = asyncio.ensure_future(first.close())
     await asyncio.sleep(0)
-    reopening = asyncio.ensure_future(daemon.open_export("v"))
+    reopening = asyncio.ensure_future(d.open_export("v"))
     await asyncio.sleep(0.01)
     assert not reopening.done()
     gate.set()
     await closing
     await reopening
     assert events == ["opened 0", "flush 0", "closed 0", "opened 1"]
+
+
+async def test_a_handle_from_before_a_lost_lease_leaves_the_new_device_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events: list[str] = []
+    gate = asyncio.Event()
+    gate.set()
+    d = daemon(monkeypatch, events, gate)
+    old = await d.open_export("v")
+    await d._close_exports()  # the storage lease was lost
+    await d.open_export("v")  # back, and the client reconnected
+    await old.close()  # the old connection goes away only now
+    assert events == ["opened 0", "flush 0", "closed 0", "opened 1"]
+
+
+async def test_the_last_close_detaches_even_when_its_flush_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events: list[str] = []
+    gate = asyncio.Event()
+    gate.set()
+    handle = await daemon(monkeypatch, events, gate, fail=True).open_export("v")
+    with pytest.raises(OSError):
+        await handle.close()
+    assert events == ["opened 0", "flush 0", "closed 0"]

@@ -82,7 +82,7 @@ class _Handle(BlockDevice):
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            await self.daemon.release(self.name)
+            await self.daemon.release(self.name, self.dev)
 
 
 class StorageDaemon:
@@ -206,15 +206,22 @@ class StorageDaemon:
         try:
             async with self._lock:
                 attached = {name: dev for name, (dev, _) in self._exports.items()}
-            for dev in attached.values():
-                await self._work(dev, what)
+            for name, dev in attached.items():
+                await self._guarded(name, what, self._work(dev, what))
             if await self.election.check(lease):
                 for name in await self._idle_volumes(set(attached), degraded_only):
-                    await self._work_idle(name, lease, what)
+                    await self._guarded(name, what, self._work_idle(name, lease, what))
         except AecpError as exc:
             log.warning("node %s: %s pass stopped: %s", self.node, what, exc)
-        except Exception:  # a bug in one pass must not end the loop for the whole node
-            log.exception("node %s: %s pass failed", self.node, what)
+
+    async def _guarded(self, name: str, what: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run one volume's work; its failure is logged and the pass goes on to the next."""
+        try:
+            await work
+        except AecpError as exc:
+            log.warning("volume %s: %s stopped: %s", name, what, exc)
+        except Exception:  # a bug on one volume must not stop the others, nor the loop
+            log.exception("volume %s: %s failed", name, what)
 
     async def _work(self, dev: VolumeDevice, what: str) -> None:
         rep = Repairer(dev, self._policy(), self._publish)
@@ -263,49 +270,67 @@ class StorageDaemon:
             self._exports.clear()
         for d in devs:
             with contextlib.suppress(Exception):
-                await d.flush()
-                await d.close()
+                await _flush_and_close(d)
 
     # ---- NBD exports ----------------------------------------------------------------------
     async def list_exports(self) -> list[str]:
         return sorted(v.name for v in await self.meta.volumes())
 
     async def open_export(self, name: str) -> BlockDevice:
-        """A handle on volume ``name`` (attached here on first use). ``KeyError`` if unknown."""
+        """A handle on volume ``name`` (attached here on first use). ``KeyError`` if unknown.
+        While the volume's last handle is still being closed (flushed, detached), waits for
+        that first: a FLUSH through the new handle must cover what the old one acknowledged."""
+        while True:
+            if (closing := self._closing.get(name)) is not None:
+                await asyncio.shield(closing)
+                continue
+            async with self._lock:
+                if name in self._closing:
+                    continue  # a close began meanwhile
+                return await self._open_locked(name)
+
+    async def _open_locked(self, name: str) -> BlockDevice:
         lease = self.keeper.lease
         if lease is None or not self.keeper.held():
             raise Unavailable(f"node {self.node} holds no storage lease")
-        async with self._lock:
-            entry = self._exports.get(name)
-            if entry is None and (closing := self._closing.get(name)) is not None:
-                await asyncio.shield(closing)  # its flush first: FLUSHes here cover those writes
-            if entry is None:
-                try:
-                    dev = await open_volume(self.meta, self.pool, self.node, name, lease)
-                except NotFound:
-                    raise KeyError(name) from None
-                entry = (dev, 0)
-            self._exports[name] = (entry[0], entry[1] + 1)
-            return _Handle(self, name, entry[0])
+        entry = self._exports.get(name)
+        if entry is None:
+            try:
+                dev = await open_volume(self.meta, self.pool, self.node, name, lease)
+            except NotFound:
+                raise KeyError(name) from None
+            entry = (dev, 0)
+        self._exports[name] = (entry[0], entry[1] + 1)
+        return _Handle(self, name, entry[0])
 
-    async def release(self, name: str) -> None:
+    async def release(self, name: str, dev: VolumeDevice) -> None:
+        """One handle on ``dev`` closed; the last one flushes and detaches it. A handle whose
+        device was closed already (the lease was lost, then the volume opened again) leaves
+        the new device alone."""
         async with self._lock:
             entry = self._exports.get(name)
-            if entry is None:
+            if entry is None or entry[0] is not dev:
                 return
-            dev, refs = entry
+            refs = entry[1]
             if refs > 1:
                 self._exports[name] = (dev, refs - 1)
                 return
             del self._exports[name]
             closing = self._closing[name] = asyncio.get_running_loop().create_future()
         try:
-            await dev.flush()
-            await dev.close()
+            await _flush_and_close(dev)
         finally:
             closing.set_result(None)
             if self._closing.get(name) is closing:
                 del self._closing[name]
+
+
+async def _flush_and_close(dev: VolumeDevice) -> None:
+    """Flush, then detach even if the flush failed (the error is raised after)."""
+    try:
+        await dev.flush()
+    finally:
+        await dev.close()
 
 
 def _bytes_used(root: Path) -> int:

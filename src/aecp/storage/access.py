@@ -17,12 +17,11 @@ committed to the volume's table (see ``meta.service`` for the ordering rules).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aecp.common.errors import AecpError, NoCapacity, NotFound
 from aecp.storage.blockdev import (
@@ -43,6 +42,18 @@ from aecp.storage.chunk.errors import (
     StaleEpoch,
 )
 from aecp.storage.dirty import DirtyExtents
+from aecp.storage.fanout import (
+    FanIn,
+    Piece,
+    ReplicaOp,
+    as_block_error,
+    clip_runs,
+    fan_out,
+    fence_op,
+    flush_op,
+    split,
+    unavailable,
+)
 from aecp.storage.meta.model import (
     ExtentRecord,
     Holder,
@@ -58,28 +69,6 @@ from aecp.store.base import Lease
 log = logging.getLogger(__name__)
 SECTOR = 4096
 COPY_CHUNK = 1 << 20
-ReplicaOp = Callable[[ReplicaClient, ExtentRecord], Awaitable[object]]
-
-
-@dataclass(frozen=True)
-class Piece:
-    """The part of a request that falls in one extent slot."""
-
-    slot: int
-    offset: int  # inside the extent
-    length: int
-    at: int  # offset of the piece inside the request
-
-
-def split(offset: int, length: int, extent_size: int) -> Iterator[Piece]:
-    """Cut ``[offset, offset+length)`` at extent boundaries."""
-    at = 0
-    while at < length:
-        pos = offset + at
-        slot, inside = divmod(pos, extent_size)
-        n = min(length - at, extent_size - inside)
-        yield Piece(slot, inside, n, at)
-        at += n
 
 
 class VolumeDevice(BlockDevice):
@@ -172,6 +161,12 @@ class VolumeDevice(BlockDevice):
         return sorted(ext.replicas, key=lambda n: n != self.node)
 
     async def _repair(self, ext_id: str, good: str, bad: list[tuple[str, ChecksumError]]) -> None:
+        async with self.quiesced(ext_id):  # else a write could land between read and repair
+            await self._repair_now(ext_id, good, bad)
+
+    async def _repair_now(
+        self, ext_id: str, good: str, bad: list[tuple[str, ChecksumError]]
+    ) -> None:
         src = await self.pool.client(good)
         for node, exc in bad:
             sectors = exc.sectors
@@ -239,7 +234,7 @@ class VolumeDevice(BlockDevice):
             return None
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        fan_in = _FanIn(len(clients), self._written, (ext_id, slot, inside, data, done))
+        fan_in = FanIn(len(clients), self._written, (ext_id, slot, inside, data, done))
         epoch, generation = self.epoch, ext.generation
         for client in clients:
             assert client is not None
@@ -346,7 +341,7 @@ class VolumeDevice(BlockDevice):
 
     async def _flush_extent(self, ext_id: str) -> None:
         try:
-            await self._replicate(ext_id, _flush_op(ext_id), dirty=False)
+            await self._replicate(ext_id, flush_op(ext_id), dirty=False)
         except NotFound:  # reclaimed since (copied on write, then its snapshot deleted)
             log.info("volume %s: extent %s is gone: nothing to flush", self.vol.name, ext_id)
 
@@ -378,7 +373,7 @@ class VolumeDevice(BlockDevice):
             if joiner is not None:
                 targets = [*targets, joiner]
             clients = [self.pool.cached(n) or await self._client_or_none(n) for n in targets]
-            results = await fan_out([op(c, ext) if c else _unavailable() for c in clients])
+            results = await fan_out([op(c, ext) if c else unavailable() for c in clients])
             if joiner is not None and any(isinstance(r, BaseException) for r in results):
                 # the joiner failed, or has what the others refused (a newer epoch: this
                 # write is redone elsewhere, e.g. copied on write after a snapshot)
@@ -390,7 +385,7 @@ class VolumeDevice(BlockDevice):
                 elif isinstance(res, ReplicaUnavailable | ChunkIOError):
                     failed.append(node)
                 elif isinstance(res, BaseException):
-                    raise _as_block_error(res)
+                    raise as_block_error(res)
             if not failed:
                 return
             if len(failed) == len(ext.replicas):
@@ -406,12 +401,17 @@ class VolumeDevice(BlockDevice):
         """From now on live writes of the extent also go to ``node``; returns once every write
         that started before is done (so a copy listed afterwards misses nothing)."""
         self._check_live()
-        lock = self._copy_locks.setdefault(ext_id, asyncio.Lock())
-        async with lock:
-            while self._active.get(ext_id, 0):  # noqa: ASYNC110 - a few in-flight writes
-                await asyncio.sleep(0.001)
-            self._join_failed.discard(ext_id)
-            self._joining[ext_id] = node
+        lock, mine = await self._take(ext_id)
+        try:
+            await self._drained(ext_id)
+        except BaseException:
+            if mine:
+                self._unregister(ext_id, lock)
+            raise
+        finally:
+            lock.release()
+        self._join_failed.discard(ext_id)
+        self._joining[ext_id] = node
 
     async def copy_range(
         self, ext_id: str, src: ReplicaClient, dst: ReplicaClient, offset: int, length: int
@@ -432,22 +432,21 @@ class VolumeDevice(BlockDevice):
         touch the extent) records it as valid and returns the new extent record; None aborts.
         A join that failed, or an access point fenced or closed meanwhile, admits nothing.
         Ending a join that already ended does nothing."""
-        lock = self._copy_locks.get(ext_id)
-        if lock is None:
+        if ext_id not in self._joining:
             return
+        lock = self._copy_locks[ext_id]
         try:
             async with lock:
-                if admit is not None and ext_id not in self._join_failed:
+                if admit is not None:
                     self._check_live()
-                    try:
-                        self._keep(await admit())
-                    except BaseException:
-                        self._extents.pop(ext_id, None)  # Meta may have admitted it: re-read
-                        raise
+                    if ext_id in self._join_failed:
+                        node = self._joining.get(ext_id, "?")
+                        raise ChunkError(f"extent {ext_id}: {node} failed while joining")
+                    await self._admit_under_lock(ext_id, admit)
         finally:
             self._joining.pop(ext_id, None)
             self._join_failed.discard(ext_id)
-            self._copy_locks.pop(ext_id, None)
+            self._unregister(ext_id, lock)
 
     def refresh(self, vol: VolumeRecord, rev: int, extents: dict[str, ExtentRecord]) -> None:
         """Adopt the metadata Meta held when read (the recovery loop reads it every pass):
@@ -457,6 +456,62 @@ class VolumeDevice(BlockDevice):
         for ext_id in self._extents.keys() & extents.keys():
             if ext_id not in self._copy_locks:
                 self._keep(extents[ext_id])
+
+    async def _admit_under_lock(
+        self, ext_id: str, admit: Callable[[], Awaitable[ExtentRecord]]
+    ) -> None:
+        try:
+            self._keep(await admit())
+        except Exception:  # Meta may have admitted it before the failure: read what it holds
+            try:
+                self._extents[ext_id] = (await self.meta.extent(ext_id))[0]
+            except AecpError:
+                self._extents.pop(ext_id, None)
+            raise
+        except BaseException:
+            self._extents.pop(ext_id, None)
+            raise
+
+    @contextlib.asynccontextmanager
+    async def quiesced(self, ext_id: str) -> AsyncIterator[None]:
+        """Inside the block no write to the extent runs (they wait): for repairs, which read
+        good data from one replica and write it to another."""
+        lock, mine = await self._take(ext_id)
+        try:
+            await self._drained(ext_id)
+            yield
+        finally:
+            if mine:
+                self._unregister(ext_id, lock)
+            lock.release()
+
+    async def _take(self, ext_id: str) -> tuple[asyncio.Lock, bool]:
+        """Acquire the extent's current copy lock, registering a new one if there is none:
+        (the lock, whether this call registered it). A lock acquired after its owner dropped
+        it is released and the current one sought again. The caller releases the lock, and
+        unregisters one it registered, when done."""
+        while True:
+            lock = self._copy_locks.get(ext_id)
+            mine = lock is None
+            if lock is None:
+                lock = self._copy_locks[ext_id] = asyncio.Lock()
+            try:
+                await lock.acquire()
+            except BaseException:
+                if mine:
+                    self._unregister(ext_id, lock)
+                raise
+            if self._copy_locks.get(ext_id) is lock:
+                return lock, mine
+            lock.release()
+
+    def _unregister(self, ext_id: str, lock: asyncio.Lock) -> None:
+        if self._copy_locks.get(ext_id) is lock:
+            del self._copy_locks[ext_id]
+
+    async def _drained(self, ext_id: str) -> None:
+        while self._active.get(ext_id, 0):  # noqa: ASYNC110 - a few in-flight writes
+            await asyncio.sleep(0.001)
 
     def _keep(self, ext: ExtentRecord) -> ExtentRecord:
         """Hold ``ext`` unless the record held for that extent is newer (a higher generation:
@@ -607,7 +662,7 @@ class VolumeDevice(BlockDevice):
                 if r is None:
                     await (await self.pool.client(n)).delete(ext.id)
                 elif not isinstance(r, ReplicaUnavailable | ChunkIOError):
-                    raise _as_block_error(r)
+                    raise as_block_error(r)
 
     async def _create_on(self, node: str, ext: ExtentRecord) -> BaseException | None:
         try:
@@ -633,7 +688,7 @@ class VolumeDevice(BlockDevice):
                 break
             except ReplicaUnavailable:
                 continue
-        return _clip(runs, p.offset, p.length)
+        return clip_runs(runs, p.offset, p.length)
 
     # ---- fencing ------------------------------------------------------------------------
     async def _stale_epoch(self, why: str, used: int) -> None:
@@ -649,8 +704,7 @@ class VolumeDevice(BlockDevice):
                 vol, rev = await self.meta.volume(self.vol.name)
                 if att.epoch > self.epoch:
                     self._adopt(vol, rev)
-                    self.epoch = att.epoch
-                    self._extents.clear()
+                    self.epoch = att.epoch  # extent records are unchanged by a snapshot
                     log.info("volume %s: adopted epoch %d after a snapshot", vol.name, att.epoch)
             raise _Reepoched
         self._fence(why)
@@ -677,7 +731,7 @@ class VolumeDevice(BlockDevice):
         for ext_id in {x for x in self.vol.extents if x}:
             if not writable_in_place(await self._extent(ext_id), self.vol):
                 continue
-            await self._replicate(ext_id, _fence_op(ext_id, self.epoch), dirty=False)
+            await self._replicate(ext_id, fence_op(ext_id, self.epoch), dirty=False)
 
     @property
     def holder(self) -> Holder:
@@ -712,82 +766,5 @@ async def open_volume(
     return dev
 
 
-def _clip(runs: list[tuple[int, int, bool]], offset: int, length: int) -> list[Span]:
-    spans: list[Span] = []
-    end = offset + length
-    for start, n, valid in runs:
-        lo, hi = max(start, offset), min(start + n, end)
-        if lo >= hi:
-            continue
-        flags = Allocation.DATA if valid else Allocation.HOLE | Allocation.ZERO
-        if spans and spans[-1].flags == flags:
-            spans[-1] = Span(spans[-1].length + hi - lo, flags)
-        else:
-            spans.append(Span(hi - lo, flags))
-    return spans or [Span(length, Allocation.HOLE | Allocation.ZERO)]
-
-
 class _Reepoched(Exception):
     """The access point adopted a newer epoch: redo the request from the start."""
-
-
-def _flush_op(ext_id: str) -> ReplicaOp:
-    def op(c: ReplicaClient, e: ExtentRecord) -> Awaitable[object]:
-        return c.flush(ext_id)
-
-    return op
-
-
-def _fence_op(ext_id: str, epoch: int) -> ReplicaOp:
-    def op(c: ReplicaClient, e: ExtentRecord) -> Awaitable[object]:
-        return c.fence(ext_id, epoch)
-
-    return op
-
-
-async def fan_out(aws: list[Awaitable[object]]) -> list[object]:
-    """``asyncio.gather(*aws, return_exceptions=True)``, but the first awaitable runs in the
-    calling task: the usual single-replica case creates no task at all. If the caller is
-    cancelled, the others are cancelled too."""
-    rest = [asyncio.ensure_future(a) for a in aws[1:]]
-    try:
-        first: object = await aws[0]
-    except asyncio.CancelledError:
-        for t in rest:
-            t.cancel()
-        raise
-    except Exception as exc:
-        first = exc
-    if not rest:
-        return [first]
-    return [first, *await asyncio.gather(*rest, return_exceptions=True)]
-
-
-class _FanIn:
-    """Waits for the replica writes of one ``write_nowait``: once all are done, calls
-    ``then(failed, *args)``, ``failed`` telling whether any raised or was cancelled."""
-
-    __slots__ = ("args", "failed", "left", "then")
-
-    def __init__(self, count: int, then: Callable[..., None], args: tuple[Any, ...]) -> None:
-        self.left = count
-        self.failed = False
-        self.then = then
-        self.args = args
-
-    def one_done(self, fut: asyncio.Future[Any]) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            self.failed = True
-        self.left -= 1
-        if not self.left:
-            self.then(self.failed, *self.args)
-
-
-async def _unavailable() -> None:
-    raise ReplicaUnavailable("-", "no storage server registered for the node")
-
-
-def _as_block_error(exc: BaseException) -> BaseException:
-    if isinstance(exc, AecpError) and not isinstance(exc, BlockError):
-        return BlockError(f"replica error: {exc}")
-    return exc

@@ -117,7 +117,8 @@ class Repairer:
         await dst.create(ext.id, ext.size, epoch=self.dev.epoch, generation=0)
 
         async def ranges() -> list[tuple[int, int]]:
-            return await src.modified_since(ext.id, 0)
+            # the target's own blocks too: an earlier attempt may have left some behind
+            return _union(await src.modified_since(ext.id, 0), await dst.modified_since(ext.id, 0))
 
         copied = await self._join(ext, target, src, dst, ranges, "re-replicate", lost)
         if lost:
@@ -147,6 +148,8 @@ class Repairer:
         finally:
             if not admitted:
                 await self.dev.end_join(ext.id, None)
+                if kind == "re-replicate":
+                    await self._drop_leftover(ext.id, node)
             await self.publish(None, ext.id)
         self.copied_last = copied
         return copied
@@ -154,8 +157,17 @@ class Repairer:
     async def _admit(
         self, ext_id: str, node: str, dst: ReplicaClient, replaces: str | None
     ) -> ExtentRecord:
+        """Make the copy valid: fenced at the attachment's epoch (a snapshot taken during the
+        join fenced only the valid replicas), durable, then admitted by Meta while this access
+        point still holds that attachment at that epoch."""
+        att = await self.meta.attachment(self.dev.vol.name)
+        if att is None or not self.dev.holder.holds(att):
+            raise ChunkError(f"extent {ext_id}: the volume is no longer attached here")
+        await dst.fence(ext_id, att.epoch)
         await dst.flush(ext_id)
-        new = await self.meta.admit_replica(ext_id, node, self.dev.holder, replaces=replaces)
+        new = await self.meta.admit_replica(
+            ext_id, node, self.dev.holder, epoch=att.epoch, replaces=replaces
+        )
         await dst.set_generation(ext_id, new.generation)
         return new
 
@@ -204,6 +216,17 @@ class Repairer:
                     await self.publish(rec.model_copy(update={"copied_bytes": copied}), ext.id)
         return copied
 
+    async def _drop_leftover(self, ext_id: str, node: str) -> None:
+        """Delete what a failed re-replication left on ``node``, unless Meta made it valid
+        (a failure after the admission)."""
+        try:
+            ext, _ = await self.meta.extent(ext_id)
+        except AecpError as exc:
+            log.info("extent %s: copy on %s left as it is (%s)", ext_id, node, exc)
+            return
+        if node not in ext.replicas:
+            await self._delete_quietly(node, ext_id)
+
     async def _delete_quietly(self, node: str, ext_id: str) -> None:
         try:
             await (await self.pool.client(node)).delete(ext_id)
@@ -230,6 +253,10 @@ class Repairer:
         return out
 
     async def _repair_sectors(self, ext: ExtentRecord, node: str, sectors: list[int]) -> str:
+        async with self.dev.quiesced(ext.id):  # else a write could land between read and repair
+            return await self._repair_sectors_now(ext, node, sectors)
+
+    async def _repair_sectors_now(self, ext: ExtentRecord, node: str, sectors: list[int]) -> str:
         dst = await self.pool.client(node)
         for good in (n for n in ext.replicas if n != node):
             src = await self.pool.client(good)

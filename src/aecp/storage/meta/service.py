@@ -301,20 +301,26 @@ class MetaService:
         raise Conflict(f"extent {extent_id} keeps changing; try again")
 
     async def admit_replica(
-        self, extent_id: str, node: str, holder: Holder, replaces: str | None = None
+        self,
+        extent_id: str,
+        node: str,
+        holder: Holder,
+        epoch: int,
+        replaces: str | None = None,
     ) -> ExtentRecord:
         """Make ``node`` a valid replica again after it copied what it lacked (catch-up), or as
         a new replica that ``replaces`` a lost one (re-replication). Bumps the generation.
 
         Only the access point that ordered the copy against the live writes may admit it: the
-        change is made only while ``holder`` still holds its volume's attachment (and
-        otherwise ``InvalidState``: a client that attached since may have written what the
-        copy lacks)."""
+        change is made only while ``holder`` still holds its volume's attachment at ``epoch``
+        (the epoch the new replica was fenced at); otherwise ``InvalidState``: a client that
+        attached since may have written what the copy lacks, and a snapshot since may have
+        made older-epoch writes unwelcome on the other replicas only."""
         for _ in range(RETRIES):
             ext, rev = await self.extent(extent_id)
             att = await self.store.get(keys.abs_attach(holder.volume))
             rec = AttachRecord.load(att.value) if att else None
-            if att is None or rec is None or not holder.holds(rec):
+            if att is None or rec is None or not holder.holds(rec) or rec.epoch != epoch:
                 raise InvalidState(
                     f"volume {holder.volume}: no longer attached by this access point; "
                     f"replica of extent {extent_id} on {node} not admitted"
