@@ -99,6 +99,8 @@ async def test_an_older_epoch_is_refused_and_changes_nothing(store: ReplicaStore
         store.trim("e1", 0, 4 * KIB, epoch=2, generation=9),
         store.write_zeroes("e1", 0, 4 * KIB, epoch=1, generation=9),
         store.fence("e1", 2),
+        store.repair("e1", 0, b"x" * 4 * KIB, epoch=2),
+        store.delete("e1", epoch=2),  # a leftover another access point fenced since
     ):
         with pytest.raises(StaleEpoch) as err:
             await attempt

@@ -108,3 +108,25 @@ async def test_a_flush_after_a_cancelled_one_flushes_what_that_one_left() -> Non
         await first
     await second  # nothing failed: it answers, having flushed x as well
     assert sorted(flushed) == ["x", "y"] and "x" not in dirty
+
+
+async def test_a_flush_covers_what_a_failed_flush_before_it_put_back() -> None:
+    dirty, fail_first, calls = DirtyExtents(), asyncio.Event(), []
+
+    async def flush_one(ext_id: str) -> None:
+        calls.append(ext_id)
+        if calls.count("a") == 1 and ext_id == "a":
+            await fail_first.wait()
+            raise OSError(5, "Input/output error")
+
+    dirty.add("a")  # a write acknowledged before both FLUSHes
+    first = asyncio.ensure_future(dirty.flush(flush_one))
+    await asyncio.sleep(0)
+    dirty.add("b")
+    second = asyncio.ensure_future(dirty.flush(flush_one))
+    await asyncio.sleep(0)
+    fail_first.set()
+    with pytest.raises(OSError):
+        await first
+    await second
+    assert calls.count("a") == 2 and "a" not in dirty  # the second made `a` durable itself

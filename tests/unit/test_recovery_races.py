@@ -12,6 +12,7 @@ from typing import Any
 from aecp.storage.access import VolumeDevice, open_volume
 from aecp.storage.chunk.errors import ReplicaUnavailable
 from aecp.storage.meta.model import RecoveryRecord
+from aecp.storage.pool import ReplicaPool
 from aecp.storage.recovery import RecoveryPolicy, Repairer
 from aecp.storage.snapshots import SnapshotService
 from tests.unit.abskit import BLOCK, EXTENT, Cluster
@@ -240,26 +241,62 @@ async def test_a_join_that_fails_after_its_last_copy_is_reported_as_failed(
     assert other not in ext.replicas and "failed" in sentence, sentence
 
 
-async def test_a_scrub_repair_never_overwrites_a_write_acknowledged_meanwhile(
+async def test_a_replica_a_snapshot_could_not_fence_is_dropped_when_it_takes_an_old_write(
     cluster: Cluster,
 ) -> None:
     dev, ext_id, other = await filled(cluster)
+    pool = ReplicaPool(cluster.meta)  # the snapshot's own view: `other` blips as it fences
+    for node, client in cluster.replicas.items():
+        pool.add(node, client)  # type: ignore[arg-type]
+
+    async def blip(*args: Any, **kw: Any) -> Any:
+        raise ReplicaUnavailable(other, "blip during the snapshot's fence")
+
+    pool.add(other, Override(cluster.replicas[other], "fence", blip))  # type: ignore[arg-type]
+    await SnapshotService(cluster.meta, pool).snapshot("v", "s", paused_on="n1")
+    await dev.write(12 * BLOCK, b"A" * 4096)  # old epoch: n1 refuses, `other` takes it
+    ext, _ = await cluster.meta.extent(ext_id)  # the snapshot's extent now
+    assert ext.replicas == ["n1"] and other in ext.stale
+    assert await cluster.replicas["n1"].store.read(ext_id, 12 * BLOCK, 4096) == b"\x11" * 4096
+    await dev.close()
+    await SnapshotService(cluster.meta, cluster.pool).clone("v", "s", "c")
+    clone = await cluster.open("c", "n1")  # the extent is in the clone's table: it repairs it
+    await Repairer(clone, RecoveryPolicy(60, 1e12), publish).run_pass()  # `other` catches up
     ext, _ = await cluster.meta.extent(ext_id)
-    n1, gate, reading = cluster.replicas["n1"], asyncio.Event(), asyncio.Event()
+    assert other in ext.replicas
+    assert await cluster.replicas[other].store.read(ext_id, 12 * BLOCK, 4096) == b"\x11" * 4096
 
-    async def slow_read(*args: Any, **kw: Any) -> Any:
-        data = await n1.read(*args, **kw)
-        reading.set()
-        await gate.wait()
-        return data
 
-    cluster.pool.add("n1", Override(n1, "read", slow_read))  # type: ignore[arg-type]
-    rep = Repairer(dev, RecoveryPolicy(60, 1e12), publish)
-    repairing = asyncio.ensure_future(rep._repair_sectors(ext, other, [12 * BLOCK // 4096]))
-    await reading.wait()
-    cluster.pool.add("n1", n1)  # type: ignore[arg-type]
-    writing = asyncio.ensure_future(dev.write(12 * BLOCK, b"\x99" * 4096))
-    await asyncio.sleep(0.01)
-    gate.set()
-    await asyncio.gather(repairing, writing)
-    assert await cluster.replicas[other].store.read(ext_id, 12 * BLOCK, 4096) == b"\x99" * 4096
+async def test_a_failed_re_replication_never_deletes_a_copy_another_access_point_admits(
+    cluster: Cluster,
+) -> None:
+    dev, ext_id, other = await filled(cluster)
+    await dev.flush()
+    await dev.close()
+    snaps = SnapshotService(cluster.meta, cluster.pool)
+    await snaps.snapshot("v", "s")
+    await snaps.clone("v", "s", "c")  # the extent is shared by v, s and c
+    await cluster.meta.drop_replica(ext_id, other)
+    target = ({"n1", "n2", "n3"} - {"n1", other}).pop()
+    policy = RecoveryPolicy(0, 1e12)  # no grace: both re-replicate to `target`
+    v = await cluster.open("v", "n1")
+    pool, held, go_on = ReplicaPool(cluster.meta), asyncio.Event(), asyncio.Event()
+    for node, client in cluster.replicas.items():
+        pool.add(node, client)  # type: ignore[arg-type]
+    tgt = cluster.replicas[target]
+
+    async def flush_then_hold(*args: Any) -> Any:  # c's admission: fenced, flushed, not in Meta
+        await tgt.flush(*args)
+        held.set()
+        await go_on.wait()
+
+    pool.add(target, Override(tgt, "flush", flush_then_hold))  # type: ignore[arg-type]
+    c = await open_volume(cluster.meta, pool, "n3", "c", await cluster.store.grant_lease(3600))
+    c_pass = asyncio.ensure_future(Repairer(c, policy, publish).run_pass())
+    await held.wait()
+    v_pass = asyncio.ensure_future(Repairer(v, policy, publish).run_pass())  # fails: StaleEpoch
+    await asyncio.sleep(0.02)
+    go_on.set()
+    await asyncio.gather(c_pass, v_pass)
+    ext, _ = await cluster.meta.extent(ext_id)
+    assert target in ext.replicas and await tgt.store.exists(ext_id)

@@ -100,7 +100,7 @@ class VolumeDevice(BlockDevice):
         self._copy_locks: dict[str, asyncio.Lock] = {}
         self._joining: dict[str, str] = {}
         self._join_failed: set[str] = set()
-        self._redos: set[asyncio.Future[None]] = set()  # write_nowait retries running
+        self._redos: set[asyncio.Future[None]] = set()  # write_nowait retries, join endings
         self.ap = ap
 
     # ---- reads --------------------------------------------------------------------------
@@ -167,6 +167,11 @@ class VolumeDevice(BlockDevice):
     async def _repair_now(
         self, ext_id: str, good: str, bad: list[tuple[str, ChecksumError]]
     ) -> None:
+        if good not in await self.replicas_of(ext_id):
+            log.info(
+                "volume %s: %s dropped from %s meanwhile: no repair", self.vol.name, good, ext_id
+            )
+            return
         src = await self.pool.client(good)
         for node, exc in bad:
             sectors = exc.sectors
@@ -174,7 +179,7 @@ class VolumeDevice(BlockDevice):
                 dst = await self.pool.client(node)
                 for s in sectors:
                     data = await src.read(ext_id, s * SECTOR, SECTOR)
-                    await dst.repair(ext_id, s * SECTOR, data)
+                    await dst.repair(ext_id, s * SECTOR, data, self.epoch)
                 await dst.flush(ext_id)
                 log.info(
                     "volume %s: repaired %d sectors of extent %s on %s from %s",
@@ -379,9 +384,15 @@ class VolumeDevice(BlockDevice):
                 # write is redone elsewhere, e.g. copied on write after a snapshot)
                 self._join_failed.add(ext_id)
             failed = []
-            for node, res in zip(ext.replicas, results, strict=False):
+            valid = results[: len(ext.replicas)]
+            for node, res in zip(ext.replicas, valid, strict=True):
                 if isinstance(res, StaleEpoch):
-                    await self._stale_epoch(str(res), res.epoch)
+                    took = [
+                        n
+                        for n, r in zip(ext.replicas, valid, strict=True)
+                        if not isinstance(r, BaseException)
+                    ]
+                    await self._stale_epoch(str(res), res.epoch, ext, took)
                 elif isinstance(res, ReplicaUnavailable | ChunkIOError):
                     failed.append(node)
                 elif isinstance(res, BaseException):
@@ -436,17 +447,32 @@ class VolumeDevice(BlockDevice):
             return
         lock = self._copy_locks[ext_id]
         try:
-            async with lock:
-                if admit is not None:
-                    self._check_live()
-                    if ext_id in self._join_failed:
-                        node = self._joining.get(ext_id, "?")
-                        raise ChunkError(f"extent {ext_id}: {node} failed while joining")
-                    await self._admit_under_lock(ext_id, admit)
+            await lock.acquire()
+        except BaseException:  # cancelled while a repair holds it: end the join after that
+            later = asyncio.ensure_future(self._end_join_later(ext_id, lock))
+            self._redos.add(later)
+            later.add_done_callback(self._redos.discard)
+            raise
+        try:
+            if admit is not None:
+                self._check_live()
+                if ext_id in self._join_failed:
+                    node = self._joining.get(ext_id, "?")
+                    raise ChunkError(f"extent {ext_id}: {node} failed while joining")
+                await self._admit_under_lock(ext_id, admit)
         finally:
-            self._joining.pop(ext_id, None)
-            self._join_failed.discard(ext_id)
-            self._unregister(ext_id, lock)
+            self._ended(ext_id, lock)
+
+    async def _end_join_later(self, ext_id: str, lock: asyncio.Lock) -> None:
+        await lock.acquire()
+        self._ended(ext_id, lock)
+
+    def _ended(self, ext_id: str, lock: asyncio.Lock) -> None:
+        """The join is over (``lock`` held): no more live writes to the joiner."""
+        self._joining.pop(ext_id, None)
+        self._join_failed.discard(ext_id)
+        self._unregister(ext_id, lock)
+        lock.release()
 
     def refresh(self, vol: VolumeRecord, rev: int, extents: dict[str, ExtentRecord]) -> None:
         """Adopt the metadata Meta held when read (the recovery loop reads it every pass):
@@ -479,6 +505,7 @@ class VolumeDevice(BlockDevice):
         lock, mine = await self._take(ext_id)
         try:
             await self._drained(ext_id)
+            self._check_live()  # a closed access point is no longer the writer to order with
             yield
         finally:
             if mine:
@@ -508,6 +535,10 @@ class VolumeDevice(BlockDevice):
     def _unregister(self, ext_id: str, lock: asyncio.Lock) -> None:
         if self._copy_locks.get(ext_id) is lock:
             del self._copy_locks[ext_id]
+
+    async def replicas_of(self, ext_id: str) -> list[str]:
+        """The extent's valid replicas as this access point (its only writer) knows them."""
+        return list((await self._extent(ext_id)).replicas)
 
     async def _drained(self, ext_id: str) -> None:
         while self._active.get(ext_id, 0):  # noqa: ASYNC110 - a few in-flight writes
@@ -691,12 +722,20 @@ class VolumeDevice(BlockDevice):
         return clip_runs(runs, p.offset, p.length)
 
     # ---- fencing ------------------------------------------------------------------------
-    async def _stale_epoch(self, why: str, used: int) -> None:
+    async def _stale_epoch(
+        self, why: str, used: int, ext: ExtentRecord | None = None, took: list[str] | None = None
+    ) -> None:
         """A replica refused epoch ``used``: if the attachment is still this access point's
         (a snapshot re-epoched it), adopt its epoch — once, however many requests in flight
-        hit the same refusal — and make the caller retry; else this access point is fenced."""
+        hit the same refusal — and make the caller retry; else this access point is fenced.
+        Replicas of ``ext`` that ``took`` the refused mutation (the snapshot could not fence
+        them) now differ from the others: they are dropped first, to catch up later."""
         att = await self.meta.attachment(self.vol.name)
         if att is not None and self.ap and att.ap == self.ap and att.epoch > used:
+            for node in took or ():
+                assert ext is not None
+                log.warning("extent %s: %s took a write its snapshot refused", ext.id, node)
+                self._keep(await self.meta.drop_replica(ext.id, node, ext.generation - 1))
             if att.epoch > self.epoch:
                 # read after the attachment, the table is at least as new as its epoch; the
                 # epoch and the table change together (no await between), or a write could

@@ -51,6 +51,7 @@ class Repairer:
         self.policy = policy
         self.publish = publish
         self.copied_last = 0  # bytes copied by the last catch-up or re-replication (tests)
+        self._fenced_at: dict[str, int] = {}  # epoch a joiner was fenced at for admission
 
     async def run_pass(self) -> list[str]:
         """Look at every allocated extent once; returns one sentence per degraded extent."""
@@ -145,6 +146,7 @@ class Repairer:
             copied = await self._copy(ext, src, dst, await ranges(), node, kind)
             await self.dev.end_join(ext.id, lambda: self._admit(ext.id, node, dst, replaces))
             admitted = True
+            self._fenced_at.pop(ext.id, None)
         finally:
             if not admitted:
                 await self.dev.end_join(ext.id, None)
@@ -164,6 +166,7 @@ class Repairer:
         if att is None or not self.dev.holder.holds(att):
             raise ChunkError(f"extent {ext_id}: the volume is no longer attached here")
         await dst.fence(ext_id, att.epoch)
+        self._fenced_at[ext_id] = att.epoch
         await dst.flush(ext_id)
         new = await self.meta.admit_replica(
             ext_id, node, self.dev.holder, epoch=att.epoch, replaces=replaces
@@ -224,12 +227,12 @@ class Repairer:
         except AecpError as exc:
             log.info("extent %s: copy on %s left as it is (%s)", ext_id, node, exc)
             return
-        if node not in ext.replicas:
-            await self._delete_quietly(node, ext_id)
+        if node not in ext.replicas:  # nor fenced since by another access point's join
+            await self._delete_quietly(node, ext_id, self._fenced_at.pop(ext_id, self.dev.epoch))
 
-    async def _delete_quietly(self, node: str, ext_id: str) -> None:
+    async def _delete_quietly(self, node: str, ext_id: str, epoch: int = 0) -> None:
         try:
-            await (await self.pool.client(node)).delete(ext_id)
+            await (await self.pool.client(node)).delete(ext_id, epoch)
         except ChunkError as exc:
             log.info(
                 "extent %s: old replica on %s not deleted (%s); left for later", ext_id, node, exc
@@ -258,11 +261,13 @@ class Repairer:
 
     async def _repair_sectors_now(self, ext: ExtentRecord, node: str, sectors: list[int]) -> str:
         dst = await self.pool.client(node)
-        for good in (n for n in ext.replicas if n != node):
+        valid = await self.dev.replicas_of(ext.id)  # now, not as the pass began
+        for good in (n for n in valid if n != node):
             src = await self.pool.client(good)
             try:
                 for s in sectors:
-                    await dst.repair(ext.id, s * SECTOR, await src.read(ext.id, s * SECTOR, SECTOR))
+                    data = await src.read(ext.id, s * SECTOR, SECTOR)
+                    await dst.repair(ext.id, s * SECTOR, data, self.dev.epoch)
                 await dst.flush(ext.id)
             except (ChecksumError, ChunkError):
                 continue

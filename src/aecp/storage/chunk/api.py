@@ -74,9 +74,11 @@ class ReplicaClient(ABC):
         size, nothing changes; another size raises ``ExtentExists``. Durable on return."""
 
     @abstractmethod
-    async def delete(self, extent_id: str) -> None:
+    async def delete(self, extent_id: str, epoch: int = 0) -> None:
         """Remove the replica and its space (waits for its in-flight requests). Raises
-        ``ExtentNotFound`` if absent. Durable on return."""
+        ``ExtentNotFound`` if absent. Durable on return. With an ``epoch``, only if the
+        replica was not fenced above it (``StaleEpoch``): a leftover may be another access
+        point's copy by now."""
 
     @abstractmethod
     async def stat(self, extent_id: str) -> ReplicaStat:
@@ -172,10 +174,11 @@ class ReplicaClient(ABC):
         ``ChecksumError``)."""
 
     @abstractmethod
-    async def repair(self, extent_id: str, offset: int, data: Buffer) -> None:
+    async def repair(self, extent_id: str, offset: int, data: Buffer, epoch: int = 0) -> None:
         """Write good data over sectors (``offset`` and ``len(data)`` sector-aligned) and make
-        them valid, with no epoch check and no modgen change. Recovery only: for sectors that
-        ``scrub`` or ``ChecksumError`` reported, with data from a healthy replica."""
+        them valid, with no modgen change; an ``epoch`` (0: none) is checked as for a write.
+        Recovery only: for sectors that ``scrub`` or ``ChecksumError`` reported, with data from a
+        healthy replica."""
 
     @abstractmethod
     async def ping(self) -> None:

@@ -254,8 +254,8 @@ class ChunkClient(ReplicaClient):
     ) -> None:
         await self._call(Op.CREATE, extent_id, length=size, epoch=epoch, generation=generation)
 
-    async def delete(self, extent_id: str) -> None:
-        await self._call(Op.DELETE, extent_id)
+    async def delete(self, extent_id: str, epoch: int = 0) -> None:
+        await self._call(Op.DELETE, extent_id, epoch=epoch)
 
     async def stat(self, extent_id: str) -> ReplicaStat:
         return _some(await self._call(Op.STAT, extent_id, wire.decode_stat))
@@ -357,11 +357,13 @@ class ChunkClient(ReplicaClient):
     async def scrub(self, extent_id: str) -> list[int]:
         return _some(await self._call(Op.SCRUB, extent_id, wire.decode_sectors))
 
-    async def repair(self, extent_id: str, offset: int, data: Buffer) -> None:
+    async def repair(self, extent_id: str, offset: int, data: Buffer, epoch: int = 0) -> None:
         view = data if isinstance(data, bytes) else memoryview(data).cast("B")
         if len(view) > MAX_DATA:
             raise ChunkInvalid(f"a repair carries at most {MAX_DATA} bytes")
-        await self._call(Op.REPAIR, extent_id, offset=offset, length=len(view), payload=view)
+        await self._call(
+            Op.REPAIR, extent_id, offset=offset, length=len(view), epoch=epoch, payload=view
+        )
 
     async def ping(self) -> None:
         await self._call(Op.PING)
@@ -409,8 +411,8 @@ class LocalChunkClient(ReplicaClient):
     ) -> None:
         await self._open().create(extent_id, size, epoch=epoch, generation=generation)
 
-    async def delete(self, extent_id: str) -> None:
-        await self._open().delete(extent_id)
+    async def delete(self, extent_id: str, epoch: int = 0) -> None:
+        await self._open().delete(extent_id, epoch)
 
     async def stat(self, extent_id: str) -> ReplicaStat:
         return await self._open().stat(extent_id)
@@ -488,8 +490,8 @@ class LocalChunkClient(ReplicaClient):
     async def scrub(self, extent_id: str) -> list[int]:
         return await self._open().scrub(extent_id)
 
-    async def repair(self, extent_id: str, offset: int, data: Buffer) -> None:
-        await self._open().repair(extent_id, offset, data)
+    async def repair(self, extent_id: str, offset: int, data: Buffer, epoch: int = 0) -> None:
+        await self._open().repair(extent_id, offset, data, epoch)
 
     async def ping(self) -> None:
         self._open()

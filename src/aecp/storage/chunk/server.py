@@ -244,7 +244,7 @@ class _Handler:
         return b""
 
     async def _delete(self, r: Request) -> bytes:
-        await self.store.delete(r.extent_id)
+        await self.store.delete(r.extent_id, r.epoch)
         return b""
 
     async def _stat(self, r: Request) -> bytes:
@@ -303,7 +303,7 @@ class _Handler:
         return _bounded(wire.encode_sectors(await self.store.scrub(r.extent_id)))
 
     async def _repair(self, r: Request) -> bytes:
-        await self.store.repair(r.extent_id, r.offset, r.payload)
+        await self.store.repair(r.extent_id, r.offset, r.payload, r.epoch)
         return b""
 
 

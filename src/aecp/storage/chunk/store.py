@@ -145,8 +145,9 @@ class ReplicaStore:
             await self._run(files.create_files, rep, lane=rep.lane, done=register)
         log.info("replica %s created (%d bytes, epoch %d)", extent_id, size, epoch)
 
-    async def delete(self, extent_id: str) -> None:
+    async def delete(self, extent_id: str, epoch: int = 0) -> None:
         check_id(extent_id)
+        check_u64(epoch=epoch)
         async with self._namespace:
             try:
                 rep = await self._load(extent_id)
@@ -154,6 +155,8 @@ class ReplicaStore:
                 log.warning("replica %s: deleting it although it is damaged (%s)", extent_id, e)
                 await self._run(files.remove_files, self.root, extent_id)
                 return
+            if epoch and epoch < rep.meta.epoch:  # checked and marked in one step (``fence``)
+                raise StaleEpoch(extent_id, epoch, rep.meta.epoch)
             rep.deleted = True
             await rep.locks.drain()
             self._replicas.pop(extent_id, None)
@@ -367,6 +370,8 @@ class ReplicaStore:
             rep.meta.epoch = epoch
             await self._persistence.state(rep)
             await rep.locks.drain()
+            if rep.deleted:  # deleted meanwhile by a caller that had the newer epoch
+                raise ExtentNotFound(extent_id)
             log.info("replica %s fenced at epoch %d", extent_id, epoch)
         return rep.meta.epoch
 
@@ -435,8 +440,9 @@ class ReplicaStore:
             log.warning("replica %s: scrub found %d bad sectors", extent_id, len(bad))
         return bad
 
-    async def repair(self, extent_id: str, offset: int, data: Buffer) -> None:
+    async def repair(self, extent_id: str, offset: int, data: Buffer, epoch: int = 0) -> None:
         rep = await self._get(extent_id)
+        check_u64(epoch=epoch)
         view = data if isinstance(data, bytes) else memoryview(data).cast("B")
         check_range(rep, offset, len(view), align=self.sector)
         if not view:
@@ -447,7 +453,7 @@ class ReplicaStore:
             args = (rep.id, rep.data_fd, offset, view, self.sector, None, None)
             return write_sectors, args, lambda crcs: rep.meta.mark_written(first, crcs, None)
 
-        await self._locked(rep, offset, len(view), True, None, plan)
+        await self._locked(rep, offset, len(view), True, epoch or None, plan)
         log.info("replica %s: repaired %d bytes at %d", extent_id, len(view), offset)
 
     async def close(self) -> None:

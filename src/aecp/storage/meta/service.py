@@ -272,8 +272,13 @@ class MetaService:
                 return True
         raise Conflict(f"volume {volume} keeps changing; try again")
 
-    async def drop_replica(self, extent_id: str, node: str) -> ExtentRecord:
-        """Remove ``node`` from the valid replicas (it failed) and bump the generation."""
+    async def drop_replica(
+        self, extent_id: str, node: str, missed_from: int | None = None
+    ) -> ExtentRecord:
+        """Remove ``node`` from the valid replicas (it failed) and bump the generation. Its
+        catch-up copies the blocks modified after ``missed_from`` (default: the current
+        generation, whose writes it may have missed; one less when it took a write under the
+        current generation that the others refused)."""
         for _ in range(RETRIES):
             ext, rev = await self.extent(extent_id)
             if node not in ext.replicas:
@@ -283,7 +288,10 @@ class MetaService:
             new = ext.model_copy(
                 update={
                     "replicas": [r for r in ext.replicas if r != node],
-                    "stale": {**ext.stale, node: ext.generation},
+                    "stale": {
+                        **ext.stale,
+                        node: ext.generation if missed_from is None else missed_from,
+                    },
                     "stale_since": {**ext.stale_since, node: self.clock.wall()},
                     "generation": ext.generation + 1,
                 }
