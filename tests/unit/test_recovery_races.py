@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
+from aecp.common.errors import Unavailable
 from aecp.storage.access import VolumeDevice, open_volume
 from aecp.storage.chunk.errors import ReplicaUnavailable
 from aecp.storage.meta.model import RecoveryRecord
@@ -241,22 +244,43 @@ async def test_a_join_that_fails_after_its_last_copy_is_reported_as_failed(
     assert other not in ext.replicas and "failed" in sentence, sentence
 
 
-async def test_a_replica_a_snapshot_could_not_fence_is_dropped_when_it_takes_an_old_write(
-    cluster: Cluster,
-) -> None:
+async def shared_and_degraded(cluster: Cluster) -> tuple[str, str]:
+    """``filled``, detached; its extent shared by volume v, snapshot s and clone c, and its
+    second replica dropped: (the extent, the dropped replica's node)."""
     dev, ext_id, other = await filled(cluster)
-    pool = ReplicaPool(cluster.meta)  # the snapshot's own view: `other` blips as it fences
-    for node, client in cluster.replicas.items():
-        pool.add(node, client)  # type: ignore[arg-type]
+    await dev.flush()
+    await dev.close()
+    snaps = SnapshotService(cluster.meta, cluster.pool)
+    await snaps.snapshot("v", "s")
+    await snaps.clone("v", "s", "c")
+    await cluster.meta.drop_replica(ext_id, other)
+    return ext_id, other
+
+
+def fence_fails(cluster: Cluster, nodes: set[str]) -> ReplicaPool:
+    """A pool (the snapshot's view) in which fencing fails on ``nodes``."""
+    pool = ReplicaPool(cluster.meta)
 
     async def blip(*args: Any, **kw: Any) -> Any:
-        raise ReplicaUnavailable(other, "blip during the snapshot's fence")
+        raise ReplicaUnavailable("-", "blip during the snapshot's fence")
 
-    pool.add(other, Override(cluster.replicas[other], "fence", blip))  # type: ignore[arg-type]
-    await SnapshotService(cluster.meta, pool).snapshot("v", "s", paused_on="n1")
-    await dev.write(12 * BLOCK, b"A" * 4096)  # old epoch: n1 refuses, `other` takes it
-    ext, _ = await cluster.meta.extent(ext_id)  # the snapshot's extent now
-    assert ext.replicas == ["n1"] and other in ext.stale
+    for node, client in cluster.replicas.items():
+        pool.add(node, Override(client, "fence", blip) if node in nodes else client)  # type: ignore[arg-type]
+    return pool
+
+
+async def test_a_replica_a_snapshot_could_not_fence_is_dropped_by_the_snapshot(
+    cluster: Cluster,
+) -> None:
+    # Left valid, it would take the access point's next write (still under the old epoch)
+    # that the fenced replicas refuse: the snapshot would differ between its replicas.
+    dev, ext_id, other = await filled(cluster)
+    await SnapshotService(cluster.meta, fence_fails(cluster, {other})).snapshot(
+        "v", "s", paused_on="n1"
+    )
+    ext, _ = await cluster.meta.extent(ext_id)
+    assert ext.replicas == ["n1"] and ext.stale[other] == ext.generation - 2  # diverged
+    await dev.write(12 * BLOCK, b"A" * 4096)  # n1 refuses the old epoch: copied on write
     assert await cluster.replicas["n1"].store.read(ext_id, 12 * BLOCK, 4096) == b"\x11" * 4096
     await dev.close()
     await SnapshotService(cluster.meta, cluster.pool).clone("v", "s", "c")
@@ -267,16 +291,59 @@ async def test_a_replica_a_snapshot_could_not_fence_is_dropped_when_it_takes_an_
     assert await cluster.replicas[other].store.read(ext_id, 12 * BLOCK, 4096) == b"\x11" * 4096
 
 
+async def test_a_snapshot_that_can_fence_no_replica_of_an_extent_fails_and_is_gone(
+    cluster: Cluster,
+) -> None:
+    dev, _, other = await filled(cluster)
+    snaps = SnapshotService(cluster.meta, fence_fails(cluster, {"n1", other}))
+    with pytest.raises(Unavailable, match="no replica could be fenced"):
+        await snaps.snapshot("v", "s", paused_on="n1")
+    assert await snaps.snapshots("v") == []
+    await dev.write(12 * BLOCK, b"A" * 4096)  # goes on (after adopting the epoch)
+    assert await dev.read(12 * BLOCK, 4096) == b"A" * 4096
+
+
+async def test_a_join_after_a_snapshot_keeps_every_healthy_replica(cluster: Cluster) -> None:
+    # The joiner is fenced at the attachment's epoch, which the access point may not have
+    # adopted yet (it wrote only to extents allocated after the snapshot): its next write
+    # meets StaleEpoch on the joiner alone, adopts, and goes on; nobody is dropped.
+    await cluster.meta.create_volume("v", 2 * EXTENT, replicas=2)
+    dev = await cluster.open("v", "n1")
+    await dev.write(0, b"\x11" * 4096)
+    await SnapshotService(cluster.meta, cluster.pool).snapshot("v", "s", paused_on="n1")
+    await dev.write(EXTENT, b"\x22" * 4096)  # a new extent: no refusal, the epoch stays old
+    vol, _ = await cluster.meta.volume("v")
+    ext, _ = await cluster.meta.extent(vol.extents[1] or "")
+    other = next(n for n in ext.replicas if n != "n1")
+    cluster.replicas[other].down = True
+    await dev.write(EXTENT + 3 * BLOCK, b"\x33" * 4096)  # drops `other`
+    cluster.replicas[other].down = False
+    await Repairer(dev, RecoveryPolicy(60, 1e12), publish).run_pass()  # catches it up
+    await dev.write(EXTENT + 5 * BLOCK, b"\x44" * 4096)
+    ext, _ = await cluster.meta.extent(ext.id)
+    assert sorted(ext.replicas) == sorted(["n1", other]) and not ext.stale
+
+
+async def test_a_re_replication_never_deletes_the_lost_replica_another_one_caught_up(
+    cluster: Cluster,
+) -> None:
+    ext_id, other = await shared_and_degraded(cluster)
+    v = await cluster.open("v", "n1")
+    copying, go_on = hold_copy(v)
+    v_pass = asyncio.ensure_future(Repairer(v, RecoveryPolicy(0, 1e12), publish).run_pass())
+    await copying.wait()  # v re-replicates in place of `other` ...
+    c = await cluster.open("c", ({"n2", "n3"} - {other}).pop())
+    await Repairer(c, RecoveryPolicy(60, 1e12), publish).run_pass()  # ... c catches it up
+    go_on.set()
+    await v_pass
+    ext, _ = await cluster.meta.extent(ext_id)
+    assert other in ext.replicas and await cluster.replicas[other].store.exists(ext_id)
+
+
 async def test_a_failed_re_replication_never_deletes_a_copy_another_access_point_admits(
     cluster: Cluster,
 ) -> None:
-    dev, ext_id, other = await filled(cluster)
-    await dev.flush()
-    await dev.close()
-    snaps = SnapshotService(cluster.meta, cluster.pool)
-    await snaps.snapshot("v", "s")
-    await snaps.clone("v", "s", "c")  # the extent is shared by v, s and c
-    await cluster.meta.drop_replica(ext_id, other)
+    ext_id, other = await shared_and_degraded(cluster)
     target = ({"n1", "n2", "n3"} - {"n1", other}).pop()
     policy = RecoveryPolicy(0, 1e12)  # no grace: both re-replicate to `target`
     v = await cluster.open("v", "n1")

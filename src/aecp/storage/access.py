@@ -384,15 +384,9 @@ class VolumeDevice(BlockDevice):
                 # write is redone elsewhere, e.g. copied on write after a snapshot)
                 self._join_failed.add(ext_id)
             failed = []
-            valid = results[: len(ext.replicas)]
-            for node, res in zip(ext.replicas, valid, strict=True):
+            for node, res in zip(ext.replicas, results, strict=False):
                 if isinstance(res, StaleEpoch):
-                    took = [
-                        n
-                        for n, r in zip(ext.replicas, valid, strict=True)
-                        if not isinstance(r, BaseException)
-                    ]
-                    await self._stale_epoch(str(res), res.epoch, ext, took)
+                    await self._stale_epoch(str(res), res.epoch)
                 elif isinstance(res, ReplicaUnavailable | ChunkIOError):
                     failed.append(node)
                 elif isinstance(res, BaseException):
@@ -468,10 +462,12 @@ class VolumeDevice(BlockDevice):
         self._ended(ext_id, lock)
 
     def _ended(self, ext_id: str, lock: asyncio.Lock) -> None:
-        """The join is over (``lock`` held): no more live writes to the joiner."""
-        self._joining.pop(ext_id, None)
-        self._join_failed.discard(ext_id)
-        self._unregister(ext_id, lock)
+        """The join that registered ``lock`` is over (``lock`` held): no more live writes to
+        the joiner."""
+        if self._copy_locks.get(ext_id) is lock:
+            self._joining.pop(ext_id, None)
+            self._join_failed.discard(ext_id)
+            del self._copy_locks[ext_id]
         lock.release()
 
     def refresh(self, vol: VolumeRecord, rev: int, extents: dict[str, ExtentRecord]) -> None:
@@ -722,20 +718,14 @@ class VolumeDevice(BlockDevice):
         return clip_runs(runs, p.offset, p.length)
 
     # ---- fencing ------------------------------------------------------------------------
-    async def _stale_epoch(
-        self, why: str, used: int, ext: ExtentRecord | None = None, took: list[str] | None = None
-    ) -> None:
+    async def _stale_epoch(self, why: str, used: int) -> None:
         """A replica refused epoch ``used``: if the attachment is still this access point's
         (a snapshot re-epoched it), adopt its epoch — once, however many requests in flight
         hit the same refusal — and make the caller retry; else this access point is fenced.
-        Replicas of ``ext`` that ``took`` the refused mutation (the snapshot could not fence
-        them) now differ from the others: they are dropped first, to catch up later."""
+        (A replica the snapshot could not fence, which may take what the others refuse, was
+        dropped by the snapshot itself.)"""
         att = await self.meta.attachment(self.vol.name)
         if att is not None and self.ap and att.ap == self.ap and att.epoch > used:
-            for node in took or ():
-                assert ext is not None
-                log.warning("extent %s: %s took a write its snapshot refused", ext.id, node)
-                self._keep(await self.meta.drop_replica(ext.id, node, ext.generation - 1))
             if att.epoch > self.epoch:
                 # read after the attachment, the table is at least as new as its epoch; the
                 # epoch and the table change together (no await between), or a write could

@@ -107,6 +107,7 @@ class Repairer:
             )
 
         copied = await self._join(ext, node, src, dst, ranges, "catch-up", None)
+        self._fenced_at.pop(ext.id, None)
         return (
             f"extent {ext.id}: {node} caught up from {src_node}: copied {copied} bytes "
             f"modified since generation {missed_from}"
@@ -122,8 +123,9 @@ class Repairer:
             return _union(await src.modified_since(ext.id, 0), await dst.modified_since(ext.id, 0))
 
         copied = await self._join(ext, target, src, dst, ranges, "re-replicate", lost)
-        if lost:
-            await self._delete_quietly(lost, ext.id)
+        if lost and lost not in (await self.meta.extent(ext.id))[0].replicas:
+            # unless another access point sharing the extent caught it up and fenced it
+            await self._delete_quietly(lost, ext.id, self._fenced_at.pop(ext.id, self.dev.epoch))
         return f"extent {ext.id}: re-replicated to {target} from {src_node} ({copied} bytes)" + (
             f" in place of {lost}" if lost else ""
         )
@@ -146,12 +148,12 @@ class Repairer:
             copied = await self._copy(ext, src, dst, await ranges(), node, kind)
             await self.dev.end_join(ext.id, lambda: self._admit(ext.id, node, dst, replaces))
             admitted = True
-            self._fenced_at.pop(ext.id, None)
         finally:
             if not admitted:
                 await self.dev.end_join(ext.id, None)
                 if kind == "re-replicate":
                     await self._drop_leftover(ext.id, node)
+                self._fenced_at.pop(ext.id, None)
             await self.publish(None, ext.id)
         self.copied_last = copied
         return copied

@@ -17,14 +17,23 @@ write in flight could land on one replica before the snapshot and on another aft
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable
 
-from aecp.common.errors import AlreadyExists, Conflict, InvalidInput, InvalidState, NotFound
+from aecp.common.errors import (
+    AecpError,
+    AlreadyExists,
+    Conflict,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+    Unavailable,
+)
 from aecp.model.base import check_name
 from aecp.storage.chunk.errors import ChunkError
 from aecp.storage.meta.model import (
     AttachRecord,
+    ExtentRecord,
     SnapshotRecord,
     VolumeRecord,
     writable_in_place,
@@ -97,7 +106,12 @@ class SnapshotService:
                 )
             if await self.store.txn(cmp, ops):
                 if att is not None:
-                    await self._fence_all(vol, epoch)
+                    try:
+                        await self._fence_all(vol, epoch)
+                    except AecpError:
+                        with contextlib.suppress(AecpError):
+                            await self.delete(volume, name)
+                        raise
                 log.info(
                     "volume %s: snapshot %s taken (%d extents shared)",
                     volume,
@@ -112,19 +126,35 @@ class SnapshotService:
     async def _fence_all(self, before: VolumeRecord, epoch: int) -> None:
         """Raise the replicas of every extent the volume could write in place before the
         snapshot to ``epoch`` (the access point's next write there meets StaleEpoch, adopts the
-        epoch and copies on write)."""
+        epoch and copies on write). ``Unavailable`` if some extent has no replica fenced."""
         exts = await self.meta.extents()
-        calls: list[Awaitable[None]] = []
-        for x in {x for x in before.extents if x and x in exts}:
-            if writable_in_place(exts[x], before):
-                calls.extend(self._fence(node, x, epoch) for node in exts[x].replicas)
-        await asyncio.gather(*calls)
+        shared = [exts[x] for x in {x for x in before.extents if x and x in exts}]
+        await asyncio.gather(
+            *(self._fence_extent(e, epoch) for e in shared if writable_in_place(e, before))
+        )
 
-    async def _fence(self, node: str, ext_id: str, epoch: int) -> None:
+    async def _fence_extent(self, ext: ExtentRecord, epoch: int) -> None:
+        """Fence every valid replica of ``ext``. One that does not answer keeps the old epoch
+        and could take a write the fenced ones refuse, changing the snapshot on it alone: it
+        is dropped (it catches up later, from the generation before). If none answers, the
+        snapshot cannot be made safe: ``Unavailable``."""
+        fenced = await asyncio.gather(*(self._fence(node, ext.id, epoch) for node in ext.replicas))
+        if not any(fenced):
+            raise Unavailable(
+                f"extent {ext.id}: no replica could be fenced for the snapshot; try again "
+                "once its nodes answer"
+            )
+        for node, ok in zip(ext.replicas, fenced, strict=True):
+            if not ok:
+                await self.meta.drop_replica(ext.id, node, diverged=True)
+
+    async def _fence(self, node: str, ext_id: str, epoch: int) -> bool:
         try:
             await (await self.pool.client(node)).fence(ext_id, epoch)
-        except ChunkError as exc:  # an unreachable replica is dropped on the next write
+        except ChunkError as exc:
             log.warning("extent %s on %s not fenced for a snapshot: %s", ext_id, node, exc)
+            return False
+        return True
 
     async def snapshots(self, volume: str) -> list[SnapshotRecord]:
         await self.meta.volume(volume)

@@ -272,13 +272,11 @@ class MetaService:
                 return True
         raise Conflict(f"volume {volume} keeps changing; try again")
 
-    async def drop_replica(
-        self, extent_id: str, node: str, missed_from: int | None = None
-    ) -> ExtentRecord:
-        """Remove ``node`` from the valid replicas (it failed) and bump the generation. Its
-        catch-up copies the blocks modified after ``missed_from`` (default: the current
-        generation, whose writes it may have missed; one less when it took a write under the
-        current generation that the others refused)."""
+    async def drop_replica(self, extent_id: str, node: str, diverged: bool = False) -> ExtentRecord:
+        """Remove ``node`` from the valid replicas and bump the generation. Its catch-up
+        copies the blocks modified after the current generation (whose writes it may have
+        missed), or after the one before if it ``diverged``: it may have taken writes under
+        the current generation that the others refused."""
         for _ in range(RETRIES):
             ext, rev = await self.extent(extent_id)
             if node not in ext.replicas:
@@ -290,7 +288,7 @@ class MetaService:
                     "replicas": [r for r in ext.replicas if r != node],
                     "stale": {
                         **ext.stale,
-                        node: ext.generation if missed_from is None else missed_from,
+                        node: ext.generation - 1 if diverged else ext.generation,
                     },
                     "stale_since": {**ext.stale_since, node: self.clock.wall()},
                     "generation": ext.generation + 1,
