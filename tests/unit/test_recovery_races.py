@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from aecp.common.errors import Unavailable
+from aecp.common.errors import Conflict, InvalidState, Unavailable
 from aecp.storage.access import VolumeDevice, open_volume
 from aecp.storage.chunk.errors import ReplicaUnavailable
 from aecp.storage.meta.model import RecoveryRecord
@@ -367,3 +367,55 @@ async def test_a_failed_re_replication_never_deletes_a_copy_another_access_point
     await asyncio.gather(c_pass, v_pass)
     ext, _ = await cluster.meta.extent(ext_id)
     assert target in ext.replicas and await tgt.store.exists(ext_id)
+
+
+async def test_replicas_a_snapshot_could_not_fence_all_catch_up_what_they_took(
+    cluster: Cluster,
+) -> None:
+    await cluster.meta.create_volume("v", EXTENT, replicas=3)
+    dev = await cluster.open("v", "n1")
+    await dev.write(0, b"\x11" * EXTENT)
+    vol, _ = await cluster.meta.volume("v")
+    ext_id = vol.extents[0] or ""
+    snaps = SnapshotService(cluster.meta, fence_fails(cluster, {"n2", "n3"}))
+    await snaps.snapshot("v", "s", paused_on="n1")
+    await dev.write(12 * BLOCK, b"A" * 4096)  # old epoch: n1 refuses, n2 and n3 may take it
+    await dev.close()
+    await SnapshotService(cluster.meta, cluster.pool).clone("v", "s", "c")
+    clone = await cluster.open("c", "n1")
+    for _ in range(2):  # one catch-up per pass
+        await Repairer(clone, RecoveryPolicy(60, 1e12), publish).run_pass()
+    ext, _ = await cluster.meta.extent(ext_id)
+    assert sorted(ext.replicas) == ["n1", "n2", "n3"]
+    for node in ext.replicas:
+        got = await cluster.replicas[node].store.read(ext_id, 12 * BLOCK, 4096)
+        assert got == b"\x11" * 4096, node
+
+
+async def test_a_snapshot_whose_failure_cannot_be_undone_is_left_unusable(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, other = await filled(cluster)
+    snaps = SnapshotService(cluster.meta, fence_fails(cluster, {"n1", other}))
+
+    async def store_blip(*args: Any) -> int:
+        raise Conflict("the store did not answer")
+
+    monkeypatch.setattr(snaps, "delete", store_blip)
+    with pytest.raises(Unavailable):
+        await snaps.snapshot("v", "s", paused_on="n1")
+    [left] = await snaps.snapshots("v")
+    assert not left.ready
+    with pytest.raises(InvalidState, match="incomplete"):
+        await snaps.clone("v", "s", "c")
+
+
+async def test_a_shared_extent_re_replicated_keeps_its_lost_replica_on_disk(
+    cluster: Cluster,
+) -> None:
+    # Another volume sharing it could be catching that replica up right now.
+    ext_id, other = await shared_and_degraded(cluster)
+    v = await cluster.open("v", "n1")
+    [sentence] = await Repairer(v, RecoveryPolicy(0, 1e12), publish).run_pass()
+    assert f"in place of {other}" in sentence
+    assert await cluster.replicas[other].store.exists(ext_id)

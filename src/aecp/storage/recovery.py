@@ -28,7 +28,7 @@ from aecp.common.errors import AecpError, NoCapacity
 from aecp.storage.access import VolumeDevice
 from aecp.storage.chunk.api import ReplicaClient
 from aecp.storage.chunk.errors import ChecksumError, ChunkError
-from aecp.storage.meta.model import ExtentRecord, RecoveryRecord
+from aecp.storage.meta.model import ExtentRecord, RecoveryRecord, writable_in_place
 from aecp.storage.meta.placement import StorageNode, place
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,7 @@ class Repairer:
             return _union(await src.modified_since(ext.id, 0), await dst.modified_since(ext.id, 0))
 
         copied = await self._join(ext, target, src, dst, ranges, "re-replicate", lost)
-        if lost and lost not in (await self.meta.extent(ext.id))[0].replicas:
-            # unless another access point sharing the extent caught it up and fenced it
+        if lost and self._sole_recoverer(ext):
             await self._delete_quietly(lost, ext.id, self._fenced_at.pop(ext.id, self.dev.epoch))
         return f"extent {ext.id}: re-replicated to {target} from {src_node} ({copied} bytes)" + (
             f" in place of {lost}" if lost else ""
@@ -146,12 +145,15 @@ class Repairer:
         admitted = False
         try:
             copied = await self._copy(ext, src, dst, await ranges(), node, kind)
-            await self.dev.end_join(ext.id, lambda: self._admit(ext.id, node, dst, replaces))
+            catch_up = kind == "catch-up"
+            await self.dev.end_join(
+                ext.id, lambda: self._admit(ext.id, node, dst, replaces, catch_up)
+            )
             admitted = True
         finally:
             if not admitted:
                 await self.dev.end_join(ext.id, None)
-                if kind == "re-replicate":
+                if kind == "re-replicate" and self._sole_recoverer(ext):
                     await self._drop_leftover(ext.id, node)
                 self._fenced_at.pop(ext.id, None)
             await self.publish(None, ext.id)
@@ -159,7 +161,7 @@ class Repairer:
         return copied
 
     async def _admit(
-        self, ext_id: str, node: str, dst: ReplicaClient, replaces: str | None
+        self, ext_id: str, node: str, dst: ReplicaClient, replaces: str | None, catch_up: bool
     ) -> ExtentRecord:
         """Make the copy valid: fenced at the attachment's epoch (a snapshot taken during the
         join fenced only the valid replicas), durable, then admitted by Meta while this access
@@ -171,7 +173,7 @@ class Repairer:
         self._fenced_at[ext_id] = att.epoch
         await dst.flush(ext_id)
         new = await self.meta.admit_replica(
-            ext_id, node, self.dev.holder, epoch=att.epoch, replaces=replaces
+            ext_id, node, self.dev.holder, epoch=att.epoch, replaces=replaces, catch_up=catch_up
         )
         await dst.set_generation(ext_id, new.generation)
         return new
@@ -220,6 +222,17 @@ class Repairer:
                     last_report = time.monotonic()
                     await self.publish(rec.model_copy(update={"copied_bytes": copied}), ext.id)
         return copied
+
+    def _sole_recoverer(self, ext: ExtentRecord) -> bool:
+        """Whether only this access point recovers ``ext``: the extent is this volume's own,
+        not shared with a snapshot or clone whose access point could be recovering it too.
+        Only then are replicas deleted (a lost one, or a failed copy): elsewhere the other
+        one's join could have made that very replica valid meanwhile. What is not deleted
+        stays on its node's disk (see docs/design/abs.md, "Not done yet")."""
+        if writable_in_place(ext, self.dev.vol):
+            return True
+        log.info("extent %s is shared: its old copies are left in place", ext.id)
+        return False
 
     async def _drop_leftover(self, ext_id: str, node: str) -> None:
         """Delete what a failed re-replication left on ``node``, unless Meta made it valid

@@ -17,7 +17,6 @@ write in flight could land on one replica before the snapshot and on another aft
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from aecp.common.errors import (
@@ -78,6 +77,7 @@ class SnapshotService:
                 extent_size=vol.extent_size,
                 extents=list(vol.extents),
                 created_at=self.meta.clock.wall(),
+                ready=att is None,
             )
             epoch = vol.epoch
             cmp: list[Compare] = []
@@ -106,12 +106,7 @@ class SnapshotService:
                 )
             if await self.store.txn(cmp, ops):
                 if att is not None:
-                    try:
-                        await self._fence_all(vol, epoch)
-                    except AecpError:
-                        with contextlib.suppress(AecpError):
-                            await self.delete(volume, name)
-                        raise
+                    snap = await self._fence_and_complete(vol, snap, epoch)
                 log.info(
                     "volume %s: snapshot %s taken (%d extents shared)",
                     volume,
@@ -122,6 +117,26 @@ class SnapshotService:
             if await self.store.get(keys.abs_snapshot(volume, name)):
                 raise AlreadyExists(f"snapshot {volume}@{name} already exists", field="name")
         raise Conflict(f"volume {volume} keeps changing; try again")
+
+    async def _fence_and_complete(
+        self, before: VolumeRecord, snap: SnapshotRecord, epoch: int
+    ) -> SnapshotRecord:
+        """Fence, then mark the snapshot ready. On failure it is deleted again; if even that
+        fails, it stays not ready: listed, refused for clones and rollbacks, deletable."""
+        key = keys.abs_snapshot(snap.volume, snap.name)
+        try:
+            await self._fence_all(before, epoch)
+            _, rev = await self.get(snap.volume, snap.name)
+            ready = snap.model_copy(update={"ready": True})
+            if not await self.store.replace(key, ready.dump(), mod_revision=rev):
+                raise Conflict(f"snapshot {snap.volume}@{snap.name} changed while it was made")
+            return ready
+        except AecpError:
+            try:
+                await self.delete(snap.volume, snap.name)
+            except AecpError as exc:
+                log.error("snapshot %s@%s left incomplete: %s", snap.volume, snap.name, exc)
+            raise
 
     async def _fence_all(self, before: VolumeRecord, epoch: int) -> None:
         """Raise the replicas of every extent the volume could write in place before the
@@ -144,9 +159,9 @@ class SnapshotService:
                 f"extent {ext.id}: no replica could be fenced for the snapshot; try again "
                 "once its nodes answer"
             )
-        for node, ok in zip(ext.replicas, fenced, strict=True):
-            if not ok:
-                await self.meta.drop_replica(ext.id, node, diverged=True)
+        missed = [node for node, ok in zip(ext.replicas, fenced, strict=True) if not ok]
+        if missed:  # writes under this generation are what they may have taken
+            await self.meta.drop_replicas(ext.id, missed, missed_from=ext.generation - 1)
 
     async def _fence(self, node: str, ext_id: str, epoch: int) -> bool:
         try:
@@ -168,6 +183,16 @@ class SnapshotService:
             raise NotFound(f"snapshot {volume}@{name} does not exist", snapshot=name)
         return got
 
+    async def _usable(self, volume: str, name: str) -> tuple[SnapshotRecord, int]:
+        snap, rev = await self.get(volume, name)
+        if not snap.ready:
+            raise InvalidState(
+                f"snapshot {volume}@{name} is incomplete (its replicas could not all be "
+                "fenced); delete it and take it again",
+                snapshot=name,
+            )
+        return snap, rev
+
     async def delete(self, volume: str, name: str) -> int:
         """Delete a snapshot; returns how many extents were reclaimed. Clones made from it are
         not affected (they do not depend on it)."""
@@ -179,7 +204,7 @@ class SnapshotService:
     async def clone(self, volume: str, name: str, new_volume: str) -> VolumeRecord:
         """A new volume with the snapshot's content, in O(1): its table is the snapshot's."""
         check_name("name", new_volume)
-        snap, rev = await self.get(volume, name)
+        snap, rev = await self._usable(volume, name)
         servers = await self.meta.servers()
         if snap.replicas > len(servers):
             raise InvalidInput("replicas", f"{snap.replicas} replicas need as many nodes")
@@ -247,7 +272,7 @@ class SnapshotService:
 
     async def rollback(self, volume: str, name: str) -> VolumeRecord:
         """Make a detached volume hold the snapshot's content again (O(1))."""
-        snap, srev = await self.get(volume, name)
+        snap, srev = await self._usable(volume, name)
         for _ in range(RETRIES):
             vol, rev = await self.meta.volume(volume)
             if await self.meta.attachment(volume) is not None:

@@ -163,6 +163,9 @@ class SnapshotRecord(Stored):
     extent_size: int
     extents: list[str | None]
     created_at: float
+    # False while a snapshot of an attached volume is fencing its replicas: until then one of
+    # them could still take a write, so it is neither cloned nor rolled back to
+    ready: bool = True
 
 
 def writable_in_place(ext: ExtentRecord, vol: VolumeRecord) -> bool:

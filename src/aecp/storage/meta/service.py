@@ -272,33 +272,41 @@ class MetaService:
                 return True
         raise Conflict(f"volume {volume} keeps changing; try again")
 
-    async def drop_replica(self, extent_id: str, node: str, diverged: bool = False) -> ExtentRecord:
-        """Remove ``node`` from the valid replicas and bump the generation. Its catch-up
-        copies the blocks modified after the current generation (whose writes it may have
-        missed), or after the one before if it ``diverged``: it may have taken writes under
-        the current generation that the others refused."""
+    async def drop_replica(self, extent_id: str, node: str) -> ExtentRecord:
+        """Remove ``node`` from the valid replicas (it failed) and bump the generation; its
+        catch-up copies the blocks modified after the current generation (whose writes it may
+        have missed)."""
+        return await self.drop_replicas(extent_id, [node])
+
+    async def drop_replicas(
+        self, extent_id: str, nodes: list[str], missed_from: int | None = None
+    ) -> ExtentRecord:
+        """Remove ``nodes`` from the valid replicas in one change (one generation bump). Each
+        catches up the blocks modified after ``missed_from`` (default: the current generation)
+        — lower it for replicas that may have taken writes under a generation the others
+        refused. ``InvalidState`` if that would leave no valid replica."""
         for _ in range(RETRIES):
             ext, rev = await self.extent(extent_id)
-            if node not in ext.replicas:
+            gone = [n for n in ext.replicas if n in nodes]
+            if not gone:
                 return ext
-            if len(ext.replicas) == 1:
+            if len(gone) == len(ext.replicas):
                 raise InvalidState(f"extent {extent_id}: cannot drop its last valid replica")
+            since = ext.generation if missed_from is None else min(missed_from, ext.generation)
+            now = self.clock.wall()
             new = ext.model_copy(
                 update={
-                    "replicas": [r for r in ext.replicas if r != node],
-                    "stale": {
-                        **ext.stale,
-                        node: ext.generation - 1 if diverged else ext.generation,
-                    },
-                    "stale_since": {**ext.stale_since, node: self.clock.wall()},
+                    "replicas": [r for r in ext.replicas if r not in gone],
+                    "stale": {**ext.stale, **dict.fromkeys(gone, since)},
+                    "stale_since": {**ext.stale_since, **dict.fromkeys(gone, now)},
                     "generation": ext.generation + 1,
                 }
             )
             if await self.store.replace(keys.abs_extent(extent_id), new.dump(), mod_revision=rev):
                 log.warning(
-                    "extent %s: replica on %s dropped; generation %d -> %d; valid: %s",
+                    "extent %s: replicas on %s dropped; generation %d -> %d; valid: %s",
                     extent_id,
-                    node,
+                    ", ".join(gone),
                     ext.generation,
                     new.generation,
                     ", ".join(new.replicas),
@@ -313,6 +321,7 @@ class MetaService:
         holder: Holder,
         epoch: int,
         replaces: str | None = None,
+        catch_up: bool = False,
     ) -> ExtentRecord:
         """Make ``node`` a valid replica again after it copied what it lacked (catch-up), or as
         a new replica that ``replaces`` a lost one (re-replication). Bumps the generation.
@@ -326,6 +335,8 @@ class MetaService:
             ext, rev = await self.extent(extent_id)
             att = await self.store.get(keys.abs_attach(holder.volume))
             rec = AttachRecord.load(att.value) if att else None
+            if catch_up and node not in ext.stale:  # admitted or replaced by another since
+                raise InvalidState(f"extent {extent_id}: {node} is no longer a stale replica")
             if att is None or rec is None or not holder.holds(rec) or rec.epoch != epoch:
                 raise InvalidState(
                     f"volume {holder.volume}: no longer attached by this access point; "
