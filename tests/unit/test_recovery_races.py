@@ -14,7 +14,7 @@ import pytest
 from aecp.common.errors import Conflict, InvalidState, Unavailable
 from aecp.storage.access import VolumeDevice, open_volume
 from aecp.storage.chunk.errors import ReplicaUnavailable
-from aecp.storage.meta.model import RecoveryRecord
+from aecp.storage.meta.model import Holder, RecoveryRecord
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.recovery import RecoveryPolicy, Repairer
 from aecp.storage.snapshots import SnapshotService
@@ -398,7 +398,7 @@ async def test_a_snapshot_whose_failure_cannot_be_undone_is_left_unusable(
     _, _, other = await filled(cluster)
     snaps = SnapshotService(cluster.meta, fence_fails(cluster, {"n1", other}))
 
-    async def store_blip(*args: Any) -> int:
+    async def store_blip(*args: Any, **kw: Any) -> int:
         raise Conflict("the store did not answer")
 
     monkeypatch.setattr(snaps, "delete", store_blip)
@@ -419,3 +419,14 @@ async def test_a_shared_extent_re_replicated_keeps_its_lost_replica_on_disk(
     [sentence] = await Repairer(v, RecoveryPolicy(0, 1e12), publish).run_pass()
     assert f"in place of {other}" in sentence
     assert await cluster.replicas[other].store.exists(ext_id)
+
+
+async def test_an_access_point_taken_over_cannot_drop_a_replica(cluster: Cluster) -> None:
+    dev, ext_id, other = await filled(cluster)
+    before, _ = await cluster.meta.extent(ext_id)
+    with pytest.raises(InvalidState, match="no longer attached"):
+        await cluster.meta.drop_replica(ext_id, other, Holder("v", "n1", dev.epoch, "not-it"))
+    await cluster.open("v", "n2", takeover=True)
+    with pytest.raises(InvalidState, match="no longer attached"):
+        await cluster.meta.drop_replica(ext_id, other, dev.holder)
+    assert (await cluster.meta.extent(ext_id))[0] == before

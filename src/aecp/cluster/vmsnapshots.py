@@ -115,6 +115,8 @@ class VMSnapshotService:
         entry, snap = await self.svc.vm(vm)
         self._require_stopped(entry, snap.vm_state(vm), "roll it back")
         found = await self._find(entry.spec, name)
+        for vol in entry.spec.volumes():  # all disks usable before any is rolled back
+            await self.snaps.usable(vol, name)
         for vol in entry.spec.volumes():
             await self.snaps.rollback(vol, name)
         log.info("vm %s: rolled back to snapshot %s", vm, name)

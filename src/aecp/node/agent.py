@@ -74,6 +74,7 @@ class NodeAgent:
             settings.name, settings.address, store, hv, vmdisks, settings.images_dir, accel, clock
         )
         self.reconciler = Reconciler(settings.name, hv, self.actions, clock)
+        self._pauses: dict[str, asyncio.Lock] = {}  # one pause (snapshot) of a VM at a time
         self.keeper = LeaseKeeper(
             store,
             settings.agent.lease_ttl,
@@ -95,7 +96,13 @@ class NodeAgent:
     @contextlib.asynccontextmanager
     async def paused(self, vm: str) -> AsyncIterator[None]:
         """Pause ``vm``'s QEMU (its I/O drained) for the block; the reconciler leaves it
-        alone meanwhile. A VM not running here is not touched."""
+        alone meanwhile. A VM not running here is not touched. Pauses of one VM take turns:
+        the first to resume must not resume the VM under another one's snapshot."""
+        async with self._pauses.setdefault(vm, asyncio.Lock()), self._paused_now(vm):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _paused_now(self, vm: str) -> AsyncIterator[None]:
         self.reconciler.held.add(vm)
         try:
             if await self.hv.state(vm) is RunState.RUNNING:

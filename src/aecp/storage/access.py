@@ -399,7 +399,7 @@ class VolumeDevice(BlockDevice):
                     f"is unreachable ({', '.join(failed)})"
                 )
             for node in failed:
-                self._keep(await self.meta.drop_replica(ext_id, node))
+                self._keep(await self.meta.drop_replica(ext_id, node, self.holder))
 
     # ---- recovery support (used by ``storage.recovery``) --------------------------------
     async def begin_join(self, ext_id: str, node: str) -> None:
@@ -598,14 +598,15 @@ class VolumeDevice(BlockDevice):
         src, _ = await self._readable(shared)
         dsts = [await self.pool.client(n) for n in new.replicas]
         copied = 0
-        for offset, length in await src.modified_since(shared.id, 0):
-            pos = offset
-            while pos < offset + length:
-                n = min(COPY_CHUNK, offset + length - pos)
-                raw = await src.read_raw(shared.id, pos, n)
-                await asyncio.gather(*(d.write_raw(new.id, raw) for d in dsts))
-                pos += n
-                copied += n
+        async with self.quiesced(shared.id):  # a write to it still in flight lands first
+            for offset, length in await src.modified_since(shared.id, 0):
+                pos = offset
+                while pos < offset + length:
+                    n = min(COPY_CHUNK, offset + length - pos)
+                    raw = await src.read_raw(shared.id, pos, n)
+                    await asyncio.gather(*(d.write_raw(new.id, raw) for d in dsts))
+                    pos += n
+                    copied += n
         await asyncio.gather(*(d.flush(new.id) for d in dsts))
         if not await self.meta.replace_extent(self.vol.name, slot, shared.id, new):
             await asyncio.gather(*(d.delete(new.id) for d in dsts), return_exceptions=True)
@@ -733,7 +734,8 @@ class VolumeDevice(BlockDevice):
                 vol, rev = await self.meta.volume(self.vol.name)
                 if att.epoch > self.epoch:
                     self._adopt(vol, rev)
-                    self.epoch = att.epoch  # extent records are unchanged by a snapshot
+                    self.epoch = att.epoch
+                    self._extents.clear()  # the snapshot may have dropped unfenced replicas
                     log.info("volume %s: adopted epoch %d after a snapshot", vol.name, att.epoch)
             raise _Reepoched
         self._fence(why)

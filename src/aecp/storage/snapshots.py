@@ -35,7 +35,6 @@ from aecp.storage.meta.model import (
     ExtentRecord,
     SnapshotRecord,
     VolumeRecord,
-    writable_in_place,
 )
 from aecp.storage.meta.service import RETRIES, MetaService
 from aecp.storage.pool import ReplicaPool
@@ -126,14 +125,14 @@ class SnapshotService:
         key = keys.abs_snapshot(snap.volume, snap.name)
         try:
             await self._fence_all(before, epoch)
-            _, rev = await self.get(snap.volume, snap.name)
+            _, rev = await self._this_one(snap)
             ready = snap.model_copy(update={"ready": True})
             if not await self.store.replace(key, ready.dump(), mod_revision=rev):
                 raise Conflict(f"snapshot {snap.volume}@{snap.name} changed while it was made")
             return ready
         except AecpError:
             try:
-                await self.delete(snap.volume, snap.name)
+                await self.delete(snap.volume, snap.name, expected=snap)
             except AecpError as exc:
                 log.error("snapshot %s@%s left incomplete: %s", snap.volume, snap.name, exc)
             raise
@@ -144,8 +143,10 @@ class SnapshotService:
         epoch and copies on write). ``Unavailable`` if some extent has no replica fenced."""
         exts = await self.meta.extents()
         shared = [exts[x] for x in {x for x in before.extents if x and x in exts}]
+        # every extent the volume owns, not only those writable in place: after a snapshot
+        # that failed to fence, the access point may still write some in place
         await asyncio.gather(
-            *(self._fence_extent(e, epoch) for e in shared if writable_in_place(e, before))
+            *(self._fence_extent(e, epoch) for e in shared if e.owner == before.name)
         )
 
     async def _fence_extent(self, ext: ExtentRecord, epoch: int) -> None:
@@ -183,6 +184,18 @@ class SnapshotService:
             raise NotFound(f"snapshot {volume}@{name} does not exist", snapshot=name)
         return got
 
+    async def _this_one(self, snap: SnapshotRecord) -> tuple[SnapshotRecord, int]:
+        """The stored record of ``snap`` if it is still that very snapshot (its readiness may
+        differ), not a namesake taken since; else ``Conflict``."""
+        got, rev = await self.get(snap.volume, snap.name)
+        if got.uid != snap.uid:
+            raise Conflict(f"snapshot {snap.volume}@{snap.name} was replaced meanwhile")
+        return got, rev
+
+    async def usable(self, volume: str, name: str) -> tuple[SnapshotRecord, int]:
+        """The snapshot, if clones and rollbacks may use it (``InvalidState`` if not ready)."""
+        return await self._usable(volume, name)
+
     async def _usable(self, volume: str, name: str) -> tuple[SnapshotRecord, int]:
         snap, rev = await self.get(volume, name)
         if not snap.ready:
@@ -193,10 +206,11 @@ class SnapshotService:
             )
         return snap, rev
 
-    async def delete(self, volume: str, name: str) -> int:
+    async def delete(self, volume: str, name: str, expected: SnapshotRecord | None = None) -> int:
         """Delete a snapshot; returns how many extents were reclaimed. Clones made from it are
-        not affected (they do not depend on it)."""
-        snap, rev = await self.get(volume, name)
+        not affected (they do not depend on it). ``expected``: only if it is still that
+        record (``Conflict`` otherwise: a namesake taken since is left alone)."""
+        snap, rev = await (self.get(volume, name) if expected is None else self._this_one(expected))
         if not await self.store.delete(keys.abs_snapshot(volume, name), mod_revision=rev):
             raise Conflict(f"snapshot {volume}@{name} changed; try again")
         return await self._reclaim({x for x in snap.extents if x})

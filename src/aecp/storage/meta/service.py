@@ -272,21 +272,32 @@ class MetaService:
                 return True
         raise Conflict(f"volume {volume} keeps changing; try again")
 
-    async def drop_replica(self, extent_id: str, node: str) -> ExtentRecord:
+    async def drop_replica(
+        self, extent_id: str, node: str, holder: Holder | None = None
+    ) -> ExtentRecord:
         """Remove ``node`` from the valid replicas (it failed) and bump the generation; its
         catch-up copies the blocks modified after the current generation (whose writes it may
-        have missed)."""
-        return await self.drop_replicas(extent_id, [node])
+        have missed). With a ``holder``, only while that access point holds its volume's
+        attachment (``InvalidState`` otherwise: a fenced access point changes nothing)."""
+        return await self.drop_replicas(extent_id, [node], holder=holder)
 
     async def drop_replicas(
-        self, extent_id: str, nodes: list[str], missed_from: int | None = None
+        self,
+        extent_id: str,
+        nodes: list[str],
+        missed_from: int | None = None,
+        holder: Holder | None = None,
     ) -> ExtentRecord:
         """Remove ``nodes`` from the valid replicas in one change (one generation bump). Each
         catches up the blocks modified after ``missed_from`` (default: the current generation)
         — lower it for replicas that may have taken writes under a generation the others
-        refused. ``InvalidState`` if that would leave no valid replica."""
+        refused. ``InvalidState`` if that would leave no valid replica, or if ``holder`` no
+        longer holds its attachment."""
         for _ in range(RETRIES):
             ext, rev = await self.extent(extent_id)
+            cmp = [Compare.unchanged(keys.abs_extent(extent_id), rev)]
+            if holder is not None:
+                cmp.append(await self._held_by(holder, extent_id))
             gone = [n for n in ext.replicas if n in nodes]
             if not gone:
                 return ext
@@ -302,7 +313,7 @@ class MetaService:
                     "generation": ext.generation + 1,
                 }
             )
-            if await self.store.replace(keys.abs_extent(extent_id), new.dump(), mod_revision=rev):
+            if await self.store.txn(cmp, [Put(keys.abs_extent(extent_id), new.dump())]):
                 log.warning(
                     "extent %s: replicas on %s dropped; generation %d -> %d; valid: %s",
                     extent_id,
@@ -313,6 +324,17 @@ class MetaService:
                 )
                 return new
         raise Conflict(f"extent {extent_id} keeps changing; try again")
+
+    async def _held_by(self, holder: Holder, extent_id: str) -> Compare:
+        """The guard that ``holder`` still holds its volume's attachment as now stored;
+        ``InvalidState`` if it does not hold it now."""
+        att = await self.store.get(keys.abs_attach(holder.volume))
+        if att is None or not holder.holds(AttachRecord.load(att.value)):
+            raise InvalidState(
+                f"volume {holder.volume}: no longer attached by this access point; "
+                f"extent {extent_id} left as it is"
+            )
+        return Compare.unchanged(keys.abs_attach(holder.volume), att.mod_revision)
 
     async def admit_replica(
         self,

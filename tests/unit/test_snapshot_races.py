@@ -1,0 +1,133 @@
+"""Snapshots of a running VM's volumes ordered against everything else: a snapshot whose
+fencing failed leaves nothing a later snapshot would miss, a snapshot finishing late never
+touches a namesake taken meanwhile, copy-on-write waits for a write still in flight to the
+extent it copies, and two snapshots of one VM never resume it under each other."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from aecp.common.errors import Conflict, Unavailable
+from aecp.compute.hypervisor import RunState
+from aecp.node.agent import NodeAgent
+from aecp.storage.chunk.errors import ReplicaUnavailable
+from aecp.storage.pool import ReplicaPool
+from aecp.storage.snapshots import SnapshotService
+from tests.unit.abskit import BLOCK, Cluster
+from tests.unit.test_recovery_races import Override, fence_fails, filled
+
+AT = 12 * BLOCK
+
+
+async def failed_then_taken(cluster: Cluster, again: bool = True) -> tuple[Any, str]:
+    """``filled``; a snapshot that could fence nothing (failed, deleted again; the volume's
+    extents count as shared now, but nothing was fenced), then, if ``again``, one that
+    worked: (the access point, the extent)."""
+    dev, ext_id, other = await filled(cluster)
+    with pytest.raises(Unavailable):
+        await SnapshotService(cluster.meta, fence_fails(cluster, {"n1", other})).snapshot(
+            "v", "s1", paused_on="n1"
+        )
+    if again:
+        await SnapshotService(cluster.meta, cluster.pool).snapshot("v", "s2", paused_on="n1")
+    return dev, ext_id
+
+
+async def test_a_snapshot_after_one_that_failed_to_fence_stays_as_taken(
+    cluster: Cluster,
+) -> None:
+    dev, ext_id = await failed_then_taken(cluster)
+    await dev.write(AT, b"A" * 4096)  # still under the old epoch: refused, copied on write
+    assert await cluster.replicas["n1"].store.read(ext_id, AT, 4096) == b"\x11" * 4096
+    assert await dev.read(AT, 4096) == b"A" * 4096
+
+
+async def test_copy_on_write_waits_for_a_write_still_in_flight_to_the_extent(
+    cluster: Cluster,
+) -> None:
+    dev, _ = await failed_then_taken(cluster, again=False)
+    n1, held, go_on = cluster.replicas["n1"], asyncio.Event(), asyncio.Event()
+
+    async def held_write(ext: str, offset: int, *args: Any, **kw: Any) -> Any:
+        if offset == AT:
+            held.set()
+            await go_on.wait()
+        return await n1.write(ext, offset, *args, **kw)
+
+    cluster.pool.add("n1", Override(n1, "write", held_write))  # type: ignore[arg-type]
+    first = asyncio.ensure_future(dev.write(AT, b"W" * 4096))  # in place: nothing refuses it
+    await held.wait()
+    vol, rev = await cluster.meta.volume("v")
+    dev.refresh(vol, rev, {})  # the recovery loop's next pass: the extent is shared now
+    second = asyncio.ensure_future(dev.write(AT + 2 * BLOCK, b"X" * 4096))  # copies on write
+    await asyncio.sleep(0.01)
+    go_on.set()
+    await asyncio.gather(first, second)
+    assert await dev.read(AT, 4096) == b"W" * 4096
+
+
+def fence_held(cluster: Cluster, node: str, fail: bool) -> tuple[ReplicaPool, asyncio.Event]:
+    """A pool whose fence on ``node`` waits for the returned event (then fails if ``fail``);
+    with ``fail``, the other nodes' fences fail at once."""
+    pool, go_on = ReplicaPool(cluster.meta), asyncio.Event()
+    for name, client in cluster.replicas.items():
+
+        async def fence(*args: Any, _c: Any = client, _held: bool = name == node) -> Any:
+            if _held:
+                await go_on.wait()
+            if fail:
+                raise ReplicaUnavailable("-", "no answer")
+            return await _c.fence(*args)
+
+        pool.add(name, Override(client, "fence", fence))  # type: ignore[arg-type]
+    return pool, go_on
+
+
+@pytest.mark.parametrize("fails", [True, False], ids=["late-failure", "late-success"])
+async def test_a_snapshot_finishing_late_leaves_a_namesake_taken_meanwhile_alone(
+    cluster: Cluster, fails: bool
+) -> None:
+    _, _, other = await filled(cluster)
+    pool, go_on = fence_held(cluster, other, fails)
+    first = asyncio.ensure_future(SnapshotService(cluster.meta, pool).snapshot("v", "s", "n1"))
+    await asyncio.sleep(0.01)
+    snaps = SnapshotService(cluster.meta, cluster.pool)
+    await snaps.delete("v", "s")  # the operator deletes the not-ready one, takes it again
+    again = await snaps.snapshot("v", "s", paused_on="n1")
+    go_on.set()
+    with pytest.raises(Unavailable if fails else Conflict):
+        await first
+    [now] = await snaps.snapshots("v")
+    assert now.uid == again.uid and now.ready
+
+
+async def test_two_snapshots_of_one_vm_never_resume_it_under_each_other() -> None:
+    state = {"vm": RunState.RUNNING}
+
+    async def set_state(vm: str, to: RunState) -> None:
+        state[vm] = to
+
+    agent = NodeAgent.__new__(NodeAgent)  # only ``paused`` runs
+    agent.hv = cast(
+        Any,
+        SimpleNamespace(
+            state=lambda vm: asyncio.sleep(0, state[vm]),
+            pause=lambda vm: set_state(vm, RunState.PAUSED),
+            resume=lambda vm: set_state(vm, RunState.RUNNING),
+        ),
+    )
+    agent.reconciler = cast(Any, SimpleNamespace(held=set()))
+    agent._pauses = {}
+    seen: list[RunState] = []
+
+    async def snapshot(hold: float) -> None:
+        async with agent.paused("vm"):
+            await asyncio.sleep(hold)
+            seen.append(state["vm"])
+
+    await asyncio.gather(snapshot(0.02), snapshot(0.0))
+    assert seen == [RunState.PAUSED, RunState.PAUSED] and state["vm"] is RunState.RUNNING
