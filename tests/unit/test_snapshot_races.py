@@ -14,10 +14,11 @@ import pytest
 from aecp.common.errors import Conflict, Unavailable
 from aecp.compute.hypervisor import RunState
 from aecp.node.agent import NodeAgent
+from aecp.storage.blockdev import Fenced
 from aecp.storage.chunk.errors import ReplicaUnavailable
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.snapshots import SnapshotService
-from tests.unit.abskit import BLOCK, Cluster
+from tests.unit.abskit import BLOCK, EXTENT, Cluster
 from tests.unit.test_recovery_races import Override, fence_fails, filled
 
 AT = 12 * BLOCK
@@ -131,3 +132,41 @@ async def test_two_snapshots_of_one_vm_never_resume_it_under_each_other() -> Non
 
     await asyncio.gather(snapshot(0.02), snapshot(0.0))
     assert seen == [RunState.PAUSED, RunState.PAUSED] and state["vm"] is RunState.RUNNING
+
+
+async def test_an_extent_an_earlier_snapshot_fenced_does_not_fail_the_next_one(
+    cluster: Cluster,
+) -> None:
+    await cluster.meta.create_volume("v", 2 * EXTENT, replicas=2)
+    dev = await cluster.open("v", "n1")
+    await dev.write(0, b"\x11" * 4096)
+    await dev.write(EXTENT, b"\x22" * 4096)
+    vol, _ = await cluster.meta.volume("v")
+    kept = vol.extents[0] or ""
+    snaps = SnapshotService(cluster.meta, cluster.pool)
+    await snaps.snapshot("v", "s1", paused_on="n1")
+    await dev.write(EXTENT, b"\x33" * 4096)  # slot 1 copied on write; slot 0 stays s1's
+    before, _ = await cluster.meta.extent(kept)
+    pool = ReplicaPool(cluster.meta)  # the fence of s1's extent fails everywhere
+    for node, client in cluster.replicas.items():
+
+        async def fence(ext_id: str, epoch: int, _c: Any = client) -> Any:
+            if ext_id == kept:
+                raise ReplicaUnavailable("-", "no answer")
+            return await _c.fence(ext_id, epoch)
+
+        pool.add(node, Override(client, "fence", fence))  # type: ignore[arg-type]
+    assert (await SnapshotService(cluster.meta, pool).snapshot("v", "s2", "n1")).ready
+    assert (await cluster.meta.extent(kept))[0] == before  # nothing dropped
+
+
+async def test_a_write_that_finds_its_access_point_taken_over_fences_it(
+    cluster: Cluster,
+) -> None:
+    dev, _, other = await filled(cluster)
+    await cluster.open("v", "n3", takeover=True)  # fences n1 and `other`
+    cluster.replicas[other].down = True  # `other` fails: dropping it needs the attachment
+    with pytest.raises(Fenced):
+        await dev.write(AT, b"A" * 4096)
+    with pytest.raises(Fenced):
+        await dev.read(AT, 4096)

@@ -62,7 +62,7 @@ from aecp.storage.meta.model import (
     writable_in_place,
 )
 from aecp.storage.meta.placement import StorageNode, place
-from aecp.storage.meta.service import MetaService
+from aecp.storage.meta.service import MetaService, NotHolder
 from aecp.storage.pool import ReplicaPool
 from aecp.store.base import Lease
 
@@ -399,7 +399,10 @@ class VolumeDevice(BlockDevice):
                     f"is unreachable ({', '.join(failed)})"
                 )
             for node in failed:
-                self._keep(await self.meta.drop_replica(ext_id, node, self.holder))
+                try:
+                    self._keep(await self.meta.drop_replica(ext_id, node, self.holder))
+                except NotHolder as exc:  # taken over or detached meanwhile
+                    self._fence(exc.message)
 
     # ---- recovery support (used by ``storage.recovery``) --------------------------------
     async def begin_join(self, ext_id: str, node: str) -> None:
@@ -595,21 +598,16 @@ class VolumeDevice(BlockDevice):
         """Copy the shared extent's written blocks into a new extent owned by this volume and
         put it in ``slot`` (the snapshot keeps the old one)."""
         new = await self._create_replicas()
-        src, _ = await self._readable(shared)
         dsts = [await self.pool.client(n) for n in new.replicas]
-        copied = 0
-        async with self.quiesced(shared.id):  # a write to it still in flight lands first
-            for offset, length in await src.modified_since(shared.id, 0):
-                pos = offset
-                while pos < offset + length:
-                    n = min(COPY_CHUNK, offset + length - pos)
-                    raw = await src.read_raw(shared.id, pos, n)
-                    await asyncio.gather(*(d.write_raw(new.id, raw) for d in dsts))
-                    pos += n
-                    copied += n
-        await asyncio.gather(*(d.flush(new.id) for d in dsts))
-        if not await self.meta.replace_extent(self.vol.name, slot, shared.id, new):
-            await asyncio.gather(*(d.delete(new.id) for d in dsts), return_exceptions=True)
+        try:
+            copied = await self._copy_into(shared, new, dsts)
+            placed = await self.meta.replace_extent(self.vol.name, slot, shared.id, new)
+        except BaseException:
+            placed = False
+            raise
+        finally:
+            if not placed:  # named by nobody: its replicas go again
+                await asyncio.gather(*(d.delete(new.id) for d in dsts), return_exceptions=True)
         self._adopt(*await self.meta.volume(self.vol.name))
         ext_id = self.vol.extents[slot]
         assert ext_id is not None
@@ -624,6 +622,24 @@ class VolumeDevice(BlockDevice):
         )
         await self.pool.delete_replicas(await self.meta.collect({shared.id}))
         return ext_id
+
+    async def _copy_into(
+        self, shared: ExtentRecord, new: ExtentRecord, dsts: list[ReplicaClient]
+    ) -> int:
+        """Copy the written blocks of ``shared`` to ``new``'s replicas, durably; bytes copied."""
+        src, _ = await self._readable(shared)
+        copied = 0
+        async with self.quiesced(shared.id):  # a write to it still in flight lands first
+            for offset, length in await src.modified_since(shared.id, 0):
+                pos = offset
+                while pos < offset + length:
+                    n = min(COPY_CHUNK, offset + length - pos)
+                    raw = await src.read_raw(shared.id, pos, n)
+                    await asyncio.gather(*(d.write_raw(new.id, raw) for d in dsts))
+                    pos += n
+                    copied += n
+        await asyncio.gather(*(d.flush(new.id) for d in dsts))
+        return copied
 
     async def _readable(self, ext: ExtentRecord) -> tuple[ReplicaClient, str]:
         for node in self._read_order(ext):

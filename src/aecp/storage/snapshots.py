@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 
 from aecp.common.errors import (
     AecpError,
@@ -35,6 +36,7 @@ from aecp.storage.meta.model import (
     ExtentRecord,
     SnapshotRecord,
     VolumeRecord,
+    writable_in_place,
 )
 from aecp.storage.meta.service import RETRIES, MetaService
 from aecp.storage.pool import ReplicaPool
@@ -77,6 +79,7 @@ class SnapshotService:
                 extents=list(vol.extents),
                 created_at=self.meta.clock.wall(),
                 ready=att is None,
+                uid=secrets.token_hex(8),
             )
             epoch = vol.epoch
             cmp: list[Compare] = []
@@ -142,11 +145,17 @@ class SnapshotService:
         snapshot to ``epoch`` (the access point's next write there meets StaleEpoch, adopts the
         epoch and copies on write). ``Unavailable`` if some extent has no replica fenced."""
         exts = await self.meta.extents()
-        shared = [exts[x] for x in {x for x in before.extents if x and x in exts}]
-        # every extent the volume owns, not only those writable in place: after a snapshot
-        # that failed to fence, the access point may still write some in place
+        owned = [exts[x] for x in {x for x in before.extents if x and x in exts}]
+        owned = [e for e in owned if e.owner == before.name]
+        # an earlier snapshot that completed fenced what it shares; what a failed one left
+        # shared is unfenced, and the access point may still write it in place
+        fenced = {x for s in await self.snapshots(before.name) if s.ready for x in s.extents}
         await asyncio.gather(
-            *(self._fence_extent(e, epoch) for e in shared if e.owner == before.name)
+            *(
+                self._fence_extent(e, epoch)
+                for e in owned
+                if writable_in_place(e, before) or e.id not in fenced
+            )
         )
 
     async def _fence_extent(self, ext: ExtentRecord, epoch: int) -> None:

@@ -166,7 +166,7 @@ class SnapshotRecord(Stored):
     # False while a snapshot of an attached volume is fencing its replicas: until then one of
     # them could still take a write, so it is neither cloned nor rolled back to
     ready: bool = True
-    uid: str = Field(default_factory=lambda: secrets.token_hex(8))  # this one, not a namesake
+    uid: str = ""  # this one, not a namesake taken later (records before it have none)
 
 
 def writable_in_place(ext: ExtentRecord, vol: VolumeRecord) -> bool:

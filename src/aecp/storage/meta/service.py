@@ -36,6 +36,12 @@ from aecp.store.typed import read
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Stored)
+
+
+class NotHolder(InvalidState):
+    """The access point asking no longer holds its volume's attachment."""
+
+
 RETRIES = 8
 
 
@@ -330,7 +336,7 @@ class MetaService:
         ``InvalidState`` if it does not hold it now."""
         att = await self.store.get(keys.abs_attach(holder.volume))
         if att is None or not holder.holds(AttachRecord.load(att.value)):
-            raise InvalidState(
+            raise NotHolder(
                 f"volume {holder.volume}: no longer attached by this access point; "
                 f"extent {extent_id} left as it is"
             )
