@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import pytest
 
-from aecp.common.errors import Conflict, Unavailable
+from aecp.common.errors import Conflict, StoreUnavailable, Unavailable
 from aecp.compute.hypervisor import RunState
 from aecp.node.agent import NodeAgent
 from aecp.storage.blockdev import Fenced
@@ -170,3 +170,35 @@ async def test_a_write_that_finds_its_access_point_taken_over_fences_it(
         await dev.write(AT, b"A" * 4096)
     with pytest.raises(Fenced):
         await dev.read(AT, 4096)
+
+
+@pytest.mark.parametrize("then", ["raises", "is-cancelled"])
+async def test_a_copy_on_write_committed_but_unconfirmed_keeps_its_replicas(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    # The store can apply the change and still fail the call (a reply lost, a timeout), or
+    # the request can be cancelled after the commit: the table then names the new extent.
+    dev, ext_id, _ = await filled(cluster)
+    await SnapshotService(cluster.meta, cluster.pool).snapshot("v", "s", paused_on="n1")
+    replace, committed = cluster.meta.replace_extent, asyncio.Event()
+
+    async def unconfirmed(*args: Any, **kw: Any) -> bool:
+        assert await replace(*args, **kw)
+        committed.set()
+        if then == "raises":
+            raise StoreUnavailable("the reply was lost")
+        await asyncio.sleep(10)
+        return True
+
+    monkeypatch.setattr(cluster.meta, "replace_extent", unconfirmed)
+    writing = asyncio.ensure_future(dev.write(AT, b"A" * 4096))
+    await committed.wait()
+    if then == "is-cancelled":
+        writing.cancel()
+    with pytest.raises((StoreUnavailable, asyncio.CancelledError)):
+        await writing
+    vol, _ = await cluster.meta.volume("v")
+    new, _ = await cluster.meta.extent(vol.extents[0] or "")
+    assert new.id != ext_id
+    for node in new.replicas:
+        assert await cluster.replicas[node].store.read(new.id, 0, 4096) == b"\x11" * 4096

@@ -601,13 +601,12 @@ class VolumeDevice(BlockDevice):
         dsts = [await self.pool.client(n) for n in new.replicas]
         try:
             copied = await self._copy_into(shared, new, dsts)
-            placed = await self.meta.replace_extent(self.vol.name, slot, shared.id, new)
-        except BaseException:
-            placed = False
+        except BaseException:  # named by nobody yet: its replicas go again
+            await asyncio.gather(*(d.delete(new.id) for d in dsts), return_exceptions=True)
             raise
-        finally:
-            if not placed:  # named by nobody: its replicas go again
-                await asyncio.gather(*(d.delete(new.id) for d in dsts), return_exceptions=True)
+        # only a definite "no" deletes: a failure here may come after the change was committed
+        if not await self.meta.replace_extent(self.vol.name, slot, shared.id, new):
+            await asyncio.gather(*(d.delete(new.id) for d in dsts), return_exceptions=True)
         self._adopt(*await self.meta.volume(self.vol.name))
         ext_id = self.vol.extents[slot]
         assert ext_id is not None
