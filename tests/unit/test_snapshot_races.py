@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import pytest
 
+from aecp.cluster.volumes import VolumeService
 from aecp.common.errors import Conflict, StoreUnavailable, Unavailable
 from aecp.compute.hypervisor import RunState
 from aecp.node.agent import NodeAgent
@@ -202,3 +203,21 @@ async def test_a_copy_on_write_committed_but_unconfirmed_keeps_its_replicas(
     assert new.id != ext_id
     for node in new.replicas:
         assert await cluster.replicas[node].store.read(new.id, 0, 4096) == b"\x11" * 4096
+
+
+async def test_a_volume_made_again_under_an_old_name_does_not_own_its_extents(
+    cluster: Cluster,
+) -> None:
+    snaps = SnapshotService(cluster.meta, cluster.pool)
+    await cluster.meta.create_volume("x", EXTENT, replicas=2)
+    dev = await cluster.open("x")
+    await dev.write(0, b"A" * BLOCK)
+    await dev.close()
+    await snaps.clone_volume("x", "c")
+    await VolumeService(cluster.meta, cluster.pool).delete("x")  # c still names the extent
+    await snaps.clone_volume("c", "x")  # a new "x" sharing c's extent
+    dev = await cluster.open("x")
+    await dev.write(0, b"B" * BLOCK)  # copies on write, never in place
+    await dev.close()
+    c = await cluster.open("c")
+    assert await c.read(0, BLOCK) == b"A" * BLOCK

@@ -691,7 +691,7 @@ class VolumeDevice(BlockDevice):
                 id=new_extent_id(),
                 size=self.vol.extent_size,
                 replicas=chosen,
-                owner=self.vol.name,
+                owner=self.vol.owner_id,
                 owner_epoch=self.vol.cow_epoch,
             )
             results = await asyncio.gather(

@@ -36,6 +36,7 @@ from aecp.storage.meta.model import (
     ExtentRecord,
     SnapshotRecord,
     VolumeRecord,
+    new_volume_uid,
     writable_in_place,
 )
 from aecp.storage.meta.service import RETRIES, MetaService
@@ -146,7 +147,7 @@ class SnapshotService:
         epoch and copies on write). ``Unavailable`` if some extent has no replica fenced."""
         exts = await self.meta.extents()
         owned = [exts[x] for x in {x for x in before.extents if x and x in exts}]
-        owned = [e for e in owned if e.owner == before.name]
+        owned = [e for e in owned if e.owner == before.owner_id]
         # an earlier snapshot that completed fenced what it shares; what a failed one left
         # shared is unfenced, and the access point may still write it in place
         fenced = {x for s in await self.snapshots(before.name) if s.ready for x in s.extents}
@@ -239,6 +240,7 @@ class SnapshotService:
             extents=list(snap.extents),
             created_at=self.meta.clock.wall(),
             source=f"snapshot {volume}@{name}",
+            uid=new_volume_uid(),
         )
         ok = await self.store.txn(
             [
@@ -268,6 +270,7 @@ class SnapshotService:
                 extents=list(vol.extents),
                 created_at=self.meta.clock.wall(),
                 source=f"volume {source}",
+                uid=new_volume_uid(),
             )
             ok = await self.store.txn(
                 [

@@ -39,10 +39,18 @@ class VolumeRecord(Stored):
     cow_epoch: int = 0  # bumped by every snapshot: extents from before are shared
     created_at: float = 0.0
     source: str = ""  # "snapshot <volume>@<snap>" for a clone
+    # unique per volume ever created: a volume made later under the same name (a clone of a
+    # clone, say) must not own the extents the old one left to others
+    uid: str = ""
 
     @property
     def slots(self) -> int:
         return len(self.extents)
+
+    @property
+    def owner_id(self) -> str:
+        """What its extents name as their owner (the name, for volumes made before uids)."""
+        return self.uid or self.name
 
 
 class ExtentRecord(Stored):
@@ -54,7 +62,7 @@ class ExtentRecord(Stored):
     generation: int = 1
     stale: dict[str, int] = Field(default_factory=dict)  # node -> generation it missed from
     stale_since: dict[str, float] = Field(default_factory=dict)  # node -> when it was dropped
-    owner: str = ""  # the volume that allocated it ...
+    owner: str = ""  # the volume that allocated it (its ``owner_id``) ...
     owner_epoch: int = 0  # ... at this cow_epoch: only it, at that epoch, writes in place
 
 
@@ -82,6 +90,10 @@ class Holder:
     def holds(self, rec: AttachRecord) -> bool:
         same = rec.ap == self.ap if self.ap else rec.epoch == self.epoch
         return rec.volume == self.volume and rec.node == self.node and same
+
+
+def new_volume_uid() -> str:
+    return secrets.token_hex(8)
 
 
 def new_extent_id() -> str:
@@ -171,4 +183,4 @@ class SnapshotRecord(Stored):
 
 def writable_in_place(ext: ExtentRecord, vol: VolumeRecord) -> bool:
     """True if ``vol`` may write ``ext`` without copying it first (it is not shared)."""
-    return ext.owner == vol.name and ext.owner_epoch == vol.cow_epoch
+    return ext.owner == vol.owner_id and ext.owner_epoch == vol.cow_epoch

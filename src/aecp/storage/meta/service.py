@@ -27,6 +27,7 @@ from aecp.storage.meta.model import (
     StorageServer,
     VolumeRecord,
     default_replicas,
+    new_volume_uid,
     slots_for,
     validate_volume,
 )
@@ -101,6 +102,7 @@ class MetaService:
             extent_size=esize,
             extents=[None] * slots_for(size, esize),
             created_at=self.clock.wall(),
+            uid=new_volume_uid(),
         )
         if not await self.store.create(keys.abs_volume(name), vol.dump()):
             raise AlreadyExists(f"volume {name} already exists", field="name")
