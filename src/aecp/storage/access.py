@@ -100,7 +100,7 @@ class VolumeDevice(BlockDevice):
         self._copy_locks: dict[str, asyncio.Lock] = {}
         self._joining: dict[str, str] = {}
         self._join_failed: set[str] = set()
-        self._redos: set[asyncio.Future[None]] = set()  # write_nowait retries, join endings
+        self._background: set[asyncio.Future[None]] = set()  # write_nowait redos, late join endings
         self.ap = ap
 
     # ---- reads --------------------------------------------------------------------------
@@ -272,11 +272,11 @@ class VolumeDevice(BlockDevice):
             done.set_result(None)
             return
         redo = asyncio.ensure_future(self._write_piece(slot, inside, data, False))
-        self._redos.add(redo)
+        self._background.add(redo)
         redo.add_done_callback(functools.partial(self._redone, done))
 
     def _redone(self, done: asyncio.Future[None], redo: asyncio.Future[None]) -> None:
-        self._redos.discard(redo)
+        self._background.discard(redo)
         if done.done():
             return
         if redo.cancelled():
@@ -447,8 +447,8 @@ class VolumeDevice(BlockDevice):
             await lock.acquire()
         except BaseException:  # cancelled while a repair holds it: end the join after that
             later = asyncio.ensure_future(self._end_join_later(ext_id, lock))
-            self._redos.add(later)
-            later.add_done_callback(self._redos.discard)
+            self._background.add(later)
+            later.add_done_callback(self._background.discard)
             raise
         try:
             if admit is not None:

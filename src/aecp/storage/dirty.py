@@ -23,9 +23,6 @@ class DirtyExtents:
     def add(self, ext_id: str) -> None:
         self._dirty.add(ext_id)
 
-    def discard(self, ext_id: str) -> None:
-        self._dirty.discard(ext_id)
-
     def __contains__(self, ext_id: object) -> bool:
         return ext_id in self._dirty
 

@@ -204,9 +204,6 @@ class SnapshotService:
 
     async def usable(self, volume: str, name: str) -> tuple[SnapshotRecord, int]:
         """The snapshot, if clones and rollbacks may use it (``InvalidState`` if not ready)."""
-        return await self._usable(volume, name)
-
-    async def _usable(self, volume: str, name: str) -> tuple[SnapshotRecord, int]:
         snap, rev = await self.get(volume, name)
         if not snap.ready:
             raise InvalidState(
@@ -228,7 +225,7 @@ class SnapshotService:
     async def clone(self, volume: str, name: str, new_volume: str) -> VolumeRecord:
         """A new volume with the snapshot's content, in O(1): its table is the snapshot's."""
         check_name("name", new_volume)
-        snap, rev = await self._usable(volume, name)
+        snap, rev = await self.usable(volume, name)
         servers = await self.meta.servers()
         if snap.replicas > len(servers):
             raise InvalidInput("replicas", f"{snap.replicas} replicas need as many nodes")
@@ -298,7 +295,7 @@ class SnapshotService:
 
     async def rollback(self, volume: str, name: str) -> VolumeRecord:
         """Make a detached volume hold the snapshot's content again (O(1))."""
-        snap, srev = await self._usable(volume, name)
+        snap, srev = await self.usable(volume, name)
         for _ in range(RETRIES):
             vol, rev = await self.meta.volume(volume)
             if await self.meta.attachment(volume) is not None:
