@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from aecp.storage.chunk.diskio import WRITE_PIECE, pieces, pwrite_all
 from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.chunk.uring import Ring, ring_unavailable
 
@@ -52,6 +53,51 @@ async def test_more_requests_than_ring_entries_all_complete(ring: Ring, fd: int)
     blocks = [os.urandom(4096) for _ in range(100)]  # the ring has 8 entries, 16 completions
     await asyncio.gather(*(ring.pwrite(fd, b, i * 4096) for i, b in enumerate(blocks)))
     assert os.pread(fd, 100 * 4096, 0) == b"".join(blocks)
+
+
+def test_pieces_are_cut_at_multiples_of_the_piece_size_in_the_file() -> None:
+    p = WRITE_PIECE
+    assert pieces(0, p) == [(0, p)]
+    assert pieces(p, 2 * p) == [(0, p), (p, 2 * p)]
+    assert pieces(p - 512, 1024) == [(0, 512), (512, 1024)]
+    assert pieces(4096, 2 * p) == [(0, p - 4096), (p - 4096, 2 * p - 4096), (2 * p - 4096, 2 * p)]
+    assert pieces(0, 0) == []
+
+
+async def test_a_long_write_goes_in_pieces_and_completes_once(
+    ring: Ring, fd: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    submitted: list[int] = []
+    submit = ring._submit
+    monkeypatch.setattr(ring, "_submit", lambda rec: (submitted.append(rec.length), submit(rec)))
+    data = os.urandom(3 * WRITE_PIECE)  # 4 pieces from offset 4096
+    seen: list[object] = []
+    assert await ring.pwrite(fd, data, 4096, done=lambda r, e: seen.append(r)) == len(data)
+    assert seen == [len(data)]
+    assert submitted == [WRITE_PIECE - 4096, WRITE_PIECE, WRITE_PIECE, 4096]
+    assert os.pread(fd, len(data), 4096) == data
+    writes = [ring.pwrite(fd, os.urandom(3 * WRITE_PIECE), i * 3 * WRITE_PIECE) for i in range(5)]
+    assert await asyncio.gather(*writes) == [3 * WRITE_PIECE] * 5  # 15 pieces, 8 entries
+
+
+async def test_a_long_write_that_fails_reports_one_error(ring: Ring, fd: int) -> None:
+    seen: list[object] = []
+    ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as info:
+            await ring.pwrite(ro, bytes(3 * WRITE_PIECE), 0, done=lambda r, e: seen.append(e))
+    finally:
+        os.close(ro)
+    assert info.value.errno == errno.EBADF
+    assert seen == [info.value]
+
+
+def test_pwrite_all_writes_any_buffer_whole(fd: int) -> None:
+    data = bytearray(os.urandom(WRITE_PIECE + 5000))
+    pwrite_all(fd, data, 1000)
+    pwrite_all(fd, memoryview(data)[:3000], 900_000)
+    assert os.pread(fd, len(data), 1000) == data
+    assert os.pread(fd, 3000, 900_000) == data[:3000]
 
 
 async def test_a_read_past_the_end_of_the_file_gives_zeros(ring: Ring, fd: int) -> None:

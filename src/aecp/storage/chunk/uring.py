@@ -35,6 +35,7 @@ import struct
 from pathlib import Path
 from typing import Any, cast
 
+from aecp.storage.chunk.diskio import WRITE_PIECE, pieces
 from aecp.storage.chunk.iopool import Done, complete
 
 log = logging.getLogger(__name__)
@@ -125,13 +126,13 @@ def _sys(number: int, *args: Any) -> int:
 class _Op:
     """One I/O in flight: its pinned buffer and how far it got."""
 
-    __slots__ = ("addr", "done", "fd", "fut", "length", "offset", "op", "pinned", "pos")
+    __slots__ = ("addr", "done", "fd", "fut", "group", "length", "offset", "op", "pinned", "pos")
 
     def __init__(
         self,
         op: int,
         fd: int,
-        pinned: _PyBuffer | bytes,
+        pinned: _PyBuffer | bytes | None,
         addr: int,
         length: int,
         offset: int,
@@ -140,13 +141,25 @@ class _Op:
     ) -> None:
         self.op = op
         self.fd = fd
-        self.pinned = pinned  # a held buffer (released when done), or a bytes object
+        self.pinned = pinned  # a held buffer (released when done), a bytes object, or None
         self.addr = addr
         self.length = length
         self.offset = offset
         self.pos = 0
         self.fut = fut
         self.done = done
+        self.group: _Pieces | None = None  # set on a piece of a longer write
+
+
+class _Pieces:
+    """A write cut in pieces: the whole, how many pieces are in flight, the first error."""
+
+    __slots__ = ("exc", "left", "whole")
+
+    def __init__(self, whole: _Op, left: int) -> None:
+        self.whole = whole
+        self.left = left
+        self.exc: BaseException | None = None
 
 
 class Ring:
@@ -267,9 +280,24 @@ class Ring:
             rec = _Op(op, fd, pinned, int(pinned.buf or 0), int(pinned.len), offset, fut, done)
         if not rec.length:
             self._finish(rec, 0, None)
-            return fut
-        self._submit(rec)
+        elif op == _OP_WRITE and rec.length > WRITE_PIECE:
+            self._submit_pieces(rec)
+        else:
+            self._submit(rec)
         return fut
+
+    def _submit_pieces(self, whole: _Op) -> None:
+        """A long write as ``WRITE_PIECE`` writes in flight together (see ``diskio``); the
+        whole completes when the last piece does, with the first piece's error if any."""
+        cut = pieces(whole.offset, whole.length)
+        group = _Pieces(whole, len(cut))
+        for start, end in cut:
+            piece = _Op(
+                whole.op, whole.fd, None, whole.addr + start, end - start,
+                whole.offset + start, None, None,
+            )  # fmt: skip
+            piece.group = group
+            self._submit(piece)
 
     # ---- submission --------------------------------------------------------------------------
     def _submit(self, rec: _Op) -> None:
@@ -352,6 +380,14 @@ class Ring:
             self._submit(rec)  # a short transfer: go on from where it stopped
 
     def _finish(self, rec: _Op, result: int | None, exc: BaseException | None) -> None:
+        group = rec.group
+        if group is not None:
+            group.left -= 1
+            group.exc = group.exc or exc
+            if group.left:
+                return
+            rec, exc = group.whole, group.exc
+            result = None if exc else rec.length
         pinned = rec.pinned
         if type(pinned) is _PyBuffer:
             _release_buffer(ctypes.byref(pinned))
