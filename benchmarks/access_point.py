@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from aecp.common.clock import SYSTEM_CLOCK
-from aecp.node.storage import tune_gc
+from aecp.node.storage import tune_gc, tune_malloc
 from aecp.storage.access import open_volume
 from aecp.storage.blockdev import BlockDevice
 from aecp.storage.chunk.store import ReplicaStore
@@ -134,6 +134,7 @@ async def baseline(root: Path, args: argparse.Namespace) -> None:
 async def main(args: argparse.Namespace) -> None:
     if not args.default_gc:
         tune_gc()  # as ``aecp storage run`` does
+        tune_malloc()
     root = Path(tempfile.mkdtemp(prefix="ap-bench-", dir="/tmp"))
     children = await child_servers(root, 2, args.uvloop and not args.default_gc)
     store = MemoryStore()

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from aecp.node.storage import tune_gc
+from aecp.node.storage import tune_gc, tune_malloc
 from aecp.storage.chunk.api import ReplicaClient
 from aecp.storage.chunk.client import ChunkClient, LocalChunkClient
 from aecp.storage.chunk.server import ChunkServer
@@ -161,6 +161,7 @@ if __name__ == "__main__":
 
         if arguments.serve:
             tune_gc()  # as ``aecp storage run`` does
+            tune_malloc()
 
         uvloop.run(coro)
     else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import logging
 import os
@@ -361,10 +363,40 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0, gen1, gen2)
 
 
+#: request buffers up to this size come from the heap, not from a fresh ``mmap`` each
+MALLOC_MMAP_THRESHOLD = 32 * MIB
+#: free memory at the top of the heap kept for the next requests rather than returned
+MALLOC_TRIM_THRESHOLD = 128 * MIB
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_malloc() -> bool:
+    """Keep glibc from mapping and unmapping a fresh region for every large request buffer.
+
+    A 1 MiB WRITE allocates its payload (and a replica its frame) per request; above glibc's
+    mmap threshold each one is a new mapping, so every request paid page faults and the
+    kernel's zeroing of 256 pages, then an ``munmap``. With the threshold raised, buffers up to
+    ``MALLOC_MMAP_THRESHOLD`` are reused from the heap; the heap keeps up to
+    ``MALLOC_TRIM_THRESHOLD`` free at its top. Measured in ``benchmarks/access_point.py``
+    (factor 2, 1 MiB writes): about a fifth less CPU per MiB. Returns False (and changes
+    nothing) where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+        and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
+    )
+
+
 def main(settings: NodeSettings) -> None:
-    """The ``aecp storage run`` process: ``run_storage`` on uvloop, with ``tune_gc``
-    (docs/design/abs.md, "Disk I/O", gives what each was measured to bring)."""
+    """The ``aecp storage run`` process: ``run_storage`` on uvloop, with ``tune_gc`` and
+    ``tune_malloc`` (docs/design/abs.md, "Disk I/O", gives what each was measured to bring)."""
     tune_gc()
+    tune_malloc()
     uvloop.run(run_storage(settings))
 
 
