@@ -8,6 +8,7 @@ import asyncio
 import os
 import random
 import socket
+from array import array
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import uvloop
 
 from aecp.storage.chunk.api import ReplicaClient
 from aecp.storage.chunk.client import ChunkClient, LocalChunkClient
+from aecp.storage.chunk.diskio import sector_crcs
 from aecp.storage.chunk.errors import (
     ChecksumError,
     ChunkInvalid,
@@ -166,6 +168,27 @@ async def test_writes_started_at_once_are_answered_and_their_errors_cross_the_wi
         await client.close()
         await server.stop()
         await store.close()
+
+
+async def test_sector_checksums_given_by_the_writer_are_the_ones_reads_verify(
+    replica: ReplicaClient,
+) -> None:
+    """The access point computes a write's checksums once for every replica: the replica
+    records them as given (right ones read back; wrong ones fail the read, which is how a
+    bad replica is found and repaired), over TCP and locally alike."""
+    await replica.create("e1", 4 * MIB, epoch=1)
+    data = pattern(2 * SECTOR, 3)
+    await replica.write("e1", 0, pattern(BLOCK, 0), epoch=1, generation=1)  # INTENT logged
+    await replica.write("e1", 0, data, epoch=1, generation=2, crcs=sector_crcs(data, SECTOR))
+    assert await replica.read("e1", 0, 2 * SECTOR) == data
+    wrong = array("I", [1, 2])
+    await replica.write("e1", SECTOR * 8, data, epoch=1, generation=2, crcs=wrong)
+    with pytest.raises(ChecksumError) as info:
+        await replica.read("e1", SECTOR * 8, 2 * SECTOR)
+    assert info.value.sectors == [8, 9]
+    # checksums that do not match the write's sector count are not used
+    await replica.write("e1", SECTOR * 16, data, epoch=1, generation=2, crcs=array("I", [1]))
+    assert await replica.read("e1", SECTOR * 16, 2 * SECTOR) == data
 
 
 async def test_every_operation_behaves_the_same_over_tcp_and_locally(

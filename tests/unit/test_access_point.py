@@ -5,12 +5,15 @@ generation bump, fencing by epoch, and repair of a corrupt replica from a good o
 from __future__ import annotations
 
 import asyncio
+from array import array
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from aecp.storage import access
 from aecp.storage.blockdev import Allocation, Fenced, InvalidRequest
+from aecp.storage.chunk.errors import ChecksumError
 from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.fanout import split
 from tests.unit.abskit import EXTENT, Cluster
@@ -131,6 +134,40 @@ async def test_write_nowait_serves_the_usual_write_and_declines_the_rest(cluster
     ext, _ = await cluster.meta.extent(vol.extents[0] or "")
     for node in ext.replicas:
         assert await cluster.replicas[node].store.read(ext.id, 0, 8192) == b"a" * 4096 + b"b" * 4096
+
+
+async def test_write_nowait_computes_the_checksums_once_for_every_replica(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every replica records the checksums the access point computed (here deliberately
+    wrong, so each replica's read fails on them); a write of partial sectors leaves them to
+    the replicas."""
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    dev = await cluster.open("v")
+    await dev.write(0, b"a" * 16384)
+    computed: list[int] = []
+
+    def wrong(data: bytes, sector: int) -> array[int]:
+        computed.append(len(data))
+        return array("I", [12345] * (len(data) // sector))
+
+    monkeypatch.setattr(access, "sector_crcs", wrong)
+    started = dev.write_nowait(4096, b"b" * 8192)
+    assert started is not None
+    await started
+    assert computed == [8192], "once, not once per replica"
+    ext, _ = await cluster.meta.extent((await cluster.meta.volume("v"))[0].extents[0] or "")
+    for node in ext.replicas:
+        with pytest.raises(ChecksumError):
+            await cluster.replicas[node].store.read(ext.id, 4096, 4096)
+    partial = dev.write_nowait(512, b"c" * 512)
+    if partial is not None:  # partial sectors go the general way in the store
+        await partial
+    else:
+        await dev.write(512, b"c" * 512)
+    assert computed == [8192]
+    for node in ext.replicas:
+        assert await cluster.replicas[node].store.read(ext.id, 0, 1024) == b"a" * 512 + b"c" * 512
 
 
 async def test_write_nowait_redoes_a_write_a_replica_failed_like_write_does(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from array import array
 
 import pytest
 from hypothesis import given
@@ -72,18 +73,88 @@ def feed_in_chunks(
     return out
 
 
-@given(st.lists(requests(), max_size=8), st.lists(st.integers(0, 4000), max_size=10))
-def test_requests_round_trip_whatever_the_chunking(reqs: list[Request], cuts: list[int]) -> None:
+def decoder_of(
+    cls: type[wire.RequestDecoder] | type[wire.ResponseDecoder], collect_min: int
+) -> wire.RequestDecoder | wire.ResponseDecoder:
+    """A decoder that gathers payloads from ``collect_min`` bytes (64 KiB normally)."""
+    decoder = cls()
+    decoder.COLLECT_MIN = collect_min
+    return decoder
+
+
+gather_from = st.sampled_from([wire.RequestDecoder.COLLECT_MIN, 1, 50])
+
+
+@given(st.lists(requests(), max_size=8), st.lists(st.integers(0, 4000), max_size=10), gather_from)
+def test_requests_round_trip_whatever_the_chunking(
+    reqs: list[Request], cuts: list[int], collect_min: int
+) -> None:
     data = b"".join(frame(r.encode()) for r in reqs)
     cuts = [c for c in cuts if c <= len(data)]
-    assert feed_in_chunks(wire.RequestDecoder(), data, cuts) == reqs
+    assert feed_in_chunks(decoder_of(wire.RequestDecoder, collect_min), data, cuts) == reqs
 
 
-@given(st.lists(responses, max_size=8), st.lists(st.integers(0, 4000), max_size=10))
-def test_responses_round_trip_whatever_the_chunking(resps: list[Response], cuts: list[int]) -> None:
+@given(st.lists(responses, max_size=8), st.lists(st.integers(0, 4000), max_size=10), gather_from)
+def test_responses_round_trip_whatever_the_chunking(
+    resps: list[Response], cuts: list[int], collect_min: int
+) -> None:
     data = b"".join(frame(r.encode()) for r in resps)
     cuts = [c for c in cuts if c <= len(data)]
-    assert feed_in_chunks(wire.ResponseDecoder(), data, cuts) == resps
+    assert feed_in_chunks(decoder_of(wire.ResponseDecoder, collect_min), data, cuts) == resps
+
+
+@given(st.integers(1, 3), u64, gather_from)
+def test_a_write_with_its_sector_checksums_round_trips(
+    sectors: int, epoch: int, collect_min: int
+) -> None:
+    data = bytes(range(256)) * 16 * sectors
+    crcs = array("I", range(7, 7 + sectors))
+    parts = wire.encode_request(
+        Op.WRITE, 1, "e1", 4096, len(data), epoch, 2, wire.FLAG_FUA, data, wire.pack_crcs(crcs)
+    )
+    (request,) = decoder_of(wire.RequestDecoder, collect_min).feed(frame(parts))
+    assert request.flags == wire.FLAG_FUA | wire.FLAG_CRCS and request.length == len(data)
+    got_data, got_crcs = wire.split_crcs(request)
+    assert bytes(got_data) == data and got_crcs == crcs
+    assert wire.split_crcs(Request(Op.WRITE, 2, "e1", 0, 3, payload=b"abc")) == (b"abc", None)
+
+
+def test_sector_checksums_that_do_not_fit_their_write_are_malformed() -> None:
+    def header(op: Op, length: int, plen: int) -> bytes:
+        return (
+            wire.REQUEST.pack(
+                wire.REQUEST_MAGIC, op, wire.FLAG_CRCS, 2, 0, 1, 0, length, 0, 0, plen
+            )
+            + b"e1"
+        )
+
+    for op, length, plen in [
+        (Op.WRITE, 4096, 4096),  # no room for the checksum
+        (Op.WRITE, 4096, 4104),  # one checksum too many
+        (Op.WRITE, 1000, 1004),  # not a whole sector
+        (Op.REPAIR, 4096, 4100),  # only a WRITE carries them
+        (Op.READ, 4096, 0),
+    ]:
+        with pytest.raises(ChunkProtocolError):
+            wire.RequestDecoder().feed(header(op, length, plen) + bytes(plen))
+    sums = wire.pack_crcs(array("I", [1]))
+    for op, data in [(Op.WRITE, bytes(4000)), (Op.WRITE, bytes(8192)), (Op.REPAIR, bytes(4096))]:
+        with pytest.raises(ChunkInvalid):
+            wire.encode_request(op, 1, "e1", 0, len(data), 0, 0, 0, data, sums)
+
+
+def test_a_large_write_is_gathered_once_and_the_next_frame_follows() -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    big = Request(Op.WRITE, 7, "e1", 0, len(payload), 3, 4, 0, payload)
+    small = Request(Op.PING, 8)
+    data = frame(big.encode()) + frame(small.encode())
+    decoder = wire.RequestDecoder()
+    out: list[object] = []
+    for pos in range(0, len(data), 65536):  # as a socket delivers it
+        out += decoder.feed(data[pos : pos + 65536])
+        if pos and pos + 65536 < len(data) - 1000:
+            assert decoder._parts is not None and not decoder._buf  # gathered by reference
+    assert out == [big, small]
 
 
 @given(st.binary(max_size=2000), st.lists(st.integers(0, 2000), max_size=6))

@@ -34,6 +34,7 @@ from aecp.storage.blockdev import (
     check_range,
 )
 from aecp.storage.chunk.api import Buffer, ReplicaClient
+from aecp.storage.chunk.diskio import sector_crcs
 from aecp.storage.chunk.errors import (
     ChecksumError,
     ChunkError,
@@ -241,10 +242,13 @@ class VolumeDevice(BlockDevice):
         done: asyncio.Future[None] = loop.create_future()
         fan_in = FanIn(len(clients), self._written, (ext_id, slot, inside, data, done))
         epoch, generation = self.epoch, ext.generation
+        crcs = sector_crcs(data, SECTOR) if not (inside | length) % SECTOR else None
         for client in clients:
             assert client is not None
             try:
-                aw = client.write(ext_id, inside, data, epoch=epoch, generation=generation)
+                aw = client.write(
+                    ext_id, inside, data, epoch=epoch, generation=generation, crcs=crcs
+                )
                 fut = aw if isinstance(aw, asyncio.Future) else asyncio.ensure_future(aw)
             except Exception as exc:  # a client that fails at once fails this replica
                 fut = loop.create_future()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from array import array
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
@@ -98,9 +99,16 @@ class ReplicaClient(ABC):
         epoch: int,
         generation: int,
         fua: bool = False,
+        crcs: array[int] | None = None,
     ) -> Awaitable[None]:
         """Write ``data`` at ``offset`` (any alignment). Returns an awaitable (a coroutine, or
         a future on the hot path): errors are raised when it is awaited, never by the call.
+
+        ``crcs``: the CRC-32 of each 4 KiB sector of ``data`` (``sector_crcs``), computed by
+        the caller once for all replicas. The replica records them instead of computing its
+        own, so they must be right: every read verifies against them. Ignored unless they are
+        one per sector of a write of whole sectors (a replica with other sectors ignores
+        them).
 
         ``epoch`` older than the stored epoch: ``StaleEpoch``, nothing written. Newer: the
         stored epoch is raised (durably) first. Sectors written become valid; touched blocks get

@@ -16,6 +16,7 @@ import asyncio
 import enum
 import itertools
 import logging
+from array import array
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
@@ -36,7 +37,7 @@ T = TypeVar("T")
 #: queued request bytes before new requests wait for the socket (several large writes in flight)
 SEND_HIGH_WATER = 8 << 20
 #: offset, length, epoch, generation, flags, payload of a request
-_Fields = tuple[int, int, int, int, int, Buffer]
+_Fields = tuple[int, int, int, int, int, Buffer, bytes]
 #: a request waiting for its response: future, op, time sent, extent id, epoch, decode
 _Pending = tuple["asyncio.Future[Any]", Op, float, str, int, Callable[[bytes], Any] | None]
 
@@ -245,7 +246,7 @@ class ChunkClient(ReplicaClient):
         conn = self._ready() or await self._connection()
         if conn.paused:
             await conn.writable()
-        fields = (offset, length, epoch, generation, flags, payload)
+        fields = (offset, length, epoch, generation, flags, payload, b"")
         result: T | None = await conn.send(op, extent_id, fields, decode)
         return result
 
@@ -272,13 +273,18 @@ class ChunkClient(ReplicaClient):
         epoch: int,
         generation: int,
         fua: bool = False,
+        crcs: array[int] | None = None,
     ) -> Awaitable[None]:
         """On a ready connection, the request's future itself: no coroutine, no task."""
         view = data if isinstance(data, bytes) else memoryview(data).cast("B")
         conn = self._ready()
         if conn is None or len(view) > MAX_DATA:
             return self._write(extent_id, offset, view, epoch, generation, fua)
-        fields = (offset, len(view), epoch, generation, wire.FLAG_FUA if fua else 0, view)
+        sums = b""
+        if crcs is not None and len(crcs) * wire.CRC_SECTOR == len(view):
+            sums = wire.pack_crcs(crcs)
+        flags = wire.FLAG_FUA if fua else 0
+        fields = (offset, len(view), epoch, generation, flags, view, sums)
         try:
             fut: asyncio.Future[None] = conn.send(Op.WRITE, extent_id, fields)
         except ChunkError as e:  # a bad argument, or the connection just closed
@@ -429,17 +435,18 @@ class LocalChunkClient(ReplicaClient):
         epoch: int,
         generation: int,
         fua: bool = False,
+        crcs: array[int] | None = None,
     ) -> Awaitable[None]:
         if self._closed:
             return self._refuse()
         if not fua:
             started = self.store.write_nowait(
-                extent_id, offset, data, epoch=epoch, generation=generation
+                extent_id, offset, data, epoch=epoch, generation=generation, crcs=crcs
             )
             if started is not None:
                 return started
         return self.store.write(
-            extent_id, offset, data, epoch=epoch, generation=generation, fua=fua
+            extent_id, offset, data, epoch=epoch, generation=generation, fua=fua, crcs=crcs
         )
 
     def read(  # the store's coroutine itself: one frame less on the hot path

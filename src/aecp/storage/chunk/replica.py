@@ -9,6 +9,7 @@ before anything changes).
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,11 @@ class Replica:
         return records
 
 
-def plan_write(rep: Replica, offset: int, data: Buffer, generation: int) -> Job:
-    """Write ``data``; partial first/last sectors are merged with their current content."""
+def plan_write(
+    rep: Replica, offset: int, data: Buffer, generation: int, crcs: array[int] | None = None
+) -> Job:
+    """Write ``data``; partial first/last sectors are merged with their current content.
+    ``crcs`` (one per sector of an aligned write) are recorded instead of those computed."""
     meta, sec = rep.meta, rep.meta.sector
     first, end = offset // sec, offset + len(data)
     last = (end - 1) // sec
@@ -73,7 +77,10 @@ def plan_write(rep: Replica, offset: int, data: Buffer, generation: int) -> Job:
     if end % sec and not (head is not None and last == first):
         tail = (meta.is_valid(last), meta.crcs[last])
     args = (rep.id, rep.data_fd, offset, data, sec, head, tail)
-    return write_sectors, args, lambda crcs: meta.mark_written(first, crcs, generation)
+    if crcs is not None and not offset % sec and len(crcs) * sec == len(data):
+        given = crcs
+        return write_sectors, args, lambda _: meta.mark_written(first, given, generation)
+    return write_sectors, args, lambda sums: meta.mark_written(first, sums, generation)
 
 
 def plan_read(rep: Replica, offset: int, length: int) -> Job:

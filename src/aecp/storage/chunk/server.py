@@ -155,12 +155,14 @@ class _Session(asyncio.Protocol):
 
     def _start(self, request: Request) -> None:
         if request.op is Op.WRITE and not request.flags & wire.FLAG_FUA:
+            data, crcs = wire.split_crcs(request)
             fut = self._handler.store.write_nowait(
                 request.extent_id,
                 request.offset,
-                request.payload,
+                data,
                 epoch=request.epoch,
                 generation=request.generation,
+                crcs=crcs,
             )
             if fut is not None:  # started at once: no task, answered from its callback
                 self._tasks.add(fut)
@@ -255,9 +257,11 @@ class _Handler:
 
     async def _write(self, r: Request) -> bytes:
         fua = bool(r.flags & wire.FLAG_FUA)
+        data, crcs = wire.split_crcs(r)
         await self.store.write(
-            r.extent_id, r.offset, r.payload, epoch=r.epoch, generation=r.generation, fua=fua
-        )
+            r.extent_id, r.offset, data, epoch=r.epoch, generation=r.generation, fua=fua,
+            crcs=crcs,
+        )  # fmt: skip
         return b""
 
     async def _read(self, r: Request) -> bytes:

@@ -30,6 +30,7 @@ import asyncio
 import errno
 import logging
 import zlib
+from array import array
 from asyncio import Future
 from collections.abc import Callable
 from pathlib import Path
@@ -198,9 +199,12 @@ class ReplicaStore:
         epoch: int,
         generation: int,
         fua: bool = False,
+        crcs: array[int] | None = None,
     ) -> None:
         if not fua:
-            started = self.write_nowait(extent_id, offset, data, epoch=epoch, generation=generation)
+            started = self.write_nowait(
+                extent_id, offset, data, epoch=epoch, generation=generation, crcs=crcs
+            )
             if started is not None:
                 return await started
         rep = self._replicas.get(extent_id)
@@ -213,7 +217,7 @@ class ReplicaStore:
         if not (0 <= epoch <= U64_MAX and 0 <= generation <= U64_MAX):
             check_u64(epoch=epoch, generation=generation)
         if length:
-            plan = lambda: plan_write(rep, offset, view, generation)  # noqa: E731
+            plan = lambda: plan_write(rep, offset, view, generation, crcs)  # noqa: E731
             await self._locked(rep, offset, length, True, epoch, plan)
         else:
             await self._admit(rep, epoch)
@@ -221,7 +225,14 @@ class ReplicaStore:
             await self._persistence.flush(rep)
 
     def write_nowait(
-        self, extent_id: str, offset: int, data: Buffer, *, epoch: int, generation: int
+        self,
+        extent_id: str,
+        offset: int,
+        data: Buffer,
+        *,
+        epoch: int,
+        generation: int,
+        crcs: array[int] | None = None,
     ) -> Future[None] | None:
         """``write`` (without ``fua``) started at once, when nothing stands in its way: the
         replica is open and healthy, ``epoch`` is its current one, the range covers whole
@@ -229,7 +240,8 @@ class ReplicaStore:
         is in use. Returns a future set when the data is in the page cache with its checksums
         recorded (``ChunkIOError`` if the write failed; cancelling it does not stop the
         write). Returns None, having changed nothing, when any of that does not hold: then
-        call ``write``, which validates and waits where needed."""
+        call ``write``, which validates and waits where needed. ``crcs``, one per sector of
+        ``data`` (else ignored), are recorded as they are instead of computed here."""
         ring = self._ring
         rep = self._replicas.get(extent_id)
         if ring is None or rep is None or rep.deleted or rep.failed:
@@ -256,11 +268,14 @@ class ReplicaStore:
         if not locks.try_acquire(first, last, True):
             return None
         fut: Future[None] = asyncio.get_running_loop().create_future()
+        if crcs is not None and len(crcs) * sec != length:
+            crcs = None
 
         def written(_: object, exc: BaseException | None) -> None:
             try:
                 if exc is None:
-                    meta.mark_written(offset // sec, sector_crcs(view, sec), generation)
+                    sums = sector_crcs(view, sec) if crcs is None else crcs
+                    meta.mark_written(offset // sec, sums, generation)
                     rep.unsynced = True
                     if not fut.done():
                         fut.set_result(None)

@@ -23,7 +23,7 @@ WRITE and REPAIR ``length`` equals ``payload_len``)::
     2   DELETE          id                               -
     3   STAT            id                               size|epoch|generation|allocated|valid u64
     4   LIST            -                                per id: len u8, ASCII bytes
-    5   WRITE           id, offset, epoch, gen, data     -          (flags bit 0: FUA)
+    5   WRITE           id, offset, epoch, gen, data     -          (flags: below)
     6   READ            id, offset, length               the data (exactly length bytes)
     7   TRIM            id, offset, length, epoch, gen   -
     8   ZERO            id, offset, length, epoch, gen   -
@@ -37,6 +37,12 @@ WRITE and REPAIR ``length`` equals ``payload_len``)::
     16  SCRUB           id                               per bad sector: index u64
     17  REPAIR          id, offset, data                 -
 
+WRITE flags: bit 0 FUA (durable before the answer); bit 1 CRCS: the payload starts with the
+CRC-32 (zlib's) of each 4 KiB sector of the data, u32 little-endian (as the replica stores
+them), and ``length`` counts the data only, a multiple of 4096. The replica records those
+checksums instead of computing its own (the access point computes them once for all
+replicas); they are verified on every read like any other.
+
 Raw blocks: offset u64 | block_size u32 | sector u32 | count u32 | count x (bitmap u64,
 modgen u64) | the valid sectors' data, in order.
 
@@ -48,14 +54,17 @@ those of a CHECKSUM error.
 Limits: ``payload_len <= MAX_PAYLOAD``; READ and READ_RAW ask for at most ``MAX_DATA`` bytes.
 A frame with a bad magic, unknown op, status or flag bits, non-zero reserved bits, ``id_len``
 over 64, an oversized or unexpected payload, or a WRITE/REPAIR whose length differs from its
-payload is malformed: the decoder raises ``ChunkProtocolError`` and the receiver closes the
-connection. Payloads that do not parse raise ``ChunkProtocolError`` too.
+payload (for a CRCS write: a length that is not a whole number of sectors, or a payload that
+is not the checksums and the data) is malformed: the decoder raises ``ChunkProtocolError``
+and the receiver closes the connection. Payloads that do not parse raise it too.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
+import sys
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -78,6 +87,9 @@ MAX_DATA = 32 << 20
 MAX_PAYLOAD = MAX_DATA + (1 << 20)
 MAX_ID = 64
 FLAG_FUA = 0x01
+FLAG_CRCS = 0x02
+#: the sector a CRCS write's checksums cover
+CRC_SECTOR = 4096
 
 REQUEST = struct.Struct("!IBBBBQQQQQI")
 RESPONSE = struct.Struct("!IBBHQI")
@@ -173,20 +185,56 @@ def encode_request(
     generation: int = 0,
     flags: int = 0,
     payload: Buffer = b"",
+    crcs: bytes = b"",
 ) -> list[Buffer]:
-    """The buffers of one request frame (header + id, then the payload if any)."""
+    """The buffers of one request frame (header + id, then the payload if any). ``crcs``
+    (a WRITE's sector checksums, see the module docstring) go before the payload and set
+    ``FLAG_CRCS``."""
     try:
         ident = extent_id.encode("ascii")
     except UnicodeEncodeError:
         raise ChunkInvalid(f"bad extent id {extent_id!r}") from None
-    if len(ident) > MAX_ID or len(payload) > MAX_PAYLOAD:
+    size = len(crcs) + len(payload)
+    if len(ident) > MAX_ID or size > MAX_PAYLOAD:
         raise ChunkInvalid("extent id or payload too long for the replica protocol")
+    if crcs:
+        if op is not Op.WRITE or len(payload) % CRC_SECTOR or len(crcs) != crc_bytes(length):
+            raise ChunkInvalid("sector checksums go with a WRITE of whole 4 KiB sectors, one each")
+        flags |= FLAG_CRCS
     try:
-        fields = (request_id, offset, length, epoch, generation, len(payload))
+        fields = (request_id, offset, length, epoch, generation, size)
         head = REQUEST.pack(REQUEST_MAGIC, op, flags, len(ident), 0, *fields)
     except struct.error as e:
         raise ChunkInvalid(f"a request field is out of range: {e}") from None
+    if crcs:
+        return [head + ident + crcs, payload]
     return [head + ident, payload] if payload else [head + ident]
+
+
+def crc_bytes(length: int) -> int:
+    """The size of the checksums of a CRCS write of ``length`` data bytes."""
+    return 4 * (length // CRC_SECTOR)
+
+
+def split_crcs(request: Request) -> tuple[Buffer, array[int] | None]:
+    """A WRITE's data and, if it carries them (``FLAG_CRCS``), its sector checksums."""
+    if not request.flags & FLAG_CRCS:
+        return request.payload, None
+    n = crc_bytes(request.length)
+    crcs = array("I")
+    crcs.frombytes(request.payload[:n])
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        crcs.byteswap()
+    return memoryview(request.payload)[n:], crcs
+
+
+def pack_crcs(crcs: array[int]) -> bytes:
+    """The wire (and on-disk) form of sector checksums: u32 little-endian."""
+    if sys.byteorder == "little":
+        return crcs.tobytes()
+    swapped = array("I", crcs)  # pragma: no cover - big-endian hosts
+    swapped.byteswap()  # pragma: no cover
+    return swapped.tobytes()  # pragma: no cover
 
 
 def encode_response(op: Op, status: Status, request_id: int, payload: Buffer = b"") -> list[Buffer]:
@@ -197,21 +245,47 @@ def encode_response(op: Op, status: Status, request_id: int, payload: Buffer = b
 F = TypeVar("F")
 
 
+_REQUEST_FLAGS = FLAG_FUA | FLAG_CRCS
+
+
+def _check_write_length(code: Op, flags: int, length: int, plen: int) -> None:
+    """A WRITE or REPAIR carries exactly its data (and a CRCS write its checksums first)."""
+    if not flags & FLAG_CRCS:
+        if length != plen:
+            raise ChunkProtocolError(f"length {length} differs from payload {plen}")
+    elif code is not Op.WRITE or length % CRC_SECTOR or plen != length + crc_bytes(length):
+        raise ChunkProtocolError(
+            f"a CRCS write of {length} bytes with a payload of {plen} (whole 4 KiB sectors, "
+            "4 bytes of checksum each)"
+        )
+
+
 class _Decoder(Generic[F]):
-    """Bytes in, frames out; ``ChunkProtocolError`` on a malformed frame (then useless)."""
+    """Bytes in, frames out; ``ChunkProtocolError`` on a malformed frame (then useless).
+
+    A frame whose payload of at least ``COLLECT_MIN`` bytes is still incomplete is gathered
+    by reference, chunk by chunk as received, and its payload joined once when whole (a
+    growing buffer would copy a 1 MiB write several times)."""
 
     head: struct.Struct
+    #: incomplete payloads at least this large are gathered by reference
+    COLLECT_MIN = 64 * 1024
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         self._max = max_payload
         self._buf = bytearray()
         self._need = 0
         self._broken = False
+        self._head = b""  # the header (and id) of the frame being gathered
+        self._parts: list[Buffer] | None = None  # its payload so far
+        self._missing = 0  # payload bytes still to come
 
     def feed(self, data: Buffer) -> list[F]:
         """Every frame completed by ``data``, in order."""
         if self._broken:
             raise ChunkProtocolError("the stream is already broken")
+        if self._parts is not None:
+            return self._gather(data)
         buf = self._buf
         if buf:
             buf += data
@@ -226,7 +300,38 @@ class _Decoder(Generic[F]):
             del buf[:used]
         elif used < len(data):
             buf += memoryview(data)[used:]
+        if self._need - len(buf) >= self.COLLECT_MIN and len(buf) >= self.head.size:
+            self._start_gathering(buf)
         return frames
+
+    def _start_gathering(self, buf: bytearray) -> None:
+        """If ``buf`` holds the whole header (and id) of its large frame, gather the rest."""
+        with memoryview(buf) as view:
+            head = self._head_size(view)
+            if len(view) < head:
+                return
+            self._head = bytes(view[:head])
+            self._parts = [bytes(view[head:])]
+        self._missing = self._need - len(buf)
+        buf.clear()
+
+    def _gather(self, data: Buffer) -> list[F]:
+        parts = self._parts
+        assert parts is not None
+        view = memoryview(data).cast("B")
+        n = min(self._missing, len(view))
+        parts.append(view[:n])
+        self._missing -= n
+        if self._missing:
+            return []
+        payload = b"".join(parts)
+        self._parts, head, self._need = None, self._head, 0
+        try:
+            frame = self._frame_with(memoryview(head), payload)
+        except ChunkProtocolError:
+            self._broken = True
+            raise
+        return [frame, *self.feed(view[n:])] if n < len(view) else [frame]
 
     def _parse(self, src: Buffer) -> tuple[list[F], int, int]:
         frames: list[F] = []
@@ -245,6 +350,14 @@ class _Decoder(Generic[F]):
         """The frame at ``pos`` (None if it ends after ``end``) and its size in bytes."""
         raise NotImplementedError
 
+    def _head_size(self, view: memoryview) -> int:
+        """Bytes before the payload of the (validated) frame header at the start of ``view``."""
+        raise NotImplementedError
+
+    def _frame_with(self, head: memoryview, payload: bytes) -> F:
+        """The frame of a validated ``head`` (``_head_size`` bytes) and its whole payload."""
+        raise NotImplementedError
+
 
 class RequestDecoder(_Decoder[Request]):
     """The server side: bytes from a client in, ``Request`` frames out."""
@@ -258,12 +371,14 @@ class RequestDecoder(_Decoder[Request]):
         if magic != REQUEST_MAGIC:
             raise ChunkProtocolError(f"bad request magic {magic:#x}")
         code = _OP_OF.get(op)
-        if code is None or flags & ~FLAG_FUA or reserved or id_len > MAX_ID:
+        if code is None or flags & ~_REQUEST_FLAGS or reserved or id_len > MAX_ID:
             raise ChunkProtocolError(f"malformed request header (op {op}, flags {flags})")
         if plen > self._max or (plen and code not in PAYLOAD_OPS):
             raise ChunkProtocolError(f"unexpected payload of {plen} bytes for op {op}")
-        if (code is Op.WRITE or code is Op.REPAIR) and length != plen:
-            raise ChunkProtocolError(f"length {length} differs from payload {plen}")
+        if code is Op.WRITE or code is Op.REPAIR:
+            _check_write_length(code, flags, length, plen)
+        elif flags & FLAG_CRCS:
+            raise ChunkProtocolError(f"sector checksums on op {op}")
         start = pos + REQUEST.size
         total = REQUEST.size + id_len + plen
         if end - pos < total:
@@ -271,6 +386,14 @@ class RequestDecoder(_Decoder[Request]):
         ident = bytes(view[start : start + id_len]).decode("latin-1")
         payload = bytes(view[start + id_len : pos + total])
         return Request(code, rid, ident, offset, length, epoch, gen, flags, payload), total
+
+    def _head_size(self, view: memoryview) -> int:
+        return REQUEST.size + view[6]  # id_len
+
+    def _frame_with(self, head: memoryview, payload: bytes) -> Request:
+        _, op, flags, id_len, _, rid, offset, length, epoch, gen, _ = REQUEST.unpack_from(head)
+        ident = bytes(head[REQUEST.size : REQUEST.size + id_len]).decode("latin-1")
+        return Request(_OP_OF[op], rid, ident, offset, length, epoch, gen, flags, payload)
 
 
 class ResponseDecoder(_Decoder[Response]):
@@ -290,6 +413,13 @@ class ResponseDecoder(_Decoder[Response]):
             return None, total
         payload = bytes(view[pos + RESPONSE.size : pos + total]) if plen else b""
         return Response(code, outcome, rid, payload), total
+
+    def _head_size(self, view: memoryview) -> int:
+        return RESPONSE.size
+
+    def _frame_with(self, head: memoryview, payload: bytes) -> Response:
+        _, op, status, _, rid, _ = RESPONSE.unpack_from(head)
+        return Response(_OP_OF[op], _STATUS_OF[status], rid, payload)
 
 
 # --- payloads ------------------------------------------------------------------------------
