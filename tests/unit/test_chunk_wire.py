@@ -103,6 +103,20 @@ def test_responses_round_trip_whatever_the_chunking(
     assert feed_in_chunks(decoder_of(wire.ResponseDecoder, collect_min), data, cuts) == resps
 
 
+def test_a_payload_trickled_in_tiny_pieces_is_gathered_compactly() -> None:
+    """A peer sending a large WRITE a byte at a time must not make the server keep one
+    object per byte (hundreds of bytes of overhead each)."""
+    payload = bytes(range(256)) * 1024  # 256 KiB
+    data = frame(Request(Op.WRITE, 1, "e1", 0, len(payload), 0, 0, 0, payload).encode())
+    decoder = wire.RequestDecoder()
+    assert decoder.feed(data[:100_000]) == []
+    for i in range(100_000, 200_000):
+        assert decoder.feed(data[i : i + 1]) == []
+    assert decoder._parts is not None and len(decoder._parts) <= 2
+    (request,) = decoder.feed(data[200_000:])
+    assert request.payload == payload
+
+
 @given(st.integers(1, 3), u64, gather_from)
 def test_a_write_with_its_sector_checksums_round_trips(
     sectors: int, epoch: int, collect_min: int
@@ -141,6 +155,10 @@ def test_sector_checksums_that_do_not_fit_their_write_are_malformed() -> None:
     for op, data in [(Op.WRITE, bytes(4000)), (Op.WRITE, bytes(8192)), (Op.REPAIR, bytes(4096))]:
         with pytest.raises(ChunkInvalid):
             wire.encode_request(op, 1, "e1", 0, len(data), 0, 0, 0, data, sums)
+    with pytest.raises(ChunkInvalid):  # a length that is not the data's
+        wire.encode_request(Op.WRITE, 1, "e1", 0, 8192, 0, 0, 0, bytes(4096), sums)
+    with pytest.raises(ChunkInvalid):  # the flag without the checksums
+        wire.encode_request(Op.WRITE, 1, "e1", 0, 4096, 0, 0, wire.FLAG_CRCS, bytes(4096))
 
 
 def test_a_large_write_is_gathered_once_and_the_next_frame_follows() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from aecp.storage.chunk import uring
 from aecp.storage.chunk.diskio import WRITE_PIECE, pieces, pwrite_all
 from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.chunk.uring import Ring, ring_unavailable
@@ -90,6 +91,31 @@ async def test_a_long_write_that_fails_reports_one_error(ring: Ring, fd: int) ->
         os.close(ro)
     assert info.value.errno == errno.EBADF
     assert seen == [info.value]
+
+
+@pytest.mark.parametrize("error", [errno.EAGAIN, errno.ENOMEM])
+async def test_a_long_write_survives_a_failed_submission(
+    ring: Ring, fd: int, monkeypatch: pytest.MonkeyPatch, error: int
+) -> None:
+    """More pieces than ring entries, and the kernel refuses the first submission: starting
+    the write never fails half-way, no entry is overwritten, and the write completes once."""
+    real, calls = uring._sys, [0]
+
+    def refuse_once(number: int, *args: object) -> int:
+        if number == uring._SYS_ENTER:
+            calls[0] += 1
+            if calls[0] == 1:
+                raise OSError(error, "refused by the test")
+        return real(number, *args)
+
+    monkeypatch.setattr(uring, "_sys", refuse_once)
+    data = bytearray(os.urandom(12 * WRITE_PIECE))  # 12 pieces, 8 entries
+    seen: list[object] = []
+    write = ring.pwrite(fd, data, 0, done=lambda r, e: seen.append(r))
+    assert await asyncio.wait_for(write, 30) == len(data)  # an overwritten entry: never
+    assert seen == [len(data)]
+    assert os.pread(fd, len(data), 0) == data
+    data.extend(b"x")  # released: a pinned bytearray cannot be resized
 
 
 def test_pwrite_all_writes_any_buffer_whole(fd: int) -> None:

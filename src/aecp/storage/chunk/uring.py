@@ -52,6 +52,7 @@ _PARAMS_FLAGS = 8  # byte offset of io_uring_params.flags
 _REGISTER_EVENTFD = 4
 _OP_READ, _OP_WRITE = 22, 23
 _U32 = 0xFFFFFFFF
+_RETRY_S = 0.1  # after an unexpected failure of io_uring_enter
 
 # io_uring_params: 7 u32, 3 reserved u32, then the SQ and CQ offsets (8 u32 + 1 u64 each)
 _PARAMS = struct.Struct("<7I3I8IQ8IQ")
@@ -301,11 +302,13 @@ class Ring:
 
     # ---- submission --------------------------------------------------------------------------
     def _submit(self, rec: _Op) -> None:
-        if len(self._ops) >= self._max_inflight:
+        """Queue ``rec`` in the submission ring, or in the backlog when the ring is full or
+        the completions could overflow. Never enters the kernel itself, so starting an
+        operation (all pieces of a write included) cannot fail half-way."""
+        if len(self._ops) >= self._max_inflight or self._unsubmitted >= self.entries:
             self._backlog.append(rec)
+            self._schedule_enter()
             return
-        if self._unsubmitted >= self.entries:
-            self._enter()
         ud = self._next
         self._next = ud + 1
         self._ops[ud] = rec
@@ -318,13 +321,17 @@ class Ring:
         )  # fmt: skip
         u32[self._sq_tail] = (tail + 1) & _U32  # after the entry: x86 keeps stores in order
         self._unsubmitted += 1
+        self._schedule_enter()
+
+    def _schedule_enter(self) -> None:
         if not self._enter_scheduled:
             self._enter_scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._enter)
 
     def _enter(self) -> None:
-        """Tell the kernel about every queued entry (once per loop iteration)."""
+        """Tell the kernel about every queued entry (once per loop iteration), refilling the
+        ring from the backlog as it empties."""
         self._enter_scheduled = False
         while self._unsubmitted:
             try:
@@ -333,12 +340,22 @@ class Ring:
                 if e.errno == errno.EINTR:
                     continue
                 if e.errno in (errno.EAGAIN, errno.EBUSY):  # retry on the next iteration
-                    self._enter_scheduled = True
-                    assert self._loop is not None
-                    self._loop.call_soon(self._enter)
+                    self._schedule_enter()
                     return
-                raise
+                # the entries stay queued: a later try submits them, nothing is lost
+                log.error("io_uring: submitting failed (%s); retrying in %.1f s", e, _RETRY_S)
+                self._enter_scheduled = True
+                assert self._loop is not None
+                self._loop.call_later(_RETRY_S, self._enter)
+                return
             self._unsubmitted -= n
+            self._refill()
+
+    def _refill(self) -> None:
+        """Move backlogged operations into the ring while it has room."""
+        backlog = self._backlog
+        while backlog and len(self._ops) < self._max_inflight and self._unsubmitted < self.entries:
+            self._submit(backlog.popleft())
 
     # ---- completion --------------------------------------------------------------------------
     def _reap(self) -> None:
@@ -359,8 +376,7 @@ class Ring:
                 log.error("io_uring: completion for unknown request %d", ud)
                 continue
             self._progress(rec, res)
-        while self._backlog and len(self._ops) < self._max_inflight:
-            self._submit(self._backlog.popleft())
+        self._refill()
         if not self._ops and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 

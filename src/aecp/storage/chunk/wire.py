@@ -198,9 +198,14 @@ def encode_request(
     if len(ident) > MAX_ID or size > MAX_PAYLOAD:
         raise ChunkInvalid("extent id or payload too long for the replica protocol")
     if crcs:
-        if op is not Op.WRITE or len(payload) % CRC_SECTOR or len(crcs) != crc_bytes(length):
-            raise ChunkInvalid("sector checksums go with a WRITE of whole 4 KiB sectors, one each")
         flags |= FLAG_CRCS
+    if flags & FLAG_CRCS:
+        try:
+            _check_write_length(op, flags, length, size)
+        except ChunkProtocolError:
+            raise ChunkInvalid(
+                "sector checksums go with a WRITE of whole 4 KiB sectors, one each"
+            ) from None
     try:
         fields = (request_id, offset, length, epoch, generation, size)
         head = REQUEST.pack(REQUEST_MAGIC, op, flags, len(ident), 0, *fields)
@@ -270,6 +275,9 @@ class _Decoder(Generic[F]):
     head: struct.Struct
     #: incomplete payloads at least this large are gathered by reference
     COLLECT_MIN = 64 * 1024
+    #: received pieces smaller than this are copied while gathering, not referenced: each
+    #: reference keeps its whole ``bytes`` object (and its overhead) alive
+    REFERENCE_MIN = 16 * 1024
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         self._max = max_payload
@@ -320,7 +328,12 @@ class _Decoder(Generic[F]):
         assert parts is not None
         view = memoryview(data).cast("B")
         n = min(self._missing, len(view))
-        parts.append(view[:n])
+        if n >= self.REFERENCE_MIN:
+            parts.append(view[:n])
+        elif parts and type(parts[-1]) is bytearray:
+            parts[-1] += view[:n]
+        else:
+            parts.append(bytearray(view[:n]))
         self._missing -= n
         if self._missing:
             return []
