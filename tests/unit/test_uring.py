@@ -118,6 +118,51 @@ async def test_a_long_write_survives_a_failed_submission(
     data.extend(b"x")  # released: a pinned bytearray cannot be resized
 
 
+async def test_submissions_refused_for_good_fail_what_is_queued(
+    ring: Ring, fd: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel that keeps refusing (not EAGAIN) gets a few retries, then every queued
+    operation fails with its error; the ring then works again."""
+    real, refusing = uring._sys, [True]
+
+    def refuse(number: int, *args: object) -> int:
+        if number == uring._SYS_ENTER and refusing[0]:
+            raise OSError(errno.ENOMEM, "refused by the test")
+        return real(number, *args)
+
+    monkeypatch.setattr(uring, "_sys", refuse)
+    monkeypatch.setattr(uring, "_RETRY_S", 0.001)
+    monkeypatch.setattr(uring, "_MAX_FAILURES", 3)
+    writes = [ring.pwrite(fd, b"q" * 4096, i * 4096) for i in range(12)]  # 8 entries
+    results = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 30)
+    assert all(isinstance(r, OSError) and r.errno == errno.ENOMEM for r in results)
+    refusing[0] = False
+    assert await ring.pwrite(fd, b"r" * 4096, 0) == 4096
+    assert os.pread(fd, 4096, 0) == b"r" * 4096
+
+
+async def test_close_waits_for_work_started_while_it_waits_and_then_refuses_more(
+    fd: int,
+) -> None:
+    ring = Ring(entries=8)
+    first = ring.pwrite(fd, b"a" * 4096, 0)
+    late: list[object] = []
+
+    async def chain() -> None:
+        await first  # woken by the same completion that lets close() go on
+        try:
+            late.append(await ring.pwrite(fd, b"b" * 4096, 4096))
+        except RuntimeError as e:
+            late.append(e)
+
+    task = asyncio.create_task(chain())
+    await asyncio.sleep(0)
+    await asyncio.gather(ring.close(), ring.close())  # concurrent callers both return
+    await task
+    assert isinstance(late[0], RuntimeError), "no new work once closing started"
+    assert not ring._ops and not ring._backlog
+
+
 def test_pwrite_all_writes_any_buffer_whole(fd: int) -> None:
     data = bytearray(os.urandom(WRITE_PIECE + 5000))
     pwrite_all(fd, data, 1000)

@@ -53,6 +53,8 @@ _REGISTER_EVENTFD = 4
 _OP_READ, _OP_WRITE = 22, 23
 _U32 = 0xFFFFFFFF
 _RETRY_S = 0.1  # after an unexpected failure of io_uring_enter
+_MAX_FAILURES = 50  # in a row: then what is queued fails
+_USER_DATA, _USER_DATA_AT = struct.Struct("<Q"), 32  # an SQE's user_data and its offset
 
 # io_uring_params: 7 u32, 3 reserved u32, then the SQ and CQ offsets (8 u32 + 1 u64 each)
 _PARAMS = struct.Struct("<7I3I8IQ8IQ")
@@ -192,7 +194,9 @@ class Ring:
         self._next = 1
         self._unsubmitted = 0
         self._backlog: collections.deque[_Op] = collections.deque()
-        self._enter_scheduled = False
+        self._enter_handle: asyncio.Handle | None = None  # the next _enter, if scheduled
+        self._failures = 0  # io_uring_enter failures in a row
+        self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Future[None] | None = None
 
@@ -265,7 +269,7 @@ class Ring:
         done: Done | None,
         with_future: bool = True,
     ) -> asyncio.Future[int] | None:
-        if self._closed:
+        if self._closed or self._closing:
             raise RuntimeError("the io_uring is closed")
         loop = self._loop
         if loop is None:
@@ -324,32 +328,66 @@ class Ring:
         self._schedule_enter()
 
     def _schedule_enter(self) -> None:
-        if not self._enter_scheduled:
-            self._enter_scheduled = True
+        if self._enter_handle is None:
             assert self._loop is not None
-            self._loop.call_soon(self._enter)
+            self._enter_handle = self._loop.call_soon(self._enter)
 
     def _enter(self) -> None:
         """Tell the kernel about every queued entry (once per loop iteration), refilling the
-        ring from the backlog as it empties."""
-        self._enter_scheduled = False
+        ring from the backlog as it empties. A refused submission is retried: at once for
+        EAGAIN/EBUSY, after ``_RETRY_S`` for anything else, up to ``_MAX_FAILURES`` times in
+        a row; then every queued operation fails with that error."""
+        self._enter_handle = None
+        if self._closed:
+            return
         while self._unsubmitted:
             try:
                 n = _sys(_SYS_ENTER, self._fd, self._unsubmitted, 0, 0, None, 0)
             except OSError as e:
                 if e.errno == errno.EINTR:
                     continue
-                if e.errno in (errno.EAGAIN, errno.EBUSY):  # retry on the next iteration
-                    self._schedule_enter()
-                    return
-                # the entries stay queued: a later try submits them, nothing is lost
-                log.error("io_uring: submitting failed (%s); retrying in %.1f s", e, _RETRY_S)
-                self._enter_scheduled = True
-                assert self._loop is not None
-                self._loop.call_later(_RETRY_S, self._enter)
+                self._failed_enter(e)
                 return
+            self._failures = 0
             self._unsubmitted -= n
             self._refill()
+
+    def _failed_enter(self, exc: OSError) -> None:
+        assert self._loop is not None
+        if self._enter_handle is not None:  # one retry at a time
+            self._enter_handle.cancel()
+            self._enter_handle = None
+        if exc.errno in (errno.EAGAIN, errno.EBUSY):  # the kernel is short of something now
+            self._schedule_enter()
+            return
+        self._failures += 1
+        if self._failures < _MAX_FAILURES:
+            log.error("io_uring: submitting failed (%s); retrying in %.1f s", exc, _RETRY_S)
+            self._enter_handle = self._loop.call_later(_RETRY_S, self._enter)
+            return
+        log.error("io_uring: submitting failed %d times (%s): failing what is queued",
+                  self._failures, exc)  # fmt: skip
+        self._failures = 0
+        self._fail_queued(exc)
+
+    def _fail_queued(self, exc: OSError) -> None:
+        """Take back the entries the kernel never consumed and fail them and the backlog."""
+        u32 = self._u32
+        tail = u32[self._sq_tail]
+        queued = []
+        for i in range(self._unsubmitted, 0, -1):
+            slot = (tail - i) & self._sq_mask
+            (ud,) = _USER_DATA.unpack_from(self._sqes, 64 * slot + _USER_DATA_AT)
+            rec = self._ops.pop(ud, None)
+            if rec is not None:
+                queued.append(rec)
+        u32[self._sq_tail] = (tail - self._unsubmitted) & _U32
+        self._unsubmitted = 0
+        queued += self._backlog
+        self._backlog.clear()
+        for rec in queued:
+            self._finish(rec, None, OSError(exc.errno, exc.strerror))
+        self._check_idle()
 
     def _refill(self) -> None:
         """Move backlogged operations into the ring while it has room."""
@@ -377,6 +415,9 @@ class Ring:
                 continue
             self._progress(rec, res)
         self._refill()
+        self._check_idle()
+
+    def _check_idle(self) -> None:
         if not self._ops and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 
@@ -411,12 +452,15 @@ class Ring:
 
     # ---- shutdown ----------------------------------------------------------------------------
     async def close(self) -> None:
-        """Wait for every operation in flight, then release the ring (idempotent)."""
+        """Refuse new work, wait for every operation in flight, then release the ring
+        (idempotent; concurrent callers all return once it is released)."""
         if self._closed:
             return
-        if self._ops or self._backlog:
-            self._idle = asyncio.get_running_loop().create_future()
-            await self._idle
+        self._closing = True
+        while self._ops or self._backlog:
+            if self._idle is None or self._idle.done():
+                self._idle = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._idle)
         self.close_now()
 
     def close_now(self) -> None:
@@ -424,6 +468,9 @@ class Ring:
         if self._closed:
             return
         self._closed = True
+        if self._enter_handle is not None:
+            self._enter_handle.cancel()
+            self._enter_handle = None
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._efd)
         self._u32.release()
