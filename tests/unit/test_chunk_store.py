@@ -223,28 +223,38 @@ async def test_metadata_survives_close_and_reopen(root: Path) -> None:
         assert await s.modified_since("e1", 6) == [(0, BLOCK)]
 
 
-async def test_flushed_writes_survive_a_killed_process_without_checksum_errors(root: Path) -> None:
-    """The child flushes some writes, overwrites and trims more without flushing, and is
-    SIGKILLed: flushed data must be intact and nothing may fail its checksum."""
-    child = textwrap.dedent(
-        f"""
-        import asyncio, os, signal
-        from pathlib import Path
-        from aecp.storage.chunk.store import ReplicaStore
-        async def main():
-            s = ReplicaStore(Path({str(root)!r}))
-            await s.create("e1", 4 * 1024 * 1024)
-            await s.write("e1", 0, b"A" * 262144 * 4, epoch=1, generation=1)
-            await s.flush()
-            await s.write("e1", 0, b"B" * 262144, epoch=1, generation=2)
-            await s.write("e1", 262144 + 100, b"C" * 10, epoch=1, generation=2)
-            await s.trim("e1", 2 * 262144, 262144, epoch=1, generation=2)
-            os.kill(os.getpid(), signal.SIGKILL)
-        asyncio.run(main())
-        """
+async def run_killed(root: Path, body: str) -> None:
+    """Run ``body`` (the inside of ``async def main()``, with ``s`` a store on ``root``)
+    in a child process that then kills itself with SIGKILL."""
+    lines = textwrap.indent(textwrap.dedent(body).strip(), "    ")
+    child = (
+        "import asyncio, os, signal\n"
+        "from pathlib import Path\n"
+        "from aecp.storage.chunk.store import ReplicaStore\n"
+        "async def main():\n"
+        f"    s = ReplicaStore(Path({str(root)!r}))\n"
+        f"{lines}\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "asyncio.run(main())\n"
     )
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", child)
     assert await proc.wait() == -9
+
+
+async def test_flushed_writes_survive_a_killed_process_without_checksum_errors(root: Path) -> None:
+    """The child flushes some writes, overwrites and trims more without flushing, and is
+    SIGKILLed: flushed data must be intact and nothing may fail its checksum."""
+    await run_killed(
+        root,
+        """
+        await s.create("e1", 4 * 1024 * 1024)
+        await s.write("e1", 0, b"A" * 262144 * 4, epoch=1, generation=1)
+        await s.flush()
+        await s.write("e1", 0, b"B" * 262144, epoch=1, generation=2)
+        await s.write("e1", 262144 + 100, b"C" * 10, epoch=1, generation=2)
+        await s.trim("e1", 2 * 262144, 262144, epoch=1, generation=2)
+        """,
+    )
     async with ReplicaStore(root) as s:
         assert await s.scrub("e1") == []
         assert await s.read("e1", 3 * BLOCK, BLOCK) == b"A" * BLOCK
@@ -518,6 +528,54 @@ async def test_write_nowait_starts_only_writes_that_need_no_waiting(root: Path) 
         assert await store.scrub("e1") == []
     finally:
         await store.close()
+
+
+async def test_blocks_being_written_stay_on_the_fast_path_across_a_compaction(
+    root: Path,
+) -> None:
+    """A compaction keeps INTENT records for the blocks written since the previous one, so
+    writes to them need no new INTENT (``write_nowait`` takes them); a block left alone for a
+    whole cycle drops out; a clean close keeps none (a clean load re-verifies nothing)."""
+    if ring_unavailable():
+        pytest.skip(f"this kernel: {ring_unavailable()}")
+    async with ReplicaStore(root) as s:
+        await s.create("e1", 4 * MIB)
+        await s.write("e1", 0, pattern(SECTOR), epoch=0, generation=1)
+        await s.write("e1", BLOCK, pattern(SECTOR), epoch=0, generation=1)
+        rep = s._replicas["e1"]
+        rep.compact_at = 0  # every flush compacts
+        await s.flush("e1")
+        assert rep.touched == {0, 1}
+        started = s.write_nowait("e1", 0, pattern(SECTOR, 2), epoch=0, generation=2)
+        assert started is not None, "written in the last cycle: still INTENT-logged"
+        await started
+        await s.flush("e1")  # block 1 was not written in this cycle
+        assert rep.touched == {0}
+        assert s.write_nowait("e1", BLOCK, pattern(SECTOR, 3), epoch=0, generation=3) is None
+        assert await s.read("e1", 0, SECTOR) == pattern(SECTOR, 2)
+    async with ReplicaStore(root) as s:
+        assert await s.read("e1", 0, SECTOR) == pattern(SECTOR, 2)
+        assert s._replicas["e1"].touched == set()
+
+
+async def test_a_crash_after_a_write_into_a_carried_block_loses_no_checksum(root: Path) -> None:
+    """The child compacts (keeping block 0's INTENT), overwrites block 0 on the fast path
+    without a flush, and is SIGKILLed: loading re-verifies block 0, so no checksum error."""
+    await run_killed(
+        root,
+        """
+        await s.create("e1", 4 * 1024 * 1024)
+        await s.write("e1", 0, b"A" * 262144, epoch=1, generation=1)
+        s._replicas["e1"].compact_at = 0
+        await s.flush()
+        fut = s.write_nowait("e1", 0, b"B" * 8192, epoch=1, generation=2)
+        assert fut is not None
+        await fut
+        """,
+    )
+    async with ReplicaStore(root) as s:
+        assert await s.scrub("e1") == []
+        assert await s.read("e1", 0, 3 * SECTOR) == b"B" * 8192 + b"A" * SECTOR
 
 
 async def test_a_failed_write_nowait_raises_chunk_io_error_and_fails_the_replica(

@@ -149,7 +149,8 @@ def flush_files(data_fd: int, journal_fd: int, records: bytes, sync_data: bool) 
 
 
 def compact_files(rep: Replica, snapshot: bytes, header: bytes) -> None:
-    """Data fsync, new snapshot (atomically), then an empty journal of the new serial."""
+    """Data fsync, new snapshot (atomically), then a new journal of the new serial: ``header``
+    (the journal header, and any records that start it)."""
     os.fdatasync(rep.data_fd)
     write_snapshot(rep.meta_path, snapshot)
     reset_journal(rep.journal_fd, header)

@@ -8,7 +8,10 @@ every earlier persistence job of the replica has finished too.
 then fsync the data file, append the records to the journal and fsync it. A mutation that
 completed before the capture is durable when the flush returns. When the journal outgrew
 ``Replica.compact_at``, a flush *compacts* instead: with every block of the replica locked, a
-new snapshot (serial + 1) replaces the old one and the journal is reset (``files``).
+new snapshot (serial + 1) replaces the old one and the journal is reset (``files``). The new
+journal starts with INTENT records for the blocks written since the previous compaction, so
+the blocks a VM is writing stay on the store's fast path (``ReplicaStore.write_nowait`` takes
+only blocks already INTENT-logged); a block not written for a whole cycle drops out.
 
 A failed persistence job marks the replica failed (``Replica.failed``): what the disk holds is
 then unknown (a failed fsync may have dropped dirty pages), so every later mutation and flush
@@ -25,6 +28,7 @@ from typing import Any, TypeVar
 from aecp.storage.chunk import files
 from aecp.storage.chunk.errors import ChunkIOError, ExtentNotFound
 from aecp.storage.chunk.iopool import IoPool
+from aecp.storage.chunk.meta import ReplicaMeta
 from aecp.storage.chunk.replica import Replica
 
 T = TypeVar("T")
@@ -64,7 +68,7 @@ class Persistence:
         if not (rep.unsynced or meta.dirty or meta.state_dirty or rep.persisting):
             return
         if rep.journal_size >= rep.compact_at:
-            await self.compact(rep)
+            await self.compact(rep, carry=True)
             return
         records = meta.encode_blocks(meta.dirty)
         if meta.state_dirty:
@@ -74,8 +78,10 @@ class Persistence:
         rep.journal_size += len(records)
         await self._persist(rep, files.flush_files, rep.data_fd, rep.journal_fd, records, sync_data)
 
-    async def compact(self, rep: Replica) -> None:
-        """New snapshot and empty journal, with every block of ``rep`` locked."""
+    async def compact(self, rep: Replica, carry: bool = False) -> None:
+        """New snapshot and empty journal, with every block of ``rep`` locked. With
+        ``carry``, the journal starts with INTENT records for the blocks written since the
+        last compaction (a crash then re-verifies them on load, as for any INTENT)."""
         meta = rep.meta
         await rep.locks.acquire(0, meta.nblocks, True)
         try:
@@ -84,12 +90,15 @@ class Persistence:
             meta.serial += 1
             snapshot, header = meta.encode_snapshot(), meta.journal_header()
             meta.dirty, meta.state_dirty, rep.unsynced = set(), False, False
-            rep.touched, rep.journal_size = set(), 0
+            kept = rep.written & rep.touched if carry else set()
+            intents = ReplicaMeta.encode_intents(sorted(kept)) if kept else b""
+            rep.touched, rep.written, rep.journal_size = kept, set(), len(intents)
         except BaseException:
             rep.locks.release(0, meta.nblocks, True)
             raise
         unlock = lambda: rep.locks.release(0, meta.nblocks, True)  # noqa: E731
-        await self._persist(rep, files.compact_files, rep, snapshot, header, then=unlock)
+        journal = header + intents
+        await self._persist(rep, files.compact_files, rep, snapshot, journal, then=unlock)
 
     async def _persist(
         self,

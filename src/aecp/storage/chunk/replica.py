@@ -39,6 +39,8 @@ class Replica:
         self.locks = BlockLocks()
         #: blocks with an INTENT record in the journal since the last compaction
         self.touched: set[int] = set()
+        #: blocks mutated since the last compaction (their INTENTs outlive it: ``compact``)
+        self.written: set[int] = set()
         #: bytes of records in the journal (compaction when above ``compact_at``)
         self.journal_size = 0
         self.compact_at = max(2 * meta.snapshot_bytes(), 1 << 20)

@@ -267,6 +267,10 @@ class ReplicaStore:
         locks = rep.locks
         if not locks.try_acquire(first, last, True):
             return None
+        if last - first == 1:
+            rep.written.add(first)
+        else:
+            rep.written.update(range(first, last))
         fut: Future[None] = asyncio.get_running_loop().create_future()
         if crcs is not None and len(crcs) * sec != length:
             crcs = None
@@ -551,6 +555,7 @@ class ReplicaStore:
             fn, args, apply = prepare()
             if mutate:
                 args = (rep.journal_fd, rep.intents_for(first, last), *args)
+                rep.written.update(range(first, last))
 
             def done(result: Any, exc: BaseException | None) -> None:
                 try:
