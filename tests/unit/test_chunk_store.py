@@ -558,6 +558,25 @@ async def test_blocks_being_written_stay_on_the_fast_path_across_a_compaction(
         assert s._replicas["e1"].touched == set()
 
 
+async def test_two_flushes_that_both_find_a_long_journal_compact_once(root: Path) -> None:
+    if ring_unavailable():
+        pytest.skip(f"this kernel: {ring_unavailable()}")
+    async with ReplicaStore(root) as s:
+        await s.create("e1", 4 * MIB)
+        await s.write("e1", 0, pattern(SECTOR), epoch=0, generation=1)
+        await s.write("e1", BLOCK, pattern(SECTOR), epoch=0, generation=1)
+        rep = s._replicas["e1"]
+        await s.flush("e1")
+        rep.compact_at = rep.journal_size  # the next flush compacts
+        serial = rep.meta.serial
+        await s.write("e1", BLOCK, pattern(SECTOR, 3), epoch=0, generation=2)  # to flush
+        in_flight = s.write_nowait("e1", 0, pattern(SECTOR, 2), epoch=0, generation=2)
+        assert in_flight is not None  # holds block 0: both compactions wait for its lock
+        await asyncio.gather(s.flush("e1"), s.flush("e1"), in_flight)
+        assert rep.meta.serial == serial + 1, "the second found the journal short again"
+        assert rep.touched == {0, 1}, "and kept what the first carried over"
+
+
 async def test_a_crash_after_a_write_into_a_carried_block_loses_no_checksum(root: Path) -> None:
     """The child compacts (keeping block 0's INTENT), overwrites block 0 on the fast path
     without a flush, and is SIGKILLed: loading re-verifies block 0, so no checksum error."""

@@ -67,8 +67,7 @@ class Persistence:
             return
         if not (rep.unsynced or meta.dirty or meta.state_dirty or rep.persisting):
             return
-        if rep.journal_size >= rep.compact_at:
-            await self.compact(rep, carry=True)
+        if rep.journal_size >= rep.compact_at and await self.compact(rep, carry=True):
             return
         records = meta.encode_blocks(meta.dirty)
         if meta.state_dirty:
@@ -78,15 +77,19 @@ class Persistence:
         rep.journal_size += len(records)
         await self._persist(rep, files.flush_files, rep.data_fd, rep.journal_fd, records, sync_data)
 
-    async def compact(self, rep: Replica, carry: bool = False) -> None:
+    async def compact(self, rep: Replica, carry: bool = False) -> bool:
         """New snapshot and empty journal, with every block of ``rep`` locked. With
         ``carry``, the journal starts with INTENT records for the blocks written since the
-        last compaction (a crash then re-verifies them on load, as for any INTENT)."""
+        last compaction (a crash then re-verifies them on load, as for any INTENT), and
+        nothing is done (False) if another compaction emptied the journal meanwhile."""
         meta = rep.meta
         await rep.locks.acquire(0, meta.nblocks, True)
         try:
             if rep.deleted:
                 raise ExtentNotFound(rep.id)
+            if carry and rep.journal_size < rep.compact_at:
+                rep.locks.release(0, meta.nblocks, True)
+                return False
             meta.serial += 1
             snapshot, header = meta.encode_snapshot(), meta.journal_header()
             meta.dirty, meta.state_dirty, rep.unsynced = set(), False, False
@@ -99,6 +102,7 @@ class Persistence:
         unlock = lambda: rep.locks.release(0, meta.nblocks, True)  # noqa: E731
         journal = header + intents
         await self._persist(rep, files.compact_files, rep, snapshot, journal, then=unlock)
+        return True
 
     async def _persist(
         self,
