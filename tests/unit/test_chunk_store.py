@@ -25,6 +25,7 @@ from aecp.storage.chunk.errors import (
     StaleEpoch,
 )
 from aecp.storage.chunk.locks import BlockLocks
+from aecp.storage.chunk.replica import Replica
 from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.chunk.uring import ring_unavailable
 
@@ -530,19 +531,24 @@ async def test_write_nowait_starts_only_writes_that_need_no_waiting(root: Path) 
         await store.close()
 
 
+async def two_blocks_written(s: ReplicaStore) -> Replica:
+    """Extent e1 with one sector written in each of blocks 0 and 1 (so INTENT-logged)."""
+    if ring_unavailable():
+        pytest.skip(f"this kernel: {ring_unavailable()}")
+    await s.create("e1", 4 * MIB)
+    for block in (0, 1):
+        await s.write("e1", block * BLOCK, pattern(SECTOR), epoch=0, generation=1)
+    return s._replicas["e1"]
+
+
 async def test_blocks_being_written_stay_on_the_fast_path_across_a_compaction(
     root: Path,
 ) -> None:
     """A compaction keeps INTENT records for the blocks written since the previous one, so
     writes to them need no new INTENT (``write_nowait`` takes them); a block left alone for a
     whole cycle drops out; a clean close keeps none (a clean load re-verifies nothing)."""
-    if ring_unavailable():
-        pytest.skip(f"this kernel: {ring_unavailable()}")
     async with ReplicaStore(root) as s:
-        await s.create("e1", 4 * MIB)
-        await s.write("e1", 0, pattern(SECTOR), epoch=0, generation=1)
-        await s.write("e1", BLOCK, pattern(SECTOR), epoch=0, generation=1)
-        rep = s._replicas["e1"]
+        rep = await two_blocks_written(s)
         rep.compact_at = 0  # every flush compacts
         await s.flush("e1")
         assert rep.touched == {0, 1}
@@ -559,13 +565,8 @@ async def test_blocks_being_written_stay_on_the_fast_path_across_a_compaction(
 
 
 async def test_two_flushes_that_both_find_a_long_journal_compact_once(root: Path) -> None:
-    if ring_unavailable():
-        pytest.skip(f"this kernel: {ring_unavailable()}")
     async with ReplicaStore(root) as s:
-        await s.create("e1", 4 * MIB)
-        await s.write("e1", 0, pattern(SECTOR), epoch=0, generation=1)
-        await s.write("e1", BLOCK, pattern(SECTOR), epoch=0, generation=1)
-        rep = s._replicas["e1"]
+        rep = await two_blocks_written(s)
         await s.flush("e1")
         rep.compact_at = rep.journal_size  # the next flush compacts
         serial = rep.meta.serial
