@@ -335,6 +335,12 @@ async def _attached(kit: LabKit, name: str) -> bool:
     return vol["attached_to"] is not None
 
 
+async def _detached(kit: LabKit, name: str) -> bool:
+    """An export detaches its volume after the last client disconnected and a flush, so
+    shortly after the client exits, not at once (a busy disk makes the flush slow)."""
+    return not await _attached(kit, name)
+
+
 async def test_snapshot_and_clone_hold_their_data_whatever_is_deleted_first(
     kit: LabKit,
 ) -> None:
@@ -347,9 +353,11 @@ async def test_snapshot_and_clone_hold_their_data_whatever_is_deleted_first(
     r = await kit.call("POST", "/v1/volumes/orig/snapshots/s1/clone", json={"name": "copy"})
     assert r.status_code == 201, r.text
     assert (await kit.call("DELETE", "/v1/volumes/orig/snapshots/s1")).status_code == 204
+    await wait_for(lambda: _detached(kit, "orig"), "orig to be detached")
     assert (await kit.call("DELETE", "/v1/volumes/orig")).status_code == 204
     _, text = await tool(
         "qemu-io", "-f", "raw", "-c", "read -P 0x31 0 8M", await uri(kit, "copy", "node2")
     )
     assert "Pattern verification failed" not in text
+    await wait_for(lambda: _detached(kit, "copy"), "copy to be detached")
     assert (await kit.call("DELETE", "/v1/volumes/copy")).status_code == 204
