@@ -51,6 +51,13 @@ async def store(root: Path, request: pytest.FixtureRequest) -> AsyncIterator[Rep
         await s.close()
 
 
+def require_ring() -> None:
+    """The fast paths tested here exist only with io_uring, which this project's machines have
+    (the thread fallback is tested in test_uring.py): its absence is a failure, not a skip."""
+    if ring_unavailable():
+        pytest.fail(f"io_uring is expected on this machine: {ring_unavailable()}")
+
+
 def pattern(n: int, seed: int = 1) -> bytes:
     return bytes((i * 7 + seed) & 0xFF for i in range(n))
 
@@ -494,8 +501,7 @@ async def test_a_waiter_cancelled_as_the_lock_is_released_is_skipped() -> None:
 
 
 async def test_write_nowait_starts_only_writes_that_need_no_waiting(root: Path) -> None:
-    if ring_unavailable():
-        pytest.skip(f"this kernel: {ring_unavailable()}")
+    require_ring()
     store = ReplicaStore(root)
     try:
         await store.create("e1", 4 * MIB, epoch=3)
@@ -533,8 +539,7 @@ async def test_write_nowait_starts_only_writes_that_need_no_waiting(root: Path) 
 
 async def two_blocks_written(s: ReplicaStore) -> Replica:
     """Extent e1 with one sector written in each of blocks 0 and 1 (so INTENT-logged)."""
-    if ring_unavailable():
-        pytest.skip(f"this kernel: {ring_unavailable()}")
+    require_ring()
     await s.create("e1", 4 * MIB)
     for block in (0, 1):
         await s.write("e1", block * BLOCK, pattern(SECTOR), epoch=0, generation=1)
@@ -601,8 +606,7 @@ async def test_a_crash_after_a_write_into_a_carried_block_loses_no_checksum(root
 async def test_a_failed_write_nowait_raises_chunk_io_error_and_fails_the_replica(
     root: Path,
 ) -> None:
-    if ring_unavailable():
-        pytest.skip(f"this kernel: {ring_unavailable()}")
+    require_ring()
     store = ReplicaStore(root)
     try:
         await store.create("e1", 4 * MIB)
