@@ -6,10 +6,12 @@ memory, durable on flush/FUA, as ABS). Volumes with replication factor 1, 2 and 
 through node1. Every target is first filled end to end with a 1 MiB sequential write, so reads
 hit allocated data and writes overwrite allocated extents. Then each fio job (4k random read and
 write at QD1 and QD32, 1M sequential read and write at QD8) runs against qemu-nbd and ABS
-factor 1, 2, 3, interleaved (the order rotates per job and round) to reduce drift; each figure
-is the round with the median IOPS (3 rounds; 1 with --quick, which also cuts jobs to 3 s). srv% is
-the CPU time of the serving processes (qemu-nbd; all three storage servers for ABS), host% that of
-the whole machine (fio included), both in percent of one core over the job. Last, snapshot and
+factor 1, 2, 3, interleaved (the order rotates per job and round) to reduce drift, each after
+the page cache is written back (``settle``: a job does not pay for the writeback of the ones
+before it); each figure is the round with the median IOPS (3 rounds; 1 with --quick, which
+also cuts jobs to 3 s). srv% is the CPU time of the serving processes (qemu-nbd; all three
+storage servers for ABS), host% that of the whole machine (fio included), both in percent of one
+core over the job. Volumes are 1 GiB by default (``SIZE_NOTE`` says why). Last, snapshot and
 clone creation times of a 1 GiB and a 1 TiB thin volume (64 MiB written, factor 2), median of 5
 each, as seen by an API client.
 --profile adds an extra run of 4k randwrite QD32 on factor 2 under py-spy (node1's server);
@@ -54,6 +56,13 @@ JOBS = [  # name, fio rw, block size, queue depth
     ("1M seqread QD8", "read", "1M", 8), ("1M seqwrite QD8", "write", "1M", 8),
 ]  # fmt: skip
 TARGETS = ["qemu-nbd", "abs-f1", "abs-f2", "abs-f3"]
+SIZE_NOTE = """The default size is 1 GiB because the three "nodes" share one page cache. The
+kernel starts throttling writers once dirty pages pass (dirty_background_ratio +
+dirty_ratio) / 2 of memory, 3.45 GiB here. Three machines would each have that allowance for
+their own replica; this one has it once for all three. With 2 GiB volumes a factor-3 write
+job leaves up to 6 GiB dirty and is throttled to the disk's writeback speed, which measures
+the lab's sharing, not ABS; with 1 GiB it leaves at most 3 GiB. --size-gib 2 reproduces the
+earlier runs."""
 RANDOM, SEQUENTIAL = (
     ["4k randread QD32", "4k randwrite QD32"],
     ["1M seqread QD8", "1M seqwrite QD8"],
@@ -110,6 +119,22 @@ def fio(
     side = job["read"] if "read" in rw else job["write"]
     p99 = side["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1000
     return Result(side["iops"], side["bw_bytes"] / MIB, p99, cpu, host)
+
+
+def dirty_bytes() -> int:
+    """Page-cache bytes dirty or under writeback, machine-wide (/proc/meminfo)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return sum(int(fields[k].split()[0]) << 10 for k in ("Dirty", "Writeback"))
+
+
+def settle(limit: int = 64 * MIB, timeout: float = 120.0) -> None:
+    """Write back the page cache (``sync``) and wait until at most ``limit`` bytes are dirty,
+    so that every job starts from the same state: the three "nodes" share this machine's page
+    cache, and a job would otherwise pay for the writeback of the jobs before it."""
+    deadline = time.monotonic() + timeout
+    os.sync()
+    while dirty_bytes() > limit and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def free_port(host: str) -> int:
@@ -176,6 +201,7 @@ def run_jobs(
             k = (j + r) % len(TARGETS)
             for target in TARGETS[k:] + TARGETS[:k]:
                 log(f"{name} on {target}")
+                settle()
                 runs[target].append(fio(uris[target], rw, bs, qd, size, args.runtime, pids[target]))
         for target, rs in runs.items():  # the round with the median IOPS
             results[(name, target)] = sorted(rs, key=lambda x: x.iops)[len(rs) // 2]
@@ -360,7 +386,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runtime", type=int, default=10, help="seconds per fio job")
     ap.add_argument("--quick", action="store_true", help="3 s per fio job")
-    ap.add_argument("--size-gib", type=int, default=2, help="volume and baseline file size")
+    ap.add_argument(
+        "--size-gib", type=int, default=1, help="volume and baseline file size (see SIZE_NOTE)"
+    )
     ap.add_argument("--rounds", type=int, help="runs per job and target, median (default 3)")
     ap.add_argument("--profile", action="store_true", help="py-spy on node1's storage server")
     ap.add_argument("--profile-job", choices=("randwrite", "randread"), default="randwrite")

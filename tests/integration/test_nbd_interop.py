@@ -333,7 +333,7 @@ class InstantDevice(BlockDevice):
         self.instant_reads += 1
         return bytes(self.data[offset : offset + length])
 
-    def write_nowait(self, offset: int, data: bytes) -> asyncio.Future[None]:
+    def write_nowait(self, offset: int, data: bytes | bytearray) -> asyncio.Future[None]:
         fut = asyncio.get_running_loop().create_future()
         if offset == self.fail_at:
             fut.set_exception(NoSpace("no room for this one"))
@@ -345,7 +345,7 @@ class InstantDevice(BlockDevice):
     async def read(self, offset: int, length: int) -> bytes:
         raise AssertionError("every read should have been answered at once")
 
-    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+    async def write(self, offset: int, data: bytes | bytearray, fua: bool = False) -> None:
         self.data[offset : offset + len(data)] = data
 
     async def flush(self) -> None:

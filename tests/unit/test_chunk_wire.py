@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aecp.common.receive import Receiver
 from aecp.storage.chunk import wire
 from aecp.storage.chunk.api import RawBlocks, ReplicaStat
 from aecp.storage.chunk.errors import (
@@ -103,18 +104,90 @@ def test_responses_round_trip_whatever_the_chunking(
     assert feed_in_chunks(decoder_of(wire.ResponseDecoder, collect_min), data, cuts) == resps
 
 
-def test_a_payload_trickled_in_tiny_pieces_is_gathered_compactly() -> None:
-    """A peer sending a large WRITE a byte at a time must not make the server keep one
-    object per byte (hundreds of bytes of overhead each)."""
+@pytest.mark.parametrize("op", [Op.WRITE, Op.REPAIR])
+def test_a_payload_trickled_in_tiny_pieces_is_gathered_compactly(op: Op) -> None:
+    """A peer sending a large WRITE (or REPAIR) a byte at a time must not make the server
+    keep one object per byte (hundreds of bytes of overhead each)."""
     payload = bytes(range(256)) * 1024  # 256 KiB
-    data = frame(Request(Op.WRITE, 1, "e1", 0, len(payload), 0, 0, 0, payload).encode())
+    data = frame(Request(op, 1, "e1", 0, len(payload), 0, 0, 0, payload).encode())
     decoder = wire.RequestDecoder()
     assert decoder.feed(data[:100_000]) == []
     for i in range(100_000, 200_000):
         assert decoder.feed(data[i : i + 1]) == []
-    assert decoder._parts is not None and len(decoder._parts) <= 2
+    if op is Op.WRITE:  # gathered into one buffer of the payload's size
+        assert decoder._parts is None and decoder._payload is not None
+    else:
+        assert decoder._parts is not None and len(decoder._parts) <= 2
     (request,) = decoder.feed(data[200_000:])
     assert request.payload == payload
+
+
+def receive(
+    decoder: wire.RequestDecoder, data: bytes, reads: list[int], header: int = 4096
+) -> list[Request]:
+    """``data`` as a transport delivers it to a ``BufferedProtocol`` using ``Receiver``:
+    each read fills at most the buffer offered, and at most the next of ``reads`` bytes."""
+    receiver = Receiver(size=8192, header=header)
+    out: list[Request] = []
+    pos, i = 0, 0
+    while pos < len(data):
+        buf = receiver.get(decoder)
+        n = min(len(buf), reads[i % len(reads)] if reads else len(buf), len(data) - pos)
+        i += 1
+        buf[:n] = data[pos : pos + n]
+        pos += n
+        out += receiver.updated(decoder, n)
+    return out
+
+
+@given(
+    st.lists(requests(), max_size=8),
+    st.lists(st.integers(1, 5000), max_size=10),
+    gather_from,
+    st.sampled_from([64, 4096, 8192]),
+)
+def test_requests_received_into_offered_buffers_round_trip(
+    reqs: list[Request], reads: list[int], collect_min: int, header: int
+) -> None:
+    """Through ``Receiver`` (staging, or straight into a WRITE's own payload buffer), in any
+    split of the stream, the same frames come out."""
+    data = b"".join(frame(r.encode()) for r in reqs)
+    decoder = decoder_of(wire.RequestDecoder, collect_min)
+    assert isinstance(decoder, wire.RequestDecoder)
+    assert receive(decoder, data, reads, header) == reqs
+
+
+def test_a_large_write_lands_in_its_own_buffer_and_staging_is_not_kept() -> None:
+    """After its header, a 1 MiB WRITE's payload is read straight into the buffer that
+    becomes ``Request.payload``; the staging buffer's later contents change no frame."""
+    payloads = [bytes([i]) * (1 << 20) for i in (1, 2)]
+    data = b"".join(
+        frame(Request(Op.WRITE, i, "e1", 0, 1 << 20, 0, 0, 0, p).encode())
+        for i, p in enumerate(payloads)
+    )
+    decoder = wire.RequestDecoder()
+    receiver = Receiver(size=8192)
+    got: list[Request] = []
+    direct = 0
+    pos = 0
+    while pos < len(data):
+        buf = receiver.get(decoder)
+        if decoder._payload is not None:
+            direct += len(buf)
+        n = min(len(buf), len(data) - pos)
+        buf[:n] = data[pos : pos + n]
+        pos += n
+        got += receiver.updated(decoder, n)
+    assert [r.payload for r in got] == payloads
+    assert all(type(r.payload) is bytearray for r in got)
+    # only what the first read (8 KiB) and the header read (4 KiB) brought was copied
+    assert direct >= 2 * (1 << 20) - 8192 - 4096
+
+
+def test_payload_received_outside_a_payload_view_is_refused() -> None:
+    decoder = wire.RequestDecoder()
+    with pytest.raises(ValueError):
+        decoder.payload_received(1)
 
 
 @given(st.integers(1, 3), u64, gather_from)
@@ -171,7 +244,7 @@ def test_a_large_write_is_gathered_once_and_the_next_frame_follows() -> None:
     for pos in range(0, len(data), 65536):  # as a socket delivers it
         out += decoder.feed(data[pos : pos + 65536])
         if pos and pos + 65536 < len(data) - 1000:
-            assert decoder._parts is not None and not decoder._buf  # gathered by reference
+            assert decoder._payload is not None and not decoder._buf  # in its own buffer
     assert out == [big, small]
 
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aecp.common.errors import InvalidState
+from aecp.common.receive import Receiver
 from aecp.storage.blockdev import Allocation, BlockDevice, BlockError, Span, check_range
 from aecp.storage.frontends.nbd import protocol as p
 from aecp.storage.frontends.nbd.session import NbdSession, State
@@ -43,7 +44,7 @@ class MemoryDevice(BlockDevice):
         self._do("read", offset, length)
         return bytes(self.data[offset : offset + length])
 
-    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+    async def write(self, offset: int, data: bytes | bytearray, fua: bool = False) -> None:
         self._do("write", offset, len(data), fua)
         self.data[offset : offset + len(data)] = data
 
@@ -575,27 +576,48 @@ export_params = st.builds(
 splits = st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=40)
 
 
-def feed_in_pieces(parser: p.ServerParser, data: bytes, sizes: list[int]) -> list[Any]:
+def feed_in_pieces(
+    parser: p.ServerParser, data: bytes, sizes: list[int], receiver: Receiver | None = None
+) -> list[Any]:
+    """Events of ``data`` fed in pieces of ``sizes`` (cycled); with ``receiver``, read as the
+    server's ``BufferedProtocol`` does: each piece is at most what the buffer offered holds
+    (staging, or straight into a large WRITE's own payload buffer)."""
     events, pos, i = [], 0, 0
     while pos < len(data):
         n = sizes[i % len(sizes)]
-        parser.feed(data[pos : pos + n])
+        if receiver is None:
+            parser.feed(data[pos : pos + n])
+        else:
+            buf = receiver.get(parser)
+            n = min(n, len(buf), len(data) - pos)
+            buf[:n] = data[pos : pos + n]
+            receiver.updated(parser, n)
         pos, i = pos + n, i + 1
         while (ev := parser.next_event()) is not None:
             events.append(ev)
     return events
 
 
+def receiver_or_none(direct: bool) -> Receiver | None:
+    return Receiver(size=48, header=16) if direct else None
+
+
 @settings(max_examples=300)
-@given(export=export_params, data=st.binary(max_size=600), sizes=splits, small=st.booleans())
+@given(
+    export=export_params,
+    data=st.binary(max_size=600),
+    sizes=splits,
+    small=st.booleans(),
+    direct=st.booleans(),
+)
 def test_arbitrary_bytes_in_transmission_never_yield_a_write_outside_the_device(
-    export: p.ExportParams, data: bytes, sizes: list[int], small: bool
+    export: p.ExportParams, data: bytes, sizes: list[int], small: bool, direct: bool
 ) -> None:
     parser = p.ServerParser()
     parser.collect_min = 8 if small else parser.collect_min
     parser.enter_transmission(export)
     try:
-        events = feed_in_pieces(parser, data, sizes)
+        events = feed_in_pieces(parser, data, sizes, receiver_or_none(direct))
     except p.ProtocolError:
         return
     for ev in events:
@@ -656,9 +678,14 @@ requests = st.lists(
 
 
 @settings(max_examples=300)
-@given(reqs=requests, sizes=splits, collect_min=st.sampled_from([1, 100, 64 * 1024]))
+@given(
+    reqs=requests,
+    sizes=splits,
+    collect_min=st.sampled_from([1, 100, 64 * 1024]),
+    direct=st.booleans(),
+)
 def test_a_valid_request_stream_split_anywhere_parses_to_the_same_requests(
-    reqs: list[tuple[int, int, int, int]], sizes: list[int], collect_min: int
+    reqs: list[tuple[int, int, int, int]], sizes: list[int], collect_min: int, direct: bool
 ) -> None:
     expected, stream = [], b""
     for cmd, cookie, offset, length in reqs:
@@ -668,7 +695,7 @@ def test_a_valid_request_stream_split_anywhere_parses_to_the_same_requests(
     parser = p.ServerParser()
     parser.collect_min = collect_min  # large payloads are gathered in pieces, small ones buffered
     parser.enter_transmission(p.ExportParams(size=4096))
-    assert feed_in_pieces(parser, stream, sizes) == expected
+    assert feed_in_pieces(parser, stream, sizes, receiver_or_none(direct)) == expected
     parser.eof()
 
 

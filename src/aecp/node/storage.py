@@ -58,13 +58,15 @@ class _Handle(BlockDevice):
     def read(self, offset: int, length: int) -> Coroutine[Any, Any, bytes]:
         return self.dev.read(offset, length)  # the device's coroutine: one frame less
 
-    def write(self, offset: int, data: bytes, fua: bool = False) -> Coroutine[Any, Any, None]:
+    def write(
+        self, offset: int, data: bytes | bytearray, fua: bool = False
+    ) -> Coroutine[Any, Any, None]:
         return self.dev.write(offset, data, fua)
 
     def read_nowait(self, offset: int, length: int) -> bytes | None:
         return self.dev.read_nowait(offset, length)
 
-    def write_nowait(self, offset: int, data: bytes) -> asyncio.Future[None] | None:
+    def write_nowait(self, offset: int, data: bytes | bytearray) -> asyncio.Future[None] | None:
         return self.dev.write_nowait(offset, data)
 
     async def flush(self) -> None:

@@ -196,7 +196,7 @@ class VolumeDevice(BlockDevice):
                 )
 
     # ---- writes -------------------------------------------------------------------------
-    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+    async def write(self, offset: int, data: bytes | bytearray, fua: bool = False) -> None:
         self._check_live()
         check_range(self, offset, len(data))
         esize = self.vol.extent_size
@@ -212,7 +212,7 @@ class VolumeDevice(BlockDevice):
             )
         )
 
-    def write_nowait(self, offset: int, data: bytes) -> asyncio.Future[None] | None:
+    def write_nowait(self, offset: int, data: bytes | bytearray) -> asyncio.Future[None] | None:
         """The usual write started without a task: inside one extent that is writable in
         place and not being recovered, every replica's client already made, this access
         point not fenced. The future is set once every replica has the data. If any replica

@@ -81,7 +81,7 @@ class BlockDevice(ABC):
         """Exactly ``length`` bytes (holes read as zeros)."""
 
     @abstractmethod
-    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+    async def write(self, offset: int, data: bytes | bytearray, fua: bool = False) -> None:
         """Write ``data``; see the module docstring for durability."""
 
     def read_nowait(self, offset: int, length: int) -> bytes | None:
@@ -90,7 +90,7 @@ class BlockDevice(ABC):
         The default never can; a front end uses it to answer a read without a task."""
         return None
 
-    def write_nowait(self, offset: int, data: bytes) -> asyncio.Future[None] | None:
+    def write_nowait(self, offset: int, data: bytes | bytearray) -> asyncio.Future[None] | None:
         """``write`` (without ``fua``) started at once if the device can, with a future for
         its outcome; None, having done nothing, if the caller must await ``write`` instead.
         The default never can; a front end uses it to serve a write without a task."""

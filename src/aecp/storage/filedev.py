@@ -229,7 +229,7 @@ class FileDevice(BlockDevice):
             raise _block_error(e, "read", offset) from e
         return bytes(buf) if n == length else None
 
-    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+    async def write(self, offset: int, data: bytes | bytearray, fua: bool = False) -> None:
         self._check(offset, len(data), write=True)
         flags = os.RWF_DSYNC if fua else 0
         if self._inline and len(data) <= INLINE_MAX:
@@ -309,7 +309,7 @@ def _pread(fd: int, offset: int, length: int) -> bytes:
     return b"".join(parts)
 
 
-def _pwrite(fd: int, offset: int, data: bytes, flags: int) -> None:
+def _pwrite(fd: int, offset: int, data: bytes | bytearray, flags: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwritev(fd, [view], offset, flags) if flags else os.pwrite(fd, view, offset)

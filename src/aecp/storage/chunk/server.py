@@ -21,6 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+from aecp.common.receive import Receiver
 from aecp.storage.chunk import wire
 from aecp.storage.chunk.api import Buffer
 from aecp.storage.chunk.errors import ChunkError, ChunkInvalid, ChunkProtocolError
@@ -79,8 +80,9 @@ class SessionState(enum.Enum):
     CLOSED = "closed"
 
 
-class _Session(asyncio.Protocol):
-    """One client connection."""
+class _Session(asyncio.BufferedProtocol):
+    """One client connection. Bytes are read into buffers ``common.receive.Receiver``
+    chooses: a WRITE's data lands in the buffer the store then writes from."""
 
     def __init__(self, handler: _Handler, max_inflight: int, registry: set[_Session]) -> None:
         self.state = SessionState.OPEN
@@ -88,6 +90,7 @@ class _Session(asyncio.Protocol):
         self._max = max_inflight
         self._registry = registry
         self._decoder = wire.RequestDecoder()
+        self._receiver = Receiver()
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
         self._tasks: set[asyncio.Future[None]] = set()  # requests running (tasks or writes)
@@ -107,9 +110,12 @@ class _Session(asyncio.Protocol):
         self._registry.add(self)
         log.info("chunk server: connection from %s", self._peer)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._receiver.get(self._decoder)
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            requests = self._decoder.feed(data)
+            requests = self._receiver.updated(self._decoder, nbytes)
         except ChunkProtocolError as e:
             self.abort(f"protocol error: {e}")
             return

@@ -135,6 +135,7 @@ class Status(enum.IntEnum):
 
 PAYLOAD_OPS = frozenset({Op.WRITE, Op.REPAIR, Op.WRITE_RAW})
 _OP_OF = {int(o): o for o in Op}  # a dict lookup is cheaper than Op(value)
+_WRITE_CODE = int(Op.WRITE)
 _STATUS_OF = {int(s): s for s in Status}
 
 
@@ -148,7 +149,7 @@ class Request:
     epoch: int = 0
     generation: int = 0
     flags: int = 0
-    payload: bytes = b""
+    payload: bytes | bytearray = b""
 
     def encode(self) -> list[Buffer]:
         return encode_request(
@@ -269,11 +270,13 @@ class _Decoder(Generic[F]):
     """Bytes in, frames out; ``ChunkProtocolError`` on a malformed frame (then useless).
 
     A frame whose payload of at least ``COLLECT_MIN`` bytes is still incomplete is gathered
-    by reference, chunk by chunk as received, and its payload joined once when whole (a
-    growing buffer would copy a 1 MiB write several times)."""
+    apart from the small frames: by reference, chunk by chunk as received, and joined once
+    when whole (a growing buffer would copy a 1 MiB write several times) -- or, for the frames
+    ``_direct`` accepts, into one buffer of the payload's size that the caller may also fill
+    straight from the socket (``payload_view``/``payload_received``: no copy at all)."""
 
     head: struct.Struct
-    #: incomplete payloads at least this large are gathered by reference
+    #: incomplete payloads at least this large are gathered apart
     COLLECT_MIN = 64 * 1024
     #: received pieces smaller than this are copied while gathering, not referenced: each
     #: reference keeps its whole ``bytes`` object (and its overhead) alive
@@ -285,14 +288,17 @@ class _Decoder(Generic[F]):
         self._need = 0
         self._broken = False
         self._head = b""  # the header (and id) of the frame being gathered
-        self._parts: list[Buffer] | None = None  # its payload so far
+        self._parts: list[Buffer] | None = None  # its payload so far (by reference)
+        self._payload: bytearray | None = None  # or its payload's own buffer
+        self._filled = 0  # bytes of ``_payload`` received
         self._missing = 0  # payload bytes still to come
 
     def feed(self, data: Buffer) -> list[F]:
-        """Every frame completed by ``data``, in order."""
+        """Every frame completed by ``data``, in order. ``bytes`` may be kept by reference;
+        any other buffer is only read during the call (what is kept is copied)."""
         if self._broken:
             raise ChunkProtocolError("the stream is already broken")
-        if self._parts is not None:
+        if self._missing:
             return self._gather(data)
         buf = self._buf
         if buf:
@@ -306,45 +312,90 @@ class _Decoder(Generic[F]):
             raise
         if buf:
             del buf[:used]
-        elif used < len(data):
-            buf += memoryview(data)[used:]
-        if self._need - len(buf) >= self.COLLECT_MIN and len(buf) >= self.head.size:
-            self._start_gathering(buf)
+            rest: Buffer = buf
+        else:
+            rest = memoryview(data).cast("B")[used:]
+        if self._need - len(rest) >= self.COLLECT_MIN and len(rest) >= self.head.size:
+            self._start_gathering(rest)
+        elif rest is not buf:
+            buf += rest
         return frames
 
-    def _start_gathering(self, buf: bytearray) -> None:
-        """If ``buf`` holds the whole header (and id) of its large frame, gather the rest."""
-        with memoryview(buf) as view:
+    def payload_view(self) -> memoryview | None:
+        """Where the next bytes of the stream go, when they are all payload of a frame being
+        gathered into its own buffer (exactly the bytes still missing); None otherwise (then
+        ``feed`` the bytes). Fill it, then call ``payload_received``."""
+        if self._payload is None:
+            return None
+        return memoryview(self._payload)[self._filled :]
+
+    def payload_received(self, n: int) -> list[F]:
+        """``n`` bytes were written at the start of the last ``payload_view``: the frame, if
+        that completed it."""
+        if self._payload is None or not 0 <= n <= self._missing:
+            raise ValueError(f"{n} bytes received outside a payload view")
+        self._filled += n
+        self._missing -= n
+        return [] if self._missing else [self._complete()]
+
+    def _start_gathering(self, rest: Buffer) -> None:
+        """Gather the rest of the large frame that ``rest`` (the unparsed bytes, ``_buf`` or
+        what follows the last whole frame of the data fed) starts, if its header (and id) is
+        whole; else keep ``rest`` in ``_buf``."""
+        buf = self._buf
+        with memoryview(rest) as view:
             head = self._head_size(view)
             if len(view) < head:
+                if rest is not buf:
+                    buf += view
                 return
             self._head = bytes(view[:head])
-            self._parts = [bytes(view[head:])]
-        self._missing = self._need - len(buf)
+            if self._direct(view):
+                self._payload = bytearray(self._need - head)
+                self._filled = len(view) - head
+                self._payload[: self._filled] = view[head:]
+            else:
+                self._parts = [bytes(view[head:])]
+            self._missing = self._need - len(view)
         buf.clear()
 
     def _gather(self, data: Buffer) -> list[F]:
-        parts = self._parts
-        assert parts is not None
         view = memoryview(data).cast("B")
         n = min(self._missing, len(view))
-        if n >= self.REFERENCE_MIN:
-            parts.append(view[:n])
-        elif parts and type(parts[-1]) is bytearray:
-            parts[-1] += view[:n]
-        else:
-            parts.append(bytearray(view[:n]))
         self._missing -= n
+        if self._payload is not None:
+            self._payload[self._filled : self._filled + n] = view[:n]
+            self._filled += n
+        else:
+            self._keep(view[:n], type(data) is bytes)
         if self._missing:
             return []
-        payload = b"".join(parts)
-        self._parts, head, self._need = None, self._head, 0
+        frame = self._complete()
+        return [frame, *self.feed(view[n:])] if n < len(view) else [frame]
+
+    def _keep(self, piece: memoryview, immutable: bool) -> None:
+        parts = self._parts
+        assert parts is not None
+        if immutable and len(piece) >= self.REFERENCE_MIN:
+            parts.append(piece)
+        elif parts and type(parts[-1]) is bytearray:
+            parts[-1] += piece
+        else:
+            parts.append(bytearray(piece))
+
+    def _complete(self) -> F:
+        """The frame whose payload was gathered (now whole)."""
+        payload: bytes | bytearray
+        if self._payload is not None:
+            payload, self._payload, self._filled = self._payload, None, 0
+        else:
+            payload, self._parts = b"".join(self._parts or ()), None
+        head, self._need = self._head, 0
         try:
-            frame = self._frame_with(memoryview(head), payload)
+            return self._frame_with(memoryview(head), payload)
         except ChunkProtocolError:
             self._broken = True
             raise
-        return [frame, *self.feed(view[n:])] if n < len(view) else [frame]
 
     def _parse(self, src: Buffer) -> tuple[list[F], int, int]:
         frames: list[F] = []
@@ -367,7 +418,12 @@ class _Decoder(Generic[F]):
         """Bytes before the payload of the (validated) frame header at the start of ``view``."""
         raise NotImplementedError
 
-    def _frame_with(self, head: memoryview, payload: bytes) -> F:
+    def _direct(self, head: memoryview) -> bool:
+        """Whether the payload of the (validated) frame header at the start of ``head`` is
+        gathered into its own buffer (a ``bytearray`` in the frame) rather than joined."""
+        return False
+
+    def _frame_with(self, head: memoryview, payload: bytes | bytearray) -> F:
         """The frame of a validated ``head`` (``_head_size`` bytes) and its whole payload."""
         raise NotImplementedError
 
@@ -403,7 +459,10 @@ class RequestDecoder(_Decoder[Request]):
     def _head_size(self, view: memoryview) -> int:
         return REQUEST.size + view[6]  # id_len
 
-    def _frame_with(self, head: memoryview, payload: bytes) -> Request:
+    def _direct(self, head: memoryview) -> bool:
+        return head[4] == _WRITE_CODE  # a WRITE's data goes to disk as received
+
+    def _frame_with(self, head: memoryview, payload: bytes | bytearray) -> Request:
         _, op, flags, id_len, _, rid, offset, length, epoch, gen, _ = REQUEST.unpack_from(head)
         ident = bytes(head[REQUEST.size : REQUEST.size + id_len]).decode("latin-1")
         return Request(_OP_OF[op], rid, ident, offset, length, epoch, gen, flags, payload)
@@ -430,8 +489,9 @@ class ResponseDecoder(_Decoder[Response]):
     def _head_size(self, view: memoryview) -> int:
         return RESPONSE.size
 
-    def _frame_with(self, head: memoryview, payload: bytes) -> Response:
+    def _frame_with(self, head: memoryview, payload: bytes | bytearray) -> Response:
         _, op, status, _, rid, _ = RESPONSE.unpack_from(head)
+        assert type(payload) is bytes  # never gathered into its own buffer (``_direct``)
         return Response(_OP_OF[op], _STATUS_OF[status], rid, payload)
 
 
@@ -517,7 +577,7 @@ def encode_raw(raw: RawBlocks) -> bytes:
     return b"".join((head, table, raw.data))
 
 
-def decode_raw(payload: bytes) -> RawBlocks:
+def decode_raw(payload: bytes | bytearray) -> RawBlocks:
     if len(payload) < RAW_HEAD.size:
         raise ChunkProtocolError("raw blocks: truncated")
     offset, block_size, sector, count = RAW_HEAD.unpack_from(payload)
@@ -527,7 +587,7 @@ def decode_raw(payload: bytes) -> RawBlocks:
     table = list(RANGE.iter_unpack(memoryview(payload)[RAW_HEAD.size : start]))
     bitmaps = tuple(b for b, _ in table)
     modgens = tuple(g for _, g in table)
-    return RawBlocks(offset, block_size, sector, bitmaps, modgens, payload[start:])
+    return RawBlocks(offset, block_size, sector, bitmaps, modgens, bytes(payload[start:]))
 
 
 # --- errors --------------------------------------------------------------------------------

@@ -225,7 +225,7 @@ class Request(NamedTuple):
     cookie: int
     offset: int
     length: int
-    payload: bytes | None
+    payload: bytes | bytearray | None
     error: int
 
 
@@ -252,9 +252,13 @@ class ServerParser:
     ``feed`` bytes in any split; ``next_event`` returns one event at a time or None when more
     bytes are needed. Call ``enter_transmission`` after accepting NBD_OPT_GO/EXPORT_NAME and
     before asking for the next event. ``eof`` tells whether the client stopped mid-message.
+
+    A WRITE of at least ``collect_min`` bytes whose payload is still incomplete gets a buffer of
+    its own (the request's ``payload``, a ``bytearray``): ``feed`` copies into it, or the caller
+    reads the socket straight into ``payload_view`` and reports with ``payload_received``.
     """
 
-    #: WRITE payloads at least this large are collected as chunks and joined once
+    #: WRITE payloads at least this large are gathered into a buffer of their own
     collect_min = 64 * 1024
 
     def __init__(
@@ -263,8 +267,9 @@ class ServerParser:
         self._handshake_flags = int(handshake_flags)
         self._buf = bytearray()
         self._skip = 0  # bytes of an oversized payload still to drop
-        self._need = 0  # bytes of a large WRITE payload still to collect into _parts
-        self._parts: list[bytes | memoryview] = []
+        self._need = 0  # bytes of a large WRITE payload still to come into _payload
+        self._payload = bytearray()
+        self._filled = 0  # bytes of _payload received
         self._header: tuple[int, int, int, int, int] | None = None  # the collected WRITE
         self._mode = _Mode.CLIENT_FLAGS
         self._export = ExportParams(size=0)
@@ -274,24 +279,39 @@ class ServerParser:
         """Bytes received and not yet turned into events."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> None:
-        """Append bytes received from the client (kept by reference: do not modify them)."""
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Take bytes received from the client (copied: ``data`` may be reused after)."""
         if self._mode is _Mode.DONE:
             return
         if self._skip or self._need:
-            view = memoryview(data)
+            view = memoryview(data).cast("B")
             n = min(self._skip, len(view))
             self._skip -= n
             view = view[n:]
             n = min(self._need, len(view))
             if n:
-                self._parts.append(view[:n])
+                self._payload[self._filled : self._filled + n] = view[:n]
+                self._filled += n
                 self._need -= n
                 view = view[n:]
             if view:
                 self._buf += view
         else:
             self._buf += data
+
+    def payload_view(self) -> memoryview | None:
+        """Writable memory for exactly the rest of the large WRITE payload being gathered, or
+        None (then ``feed`` what arrives). After filling some, call ``payload_received``."""
+        if not self._need:
+            return None
+        return memoryview(self._payload)[self._filled :]
+
+    def payload_received(self, n: int) -> None:
+        """``n`` bytes were written at the start of the last ``payload_view``."""
+        if not 0 <= n <= self._need:
+            raise ValueError(f"{n} bytes received outside a payload view")
+        self._filled += n
+        self._need -= n
 
     def enter_transmission(self, export: ExportParams) -> None:
         """Switch to transmission requests, validated against ``export``."""
@@ -366,7 +386,9 @@ class ServerParser:
             if len(buf) < end:
                 if length >= self.collect_min:  # gather the rest without growing the buffer
                     self._header = (flags, cmd, cookie, offset, length)
-                    self._parts = [memoryview(buf)[28:].tobytes()]
+                    self._payload = bytearray(length)
+                    self._filled = len(buf) - 28
+                    self._payload[: self._filled] = memoryview(buf)[28:]
                     self._need = end - len(buf)
                     buf.clear()
                 return None
@@ -384,8 +406,8 @@ class ServerParser:
         if self._need or self._header is None:
             return None
         flags, cmd, cookie, offset, length = self._header
-        payload = b"".join(self._parts)
-        self._header, self._parts = None, []
+        payload, self._payload, self._filled = self._payload, bytearray(), 0
+        self._header = None
         return Request(flags, cmd, cookie, offset, length, payload, 0)
 
     def _check(self, flags: int, cmd: int, offset: int, length: int) -> int:

@@ -1,8 +1,9 @@
 """``NbdServer``: NBD over TCP, one ``NbdSession`` per connection.
 
-A connection is an ``asyncio.Protocol`` whose bytes go straight into the session's sans-I/O
-parser (no stream buffer in between). Its life runs in a guarded task
-(``common.tasks.spawn``): negotiation is sequential; in transmission, ``data_received`` starts
+A connection is an ``asyncio.BufferedProtocol`` whose bytes go straight into the session's
+sans-I/O parser (no stream buffer in between; a large WRITE's payload is read into its own
+buffer, ``common.receive``). Its life runs in a guarded task
+(``common.tasks.spawn``): negotiation is sequential; in transmission, ``buffer_updated`` starts
 each complete request (a WRITE's payload with its header) as its own task — or, for a WRITE
 the device starts at once (``BlockDevice.write_nowait``), as a future answered from its
 callback — at most
@@ -25,6 +26,7 @@ import logging
 from typing import cast
 
 from aecp.common import tasks
+from aecp.common.receive import Receiver
 from aecp.storage.frontends.nbd import protocol as p
 from aecp.storage.frontends.nbd.session import ListExports, NbdSession, OpenExport, State
 
@@ -98,13 +100,16 @@ class NbdServer:
         task.add_done_callback(self._connections.discard)
 
 
-class _Connection(asyncio.Protocol):
-    """One client: negotiation (a task), then requests dispatched as their bytes arrive."""
+class _Connection(asyncio.BufferedProtocol):
+    """One client: negotiation (a task), then requests dispatched as their bytes arrive.
+    Bytes are read into buffers ``common.receive.Receiver`` chooses: a large WRITE's payload
+    lands in the buffer that becomes the request's data."""
 
     def __init__(self, server: NbdServer) -> None:
         self._server = server
         self.peer = "?"
         self.session = NbdSession(server._open_export, server._list_exports)
+        self._receiver = Receiver()
         self.max_inflight = server.max_inflight
         self._transport: asyncio.Transport | None = None
         self._inflight: set[asyncio.Future[None]] = set()
@@ -119,7 +124,7 @@ class _Connection(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
 
-    # --- asyncio.Protocol ----------------------------------------------------------------
+    # --- asyncio.BufferedProtocol --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -131,8 +136,11 @@ class _Connection(asyncio.Protocol):
         self.session.peer = self.peer
         self._server._opened(self)
 
-    def data_received(self, data: bytes) -> None:
-        self.session.parser.feed(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._receiver.get(self.session.parser)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._receiver.updated(self.session.parser, nbytes)
         if self._transmitting:
             self._dispatch()
         else:

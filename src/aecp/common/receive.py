@@ -1,0 +1,76 @@
+"""Receive buffers for an ``asyncio.BufferedProtocol`` whose parser can take large payloads
+straight from the socket.
+
+With a plain ``asyncio.Protocol``, every byte received is copied twice in user space before a
+parser sees it whole: the event loop reads into its own buffer and copies that into a new
+``bytes`` for ``data_received``, and a payload that arrived in pieces is joined. For a 1 MiB
+write that is two copies of 1 MiB, per process it passes through. A ``BufferedProtocol`` lets
+the transport read into memory we choose (``get_buffer``): ``Receiver`` hands it either the
+rest of the payload being gathered (the parser's own buffer: no copy at all) or a staging
+buffer whose bytes the parser then copies what it keeps of (headers, small frames).
+
+After a payload taken straight from the socket, the next read is offered only ``header``
+bytes of staging: the header of a following large frame arrives alone (plus a little), and
+its payload then lands in its own buffer too, instead of up to ``size`` bytes of it being
+copied out of staging. As soon as a read brings no large payload the full staging size is
+offered again, so streams of small frames keep one read per batch.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, TypeVar
+
+R_co = TypeVar("R_co", covariant=True)
+
+STAGING = 256 * 1024  # what uvloop reads at once for a plain Protocol
+HEADER_READ = 4096  # staging offered right after a payload read straight into its buffer
+
+
+class Parser(Protocol[R_co]):
+    """What ``Receiver`` needs of a parser (``chunk.wire.RequestDecoder``, ``ServerParser``)."""
+
+    def feed(self, data: memoryview) -> R_co:
+        """Take bytes received; ``data`` is only valid during the call (copy what is kept)."""
+        ...
+
+    def payload_view(self) -> memoryview | None:
+        """Writable memory for exactly the payload bytes still missing, or None."""
+        ...
+
+    def payload_received(self, n: int) -> R_co:
+        """``n`` bytes were written at the start of the last ``payload_view``."""
+        ...
+
+
+class Receiver:
+    """The ``get_buffer``/``buffer_updated`` pair of one connection, over its parser.
+
+    ``get`` and ``updated`` must alternate, as the transport calls them."""
+
+    __slots__ = ("_after_payload", "_direct", "_header", "_staging")
+
+    def __init__(self, size: int = STAGING, header: int = HEADER_READ) -> None:
+        if not 0 < header <= size:
+            raise ValueError(f"header read {header} must be in 1..{size}")
+        self._staging = memoryview(bytearray(size))
+        self._header = header
+        self._direct = False  # the last buffer handed out was the parser's payload
+        self._after_payload = False
+
+    def get(self, parser: Parser[object]) -> memoryview:
+        """The buffer for the next read: the parser's payload, else staging."""
+        view = parser.payload_view()
+        if view is not None:
+            self._direct = True
+            return view
+        self._direct = False
+        return self._staging[: self._header] if self._after_payload else self._staging
+
+    def updated(self, parser: Parser[R_co], n: int) -> R_co:
+        """``n`` bytes arrived in the buffer of the last ``get``: hand them to ``parser`` and
+        return what it returns. The parser's exceptions propagate."""
+        if self._direct:
+            self._after_payload = True
+            return parser.payload_received(n)
+        self._after_payload = False
+        return parser.feed(self._staging[:n])
