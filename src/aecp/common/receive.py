@@ -18,12 +18,30 @@ offered again, so streams of small frames keep one read per batch.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Protocol, TypeVar
 
 R_co = TypeVar("R_co", covariant=True)
 
 STAGING = 256 * 1024  # what uvloop reads at once for a plain Protocol
 HEADER_READ = 4096  # staging offered right after a payload read straight into its buffer
+
+
+_new_bytearray = ctypes.pythonapi.PyByteArray_FromStringAndSize
+_new_bytearray.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_new_bytearray.restype = ctypes.py_object
+
+
+def payload_buffer(size: int) -> bytearray:
+    """A ``bytearray`` of ``size`` bytes whose contents are undefined: CPython's
+    ``PyByteArray_FromStringAndSize(NULL, size)`` skips the zeroing ``bytearray(size)`` does
+    (a 1 MiB memset per large write, 3% of a storage server's CPU at 1 MiB writes). For
+    buffers that are filled whole before anything reads them."""
+    if size < 0:
+        raise ValueError(f"buffer size {size} < 0")
+    buf = _new_bytearray(None, size)
+    assert type(buf) is bytearray
+    return buf
 
 
 class Parser(Protocol[R_co]):

@@ -69,6 +69,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from aecp.common.receive import payload_buffer
 from aecp.storage.chunk.api import Buffer, RawBlocks, ReplicaStat
 from aecp.storage.chunk.errors import (
     ChecksumError,
@@ -351,7 +352,7 @@ class _Decoder(Generic[F]):
                 return
             self._head = bytes(view[:head])
             if self._direct(view):
-                self._payload = bytearray(self._need - head)
+                self._payload = payload_buffer(self._need - head)
                 self._filled = len(view) - head
                 self._payload[: self._filled] = view[head:]
             else:

@@ -23,6 +23,7 @@ import struct
 from typing import NamedTuple
 
 from aecp.common.errors import AecpError
+from aecp.common.receive import payload_buffer
 
 # --- magic numbers (proto.md "Newstyle negotiation", "Transmission") -------------------------
 NBDMAGIC = 0x4E42444D41474943  # 'NBDMAGIC'
@@ -386,7 +387,7 @@ class ServerParser:
             if len(buf) < end:
                 if length >= self.collect_min:  # gather the rest without growing the buffer
                     self._header = (flags, cmd, cookie, offset, length)
-                    self._payload = bytearray(length)
+                    self._payload = payload_buffer(length)
                     self._filled = len(buf) - 28
                     self._payload[: self._filled] = memoryview(buf)[28:]
                     self._need = end - len(buf)
