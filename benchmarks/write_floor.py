@@ -96,9 +96,11 @@ def checksums(n: int) -> int:
     return n
 
 
-def host_busy() -> tuple[int, int]:
+def host_busy() -> float:
+    """CPU seconds the machine has spent running anything since boot: user, nice, system, irq
+    and softirq from /proc/stat (not idle, iowait or steal, the hypervisor's share)."""
     v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(v) - v[3] - v[4], sum(v)
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
 
 
 def qemu_nbd_run(image: Path, seconds: int) -> tuple[float, float]:
@@ -120,16 +122,15 @@ def qemu_nbd_run(image: Path, seconds: int) -> tuple[float, float]:
                "--rw=write", "--bs=1M", "--iodepth=8", f"--size={image.stat().st_size}",
                "--time_based", f"--runtime={seconds}", "--output-format=json"]  # fmt: skip
         os.sync()
-        (b0, a0) = host_busy()
+        busy = host_busy()
         out = subprocess.run(fio, capture_output=True, text=True, check=True)  # noqa: S603
-        (b1, a1) = host_busy()
+        busy = host_busy() - busy
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]["write"]
     mib_s = job["bw_bytes"] / MIB
-    busy_s = (b1 - b0) / max(1, a1 - a0) * (os.cpu_count() or 1) * seconds
-    return mib_s, busy_s / (mib_s * seconds) * 1e6
+    return mib_s, busy / (job["io_bytes"] / MIB) * 1e6
 
 
 def main() -> None:
