@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from aecp.common.receive import Intake
 from aecp.storage.blockdev import (
     Allocation,
     BlockDevice,
@@ -423,4 +424,87 @@ async def test_writes_started_at_once_answer_each_with_its_own_outcome(
     assert device.data[7 * 4096 : 8 * 4096] == bytes(4096)
     assert device.data[8 * 4096 : 9 * 4096] == bytes([8]) * 4096
     writer.write(p.encode_request(p.Cmd.DISC, 99))
+    assert await closed_by_server(reader, writer) == b""
+
+
+async def test_large_writes_past_the_payload_budget_land_whole_and_release_it(
+    instant: tuple[Served, InstantDevice],
+) -> None:
+    """Payload buffers are reserved against the server's budget when a WRITE's header
+    arrives; past it, the payload is buffered as it arrives instead. Either way the data
+    lands whole and nothing stays reserved."""
+    served, device = instant
+    intake = served.server.intake
+    payloads = [bytes([i]) * (256 << 10) for i in range(1, 5)]
+    for budget in (intake.budget, 64 << 10):  # room for every payload; room for none
+        intake.budget = budget
+        reader, writer = await go_raw(served)
+        for i, data in enumerate(payloads):
+            writer.write(p.encode_request(p.Cmd.WRITE, i, i << 20, len(data), payload=data))
+        for _ in payloads:
+            magic, err, _ = struct.unpack(">IIQ", await reader.readexactly(16))
+            assert (magic, err) == (p.SIMPLE_REPLY_MAGIC, 0)
+        for i, data in enumerate(payloads):
+            assert device.data[i << 20 : (i << 20) + len(data)] == data
+            device.data[i << 20 : (i << 20) + len(data)] = bytes(len(data))
+        assert intake.reserved == 0
+        writer.write(p.encode_request(p.Cmd.DISC, 99))
+        assert await closed_by_server(reader, writer) == b""
+
+
+async def test_a_stalled_write_gives_back_its_reservation_when_the_client_goes(
+    instant: tuple[Served, InstantDevice],
+) -> None:
+    served, _ = instant
+    reader, writer = await go_raw(served)
+    writer.write(p.encode_request(p.Cmd.WRITE, 1, 0, 1 << 20, payload=bytes(1 << 20))[:5000])
+    await writer.drain()
+    for _ in range(100):
+        if served.server.intake.reserved == 1 << 20:
+            break
+        await asyncio.sleep(0.01)
+    assert served.server.intake.reserved == 1 << 20
+    writer.close()
+    await closed_by_server(reader, writer)
+    for _ in range(100):
+        if served.server.intake.reserved == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert served.server.intake.reserved == 0
+
+
+async def test_a_failed_payload_allocation_drops_the_client_instead_of_hanging(
+    instant: tuple[Served, InstantDevice], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One request slot: the 1 MiB WRITE behind a 4 KiB one is parsed when the first one's
+    reply goes out (from a callback). Its buffer cannot be had: the connection is dropped,
+    the server goes on."""
+    served, device = instant
+    served.server.max_inflight = 1
+    real = Intake.reserve
+    calls: list[int] = []
+
+    def reserve(self: Intake, size: int) -> bytearray | None:
+        calls.append(size)
+        if len(calls) == 1:
+            raise MemoryError
+        return real(self, size)
+
+    monkeypatch.setattr(Intake, "reserve", reserve)
+    reader, writer = await go_raw(served)
+    writer.write(p.encode_request(p.Cmd.WRITE, 1, 0, 4096, payload=b"\x01" * 4096))
+    writer.write(p.encode_request(p.Cmd.WRITE, 2, 1 << 20, 1 << 20, payload=b"\x02" * (1 << 20)))
+    try:  # dropped: an EOF, or a reset as the server aborts with bytes unread
+        got = await asyncio.wait_for(closed_by_server(reader, writer), 10)
+    except ConnectionResetError:
+        got = b""
+    assert len(got) <= 16  # at most the first write's reply, never the second's
+    assert device.data[1 << 20 : 2 << 20] == bytes(1 << 20)
+    assert served.server.intake.reserved == 0
+    reader, writer = await go_raw(served)  # the server still serves
+    writer.write(p.encode_request(p.Cmd.WRITE, 3, 1 << 20, 1 << 20, payload=b"\x03" * (1 << 20)))
+    magic, err, cookie = struct.unpack(">IIQ", await reader.readexactly(16))
+    assert (magic, err, cookie) == (p.SIMPLE_REPLY_MAGIC, 0, 3)
+    assert device.data[1 << 20 : 2 << 20] == b"\x03" * (1 << 20)
+    writer.write(p.encode_request(p.Cmd.DISC, 4))
     assert await closed_by_server(reader, writer) == b""

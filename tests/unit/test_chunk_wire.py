@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aecp.common.receive import Receiver
+from aecp.common.receive import Intake, Receiver
 from aecp.storage.chunk import wire
 from aecp.storage.chunk.api import RawBlocks, ReplicaStat
 from aecp.storage.chunk.errors import (
@@ -127,7 +127,7 @@ def receive(
 ) -> list[Request]:
     """``data`` as a transport delivers it to a ``BufferedProtocol`` using ``Receiver``:
     each read fills at most the buffer offered, and at most the next of ``reads`` bytes."""
-    receiver = Receiver(size=8192, header=header)
+    receiver = Receiver(Intake(staging=8192), header=header)
     out: list[Request] = []
     pos, i = 0, 0
     while pos < len(data):
@@ -166,7 +166,7 @@ def test_a_large_write_lands_in_its_own_buffer_and_staging_is_not_kept() -> None
         for i, p in enumerate(payloads)
     )
     decoder = wire.RequestDecoder()
-    receiver = Receiver(size=8192)
+    receiver = Receiver(Intake(staging=8192))
     got: list[Request] = []
     direct = 0
     pos = 0
@@ -384,3 +384,32 @@ def test_errors_cross_the_wire_with_their_class_and_fields(error: ChunkError) ->
     again = wire.decode_error(status, payload, "e1", 3)
     assert type(again) is type(error)
     assert again.fields == error.fields
+
+
+def test_a_write_whose_id_arrives_late_is_still_gathered_into_its_own_buffer() -> None:
+    """A read may end inside the extent id of a large WRITE: once the id is whole, the rest
+    of the payload still goes to its own buffer (not through the small-frame buffer)."""
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    data = frame(Request(Op.WRITE, 1, "extent-0001", 0, len(payload), 0, 0, 0, payload).encode())
+    intake = Intake(staging=4096)
+    decoder = wire.RequestDecoder(intake=intake)
+    assert decoder.feed(data[: wire.REQUEST.size + 3]) == []  # the id cut after 3 bytes
+    assert decoder.feed(data[wire.REQUEST.size + 3 : 4096]) == []
+    assert decoder._payload is not None and intake.reserved == len(payload)
+    (request,) = receive(decoder, data[4096:], [])
+    assert request.payload == payload and intake.reserved == 0
+
+
+def test_a_payload_past_the_budget_is_gathered_as_it_arrives_and_abandon_releases() -> None:
+    payload = bytes(range(256)) * 1024  # 256 KiB
+    data = frame(Request(Op.WRITE, 1, "e1", 0, len(payload), 0, 0, 0, payload).encode())
+    small = wire.RequestDecoder(intake=Intake(staging=4096, budget=len(payload) - 1))
+    assert small.feed(data[:1000]) == [] and small._payload is None
+    assert small.feed(data[1000:]) == [
+        Request(Op.WRITE, 1, "e1", 0, len(payload), 0, 0, 0, payload)
+    ]
+    intake = Intake(staging=4096)
+    decoder = wire.RequestDecoder(intake=intake)
+    assert decoder.feed(data[:1000]) == [] and intake.reserved == len(payload)
+    decoder.abandon()  # the connection is gone
+    assert intake.reserved == 0

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aecp.common.errors import InvalidState
-from aecp.common.receive import Receiver
+from aecp.common.receive import Intake, Receiver
 from aecp.storage.blockdev import Allocation, BlockDevice, BlockError, Span, check_range
 from aecp.storage.frontends.nbd import protocol as p
 from aecp.storage.frontends.nbd.session import NbdSession, State
@@ -599,7 +599,7 @@ def feed_in_pieces(
 
 
 def receiver_or_none(direct: bool) -> Receiver | None:
-    return Receiver(size=48, header=16) if direct else None
+    return Receiver(Intake(staging=48), header=16) if direct else None
 
 
 @settings(max_examples=300)
@@ -705,3 +705,33 @@ def test_option_data_decoders_raise_only_option_errors(data: bytes) -> None:
     for decode in (p.parse_info_request, p.parse_meta_context_request):
         with contextlib.suppress(p.OptionError):
             decode(data)
+
+
+def test_a_failed_payload_allocation_changes_nothing_in_the_parser(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If a large WRITE's buffer cannot be had, the parser raises and stays where it was:
+    asked again (memory permitting), it yields the whole WRITE, never one without its data."""
+    intake = Intake(staging=4096)
+    real = Intake.reserve
+    calls: list[int] = []
+
+    def reserve(self: Intake, size: int) -> bytearray | None:
+        calls.append(size)
+        if len(calls) == 1:
+            raise MemoryError
+        return real(self, size)
+
+    monkeypatch.setattr(Intake, "reserve", reserve)
+    parser = p.ServerParser(intake=intake)
+    parser.enter_transmission(p.ExportParams(size=SIZE))
+    payload = bytes(range(256)) * 1024  # 256 KiB
+    stream = p.encode_request(p.Cmd.WRITE, 7, 0, len(payload), payload=payload)
+    parser.feed(stream[:1000])
+    with pytest.raises(MemoryError):
+        parser.next_event()
+    assert parser.next_event() is None and intake.reserved == len(payload)
+    parser.feed(stream[1000:])
+    req = parser.next_event()
+    assert req is not None and req.cookie == 7 and req.payload == payload
+    assert intake.reserved == 0

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from aecp.common.receive import Receiver, payload_buffer
+from aecp.common import receive
+from aecp.common.receive import Intake, Receiver, payload_buffer
 
 
 class OnePayload:
@@ -42,7 +43,7 @@ class OnePayload:
 
 def test_reads_go_to_staging_then_straight_into_the_payload_then_a_header_read() -> None:
     parser = OnePayload(100)
-    rx = Receiver(size=64, header=8)
+    rx = Receiver(Intake(staging=64), header=8)
     assert len(rx.get(parser)) == 64  # nothing known yet: full staging
     buf = rx.get(parser)
     buf[:10] = b"HEAD" + b"x" * 6
@@ -60,7 +61,7 @@ def test_reads_go_to_staging_then_straight_into_the_payload_then_a_header_read()
 def test_a_receiver_needs_a_header_read_inside_its_staging() -> None:
     for header in (0, 65):
         with pytest.raises(ValueError):
-            Receiver(size=64, header=header)
+            Receiver(Intake(staging=64), header=header)
 
 
 def test_payload_buffers_have_the_size_asked_and_no_extra_reference() -> None:
@@ -72,3 +73,35 @@ def test_payload_buffers_have_the_size_asked_and_no_extra_reference() -> None:
     assert payload_buffer(0) == bytearray()
     with pytest.raises(ValueError):
         payload_buffer(-1)
+
+
+def test_the_connections_of_one_intake_share_its_staging() -> None:
+    intake = Intake(staging=64)
+    first, second = Receiver(intake, header=8), Receiver(intake, header=8)
+    parser = OnePayload(10)
+    assert first.get(parser).obj is second.get(parser).obj is intake.staging.obj
+
+
+def test_an_intake_reserves_payload_buffers_within_its_budget() -> None:
+    intake = Intake(staging=64, budget=100)
+    a = intake.reserve(60)
+    assert a is not None and len(a) == 60 and intake.reserved == 60
+    assert intake.reserve(41) is None and intake.reserved == 60  # past the budget: nothing
+    b = intake.reserve(40)
+    assert b is not None and intake.reserved == 100
+    intake.release(60)
+    intake.release(40)
+    assert intake.reserved == 0
+    with pytest.raises(ValueError):
+        Intake(staging=0)
+
+
+def test_an_allocation_failure_reserves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_memory(size: int) -> bytearray:
+        raise MemoryError
+
+    intake = Intake(staging=64, budget=100)
+    monkeypatch.setattr(receive, "payload_buffer", no_memory)
+    with pytest.raises(MemoryError):
+        intake.reserve(10)
+    assert intake.reserved == 0

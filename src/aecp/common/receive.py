@@ -14,6 +14,13 @@ bytes of staging: the header of a following large frame arrives alone (plus a li
 its payload then lands in its own buffer too, instead of up to ``size`` bytes of it being
 copied out of staging. As soon as a read brings no large payload the full staging size is
 offered again, so streams of small frames keep one read per batch.
+
+The connections of one server share an ``Intake``: one staging buffer (an event loop reads
+one socket at a time, and parsers copy what they keep, so idle connections cost no buffer
+each) and a budget for the payload buffers being filled. A payload's buffer is reserved at
+its full announced size when its header arrives; past the budget, a parser gathers the
+payload as it arrives instead (copies, but memory follows the bytes received), so headers
+announcing large payloads and then stalling cannot reserve more than the budget.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ R_co = TypeVar("R_co", covariant=True)
 
 STAGING = 256 * 1024  # what uvloop reads at once for a plain Protocol
 HEADER_READ = 4096  # staging offered right after a payload read straight into its buffer
+PAYLOAD_BUDGET = 512 << 20  # bytes of payload buffers a server may have reserved and unfilled
 
 
 _new_bytearray = ctypes.pythonapi.PyByteArray_FromStringAndSize
@@ -42,6 +50,34 @@ def payload_buffer(size: int) -> bytearray:
     buf = _new_bytearray(None, size)
     assert type(buf) is bytearray
     return buf
+
+
+class Intake:
+    """What the connections of one server (on one event-loop thread) share: a staging
+    buffer for ``Receiver``, and the budget of payload buffers reserved and not yet filled."""
+
+    __slots__ = ("budget", "reserved", "staging")
+
+    def __init__(self, staging: int = STAGING, budget: int = PAYLOAD_BUDGET) -> None:
+        if staging <= 0 or budget < 0:
+            raise ValueError(f"staging {staging} must be > 0 and budget {budget} >= 0")
+        self.staging = memoryview(payload_buffer(staging))
+        self.budget = budget
+        self.reserved = 0
+
+    def reserve(self, size: int) -> bytearray | None:
+        """A payload buffer of ``size`` bytes counted against the budget, or None (nothing
+        changed) if it would exceed it. ``MemoryError`` leaves nothing changed either.
+        Give it back with ``release(size)`` once filled, or when abandoned."""
+        if self.reserved + size > self.budget:
+            return None
+        buf = payload_buffer(size)
+        self.reserved += size
+        return buf
+
+    def release(self, size: int) -> None:
+        """``size`` bytes reserved are filled or abandoned."""
+        self.reserved -= size
 
 
 class Parser(Protocol[R_co]):
@@ -67,10 +103,10 @@ class Receiver:
 
     __slots__ = ("_after_payload", "_direct", "_header", "_staging")
 
-    def __init__(self, size: int = STAGING, header: int = HEADER_READ) -> None:
-        if not 0 < header <= size:
-            raise ValueError(f"header read {header} must be in 1..{size}")
-        self._staging = memoryview(bytearray(size))
+    def __init__(self, intake: Intake, header: int = HEADER_READ) -> None:
+        if not 0 < header <= len(intake.staging):
+            raise ValueError(f"header read {header} must be in 1..{len(intake.staging)}")
+        self._staging = intake.staging
         self._header = header
         self._direct = False  # the last buffer handed out was the parser's payload
         self._after_payload = False

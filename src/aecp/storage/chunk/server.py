@@ -21,7 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from aecp.common.receive import Receiver
+from aecp.common.receive import Intake, Receiver
 from aecp.storage.chunk import wire
 from aecp.storage.chunk.api import Buffer
 from aecp.storage.chunk.errors import ChunkError, ChunkInvalid, ChunkProtocolError
@@ -43,6 +43,7 @@ class ChunkServer:
         self._max_inflight = max_inflight
         self._server: asyncio.Server | None = None
         self._sessions: set[_Session] = set()
+        self.intake = Intake()  # staging and payload budget shared by the sessions
 
     @property
     def port(self) -> int:
@@ -72,7 +73,7 @@ class ChunkServer:
         log.info("chunk server on %s:%d stopped", self.host, self._port)
 
     def _session(self) -> _Session:
-        return _Session(self._handler, self._max_inflight, self._sessions)
+        return _Session(self._handler, self._max_inflight, self._sessions, self.intake)
 
 
 class SessionState(enum.Enum):
@@ -84,13 +85,15 @@ class _Session(asyncio.BufferedProtocol):
     """One client connection. Bytes are read into buffers ``common.receive.Receiver``
     chooses: a WRITE's data lands in the buffer the store then writes from."""
 
-    def __init__(self, handler: _Handler, max_inflight: int, registry: set[_Session]) -> None:
+    def __init__(
+        self, handler: _Handler, max_inflight: int, registry: set[_Session], intake: Intake
+    ) -> None:
         self.state = SessionState.OPEN
         self._handler = handler
         self._max = max_inflight
         self._registry = registry
-        self._decoder = wire.RequestDecoder()
-        self._receiver = Receiver()
+        self._decoder = wire.RequestDecoder(intake=intake)
+        self._receiver = Receiver(intake)
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
         self._tasks: set[asyncio.Future[None]] = set()  # requests running (tasks or writes)
@@ -128,6 +131,7 @@ class _Session(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = SessionState.CLOSED
+        self._decoder.abandon()
         self._registry.discard(self)
         self._backlog.clear()
         for task in self._tasks:

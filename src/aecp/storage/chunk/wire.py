@@ -69,7 +69,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from aecp.common.receive import payload_buffer
+from aecp.common.receive import Intake, payload_buffer
 from aecp.storage.chunk.api import Buffer, RawBlocks, ReplicaStat
 from aecp.storage.chunk.errors import (
     ChecksumError,
@@ -283,8 +283,9 @@ class _Decoder(Generic[F]):
     #: reference keeps its whole ``bytes`` object (and its overhead) alive
     REFERENCE_MIN = 16 * 1024
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(self, max_payload: int = MAX_PAYLOAD, intake: Intake | None = None) -> None:
         self._max = max_payload
+        self._intake = intake  # the budget of payload buffers (none: unlimited)
         self._buf = bytearray()
         self._need = 0
         self._broken = False
@@ -305,6 +306,8 @@ class _Decoder(Generic[F]):
         if buf:
             buf += data
             if len(buf) < self._need:
+                if self._need - len(buf) >= self.COLLECT_MIN and len(buf) >= self.head.size:
+                    self._start_gathering(buf)  # its header (and id) may be whole only now
                 return []
         try:
             frames, used, self._need = self._parse(buf if buf else data)
@@ -350,11 +353,11 @@ class _Decoder(Generic[F]):
                 if rest is not buf:
                     buf += view
                 return
+            payload = self._reserve(self._need - head) if self._direct(view) else None
             self._head = bytes(view[:head])
-            if self._direct(view):
-                self._payload = payload_buffer(self._need - head)
-                self._filled = len(view) - head
-                self._payload[: self._filled] = view[head:]
+            if payload is not None:
+                self._payload, self._filled = payload, len(view) - head
+                payload[: self._filled] = view[head:]
             else:
                 self._parts = [bytes(view[head:])]
             self._missing = self._need - len(view)
@@ -384,11 +387,23 @@ class _Decoder(Generic[F]):
         else:
             parts.append(bytearray(piece))
 
+    def _reserve(self, size: int) -> bytearray | None:
+        """A buffer for a payload of ``size`` bytes, or None past the intake's budget."""
+        return payload_buffer(size) if self._intake is None else self._intake.reserve(size)
+
+    def abandon(self) -> None:
+        """The connection is gone: give back the buffer of a payload being gathered."""
+        if self._payload is not None and self._intake is not None:
+            self._intake.release(len(self._payload))
+        self._payload, self._parts, self._missing, self._broken = None, None, 0, True
+
     def _complete(self) -> F:
         """The frame whose payload was gathered (now whole)."""
         payload: bytes | bytearray
         if self._payload is not None:
             payload, self._payload, self._filled = self._payload, None, 0
+            if self._intake is not None:
+                self._intake.release(len(payload))
         else:
             payload, self._parts = b"".join(self._parts or ()), None
         head, self._need = self._head, 0

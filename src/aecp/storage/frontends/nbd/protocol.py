@@ -23,7 +23,7 @@ import struct
 from typing import NamedTuple
 
 from aecp.common.errors import AecpError
-from aecp.common.receive import payload_buffer
+from aecp.common.receive import Intake, payload_buffer
 
 # --- magic numbers (proto.md "Newstyle negotiation", "Transmission") -------------------------
 NBDMAGIC = 0x4E42444D41474943  # 'NBDMAGIC'
@@ -263,9 +263,12 @@ class ServerParser:
     collect_min = 64 * 1024
 
     def __init__(
-        self, handshake_flags: int = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+        self,
+        handshake_flags: int = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES,
+        intake: Intake | None = None,
     ):
         self._handshake_flags = int(handshake_flags)
+        self._intake = intake  # the budget of payload buffers (none: unlimited)
         self._buf = bytearray()
         self._skip = 0  # bytes of an oversized payload still to drop
         self._need = 0  # bytes of a large WRITE payload still to come into _payload
@@ -385,9 +388,10 @@ class ServerParser:
                 return Request(flags, cmd, cookie, offset, length, None, error)
             end = 28 + length
             if len(buf) < end:
-                if length >= self.collect_min:  # gather the rest without growing the buffer
+                space = self._reserve(length) if length >= self.collect_min else None
+                if space is not None:  # gather the rest without growing the buffer
                     self._header = (flags, cmd, cookie, offset, length)
-                    self._payload = payload_buffer(length)
+                    self._payload = space
                     self._filled = len(buf) - 28
                     self._payload[: self._filled] = memoryview(buf)[28:]
                     self._need = end - len(buf)
@@ -409,7 +413,22 @@ class ServerParser:
         flags, cmd, cookie, offset, length = self._header
         payload, self._payload, self._filled = self._payload, bytearray(), 0
         self._header = None
+        if self._intake is not None:
+            self._intake.release(length)
         return Request(flags, cmd, cookie, offset, length, payload, 0)
+
+    def _reserve(self, size: int) -> bytearray | None:
+        """A buffer for a WRITE payload of ``size`` bytes, or None past the intake's budget
+        (then the payload is buffered as it arrives)."""
+        return payload_buffer(size) if self._intake is None else self._intake.reserve(size)
+
+    def abandon(self) -> None:
+        """The connection is gone: give back the buffer of a payload being gathered, and
+        take no more bytes."""
+        if self._header is not None and self._intake is not None:
+            self._intake.release(self._header[4])
+        self._header, self._payload, self._need = None, bytearray(), 0
+        self._mode = _Mode.DONE
 
     def _check(self, flags: int, cmd: int, offset: int, length: int) -> int:
         """The NBD errno a request deserves, 0 if valid (proto.md "Error values")."""

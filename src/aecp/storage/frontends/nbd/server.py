@@ -26,7 +26,7 @@ import logging
 from typing import cast
 
 from aecp.common import tasks
-from aecp.common.receive import Receiver
+from aecp.common.receive import Intake, Receiver
 from aecp.storage.frontends.nbd import protocol as p
 from aecp.storage.frontends.nbd.session import ListExports, NbdSession, OpenExport, State
 
@@ -62,6 +62,7 @@ class NbdServer:
         self.max_inflight = max_inflight
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self.intake = Intake()  # staging and payload budget shared by the connections
 
     @property
     def port(self) -> int:
@@ -108,8 +109,8 @@ class _Connection(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer) -> None:
         self._server = server
         self.peer = "?"
-        self.session = NbdSession(server._open_export, server._list_exports)
-        self._receiver = Receiver()
+        self.session = NbdSession(server._open_export, server._list_exports, intake=server.intake)
+        self._receiver = Receiver(server.intake)
         self.max_inflight = server.max_inflight
         self._transport: asyncio.Transport | None = None
         self._inflight: set[asyncio.Future[None]] = set()
@@ -157,6 +158,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        self.session.parser.abandon()
         if exc is not None:
             self._abort = True
         self._end(f"connection lost: {exc!r}" if exc else "client disconnected")
@@ -268,6 +270,12 @@ class _Connection(asyncio.BufferedProtocol):
                 inflight.add(task)
         except p.ProtocolError as e:
             self._end(f"protocol error: {e}")
+        except Exception as e:  # e.g. MemoryError for a payload buffer: drop the client
+            log.exception("nbd %s: dispatching failed", self.peer)
+            self._abort = True
+            if self._transport is not None:
+                self._transport.abort()
+            self._end(f"internal error: {e!r}")
         self._update_reading()
 
     async def _serve(self, req: p.Request) -> None:

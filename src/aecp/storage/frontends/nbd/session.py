@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Concatenate, ParamSpec, TypeVar
 
 from aecp.common.errors import InvalidState
+from aecp.common.receive import Intake
 from aecp.storage.blockdev import BlockDevice, BlockError
 from aecp.storage.frontends.nbd import protocol as p
 
@@ -84,10 +85,15 @@ class NbdSession:
     """Negotiation results and the open device of one NBD connection."""
 
     def __init__(
-        self, open_export: OpenExport, list_exports: ListExports, *, peer: str = "?"
+        self,
+        open_export: OpenExport,
+        list_exports: ListExports,
+        *,
+        peer: str = "?",
+        intake: Intake | None = None,
     ) -> None:
         self.peer = peer
-        self.parser = p.ServerParser()
+        self.parser = p.ServerParser(intake=intake)
         self.state = State.HANDSHAKE
         self.device: BlockDevice | None = None
         self.export_name: str | None = None
