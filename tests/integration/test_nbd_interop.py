@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from aecp.common.receive import Intake
 from aecp.storage.blockdev import (
     Allocation,
     BlockDevice,
@@ -30,6 +29,7 @@ from aecp.storage.blockdev import (
 from aecp.storage.filedev import FileDevice
 from aecp.storage.frontends.nbd import protocol as p
 from aecp.storage.frontends.nbd.server import NbdServer
+from tests.receivekit import fail_first_reservation
 
 pytestmark = pytest.mark.integration
 
@@ -481,16 +481,7 @@ async def test_a_failed_payload_allocation_drops_the_client_instead_of_hanging(
     the server goes on."""
     served, device = instant
     served.server.max_inflight = 1
-    real = Intake.reserve
-    calls: list[int] = []
-
-    def reserve(self: Intake, size: int) -> bytearray | None:
-        calls.append(size)
-        if len(calls) == 1:
-            raise MemoryError
-        return real(self, size)
-
-    monkeypatch.setattr(Intake, "reserve", reserve)
+    fail_first_reservation(monkeypatch)
     reader, writer = await go_raw(served)
     writer.write(p.encode_request(p.Cmd.WRITE, 1, 0, 4096, payload=b"\x01" * 4096))
     writer.write(p.encode_request(p.Cmd.WRITE, 2, 1 << 20, 1 << 20, payload=b"\x02" * (1 << 20)))

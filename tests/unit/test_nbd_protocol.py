@@ -17,6 +17,7 @@ from aecp.common.receive import Intake, Receiver
 from aecp.storage.blockdev import Allocation, BlockDevice, BlockError, Span, check_range
 from aecp.storage.frontends.nbd import protocol as p
 from aecp.storage.frontends.nbd.session import NbdSession, State
+from tests.receivekit import fail_first_reservation
 
 SIZE = 1 << 20
 CLIENT_FLAGS = struct.pack(">I", p.ClientFlag.FIXED_NEWSTYLE | p.ClientFlag.NO_ZEROES)
@@ -713,16 +714,7 @@ def test_a_failed_payload_allocation_changes_nothing_in_the_parser(
     """If a large WRITE's buffer cannot be had, the parser raises and stays where it was:
     asked again (memory permitting), it yields the whole WRITE, never one without its data."""
     intake = Intake(staging=4096)
-    real = Intake.reserve
-    calls: list[int] = []
-
-    def reserve(self: Intake, size: int) -> bytearray | None:
-        calls.append(size)
-        if len(calls) == 1:
-            raise MemoryError
-        return real(self, size)
-
-    monkeypatch.setattr(Intake, "reserve", reserve)
+    fail_first_reservation(monkeypatch)
     parser = p.ServerParser(intake=intake)
     parser.enter_transmission(p.ExportParams(size=SIZE))
     payload = bytes(range(256)) * 1024  # 256 KiB
