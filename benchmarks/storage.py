@@ -200,9 +200,10 @@ def run_jobs(
         for r in range(args.rounds):
             k = (j + r) % len(TARGETS)
             for target in TARGETS[k:] + TARGETS[:k]:
-                log(f"{name} on {target}")
                 settle()
-                runs[target].append(fio(uris[target], rw, bs, qd, size, args.runtime, pids[target]))
+                x = fio(uris[target], rw, bs, qd, size, args.runtime, pids[target])
+                log(f"{name} on {target}: {x.iops:.0f} IOPS, srv {x.cpu:.0f}%, host {x.host:.0f}%")
+                runs[target].append(x)
         for target, rs in runs.items():  # the round with the median IOPS
             results[(name, target)] = sorted(rs, key=lambda x: x.iops)[len(rs) // 2]
     return results
