@@ -119,9 +119,13 @@ class LabKit:
         state: str = r.json()["state"]
         return state
 
+    def etcd(self) -> EtcdStore:
+        """A store on the lab's etcd (with the credentials the lab's tools use); close it."""
+        return self.lab.etcd_cluster().client()
+
     async def store_dump(self) -> dict[str, bytes]:
         """Every key in etcd (to show a refused request changed nothing), minus heartbeats."""
-        store = EtcdStore(self.lab.etcd_cluster().client_endpoints())
+        store = self.etcd()
         try:
             kvs = await store.list("/aecp/")
         finally:

@@ -18,7 +18,6 @@ from aecp.storage.access import open_volume
 from aecp.storage.blockdev import Fenced
 from aecp.storage.meta.service import MetaService
 from aecp.storage.pool import ReplicaPool
-from aecp.store.etcd import EtcdStore
 from tests.labkit import LabKit, running_lab, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -166,7 +165,7 @@ async def test_killing_a_replica_node_mid_write_loses_no_acknowledged_write(kit:
 
 async def test_a_second_access_point_fences_the_first(kit: LabKit) -> None:
     await create_volume(kit, "single", "8M")
-    store = EtcdStore(kit.lab.etcd_cluster().client_endpoints())
+    store = kit.etcd()
     meta = MetaService(store)
     pool = ReplicaPool(meta)
     lease = await store.grant_lease(30)

@@ -50,7 +50,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         return
     cluster: EtcdCluster = request.getfixturevalue("etcd3_cluster")
     await cluster.start()
-    etcd = EtcdStore(cluster.client_endpoints(), timeout=CALL_TIMEOUT)
+    etcd = cluster.client(timeout=CALL_TIMEOUT)
     try:
         yield Backend(etcd)
     finally:
@@ -419,7 +419,7 @@ async def etcd(etcd3_cluster: EtcdCluster) -> AsyncIterator[tuple[EtcdCluster, E
     """The shared cluster with every member up, and a store talking to all of them. Members a
     test kills are restarted by the next test's ``cluster.start()``; frozen ones are resumed."""
     await etcd3_cluster.start()
-    etcd_store = EtcdStore(etcd3_cluster.client_endpoints(), timeout=CALL_TIMEOUT)
+    etcd_store = etcd3_cluster.client(timeout=CALL_TIMEOUT)
     try:
         yield etcd3_cluster, etcd_store
     finally:
@@ -474,7 +474,7 @@ async def test_a_restarted_member_rejoins_with_its_data_and_the_writes_it_missed
     await put_eventually(store, prefix + "missed", b"2")
 
     await cluster.start()
-    alone = EtcdStore([victim.client_address], timeout=CALL_TIMEOUT)
+    alone = cluster.client([victim.client_address], timeout=CALL_TIMEOUT)
     try:
         assert [kv.key for kv in await alone.list(prefix)] == [prefix + "missed", prefix + "old"]
     finally:

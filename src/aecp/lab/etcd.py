@@ -29,7 +29,7 @@ from typing import Literal
 
 from aecp.common.errors import InvalidState, StoreUnavailable
 from aecp.common.proc import CommandFailed, pid_alive, pid_cmdline, read_pidfile
-from aecp.store.etcd import EtcdStore
+from aecp.store.etcd import DEFAULT_TIMEOUT, EtcdStore
 
 ETCD_BINARY = "/usr/bin/etcd"
 
@@ -289,6 +289,12 @@ class EtcdCluster:
     def client_endpoints(self) -> list[str]:
         """Every member's client address (``host:port``), in member order."""
         return [m.client_address for m in self.members]
+
+    def client(
+        self, endpoints: Sequence[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> EtcdStore:
+        """A store on this cluster (every member, or ``endpoints``); the caller closes it."""
+        return EtcdStore(list(endpoints or self.client_endpoints()), timeout=timeout)
 
     def launch(self) -> list[EtcdMember]:
         """Start every member that is not running (synchronous); returns those started."""
