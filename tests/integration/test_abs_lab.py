@@ -167,7 +167,7 @@ async def test_a_second_access_point_fences_the_first(kit: LabKit) -> None:
     await create_volume(kit, "single", "8M")
     store = kit.etcd()
     meta = MetaService(store)
-    pool = ReplicaPool(meta)
+    pool = ReplicaPool(meta, auth=kit.replica_auth())
     lease = await store.grant_lease(30)
     try:
         first = await open_volume(meta, pool, "tester-a", "single", lease)

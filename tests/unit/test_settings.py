@@ -11,7 +11,13 @@ from aecp.conf.settings import load, parse
 
 
 def good() -> dict[str, object]:
-    return {"name": "node1", "address": "127.0.1.1", "data_dir": "/tmp/d", "images_dir": "/tmp/i"}
+    return {
+        "name": "node1",
+        "address": "127.0.1.1",
+        "data_dir": "/tmp/d",
+        "images_dir": "/tmp/i",
+        "security": {"tls_dir": "/tmp/pki"},
+    }
 
 
 def test_defaults_fill_the_groups() -> None:

@@ -27,7 +27,9 @@ from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, StoreUnavailable
+from aecp.common.pki import Bundle
 from aecp.common.tasks import cancel, spawn
+from aecp.common.tls import Credentials
 from aecp.compute.hypervisor import Accel, EventKind, Hypervisor, RunState
 from aecp.conf.settings import NodeSettings
 from aecp.model.node import NodeHeartbeat, NodeRecord
@@ -36,6 +38,7 @@ from aecp.node.lease import LeaseKeeper
 from aecp.node.reconciler import Reconciler
 from aecp.node.vmdisks import VMDisks
 from aecp.node.vmops import VMActions
+from aecp.storage.chunk.auth import ReplicaAuth
 from aecp.storage.meta.model import MIB
 from aecp.storage.meta.service import MetaService
 from aecp.storage.pool import ReplicaPool
@@ -68,7 +71,10 @@ class NodeAgent:
         self.name = settings.name
         self.sampler = host.UsageSampler(settings.data_dir)
         self.meta = MetaService(store, settings.storage.extent_mib * MIB, clock)
-        self.volume_pool = ReplicaPool(self.meta)
+        auth = ReplicaAuth(
+            Credentials(Bundle(settings.security.tls_dir)), settings.security.replica_encryption
+        )
+        self.volume_pool = ReplicaPool(self.meta, auth=auth)
         vmdisks = VMDisks(self.meta, self.volume_pool, settings.address, settings.storage.nbd_port)
         self.actions = VMActions(
             settings.name, settings.address, store, hv, vmdisks, settings.images_dir, accel, clock

@@ -26,11 +26,14 @@ from aecp.cluster.election import Election
 from aecp.common import log as logsetup
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, NotFound, Unavailable
+from aecp.common.pki import Bundle
 from aecp.common.tasks import cancel
+from aecp.common.tls import Credentials
 from aecp.conf.settings import NodeSettings
 from aecp.node.lease import LeaseKeeper
 from aecp.storage.access import VolumeDevice, open_volume
 from aecp.storage.blockdev import BlockDevice, Fenced, Span
+from aecp.storage.chunk.auth import ReplicaAuth
 from aecp.storage.chunk.server import ChunkServer
 from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.frontends.nbd.server import NbdServer
@@ -99,8 +102,12 @@ class StorageDaemon:
         self.node = settings.name
         self.replicas = ReplicaStore(settings.chunk_dir)
         self.meta = MetaService(store, settings.storage.extent_mib * MIB, clock)
-        self.pool = ReplicaPool(self.meta, self.node, self.replicas)
-        self.chunk = ChunkServer(self.replicas, settings.address, settings.storage.chunk_port)
+        self.credentials = Credentials(Bundle(settings.security.tls_dir))
+        auth = ReplicaAuth(self.credentials, settings.security.replica_encryption)
+        self.pool = ReplicaPool(self.meta, self.node, self.replicas, auth=auth)
+        self.chunk = ChunkServer(
+            self.replicas, settings.address, settings.storage.chunk_port, auth=auth
+        )
         self.nbd = NbdServer(
             settings.address, settings.storage.nbd_port, self.open_export, self.list_exports
         )
@@ -406,7 +413,11 @@ async def run_storage(settings: NodeSettings) -> None:
     """Run the storage server until SIGTERM/SIGINT."""
     logsetup.setup(settings.log_level)
     settings.chunk_dir.mkdir(parents=True, exist_ok=True)
-    store = EtcdStore(settings.store.endpoints, timeout=settings.store.timeout)
+    store = EtcdStore(
+        settings.store.endpoints,
+        tls=Bundle(settings.security.tls_dir),
+        timeout=settings.store.timeout,
+    )
     daemon = StorageDaemon(settings, store)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
