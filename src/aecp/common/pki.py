@@ -339,22 +339,44 @@ def fingerprint(cert_der: bytes) -> str:
     return "sha256:" + hashlib.sha256(cert_der).hexdigest()
 
 
-# ---- self-signed client credentials (NBD export grants) ---------------------------------------
+# ---- one-grant client credentials (NBD exports) --------------------------------------------
 
 
-def self_signed_client(name: str, *, days: int) -> tuple[bytes, bytes]:
-    """A new key and a self-signed TLS client certificate for ``name``: (cert PEM, key PEM).
-    Used for credentials that name one grant (an NBD export), never the cluster CA."""
-    key = ec.generate_private_key(_CURVE)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = _self_signed(
-        key,
-        subject,
+def grant_credential(name: str, *, days: int) -> tuple[bytes, bytes, bytes]:
+    """A client credential of its own for one grant (an NBD export), apart from the cluster CA:
+    (CA certificate PEM, client certificate PEM, client key PEM).
+
+    The CA is made here, signs the client certificate and its key is thrown away, so nothing
+    can issue another certificate under it; the grant names the CA's certificate. (A CA, not
+    a lone self-signed certificate, because QEMU checks that its own certificate chains to a
+    CA certificate in its ca-cert.pem.)"""
+    ca_key = ec.generate_private_key(_CURVE)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
+    ca = _self_signed(
+        ca_key,
+        ca_name,
         days,
-        (x509.BasicConstraints(ca=False, path_length=None), True),
-        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+        (x509.BasicConstraints(ca=True, path_length=0), True),
+        (x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False),
     )
-    return _cert_pem(cert), _key_pem(key)
+    key = ec.generate_private_key(_CURVE)
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(ca.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return _cert_pem(ca), _cert_pem(cert), _key_pem(key)
 
 
 def _self_signed(

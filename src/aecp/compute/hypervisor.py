@@ -39,7 +39,8 @@ class RunState(enum.StrEnum):
 
 @dataclass(frozen=True)
 class DiskSpec:
-    """A disk attached as virtio-blk. ``path`` is a local file or an ``nbd://`` URI."""
+    """A disk attached as virtio-blk. ``path`` is a local file or an NBD URI (``nbd://``,
+    ``nbd+unix://``)."""
 
     path: str
     format: str = "qcow2"  # "qcow2" | "raw"

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from aecp.common.errors import ConfigError
 from aecp.common.names import NAME_RE
 
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
+
 
 class StoreSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -176,6 +178,11 @@ def _semantic_problems(s: NodeSettings) -> list[str]:
         problems.append("agent.fence_margin: must be smaller than agent.lease_ttl")
     if not s.store.endpoints:
         problems.append("store.endpoints: at least one endpoint is needed")
+    if len(str(s.nbd_socket).encode()) > MAX_SOCKET_PATH:
+        problems.append(
+            f"data_dir: too long: the NBD socket {s.nbd_socket} would exceed the "
+            f"{MAX_SOCKET_PATH} bytes of a Unix socket path"
+        )
     for ep in s.store.endpoints:
         host, _, port = ep.rpartition(":")
         if not host or not port.isdigit():

@@ -30,6 +30,8 @@ from pydantic import BaseModel, Field, field_validator
 from aecp.common.errors import InvalidInput, NotFound, Unavailable
 from aecp.common.pki import ClusterCA
 from aecp.common.proc import pid_alive, read_pidfile
+from aecp.conf import settings
+from aecp.conf.settings import NodeSettings
 from aecp.lab.etcd import EtcdCluster, EtcdMember, loopback_sans
 from aecp.lab.process import Daemon, kill_pidfiles
 from aecp.model.cluster import ClusterInfo, new_token
@@ -126,6 +128,10 @@ class Lab:
 
     def token(self) -> str:
         return self.token_file.read_text().strip()
+
+    def node_settings(self, name: str) -> NodeSettings:
+        """The settings the node's processes run with (its ``node.json``)."""
+        return settings.load(self.node_dir(name) / "node.json")
 
     def etcd_cluster(self) -> EtcdCluster:
         """The lab's etcd members (one object per lab, so members started here are tracked)."""

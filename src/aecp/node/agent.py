@@ -75,7 +75,7 @@ class NodeAgent:
             Credentials(Bundle(settings.security.tls_dir)), settings.security.replica_encryption
         )
         self.volume_pool = ReplicaPool(self.meta, auth=auth)
-        vmdisks = VMDisks(self.meta, self.volume_pool, settings.address, settings.storage.nbd_port)
+        vmdisks = VMDisks(self.meta, self.volume_pool, settings.nbd_socket)
         self.actions = VMActions(
             settings.name, settings.address, store, hv, vmdisks, settings.images_dir, accel, clock
         )
@@ -154,7 +154,8 @@ class NodeAgent:
     def _api_server(self) -> uvicorn.Server:
         svc = ClusterService(self.store, self.s.images_dir, self.clock)
         ctx = NodeContext(self.name, self.s.api_url, self.s.run_dir)
-        volumes = VolumeService(self.meta, self.volume_pool)
+        ca = Bundle(self.s.security.tls_dir).ca_file.read_text()
+        volumes = VolumeService(self.meta, self.volume_pool, ca_certificate=ca)
         vmsnaps = VMSnapshotService(
             svc, SnapshotService(self.meta, self.volume_pool), self.name, self
         )

@@ -1,5 +1,6 @@
 """VM disks on ABS: a VM's boot disk is a volume ``<vm>-boot`` filled from its image, each data
-disk a blank volume ``<vm>-dataN``; QEMU reads them over NBD from this node's storage server.
+disk a blank volume ``<vm>-dataN``; QEMU reads them over NBD from this node's storage server,
+on its Unix socket (only root can open it; outside clients go through TLS exports).
 
 Ordering: create the volume, copy the image into it through this node's NBD export, and only
 then report the disks ready (``VMStatus.disks_ready``) — a crash in between leaves a volume that
@@ -27,6 +28,11 @@ log = logging.getLogger(__name__)
 DETACH_WAIT = 15.0  # s for the storage server to release a volume after QEMU closed it
 
 
+def local_uri(socket: Path, volume: str) -> str:
+    """The URI of ``volume`` on a node's local NBD socket (QEMU, qemu-img, libnbd tools)."""
+    return f"nbd+unix:///{volume}?socket={socket}"
+
+
 class DiskProvider(Protocol):
     """Where a VM's disks come from (ABS volumes in the product; a local double in tests)."""
 
@@ -44,13 +50,13 @@ class DiskProvider(Protocol):
 class VMDisks:
     """Creates, fills and removes the volumes of the VMs of one node."""
 
-    def __init__(self, meta: MetaService, pool: ReplicaPool, nbd_address: str, nbd_port: int):
+    def __init__(self, meta: MetaService, pool: ReplicaPool, nbd_socket: Path):
         self.meta = meta
         self.pool = pool
-        self.nbd = f"nbd://{nbd_address}:{nbd_port}"
+        self.nbd_socket = nbd_socket
 
     def uri(self, volume: str) -> str:
-        return f"{self.nbd}/{volume}"
+        return local_uri(self.nbd_socket, volume)
 
     def disks(self, spec: VMSpec) -> tuple[DiskSpec, ...]:
         boot = DiskSpec(

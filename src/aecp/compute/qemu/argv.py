@@ -115,14 +115,15 @@ def _runtime_args(paths: RuntimePaths) -> list[str]:
 
 
 def disk_args(index: int, disk: DiskSpec) -> list[str]:
-    """``-blockdev`` (local file) or ``-drive`` (``nbd://`` URI) plus the virtio-blk device.
+    """``-blockdev`` (local file) or ``-drive`` (an ``nbd://`` or ``nbd+unix://`` URI) plus the
+    virtio-blk device.
 
     The boot disk gets ``bootindex=1``. An NBD disk is opened with ``disk.format`` as given
     (normally ``raw``: the export is the guest disk itself).
     """
     node = f"disk{index}"
     direct, no_flush, write_cache = _CACHE_MODES.get(disk.cache, _CACHE_MODES["writeback"])
-    if disk.path.startswith("nbd://"):
+    if disk.path.startswith(("nbd://", "nbd+unix://")):
         backend = [
             "-drive",
             f"file={escape(disk.path)},format={escape(disk.format)},if=none,id={node},"

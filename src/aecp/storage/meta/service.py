@@ -153,7 +153,7 @@ class MetaService:
                     Compare.unchanged(keys.abs_volume(name), rev),
                     Compare.absent(keys.abs_attach(name)),
                 ],
-                [Delete(keys.abs_volume(name))],
+                [Delete(keys.abs_volume(name)), Delete(keys.abs_export(name))],
             )
             if ok:
                 freed = await self.collect({e for e in vol.extents if e})
