@@ -384,14 +384,19 @@ async def test_a_malformed_frame_after_authentication_closes_that_connection_onl
     await client.ping()
 
 
+@pytest.mark.parametrize("encrypt", [False, True], ids=["signed", "tls"])
 def test_client_and_server_work_on_uvloop_whose_transports_are_no_asyncio_subclass(
-    tmp_path: Path,
+    tmp_path: Path, pki: TestPKI, encrypt: bool
 ) -> None:
+    """The storage daemon runs on uvloop, whose TLS wrapper is what it returns as the
+    protocol of a connection made with ``ssl``."""
+
     async def scenario() -> None:
         async with ReplicaStore(tmp_path / "node") as store:
-            server = chunk_server(store, 0)
+            server = ChunkServer(store, HOST, 0, auth=pki.replica_auth(SERVER, encrypt=encrypt))
             await server.start()
-            client = chunk_client(server.port, 30)
+            auth = pki.replica_auth("n2", encrypt=encrypt)
+            client = ChunkClient(HOST, server.port, node=SERVER, auth=auth, timeout=30)
             try:
                 await client.create("e1", 4 * MIB)
                 await client.write("e1", 0, pattern(SECTOR, 5), epoch=1, generation=1)
@@ -399,6 +404,7 @@ def test_client_and_server_work_on_uvloop_whose_transports_are_no_asyncio_subcla
             finally:
                 await client.close()
                 await server.stop()
+            assert server.refused == 0
 
     uvloop.run(scenario())
 

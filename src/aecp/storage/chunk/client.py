@@ -254,11 +254,9 @@ class ChunkClient(ReplicaClient):
                 await loop.sock_connect(sock, (self.host, self.port))
                 mode = await client_handshake(sock, self.auth, self.node, self.timeout)
                 tls = self.auth.credentials.client_context() if mode is Mode.TLS else None
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self.address, self.timeout),
-                    sock=sock,
-                    ssl=tls,
-                    server_hostname=self.node if tls else None,
+                conn = _Connection(self.address, self.timeout)
+                await loop.create_connection(  # (uvloop returns its TLS wrapper as protocol)
+                    lambda: conn, sock=sock, ssl=tls, server_hostname=self.node if tls else None
                 )
         except AuthError as e:
             sock.close()

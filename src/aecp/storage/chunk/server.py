@@ -141,10 +141,12 @@ class ChunkServer:
         log.info("chunk server: %s authenticated as node %s (%s)", peer, name, how)
 
     async def _serve(self, conn: socket.socket, tls: ssl.SSLContext | None) -> _Session:
-        """Hand ``conn`` to a session (after the TLS handshake, with ``tls``)."""
+        """Hand ``conn`` to a session (after the TLS handshake, with ``tls``). The session is
+        the one the factory made (uvloop returns its TLS wrapper as the protocol)."""
         ca = self._auth.credentials.identity().ca if tls is not None else None
-        _, session = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: self._session(ca),
+        session = self._session(ca)
+        await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: session,
             conn,
             ssl=tls,
             ssl_handshake_timeout=self._handshake_timeout if tls is not None else None,
