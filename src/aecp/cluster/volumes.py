@@ -14,6 +14,7 @@ from aecp.storage.meta.model import (
     ExtentRecord,
     RecoveryRecord,
     StorageServer,
+    VolumeOwner,
     VolumeRecord,
     parse_size,
 )
@@ -47,6 +48,7 @@ class VolumePublic(BaseModel):
     attached_to: str | None
     epoch: int
     health: str
+    owner: VolumeOwner | None = None  # the VM or template whose disk it is; None: standalone
     extents: list[ExtentHealth] = []
 
 
@@ -98,6 +100,7 @@ class VolumeService:
             attached_to=att.node if att else None,
             epoch=vol.epoch,
             health="degraded" if degraded else "healthy",
+            owner=vol.owner,
             extents=list(healths) if detail else [],
         )
 
