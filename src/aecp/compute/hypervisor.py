@@ -4,10 +4,12 @@ A hypervisor runs *instances*: one QEMU process per VM on this node. Instances o
 that started them: a new ``Hypervisor`` object over the same ``run_dir`` re-attaches to every
 instance still running (``attach_all``).
 
-Per-instance runtime files live in ``run_dir/<name>/``: ``qemu.pid``, ``qmp.sock``,
-``console.sock`` (the serial console, a listening unix socket), ``console.log`` (everything the
-serial console printed, appended across boots), ``qemu.log`` (QEMU's own stderr). The logs
-outlive the process; ``remove_files`` deletes them with the directory when the VM is deleted.
+Per-instance runtime files live in ``run_dir/<name>/``: ``qemu.pid``, ``console.log``
+(everything the serial console printed, appended across boots), ``qemu.log`` (QEMU's own
+stderr); its unix sockets (QMP, and the serial console, ``InstanceInfo.console_socket``) live
+where the driver says, under ``run_dir``, at a path whose length does not grow with the VM's
+name. The logs outlive the process; ``remove_files`` deletes them with the directory when the VM
+is deleted.
 
 Error contract: a failed launch raises ``LaunchError`` (exit code, argv, output) after cleaning up;
 a command on an instance that is not running raises ``InvalidState``; any other failure of QEMU

@@ -160,6 +160,9 @@ class QemuHypervisor(Hypervisor):
 
     async def _attach(self, name: str) -> None:
         paths = RuntimePaths.for_instance(self.run_dir, name)
+        older = RuntimePaths.before_sockets_moved(self.run_dir, name)
+        if not paths.qmp_socket.exists() and older.qmp_socket.exists():
+            paths = older  # started by an agent from before the sockets moved
         pid = _live_qemu_pid(paths, name)
         if pid is None:
             log.info("%s: no live QEMU behind %s: removing its runtime files", name, paths.pidfile)
@@ -260,7 +263,7 @@ class QemuHypervisor(Hypervisor):
 
     async def remove_files(self, name: str) -> None:
         paths = RuntimePaths.for_instance(self.run_dir, name)
-        if paths.run_dir.parent != self.run_dir or name in ("", ".", ".."):
+        if paths.run_dir.parent != self.run_dir or not name or name.startswith("."):
             raise InvalidInput("name", f"{name!r} is not an instance name")
         if name in self._instances or _live_qemu_pid(paths, name) is not None:
             raise InvalidState(f"{name} is running: its files stay", name=name)
@@ -368,6 +371,7 @@ def _prelaunch(paths: RuntimePaths, argv: list[str]) -> None:
             msg = f"socket path too long for a unix socket: {sock}"
             raise LaunchError(msg, exit_code=None, argv=argv, output=msg)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
+    paths.qmp_socket.parent.mkdir(parents=True, exist_ok=True)
     _cleanup(paths)
 
 
