@@ -21,8 +21,17 @@ COLS = [
     "extents_allocated",
     "extents_total",
     "attached_to",
+    "owner",
     "health",
 ]
+
+
+def _readable(vol: dict[str, Any]) -> dict[str, Any]:
+    """``vol`` with its owner as words ("VM web", "template gold", "-" when standalone)."""
+    owner = vol.get("owner")
+    kind = {"vm": "VM", "template": "template"}
+    words = f"{kind.get(owner['kind'], owner['kind'])} {owner['name']}" if owner else None
+    return {**vol, "owner": words}
 
 
 @app.command("create")
@@ -45,7 +54,8 @@ def create(
 def list_volumes(output: OutputOpt = Format.TABLE) -> None:
     """List volumes with allocated vs provisioned bytes and health."""
     with client() as c:
-        emit(c.get("/v1/volumes"), output, COLS)
+        vols = c.get("/v1/volumes")
+        emit(vols if output is Format.JSON else [_readable(v) for v in vols], output, COLS)
 
 
 @app.command("show")
@@ -57,7 +67,7 @@ def show(name: str, output: OutputOpt = Format.TABLE) -> None:
             emit(vol, output)
             return
         extents = vol.pop("extents")
-        emit(vol, output)
+        emit(_readable(vol), output)
         if extents:
             emit(
                 extents,

@@ -16,6 +16,7 @@ from aecp.storage.meta.model import (
     ExtentRecord,
     RecoveryRecord,
     StorageServer,
+    VolumeOwner,
     VolumeRecord,
     parse_size,
 )
@@ -49,6 +50,7 @@ class VolumePublic(BaseModel):
     attached_to: str | None
     epoch: int
     health: str
+    owner: VolumeOwner | None = None  # the VM or template whose disk it is; None: standalone
     extents: list[ExtentHealth] = []
 
 
@@ -136,6 +138,7 @@ class VolumeService:
             attached_to=att.node if att else None,
             epoch=vol.epoch,
             health="degraded" if degraded else "healthy",
+            owner=vol.owner,
             extents=list(healths) if detail else [],
         )
 
