@@ -45,6 +45,7 @@ from aecp.storage.pool import ReplicaPool
 from aecp.storage.snapshots import SnapshotService
 from aecp.store import keys
 from aecp.store.base import Lease, Store
+from aecp.store.opsend import sweep_strays
 from aecp.store.snapshot import read_snapshot
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class NodeAgent:
         self.dirty = asyncio.Event()
         self._stop = asyncio.Event()
         self._last_decisions: dict[str, str] = {}
+        self._swept = False  # stray operations ended in this leadership term
 
     def stop(self) -> None:
         self._stop.set()
@@ -244,8 +246,9 @@ class NodeAgent:
 
     async def _control_loop(self) -> None:
         while True:
+            wait = self.reconciler.wait_before_pass(self.s.agent.resync_interval)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.dirty.wait(), timeout=self.s.agent.resync_interval)
+                await asyncio.wait_for(self.dirty.wait(), timeout=wait)
             self.dirty.clear()
             try:
                 await self._control_pass()
@@ -261,8 +264,14 @@ class NodeAgent:
         lease = self.keeper.lease
         held = lease is not None and self.keeper.held()
         if held and lease is not None and await self.election.check(lease):
+            if not self._swept:  # once per term: operations older versions left running
+                ended = await sweep_strays(self.store, self.clock.wall())
+                log.info("node %s: leading; %d stray operations ended", self.name, ended)
+                self._swept = True
             for sentence in await self.scheduler.run_pass():
                 log.info("scheduler: %s", sentence)
+        else:
+            self._swept = False
         snap = await read_snapshot(self.store)
         for decision in self.reconciler.run_pass(snap, held):
             self._log_decision(decision)

@@ -160,6 +160,26 @@ class MetaService:
                 f"capacity ({capacity} bytes)",
             )
 
+    async def adopt_volume(self, name: str, owner: VolumeOwner) -> VolumeRecord:
+        """Record ``owner`` on volume ``name``, which has none (made before volumes recorded
+        owners): compare-and-swap, so it happens once. A volume that is already ``owner``'s is
+        returned as it is; one that belongs to anyone else is refused (``InvalidState``). The
+        caller decides that the volume really is ``owner``'s."""
+        for _ in range(RETRIES):
+            vol, rev = await self.volume(name)
+            if vol.owner == owner:
+                return vol
+            if vol.owner is not None:
+                raise InvalidState(
+                    f"volume {name} belongs to {vol.owner}, not to {owner}: left alone",
+                    volume=name,
+                )
+            new = vol.model_copy(update={"owner": owner})
+            if await self.store.replace(keys.abs_volume(name), new.dump(), mod_revision=rev):
+                log.info("volume %s: owner recorded: %s (it had none)", name, owner)
+                return new
+        raise Conflict(f"volume {name} keeps changing; try again")
+
     async def resize(self, name: str, size: int) -> VolumeRecord:
         """Grow a volume; shrinking is refused."""
         for _ in range(RETRIES):
