@@ -40,11 +40,12 @@ class RuntimePaths:
     console_socket: Path
     console_log: Path
     qemu_log: Path
+    acpi_pressed: Path  # exists while a power-off would answer our ACPI press
 
     @classmethod
     def for_instance(cls, base: Path, name: str) -> RuntimePaths:
-        """The standard layout: ``base/<name>/`` holding ``qemu.pid``, ``console.log`` and
-        ``qemu.log``; the unix sockets in ``base/.sock/`` as ``<id>.qmp`` and
+        """The standard layout: ``base/<name>/`` holding ``qemu.pid``, ``console.log``,
+        ``qemu.log`` and ``acpi-pressed``; the unix sockets in ``base/.sock/`` as ``<id>.qmp`` and
         ``<id>.console``, ``<id>`` a short digest of the name: a unix socket path has at most
         107 bytes, so its length must not grow with the VM's name."""
         d = base / name
@@ -57,6 +58,7 @@ class RuntimePaths:
             console_socket=sockets / f"{sid}.console",
             console_log=d / "console.log",
             qemu_log=d / "qemu.log",
+            acpi_pressed=d / "acpi-pressed",
         )
 
     @classmethod
@@ -71,7 +73,7 @@ class RuntimePaths:
 
     def transient(self) -> tuple[Path, ...]:
         """The files removed after the instance stops (the logs are kept)."""
-        return (self.pidfile, self.qmp_socket, self.console_socket)
+        return (self.pidfile, self.qmp_socket, self.console_socket, self.acpi_pressed)
 
 
 def escape(value: object) -> str:
