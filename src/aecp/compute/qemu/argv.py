@@ -12,6 +12,7 @@ on the virtio-net device ``nic<i>``; the serial console is chardev ``console0``.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -71,9 +72,18 @@ class RuntimePaths:
             console_socket=d / "console.sock",
         )
 
+    def sockets(self) -> tuple[Path, Path]:
+        return (self.qmp_socket, self.console_socket)
+
     def transient(self) -> tuple[Path, ...]:
         """The files removed after the instance stops (the logs are kept)."""
         return (self.pidfile, self.qmp_socket, self.console_socket, self.acpi_pressed)
+
+
+def longest_socket(base: Path) -> Path:
+    """The longest unix socket path of any instance under run dir ``base`` (the same for every
+    VM name: check it once, at start-up)."""
+    return max(RuntimePaths.for_instance(base, "x").sockets(), key=lambda p: len(os.fsencode(p)))
 
 
 def escape(value: object) -> str:

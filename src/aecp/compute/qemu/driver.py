@@ -46,6 +46,7 @@ from aecp.compute.hypervisor import (
 )
 from aecp.compute.qemu.argv import RuntimePaths, build_argv, name_option
 from aecp.compute.qemu.qmp import QmpConnection, QmpDisconnected
+from aecp.conf.settings import MAX_SOCKET_PATH
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ QMP_CONNECT_TIMEOUT = 15.0  # s from spawn until QMP must answer
 QUIT_TIMEOUT = 5.0  # s for QEMU to exit after ``quit`` (then SIGKILL), and after SIGKILL
 POLL_INTERVAL = 0.1  # s between liveness checks of a QEMU process
 PRESS_EVERY = 5.0  # s between ACPI power-button presses while waiting for a guest to power off
-_SUN_PATH_MAX = 107  # bytes in a unix socket path (sockaddr_un.sun_path minus the NUL)
 
 _STATUS: dict[str, RunState] = {
     "running": RunState.RUNNING,
@@ -374,8 +374,8 @@ class QemuHypervisor(Hypervisor):
 
 def _prelaunch(paths: RuntimePaths, argv: list[str]) -> None:
     """Make the instance directory and remove what a previous run left behind."""
-    for sock in (paths.qmp_socket, paths.console_socket):
-        if len(os.fsencode(sock)) > _SUN_PATH_MAX:
+    for sock in paths.sockets():
+        if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
             msg = f"socket path too long for a unix socket: {sock}"
             raise LaunchError(msg, exit_code=None, argv=argv, output=msg)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
