@@ -24,6 +24,7 @@ from aecp.cluster.election import Election
 from aecp.cluster.scheduler import Scheduler
 from aecp.cluster.service import ClusterService
 from aecp.cluster.vmsnapshots import VMSnapshotService
+from aecp.cluster.volumeowners import ClusterOwners
 from aecp.cluster.volumes import VolumeService
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, StoreUnavailable
@@ -71,7 +72,9 @@ class NodeAgent:
         self.clock = clock
         self.name = settings.name
         self.sampler = host.UsageSampler(settings.data_dir)
-        self.meta = MetaService(store, settings.storage.extent_mib * MIB, clock)
+        self.meta = MetaService(
+            store, settings.storage.extent_mib * MIB, clock, owners=ClusterOwners(store)
+        )
         auth = ReplicaAuth(
             Credentials(Bundle(settings.security.tls_dir)), settings.security.replica_encryption
         )

@@ -26,6 +26,7 @@ from typing import Any
 import uvloop
 
 from aecp.cluster.election import Election
+from aecp.cluster.volumeowners import ClusterOwners
 from aecp.common import log as logsetup
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, NotFound, Unavailable
@@ -106,7 +107,9 @@ class StorageDaemon:
         self.clock = clock
         self.node = settings.name
         self.replicas = ReplicaStore(settings.chunk_dir)
-        self.meta = MetaService(store, settings.storage.extent_mib * MIB, clock)
+        self.meta = MetaService(
+            store, settings.storage.extent_mib * MIB, clock, owners=ClusterOwners(store)
+        )
         self.credentials = Credentials(Bundle(settings.security.tls_dir))
         auth = ReplicaAuth(self.credentials, settings.security.replica_encryption)
         self.pool = ReplicaPool(self.meta, self.node, self.replicas, auth=auth)

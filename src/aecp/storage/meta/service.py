@@ -18,7 +18,6 @@ from typing import TypeVar
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AlreadyExists, Conflict, InvalidInput, InvalidState, NotFound
 from aecp.model.base import Stored, check_name
-from aecp.model.vm import VMSpec, vm_of_volume
 from aecp.storage.meta.model import (
     DEFAULT_EXTENT_SIZE,
     AttachRecord,
@@ -33,6 +32,7 @@ from aecp.storage.meta.model import (
     slots_for,
     validate_volume,
 )
+from aecp.storage.meta.owners import VolumeOwners
 from aecp.store import keys
 from aecp.store.base import Compare, Delete, Lease, Put, Store
 from aecp.store.typed import read
@@ -49,14 +49,21 @@ RETRIES = 8
 
 
 class MetaService:
-    """Volume and extent metadata for one cluster."""
+    """Volume and extent metadata for one cluster. ``owners`` answers whether a volume's owner
+    exists and which names are reserved for one (ABS does not know what owners are)."""
 
     def __init__(
-        self, store: Store, extent_size: int = DEFAULT_EXTENT_SIZE, clock: Clock = SYSTEM_CLOCK
+        self,
+        store: Store,
+        extent_size: int = DEFAULT_EXTENT_SIZE,
+        clock: Clock = SYSTEM_CLOCK,
+        *,
+        owners: VolumeOwners,
     ) -> None:
         self.store = store
         self.extent_size = extent_size
         self.clock = clock
+        self.owners = owners
 
     # ---- reads -------------------------------------------------------------------------------
     async def servers(self) -> dict[str, StorageServer]:
@@ -127,20 +134,10 @@ class MetaService:
         return vol
 
     async def name_guards(self, name: str, owner: VolumeOwner | None) -> list[Compare]:
-        """The guards a transaction creating volume ``name`` for ``owner`` needs: a name derived
-        from a VM's (``x-boot``, ``x-data1``) is reserved for VM ``x``'s own disks while that VM
-        exists. ``AlreadyExists`` naming the VM if it exists now."""
-        vm = vm_of_volume(name)
-        if vm is None or (owner is not None and owner.kind == "vm" and owner.name == vm):
-            return []
-        if await self.store.get(keys.vm_spec(vm)) is not None:
-            raise AlreadyExists(
-                f"volume name {name} is reserved for the disks of VM {vm}; choose another name",
-                field="name",
-                volume=name,
-                vm=vm,
-            )
-        return [Compare.absent(keys.vm_spec(vm))]
+        """The guards a transaction creating volume ``name`` for ``owner`` needs: a name may be
+        reserved for the disks of an owner that exists (``x-boot`` for VM ``x``).
+        ``AlreadyExists`` naming that owner if it is reserved now."""
+        return await self.owners.reserve(name, owner)
 
     async def name_taken(self, name: str, owner: VolumeOwner | None) -> None:
         """Raise the reason a transaction guarded by ``Compare.absent(volume)`` and
@@ -241,7 +238,7 @@ class MetaService:
             return []
         if vol.owner is None:
             return []
-        alive, guard = await self._owner_exists(vol.owner)
+        alive, guard = await self.owners.alive(vol.owner)
         if alive:
             raise InvalidState(
                 f"volume {vol.name} is a disk of {vol.owner}; delete the {vol.owner.kind} "
@@ -250,15 +247,6 @@ class MetaService:
                 owner=str(vol.owner),
             )
         return [guard]
-
-    async def _owner_exists(self, owner: VolumeOwner) -> tuple[bool, Compare]:
-        """Whether ``owner`` still exists, and the guard that it stays as seen."""
-        key = keys.vm_spec(owner.name) if owner.kind == "vm" else keys.template(owner.name)
-        kv = await self.store.get(key)
-        if kv is None:
-            return False, Compare.absent(key)
-        same = owner.kind != "vm" or VMSpec.load(kv.value).uuid == owner.uid
-        return same, Compare.unchanged(key, kv.mod_revision)
 
     async def referenced(self) -> set[str]:
         """Every extent id named by a volume or snapshot table."""
