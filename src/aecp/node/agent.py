@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import uvicorn
 
@@ -159,7 +160,7 @@ class NodeAgent:
 
     def _api_server(self) -> uvicorn.Server:
         svc = ClusterService(self.store, self.s.images_dir, self.clock, disks=self.vmdisks)
-        ctx = NodeContext(self.name, self.s.api_url, self.s.run_dir)
+        ctx = NodeContext(self.name, self.s.api_url, self.s.run_dir, self._console_socket)
         ca = Bundle(self.s.security.tls_dir).ca_file.read_text()
         volumes = VolumeService(self.meta, self.volume_pool, ca_certificate=ca)
         vmsnaps = VMSnapshotService(
@@ -174,6 +175,11 @@ class NodeAgent:
             access_log=False,
         )
         return _QuietServer(config)
+
+    def _console_socket(self, vm: str) -> Path | None:
+        """Where ``vm``'s QEMU on this node has its console socket (as the driver found it
+        when it started or re-attached it), or None if it runs none here."""
+        return next((i.console_socket for i in self.hv.instances() if i.name == vm), None)
 
     # ---- lease ------------------------------------------------------------------------------
     async def _registered(self, lease: Lease) -> None:
