@@ -14,7 +14,7 @@ from aecp.common.clock import FakeClock
 from aecp.common.errors import HypervisorError
 from aecp.compute.fake import FakeHypervisor
 from aecp.compute.hypervisor import DiskSpec
-from aecp.model.operation import OpState
+from aecp.model.operation import Operation, OpState
 from aecp.model.vm import Power, PowerOp, VMSpec, VMState
 from aecp.node.reconciler import RETRY_ATTEMPTS, RETRY_MAX, Reconciler
 from aecp.store.memory import MemoryStore
@@ -59,8 +59,13 @@ async def stack(store: MemoryStore, clock: FakeClock, images_dir: Path) -> Stack
     return Stack(store, clock, images_dir)
 
 
-def use(stack: Stack, hv: FakeHypervisor) -> None:
+async def running_with_a_flaky_pause(stack: Stack) -> FlakyPauseHypervisor:
+    """VM vm1 running on a hypervisor whose ``pause`` fails on demand."""
+    hv = FlakyPauseHypervisor()
     stack.hv = stack.actions.hv = stack.rec.hv = hv
+    await stack.add_vm("vm1")
+    await stack.converge()
+    return hv
 
 
 async def test_a_failed_action_keeps_the_disks_ready_so_a_later_start_does_not_refill_the_boot_disk(
@@ -68,10 +73,7 @@ async def test_a_failed_action_keeps_the_disks_ready_so_a_later_start_does_not_r
 ) -> None:
     disks = CountingDisks()
     stack.disks = stack.actions.disks = disks
-    hv = FlakyPauseHypervisor()
-    use(stack, hv)
-    await stack.add_vm("vm1")
-    await stack.converge()
+    hv = await running_with_a_flaky_pause(stack)
     assert disks.prepared == 1
     hv.fail = True
     await stack.svc.power("vm1", PowerOp.SUSPEND)
@@ -90,10 +92,7 @@ async def test_a_failed_action_keeps_the_disks_ready_so_a_later_start_does_not_r
 async def test_a_failed_action_keeps_the_reboots_done_so_a_running_guest_is_not_rebooted_again(
     stack: Stack,
 ) -> None:
-    hv = FlakyPauseHypervisor()
-    use(stack, hv)
-    await stack.add_vm("vm1")
-    await stack.converge()
+    hv = await running_with_a_flaky_pause(stack)
     await stack.svc.power("vm1", PowerOp.REBOOT)
     await stack.converge()
     hv.fail = True
@@ -152,21 +151,27 @@ async def fail_every_attempt(stack: Stack, clock: FakeClock) -> None:
         await clock.advance(RETRY_MAX)
 
 
-async def test_after_the_last_attempt_the_operation_fails_and_the_vm_is_left_alone(
-    stack: Stack, clock: FakeClock
-) -> None:
+async def a_start_given_up(stack: Stack, clock: FakeClock) -> tuple[FakeHypervisor, Operation]:
+    """A start request whose every attempt failed; the cause is gone afterwards."""
     hv = flaky(stack)
     await stack.add_vm("vm1", Power.STOPPED)
     await stack.converge()
     hv.error = "QEMU failed to launch vm1: no such disk"
     op = await stack.svc.power("vm1", PowerOp.START)
     await fail_every_attempt(stack, clock)
+    hv.error = ""
+    return hv, op
+
+
+async def test_after_the_last_attempt_the_operation_fails_and_the_vm_is_left_alone(
+    stack: Stack, clock: FakeClock
+) -> None:
+    hv, op = await a_start_given_up(stack, clock)
     failed = await stack.op(op.id)
     assert failed.state is OpState.FAILED
     assert failed.error.endswith(f"(gave up after {RETRY_ATTEMPTS} attempts)")
     status = await stack.status("vm1")
     assert status is not None and status.state is VMState.ERROR and status.gave_up
-    hv.error = ""
     starts = len([c for c in hv.calls if c[0] == "start"])
     await clock.advance(RETRY_MAX)
     [sentence] = await stack.reconcile()
@@ -178,13 +183,7 @@ async def test_after_the_last_attempt_the_operation_fails_and_the_vm_is_left_alo
 async def test_an_agent_restarted_after_giving_up_still_leaves_the_vm_alone(
     stack: Stack, clock: FakeClock
 ) -> None:
-    hv = flaky(stack)
-    await stack.add_vm("vm1", Power.STOPPED)
-    await stack.converge()
-    hv.error = "QEMU failed to launch vm1"
-    await stack.svc.power("vm1", PowerOp.START)
-    await fail_every_attempt(stack, clock)
-    hv.error = ""
+    hv, _ = await a_start_given_up(stack, clock)
     stack.rec = Reconciler("n1", hv, stack.actions, clock)  # a new agent: no memory
     [sentence] = await stack.reconcile()
     assert "leaving it until a new request" in sentence
@@ -194,13 +193,7 @@ async def test_an_agent_restarted_after_giving_up_still_leaves_the_vm_alone(
 async def test_a_start_after_the_agent_gave_up_tries_again_and_succeeds(
     stack: Stack, clock: FakeClock
 ) -> None:
-    hv = flaky(stack)
-    await stack.add_vm("vm1", Power.STOPPED)
-    await stack.converge()
-    hv.error = "QEMU failed to launch vm1"
-    await stack.svc.power("vm1", PowerOp.START)
-    await fail_every_attempt(stack, clock)
-    hv.error = ""
+    await a_start_given_up(stack, clock)
     await add_node(stack.store, "n1")  # its heartbeat again, after the time that passed
     again = await stack.svc.power("vm1", PowerOp.START)  # valid in state error
     await stack.converge()
@@ -230,10 +223,7 @@ async def test_a_vm_without_a_running_operation_is_retried_without_giving_up(
 async def test_a_different_action_after_a_failure_is_not_held_back_by_its_back_off(
     stack: Stack,
 ) -> None:
-    hv = FlakyPauseHypervisor()
-    use(stack, hv)
-    await stack.add_vm("vm1")
-    await stack.converge()
+    hv = await running_with_a_flaky_pause(stack)
     hv.fail = True
     await stack.svc.power("vm1", PowerOp.SUSPEND)
     await stack.reconcile()  # the pause fails: backing off
