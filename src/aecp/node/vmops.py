@@ -233,9 +233,9 @@ class VMActions:
             last = self._status.get(name) or await self._stored_status(name)
             op_kv = await self.store.get(keys.op(op_id)) if op_id else None
             op = Operation.load(op_kv.value) if op_kv else None
-            running = op_kv is not None and op is not None and not op.state.done
+            running = op is not None and not op.state.done
             status = self._failed_status(last, op_id, error, gave_up=give_up and running)
-            if not (running and give_up):
+            if not (running and give_up) or op is None or op_kv is None:
                 await self.store.put(keys.vm_status(name), status.dump())
                 self._status[name] = status
                 if running:
@@ -243,7 +243,6 @@ class VMActions:
                     note = f"retrying: {why} (attempt {attempt}, next in {retry_in:.0f} s)"
                     await update_op(self.store, op_id, message=note, clock=self.clock)
                 return False
-            assert op is not None and op_kv is not None
             failed = op.fail(f"{error} (gave up after {attempt} attempts)", self.clock.wall())
             if await self.store.txn(
                 [Compare.unchanged(op_kv.key, op_kv.mod_revision)],
