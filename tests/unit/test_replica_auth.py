@@ -59,6 +59,15 @@ def test_a_certificate_without_its_key_does_not_pass(pki: TestPKI, tmp_path: Pat
         server.receive(client.answer(server.receive(client.hello())))
 
 
+def test_a_relay_that_opens_its_own_connection_gets_no_valid_signature(pki: TestPKI) -> None:
+    """Each side signs the connection as it sees it: a relay between two TCP connections
+    presents the client with the server's view of the other one (review finding)."""
+    client = ClientAuth(identity(pki, "n2"), "n1", Mode.SIGNED, b"10.0.0.2:4000>10.0.0.9:8710")
+    server = ServerAuth(identity(pki, "n1"), binding=b"10.0.0.9:5000>10.0.0.1:8710")
+    with pytest.raises(AuthError, match="did not prove"):
+        client.answer(server.receive(client.hello()))
+
+
 def test_the_client_refuses_a_server_with_another_name(pki: TestPKI) -> None:
     client = ClientAuth(identity(pki, "n2"), "n3", Mode.SIGNED)
     server = ServerAuth(identity(pki, "n1"))
