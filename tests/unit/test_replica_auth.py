@@ -12,6 +12,7 @@ from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aecp.common.errors import InvalidInput
 from aecp.common.pki import NODE, AuthError, ClusterCA, Identity, verify_peer
 from aecp.storage.chunk.auth import MAGIC, ClientAuth, Mode, ServerAuth
 from tests.pkikit import TestPKI
@@ -126,3 +127,18 @@ GARBAGE_IDENTITY: list[Identity] = []
 @pytest.fixture(autouse=True, scope="module")
 def _garbage_identity(pki: TestPKI) -> None:
     GARBAGE_IDENTITY[:] = [identity(pki, "n1")]
+
+
+@pytest.mark.parametrize(
+    ("role", "reason"), [("../nodes/n1", "not a valid name"), ("Admin", "not a valid name")]
+)
+def test_a_principal_name_cannot_leave_its_directory_in_the_ca(
+    tmp_path: Path, role: str, reason: str
+) -> None:
+    """``aecp cluster cert client ../nodes/n1`` overwrote node n1's credential (review)."""
+    ca = ClusterCA.create(tmp_path, "c")
+    with pytest.raises(InvalidInput, match=reason):
+        ca.issue_client(role)
+    with pytest.raises(InvalidInput, match="address"):
+        ca.issue_node("n1", ["not-an-ip"])
+    assert not (tmp_path / "nodes").exists()

@@ -108,7 +108,7 @@ class VolumeService:
         self.meta = meta
         self.pool = pool
         self.ca_certificate = ca_certificate
-        self.exports = exports or Exports(meta.store, meta.clock)
+        self.exports = exports or Exports(meta.store, meta.clock, cluster_ca=ca_certificate)
 
     async def create(self, req: VolumeCreate) -> VolumeRecord:
         return await self.meta.create_volume(req.name, parse_size("size", req.size), req.replicas)

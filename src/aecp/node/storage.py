@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import logging
 import os
@@ -30,7 +31,7 @@ from aecp.common import log as logsetup
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, NotFound, Unavailable
 from aecp.common.pki import Bundle
-from aecp.common.tasks import cancel
+from aecp.common.tasks import cancel, spawn
 from aecp.common.tls import Credentials
 from aecp.conf.settings import NodeSettings
 from aecp.node.lease import LeaseKeeper
@@ -39,7 +40,7 @@ from aecp.storage.blockdev import BlockDevice, Fenced, Span
 from aecp.storage.chunk.auth import ReplicaAuth
 from aecp.storage.chunk.server import ChunkServer
 from aecp.storage.chunk.store import ReplicaStore
-from aecp.storage.exports import GrantPolicy
+from aecp.storage.exports import GrantPolicy, granted_by
 from aecp.storage.frontends.nbd.server import Limits, NbdServer
 from aecp.storage.meta.model import MIB, RecoveryRecord, StorageServer
 from aecp.storage.meta.service import MetaService
@@ -52,6 +53,7 @@ from aecp.store.etcd import EtcdStore
 log = logging.getLogger(__name__)
 REPORT_EVERY = 5.0
 GRANT_CHECK_EVERY = 2.0
+GRANT_FAIL_CLOSED_AFTER = 5
 
 
 class _Handle(BlockDevice):
@@ -154,7 +156,7 @@ class StorageDaemon:
         report = asyncio.create_task(self._report_loop(), name=f"storage-report-{self.node}")
         repair = asyncio.create_task(self._recovery_loop(), name=f"recovery-{self.node}")
         scrub = asyncio.create_task(self._scrub_loop(), name=f"scrub-{self.node}")
-        grants = asyncio.create_task(self._grants_loop(), name=f"nbd-grants-{self.node}")
+        grants = spawn(self._grants_loop(), name=f"nbd-grants-{self.node}")
         log.info(
             "node %s: storage server up: replicas on %s:%d, NBD on %s:%d (TLS) and %s",
             self.node,
@@ -196,16 +198,24 @@ class StorageDaemon:
         await self.store.put(keys.abs_server(self.node), rec.dump(), lease=lease)
 
     async def _grants_loop(self) -> None:
-        """Close the NBD connections whose credential was revoked or expired (an unreachable
-        store changes nothing: the grants are looked at again next time)."""
+        """Close the NBD connections whose grant was revoked, expired or moved to another
+        volume. A store that cannot say keeps them open for ``GRANT_FAIL_CLOSED_AFTER``
+        checks, then every TLS connection is closed (fail closed)."""
+        failures = 0
         while True:
             await asyncio.sleep(GRANT_CHECK_EVERY)
             try:
-                valid = await self.grants.current()
-            except AecpError as exc:
-                log.debug("node %s: grants not checked: %s", self.node, exc)
+                valid = await self.grants.refresh()
+            except Exception as exc:  # a corrupt or newer record too: never stop checking
+                failures += 1
+                log.warning("node %s: NBD grants not checked (%d): %s", self.node, failures, exc)
+                if failures >= GRANT_FAIL_CLOSED_AFTER and (
+                    closed := self.nbd.revoke(lambda *_: False)
+                ):
+                    log.warning("node %s: closed %d NBD TLS connections", self.node, closed)
                 continue
-            if closed := self.nbd.revoke(valid.__contains__):
+            failures = 0
+            if closed := self.nbd.revoke(functools.partial(granted_by, valid)):
                 log.warning("node %s: closed %d NBD connections: grant revoked", self.node, closed)
 
     async def _report_loop(self) -> None:
