@@ -21,7 +21,7 @@ from typing import Protocol
 from pydantic import BaseModel
 
 from aecp.cluster.service import ClusterService
-from aecp.common.errors import AecpError, AlreadyExists, InvalidInput, InvalidState, NotFound
+from aecp.common.errors import AecpError, AlreadyExists, InvalidState, NotFound
 from aecp.model.base import check_name
 from aecp.model.operation import Operation
 from aecp.model.template import TemplateRecord, template_volume
@@ -211,7 +211,7 @@ class VMSnapshotService:
         check_name("template", name)
         got = await read(self.svc.store, keys.template(name), TemplateRecord)
         if got is None:
-            raise InvalidInput("template", f"template {name} does not exist")
+            raise NotFound(f"template {name} does not exist", template=name)
         return got[0]
 
     async def templates(self) -> list[TemplateRecord]:

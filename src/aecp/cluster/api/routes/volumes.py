@@ -3,23 +3,26 @@ delete, and the NBD URI at which any NBD client reads and writes a volume."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request, status
-from pydantic import BaseModel
+from fastapi import Depends, Query, status
+from pydantic import BaseModel, ConfigDict
 
-from aecp.cluster.volumes import StorageStatus, VolumeCreate, VolumePublic, VolumeService
+from aecp.cluster.api.deps import NamePath
+from aecp.cluster.api.deps import snapshot_service as snapshots
+from aecp.cluster.api.deps import volume_service as volumes
+from aecp.cluster.api.errors import error_responses
+from aecp.cluster.api.routing import api_router
+from aecp.cluster.volumes import (
+    StorageStatus,
+    VolumeCreate,
+    VolumePublic,
+    VolumeResize,
+    VolumeService,
+)
+from aecp.model.base import Name
 from aecp.storage.meta.model import SnapshotRecord, VolumeRecord
 from aecp.storage.snapshots import SnapshotService
 
-router = APIRouter(prefix="/v1/volumes", tags=["volumes"])
-
-
-def volumes(request: Request) -> VolumeService:
-    svc: VolumeService = request.app.state.volumes
-    return svc
-
-
-class Resize(BaseModel):
-    size: str | int
+router = api_router("/v1/volumes", "volumes")
 
 
 class Export(BaseModel):
@@ -31,29 +34,39 @@ async def list_volumes(svc: VolumeService = Depends(volumes)) -> list[VolumePubl
     return await svc.all()
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, operation_id="create_volume")
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    operation_id="create_volume",
+    responses=error_responses(409),
+)
 async def create_volume(body: VolumeCreate, svc: VolumeService = Depends(volumes)) -> VolumeRecord:
     return await svc.create(body)
 
 
-@router.get("/{name}", operation_id="get_volume")
-async def get_volume(name: str, svc: VolumeService = Depends(volumes)) -> VolumePublic:
+@router.get("/{name}", operation_id="get_volume", responses=error_responses(404))
+async def get_volume(name: NamePath, svc: VolumeService = Depends(volumes)) -> VolumePublic:
     return await svc.show(name)
 
 
-@router.post("/{name}/resize", operation_id="resize_volume")
+@router.post("/{name}/resize", operation_id="resize_volume", responses=error_responses(404, 409))
 async def resize_volume(
-    name: str, body: Resize, svc: VolumeService = Depends(volumes)
+    name: NamePath, body: VolumeResize, svc: VolumeService = Depends(volumes)
 ) -> VolumeRecord:
     return await svc.resize(name, body.size)
 
 
-@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, operation_id="delete_volume")
-async def delete_volume(name: str, svc: VolumeService = Depends(volumes)) -> None:
+@router.delete(
+    "/{name}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="delete_volume",
+    responses=error_responses(404, 409),
+)
+async def delete_volume(name: NamePath, svc: VolumeService = Depends(volumes)) -> None:
     await svc.delete(name)
 
 
-@router.get("/{name}/export", operation_id="export_volume")
+@router.get("/{name}/export", operation_id="export_volume", responses=error_responses(404))
 async def export_volume(
     name: str,
     node: str | None = Query(None, description="serve through this node"),
@@ -62,7 +75,7 @@ async def export_volume(
     return Export(uri=await svc.export_uri(name, node))
 
 
-storage_router = APIRouter(prefix="/v1/storage", tags=["volumes"])
+storage_router = api_router("/v1/storage", "volumes")
 
 
 @storage_router.get("", operation_id="storage_status")
@@ -71,32 +84,32 @@ async def storage_status(svc: VolumeService = Depends(volumes)) -> StorageStatus
     return await svc.status()
 
 
-class SnapshotCreate(BaseModel):
-    name: str
+class NewName(BaseModel):
+    """The name of the object a request makes (a snapshot, a clone)."""
 
+    model_config = ConfigDict(extra="forbid")
 
-class CloneCreate(BaseModel):
-    name: str
-
-
-def snapshots(request: Request) -> SnapshotService:
-    svc: SnapshotService = request.app.state.snapshots
-    return svc
+    name: Name
 
 
 @router.post(
-    "/{name}/snapshots", status_code=status.HTTP_201_CREATED, operation_id="create_volume_snapshot"
+    "/{name}/snapshots",
+    status_code=status.HTTP_201_CREATED,
+    operation_id="create_volume_snapshot",
+    responses=error_responses(404, 409),
 )
 async def create_snapshot(
-    name: str, body: SnapshotCreate, svc: SnapshotService = Depends(snapshots)
+    name: NamePath, body: NewName, svc: SnapshotService = Depends(snapshots)
 ) -> SnapshotRecord:
     """O(1) snapshot of a volume that no client has attached (VM disks: snapshot the VM)."""
     return await svc.snapshot(name, body.name)
 
 
-@router.get("/{name}/snapshots", operation_id="list_volume_snapshots")
+@router.get(
+    "/{name}/snapshots", operation_id="list_volume_snapshots", responses=error_responses(404)
+)
 async def list_snapshots(
-    name: str, svc: SnapshotService = Depends(snapshots)
+    name: NamePath, svc: SnapshotService = Depends(snapshots)
 ) -> list[SnapshotRecord]:
     return await svc.snapshots(name)
 
@@ -105,8 +118,11 @@ async def list_snapshots(
     "/{name}/snapshots/{snap}",
     status_code=status.HTTP_204_NO_CONTENT,
     operation_id="delete_volume_snapshot",
+    responses=error_responses(404, 409),
 )
-async def delete_snapshot(name: str, snap: str, svc: SnapshotService = Depends(snapshots)) -> None:
+async def delete_snapshot(
+    name: NamePath, snap: NamePath, svc: SnapshotService = Depends(snapshots)
+) -> None:
     """Delete a snapshot. Clones made from it do not depend on it and are not affected."""
     await svc.delete(name, snap)
 
@@ -115,15 +131,22 @@ async def delete_snapshot(name: str, snap: str, svc: SnapshotService = Depends(s
     "/{name}/snapshots/{snap}/clone",
     status_code=status.HTTP_201_CREATED,
     operation_id="clone_volume_snapshot",
+    responses=error_responses(404, 409),
 )
 async def clone_snapshot(
-    name: str, snap: str, body: CloneCreate, svc: SnapshotService = Depends(snapshots)
+    name: NamePath, snap: NamePath, body: NewName, svc: SnapshotService = Depends(snapshots)
 ) -> VolumeRecord:
     """A new volume with the snapshot's content (O(1), independent of the snapshot)."""
     return await svc.clone(name, snap, body.name)
 
 
-@router.post("/{name}/snapshots/{snap}/rollback", operation_id="rollback_volume")
-async def rollback(name: str, snap: str, svc: SnapshotService = Depends(snapshots)) -> VolumeRecord:
+@router.post(
+    "/{name}/snapshots/{snap}/rollback",
+    operation_id="rollback_volume",
+    responses=error_responses(404, 409),
+)
+async def rollback(
+    name: NamePath, snap: NamePath, svc: SnapshotService = Depends(snapshots)
+) -> VolumeRecord:
     """Make a detached volume hold the snapshot's content again."""
     return await svc.rollback(name, snap)
