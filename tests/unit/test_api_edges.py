@@ -4,6 +4,7 @@ replica stores: authentication before the body, one error shape for every status
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,13 +15,15 @@ import pytest
 
 from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
-from aecp.cluster.api.errors import ErrorBody, redact_paths
+from aecp.cluster.api.errors import ErrorBody, error_response, redact_paths
 from aecp.cluster.api.routing import MAX_JSON_BODY
 from aecp.cluster.service import ClusterService
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.common.names import NAME_PATTERN
 from aecp.model.cluster import ClusterInfo, new_token
+from aecp.model.operation import Operation
+from aecp.model.vm import Placement, VMState, VMStatus
 from aecp.storage.snapshots import SnapshotService
 from aecp.store import keys
 from aecp.store.memory import MemoryStore
@@ -320,3 +323,27 @@ async def test_a_route_of_a_service_the_node_lacks_answers_503(
     async with await _client(bare) as c:
         r = await c.get("/v1/volumes", headers={"authorization": f"Bearer {token}"})
     assert _error_shaped(r, 503)["error"] == "unavailable"
+
+
+def test_an_error_whose_fields_do_not_fit_the_shape_keeps_its_code_and_message() -> None:
+    r = error_response(409, {"error": "conflict", "message": "at /srv/x/y", "field": object()})
+    assert r.status_code == 409
+    assert json.loads(bytes(r.body)) == {"error": "conflict", "message": "at y"}
+
+
+async def test_a_failed_vm_and_its_operation_tell_why_without_server_paths(
+    api: Api, store: MemoryStore
+) -> None:
+    client, auth = api
+    r = await client.post("/v1/vms", json={"name": "v1", "image": "tiny"}, headers=auth)
+    op = Operation.model_validate(r.json()["operation"])
+    why = "QEMU failed: could not open '/srv/aecp/run/v1/disk0.sock': Permission denied"
+    await store.put(keys.vm_placement("v1"), Placement(node="n1", at=1).dump())
+    await store.put(keys.vm_status("v1"), VMStatus(state=VMState.ERROR, message=why).dump())
+    await store.put(keys.op(op.id), op.fail(why, 2).dump())
+    shown = "QEMU failed: could not open 'disk0.sock': Permission denied"
+    assert (await client.get("/v1/vms/v1", headers=auth)).json()["message"] == shown
+    got = (await client.get(f"/v1/operations/{op.id}", headers=auth)).json()
+    assert got["error"] == shown and got["message"] == shown
+    listed = (await client.get("/v1/operations", headers=auth)).json()
+    assert [o["error"] for o in listed if o["id"] == op.id] == [shown]

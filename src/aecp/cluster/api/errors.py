@@ -16,7 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import iter_route_contexts
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticSerializationError
 from starlette.exceptions import HTTPException
 
 from aecp.common.errors import AecpError, Unauthorized
@@ -94,8 +95,14 @@ def _redacted(value: Any) -> Any:
 def error_response(
     status: int, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    """The one way an error answer is made: validated as ``ErrorBody``, paths redacted."""
-    checked = ErrorBody.model_validate(_redacted(body)).model_dump(mode="json", exclude_none=True)
+    """The one way an error answer is made: validated as ``ErrorBody``, paths redacted. Fields
+    that do not fit the shape are dropped rather than fail the answer."""
+    try:
+        checked = ErrorBody.model_validate(_redacted(body)).model_dump(
+            mode="json", exclude_none=True
+        )
+    except (ValidationError, PydanticSerializationError):
+        checked = {k: redact_paths(str(body.get(k, ""))) for k in ("error", "message")}
     return JSONResponse(checked, status_code=status, headers=headers)
 
 
@@ -193,8 +200,8 @@ def _allowed_methods(request: Request) -> str:
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    """A bug: the log gets the traceback, the caller a body without any detail."""
-    log.error("%s %s: unexpected error", request.method, request.url.path, exc_info=exc)
+    """A bug: the caller gets a body without any detail (the server logs the traceback)."""
+    log.error("%s %s: unexpected %s", request.method, request.url.path, type(exc).__name__)
     return error_response(
         500, {"error": "internal", "message": "internal error (the server log has the details)"}
     )
