@@ -7,10 +7,11 @@ document must be refused, and a route that needs the token must refuse a request
 Destructive operations (DELETE, power actions, resize, rollback, snapshot, clone, convert) only
 act on objects this test made: in conforming requests their name parameters are drawn from the
 objects below (or a name no object has), never generated; in requests that break the document
-they are generated, so they name nothing or an object a generated request made. A conforming VM create or clone is sent with ``start: false``, so no
-generated request starts a QEMU: the only QEMUs are those of the two VMs this test made, should
-a generated power action start them. ``AECP_SCHEMA_EXAMPLES`` sets the examples per operation
-and mode; ``AECP_SCHEMA_RANDOM=1`` draws new ones (the default is the same every run).
+they are generated, so they name nothing or an object a generated request made. A conforming VM
+create or clone is sent with ``start: false``, so no generated request starts a QEMU: the only
+QEMUs are those of the two VMs this test made, should a generated power action start them.
+``AECP_SCHEMA_EXAMPLES`` sets the examples per operation and mode; ``AECP_SCHEMA_RANDOM=1``
+draws new ones (the default is the same every run).
 """
 
 from __future__ import annotations

@@ -70,11 +70,16 @@ bearer = HTTPBearer(auto_error=False, description="the cluster API token")
 
 
 async def authenticate(request: Request) -> str:
-    """The caller's role; ``Unauthorized`` without a valid bearer token."""
+    """The caller's name (the shared token's holder is ``admin``); ``Unauthorized`` without a
+    valid bearer token. Checked once per request: later calls return the name found."""
+    known: str | None = getattr(request.state, "principal", None)
+    if known is not None:
+        return known
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
     await check_token(request.app.state.service, token.strip())
+    request.state.principal = "admin"
     return "admin"
 
 
@@ -85,6 +90,8 @@ async def check_token(svc: ClusterService, token: str) -> None:
 
 
 Service = Annotated[ClusterService, Depends(service)]
+Principal = Annotated[str, Depends(authenticate)]
+"""The caller's name (the shared token's holder is ``admin``)."""
 Node = Annotated[NodeContext, Depends(node_context)]
 # a path parameter that names an object
 NamePath = Annotated[str, Path(pattern=NAME_PATTERN, description=f"a name: {NAME_RULE}")]

@@ -1,17 +1,20 @@
 """``/v1/volumes``: ABS volumes — create, list, show (allocation and per-extent health), resize,
-delete, and the NBD URI at which any NBD client reads and writes a volume."""
+delete, and exports: the TLS credential with which one outside NBD client reads and writes a
+volume."""
 
 from __future__ import annotations
 
-from fastapi import Depends, Query, status
+from fastapi import Depends, status
 from pydantic import BaseModel, ConfigDict
 
-from aecp.cluster.api.deps import NamePath
+from aecp.cluster.api.deps import NamePath, Principal
 from aecp.cluster.api.deps import snapshot_service as snapshots
 from aecp.cluster.api.deps import volume_service as volumes
 from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.routing import api_router
 from aecp.cluster.volumes import (
+    ExportCreate,
+    ExportPublic,
     StorageStatus,
     VolumeCreate,
     VolumePublic,
@@ -23,10 +26,6 @@ from aecp.storage.meta.model import SnapshotRecord, VolumeRecord
 from aecp.storage.snapshots import SnapshotService
 
 router = api_router("/v1/volumes", "volumes")
-
-
-class Export(BaseModel):
-    uri: str
 
 
 @router.get("", operation_id="list_volumes")
@@ -66,13 +65,36 @@ async def delete_volume(name: NamePath, svc: VolumeService = Depends(volumes)) -
     await svc.delete(name)
 
 
-@router.get("/{name}/export", operation_id="export_volume", responses=error_responses(404))
+@router.post(
+    "/{name}/export",
+    status_code=status.HTTP_201_CREATED,
+    operation_id="export_volume",
+    responses=error_responses(404, 409),
+)
 async def export_volume(
-    name: str,
-    node: str | None = Query(None, description="serve through this node"),
-    svc: VolumeService = Depends(volumes),
-) -> Export:
-    return Export(uri=await svc.export_uri(name, node))
+    name: str, body: ExportCreate, who: Principal, svc: VolumeService = Depends(volumes)
+) -> ExportPublic:
+    """Let one outside NBD client (the holder of ``client_certificate``'s key) read and write
+    the volume over NBD with TLS. 409 if the volume is exported already."""
+    return await svc.export(name, body, who)
+
+
+@router.get("/{name}/export", operation_id="get_volume_export", responses=error_responses(404))
+async def get_volume_export(name: str, svc: VolumeService = Depends(volumes)) -> ExportPublic:
+    """The volume's export (404 if it has none)."""
+    return await svc.export_info(name)
+
+
+@router.delete(
+    "/{name}/export",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="unexport_volume",
+    responses=error_responses(404),
+)
+async def unexport_volume(name: str, svc: VolumeService = Depends(volumes)) -> None:
+    """Revoke the volume's export: its credential opens nothing any more and the connections
+    made with it are closed."""
+    await svc.unexport(name)
 
 
 storage_router = api_router("/v1/storage", "volumes")
