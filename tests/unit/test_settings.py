@@ -61,3 +61,9 @@ def test_an_unreadable_or_non_json_file_is_a_config_error(tmp_path: Path) -> Non
 def test_a_data_dir_too_long_for_the_nbd_socket_is_refused() -> None:
     with pytest.raises(ConfigError, match="data_dir: too long"):
         parse(good() | {"data_dir": "/" + "d" * 100})
+
+
+def test_the_nbd_socket_is_outside_the_run_dir_where_vms_have_their_directories() -> None:
+    """A VM named nbd has run_dir/nbd, which its delete removes (found by review)."""
+    s = parse(good())
+    assert s.run_dir not in s.nbd_socket.parents

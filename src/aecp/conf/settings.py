@@ -138,8 +138,9 @@ class NodeSettings(BaseModel):
 
     @property
     def nbd_socket(self) -> Path:
-        """The Unix socket this node's QEMU reaches its storage server on (root only)."""
-        return self.run_dir / "nbd" / "nbd.sock"
+        """The Unix socket this node's QEMU reaches its storage server on (root only). Not in
+        ``run_dir``, where every VM has a directory named after it (a VM may be called nbd)."""
+        return self.data_dir / "nbd" / "nbd.sock"
 
 
 def load(path: Path) -> NodeSettings:
