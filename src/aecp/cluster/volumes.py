@@ -4,12 +4,15 @@ replicas hold (allocation, health) and for reclaiming the replicas of deleted vo
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic_core import PydanticCustomError
 
 from aecp.common.errors import NotFound, Unavailable
-from aecp.model.base import check_name
+from aecp.model.base import Name, check_name
 from aecp.storage.chunk.errors import ChunkError
 from aecp.storage.exports import ExportGrant, Exports
 from aecp.storage.meta.model import (
@@ -63,10 +66,36 @@ class StorageStatus(BaseModel):
     recoveries: list[str] = []
 
 
+def _int_or_text(value: object) -> object:
+    """Refuse what JSON would only coerce into a size: ``true``, ``1e9``, ``10.5``."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise PydanticCustomError(
+            "size_type",
+            "must be a whole number of bytes or a size like 10G, got {got}",
+            {"got": json.dumps(value, default=str)},
+        )
+    return value
+
+
+Size = Annotated[
+    int | str,
+    BeforeValidator(_int_or_text),
+    Field(description="bytes (an integer) or a size like 10G, 512M", examples=["10G", 1048576]),
+]
+
+
 class VolumeCreate(BaseModel):
-    name: str
-    size: str | int
-    replicas: int | None = None
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    size: Size
+    replicas: StrictInt | None = Field(None, description="1, 2 or 3 (default: by node count)")
+
+
+class VolumeResize(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    size: Size
 
 
 class ExportCreate(BaseModel):

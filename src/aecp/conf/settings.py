@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aecp.common.errors import ConfigError
-from aecp.common.names import NAME_RE
+from aecp.common.names import is_name
 
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
 
@@ -169,7 +169,7 @@ def parse(raw: object) -> NodeSettings:
 
 def _semantic_problems(s: NodeSettings) -> list[str]:
     problems = []
-    if not NAME_RE.match(s.name):
+    if not is_name(s.name):
         problems.append(f"name: {s.name!r} is not a valid node name")
     try:
         ipaddress.ip_address(s.address)
