@@ -67,7 +67,12 @@ class NodeAgent:
         self.clock = clock
         self.name = settings.name
         self.sampler = host.UsageSampler(settings.data_dir)
-        self.meta = MetaService(store, settings.storage.extent_mib * MIB, clock)
+        self.meta = MetaService(
+            store,
+            settings.storage.extent_mib * MIB,
+            clock,
+            overcommit_ratio=settings.storage.overcommit_ratio,
+        )
         self.volume_pool = ReplicaPool(self.meta)
         vmdisks = VMDisks(self.meta, self.volume_pool, settings.address, settings.storage.nbd_port)
         self.actions = VMActions(

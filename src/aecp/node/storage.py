@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -97,8 +96,13 @@ class StorageDaemon:
         self.store = store
         self.clock = clock
         self.node = settings.name
-        self.replicas = ReplicaStore(settings.chunk_dir)
-        self.meta = MetaService(store, settings.storage.extent_mib * MIB, clock)
+        self.replicas = ReplicaStore(settings.chunk_dir, capacity=settings.storage.capacity_bytes)
+        self.meta = MetaService(
+            store,
+            settings.storage.extent_mib * MIB,
+            clock,
+            overcommit_ratio=settings.storage.overcommit_ratio,
+        )
         self.pool = ReplicaPool(self.meta, self.node, self.replicas)
         self.chunk = ChunkServer(self.replicas, settings.address, settings.storage.chunk_port)
         self.nbd = NbdServer(
@@ -154,8 +158,8 @@ class StorageDaemon:
     async def _register(self, lease: Lease) -> None:
         """Publish this server (and its free space) on ``lease``."""
         st = os.statvfs(self.s.chunk_dir)
-        capacity = (self.s.storage.capacity_gib or 0) << 30 or st.f_blocks * st.f_frsize
-        used = await asyncio.to_thread(_bytes_used, self.s.chunk_dir)
+        capacity = self.s.storage.capacity_bytes or st.f_blocks * st.f_frsize
+        used = await self.replicas.space.measure()
         free = max(0, min(capacity - used, st.f_bavail * st.f_frsize))
         rec = StorageServer(
             node=self.node,
@@ -164,6 +168,7 @@ class StorageDaemon:
             nbd_port=self.s.storage.nbd_port,
             capacity_bytes=capacity,
             free_bytes=free,
+            used_bytes=used,
             rack=self.s.storage.rack,
             chassis=self.s.storage.chassis,
         )
@@ -308,7 +313,8 @@ class StorageDaemon:
         return _Handle(self, name, entry[0])
 
     async def release(self, name: str, dev: VolumeDevice) -> None:
-        """One handle on ``dev`` closed; the last one flushes and detaches it. A handle whose
+        """One handle on ``dev`` closed; the last one flushes and detaches it, its attachment
+        marked closing meanwhile (a delete of the volume waits for it). A handle whose
         device was closed already (the lease was lost, then the volume opened again) leaves
         the new device alone."""
         async with self._lock:
@@ -322,6 +328,10 @@ class StorageDaemon:
             del self._exports[name]
             closing = self._closing[name] = asyncio.get_running_loop().create_future()
         try:
+            try:
+                await self.meta.mark_closing(dev.holder)
+            except AecpError as exc:  # the delete that comes meanwhile answers "in use"
+                log.info("volume %s: not marked closing: %s", name, exc)
             await _flush_and_close(dev)
         finally:
             closing.set_result(None)
@@ -335,16 +345,6 @@ async def _flush_and_close(dev: VolumeDevice) -> None:
         await dev.flush()
     finally:
         await dev.close()
-
-
-def _bytes_used(root: Path) -> int:
-    """Bytes really allocated under ``root`` (sparse files count what they hold)."""
-    total = 0
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.stat(os.path.join(dirpath, f)).st_blocks * 512
-    return total
 
 
 #: collect the youngest generation every this many allocations (CPython's default: 700)

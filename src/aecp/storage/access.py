@@ -52,6 +52,7 @@ from aecp.storage.fanout import (
     fan_out,
     fence_op,
     flush_op,
+    no_space,
     split,
     unavailable,
 )
@@ -387,14 +388,21 @@ class VolumeDevice(BlockDevice):
                 # the joiner failed, or has what the others refused (a newer epoch: this
                 # write is redone elsewhere, e.g. copied on write after a snapshot)
                 self._join_failed.add(ext_id)
-            failed = []
+            failed, full = [], []
             for node, res in zip(ext.replicas, results, strict=False):
                 if isinstance(res, StaleEpoch):
                     await self._stale_epoch(str(res), res.epoch)
+                elif no_space(res):
+                    full.append(node)
                 elif isinstance(res, ReplicaUnavailable | ChunkIOError):
                     failed.append(node)
                 elif isinstance(res, BaseException):
                     raise as_block_error(res)
+            if full:  # a full replica is not a failed one: the request fails, nothing is dropped
+                raise NoSpace(
+                    f"volume {self.vol.name}: no space left for extent {ext_id} on "
+                    f"{', '.join(full)}"
+                )
             if not failed:
                 return
             if len(failed) == len(ext.replicas):
@@ -605,8 +613,10 @@ class VolumeDevice(BlockDevice):
         dsts = [await self.pool.client(n) for n in new.replicas]
         try:
             copied = await self._copy_into(shared, new, dsts)
-        except BaseException:  # named by nobody yet: its replicas go again
+        except BaseException as exc:  # named by nobody yet: its replicas go again
             await asyncio.gather(*(d.delete(new.id) for d in dsts), return_exceptions=True)
+            if no_space(exc):
+                raise as_block_error(exc) from exc
             raise
         # only a definite "no" deletes: a failure here may come after the change was committed
         if not await self.meta.replace_extent(self.vol.name, slot, shared.id, new):

@@ -229,6 +229,7 @@ class SnapshotService:
         servers = await self.meta.servers()
         if snap.replicas > len(servers):
             raise InvalidInput("replicas", f"{snap.replicas} replicas need as many nodes")
+        await self.meta.check_provisioning(None, snap.size, snap.replicas, servers)
         vol = VolumeRecord(
             name=new_volume,
             size=snap.size,
@@ -259,6 +260,7 @@ class SnapshotService:
         check_name("name", new_volume)
         for _ in range(RETRIES):
             vol, rev = await self.meta.volume(source)
+            await self.meta.check_provisioning(None, vol.size, vol.replicas)
             clone = VolumeRecord(
                 name=new_volume,
                 size=vol.size,
