@@ -16,7 +16,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import uvloop
@@ -32,7 +32,9 @@ from aecp.storage.access import VolumeDevice, open_volume
 from aecp.storage.blockdev import BlockDevice, Fenced, Span
 from aecp.storage.chunk.server import ChunkServer
 from aecp.storage.chunk.store import ReplicaStore
+from aecp.storage.collect import OrphanCollector, collect_unreferenced
 from aecp.storage.frontends.nbd.server import NbdServer
+from aecp.storage.frozen import FrozenRepairer
 from aecp.storage.meta.model import MIB, RecoveryRecord, StorageServer
 from aecp.storage.meta.service import MetaService
 from aecp.storage.pool import ReplicaPool
@@ -198,10 +200,52 @@ class StorageDaemon:
 
     async def _recovery_loop(self) -> None:
         """Repair the volumes attached here; as the elected Meta leader, also the degraded
-        volumes nobody has attached (attached for repair, which yields to any client)."""
+        volumes nobody has attached (attached for repair, which yields to any client) and
+        the frozen extents (named by snapshots only, so by no volume). Every ``_gc_every``
+        seconds, collect garbage: the leader the extent records nothing names, every node
+        the replicas in its store that no extent record names (``storage.collect``)."""
+        st = self.s.storage
+        orphans = OrphanCollector(
+            self.replicas, self.meta, self.node, st.orphan_grace_s, self.clock
+        )
+        collected = self.clock.monotonic()
         while True:
-            await asyncio.sleep(self.s.storage.recovery_interval_s)
+            await asyncio.sleep(st.recovery_interval_s)
             await self._each_volume("repair", degraded_only=True)
+            frozen = FrozenRepairer(self.meta, self.pool, self._policy(), self._publish)
+            await self._as_leader("frozen extents", frozen.run_pass)
+            if self.clock.monotonic() - collected >= self._gc_every():
+                collected = self.clock.monotonic()
+                await self._as_leader("collect", lambda: collect_unreferenced(self.meta, self.pool))
+                await self._logged("orphans", orphans.run_pass)
+
+    def _gc_every(self) -> float:
+        """Orphans are looked at a few times per grace period (no more than recovery)."""
+        st = self.s.storage
+        return max(st.recovery_interval_s, st.orphan_grace_s / 4)
+
+    async def _as_leader(self, what: str, work: Callable[[], Awaitable[list[str]]]) -> None:
+        """Run ``work`` if this node is the elected Meta leader."""
+        lease = self.keeper.lease
+        if lease is None or not self.keeper.held():
+            return
+        try:
+            leader = await self.election.check(lease)
+        except AecpError as exc:
+            log.warning("node %s: %s skipped: %s", self.node, what, exc)
+            return
+        if leader:
+            await self._logged(what, work)
+
+    async def _logged(self, what: str, work: Callable[[], Awaitable[list[str]]]) -> None:
+        """Run ``work`` and log its sentences; a failure is logged and the loop goes on."""
+        try:
+            for sentence in await work():
+                log.info("node %s: %s", self.node, sentence)
+        except AecpError as exc:
+            log.warning("node %s: %s stopped: %s", self.node, what, exc)
+        except Exception:  # a bug here must not stop recovery
+            log.exception("node %s: %s failed", self.node, what)
 
     async def _scrub_loop(self) -> None:
         while True:
@@ -241,12 +285,13 @@ class StorageDaemon:
     async def _idle_volumes(self, attached: set[str], degraded_only: bool) -> list[str]:
         vols = await self.meta.volumes()
         exts = await self.meta.extents()
+        servers = await self.meta.servers()  # a replica whose node left counts as missing
         out = []
         for v in vols:
             if v.name in attached or await self.meta.attachment(v.name) is not None:
                 continue
-            ids = [x for x in v.extents if x and x in exts]
-            if not degraded_only or any(len(exts[x].replicas) < v.replicas for x in ids):
+            live = [sum(n in servers for n in exts[x].replicas) for x in v.extents if x in exts]
+            if not degraded_only or any(n < v.replicas for n in live):
                 out.append(v.name)
         return out
 

@@ -417,6 +417,15 @@ class VolumeDevice(BlockDevice):
                     self._fence(exc.message)
 
     # ---- recovery support (used by ``storage.recovery``) --------------------------------
+    async def drop_lost(self, ext_id: str, nodes: list[str]) -> ExtentRecord:
+        """Drop the replicas of ``ext_id`` on ``nodes`` (gone from the cluster) as a write
+        that failed on them would; returns the extent as now held."""
+        try:
+            return self._keep(await self.meta.drop_replicas(ext_id, nodes, holder=self.holder))
+        except NotHolder as exc:  # taken over or detached meanwhile
+            self._fence(exc.message)
+            raise
+
     async def begin_join(self, ext_id: str, node: str) -> None:
         """From now on live writes of the extent also go to ``node``; returns once every write
         that started before is done (so a copy listed afterwards misses nothing)."""
