@@ -77,6 +77,7 @@ def daemon(
     monkeypatch.setattr("aecp.node.storage.open_volume", open_volume)
     d = StorageDaemon.__new__(StorageDaemon)
     d.keeper = cast(Any, SimpleNamespace(lease=object(), held=lambda: True))
+
     async def mark_closing(holder: object) -> None:
         events.append("marked closing")
 
