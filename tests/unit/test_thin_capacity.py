@@ -24,6 +24,7 @@ from aecp.store import keys
 from aecp.store.memory import MemoryStore
 from tests.unit.abskit import BLOCK, EXTENT, Cluster
 from tests.unit.conftest import dump_store
+from tests.unit.test_abs_meta import add_servers
 
 # ---- the replica store ----------------------------------------------------------------------
 
@@ -120,17 +121,15 @@ async def test_a_full_replica_fails_the_write_with_enospc_and_is_not_dropped(
 # ---- admission ------------------------------------------------------------------------------
 
 
-async def servers(store: MemoryStore, capacity: int = 10 * GIB, free: int | None = None) -> None:
-    for i in (1, 2, 3):
-        s = StorageServer(
-            node=f"n{i}",
-            address=f"127.0.9.{i}",
-            chunk_port=1,
-            nbd_port=2,
-            capacity_bytes=capacity,
-            free_bytes=capacity if free is None else free,
-        )
-        await store.put(keys.abs_server(f"n{i}"), s.dump())
+async def servers(store: MemoryStore, capacity: int = 10 * GIB) -> None:
+    await add_servers(store, 3, capacity)
+
+
+async def set_free(store: MemoryStore, node: str, free: int) -> None:
+    kv = await store.get(keys.abs_server(node))
+    assert kv is not None
+    s = StorageServer.load(kv.value)
+    await store.put(keys.abs_server(node), s.model_copy(update={"free_bytes": free}).dump())
 
 
 async def test_volumes_may_provision_up_to_the_overcommit_ratio_of_raw_capacity(
@@ -181,7 +180,9 @@ def test_the_overcommit_ratio_must_be_positive_and_one_capacity_is_given() -> No
 async def test_storage_status_warns_over_80_and_is_critical_over_90_percent(
     store: MemoryStore,
 ) -> None:
-    await servers(store, capacity=100 * MIB, free=50 * MIB)
+    await servers(store, capacity=100 * MIB)
+    for node in ("n1", "n2", "n3"):
+        await set_free(store, node, 50 * MIB)
     meta = MetaService(store)
     svc = VolumeService(meta, pool=None)  # type: ignore[arg-type]
     await meta.create_volume("v", 200 * MIB, replicas=2)
@@ -189,9 +190,8 @@ async def test_storage_status_warns_over_80_and_is_critical_over_90_percent(
     assert st.level == "ok" and st.warnings == []
     assert (st.raw_bytes, st.free_bytes, st.provisioned_bytes) == (300 * MIB, 150 * MIB, 400 * MIB)
     assert st.provisioned_limit_bytes == 900 * MIB and st.used_pct == 50.0
-    for node, free in (("n1", 15 * MIB), ("n2", 5 * MIB)):
-        s = StorageServer.load((await store.get(keys.abs_server(node))).value)  # type: ignore[union-attr]
-        await store.put(keys.abs_server(node), s.model_copy(update={"free_bytes": free}).dump())
+    await set_free(store, "n1", 15 * MIB)
+    await set_free(store, "n2", 5 * MIB)
     st = await svc.status()
     levels = {s.node: (s.used_pct, s.level) for s in st.servers}
     assert levels == {"n1": (85.0, "warning"), "n2": (95.0, "critical"), "n3": (50.0, "ok")}

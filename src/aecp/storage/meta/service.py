@@ -229,7 +229,7 @@ class MetaService:
             new = rec.model_copy(update={"closing": True})
             await self.store.txn(
                 [Compare.unchanged(key, kv.mod_revision)],
-                [Put(key, new.dump(), lease=Lease(kv.lease, 0))],
+                [Put(key, new.dump(), lease=Lease(kv.lease, 0) if kv.lease else None)],
             )
 
     async def tables(self) -> Tables:
@@ -448,15 +448,7 @@ class MetaService:
                 Compare.unchanged(keys.abs_attach(holder.volume), att.mod_revision),
             ]
             if await self.store.txn(cmp, [Put(keys.abs_extent(extent_id), new.dump())]):
-                log.info(
-                    "extent %s: replica on %s admitted%s; generation %d; valid: %s",
-                    extent_id,
-                    node,
-                    f" in place of {replaces}" if replaces else "",
-                    new.generation,
-                    ", ".join(new.replicas),
-                )
-                return new
+                return _log_admitted(new, node, replaces)
         raise Conflict(f"extent {extent_id} keeps changing; try again")
 
     async def admit_copy(
@@ -471,15 +463,7 @@ class MetaService:
                 raise InvalidState(f"extent {extent_id}: {node} is no longer a stale replica")
             new = _admitted(ext, node, replaces)
             if await self.update_extent(new, rev):
-                log.info(
-                    "extent %s: copy on %s admitted%s; generation %d; valid: %s",
-                    extent_id,
-                    node,
-                    f" in place of {replaces}" if replaces else "",
-                    new.generation,
-                    ", ".join(new.replicas),
-                )
-                return new
+                return _log_admitted(new, node, replaces)
         raise Conflict(f"extent {extent_id} keeps changing; try again")
 
     async def update_extent(self, ext: ExtentRecord, rev: int) -> bool:
@@ -497,6 +481,18 @@ def _admitted(ext: ExtentRecord, node: str, replaces: str | None) -> ExtentRecor
             "generation": ext.generation + 1,
         }
     )
+
+
+def _log_admitted(new: ExtentRecord, node: str, replaces: str | None) -> ExtentRecord:
+    log.info(
+        "extent %s: replica on %s admitted%s; generation %d; valid: %s",
+        new.id,
+        node,
+        f" in place of {replaces}" if replaces else "",
+        new.generation,
+        ", ".join(new.replicas),
+    )
+    return new
 
 
 def _refused(current: AttachRecord, node: str, takeover: bool, purpose: str) -> bool:
