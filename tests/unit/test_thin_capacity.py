@@ -118,6 +118,31 @@ async def test_a_full_replica_fails_the_write_with_enospc_and_is_not_dropped(
     await dev.close()
 
 
+async def test_a_write_a_full_replica_refused_is_undone_on_the_replicas_that_took_it(
+    cluster: Cluster,
+) -> None:
+    # else the replicas disagree on the range, and a read depends on which one serves it
+    await cluster.meta.create_volume("v", 2 * EXTENT, replicas=2)
+    dev = await cluster.open("v", "n1")
+    n1 = cluster.replicas["n1"].store
+    n1.space.capacity = EXTENT + BLOCK
+    await dev.write(0, b"\x11" * EXTENT)
+    await dev.write(EXTENT, b"\x55" * BLOCK)  # acknowledged: n1 is full now
+    vol, _ = await cluster.meta.volume("v")
+    ext, _ = await cluster.meta.extent(vol.extents[1] or "")
+    other = cluster.replicas[next(n for n in ext.replicas if n != "n1")].store
+    used = other.space.used
+    with pytest.raises(NoSpace):  # its second half needs a new block on n1
+        await dev.write(EXTENT + BLOCK // 2, b"\x66" * BLOCK)
+    expected = b"\x55" * BLOCK + bytes(BLOCK)
+    assert await n1.read(ext.id, 0, 2 * BLOCK) == expected
+    assert await other.read(ext.id, 0, 2 * BLOCK) == expected
+    assert await other.allocation(ext.id) == await n1.allocation(ext.id)
+    assert other.space.used == used  # the block the write filled there was given back
+    assert (await cluster.meta.extent(ext.id))[0].replicas == ext.replicas
+    await dev.close()
+
+
 # ---- admission ------------------------------------------------------------------------------
 
 

@@ -66,6 +66,7 @@ from aecp.storage.meta.model import (
 from aecp.storage.meta.placement import StorageNode, place
 from aecp.storage.meta.service import MetaService, NotHolder
 from aecp.storage.pool import ReplicaPool
+from aecp.storage.refused import Refused
 from aecp.store.base import Lease
 
 log = logging.getLogger(__name__)
@@ -297,11 +298,18 @@ class VolumeDevice(BlockDevice):
             if ext_id is None:
                 await self._ensure_writable(slot)
                 continue  # decide again without awaiting, together with the epoch below
-            op = self._write_op(ext_id, offset, chunk, fua, self.epoch)
+            epoch = self.epoch
+            op = self._write_op(ext_id, offset, chunk, fua, epoch)
             try:
                 return await self._replicate(ext_id, op)
             except _Reepoched:
                 continue  # a snapshot was taken: the slot may now need copy-on-write
+            except Refused as exc:  # the replicas that took it get back what the full one has
+                if exc.took:
+                    async with self.quiesced(ext_id):
+                        gen = (await self._extent(ext_id)).generation
+                        await exc.undo(self.pool, offset, len(chunk), epoch, gen)
+                raise
 
     async def trim(self, offset: int, length: int) -> None:
         await self._clear(offset, length)
@@ -399,10 +407,7 @@ class VolumeDevice(BlockDevice):
                 elif isinstance(res, BaseException):
                     raise as_block_error(res)
             if full:  # a full replica is not a failed one: the request fails, nothing is dropped
-                raise NoSpace(
-                    f"volume {self.vol.name}: no space left for extent {ext_id} on "
-                    f"{', '.join(full)}"
-                )
+                raise Refused(self.vol.name, ext_id, full, ext.replicas, results)
             if not failed:
                 return
             if len(failed) == len(ext.replicas):
