@@ -156,8 +156,9 @@ class VolumeService:
         return await self.meta.resize(name, parse_size("size", size))
 
     async def delete(self, name: str) -> list[str]:
-        """Delete the volume and reclaim the replicas of the extents nothing else names (best
-        effort: a replica on an unreachable node is left for later)."""
+        """Delete the volume and reclaim the replicas of the extents nothing else names (a
+        replica on an unreachable node is deleted later by that node's orphan collector). An
+        export that is closing is waited for (``MetaService.delete_volume``)."""
         leftovers = await self.pool.delete_replicas(await self.meta.delete_volume(name))
         if leftovers:
             log.warning("volume %s: replicas left to reclaim later: %s", name, ", ".join(leftovers))

@@ -236,10 +236,6 @@ class MetaService:
         """Every volume, snapshot, extent and recovery record, read at one revision."""
         return await read_tables(self.store)
 
-    async def referenced(self) -> set[str]:
-        """Every extent id named by a volume or snapshot table (at one revision)."""
-        return (await self.tables()).referenced()
-
     async def collect(self, candidates: set[str] | None = None) -> list[ExtentRecord]:
         """Delete the records of the ``candidates`` (None: every extent) no table names any
         more, judged on the tables of one revision (reference counting by derivation:
