@@ -1,17 +1,20 @@
 """Extents that only snapshots name (their volume copied them on write) are repaired like any
-other after a node loss: by the Meta leader, extent by extent, since no volume's recovery ever
-sees them."""
+other after a node loss, and scrubbed: by the Meta leader, extent by extent, since no volume's
+recovery ever sees them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from aecp.common.clock import FakeClock
+from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.frozen import FrozenRepairer
 from aecp.storage.meta.model import ExtentRecord, RecoveryRecord
 from aecp.storage.recovery import RecoveryPolicy, Repairer
 from aecp.storage.snapshots import SnapshotService
 from aecp.store import keys
 from aecp.store.memory import MemoryStore
-from tests.unit.abskit import EXTENT, Cluster
+from tests.unit.abskit import BLOCK, EXTENT, Cluster
 
 published: list[RecoveryRecord | None] = []
 
@@ -110,3 +113,20 @@ async def test_an_idle_volumes_replica_whose_node_left_is_dropped_by_its_recover
     now, _ = await cluster.meta.extent(ext.id)
     assert now.replicas == ["n1"] and lost in now.stale
     await dev.close()
+
+
+async def test_the_scrubber_repairs_a_corrupt_sector_of_a_frozen_extent(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    ext = await frozen_extent(cluster)
+    victim = ext.replicas[1]
+    await cluster.replicas[victim].store.close()
+    [data] = list((tmp_path / victim).rglob(f"{ext.id}.data"))
+    with data.open("r+b") as f:
+        f.seek(4096 * 5 + 11)
+        f.write(b"\x00")
+    cluster.replicas[victim].store = ReplicaStore(tmp_path / victim, block_size=BLOCK)
+    [sentence] = await repairer(cluster).scrub_pass()
+    assert f"repaired 1 bad sectors on {victim}" in sentence
+    assert await cluster.replicas[victim].store.scrub(ext.id) == []
+    assert await cluster.replicas[victim].store.read(ext.id, 0, EXTENT) == b"\x11" * EXTENT

@@ -251,6 +251,8 @@ class StorageDaemon:
         while True:
             await asyncio.sleep(self.s.storage.scrub_interval_s)
             await self._each_volume("scrub", degraded_only=False)
+            frozen = FrozenRepairer(self.meta, self.pool, self._policy(), self._publish)
+            await self._as_leader("scrub frozen extents", frozen.scrub_pass)
 
     async def _each_volume(self, what: str, degraded_only: bool) -> None:
         lease = self.keeper.lease

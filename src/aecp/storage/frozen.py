@@ -32,7 +32,16 @@ from aecp.storage.meta.model import ExtentRecord, RecoveryRecord
 from aecp.storage.meta.service import MetaService
 from aecp.storage.meta.tables import Tables
 from aecp.storage.pool import ReplicaPool
-from aecp.storage.recovery import Publish, RecoveryPolicy, answers, copy_ranges, next_step, union
+from aecp.storage.recovery import (
+    Publish,
+    RecoveryPolicy,
+    answers,
+    copy_ranges,
+    next_step,
+    repair_sectors,
+    scrub,
+    union,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +119,16 @@ class FrozenRepairer:
             f"extent {ext.id} (snapshot {label}): {how} on {step.node} from {src_node} "
             f"({copied} bytes)" + (f" in place of {step.lost}" if step.lost else "")
         )
+
+    async def scrub_pass(self) -> list[str]:
+        """Verify every valid replica of every frozen extent and repair bad sectors from a
+        good replica (nothing writes them: no ordering needed). One sentence per repair."""
+        frozen = [ext for ext, _, _ in (await self.meta.tables()).snapshot_only().values()]
+
+        async def repair(ext: ExtentRecord, node: str, sectors: list[int]) -> str:
+            return await repair_sectors(self.pool, ext.id, node, sectors, ext.replicas, 0)
+
+        return await scrub(self.pool, frozen, repair)
 
     @staticmethod
     async def _copy(

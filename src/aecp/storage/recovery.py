@@ -320,44 +320,57 @@ class Repairer:
     async def scrub_pass(self) -> list[str]:
         """Verify every replica of every allocated extent; repair bad sectors from a good
         replica. Returns one sentence per repair."""
-        out = []
         exts = await self.meta.extents()
-        for ext_id in {x for x in self.dev.vol.extents if x and x in exts}:
-            ext = exts[ext_id]
-            for node in ext.replicas:
-                try:
-                    bad = await (await self.pool.client(node)).scrub(ext_id)
-                except ChunkError:
-                    continue
-                if bad:
-                    out.append(await self._repair_sectors(ext, node, bad))
-        return out
+        mine = [exts[x] for x in {x for x in self.dev.vol.extents if x and x in exts}]
+        return await scrub(self.pool, mine, self._repair_sectors)
 
     async def _repair_sectors(self, ext: ExtentRecord, node: str, sectors: list[int]) -> str:
         async with self.dev.quiesced(ext.id):  # else a write could land between read and repair
             return await self._repair_sectors_now(ext, node, sectors)
 
     async def _repair_sectors_now(self, ext: ExtentRecord, node: str, sectors: list[int]) -> str:
-        dst = await self.pool.client(node)
         valid = await self.dev.replicas_of(ext.id)  # now, not as the pass began
-        for good in (n for n in valid if n != node):
-            src = await self.pool.client(good)
+        return await repair_sectors(self.pool, ext.id, node, sectors, valid, self.dev.epoch)
+
+
+Repair = Callable[[ExtentRecord, str, list[int]], Awaitable[str]]
+
+
+async def scrub(pool: ReplicaPool, extents: list[ExtentRecord], repair: Repair) -> list[str]:
+    """Verify every valid replica of ``extents``; ``repair(ext, node, sectors)`` each one
+    that has bad sectors. One sentence per repair."""
+    out = []
+    for ext in extents:
+        for node in ext.replicas:
             try:
-                for s in sectors:
-                    data = await src.read(ext.id, s * SECTOR, SECTOR)
-                    await dst.repair(ext.id, s * SECTOR, data, self.dev.epoch)
-                await dst.flush(ext.id)
-            except (ChecksumError, ChunkError):
+                bad = await (await pool.client(node)).scrub(ext.id)
+            except ChunkError:
                 continue
-            log.warning(
-                "extent %s: scrub repaired %d sectors on %s from %s",
-                ext.id,
-                len(sectors),
-                node,
-                good,
-            )
-            return f"extent {ext.id}: repaired {len(sectors)} bad sectors on {node} from {good}"
-        return f"extent {ext.id}: {len(sectors)} bad sectors on {node} and no good copy answered"
+            if bad:
+                out.append(await repair(ext, node, bad))
+    return out
+
+
+async def repair_sectors(
+    pool: ReplicaPool, ext_id: str, node: str, sectors: list[int], valid: list[str], epoch: int
+) -> str:
+    """Copy ``sectors`` of ``ext_id`` to ``node``'s replica from the first other ``valid``
+    replica that reads them well (the repair carries ``epoch``)."""
+    dst = await pool.client(node)
+    for good in (n for n in valid if n != node):
+        src = await pool.client(good)
+        try:
+            for s in sectors:
+                data = await src.read(ext_id, s * SECTOR, SECTOR)
+                await dst.repair(ext_id, s * SECTOR, data, epoch)
+            await dst.flush(ext_id)
+        except (ChecksumError, ChunkError):
+            continue
+        log.warning(
+            "extent %s: scrub repaired %d sectors on %s from %s", ext_id, len(sectors), node, good
+        )
+        return f"extent {ext_id}: repaired {len(sectors)} bad sectors on {node} from {good}"
+    return f"extent {ext_id}: {len(sectors)} bad sectors on {node} and no good copy answered"
 
 
 async def answers(pool: ReplicaPool, node: str) -> bool:
