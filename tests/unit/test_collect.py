@@ -1,7 +1,7 @@
 """Space comes back: extents nothing names are collected (judged on tables of one moment, so a
 clone made meanwhile keeps its extents), replicas no extent record names are deleted by their
-node after a grace period (never one being built or caught up), and a volume delete waits for
-an export that is closing instead of answering "in use"."""
+node after a grace period (never one being built or caught up), and a volume delete or
+snapshot waits for an export that is closing instead of answering "in use"."""
 
 from __future__ import annotations
 
@@ -181,3 +181,16 @@ async def test_a_delete_of_a_volume_in_use_or_closing_too_long_is_refused(
     with pytest.raises(InvalidState, match="in use"):
         await cluster.meta.delete_volume("v", close_wait=0.05)
     assert await store.get(keys.abs_volume("v")) is not None
+
+
+async def test_a_snapshot_taken_as_the_last_client_leaves_waits_for_the_detach(
+    cluster: Cluster, store: MemoryStore
+) -> None:
+    holder = await attached(cluster.meta, store)
+    await cluster.meta.mark_closing(holder)
+    snapping = asyncio.ensure_future(SnapshotService(cluster.meta, cluster.pool).snapshot("v", "s"))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not snapping.done()  # waiting, not "attached on n1"
+    await cluster.meta.detach("v", holder.node, holder.epoch, holder.ap)
+    assert (await snapping).ready

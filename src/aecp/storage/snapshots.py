@@ -60,6 +60,7 @@ class SnapshotService:
         """Snapshot ``volume`` as ``name``. ``paused_on``: the node whose paused VM has the
         volume attached (the only attached case allowed)."""
         check_name("snapshot", name)
+        await self.meta.wait_detached(volume)  # an export that is closing: after its flush
         for _ in range(RETRIES):
             vol, rev = await self.meta.volume(volume)
             att_kv = await self.store.get(keys.abs_attach(volume))
@@ -258,6 +259,7 @@ class SnapshotService:
         """Clone a detached volume directly (O(1)): the new volume takes its table and the
         source's extents become shared (the source copies on its next write too)."""
         check_name("name", new_volume)
+        await self.meta.wait_detached(source)
         for _ in range(RETRIES):
             vol, rev = await self.meta.volume(source)
             await self.meta.check_provisioning(None, vol.size, vol.replicas)
@@ -298,6 +300,7 @@ class SnapshotService:
     async def rollback(self, volume: str, name: str) -> VolumeRecord:
         """Make a detached volume hold the snapshot's content again (O(1))."""
         snap, srev = await self.usable(volume, name)
+        await self.meta.wait_detached(volume)
         for _ in range(RETRIES):
             vol, rev = await self.meta.volume(volume)
             if await self.meta.attachment(volume) is not None:

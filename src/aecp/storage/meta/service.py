@@ -180,7 +180,7 @@ class MetaService:
         detaches) is waited for, up to ``close_wait`` seconds."""
         for _ in range(RETRIES):
             vol, rev = await self.volume(name)
-            if not await self._closed(name, close_wait):
+            if not await self.wait_detached(name, close_wait):
                 raise InvalidState(
                     f"volume {name} is in use (attached); detach it first", volume=name
                 )
@@ -199,9 +199,10 @@ class MetaService:
                 return freed
         raise Conflict(f"volume {name} keeps changing; try again")
 
-    async def _closed(self, name: str, wait: float) -> bool:
+    async def wait_detached(self, name: str, wait: float = CLOSE_WAIT) -> bool:
         """Whether ``name`` is unattached, waiting up to ``wait`` seconds while it is attached
-        by an export that is closing (``mark_closing``)."""
+        by an export that is closing (``mark_closing``); False at once for any other
+        attachment."""
         key = keys.abs_attach(name)
         try:
             async with asyncio.timeout(wait):
