@@ -1,8 +1,9 @@
 """One access point measured alone: fio over NBD against an ABS volume served by this process,
 and against ``qemu-nbd`` on a raw file in the same directory, in the same run.
 
-This process plays node1 (NBD server, access point, local replica store); node2 and node3 are
-chunk servers in child processes (``chunk_store.py --serve``); Meta runs over the in-memory
+This process plays node1 (NBD server on a Unix socket, as for a VM; access point; local replica
+store); node2 and node3 are chunk servers in child processes (``chunk_store.py --serve``;
+replica connections authenticated as in the product); Meta runs over the in-memory
 store (no etcd, no agents, no recovery or scrub loops). It isolates the data path from the
 rest of the lab, starts in about a second, and can profile this process (``--profile``:
 cProfile, the top functions by own time).
@@ -30,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from chunk_store import auth  # the sibling script
 
 from aecp.common.clock import SYSTEM_CLOCK
 from aecp.node.storage import tune_gc, tune_malloc
@@ -93,7 +96,10 @@ async def child_servers(
     """``n`` chunk servers; ``like_daemon``: on uvloop with the GC tuned, as in production."""
     out = []
     for i in range(n):
-        argv = [str(Path(__file__).with_name("chunk_store.py")), "--serve", str(root / f"n{i + 2}")]
+        node = f"n{i + 2}"
+        auth(root, node, False)  # the child's credentials exist before it reads them
+        argv = [str(Path(__file__).with_name("chunk_store.py")), "--serve", str(root / node)]
+        argv += ["--node", node]
         argv += ["--uvloop"] if like_daemon else []
         child = await asyncio.create_subprocess_exec(sys.executable, *argv, stdout=subprocess.PIPE)
         assert child.stdout is not None
@@ -117,13 +123,13 @@ async def baseline(root: Path, args: argparse.Namespace) -> None:
     image = root / "baseline.raw"
     image.touch()
     os.truncate(image, args.size_mib * MIB)
-    port = 10899
-    argv = ["qemu-nbd", "-t", "--cache=writeback", "-f", "raw", "--bind", HOST,
-            "--port", str(port), "-x", "disk", str(image)]  # fmt: skip
+    sock = root / "qemu-nbd.sock"
+    argv = ["qemu-nbd", "-t", "--cache=writeback", "-f", "raw", "-k", str(sock),
+            "-x", "disk", str(image)]  # fmt: skip
     qemu = subprocess.Popen(argv, stderr=subprocess.DEVNULL)  # noqa: S603, ASYNC220
     try:
         await asyncio.sleep(0.5)
-        uri = f"nbd://{HOST}:{port}/disk"
+        uri = f"nbd+unix:///disk?socket={sock}"
         await fio(uri, args, [qemu.pid], fill=True)
         print(f"qemu-nbd  {args.job} {args.bs} QD{args.qd}: {await fio(uri, args, [qemu.pid])}")
     finally:
@@ -140,7 +146,7 @@ async def main(args: argparse.Namespace) -> None:
     store = MemoryStore()
     local = ReplicaStore(root / "n1")
     meta = MetaService(store, 256 * MIB, SYSTEM_CLOCK)
-    pool = ReplicaPool(meta, "n1", local)
+    pool = ReplicaPool(meta, "n1", local, auth=auth(root, "n1", False))
     await register(store, "n1", 1)
     for i, (_, port) in enumerate(children):
         await register(store, f"n{i + 2}", port)
@@ -155,10 +161,10 @@ async def main(args: argparse.Namespace) -> None:
     async def list_exports() -> list[str]:
         return [VOLUME]
 
-    nbd = NbdServer(HOST, 0, open_export, list_exports)
+    nbd = NbdServer(None, 0, open_export, list_exports, unix_path=root / "nbd" / "nbd.sock")
     await nbd.start()
     pids = [os.getpid()] + [c.pid for c, _ in children]
-    uri = f"nbd://{HOST}:{nbd.port}/{VOLUME}"
+    uri = f"nbd+unix:///{VOLUME}?socket={nbd.unix_path}"
     prof = cProfile.Profile() if args.profile else None
     try:
         if not args.no_baseline:

@@ -1,10 +1,11 @@
 """4 KiB random write and read throughput of the replica store: directly (``ReplicaStore``),
 through ``LocalChunkClient``, and through ``ChunkClient`` to a ``ChunkServer`` in this process
 and in a child process. Prints operations per second and CPU microseconds per operation (of
-this process; for the child-server case, of the client process only).
+this process; for the child-server case, of the client process only). Connections are
+authenticated as in the product (a throwaway cluster CA; ``--encrypt``: TLS).
 
 Usage: .venv/bin/python benchmarks/chunk_store.py [--seconds 3] [--qd 32] [--dir /tmp/x]
-       [--size-mib 256] [--threads 4] [--uvloop]
+       [--size-mib 256] [--threads 4] [--uvloop] [--encrypt]
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from aecp.common.pki import ClusterCA
+from aecp.common.tls import Credentials
 from aecp.node.storage import tune_gc, tune_malloc
 from aecp.storage.chunk.api import ReplicaClient
+from aecp.storage.chunk.auth import ReplicaAuth
 from aecp.storage.chunk.client import ChunkClient, LocalChunkClient
 from aecp.storage.chunk.server import ChunkServer
 from aecp.storage.chunk.store import ReplicaStore
@@ -76,6 +80,21 @@ async def measure(name: str, replica: ReplicaClient, args: argparse.Namespace) -
     await replica.flush(EXTENT)
 
 
+def auth(root: Path, node: str, encrypt: bool) -> ReplicaAuth:
+    """``node``'s credentials under the CA in ``root``/pki (made on first use)."""
+    ca = ClusterCA(root / "pki")
+    if not ca.exists():
+        ClusterCA.create(ca.root, "bench")
+    bundle = ca.node_bundle(node)
+    if not bundle.cert_file.exists():
+        ca.issue_node(node, [HOST])
+    return ReplicaAuth(Credentials(bundle), encrypt)
+
+
+def client_of(root: Path, port: int, args: argparse.Namespace) -> ChunkClient:
+    return ChunkClient(HOST, port, node="server", auth=auth(root, "client", args.encrypt))
+
+
 async def bench_store(args: argparse.Namespace, root: Path) -> None:
     async with ReplicaStore(root / "direct", threads=args.threads) as store:
         await store.create(EXTENT, args.size_mib << 20)
@@ -86,9 +105,9 @@ async def bench_store(args: argparse.Namespace, root: Path) -> None:
 
 async def bench_inproc_server(args: argparse.Namespace, root: Path) -> None:
     async with ReplicaStore(root / "inproc", threads=args.threads) as store:
-        server = ChunkServer(store, HOST, 0)
+        server = ChunkServer(store, HOST, 0, auth=auth(root, "server", args.encrypt))
         await server.start()
-        client = ChunkClient(HOST, server.port)
+        client = client_of(root, server.port, args)
         try:
             await client.create(EXTENT, args.size_mib << 20)
             await fill(client, args.size_mib << 20)
@@ -99,14 +118,16 @@ async def bench_inproc_server(args: argparse.Namespace, root: Path) -> None:
 
 
 async def bench_child_server(args: argparse.Namespace, root: Path) -> None:
+    auth(root, "server", args.encrypt)  # the credentials exist before the child reads them
     argv = [__file__, "--serve", str(root / "child"), "--threads", str(args.threads)]
+    argv += ["--encrypt"] if args.encrypt else []
     child = await asyncio.create_subprocess_exec(
         sys.executable, *argv, *(["--uvloop"] if args.uvloop else []), stdout=subprocess.PIPE
     )
     try:
         assert child.stdout is not None
         port = int(await child.stdout.readline())
-        client = ChunkClient(HOST, port)
+        client = client_of(root, port, args)
         try:
             await client.create(EXTENT, args.size_mib << 20)
             await fill(client, args.size_mib << 20)
@@ -118,9 +139,9 @@ async def bench_child_server(args: argparse.Namespace, root: Path) -> None:
         await child.wait()
 
 
-async def serve(root: Path, threads: int) -> None:
+async def serve(root: Path, threads: int, encrypt: bool, node: str) -> None:
     async with ReplicaStore(root, threads=threads) as store:
-        server = ChunkServer(store, HOST, 0)
+        server = ChunkServer(store, HOST, 0, auth=auth(root.parent, node, encrypt))
         await server.start()
         print(server.port, flush=True)
         try:
@@ -149,13 +170,19 @@ def parse() -> argparse.Namespace:
     p.add_argument("--size-mib", type=int, default=256)
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--uvloop", action="store_true")
+    p.add_argument("--encrypt", action="store_true", help="replica connections in TLS")
     p.add_argument("--serve", help=argparse.SUPPRESS)
+    p.add_argument("--node", default="server", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
 if __name__ == "__main__":
     arguments = parse()
-    coro = serve(Path(arguments.serve), arguments.threads) if arguments.serve else main(arguments)
+    coro = (
+        serve(Path(arguments.serve), arguments.threads, arguments.encrypt, arguments.node)
+        if arguments.serve
+        else main(arguments)
+    )
     if arguments.uvloop:
         import uvloop
 

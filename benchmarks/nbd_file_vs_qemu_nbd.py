@@ -1,6 +1,7 @@
 """AECP's NBD server over a FileDevice vs ``qemu-nbd`` on the same file, measured with fio.
 
-Both serve one raw file on /dev/shm (so the NBD path, not a disk, is measured). Jobs: 4k
+Both serve one raw file on /dev/shm (so the NBD path, not a disk, is measured), each on a Unix
+socket (the path a node's QEMU takes to AECP's server). Jobs: 4k
 randread/randwrite at QD1 and QD32, 1M sequential read/write at QD8; each job runs against both
 servers back to back. Prints IOPS, MiB/s, p99 completion latency and the ratio AECP/qemu-nbd.
 
@@ -21,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HOST = "127.0.45.9"
-AECP_PORT, QEMU_PORT = 10870, 10871
+AECP_SOCKET, QEMU_SOCKET = "aecp.sock", "qemu-nbd.sock"  # in the run's temporary directory
 JOBS = [  # name, rw, block size, queue depth
     ("4k randread QD1", "randread", "4k", 1),
     ("4k randread QD32", "randread", "4k", 32),
@@ -33,7 +33,7 @@ JOBS = [  # name, rw, block size, queue depth
 ]
 
 
-def serve(path: str, port: int, use_uvloop: bool) -> None:
+def serve(path: str, sock: str, use_uvloop: bool) -> None:
     """Child process: serve ``path`` as export ``disk`` until SIGTERM."""
     from aecp.storage.blockdev import BlockDevice
     from aecp.storage.filedev import FileDevice
@@ -48,7 +48,7 @@ def serve(path: str, port: int, use_uvloop: bool) -> None:
         return ["disk"]
 
     async def main() -> None:
-        server = NbdServer(HOST, port, open_export, list_exports)
+        server = NbdServer(None, 0, open_export, list_exports, unix_path=Path(sock))
         await server.start()
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -69,15 +69,15 @@ def make_image(path: Path, size: int) -> None:
             f.write(chunk)
 
 
-def wait_port(port: int) -> None:
+def wait_socket(path: Path) -> None:
     import socket
 
     for _ in range(100):
-        with socket.socket() as s:
-            if s.connect_ex((HOST, port)) == 0:
+        with socket.socket(socket.AF_UNIX) as s:
+            if s.connect_ex(str(path)) == 0:
                 return
         time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on {HOST}:{port}")
+    raise RuntimeError(f"nothing listens on {path}")
 
 
 def fio(
@@ -101,41 +101,42 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=1, help="repeat each job; report the best")
     ap.add_argument("--uvloop", action="store_true", help="run AECP's server on uvloop")
-    ap.add_argument("--serve", nargs=2, metavar=("PATH", "PORT"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve", nargs=2, metavar=("PATH", "SOCKET"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve[0], int(args.serve[1]), args.uvloop)
+        serve(args.serve[0], args.serve[1], args.uvloop)
         return
     size = args.size_mib << 20
     with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
         image = Path(tmp) / "bench.raw"
         make_image(image, size)
-        argv = [sys.executable, __file__, "--serve", str(image), str(AECP_PORT)]
+        socks = {"aecp": Path(tmp) / AECP_SOCKET, "qemu-nbd": Path(tmp) / QEMU_SOCKET}
+        argv = [sys.executable, __file__, "--serve", str(image), str(socks["aecp"])]
         aecp = subprocess.Popen(argv + (["--uvloop"] if args.uvloop else []))  # noqa: S603
         qemu = subprocess.Popen(  # noqa: S603 - argv list, no shell
-            ["qemu-nbd", "-t", "--cache=writeback", "-f", "raw", "-b", HOST,
-             "-p", str(QEMU_PORT), "-x", "disk", str(image)],
-            stderr=subprocess.DEVNULL,  # it complains about wait_port's probe connections
+            ["qemu-nbd", "-t", "--cache=writeback", "-f", "raw", "-k", str(socks["qemu-nbd"]),
+             "-x", "disk", str(image)],
+            stderr=subprocess.DEVNULL,  # it complains about wait_socket's probe connections
         )  # fmt: skip
         try:
-            wait_port(AECP_PORT)
-            wait_port(QEMU_PORT)
-            report(args, size, Path(tmp) / "fio.json")
+            for sock in socks.values():
+                wait_socket(sock)
+            report(args, size, Path(tmp) / "fio.json", socks)
         finally:
             for proc in (aecp, qemu):
                 proc.terminate()
                 proc.wait(timeout=30)
 
 
-def report(args: argparse.Namespace, size: int, out: Path) -> None:
+def report(args: argparse.Namespace, size: int, out: Path, socks: dict[str, Path]) -> None:
     head = f"{'job':<18} {'server':<9} {'IOPS':>9} {'MiB/s':>8} {'p99 us':>9}  ratio"
     print(head)
     print("-" * len(head))
     for name, rw, bs, qd in JOBS:
         best: dict[str, dict[str, float]] = {}
         for _ in range(args.rounds):
-            for label, port in (("aecp", AECP_PORT), ("qemu-nbd", QEMU_PORT)):
-                r = fio(f"nbd://{HOST}:{port}/disk", rw, bs, qd, args.seconds, size, out)
+            for label, sock in socks.items():
+                r = fio(f"nbd+unix:///disk?socket={sock}", rw, bs, qd, args.seconds, size, out)
                 if label not in best or r["iops"] > best[label]["iops"]:
                     best[label] = r
         for label in ("aecp", "qemu-nbd"):

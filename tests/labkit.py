@@ -12,8 +12,11 @@ from typing import Any, TypeVar
 
 import httpx
 
+from aecp.common.tls import Credentials
 from aecp.compute.images.tiny import ensure_tiny_image
 from aecp.lab.harness import Lab, LabSpec
+from aecp.node.vmdisks import local_uri
+from aecp.storage.chunk.auth import ReplicaAuth
 from aecp.store.etcd import EtcdStore
 
 T = TypeVar("T")
@@ -122,6 +125,14 @@ class LabKit:
     def etcd(self) -> EtcdStore:
         """A store on the lab's etcd (with the credentials the lab's tools use); close it."""
         return self.lab.etcd_cluster().client()
+
+    def nbd_uri(self, volume: str, node: str = "node1") -> str:
+        """``volume`` on ``node``'s local NBD socket (what its QEMU uses; tests run as root)."""
+        return local_uri(self.lab.node_settings(node).nbd_socket, volume)
+
+    def replica_auth(self, node: str = "node1") -> ReplicaAuth:
+        """Replica credentials of ``node``, for a test that acts as that node's access point."""
+        return ReplicaAuth(Credentials(self.lab.ca.node_bundle(node)))
 
     async def store_dump(self) -> dict[str, bytes]:
         """Every key in etcd (to show a refused request changed nothing), minus heartbeats."""

@@ -1,7 +1,8 @@
 """Shared fixtures of the integration tier: real etcd clusters on loopback addresses.
 
 ``etcd_cluster`` is a module-scoped factory: ``etcd_cluster(hosts)`` returns an ``EtcdCluster``
-(not started) whose data dirs, logs and pidfiles live in a fresh temporary directory. Start it
+(not started, TLS with client certificates from a CA of its own) whose data dirs, logs,
+pidfiles and credentials live in a fresh temporary directory. Start it
 with ``await cluster.start()``; that call is idempotent (it restarts members a test killed and
 waits until all answer), so a function-scoped async fixture may call it before every test. Every
 member of every cluster the factory made is stopped when the module ends, pass or fail.
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
+from aecp.common.pki import ClusterCA
 from aecp.lab.etcd import EtcdCluster
 
 ETCD3_HOSTS = ("127.0.50.1", "127.0.50.2", "127.0.50.3")
@@ -30,8 +32,9 @@ def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeEtcdC
         hosts: Sequence[str] = ETCD3_HOSTS, *, client_port: int = 2379, peer_port: int = 2380
     ) -> EtcdCluster:
         base = tmp_path_factory.mktemp("etcd")
+        ca = ClusterCA.create(base / "pki", base.name)
         cluster = EtcdCluster.on_loopback(
-            base, hosts, client_port=client_port, peer_port=peer_port, token=base.name
+            base, hosts, ca, client_port=client_port, peer_port=peer_port, token=base.name
         )
         made.append(cluster)
         return cluster

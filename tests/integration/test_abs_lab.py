@@ -52,10 +52,8 @@ async def create_volume(kit: LabKit, name: str, size: str, replicas: int = 2) ->
 
 
 async def uri(kit: LabKit, name: str, node: str) -> str:
-    r = await kit.call("GET", f"/v1/volumes/{name}/export", params={"node": node})
-    assert r.status_code == 200, r.text
-    value: str = r.json()["uri"]
-    return value
+    """The volume through ``node``'s storage server (its local socket: QEMU's path)."""
+    return kit.nbd_uri(name, node)
 
 
 async def test_a_pattern_written_through_one_node_reads_back_through_another(kit: LabKit) -> None:
@@ -123,7 +121,7 @@ async def test_qemu_img_convert_and_nbdcopy_round_trip(kit: LabKit, tmp_path: Pa
 
 
 async def test_an_unknown_export_is_refused(kit: LabKit) -> None:
-    code, out = await tool("nbdinfo", "nbd://127.0.63.1:10809/no-such-volume", check=False)
+    code, out = await tool("nbdinfo", kit.nbd_uri("no-such-volume"), check=False)
     assert code != 0
     assert "no-such-volume" in out or "unknown" in out.lower()
 
@@ -167,7 +165,7 @@ async def test_a_second_access_point_fences_the_first(kit: LabKit) -> None:
     await create_volume(kit, "single", "8M")
     store = kit.etcd()
     meta = MetaService(store)
-    pool = ReplicaPool(meta)
+    pool = ReplicaPool(meta, auth=kit.replica_auth())
     lease = await store.grant_lease(30)
     try:
         first = await open_volume(meta, pool, "tester-a", "single", lease)

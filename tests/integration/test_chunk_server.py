@@ -5,6 +5,7 @@ mid-flight, and malformed frames."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -16,7 +17,9 @@ from typing import Any
 import pytest
 import uvloop
 
+from aecp.common.tls import Credentials
 from aecp.storage.chunk.api import ReplicaClient
+from aecp.storage.chunk.auth import ReplicaAuth, client_handshake
 from aecp.storage.chunk.client import ChunkClient, LocalChunkClient
 from aecp.storage.chunk.diskio import sector_crcs
 from aecp.storage.chunk.errors import (
@@ -30,10 +33,12 @@ from aecp.storage.chunk.errors import (
 )
 from aecp.storage.chunk.server import ChunkServer
 from aecp.storage.chunk.store import ReplicaStore
+from tests.pkikit import TestPKI
 
 pytestmark = pytest.mark.integration
 
 HOST = "127.0.46.1"
+SERVER = "n1"  # the node the chunk server runs as; clients run as "n2"
 MIB = 1 << 20
 BLOCK = 256 * 1024
 SECTOR = 4096
@@ -81,6 +86,28 @@ class StallingStore(ReplicaStore):
         await super().write(*args, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    return TestPKI(tmp_path_factory.mktemp("pki"), HOST)
+
+
+@pytest.fixture(autouse=True)
+def _credentials(pki: TestPKI) -> None:
+    CREDENTIALS["server"] = pki.replica_auth(SERVER)
+    CREDENTIALS["client"] = pki.replica_auth("n2")
+
+
+CREDENTIALS: dict[str, Any] = {}
+
+
+def chunk_server(store: ReplicaStore, port: int = 0) -> ChunkServer:
+    return ChunkServer(store, HOST, port, auth=CREDENTIALS["server"])
+
+
+def chunk_client(port: int, timeout: float) -> ChunkClient:
+    return ChunkClient(HOST, port, node=SERVER, auth=CREDENTIALS["client"], timeout=timeout)
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[CountingStore]:
     s = CountingStore(tmp_path / "node")
@@ -90,7 +117,7 @@ async def store(tmp_path: Path) -> AsyncIterator[CountingStore]:
 
 @pytest.fixture
 async def server(store: ReplicaStore) -> AsyncIterator[ChunkServer]:
-    srv = ChunkServer(store, HOST, 0)
+    srv = chunk_server(store, 0)
     await srv.start()
     yield srv
     await srv.stop()
@@ -98,7 +125,7 @@ async def server(store: ReplicaStore) -> AsyncIterator[ChunkServer]:
 
 @pytest.fixture
 async def client(server: ChunkServer) -> AsyncIterator[ChunkClient]:
-    c = ChunkClient(HOST, server.port, timeout=30)
+    c = chunk_client(server.port, 30)
     yield c
     await c.close()
 
@@ -137,9 +164,9 @@ async def test_writes_started_at_once_are_answered_and_their_errors_cross_the_wi
     """Writes into blocks already written take the store's ``write_nowait`` path (no task on
     the server); their answers, errors included, are those of ``write``."""
     store = ReplicaStore(tmp_path / "node")
-    server = ChunkServer(store, HOST, 0)
+    server = chunk_server(store, 0)
     await server.start()
-    client = ChunkClient(HOST, server.port, timeout=30)
+    client = chunk_client(server.port, 30)
     try:
         await client.create("e1", 4 * MIB, epoch=1)
         await client.write("e1", 0, pattern(BLOCK, 0), epoch=1, generation=1)
@@ -266,10 +293,10 @@ async def test_a_server_stopped_mid_flight_fails_pending_requests_then_the_clien
     tmp_path: Path,
 ) -> None:
     store = StallingStore(tmp_path / "node", expect=8)
-    server = ChunkServer(store, HOST, 0)
+    server = chunk_server(store, 0)
     await server.start()
     port = server.port
-    client = ChunkClient(HOST, port, timeout=30)
+    client = chunk_client(port, 30)
     try:
         await client.create("e1", 4 * MIB)
         writes = [
@@ -285,7 +312,7 @@ async def test_a_server_stopped_mid_flight_fails_pending_requests_then_the_clien
         store.release.set()
         with pytest.raises(ReplicaUnavailable):
             await client.ping()
-        server = ChunkServer(store, HOST, port)
+        server = chunk_server(store, port)
         await server.start()
         await client.write("e1", 0, b"again" * 100, epoch=1, generation=2)
         assert await client.read("e1", 0, 500) == b"again" * 100
@@ -300,9 +327,9 @@ async def test_a_request_that_times_out_fails_the_connection_and_the_next_call_r
 ) -> None:
     store = StallingStore(tmp_path / "node")
     await store.create("e1", 4 * MIB)
-    server = ChunkServer(store, HOST, 0)
+    server = chunk_server(store, 0)
     await server.start()
-    client = ChunkClient(HOST, server.port, timeout=0.5)
+    client = chunk_client(server.port, 0.5)
     try:
         await client.ping()
         with pytest.raises(ReplicaUnavailable, match="no answer"):
@@ -320,32 +347,56 @@ async def test_an_unreachable_server_raises_replica_unavailable() -> None:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind((HOST, 0))
         port = probe.getsockname()[1]
-    client = ChunkClient(HOST, port, timeout=2)
+    client = chunk_client(port, 2)
     with pytest.raises(ReplicaUnavailable, match="cannot connect"):
         await client.ping()
     await client.close()
 
 
-async def test_a_malformed_frame_closes_that_connection_only(
+async def test_a_connection_that_does_not_authenticate_is_refused_and_others_go_on(
     server: ChunkServer, client: ChunkClient
 ) -> None:
+    await client.ping()
     reader, writer = await asyncio.open_connection(HOST, server.port)
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(64))
     await writer.drain()
-    assert await reader.read() == b""
+    with contextlib.suppress(ConnectionResetError):  # refused with unread bytes: a reset
+        while await reader.read(4096):
+            pass
     writer.close()
-    await writer.wait_closed()
+    with contextlib.suppress(ConnectionResetError):
+        await writer.wait_closed()
+    assert server.refused == 1
     await client.ping()
 
 
-def test_client_and_server_work_on_uvloop_whose_transports_are_no_asyncio_subclass(
-    tmp_path: Path,
+async def test_a_malformed_frame_after_authentication_closes_that_connection_only(
+    server: ChunkServer, client: ChunkClient
 ) -> None:
+    loop = asyncio.get_running_loop()
+    with socket.socket() as sock:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (HOST, server.port))
+        await client_handshake(sock, CREDENTIALS["client"], SERVER, 5)
+        await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(64))
+        assert await loop.sock_recv(sock, 4096) == b""
+    assert server.refused == 0
+    await client.ping()
+
+
+@pytest.mark.parametrize("encrypt", [False, True], ids=["signed", "tls"])
+def test_client_and_server_work_on_uvloop_whose_transports_are_no_asyncio_subclass(
+    tmp_path: Path, pki: TestPKI, encrypt: bool
+) -> None:
+    """The storage daemon runs on uvloop, whose TLS wrapper is what it returns as the
+    protocol of a connection made with ``ssl``."""
+
     async def scenario() -> None:
         async with ReplicaStore(tmp_path / "node") as store:
-            server = ChunkServer(store, HOST, 0)
+            server = ChunkServer(store, HOST, 0, auth=pki.replica_auth(SERVER, encrypt=encrypt))
             await server.start()
-            client = ChunkClient(HOST, server.port, timeout=30)
+            auth = pki.replica_auth("n2", encrypt=encrypt)
+            client = ChunkClient(HOST, server.port, node=SERVER, auth=auth, timeout=30)
             try:
                 await client.create("e1", 4 * MIB)
                 await client.write("e1", 0, pattern(SECTOR, 5), epoch=1, generation=1)
@@ -353,5 +404,69 @@ def test_client_and_server_work_on_uvloop_whose_transports_are_no_asyncio_subcla
             finally:
                 await client.close()
                 await server.stop()
+            assert server.refused == 0
 
     uvloop.run(scenario())
+
+
+# -- authentication (issue 11: "the replica protocol has no authentication in its code") ------
+
+
+async def test_a_client_without_a_node_certificate_of_this_cluster_is_refused(
+    server: ChunkServer, tmp_path: Path
+) -> None:
+    stranger = TestPKI(tmp_path / "other-ca", HOST).replica_auth("n2")
+    client = ChunkClient(HOST, server.port, node=SERVER, auth=stranger, timeout=5)
+    try:
+        with pytest.raises(ReplicaUnavailable, match="not issued by the cluster CA"):
+            await client.ping()
+    finally:
+        await client.close()
+    assert server.refused == 1
+
+
+async def test_a_client_role_certificate_is_refused_on_the_replica_protocol(
+    server: ChunkServer, pki: TestPKI
+) -> None:
+    for encrypt in (False, True):
+        admin = ReplicaAuth(Credentials(pki.ca.issue_client("admin")), encrypt)
+        client = ChunkClient(HOST, server.port, node=SERVER, auth=admin, timeout=5)
+        try:
+            with pytest.raises(ReplicaUnavailable):
+                await client.ping()
+        finally:
+            await client.close()
+    assert server.refused == 2
+
+
+async def test_the_client_refuses_a_server_that_is_not_the_node_it_meant_to_reach(
+    server: ChunkServer,
+) -> None:
+    client = ChunkClient(HOST, server.port, node="n3", auth=CREDENTIALS["client"], timeout=5)
+    try:
+        with pytest.raises(ReplicaUnavailable, match="expected 'n3'"):
+            await client.ping()
+    finally:
+        await client.close()
+
+
+async def test_with_encryption_on_the_protocol_runs_inside_mutual_tls(
+    store: ReplicaStore, pki: TestPKI
+) -> None:
+    server = ChunkServer(store, HOST, 0, auth=pki.replica_auth(SERVER, encrypt=True))
+    await server.start()
+    signed = ChunkClient(HOST, server.port, node=SERVER, auth=CREDENTIALS["client"], timeout=5)
+    encrypted = ChunkClient(
+        HOST, server.port, node=SERVER, auth=pki.replica_auth("n2", encrypt=True), timeout=5
+    )
+    try:
+        with pytest.raises(ReplicaUnavailable, match="requires encrypted"):
+            await signed.ping()
+        await encrypted.create("e1", 4 * MIB, epoch=1)
+        await encrypted.write("e1", 0, pattern(MIB, 3), epoch=1, generation=1)
+        assert await encrypted.read("e1", 0, MIB) == pattern(MIB, 3)
+    finally:
+        await signed.close()
+        await encrypted.close()
+        await server.stop()
+    assert server.refused == 1

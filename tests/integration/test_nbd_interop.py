@@ -1,4 +1,5 @@
-"""The NBD server against real peers: qemu-io, qemu-img, nbdinfo, nbdcopy and fio.
+"""The NBD server against real peers: qemu-io, qemu-img, nbdinfo, nbdcopy and fio, on the
+server's Unix socket (the path a node's QEMU takes; TLS on TCP: test_nbd_tls.py).
 
 The server runs in the test's event loop; the tools run as subprocesses (argv lists) so the
 loop keeps serving while they work.
@@ -10,8 +11,10 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import struct
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +36,6 @@ from tests.receivekit import fail_first_reservation
 
 pytestmark = pytest.mark.integration
 
-HOST = "127.0.45.1"
 DISK_SIZE = 64 << 20
 
 
@@ -44,8 +46,26 @@ class Served:
     opens: list[str] = field(default_factory=list)
 
     @property
+    def socket(self) -> Path:
+        assert self.server.unix_path is not None
+        return self.server.unix_path
+
+    def export_uri(self, name: str) -> str:
+        return f"nbd+unix:///{name}?socket={self.socket}"
+
+    @property
     def uri(self) -> str:
-        return f"nbd://{HOST}:{self.server.port}/disk"
+        return self.export_uri("disk")
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short directory for Unix sockets (a socket path has at most 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="nbd-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def sparse_file(path: Path, size: int) -> Path:
@@ -55,7 +75,7 @@ def sparse_file(path: Path, size: int) -> Path:
 
 
 @pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
+async def served(tmp_path: Path, sock_dir: Path) -> AsyncIterator[Served]:
     """A 64 MiB sparse file served as export ``disk``; each connection opens its own handle."""
     disk = sparse_file(tmp_path / "disk.raw", DISK_SIZE)
     opens: list[str] = []
@@ -69,7 +89,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
     async def list_exports() -> list[str]:
         return ["disk"]
 
-    server = NbdServer(HOST, 0, open_export, list_exports)
+    server = NbdServer(None, 0, open_export, list_exports, unix_path=sock_dir / "nbd.sock")
     await server.start()
     try:
         yield Served(server, disk, opens)
@@ -148,7 +168,7 @@ async def test_nbdinfo_map_shows_data_and_holes_after_a_write_and_a_trim(served:
 
 
 async def test_nbdinfo_lists_the_export_with_its_size(served: Served) -> None:
-    _, out = await run("nbdinfo", "--list", f"nbd://{HOST}:{served.server.port}")
+    _, out = await run("nbdinfo", "--list", served.export_uri(""))
     assert 'export="disk"' in out and f"export-size: {DISK_SIZE}" in out
     assert "base:allocation" in out
 
@@ -177,13 +197,13 @@ async def test_fio_random_writes_verify_over_nbd(served: Served, tmp_path: Path)
 
 
 async def test_an_unknown_export_is_refused_by_name(served: Served) -> None:
-    rc, out = await run("nbdinfo", f"nbd://{HOST}:{served.server.port}/nope", ok=False)
+    rc, out = await run("nbdinfo", served.export_uri("nope"), ok=False)
     assert rc != 0 and "nope" in out
     assert served.opens == []
 
 
 async def open_raw(served: Served) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection(HOST, served.server.port)
+    reader, writer = await asyncio.open_unix_connection(served.socket)
     greeting = await reader.readexactly(18)
     assert struct.unpack(">QQH", greeting)[:2] == (p.NBDMAGIC, p.IHAVEOPT)
     return reader, writer
@@ -365,7 +385,7 @@ class InstantDevice(BlockDevice):
 
 
 @pytest.fixture
-async def instant(tmp_path: Path) -> AsyncIterator[tuple[Served, InstantDevice]]:
+async def instant(tmp_path: Path, sock_dir: Path) -> AsyncIterator[tuple[Served, InstantDevice]]:
     device = InstantDevice(DISK_SIZE, fail_at=7 * 4096)
 
     async def open_export(name: str) -> BlockDevice:
@@ -376,7 +396,7 @@ async def instant(tmp_path: Path) -> AsyncIterator[tuple[Served, InstantDevice]]
     async def list_exports() -> list[str]:
         return ["disk"]
 
-    server = NbdServer(HOST, 0, open_export, list_exports)
+    server = NbdServer(None, 0, open_export, list_exports, unix_path=sock_dir / "nbd.sock")
     await server.start()
     try:
         yield Served(server, tmp_path / "unused"), device

@@ -130,9 +130,8 @@ class Guests:
 
 
 @contextlib.asynccontextmanager
-async def guests() -> AsyncIterator[Guests]:
-    # Short base path: unix socket paths must stay under 108 bytes.
-    g = Guests(Path(tempfile.mkdtemp(prefix="aecp-q-", dir="/tmp")))
+async def guests(prefix: str = "aecp-q-") -> AsyncIterator[Guests]:
+    g = Guests(Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp")))
     try:
         yield g
     finally:
@@ -175,8 +174,9 @@ async def test_a_vm_boots_its_disk_to_the_boot_marker_with_its_name_and_uuid(
     assert await vm_a.hv.state("vm-a") is RunState.RUNNING
     run = vm_a.guests.run_dir / "vm-a"
     assert int((run / "qemu.pid").read_text()) == vm_a.pid
-    assert (run / "qmp.sock").exists() and (run / "console.sock").exists()
-    assert [(i.name, i.pid) for i in vm_a.hv.instances()] == [("vm-a", vm_a.pid)]
+    [info] = vm_a.hv.instances()
+    assert (info.name, info.pid) == ("vm-a", vm_a.pid)
+    assert info.console_socket.is_socket() and info.console_socket.parent.name == ".sock"
 
 
 async def test_starting_a_running_vm_again_is_invalid_state(vm_a: BootedVm) -> None:
@@ -228,8 +228,9 @@ async def test_a_new_hypervisor_on_the_same_run_dir_reattaches_the_running_vm(
 async def test_an_acpi_shutdown_ends_in_stopped_and_returns_true(vm_a: BootedVm) -> None:
     hv = vm_a.hv
     assert await hv.shutdown("vm-a", 60) is True
-    seen = [e.kind for e in await next_event(hv, EventKind.STOPPED)]
-    assert seen[-2:] == [EventKind.GUEST_SHUTDOWN, EventKind.STOPPED]
+    events = await next_event(hv, EventKind.STOPPED)
+    assert [e.kind for e in events][-2:] == [EventKind.GUEST_SHUTDOWN, EventKind.STOPPED]
+    assert events[-2].detail["requested"] is True  # our press, not the guest's own decision
     assert await hv.state("vm-a") is RunState.STOPPED
     assert not pid_alive(vm_a.pid)
     assert hv.instances() == []
@@ -299,6 +300,29 @@ async def test_poweroff_stops_qemu_keeps_the_logs_and_is_idempotent(image: Path)
         run = g.run_dir / "vm-p"
         assert sorted(p.name for p in run.iterdir()) == ["console.log", "qemu.log"]
         await hv.poweroff("vm-p")
+
+
+async def test_a_vm_with_the_longest_name_starts_under_a_deep_run_dir_and_its_files_go(
+    image: Path,
+) -> None:
+    """Regression: the unix socket paths grew with the VM name and broke the 107-byte limit;
+    and a deleted VM's run directory and console log stayed behind."""
+    async with guests(prefix="aecp-q-" + "deep-" * 8) as g:
+        name = "r" * 57
+        hv = g.hypervisor()
+        info = await hv.start(make_spec(name, str(overlay(g.base, "vm-r"))))
+        g.pids.add(info.pid)
+        assert len(str(g.run_dir / name / "console.sock")) > 107  # where it used to be
+        with pytest.raises(InvalidState):
+            await hv.remove_files(name)
+        await hv.poweroff(name)
+        assert (g.run_dir / name / "console.log").exists()
+
+        await hv.remove_files(name)
+
+        assert not (g.run_dir / name).exists()
+        assert list((g.run_dir / ".sock").iterdir()) == []
+        await hv.remove_files(name)  # idempotent
 
 
 async def test_killing_qemu_from_outside_yields_a_stopped_event(image: Path) -> None:

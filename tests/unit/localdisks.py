@@ -48,8 +48,9 @@ class LocalDisks:
             disks.append(DiskSpec(path=str(p), format="qcow2"))
         return tuple(disks)
 
-    async def remove(self, spec: VMSpec) -> None:
+    async def remove(self, spec: VMSpec) -> list[str]:
         shutil.rmtree(self.root / spec.name, ignore_errors=True)
+        return []
 
     def disks(self, spec: VMSpec) -> tuple[DiskSpec, ...]:
         d = self.root / spec.name

@@ -82,7 +82,14 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
 class Harness:
     """Feeds client bytes to a session the way the server does; collects what it answers."""
 
-    def __init__(self, device: MemoryDevice | None = None, exports: tuple[str, ...] = ("disk",)):
+    def __init__(
+        self,
+        device: MemoryDevice | None = None,
+        exports: tuple[str, ...] = ("disk",),
+        *,
+        local: bool = True,
+        tls_offered: bool = True,
+    ):
         self.device = device or MemoryDevice()
         self.opened: list[MemoryDevice] = []
         self.exports = exports
@@ -96,7 +103,9 @@ class Harness:
         async def list_exports() -> list[str]:
             return list(self.exports)
 
-        self.session = NbdSession(open_export, list_exports, peer="test")
+        self.session = NbdSession(
+            open_export, list_exports, peer="test", local=local, tls_offered=tls_offered
+        )
         self.out = bytearray(self.session.greeting())
 
     def send(self, data: bytes) -> None:
@@ -260,7 +269,7 @@ def test_export_name_answers_size_and_flags_padded_unless_no_zeroes(no_zeroes: b
     assert h.session.state is State.TRANSMISSION
 
 
-@pytest.mark.parametrize("option", [p.Opt.STARTTLS, 4, 11, 0x7FFF])
+@pytest.mark.parametrize("option", [4, 11, 0x7FFF])
 def test_an_unknown_option_gets_err_unsup_and_parsing_goes_on(option: int) -> None:
     h = Harness()
     h.handshake()
@@ -727,3 +736,86 @@ def test_a_failed_payload_allocation_changes_nothing_in_the_parser(
     req = parser.next_event()
     assert req is not None and req.cookie == 7 and req.payload == payload
     assert intake.reserved == 0
+
+
+# -- TLS (issue 11: the NBD port served any volume, a running VM's boot disk included) --------
+
+
+def outside(exports: tuple[str, ...] = ("disk", "vm-boot"), **kw: Any) -> Harness:
+    h = Harness(exports=exports, local=False, **kw)
+    h.handshake()
+    return h
+
+
+def list_names(h: Harness) -> tuple[int, list[str]]:
+    h.send(p.encode_option(p.Opt.LIST))
+    names = []
+    while True:
+        _, rep, data = h.option_reply()
+        if rep != p.Rep.SERVER:
+            return rep, names
+        names.append(data[4:].decode())
+
+
+def test_without_tls_the_tcp_port_lists_nothing_and_opens_nothing() -> None:
+    h = outside()
+    assert list_names(h) == (p.Rep.ERR_TLS_REQD, [])
+    for opt in (p.Opt.GO, p.Opt.INFO):
+        h.send(p.encode_option(opt, go_data("vm-boot")))
+        assert h.option_reply()[1] == p.Rep.ERR_TLS_REQD
+    h.send(p.encode_option(p.Opt.STRUCTURED_REPLY))
+    assert h.option_reply()[1] == p.Rep.ERR_TLS_REQD
+    assert h.opened == [] and h.session.state is State.OPTIONS
+
+
+def test_export_name_without_tls_ends_the_session() -> None:
+    h = outside()
+    with pytest.raises(p.ProtocolError, match="TLS"):
+        h.send(p.encode_option(p.Opt.EXPORT_NAME, b"vm-boot"))
+    assert h.opened == []
+
+
+def test_after_starttls_only_the_granted_export_exists() -> None:
+    h = outside()
+    h.send(p.encode_option(p.Opt.STARTTLS))
+    assert h.option_reply()[1] == p.Rep.ACK and h.session.starttls
+    h.session.tls_established(frozenset({"disk"}))
+    assert list_names(h) == (p.Rep.ACK, ["disk"])
+    h.send(p.encode_option(p.Opt.GO, go_data("vm-boot")))
+    assert h.option_reply()[1] == p.Rep.ERR_UNKNOWN
+    h.send(p.encode_option(p.Opt.GO, go_data("disk")))
+    while h.option_reply()[1] != p.Rep.ACK:
+        pass
+    assert h.session.state is State.TRANSMISSION and h.session.export_name == "disk"
+
+
+def test_a_credential_that_grants_nothing_sees_nothing() -> None:
+    h = outside()
+    h.send(p.encode_option(p.Opt.STARTTLS))
+    h.option_reply()
+    h.session.tls_established(frozenset())
+    assert list_names(h) == (p.Rep.ACK, [])
+    h.send(p.encode_option(p.Opt.GO, go_data("disk")))
+    assert h.option_reply()[1] == p.Rep.ERR_UNKNOWN
+
+
+def test_starttls_is_refused_when_repeated_with_data_locally_or_unconfigured() -> None:
+    h = outside()
+    h.send(p.encode_option(p.Opt.STARTTLS, b"x"))
+    assert h.option_reply()[1] == p.Rep.ERR_INVALID
+    h.send(p.encode_option(p.Opt.STARTTLS))
+    h.option_reply()
+    h.session.tls_established(frozenset({"disk"}))
+    h.send(p.encode_option(p.Opt.STARTTLS))
+    assert h.option_reply()[1] == p.Rep.ERR_INVALID
+    for h in (Harness(local=True), Harness(local=False, tls_offered=False)):
+        h.handshake()
+        h.send(p.encode_option(p.Opt.STARTTLS))
+        assert h.option_reply()[1] == p.Rep.ERR_POLICY
+        assert not h.session.starttls
+
+
+def test_the_local_socket_sees_every_export_without_tls() -> None:
+    h = Harness(exports=("disk", "vm-boot"), local=True)
+    h.handshake()
+    assert list_names(h) == (p.Rep.ACK, ["disk", "vm-boot"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from aecp.compute.hypervisor import Accel, DiskSpec, InstanceSpec, NicSpec, PortForward
@@ -55,10 +56,11 @@ def test_the_process_is_headless_and_survives_a_guest_power_off() -> None:
 
 def test_runtime_files_are_the_pidfile_qmp_socket_and_logged_serial_console() -> None:
     argv = build_argv(spec(), PATHS)
+    sid = hashlib.sha256(b"vm-1").hexdigest()[:16]
     assert option(argv, "-pidfile") == ["/run/aecp/vm-1/qemu.pid"]
-    assert option(argv, "-qmp") == ["unix:/run/aecp/vm-1/qmp.sock,server=on,wait=off"]
+    assert option(argv, "-qmp") == [f"unix:/run/aecp/.sock/{sid}.qmp,server=on,wait=off"]
     assert option(argv, "-chardev") == [
-        "socket,id=console0,path=/run/aecp/vm-1/console.sock,server=on,wait=off,"
+        f"socket,id=console0,path=/run/aecp/.sock/{sid}.console,server=on,wait=off,"
         "logfile=/run/aecp/vm-1/console.log,logappend=on"
     ]
     assert option(argv, "-serial") == ["chardev:console0"]
@@ -133,7 +135,8 @@ def test_commas_in_values_are_doubled_as_qemu_requires() -> None:
     argv = build_argv(spec(name="vm,x", disks=(DiskSpec("/d/a,b.qcow2", boot=True),)), paths)
     assert option(argv, "-name") == ["guest=vm,,x,debug-threads=on"]
     assert option(argv, "-smbios") == [f"type=1,manufacturer=AECP,product=vm,,x,serial={UUID}"]
-    assert option(argv, "-qmp") == ["unix:/run/a,,b/vm,,x/qmp.sock,server=on,wait=off"]
+    assert option(argv, "-qmp") == [f"unix:{escape(paths.qmp_socket)},server=on,wait=off"]
+    assert option(argv, "-qmp")[0].startswith("unix:/run/a,,b/.sock/")
     assert option(argv, "-blockdev")[0].startswith(
         "driver=file,node-name=disk0-file,filename=/d/a,,b.qcow2,"
     )
@@ -150,6 +153,17 @@ def test_runtime_paths_keep_the_logs_out_of_the_transient_files() -> None:
     assert PATHS.run_dir == Path("/run/aecp/vm-1")
     assert set(PATHS.transient()) == {
         Path("/run/aecp/vm-1/qemu.pid"),
-        Path("/run/aecp/vm-1/qmp.sock"),
-        Path("/run/aecp/vm-1/console.sock"),
+        PATHS.qmp_socket,
+        PATHS.console_socket,
     }
+    assert PATHS.console_log not in PATHS.transient()
+
+
+def test_socket_paths_do_not_grow_with_the_vm_name() -> None:
+    """A unix socket path has at most 107 bytes: a long VM name must not push it over."""
+    short = RuntimePaths.for_instance(Path("/var/lib/aecp/run"), "a")
+    longest = RuntimePaths.for_instance(Path("/var/lib/aecp/run"), "a" * 63)
+    assert len(str(longest.qmp_socket)) == len(str(short.qmp_socket))
+    assert len(str(longest.console_socket)) == len(str(short.console_socket))
+    assert longest.qmp_socket != short.qmp_socket
+    assert longest.console_log == Path("/var/lib/aecp/run") / ("a" * 63) / "console.log"

@@ -41,10 +41,10 @@ class World:
         )
 
     async def reconcile(self, held: bool = True) -> list[str]:
-        sentences = self.rec.run_pass(await read_snapshot(self.store), held)
+        decisions = self.rec.run_pass(await read_snapshot(self.store), held)
         while self.rec.inflight:
             await asyncio.gather(*self.rec.inflight.values())
-        return sentences
+        return [d.sentence for d in decisions]
 
     async def status(self, name: str) -> VMStatus | None:
         got = await read(self.store, keys.vm_status(name), VMStatus)
@@ -164,4 +164,5 @@ async def test_a_failed_start_is_reported_and_retried_later(world: World, images
     await world.reconcile()
     st = await world.status("vm1")
     assert st is not None and st.state is VMState.ERROR and "missing" in st.message
-    assert await world.reconcile() == ["vm1 failed recently: retrying later"]
+    [sentence] = await world.reconcile()
+    assert sentence.startswith("vm1 failed (image tiny is missing") and "retrying later" in sentence

@@ -11,7 +11,13 @@ from aecp.conf.settings import load, parse
 
 
 def good() -> dict[str, object]:
-    return {"name": "node1", "address": "127.0.1.1", "data_dir": "/tmp/d", "images_dir": "/tmp/i"}
+    return {
+        "name": "node1",
+        "address": "127.0.1.1",
+        "data_dir": "/tmp/d",
+        "images_dir": "/tmp/i",
+        "security": {"tls_dir": "/tmp/pki"},
+    }
 
 
 def test_defaults_fill_the_groups() -> None:
@@ -50,3 +56,8 @@ def test_an_unreadable_or_non_json_file_is_a_config_error(tmp_path: Path) -> Non
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ConfigError, match="not JSON"):
         load(tmp_path / "bad.json")
+
+
+def test_a_data_dir_too_long_for_the_nbd_socket_is_refused() -> None:
+    with pytest.raises(ConfigError, match="data_dir: too long"):
+        parse(good() | {"data_dir": "/" + "d" * 100})

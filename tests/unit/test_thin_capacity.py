@@ -25,6 +25,7 @@ from aecp.store.memory import MemoryStore
 from tests.unit.abskit import BLOCK, EXTENT, Cluster
 from tests.unit.conftest import dump_store
 from tests.unit.test_abs_meta import add_servers
+from tests.unit.test_settings import good
 
 # ---- the replica store ----------------------------------------------------------------------
 
@@ -189,7 +190,7 @@ async def test_an_overcommit_ratio_of_one_admits_only_the_raw_capacity(
 
 
 def test_the_overcommit_ratio_must_be_positive_and_one_capacity_is_given() -> None:
-    base = {"name": "node1", "address": "127.0.1.1", "data_dir": "/d", "images_dir": "/i"}
+    base = good()
     with pytest.raises(ConfigError) as err:
         parse(base | {"storage": {"overcommit_ratio": 0}})
     assert "storage.overcommit_ratio" in " ".join(err.value.fields["problems"])

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from aecp.common.errors import InvalidState
+from aecp.common.errors import InvalidInput, InvalidState
+from aecp.model.base import check_name
 from aecp.model.vm import (
+    MAX_DATA_DISKS,
+    VM_NAME_MAX,
     Placement,
     Power,
     PowerOp,
+    VMCreate,
     VMSpec,
     VMState,
     VMStatus,
     apply_power_op,
     check_deletable,
     observed_state,
+    vm_of_volume,
 )
 
 
@@ -89,3 +94,47 @@ def test_observed_state_shows_unknown_when_the_node_is_unreachable() -> None:
     assert observed_state(spec(), placed, running, node_alive=True) is VMState.RUNNING
     assert observed_state(spec(), placed, running, node_alive=False) is VMState.UNKNOWN
     assert observed_state(spec(), None, None, node_alive=False) is VMState.PENDING
+
+
+def test_a_63_character_vm_name_is_refused_with_the_rule_its_volume_names_need() -> None:
+    with pytest.raises(InvalidInput) as err:
+        VMCreate(name="a" * 63, image="tiny").validate_fields()
+    assert err.value.fields["field"] == "name"
+    assert f"at most {VM_NAME_MAX} characters" in err.value.message
+    assert "<name>-boot" in err.value.message
+
+
+def test_every_name_derived_from_the_longest_vm_name_is_valid() -> None:
+    name = "a" * VM_NAME_MAX
+    VMCreate(name=name, image="tiny").validate_fields()
+    longest = VMSpec(
+        name=name, uuid="u", image="tiny", vcpus=1, memory_mib=64, data_disks_mib=[1] * 4
+    )
+    assert len(longest.volumes()) == 1 + MAX_DATA_DISKS
+    for volume in longest.volumes():
+        check_name("volume", volume)
+
+
+def test_a_volume_name_tells_which_vm_it_is_reserved_for() -> None:
+    assert vm_of_volume("web-boot") == "web"
+    assert vm_of_volume("web-data3") == "web"
+    assert vm_of_volume("a-boot-boot") == "a-boot"
+    assert vm_of_volume("scratch") is None
+    assert vm_of_volume("web-data0") is None
+    assert vm_of_volume("-boot") is None
+
+
+def test_a_vm_in_error_can_be_deleted_whatever_its_desired_power() -> None:
+    check_deletable(spec(Power.RUNNING), VMState.ERROR)
+
+
+def test_a_vm_whose_deletion_failed_is_shown_in_error_and_can_be_deleted_again() -> None:
+    deleting = spec(Power.STOPPED, deleting=True, op_id="op-del")
+    placed = Placement(node="n1", at=1.0)
+    failed = VMStatus(state=VMState.ERROR, node="n1", message="boom", failed_op="op-del")
+    assert observed_state(deleting, placed, failed, node_alive=True) is VMState.ERROR
+    check_deletable(deleting, VMState.ERROR)
+    older = failed.model_copy(update={"failed_op": "op-start"})  # from before the delete
+    assert observed_state(deleting, placed, older, node_alive=True) is VMState.DELETING
+    with pytest.raises(InvalidState, match="already being deleted"):
+        check_deletable(deleting, VMState.DELETING)

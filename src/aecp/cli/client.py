@@ -85,13 +85,15 @@ class Client:
     def wait_operation(
         self, op_id: str, on_update: Callable[[dict[str, Any]], None], timeout: float = 600
     ) -> dict[str, Any]:
-        """Poll the operation until it ends; returns it. ``ApiError`` if it failed."""
+        """Poll the operation until it ends; returns it. ``ApiError`` if it failed or was
+        cancelled (superseded by a later request, or its object deleted): it did not happen as
+        asked."""
         deadline = time.monotonic() + timeout
         while True:
             op: dict[str, Any] = self.get(f"/v1/operations/{op_id}")
             on_update(op)
-            if op["state"] == "failed":
-                raise ApiError(f"{op['kind']} {op['target']} failed: {op['error']}", body=op)
+            if op["state"] in ("failed", "cancelled"):
+                raise ApiError(f"{op['kind']} {op['target']} {op['state']}: {op['error']}", body=op)
             if op["state"] == "succeeded":
                 return op
             if time.monotonic() > deadline:

@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from aecp.cli import image, lab, node, ops, storage, template, vm, volume
+from aecp.cli import cluster, image, lab, node, ops, storage, template, vm, volume
 from aecp.cli.client import ApiError
 from aecp.cli.output import err_console
 from aecp.common.errors import AecpError
@@ -19,6 +19,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(cluster.app, name="cluster")
 app.add_typer(node.app, name="node")
 app.add_typer(vm.app, name="vm")
 app.add_typer(image.app, name="image")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import enum
 import json
 import sys
@@ -46,6 +47,11 @@ def emit(data: Any, fmt: Format, columns: Sequence[str] = (), title: str = "") -
     for row in rows:
         table.add_row(*(_cell(_get(row, c)) for c in columns))
     console.print(table)
+
+
+def iso_time(ts: float) -> str:
+    """A Unix time for people: ISO 8601 in UTC, to the second."""
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _get(row: dict[str, Any], path: str) -> Any:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 from aecp.cli.common import client
-from aecp.cli.output import Format, OutputOpt, emit
+from aecp.cli.output import Format, OutputOpt, emit, iso_time
+from aecp.common.pki import grant_credential, write_private
 
 app = typer.Typer(help="ABS volumes (replicated block storage).", no_args_is_help=True)
 COLS = [
@@ -19,8 +21,17 @@ COLS = [
     "extents_allocated",
     "extents_total",
     "attached_to",
+    "owner",
     "health",
 ]
+
+
+def _readable(vol: dict[str, Any]) -> dict[str, Any]:
+    """``vol`` with its owner as words ("VM web", "template gold", "-" when standalone)."""
+    owner = vol.get("owner")
+    kind = {"vm": "VM", "template": "template"}
+    words = f"{kind.get(owner['kind'], owner['kind'])} {owner['name']}" if owner else None
+    return {**vol, "owner": words}
 
 
 @app.command("create")
@@ -43,7 +54,8 @@ def create(
 def list_volumes(output: OutputOpt = Format.TABLE) -> None:
     """List volumes with allocated vs provisioned bytes and health."""
     with client() as c:
-        emit(c.get("/v1/volumes"), output, COLS)
+        vols = c.get("/v1/volumes")
+        emit(vols if output is Format.JSON else [_readable(v) for v in vols], output, COLS)
 
 
 @app.command("show")
@@ -55,7 +67,7 @@ def show(name: str, output: OutputOpt = Format.TABLE) -> None:
             emit(vol, output)
             return
         extents = vol.pop("extents")
-        emit(vol, output)
+        emit(_readable(vol), output)
         if extents:
             emit(
                 extents,
@@ -91,17 +103,72 @@ def delete(name: str, output: OutputOpt = Format.TABLE) -> None:
 @app.command("export")
 def export(
     name: str,
-    node: Annotated[str | None, typer.Option(help="serve via this node")] = None,
+    node: Annotated[str | None, typer.Option(help="serve through this node")] = None,
+    directory: Annotated[
+        Path | None,
+        typer.Option("--dir", help="where to write the credential (default: ./<name>-nbd-tls)"),
+    ] = None,
+    days: Annotated[int, typer.Option(help="days the credential is valid", min=1, max=366)] = 30,
     output: OutputOpt = Format.TABLE,
 ) -> None:
-    """Print the nbd:// URI at which any NBD client reads and writes the volume."""
+    """Let an outside NBD client read and write the volume over TLS.
+
+    Makes a client key and certificate here, under a CA of their own whose key is thrown away
+    (the client key never leaves this machine), registers that CA as the only credential that
+    may open the volume, writes the credential directory that QEMU, qemu-img, qemu-io, nbdinfo,
+    nbdcopy and fio read (ca-cert.pem, client-cert.pem, client-key.pem), and prints how to use
+    it. Revoke with: aecp volume unexport NAME.
+    """
+    target = (directory or Path(f"{name}-nbd-tls")).absolute()
+    if target.exists() and any(target.iterdir()):
+        raise typer.BadParameter(f"{target} exists and is not empty", param_hint="--dir")
+    own_ca, cert, key = grant_credential(f"aecp-export:{name}", days=days)
     with client() as c:
-        params = {"node": node} if node else {}
-        uri = c.get(f"/v1/volumes/{name}/export", params=params)["uri"]
+        body = {"client_ca_certificate": own_ca.decode(), "node": node}
+        grant = c.post(f"/v1/volumes/{name}/export", json=body)
+    # the cluster CA (to check the server) and the credential's own CA (QEMU checks its own
+    # certificate against the same file)
+    write_credentials(target, grant["ca_certificate"].encode() + own_ca, cert, key)
+    usage = export_usage(grant, target)
     if output is Format.JSON:
-        emit({"uri": uri}, output)
-    else:
-        typer.echo(uri)
+        emit({**grant, "credential_dir": str(target), **usage}, output)
+        return
+    typer.echo(
+        f"volume {name} is exported through {grant['node']} ({grant['address']}:"
+        f"{grant['port']}) until {iso_time(grant['expires_at'])}; credential in {target}\n"
+        f"  nbdinfo, nbdcopy, fio:  {usage['libnbd_uri']}\n"
+        f"  qemu-img, qemu-io:      {usage['qemu_args']}\n"
+        f"revoke it with: aecp volume unexport {name}"
+    )
+
+
+@app.command("unexport")
+def unexport(name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Revoke the volume's export: its credential opens nothing any more, and the connections
+    made with it are closed."""
+    with client() as c:
+        c.delete(f"/v1/volumes/{name}/export")
+    emit({"volume": name, "exported": False}, output)
+
+
+def write_credentials(target: Path, ca: bytes, cert: bytes, key: bytes) -> None:
+    """The directory layout QEMU's tls-creds-x509 and libnbd's tls-certificates read."""
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(target / "client-key.pem", key)
+    write_private(target / "client-cert.pem", cert)
+    write_private(target / "ca-cert.pem", ca)
+
+
+def export_usage(grant: dict[str, Any], creds: Path) -> dict[str, str]:
+    """How the usual NBD clients open an export with the credential in ``creds``."""
+    host, port, volume = grant["address"], grant["port"], grant["volume"]
+    return {
+        "libnbd_uri": f"{grant['uri']}?tls-certificates={creds}",
+        "qemu_args": (
+            f"--object tls-creds-x509,id=tls0,endpoint=client,dir={creds} --image-opts "
+            f"driver=nbd,host={host},port={port},export={volume},tls-creds=tls0"
+        ),
+    }
 
 
 snapshot_app = typer.Typer(help="Volume snapshots (O(1), independent).", no_args_is_help=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Protocol
 
+from aecp.cluster.opsend import end_with_vm, supersede
 from aecp.cluster.scheduler import choose_node
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AlreadyExists, Conflict, InvalidInput, NotFound
@@ -34,13 +36,28 @@ from aecp.store.typed import read
 log = logging.getLogger(__name__)
 
 
-class ClusterService:
-    """VM, node, image and operation requests over the cluster store."""
+class DiskRemover(Protocol):
+    async def remove(self, spec: VMSpec) -> list[str]:
+        """Delete the volumes ``spec``'s VM owns; returns those of its names left alone."""
+        ...
 
-    def __init__(self, store: Store, images_dir: Path, clock: Clock = SYSTEM_CLOCK) -> None:
+
+class ClusterService:
+    """VM, node, image and operation requests over the cluster store. ``disks`` deletes the
+    volumes of a VM deleted before it reached a node (a clone or a template's VM owns its
+    volumes from the start); without it (tests without storage) they are not touched."""
+
+    def __init__(
+        self,
+        store: Store,
+        images_dir: Path,
+        clock: Clock = SYSTEM_CLOCK,
+        disks: DiskRemover | None = None,
+    ) -> None:
         self.store = store
         self.images_dir = images_dir
         self.clock = clock
+        self.disks = disks
 
     # ---- reads -------------------------------------------------------------------------
     async def snapshot(self) -> Snapshot:
@@ -84,31 +101,52 @@ class ClusterService:
 
     # ---- VM create / power / delete -------------------------------------------------------
     async def create_vm(self, req: VMCreate) -> tuple[VMSpec, Operation]:
-        """Validate ``req`` fully, then store the spec and a ``vm.create`` operation atomically."""
+        """Validate ``req`` fully, then store the spec and a ``vm.create`` operation atomically
+        (while none of the VM's volume names is taken: the node creates them as its own)."""
         image = await self.validate_new(req)
         assert image is not None
         op = self.new_op("vm.create", req.name, f"creating from image {image.name}")
         spec = VMSpec.from_create(req, op.id, self.clock.wall())
-        await self.store_new(spec.model_copy(update={"source": f"image {image.name}"}), op)
+        spec = spec.model_copy(update={"source": f"image {image.name}"})
+        await self.store_new(spec, op, volumes_free=True)
         return spec, op
 
     async def validate_new(self, req: VMCreate, image: bool = True) -> ImageRecord | None:
         """Every check of a new VM that can be made before storing it (``image``: it boots
-        from an image, not from cloned volumes)."""
+        from an image, not from cloned volumes), including that no volume holds one of the
+        names its disks will have."""
         req.validate_fields()
         snap = await self.snapshot()
         if req.name in snap.vms:
             raise AlreadyExists(f"VM {req.name} already exists", field="name")
+        await self._check_volume_names(VMSpec.from_create(req, "", 0.0))
         self._check_fits(req, snap)
         return await self._usable_image(req.image) if image else None
 
-    async def store_new(self, spec: VMSpec, op: Operation) -> None:
-        """Store a new VM's spec and its operation in one transaction."""
+    async def _check_volume_names(self, spec: VMSpec) -> None:
+        """``AlreadyExists`` naming the first volume that already holds a name of ``spec``'s
+        disks: a VM never takes over a volume it did not create."""
+        for name in spec.volumes():
+            if await self.store.get(keys.abs_volume(name)) is not None:
+                raise AlreadyExists(
+                    f"volume {name} already exists and VM {spec.name} would keep its disk "
+                    f"there; choose another VM name (or delete the volume)",
+                    field="name",
+                    volume=name,
+                )
+
+    async def store_new(self, spec: VMSpec, op: Operation, volumes_free: bool = False) -> None:
+        """Store a new VM's spec and its operation in one transaction; ``volumes_free``: only
+        while no volume holds one of its disks' names (``AlreadyExists`` naming it)."""
+        cmp = [Compare.absent(keys.vm_spec(spec.name))]
+        if volumes_free:
+            cmp += [Compare.absent(keys.abs_volume(v)) for v in spec.volumes()]
         ok = await self.store.txn(
-            [Compare.absent(keys.vm_spec(spec.name))],
-            [Put(keys.vm_spec(spec.name), spec.dump()), Put(keys.op(op.id), op.dump())],
+            cmp, [Put(keys.vm_spec(spec.name), spec.dump()), Put(keys.op(op.id), op.dump())]
         )
         if not ok:
+            if await self.store.get(keys.vm_spec(spec.name)) is None:
+                await self._check_volume_names(spec)
             raise AlreadyExists(f"VM {spec.name} already exists", field="name")
         log.info(
             "vm %s: created (%d vCPUs, %d MiB, %s) as %s",
@@ -145,7 +183,9 @@ class ClusterService:
         return record
 
     async def power(self, name: str, op: PowerOp) -> Operation:
-        """Apply a power operation; ``InvalidState`` when it is not valid in the VM's state."""
+        """Apply a power operation; ``InvalidState`` when it is not valid in the VM's state.
+        The VM's previous operation, if still running, is cancelled as superseded in the same
+        transaction."""
         for _ in range(5):
             entry, snap = await self.vm(name)
             new_op = self.new_op(f"vm.{op.value}", name, f"{op.value} requested")
@@ -156,29 +196,63 @@ class ClusterService:
         raise Conflict(f"VM {name} keeps changing; try again", vm=name)
 
     async def delete_vm(self, name: str) -> Operation:
-        """Delete a stopped VM: at once when it never reached a node, else via its node."""
+        """Delete a stopped (or failed) VM: at once when it never reached a node, else via
+        its node. Its previous operation, if still running, is superseded."""
         for _ in range(5):
             entry, snap = await self.vm(name)
             check_deletable(entry.spec, snap.vm_state(name))
             op = self.new_op("vm.delete", name, "delete requested")
             if entry.placement is None:
-                done = op.succeed("deleted", self.clock.wall())
-                ok = await self.store.txn(
-                    [Compare.unchanged(keys.vm_spec(name), entry.spec_rev)],
-                    [Delete(keys.vm_prefix(name), prefix=True), Put(keys.op(op.id), done.dump())],
-                )
-                if ok:
+                done = await self._delete_unplaced(entry, op)
+                if done is not None:
                     return done
                 continue
             spec = entry.spec.model_copy(update={"deleting": True, "op_id": op.id})
             if await self._swap_spec(entry, spec, op):
+                log.info("vm %s: delete requested as %s", name, op.id)
                 return op
         raise Conflict(f"VM {name} keeps changing; try again", vm=name)
 
+    async def _delete_unplaced(self, entry: VMEntry, op: Operation) -> Operation | None:
+        """Delete a VM no node has: its volumes (a clone's), then its keys with every open
+        operation on it ended, in one transaction. None if the VM changed or was placed
+        meanwhile (the caller tries again)."""
+        name = entry.spec.name
+        kept = await self.disks.remove(entry.spec) if self.disks is not None else []
+        now = self.clock.wall()
+        note = f"; volumes left alone (not its own): {', '.join(kept)}" if kept else ""
+        done = op.succeed("deleted" + note, now)
+        cmp, puts = await self._ending(entry, op.id)
+        cmp2, puts2 = await end_with_vm(
+            self.store, name, f"VM {name} was deleted", now, {entry.spec.op_id, op.id}
+        )
+        ok = await self.store.txn(
+            [
+                Compare.unchanged(keys.vm_spec(name), entry.spec_rev),
+                Compare.absent(keys.vm_placement(name)),
+                *cmp,
+                *cmp2,
+            ],
+            [
+                Delete(keys.vm_prefix(name), prefix=True),
+                Put(keys.op(op.id), done.dump()),
+                *puts,
+                *puts2,
+            ],
+        )
+        if ok:
+            log.info("vm %s: deleted at once (never placed) as %s", name, op.id)
+        return done if ok else None
+
+    async def _ending(self, entry: VMEntry, new_op: str) -> tuple[list[Compare], list[Put]]:
+        """Guards and writes that supersede the VM's current operation by ``new_op``."""
+        return await supersede(self.store, entry.spec.op_id, new_op, self.clock.wall())
+
     async def _swap_spec(self, entry: VMEntry, spec: VMSpec, op: Operation) -> bool:
+        cmp, puts = await self._ending(entry, op.id)
         return await self.store.txn(
-            [Compare.unchanged(keys.vm_spec(spec.name), entry.spec_rev)],
-            [Put(keys.vm_spec(spec.name), spec.dump()), Put(keys.op(op.id), op.dump())],
+            [Compare.unchanged(keys.vm_spec(spec.name), entry.spec_rev), *cmp],
+            [Put(keys.vm_spec(spec.name), spec.dump()), Put(keys.op(op.id), op.dump()), *puts],
         )
 
     def new_op(self, kind: str, target: str, message: str) -> Operation:

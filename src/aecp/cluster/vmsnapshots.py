@@ -26,6 +26,7 @@ from aecp.model.base import check_name
 from aecp.model.operation import Operation
 from aecp.model.template import TemplateRecord, template_volume
 from aecp.model.vm import Power, VMCreate, VMSpec, VMState
+from aecp.storage.meta.model import VolumeOwner
 from aecp.storage.snapshots import SnapshotService
 from aecp.store import keys
 from aecp.store.snapshot import VMEntry
@@ -123,6 +124,10 @@ class VMSnapshotService:
         return found
 
     # ---- clones and templates -------------------------------------------------------------
+    # A clone's or a template's volumes are made here, before its record is stored, and belong
+    # to it from the start (``VolumeOwner``); if anything fails before the record is stored,
+    # the volumes made so far are deleted again.
+
     async def clone(self, vm: str, new: str, start: bool = True) -> Operation:
         """A new VM with the same shape whose disks are O(1) clones of ``vm``'s."""
         entry, _ = await self.svc.vm(vm)
@@ -136,19 +141,20 @@ class VMSnapshotService:
             start=start,
         )
         await self.svc.validate_new(req, image=False)
-        targets = [new + v[len(vm) :] for v in spec.volumes()]
+        op, new_spec = self._new_spec(req, f"clone of {vm}")
+        pairs = list(zip(spec.volumes(), new_spec.volumes(), strict=True))
+        owner = VolumeOwner.vm(new_spec.name, new_spec.uuid)
         if self._live(entry):
             tmp = f"clone-{new}"
             await self.snapshot(vm, tmp)
             try:
-                for src, dst in zip(spec.volumes(), targets, strict=True):
-                    await self.snaps.clone(src, tmp, dst)
+                await self._clone_volumes(pairs, owner, snapshot=tmp)
             finally:
                 await self.delete(vm, tmp)
         else:
-            for src, dst in zip(spec.volumes(), targets, strict=True):
-                await self.snaps.clone_volume(src, dst)
-        return await self._store_clone(req, f"clone of {vm}", targets)
+            await self._clone_volumes(pairs, owner)
+        await self._store_clone(new_spec, op, owner)
+        return op
 
     async def convert_to_template(self, vm: str, template: str) -> TemplateRecord:
         """Freeze a stopped VM's disks as template ``template`` and delete the VM."""
@@ -159,8 +165,9 @@ class VMSnapshotService:
             raise AlreadyExists(f"template {template} already exists", field="template")
         spec = entry.spec
         vols = [template_volume(template, v, vm) for v in spec.volumes()]
-        for src, dst in zip(spec.volumes(), vols, strict=True):
-            await self.snaps.clone_volume(src, dst)
+        await self._check_template_volumes(template, vols)
+        owner = VolumeOwner.template(template)
+        await self._clone_volumes(list(zip(spec.volumes(), vols, strict=True)), owner)
         rec = TemplateRecord(
             name=template,
             vcpus=spec.vcpus,
@@ -171,10 +178,29 @@ class VMSnapshotService:
             created_at=self.svc.clock.wall(),
         )
         if not await self.svc.store.create(keys.template(template), rec.dump()):
+            await self._remove_volumes(vols, owner)
             raise AlreadyExists(f"template {template} already exists", field="template")
         await self.svc.delete_vm(vm)
         log.info("vm %s: converted to template %s", vm, template)
         return rec
+
+    async def _check_template_volumes(self, template: str, vols: list[str]) -> None:
+        """Every volume name of the template is valid and free (before anything is made)."""
+        for vol in vols:
+            try:
+                check_name("template", vol)
+            except InvalidInput:
+                raise InvalidInput(
+                    "template",
+                    f"{template!r} is too long: its volume {vol!r} would break the "
+                    "63-character name rule (template names leave room for tpl-<name>-data4)",
+                ) from None
+            if await self.svc.store.get(keys.abs_volume(vol)) is not None:
+                raise AlreadyExists(
+                    f"volume {vol} already exists; choose another template name",
+                    field="template",
+                    volume=vol,
+                )
 
     async def create_from_template(self, req: VMCreate) -> Operation:
         assert req.template is not None
@@ -188,24 +214,52 @@ class VMSnapshotService:
             }
         )
         await self.svc.validate_new(req, image=False)
-        targets = [req.name + v[len(f"tpl-{tpl.name}") :] for v in tpl.volumes]
-        for src, dst in zip(tpl.volumes, targets, strict=True):
-            await self.snaps.clone_volume(src, dst)
-        return await self._store_clone(req, f"template {tpl.name}", targets)
+        op, spec = self._new_spec(req, f"template {tpl.name}")
+        owner = VolumeOwner.vm(spec.name, spec.uuid)
+        await self._clone_volumes(list(zip(tpl.volumes, spec.volumes(), strict=True)), owner)
+        await self._store_clone(spec, op, owner)
+        return op
 
-    async def _store_clone(self, req: VMCreate, source: str, volumes: list[str]) -> Operation:
+    def _new_spec(self, req: VMCreate, source: str) -> tuple[Operation, VMSpec]:
         op = self.svc.new_op("vm.create", req.name, f"created as {source}")
         spec = VMSpec.from_create(req, op.id, self.svc.clock.wall()).model_copy(
             update={"disks_prepared": True, "source": source}
         )
+        return op, spec
+
+    async def _clone_volumes(
+        self, pairs: list[tuple[str, str]], owner: VolumeOwner, snapshot: str | None = None
+    ) -> None:
+        """Clone each ``(source, target)`` volume (from its ``snapshot`` if given) as
+        ``owner``'s: all of them, or none (those made are deleted again on failure)."""
+        made: list[str] = []
+        try:
+            for src, dst in pairs:
+                if snapshot is None:
+                    await self.snaps.clone_volume(src, dst, owner)
+                else:
+                    await self.snaps.clone(src, snapshot, dst, owner)
+                made.append(dst)
+        except BaseException:
+            await self._remove_volumes(made, owner)
+            raise
+
+    async def _remove_volumes(self, volumes: list[str], owner: VolumeOwner) -> None:
+        """Best effort: delete ``owner``'s ``volumes`` made for a record never stored."""
+        for vol in volumes:
+            try:
+                await self.snaps.pool.delete_replicas(
+                    await self.snaps.meta.delete_volume(vol, owner)
+                )
+            except AecpError as exc:
+                log.warning("volume %s of %s left behind: %s", vol, owner, exc)
+
+    async def _store_clone(self, spec: VMSpec, op: Operation, owner: VolumeOwner) -> None:
         try:
             await self.svc.store_new(spec, op)
-        except AlreadyExists:
-            for vol in volumes:
-                with contextlib.suppress(AecpError):
-                    await self.snaps.meta.delete_volume(vol)
+        except BaseException:
+            await self._remove_volumes(spec.volumes(), owner)
             raise
-        return op
 
     async def template(self, name: str) -> TemplateRecord:
         check_name("template", name)

@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
-from aecp.common.errors import NotFound
+from aecp.common.errors import NotFound, Unavailable
+from aecp.model.base import check_name
 from aecp.storage.chunk.errors import ChunkError
+from aecp.storage.exports import ExportGrant, Exports
 from aecp.storage.meta.model import (
     ExtentRecord,
     RecoveryRecord,
     StorageServer,
+    VolumeOwner,
     VolumeRecord,
     parse_size,
 )
@@ -54,6 +57,7 @@ class VolumePublic(BaseModel):
     attached_to: str | None
     epoch: int
     health: str
+    owner: VolumeOwner | None = None  # the VM or template whose disk it is; None: standalone
     extents: list[ExtentHealth] = []
 
 
@@ -88,10 +92,46 @@ class VolumeCreate(BaseModel):
     replicas: int | None = None
 
 
+class ExportCreate(BaseModel):
+    """The body of ``POST /v1/volumes/{name}/export``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client_ca_certificate: str = Field(
+        description="PEM of the CA certificate of the one client credential that may open "
+        "the volume: self-signed, path length 0 (the credential's own CA; `aecp volume export` "
+        "makes it and the client's key, which stays with the client)"
+    )
+    node: str | None = Field(None, description="serve through this node (default: the first)")
+
+
+class ExportPublic(BaseModel):
+    """An export: where outside NBD clients reach the volume, over TLS, with which credential."""
+
+    volume: str
+    node: str
+    address: str
+    port: int
+    uri: str = Field(description="nbds://address:port/volume (TLS required)")
+    fingerprint: str = Field(description="sha256 of the credential's CA certificate")
+    created_at: float
+    expires_at: float
+    ca_certificate: str = Field(description="the cluster CA (PEM): it signs the server's cert")
+
+
 class VolumeService:
-    def __init__(self, meta: MetaService, pool: ReplicaPool) -> None:
+    def __init__(
+        self,
+        meta: MetaService,
+        pool: ReplicaPool,
+        *,
+        ca_certificate: str = "",
+        exports: Exports | None = None,
+    ) -> None:
         self.meta = meta
         self.pool = pool
+        self.ca_certificate = ca_certificate
+        self.exports = exports or Exports(meta.store, meta.clock)
 
     async def create(self, req: VolumeCreate) -> VolumeRecord:
         return await self.meta.create_volume(req.name, parse_size("size", req.size), req.replicas)
@@ -121,6 +161,7 @@ class VolumeService:
             attached_to=att.node if att else None,
             epoch=vol.epoch,
             health="degraded" if degraded else "healthy",
+            owner=vol.owner,
             extents=list(healths) if detail else [],
         )
 
@@ -199,15 +240,54 @@ class VolumeService:
             warnings=warnings,
         )
 
-    async def export_uri(self, name: str, node: str | None) -> str:
-        await self.meta.volume(name)
+    async def export(self, name: str, req: ExportCreate, created_by: str) -> ExportPublic:
+        """Grant the client certificate of ``req`` access to the volume over NBD with TLS
+        (``storage/exports.py``); ``AlreadyExists`` if the volume is exported already."""
+        vol, _ = await self.meta.volume(name)
+        if req.node is not None:
+            check_name("node", req.node)
+        srv = await self._server(req.node)
+        grant = await self.exports.grant(vol, req.client_ca_certificate, srv.node, created_by)
+        return self._public(grant, srv)
+
+    async def export_info(self, name: str) -> ExportPublic:
+        grant = await self.exports.get(name)
+        servers = await self.meta.servers()
+        srv = servers.get(grant.node)
+        if srv is None:
+            raise Unavailable(
+                f"volume {name} is exported through node {grant.node}, whose storage server "
+                "is not running",
+                node=grant.node,
+            )
+        return self._public(grant, srv)
+
+    async def unexport(self, name: str) -> None:
+        """Revoke the volume's export: its credential opens nothing from now on, and its open
+        connections are closed within seconds."""
+        await self.exports.revoke(name)
+
+    async def _server(self, node: str | None) -> StorageServer:
         servers = await self.meta.servers()
         if not servers:
-            raise NotFound("no storage server is running")
+            raise Unavailable("no storage server is running")
         srv = servers.get(node) if node else next(iter(sorted(servers.items())))[1]
         if srv is None:
             raise NotFound(f"node {node} runs no storage server", node=node)
-        return f"nbd://{srv.address}:{srv.nbd_port}/{name}"
+        return srv
+
+    def _public(self, grant: ExportGrant, srv: StorageServer) -> ExportPublic:
+        return ExportPublic(
+            volume=grant.volume,
+            node=srv.node,
+            address=srv.address,
+            port=srv.nbd_port,
+            uri=f"nbds://{srv.address}:{srv.nbd_port}/{grant.volume}",
+            fingerprint=grant.fingerprint,
+            created_at=grant.created_at,
+            expires_at=grant.expires_at,
+            ca_certificate=self.ca_certificate,
+        )
 
 
 _LEVELS = ["ok", "warning", "critical"]

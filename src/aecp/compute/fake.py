@@ -56,6 +56,7 @@ class FakeHypervisor(Hypervisor):
         self.run_dir = run_dir
         self.guest_cooperates = guest_cooperates
         self.world: dict[str, FakeInstance] = {} if persistent is None else persistent
+        self.files: set[str] = set()  # instances whose runtime directory (logs) exists
         self._tracked: dict[str, FakeInstance] = {}
         self._events: asyncio.Queue[InstanceEvent] = asyncio.Queue()
         self.calls: list[tuple[str, str]] = []  # (method, name), for assertions
@@ -69,6 +70,7 @@ class FakeHypervisor(Hypervisor):
         self._launch(spec)
         inst = FakeInstance(spec, next(_PIDS), RunState.RUNNING)
         self.world[spec.name] = self._tracked[spec.name] = inst
+        self.files.add(spec.name)
         self._emit(spec.name, EventKind.STARTED)
         return self._info(inst)
 
@@ -91,7 +93,7 @@ class FakeHypervisor(Hypervisor):
         inst = self._require(name)
         clean = self.guest_cooperates and inst.state is RunState.RUNNING
         if clean:
-            self.guest_poweroff(name)
+            self.guest_poweroff(name, requested=True)
         elif name in self._tracked:
             self._gone(name)
         return clean
@@ -122,6 +124,12 @@ class FakeHypervisor(Hypervisor):
         inst.state = RunState.RUNNING
         self._emit(name, EventKind.RESUMED)
 
+    async def remove_files(self, name: str) -> None:
+        self.calls.append(("remove_files", name))
+        if name in self._tracked:
+            raise InvalidState(f"{name} is running", name=name)
+        self.files.discard(name)
+
     async def events(self) -> AsyncIterator[InstanceEvent]:
         while True:
             yield await self._events.get()
@@ -136,10 +144,11 @@ class FakeHypervisor(Hypervisor):
         self._require(name)
         self._gone(name, reason="process-exited")
 
-    def guest_poweroff(self, name: str) -> None:
-        """The guest powered itself off: GUEST_SHUTDOWN, then (QEMU quit) STOPPED."""
+    def guest_poweroff(self, name: str, requested: bool = False) -> None:
+        """The guest powered itself off (``requested``: in answer to ``shutdown``):
+        GUEST_SHUTDOWN, then (QEMU quit) STOPPED."""
         self._require(name).state = RunState.SHUTDOWN
-        self._emit(name, EventKind.GUEST_SHUTDOWN)
+        self._emit(name, EventKind.GUEST_SHUTDOWN, requested=requested)
         self._gone(name)
 
     def pending_events(self) -> list[InstanceEvent]:

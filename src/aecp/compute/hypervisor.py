@@ -4,9 +4,12 @@ A hypervisor runs *instances*: one QEMU process per VM on this node. Instances o
 that started them: a new ``Hypervisor`` object over the same ``run_dir`` re-attaches to every
 instance still running (``attach_all``).
 
-Per-instance runtime files live in ``run_dir/<name>/``: ``qemu.pid``, ``qmp.sock``,
-``console.sock`` (the serial console, a listening unix socket), ``console.log`` (everything the
-serial console printed, appended across boots), ``qemu.log`` (QEMU's own stderr).
+Per-instance runtime files live in ``run_dir/<name>/``: ``qemu.pid``, ``console.log``
+(everything the serial console printed, appended across boots), ``qemu.log`` (QEMU's own
+stderr); its unix sockets (QMP, and the serial console, ``InstanceInfo.console_socket``) live
+where the driver says, under ``run_dir``, at a path whose length does not grow with the VM's
+name. The logs outlive the process; ``remove_files`` deletes them with the directory when the VM
+is deleted.
 
 Error contract: a failed launch raises ``LaunchError`` (exit code, argv, output) after cleaning up;
 a command on an instance that is not running raises ``InvalidState``; any other failure of QEMU
@@ -39,7 +42,8 @@ class RunState(enum.StrEnum):
 
 @dataclass(frozen=True)
 class DiskSpec:
-    """A disk attached as virtio-blk. ``path`` is a local file or an ``nbd://`` URI."""
+    """A disk attached as virtio-blk. ``path`` is a local file or an NBD URI (``nbd://``,
+    ``nbd+unix://``)."""
 
     path: str
     format: str = "qcow2"  # "qcow2" | "raw"
@@ -92,7 +96,9 @@ class EventKind(enum.StrEnum):
     PAUSED = "paused"
     RESUMED = "resumed"
     RESET = "reset"
-    GUEST_SHUTDOWN = "guest-shutdown"  # the guest powered itself off
+    # the guest powered itself off; detail "requested" is True when it did so in answer to
+    # ``shutdown`` (our ACPI press), not by its own decision
+    GUEST_SHUTDOWN = "guest-shutdown"
     STOPPED = "stopped"  # the QEMU process is gone (after any cause)
     CRASHED = "crashed"
 
@@ -158,6 +164,11 @@ class Hypervisor(ABC):
     @abstractmethod
     async def resume(self, name: str) -> None:
         """Resume a paused instance. Post-condition: ``RUNNING``."""
+
+    @abstractmethod
+    async def remove_files(self, name: str) -> None:
+        """Delete everything the instance left on this node (``run_dir/<name>/`` with its
+        logs): its VM is being deleted. ``InvalidState`` if it is running. Idempotent."""
 
     @abstractmethod
     def events(self) -> AsyncIterator[InstanceEvent]:

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from aecp.common.errors import ConfigError
 from aecp.common.names import NAME_RE
 
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
+
 
 class StoreSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -53,11 +55,37 @@ class ApiSettings(BaseModel):
     port: int = Field(8700, ge=1, le=65535)
 
 
+class SecuritySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tls_dir: Path = Field(
+        description="this node's credentials from the cluster CA (ca.crt, tls.crt, tls.key, "
+        "mode 0600): etcd, replica and NBD TLS"
+    )
+    replica_encryption: bool = Field(
+        False,
+        description="encrypt replica traffic with TLS; when off each replica connection is "
+        "still authenticated both ways, but its stream is not encrypted (a dedicated storage "
+        "network)",
+    )
+
+
 class StorageSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     chunk_port: int = Field(8710, ge=1, le=65535, description="replica protocol port")
-    nbd_port: int = Field(10809, ge=1, le=65535, description="NBD export port")
+    nbd_port: int = Field(
+        10809, ge=1, le=65535, description="NBD port for outside clients (TLS required)"
+    )
+    nbd_handshake_timeout_s: float = Field(
+        10, gt=0, description="an NBD client that has not finished negotiating by then is dropped"
+    )
+    nbd_idle_timeout_s: float = Field(
+        600, gt=0, description="a TCP NBD connection without requests this long is closed"
+    )
+    nbd_max_connections_per_client: int = Field(
+        16, ge=1, description="TCP NBD connections one client address may hold at once"
+    )
     extent_mib: int = Field(256, ge=1, le=4096, description="extent size of new volumes")
     capacity_gib: int | None = Field(None, ge=1, description="space offered (default: disk)")
     capacity_mib: int | None = Field(
@@ -112,6 +140,7 @@ class NodeSettings(BaseModel):
     compute: ComputeSettings = Field(default_factory=lambda: ComputeSettings())
     api: ApiSettings = Field(default_factory=lambda: ApiSettings())
     storage: StorageSettings = Field(default_factory=lambda: StorageSettings())
+    security: SecuritySettings
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @property
@@ -129,6 +158,11 @@ class NodeSettings(BaseModel):
     @property
     def chunk_dir(self) -> Path:
         return self.data_dir / "chunks"
+
+    @property
+    def nbd_socket(self) -> Path:
+        """The Unix socket this node's QEMU reaches its storage server on (root only)."""
+        return self.run_dir / "nbd" / "nbd.sock"
 
 
 def load(path: Path) -> NodeSettings:
@@ -169,6 +203,11 @@ def _semantic_problems(s: NodeSettings) -> list[str]:
         problems.append("storage.capacity_mib: give capacity_gib or capacity_mib, not both")
     if not s.store.endpoints:
         problems.append("store.endpoints: at least one endpoint is needed")
+    if len(str(s.nbd_socket).encode()) > MAX_SOCKET_PATH:
+        problems.append(
+            f"data_dir: too long: the NBD socket {s.nbd_socket} would exceed the "
+            f"{MAX_SOCKET_PATH} bytes of a Unix socket path"
+        )
     for ep in s.store.endpoints:
         host, _, port = ep.rpartition(":")
         if not host or not port.isdigit():

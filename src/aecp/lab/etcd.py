@@ -1,6 +1,8 @@
 """etcd members as local processes, for the lab harness and the integration tests.
 
-Owns: the etcd command line (a pure function of a member, its cluster and the lab tuning);
+Owns: the etcd command line (a pure function of a member, its cluster and the lab tuning),
+with TLS on the client and peer URLs and client certificates required on both (every member
+presents its node's bundle from the cluster CA, ``common.pki``);
 starting a member detached from us (own session, output in a log file, pid in a pidfile beside
 its data dir) so it outlives the process that started it; stopping it (SIGTERM, then SIGKILL on
 timeout), crashing it (SIGKILL), freezing it (SIGSTOP/SIGCONT); and bringing a cluster up and
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from aecp.common.errors import InvalidState, StoreUnavailable
+from aecp.common.pki import Bundle, ClusterCA
 from aecp.common.proc import CommandFailed, pid_alive, pid_cmdline, read_pidfile
 from aecp.store.etcd import DEFAULT_TIMEOUT, EtcdStore
 
@@ -58,6 +61,7 @@ def etcd_argv(
     binary: str = ETCD_BINARY,
 ) -> list[str]:
     """The etcd command line for ``member`` (pure: no file or process is touched)."""
+    tls = member.tls
     return [
         binary,
         "--name", member.name,
@@ -77,11 +81,21 @@ def etcd_argv(
         "--auto-compaction-retention", str(tuning.compaction_retention_revisions),
         "--logger", "zap",
         "--log-level", tuning.log_level,
+        "--cert-file", str(tls.cert_file),
+        "--key-file", str(tls.key_file),
+        "--trusted-ca-file", str(tls.ca_file),
+        "--client-cert-auth",
+        "--peer-cert-file", str(tls.cert_file),
+        "--peer-key-file", str(tls.key_file),
+        "--peer-trusted-ca-file", str(tls.ca_file),
+        "--peer-client-cert-auth",
     ]  # fmt: skip
 
 
 class EtcdMember:
-    """One etcd process: its name, addresses (``host:port``), data dir, log file and pidfile.
+    """One etcd process: its name, addresses (``host:port``), data dir, log file, pidfile and
+    TLS bundle (its node's: the certificate names the member's address and
+    ``pki.ETCD_SERVER_NAME``).
 
     The pidfile (``<name>.pid``) and, by default, the log file (``<name>.log``) live in the data
     dir's parent.
@@ -93,6 +107,7 @@ class EtcdMember:
         client_address: str,
         peer_address: str,
         data_dir: Path,
+        tls: Bundle,
         log_file: Path | None = None,
         *,
         tuning: EtcdTuning | None = None,
@@ -102,6 +117,7 @@ class EtcdMember:
         self.client_address = client_address
         self.peer_address = peer_address
         self.data_dir = Path(data_dir)
+        self.tls = tls
         self.log_file = log_file or self.data_dir.parent / f"{name}.log"
         self.pidfile = self.data_dir.parent / f"{name}.pid"
         self.tuning = tuning or EtcdTuning()
@@ -114,11 +130,11 @@ class EtcdMember:
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.client_address}"
+        return f"https://{self.client_address}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.peer_address}"
+        return f"https://{self.peer_address}"
 
     def initial_cluster_state(self) -> ClusterState:
         """``existing`` once the data dir holds etcd state (a restart), else ``new``."""
@@ -244,12 +260,16 @@ class EtcdMember:
 
 
 class EtcdCluster:
-    """A set of members forming one etcd cluster (``--initial-cluster`` lists them all)."""
+    """A set of members forming one etcd cluster (``--initial-cluster`` lists them all), and the
+    bundle its clients present (``client_tls``)."""
 
-    def __init__(self, members: Sequence[EtcdMember], *, token: str = "aecp-lab") -> None:
+    def __init__(
+        self, members: Sequence[EtcdMember], *, client_tls: Bundle, token: str = "aecp-lab"
+    ) -> None:
         if not members:
             raise ValueError("an etcd cluster needs at least one member")
         self.members = list(members)
+        self.client_tls = client_tls
         self.token = token
 
     @classmethod
@@ -257,25 +277,33 @@ class EtcdCluster:
         cls,
         base_dir: Path,
         hosts: Sequence[str],
+        ca: ClusterCA,
         *,
+        nodes: Sequence[str] | None = None,
+        client_role: str = "admin",
         client_port: int = 2379,
         peer_port: int = 2380,
         token: str = "aecp-lab",
         tuning: EtcdTuning | None = None,
     ) -> EtcdCluster:
         """Members ``etcd1..N`` on the given loopback addresses (one address each), with data
-        dirs, logs and pidfiles under ``base_dir``."""
+        dirs, logs and pidfiles under ``base_dir``. Member i presents the bundle of node
+        ``nodes[i]`` (default ``etcd<i>``) and clients the ``client_role`` bundle, each issued
+        by ``ca`` if missing."""
+        names = list(nodes or [f"etcd{i}" for i in range(1, len(hosts) + 1)])
         members = [
             EtcdMember(
                 f"etcd{i}",
                 f"{host}:{client_port}",
                 f"{host}:{peer_port}",
                 Path(base_dir) / f"etcd{i}.data",
+                _issued(ca.node_bundle(node)) or ca.issue_node(node, loopback_sans(host)),
                 tuning=tuning,
             )
-            for i, host in enumerate(hosts, start=1)
+            for i, (host, node) in enumerate(zip(hosts, names, strict=True), start=1)
         ]
-        return cls(members, token=token)
+        client = _issued(ca.client_bundle(client_role)) or ca.issue_client(client_role)
+        return cls(members, client_tls=client, token=token)
 
     def member(self, name: str) -> EtcdMember:
         for m in self.members:
@@ -294,7 +322,8 @@ class EtcdCluster:
         self, endpoints: Sequence[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT
     ) -> EtcdStore:
         """A store on this cluster (every member, or ``endpoints``); the caller closes it."""
-        return EtcdStore(list(endpoints or self.client_endpoints()), timeout=timeout)
+        endpoints = list(endpoints or self.client_endpoints())
+        return EtcdStore(endpoints, tls=self.client_tls, timeout=timeout)
 
     def launch(self) -> list[EtcdMember]:
         """Start every member that is not running (synchronous); returns those started."""
@@ -314,7 +343,7 @@ class EtcdCluster:
         """Wait until every member answers a linearizable read (so a quorum and a leader exist)."""
         deadline = asyncio.get_running_loop().time() + timeout
         for m in self.members:
-            await _wait_member_ready(m, deadline)
+            await _wait_member_ready(m, self.client_tls, deadline)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop every member (soft, then hard), even if stopping one of them fails."""
@@ -333,9 +362,21 @@ class EtcdCluster:
             m.kill()
 
 
-async def _wait_member_ready(member: EtcdMember, deadline: float) -> None:
+def loopback_sans(address: str) -> list[str]:
+    """The IP addresses a loopback node's certificate names: its own and 127.0.0.1. etcd checks
+    a peer's (and a client's) certificate against the address it connects *from*, and on
+    loopback every connection comes from 127.0.0.1 whatever address it is aimed at."""
+    return [address, "127.0.0.1"] if address != "127.0.0.1" else [address]
+
+
+def _issued(bundle: Bundle) -> Bundle | None:
+    """``bundle`` if it was issued already."""
+    return bundle if bundle.cert_file.exists() else None
+
+
+async def _wait_member_ready(member: EtcdMember, tls: Bundle, deadline: float) -> None:
     loop = asyncio.get_running_loop()
-    store = EtcdStore([member.client_address], timeout=1.0)
+    store = EtcdStore([member.client_address], tls=tls, timeout=1.0)
     try:
         while True:
             if not member.is_running():

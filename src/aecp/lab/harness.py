@@ -5,7 +5,11 @@ and from tests (the same class).
 
 Layout of ``root``::
 
-    lab.json  token  cli.json  images/  etcd/  nodes/<node>/{node.json,agent.log,agent.pid,data/}
+    lab.json  token  cli.json  images/  etcd/  pki/  nodes/<node>/{node.json,agent.log,...,data/}
+
+``pki/`` is the cluster's certificate authority (``common.pki``): created by ``up`` with a
+bundle per node (its etcd member, its processes' etcd client, replica and NBD credentials) and
+one for the ``admin`` role (the lab's own tools: initialising the cluster, tests).
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ import httpx
 from pydantic import BaseModel, Field, field_validator
 
 from aecp.common.errors import InvalidInput, NotFound, Unavailable
+from aecp.common.pki import ClusterCA
 from aecp.common.proc import pid_alive, read_pidfile
-from aecp.lab.etcd import EtcdCluster, EtcdMember
+from aecp.conf import settings
+from aecp.conf.settings import NodeSettings
+from aecp.lab.etcd import EtcdCluster, EtcdMember, loopback_sans
 from aecp.lab.process import Daemon, kill_pidfiles
 from aecp.model.cluster import ClusterInfo, new_token
 from aecp.store import keys
@@ -88,6 +95,7 @@ class Lab:
         self.spec = spec
         self.images_dir = root / "images"
         self.token_file = root / "token"
+        self.ca = ClusterCA(root / "pki")
         self._etcd: EtcdCluster | None = None
 
     @classmethod
@@ -121,6 +129,10 @@ class Lab:
     def token(self) -> str:
         return self.token_file.read_text().strip()
 
+    def node_settings(self, name: str) -> NodeSettings:
+        """The settings the node's processes run with (its ``node.json``)."""
+        return settings.load(self.node_dir(name) / "node.json")
+
     def etcd_cluster(self) -> EtcdCluster:
         """The lab's etcd members (one object per lab, so members started here are tracked)."""
         if self._etcd is None:
@@ -132,6 +144,8 @@ class Lab:
         return EtcdCluster.on_loopback(
             self.root / "etcd",
             hosts,
+            self.ca,
+            nodes=self.node_names[: len(hosts)],
             client_port=self.spec.etcd_client_port,
             peer_port=self.spec.etcd_peer_port,
         )
@@ -175,6 +189,8 @@ class Lab:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "lab.json").write_text(self.spec.model_dump_json(indent=2))
         self.images_dir.mkdir(exist_ok=True)
+        progress("creating the cluster's certificate authority")
+        self._issue_credentials()
         progress("starting etcd")
         cluster = self.etcd_cluster()
         await cluster.start()
@@ -190,6 +206,13 @@ class Lab:
         if image is not None:
             progress("importing the tiny image")
             await self.import_image("tiny", image)
+
+    def _issue_credentials(self) -> None:
+        """The cluster CA, a bundle per node and one for the lab's own tools (``admin``)."""
+        ClusterCA.create(self.ca.root, self.spec.cluster_name)
+        for name in self.node_names:
+            self.ca.issue_node(name, loopback_sans(self.spec.address(self.index(name))))
+        self.ca.issue_client("admin")
 
     async def import_image(self, name: str, path: Path) -> None:
         """Upload ``path`` through the API as image ``name``."""
@@ -208,7 +231,7 @@ class Lab:
         self.token_file.touch(mode=0o600)
         self.token_file.write_text(token + "\n")
         info = ClusterInfo(name=self.spec.cluster_name, created_at=time.time(), token_sha256=digest)
-        store = EtcdStore(endpoints)
+        store = EtcdStore(endpoints, tls=self.etcd_cluster().client_tls)
         try:
             await store.put(keys.CLUSTER, info.dump())
         finally:
@@ -247,6 +270,7 @@ class Lab:
                 "probe_image": str(probe_image) if probe_image else None,
             },
             "api": {"port": self.spec.api_port},
+            "security": {"tls_dir": str(self.ca.node_bundle(name).dir)},
             "storage": {
                 "extent_mib": self.spec.extent_mib,
                 "recovery_grace_s": self.spec.recovery_grace_s,

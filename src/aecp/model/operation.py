@@ -1,4 +1,9 @@
-"""Operations: long-running requests as objects with a state and a progress figure."""
+"""Operations: long-running requests as objects with a state and a progress figure.
+
+Every operation ends: ``succeeded``, ``failed`` (``error`` says why) or ``cancelled`` (``error``
+says why: ``superseded by op-…`` when a later request on the same object overtook it, or the
+object was deleted). A finished operation never changes again.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ class OpState(enum.StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
     @property
     def done(self) -> bool:
@@ -20,7 +26,9 @@ class OpState(enum.StrEnum):
 
 class Operation(Stored):
     """``/aecp/ops/<id>``: created by the API with the request, finished by whoever carries it
-    out (the scheduler, the node agent). ``progress`` is 0-100."""
+    out (the scheduler, the node agent), or cancelled by the API when a later request on the
+    same object supersedes it (in the transaction that stores the later one). ``progress`` is
+    0-100."""
 
     id: str
     kind: str  # e.g. "vm.create", "vm.shutdown"
@@ -29,6 +37,7 @@ class Operation(Stored):
     progress: int = 0
     message: str = ""
     error: str = ""
+    superseded_by: str = ""  # the operation that cancelled this one, if any
     created_at: float
     updated_at: float
 
@@ -51,6 +60,21 @@ class Operation(Stored):
         return self.model_copy(
             update={"state": OpState.FAILED, "error": error, "message": error, "updated_at": now}
         )
+
+    def cancel(self, reason: str, now: float, superseded_by: str = "") -> Operation:
+        """Ended without being carried out to its end: ``reason`` says why."""
+        return self.model_copy(
+            update={
+                "state": OpState.CANCELLED,
+                "error": reason,
+                "message": reason,
+                "superseded_by": superseded_by,
+                "updated_at": now,
+            }
+        )
+
+    def superseded(self, by: str, now: float) -> Operation:
+        return self.cancel(f"superseded by {by}", now, superseded_by=by)
 
 
 def new_op_id() -> str:

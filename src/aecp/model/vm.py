@@ -9,6 +9,7 @@ the agent records the guest's decision in the spec (``power = stopped``) by comp
 from __future__ import annotations
 
 import enum
+import re
 import uuid as uuidlib
 from typing import Literal
 
@@ -19,6 +20,13 @@ from aecp.model.base import Stored, check_name
 
 MAX_DATA_DISKS = 4
 MAX_DATA_DISK_MIB = 1024 * 1024
+# a VM's volumes are named <vm>-boot and <vm>-data1..<vm>-data4, and must follow the 63-character
+# name rule themselves: so VM names are shorter
+VM_NAME_MAX = 63 - len(f"-data{MAX_DATA_DISKS}")
+VM_NAME_RULE = (
+    f"at most {VM_NAME_MAX} characters, so that the names of its volumes (<name>-boot, "
+    f"<name>-data1..<name>-data{MAX_DATA_DISKS}) stay within the 63-character name rule"
+)
 
 
 class Power(enum.StrEnum):
@@ -59,7 +67,7 @@ class VMCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="unique VM name: " + "1-63 of [a-z0-9-]")
+    name: str = Field(description=f"unique VM name: 1-{VM_NAME_MAX} of [a-z0-9-]")
     image: str = Field("", description="name of a registered image to boot from")
     vcpus: int = Field(1, description="virtual CPUs (1..the most any node has)")
     memory_mib: int = Field(256, description="memory in MiB (>= 64)")
@@ -70,7 +78,7 @@ class VMCreate(BaseModel):
 
     def validate_fields(self) -> None:
         """Raise ``InvalidInput`` naming the first bad field (pure checks only)."""
-        check_name("name", self.name)
+        check_vm_name("name", self.name)
         if self.template is None or self.image:
             check_name("image", self.image)
         if self.template is not None:
@@ -150,7 +158,19 @@ class VMStatus(Stored):
     boots: int = 0
     reboot_seq: int = 0
     disks_ready: bool = False  # the VM's volumes exist and the boot volume holds its image
+    failed_op: str = ""  # state error: the operation whose action failed
     updated_at: float = 0.0
+
+
+def check_vm_name(field: str, name: str) -> str:
+    """``name`` if it is a valid VM name (the object name rule, and short enough that every
+    name derived from it is valid too), else ``InvalidInput`` for ``field`` stating the rule."""
+    check_name(field, name)
+    if len(name) > VM_NAME_MAX:
+        raise InvalidInput(
+            field, f"{name!r} is {len(name)} characters; a VM name has {VM_NAME_RULE}"
+        )
+    return name
 
 
 def boot_volume(vm: str) -> str:
@@ -159,6 +179,18 @@ def boot_volume(vm: str) -> str:
 
 def data_volume(vm: str, index: int) -> str:
     return f"{vm}-data{index}"
+
+
+_DATA_VOLUME = re.compile(r"^(?P<vm>.+)-data[1-9][0-9]*$")
+
+
+def vm_of_volume(volume: str) -> str | None:
+    """The VM whose disk ``volume`` would be by its name (``x-boot``, ``x-data2`` → ``x``), or
+    None: such names are reserved for that VM while it exists."""
+    if volume.endswith("-boot") and len(volume) > len("-boot"):
+        return volume[: -len("-boot")]
+    m = _DATA_VOLUME.match(volume)
+    return m["vm"] if m else None
 
 
 def apply_power_op(op: PowerOp, spec: VMSpec, state: VMState, op_id: str) -> VMSpec:
@@ -201,7 +233,11 @@ _AT_REST = frozenset(
 
 
 def check_deletable(spec: VMSpec, state: VMState) -> None:
-    """Raise ``InvalidState`` unless the VM is stopped (power it off first)."""
+    """Raise ``InvalidState`` unless the VM may be deleted: it is stopped (power it off first),
+    or in state ``error`` whatever its desired power (the delete powers it off): a VM whose
+    action failed, its deletion included, can always be deleted (again)."""
+    if state is VMState.ERROR:
+        return
     if spec.deleting:
         raise InvalidState(f"VM {spec.name} is already being deleted", state=state.value)
     if spec.power is not Power.STOPPED or state not in _AT_REST:
@@ -224,8 +260,11 @@ def _require(spec: VMSpec, state: VMState, op: PowerOp, ok: bool, why: str) -> N
 def observed_state(
     spec: VMSpec, placement: Placement | None, status: VMStatus | None, node_alive: bool
 ) -> VMState:
-    """The state to show for a VM, from its three keys and whether its node is alive."""
+    """The state to show for a VM, from its three keys and whether its node is alive. A VM
+    being deleted is ``deleting``, or ``error`` once its deletion failed."""
     if spec.deleting:
+        if status is not None and status.state is VMState.ERROR and status.failed_op == spec.op_id:
+            return VMState.ERROR
         return VMState.DELETING
     if placement is None:
         if status is not None and status.state is VMState.UNSCHEDULABLE:

@@ -27,15 +27,18 @@ from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, StoreUnavailable
+from aecp.common.pki import Bundle
 from aecp.common.tasks import cancel, spawn
-from aecp.compute.hypervisor import Accel, EventKind, Hypervisor, RunState
+from aecp.common.tls import Credentials
+from aecp.compute.hypervisor import Accel, Hypervisor, RunState
 from aecp.conf.settings import NodeSettings
 from aecp.model.node import NodeHeartbeat, NodeRecord
 from aecp.node import host
 from aecp.node.lease import LeaseKeeper
-from aecp.node.reconciler import Reconciler
+from aecp.node.reconciler import Decision, Reconciler, Say
 from aecp.node.vmdisks import VMDisks
 from aecp.node.vmops import VMActions
+from aecp.storage.chunk.auth import ReplicaAuth
 from aecp.storage.meta.model import MIB
 from aecp.storage.meta.service import MetaService
 from aecp.storage.pool import ReplicaPool
@@ -73,8 +76,12 @@ class NodeAgent:
             clock,
             overcommit_ratio=settings.storage.overcommit_ratio,
         )
-        self.volume_pool = ReplicaPool(self.meta)
-        vmdisks = VMDisks(self.meta, self.volume_pool, settings.address, settings.storage.nbd_port)
+        auth = ReplicaAuth(
+            Credentials(Bundle(settings.security.tls_dir)), settings.security.replica_encryption
+        )
+        self.volume_pool = ReplicaPool(self.meta, auth=auth)
+        vmdisks = VMDisks(self.meta, self.volume_pool, settings.nbd_socket)
+        self.vmdisks = vmdisks
         self.actions = VMActions(
             settings.name, settings.address, store, hv, vmdisks, settings.images_dir, accel, clock
         )
@@ -151,9 +158,10 @@ class NodeAgent:
             log.info("node %s: agent stopped (VMs keep running)", self.name)
 
     def _api_server(self) -> uvicorn.Server:
-        svc = ClusterService(self.store, self.s.images_dir, self.clock)
+        svc = ClusterService(self.store, self.s.images_dir, self.clock, disks=self.vmdisks)
         ctx = NodeContext(self.name, self.s.api_url, self.s.run_dir)
-        volumes = VolumeService(self.meta, self.volume_pool)
+        ca = Bundle(self.s.security.tls_dir).ca_file.read_text()
+        volumes = VolumeService(self.meta, self.volume_pool, ca_certificate=ca)
         vmsnaps = VMSnapshotService(
             svc, SnapshotService(self.meta, self.volume_pool), self.name, self
         )
@@ -235,8 +243,7 @@ class NodeAgent:
 
     async def _events_loop(self) -> None:
         async for ev in self.hv.events():
-            if ev.kind is EventKind.GUEST_SHUTDOWN:
-                self.reconciler.note_guest_poweroff(ev.name)
+            self.reconciler.note_event(ev)
             log.info("vm %s: hypervisor event %s", ev.name, ev.kind.value)
             self.dirty.set()
 
@@ -262,16 +269,18 @@ class NodeAgent:
             for sentence in await self.scheduler.run_pass():
                 log.info("scheduler: %s", sentence)
         snap = await read_snapshot(self.store)
-        for sentence in self.reconciler.run_pass(snap, held):
-            self._log_decision(sentence)
+        for decision in self.reconciler.run_pass(snap, held):
+            self._log_decision(decision)
 
-    def _log_decision(self, sentence: str) -> None:
-        vm = sentence.split(" ", 1)[0]
-        quiet = sentence.endswith(("as desired", "waiting for it"))
-        if quiet and self._last_decisions.get(vm) == sentence:
+    def _log_decision(self, d: Decision) -> None:
+        """Log a decision: steady states only when they change, retries at debug level."""
+        if d.say is Say.DEBUG:
+            log.debug("node %s: %s", self.name, d.sentence)
             return
-        self._last_decisions[vm] = sentence
-        log.info("node %s: %s", self.name, sentence)
+        if d.say is Say.ON_CHANGE and self._last_decisions.get(d.vm) == d.sentence:
+            return
+        self._last_decisions[d.vm] = d.sentence
+        log.info("node %s: %s", self.name, d.sentence)
 
 
 class _QuietServer(uvicorn.Server):

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from aecp.common import log as logsetup
+from aecp.common.pki import Bundle
 from aecp.compute.hypervisor import Accel
 from aecp.compute.images.tiny import default_cache_dir
 from aecp.compute.qemu.accel import probe_accel
@@ -36,7 +37,11 @@ async def run_node(settings: NodeSettings) -> None:
     for d in (settings.data_dir, settings.run_dir, settings.vm_dir, settings.images_dir):
         d.mkdir(parents=True, exist_ok=True)
     accel, reason = await decide_accel(settings)
-    store = EtcdStore(settings.store.endpoints, timeout=settings.store.timeout)
+    store = EtcdStore(
+        settings.store.endpoints,
+        tls=Bundle(settings.security.tls_dir),
+        timeout=settings.store.timeout,
+    )
     hv = QemuHypervisor(settings.run_dir, qemu_binary=settings.compute.qemu_binary, accel=accel)
     agent = NodeAgent(settings, store, hv, accel, reason)
     install_signal_handlers(agent)

@@ -3,20 +3,27 @@ instances it runs, and writes their status back.
 
 ``decide`` reads a snapshot and the hypervisor's instances and returns one ``Decision`` per VM:
 a sentence and, when something must change, an action. ``run_pass`` starts the actions as
-per-VM tasks (a slow ACPI shutdown of one VM never holds up another) and returns the sentences.
+per-VM tasks (a slow ACPI shutdown of one VM never holds up another) and returns the decisions.
 Actions never run while the node does not hold its lease.
+
+A failed action leaves the VM in state ``error`` with the reason (``VMActions.record_failure``)
+and is retried after a back-off that doubles from ``RETRY_FIRST`` up to ``RETRY_MAX`` seconds;
+a new request on the VM (its spec changed) is acted on at once. A failure is logged when its
+reason changes, not at every retry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import enum
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from aecp.common.clock import SYSTEM_CLOCK, Clock
+from aecp.common.errors import AecpError
 from aecp.common.tasks import spawn
-from aecp.compute.hypervisor import Hypervisor, InstanceInfo, RunState
+from aecp.compute.hypervisor import EventKind, Hypervisor, InstanceEvent, InstanceInfo, RunState
 from aecp.model.vm import Power, VMState, VMStatus
 from aecp.node.vmops import VMActions
 from aecp.store.snapshot import Snapshot, VMEntry
@@ -24,13 +31,36 @@ from aecp.store.snapshot import Snapshot, VMEntry
 log = logging.getLogger(__name__)
 
 Action = Callable[[], Awaitable[None]]
+RETRY_FIRST = 1.0  # s before the first retry of a failed action
+RETRY_MAX = 60.0  # s: the back-off stops growing here
 
 
-@dataclass(frozen=True)
+class Say(enum.Enum):
+    """How the agent logs a decision's sentence."""
+
+    ALWAYS = "always"
+    ON_CHANGE = "on-change"  # a steady state: only when the VM's last logged sentence differs
+    DEBUG = "debug"  # a retry of a failed action (its failure is logged when it changes)
+
+
+@dataclasses.dataclass(frozen=True)
 class Decision:
     vm: str
     sentence: str
     action: Action | None = None
+    op_id: str = ""  # the operation the action carries out
+    spec_rev: int = 0  # the spec it was decided on
+    say: Say = Say.ALWAYS
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """The last failed action of a VM: retried at ``retry_at`` unless its spec changed."""
+
+    error: str
+    spec_rev: int
+    attempts: int
+    retry_at: float
 
 
 class Reconciler:
@@ -44,7 +74,7 @@ class Reconciler:
         self.actions = actions
         self.clock = clock
         self.inflight: dict[str, asyncio.Task[None]] = {}
-        self.retry_at: dict[str, float] = {}
+        self.failures: dict[str, Failure] = {}
         self.guest_off: set[str] = set()
         self.held: set[str] = set()  # VMs paused for a snapshot: leave them alone
 
@@ -52,34 +82,79 @@ class Reconciler:
         """The guest of ``name`` powered itself off: record that, do not restart it."""
         self.guest_off.add(name)
 
-    def run_pass(self, snap: Snapshot, lease_held: bool) -> list[str]:
-        """Decide and start the actions; returns one sentence per decision."""
+    def note_event(self, ev: InstanceEvent) -> None:
+        """A hypervisor event. A guest power-off is the guest's own decision (to record as
+        the desired state) unless it answered our ACPI press: that one is a shutdown already
+        asked for, and must not override a request made since (a start, say)."""
+        if ev.kind is EventKind.GUEST_SHUTDOWN and not ev.detail.get("requested"):
+            self.note_guest_poweroff(ev.name)
+
+    def run_pass(self, snap: Snapshot, lease_held: bool) -> list[Decision]:
+        """Decide and start the actions; returns one decision (a sentence) per VM."""
         if not lease_held:
-            return ["this node does not hold its lease: changing nothing"]
+            return [Decision("", "this node does not hold its lease: changing nothing")]
         decisions = self.decide(snap, {i.name: i for i in self.hv.instances()})
         for d in decisions:
             if d.action is not None:
                 self.inflight[d.vm] = spawn(self._run(d), name=f"vm-action-{d.vm}")
-        return [d.sentence for d in decisions]
+        return decisions
 
     async def _run(self, d: Decision) -> None:
+        assert d.action is not None
         try:
-            await d.action()  # type: ignore[misc]
-            self.retry_at.pop(d.vm, None)
+            await d.action()
+            self.failures.pop(d.vm, None)
         except Exception as exc:
-            log.exception("vm %s: action failed: %s", d.vm, exc)
-            self.retry_at[d.vm] = self.clock.monotonic() + 15
-            await self.actions.record_failure(d.vm, str(exc))
+            await self._failed(d, exc)
         finally:
             self.inflight.pop(d.vm, None)
 
+    async def _failed(self, d: Decision, exc: Exception) -> None:
+        """Back off, log the failure if its reason changed, and record it on the VM."""
+        error = str(exc) if isinstance(exc, AecpError) else f"{type(exc).__name__}: {exc}"
+        last = self.failures.get(d.vm)
+        attempts = last.attempts + 1 if last is not None and last.spec_rev == d.spec_rev else 1
+        delay = min(RETRY_FIRST * 2 ** (attempts - 1), RETRY_MAX)
+        self.failures[d.vm] = Failure(error, d.spec_rev, attempts, self.clock.monotonic() + delay)
+        if last is None or last.error != error:
+            log.error(
+                "vm %s: action failed: %s (retrying after a back-off of %.0f s, growing to %.0f s)",
+                d.vm,
+                error,
+                delay,
+                RETRY_MAX,
+                exc_info=not isinstance(exc, AecpError),  # a bug: its traceback, once
+            )
+        else:
+            log.debug("vm %s: action failed again (attempt %d): %s", d.vm, attempts, error)
+        try:
+            await self.actions.record_failure(d.vm, d.op_id, error)
+        except AecpError as rec_exc:
+            log.warning("vm %s: could not record the failure: %s", d.vm, rec_exc)
+
     def decide(self, snap: Snapshot, instances: dict[str, InstanceInfo]) -> list[Decision]:
         mine = {e.spec.name: e for e in snap.vms_on(self.node)}
+        for gone in set(self.failures) - set(mine) - set(instances):
+            del self.failures[gone]  # deleted, or moved away: nothing left to retry here
         out = [self._decide_vm(e, instances.get(n)) for n, e in sorted(mine.items())]
         for name in sorted(set(instances) - set(mine)):
             if name not in self.inflight:
-                out.append(self._orphan(name))
+                out.append(self._backing_off(name, 0) or self._orphan(name))
         return out
+
+    def _backing_off(self, name: str, spec_rev: int) -> Decision | None:
+        """A decision to wait if ``name``'s last action failed on this same spec and its
+        back-off has not passed; a changed spec (a new request) forgets the failure."""
+        failure = self.failures.get(name)
+        if failure is None:
+            return None
+        if failure.spec_rev != spec_rev:
+            del self.failures[name]
+            return None
+        if self.clock.monotonic() < failure.retry_at:
+            why = failure.error.splitlines()[0][:200] if failure.error else "?"
+            return Decision(name, f"{name} failed ({why}): retrying later", say=Say.ON_CHANGE)
+        return None
 
     def _orphan(self, name: str) -> Decision:
         return Decision(
@@ -89,13 +164,31 @@ class Reconciler:
         )
 
     def _decide_vm(self, e: VMEntry, inst: InstanceInfo | None) -> Decision:
+        """The decision for one VM of this node, with its action bound to this spec's
+        operation (a retry of a failed action is logged at debug level only)."""
         name = e.spec.name
         if name in self.inflight:
-            return Decision(name, f"{name} has an action in progress: waiting for it")
+            return Decision(
+                name, f"{name} has an action in progress: waiting for it", say=Say.ON_CHANGE
+            )
         if name in self.held:
-            return Decision(name, f"{name} is paused for a snapshot: waiting for it")
-        if self.clock.monotonic() < self.retry_at.get(name, 0):
-            return Decision(name, f"{name} failed recently: retrying later")
+            return Decision(
+                name, f"{name} is paused for a snapshot: waiting for it", say=Say.ON_CHANGE
+            )
+        waiting = self._backing_off(name, e.spec_rev)
+        if waiting is not None:
+            return waiting
+        d = self._decide_change(e, inst)
+        retry = name in self.failures and d.action is not None
+        return dataclasses.replace(
+            d,
+            op_id=e.spec.op_id,
+            spec_rev=e.spec_rev,
+            say=Say.DEBUG if retry else d.say,
+        )
+
+    def _decide_change(self, e: VMEntry, inst: InstanceInfo | None) -> Decision:
+        name = e.spec.name
         state = inst.state if inst else RunState.STOPPED
         if name in self.guest_off and not e.spec.deleting:
             return Decision(
@@ -119,7 +212,9 @@ class Reconciler:
                 lambda: self.actions.start(e),
             )
         if state is RunState.SHUTDOWN:
-            return Decision(name, f"{name}'s guest has powered off: waiting for QEMU to exit")
+            return Decision(
+                name, f"{name}'s guest has powered off: waiting for QEMU to exit", say=Say.ON_CHANGE
+            )
         if e.spec.power is Power.PAUSED:
             if state is RunState.RUNNING:
                 return Decision(
@@ -178,7 +273,7 @@ class Reconciler:
                 f"{name} is {state.value} as desired: finishing its operation",
                 lambda: self.actions.finish_op(e),
             )
-        return Decision(name, f"{name} is {state.value} as desired")
+        return Decision(name, f"{name} is {state.value} as desired", say=Say.ON_CHANGE)
 
 
 def status_changed(old: VMStatus | None, new: VMStatus) -> bool:

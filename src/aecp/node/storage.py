@@ -1,5 +1,8 @@
 """``aecp storage run``: a node's storage server — the local replica store served over the
-replica protocol, and every volume served over NBD through an access point on this node.
+replica protocol, and every volume served over NBD through an access point on this node: to
+this node's QEMU on a Unix socket only root can open, to outside clients over TCP with TLS,
+each seeing only the volume its credential is granted (``storage/exports.py``). Grants that
+are revoked or expire close their connections within ``GRANT_CHECK_EVERY`` seconds.
 
 The server registers ``/aecp/abs/servers/<node>`` on its own lease. Losing the lease (etcd
 unreachable) closes every export: their attachments vanished with the lease, so another access
@@ -25,15 +28,19 @@ from aecp.cluster.election import Election
 from aecp.common import log as logsetup
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, NotFound, Unavailable
+from aecp.common.pki import Bundle
 from aecp.common.tasks import cancel
+from aecp.common.tls import Credentials
 from aecp.conf.settings import NodeSettings
 from aecp.node.lease import LeaseKeeper
 from aecp.storage.access import VolumeDevice, open_volume
 from aecp.storage.blockdev import BlockDevice, Fenced, Span
+from aecp.storage.chunk.auth import ReplicaAuth
 from aecp.storage.chunk.server import ChunkServer
 from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.collect import OrphanCollector, collect_unreferenced
-from aecp.storage.frontends.nbd.server import NbdServer
+from aecp.storage.exports import GrantPolicy
+from aecp.storage.frontends.nbd.server import Limits, NbdServer
 from aecp.storage.frozen import FrozenRepairer
 from aecp.storage.meta.model import MIB, RecoveryRecord, StorageServer
 from aecp.storage.meta.service import MetaService
@@ -45,6 +52,7 @@ from aecp.store.etcd import EtcdStore
 
 log = logging.getLogger(__name__)
 REPORT_EVERY = 5.0
+GRANT_CHECK_EVERY = 2.0
 
 
 class _Handle(BlockDevice):
@@ -105,10 +113,26 @@ class StorageDaemon:
             clock,
             overcommit_ratio=settings.storage.overcommit_ratio,
         )
-        self.pool = ReplicaPool(self.meta, self.node, self.replicas)
-        self.chunk = ChunkServer(self.replicas, settings.address, settings.storage.chunk_port)
+        self.credentials = Credentials(Bundle(settings.security.tls_dir))
+        auth = ReplicaAuth(self.credentials, settings.security.replica_encryption)
+        self.pool = ReplicaPool(self.meta, self.node, self.replicas, auth=auth)
+        self.chunk = ChunkServer(
+            self.replicas, settings.address, settings.storage.chunk_port, auth=auth
+        )
+        self.grants = GrantPolicy(store, self.credentials, clock)
+        st = settings.storage
         self.nbd = NbdServer(
-            settings.address, settings.storage.nbd_port, self.open_export, self.list_exports
+            settings.address,
+            st.nbd_port,
+            self.open_export,
+            self.list_exports,
+            unix_path=settings.nbd_socket,
+            tls=self.grants,
+            limits=Limits(
+                handshake_timeout=st.nbd_handshake_timeout_s,
+                idle_timeout=st.nbd_idle_timeout_s,
+                max_per_client=st.nbd_max_connections_per_client,
+            ),
         )
         self.keeper = LeaseKeeper(
             store,
@@ -136,18 +160,20 @@ class StorageDaemon:
         report = asyncio.create_task(self._report_loop(), name=f"storage-report-{self.node}")
         repair = asyncio.create_task(self._recovery_loop(), name=f"recovery-{self.node}")
         scrub = asyncio.create_task(self._scrub_loop(), name=f"scrub-{self.node}")
+        grants = asyncio.create_task(self._grants_loop(), name=f"nbd-grants-{self.node}")
         log.info(
-            "node %s: storage server up: replicas on %s:%d, NBD on %s:%d",
+            "node %s: storage server up: replicas on %s:%d, NBD on %s:%d (TLS) and %s",
             self.node,
             self.s.address,
             self.s.storage.chunk_port,
             self.s.address,
             self.s.storage.nbd_port,
+            self.s.nbd_socket,
         )
         try:
             await self._stop.wait()
         finally:
-            await cancel(keeper, report, repair, scrub)
+            await cancel(keeper, report, repair, scrub, grants)
             await self.nbd.stop()
             await self._close_exports()
             await self.chunk.stop()
@@ -175,6 +201,19 @@ class StorageDaemon:
             chassis=self.s.storage.chassis,
         )
         await self.store.put(keys.abs_server(self.node), rec.dump(), lease=lease)
+
+    async def _grants_loop(self) -> None:
+        """Close the NBD connections whose credential was revoked or expired (an unreachable
+        store changes nothing: the grants are looked at again next time)."""
+        while True:
+            await asyncio.sleep(GRANT_CHECK_EVERY)
+            try:
+                valid = await self.grants.current()
+            except AecpError as exc:
+                log.debug("node %s: grants not checked: %s", self.node, exc)
+                continue
+            if closed := self.nbd.revoke(valid.__contains__):
+                log.warning("node %s: closed %d NBD connections: grant revoked", self.node, closed)
 
     async def _report_loop(self) -> None:
         """Refresh the published free space every few seconds (placement balances on it)."""
@@ -453,7 +492,11 @@ async def run_storage(settings: NodeSettings) -> None:
     """Run the storage server until SIGTERM/SIGINT."""
     logsetup.setup(settings.log_level)
     settings.chunk_dir.mkdir(parents=True, exist_ok=True)
-    store = EtcdStore(settings.store.endpoints, timeout=settings.store.timeout)
+    store = EtcdStore(
+        settings.store.endpoints,
+        tls=Bundle(settings.security.tls_dir),
+        timeout=settings.store.timeout,
+    )
     daemon = StorageDaemon(settings, store)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,6 +1,11 @@
 """What the node agent does to one VM: each method carries one change through — hypervisor,
 local disks, then status and operation in the store, in that order — so a crash between steps is
-repaired by the next reconcile pass (it re-reads both sides)."""
+repaired by the next reconcile pass (it re-reads both sides).
+
+Operations: an action finishes the operation of the spec it acted on, by compare-and-swap; if
+a later request superseded that operation meanwhile, the API has already cancelled it and it
+stays cancelled (a finished operation never changes). A failed action fails its own operation
+(never a later one) and records state ``error`` with the reason."""
 
 from __future__ import annotations
 
@@ -9,8 +14,9 @@ import logging
 import socket
 from pathlib import Path
 
+from aecp.cluster.opsend import end_with_vm, succeed
 from aecp.common.clock import SYSTEM_CLOCK, Clock
-from aecp.common.errors import ImageError
+from aecp.common.errors import Conflict, ImageError
 from aecp.compute.hypervisor import (
     Accel,
     Hypervisor,
@@ -144,12 +150,39 @@ class VMActions:
         await self._finish(e.spec, f"{e.spec.name} resumed")
 
     async def delete(self, e: VMEntry) -> None:
+        """Power off, delete the volumes the VM owns, remove its runtime files (logs
+        included), then delete its keys and end its operations in one transaction: a crash
+        anywhere before that leaves the spec saying ``deleting``, and the next pass goes on."""
         name = e.spec.name
         await self.hv.poweroff(name)
-        await self.disks.remove(e.spec)
-        await self.store.txn([], [Delete(keys.vm_prefix(name), prefix=True)])
+        kept = await self.disks.remove(e.spec)
+        await self.hv.remove_files(name)
+        note = f"; volumes not its own left alone: {', '.join(kept)}" if kept else ""
+        await self._delete_keys(name, f"{name} deleted{note}")
         self._status.pop(name, None)
-        await self._finish(e.spec, f"{name} deleted")
+
+    async def _delete_keys(self, name: str, message: str) -> None:
+        """Delete the VM's keys, succeed its current operation (the delete) and cancel any
+        other still open on it, in one transaction (retried if one of them changes)."""
+        for _ in range(5):
+            got = await read(self.store, keys.vm_spec(name), VMSpec)
+            if got is None:
+                return
+            spec, rev = got
+            now = self.clock.wall()
+            cmp, puts = await succeed(self.store, spec.op_id, message, now)
+            cmp2, puts2 = await end_with_vm(
+                self.store, name, f"VM {name} was deleted", now, {spec.op_id}
+            )
+            ok = await self.store.txn(
+                [Compare.unchanged(keys.vm_spec(name), rev), *cmp, *cmp2],
+                [Delete(keys.vm_prefix(name), prefix=True), *puts, *puts2],
+            )
+            if ok:
+                self._ops_done.add(spec.op_id)
+                log.info("vm %s: %s (operation %s)", name, message, spec.op_id or "none")
+                return
+        raise Conflict(f"VM {name} kept changing while its keys were deleted", vm=name)
 
     async def poweroff(self, name: str) -> None:
         await self.hv.poweroff(name)
@@ -182,20 +215,22 @@ class VMActions:
     def op_done(self, op_id: str) -> bool:
         return op_id in self._ops_done
 
-    async def record_failure(self, name: str, error: str) -> None:
-        got = await read(self.store, keys.vm_spec(name), VMSpec)
-        if got is None:
+    async def record_failure(self, name: str, op_id: str, error: str) -> None:
+        """Record that the action for operation ``op_id`` failed: state ``error`` with the
+        reason, and that operation failed (if it is still running)."""
+        if await self.store.get(keys.vm_spec(name)) is None:
             return
-        spec = got[0]
         status = VMStatus(
-            state=VMState.ERROR, node=self.node, message=error[:500], updated_at=self.clock.wall()
+            state=VMState.ERROR,
+            node=self.node,
+            message=error[:500],
+            failed_op=op_id,
+            updated_at=self.clock.wall(),
         )
         await self.store.put(keys.vm_status(name), status.dump())
         self._status[name] = status
-        if spec.op_id and await update_op(
-            self.store, spec.op_id, error=error[:500], clock=self.clock
-        ):
-            self._ops_done.add(spec.op_id)
+        if op_id and await update_op(self.store, op_id, error=error[:500], clock=self.clock):
+            self._ops_done.add(op_id)
 
     async def _finish(self, spec: VMSpec, message: str) -> None:
         if spec.op_id and spec.op_id not in self._ops_done:

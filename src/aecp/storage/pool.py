@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterable
 
 from aecp.storage.chunk.api import ReplicaClient
+from aecp.storage.chunk.auth import ReplicaAuth
 from aecp.storage.chunk.client import ChunkClient, LocalChunkClient
 from aecp.storage.chunk.errors import ChunkError, ExtentNotFound, ReplicaUnavailable
 from aecp.storage.chunk.store import ReplicaStore
@@ -19,7 +20,10 @@ log = logging.getLogger(__name__)
 
 class ReplicaPool:
     """``client(node)`` gives a ``ReplicaClient`` for ``node`` (``ReplicaUnavailable`` if the
-    node has no registered storage server)."""
+    node has no registered storage server).
+
+    Remote nodes are reached with ``auth`` (this node's credentials); a pool without it serves
+    only the clients given to it (``add``, the local store) and says so for any other node."""
 
     def __init__(
         self,
@@ -28,8 +32,11 @@ class ReplicaPool:
         local_store: ReplicaStore | None = None,
         timeout: float = 5.0,
         connections: int = 2,
+        *,
+        auth: ReplicaAuth | None = None,
     ) -> None:
         self.meta = meta
+        self.auth = auth
         self.local_node = local_node
         self.timeout = timeout
         self.connections = connections
@@ -53,8 +60,15 @@ class ReplicaPool:
                 srv = servers.get(node)
                 if srv is None:
                     raise ReplicaUnavailable(node, "the node has no storage server running")
+                if self.auth is None:
+                    raise ReplicaUnavailable(node, "this process has no replica credentials")
                 c = ChunkClient(
-                    srv.address, srv.chunk_port, timeout=self.timeout, connections=self.connections
+                    srv.address,
+                    srv.chunk_port,
+                    node=node,
+                    auth=self.auth,
+                    timeout=self.timeout,
+                    connections=self.connections,
                 )
                 self._clients[node] = c
             return c

@@ -35,6 +35,7 @@ from aecp.storage.meta.model import (
     AttachRecord,
     ExtentRecord,
     SnapshotRecord,
+    VolumeOwner,
     VolumeRecord,
     new_volume_uid,
     writable_in_place,
@@ -223,10 +224,14 @@ class SnapshotService:
             raise Conflict(f"snapshot {volume}@{name} changed; try again")
         return await self._reclaim({x for x in snap.extents if x})
 
-    async def clone(self, volume: str, name: str, new_volume: str) -> VolumeRecord:
-        """A new volume with the snapshot's content, in O(1): its table is the snapshot's."""
+    async def clone(
+        self, volume: str, name: str, new_volume: str, owner: VolumeOwner | None = None
+    ) -> VolumeRecord:
+        """A new volume (belonging to ``owner``) with the snapshot's content, in O(1): its
+        table is the snapshot's."""
         check_name("name", new_volume)
         snap, rev = await self.usable(volume, name)
+        guards = await self.meta.name_guards(new_volume, owner)
         servers = await self.meta.servers()
         if snap.replicas > len(servers):
             raise InvalidInput("replicas", f"{snap.replicas} replicas need as many nodes")
@@ -240,27 +245,34 @@ class SnapshotService:
             created_at=self.meta.clock.wall(),
             source=f"snapshot {volume}@{name}",
             uid=new_volume_uid(),
+            owner=owner,
         )
         ok = await self.store.txn(
             [
                 Compare.unchanged(keys.abs_snapshot(volume, name), rev),
                 Compare.absent(keys.abs_volume(new_volume)),
+                *guards,
             ],
             [Put(keys.abs_volume(new_volume), vol.dump())],
         )
         if not ok:
             if await self.store.get(keys.abs_volume(new_volume)):
                 raise AlreadyExists(f"volume {new_volume} already exists", field="name")
+            await self.meta.name_guards(new_volume, owner)
             raise Conflict(f"snapshot {volume}@{name} changed; try again")
         log.info("volume %s: cloned from %s@%s", new_volume, volume, name)
         return vol
 
-    async def clone_volume(self, source: str, new_volume: str) -> VolumeRecord:
-        """Clone a detached volume directly (O(1)): the new volume takes its table and the
-        source's extents become shared (the source copies on its next write too)."""
+    async def clone_volume(
+        self, source: str, new_volume: str, owner: VolumeOwner | None = None
+    ) -> VolumeRecord:
+        """Clone a detached volume directly (O(1)): the new volume (belonging to ``owner``)
+        takes its table and the source's extents become shared (the source copies on its next
+        write too)."""
         check_name("name", new_volume)
         await self.meta.wait_detached(source)
         for _ in range(RETRIES):
+            guards = await self.meta.name_guards(new_volume, owner)
             vol, rev = await self.meta.volume(source)
             await self.meta.check_provisioning(None, vol.size, vol.replicas)
             clone = VolumeRecord(
@@ -272,12 +284,14 @@ class SnapshotService:
                 created_at=self.meta.clock.wall(),
                 source=f"volume {source}",
                 uid=new_volume_uid(),
+                owner=owner,
             )
             ok = await self.store.txn(
                 [
                     Compare.unchanged(keys.abs_volume(source), rev),
                     Compare.absent(keys.abs_attach(source)),
                     Compare.absent(keys.abs_volume(new_volume)),
+                    *guards,
                 ],
                 [
                     Put(

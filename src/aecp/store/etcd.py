@@ -1,38 +1,62 @@
 """The etcd adapter of the cluster store: the only module that imports the etcd client (aetcd).
 
-Owns: turning the ``Store`` contract into etcd v3 calls over one gRPC channel, the deadline on
-every call, and the translation of client errors into ``StoreUnavailable`` / ``LeaseExpired``.
+Owns: turning the ``Store`` contract into etcd v3 calls over one gRPC channel secured with the
+cluster's TLS credentials, the deadline on every call, retrying what etcd's routine hiccups
+fail, and the translation of client errors into ``StoreUnavailable`` / ``LeaseExpired``.
 
-Connection: lazy. ``EtcdStore(endpoints)`` opens nothing; the first call opens one gRPC channel
-aimed at a multi-address target (``ipv4:a:p,b:p,c:p``, policy pick_first), so a member that
-refuses connections is skipped and a member that dies is replaced by the next one on the next
-call. ``wait_ready`` waits until the cluster answers a linearizable read. An RPC in flight when
-its member dies fails with ``StoreUnavailable``: nothing is known to have happened, and the caller
-decides whether to retry (the adapter never retries a write on its own). When the member that
-died led the cluster, writes fail the same way until the others elect a leader (1-2 s with the
-lab's tuning).
+TLS: etcd runs with client-certificate authentication (``lab/etcd.py``); the store presents
+the credential bundle it is given (``common.pki``: a node's or a client role's) and checks
+every member against the cluster CA under the one name all member certificates carry
+(``pki.ETCD_SERVER_NAME``). When ``aecp cluster rotate-certs`` replaces the bundle's files, the
+next call opens a new channel with them; calls and watches on the old channel end normally or
+break (``StoreUnavailable``), and their callers open them again.
 
-Deadline: every call, including opening a watch, gives up after ``timeout`` seconds (a gRPC
-deadline, plus an asyncio deadline slightly later as a backstop), so a wedged or partitioned etcd
-makes the caller see ``StoreUnavailable`` instead of hanging. A watch has no deadline, but gRPC
-keepalive pings break it (``StoreUnavailable``) about 15 s after its member stops answering.
+Connection: lazy. ``EtcdStore(endpoints, tls=...)`` opens nothing; the first call opens one gRPC
+channel aimed at a multi-address target (``ipv4:a:p,b:p,c:p``, policy pick_first), so a member
+that refuses connections is skipped and a member that dies is replaced by the next one.
+``wait_ready`` waits until the cluster answers a linearizable read.
+
+Retries (``_Retry``): a leader election, a member that died or a connection that broke are
+routine, so a call that fails with one of them is tried again with a short, growing backoff
+until its deadline — the whole call, retries included, still ends within ``timeout`` seconds.
+What is retried depends on what the failure leaves unknown:
+
+- the request was refused before etcd could act on it (no connection, "no leader", "not
+  leader", "unhealthy cluster", "too many requests"): every call is retried;
+- the request may have been carried out (its connection broke, "request timed out", the
+  deadline passed): reads, leases and unconditional puts and deletes are retried (doing them
+  twice is harmless); a conditional transaction is retried and, if the retry's compare fails,
+  counts as done when every key it writes holds its value and every key it deletes is gone
+  (its first attempt was applied); one with ``failure`` operations is not retried.
+
+Deadline: every attempt gives up after the time left (a gRPC deadline, plus an asyncio deadline
+slightly later as a backstop), so a wedged or partitioned etcd makes the caller see
+``StoreUnavailable`` instead of hanging. A watch has no deadline once open, but gRPC keepalive
+pings break it (``StoreUnavailable``) about 15 s after its member stops answering.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import ipaddress
 import logging
+import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc
+import aetcd.watcher
+import grpc
 
 from aecp.common import tasks
 from aecp.common.errors import LeaseExpired, StoreUnavailable
+from aecp.common.pki import ETCD_SERVER_NAME, Bundle
+from aecp.common.tls import RECHECK_S
 from aecp.store.base import (
     Compare,
     Delete,
@@ -129,44 +153,135 @@ def prefix_range(prefix: str) -> tuple[bytes, bytes]:
     return (start or b"\0"), b"\0"
 
 
+class _Retry(enum.Enum):
+    """What a call may do after a failure that leaves unknown whether etcd acted on it."""
+
+    AGAIN = "again"  # a read, a lease call or an idempotent write: just try again
+    VERIFY = "verify"  # a conditional transaction: try again, then check for its effects
+    NEVER = "never"  # give up (only failures before etcd could act are retried)
+
+
+#: details of gRPC UNAVAILABLE / FAILED_PRECONDITION errors that etcd or gRPC return before
+#: the request could have been carried out
+_REFUSED_BEFORE_ACTING = (
+    "failed to connect",
+    "no address available",
+    "no connection available",
+    "etcdserver: no leader",
+    "etcdserver: not leader",
+    "etcdserver: not capable",
+    "etcdserver: unhealthy cluster",
+    "etcdserver: too many requests",
+)
+_FIRST_BACKOFF, _MAX_BACKOFF = 0.05, 0.5
+
+
 class EtcdStore(Store):
     """The cluster store on an etcd v3 cluster.
 
     ``endpoints`` are ``"host:port"`` client addresses of the members (see ``grpc_target``);
-    ``timeout`` bounds every call. Connects lazily (see the module docstring); ``close()`` must be
+    ``tls`` the credential bundle the store presents (``common.pki``); ``timeout`` bounds every
+    call, its retries included. Connects lazily (see the module docstring); ``close()`` must be
     awaited when done, and the store is unusable afterwards.
     """
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, endpoints: Sequence[str], *, tls: Bundle, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.endpoints = list(endpoints)
         self.timeout = timeout
-        host, port = grpc_target(self.endpoints)
-        self._client: Any = aetcd.Client(
-            host=host, port=port, timeout=timeout, options=dict(CHANNEL_OPTIONS)
-        )
+        self.tls = tls
+        self._target = grpc_target(self.endpoints)
+        self._stamp: tuple[int, ...] | None = None
+        self._checked = 0.0
+        self._client: Any = None
+        self._retired: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.retries = 0  # calls tried again after a routine failure (for tests and logs)
 
     def __repr__(self) -> str:
         return f"EtcdStore({','.join(self.endpoints)})"
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    async def _call(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
-        """Run ``fn(client)`` under the deadline, translating client errors (module docstring)."""
+    def _current(self) -> Any:
+        """The client for this call: a new one when the credential files changed (the old one
+        is closed once calls in flight on it had their time)."""
+        now = time.monotonic()
+        if self._client is not None and now - self._checked < RECHECK_S:
+            return self._client
+        self._checked = now
+        stamp = self.tls.stamp()
+        if self._client is not None and stamp == self._stamp:
+            return self._client
+        try:
+            credentials = _channel_credentials(self.tls)
+        except OSError as exc:
+            if self._client is None:
+                raise self._unavailable("connect", f"cannot read TLS credentials: {exc}") from exc
+            log.warning("%r: TLS credentials not reloaded: %s", self, exc)
+            return self._client
+        old, self._stamp = self._client, stamp
+        host, port = self._target
+        self._client = _TlsClient(
+            credentials, host=host, port=port, timeout=self.timeout, options=dict(CHANNEL_OPTIONS)
+        )
+        if old is not None:
+            log.info("%r: TLS credentials changed: new connections use them", self)
+            task = tasks.spawn(self._retire(old), name=f"etcd-retire {self!r}")
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+        return self._client
+
+    async def _retire(self, client: Any) -> None:
+        await asyncio.sleep(self.timeout + _BACKSTOP)
+        with contextlib.suppress(*_CLEANUP_ERRORS):
+            async with asyncio.timeout(self.timeout):
+                await client.close()
+
+    async def _call(
+        self, what: str, fn: Callable[[Any], Awaitable[T]], retry: _Retry = _Retry.AGAIN
+    ) -> T:
+        """Run ``fn(client)``, retrying routine failures until the deadline (module docstring).
+        ``_Retry.VERIFY`` calls raise ``_Ambiguous`` for a failure they must check."""
         if self._closed:
             raise StoreUnavailable(f"etcd {what}: the store is closed", endpoints=self.endpoints)
-        try:
-            async with asyncio.timeout(self.timeout + _BACKSTOP):
-                return await fn(self._client)
-        except TimeoutError as e:
-            raise self._unavailable(what, f"no answer within {self.timeout:g} s") from e
-        except Exception as e:
-            translated = self._translate(what, e)
-            if translated is e:
-                raise
-            raise translated from e
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        backoff = _FIRST_BACKOFF
+        uncertain = False
+        while True:
+            left = deadline - loop.time()
+            try:
+                async with asyncio.timeout(left + _BACKSTOP):
+                    result = await fn(self._current())
+            except TimeoutError as e:
+                error: Exception = self._unavailable(what, f"no answer within {self.timeout:g} s")
+                cause: Exception = e
+            except Exception as e:
+                translated = self._translate(what, e)
+                if not isinstance(translated, StoreUnavailable):
+                    if translated is e:
+                        raise
+                    raise translated from e
+                error, cause = translated, e
+            else:
+                if uncertain and retry is _Retry.VERIFY:
+                    raise _Ambiguous(result)
+                return result
+            refused = _refused_before_acting(cause)
+            if not refused and retry is _Retry.NEVER:
+                raise error from cause
+            uncertain = uncertain or not refused
+            pause = min(backoff, _MAX_BACKOFF) * (0.5 + random.random() / 2)
+            if loop.time() + pause >= deadline - 0.05:
+                raise error from cause
+            self.retries += 1
+            log.debug("%r: %s failed (%s); trying again in %.2f s", self, what, error, pause)
+            await asyncio.sleep(pause)
+            backoff *= 2
 
     def _translate(self, what: str, error: Exception) -> Exception:
         """The contract's exception for a client error; other errors are returned unchanged."""
@@ -255,8 +370,30 @@ class EtcdStore(Store):
                 failure=[_op(c, op) for op in failure],
             )
 
-        succeeded, _ = await self._call("txn", run)
+        retry = _Retry.NEVER if failure else _Retry.VERIFY
+        try:
+            succeeded, _ = await self._call("txn", run, retry)
+        except _Ambiguous as amb:
+            succeeded, _ = amb.result
+            if not succeeded and success:
+                succeeded = await self._in_place(success)
+                if succeeded:
+                    log.info("%r: a transaction retried after a lost answer had been applied", self)
         return bool(succeeded)
+
+    async def _in_place(self, ops: Sequence[Op]) -> bool:
+        """True if every put of ``ops`` holds its value and every delete's keys are gone."""
+        for op in ops:
+            if isinstance(op, Put):
+                kv = await self.get(op.key)
+                if kv is None or kv.value != op.value:
+                    return False
+            elif op.prefix:
+                if await self.list(op.key):
+                    return False
+            elif await self.get(op.key) is not None:
+                return False
+        return True
 
     # -- leases --------------------------------------------------------------------------------
 
@@ -310,11 +447,79 @@ class EtcdStore(Store):
         if self._closed:
             return
         self._closed = True
+        await tasks.cancel(*self._retired)
+        if self._client is None:
+            return
         try:
             async with asyncio.timeout(self.timeout):
                 await self._client.close()
         except _CLEANUP_ERRORS as e:
             log.warning("%r: closing the etcd client failed: %r", self, e)
+
+
+class _Ambiguous(Exception):
+    """A conditional call answered only after a failure that may have applied it: ``result``
+    is the retry's answer, to be checked by the caller."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__("ambiguous")
+        self.result = result
+
+
+def _refused_before_acting(error: BaseException) -> bool:
+    """The failure happened before etcd could carry the request out (safe to send again)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        text = str(seen)
+        if any(marker in text for marker in _REFUSED_BEFORE_ACTING):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def _channel_credentials(bundle: Bundle) -> grpc.ChannelCredentials:
+    """gRPC credentials from a bundle: its certificate and key, the cluster CA as the only
+    root (read now; ``OSError`` if a file is missing)."""
+    ca, cert, key = (f.read_bytes() for f in bundle.files())
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+
+
+class _TlsClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client on a TLS channel (aetcd itself opens only insecure channels).
+
+    ``connect`` does what aetcd's does, with ``secure_channel`` and our credentials; every other
+    method is aetcd's own."""
+
+    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        options = dict(kwargs.pop("options", {}))
+        options["grpc.ssl_target_name_override"] = ETCD_SERVER_NAME
+        super().__init__(options=options, **kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # type: ignore[has-type]  # another task is connecting: wait for it
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        self._is_connecting = True
+        try:
+            target = f"{self._host}:{self._port}"
+            self.channel = aetcd.rpc.secure_channel(
+                target, self._credentials, options=list(self._options.items())
+            )
+            self.kvstub = aetcd.rpc.KVStub(self.channel)
+            self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+            self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+            self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(
+                aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
 
 
 class _WatchEvents:

@@ -18,6 +18,7 @@
     /aecp/abs/attach/<volume>          AttachRecord: the access point serving it (on its lease)
     /aecp/abs/recovery/<extent>        RecoveryRecord: a recovery copy and its progress
     /aecp/abs/snapshots/<vol>/<snap>   SnapshotRecord: a frozen extent table
+    /aecp/abs/exports/<volume>         ExportGrant: the client credential that may open it (NBD TLS)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ ABS_EXTENTS = ROOT + "abs/extents/"
 ABS_ATTACH = ROOT + "abs/attach/"
 ABS_RECOVERY = ROOT + "abs/recovery/"
 ABS_SNAPSHOTS = ROOT + "abs/snapshots/"
+ABS_EXPORTS = ROOT + "abs/exports/"
 ABS_EPOCH = ROOT + "abs/epoch"  # the last attach epoch handed out, cluster-wide
 
 
@@ -109,6 +111,10 @@ def abs_attach(volume: str) -> str:
 
 def abs_recovery(extent_id: str) -> str:
     return ABS_RECOVERY + extent_id
+
+
+def abs_export(volume: str) -> str:
+    return ABS_EXPORTS + volume
 
 
 def abs_snapshots(volume: str) -> str:

@@ -56,4 +56,6 @@ async def check_token(svc: ClusterService, token: str) -> None:
 
 
 Service = Annotated[ClusterService, Depends(service)]
+Principal = Annotated[str, Depends(authenticate)]
+"""The caller's name (the shared token's holder is ``admin``)."""
 Node = Annotated[NodeContext, Depends(node_context)]

@@ -11,7 +11,8 @@ on the virtio-net device ``nic<i>``; the serial console is chardev ``console0``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aecp.compute.hypervisor import Accel, DiskSpec, InstanceSpec, NicSpec
@@ -24,6 +25,9 @@ _CACHE_MODES: dict[str, tuple[str, str, str]] = {
     "writethrough": ("off", "off", "off"),
     "directsync": ("on", "off", "off"),
 }
+
+
+SOCKET_DIR = ".sock"  # under the run dir; no VM can have this name (names start alphanumeric)
 
 
 @dataclass(frozen=True)
@@ -39,16 +43,30 @@ class RuntimePaths:
 
     @classmethod
     def for_instance(cls, base: Path, name: str) -> RuntimePaths:
-        """The standard layout: ``base/<name>/`` holding ``qemu.pid``, ``qmp.sock``,
-        ``console.sock``, ``console.log`` and ``qemu.log``."""
+        """The standard layout: ``base/<name>/`` holding ``qemu.pid``, ``console.log`` and
+        ``qemu.log``; the unix sockets in ``base/.sock/`` as ``<id>.qmp`` and
+        ``<id>.console``, ``<id>`` a short digest of the name: a unix socket path has at most
+        107 bytes, so its length must not grow with the VM's name."""
         d = base / name
+        sockets = base / SOCKET_DIR
+        sid = hashlib.sha256(name.encode()).hexdigest()[:16]
         return cls(
             run_dir=d,
             pidfile=d / "qemu.pid",
-            qmp_socket=d / "qmp.sock",
-            console_socket=d / "console.sock",
+            qmp_socket=sockets / f"{sid}.qmp",
+            console_socket=sockets / f"{sid}.console",
             console_log=d / "console.log",
             qemu_log=d / "qemu.log",
+        )
+
+    @classmethod
+    def before_sockets_moved(cls, base: Path, name: str) -> RuntimePaths:
+        """The layout of instances started by an older agent: sockets in ``base/<name>/``."""
+        d = base / name
+        return replace(
+            cls.for_instance(base, name),
+            qmp_socket=d / "qmp.sock",
+            console_socket=d / "console.sock",
         )
 
     def transient(self) -> tuple[Path, ...]:
@@ -115,14 +133,15 @@ def _runtime_args(paths: RuntimePaths) -> list[str]:
 
 
 def disk_args(index: int, disk: DiskSpec) -> list[str]:
-    """``-blockdev`` (local file) or ``-drive`` (``nbd://`` URI) plus the virtio-blk device.
+    """``-blockdev`` (local file) or ``-drive`` (an ``nbd://`` or ``nbd+unix://`` URI) plus the
+    virtio-blk device.
 
     The boot disk gets ``bootindex=1``. An NBD disk is opened with ``disk.format`` as given
     (normally ``raw``: the export is the guest disk itself).
     """
     node = f"disk{index}"
     direct, no_flush, write_cache = _CACHE_MODES.get(disk.cache, _CACHE_MODES["writeback"])
-    if disk.path.startswith("nbd://"):
+    if disk.path.startswith(("nbd://", "nbd+unix://")):
         backend = [
             "-drive",
             f"file={escape(disk.path)},format={escape(disk.format)},if=none,id={node},"

@@ -21,13 +21,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from aecp.common.errors import HypervisorError, InvalidState, LaunchError
+from aecp.common.errors import HypervisorError, InvalidInput, InvalidState, LaunchError
 from aecp.common.proc import kill, pid_alive, pid_cmdline, read_pidfile
 from aecp.common.tasks import cancel, spawn
 from aecp.compute.hypervisor import (
@@ -71,6 +72,7 @@ class _Instance:
     exited: bool = False
     exit_code: int | None = None  # known only if we reaped it (our child)
     rebooting: bool = False
+    stopping: bool = False  # shutdown() pressed the power button: a power-off is ours
     powered_off: asyncio.Event = field(default_factory=asyncio.Event)  # guest SHUTDOWN seen
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # exited and cleaned up
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # serialises stopping
@@ -158,6 +160,9 @@ class QemuHypervisor(Hypervisor):
 
     async def _attach(self, name: str) -> None:
         paths = RuntimePaths.for_instance(self.run_dir, name)
+        older = RuntimePaths.before_sockets_moved(self.run_dir, name)
+        if not paths.qmp_socket.exists() and older.qmp_socket.exists():
+            paths = older  # started by an agent from before the sockets moved
         pid = _live_qemu_pid(paths, name)
         if pid is None:
             log.info("%s: no live QEMU behind %s: removing its runtime files", name, paths.pidfile)
@@ -219,6 +224,7 @@ class QemuHypervisor(Hypervisor):
 
     async def shutdown(self, name: str, timeout: float) -> bool:
         inst = self._require(name)
+        inst.stopping = True
         clean = await self._press_until_off(inst, timeout)
         if not clean:
             log.warning("%s: no power-off within %.0f s: powering off hard", name, timeout)
@@ -254,6 +260,19 @@ class QemuHypervisor(Hypervisor):
         inst = self._require(name, RunState.PAUSED)
         await inst.qmp.execute("cont")
         self._set_state(inst, RunState.RUNNING, EventKind.RESUMED)
+
+    async def remove_files(self, name: str) -> None:
+        paths = RuntimePaths.for_instance(self.run_dir, name)
+        if paths.run_dir.parent != self.run_dir or not name or name.startswith("."):
+            raise InvalidInput("name", f"{name!r} is not an instance name")
+        if name in self._instances or _live_qemu_pid(paths, name) is not None:
+            raise InvalidState(f"{name} is running: its files stay", name=name)
+        _cleanup(paths)
+        try:
+            await asyncio.to_thread(_remove_tree, paths.run_dir)
+        except OSError as exc:
+            raise HypervisorError(f"{name}: cannot remove {paths.run_dir}: {exc}") from exc
+        log.info("%s: runtime directory and logs removed", name)
 
     async def close(self) -> None:
         await cancel(*self._actions)
@@ -309,7 +328,7 @@ class QemuHypervisor(Hypervisor):
         inst.powered_off.set()
         if inst.rebooting:
             return  # reboot() resets the same process; not a power-off to report
-        self._emit(inst, EventKind.GUEST_SHUTDOWN, **data)
+        self._emit(inst, EventKind.GUEST_SHUTDOWN, **data, requested=inst.stopping)
         self._act(self._stop(inst), f"qemu-quit-{inst.name}")
 
     def _set_state(self, inst: _Instance, state: RunState, kind: EventKind, **detail: Any) -> None:
@@ -352,6 +371,7 @@ def _prelaunch(paths: RuntimePaths, argv: list[str]) -> None:
             msg = f"socket path too long for a unix socket: {sock}"
             raise LaunchError(msg, exit_code=None, argv=argv, output=msg)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
+    paths.qmp_socket.parent.mkdir(parents=True, exist_ok=True)
     _cleanup(paths)
 
 
@@ -420,6 +440,11 @@ def _live_qemu_pid(paths: RuntimePaths, name: str) -> int | None:
 def _cleanup(paths: RuntimePaths) -> None:
     for path in paths.transient():
         path.unlink(missing_ok=True)
+
+
+def _remove_tree(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
 
 
 def _read_from(path: Path, offset: int) -> str:

@@ -2,8 +2,12 @@
 node's ``ReplicaStore`` called directly). Both implement ``api.ReplicaClient`` (the spec).
 
 ``ChunkClient`` keeps ``connections`` persistent TCP connections and sends each call on the next
-one in turn. A connection (``_Connection``) is a state machine READY -> CLOSED: requests are
-pipelined with request ids and matched to responses in any order; frames queued in one event-loop
+one in turn. Each connection is authenticated first (``auth``: the client proves its node
+certificate and checks that the server is the node it meant to reach; with encryption on, the
+protocol then runs in TLS).
+
+A connection (``_Connection``) is a state machine READY -> CLOSED: requests are pipelined
+with request ids and matched to responses in any order; frames queued in one event-loop
 iteration leave in one ``send``. The connection fails as a whole — every pending request raises
 ``ReplicaUnavailable`` — when the server closes it, a malformed frame arrives, or the oldest
 pending request has waited ``timeout`` seconds. The next call then connects again (one attempt,
@@ -16,12 +20,16 @@ import asyncio
 import enum
 import itertools
 import logging
+import socket
+import ssl
 from array import array
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
+from aecp.common.pki import AuthError
 from aecp.storage.chunk import wire
 from aecp.storage.chunk.api import Buffer, RawBlocks, ReplicaClient, ReplicaStat
+from aecp.storage.chunk.auth import Mode, ReplicaAuth, client_handshake
 from aecp.storage.chunk.errors import (
     ChunkError,
     ChunkInvalid,
@@ -174,12 +182,23 @@ class _Connection(asyncio.Protocol):
 
 
 class ChunkClient(ReplicaClient):
-    """A chunk server's replicas over ``connections`` pipelined TCP connections."""
+    """Node ``node``'s replicas (its chunk server at ``host:port``) over ``connections``
+    pipelined, authenticated TCP connections."""
 
-    def __init__(self, host: str, port: int, *, timeout: float = 5.0, connections: int = 1) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        node: str,
+        auth: ReplicaAuth,
+        timeout: float = 5.0,
+        connections: int = 1,
+    ) -> None:
         if connections < 1 or timeout <= 0:
             raise ValueError("a ChunkClient needs at least one connection and a positive timeout")
         self.host, self.port, self.timeout = host, port, timeout
+        self.node, self.auth = node, auth
         self.address = f"{host}:{port}"
         self._conns: list[_Connection | None] = [None] * connections
         self._connecting: list[asyncio.Task[_Connection] | None] = [None] * connections
@@ -212,14 +231,8 @@ class ChunkClient(ReplicaClient):
         return await asyncio.shield(task)
 
     async def _connect(self, slot: int) -> _Connection:
-        loop = asyncio.get_running_loop()
         try:
-            connecting = loop.create_connection(
-                lambda: _Connection(self.address, self.timeout), self.host, self.port
-            )
-            _, conn = await asyncio.wait_for(connecting, self.timeout)
-        except (OSError, TimeoutError) as e:
-            raise ReplicaUnavailable(self.address, f"cannot connect: {e or 'timed out'}") from e
+            conn = await self._authenticated()
         finally:
             self._connecting[slot] = None
         if self._closed:
@@ -227,6 +240,31 @@ class ChunkClient(ReplicaClient):
             raise ReplicaUnavailable(self.address, "client closed")
         self._conns[slot] = conn
         log.debug("replica %s: connected (slot %d)", self.address, slot)
+        return conn
+
+    async def _authenticated(self) -> _Connection:
+        """A new connection, authenticated both ways (module docstring); ``ReplicaUnavailable``
+        saying why if it cannot be had within the timeout."""
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(self.timeout):
+                await loop.sock_connect(sock, (self.host, self.port))
+                mode = await client_handshake(sock, self.auth, self.node, self.timeout)
+                tls = self.auth.credentials.client_context() if mode is Mode.TLS else None
+                conn = _Connection(self.address, self.timeout)
+                await loop.create_connection(  # (uvloop returns its TLS wrapper as protocol)
+                    lambda: conn, sock=sock, ssl=tls, server_hostname=self.node if tls else None
+                )
+        except AuthError as e:
+            sock.close()
+            log.warning("replica %s (node %s): %s", self.address, self.node, e.message)
+            raise ReplicaUnavailable(self.address, f"authentication failed: {e.message}") from e
+        except (OSError, TimeoutError, ssl.SSLError) as e:
+            sock.close()
+            raise ReplicaUnavailable(self.address, f"cannot connect: {e or 'timed out'}") from e
         return conn
 
     async def _call(

@@ -1,5 +1,11 @@
 """The chunk server: a node's ``ReplicaStore`` served over the replica protocol (``wire``).
 
+Admission: the server accepts connections itself and authenticates each one (``auth``: a
+signed handshake, or TLS when the client asks for encryption) before the replica protocol
+starts on it; a connection that does not prove a node certificate of the cluster within
+``handshake_timeout`` is closed. At most ``MAX_HANDSHAKES`` handshakes run at once; more
+connections are closed at once.
+
 Three pieces: the codec (``wire.RequestDecoder``), the session (``_Session``: one connection,
 a small state machine OPEN -> CLOSED), and the handler (``_Handler``: one request -> one store
 call -> one response). A session runs up to ``max_inflight`` requests of its connection at once
@@ -18,32 +24,53 @@ import collections
 import enum
 import functools
 import logging
+import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+from cryptography import x509
+
+from aecp.common import tasks
+from aecp.common.pki import NODE, AuthError, verify_peer
 from aecp.common.receive import Intake, Receiver
 from aecp.storage.chunk import wire
 from aecp.storage.chunk.api import Buffer
+from aecp.storage.chunk.auth import Mode, ReplicaAuth, server_handshake
 from aecp.storage.chunk.errors import ChunkError, ChunkInvalid, ChunkProtocolError
 from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.chunk.wire import MAX_DATA, MAX_PAYLOAD, Op, Request, Status
 
 log = logging.getLogger(__name__)
+MAX_HANDSHAKES = 64
 
 
 class ChunkServer:
-    """Serves ``store`` on ``host:port`` (port 0: any free port, see ``port`` after start)."""
+    """Serves ``store`` on ``host:port`` (port 0: any free port, see ``port`` after start) to
+    the nodes ``auth`` lets in."""
 
     def __init__(
-        self, store: ReplicaStore, host: str, port: int = 0, *, max_inflight: int = 256
+        self,
+        store: ReplicaStore,
+        host: str,
+        port: int = 0,
+        *,
+        auth: ReplicaAuth,
+        max_inflight: int = 256,
+        handshake_timeout: float = 5.0,
     ) -> None:
         self.host = host
         self._port = port
+        self._auth = auth
         self._handler = _Handler(store)
         self._max_inflight = max_inflight
-        self._server: asyncio.Server | None = None
+        self._handshake_timeout = handshake_timeout
+        self._listener: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
+        self._admitting: set[asyncio.Task[None]] = set()
         self._sessions: set[_Session] = set()
         self.intake = Intake()  # staging and payload budget shared by the sessions
+        self.refused = 0  # connections refused (authentication, limits): for tests and logs
 
     @property
     def port(self) -> int:
@@ -52,28 +79,97 @@ class ChunkServer:
 
     async def start(self) -> None:
         """Listen; raises ``OSError`` if the address cannot be bound."""
-        if self._server is not None:
+        if self._listener is not None:
             return
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._session, self.host, self._port)
-        self._port = self._server.sockets[0].getsockname()[1]
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.create_server((self.host, self._port), family=family, backlog=256)
+        listener.setblocking(False)
+        self._listener = listener
+        self._port = listener.getsockname()[1]
+        self._acceptor = tasks.spawn(self._accept_loop(listener), name=f"chunk-accept-{self.port}")
         log.info("chunk server listening on %s:%d", self.host, self._port)
 
     async def stop(self) -> None:
         """Stop listening, drop every connection and cancel its requests (idempotent)."""
-        server, self._server = self._server, None
-        if server is None:
+        listener, self._listener = self._listener, None
+        if listener is None:
             return
-        server.close()
+        await tasks.cancel(self._acceptor, *self._admitting)
+        listener.close()
         sessions = list(self._sessions)
         for session in sessions:
             session.abort("server stopping", logging.INFO)
         await asyncio.gather(*(s.wait_closed() for s in sessions))
-        await server.wait_closed()
         log.info("chunk server on %s:%d stopped", self.host, self._port)
 
-    def _session(self) -> _Session:
-        return _Session(self._handler, self._max_inflight, self._sessions, self.intake)
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(listener)
+            except OSError as exc:  # out of file descriptors, say: try again soon
+                log.warning("chunk server: accepting failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            peer = f"{addr[0]}:{addr[1]}"
+            if len(self._admitting) >= MAX_HANDSHAKES:
+                self._refuse(conn, peer, f"{MAX_HANDSHAKES} handshakes already running")
+                continue
+            task = loop.create_task(self._admit(conn, peer))
+            self._admitting.add(task)
+            task.add_done_callback(self._admitting.discard)
+
+    async def _admit(self, conn: socket.socket, peer: str) -> None:
+        """Authenticate ``conn``, then serve the replica protocol on it (in TLS if asked)."""
+        conn.setblocking(False)
+        try:
+            auth = await server_handshake(conn, self._auth, self._handshake_timeout)
+        except (AuthError, OSError, TimeoutError) as exc:
+            self._refuse(conn, peer, f"authentication failed: {exc}")
+            return
+        tls = self._auth.credentials.server_context() if auth.mode is Mode.TLS else None
+        try:
+            session = await self._serve(conn, tls)
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            self._refuse(conn, peer, f"TLS failed: {exc}" if tls else str(exc))
+            return
+        name = auth.peer or session.peer_node
+        if not name:  # a TLS peer without a node certificate: the session dropped it
+            self.refused += 1
+            return
+        how = "TLS" if tls else "signed handshake"
+        log.info("chunk server: %s authenticated as node %s (%s)", peer, name, how)
+
+    async def _serve(self, conn: socket.socket, tls: ssl.SSLContext | None) -> _Session:
+        """Hand ``conn`` to a session (after the TLS handshake, with ``tls``). The session is
+        the one the factory made (uvloop returns its TLS wrapper as the protocol)."""
+        ca = self._auth.credentials.identity().ca if tls is not None else None
+        session = self._session(ca)
+        await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: session,
+            conn,
+            ssl=tls,
+            ssl_handshake_timeout=self._handshake_timeout if tls is not None else None,
+        )
+        return session
+
+    def _refuse(self, conn: socket.socket, peer: str, reason: str) -> None:
+        self.refused += 1
+        log.warning("chunk server: refused the connection from %s: %s", peer, reason)
+        conn.close()
+
+    def _session(self, tls_ca: x509.Certificate | None = None) -> _Session:
+        return _Session(self._handler, self._max_inflight, self._sessions, self.intake, tls_ca)
+
+
+def tls_peer(transport: asyncio.BaseTransport, ca: x509.Certificate) -> str:
+    """The node name in a TLS peer's certificate (OpenSSL checked it against the CA; a client
+    role's certificate is refused here). ``AuthError`` otherwise."""
+    obj = transport.get_extra_info("ssl_object")
+    der = obj.getpeercert(binary_form=True) if obj is not None else None
+    if not der:
+        raise AuthError("no client certificate")
+    return verify_peer(ca, x509.load_der_x509_certificate(der), role=NODE)
 
 
 class SessionState(enum.Enum):
@@ -83,12 +179,22 @@ class SessionState(enum.Enum):
 
 class _Session(asyncio.BufferedProtocol):
     """One client connection. Bytes are read into buffers ``common.receive.Receiver``
-    chooses: a WRITE's data lands in the buffer the store then writes from."""
+    chooses: a WRITE's data lands in the buffer the store then writes from.
+
+    Over TLS (``tls_ca``), the peer's certificate must be a node's: checked when the
+    connection is made, before any byte of it is read as a request."""
 
     def __init__(
-        self, handler: _Handler, max_inflight: int, registry: set[_Session], intake: Intake
+        self,
+        handler: _Handler,
+        max_inflight: int,
+        registry: set[_Session],
+        intake: Intake,
+        tls_ca: x509.Certificate | None = None,
     ) -> None:
         self.state = SessionState.OPEN
+        self.peer_node = ""
+        self._tls_ca = tls_ca
         self._handler = handler
         self._max = max_inflight
         self._registry = registry
@@ -110,6 +216,15 @@ class _Session(asyncio.BufferedProtocol):
         self._closed = asyncio.get_running_loop().create_future()
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if self._tls_ca is not None:
+            try:
+                self.peer_node = tls_peer(transport, self._tls_ca)
+            except AuthError as exc:
+                log.warning("chunk server: refused the connection from %s: %s", self._peer, exc)
+                self.state = SessionState.CLOSED
+                self._closed.set_result(None)
+                self._transport.abort()
+                return
         self._registry.add(self)
         log.info("chunk server: connection from %s", self._peer)
 
@@ -117,6 +232,8 @@ class _Session(asyncio.BufferedProtocol):
         return self._receiver.get(self._decoder)
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.state is not SessionState.OPEN:
+            return
         try:
             requests = self._receiver.updated(self._decoder, nbytes)
         except ChunkProtocolError as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import Field
 
@@ -25,6 +26,28 @@ DEFAULT_EXTENT_SIZE = 256 * MIB
 SECTOR = 512
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+class VolumeOwner(Stored):
+    """Whose disk a volume is: a VM's (named with its uuid, so a later VM of the same name is
+    not the owner) or a template's. A volume without one is standalone (made through the volume
+    API, or before volumes recorded their owners). A VM only uses, fills or deletes volumes
+    that name it as their owner."""
+
+    kind: Literal["vm", "template"]
+    name: str
+    uid: str = ""  # the VM's uuid
+
+    @classmethod
+    def vm(cls, name: str, uuid: str) -> VolumeOwner:
+        return cls(kind="vm", name=name, uid=uuid)
+
+    @classmethod
+    def template(cls, name: str) -> VolumeOwner:
+        return cls(kind="template", name=name)
+
+    def __str__(self) -> str:
+        return f"{'VM' if self.kind == 'vm' else 'template'} {self.name}"
 
 
 class VolumeRecord(Stored):
@@ -42,6 +65,7 @@ class VolumeRecord(Stored):
     # unique per volume ever created: a volume made later under the same name (a clone of a
     # clone, say) must not own the extents the old one left to others
     uid: str = ""
+    owner: VolumeOwner | None = None  # None: a standalone volume
 
     @property
     def slots(self) -> int:

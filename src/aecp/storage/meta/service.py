@@ -26,12 +26,14 @@ from aecp.common.errors import (
     NotFound,
 )
 from aecp.model.base import Stored, check_name
+from aecp.model.vm import VMSpec, vm_of_volume
 from aecp.storage.meta.model import (
     DEFAULT_EXTENT_SIZE,
     AttachRecord,
     ExtentRecord,
     Holder,
     StorageServer,
+    VolumeOwner,
     VolumeRecord,
     default_replicas,
     new_volume_uid,
@@ -104,14 +106,21 @@ class MetaService:
 
     # ---- volume lifecycle ----------------------------------------------------------------------
     async def create_volume(
-        self, name: str, size: int, replicas: int | None = None, extent_size: int | None = None
+        self,
+        name: str,
+        size: int,
+        replicas: int | None = None,
+        extent_size: int | None = None,
+        owner: VolumeOwner | None = None,
     ) -> VolumeRecord:
-        """Validate and store a new, empty (thin) volume."""
+        """Validate and store a new, empty (thin) volume belonging to ``owner`` (None: a
+        standalone volume; its name must not be one reserved for a VM's disks)."""
         servers = await self.servers()
         factor = replicas if replicas is not None else default_replicas(len(servers))
         validate_volume(name, size, factor, len(servers))
         esize = extent_size or self.extent_size
         await self.check_provisioning("size", size, factor, servers)
+        guards = await self.name_guards(name, owner)
         vol = VolumeRecord(
             name=name,
             size=size,
@@ -120,11 +129,43 @@ class MetaService:
             extents=[None] * slots_for(size, esize),
             created_at=self.clock.wall(),
             uid=new_volume_uid(),
+            owner=owner,
         )
-        if not await self.store.create(keys.abs_volume(name), vol.dump()):
-            raise AlreadyExists(f"volume {name} already exists", field="name")
-        log.info("volume %s: created (%d bytes, %d replicas, thin)", name, size, factor)
+        key = keys.abs_volume(name)
+        if not await self.store.txn([Compare.absent(key), *guards], [Put(key, vol.dump())]):
+            await self.name_taken(name, owner)
+        log.info(
+            "volume %s: created (%d bytes, %d replicas, thin, %s)",
+            name,
+            size,
+            factor,
+            f"a disk of {owner}" if owner else "standalone",
+        )
         return vol
+
+    async def name_guards(self, name: str, owner: VolumeOwner | None) -> list[Compare]:
+        """The guards a transaction creating volume ``name`` for ``owner`` needs: a name derived
+        from a VM's (``x-boot``, ``x-data1``) is reserved for VM ``x``'s own disks while that VM
+        exists. ``AlreadyExists`` naming the VM if it exists now."""
+        vm = vm_of_volume(name)
+        if vm is None or (owner is not None and owner.kind == "vm" and owner.name == vm):
+            return []
+        if await self.store.get(keys.vm_spec(vm)) is not None:
+            raise AlreadyExists(
+                f"volume name {name} is reserved for the disks of VM {vm}; choose another name",
+                field="name",
+                volume=name,
+                vm=vm,
+            )
+        return [Compare.absent(keys.vm_spec(vm))]
+
+    async def name_taken(self, name: str, owner: VolumeOwner | None) -> None:
+        """Raise the reason a transaction guarded by ``Compare.absent(volume)`` and
+        ``name_guards`` failed: the volume exists, or a VM claimed the name meanwhile."""
+        if await self.store.get(keys.abs_volume(name)) is not None:
+            raise AlreadyExists(f"volume {name} already exists", field="name", volume=name)
+        await self.name_guards(name, owner)
+        raise Conflict(f"volume {name}: the cluster changed meanwhile; try again", volume=name)
 
     async def provisioned(self) -> int:
         """Bytes the volumes may come to hold: size x replicas, summed (thin: not written)."""
@@ -173,13 +214,19 @@ class MetaService:
                 return new
         raise Conflict(f"volume {name} keeps changing; try again")
 
-    async def delete_volume(self, name: str, close_wait: float = CLOSE_WAIT) -> list[ExtentRecord]:
+    async def delete_volume(
+        self, name: str, owner: VolumeOwner | None = None, close_wait: float = CLOSE_WAIT
+    ) -> list[ExtentRecord]:
         """Remove a volume that nobody has attached and that has no snapshots; returns the
         extents no other volume or snapshot names (their replicas are for the caller to
-        delete). An export that is closing (its last client left; it flushes, then
-        detaches) is waited for, up to ``close_wait`` seconds."""
+        delete). ``owner``: the caller deletes it as that owner's disk (``InvalidState`` if the
+        volume is not its). Without one (the volume API), a disk of a VM or template that
+        still exists is refused (``InvalidState``): delete the VM or the template instead.
+        An export that is closing (its last client left; it flushes, then detaches) is
+        waited for, up to ``close_wait`` seconds."""
         for _ in range(RETRIES):
             vol, rev = await self.volume(name)
+            guards = await self._deletable_by(vol, owner)
             if not await self.wait_detached(name, close_wait):
                 raise InvalidState(
                     f"volume {name} is in use (attached); detach it first", volume=name
@@ -190,8 +237,9 @@ class MetaService:
                 [
                     Compare.unchanged(keys.abs_volume(name), rev),
                     Compare.absent(keys.abs_attach(name)),
+                    *guards,
                 ],
-                [Delete(keys.abs_volume(name))],
+                [Delete(keys.abs_volume(name)), Delete(keys.abs_export(name))],
             )
             if ok:
                 freed = await self.collect({e for e in vol.extents if e})
@@ -217,6 +265,38 @@ class MetaService:
         except TimeoutError:
             return False
         return True
+
+    async def _deletable_by(self, vol: VolumeRecord, owner: VolumeOwner | None) -> list[Compare]:
+        """The guards under which ``owner`` (None: the volume API) may delete ``vol``, or
+        ``InvalidState`` saying why it may not."""
+        if owner is not None:
+            if vol.owner != owner:
+                raise InvalidState(
+                    f"volume {vol.name} belongs to {vol.owner or 'nobody'}, not to {owner}: "
+                    "left alone",
+                    volume=vol.name,
+                )
+            return []
+        if vol.owner is None:
+            return []
+        alive, guard = await self._owner_exists(vol.owner)
+        if alive:
+            raise InvalidState(
+                f"volume {vol.name} is a disk of {vol.owner}; delete the {vol.owner.kind} "
+                "instead (its disks go with it)",
+                volume=vol.name,
+                owner=str(vol.owner),
+            )
+        return [guard]
+
+    async def _owner_exists(self, owner: VolumeOwner) -> tuple[bool, Compare]:
+        """Whether ``owner`` still exists, and the guard that it stays as seen."""
+        key = keys.vm_spec(owner.name) if owner.kind == "vm" else keys.template(owner.name)
+        kv = await self.store.get(key)
+        if kv is None:
+            return False, Compare.absent(key)
+        same = owner.kind != "vm" or VMSpec.load(kv.value).uuid == owner.uid
+        return same, Compare.unchanged(key, kv.mod_revision)
 
     async def mark_closing(self, holder: Holder) -> None:
         """Record that ``holder``'s export is closing: its last client left, and it flushes,

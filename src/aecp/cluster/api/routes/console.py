@@ -15,6 +15,7 @@ from fastapi.responses import PlainTextResponse
 
 from aecp.cluster.api.deps import Node, Service, check_token
 from aecp.common.errors import AecpError, Conflict, NotFound, Unavailable
+from aecp.compute.qemu.argv import RuntimePaths
 
 router = APIRouter(prefix="/v1/vms", tags=["console"])
 ws_router = APIRouter(prefix="/v1/vms", tags=["console"])  # authenticates inside
@@ -76,7 +77,7 @@ async def console_ws(websocket: WebSocket, name: str) -> None:
         if entry.node != node.name:
             raise NotFound(f"VM {name} does not run on {node.name}; ask node {entry.node}")
         reader, writer = await asyncio.open_unix_connection(
-            str(node.run_dir / name / "console.sock")
+            str(RuntimePaths.for_instance(node.run_dir, name).console_socket)
         )
     except (AecpError, OSError) as exc:
         await websocket.close(

@@ -1,12 +1,21 @@
 """``/v1/volumes``: ABS volumes — create, list, show (allocation and per-extent health), resize,
-delete, and the NBD URI at which any NBD client reads and writes a volume."""
+delete, and exports: the TLS credential with which one outside NBD client reads and writes a
+volume."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi import APIRouter, Depends, Request, status
 from pydantic import BaseModel
 
-from aecp.cluster.volumes import StorageStatus, VolumeCreate, VolumePublic, VolumeService
+from aecp.cluster.api.deps import Principal
+from aecp.cluster.volumes import (
+    ExportCreate,
+    ExportPublic,
+    StorageStatus,
+    VolumeCreate,
+    VolumePublic,
+    VolumeService,
+)
 from aecp.storage.meta.model import SnapshotRecord, VolumeRecord
 from aecp.storage.snapshots import SnapshotService
 
@@ -20,10 +29,6 @@ def volumes(request: Request) -> VolumeService:
 
 class Resize(BaseModel):
     size: str | int
-
-
-class Export(BaseModel):
-    uri: str
 
 
 @router.get("", operation_id="list_volumes")
@@ -53,13 +58,28 @@ async def delete_volume(name: str, svc: VolumeService = Depends(volumes)) -> Non
     await svc.delete(name)
 
 
-@router.get("/{name}/export", operation_id="export_volume")
+@router.post("/{name}/export", status_code=status.HTTP_201_CREATED, operation_id="export_volume")
 async def export_volume(
-    name: str,
-    node: str | None = Query(None, description="serve through this node"),
-    svc: VolumeService = Depends(volumes),
-) -> Export:
-    return Export(uri=await svc.export_uri(name, node))
+    name: str, body: ExportCreate, who: Principal, svc: VolumeService = Depends(volumes)
+) -> ExportPublic:
+    """Let one outside NBD client (the holder of ``client_certificate``'s key) read and write
+    the volume over NBD with TLS. 409 if the volume is exported already."""
+    return await svc.export(name, body, who)
+
+
+@router.get("/{name}/export", operation_id="get_volume_export")
+async def get_volume_export(name: str, svc: VolumeService = Depends(volumes)) -> ExportPublic:
+    """The volume's export (404 if it has none)."""
+    return await svc.export_info(name)
+
+
+@router.delete(
+    "/{name}/export", status_code=status.HTTP_204_NO_CONTENT, operation_id="unexport_volume"
+)
+async def unexport_volume(name: str, svc: VolumeService = Depends(volumes)) -> None:
+    """Revoke the volume's export: its credential opens nothing any more and the connections
+    made with it are closed."""
+    await svc.unexport(name)
 
 
 storage_router = APIRouter(prefix="/v1/storage", tags=["volumes"])

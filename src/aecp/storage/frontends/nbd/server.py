@@ -1,4 +1,12 @@
-"""``NbdServer``: NBD over TCP, one ``NbdSession`` per connection.
+"""``NbdServer``: NBD on a Unix socket (this node's QEMU: every export, no TLS; only root can
+open it) and over TCP (outside clients: TLS required, each sees the exports its certificate is
+granted), one ``NbdSession`` per connection.
+
+Limits (``Limits``): a client that has not finished negotiating within ``handshake_timeout``
+is dropped; a TCP connection idle (no request in flight, nothing received) for
+``idle_timeout`` is closed; one client address holds at most ``max_per_client`` TCP connections
+(more are closed at once). ``revoke`` closes the TLS connections of credentials no longer
+granted.
 
 A connection is an ``asyncio.BufferedProtocol`` whose bytes go straight into the session's
 sans-I/O parser (no stream buffer in between; a large WRITE's payload is read into its own
@@ -21,11 +29,20 @@ the socket and the device are closed.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import functools
 import logging
-from typing import cast
+import os
+import ssl
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, cast
 
 from aecp.common import tasks
+from aecp.common.pki import fingerprint
 from aecp.common.receive import Intake, Receiver
 from aecp.storage.frontends.nbd import protocol as p
 from aecp.storage.frontends.nbd.session import ListExports, NbdSession, OpenExport, State
@@ -39,36 +56,65 @@ CLOSE_TIMEOUT = 5.0  # then unsent replies are dropped (the client stopped readi
 _DISC = int(p.Cmd.DISC)
 
 
+class TlsPolicy(Protocol):
+    """How TCP clients get TLS and what their certificates may open."""
+
+    async def context(self) -> ssl.SSLContext:
+        """A server context: this node's certificate, the client certificates trusted now."""
+
+    async def grants(self, cert_der: bytes) -> tuple[str, frozenset[str]]:
+        """The credential the client presenting ``cert_der`` holds (an id that ``revoke``
+        is later asked about; "" for none) and the exports it may open."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 600.0
+    max_per_client: int = 16
+
+
 class NbdServer:
-    """Serve exports resolved by ``open_export`` on ``host:port`` (port 0: pick one).
+    """Serve exports resolved by ``open_export`` on ``host:port`` (port 0: pick one; host None:
+    no TCP) and on the Unix socket ``unix_path``.
 
     ``open_export(name)`` returns a ``BlockDevice`` the connection owns and closes; it raises
     ``KeyError`` for an unknown export. ``list_exports()`` names the exports for NBD_OPT_LIST.
+    TCP clients need TLS (``tls``; without it they are offered nothing).
     """
 
     def __init__(
         self,
-        host: str,
+        host: str | None,
         port: int,
         open_export: OpenExport,
         list_exports: ListExports,
         *,
+        unix_path: Path | None = None,
+        tls: TlsPolicy | None = None,
+        limits: Limits = Limits(),
         max_inflight: int = 64,
     ) -> None:
         self.host = host
         self._port = port
+        self.unix_path = unix_path
+        self.tls = tls
+        self.limits = limits
         self._open_export = open_export
         self._list_exports = list_exports
         self.max_inflight = max_inflight
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._servers: list[asyncio.Server] = []
+        self._tcp: asyncio.Server | None = None
+        self._connections: dict[asyncio.Task[None], _Connection] = {}
+        self._per_client: collections.Counter[str] = collections.Counter()
         self.intake = Intake()  # staging and payload budget shared by the connections
+        self.refused = 0  # connections closed for a limit (per client, negotiation time)
 
     @property
     def port(self) -> int:
-        """The bound port (the real one after ``start`` when 0 was asked for)."""
-        if self._server is not None and self._server.sockets:
-            return int(self._server.sockets[0].getsockname()[1])
+        """The bound TCP port (the real one after ``start`` when 0 was asked for)."""
+        if self._tcp is not None and self._tcp.sockets:
+            return int(self._tcp.sockets[0].getsockname()[1])
         return self._port
 
     @property
@@ -77,28 +123,70 @@ class NbdServer:
         return len(self._connections)
 
     async def start(self) -> None:
-        """Listen; returns once the socket is bound."""
-        if self._server is not None:
+        """Listen; returns once the sockets are bound. The Unix socket is made in a directory
+        of mode 0700 and is itself mode 0600 (only its owner, root, may connect)."""
+        if self._servers:
             return
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), self.host, self._port)
-        log.info("nbd: listening on %s:%d", self.host, self.port)
+        if self.host is not None:
+            self._tcp = await loop.create_server(
+                lambda: _Connection(self, local=False), self.host, self._port
+            )
+            self._servers.append(self._tcp)
+            log.info("nbd: listening on %s:%d (TLS required)", self.host, self.port)
+        if self.unix_path is not None:
+            path = self.unix_path
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path.parent.chmod(0o700)
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    path.unlink()  # left by a process that died
+            server = await loop.create_unix_server(lambda: _Connection(self, local=True), path)
+            os.chmod(path, 0o600)
+            self._servers.append(server)
+            log.info("nbd: listening on %s (local)", path)
 
     async def stop(self) -> None:
         """Stop listening, end every connection (in-flight requests finish first) and wait."""
-        port = self.port
-        server, self._server = self._server, None
-        if server is not None:
+        servers, self._servers, self._tcp = self._servers, [], None
+        for server in servers:
             server.close()
         await tasks.cancel(*self._connections)
-        if server is not None:
+        for server in servers:
             await server.wait_closed()
-            log.info("nbd: stopped listening on %s:%d", self.host, port)
+        if servers:
+            log.info("nbd: stopped listening")
 
-    def _opened(self, conn: _Connection) -> None:
+    def revoke(self, granted: Callable[[str], bool]) -> int:
+        """Close every TLS connection whose credential (the id ``TlsPolicy.grants`` gave) is
+        no longer ``granted``; returns how many were closed."""
+        gone = [c for c in self._connections.values() if c.credential and not granted(c.credential)]
+        for conn in gone:
+            conn.drop("its credential was revoked")
+        return len(gone)
+
+    def _admit(self, conn: _Connection) -> bool:
+        """Register a new connection; False (it must close) past the per-client limit."""
+        if not conn.local:
+            if self._per_client[conn.client] >= self.limits.max_per_client:
+                self.refused += 1
+                log.warning(
+                    "nbd %s: refused: %d connections from %s already",
+                    conn.peer, self.limits.max_per_client, conn.client,
+                )  # fmt: skip
+                return False
+            self._per_client[conn.client] += 1
         task = tasks.spawn(conn.run(), name=f"nbd-conn-{conn.peer}")
-        self._connections.add(task)
-        task.add_done_callback(self._connections.discard)
+        self._connections[task] = conn
+        task.add_done_callback(functools.partial(self._closed, conn))
+        return True
+
+    def _closed(self, conn: _Connection, task: asyncio.Task[None]) -> None:
+        self._connections.pop(task, None)
+        if not conn.local:
+            self._per_client[conn.client] -= 1
+            if self._per_client[conn.client] <= 0:
+                del self._per_client[conn.client]
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -106,10 +194,19 @@ class _Connection(asyncio.BufferedProtocol):
     Bytes are read into buffers ``common.receive.Receiver`` chooses: a large WRITE's payload
     lands in the buffer that becomes the request's data."""
 
-    def __init__(self, server: NbdServer) -> None:
+    def __init__(self, server: NbdServer, *, local: bool) -> None:
         self._server = server
+        self.local = local
         self.peer = "?"
-        self.session = NbdSession(server._open_export, server._list_exports, intake=server.intake)
+        self.client = ""  # the client's address (TCP), for the per-client limit
+        self.credential = ""  # the TLS client certificate's fingerprint, once TLS is up
+        self.session = NbdSession(
+            server._open_export,
+            server._list_exports,
+            intake=server.intake,
+            local=local,
+            tls_offered=server.tls is not None,
+        )
         self._receiver = Receiver(server.intake)
         self.max_inflight = server.max_inflight
         self._transport: asyncio.Transport | None = None
@@ -124,6 +221,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._abort = False
         self._reading_paused = False
         self._writing_paused = False
+        self._last_read = 0.0  # loop time of the last bytes received (idle timeout)
+        self._idle: asyncio.TimerHandle | None = None
 
     # --- asyncio.BufferedProtocol --------------------------------------------------------
 
@@ -132,15 +231,22 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport.set_write_buffer_limits(high=HIGH_WATER)
         loop = asyncio.get_running_loop()
         self._ended, self._closed = loop.create_future(), loop.create_future()
+        self._last_read = loop.time()
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if isinstance(peer, tuple):
+            self.client, self.peer = str(peer[0]), f"{peer[0]}:{peer[1]}"
+        else:
+            self.peer = "local"
         self.session.peer = self.peer
-        self._server._opened(self)
+        if not self._server._admit(self):
+            self._lost = True
+            self._transport.abort()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._receiver.get(self.session.parser)
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._last_read = asyncio.get_running_loop().time()
         self._receiver.updated(self.session.parser, nbytes)
         if self._transmitting:
             self._dispatch()
@@ -158,6 +264,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if self._idle is not None:
+            self._idle.cancel()
         self.session.parser.abandon()
         if exc is not None:
             self._abort = True
@@ -179,13 +287,29 @@ class _Connection(asyncio.BufferedProtocol):
 
     # --- the connection's life -----------------------------------------------------------
 
+    def drop(self, reason: str) -> None:
+        """Close the connection at once (a revoked credential): requests in flight still end."""
+        log.warning("nbd %s: dropping the connection: %s", self.peer, reason)
+        self._abort = True
+        self._end(reason)
+        if self._transport is not None:
+            self._transport.abort()
+
     async def run(self) -> None:
         """Serve until the client leaves; never raises except on cancellation."""
         log.info("nbd %s: connected", self.peer)
         reason = "client disconnected"
+        limit = self._server.limits.handshake_timeout
         try:
-            await self._negotiate()
+            try:
+                async with asyncio.timeout(limit):
+                    await self._negotiate()
+            except TimeoutError:
+                self._server.refused += 1
+                raise p.ProtocolError(f"negotiation not finished within {limit:g} s") from None
             if self.session.state is State.TRANSMISSION and not self._lost:
+                if not self.local:
+                    self._arm_idle(self._server.limits.idle_timeout)
                 self._transmitting = True
                 self._dispatch()
                 assert self._ended is not None
@@ -195,6 +319,8 @@ class _Connection(asyncio.BufferedProtocol):
         except asyncio.CancelledError:  # proto.md: finish in-flight requests, then disconnect
             reason = "server stopping"
             raise
+        except (ssl.SSLError, OSError) as e:  # the TLS handshake failed: nothing was offered
+            reason, self._abort = f"TLS failed: {e}", True
         except Exception as e:
             log.exception("nbd %s: unexpected failure", self.peer)
             reason, self._abort = f"internal error: {e!r}", True
@@ -229,9 +355,68 @@ class _Connection(asyncio.BufferedProtocol):
             if isinstance(event, p.ClientFlags):
                 session.client_flags(event)
             elif isinstance(event, p.OptionRequest):
-                self._write(await session.option(event))
+                reply = await session.option(event)
+                if session.starttls:
+                    await self._start_tls(reply)
+                else:
+                    self._write(reply)
             else:  # the parser yields requests only after enter_transmission
                 raise p.ProtocolError("request before the end of negotiation")
+
+    async def _start_tls(self, ack: bytes) -> None:
+        """Send ``ack`` (NBD_OPT_STARTTLS accepted) and upgrade to TLS, then learn what the
+        client's certificate may open.
+
+        The client sends nothing between its STARTTLS and our reply (bytes already buffered
+        are a protocol error); its TLS hello follows the reply at once, so the socket is not
+        read from before the reply until TLS owns it (else the parser would take the hello).
+        """
+        policy = self._server.tls
+        transport = self._transport
+        assert policy is not None and transport is not None
+        if self.session.parser.buffered:
+            raise p.ProtocolError("data sent after NBD_OPT_STARTTLS before its reply")
+        transport.pause_reading()
+        self._reading_paused = True
+        context = await policy.context()
+        self._write(ack)
+        upgraded = await asyncio.get_running_loop().start_tls(
+            transport,
+            self,
+            context,
+            server_side=True,
+            ssl_handshake_timeout=self._server.limits.handshake_timeout,
+        )
+        if upgraded is None:
+            raise p.ProtocolError("the connection closed during the TLS handshake")
+        self._transport = upgraded
+        self._reading_paused = False  # start_tls resumed reading
+        self._transport.set_write_buffer_limits(high=HIGH_WATER)
+        ssl_object = upgraded.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            raise p.ProtocolError("TLS without a client certificate")
+        credential, granted = await policy.grants(der)
+        self.credential = credential or fingerprint(der)
+        self.session.tls_established(granted)
+        log.info(
+            "nbd %s: TLS established, credential %s grants %s",
+            self.peer, self.credential[:23], ", ".join(sorted(granted)) or "nothing",
+        )  # fmt: skip
+
+    def _arm_idle(self, after: float) -> None:
+        self._idle = asyncio.get_running_loop().call_later(after, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """Close a TCP connection that received nothing and had no request running for the
+        idle timeout; otherwise look again when it could be reached."""
+        limit = self._server.limits.idle_timeout
+        idle = asyncio.get_running_loop().time() - self._last_read
+        if self._inflight or idle < limit:
+            self._arm_idle(limit - idle if not self._inflight else limit)
+            return
+        log.info("nbd %s: closing after %.0f s without requests", self.peer, idle)
+        self._end(f"idle for {idle:.0f} s")
 
     def _dispatch(self) -> None:
         """Start every complete request buffered, up to ``max_inflight`` at once; end the

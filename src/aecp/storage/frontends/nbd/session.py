@@ -8,6 +8,15 @@ events and writes what it returns.
 Device ownership: ``open_export(name)`` hands the session a device it owns. The session closes
 it once NBD_OPT_INFO is answered, or in ``close`` (the connection ended). ``open_export`` raises
 ``KeyError`` for an unknown export; any other exception is logged and answered ERR_UNKNOWN.
+
+Access (proto.md "TLS support", FORCEDTLS mode): a *local* session (the node's Unix socket,
+which only root can open) sees every export. Any other session is offered nothing before TLS:
+every option but NBD_OPT_STARTTLS and NBD_OPT_ABORT is answered NBD_REP_ERR_TLS_REQD (so
+NBD_OPT_LIST lists no export and NBD_OPT_GO is refused) and NBD_OPT_EXPORT_NAME ends the
+session. NBD_OPT_STARTTLS is answered ACK and marks ``starttls``: the connection then runs
+the TLS handshake and calls ``tls_established`` with the exports the client's certificate is
+granted; from then on only those exist for it (others are "unknown", whether they exist or
+not), and nothing negotiated before TLS is kept.
 """
 
 from __future__ import annotations
@@ -91,6 +100,8 @@ class NbdSession:
         *,
         peer: str = "?",
         intake: Intake | None = None,
+        local: bool = False,
+        tls_offered: bool = True,
     ) -> None:
         self.peer = peer
         self.parser = p.ServerParser(intake=intake)
@@ -98,6 +109,11 @@ class NbdSession:
         self.device: BlockDevice | None = None
         self.export_name: str | None = None
         self.structured = False
+        self.local = local  # the node's Unix socket: every export, no TLS
+        self.tls_offered = tls_offered and not local
+        self.tls = False  # TLS is established
+        self.starttls = False  # STARTTLS was accepted: the connection must start TLS now
+        self.granted: frozenset[str] = frozenset()  # what the TLS credential may open
         self._open_export = open_export
         self._list_exports = list_exports
         self._no_zeroes = False
@@ -122,11 +138,17 @@ class NbdSession:
     @require(State.OPTIONS)
     async def option(self, event: p.OptionRequest) -> bytes:
         """Answer one option; afterwards the state may be TRANSMISSION (GO, EXPORT_NAME) or
-        CLOSED (ABORT). Raises ``ProtocolError`` when the connection must be dropped."""
+        CLOSED (ABORT), or ``starttls`` may be set. Raises ``ProtocolError`` when the
+        connection must be dropped."""
         if event.too_big:
             if event.option == p.Opt.EXPORT_NAME:
                 raise p.ProtocolError("NBD_OPT_EXPORT_NAME data too large")
             return p.option_reply(event.option, p.Rep.ERR_TOO_BIG, b"option data too large")
+        if not self.local and not self.tls and event.option not in _BEFORE_TLS:
+            if event.option == p.Opt.EXPORT_NAME:  # it cannot be refused: end the session
+                raise p.ProtocolError("NBD_OPT_EXPORT_NAME without TLS (TLS is required)")
+            msg = b"TLS is required: send NBD_OPT_STARTTLS first"
+            return p.option_reply(event.option, p.Rep.ERR_TLS_REQD, msg)
         handler = _OPTION_HANDLERS.get(event.option)
         if handler is None:
             msg = f"option {event.option} is not supported".encode()
@@ -170,10 +192,35 @@ class NbdSession:
             await device.close()
         return b"".join(replies)
 
+    async def _opt_starttls(self, data: bytes) -> bytes:
+        if data:
+            raise p.OptionError(p.Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        if self.tls:
+            raise p.OptionError(p.Rep.ERR_INVALID, "TLS is already established")
+        if not self.tls_offered:
+            why = "the local socket needs no TLS" if self.local else "TLS is not configured"
+            raise p.OptionError(p.Rep.ERR_POLICY, why)
+        self.starttls = True
+        return p.option_reply(p.Opt.STARTTLS, p.Rep.ACK)
+
+    @require(State.OPTIONS)
+    def tls_established(self, granted: frozenset[str]) -> None:
+        """TLS is up; the client's credential may open ``granted``. Nothing negotiated before
+        TLS is kept (proto.md: no per-export state survives STARTTLS)."""
+        self.starttls = False
+        self.tls = True
+        self.granted = granted
+        self.structured = False
+        self._meta = None
+
+    def allowed(self, name: str) -> bool:
+        """May this session open (or see) export ``name``?"""
+        return self.local or (self.tls and name in self.granted)
+
     async def _opt_list(self, data: bytes) -> bytes:
         if data:
             raise p.OptionError(p.Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
-        names = await self._list_exports()
+        names = [n for n in await self._list_exports() if self.allowed(n)]
         out = [p.rep_server(p.Opt.LIST, name) for name in names]
         out.append(p.option_reply(p.Opt.LIST, p.Rep.ACK))
         return b"".join(out)
@@ -213,7 +260,10 @@ class NbdSession:
         return b"".join(out)
 
     async def _open(self, name: str) -> BlockDevice:
-        """The device behind ``name``; ``OptionError(ERR_UNKNOWN)`` if there is none."""
+        """The device behind ``name``; ``OptionError(ERR_UNKNOWN)`` if there is none, or if
+        this session may not open it (the same answer: its existence is not revealed)."""
+        if not self.allowed(name):
+            raise p.OptionError(p.Rep.ERR_UNKNOWN, f"unknown export {name!r}")
         try:
             return await self._open_export(name)
         except KeyError:
@@ -383,7 +433,9 @@ def _describe(req: p.Request) -> str:
     return f"{name} {req.offset}+{req.length}"
 
 
+_BEFORE_TLS = frozenset((p.Opt.STARTTLS, p.Opt.ABORT))
 _OPTION_HANDLERS: dict[int, Callable[[NbdSession, bytes], Awaitable[bytes]]] = {
+    p.Opt.STARTTLS: NbdSession._opt_starttls,
     p.Opt.EXPORT_NAME: NbdSession._opt_export_name,
     p.Opt.INFO: NbdSession._opt_info,
     p.Opt.GO: NbdSession._opt_go,
