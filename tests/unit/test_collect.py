@@ -171,12 +171,26 @@ async def test_a_delete_during_an_exports_closing_flush_waits_for_the_detach(
     assert await store.get(keys.abs_volume("v")) is None
 
 
+async def test_a_delete_just_after_the_client_left_waits_for_its_server_to_notice(
+    cluster: Cluster, store: MemoryStore
+) -> None:
+    # the client has exited, but its storage server has not yet marked the export closing
+    holder = await attached(cluster.meta, store)
+    deleting = asyncio.ensure_future(cluster.meta.delete_volume("v"))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not deleting.done()
+    await cluster.meta.mark_closing(holder)
+    await cluster.meta.detach("v", holder.node, holder.epoch, holder.ap)
+    assert await deleting == []
+
+
 async def test_a_delete_of_a_volume_in_use_or_closing_too_long_is_refused(
     cluster: Cluster, store: MemoryStore
 ) -> None:
     holder = await attached(cluster.meta, store)
     with pytest.raises(InvalidState, match="in use"):
-        await cluster.meta.delete_volume("v")
+        await cluster.meta.delete_volume("v", close_wait=0.05)
     await cluster.meta.mark_closing(holder)
     with pytest.raises(InvalidState, match="in use"):
         await cluster.meta.delete_volume("v", close_wait=0.05)

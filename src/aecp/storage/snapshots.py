@@ -40,7 +40,7 @@ from aecp.storage.meta.model import (
     new_volume_uid,
     writable_in_place,
 )
-from aecp.storage.meta.service import RETRIES, MetaService
+from aecp.storage.meta.service import RETRIES, SETTLE, MetaService
 from aecp.storage.pool import ReplicaPool
 from aecp.store import keys
 from aecp.store.base import Compare, Delete, Lease, Put
@@ -61,7 +61,8 @@ class SnapshotService:
         """Snapshot ``volume`` as ``name``. ``paused_on``: the node whose paused VM has the
         volume attached (the only attached case allowed)."""
         check_name("snapshot", name)
-        await self.meta.wait_detached(volume)  # an export that is closing: after its flush
+        # an export that is closing: after its flush (a paused VM's disks stay attached)
+        await self.meta.wait_detached(volume, settle=0 if paused_on else SETTLE)
         for _ in range(RETRIES):
             vol, rev = await self.meta.volume(volume)
             att_kv = await self.store.get(keys.abs_attach(volume))
@@ -270,7 +271,7 @@ class SnapshotService:
         takes its table and the source's extents become shared (the source copies on its next
         write too)."""
         check_name("name", new_volume)
-        await self.meta.wait_detached(source)
+        await self.meta.wait_detached(source, settle=SETTLE)
         for _ in range(RETRIES):
             guards = await self.meta.name_guards(new_volume, owner)
             vol, rev = await self.meta.volume(source)
@@ -314,7 +315,7 @@ class SnapshotService:
     async def rollback(self, volume: str, name: str) -> VolumeRecord:
         """Make a detached volume hold the snapshot's content again (O(1))."""
         snap, srev = await self.usable(volume, name)
-        await self.meta.wait_detached(volume)
+        await self.meta.wait_detached(volume, settle=SETTLE)
         for _ in range(RETRIES):
             vol, rev = await self.meta.volume(volume)
             if await self.meta.attachment(volume) is not None:

@@ -57,6 +57,8 @@ RETRIES = 8
 DEFAULT_OVERCOMMIT = 3.0
 #: how long a delete waits for an export that is closing (flushing, then detaching)
 CLOSE_WAIT = 30.0
+#: how long a delete gives a storage server to notice that a volume's client has left
+SETTLE = 2.0
 
 
 class MetaService:
@@ -227,7 +229,7 @@ class MetaService:
         for _ in range(RETRIES):
             vol, rev = await self.volume(name)
             guards = await self._deletable_by(vol, owner)
-            if not await self.wait_detached(name, close_wait):
+            if not await self.wait_detached(name, close_wait, settle=min(SETTLE, close_wait)):
                 raise InvalidState(
                     f"volume {name} is in use (attached); detach it first", volume=name
                 )
@@ -247,24 +249,34 @@ class MetaService:
                 return freed
         raise Conflict(f"volume {name} keeps changing; try again")
 
-    async def wait_detached(self, name: str, wait: float = CLOSE_WAIT) -> bool:
+    async def wait_detached(self, name: str, wait: float = CLOSE_WAIT, settle: float = 0.0) -> bool:
         """Whether ``name`` is unattached, waiting up to ``wait`` seconds while it is attached
-        by an export that is closing (``mark_closing``); False at once for any other
-        attachment."""
+        by an export that is closing (``mark_closing``). Any other attachment is waited on
+        for ``settle`` seconds only: a client that has just exited may not have been seen
+        leaving by its storage server yet."""
         key = keys.abs_attach(name)
-        try:
-            async with asyncio.timeout(wait):
-                while (kv := await self.store.get(key)) is not None:
-                    if not AttachRecord.load(kv.value).closing:
-                        return False
-                    log.info("volume %s: waiting for its closing export to detach", name)
-                    async with self.store.watch(key, start_revision=kv.mod_revision + 1) as evs:
-                        async for ev in evs:
-                            if ev.key == key:  # the prefix also matches longer names
-                                break
-        except TimeoutError:
-            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        settled = loop.time() + min(settle, wait)
+        while (kv := await self.store.get(key)) is not None:
+            closing = AttachRecord.load(kv.value).closing
+            left = (deadline if closing else settled) - loop.time()
+            if left <= 0:
+                return False
+            if closing:
+                log.info("volume %s: waiting for its closing export to detach", name)
+            try:
+                await asyncio.wait_for(self._changed(key, kv.mod_revision), left)
+            except TimeoutError:
+                continue  # look again: it may have turned closing meanwhile
         return True
+
+    async def _changed(self, key: str, revision: int) -> None:
+        """Return once ``key`` changes after ``revision``."""
+        async with self.store.watch(key, start_revision=revision + 1) as events:
+            async for ev in events:
+                if ev.key == key:  # the prefix also matches longer names
+                    return
 
     async def _deletable_by(self, vol: VolumeRecord, owner: VolumeOwner | None) -> list[Compare]:
         """The guards under which ``owner`` (None: the volume API) may delete ``vol``, or
