@@ -48,6 +48,7 @@ class Device:
     """A volume device that records what is done to it; its flush waits for ``gate``."""
 
     size = 1 << 20
+    holder = None
 
     def __init__(self, n: int, events: list[str], gate: asyncio.Event, fail: bool) -> None:
         self.n, self.events, self.gate, self.fail = n, events, gate, fail
@@ -76,7 +77,12 @@ def daemon(
     monkeypatch.setattr("aecp.node.storage.open_volume", open_volume)
     d = StorageDaemon.__new__(StorageDaemon)
     d.keeper = cast(Any, SimpleNamespace(lease=object(), held=lambda: True))
-    d.meta, d.pool, d.node = cast(Any, None), cast(Any, None), "n1"
+
+    async def mark_closing(holder: object) -> None:
+        events.append("marked closing")
+
+    d.meta = cast(Any, SimpleNamespace(mark_closing=mark_closing))
+    d.pool, d.node = cast(Any, None), "n1"
     d._lock, d._exports, d._closing = asyncio.Lock(), {}, {}
     return d
 
@@ -97,7 +103,7 @@ async def test_reopening_a_volume_waits_until_its_last_close_has_flushed(
     gate.set()
     await closing
     await reopening
-    assert events == ["opened 0", "flush 0", "closed 0", "opened 1"]
+    assert events == ["opened 0", "marked closing", "flush 0", "closed 0", "opened 1"]
 
 
 async def test_a_handle_from_before_a_lost_lease_leaves_the_new_device_open(
@@ -123,4 +129,4 @@ async def test_the_last_close_detaches_even_when_its_flush_fails(
     handle = await daemon(monkeypatch, events, gate, fail=True).open_export("v")
     with pytest.raises(OSError):
         await handle.close()
-    assert events == ["opened 0", "flush 0", "closed 0"]
+    assert events == ["opened 0", "marked closing", "flush 0", "closed 0"]

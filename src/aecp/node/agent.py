@@ -70,7 +70,12 @@ class NodeAgent:
         self.clock = clock
         self.name = settings.name
         self.sampler = host.UsageSampler(settings.data_dir)
-        self.meta = MetaService(store, settings.storage.extent_mib * MIB, clock)
+        self.meta = MetaService(
+            store,
+            settings.storage.extent_mib * MIB,
+            clock,
+            overcommit_ratio=settings.storage.overcommit_ratio,
+        )
         auth = ReplicaAuth(
             Credentials(Bundle(settings.security.tls_dir)), settings.security.replica_encryption
         )

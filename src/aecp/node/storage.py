@@ -20,8 +20,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Coroutine
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import uvloop
@@ -40,8 +39,10 @@ from aecp.storage.blockdev import BlockDevice, Fenced, Span
 from aecp.storage.chunk.auth import ReplicaAuth
 from aecp.storage.chunk.server import ChunkServer
 from aecp.storage.chunk.store import ReplicaStore
+from aecp.storage.collect import OrphanCollector, collect_unreferenced
 from aecp.storage.exports import GrantPolicy, granted_by
 from aecp.storage.frontends.nbd.server import Limits, NbdServer
+from aecp.storage.frozen import FrozenRepairer
 from aecp.storage.meta.model import MIB, RecoveryRecord, StorageServer
 from aecp.storage.meta.service import MetaService
 from aecp.storage.pool import ReplicaPool
@@ -107,8 +108,13 @@ class StorageDaemon:
         self.store = store
         self.clock = clock
         self.node = settings.name
-        self.replicas = ReplicaStore(settings.chunk_dir)
-        self.meta = MetaService(store, settings.storage.extent_mib * MIB, clock)
+        self.replicas = ReplicaStore(settings.chunk_dir, capacity=settings.storage.capacity_bytes)
+        self.meta = MetaService(
+            store,
+            settings.storage.extent_mib * MIB,
+            clock,
+            overcommit_ratio=settings.storage.overcommit_ratio,
+        )
         self.credentials = Credentials(Bundle(settings.security.tls_dir))
         auth = ReplicaAuth(self.credentials, settings.security.replica_encryption)
         self.pool = ReplicaPool(self.meta, self.node, self.replicas, auth=auth)
@@ -182,8 +188,8 @@ class StorageDaemon:
     async def _register(self, lease: Lease) -> None:
         """Publish this server (and its free space) on ``lease``."""
         st = os.statvfs(self.s.chunk_dir)
-        capacity = (self.s.storage.capacity_gib or 0) << 30 or st.f_blocks * st.f_frsize
-        used = await asyncio.to_thread(_bytes_used, self.s.chunk_dir)
+        capacity = self.s.storage.capacity_bytes or st.f_blocks * st.f_frsize
+        used = await self.replicas.space.measure()
         free = max(0, min(capacity - used, st.f_bavail * st.f_frsize))
         rec = StorageServer(
             node=self.node,
@@ -192,6 +198,7 @@ class StorageDaemon:
             nbd_port=self.s.storage.nbd_port,
             capacity_bytes=capacity,
             free_bytes=free,
+            used_bytes=used,
             rack=self.s.storage.rack,
             chassis=self.s.storage.chassis,
         )
@@ -242,15 +249,59 @@ class StorageDaemon:
 
     async def _recovery_loop(self) -> None:
         """Repair the volumes attached here; as the elected Meta leader, also the degraded
-        volumes nobody has attached (attached for repair, which yields to any client)."""
+        volumes nobody has attached (attached for repair, which yields to any client) and
+        the frozen extents (named by snapshots only, so by no volume). Every ``_gc_every``
+        seconds, collect garbage: the leader the extent records nothing names, every node
+        the replicas in its store that no extent record names (``storage.collect``)."""
+        st = self.s.storage
+        orphans = OrphanCollector(
+            self.replicas, self.meta, self.node, st.orphan_grace_s, self.clock
+        )
+        collected = self.clock.monotonic()
         while True:
-            await asyncio.sleep(self.s.storage.recovery_interval_s)
+            await asyncio.sleep(st.recovery_interval_s)
             await self._each_volume("repair", degraded_only=True)
+            frozen = FrozenRepairer(self.meta, self.pool, self._policy(), self._publish)
+            await self._as_leader("frozen extents", frozen.run_pass)
+            if self.clock.monotonic() - collected >= self._gc_every():
+                collected = self.clock.monotonic()
+                await self._as_leader("collect", lambda: collect_unreferenced(self.meta, self.pool))
+                await self._logged("orphans", orphans.run_pass)
+
+    def _gc_every(self) -> float:
+        """Orphans are looked at a few times per grace period (no more than recovery)."""
+        st = self.s.storage
+        return max(st.recovery_interval_s, st.orphan_grace_s / 4)
+
+    async def _as_leader(self, what: str, work: Callable[[], Awaitable[list[str]]]) -> None:
+        """Run ``work`` if this node is the elected Meta leader."""
+        lease = self.keeper.lease
+        if lease is None or not self.keeper.held():
+            return
+        try:
+            leader = await self.election.check(lease)
+        except AecpError as exc:
+            log.warning("node %s: %s skipped: %s", self.node, what, exc)
+            return
+        if leader:
+            await self._logged(what, work)
+
+    async def _logged(self, what: str, work: Callable[[], Awaitable[list[str]]]) -> None:
+        """Run ``work`` and log its sentences; a failure is logged and the loop goes on."""
+        try:
+            for sentence in await work():
+                log.info("node %s: %s", self.node, sentence)
+        except AecpError as exc:
+            log.warning("node %s: %s stopped: %s", self.node, what, exc)
+        except Exception:  # a bug here must not stop recovery
+            log.exception("node %s: %s failed", self.node, what)
 
     async def _scrub_loop(self) -> None:
         while True:
             await asyncio.sleep(self.s.storage.scrub_interval_s)
             await self._each_volume("scrub", degraded_only=False)
+            frozen = FrozenRepairer(self.meta, self.pool, self._policy(), self._publish)
+            await self._as_leader("scrub frozen extents", frozen.scrub_pass)
 
     async def _each_volume(self, what: str, degraded_only: bool) -> None:
         lease = self.keeper.lease
@@ -285,12 +336,13 @@ class StorageDaemon:
     async def _idle_volumes(self, attached: set[str], degraded_only: bool) -> list[str]:
         vols = await self.meta.volumes()
         exts = await self.meta.extents()
+        servers = await self.meta.servers()  # a replica whose node left counts as missing
         out = []
         for v in vols:
             if v.name in attached or await self.meta.attachment(v.name) is not None:
                 continue
-            ids = [x for x in v.extents if x and x in exts]
-            if not degraded_only or any(len(exts[x].replicas) < v.replicas for x in ids):
+            live = [sum(n in servers for n in exts[x].replicas) for x in v.extents if x in exts]
+            if not degraded_only or any(n < v.replicas for n in live):
                 out.append(v.name)
         return out
 
@@ -357,7 +409,8 @@ class StorageDaemon:
         return _Handle(self, name, entry[0])
 
     async def release(self, name: str, dev: VolumeDevice) -> None:
-        """One handle on ``dev`` closed; the last one flushes and detaches it. A handle whose
+        """One handle on ``dev`` closed; the last one flushes and detaches it, its attachment
+        marked closing meanwhile (a delete of the volume waits for it). A handle whose
         device was closed already (the lease was lost, then the volume opened again) leaves
         the new device alone."""
         async with self._lock:
@@ -371,6 +424,10 @@ class StorageDaemon:
             del self._exports[name]
             closing = self._closing[name] = asyncio.get_running_loop().create_future()
         try:
+            try:
+                await self.meta.mark_closing(dev.holder)
+            except AecpError as exc:  # the delete that comes meanwhile answers "in use"
+                log.info("volume %s: not marked closing: %s", name, exc)
             await _flush_and_close(dev)
         finally:
             closing.set_result(None)
@@ -384,16 +441,6 @@ async def _flush_and_close(dev: VolumeDevice) -> None:
         await dev.flush()
     finally:
         await dev.close()
-
-
-def _bytes_used(root: Path) -> int:
-    """Bytes really allocated under ``root`` (sparse files count what they hold)."""
-    total = 0
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.stat(os.path.join(dirpath, f)).st_blocks * 512
-    return total
 
 
 #: collect the youngest generation every this many allocations (CPython's default: 700)
