@@ -5,6 +5,7 @@ with their volume, and a STARTTLS flood that cannot make the node read the store
 from __future__ import annotations
 
 import datetime
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def ca_pem(key: Any = None, *, days: int = 30, path_length: int | None = 0, ca: 
 )
 def test_a_credential_ca_that_cannot_serve_is_refused_naming_the_field(pem: str, reason: str):
     with pytest.raises(InvalidInput, match=reason) as err:
-        check_credential_ca(pem, NOW.timestamp())
+        check_credential_ca(pem, time.time())
     assert err.value.fields["field"] == "client_ca_certificate"
 
 
@@ -66,7 +67,7 @@ def test_the_cluster_ca_is_never_a_clients_credential(tmp_path: Path) -> None:
     """Not even in its last year, when its validity no longer refuses it (review finding)."""
     cluster = ClusterCA.create(tmp_path, "c", days=300).cert_file.read_text()
     with pytest.raises(InvalidInput, match="cluster's CA"):
-        check_credential_ca(cluster, NOW.timestamp(), cluster)
+        check_credential_ca(cluster, time.time(), cluster)
 
 
 async def volume(store: MemoryStore, name: str, uid: str) -> VolumeRecord:

@@ -14,6 +14,7 @@ import pytest
 from aecp.node.storage import StorageDaemon, _Handle
 from aecp.storage.access import VolumeDevice
 from aecp.storage.blockdev import BlockDevice
+from aecp.storage.meta.service import AttachedElsewhere
 
 
 class Recorder:
@@ -130,3 +131,34 @@ async def test_the_last_close_detaches_even_when_its_flush_fails(
     with pytest.raises(OSError):
         await handle.close()
     assert events == ["opened 0", "marked closing", "flush 0", "closed 0"]
+
+
+async def test_opening_a_volume_another_nodes_export_is_closing_waits_for_its_detach(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client moving to another node right after leaving the first was refused 'attached on
+    node3' while that export flushed and detached (the lab's nbdcopy round trip)."""
+    events: list[str] = []
+    detached = asyncio.Event()
+    attempts: list[int] = []
+
+    async def open_volume(*args: Any, **kw: Any) -> Device:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise AttachedElsewhere("volume v is attached on n3", volume="v", node="n3")
+        return Device(0, events, asyncio.Event(), False)
+
+    async def wait_detached(name: str, wait: float, settle: float) -> bool:
+        events.append("waited")
+        await detached.wait()
+        return True
+
+    d = daemon(monkeypatch, events, asyncio.Event())
+    monkeypatch.setattr("aecp.node.storage.open_volume", open_volume)
+    d.meta = cast(Any, SimpleNamespace(wait_detached=wait_detached))
+    opening = asyncio.ensure_future(d.open_export("v"))
+    await asyncio.sleep(0)
+    assert not opening.done() and events == ["waited"]
+    assert not d._lock.locked()  # other volumes open meanwhile
+    detached.set()
+    assert isinstance(await opening, _Handle) and len(attempts) == 2

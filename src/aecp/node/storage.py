@@ -44,7 +44,7 @@ from aecp.storage.exports import GrantPolicy, granted_by
 from aecp.storage.frontends.nbd.server import Limits, NbdServer
 from aecp.storage.frozen import FrozenRepairer
 from aecp.storage.meta.model import MIB, RecoveryRecord, StorageServer
-from aecp.storage.meta.service import MetaService
+from aecp.storage.meta.service import CLOSE_WAIT, SETTLE, AttachedElsewhere, MetaService
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.recovery import RecoveryPolicy, Repairer
 from aecp.store import keys
@@ -384,15 +384,24 @@ class StorageDaemon:
     async def open_export(self, name: str) -> BlockDevice:
         """A handle on volume ``name`` (attached here on first use). ``KeyError`` if unknown.
         While the volume's last handle is still being closed (flushed, detached), waits for
-        that first: a FLUSH through the new handle must cover what the old one acknowledged."""
+        that first: a FLUSH through the new handle must cover what the old one acknowledged.
+        While another node's export of it is closing (its client just left), waits for that
+        to detach too (``MetaService.wait_detached``, outside the lock), then tries once more:
+        a client that moves from one node to another must not be refused for that moment."""
+        waited = False
         while True:
             if (closing := self._closing.get(name)) is not None:
                 await asyncio.shield(closing)
                 continue
-            async with self._lock:
-                if name in self._closing:
-                    continue  # a close began meanwhile
-                return await self._open_locked(name)
+            try:
+                async with self._lock:
+                    if name in self._closing:
+                        continue  # a close began meanwhile
+                    return await self._open_locked(name)
+            except AttachedElsewhere:
+                if waited or not await self.meta.wait_detached(name, CLOSE_WAIT, SETTLE):
+                    raise
+                waited = True
 
     async def _open_locked(self, name: str) -> BlockDevice:
         lease = self.keeper.lease

@@ -53,6 +53,10 @@ class NotHolder(InvalidState):
     """The access point asking no longer holds its volume's attachment."""
 
 
+class AttachedElsewhere(InvalidState):
+    """Another node's access point holds the volume (it may be closing: ``wait_detached``)."""
+
+
 RETRIES = 8
 DEFAULT_OVERCOMMIT = 3.0
 #: how long a delete waits for an export that is closing (flushing, then detaching)
@@ -364,7 +368,7 @@ class MetaService:
             vol, rev = await self.volume(name)
             current = await self.attachment(name)
             if current is not None and _refused(current, node, takeover, purpose):
-                raise InvalidState(
+                raise AttachedElsewhere(
                     f"volume {name} is attached on {current.node}", volume=name, node=current.node
                 )
             epoch, epoch_cmp, epoch_put = await self.next_epoch()
