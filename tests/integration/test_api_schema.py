@@ -203,7 +203,7 @@ def _explore(
     def explore(case: Case) -> None:
         run.examples[op.label] += 1
         response = case.call_and_validate(
-            base_url=base_url, session=session, headers=auth, checks=CHECKS
+            base_url=base_url, session=session, headers=auth, checks=CHECKS, timeout=30
         )
         run.statuses[(mode.value, response.status_code)] += 1
 

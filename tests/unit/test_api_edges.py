@@ -293,8 +293,6 @@ async def test_the_openapi_document_states_the_name_rule_on_every_name(api: Api)
     for method, path, op in _operations(doc):
         for p in op.get("parameters", []):
             if p["in"] == "path" and p["name"] in ("name", "snap"):
-                if path == "/v1/volumes/{name}/export":
-                    continue  # the export routes keep the parameters their own work gave them
                 assert p["schema"]["pattern"] == NAME_PATTERN, f"{method} {path} {p['name']}"
     schemas = doc["components"]["schemas"]
     for model in ("VMCreate", "VolumeCreate", "Named", "NewName", "CloneRequest"):
@@ -347,3 +345,40 @@ async def test_a_failed_vm_and_its_operation_tell_why_without_server_paths(
     assert got["error"] == shown and got["message"] == shown
     listed = (await client.get("/v1/operations", headers=auth)).json()
     assert [o["error"] for o in listed if o["id"] == op.id] == [shown]
+
+
+async def test_a_caller_with_a_bad_token_learns_nothing_of_the_store_when_it_is_down(
+    api: Api, store: MemoryStore
+) -> None:
+    """503 says the token cannot be checked; no endpoints, no store error (review finding)."""
+    client, _ = api
+    store.set_reachable(False)
+    try:
+        r = await client.get("/v1/vms", headers={"authorization": "Bearer x"})
+    finally:
+        store.set_reachable(True)
+    assert r.status_code == 503
+    assert set(r.json()) == {"error", "message"} and "unreachable" not in r.json()["message"]
+
+
+async def test_a_path_after_unix_or_file_is_redacted_too() -> None:
+    """QEMU repeats its -qmp unix:<path> argument in launch errors (review finding)."""
+    text = "qemu: -qmp unix:/var/lib/aecp/run/.sock/x.qmp,server=on: cannot bind; file:/srv/a/b"
+    assert redact_paths(text) == "qemu: -qmp unix:x.qmp,server=on: cannot bind; file:b"
+
+
+async def test_a_huge_invalid_body_gets_a_bounded_error_body(api: Api) -> None:
+    client, auth = api
+    body = {"name": "a", "data_disks_mib": [1.5] * 5000}
+    r = await client.post("/v1/vms", json=body, headers=auth)
+    assert r.status_code == 422 and len(r.json()["details"]) <= 20
+    assert len(r.content) < 10_000
+
+
+async def test_a_utf16_json_body_is_refused_as_not_utf8(api: Api) -> None:
+    client, auth = api
+    raw = '{"name": "a", "size": "1M"}'.encode("utf-16")
+    r = await client.post(
+        "/v1/volumes", content=raw, headers={**auth, "content-type": "application/json"}
+    )
+    assert r.status_code == 400 and r.json()["field"] == "body"

@@ -131,7 +131,7 @@ class ExportCreate(BaseModel):
         "the volume: self-signed, path length 0 (the credential's own CA; `aecp volume export` "
         "makes it and the client's key, which stays with the client)"
     )
-    node: str | None = Field(None, description="serve through this node (default: the first)")
+    node: Name | None = Field(None, description="serve through this node (default: the first)")
 
 
 class ExportPublic(BaseModel):

@@ -13,7 +13,7 @@ from fastapi.security import HTTPBearer
 from aecp.cluster.service import ClusterService
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
-from aecp.common.errors import Unauthorized, Unavailable
+from aecp.common.errors import StoreUnavailable, Unauthorized, Unavailable
 from aecp.common.names import NAME_PATTERN, NAME_RULE
 from aecp.model.cluster import ClusterInfo
 from aecp.storage.snapshots import SnapshotService
@@ -84,7 +84,14 @@ async def authenticate(request: Request) -> str:
 
 
 async def check_token(svc: ClusterService, token: str) -> None:
-    got = await read(svc.store, keys.CLUSTER, ClusterInfo)
+    """``Unauthorized`` unless ``token`` is the cluster's. A store that cannot be read says
+    only that (``Unavailable`` without its details: the caller is not authenticated yet)."""
+    try:
+        got = await read(svc.store, keys.CLUSTER, ClusterInfo)
+    except StoreUnavailable:
+        raise StoreUnavailable(
+            "the token cannot be checked now: the cluster store cannot be reached"
+        ) from None
     if got is None or not got[0].token_ok(token):
         raise Unauthorized("invalid token")
 

@@ -73,8 +73,11 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorBody, "description": DESCRIPTIONS[s]} for s in statuses}
 
 
-# an absolute path of two components or more, not inside a URL ("http://h/x") or a word ("a/b")
-_PATH = re.compile(r"(?<![\w.:/~-])(?:/[\w.@+~-]+){2,}/?")
+# an absolute path of two components or more, not inside a URL ("http://h/x") or a word
+# ("a/b"), and one after QEMU's "unix:" or "file:" (its socket and file options)
+_PATH = re.compile(r"(?:(?<![\w.:/~-])|(?<=unix:)|(?<=file:))(?:/[\w.@+~%-]+){2,}/?")
+MAX_DETAILS = 20
+MAX_ECHO = 64  # characters of a refused input repeated in a message
 
 
 def redact_paths(text: str) -> str:
@@ -144,16 +147,16 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
             400,
             {"error": "bad_request", "message": f"body: not valid JSON ({why})", "field": "body"},
         )
-    problems = [FieldProblem(field=_field(e["loc"]), reason=_reason(e)) for e in errors]
-    first = problems[0] if problems else FieldProblem(field="", reason="invalid request")
+    problems = [FieldProblem(field=_field(e["loc"]) or "body", reason=_reason(e)) for e in errors]
+    first = problems[0] if problems else FieldProblem(field="body", reason="invalid request")
     return error_response(
         422,
         {
             "error": "invalid_input",
-            "message": f"{first.field or 'body'}: {first.reason}",
+            "message": f"{first.field}: {first.reason}",
             "field": first.field,
             "reason": first.reason,
-            "details": [p.model_dump() for p in problems],
+            "details": [p.model_dump() for p in problems[:MAX_DETAILS]],
         },
     )
 
@@ -165,9 +168,12 @@ def _field(loc: tuple[Any, ...]) -> str:
 def _reason(error: Any) -> str:
     """pydantic's message, except that a name refused by its pattern gets the name rule."""
     if error["type"] == "string_pattern_mismatch" and error["ctx"]["pattern"] in NAME_PATTERNS:
-        return f"{error['input']!r} is not a valid name ({NAME_RULE})"
+        shown = repr(error["input"])
+        if len(shown) > MAX_ECHO:
+            shown = shown[:MAX_ECHO] + "..."
+        return f"{shown} is not a valid name ({NAME_RULE})"
     msg: str = error["msg"]
-    return msg
+    return msg[:200]
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

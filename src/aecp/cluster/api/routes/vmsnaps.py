@@ -84,7 +84,7 @@ async def list_snapshots(
     "/{name}/snapshots/{snap}",
     status_code=status.HTTP_204_NO_CONTENT,
     operation_id="delete_vm_snapshot",
-    responses=error_responses(404),
+    responses=error_responses(404, 409),
 )
 async def delete_snapshot(
     name: NamePath, snap: NamePath, svc: VMSnapshotService = Depends(vmsnaps)
@@ -143,7 +143,7 @@ async def list_templates(svc: VMSnapshotService = Depends(vmsnaps)) -> list[Temp
     "/{name}",
     status_code=status.HTTP_204_NO_CONTENT,
     operation_id="delete_template",
-    responses=error_responses(404),
+    responses=error_responses(404, 409),
 )
 async def delete_template(
     name: NamePath, request: Request, svc: VMSnapshotService = Depends(vmsnaps)

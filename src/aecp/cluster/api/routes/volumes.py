@@ -72,15 +72,15 @@ async def delete_volume(name: NamePath, svc: VolumeService = Depends(volumes)) -
     responses=error_responses(404, 409),
 )
 async def export_volume(
-    name: str, body: ExportCreate, who: Principal, svc: VolumeService = Depends(volumes)
+    name: NamePath, body: ExportCreate, who: Principal, svc: VolumeService = Depends(volumes)
 ) -> ExportPublic:
-    """Let one outside NBD client (the holder of ``client_certificate``'s key) read and write
-    the volume over NBD with TLS. 409 if the volume is exported already."""
+    """Let one outside NBD client (the holder of the key under ``client_ca_certificate``) read
+    and write the volume over NBD with TLS. 409 if the volume is exported already."""
     return await svc.export(name, body, who)
 
 
 @router.get("/{name}/export", operation_id="get_volume_export", responses=error_responses(404))
-async def get_volume_export(name: str, svc: VolumeService = Depends(volumes)) -> ExportPublic:
+async def get_volume_export(name: NamePath, svc: VolumeService = Depends(volumes)) -> ExportPublic:
     """The volume's export (404 if it has none)."""
     return await svc.export_info(name)
 
@@ -91,7 +91,7 @@ async def get_volume_export(name: str, svc: VolumeService = Depends(volumes)) ->
     operation_id="unexport_volume",
     responses=error_responses(404),
 )
-async def unexport_volume(name: str, svc: VolumeService = Depends(volumes)) -> None:
+async def unexport_volume(name: NamePath, svc: VolumeService = Depends(volumes)) -> None:
     """Revoke the volume's export: its credential opens nothing any more and the connections
     made with it are closed."""
     await svc.unexport(name)
