@@ -3,6 +3,7 @@ the field or the state, and changes nothing that was stored."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -101,3 +102,68 @@ async def test_a_corrupted_image_file_fails_at_create_time(kit: LabKit) -> None:
         f.write(b"corrupted!")
     err = await refused(kit, "POST", "/v1/vms", 422, json={"name": "c1", "image": "tiny2"})
     assert err["error"] == "image_error" and "corrupt" in err["message"]
+
+
+async def test_a_corrupt_upload_error_names_no_server_path(kit: LabKit) -> None:
+    junk = b"QFI\xfb" + b"\x00\x00\x00\x03" + b"\xff" * 4088
+    err = await refused(kit, "PUT", "/v1/images/junk2", 422, content=junk)
+    assert err["error"] == "image_error" and "Could not open" in err["message"]
+    assert str(kit.lab.images_dir) not in str(err) and str(kit.lab.root) not in str(err)
+    assert not re.search(r"(?<![\w:])/\w+/", str(err)), err
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "vol1", "size": True}, "size"),
+        ({"name": "vol1", "size": 1e9}, "size"),
+        ({"name": "vol1", "size": "1G", "replicas": 1.0}, "replicas"),
+    ],
+)
+async def test_a_volume_size_of_true_or_1e9_is_refused_not_coerced(
+    kit: LabKit, body: dict[str, Any], field: str
+) -> None:
+    err = await refused(kit, "POST", "/v1/volumes", 422, json=body)
+    assert err["error"] == "invalid_input" and err["field"] == field
+
+
+@pytest.mark.parametrize(("field", "value"), [("vcpus", True), ("memory_mib", 256.0)])
+async def test_vm_create_refuses_a_boolean_or_float_for_an_integer(
+    kit: LabKit, field: str, value: object
+) -> None:
+    err = await refused(kit, "POST", "/v1/vms", 422, json={"name": "v9", field: value})
+    assert err["field"] == field
+
+
+async def test_creating_a_vm_from_a_template_that_does_not_exist_is_404(kit: LabKit) -> None:
+    err = await refused(kit, "POST", "/v1/vms", 404, json={"name": "v9", "template": "nope"})
+    assert err["error"] == "not_found" and err["template"] == "nope"
+
+
+async def test_an_unauthenticated_malformed_body_gets_401_not_422(kit: LabKit) -> None:
+    bad = {
+        "content": b"{nope",
+        "headers": {"authorization": "", "content-type": "application/json"},
+    }
+    for method, path in (("POST", "/v1/vms"), ("POST", "/v1/volumes"), ("PUT", "/v1/images/x")):
+        err = await refused(kit, method, path, 401, **bad)
+        assert err["error"] == "unauthorized"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kw", "status", "code"),
+    [
+        ("POST", "/v1/vms", {"content": b"{nope"}, 400, "bad_request"),
+        ("POST", "/v1/vms", {"content": b'{"name": "\xff"}'}, 400, "bad_request"),
+        ("GET", "/v1/nowhere", {}, 404, "not_found"),
+        ("PATCH", "/v1/vms/running1", {}, 405, "method_not_allowed"),
+        ("POST", "/v1/vms", {"content": b" " * (2 << 20)}, 413, "too_large"),
+    ],
+)
+async def test_http_level_errors_have_the_one_error_shape(
+    kit: LabKit, method: str, path: str, kw: dict[str, Any], status: int, code: str
+) -> None:
+    err = await refused(
+        kit, method, path, status, headers={"content-type": "application/json"}, **kw
+    )
+    assert err["error"] == code and err["message"]

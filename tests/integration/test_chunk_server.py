@@ -18,6 +18,7 @@ import pytest
 import uvloop
 
 from aecp.common.tls import Credentials
+from aecp.storage.chunk import server as chunk_server_module
 from aecp.storage.chunk.api import ReplicaClient
 from aecp.storage.chunk.auth import ReplicaAuth, client_handshake
 from aecp.storage.chunk.client import ChunkClient, LocalChunkClient
@@ -470,3 +471,60 @@ async def test_with_encryption_on_the_protocol_runs_inside_mutual_tls(
         await encrypted.close()
         await server.stop()
     assert server.refused == 1
+
+
+# -- handshake slots (review: 64 idle connections locked every node out) -----------------------
+
+
+async def idle_connection() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(HOST, CREDENTIALS["port"])
+
+
+async def closed_by_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    with contextlib.suppress(ConnectionError):
+        if await asyncio.wait_for(reader.read(), 30) == b"":
+            writer.close()
+            return True
+    writer.close()
+    return False
+
+
+async def test_a_connection_that_sends_no_hello_is_closed(server: ChunkServer) -> None:
+    CREDENTIALS["port"] = server.port
+    reader, writer = await idle_connection()
+    assert await closed_by_server(reader, writer)  # after HELLO_TIMEOUT
+    assert server.refused == 1
+
+
+async def test_idle_connections_holding_every_slot_give_way_to_a_node(
+    server: ChunkServer, client: ChunkClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chunk_server_module, "MAX_HANDSHAKES", 3)
+    monkeypatch.setattr(chunk_server_module, "HELLO_TIMEOUT", 30.0)
+    CREDENTIALS["port"] = server.port
+    idle = [await idle_connection() for _ in range(3)]
+    for _ in range(100):  # until the server accepted all three
+        if len(server._admitting) == 3:
+            break
+        await asyncio.sleep(0.01)
+    await client.ping()  # the node's connection takes the oldest idle one's slot
+    assert await closed_by_server(*idle[0])
+    for _, writer in idle[1:]:
+        writer.close()
+
+
+async def test_one_address_holds_a_few_handshake_slots_only(
+    server: ChunkServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chunk_server_module, "HELLO_TIMEOUT", 30.0)
+    CREDENTIALS["port"] = server.port
+    idle = [await idle_connection() for _ in range(chunk_server_module.MAX_HANDSHAKES_PER_ADDRESS)]
+    for _ in range(100):
+        if len(server._admitting) == len(idle):
+            break
+        await asyncio.sleep(0.01)
+    reader, writer = await idle_connection()
+    assert await closed_by_server(reader, writer)  # at once: the address has no slot left
+    assert server.refused == 1
+    for _, w in idle:
+        w.close()

@@ -184,8 +184,8 @@ async def etcd_leader(kit: LabKit, ask: list[str]) -> str:
         "endpoint", "status", "-w", "json",
     )  # fmt: skip
     assert code == 0, out
-    for status in json.loads(out):
-        if status["Status"]["header"]["member_id"] == status["Status"]["leader"]:
+    for status in json.loads(out):  # "leader" is left out while it is 0 (no leader yet)
+        if status["Status"]["header"]["member_id"] == status["Status"].get("leader"):
             host = status["Endpoint"].removeprefix("https://").split(":")[0]
             return f"node{host.rsplit('.', 1)[1]}"
     raise AssertionError(f"no leader among {ask}: {out}")

@@ -66,7 +66,7 @@ async def test_a_new_volume_is_thin_with_one_empty_slot_per_extent(meta: MetaSer
         (1000, 2, "size"),
         (MIB, 4, "replicas"),
         (MIB, 0, "replicas"),
-        (20 << 30, 3, "size"),
+        (40 << 30, 3, "size"),  # 120 GiB provisioned > 3.0 x 30 GiB raw
     ],
 )
 async def test_bad_volumes_are_refused_and_change_nothing(

@@ -12,6 +12,7 @@ from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aecp.common.errors import InvalidInput
 from aecp.common.pki import NODE, AuthError, ClusterCA, Identity, verify_peer
 from aecp.storage.chunk.auth import MAGIC, ClientAuth, Mode, ServerAuth
 from tests.pkikit import TestPKI
@@ -57,6 +58,15 @@ def test_a_certificate_without_its_key_does_not_pass(pki: TestPKI, tmp_path: Pat
     server = ServerAuth(identity(pki, "n1"))
     with pytest.raises(AuthError, match="did not prove"):
         server.receive(client.answer(server.receive(client.hello())))
+
+
+def test_a_relay_that_opens_its_own_connection_gets_no_valid_signature(pki: TestPKI) -> None:
+    """Each side signs the connection as it sees it: a relay between two TCP connections
+    presents the client with the server's view of the other one (review finding)."""
+    client = ClientAuth(identity(pki, "n2"), "n1", Mode.SIGNED, b"10.0.0.2:4000>10.0.0.9:8710")
+    server = ServerAuth(identity(pki, "n1"), binding=b"10.0.0.9:5000>10.0.0.1:8710")
+    with pytest.raises(AuthError, match="did not prove"):
+        client.answer(server.receive(client.hello()))
 
 
 def test_the_client_refuses_a_server_with_another_name(pki: TestPKI) -> None:
@@ -117,3 +127,18 @@ GARBAGE_IDENTITY: list[Identity] = []
 @pytest.fixture(autouse=True, scope="module")
 def _garbage_identity(pki: TestPKI) -> None:
     GARBAGE_IDENTITY[:] = [identity(pki, "n1")]
+
+
+@pytest.mark.parametrize(
+    ("role", "reason"), [("../nodes/n1", "not a valid name"), ("Admin", "not a valid name")]
+)
+def test_a_principal_name_cannot_leave_its_directory_in_the_ca(
+    tmp_path: Path, role: str, reason: str
+) -> None:
+    """``aecp cluster cert client ../nodes/n1`` overwrote node n1's credential (review)."""
+    ca = ClusterCA.create(tmp_path, "c")
+    with pytest.raises(InvalidInput, match=reason):
+        ca.issue_client(role)
+    with pytest.raises(InvalidInput, match="address"):
+        ca.issue_node("n1", ["not-an-ip"])
+    assert not (tmp_path / "nodes").exists()

@@ -51,7 +51,7 @@ async def test_bad_create_input_names_the_field_and_changes_nothing(
 ) -> None:
     before = await dump_store(svc.store)  # type: ignore[arg-type]
     with pytest.raises(InvalidInput) as err:
-        await svc.create_vm(VMCreate.model_validate(req))
+        await svc.create_vm(VMCreate.model_construct(**req))  # the service checks, not pydantic
     assert err.value.fields["field"] == field
     assert await dump_store(svc.store) == before  # type: ignore[arg-type]
 

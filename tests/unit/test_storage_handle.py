@@ -14,6 +14,7 @@ import pytest
 from aecp.node.storage import StorageDaemon, _Handle
 from aecp.storage.access import VolumeDevice
 from aecp.storage.blockdev import BlockDevice
+from aecp.storage.meta.service import AttachedElsewhere
 
 
 class Recorder:
@@ -48,6 +49,7 @@ class Device:
     """A volume device that records what is done to it; its flush waits for ``gate``."""
 
     size = 1 << 20
+    holder = None
 
     def __init__(self, n: int, events: list[str], gate: asyncio.Event, fail: bool) -> None:
         self.n, self.events, self.gate, self.fail = n, events, gate, fail
@@ -76,7 +78,12 @@ def daemon(
     monkeypatch.setattr("aecp.node.storage.open_volume", open_volume)
     d = StorageDaemon.__new__(StorageDaemon)
     d.keeper = cast(Any, SimpleNamespace(lease=object(), held=lambda: True))
-    d.meta, d.pool, d.node = cast(Any, None), cast(Any, None), "n1"
+
+    async def mark_closing(holder: object) -> None:
+        events.append("marked closing")
+
+    d.meta = cast(Any, SimpleNamespace(mark_closing=mark_closing))
+    d.pool, d.node = cast(Any, None), "n1"
     d._lock, d._exports, d._closing = asyncio.Lock(), {}, {}
     return d
 
@@ -97,7 +104,7 @@ async def test_reopening_a_volume_waits_until_its_last_close_has_flushed(
     gate.set()
     await closing
     await reopening
-    assert events == ["opened 0", "flush 0", "closed 0", "opened 1"]
+    assert events == ["opened 0", "marked closing", "flush 0", "closed 0", "opened 1"]
 
 
 async def test_a_handle_from_before_a_lost_lease_leaves_the_new_device_open(
@@ -123,4 +130,35 @@ async def test_the_last_close_detaches_even_when_its_flush_fails(
     handle = await daemon(monkeypatch, events, gate, fail=True).open_export("v")
     with pytest.raises(OSError):
         await handle.close()
-    assert events == ["opened 0", "flush 0", "closed 0"]
+    assert events == ["opened 0", "marked closing", "flush 0", "closed 0"]
+
+
+async def test_opening_a_volume_another_nodes_export_is_closing_waits_for_its_detach(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client moving to another node right after leaving the first was refused 'attached on
+    node3' while that export flushed and detached (the lab's nbdcopy round trip)."""
+    events: list[str] = []
+    detached = asyncio.Event()
+    attempts: list[int] = []
+
+    async def open_volume(*args: Any, **kw: Any) -> Device:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise AttachedElsewhere("volume v is attached on n3", volume="v", node="n3")
+        return Device(0, events, asyncio.Event(), False)
+
+    async def wait_detached(name: str, wait: float, settle: float) -> bool:
+        events.append("waited")
+        await detached.wait()
+        return True
+
+    d = daemon(monkeypatch, events, asyncio.Event())
+    monkeypatch.setattr("aecp.node.storage.open_volume", open_volume)
+    d.meta = cast(Any, SimpleNamespace(wait_detached=wait_detached))
+    opening = asyncio.ensure_future(d.open_export("v"))
+    await asyncio.sleep(0)
+    assert not opening.done() and events == ["waited"]
+    assert not d._lock.locked()  # other volumes open meanwhile
+    detached.set()
+    assert isinstance(await opening, _Handle) and len(attempts) == 2

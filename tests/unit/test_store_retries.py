@@ -112,3 +112,25 @@ async def test_a_call_that_keeps_failing_gives_up_with_store_unavailable(store: 
     with pytest.raises(StoreUnavailable, match="leader changed"):
         await s.get("/k")
     assert 2 <= fake.calls < 1000
+
+
+async def test_a_transaction_with_failure_operations_is_not_sent_twice_after_a_lost_answer(
+    store: Make,
+) -> None:
+    s, fake = store([TIMED_OUT, (True, None)], {})
+    with pytest.raises(StoreUnavailable):
+        await s.txn([Compare.absent("/k")], [Put("/k", b"a")], [Put("/other", b"b")])
+    assert fake.calls == 1
+
+
+async def test_checking_a_lost_answer_ends_within_the_calls_deadline(store: Make) -> None:
+    """The read-back after an ambiguous failure used a full deadline per key (review)."""
+
+    def hang() -> None:
+        raise TIMED_OUT
+
+    script: list[Any] = [TIMED_OUT, (False, None)] + [hang] * 1000
+    s, fake = store(script, {})
+    with pytest.raises(StoreUnavailable):
+        await s.txn([Compare.absent("/k")], [Put(f"/k{i}", b"v") for i in range(5)])
+    assert fake.calls < 1000

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from aecp.cli.common import client
-from aecp.cli.output import Format, OutputOpt, emit
+from aecp.cli.output import Format, OutputOpt, emit, err_console
 
 app = typer.Typer(help="The ABS storage server of a node.", no_args_is_help=True)
 
@@ -24,7 +24,8 @@ def run(config: Annotated[Path, typer.Option(help="node settings (JSON)")]) -> N
 
 @app.command("status")
 def status(output: OutputOpt = Format.TABLE) -> None:
-    """Storage servers, capacity, and how many extents are missing replicas."""
+    """Storage servers and the cluster: raw capacity, allocated and provisioned bytes, how full
+    (over 80% a warning, over 90% critical), and extents missing replicas."""
     with client() as c:
         st = c.get("/v1/storage")
     if output is Format.JSON:
@@ -33,7 +34,9 @@ def status(output: OutputOpt = Format.TABLE) -> None:
     emit(
         st["servers"],
         output,
-        ["node", "address", "chunk_port", "nbd_port", "capacity_bytes", "free_bytes"],
+        ["node", "address", "capacity_bytes", "used_bytes", "free_bytes", "used_pct", "level"],
         title="storage servers",
     )
-    emit({k: v for k, v in st.items() if k != "servers"}, output)
+    emit({k: v for k, v in st.items() if k not in ("servers", "warnings")}, output)
+    for warning in st.get("warnings", []):
+        err_console.print(f"[bold yellow]warning:[/] {warning}")

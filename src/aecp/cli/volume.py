@@ -120,15 +120,22 @@ def export(
     it. Revoke with: aecp volume unexport NAME.
     """
     target = (directory or Path(f"{name}-nbd-tls")).absolute()
-    if target.exists() and any(target.iterdir()):
-        raise typer.BadParameter(f"{target} exists and is not empty", param_hint="--dir")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        why = f"{target} exists and is not an empty directory"
+        raise typer.BadParameter(why, param_hint="--dir")
     own_ca, cert, key = grant_credential(f"aecp-export:{name}", days=days)
-    with client() as c:
-        body = {"client_ca_certificate": own_ca.decode(), "node": node}
-        grant = c.post(f"/v1/volumes/{name}/export", json=body)
+    write_credentials(target, own_ca, cert, key)  # before the grant: a failed write asks nothing
+    try:
+        with client() as c:
+            body = {"client_ca_certificate": own_ca.decode(), "node": node}
+            grant = c.post(f"/v1/volumes/{name}/export", json=body)
+    except BaseException:
+        for f in CREDENTIAL_FILES:
+            (target / f).unlink(missing_ok=True)
+        raise
     # the cluster CA (to check the server) and the credential's own CA (QEMU checks its own
     # certificate against the same file)
-    write_credentials(target, grant["ca_certificate"].encode() + own_ca, cert, key)
+    write_private(target / "ca-cert.pem", grant["ca_certificate"].encode() + own_ca)
     usage = export_usage(grant, target)
     if output is Format.JSON:
         emit({**grant, "credential_dir": str(target), **usage}, output)
@@ -151,9 +158,14 @@ def unexport(name: str, output: OutputOpt = Format.TABLE) -> None:
     emit({"volume": name, "exported": False}, output)
 
 
+CREDENTIAL_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
+
+
 def write_credentials(target: Path, ca: bytes, cert: bytes, key: bytes) -> None:
-    """The directory layout QEMU's tls-creds-x509 and libnbd's tls-certificates read."""
+    """The directory layout QEMU's tls-creds-x509 and libnbd's tls-certificates read
+    (``CREDENTIAL_FILES``), the directory 0700 and the files 0600."""
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target.chmod(0o700)
     write_private(target / "client-key.pem", key)
     write_private(target / "client-cert.pem", cert)
     write_private(target / "ca-cert.pem", ca)

@@ -337,7 +337,7 @@ class VMSnapshotService:
         check_name("template", name)
         got = await read(self.svc.store, keys.template(name), TemplateRecord)
         if got is None:
-            raise InvalidInput("template", f"template {name} does not exist")
+            raise NotFound(f"template {name} does not exist", template=name)
         return got[0]
 
     async def templates(self) -> list[TemplateRecord]:

@@ -1,15 +1,23 @@
 """Volume requests (ABS) below the REST layer: Meta for metadata, the chunk servers for what the
-replicas hold (allocation, health) and for reclaiming the replicas of deleted volumes."""
+replicas hold (allocation, health) and for reclaiming the replicas of deleted volumes.
+
+Storage status shows, per server and for the cluster, raw capacity, what is allocated and what
+volumes have provisioned (thin: size x replicas), and how full the space is: over
+``WARN_PCT`` a warning, over ``CRIT_PCT`` critical (writes needing new space then soon fail
+with ENOSPC)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic_core import PydanticCustomError
 
 from aecp.common.errors import NotFound, Unavailable
-from aecp.model.base import check_name
+from aecp.model.base import Name, check_name
 from aecp.storage.chunk.errors import ChunkError
 from aecp.storage.exports import ExportGrant, Exports
 from aecp.storage.meta.model import (
@@ -25,6 +33,8 @@ from aecp.storage.pool import ReplicaPool
 from aecp.store import keys
 
 log = logging.getLogger(__name__)
+WARN_PCT = 80.0
+CRIT_PCT = 90.0
 
 
 class ExtentHealth(BaseModel):
@@ -54,19 +64,61 @@ class VolumePublic(BaseModel):
     extents: list[ExtentHealth] = []
 
 
+class ServerUsage(StorageServer):
+    """A storage server with how full it is: ``used_pct`` of its capacity is not free."""
+
+    used_pct: float
+    level: str  # "ok", "warning" (over WARN_PCT) or "critical" (over CRIT_PCT)
+
+
 class StorageStatus(BaseModel):
-    servers: list[StorageServer]
+    servers: list[ServerUsage]
     volumes: int
     extents: int
     degraded_extents: int
     replicas_missing: int
     recoveries: list[str] = []
+    raw_bytes: int = 0  # the storage servers' capacity
+    free_bytes: int = 0
+    allocated_bytes: int = 0  # held by replicas
+    provisioned_bytes: int = 0  # volumes' size x replicas (thin: most is not written)
+    provisioned_limit_bytes: int = 0  # overcommit_ratio x raw_bytes
+    overcommit_ratio: float = 0.0
+    used_pct: float = 0.0
+    level: str = "ok"
+    warnings: list[str] = []
+
+
+def _int_or_text(value: object) -> object:
+    """Refuse what JSON would only coerce into a size: ``true``, ``1e9``, ``10.5``."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise PydanticCustomError(
+            "size_type",
+            "must be a whole number of bytes or a size like 10G, got {got}",
+            {"got": json.dumps(value, default=str)},
+        )
+    return value
+
+
+Size = Annotated[
+    int | str,
+    BeforeValidator(_int_or_text),
+    Field(description="bytes (an integer) or a size like 10G, 512M", examples=["10G", 1048576]),
+]
 
 
 class VolumeCreate(BaseModel):
-    name: str
-    size: str | int
-    replicas: int | None = None
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    size: Size
+    replicas: StrictInt | None = Field(None, description="1, 2 or 3 (default: by node count)")
+
+
+class VolumeResize(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    size: Size
 
 
 class ExportCreate(BaseModel):
@@ -79,7 +131,7 @@ class ExportCreate(BaseModel):
         "the volume: self-signed, path length 0 (the credential's own CA; `aecp volume export` "
         "makes it and the client's key, which stays with the client)"
     )
-    node: str | None = Field(None, description="serve through this node (default: the first)")
+    node: Name | None = Field(None, description="serve through this node (default: the first)")
 
 
 class ExportPublic(BaseModel):
@@ -108,7 +160,7 @@ class VolumeService:
         self.meta = meta
         self.pool = pool
         self.ca_certificate = ca_certificate
-        self.exports = exports or Exports(meta.store, meta.clock)
+        self.exports = exports or Exports(meta.store, meta.clock, cluster_ca=ca_certificate)
 
     async def create(self, req: VolumeCreate) -> VolumeRecord:
         return await self.meta.create_volume(req.name, parse_size("size", req.size), req.replicas)
@@ -174,27 +226,47 @@ class VolumeService:
         return await self.meta.resize(name, parse_size("size", size))
 
     async def delete(self, name: str) -> list[str]:
-        """Delete the volume and reclaim the replicas of the extents nothing else names (best
-        effort: a replica on an unreachable node is left for later)."""
+        """Delete the volume and reclaim the replicas of the extents nothing else names (a
+        replica on an unreachable node is deleted later by that node's orphan collector). An
+        export that is closing is waited for (``MetaService.delete_volume``)."""
         leftovers = await self.pool.delete_replicas(await self.meta.delete_volume(name))
         if leftovers:
             log.warning("volume %s: replicas left to reclaim later: %s", name, ", ".join(leftovers))
         return leftovers
 
     async def status(self) -> StorageStatus:
-        recs = await self._recoveries()
-        servers = await self.meta.servers()
-        vols = await self.meta.volumes()
-        exts = await self.meta.extents()
-        factor = {x: v.replicas for v in vols for x in v.extents if x}
-        missing = {x: factor[x] - len(e.replicas) for x, e in exts.items() if x in factor}
+        t = await self.meta.tables()
+        servers = [_usage(s) for s in sorted((await self.meta.servers()).values(), key=_node)]
+        factor = {x: s.replicas for s in t.snapshots for x in s.extents if x}
+        factor.update({x: v.replicas for v in t.volumes.values() for x in v.extents if x})
+        missing = {x: factor[x] - len(e.replicas) for x, e in t.extents.items() if x in factor}
+        raw = sum(s.capacity_bytes for s in servers)
+        free = sum(s.free_bytes for s in servers)
+        used_pct = _pct(raw - free, raw)
+        warnings = [
+            f"storage server {s.node} is {s.used_pct:.0f}% full ({s.level})"
+            for s in servers
+            if s.level != "ok"
+        ]
+        if _level(used_pct) != "ok":
+            warnings.append(f"the cluster's storage is {used_pct:.0f}% full ({_level(used_pct)})")
         return StorageStatus(
-            servers=sorted(servers.values(), key=lambda s: s.node),
-            volumes=len(vols),
-            extents=len(exts),
+            servers=servers,
+            volumes=len(t.volumes),
+            extents=len(t.extents),
             degraded_extents=sum(1 for m in missing.values() if m > 0),
             replicas_missing=sum(m for m in missing.values() if m > 0),
-            recoveries=[f"{r.volume}/{r.extent}: {_progress(r)}" for r in recs.values()],
+            recoveries=[f"{r.volume}/{r.extent}: {_progress(r)}" for r in t.recoveries.values()],
+            raw_bytes=raw,
+            free_bytes=free,
+            allocated_bytes=sum(s.used_bytes for s in servers),
+            provisioned_bytes=sum(v.size * v.replicas for v in t.volumes.values()),
+            provisioned_limit_bytes=int(raw * self.meta.overcommit_ratio),
+            overcommit_ratio=self.meta.overcommit_ratio,
+            used_pct=used_pct,
+            # a full server fails the writes that need space there: the worst level counts
+            level=max([_level(used_pct), *(s.level for s in servers)], key=_LEVELS.index),
+            warnings=warnings,
         )
 
     async def export(self, name: str, req: ExportCreate, created_by: str) -> ExportPublic:
@@ -245,6 +317,28 @@ class VolumeService:
             expires_at=grant.expires_at,
             ca_certificate=self.ca_certificate,
         )
+
+
+_LEVELS = ["ok", "warning", "critical"]
+
+
+def _node(s: StorageServer) -> str:
+    return s.node
+
+
+def _pct(part: int, whole: int) -> float:
+    return round(100.0 * part / whole, 1) if whole > 0 else 0.0
+
+
+def _level(pct: float) -> str:
+    if pct > CRIT_PCT:
+        return "critical"
+    return "warning" if pct > WARN_PCT else "ok"
+
+
+def _usage(s: StorageServer) -> ServerUsage:
+    pct = _pct(s.capacity_bytes - s.free_bytes, s.capacity_bytes)
+    return ServerUsage(**s.model_dump(), used_pct=pct, level=_level(pct))
 
 
 def _progress(rec: RecoveryRecord | None) -> str:

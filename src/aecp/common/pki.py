@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from aecp.common.errors import AecpError, InvalidInput, NotFound
+from aecp.common.names import NAME_RE, NAME_RULE
 
 #: a DNS name in every node certificate: what etcd clients check the server against (one name
 #: for every member, so a client with several endpoints needs no per-address name)
@@ -209,14 +210,20 @@ class ClusterCA:
         return Bundle(self.root / "clients" / role)
 
     def issue_node(self, node: str, addresses: Sequence[str], *, days: int = LEAF_DAYS) -> Bundle:
-        """A node's bundle (server and client use); ``addresses`` are its IP addresses."""
-        ips = [ipaddress.ip_address(a) for a in addresses]
+        """A node's bundle (server and client use); ``addresses`` are its IP addresses.
+        ``InvalidInput`` for a name off the naming rule or an address that is not an IP."""
+        _check_principal("node", node)
+        try:
+            ips = [ipaddress.ip_address(a) for a in addresses]
+        except ValueError as exc:
+            raise InvalidInput("address", str(exc)) from None
         names: list[x509.GeneralName] = [x509.DNSName(node), x509.DNSName(ETCD_SERVER_NAME)]
         names += [x509.IPAddress(ip) for ip in ips]
         return self._issue(self.node_bundle(node), node, NODE, names, server=True, days=days)
 
     def issue_client(self, role: str, *, days: int = LEAF_DAYS) -> Bundle:
         """A client role's bundle (TLS client use only)."""
+        _check_principal("role", role)
         if role == NODE:
             raise InvalidInput("role", "'node' is the role of node certificates")
         return self._issue(self.client_bundle(role), role, role, [], server=False, days=days)
@@ -417,6 +424,13 @@ def write_private(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _check_principal(field: str, name: str) -> None:
+    """A node or role name is a directory name in the CA: the object-name rule, nothing
+    that could leave its directory (``../nodes/n1``)."""
+    if not NAME_RE.fullmatch(name):
+        raise InvalidInput(field, f"{name!r} is not a valid name ({NAME_RULE})")
 
 
 def _private_dir(path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aecp.common.errors import ConfigError
-from aecp.common.names import NAME_RE
+from aecp.common.names import is_name
 
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
 
@@ -88,6 +88,21 @@ class StorageSettings(BaseModel):
     )
     extent_mib: int = Field(256, ge=1, le=4096, description="extent size of new volumes")
     capacity_gib: int | None = Field(None, ge=1, description="space offered (default: disk)")
+    capacity_mib: int | None = Field(
+        None, ge=1, description="space offered in MiB (small test labs; not with capacity_gib)"
+    )
+    overcommit_ratio: float = Field(
+        3.0,
+        gt=0,
+        description="thin provisioning: volumes may provision (size x replicas) up to this "
+        "many times the storage servers' raw capacity",
+    )
+    orphan_grace_s: float = Field(
+        600,
+        ge=0,
+        description="a replica that no extent record names is deleted once it has been "
+        "found so, unchanged, for this long (a replica being built is never named yet)",
+    )
     rack: str = ""
     chassis: str = ""
     recovery_grace_s: float = Field(
@@ -101,6 +116,14 @@ class StorageSettings(BaseModel):
         5, gt=0, description="how often degraded extents are looked at"
     )
     scrub_interval_s: float = Field(3600, gt=0, description="re-verify every replica this often")
+
+    @property
+    def capacity_bytes(self) -> int | None:
+        """The space offered when configured (``capacity_mib`` or ``capacity_gib``), else None:
+        the disk's."""
+        if self.capacity_mib is not None:
+            return self.capacity_mib << 20
+        return None if self.capacity_gib is None else self.capacity_gib << 30
 
 
 class NodeSettings(BaseModel):
@@ -169,7 +192,7 @@ def parse(raw: object) -> NodeSettings:
 
 def _semantic_problems(s: NodeSettings) -> list[str]:
     problems = []
-    if not NAME_RE.match(s.name):
+    if not is_name(s.name):
         problems.append(f"name: {s.name!r} is not a valid node name")
     try:
         ipaddress.ip_address(s.address)
@@ -177,6 +200,8 @@ def _semantic_problems(s: NodeSettings) -> list[str]:
         problems.append(f"address: {s.address!r} is not an IP address")
     if s.agent.fence_margin >= s.agent.lease_ttl:
         problems.append("agent.fence_margin: must be smaller than agent.lease_ttl")
+    if s.storage.capacity_gib is not None and s.storage.capacity_mib is not None:
+        problems.append("storage.capacity_mib: give capacity_gib or capacity_mib, not both")
     if not s.store.endpoints:
         problems.append("store.endpoints: at least one endpoint is needed")
     if len(str(s.nbd_socket).encode()) > MAX_SOCKET_PATH:

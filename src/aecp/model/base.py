@@ -1,13 +1,20 @@
-"""The common base of stored objects: strict pydantic models that round-trip through JSON bytes."""
+"""The common base of stored objects (strict pydantic models that round-trip through JSON bytes)
+and the name rule as a check and as the type of request fields."""
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from aecp.common.errors import InvalidInput
-from aecp.common.names import NAME_RE, NAME_RULE
+from aecp.common.names import NAME_PATTERN, NAME_RULE, OPTIONAL_NAME_PATTERN, is_name
+
+# a name field of a request: the rule is its pattern, so the API document states it
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description=f"a name: {NAME_RULE}")]
+OptionalName = Annotated[
+    str, Field(pattern=OPTIONAL_NAME_PATTERN, description=f"empty, or a name: {NAME_RULE}")
+]
 
 
 class Stored(BaseModel):
@@ -25,6 +32,6 @@ class Stored(BaseModel):
 
 def check_name(field: str, value: str) -> str:
     """Return ``value`` if it is a valid object name, else raise ``InvalidInput`` for ``field``."""
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not is_name(value):
         raise InvalidInput(field, f"{value!r} is not a valid name ({NAME_RULE})")
     return value

@@ -13,10 +13,11 @@ import re
 import uuid as uuidlib
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from aecp.common.errors import InvalidInput, InvalidState
-from aecp.model.base import Stored, check_name
+from aecp.common.names import NAME_RULE
+from aecp.model.base import Name, OptionalName, Stored, check_name
 
 MAX_DATA_DISKS = 4
 MAX_DATA_DISK_MIB = 1024 * 1024
@@ -67,14 +68,19 @@ class VMCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description=f"unique VM name: 1-{VM_NAME_MAX} of [a-z0-9-]")
-    image: str = Field("", description="name of a registered image to boot from")
-    vcpus: int = Field(1, description="virtual CPUs (1..the most any node has)")
-    memory_mib: int = Field(256, description="memory in MiB (>= 64)")
-    data_disks_mib: list[int] = Field(default_factory=list, description="extra blank disks, MiB")
-    node: str | None = Field(None, description="pin the VM to this node")
-    start: bool = Field(True, description="power the VM on once created")
-    template: str | None = Field(None, description="create as an O(1) clone of this template")
+    name: Name = Field(
+        description=f"unique VM name: {NAME_RULE}; {VM_NAME_RULE}",
+        json_schema_extra={"maxLength": VM_NAME_MAX},  # checked by check_vm_name, with why
+    )
+    image: OptionalName = Field("", description="name of a registered image to boot from")
+    vcpus: StrictInt = Field(1, description="virtual CPUs (1..the most any node has)")
+    memory_mib: StrictInt = Field(256, description="memory in MiB (>= 64)")
+    data_disks_mib: list[StrictInt] = Field(
+        default_factory=list, description="extra blank disks, MiB"
+    )
+    node: Name | None = Field(None, description="pin the VM to this node")
+    start: StrictBool = Field(True, description="power the VM on once created")
+    template: Name | None = Field(None, description="create as an O(1) clone of this template")
 
     def validate_fields(self) -> None:
         """Raise ``InvalidInput`` naming the first bad field (pure checks only)."""

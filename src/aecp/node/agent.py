@@ -74,7 +74,11 @@ class NodeAgent:
         self.name = settings.name
         self.sampler = host.UsageSampler(settings.data_dir)
         self.meta = MetaService(
-            store, settings.storage.extent_mib * MIB, clock, owners=ClusterOwners(store)
+            store,
+            settings.storage.extent_mib * MIB,
+            clock,
+            overcommit_ratio=settings.storage.overcommit_ratio,
+            owners=ClusterOwners(store),
         )
         auth = ReplicaAuth(
             Credentials(Bundle(settings.security.tls_dir)), settings.security.replica_encryption

@@ -15,12 +15,12 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import logging
 import os
 import signal
-from collections.abc import Coroutine
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import uvloop
@@ -31,7 +31,7 @@ from aecp.common import log as logsetup
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, NotFound, Unavailable
 from aecp.common.pki import Bundle
-from aecp.common.tasks import cancel
+from aecp.common.tasks import cancel, spawn
 from aecp.common.tls import Credentials
 from aecp.conf.settings import NodeSettings
 from aecp.node.lease import LeaseKeeper
@@ -40,10 +40,12 @@ from aecp.storage.blockdev import BlockDevice, Fenced, Span
 from aecp.storage.chunk.auth import ReplicaAuth
 from aecp.storage.chunk.server import ChunkServer
 from aecp.storage.chunk.store import ReplicaStore
-from aecp.storage.exports import GrantPolicy
+from aecp.storage.collect import OrphanCollector, collect_unreferenced
+from aecp.storage.exports import GrantPolicy, granted_by
 from aecp.storage.frontends.nbd.server import Limits, NbdServer
+from aecp.storage.frozen import FrozenRepairer
 from aecp.storage.meta.model import MIB, RecoveryRecord, StorageServer
-from aecp.storage.meta.service import MetaService
+from aecp.storage.meta.service import CLOSE_WAIT, SETTLE, AttachedElsewhere, MetaService
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.recovery import RecoveryPolicy, Repairer
 from aecp.store import keys
@@ -53,6 +55,7 @@ from aecp.store.etcd import EtcdStore
 log = logging.getLogger(__name__)
 REPORT_EVERY = 5.0
 GRANT_CHECK_EVERY = 2.0
+GRANT_FAIL_CLOSED_AFTER = 5
 
 
 class _Handle(BlockDevice):
@@ -106,9 +109,13 @@ class StorageDaemon:
         self.store = store
         self.clock = clock
         self.node = settings.name
-        self.replicas = ReplicaStore(settings.chunk_dir)
+        self.replicas = ReplicaStore(settings.chunk_dir, capacity=settings.storage.capacity_bytes)
         self.meta = MetaService(
-            store, settings.storage.extent_mib * MIB, clock, owners=ClusterOwners(store)
+            store,
+            settings.storage.extent_mib * MIB,
+            clock,
+            overcommit_ratio=settings.storage.overcommit_ratio,
+            owners=ClusterOwners(store),
         )
         self.credentials = Credentials(Bundle(settings.security.tls_dir))
         auth = ReplicaAuth(self.credentials, settings.security.replica_encryption)
@@ -157,7 +164,7 @@ class StorageDaemon:
         report = asyncio.create_task(self._report_loop(), name=f"storage-report-{self.node}")
         repair = asyncio.create_task(self._recovery_loop(), name=f"recovery-{self.node}")
         scrub = asyncio.create_task(self._scrub_loop(), name=f"scrub-{self.node}")
-        grants = asyncio.create_task(self._grants_loop(), name=f"nbd-grants-{self.node}")
+        grants = spawn(self._grants_loop(), name=f"nbd-grants-{self.node}")
         log.info(
             "node %s: storage server up: replicas on %s:%d, NBD on %s:%d (TLS) and %s",
             self.node,
@@ -183,8 +190,8 @@ class StorageDaemon:
     async def _register(self, lease: Lease) -> None:
         """Publish this server (and its free space) on ``lease``."""
         st = os.statvfs(self.s.chunk_dir)
-        capacity = (self.s.storage.capacity_gib or 0) << 30 or st.f_blocks * st.f_frsize
-        used = await asyncio.to_thread(_bytes_used, self.s.chunk_dir)
+        capacity = self.s.storage.capacity_bytes or st.f_blocks * st.f_frsize
+        used = await self.replicas.space.measure()
         free = max(0, min(capacity - used, st.f_bavail * st.f_frsize))
         rec = StorageServer(
             node=self.node,
@@ -193,22 +200,31 @@ class StorageDaemon:
             nbd_port=self.s.storage.nbd_port,
             capacity_bytes=capacity,
             free_bytes=free,
+            used_bytes=used,
             rack=self.s.storage.rack,
             chassis=self.s.storage.chassis,
         )
         await self.store.put(keys.abs_server(self.node), rec.dump(), lease=lease)
 
     async def _grants_loop(self) -> None:
-        """Close the NBD connections whose credential was revoked or expired (an unreachable
-        store changes nothing: the grants are looked at again next time)."""
+        """Close the NBD connections whose grant was revoked, expired or moved to another
+        volume. A store that cannot say keeps them open for ``GRANT_FAIL_CLOSED_AFTER``
+        checks, then every TLS connection is closed (fail closed)."""
+        failures = 0
         while True:
             await asyncio.sleep(GRANT_CHECK_EVERY)
             try:
-                valid = await self.grants.current()
-            except AecpError as exc:
-                log.debug("node %s: grants not checked: %s", self.node, exc)
+                valid = await self.grants.refresh()
+            except Exception as exc:  # a corrupt or newer record too: never stop checking
+                failures += 1
+                log.warning("node %s: NBD grants not checked (%d): %s", self.node, failures, exc)
+                if failures >= GRANT_FAIL_CLOSED_AFTER and (
+                    closed := self.nbd.revoke(lambda *_: False)
+                ):
+                    log.warning("node %s: closed %d NBD TLS connections", self.node, closed)
                 continue
-            if closed := self.nbd.revoke(valid.__contains__):
+            failures = 0
+            if closed := self.nbd.revoke(functools.partial(granted_by, valid)):
                 log.warning("node %s: closed %d NBD connections: grant revoked", self.node, closed)
 
     async def _report_loop(self) -> None:
@@ -235,15 +251,59 @@ class StorageDaemon:
 
     async def _recovery_loop(self) -> None:
         """Repair the volumes attached here; as the elected Meta leader, also the degraded
-        volumes nobody has attached (attached for repair, which yields to any client)."""
+        volumes nobody has attached (attached for repair, which yields to any client) and
+        the frozen extents (named by snapshots only, so by no volume). Every ``_gc_every``
+        seconds, collect garbage: the leader the extent records nothing names, every node
+        the replicas in its store that no extent record names (``storage.collect``)."""
+        st = self.s.storage
+        orphans = OrphanCollector(
+            self.replicas, self.meta, self.node, st.orphan_grace_s, self.clock
+        )
+        collected = self.clock.monotonic()
         while True:
-            await asyncio.sleep(self.s.storage.recovery_interval_s)
+            await asyncio.sleep(st.recovery_interval_s)
             await self._each_volume("repair", degraded_only=True)
+            frozen = FrozenRepairer(self.meta, self.pool, self._policy(), self._publish)
+            await self._as_leader("frozen extents", frozen.run_pass)
+            if self.clock.monotonic() - collected >= self._gc_every():
+                collected = self.clock.monotonic()
+                await self._as_leader("collect", lambda: collect_unreferenced(self.meta, self.pool))
+                await self._logged("orphans", orphans.run_pass)
+
+    def _gc_every(self) -> float:
+        """Orphans are looked at a few times per grace period (no more than recovery)."""
+        st = self.s.storage
+        return max(st.recovery_interval_s, st.orphan_grace_s / 4)
+
+    async def _as_leader(self, what: str, work: Callable[[], Awaitable[list[str]]]) -> None:
+        """Run ``work`` if this node is the elected Meta leader."""
+        lease = self.keeper.lease
+        if lease is None or not self.keeper.held():
+            return
+        try:
+            leader = await self.election.check(lease)
+        except AecpError as exc:
+            log.warning("node %s: %s skipped: %s", self.node, what, exc)
+            return
+        if leader:
+            await self._logged(what, work)
+
+    async def _logged(self, what: str, work: Callable[[], Awaitable[list[str]]]) -> None:
+        """Run ``work`` and log its sentences; a failure is logged and the loop goes on."""
+        try:
+            for sentence in await work():
+                log.info("node %s: %s", self.node, sentence)
+        except AecpError as exc:
+            log.warning("node %s: %s stopped: %s", self.node, what, exc)
+        except Exception:  # a bug here must not stop recovery
+            log.exception("node %s: %s failed", self.node, what)
 
     async def _scrub_loop(self) -> None:
         while True:
             await asyncio.sleep(self.s.storage.scrub_interval_s)
             await self._each_volume("scrub", degraded_only=False)
+            frozen = FrozenRepairer(self.meta, self.pool, self._policy(), self._publish)
+            await self._as_leader("scrub frozen extents", frozen.scrub_pass)
 
     async def _each_volume(self, what: str, degraded_only: bool) -> None:
         lease = self.keeper.lease
@@ -278,12 +338,13 @@ class StorageDaemon:
     async def _idle_volumes(self, attached: set[str], degraded_only: bool) -> list[str]:
         vols = await self.meta.volumes()
         exts = await self.meta.extents()
+        servers = await self.meta.servers()  # a replica whose node left counts as missing
         out = []
         for v in vols:
             if v.name in attached or await self.meta.attachment(v.name) is not None:
                 continue
-            ids = [x for x in v.extents if x and x in exts]
-            if not degraded_only or any(len(exts[x].replicas) < v.replicas for x in ids):
+            live = [sum(n in servers for n in exts[x].replicas) for x in v.extents if x in exts]
+            if not degraded_only or any(n < v.replicas for n in live):
                 out.append(v.name)
         return out
 
@@ -325,15 +386,24 @@ class StorageDaemon:
     async def open_export(self, name: str) -> BlockDevice:
         """A handle on volume ``name`` (attached here on first use). ``KeyError`` if unknown.
         While the volume's last handle is still being closed (flushed, detached), waits for
-        that first: a FLUSH through the new handle must cover what the old one acknowledged."""
+        that first: a FLUSH through the new handle must cover what the old one acknowledged.
+        While another node's export of it is closing (its client just left), waits for that
+        to detach too (``MetaService.wait_detached``, outside the lock), then tries once more:
+        a client that moves from one node to another must not be refused for that moment."""
+        waited = False
         while True:
             if (closing := self._closing.get(name)) is not None:
                 await asyncio.shield(closing)
                 continue
-            async with self._lock:
-                if name in self._closing:
-                    continue  # a close began meanwhile
-                return await self._open_locked(name)
+            try:
+                async with self._lock:
+                    if name in self._closing:
+                        continue  # a close began meanwhile
+                    return await self._open_locked(name)
+            except AttachedElsewhere:
+                if waited or not await self.meta.wait_detached(name, CLOSE_WAIT, SETTLE):
+                    raise
+                waited = True
 
     async def _open_locked(self, name: str) -> BlockDevice:
         lease = self.keeper.lease
@@ -350,7 +420,8 @@ class StorageDaemon:
         return _Handle(self, name, entry[0])
 
     async def release(self, name: str, dev: VolumeDevice) -> None:
-        """One handle on ``dev`` closed; the last one flushes and detaches it. A handle whose
+        """One handle on ``dev`` closed; the last one flushes and detaches it, its attachment
+        marked closing meanwhile (a delete of the volume waits for it). A handle whose
         device was closed already (the lease was lost, then the volume opened again) leaves
         the new device alone."""
         async with self._lock:
@@ -364,6 +435,10 @@ class StorageDaemon:
             del self._exports[name]
             closing = self._closing[name] = asyncio.get_running_loop().create_future()
         try:
+            try:
+                await self.meta.mark_closing(dev.holder)
+            except AecpError as exc:  # the delete that comes meanwhile answers "in use"
+                log.info("volume %s: not marked closing: %s", name, exc)
             await _flush_and_close(dev)
         finally:
             closing.set_result(None)
@@ -377,16 +452,6 @@ async def _flush_and_close(dev: VolumeDevice) -> None:
         await dev.flush()
     finally:
         await dev.close()
-
-
-def _bytes_used(root: Path) -> int:
-    """Bytes really allocated under ``root`` (sparse files count what they hold)."""
-    total = 0
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.stat(os.path.join(dirpath, f)).st_blocks * 512
-    return total
 
 
 #: collect the youngest generation every this many allocations (CPython's default: 700)

@@ -52,6 +52,7 @@ from aecp.storage.fanout import (
     fan_out,
     fence_op,
     flush_op,
+    no_space,
     split,
     unavailable,
 )
@@ -65,6 +66,7 @@ from aecp.storage.meta.model import (
 from aecp.storage.meta.placement import StorageNode, place
 from aecp.storage.meta.service import MetaService, NotHolder
 from aecp.storage.pool import ReplicaPool
+from aecp.storage.refused import Refused
 from aecp.store.base import Lease
 
 log = logging.getLogger(__name__)
@@ -296,11 +298,18 @@ class VolumeDevice(BlockDevice):
             if ext_id is None:
                 await self._ensure_writable(slot)
                 continue  # decide again without awaiting, together with the epoch below
-            op = self._write_op(ext_id, offset, chunk, fua, self.epoch)
+            epoch = self.epoch
+            op = self._write_op(ext_id, offset, chunk, fua, epoch)
             try:
                 return await self._replicate(ext_id, op)
             except _Reepoched:
                 continue  # a snapshot was taken: the slot may now need copy-on-write
+            except Refused as exc:  # the replicas that took it get back what the full one has
+                if exc.took:
+                    async with self.quiesced(ext_id):
+                        gen = (await self._extent(ext_id)).generation
+                        await exc.undo(self.pool, offset, len(chunk), epoch, gen)
+                raise
 
     async def trim(self, offset: int, length: int) -> None:
         await self._clear(offset, length)
@@ -387,14 +396,18 @@ class VolumeDevice(BlockDevice):
                 # the joiner failed, or has what the others refused (a newer epoch: this
                 # write is redone elsewhere, e.g. copied on write after a snapshot)
                 self._join_failed.add(ext_id)
-            failed = []
+            failed, full = [], []
             for node, res in zip(ext.replicas, results, strict=False):
                 if isinstance(res, StaleEpoch):
                     await self._stale_epoch(str(res), res.epoch)
+                elif no_space(res):
+                    full.append(node)
                 elif isinstance(res, ReplicaUnavailable | ChunkIOError):
                     failed.append(node)
                 elif isinstance(res, BaseException):
                     raise as_block_error(res)
+            if full:  # a full replica is not a failed one: the request fails, nothing is dropped
+                raise Refused(self.vol.name, ext_id, full, ext.replicas, results)
             if not failed:
                 return
             if len(failed) == len(ext.replicas):
@@ -409,6 +422,15 @@ class VolumeDevice(BlockDevice):
                     self._fence(exc.message)
 
     # ---- recovery support (used by ``storage.recovery``) --------------------------------
+    async def drop_lost(self, ext_id: str, nodes: list[str]) -> ExtentRecord:
+        """Drop the replicas of ``ext_id`` on ``nodes`` (gone from the cluster) as a write
+        that failed on them would; returns the extent as now held."""
+        try:
+            return self._keep(await self.meta.drop_replicas(ext_id, nodes, holder=self.holder))
+        except NotHolder as exc:  # taken over or detached meanwhile
+            self._fence(exc.message)
+            raise
+
     async def begin_join(self, ext_id: str, node: str) -> None:
         """From now on live writes of the extent also go to ``node``; returns once every write
         that started before is done (so a copy listed afterwards misses nothing)."""
@@ -605,8 +627,10 @@ class VolumeDevice(BlockDevice):
         dsts = [await self.pool.client(n) for n in new.replicas]
         try:
             copied = await self._copy_into(shared, new, dsts)
-        except BaseException:  # named by nobody yet: its replicas go again
+        except BaseException as exc:  # named by nobody yet: its replicas go again
             await asyncio.gather(*(d.delete(new.id) for d in dsts), return_exceptions=True)
+            if no_space(exc):
+                raise as_block_error(exc) from exc
             raise
         # only a definite "no" deletes: a failure here may come after the change was committed
         if not await self.meta.replace_extent(self.vol.name, slot, shared.id, new):

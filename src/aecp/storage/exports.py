@@ -8,17 +8,28 @@ it). The cluster stores only the CA certificate and its fingerprint. A volume ha
 grant; ``revoke`` (``aecp volume unexport``) deletes it, deleting the volume deletes it too,
 and a grant of an earlier volume of the same name opens nothing (the unique id differs).
 
+A credential's CA is granted one volume only: a grant of a CA that another grant names is
+refused, and should two grants name one CA anyway (two requests at once), that CA opens
+nothing. The cluster's own CA is never accepted as a credential's.
+
 ``GrantPolicy`` is what a node's NBD server asks (the ``TlsPolicy`` of
-``frontends/nbd/server.py``): a TLS context trusting exactly the granted certificates, and
-the volumes a presented certificate may open. The storage daemon also asks it which
-credentials are still valid, and closes the connections of the others.
+``frontends/nbd/server.py``): a TLS context trusting exactly the granted CAs, the volume a
+presented certificate may open, and, when a volume is opened, whether that grant still holds
+(read again then: a grant revoked, or its volume deleted and made again, since the TLS
+handshake opens nothing). It keeps the grants in memory: the storage daemon refreshes them
+every few seconds (and closes the connections of grants that went away); the unauthenticated
+path (a client's STARTTLS) may refresh them at most once per ``REFRESH_AT_MOST_EVERY``
+seconds, so connecting clients cannot make the node read the store at their pace.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import ssl
+import time
+from collections import Counter
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -28,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AlreadyExists, InvalidInput, NotFound
 from aecp.common.pki import fingerprint
-from aecp.common.tls import Credentials
+from aecp.common.tls import Credentials, server_context
 from aecp.model.base import Stored, check_name
 from aecp.storage.meta.model import VolumeRecord
 from aecp.store import keys
@@ -39,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MAX_PEM = 8192
 MAX_DAYS = 366
+REFRESH_AT_MOST_EVERY = 1.0
 
 
 class ExportGrant(Stored):
@@ -55,19 +67,27 @@ class ExportGrant(Stored):
 
 
 class Exports:
-    """Grants, as the cluster API reads and changes them."""
+    """Grants, as the cluster API reads and changes them. ``cluster_ca``: the cluster CA's
+    certificate (PEM), refused as a credential's CA."""
 
-    def __init__(self, store: Store, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, store: Store, clock: Clock = SYSTEM_CLOCK, *, cluster_ca: str = "") -> None:
         self.store = store
         self.clock = clock
+        self.cluster_ca = cluster_ca
 
     async def grant(
         self, vol: VolumeRecord, certificate: str, node: str, created_by: str
     ) -> ExportGrant:
         """Store a grant of ``vol`` to the credential whose CA certificate is ``certificate``
-        (checked first); ``AlreadyExists`` if the volume has one."""
-        cert = check_credential_ca(certificate, self.clock.wall())
+        (checked first); ``AlreadyExists`` if the volume has one, or if another grant names
+        that CA."""
+        cert = check_credential_ca(certificate, self.clock.wall(), self.cluster_ca)
         der = cert.public_bytes(serialization.Encoding.DER)
+        if any(g.fingerprint == fingerprint(der) for g in await self.all()):
+            raise AlreadyExists(
+                "this credential is granted another volume already; make a new one",
+                field="client_ca_certificate",
+            )
         grant = ExportGrant(
             volume=vol.name,
             volume_uid=vol.owner_id,
@@ -95,20 +115,24 @@ class Exports:
         return got[0]
 
     async def revoke(self, volume: str) -> None:
-        """Delete the volume's grant; ``NotFound`` if it has none."""
-        grant = await self.get(volume)
-        await self.store.delete(keys.abs_export(volume))
-        log.info("volume %s: export revoked (credential %s)", volume, grant.fingerprint[:23])
+        """Delete the volume's grant; ``NotFound`` if it has none. Only the grant read here
+        is deleted, never a new one made meanwhile."""
+        check_name("volume", volume)
+        got = await read(self.store, keys.abs_export(volume), ExportGrant)
+        if got is None or not await self.store.delete(keys.abs_export(volume), mod_revision=got[1]):
+            raise NotFound(f"volume {volume} is not exported", volume=volume)
+        log.info("volume %s: export revoked (credential %s)", volume, got[0].fingerprint[:23])
 
     async def all(self) -> list[ExportGrant]:
         return [ExportGrant.load(kv.value) for kv in await self.store.list(keys.ABS_EXPORTS)]
 
 
-def check_credential_ca(pem: str, now: float) -> x509.Certificate:
+def check_credential_ca(pem: str, now: float, cluster_ca: str = "") -> x509.Certificate:
     """The certificate in ``pem`` if it can be a credential's CA: one self-signed CA
     certificate that signs no other CA (path length 0), valid now and for at most
-    ``MAX_DAYS`` more days, with an ECDSA or (2048-bit or larger) RSA key. ``InvalidInput``
-    naming ``client_ca_certificate`` otherwise."""
+    ``MAX_DAYS`` more days, with an ECDSA or (2048-bit or larger) RSA key, and not the
+    cluster's CA (``cluster_ca``, PEM). ``InvalidInput`` naming ``client_ca_certificate``
+    otherwise."""
     field = "client_ca_certificate"
     if len(pem) > MAX_PEM:
         raise InvalidInput(field, f"at most {MAX_PEM} characters of PEM")
@@ -139,7 +163,21 @@ def check_credential_ca(pem: str, now: float) -> x509.Certificate:
         raise InvalidInput(field, "the certificate is not valid now")
     if cert.not_valid_after_utc - when > datetime.timedelta(days=MAX_DAYS):
         raise InvalidInput(field, f"the certificate may be valid for at most {MAX_DAYS} days")
+    if cluster_ca and _same_key(cert, x509.load_pem_x509_certificate(cluster_ca.encode())):
+        raise InvalidInput(field, "the cluster's CA cannot be a client credential's")
     return cert
+
+
+def _same_key(a: x509.Certificate, b: x509.Certificate) -> bool:
+    form = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return a.public_key().public_bytes(*form) == b.public_key().public_bytes(*form)
+
+
+def granted_by(valid: dict[str, ExportGrant], credential: str, exports: frozenset[str]) -> bool:
+    """Do the grants ``valid`` (``GrantPolicy.refresh``) still give ``credential`` the
+    ``exports`` its connection was given?"""
+    grant = valid.get(credential)
+    return grant is not None and grant.volume in exports
 
 
 class GrantPolicy:
@@ -149,37 +187,52 @@ class GrantPolicy:
         self.store = store
         self.credentials = credentials
         self.clock = clock
-        self._cached: tuple[object, ssl.SSLContext] | None = None
+        self._grants: dict[str, ExportGrant] = {}
+        self._fetched = float("-inf")  # time.monotonic() of the last refresh
+        self._lock = asyncio.Lock()
+        self._context: tuple[object, ssl.SSLContext] | None = None
 
-    async def current(self) -> dict[str, ExportGrant]:
-        """The grants in force now, by fingerprint: unexpired, of a volume that still exists
-        with the same unique id."""
+    async def refresh(self, *, at_most_every: float = 0.0) -> dict[str, ExportGrant]:
+        """Read the grants in force (unexpired, of a volume that still exists with the same
+        unique id, naming a CA no other grant names), by fingerprint; a read younger than
+        ``at_most_every`` seconds is reused. ``StoreUnavailable`` if the store cannot say."""
+        async with self._lock:
+            if time.monotonic() - self._fetched >= at_most_every:
+                self._grants = await self._read()
+                self._fetched = time.monotonic()
+            return self._grants
+
+    async def _read(self) -> dict[str, ExportGrant]:
         now = self.clock.wall()
         grants = [g for g in await Exports(self.store).all() if g.expires_at > now]
-        vols = [VolumeRecord.load(kv.value) for kv in await self.store.list(keys.ABS_VOLUMES)]
-        uids = {v.name: v.owner_id for v in vols}
-        return {g.fingerprint: g for g in grants if uids.get(g.volume) == g.volume_uid}
+        shared = {fp for fp, n in Counter(g.fingerprint for g in grants).items() if n > 1}
+        if shared:
+            log.warning("credentials granted several volumes open nothing: %s", sorted(shared))
+        out = {}
+        for g in grants:
+            if g.fingerprint not in shared and await self._volume_uid(g.volume) == g.volume_uid:
+                out[g.fingerprint] = g
+        return out
+
+    async def _volume_uid(self, name: str) -> str | None:
+        got = await read(self.store, keys.abs_volume(name), VolumeRecord)
+        return got[0].owner_id if got else None
 
     async def context(self) -> ssl.SSLContext:
-        grants = await self.current()
+        grants = await self.refresh(at_most_every=REFRESH_AT_MOST_EVERY)
         self.credentials.identity()  # loads the bundle (again, after a rotation)
         bundle = self.credentials.bundle
         key = (tuple(sorted(grants)), bundle.stamp())
-        if self._cached is None or self._cached[0] != key:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.load_cert_chain(bundle.cert_file, bundle.key_file)
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.num_tickets = 0
-            if grants:
-                ctx.load_verify_locations(cadata="".join(g.certificate for g in grants.values()))
-            self._cached = (key, ctx)
-        return self._cached[1]
+        if self._context is None or self._context[0] != key:
+            cas = "".join(g.certificate for g in grants.values())
+            self._context = (key, server_context(bundle, client_ca=cas.encode()))
+        return self._context[1]
 
     async def grants(self, cert_der: bytes) -> tuple[str, frozenset[str]]:
-        """The grant whose CA issued ``cert_der`` (its fingerprint) and what it opens."""
+        """The grant whose CA issued ``cert_der`` (its fingerprint) and the volume it opens
+        (from the grants the TLS context trusted)."""
         cert = x509.load_der_x509_certificate(cert_der)
-        for fp, grant in (await self.current()).items():
+        for fp, grant in self._grants.items():
             ca = x509.load_pem_x509_certificate(grant.certificate.encode())
             try:
                 cert.verify_directly_issued_by(ca)
@@ -187,3 +240,16 @@ class GrantPolicy:
                 continue
             return fp, frozenset([grant.volume])
         return "", frozenset()
+
+    async def still_granted(self, credential: str, volume: str) -> bool:
+        """Does ``credential`` still open ``volume``, read from the store now (the grant
+        unchanged, unexpired, its volume the same one)?"""
+        got = await read(self.store, keys.abs_export(volume), ExportGrant)
+        if got is None:
+            return False
+        grant = got[0]
+        return (
+            grant.fingerprint == credential
+            and grant.expires_at > self.clock.wall()
+            and await self._volume_uid(volume) == grant.volume_uid
+        )

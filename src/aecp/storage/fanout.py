@@ -4,14 +4,15 @@ replica, fanned back in, and the small operations sent that way."""
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from aecp.common.errors import AecpError
-from aecp.storage.blockdev import Allocation, BlockError, Span
+from aecp.storage.blockdev import Allocation, BlockError, NoSpace, Span
 from aecp.storage.chunk.api import ReplicaClient
-from aecp.storage.chunk.errors import ReplicaUnavailable
+from aecp.storage.chunk.errors import ChunkIOError, ReplicaUnavailable
 from aecp.storage.meta.model import ExtentRecord
 
 ReplicaOp = Callable[[ReplicaClient, ExtentRecord], Awaitable[object]]
@@ -111,7 +112,15 @@ async def unavailable() -> None:
     raise ReplicaUnavailable("-", "no storage server registered for the node")
 
 
+def no_space(exc: object) -> bool:
+    """Whether a replica refused a request for want of space (it changed nothing)."""
+    return isinstance(exc, ChunkIOError) and exc.errno == errno.ENOSPC
+
+
 def as_block_error(exc: BaseException) -> BaseException:
+    """The error a front end reports for a replica's: out of space stays ENOSPC."""
+    if no_space(exc):
+        return NoSpace(f"no space left: {exc}")
     if isinstance(exc, AecpError) and not isinstance(exc, BlockError):
         return BlockError(f"replica error: {exc}")
     return exc

@@ -75,7 +75,8 @@ class ReplicaPool:
 
     async def delete_replicas(self, extents: Iterable[ExtentRecord]) -> list[str]:
         """Delete every replica (valid or stale) of ``extents`` that Meta no longer names;
-        returns ``extent@node`` for those that could not be deleted now (unreachable)."""
+        returns ``extent@node`` for those that could not be deleted now (unreachable: their
+        node's orphan collector deletes them later, ``storage.collect``)."""
         leftovers = []
         for ext in extents:
             for node in [*ext.replicas, *ext.stale]:

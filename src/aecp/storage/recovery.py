@@ -14,6 +14,9 @@ Copies go block range by block range under the extent's copy lock (a live write 
 waits for at most one range), throttled to ``rate`` bytes/s so VM I/O keeps priority. Progress is
 published at ``/aecp/abs/recovery/<extent>`` while it runs. ``scrub_pass`` re-verifies every
 replica's checksums and repairs bad sectors from a good replica.
+
+The choice (``next_step``) and the throttled copy (``copy_ranges``) are shared with
+``storage.frozen``, which repairs the extents no volume names (nothing writes them).
 """
 
 from __future__ import annotations
@@ -28,8 +31,14 @@ from aecp.common.errors import AecpError, NoCapacity
 from aecp.storage.access import VolumeDevice
 from aecp.storage.chunk.api import ReplicaClient
 from aecp.storage.chunk.errors import ChecksumError, ChunkError
-from aecp.storage.meta.model import ExtentRecord, RecoveryRecord, writable_in_place
+from aecp.storage.meta.model import (
+    ExtentRecord,
+    RecoveryRecord,
+    StorageServer,
+    writable_in_place,
+)
 from aecp.storage.meta.placement import StorageNode, place
+from aecp.storage.pool import ReplicaPool
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20  # bytes copied per step (a multiple of every block size in use)
@@ -43,6 +52,74 @@ class RecoveryPolicy:
     rate: float  # bytes per second
 
 
+@dataclass(frozen=True)
+class Step:
+    """What to do for a degraded extent now: ``kind`` "catch-up" (``node`` copies what it
+    missed since generation ``since``), "re-replicate" (a new replica on ``node`` replaces
+    ``lost``), or "" (nothing now; ``why`` says why)."""
+
+    kind: str
+    node: str = ""
+    since: int = 0
+    lost: str | None = None
+    why: str = ""
+
+
+async def next_step(
+    ext: ExtentRecord,
+    servers: dict[str, StorageServer],
+    now: float,
+    grace: float,
+    answers: Callable[[str], Awaitable[bool]],
+) -> Step:
+    """The step for ``ext``, below its factor: a stale node back within the grace period
+    catches up; once no stale node may still come back, a new replica goes to the node the
+    placement rules pick."""
+    for node, gen in sorted(ext.stale.items()):
+        in_grace = now - ext.stale_since.get(node, now) < grace
+        if node in servers and in_grace and await answers(node):
+            return Step("catch-up", node, since=gen)
+    waiting = [n for n in ext.stale if now - ext.stale_since.get(n, now) < grace]
+    if waiting:
+        return Step(
+            "",
+            why=f"extent {ext.id}: waiting for {', '.join(sorted(waiting))} to come back "
+            f"(grace {grace:.0f}s)",
+        )
+    lost = min(ext.stale, key=lambda n: ext.stale_since.get(n, 0)) if ext.stale else None
+    nodes = [StorageNode(s.node, s.free_bytes, s.rack, s.chassis) for s in servers.values()]
+    try:
+        [target] = place(1, nodes, ext.size, exclude=[*ext.replicas, *ext.stale])
+    except NoCapacity:
+        return Step("", why=f"extent {ext.id}: no node can take a new replica; it stays degraded")
+    return Step("re-replicate", target, lost=lost)
+
+
+async def copy_ranges(
+    ranges: list[tuple[int, int]],
+    step: Callable[[int, int], Awaitable[None]],
+    rate: float,
+    progress: Callable[[int], Awaitable[None]],
+) -> int:
+    """Copy ``ranges`` (offset, length) ``CHUNK`` by ``CHUNK`` with ``step`` at no more than
+    ``rate`` bytes/s; ``progress(copied)`` at most twice a second. Returns bytes copied."""
+    copied, last_report, started = 0, time.monotonic(), time.monotonic()
+    for offset, length in ranges:
+        pos = offset
+        while pos < offset + length:
+            n = min(CHUNK, offset + length - pos)
+            await step(pos, n)
+            pos += n
+            copied += n
+            ahead = copied / rate - (time.monotonic() - started)
+            if ahead > 0:
+                await asyncio.sleep(ahead)  # throttle: VM I/O keeps priority
+            if time.monotonic() - last_report > 0.5:
+                last_report = time.monotonic()
+                await progress(copied)
+    return copied
+
+
 class Repairer:
     def __init__(self, dev: VolumeDevice, policy: RecoveryPolicy, publish: Publish) -> None:
         self.dev = dev
@@ -54,13 +131,20 @@ class Repairer:
         self._fenced_at: dict[str, int] = {}  # epoch a joiner was fenced at for admission
 
     async def run_pass(self) -> list[str]:
-        """Look at every allocated extent once; returns one sentence per degraded extent."""
+        """Look at every allocated extent once; returns one sentence per degraded extent. A
+        replica whose node has no storage server registered (its lease expired) is dropped
+        first, as a write to it would have dropped it."""
         vol, rev = await self.meta.volume(self.dev.vol.name)
         exts = await self.meta.extents()
         mine = {x: exts[x] for x in vol.extents if x and x in exts}
         self.dev.refresh(vol, rev, mine)
+        servers = await self.meta.servers()
         out = []
         for ext in mine.values():
+            gone = [n for n in ext.replicas if n not in servers]
+            if gone and len(gone) < len(ext.replicas):  # an idle volume's writes never tell
+                ext = await self.dev.drop_lost(ext.id, gone)
+                out.append(f"extent {ext.id}: {', '.join(gone)} left the cluster: stale")
             if len(ext.replicas) < vol.replicas:
                 try:
                     out.append(await self._repair(ext))
@@ -71,37 +155,22 @@ class Repairer:
     async def _repair(self, ext: ExtentRecord) -> str:
         servers = await self.meta.servers()
         now = self.meta.clock.wall()
-        for node, gen in sorted(ext.stale.items()):
-            in_grace = now - ext.stale_since.get(node, now) < self.policy.grace
-            if node in servers and in_grace and await self._answers(node):
-                return await self._catch_up(ext, node, gen)
-        waiting = [n for n in ext.stale if now - ext.stale_since.get(n, now) < self.policy.grace]
-        if waiting:
-            return (
-                f"extent {ext.id}: waiting for {', '.join(sorted(waiting))} to come back "
-                f"(grace {self.policy.grace:.0f}s)"
-            )
-        lost = min(ext.stale, key=lambda n: ext.stale_since.get(n, 0)) if ext.stale else None
-        nodes = [StorageNode(s.node, s.free_bytes, s.rack, s.chassis) for s in servers.values()]
-        try:
-            [target] = place(1, nodes, ext.size, exclude=[*ext.replicas, *ext.stale])
-        except NoCapacity:
-            return f"extent {ext.id}: no node can take a new replica; it stays degraded"
-        return await self._rereplicate(ext, target, lost)
+        step = await next_step(ext, servers, now, self.policy.grace, self._answers)
+        if step.kind == "catch-up":
+            return await self._catch_up(ext, step.node, step.since)
+        if step.kind == "re-replicate":
+            return await self._rereplicate(ext, step.node, step.lost)
+        return step.why
 
     async def _answers(self, node: str) -> bool:
-        try:
-            await (await self.pool.client(node)).ping()
-        except ChunkError:
-            return False
-        return True
+        return await answers(self.pool, node)
 
     async def _catch_up(self, ext: ExtentRecord, node: str, missed_from: int) -> str:
         src, src_node = await self._source(ext)
         dst = await self.pool.client(node)
 
         async def ranges() -> list[tuple[int, int]]:
-            return _union(
+            return union(
                 await src.modified_since(ext.id, missed_from),
                 await dst.modified_since(ext.id, missed_from),
             )
@@ -120,7 +189,7 @@ class Repairer:
 
         async def ranges() -> list[tuple[int, int]]:
             # the target's own blocks too: an earlier attempt may have left some behind
-            return _union(await src.modified_since(ext.id, 0), await dst.modified_since(ext.id, 0))
+            return union(await src.modified_since(ext.id, 0), await dst.modified_since(ext.id, 0))
 
         copied = await self._join(ext, target, src, dst, ranges, "re-replicate", lost)
         if lost and self._sole_recoverer(ext):
@@ -205,30 +274,24 @@ class Repairer:
             started_at=time.time(),
         )
         await self.publish(rec, ext.id)
-        copied, last_report, started = 0, time.monotonic(), time.monotonic()
-        for offset, length in ranges:
-            pos = offset
-            while pos < offset + length:
-                n = min(CHUNK, offset + length - pos)
-                await self.dev.copy_range(ext.id, src, dst, pos, n)
-                pos += n
-                copied += n
-                if self.dev.join_failed(ext.id):
-                    raise ChunkError(f"extent {ext.id}: {target} failed while joining")
-                ahead = copied / self.policy.rate - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)  # throttle: VM I/O keeps priority
-                if time.monotonic() - last_report > 0.5:
-                    last_report = time.monotonic()
-                    await self.publish(rec.model_copy(update={"copied_bytes": copied}), ext.id)
-        return copied
+
+        async def step(pos: int, n: int) -> None:
+            await self.dev.copy_range(ext.id, src, dst, pos, n)
+            if self.dev.join_failed(ext.id):
+                raise ChunkError(f"extent {ext.id}: {target} failed while joining")
+
+        async def progress(copied: int) -> None:
+            await self.publish(rec.model_copy(update={"copied_bytes": copied}), ext.id)
+
+        return await copy_ranges(ranges, step, self.policy.rate, progress)
 
     def _sole_recoverer(self, ext: ExtentRecord) -> bool:
         """Whether only this access point recovers ``ext``: the extent is this volume's own,
         not shared with a snapshot or clone whose access point could be recovering it too.
         Only then are replicas deleted (a lost one, or a failed copy): elsewhere the other
-        one's join could have made that very replica valid meanwhile. What is not deleted
-        stays on its node's disk (see docs/design/abs.md, "Not done yet")."""
+        one's join could have made that very replica valid meanwhile. What is not deleted is
+        deleted later by its node's orphan collector (``storage.collect``), once no extent
+        record names it there."""
         if writable_in_place(ext, self.dev.vol):
             return True
         log.info("extent %s is shared: its old copies are left in place", ext.id)
@@ -257,47 +320,69 @@ class Repairer:
     async def scrub_pass(self) -> list[str]:
         """Verify every replica of every allocated extent; repair bad sectors from a good
         replica. Returns one sentence per repair."""
-        out = []
         exts = await self.meta.extents()
-        for ext_id in {x for x in self.dev.vol.extents if x and x in exts}:
-            ext = exts[ext_id]
-            for node in ext.replicas:
-                try:
-                    bad = await (await self.pool.client(node)).scrub(ext_id)
-                except ChunkError:
-                    continue
-                if bad:
-                    out.append(await self._repair_sectors(ext, node, bad))
-        return out
+        mine = [exts[x] for x in {x for x in self.dev.vol.extents if x and x in exts}]
+        return await scrub(self.pool, mine, self._repair_sectors)
 
     async def _repair_sectors(self, ext: ExtentRecord, node: str, sectors: list[int]) -> str:
         async with self.dev.quiesced(ext.id):  # else a write could land between read and repair
             return await self._repair_sectors_now(ext, node, sectors)
 
     async def _repair_sectors_now(self, ext: ExtentRecord, node: str, sectors: list[int]) -> str:
-        dst = await self.pool.client(node)
         valid = await self.dev.replicas_of(ext.id)  # now, not as the pass began
-        for good in (n for n in valid if n != node):
-            src = await self.pool.client(good)
+        return await repair_sectors(self.pool, ext.id, node, sectors, valid, self.dev.epoch)
+
+
+Repair = Callable[[ExtentRecord, str, list[int]], Awaitable[str]]
+
+
+async def scrub(pool: ReplicaPool, extents: list[ExtentRecord], repair: Repair) -> list[str]:
+    """Verify every valid replica of ``extents``; ``repair(ext, node, sectors)`` each one
+    that has bad sectors. One sentence per repair."""
+    out = []
+    for ext in extents:
+        for node in ext.replicas:
             try:
-                for s in sectors:
-                    data = await src.read(ext.id, s * SECTOR, SECTOR)
-                    await dst.repair(ext.id, s * SECTOR, data, self.dev.epoch)
-                await dst.flush(ext.id)
-            except (ChecksumError, ChunkError):
+                bad = await (await pool.client(node)).scrub(ext.id)
+            except ChunkError:
                 continue
-            log.warning(
-                "extent %s: scrub repaired %d sectors on %s from %s",
-                ext.id,
-                len(sectors),
-                node,
-                good,
-            )
-            return f"extent {ext.id}: repaired {len(sectors)} bad sectors on {node} from {good}"
-        return f"extent {ext.id}: {len(sectors)} bad sectors on {node} and no good copy answered"
+            if bad:
+                out.append(await repair(ext, node, bad))
+    return out
 
 
-def _union(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+async def repair_sectors(
+    pool: ReplicaPool, ext_id: str, node: str, sectors: list[int], valid: list[str], epoch: int
+) -> str:
+    """Copy ``sectors`` of ``ext_id`` to ``node``'s replica from the first other ``valid``
+    replica that reads them well (the repair carries ``epoch``)."""
+    dst = await pool.client(node)
+    for good in (n for n in valid if n != node):
+        src = await pool.client(good)
+        try:
+            for s in sectors:
+                data = await src.read(ext_id, s * SECTOR, SECTOR)
+                await dst.repair(ext_id, s * SECTOR, data, epoch)
+            await dst.flush(ext_id)
+        except (ChecksumError, ChunkError):
+            continue
+        log.warning(
+            "extent %s: scrub repaired %d sectors on %s from %s", ext_id, len(sectors), node, good
+        )
+        return f"extent {ext_id}: repaired {len(sectors)} bad sectors on {node} from {good}"
+    return f"extent {ext_id}: {len(sectors)} bad sectors on {node} and no good copy answered"
+
+
+async def answers(pool: ReplicaPool, node: str) -> bool:
+    """Whether ``node``'s chunk server answers now."""
+    try:
+        await (await pool.client(node)).ping()
+    except ChunkError:
+        return False
+    return True
+
+
+def union(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Merge two sorted lists of (offset, length) ranges into coalesced ranges."""
     out: list[tuple[int, int]] = []
     for off, n in sorted(a + b):

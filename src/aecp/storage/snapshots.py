@@ -40,7 +40,7 @@ from aecp.storage.meta.model import (
     new_volume_uid,
     writable_in_place,
 )
-from aecp.storage.meta.service import RETRIES, MetaService
+from aecp.storage.meta.service import RETRIES, SETTLE, MetaService
 from aecp.storage.pool import ReplicaPool
 from aecp.store import keys
 from aecp.store.base import Compare, Delete, Lease, Put
@@ -61,6 +61,8 @@ class SnapshotService:
         """Snapshot ``volume`` as ``name``. ``paused_on``: the node whose paused VM has the
         volume attached (the only attached case allowed)."""
         check_name("snapshot", name)
+        # an export that is closing: after its flush (a paused VM's disks stay attached)
+        await self.meta.wait_detached(volume, settle=0 if paused_on else SETTLE)
         for _ in range(RETRIES):
             vol, rev = await self.meta.volume(volume)
             att_kv = await self.store.get(keys.abs_attach(volume))
@@ -234,6 +236,7 @@ class SnapshotService:
         servers = await self.meta.servers()
         if snap.replicas > len(servers):
             raise InvalidInput("replicas", f"{snap.replicas} replicas need as many nodes")
+        await self.meta.check_provisioning(None, snap.size, snap.replicas, servers)
         vol = VolumeRecord(
             name=new_volume,
             size=snap.size,
@@ -268,9 +271,11 @@ class SnapshotService:
         takes its table and the source's extents become shared (the source copies on its next
         write too)."""
         check_name("name", new_volume)
+        await self.meta.wait_detached(source, settle=SETTLE)
         for _ in range(RETRIES):
             guards = await self.meta.name_guards(new_volume, owner)
             vol, rev = await self.meta.volume(source)
+            await self.meta.check_provisioning(None, vol.size, vol.replicas)
             clone = VolumeRecord(
                 name=new_volume,
                 size=vol.size,
@@ -310,6 +315,7 @@ class SnapshotService:
     async def rollback(self, volume: str, name: str) -> VolumeRecord:
         """Make a detached volume hold the snapshot's content again (O(1))."""
         snap, srev = await self.usable(volume, name)
+        await self.meta.wait_detached(volume, settle=SETTLE)
         for _ in range(RETRIES):
             vol, rev = await self.meta.volume(volume)
             if await self.meta.attachment(volume) is not None:

@@ -54,7 +54,7 @@ import aetcd.watcher
 import grpc
 
 from aecp.common import tasks
-from aecp.common.errors import LeaseExpired, StoreUnavailable
+from aecp.common.errors import AecpError, LeaseExpired, StoreUnavailable
 from aecp.common.pki import ETCD_SERVER_NAME, Bundle
 from aecp.common.tls import RECHECK_S
 from aecp.store.base import (
@@ -198,6 +198,7 @@ class EtcdStore(Store):
         self._checked = 0.0
         self._client: Any = None
         self._retired: set[asyncio.Task[None]] = set()
+        self._retired_clients: list[Any] = []
         self._closed = False
         self.retries = 0  # calls tried again after a routine failure (for tests and logs)
 
@@ -217,14 +218,17 @@ class EtcdStore(Store):
         if self._client is not None and stamp == self._stamp:
             return self._client
         try:
+            self.tls.load()  # a pair caught half-rotated does not load: keep the old one
             credentials = _channel_credentials(self.tls)
-        except OSError as exc:
+        except (AecpError, ValueError, OSError) as exc:
             if self._client is None:
                 raise self._unavailable("connect", f"cannot read TLS credentials: {exc}") from exc
             log.warning("%r: TLS credentials not reloaded: %s", self, exc)
             return self._client
         old, self._stamp = self._client, stamp
         host, port = self._target
+        if old is not None:
+            self._retired_clients.append(old)
         self._client = _TlsClient(
             credentials, host=host, port=port, timeout=self.timeout, options=dict(CHANNEL_OPTIONS)
         )
@@ -237,9 +241,14 @@ class EtcdStore(Store):
 
     async def _retire(self, client: Any) -> None:
         await asyncio.sleep(self.timeout + _BACKSTOP)
+        await self._close_client(client)
+
+    async def _close_client(self, client: Any) -> None:
         with contextlib.suppress(*_CLEANUP_ERRORS):
             async with asyncio.timeout(self.timeout):
                 await client.close()
+        if client in self._retired_clients:
+            self._retired_clients.remove(client)
 
     async def _call(
         self, what: str, fn: Callable[[Any], Awaitable[T]], retry: _Retry = _Retry.AGAIN
@@ -371,15 +380,26 @@ class EtcdStore(Store):
             )
 
         retry = _Retry.NEVER if failure else _Retry.VERIFY
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         try:
             succeeded, _ = await self._call("txn", run, retry)
         except _Ambiguous as amb:
             succeeded, _ = amb.result
             if not succeeded and success:
-                succeeded = await self._in_place(success)
-                if succeeded:
-                    log.info("%r: a transaction retried after a lost answer had been applied", self)
+                succeeded = await self._verified(success, deadline - loop.time())
         return bool(succeeded)
+
+    async def _verified(self, ops: Sequence[Op], left: float) -> bool:
+        """``_in_place`` within what is left of the call's deadline (at least a moment)."""
+        try:
+            async with asyncio.timeout(max(left, 0.5)):
+                applied = await self._in_place(ops)
+        except TimeoutError as e:
+            raise self._unavailable("txn", "its outcome could not be read back in time") from e
+        if applied:
+            log.info("%r: a transaction retried after a lost answer had been applied", self)
+        return applied
 
     async def _in_place(self, ops: Sequence[Op]) -> bool:
         """True if every put of ``ops`` holds its value and every delete's keys are gone."""
@@ -448,6 +468,8 @@ class EtcdStore(Store):
             return
         self._closed = True
         await tasks.cancel(*self._retired)
+        for client in list(self._retired_clients):
+            await self._close_client(client)
         if self._client is None:
             return
         try:

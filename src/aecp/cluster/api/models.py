@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from aecp.cluster.api.errors import redact_paths
 from aecp.model.operation import Operation
 from aecp.model.vm import Power, VMState
 from aecp.store.snapshot import Snapshot
@@ -46,7 +47,7 @@ class VMPublic(BaseModel):
             node=e.node,
             state=state,
             power=e.spec.power,
-            message=message,
+            message=redact_paths(message),
             http_url=st.http_url if st and state is VMState.RUNNING else "",
             pid=st.pid if st else None,
             boots=st.boots if st else 0,
@@ -59,8 +60,3 @@ class Accepted(BaseModel):
     """A request that takes time: follow ``operation`` to its end."""
 
     operation: Operation
-
-
-class ErrorBody(BaseModel):
-    error: str
-    message: str

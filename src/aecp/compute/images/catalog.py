@@ -84,7 +84,7 @@ def _qemu_img_info(path: Path) -> dict[str, object]:
     try:
         res = run(["qemu-img", "info", "--output", "json", str(path)], timeout=60)
     except CommandFailed as exc:
-        raise ImageError(f"not a readable disk image: {exc.output.strip()[-300:]}") from None
+        raise ImageError(f"not a readable disk image: {_said(exc, path)}") from None
     data: dict[str, object] = json.loads(res.stdout)
     return data
 
@@ -93,4 +93,9 @@ def _check_qcow2(path: Path) -> None:
     try:
         run(["qemu-img", "check", "-f", "qcow2", str(path)], timeout=120)
     except CommandFailed as exc:
-        raise ImageError(f"qcow2 image is corrupt: {exc.output.strip()[-300:]}") from None
+        raise ImageError(f"qcow2 image is corrupt: {_said(exc, path)}") from None
+
+
+def _said(exc: CommandFailed, path: Path) -> str:
+    """What qemu-img said, naming the file but not where it is (errors reach API callers)."""
+    return exc.output.replace(str(path), path.name).strip()[-300:]

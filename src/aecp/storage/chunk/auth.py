@@ -22,7 +22,10 @@ replica protocol (``wire``). Each message is a u32 length (big-endian, at most
 
 A refusal is a CHALLENGE or RESULT with status 1 and a UTF-8 reason; the server closes the
 connection after it. Signatures are ECDSA with SHA-256; both nonces are fresh random bytes, so
-no message of an earlier connection can be replayed. The server accepts any node of the
+no message of an earlier connection can be replayed. Each side also signs the connection as it
+sees it (``binding``: client address and port, then server address and port), so a relay that
+ends the client's TCP connection and opens its own to the server gets signatures that do not
+check out (the storage network has no NAT between nodes). The server accepts any node of the
 cluster; the client accepts only the node it meant to reach (the certificate's name). A server
 that requires encryption refuses ``SIGNED``.
 
@@ -82,10 +85,11 @@ class ClientAuth:
     ``expected`` is the node the client means to reach; ``AuthError`` for any refusal or any
     message that does not check out."""
 
-    def __init__(self, identity: Identity, expected: str, mode: Mode) -> None:
+    def __init__(self, identity: Identity, expected: str, mode: Mode, binding: bytes = b"") -> None:
         self.identity = identity
         self.expected = expected
         self.mode = mode
+        self.binding = binding
         self._hello = b""
 
     def hello(self) -> bytes:
@@ -109,8 +113,11 @@ class ClientAuth:
         except (ValueError, struct.error) as exc:
             raise AuthError(f"malformed challenge from {self.expected}") from exc
         verify_peer(self.identity.ca, cert, role=NODE, name=self.expected)
-        _verify(cert, signature, SERVER_LABEL + self._hello + nonce + cert_der, self.expected)
-        return self.identity.key.sign(CLIENT_LABEL + self._hello + challenge, _SIGNATURE)
+        signed = SERVER_LABEL + self.binding + self._hello + nonce + cert_der
+        _verify(cert, signature, signed, self.expected)
+        return self.identity.key.sign(
+            CLIENT_LABEL + self.binding + self._hello + challenge, _SIGNATURE
+        )
 
     def done(self, result: bytes) -> None:
         _check_status(result, "server")
@@ -123,9 +130,12 @@ class ServerAuth:
     ``AuthError`` for a client that does not check out (the server sends ``refusal(reason)``
     and closes)."""
 
-    def __init__(self, identity: Identity, *, require_tls: bool = False) -> None:
+    def __init__(
+        self, identity: Identity, *, require_tls: bool = False, binding: bytes = b""
+    ) -> None:
         self.identity = identity
         self.require_tls = require_tls
+        self.binding = binding
         self.mode: Mode | None = None
         self.peer = ""
         self.accepted = False
@@ -162,14 +172,16 @@ class ServerAuth:
         self.mode, self._hello, self._client = mode, hello, cert
         nonce = secrets.token_bytes(NONCE)
         own = self.identity.cert_der()
-        signature = self.identity.key.sign(SERVER_LABEL + hello + nonce + own, _SIGNATURE)
+        signed = SERVER_LABEL + self.binding + hello + nonce + own
+        signature = self.identity.key.sign(signed, _SIGNATURE)
         self._challenge = bytes([OK]) + nonce + _U16.pack(len(own)) + own + signature
         return self._challenge
 
     def _on_proof(self, proof: bytes) -> bytes:
         if self.mode is not Mode.SIGNED or self._client is None or self.accepted:
             raise AuthError("unexpected message")
-        _verify(self._client, proof, CLIENT_LABEL + self._hello + self._challenge, self.peer)
+        signed = CLIENT_LABEL + self.binding + self._hello + self._challenge
+        _verify(self._client, proof, signed, self.peer)
         self.accepted = True
         return bytes([OK])
 
@@ -204,7 +216,8 @@ async def client_handshake(
     """Authenticate a connected socket as a client of node ``expected``; returns the mode
     (for ``TLS`` the caller starts TLS next). ``AuthError``, ``OSError`` or ``TimeoutError``
     on failure (the caller closes the socket)."""
-    client = ClientAuth(auth.credentials.identity(), expected, auth.mode)
+    binding = connection_binding(sock.getsockname(), sock.getpeername())
+    client = ClientAuth(auth.credentials.identity(), expected, auth.mode, binding)
     async with asyncio.timeout(timeout):
         await send(sock, client.hello())
         if client.mode is Mode.SIGNED:
@@ -213,19 +226,30 @@ async def client_handshake(
     return client.mode
 
 
-async def server_handshake(sock: socket.socket, auth: ReplicaAuth, timeout: float) -> ServerAuth:
+async def server_handshake(
+    sock: socket.socket, auth: ReplicaAuth, timeout: float, hello_timeout: float | None = None
+) -> ServerAuth:
     """Authenticate a client on an accepted socket; returns the finished ``ServerAuth`` (its
-    ``mode`` and ``peer``). On ``AuthError`` the refusal has been sent; the caller closes."""
-    server = ServerAuth(auth.credentials.identity(), require_tls=auth.encrypt)
+    ``mode`` and ``peer``). The hello must arrive within ``hello_timeout``, everything within
+    ``timeout``. On ``AuthError`` the refusal has been sent; the caller closes."""
+    binding = connection_binding(sock.getpeername(), sock.getsockname())
+    server = ServerAuth(auth.credentials.identity(), require_tls=auth.encrypt, binding=binding)
     async with asyncio.timeout(timeout):
         try:
-            await send(sock, server.receive(await receive(sock)))
+            async with asyncio.timeout(hello_timeout):
+                hello = await receive(sock)
+            await send(sock, server.receive(hello))
             if server.mode is Mode.SIGNED:
                 await send(sock, server.receive(await receive(sock)))
         except AuthError as exc:
             await send(sock, refusal(exc.message))
             raise
     return server
+
+
+def connection_binding(client: tuple[object, ...], server: tuple[object, ...]) -> bytes:
+    """The connection as one side sees it: client host:port > server host:port."""
+    return f"{client[0]}:{client[1]}>{server[0]}:{server[1]}".encode()
 
 
 async def send(sock: socket.socket, body: bytes) -> None:

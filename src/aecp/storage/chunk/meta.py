@@ -159,6 +159,12 @@ class ReplicaMeta:
     def allocated_blocks(self) -> int:
         return sum(1 for b in self.bitmaps if b)
 
+    def allocated_in(self, first_block: int, last_block: int) -> int:
+        """How many of the blocks ``[first_block, last_block)`` hold a valid sector."""
+        if last_block - first_block == 1:
+            return 1 if self.bitmaps[first_block] else 0
+        return sum(1 for b in self.bitmaps[first_block:last_block] if b)
+
     def valid_sectors(self) -> int:
         return sum(b.bit_count() for b in self.bitmaps)
 

@@ -2,9 +2,12 @@
 
 Admission: the server accepts connections itself and authenticates each one (``auth``: a
 signed handshake, or TLS when the client asks for encryption) before the replica protocol
-starts on it; a connection that does not prove a node certificate of the cluster within
-``handshake_timeout`` is closed. At most ``MAX_HANDSHAKES`` handshakes run at once; more
-connections are closed at once.
+starts on it; a connection that does not send its hello within ``HELLO_TIMEOUT`` or prove a
+node certificate of the cluster within ``handshake_timeout`` is closed. At most
+``MAX_HANDSHAKES_PER_ADDRESS`` handshakes run at once from one address (more are closed at
+once) and ``MAX_HANDSHAKES`` in all; when all are taken, the oldest gives way to the new one,
+so connections that hold a slot without authenticating cannot lock the nodes out. Refusals are
+logged at most once per ``REFUSAL_LOG_EVERY`` seconds, with the count of those not logged.
 
 Three pieces: the codec (``wire.RequestDecoder``), the session (``_Session``: one connection,
 a small state machine OPEN -> CLOSED), and the handler (``_Handler``: one request -> one store
@@ -26,6 +29,7 @@ import functools
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -43,6 +47,9 @@ from aecp.storage.chunk.wire import MAX_DATA, MAX_PAYLOAD, Op, Request, Status
 
 log = logging.getLogger(__name__)
 MAX_HANDSHAKES = 64
+MAX_HANDSHAKES_PER_ADDRESS = 4
+HELLO_TIMEOUT = 1.0
+REFUSAL_LOG_EVERY = 10.0
 
 
 class ChunkServer:
@@ -67,10 +74,12 @@ class ChunkServer:
         self._handshake_timeout = handshake_timeout
         self._listener: socket.socket | None = None
         self._acceptor: asyncio.Task[None] | None = None
-        self._admitting: set[asyncio.Task[None]] = set()
+        self._admitting: dict[asyncio.Task[None], str] = {}  # handshake -> client address
         self._sessions: set[_Session] = set()
         self.intake = Intake()  # staging and payload budget shared by the sessions
         self.refused = 0  # connections refused (authentication, limits): for tests and logs
+        self._unlogged = 0  # refusals since the last one logged
+        self._logged_at = -REFUSAL_LOG_EVERY
 
     @property
     def port(self) -> int:
@@ -112,21 +121,34 @@ class ChunkServer:
                 await asyncio.sleep(0.1)
                 continue
             peer = f"{addr[0]}:{addr[1]}"
-            if len(self._admitting) >= MAX_HANDSHAKES:
-                self._refuse(conn, peer, f"{MAX_HANDSHAKES} handshakes already running")
+            if sum(a == addr[0] for a in self._admitting.values()) >= MAX_HANDSHAKES_PER_ADDRESS:
+                self._refuse(conn, peer, f"{MAX_HANDSHAKES_PER_ADDRESS} handshakes from it")
                 continue
+            if len(self._admitting) >= MAX_HANDSHAKES:  # the oldest gives way
+                next(iter(self._admitting)).cancel()
             task = loop.create_task(self._admit(conn, peer))
-            self._admitting.add(task)
-            task.add_done_callback(self._admitting.discard)
+            self._admitting[task] = str(addr[0])
+            task.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, task: asyncio.Task[None]) -> None:
+        self._admitting.pop(task, None)
 
     async def _admit(self, conn: socket.socket, peer: str) -> None:
         """Authenticate ``conn``, then serve the replica protocol on it (in TLS if asked)."""
         conn.setblocking(False)
         try:
-            auth = await server_handshake(conn, self._auth, self._handshake_timeout)
+            auth = await server_handshake(conn, self._auth, self._handshake_timeout, HELLO_TIMEOUT)
         except (AuthError, OSError, TimeoutError) as exc:
-            self._refuse(conn, peer, f"authentication failed: {exc}")
+            self._refuse(conn, peer, f"authentication failed: {exc or 'timed out'}")
             return
+        except asyncio.CancelledError:  # gave way to a newer connection, or stopping
+            why = (
+                "the server is stopping"
+                if self._listener is None
+                else "every handshake slot was taken"
+            )
+            self._refuse(conn, peer, f"not authenticated yet: {why}")
+            raise
         tls = self._auth.credentials.server_context() if auth.mode is Mode.TLS else None
         try:
             session = await self._serve(conn, tls)
@@ -154,9 +176,17 @@ class ChunkServer:
         return session
 
     def _refuse(self, conn: socket.socket, peer: str, reason: str) -> None:
+        """Close ``conn``; log it unless another refusal was logged in the last
+        ``REFUSAL_LOG_EVERY`` seconds (then it is counted in the next line)."""
         self.refused += 1
-        log.warning("chunk server: refused the connection from %s: %s", peer, reason)
         conn.close()
+        now = time.monotonic()
+        if now - self._logged_at < REFUSAL_LOG_EVERY:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more refused since the last line)" if self._unlogged else ""
+        self._logged_at, self._unlogged = now, 0
+        log.warning("chunk server: refused the connection from %s: %s%s", peer, reason, more)
 
     def _session(self, tls_ca: x509.Certificate | None = None) -> _Session:
         return _Session(self._handler, self._max_inflight, self._sessions, self.intake, tls_ca)

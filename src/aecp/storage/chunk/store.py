@@ -21,7 +21,11 @@ Request ordering per replica:
 Durability (``persist``): mutations change data in the page cache and metadata in memory;
 ``flush`` (and ``fua``) fsyncs data, then the metadata journal. ``close`` compacts. A failed
 data write or fsync marks the replica *failed*: later mutations and flushes raise
-``ChunkIOError`` (reads still work) until the replica is re-created from a peer.
+``ChunkIOError`` (reads still work) until the replica is re-created from a peer. A write the
+disk refused for want of space (``ENOSPC``) fails alone: the replica lost nothing it held.
+
+Space (``space``): a store given a ``capacity`` refuses a mutation that would fill more blocks
+than fit (``ChunkIOError`` with ``ENOSPC``, checked with the epoch, before anything changes).
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ from aecp.storage.chunk.replica import (
     plan_trim,
     plan_write,
 )
+from aecp.storage.chunk.space import Space
 from aecp.storage.chunk.uring import Ring, ring_unavailable
 
 log = logging.getLogger(__name__)
@@ -96,6 +101,7 @@ class ReplicaStore:
         threads: int = 4,
         cached_reads: bool = True,
         uring: bool = True,
+        capacity: int | None = None,
     ) -> None:
         if sector < 512 or sector & (sector - 1) or block_size % sector:
             raise ChunkInvalid(f"bad geometry: blocks of {block_size}, sectors of {sector}")
@@ -111,6 +117,8 @@ class ReplicaStore:
         self._closed = False
         self._cached_reads = cached_reads and CACHED_READS
         self._ring = Ring() if uring and not ring_unavailable() else None
+        #: bytes used, and the ``capacity`` (None: the disk's) beyond which writes are refused
+        self.space = Space(self.root, capacity)
 
     async def __aenter__(self) -> ReplicaStore:
         return self
@@ -162,6 +170,7 @@ class ReplicaStore:
             await rep.locks.drain()
             self._replicas.pop(extent_id, None)
             await self._run(files.delete_files, rep, lane=rep.lane)
+            self.space.change(-rep.meta.allocated_blocks() * rep.meta.block_size)
         log.info("replica %s deleted", extent_id)
 
     async def exists(self, extent_id: str) -> bool:
@@ -218,7 +227,7 @@ class ReplicaStore:
             check_u64(epoch=epoch, generation=generation)
         if length:
             plan = lambda: plan_write(rep, offset, view, generation, crcs)  # noqa: E731
-            await self._locked(rep, offset, length, True, epoch, plan)
+            await self._locked(rep, offset, length, True, epoch, plan, _fills_all)
         else:
             await self._admit(rep, epoch)
         if fua:
@@ -264,6 +273,9 @@ class ReplicaStore:
         touched = rep.touched
         if not (first in touched if last - first == 1 else touched.issuperset(range(first, last))):
             return None
+        bitmaps = meta.bitmaps  # a block still empty takes space: ``write`` counts it
+        if not (bitmaps[first] if last - first == 1 else all(bitmaps[first:last])):
+            return None
         locks = rep.locks
         if not locks.try_acquire(first, last, True):
             return None
@@ -284,9 +296,10 @@ class ReplicaStore:
                     if not fut.done():
                         fut.set_result(None)
                     return
-                rep.failed = rep.failed or f"write failed: {exc}"
+                code = exc.errno if isinstance(exc, OSError) else None
+                if code != errno.ENOSPC:  # out of space: this write failed, nothing was lost
+                    rep.failed = rep.failed or f"write failed: {exc}"
                 if not fut.done():
-                    code = exc.errno if isinstance(exc, OSError) else None
                     fut.set_exception(ChunkIOError(str(exc), code or errno.EIO))
             finally:
                 locks.release(first, last, True)
@@ -442,7 +455,11 @@ class ReplicaStore:
             for i, block_crcs in enumerate(crcs):
                 meta.set_block(first + i, raw.bitmaps[i], raw.modgens[i], block_crcs)
 
-        await self._locked(rep, raw.offset, raw.length, True, None, plan)
+        def fills(meta: ReplicaMeta, first: int, last: int) -> int:
+            old = meta.bitmaps[first:last]
+            return sum(1 for i, b in enumerate(raw.bitmaps) if b and not old[i])
+
+        await self._locked(rep, raw.offset, raw.length, True, None, plan, fills)
 
     async def scrub(self, extent_id: str) -> list[int]:
         rep = await self._get(extent_id)
@@ -472,7 +489,7 @@ class ReplicaStore:
             args = (rep.id, rep.data_fd, offset, view, self.sector, None, None)
             return write_sectors, args, lambda crcs: rep.meta.mark_written(first, crcs, None)
 
-        await self._locked(rep, offset, len(view), True, epoch or None, plan)
+        await self._locked(rep, offset, len(view), True, epoch or None, plan, _fills_all)
         log.info("replica %s: repaired %d bytes at %d", extent_id, len(view), offset)
 
     async def close(self) -> None:
@@ -538,9 +555,12 @@ class ReplicaStore:
         mutate: bool,
         epoch: int | None,
         prepare: Callable[[], Job],
+        fills: Callable[[ReplicaMeta, int, int], int] | None = None,
     ) -> Any:
         """Run the job ``prepare`` plans under the block locks of the byte range (see the
-        module docstring for the order). The locks are released by the job's completion."""
+        module docstring for the order). The locks are released by the job's completion.
+        A mutation's space is counted by how many blocks it leaves allocated; ``fills``
+        (meta, first, last) says how many empty blocks it may fill, which must fit first."""
         first, last = self._blocks(offset, length)
         locks = rep.locks
         if not locks.try_acquire(first, last, mutate):
@@ -552,7 +572,15 @@ class ReplicaStore:
                 check_failed(rep)
             if epoch is not None and epoch != rep.meta.epoch:
                 await self._admit(rep, epoch)
-            fn, args, apply = prepare()
+            meta, space = rep.meta, self.space
+            had = meta.allocated_in(first, last) if mutate else 0
+            need = fills(meta, first, last) * meta.block_size if fills is not None else 0
+            reserved = space.reserve(rep.id, need)
+            try:
+                fn, args, apply = prepare()
+            except BaseException:
+                space.change(-reserved)
+                raise
             if mutate:
                 args = (rep.journal_fd, rep.intents_for(first, last), *args)
                 rep.written.update(range(first, last))
@@ -564,12 +592,20 @@ class ReplicaStore:
                             apply(result)
                         if mutate:
                             rep.unsynced = True
-                    elif mutate and isinstance(exc, OSError):
+                            grown = meta.allocated_in(first, last) - had
+                            space.change(grown * meta.block_size - reserved)
+                        return
+                    space.change(-reserved)
+                    if mutate and isinstance(exc, OSError) and exc.errno != errno.ENOSPC:
                         rep.failed = rep.failed or f"write failed: {exc}"
                 finally:
                     locks.release(first, last, mutate)
 
-            fut = self._submit(fn, args, done)
+            try:
+                fut = self._submit(fn, args, done)
+            except BaseException:
+                space.change(-reserved)
+                raise
         except BaseException:
             locks.release(first, last, mutate)
             raise
@@ -633,3 +669,8 @@ class ReplicaStore:
     def _check_open(self) -> None:
         if self._closed:
             raise ChunkError("the replica store is closed")
+
+
+def _fills_all(meta: ReplicaMeta, first: int, last: int) -> int:
+    """A write or repair fills every block it touches: those still empty need space."""
+    return (last - first) - meta.allocated_in(first, last)

@@ -99,6 +99,7 @@ class AttachRecord(Stored):
     at: float
     purpose: str = "io"  # "io" (a client) or "repair" (Meta's recovery: yields to any client)
     ap: str = ""  # the access point instance; a snapshot re-epochs it without fencing it
+    closing: bool = False  # its last client left: it flushes, then detaches (a delete waits)
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class StorageServer(Stored):
     nbd_port: int
     capacity_bytes: int
     free_bytes: int
+    used_bytes: int = 0  # held by its replicas (free can be less: the disk is shared)
     rack: str = ""
     chassis: str = ""
 

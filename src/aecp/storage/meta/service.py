@@ -12,18 +12,25 @@ Ordering rules (each caller follows them):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TypeVar
 
 from aecp.common.clock import SYSTEM_CLOCK, Clock
-from aecp.common.errors import AlreadyExists, Conflict, InvalidInput, InvalidState, NotFound
+from aecp.common.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidInput,
+    InvalidState,
+    NoCapacity,
+    NotFound,
+)
 from aecp.model.base import Stored, check_name
 from aecp.storage.meta.model import (
     DEFAULT_EXTENT_SIZE,
     AttachRecord,
     ExtentRecord,
     Holder,
-    SnapshotRecord,
     StorageServer,
     VolumeOwner,
     VolumeRecord,
@@ -33,6 +40,7 @@ from aecp.storage.meta.model import (
     validate_volume,
 )
 from aecp.storage.meta.owners import VolumeOwners
+from aecp.storage.meta.tables import Tables, read_tables
 from aecp.store import keys
 from aecp.store.base import Compare, Delete, Lease, Put, Store
 from aecp.store.typed import read
@@ -45,7 +53,16 @@ class NotHolder(InvalidState):
     """The access point asking no longer holds its volume's attachment."""
 
 
+class AttachedElsewhere(InvalidState):
+    """Another node's access point holds the volume (it may be closing: ``wait_detached``)."""
+
+
 RETRIES = 8
+DEFAULT_OVERCOMMIT = 3.0
+#: how long a delete waits for an export that is closing (flushing, then detaching)
+CLOSE_WAIT = 30.0
+#: how long a delete gives a storage server to notice that a volume's client has left
+SETTLE = 2.0
 
 
 class MetaService:
@@ -57,12 +74,15 @@ class MetaService:
         store: Store,
         extent_size: int = DEFAULT_EXTENT_SIZE,
         clock: Clock = SYSTEM_CLOCK,
+        overcommit_ratio: float = DEFAULT_OVERCOMMIT,
         *,
         owners: VolumeOwners,
     ) -> None:
         self.store = store
         self.extent_size = extent_size
         self.clock = clock
+        #: volumes may provision (size x replicas) up to this many times the raw capacity
+        self.overcommit_ratio = overcommit_ratio
         self.owners = owners
 
     # ---- reads -------------------------------------------------------------------------------
@@ -109,7 +129,7 @@ class MetaService:
         factor = replicas if replicas is not None else default_replicas(len(servers))
         validate_volume(name, size, factor, len(servers))
         esize = extent_size or self.extent_size
-        self._check_capacity(size, factor, servers)
+        await self.check_provisioning("size", size, factor, servers)
         guards = await self.name_guards(name, owner)
         vol = VolumeRecord(
             name=name,
@@ -147,15 +167,35 @@ class MetaService:
         await self.name_guards(name, owner)
         raise Conflict(f"volume {name}: the cluster changed meanwhile; try again", volume=name)
 
-    @staticmethod
-    def _check_capacity(size: int, factor: int, servers: dict[str, StorageServer]) -> None:
-        capacity = sum(s.capacity_bytes for s in servers.values())
-        if size * factor > capacity:
-            raise InvalidInput(
-                "size",
-                f"{size} bytes x {factor} replicas exceed the cluster's storage "
-                f"capacity ({capacity} bytes)",
-            )
+    async def provisioned(self) -> int:
+        """Bytes the volumes may come to hold: size x replicas, summed (thin: not written)."""
+        return sum(v.size * v.replicas for v in await self.volumes())
+
+    async def check_provisioning(
+        self,
+        field: str | None,
+        size: int,
+        factor: int,
+        servers: dict[str, StorageServer] | None = None,
+    ) -> None:
+        """Refuse unless ``size`` x ``factor`` more bytes keep the provisioned total within
+        ``overcommit_ratio`` x the storage servers' raw capacity: ``InvalidInput`` naming
+        ``field`` (the size asked for), else ``NoCapacity`` (a clone: its size is its
+        source's). A check, not a reservation: two requests at one instant may both pass."""
+        servers = await self.servers() if servers is None else servers
+        raw = sum(s.capacity_bytes for s in servers.values())
+        limit = int(raw * self.overcommit_ratio)
+        now = await self.provisioned()
+        if now + size * factor <= limit:
+            return
+        why = (
+            f"{size} bytes x {factor} replicas would provision {now + size * factor} bytes; "
+            f"the limit is {limit} bytes ({self.overcommit_ratio:g} x {raw} bytes of raw "
+            f"capacity) and {now} bytes are provisioned already"
+        )
+        if field is None:
+            raise NoCapacity(why, provisioned=now, limit=limit)
+        raise InvalidInput(field, why)
 
     async def adopt_volume(self, name: str, owner: VolumeOwner) -> VolumeRecord:
         """Record ``owner`` on volume ``name``, which has none (made before volumes recorded
@@ -185,7 +225,7 @@ class MetaService:
                 raise InvalidInput("size", f"volumes only grow: {size} < current {vol.size}")
             if size % 512:
                 raise InvalidInput("size", "must be a multiple of 512 bytes")
-            self._check_capacity(size - vol.size, vol.replicas, await self.servers())
+            await self.check_provisioning("size", size - vol.size, vol.replicas)
             slots = slots_for(size, vol.extent_size)
             new = vol.model_copy(
                 update={"size": size, "extents": vol.extents + [None] * (slots - vol.slots)}
@@ -195,17 +235,19 @@ class MetaService:
         raise Conflict(f"volume {name} keeps changing; try again")
 
     async def delete_volume(
-        self, name: str, owner: VolumeOwner | None = None
+        self, name: str, owner: VolumeOwner | None = None, close_wait: float = CLOSE_WAIT
     ) -> list[ExtentRecord]:
         """Remove a volume that nobody has attached and that has no snapshots; returns the
         extents no other volume or snapshot names (their replicas are for the caller to
         delete). ``owner``: the caller deletes it as that owner's disk (``InvalidState`` if the
         volume is not its). Without one (the volume API), a disk of a VM or template that
-        still exists is refused (``InvalidState``): delete the VM or the template instead."""
+        still exists is refused (``InvalidState``): delete the VM or the template instead.
+        An export that is closing (its last client left; it flushes, then detaches) is
+        waited for, up to ``close_wait`` seconds."""
         for _ in range(RETRIES):
             vol, rev = await self.volume(name)
             guards = await self._deletable_by(vol, owner)
-            if await self.attachment(name) is not None:
+            if not await self.wait_detached(name, close_wait, settle=min(SETTLE, close_wait)):
                 raise InvalidState(
                     f"volume {name} is in use (attached); detach it first", volume=name
                 )
@@ -224,6 +266,35 @@ class MetaService:
                 log.info("volume %s: deleted, %d extents freed", name, len(freed))
                 return freed
         raise Conflict(f"volume {name} keeps changing; try again")
+
+    async def wait_detached(self, name: str, wait: float = CLOSE_WAIT, settle: float = 0.0) -> bool:
+        """Whether ``name`` is unattached, waiting up to ``wait`` seconds while it is attached
+        by an export that is closing (``mark_closing``). Any other attachment is waited on
+        for ``settle`` seconds only: a client that has just exited may not have been seen
+        leaving by its storage server yet."""
+        key = keys.abs_attach(name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        settled = loop.time() + min(settle, wait)
+        while (kv := await self.store.get(key)) is not None:
+            closing = AttachRecord.load(kv.value).closing
+            left = (deadline if closing else settled) - loop.time()
+            if left <= 0:
+                return False
+            if closing:
+                log.info("volume %s: waiting for its closing export to detach", name)
+            try:
+                await asyncio.wait_for(self._changed(key, kv.mod_revision), left)
+            except TimeoutError:
+                continue  # look again: it may have turned closing meanwhile
+        return True
+
+    async def _changed(self, key: str, revision: int) -> None:
+        """Return once ``key`` changes after ``revision``."""
+        async with self.store.watch(key, start_revision=revision + 1) as events:
+            async for ev in events:
+                if ev.key == key:  # the prefix also matches longer names
+                    return
 
     async def _deletable_by(self, vol: VolumeRecord, owner: VolumeOwner | None) -> list[Compare]:
         """The guards under which ``owner`` (None: the volume API) may delete ``vol``, or
@@ -248,28 +319,38 @@ class MetaService:
             )
         return [guard]
 
-    async def referenced(self) -> set[str]:
-        """Every extent id named by a volume or snapshot table."""
-        refs: set[str] = set()
-        for kv in await self.store.list(keys.ABS_VOLUMES):
-            refs.update(x for x in VolumeRecord.load(kv.value).extents if x)
-        for kv in await self.store.list(keys.ABS_SNAPSHOTS):
-            refs.update(x for x in SnapshotRecord.load(kv.value).extents if x)
-        return refs
+    async def mark_closing(self, holder: Holder) -> None:
+        """Record that ``holder``'s export is closing: its last client left, and it flushes,
+        then detaches. A delete meanwhile waits for that instead of answering "in use"."""
+        key = keys.abs_attach(holder.volume)
+        kv = await self.store.get(key)
+        if kv is None:
+            return
+        rec = AttachRecord.load(kv.value)
+        if holder.holds(rec) and not rec.closing:
+            new = rec.model_copy(update={"closing": True})
+            await self.store.txn(
+                [Compare.unchanged(key, kv.mod_revision)],
+                [Put(key, new.dump(), lease=Lease(kv.lease, 0) if kv.lease else None)],
+            )
 
-    async def collect(self, candidates: set[str]) -> list[ExtentRecord]:
-        """Delete the records of the ``candidates`` no table names any more (reference counting
-        by derivation: nothing to drift); returns them so their replicas can be deleted."""
-        if not candidates:
+    async def tables(self) -> Tables:
+        """Every volume, snapshot, extent and recovery record, read at one revision."""
+        return await read_tables(self.store)
+
+    async def collect(self, candidates: set[str] | None = None) -> list[ExtentRecord]:
+        """Delete the records of the ``candidates`` (None: every extent) no table names any
+        more, judged on the tables of one revision (reference counting by derivation:
+        nothing to drift); returns them so their replicas can be deleted."""
+        if candidates is not None and not candidates:
             return []
-        unused = candidates - await self.referenced()
+        t = await self.tables()
+        pool = set(t.extents) if candidates is None else candidates & set(t.extents)
         freed = []
-        for ext_id in sorted(unused):
-            kv = await self.store.get(keys.abs_extent(ext_id))
-            if kv is None:
-                continue
-            if await self.store.delete(keys.abs_extent(ext_id), mod_revision=kv.mod_revision):
-                freed.append(ExtentRecord.load(kv.value))
+        for ext_id in sorted(pool - t.referenced()):
+            key = keys.abs_extent(ext_id)
+            if await self.store.delete(key, mod_revision=t.extent_revs[ext_id]):
+                freed.append(t.extents[ext_id])
         return freed
 
     # ---- attach (single writer) ------------------------------------------------------------
@@ -292,7 +373,7 @@ class MetaService:
             vol, rev = await self.volume(name)
             current = await self.attachment(name)
             if current is not None and _refused(current, node, takeover, purpose):
-                raise InvalidState(
+                raise AttachedElsewhere(
                     f"volume {name} is attached on {current.node}", volume=name, node=current.node
                 )
             epoch, epoch_cmp, epoch_put = await self.next_epoch()
@@ -459,33 +540,57 @@ class MetaService:
                     f"volume {holder.volume}: no longer attached by this access point; "
                     f"replica of extent {extent_id} on {node} not admitted"
                 )
-            gone = {node, replaces} - {None}
-            new = ext.model_copy(
-                update={
-                    "replicas": [*[r for r in ext.replicas if r != node], node],
-                    "stale": {k: v for k, v in ext.stale.items() if k not in gone},
-                    "stale_since": {k: v for k, v in ext.stale_since.items() if k not in gone},
-                    "generation": ext.generation + 1,
-                }
-            )
+            new = _admitted(ext, node, replaces)
             cmp = [
                 Compare.unchanged(keys.abs_extent(extent_id), rev),
                 Compare.unchanged(keys.abs_attach(holder.volume), att.mod_revision),
             ]
             if await self.store.txn(cmp, [Put(keys.abs_extent(extent_id), new.dump())]):
-                log.info(
-                    "extent %s: replica on %s admitted%s; generation %d; valid: %s",
-                    extent_id,
-                    node,
-                    f" in place of {replaces}" if replaces else "",
-                    new.generation,
-                    ", ".join(new.replicas),
-                )
-                return new
+                return _log_admitted(new, node, replaces)
+        raise Conflict(f"extent {extent_id} keeps changing; try again")
+
+    async def admit_copy(
+        self, extent_id: str, node: str, replaces: str | None = None, catch_up: bool = False
+    ) -> ExtentRecord:
+        """``admit_replica`` for an extent nothing writes (no volume names it; snapshots
+        only): no access point orders the copy, so none is checked. The copy on ``node`` was
+        fenced at the valid replicas' epoch before it was made."""
+        for _ in range(RETRIES):
+            ext, rev = await self.extent(extent_id)
+            if catch_up and node not in ext.stale:
+                raise InvalidState(f"extent {extent_id}: {node} is no longer a stale replica")
+            new = _admitted(ext, node, replaces)
+            if await self.update_extent(new, rev):
+                return _log_admitted(new, node, replaces)
         raise Conflict(f"extent {extent_id} keeps changing; try again")
 
     async def update_extent(self, ext: ExtentRecord, rev: int) -> bool:
         return await self.store.replace(keys.abs_extent(ext.id), ext.dump(), mod_revision=rev)
+
+
+def _admitted(ext: ExtentRecord, node: str, replaces: str | None) -> ExtentRecord:
+    """``ext`` with ``node`` valid (and ``replaces`` no longer stale), one generation on."""
+    gone = {node, replaces} - {None}
+    return ext.model_copy(
+        update={
+            "replicas": [*[r for r in ext.replicas if r != node], node],
+            "stale": {k: v for k, v in ext.stale.items() if k not in gone},
+            "stale_since": {k: v for k, v in ext.stale_since.items() if k not in gone},
+            "generation": ext.generation + 1,
+        }
+    )
+
+
+def _log_admitted(new: ExtentRecord, node: str, replaces: str | None) -> ExtentRecord:
+    log.info(
+        "extent %s: replica on %s admitted%s; generation %d; valid: %s",
+        new.id,
+        node,
+        f" in place of {replaces}" if replaces else "",
+        new.generation,
+        ", ".join(new.replicas),
+    )
+    return new
 
 
 def _refused(current: AttachRecord, node: str, takeover: bool, purpose: str) -> bool:

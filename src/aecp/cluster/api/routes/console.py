@@ -10,31 +10,40 @@ import asyncio
 import contextlib
 
 import httpx
-from fastapi import APIRouter, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import PlainTextResponse
 
-from aecp.cluster.api.deps import Node, Service, check_token
+from aecp.cluster.api.deps import NamePath, Node, Service, check_token
+from aecp.cluster.api.errors import error_responses, redact_paths
+from aecp.cluster.api.routing import api_router
 from aecp.common.errors import AecpError, Conflict, NotFound, Unavailable
 
-router = APIRouter(prefix="/v1/vms", tags=["console"])
+router = api_router("/v1/vms", "console")
 ws_router = APIRouter(prefix="/v1/vms", tags=["console"])  # authenticates inside
 
 MAX_LOG = 4 * 1024 * 1024
 
 
-@router.get("/{name}/console/log", operation_id="get_console_log", response_class=PlainTextResponse)
+@router.get(
+    "/{name}/console/log",
+    operation_id="get_console_log",
+    response_class=PlainTextResponse,
+    responses=error_responses(404, 409),
+)
 async def console_log(
-    name: str,
+    name: NamePath,
     request: Request,
     svc: Service,
     node: Node,
     tail: int = Query(MAX_LOG, ge=1, le=MAX_LOG, description="at most this many last bytes"),
-) -> PlainTextResponse:
+) -> Response:
     entry, snap = await svc.vm(name)
     owner = entry.node
     if owner is None:
         raise Conflict(f"VM {name} has not been placed on a node yet", vm=name)
     if owner != node.name:
+        if owner not in snap.nodes:
+            raise Unavailable(f"VM {name} is on node {owner}, which is not registered")
         return await _forward(snap.nodes[owner].api_url, request)
     path = node.run_dir / name / "console.log"
     data = await asyncio.to_thread(_read_tail, path, tail)
@@ -53,7 +62,8 @@ def _read_tail(path: object, tail: int) -> bytes:
         return b""
 
 
-async def _forward(api_url: str, request: Request) -> PlainTextResponse:
+async def _forward(api_url: str, request: Request) -> Response:
+    """The VM's node's answer, relayed as it is (a log, or an error body)."""
     headers = {"authorization": request.headers.get("authorization", "")}
     url = api_url + request.url.path
     try:
@@ -61,7 +71,9 @@ async def _forward(api_url: str, request: Request) -> PlainTextResponse:
             resp = await client.get(url, params=dict(request.query_params), headers=headers)
     except httpx.HTTPError as exc:
         raise Unavailable(f"the VM's node at {api_url} did not answer: {exc}") from None
-    return PlainTextResponse(resp.text, status_code=resp.status_code)
+    return Response(
+        resp.content, status_code=resp.status_code, media_type=resp.headers.get("content-type")
+    )
 
 
 @ws_router.websocket("/{name}/console")
@@ -81,7 +93,8 @@ async def console_ws(websocket: WebSocket, name: str) -> None:
         reader, writer = await asyncio.open_unix_connection(str(path))
     except (AecpError, OSError) as exc:
         await websocket.close(
-            code=4000 + getattr(exc, "http_status", 503) % 1000, reason=str(exc)[:120]
+            code=4000 + getattr(exc, "http_status", 503) % 1000,
+            reason=redact_paths(_why(exc))[:120],
         )
         return
     await websocket.accept()
@@ -91,6 +104,12 @@ async def console_ws(websocket: WebSocket, name: str) -> None:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+def _why(exc: AecpError | OSError) -> str:
+    if isinstance(exc, AecpError):
+        return exc.message
+    return f"the console is not reachable: {exc.strerror or 'I/O error'}"
 
 
 async def _pump(ws: WebSocket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

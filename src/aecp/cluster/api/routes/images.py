@@ -8,17 +8,26 @@ import secrets
 import shutil
 from pathlib import Path
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import Query, Request, status
 
-from aecp.cluster.api.deps import Service
-from aecp.common.errors import AlreadyExists, ImageError, InvalidInput
+from aecp.cluster.api.deps import NamePath, Service
+from aecp.cluster.api.errors import error_responses
+from aecp.cluster.api.routing import api_router
+from aecp.cluster.service import ClusterService
+from aecp.common.errors import AlreadyExists, ImageError, InvalidInput, Unavailable
 from aecp.compute.images import catalog
-from aecp.model.base import check_name
 from aecp.model.image import ImageFormat, ImageRecord
 
-router = APIRouter(prefix="/v1/images", tags=["images"])
+router = api_router("/v1/images", "images")
 
 MAX_IMAGE_BYTES = 256 * 1024**3
+RAW_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "the image file (raw or qcow2)",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
 
 
 @router.get("", operation_id="list_images")
@@ -26,23 +35,38 @@ async def list_images(svc: Service) -> list[ImageRecord]:
     return await svc.images()
 
 
-@router.get("/{name}", operation_id="get_image")
-async def get_image(name: str, svc: Service) -> ImageRecord:
+@router.get("/{name}", operation_id="get_image", responses=error_responses(404))
+async def get_image(name: NamePath, svc: Service) -> ImageRecord:
     return await svc.image(name)
 
 
-@router.put("/{name}", status_code=status.HTTP_201_CREATED, operation_id="upload_image")
+@router.put(
+    "/{name}",
+    status_code=status.HTTP_201_CREATED,
+    operation_id="upload_image",
+    responses=error_responses(409),
+    openapi_extra=RAW_BODY,
+)
 async def upload_image(
-    name: str,
+    name: NamePath,
     request: Request,
     svc: Service,
     format: ImageFormat | None = Query(None, description="expected format; detected if absent"),
     source: str = Query("", max_length=200, description="where the image came from"),
 ) -> ImageRecord:
-    """Store the request body as image ``name`` after checking format and integrity."""
-    check_name("name", name)
+    """Store the request body as image ``name`` after checking format and integrity (422 names
+    what is wrong with the file; 503 if this node cannot store it)."""
     if any(i.name == name for i in await svc.images()):
         raise AlreadyExists(f"image {name} already exists", field="name")
+    try:
+        return await _store(name, request, svc, format, source)
+    except OSError as exc:  # the images directory: full, read-only... (never say where it is)
+        raise Unavailable(f"cannot store image {name}: {exc.strerror or 'I/O error'}") from None
+
+
+async def _store(
+    name: str, request: Request, svc: ClusterService, format: ImageFormat | None, source: str
+) -> ImageRecord:
     svc.images_dir.mkdir(parents=True, exist_ok=True)
     tmp = svc.images_dir / f".upload-{name}-{secrets.token_hex(4)}"
     try:
@@ -72,8 +96,8 @@ async def upload_image(
 
 async def _receive(request: Request, dest: Path) -> None:
     free = shutil.disk_usage(dest.parent).free
-    declared = request.headers.get("content-length")
-    if declared is not None and int(declared) > min(free, MAX_IMAGE_BYTES):
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > min(free, MAX_IMAGE_BYTES):
         raise InvalidInput("body", f"{declared} bytes do not fit ({free} bytes free)")
     written = 0
     with dest.open("wb") as f:
@@ -88,6 +112,11 @@ async def _receive(request: Request, dest: Path) -> None:
         raise ImageError("the uploaded image is empty", field="body")
 
 
-@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, operation_id="delete_image")
-async def delete_image(name: str, svc: Service) -> None:
+@router.delete(
+    "/{name}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="delete_image",
+    responses=error_responses(404, 409),
+)
+async def delete_image(name: NamePath, svc: Service) -> None:
     await svc.delete_image(name)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-
-from aecp.cluster.api.deps import Service
+from aecp.cluster.api.deps import NamePath, Service
+from aecp.cluster.api.errors import error_responses
+from aecp.cluster.api.routing import api_router
 from aecp.model.node import NodeView
 
-router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
+router = api_router("/v1/nodes", "nodes")
 
 
 @router.get("", operation_id="list_nodes")
@@ -15,6 +15,6 @@ async def list_nodes(svc: Service) -> list[NodeView]:
     return await svc.nodes()
 
 
-@router.get("/{name}", operation_id="get_node")
-async def get_node(name: str, svc: Service) -> NodeView:
+@router.get("/{name}", operation_id="get_node", responses=error_responses(404))
+async def get_node(name: NamePath, svc: Service) -> NodeView:
     return await svc.node(name)

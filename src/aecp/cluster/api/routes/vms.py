@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, status
+from fastapi import Request, status
 
-from aecp.cluster.api.deps import Service
+from aecp.cluster.api.deps import NamePath, Service, vm_snapshot_service
+from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models import Accepted, VMPublic
+from aecp.cluster.api.routing import api_router
 from aecp.model.vm import PowerOp, VMCreate
 
-router = APIRouter(prefix="/v1/vms", tags=["vms"])
+router = api_router("/v1/vms", "vms")
 
 
 @router.get("", operation_id="list_vms")
@@ -17,30 +19,44 @@ async def list_vms(svc: Service) -> list[VMPublic]:
     return [VMPublic.from_snapshot(snap, n) for n in sorted(snap.vms)]
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, operation_id="create_vm")
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    operation_id="create_vm",
+    responses=error_responses(404, 409),
+)
 async def create_vm(body: VMCreate, svc: Service, request: Request) -> Accepted:
     """Create a VM from an image (its disk is filled from it) or, with ``template``, as an
-    O(1) clone of a template."""
+    O(1) clone of a template (404 if there is no such template)."""
     if body.template is not None:
-        return Accepted(operation=await request.app.state.vmsnaps.create_from_template(body))
+        vmsnaps = vm_snapshot_service(request)
+        return Accepted(operation=await vmsnaps.create_from_template(body))
     _, op = await svc.create_vm(body)
     return Accepted(operation=op)
 
 
-@router.get("/{name}", operation_id="get_vm")
-async def get_vm(name: str, svc: Service) -> VMPublic:
+@router.get("/{name}", operation_id="get_vm", responses=error_responses(404))
+async def get_vm(name: NamePath, svc: Service) -> VMPublic:
     _, snap = await svc.vm(name)
     return VMPublic.from_snapshot(snap, name)
 
 
-@router.delete("/{name}", status_code=status.HTTP_202_ACCEPTED, operation_id="delete_vm")
-async def delete_vm(name: str, svc: Service) -> Accepted:
+@router.delete(
+    "/{name}",
+    status_code=status.HTTP_202_ACCEPTED,
+    operation_id="delete_vm",
+    responses=error_responses(404, 409),
+)
+async def delete_vm(name: NamePath, svc: Service) -> Accepted:
     return Accepted(operation=await svc.delete_vm(name))
 
 
 @router.post(
-    "/{name}/actions/{action}", status_code=status.HTTP_202_ACCEPTED, operation_id="vm_action"
+    "/{name}/actions/{action}",
+    status_code=status.HTTP_202_ACCEPTED,
+    operation_id="vm_action",
+    responses=error_responses(404, 409),
 )
-async def vm_action(name: str, action: PowerOp, svc: Service) -> Accepted:
+async def vm_action(name: NamePath, action: PowerOp, svc: Service) -> Accepted:
     """Power operations: start, shutdown (ACPI), poweroff, reboot, suspend, resume."""
     return Accepted(operation=await svc.power(name, action))

@@ -7,31 +7,35 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-from fastapi import APIRouter, Depends, Request, status
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
+from fastapi import Depends, Request, status
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from aecp.cluster.api.deps import NamePath, volume_service
+from aecp.cluster.api.deps import vm_snapshot_service as vmsnaps
+from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models import Accepted
+from aecp.cluster.api.routing import api_router
 from aecp.cluster.vmsnapshots import RunsElsewhere, VMSnapshot, VMSnapshotService
 from aecp.common.errors import Unavailable
+from aecp.model.base import Name
 from aecp.model.template import TemplateRecord
 
-router = APIRouter(prefix="/v1/vms", tags=["vm snapshots"])
-templates_router = APIRouter(prefix="/v1/templates", tags=["templates"])
-
-
-def vmsnaps(request: Request) -> VMSnapshotService:
-    svc: VMSnapshotService = request.app.state.vmsnaps
-    return svc
+router = api_router("/v1/vms", "vm snapshots")
+templates_router = api_router("/v1/templates", "templates")
 
 
 class Named(BaseModel):
-    name: str
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
 
 
 class CloneRequest(BaseModel):
-    name: str
-    start: bool = True
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name = Field(description="the new VM's name")
+    start: StrictBool = Field(True, description="power the new VM on")
 
 
 async def forward(request: Request, node: str, body: dict[str, Any] | None) -> Response:
@@ -47,7 +51,9 @@ async def forward(request: Request, node: str, body: dict[str, Any] | None) -> R
             resp = await client.request(request.method, url, json=body, headers=headers)
     except httpx.HTTPError as exc:
         raise Unavailable(f"the VM's node {node} did not answer: {exc}") from None
-    return JSONResponse(resp.json() if resp.content else None, status_code=resp.status_code)
+    return Response(
+        resp.content, status_code=resp.status_code, media_type=resp.headers.get("content-type")
+    )
 
 
 @router.post(
@@ -55,9 +61,10 @@ async def forward(request: Request, node: str, body: dict[str, Any] | None) -> R
     status_code=status.HTTP_201_CREATED,
     operation_id="create_vm_snapshot",
     response_model=VMSnapshot,
+    responses=error_responses(404, 409),
 )
 async def create_snapshot(
-    name: str, body: Named, request: Request, svc: VMSnapshotService = Depends(vmsnaps)
+    name: NamePath, body: Named, request: Request, svc: VMSnapshotService = Depends(vmsnaps)
 ) -> Any:
     """Crash-consistent snapshot of every disk of the VM (paused for the instant)."""
     try:
@@ -66,8 +73,10 @@ async def create_snapshot(
         return await forward(request, exc.node, body.model_dump())
 
 
-@router.get("/{name}/snapshots", operation_id="list_vm_snapshots")
-async def list_snapshots(name: str, svc: VMSnapshotService = Depends(vmsnaps)) -> list[VMSnapshot]:
+@router.get("/{name}/snapshots", operation_id="list_vm_snapshots", responses=error_responses(404))
+async def list_snapshots(
+    name: NamePath, svc: VMSnapshotService = Depends(vmsnaps)
+) -> list[VMSnapshot]:
     return await svc.snapshots(name)
 
 
@@ -75,13 +84,22 @@ async def list_snapshots(name: str, svc: VMSnapshotService = Depends(vmsnaps)) -
     "/{name}/snapshots/{snap}",
     status_code=status.HTTP_204_NO_CONTENT,
     operation_id="delete_vm_snapshot",
+    responses=error_responses(404, 409),
 )
-async def delete_snapshot(name: str, snap: str, svc: VMSnapshotService = Depends(vmsnaps)) -> None:
+async def delete_snapshot(
+    name: NamePath, snap: NamePath, svc: VMSnapshotService = Depends(vmsnaps)
+) -> None:
     await svc.delete(name, snap)
 
 
-@router.post("/{name}/snapshots/{snap}/rollback", operation_id="rollback_vm")
-async def rollback(name: str, snap: str, svc: VMSnapshotService = Depends(vmsnaps)) -> VMSnapshot:
+@router.post(
+    "/{name}/snapshots/{snap}/rollback",
+    operation_id="rollback_vm",
+    responses=error_responses(404, 409),
+)
+async def rollback(
+    name: NamePath, snap: NamePath, svc: VMSnapshotService = Depends(vmsnaps)
+) -> VMSnapshot:
     """Return a stopped VM's disks to the snapshot."""
     return await svc.rollback(name, snap)
 
@@ -91,9 +109,10 @@ async def rollback(name: str, snap: str, svc: VMSnapshotService = Depends(vmsnap
     status_code=status.HTTP_202_ACCEPTED,
     operation_id="clone_vm",
     response_model=Accepted,
+    responses=error_responses(404, 409),
 )
 async def clone(
-    name: str, body: CloneRequest, request: Request, svc: VMSnapshotService = Depends(vmsnaps)
+    name: NamePath, body: CloneRequest, request: Request, svc: VMSnapshotService = Depends(vmsnaps)
 ) -> Any:
     """A new VM whose disks are O(1) clones of this VM's."""
     try:
@@ -106,9 +125,10 @@ async def clone(
     "/{name}/convert-to-template",
     status_code=status.HTTP_201_CREATED,
     operation_id="convert_vm_to_template",
+    responses=error_responses(404, 409),
 )
 async def convert(
-    name: str, body: Named, svc: VMSnapshotService = Depends(vmsnaps)
+    name: NamePath, body: Named, svc: VMSnapshotService = Depends(vmsnaps)
 ) -> TemplateRecord:
     """Freeze a stopped VM's disks as a template; the VM itself is deleted."""
     return await svc.convert_to_template(name, body.name)
@@ -120,10 +140,13 @@ async def list_templates(svc: VMSnapshotService = Depends(vmsnaps)) -> list[Temp
 
 
 @templates_router.delete(
-    "/{name}", status_code=status.HTTP_204_NO_CONTENT, operation_id="delete_template"
+    "/{name}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="delete_template",
+    responses=error_responses(404, 409),
 )
 async def delete_template(
-    name: str, request: Request, svc: VMSnapshotService = Depends(vmsnaps)
+    name: NamePath, request: Request, svc: VMSnapshotService = Depends(vmsnaps)
 ) -> None:
     """Delete a template; VMs created from it do not depend on it."""
-    await svc.delete_template(name, request.app.state.volumes.delete)
+    await svc.delete_template(name, volume_service(request).delete)

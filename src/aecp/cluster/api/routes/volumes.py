@@ -4,31 +4,28 @@ volume."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, status
-from pydantic import BaseModel
+from fastapi import Depends, status
+from pydantic import BaseModel, ConfigDict
 
-from aecp.cluster.api.deps import Principal
+from aecp.cluster.api.deps import NamePath, Principal
+from aecp.cluster.api.deps import snapshot_service as snapshots
+from aecp.cluster.api.deps import volume_service as volumes
+from aecp.cluster.api.errors import error_responses
+from aecp.cluster.api.routing import api_router
 from aecp.cluster.volumes import (
     ExportCreate,
     ExportPublic,
     StorageStatus,
     VolumeCreate,
     VolumePublic,
+    VolumeResize,
     VolumeService,
 )
+from aecp.model.base import Name
 from aecp.storage.meta.model import SnapshotRecord, VolumeRecord
 from aecp.storage.snapshots import SnapshotService
 
-router = APIRouter(prefix="/v1/volumes", tags=["volumes"])
-
-
-def volumes(request: Request) -> VolumeService:
-    svc: VolumeService = request.app.state.volumes
-    return svc
-
-
-class Resize(BaseModel):
-    size: str | int
+router = api_router("/v1/volumes", "volumes")
 
 
 @router.get("", operation_id="list_volumes")
@@ -36,53 +33,71 @@ async def list_volumes(svc: VolumeService = Depends(volumes)) -> list[VolumePubl
     return await svc.all()
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, operation_id="create_volume")
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    operation_id="create_volume",
+    responses=error_responses(409),
+)
 async def create_volume(body: VolumeCreate, svc: VolumeService = Depends(volumes)) -> VolumeRecord:
     return await svc.create(body)
 
 
-@router.get("/{name}", operation_id="get_volume")
-async def get_volume(name: str, svc: VolumeService = Depends(volumes)) -> VolumePublic:
+@router.get("/{name}", operation_id="get_volume", responses=error_responses(404))
+async def get_volume(name: NamePath, svc: VolumeService = Depends(volumes)) -> VolumePublic:
     return await svc.show(name)
 
 
-@router.post("/{name}/resize", operation_id="resize_volume")
+@router.post("/{name}/resize", operation_id="resize_volume", responses=error_responses(404, 409))
 async def resize_volume(
-    name: str, body: Resize, svc: VolumeService = Depends(volumes)
+    name: NamePath, body: VolumeResize, svc: VolumeService = Depends(volumes)
 ) -> VolumeRecord:
     return await svc.resize(name, body.size)
 
 
-@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, operation_id="delete_volume")
-async def delete_volume(name: str, svc: VolumeService = Depends(volumes)) -> None:
+@router.delete(
+    "/{name}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="delete_volume",
+    responses=error_responses(404, 409),
+)
+async def delete_volume(name: NamePath, svc: VolumeService = Depends(volumes)) -> None:
     await svc.delete(name)
 
 
-@router.post("/{name}/export", status_code=status.HTTP_201_CREATED, operation_id="export_volume")
+@router.post(
+    "/{name}/export",
+    status_code=status.HTTP_201_CREATED,
+    operation_id="export_volume",
+    responses=error_responses(404, 409),
+)
 async def export_volume(
-    name: str, body: ExportCreate, who: Principal, svc: VolumeService = Depends(volumes)
+    name: NamePath, body: ExportCreate, who: Principal, svc: VolumeService = Depends(volumes)
 ) -> ExportPublic:
-    """Let one outside NBD client (the holder of ``client_certificate``'s key) read and write
-    the volume over NBD with TLS. 409 if the volume is exported already."""
+    """Let one outside NBD client (the holder of the key under ``client_ca_certificate``) read
+    and write the volume over NBD with TLS. 409 if the volume is exported already."""
     return await svc.export(name, body, who)
 
 
-@router.get("/{name}/export", operation_id="get_volume_export")
-async def get_volume_export(name: str, svc: VolumeService = Depends(volumes)) -> ExportPublic:
+@router.get("/{name}/export", operation_id="get_volume_export", responses=error_responses(404))
+async def get_volume_export(name: NamePath, svc: VolumeService = Depends(volumes)) -> ExportPublic:
     """The volume's export (404 if it has none)."""
     return await svc.export_info(name)
 
 
 @router.delete(
-    "/{name}/export", status_code=status.HTTP_204_NO_CONTENT, operation_id="unexport_volume"
+    "/{name}/export",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="unexport_volume",
+    responses=error_responses(404),
 )
-async def unexport_volume(name: str, svc: VolumeService = Depends(volumes)) -> None:
+async def unexport_volume(name: NamePath, svc: VolumeService = Depends(volumes)) -> None:
     """Revoke the volume's export: its credential opens nothing any more and the connections
     made with it are closed."""
     await svc.unexport(name)
 
 
-storage_router = APIRouter(prefix="/v1/storage", tags=["volumes"])
+storage_router = api_router("/v1/storage", "volumes")
 
 
 @storage_router.get("", operation_id="storage_status")
@@ -91,32 +106,32 @@ async def storage_status(svc: VolumeService = Depends(volumes)) -> StorageStatus
     return await svc.status()
 
 
-class SnapshotCreate(BaseModel):
-    name: str
+class NewName(BaseModel):
+    """The name of the object a request makes (a snapshot, a clone)."""
 
+    model_config = ConfigDict(extra="forbid")
 
-class CloneCreate(BaseModel):
-    name: str
-
-
-def snapshots(request: Request) -> SnapshotService:
-    svc: SnapshotService = request.app.state.snapshots
-    return svc
+    name: Name
 
 
 @router.post(
-    "/{name}/snapshots", status_code=status.HTTP_201_CREATED, operation_id="create_volume_snapshot"
+    "/{name}/snapshots",
+    status_code=status.HTTP_201_CREATED,
+    operation_id="create_volume_snapshot",
+    responses=error_responses(404, 409),
 )
 async def create_snapshot(
-    name: str, body: SnapshotCreate, svc: SnapshotService = Depends(snapshots)
+    name: NamePath, body: NewName, svc: SnapshotService = Depends(snapshots)
 ) -> SnapshotRecord:
     """O(1) snapshot of a volume that no client has attached (VM disks: snapshot the VM)."""
     return await svc.snapshot(name, body.name)
 
 
-@router.get("/{name}/snapshots", operation_id="list_volume_snapshots")
+@router.get(
+    "/{name}/snapshots", operation_id="list_volume_snapshots", responses=error_responses(404)
+)
 async def list_snapshots(
-    name: str, svc: SnapshotService = Depends(snapshots)
+    name: NamePath, svc: SnapshotService = Depends(snapshots)
 ) -> list[SnapshotRecord]:
     return await svc.snapshots(name)
 
@@ -125,8 +140,11 @@ async def list_snapshots(
     "/{name}/snapshots/{snap}",
     status_code=status.HTTP_204_NO_CONTENT,
     operation_id="delete_volume_snapshot",
+    responses=error_responses(404, 409),
 )
-async def delete_snapshot(name: str, snap: str, svc: SnapshotService = Depends(snapshots)) -> None:
+async def delete_snapshot(
+    name: NamePath, snap: NamePath, svc: SnapshotService = Depends(snapshots)
+) -> None:
     """Delete a snapshot. Clones made from it do not depend on it and are not affected."""
     await svc.delete(name, snap)
 
@@ -135,15 +153,22 @@ async def delete_snapshot(name: str, snap: str, svc: SnapshotService = Depends(s
     "/{name}/snapshots/{snap}/clone",
     status_code=status.HTTP_201_CREATED,
     operation_id="clone_volume_snapshot",
+    responses=error_responses(404, 409),
 )
 async def clone_snapshot(
-    name: str, snap: str, body: CloneCreate, svc: SnapshotService = Depends(snapshots)
+    name: NamePath, snap: NamePath, body: NewName, svc: SnapshotService = Depends(snapshots)
 ) -> VolumeRecord:
     """A new volume with the snapshot's content (O(1), independent of the snapshot)."""
     return await svc.clone(name, snap, body.name)
 
 
-@router.post("/{name}/snapshots/{snap}/rollback", operation_id="rollback_volume")
-async def rollback(name: str, snap: str, svc: SnapshotService = Depends(snapshots)) -> VolumeRecord:
+@router.post(
+    "/{name}/snapshots/{snap}/rollback",
+    operation_id="rollback_volume",
+    responses=error_responses(404, 409),
+)
+async def rollback(
+    name: NamePath, snap: NamePath, svc: SnapshotService = Depends(snapshots)
+) -> VolumeRecord:
     """Make a detached volume hold the snapshot's content again."""
     return await svc.rollback(name, snap)

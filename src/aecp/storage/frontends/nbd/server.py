@@ -66,6 +66,9 @@ class TlsPolicy(Protocol):
         """The credential the client presenting ``cert_der`` holds (an id that ``revoke``
         is later asked about; "" for none) and the exports it may open."""
 
+    async def still_granted(self, credential: str, export: str) -> bool:
+        """Asked when the client opens ``export``: does ``credential`` still open it?"""
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -157,10 +160,14 @@ class NbdServer:
         if servers:
             log.info("nbd: stopped listening")
 
-    def revoke(self, granted: Callable[[str], bool]) -> int:
-        """Close every TLS connection whose credential (the id ``TlsPolicy.grants`` gave) is
-        no longer ``granted``; returns how many were closed."""
-        gone = [c for c in self._connections.values() if c.credential and not granted(c.credential)]
+    def revoke(self, granted: Callable[[str, frozenset[str]], bool]) -> int:
+        """Close every TLS connection unless ``granted(credential, exports)`` (the id and
+        the exports ``TlsPolicy.grants`` gave it); returns how many were closed."""
+        gone = [
+            c
+            for c in self._connections.values()
+            if c.credential and not granted(c.credential, c.session.granted)
+        ]
         for conn in gone:
             conn.drop("its credential was revoked")
         return len(gone)
@@ -398,7 +405,11 @@ class _Connection(asyncio.BufferedProtocol):
             raise p.ProtocolError("TLS without a client certificate")
         credential, granted = await policy.grants(der)
         self.credential = credential or fingerprint(der)
-        self.session.tls_established(granted)
+
+        async def authorize(export: str) -> bool:
+            return bool(credential) and await policy.still_granted(credential, export)
+
+        self.session.tls_established(granted, authorize)
         log.info(
             "nbd %s: TLS established, credential %s grants %s",
             self.peer, self.credential[:23], ", ".join(sorted(granted)) or "nothing",

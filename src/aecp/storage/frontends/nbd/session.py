@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 OpenExport = Callable[[str], Awaitable[BlockDevice]]
 ListExports = Callable[[], Awaitable[list[str]]]
+Authorize = Callable[[str], Awaitable[bool]]
 #: at most this many block status descriptors in one reply (the client asks again for the rest)
 MAX_EXTENTS = 1024
 _U32_MAX = 0xFFFFFFFF
@@ -114,6 +115,7 @@ class NbdSession:
         self.tls = False  # TLS is established
         self.starttls = False  # STARTTLS was accepted: the connection must start TLS now
         self.granted: frozenset[str] = frozenset()  # what the TLS credential may open
+        self._authorize: Authorize | None = None  # asked again when an export is opened
         self._open_export = open_export
         self._list_exports = list_exports
         self._no_zeroes = False
@@ -204,12 +206,14 @@ class NbdSession:
         return p.option_reply(p.Opt.STARTTLS, p.Rep.ACK)
 
     @require(State.OPTIONS)
-    def tls_established(self, granted: frozenset[str]) -> None:
-        """TLS is up; the client's credential may open ``granted``. Nothing negotiated before
-        TLS is kept (proto.md: no per-export state survives STARTTLS)."""
+    def tls_established(self, granted: frozenset[str], authorize: Authorize | None = None) -> None:
+        """TLS is up; the client's credential may open ``granted`` (and ``authorize(name)``
+        is asked again when it opens one: the grant may have gone since). Nothing negotiated
+        before TLS is kept (proto.md: no per-export state survives STARTTLS)."""
         self.starttls = False
         self.tls = True
         self.granted = granted
+        self._authorize = authorize
         self.structured = False
         self._meta = None
 
@@ -262,7 +266,9 @@ class NbdSession:
     async def _open(self, name: str) -> BlockDevice:
         """The device behind ``name``; ``OptionError(ERR_UNKNOWN)`` if there is none, or if
         this session may not open it (the same answer: its existence is not revealed)."""
-        if not self.allowed(name):
+        if not self.allowed(name) or (
+            self._authorize is not None and not await self._authorize(name)
+        ):
             raise p.OptionError(p.Rep.ERR_UNKNOWN, f"unknown export {name!r}")
         try:
             return await self._open_export(name)

@@ -1,0 +1,119 @@
+"""Garbage collection of ABS space: extent records that no table names, and replicas that no
+extent record names on their node (orphans).
+
+Most space comes back at once: deleting a volume or a snapshot, a rollback and a copy on
+write delete the records nothing names any more and then their replicas (``MetaService
+.collect``, ``ReplicaPool.delete_replicas``). What that leaves is collected here:
+
+- ``collect_unreferenced`` (the Meta leader): records no table names, left by a process that
+  stopped between changing a table and collecting, are deleted with their replicas.
+- ``OrphanCollector`` (every storage server, for its own store): a replica whose extent has
+  no record, or whose record names this node neither as valid nor as stale, is an orphan: a
+  replica its node could not be reached to delete, the lost replica of a shared extent after
+  a re-replication, or a copy left by a failed one. It is deleted once it has been found an
+  orphan, unchanged (same epoch, generation and size), for ``grace`` seconds.
+
+A replica is an orphan only for a moment while it is built: its replicas are created before
+their extent is committed, and a recovery copy is named valid only when admitted (while it
+copies, its recovery record names it, and the collector leaves it alone). The grace period,
+the check that nothing changed, a second look at Meta just before the delete, and a delete
+that carries the epoch seen (a join fences its copy before admitting it, so such a delete is
+refused) keep it from deleting one of those.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aecp.common.clock import Clock
+from aecp.common.errors import AecpError
+from aecp.storage.chunk.api import ReplicaStat
+from aecp.storage.chunk.errors import ChunkError, ExtentNotFound
+from aecp.storage.chunk.store import ReplicaStore
+from aecp.storage.meta.model import ExtentRecord, RecoveryRecord
+from aecp.storage.meta.service import MetaService
+from aecp.storage.pool import ReplicaPool
+from aecp.store import keys
+from aecp.store.typed import read
+
+log = logging.getLogger(__name__)
+
+
+async def collect_unreferenced(meta: MetaService, pool: ReplicaPool) -> list[str]:
+    """Delete every extent record no volume or snapshot names, and its replicas (those on
+    nodes that cannot be reached now are left to their orphan collectors)."""
+    freed = await meta.collect(None)
+    if not freed:
+        return []
+    leftovers = await pool.delete_replicas(freed)
+    return [
+        f"extent {ext.id}: no table named it; its record and replicas were deleted" for ext in freed
+    ] + [f"replica {x}: not reachable; its node deletes it as an orphan" for x in leftovers]
+
+
+class OrphanCollector:
+    """The orphan replicas of one node's store (see the module docstring)."""
+
+    def __init__(
+        self, store: ReplicaStore, meta: MetaService, node: str, grace: float, clock: Clock
+    ) -> None:
+        self.store = store
+        self.meta = meta
+        self.node = node
+        self.grace = grace
+        self.clock = clock
+        self._seen: dict[str, tuple[float, ReplicaStat]] = {}  # orphan -> (since, as then)
+
+    def _named(self, ext: ExtentRecord | None, rec: RecoveryRecord | None) -> bool:
+        """Whether Meta names this node's replica (valid or stale) or is copying into it."""
+        if ext is not None and (self.node in ext.replicas or self.node in ext.stale):
+            return True
+        return rec is not None and rec.target == self.node
+
+    async def run_pass(self) -> list[str]:
+        """One look at every replica of the store; one sentence per replica deleted."""
+        local = await self.store.list_extents()  # before Meta: a replica made after is not seen
+        t = await self.meta.tables()
+        now = self.clock.monotonic()
+        out = []
+        for ext_id in local:
+            if self._named(t.extents.get(ext_id), t.recoveries.get(ext_id)):
+                self._seen.pop(ext_id, None)
+                continue
+            try:
+                stat = await self.store.stat(ext_id)
+            except ChunkError:
+                continue
+            seen = self._seen.get(ext_id)
+            if seen is None or seen[1] != stat:
+                self._seen[ext_id] = (now, stat)  # new, or changed since: someone uses it
+                continue
+            if now - seen[0] < self.grace:
+                continue
+            if await self._delete(ext_id, stat):
+                out.append(
+                    f"replica {ext_id}: deleted from {self.node}: no extent record named it "
+                    f"for {now - seen[0]:.0f}s"
+                )
+        for gone in self._seen.keys() - set(local):
+            del self._seen[gone]
+        return out
+
+    async def _delete(self, ext_id: str, stat: ReplicaStat) -> bool:
+        """Delete the orphan if Meta still does not name it and no one fenced it since."""
+        try:
+            ext = await read(self.meta.store, keys.abs_extent(ext_id), ExtentRecord)
+            rec = await read(self.meta.store, keys.abs_recovery(ext_id), RecoveryRecord)
+            if self._named(ext[0] if ext else None, rec[0] if rec else None):
+                self._seen.pop(ext_id, None)
+                return False
+            await self.store.delete(ext_id, epoch=max(stat.epoch, 1))
+        except ExtentNotFound:
+            return False
+        except AecpError as exc:  # fenced meanwhile (StaleEpoch), or Meta unreachable
+            log.info("replica %s: orphan left for now: %s", ext_id, exc)
+            self._seen.pop(ext_id, None)
+            return False
+        del self._seen[ext_id]
+        log.warning("replica %s on %s: deleted, no extent record names it here", ext_id, self.node)
+        return True

@@ -1,0 +1,210 @@
+"""Space comes back: extents nothing names are collected (judged on tables of one moment, so a
+clone made meanwhile keeps its extents), replicas no extent record names are deleted by their
+node after a grace period (never one being built or caught up), and a volume delete or
+snapshot waits for an export that is closing instead of answering "in use"."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from aecp.common.clock import FakeClock
+from aecp.common.errors import InvalidState
+from aecp.storage.collect import OrphanCollector, collect_unreferenced
+from aecp.storage.meta.model import ExtentRecord, Holder, RecoveryRecord, new_extent_id
+from aecp.storage.meta.service import MetaService
+from aecp.storage.snapshots import SnapshotService
+from aecp.store import keys
+from aecp.store.memory import MemoryStore
+from tests.unit.abskit import BLOCK, EXTENT, Cluster
+
+
+async def fill(cluster: Cluster, name: str, data: bytes) -> None:
+    dev = await cluster.open(name)
+    await dev.write(0, data)
+    await dev.flush()
+    await dev.close()
+
+
+async def test_old_copies_are_collected_once_the_snapshot_naming_them_is_deleted(
+    cluster: Cluster,
+) -> None:
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    await fill(cluster, "v", b"A" * EXTENT)
+    snaps = SnapshotService(cluster.meta, cluster.pool)
+    snap = await snaps.snapshot("v", "s1")
+    await fill(cluster, "v", b"B" * EXTENT)  # copy on write: the old extent is the snapshot's
+    old = snap.extents[0] or ""
+    stores = [r.store for r in cluster.replicas.values()]
+    before = sum(s.space.used for s in stores)
+    assert await snaps.delete("v", "s1") == 1
+    assert sum(s.space.used for s in stores) == before - 2 * EXTENT
+    assert not any([await s.exists(old) for s in stores])
+
+
+async def test_a_clone_made_while_extents_are_collected_keeps_its_extents(
+    cluster: Cluster, store: MemoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Read one table after the other, a clone of the snapshot made between the reads, with
+    # the snapshot deleted, left an extent the clone names and neither read showed.
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    await fill(cluster, "v", b"A" * EXTENT)
+    snaps = SnapshotService(cluster.meta, cluster.pool)
+    snap = await snaps.snapshot("v", "s1")
+    await fill(cluster, "v", b"B" * 4096)
+    old = snap.extents[0] or ""
+    real_list = store.list
+    raced = False
+
+    async def racing_list(prefix: str) -> Any:
+        nonlocal raced
+        got = await real_list(prefix)
+        if not raced and keys.ABS_VOLUMES.startswith(prefix):
+            raced = True  # right after the collector's read: clone, then drop the snapshot
+            await snaps.clone("v", "s1", "c")
+            await store.delete(keys.abs_snapshot("v", "s1"))
+        return got
+
+    monkeypatch.setattr(store, "list", racing_list)
+    await cluster.meta.collect({old})
+    assert raced
+    monkeypatch.setattr(store, "list", real_list)
+    assert (await cluster.meta.extent(old))[0].id == old
+    dev = await cluster.open("c")
+    assert await dev.read(0, 4096) == b"A" * 4096
+    await dev.close()
+
+
+async def test_an_extent_record_no_table_names_is_collected_with_its_replicas(
+    cluster: Cluster, store: MemoryStore
+) -> None:
+    ext = ExtentRecord(id=new_extent_id(), size=EXTENT, replicas=["n1", "n2"])
+    for n in ext.replicas:
+        await cluster.replicas[n].store.create(ext.id, EXTENT)
+    await store.put(keys.abs_extent(ext.id), ext.dump())  # a crash before it was collected
+    [sentence] = await collect_unreferenced(cluster.meta, cluster.pool)
+    assert ext.id in sentence
+    assert await store.get(keys.abs_extent(ext.id)) is None
+    assert not await cluster.replicas["n1"].store.exists(ext.id)
+
+
+def orphans(cluster: Cluster, clock: FakeClock, node: str = "n2") -> OrphanCollector:
+    return OrphanCollector(cluster.replicas[node].store, cluster.meta, node, 60, clock)
+
+
+async def test_a_replica_no_extent_record_names_is_deleted_after_the_grace_period(
+    cluster: Cluster, clock: FakeClock
+) -> None:
+    # e.g. a replica whose node was down when its volume was deleted
+    n2 = cluster.replicas["n2"].store
+    ext_id = new_extent_id()
+    await n2.create(ext_id, EXTENT)
+    await n2.write(ext_id, 0, b"x" * BLOCK, epoch=3, generation=1)
+    gc = orphans(cluster, clock)
+    assert await gc.run_pass() == []  # found
+    await clock.advance(30)
+    assert await gc.run_pass() == []  # not long enough
+    await n2.write(ext_id, BLOCK, b"y" * BLOCK, epoch=3, generation=2)
+    await clock.advance(40)
+    assert await gc.run_pass() == []  # it changed: someone may be building it
+    await clock.advance(61)
+    [sentence] = await gc.run_pass()
+    assert ext_id in sentence and "deleted from n2" in sentence
+    assert not await n2.exists(ext_id)
+    assert n2.space.used == 0
+
+
+async def test_valid_stale_and_joining_replicas_are_never_collected(
+    cluster: Cluster, store: MemoryStore, clock: FakeClock
+) -> None:
+    n2 = cluster.replicas["n2"].store
+    valid, stale, joining = new_extent_id(), new_extent_id(), new_extent_id()
+    for ext_id in (valid, stale, joining):
+        await n2.create(ext_id, EXTENT)
+    records = [
+        ExtentRecord(id=valid, size=EXTENT, replicas=["n1", "n2"]),
+        ExtentRecord(id=stale, size=EXTENT, replicas=["n1"], stale={"n2": 1}),
+        ExtentRecord(id=joining, size=EXTENT, replicas=["n1"]),
+    ]
+    for rec in records:
+        await store.put(keys.abs_extent(rec.id), rec.dump())
+    copy = RecoveryRecord(
+        volume="v",
+        extent=joining,
+        kind="re-replicate",
+        target="n2",
+        total_bytes=EXTENT,
+        copied_bytes=0,
+        started_at=0,
+    )
+    await store.put(keys.abs_recovery(joining), copy.dump())
+    gc = orphans(cluster, clock)
+    for _ in range(3):
+        assert await gc.run_pass() == []
+        await clock.advance(61)
+    assert all([await n2.exists(x) for x in (valid, stale, joining)])
+
+
+# ---- a delete while an export closes ---------------------------------------------------------
+
+
+async def attached(meta: MetaService, store: MemoryStore) -> Holder:
+    await meta.create_volume("v", EXTENT, replicas=1)
+    lease = await store.grant_lease(3600)
+    _, epoch = await meta.attach("v", "n1", lease, ap="ap1")
+    return Holder("v", "n1", epoch, "ap1")
+
+
+async def test_a_delete_during_an_exports_closing_flush_waits_for_the_detach(
+    cluster: Cluster, store: MemoryStore
+) -> None:
+    holder = await attached(cluster.meta, store)
+    await cluster.meta.mark_closing(holder)
+    deleting = asyncio.ensure_future(cluster.meta.delete_volume("v"))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not deleting.done()  # waiting, not "in use"
+    await cluster.meta.detach("v", holder.node, holder.epoch, holder.ap)
+    assert await deleting == []
+    assert await store.get(keys.abs_volume("v")) is None
+
+
+async def test_a_delete_just_after_the_client_left_waits_for_its_server_to_notice(
+    cluster: Cluster, store: MemoryStore
+) -> None:
+    # the client has exited, but its storage server has not yet marked the export closing
+    holder = await attached(cluster.meta, store)
+    deleting = asyncio.ensure_future(cluster.meta.delete_volume("v"))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not deleting.done()
+    await cluster.meta.mark_closing(holder)
+    await cluster.meta.detach("v", holder.node, holder.epoch, holder.ap)
+    assert await deleting == []
+
+
+async def test_a_delete_of_a_volume_in_use_or_closing_too_long_is_refused(
+    cluster: Cluster, store: MemoryStore
+) -> None:
+    holder = await attached(cluster.meta, store)
+    with pytest.raises(InvalidState, match="in use"):
+        await cluster.meta.delete_volume("v", close_wait=0.05)
+    await cluster.meta.mark_closing(holder)
+    with pytest.raises(InvalidState, match="in use"):
+        await cluster.meta.delete_volume("v", close_wait=0.05)
+    assert await store.get(keys.abs_volume("v")) is not None
+
+
+async def test_a_snapshot_taken_as_the_last_client_leaves_waits_for_the_detach(
+    cluster: Cluster, store: MemoryStore
+) -> None:
+    holder = await attached(cluster.meta, store)
+    await cluster.meta.mark_closing(holder)
+    snapping = asyncio.ensure_future(SnapshotService(cluster.meta, cluster.pool).snapshot("v", "s"))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not snapping.done()  # waiting, not "attached on n1"
+    await cluster.meta.detach("v", holder.node, holder.epoch, holder.ap)
+    assert (await snapping).ready
