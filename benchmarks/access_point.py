@@ -34,6 +34,7 @@ from pathlib import Path
 
 from chunk_store import auth  # the sibling script
 
+from aecp.cluster.volumeowners import ClusterOwners
 from aecp.common.clock import SYSTEM_CLOCK
 from aecp.node.storage import tune_gc, tune_malloc
 from aecp.storage.access import open_volume
@@ -145,7 +146,7 @@ async def main(args: argparse.Namespace) -> None:
     children = await child_servers(root, 2, args.uvloop and not args.default_gc)
     store = MemoryStore()
     local = ReplicaStore(root / "n1")
-    meta = MetaService(store, 256 * MIB, SYSTEM_CLOCK)
+    meta = MetaService(store, 256 * MIB, SYSTEM_CLOCK, owners=ClusterOwners(store))
     pool = ReplicaPool(meta, "n1", local, auth=auth(root, "n1", False))
     await register(store, "n1", 1)
     for i, (_, port) in enumerate(children):

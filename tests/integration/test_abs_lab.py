@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from aecp.cluster.volumeowners import ClusterOwners
 from aecp.common.errors import InvalidState
 from aecp.storage.access import open_volume
 from aecp.storage.blockdev import Fenced
@@ -164,7 +165,7 @@ async def test_killing_a_replica_node_mid_write_loses_no_acknowledged_write(kit:
 async def test_a_second_access_point_fences_the_first(kit: LabKit) -> None:
     await create_volume(kit, "single", "8M")
     store = kit.etcd()
-    meta = MetaService(store)
+    meta = MetaService(store, owners=ClusterOwners(store))
     pool = ReplicaPool(meta, auth=kit.replica_auth())
     lease = await store.grant_lease(30)
     try:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from aecp.cluster.volumeowners import ClusterOwners
 from aecp.storage.meta.service import MetaService
 from tests.integration.test_abs_lab import create_volume, tool, uri
 from tests.labkit import LabKit, running_lab, wait_for
@@ -66,7 +67,7 @@ async def test_extents_only_a_snapshot_names_are_re_replicated_after_a_node_loss
     frozen = [x for x in r.json()["extents"] if x]
     await tool("qemu-io", "-f", "raw", "-c", "write -P 0x52 0 8M", u)  # all copied on write
     store = kit.etcd()
-    meta = MetaService(store)
+    meta = MetaService(store, owners=ClusterOwners(store))
     try:
         exts = await meta.extents()
         victim = next(n for x in frozen for n in exts[x].replicas if n != "node1")

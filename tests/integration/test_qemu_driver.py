@@ -383,3 +383,37 @@ async def test_a_shutdown_requested_while_the_guest_still_boots_ends_cleanly(ima
         assert await hv.shutdown("vm-early", timeout=60) is True
         assert not pid_alive(info.pid)
         assert "AECP-POWEROFF" in info.console_log.read_text(errors="replace")
+
+
+async def test_a_power_off_answering_our_acpi_press_stays_ours_after_the_agent_restarts(
+    image: Path,
+) -> None:
+    """Review finding: "our own press" lived only in the driver's memory; an agent restarted
+    during an ACPI shutdown reported the power-off as the guest's own decision, which the
+    reconciler then recorded over a start sent meanwhile."""
+    async with guests() as g:
+        hv = g.hypervisor()
+        info = await hv.start(make_spec("vm-acpi", str(overlay(g.base, "vm-acpi"))))
+        g.pids.add(info.pid)
+        await wait_console(info.console_log, PROMPT)
+        await hv.pause("vm-acpi")  # the guest acts on the press only once resumed
+        marker = g.run_dir / "vm-acpi" / "acpi-pressed"
+        press = asyncio.create_task(hv.shutdown("vm-acpi", 60))
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            while not marker.exists():  # noqa: ASYNC110 - a file the driver writes
+                await asyncio.sleep(0.05)
+        await hv.state("vm-acpi")  # answered after the press queued before it
+        press.cancel()  # the agent goes away in the middle of the shutdown
+        with contextlib.suppress(asyncio.CancelledError):
+            await press
+        await hv.close()
+
+        hv = g.hypervisor()
+        assert [i.name for i in await hv.attach_all()] == ["vm-acpi"]
+        await hv.resume("vm-acpi")
+        events = await next_event(hv, EventKind.STOPPED)
+
+        [powered_off] = [e for e in events if e.kind is EventKind.GUEST_SHUTDOWN]
+        assert powered_off.detail["requested"] is True
+        assert not pid_alive(info.pid)
+        assert not marker.exists()

@@ -241,6 +241,21 @@ async def test_a_txn_that_writes_one_key_twice_is_refused(store: Store, prefix: 
     assert await store.get(prefix + "k") is None
 
 
+async def test_a_txn_of_more_than_128_operations_is_refused_and_changes_nothing(
+    store: Store, prefix: str
+):
+    """etcd's default --max-txn-ops, which the memory store mirrors: 128 compares or writes
+    in a branch pass, 129 do not."""
+    puts = [Put(f"{prefix}{i:03d}", b"v") for i in range(129)]
+    with pytest.raises(ValueError, match="too many operations"):
+        await store.txn([], puts)
+    with pytest.raises(ValueError, match="too many operations"):
+        await store.txn([Compare.absent(p.key) for p in puts], puts[:1])
+    assert await store.list(prefix) == []
+    assert await store.txn([Compare.absent(p.key) for p in puts[:128]], puts[:128])
+    assert len(await store.list(prefix)) == 128
+
+
 async def test_every_compare_target_and_operator_follows_etcd_rules(store: Store, prefix: str):
     k, absent = prefix + "k", prefix + "absent"
     created = await store.put(k, b"v1")

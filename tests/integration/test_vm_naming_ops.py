@@ -1,6 +1,7 @@
 """Issue 11 §2-§3 on a real one-node lab: a VM never takes over a volume by its name, names
-derived from a VM name always fit, a failed VM can be deleted and takes its files with it, and
-power requests sent one after another all end."""
+derived from a VM name always fit, a failed VM can be deleted and takes its files with it,
+power requests sent one after another all end, and a VM started by an older agent keeps its
+console."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pytest
 import pytest_asyncio
 
 from aecp.compute.images.tiny import BOOT_MARKER
-from tests.labkit import LabKit, running_lab, wait_for
+from aecp.compute.qemu.argv import RuntimePaths
+from tests.labkit import LabKit, console_command, running_lab, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 PROMPT = "aecp:/# "
@@ -129,10 +131,14 @@ async def test_a_vm_whose_start_failed_shows_error_and_can_be_deleted(kit: LabKi
     aside = image.with_suffix(".aside")
     image.rename(aside)  # the start fails, and so does every retry, until it is back
     try:
-        failed = await kit.action("broken", "start")
-        assert failed["state"] == "failed" and "missing" in failed["error"], failed
+        r = await kit.call("POST", "/v1/vms/broken/actions/start")
+        assert r.status_code == 202, r.text
+        start = r.json()["operation"]["id"]
         vm = await kit.wait_vm("broken", "error")
         assert "missing" in vm["message"]
+        retrying = (await kit.call("GET", f"/v1/operations/{start}")).json()
+        assert retrying["state"] == "running", retrying  # retried: not failed yet
+        assert retrying["message"].startswith("retrying: image tiny is missing"), retrying
 
         r = await kit.call("DELETE", "/v1/vms/broken")  # its desired power is running
 
@@ -140,5 +146,53 @@ async def test_a_vm_whose_start_failed_shows_error_and_can_be_deleted(kit: LabKi
         assert (await kit.wait_op(r.json()["operation"]["id"]))["state"] == "succeeded"
     finally:
         aside.rename(image)
+    assert (await kit.wait_op(start))["state"] == "cancelled"
     assert (await kit.call("GET", "/v1/vms/broken")).status_code == 404
     assert not run_dir(kit, "broken").exists()
+
+
+async def test_a_start_that_fails_until_its_cause_is_gone_ends_as_succeeded(kit: LabKit) -> None:
+    """Review finding: the start's operation failed at the first failure, the agent went on
+    retrying, the VM ran, and the operation stayed failed."""
+    assert (await kit.create_vm("later", start=False))["state"] == "succeeded"
+    image = kit.lab.images_dir / (await kit.call("GET", "/v1/images/tiny")).json()["file"]
+    aside = image.with_suffix(".aside")
+    image.rename(aside)
+    try:
+        r = await kit.call("POST", "/v1/vms/later/actions/start")
+        assert r.status_code == 202, r.text
+        start = r.json()["operation"]["id"]
+        await kit.wait_vm("later", "error")
+    finally:
+        aside.rename(image)
+    assert (await kit.wait_op(start))["state"] == "succeeded"
+    assert (await kit.vm("later"))["state"] == "running"
+    await at_prompt(kit, "later")
+    assert (await kit.action("later", "poweroff"))["state"] == "succeeded"
+
+
+async def test_the_console_of_a_vm_whose_qemu_has_the_old_socket_layout_answers(
+    kit: LabKit,
+) -> None:
+    """Review finding: the console route always connected to the new socket path; a VM whose
+    QEMU keeps its sockets in run_dir/<vm>/ (started by an agent from before they moved) had
+    no console once a newer agent re-attached to it. Here the QEMU's sockets are moved to
+    the old layout while no agent runs (a listening socket keeps answering on its new name)."""
+    assert (await kit.create_vm("oldcon"))["state"] == "succeeded"
+    await at_prompt(kit, "oldcon")
+    pid = (await kit.vm("oldcon"))["pid"]
+    run = kit.lab.node_settings("node1").run_dir
+    new = RuntimePaths.for_instance(run, "oldcon")
+    old = RuntimePaths.before_sockets_moved(run, "oldcon")
+    kit.lab.kill_agent("node1")
+    new.qmp_socket.rename(old.qmp_socket)
+    new.console_socket.rename(old.console_socket)
+    kit.lab.start_agent("node1")
+    await kit.lab.wait_ready()
+    vm = await kit.wait_vm("oldcon", "running")
+    assert vm["pid"] == pid  # the same QEMU, re-attached
+
+    await console_command(kit, "oldcon", "echo console-$((6*7))", "console-42")
+
+    assert (await kit.action("oldcon", "poweroff"))["state"] == "succeeded"
+    assert not old.console_socket.exists()

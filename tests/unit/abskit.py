@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from aecp.cluster.volumeowners import ClusterOwners
 from aecp.common.clock import Clock, FakeClock
 from aecp.storage.access import VolumeDevice, open_volume
 from aecp.storage.chunk.client import LocalChunkClient
@@ -46,7 +47,7 @@ class Flaky:
 
 class Cluster:
     def __init__(self, store: MemoryStore, stores: dict[str, ReplicaStore], clock: Clock) -> None:
-        self.meta = MetaService(store, extent_size=EXTENT, clock=clock)
+        self.meta = MetaService(store, extent_size=EXTENT, clock=clock, owners=ClusterOwners(store))
         self.store = store
         self.replicas = {n: Flaky(s) for n, s in stores.items()}
         self.pool = ReplicaPool(self.meta)

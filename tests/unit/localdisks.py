@@ -61,5 +61,8 @@ class LocalDisks:
         ]
         return (boot, *data)
 
+    async def reuse(self, spec: VMSpec) -> tuple[DiskSpec, ...]:
+        return self.disks(spec)
+
     async def released(self, spec: VMSpec) -> None:
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from aecp.cluster.volumeowners import ClusterOwners
 from aecp.common.errors import AlreadyExists, InvalidInput, InvalidState, NoCapacity
 from aecp.storage.meta.model import (
     MIB,
@@ -37,7 +38,7 @@ async def add_servers(store: MemoryStore, n: int, capacity: int = 10 << 30) -> N
 @pytest.fixture
 async def meta(store: MemoryStore) -> MetaService:
     await add_servers(store, 3)
-    return MetaService(store, extent_size=4 * MIB)
+    return MetaService(store, extent_size=4 * MIB, owners=ClusterOwners(store))
 
 
 def test_sizes_parse_with_units() -> None:
@@ -81,7 +82,7 @@ async def test_bad_volumes_are_refused_and_change_nothing(
 async def test_a_factor_above_the_number_of_storage_nodes_is_refused(store: MemoryStore) -> None:
     await add_servers(store, 2)
     with pytest.raises(InvalidInput, match="need 3 storage nodes"):
-        await MetaService(store).create_volume("v", MIB, replicas=3)
+        await MetaService(store, owners=ClusterOwners(store)).create_volume("v", MIB, replicas=3)
 
 
 async def test_duplicate_volumes_and_shrinking_are_refused(meta: MetaService) -> None:

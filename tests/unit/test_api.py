@@ -26,7 +26,7 @@ async def api(
     await add_node(store, "n1")
     app = create_app(
         ClusterService(store, images_dir),
-        NodeContext("n1", "http://127.0.9.1:8700", tmp_path / "run"),
+        NodeContext("n1", "http://127.0.9.1:8700", tmp_path / "run", lambda vm: None),
     )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:

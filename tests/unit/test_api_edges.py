@@ -48,7 +48,7 @@ async def api(
     svc = ClusterService(store, images_dir)
     volumes = VolumeService(cluster.meta, cluster.pool)
     vmsnaps = VMSnapshotService(svc, SnapshotService(cluster.meta, cluster.pool), "n1", None)
-    node = NodeContext("n1", "http://127.0.9.1:8700", tmp_path / "run")
+    node = NodeContext("n1", "http://127.0.9.1:8700", tmp_path / "run", lambda vm: None)
     async with await _client(create_app(svc, node, volumes, vmsnaps)) as client:
         yield client, {"authorization": f"Bearer {token}"}
 
@@ -167,7 +167,9 @@ async def test_an_unexpected_error_gets_500_in_the_error_shape_without_its_text(
     store = BuggyStore()
     token, digest = new_token()
     await store.put(keys.CLUSTER, ClusterInfo(name="t", created_at=1, token_sha256=digest).dump())
-    app = create_app(ClusterService(store, images_dir), NodeContext("n1", "", tmp_path))
+    app = create_app(
+        ClusterService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None)
+    )
     async with await _client(app) as client:
         r = await client.get("/v1/vms", headers={"authorization": f"Bearer {token}"})
     body = _error_shaped(r, 500)
@@ -307,7 +309,9 @@ async def test_the_openapi_document_is_complete_without_the_optional_services(
 ) -> None:
     client, _ = api
     full = (await client.get("/openapi.json")).json()
-    bare = create_app(ClusterService(store, images_dir), NodeContext("n1", "", tmp_path))
+    bare = create_app(
+        ClusterService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None)
+    )
     async with await _client(bare) as c:
         assert (await c.get("/openapi.json")).json() == full
 
@@ -317,7 +321,9 @@ async def test_a_route_of_a_service_the_node_lacks_answers_503(
 ) -> None:
     token, digest = new_token()
     await store.put(keys.CLUSTER, ClusterInfo(name="t", created_at=1, token_sha256=digest).dump())
-    bare = create_app(ClusterService(store, images_dir), NodeContext("n1", "", tmp_path))
+    bare = create_app(
+        ClusterService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None)
+    )
     async with await _client(bare) as c:
         r = await c.get("/v1/volumes", headers={"authorization": f"Bearer {token}"})
     assert _error_shaped(r, 503)["error"] == "unavailable"

@@ -80,3 +80,14 @@ def test_sibling_front_ends_do_not_import_each_other() -> None:
             if target.startswith("aecp.storage.frontends.") and target.split(".")[3] != mine:
                 bad.append(f"{src} imports {target}")
     assert bad == []
+
+
+def test_abs_knows_nothing_of_vms_or_templates() -> None:
+    """Volume owners are asked about through ``storage.meta.owners``, which the cluster
+    implements (review finding: the meta service decoded VM specs)."""
+    bad = [
+        f"{s} imports {t}"
+        for s, t in imports()
+        if s.startswith("storage/") and t in ("aecp.model.vm", "aecp.model.template")
+    ]
+    assert bad == []

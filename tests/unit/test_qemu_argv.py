@@ -155,6 +155,7 @@ def test_runtime_paths_keep_the_logs_out_of_the_transient_files() -> None:
         Path("/run/aecp/vm-1/qemu.pid"),
         PATHS.qmp_socket,
         PATHS.console_socket,
+        Path("/run/aecp/vm-1/acpi-pressed"),
     }
     assert PATHS.console_log not in PATHS.transient()
 

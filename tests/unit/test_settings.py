@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from aecp.common.errors import ConfigError
-from aecp.conf.settings import load, parse
+from aecp.compute.qemu.argv import longest_socket
+from aecp.conf.settings import MAX_SOCKET_PATH, load, parse
+from aecp.node.main import check_runtime_paths, run_node
 
 
 def good() -> dict[str, object]:
@@ -67,3 +69,17 @@ def test_the_nbd_socket_is_outside_the_run_dir_where_vms_have_their_directories(
     """A VM named nbd has run_dir/nbd, which its delete removes (found by review)."""
     s = parse(good())
     assert s.run_dir not in s.nbd_socket.parents
+
+
+async def test_a_data_dir_too_long_for_the_vm_sockets_is_refused_before_the_node_starts() -> None:
+    """Review finding: only the NBD socket was checked; VM sockets are longer (run/.sock/
+    <16 hex>.console), so a data_dir that passed validation failed every VM's launch."""
+    data_dir = Path("/nonexistent-aecp") / ("d" * 60)
+    settings = parse(good() | {"data_dir": str(data_dir)})  # the NBD socket fits
+    assert len(str(settings.nbd_socket)) <= MAX_SOCKET_PATH
+    with pytest.raises(ConfigError, match="data_dir: too long: a VM's console socket"):
+        await run_node(settings)
+    assert not data_dir.exists()
+    longest = longest_socket(settings.run_dir)
+    assert longest.name.endswith(".console") and len(str(longest)) > MAX_SOCKET_PATH
+    check_runtime_paths(parse(good()))  # the default layout fits

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from aecp.cluster.volumeowners import ClusterOwners
 from aecp.cluster.volumes import VolumeService
 from aecp.common.errors import ConfigError, InvalidInput, NoCapacity
 from aecp.conf.settings import parse
@@ -162,7 +163,7 @@ async def test_volumes_may_provision_up_to_the_overcommit_ratio_of_raw_capacity(
     store: MemoryStore,
 ) -> None:
     await servers(store)  # 30 GiB raw: 90 GiB may be provisioned at 3.0
-    meta = MetaService(store, extent_size=64 * MIB)
+    meta = MetaService(store, extent_size=64 * MIB, owners=ClusterOwners(store))
     await meta.create_volume("big", 40 * GIB, replicas=2)  # 80 GiB: thin, more than raw
     before = await dump_store(store)
     with pytest.raises(InvalidInput) as err:
@@ -184,7 +185,7 @@ async def test_an_overcommit_ratio_of_one_admits_only_the_raw_capacity(
     store: MemoryStore,
 ) -> None:
     await servers(store)
-    meta = MetaService(store, overcommit_ratio=1.0)
+    meta = MetaService(store, overcommit_ratio=1.0, owners=ClusterOwners(store))
     with pytest.raises(InvalidInput, match=f"the limit is {30 * GIB} bytes"):
         await meta.create_volume("v", 16 * GIB, replicas=2)
 
@@ -209,7 +210,7 @@ async def test_storage_status_warns_over_80_and_is_critical_over_90_percent(
     await servers(store, capacity=100 * MIB)
     for node in ("n1", "n2", "n3"):
         await set_free(store, node, 50 * MIB)
-    meta = MetaService(store)
+    meta = MetaService(store, owners=ClusterOwners(store))
     svc = VolumeService(meta, pool=None)  # type: ignore[arg-type]
     await meta.create_volume("v", 200 * MIB, replicas=2)
     st = await svc.status()

@@ -19,6 +19,7 @@ from aecp.model.vm import Power, PowerOp, VMCreate, VMState
 from aecp.node.reconciler import RETRY_MAX
 from aecp.store import keys
 from aecp.store.memory import MemoryStore
+from aecp.store.opsend import sweep_strays
 from tests.unit.conftest import add_node
 from tests.unit.vmstack import Stack
 
@@ -102,7 +103,7 @@ async def test_a_failed_action_fails_its_own_operation_not_a_later_one(stack: St
     assert await stack.state("vm1") is VMState.STOPPED
 
 
-async def test_a_failed_start_shows_error_with_its_reason_and_fails_its_operation(
+async def test_a_failing_start_shows_error_and_its_operation_says_it_is_retried(
     stack: Stack,
 ) -> None:
     await stack.add_vm("vm1", Power.STOPPED)
@@ -113,8 +114,10 @@ async def test_a_failed_start_shows_error_with_its_reason_and_fails_its_operatio
     status = await stack.status("vm1")
     assert status is not None and status.state is VMState.ERROR
     assert "no such disk" in status.message and status.failed_op == op.id
-    failed = await stack.op(op.id)
-    assert failed.state is OpState.FAILED and "no such disk" in failed.error
+    retrying = await stack.op(op.id)
+    assert retrying.state is OpState.RUNNING
+    assert retrying.message.startswith("retrying: QEMU failed to launch vm1: no such disk")
+    assert retrying.message.endswith("(attempt 1, next in 1 s)")
 
 
 async def test_a_failing_action_backs_off_doubling_up_to_a_bound(
@@ -179,12 +182,13 @@ async def test_a_vm_whose_delete_fails_shows_error_and_can_be_deleted_again(
     assert await stack.state("vm1") is VMState.ERROR
     status = await stack.status("vm1")
     assert status is not None and "has snapshots" in status.message
-    assert (await stack.op(first.id)).state is OpState.FAILED
+    assert (await stack.op(first.id)).message.startswith("retrying: volume vm1-boot has")
     stack.disks.fail_remove = ""
     again = await stack.svc.delete_vm("vm1")  # accepted, and acted on at once
     await stack.reconcile()
     assert await stack.store.list(keys.vm_prefix("vm1")) == []
     assert (await stack.op(again.id)).state is OpState.SUCCEEDED
+    assert (await stack.op(first.id)).superseded_by == again.id
 
 
 async def test_a_deleted_vm_takes_its_run_directory_and_console_log_with_it(
@@ -219,3 +223,64 @@ async def test_deleting_a_vm_no_node_has_ends_its_operations_at_once(stack: Stac
     assert delete.state is OpState.SUCCEEDED
     ended = await stack.op(create.id)
     assert ended.state is OpState.CANCELLED and ended.superseded_by == delete.id
+
+
+async def open_ops(stack: Stack, vm: str, count: int) -> list[str]:
+    """``count`` operations left running on ``vm`` by an older version."""
+    ids = [f"op-{vm}-stray{i:03d}" for i in range(count)]
+    for op_id in ids:
+        stray = Operation(id=op_id, kind="vm.start", target=vm, created_at=1, updated_at=1)
+        await stack.store.put(keys.op(op_id), stray.dump())
+    return ids
+
+
+async def test_deleting_a_vm_with_200_open_operations_ends_them_all_within_etcds_txn_limit(
+    stack: Stack,
+) -> None:
+    """The memory store refuses transactions over 128 operations, as etcd does; the delete
+    put one compare and one write per open operation into its transaction and got stuck."""
+    await stack.add_vm("vm1", Power.STOPPED)
+    await stack.converge()
+    strays = await open_ops(stack, "vm1", 200)
+    delete = await stack.svc.delete_vm("vm1")
+    await stack.converge()
+    assert await stack.store.list(keys.vm_prefix("vm1")) == []
+    assert (await stack.op(delete.id)).state is OpState.SUCCEEDED
+    for op_id in strays:
+        ended = await stack.op(op_id)
+        assert ended.state is OpState.CANCELLED and ended.error == "VM vm1 was deleted"
+
+
+async def test_deleting_a_vm_no_node_has_with_200_open_operations_ends_them_all(
+    stack: Stack,
+) -> None:
+    _, create = await stack.svc.create_vm(VMCreate(name="vm2", image="tiny", start=False))
+    strays = await open_ops(stack, "vm2", 200)
+    delete = await stack.svc.delete_vm("vm2")
+    assert delete.state is OpState.SUCCEEDED
+    assert await stack.store.list(keys.vm_prefix("vm2")) == []
+    assert all(op.state.done for op in await stack.ops())
+    assert (await stack.op(strays[0])).error == "VM vm2 was deleted"
+    assert (await stack.op(create.id)).superseded_by == delete.id
+
+
+async def test_the_sweep_ends_operations_left_running_on_vms_gone_or_moved_on(
+    stack: Stack,
+) -> None:
+    await stack.add_vm("vm1", Power.STOPPED, op_id="op-current")
+    current = Operation(id="op-current", kind="vm.start", target="vm1", created_at=2, updated_at=2)
+    await stack.store.put(keys.op(current.id), current.dump())
+    [older] = await open_ops(stack, "vm1", 1)
+    [orphan] = await open_ops(stack, "gone", 1)
+    volume_op = Operation(
+        id="op-vol", kind="volume.copy", target="gone", created_at=1, updated_at=1
+    )
+    await stack.store.put(keys.op(volume_op.id), volume_op.dump())
+
+    assert await sweep_strays(stack.store, 5.0) == 2
+
+    assert (await stack.op(older)).superseded_by == "op-current"
+    assert (await stack.op(orphan)).error == "VM gone was deleted"
+    assert (await stack.op("op-current")).state is OpState.RUNNING
+    assert (await stack.op("op-vol")).state is OpState.RUNNING  # not a VM's
+    assert await sweep_strays(stack.store, 6.0) == 0

@@ -38,6 +38,9 @@ class NullDisks:
     def disks(self, spec: VMSpec) -> tuple[DiskSpec, ...]:
         return (DiskSpec(path=f"/nonexistent/{spec.name}", format="raw", boot=True),)
 
+    async def reuse(self, spec: VMSpec) -> tuple[DiskSpec, ...]:
+        return self.disks(spec)
+
     async def released(self, spec: VMSpec) -> None:
         return None
 

@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from aecp.cluster.opsend import end_with_vm, supersede
 from aecp.cluster.scheduler import choose_node
 from aecp.common.clock import SYSTEM_CLOCK, Clock
-from aecp.common.errors import AlreadyExists, Conflict, InvalidInput, NotFound
+from aecp.common.errors import (
+    AecpError,
+    AlreadyExists,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    StoreUnavailable,
+)
 from aecp.compute.images import catalog
 from aecp.model.base import check_name
 from aecp.model.image import ImageRecord
@@ -25,13 +32,16 @@ from aecp.model.vm import (
     PowerOp,
     VMCreate,
     VMSpec,
+    VMState,
+    VMStatus,
     apply_power_op,
     check_deletable,
 )
 from aecp.store import keys
 from aecp.store.base import Compare, Delete, Put, Store
+from aecp.store.opsend import end_strays, succeed, supersede
 from aecp.store.snapshot import Snapshot, VMEntry, read_snapshot
-from aecp.store.typed import read
+from aecp.store.typed import read, update_op
 
 log = logging.getLogger(__name__)
 
@@ -135,19 +145,31 @@ class ClusterService:
                     volume=name,
                 )
 
-    async def store_new(self, spec: VMSpec, op: Operation, volumes_free: bool = False) -> None:
+    async def store_new(
+        self,
+        spec: VMSpec,
+        op: Operation,
+        volumes_free: bool = False,
+        guards: Sequence[Compare] = (),
+    ) -> None:
         """Store a new VM's spec and its operation in one transaction; ``volumes_free``: only
-        while no volume holds one of its disks' names (``AlreadyExists`` naming it)."""
-        cmp = [Compare.absent(keys.vm_spec(spec.name))]
+        while no volume holds one of its disks' names (``AlreadyExists`` naming it);
+        ``guards``: only while they hold too (``Conflict`` if one failed: the volumes made for
+        the VM changed meanwhile)."""
+        cmp = [Compare.absent(keys.vm_spec(spec.name)), *guards]
         if volumes_free:
             cmp += [Compare.absent(keys.abs_volume(v)) for v in spec.volumes()]
         ok = await self.store.txn(
             cmp, [Put(keys.vm_spec(spec.name), spec.dump()), Put(keys.op(op.id), op.dump())]
         )
         if not ok:
-            if await self.store.get(keys.vm_spec(spec.name)) is None:
+            if await self.store.get(keys.vm_spec(spec.name)) is not None:
+                raise AlreadyExists(f"VM {spec.name} already exists", field="name")
+            if volumes_free:
                 await self._check_volume_names(spec)
-            raise AlreadyExists(f"VM {spec.name} already exists", field="name")
+            raise Conflict(
+                f"VM {spec.name}: its disks changed while it was created; try again", vm=spec.name
+            )
         log.info(
             "vm %s: created (%d vCPUs, %d MiB, %s) as %s",
             spec.name,
@@ -196,62 +218,84 @@ class ClusterService:
         raise Conflict(f"VM {name} keeps changing; try again", vm=name)
 
     async def delete_vm(self, name: str) -> Operation:
-        """Delete a stopped (or failed) VM: at once when it never reached a node, else via
-        its node. Its previous operation, if still running, is superseded."""
+        """Delete a stopped (or failed) VM: mark its spec ``deleting`` with a ``vm.delete``
+        operation (its previous operation, if still running, is superseded), then its node
+        carries the delete out; a VM no node has is deleted by this call (``_delete_unplaced``).
+        Deleting such a VM again after an interrupted delete finishes that delete."""
         for _ in range(5):
             entry, snap = await self.vm(name)
-            check_deletable(entry.spec, snap.vm_state(name))
+            state = snap.vm_state(name)
+            if entry.spec.deleting and entry.placement is None and state is not VMState.ERROR:
+                return await self._delete_unplaced(name, entry.spec.op_id)
+            check_deletable(entry.spec, state)
             op = self.new_op("vm.delete", name, "delete requested")
-            if entry.placement is None:
-                done = await self._delete_unplaced(entry, op)
-                if done is not None:
-                    return done
-                continue
             spec = entry.spec.model_copy(update={"deleting": True, "op_id": op.id})
-            if await self._swap_spec(entry, spec, op):
+            unplaced = entry.placement is None
+            guard = [Compare.absent(keys.vm_placement(name))] if unplaced else []
+            if await self._swap_spec(entry, spec, op, guard):
                 log.info("vm %s: delete requested as %s", name, op.id)
-                return op
+                return await self._delete_unplaced(name, op.id) if unplaced else op
         raise Conflict(f"VM {name} keeps changing; try again", vm=name)
 
-    async def _delete_unplaced(self, entry: VMEntry, op: Operation) -> Operation | None:
-        """Delete a VM no node has: its volumes (a clone's), then its keys with every open
-        operation on it ended, in one transaction. None if the VM changed or was placed
-        meanwhile (the caller tries again)."""
-        name = entry.spec.name
-        kept = await self.disks.remove(entry.spec) if self.disks is not None else []
-        now = self.clock.wall()
-        note = f"; volumes left alone (not its own): {', '.join(kept)}" if kept else ""
-        done = op.succeed("deleted" + note, now)
-        cmp, puts = await self._ending(entry, op.id)
-        cmp2, puts2 = await end_with_vm(
-            self.store, name, f"VM {name} was deleted", now, {entry.spec.op_id, op.id}
+    async def _delete_unplaced(self, name: str, op_id: str) -> Operation:
+        """Carry out delete ``op_id`` of VM ``name``, marked ``deleting`` while no node had it:
+        delete the volumes it owns (a clone's), end its stray operations, then delete its keys
+        and succeed the operation in one transaction. The spec says ``deleting`` until that
+        transaction, so a crash anywhere before it is finished by the next delete request; a
+        failure to delete a volume fails the operation and leaves the VM in state ``error``
+        (it can be deleted again). If a node has the VM meanwhile, that node carries it out."""
+        for _ in range(5):
+            got = await read(self.store, keys.vm_spec(name), VMSpec)
+            if got is None or not got[0].deleting or got[0].op_id != op_id:
+                return await self.operation(op_id)  # done, or taken over by a later delete
+            spec, rev = got
+            if await self.store.get(keys.vm_placement(name)) is not None:
+                return await self.operation(op_id)  # its node carries the delete out
+            try:
+                kept = await self.disks.remove(spec) if self.disks is not None else []
+            except StoreUnavailable:
+                raise  # nothing known to be wrong with the VM: the next request goes on
+            except AecpError as exc:
+                return await self._delete_failed(spec, exc.message)
+            await end_strays(self.store, name, self.clock.wall())
+            note = f"; volumes left alone (not its own): {', '.join(kept)}" if kept else ""
+            cmp, puts = await succeed(self.store, op_id, f"{name} deleted{note}", self.clock.wall())
+            if await self.store.txn(
+                [
+                    Compare.unchanged(keys.vm_spec(name), rev),
+                    Compare.absent(keys.vm_placement(name)),
+                    *cmp,
+                ],
+                [Delete(keys.vm_prefix(name), prefix=True), *puts],
+            ):
+                log.info("vm %s: deleted at once (never placed) as %s", name, op_id)
+                return await self.operation(op_id)
+        raise Conflict(f"VM {name} kept changing while it was deleted; try again", vm=name)
+
+    async def _delete_failed(self, spec: VMSpec, error: str) -> Operation:
+        """Record that deleting an unplaced VM failed: state ``error`` with the reason (it can
+        be deleted again) and its delete operation failed."""
+        status = VMStatus(
+            state=VMState.ERROR,
+            message=error[:500],
+            failed_op=spec.op_id,
+            updated_at=self.clock.wall(),
         )
-        ok = await self.store.txn(
-            [
-                Compare.unchanged(keys.vm_spec(name), entry.spec_rev),
-                Compare.absent(keys.vm_placement(name)),
-                *cmp,
-                *cmp2,
-            ],
-            [
-                Delete(keys.vm_prefix(name), prefix=True),
-                Put(keys.op(op.id), done.dump()),
-                *puts,
-                *puts2,
-            ],
-        )
-        if ok:
-            log.info("vm %s: deleted at once (never placed) as %s", name, op.id)
-        return done if ok else None
+        await self.store.put(keys.vm_status(spec.name), status.dump())
+        failed = await update_op(self.store, spec.op_id, error=error[:500], clock=self.clock)
+        log.warning("vm %s: delete failed: %s", spec.name, error)
+        return failed if failed is not None else await self.operation(spec.op_id)
 
     async def _ending(self, entry: VMEntry, new_op: str) -> tuple[list[Compare], list[Put]]:
         """Guards and writes that supersede the VM's current operation by ``new_op``."""
         return await supersede(self.store, entry.spec.op_id, new_op, self.clock.wall())
 
-    async def _swap_spec(self, entry: VMEntry, spec: VMSpec, op: Operation) -> bool:
+    async def _swap_spec(
+        self, entry: VMEntry, spec: VMSpec, op: Operation, guards: Sequence[Compare] = ()
+    ) -> bool:
         cmp, puts = await self._ending(entry, op.id)
         return await self.store.txn(
-            [Compare.unchanged(keys.vm_spec(spec.name), entry.spec_rev), *cmp],
+            [Compare.unchanged(keys.vm_spec(spec.name), entry.spec_rev), *guards, *cmp],
             [Put(keys.vm_spec(spec.name), spec.dump()), Put(keys.op(op.id), op.dump()), *puts],
         )
 

@@ -14,21 +14,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 from pydantic import BaseModel
 
 from aecp.cluster.service import ClusterService
-from aecp.common.errors import AecpError, AlreadyExists, InvalidInput, InvalidState, NotFound
+from aecp.common.errors import (
+    AecpError,
+    AlreadyExists,
+    Conflict,
+    InvalidInput,
+    InvalidState,
+    NotFound,
+)
 from aecp.model.base import check_name
 from aecp.model.operation import Operation
 from aecp.model.template import TemplateRecord, template_volume
 from aecp.model.vm import Power, VMCreate, VMSpec, VMState
-from aecp.storage.meta.model import VolumeOwner
+from aecp.storage.meta.model import VolumeOwner, VolumeRecord
 from aecp.storage.snapshots import SnapshotService
 from aecp.store import keys
+from aecp.store.base import Compare, Put
 from aecp.store.snapshot import VMEntry
 from aecp.store.typed import read
 
@@ -125,8 +133,9 @@ class VMSnapshotService:
 
     # ---- clones and templates -------------------------------------------------------------
     # A clone's or a template's volumes are made here, before its record is stored, and belong
-    # to it from the start (``VolumeOwner``); if anything fails before the record is stored,
-    # the volumes made so far are deleted again.
+    # to it from the start (``VolumeOwner``); the record is stored only while they are all still
+    # there (until then their owner does not exist, so the volume API may delete them). If the
+    # record is not stored, the volumes made so far are deleted again.
 
     async def clone(self, vm: str, new: str, start: bool = True) -> Operation:
         """A new VM with the same shape whose disks are O(1) clones of ``vm``'s."""
@@ -148,12 +157,12 @@ class VMSnapshotService:
             tmp = f"clone-{new}"
             await self.snapshot(vm, tmp)
             try:
-                await self._clone_volumes(pairs, owner, snapshot=tmp)
+                made = await self._clone_volumes(pairs, owner, snapshot=tmp)
             finally:
                 await self.delete(vm, tmp)
         else:
-            await self._clone_volumes(pairs, owner)
-        await self._store_clone(new_spec, op, owner)
+            made = await self._clone_volumes(pairs, owner)
+        await self._store_clone(new_spec, op, owner, made)
         return op
 
     async def convert_to_template(self, vm: str, template: str) -> TemplateRecord:
@@ -167,7 +176,7 @@ class VMSnapshotService:
         vols = [template_volume(template, v, vm) for v in spec.volumes()]
         await self._check_template_volumes(template, vols)
         owner = VolumeOwner.template(template)
-        await self._clone_volumes(list(zip(spec.volumes(), vols, strict=True)), owner)
+        made = await self._clone_volumes(list(zip(spec.volumes(), vols, strict=True)), owner)
         rec = TemplateRecord(
             name=template,
             vcpus=spec.vcpus,
@@ -177,9 +186,7 @@ class VMSnapshotService:
             source_vm=vm,
             created_at=self.svc.clock.wall(),
         )
-        if not await self.svc.store.create(keys.template(template), rec.dump()):
-            await self._remove_volumes(vols, owner)
-            raise AlreadyExists(f"template {template} already exists", field="template")
+        await self._store_template(rec, owner, made)
         await self.svc.delete_vm(vm)
         log.info("vm %s: converted to template %s", vm, template)
         return rec
@@ -216,8 +223,8 @@ class VMSnapshotService:
         await self.svc.validate_new(req, image=False)
         op, spec = self._new_spec(req, f"template {tpl.name}")
         owner = VolumeOwner.vm(spec.name, spec.uuid)
-        await self._clone_volumes(list(zip(tpl.volumes, spec.volumes(), strict=True)), owner)
-        await self._store_clone(spec, op, owner)
+        made = await self._clone_volumes(list(zip(tpl.volumes, spec.volumes(), strict=True)), owner)
+        await self._store_clone(spec, op, owner, made)
         return op
 
     def _new_spec(self, req: VMCreate, source: str) -> tuple[Operation, VMSpec]:
@@ -229,20 +236,20 @@ class VMSnapshotService:
 
     async def _clone_volumes(
         self, pairs: list[tuple[str, str]], owner: VolumeOwner, snapshot: str | None = None
-    ) -> None:
+    ) -> list[VolumeRecord]:
         """Clone each ``(source, target)`` volume (from its ``snapshot`` if given) as
         ``owner``'s: all of them, or none (those made are deleted again on failure)."""
-        made: list[str] = []
+        made: list[VolumeRecord] = []
         try:
             for src, dst in pairs:
                 if snapshot is None:
-                    await self.snaps.clone_volume(src, dst, owner)
+                    made.append(await self.snaps.clone_volume(src, dst, owner))
                 else:
-                    await self.snaps.clone(src, snapshot, dst, owner)
-                made.append(dst)
+                    made.append(await self.snaps.clone(src, snapshot, dst, owner))
         except BaseException:
-            await self._remove_volumes(made, owner)
+            await self._remove_volumes([v.name for v in made], owner)
             raise
+        return made
 
     async def _remove_volumes(self, volumes: list[str], owner: VolumeOwner) -> None:
         """Best effort: delete ``owner``'s ``volumes`` made for a record never stored."""
@@ -254,12 +261,77 @@ class VMSnapshotService:
             except AecpError as exc:
                 log.warning("volume %s of %s left behind: %s", vol, owner, exc)
 
-    async def _store_clone(self, spec: VMSpec, op: Operation, owner: VolumeOwner) -> None:
+    async def _unchanged(self, made: list[VolumeRecord]) -> list[Compare]:
+        """Guards that every volume in ``made`` is still the one made: until the record that
+        owns them is stored, their owner does not exist and the volume API may delete them, so
+        that record is stored only while they are all there (``Conflict`` if one is gone)."""
+        guards = []
+        for vol in made:
+            kv = await self.svc.store.get(keys.abs_volume(vol.name))
+            if kv is None or VolumeRecord.load(kv.value).uid != vol.uid:
+                raise Conflict(
+                    f"volume {vol.name} was deleted while it was made for {vol.owner}; try again",
+                    volume=vol.name,
+                )
+            guards.append(Compare.unchanged(kv.key, kv.mod_revision))
+        return guards
+
+    async def _store_clone(
+        self, spec: VMSpec, op: Operation, owner: VolumeOwner, made: list[VolumeRecord]
+    ) -> None:
+        """Store the new VM while its volumes are all there. If that fails, its volumes are
+        deleted again, but only once the VM is known not to be stored: a store call whose
+        answer was lost may have stored it (then the request succeeded)."""
         try:
-            await self.svc.store_new(spec, op)
-        except BaseException:
-            await self._remove_volumes(spec.volumes(), owner)
-            raise
+            await self.svc.store_new(spec, op, guards=await self._unchanged(made))
+        except AecpError:
+            key = keys.vm_spec(spec.name)
+            if not await self._undo(key, lambda v: VMSpec.load(v).uuid == spec.uuid, made, owner):
+                raise
+
+    async def _store_template(
+        self, rec: TemplateRecord, owner: VolumeOwner, made: list[VolumeRecord]
+    ) -> None:
+        """Store template ``rec`` while its volumes are all there (as ``_store_clone``)."""
+        key = keys.template(rec.name)
+        try:
+            guards = await self._unchanged(made)
+            if await self.svc.store.txn([Compare.absent(key), *guards], [Put(key, rec.dump())]):
+                return
+            if await self.svc.store.get(key) is not None:
+                raise AlreadyExists(f"template {rec.name} already exists", field="template")
+            raise Conflict(f"template {rec.name}: its volumes changed while it was made")
+        except AecpError:
+            if not await self._undo(key, lambda v: TemplateRecord.load(v) == rec, made, owner):
+                raise
+
+    async def _undo(
+        self,
+        key: str,
+        mine: Callable[[bytes], bool],
+        made: list[VolumeRecord],
+        owner: VolumeOwner,
+    ) -> bool:
+        """After storing the record at ``key`` failed: True if it was stored after all (the
+        value there is ``mine``: the answer was lost). Otherwise delete the volumes ``made``
+        for it, if the store says it is not stored, and return False."""
+        names = [v.name for v in made]
+        try:
+            kv = await self.svc.store.get(key)
+        except AecpError as exc:
+            log.warning(
+                "%s: unknown whether it was stored (%s); volumes %s stay (if it was not, "
+                "the volume API deletes them)",
+                key,
+                exc,
+                ", ".join(names),
+            )
+            return False
+        if kv is not None and mine(kv.value):
+            log.info("%s: stored after all (a store answer was lost)", key)
+            return True
+        await self._remove_volumes(names, owner)
+        return False
 
     async def template(self, name: str) -> TemplateRecord:
         check_name("template", name)

@@ -97,7 +97,8 @@ class EventKind(enum.StrEnum):
     RESUMED = "resumed"
     RESET = "reset"
     # the guest powered itself off; detail "requested" is True when it did so in answer to
-    # ``shutdown`` (our ACPI press), not by its own decision
+    # ``shutdown`` or ``reboot`` (our ACPI press, also one pressed before a re-attach), not by
+    # its own decision
     GUEST_SHUTDOWN = "guest-shutdown"
     STOPPED = "stopped"  # the QEMU process is gone (after any cause)
     CRASHED = "crashed"

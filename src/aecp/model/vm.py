@@ -165,6 +165,7 @@ class VMStatus(Stored):
     reboot_seq: int = 0
     disks_ready: bool = False  # the VM's volumes exist and the boot volume holds its image
     failed_op: str = ""  # state error: the operation whose action failed
+    gave_up: bool = False  # state error: the agent stopped retrying failed_op (it failed)
     updated_at: float = 0.0
 
 
@@ -204,13 +205,15 @@ def apply_power_op(op: PowerOp, spec: VMSpec, state: VMState, op_id: str) -> VMS
 
     ``state`` is the observed state; ``spec.power`` the desired one. An operation is valid when it
     moves the VM somewhere it is not already going (resume a running VM is refused; poweroff during
-    a slow ACPI shutdown escalates it).
+    a slow ACPI shutdown escalates it). ``start`` is also valid on a VM in state ``error``: a new
+    request, so its node tries again what failed (after it gave up retrying on its own).
     """
     if spec.deleting:
         raise InvalidState(f"VM {spec.name} is being deleted", state=state.value, op=op.value)
     update: dict[str, object] = {"op_id": op_id}
-    if op is PowerOp.START:
-        _require(spec, state, op, spec.power is Power.STOPPED, "it is not stopped")
+    if op is PowerOp.START:  # in state error: try again, whatever failed
+        ok = spec.power is Power.STOPPED or state is VMState.ERROR
+        _require(spec, state, op, ok, "it is not stopped")
         update["power"] = Power.RUNNING
     elif op is PowerOp.SHUTDOWN:
         _require(spec, state, op, spec.power is not Power.STOPPED, "it is not running")

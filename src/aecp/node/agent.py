@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import uvicorn
 
@@ -24,6 +25,7 @@ from aecp.cluster.election import Election
 from aecp.cluster.scheduler import Scheduler
 from aecp.cluster.service import ClusterService
 from aecp.cluster.vmsnapshots import VMSnapshotService
+from aecp.cluster.volumeowners import ClusterOwners
 from aecp.cluster.volumes import VolumeService
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, StoreUnavailable
@@ -45,6 +47,7 @@ from aecp.storage.pool import ReplicaPool
 from aecp.storage.snapshots import SnapshotService
 from aecp.store import keys
 from aecp.store.base import Lease, Store
+from aecp.store.opsend import sweep_strays
 from aecp.store.snapshot import read_snapshot
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,7 @@ class NodeAgent:
             settings.storage.extent_mib * MIB,
             clock,
             overcommit_ratio=settings.storage.overcommit_ratio,
+            owners=ClusterOwners(store),
         )
         auth = ReplicaAuth(
             Credentials(Bundle(settings.security.tls_dir)), settings.security.replica_encryption
@@ -101,6 +105,7 @@ class NodeAgent:
         self.dirty = asyncio.Event()
         self._stop = asyncio.Event()
         self._last_decisions: dict[str, str] = {}
+        self._swept = False  # stray operations ended in this leadership term
 
     def stop(self) -> None:
         self._stop.set()
@@ -159,7 +164,7 @@ class NodeAgent:
 
     def _api_server(self) -> uvicorn.Server:
         svc = ClusterService(self.store, self.s.images_dir, self.clock, disks=self.vmdisks)
-        ctx = NodeContext(self.name, self.s.api_url, self.s.run_dir)
+        ctx = NodeContext(self.name, self.s.api_url, self.s.run_dir, self._console_socket)
         ca = Bundle(self.s.security.tls_dir).ca_file.read_text()
         volumes = VolumeService(self.meta, self.volume_pool, ca_certificate=ca)
         vmsnaps = VMSnapshotService(
@@ -174,6 +179,11 @@ class NodeAgent:
             access_log=False,
         )
         return _QuietServer(config)
+
+    def _console_socket(self, vm: str) -> Path | None:
+        """Where ``vm``'s QEMU on this node has its console socket (as the driver found it
+        when it started or re-attached it), or None if it runs none here."""
+        return next((i.console_socket for i in self.hv.instances() if i.name == vm), None)
 
     # ---- lease ------------------------------------------------------------------------------
     async def _registered(self, lease: Lease) -> None:
@@ -249,8 +259,9 @@ class NodeAgent:
 
     async def _control_loop(self) -> None:
         while True:
+            wait = self.reconciler.wait_before_pass(self.s.agent.resync_interval)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.dirty.wait(), timeout=self.s.agent.resync_interval)
+                await asyncio.wait_for(self.dirty.wait(), timeout=wait)
             self.dirty.clear()
             try:
                 await self._control_pass()
@@ -266,8 +277,14 @@ class NodeAgent:
         lease = self.keeper.lease
         held = lease is not None and self.keeper.held()
         if held and lease is not None and await self.election.check(lease):
+            if not self._swept:  # once per term: operations older versions left running
+                ended = await sweep_strays(self.store, self.clock.wall())
+                log.info("node %s: leading; %d stray operations ended", self.name, ended)
+                self._swept = True
             for sentence in await self.scheduler.run_pass():
                 log.info("scheduler: %s", sentence)
+        else:
+            self._swept = False
         snap = await read_snapshot(self.store)
         for decision in self.reconciler.run_pass(snap, held):
             self._log_decision(decision)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 from aecp.common import log as logsetup
+from aecp.common.errors import ConfigError
 from aecp.common.pki import Bundle
 from aecp.compute.hypervisor import Accel
 from aecp.compute.images.tiny import default_cache_dir
 from aecp.compute.qemu.accel import probe_accel
+from aecp.compute.qemu.argv import longest_socket
 from aecp.compute.qemu.driver import QemuHypervisor
-from aecp.conf.settings import NodeSettings
+from aecp.conf.settings import MAX_SOCKET_PATH, NodeSettings
 from aecp.node.agent import NodeAgent, install_signal_handlers
 from aecp.store.etcd import EtcdStore
 
@@ -31,8 +34,23 @@ async def decide_accel(settings: NodeSettings) -> tuple[Accel, str]:
     return accel, "probed: a KVM guest must reach its boot marker" if image else "no probe image"
 
 
+def check_runtime_paths(settings: NodeSettings) -> None:
+    """``ConfigError`` if the VMs' unix sockets under the run dir would be too long: the
+    settings cannot know the QEMU driver's layout, so this is checked here, before anything
+    starts, instead of failing every VM's launch."""
+    sock = longest_socket(settings.run_dir)
+    if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            [
+                f"data_dir: too long: a VM's console socket {sock} would exceed the "
+                f"{MAX_SOCKET_PATH} bytes of a Unix socket path"
+            ]
+        )
+
+
 async def run_node(settings: NodeSettings) -> None:
     """Run one node process until SIGTERM/SIGINT. VMs keep running afterwards."""
+    check_runtime_paths(settings)
     logsetup.setup(settings.log_level)
     for d in (settings.data_dir, settings.run_dir, settings.vm_dir, settings.images_dir):
         d.mkdir(parents=True, exist_ok=True)

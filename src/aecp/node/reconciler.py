@@ -7,9 +7,16 @@ per-VM tasks (a slow ACPI shutdown of one VM never holds up another) and returns
 Actions never run while the node does not hold its lease.
 
 A failed action leaves the VM in state ``error`` with the reason (``VMActions.record_failure``)
-and is retried after a back-off that doubles from ``RETRY_FIRST`` up to ``RETRY_MAX`` seconds;
-a new request on the VM (its spec changed) is acted on at once. A failure is logged when its
-reason changes, not at every retry.
+and is retried after a back-off that doubles from ``RETRY_FIRST`` up to ``RETRY_MAX`` seconds
+(``next_retry`` says when the earliest is due, so the agent wakes for it); a new request on the
+VM (its spec changed), or a different action decided for it, is acted on at once. The request's
+operation keeps running while the action is retried ("retrying: <reason> (attempt N, next in
+S s)"), so a retry that succeeds ends it as succeeded. After ``RETRY_ATTEMPTS`` failed attempts
+of the same action on the same spec the agent gives up: the operation fails, the status says so
+(``gave_up``), and the VM is left alone until a new request, also after an agent restart. A VM
+whose operation has already ended (a crashed QEMU that cannot be restarted) is retried at the
+back-off's bound for as long as it fails: there is nobody to give an answer to. A failure is
+logged when its reason changes, not at every retry.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 from aecp.common.clock import SYSTEM_CLOCK, Clock
@@ -33,6 +41,7 @@ log = logging.getLogger(__name__)
 Action = Callable[[], Awaitable[None]]
 RETRY_FIRST = 1.0  # s before the first retry of a failed action
 RETRY_MAX = 60.0  # s: the back-off stops growing here
+RETRY_ATTEMPTS = 10  # failed attempts of a request's action before its operation fails (~4 min)
 
 
 class Say(enum.Enum):
@@ -51,16 +60,20 @@ class Decision:
     op_id: str = ""  # the operation the action carries out
     spec_rev: int = 0  # the spec it was decided on
     say: Say = Say.ALWAYS
+    kind: str = ""  # what the action does ("start", "stop", ...): a retry repeats the same kind
 
 
 @dataclasses.dataclass(frozen=True)
 class Failure:
-    """The last failed action of a VM: retried at ``retry_at`` unless its spec changed."""
+    """The last failed action of a VM (``kind``): retried at ``retry_at`` (never, once the agent
+    gave up) unless its spec changed or another action is decided."""
 
     error: str
     spec_rev: int
+    kind: str
     attempts: int
     retry_at: float
+    gave_up: bool = False
 
 
 class Reconciler:
@@ -110,12 +123,14 @@ class Reconciler:
             self.inflight.pop(d.vm, None)
 
     async def _failed(self, d: Decision, exc: Exception) -> None:
-        """Back off, log the failure if its reason changed, and record it on the VM."""
+        """Back off (or give up), log the failure if its reason changed, and record it."""
         error = str(exc) if isinstance(exc, AecpError) else f"{type(exc).__name__}: {exc}"
         last = self.failures.get(d.vm)
-        attempts = last.attempts + 1 if last is not None and last.spec_rev == d.spec_rev else 1
+        same = last is not None and (last.spec_rev, last.kind) == (d.spec_rev, d.kind)
+        attempts = last.attempts + 1 if last is not None and same else 1
         delay = min(RETRY_FIRST * 2 ** (attempts - 1), RETRY_MAX)
-        self.failures[d.vm] = Failure(error, d.spec_rev, attempts, self.clock.monotonic() + delay)
+        failure = Failure(error, d.spec_rev, d.kind, attempts, self.clock.monotonic() + delay)
+        self.failures[d.vm] = failure
         if last is None or last.error != error:
             log.error(
                 "vm %s: action failed: %s (retrying after a back-off of %.0f s, growing to %.0f s)",
@@ -128,9 +143,31 @@ class Reconciler:
         else:
             log.debug("vm %s: action failed again (attempt %d): %s", d.vm, attempts, error)
         try:
-            await self.actions.record_failure(d.vm, d.op_id, error)
+            gave_up = await self.actions.record_failure(
+                d.vm, d.op_id, error, attempts, delay, give_up=attempts >= RETRY_ATTEMPTS
+            )
         except AecpError as rec_exc:
             log.warning("vm %s: could not record the failure: %s", d.vm, rec_exc)
+            return
+        if gave_up:
+            self.failures[d.vm] = dataclasses.replace(failure, gave_up=True, retry_at=math.inf)
+            log.error(
+                "vm %s: gave up after %d attempts (operation %s failed): %s",
+                d.vm,
+                attempts,
+                d.op_id,
+                error,
+            )
+
+    def next_retry(self) -> float | None:
+        """When (``clock.monotonic``) the earliest back-off ends; None if no retry is due."""
+        return min((f.retry_at for f in self.failures.values() if not f.gave_up), default=None)
+
+    def wait_before_pass(self, resync: float) -> float:
+        """Seconds until the next pass is due without a change to wake it: ``resync``, or
+        less when a back-off ends before that."""
+        due = self.next_retry()
+        return resync if due is None else min(resync, max(0.0, due - self.clock.monotonic()))
 
     def decide(self, snap: Snapshot, instances: dict[str, InstanceInfo]) -> list[Decision]:
         mine = {e.spec.name: e for e in snap.vms_on(self.node)}
@@ -139,28 +176,41 @@ class Reconciler:
         out = [self._decide_vm(e, instances.get(n)) for n, e in sorted(mine.items())]
         for name in sorted(set(instances) - set(mine)):
             if name not in self.inflight:
-                out.append(self._backing_off(name, 0) or self._orphan(name))
+                orphan = self._orphan(name)
+                out.append(self._backing_off(name, 0, orphan.kind) or orphan)
         return out
 
-    def _backing_off(self, name: str, spec_rev: int) -> Decision | None:
-        """A decision to wait if ``name``'s last action failed on this same spec and its
-        back-off has not passed; a changed spec (a new request) forgets the failure."""
+    def _backing_off(self, name: str, spec_rev: int, kind: str) -> Decision | None:
+        """A decision to wait if ``name``'s last action of ``kind`` failed on this same spec
+        and its back-off has not passed (or the agent gave up on it); a changed spec (a new
+        request) or a different action forgets the failure."""
         failure = self.failures.get(name)
         if failure is None:
             return None
-        if failure.spec_rev != spec_rev:
+        if (failure.spec_rev, failure.kind) != (spec_rev, kind):
             del self.failures[name]
             return None
+        why = failure.error.splitlines()[0][:200] if failure.error else "?"
+        if failure.gave_up:
+            return self._given_up(name, why)
         if self.clock.monotonic() < failure.retry_at:
-            why = failure.error.splitlines()[0][:200] if failure.error else "?"
             return Decision(name, f"{name} failed ({why}): retrying later", say=Say.ON_CHANGE)
         return None
+
+    @staticmethod
+    def _given_up(name: str, why: str) -> Decision:
+        return Decision(
+            name,
+            f"{name} failed ({why}) and its request failed: leaving it until a new request",
+            say=Say.ON_CHANGE,
+        )
 
     def _orphan(self, name: str) -> Decision:
         return Decision(
             name,
             f"{name} runs here but is not assigned to this node: powering it off",
             lambda: self.actions.poweroff(name),
+            kind="orphan",
         )
 
     def _decide_vm(self, e: VMEntry, inst: InstanceInfo | None) -> Decision:
@@ -175,10 +225,14 @@ class Reconciler:
             return Decision(
                 name, f"{name} is paused for a snapshot: waiting for it", say=Say.ON_CHANGE
             )
-        waiting = self._backing_off(name, e.spec_rev)
-        if waiting is not None:
-            return waiting
+        st = e.status
+        if st is not None and st.gave_up and e.spec.op_id and st.failed_op == e.spec.op_id:
+            return self._given_up(name, st.message.splitlines()[0][:200] if st.message else "?")
         d = self._decide_change(e, inst)
+        if d.action is not None:
+            waiting = self._backing_off(name, e.spec_rev, d.kind)
+            if waiting is not None:
+                return waiting
         retry = name in self.failures and d.action is not None
         return dataclasses.replace(
             d,
@@ -195,12 +249,14 @@ class Reconciler:
                 name,
                 f"{name} powered itself off from inside: recording it as stopped",
                 lambda: self._guest_off(name),
+                kind="guest-off",
             )
         if e.spec.deleting:
             return Decision(
                 name,
                 f"{name} is being deleted: powering off and removing its disks",
                 lambda: self.actions.delete(e),
+                kind="delete",
             )
         if e.spec.power is Power.STOPPED:
             return self._want_stopped(e, state)
@@ -210,6 +266,7 @@ class Reconciler:
                 name,
                 f"{name} should run and is {state.value}: {verb}",
                 lambda: self.actions.start(e),
+                kind="start",
             )
         if state is RunState.SHUTDOWN:
             return Decision(
@@ -221,6 +278,7 @@ class Reconciler:
                     name,
                     f"{name} should be suspended and is running: pausing it",
                     lambda: self.actions.pause(e),
+                    kind="pause",
                 )
             return self._in_sync(e, inst, VMState.PAUSED)
         if state is RunState.PAUSED:
@@ -228,11 +286,15 @@ class Reconciler:
                 name,
                 f"{name} should run and is paused: resuming it",
                 lambda: self.actions.resume(e),
+                kind="resume",
             )
         done = e.status.reboot_seq if e.status else 0
         if e.spec.reboot_seq > done:
             return Decision(
-                name, f"{name} has a reboot request: rebooting it", lambda: self.actions.reboot(e)
+                name,
+                f"{name} has a reboot request: rebooting it",
+                lambda: self.actions.reboot(e),
+                kind="reboot",
             )
         return self._in_sync(e, inst, VMState.RUNNING)
 
@@ -248,12 +310,14 @@ class Reconciler:
                     name,
                     f"{name} should be off and is {state.value}: powering it off",
                     lambda: self.actions.stop(e, hard=True),
+                    kind="stop",
                 )
             return Decision(
                 name,
                 f"{name} should be off and is running: pressing its ACPI "
                 f"power button (hard power-off after {e.spec.shutdown_timeout:.0f}s)",
                 lambda: self.actions.stop(e, hard=False),
+                kind="stop",
             )
         return self._in_sync(e, None, VMState.STOPPED)
 
@@ -266,12 +330,14 @@ class Reconciler:
                 name,
                 f"{name} is {state.value} as desired: recording its status",
                 lambda: self.actions.record(e, state, pid),
+                kind="record",
             )
         if e.spec.op_id and not self.actions.op_done(e.spec.op_id):
             return Decision(
                 name,
                 f"{name} is {state.value} as desired: finishing its operation",
                 lambda: self.actions.finish_op(e),
+                kind="record",
             )
         return Decision(name, f"{name} is {state.value} as desired", say=Say.ON_CHANGE)
 

@@ -26,6 +26,7 @@ from typing import Any
 import uvloop
 
 from aecp.cluster.election import Election
+from aecp.cluster.volumeowners import ClusterOwners
 from aecp.common import log as logsetup
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, NotFound, Unavailable
@@ -114,6 +115,7 @@ class StorageDaemon:
             settings.storage.extent_mib * MIB,
             clock,
             overcommit_ratio=settings.storage.overcommit_ratio,
+            owners=ClusterOwners(store),
         )
         self.credentials = Credentials(Bundle(settings.security.tls_dir))
         auth = ReplicaAuth(self.credentials, settings.security.replica_encryption)

@@ -10,7 +10,8 @@ deleted, and a start that meets one fails saying so.
 Ordering: create the volume, copy the image into it through this node's NBD export, and only
 then report the disks ready (``VMStatus.disks_ready``) — a crash in between leaves a volume that
 the next attempt overwrites from the image again, never a VM booting a half-copied disk. Once
-ready, later starts use the volumes as they are.
+ready, later starts use the volumes as they are (``reuse``): a volume without an owner there,
+made for the VM before volumes recorded owners, is then stamped as the VM's, once.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class DiskProvider(Protocol):
     ) -> tuple[DiskSpec, ...]: ...
 
     def disks(self, spec: VMSpec) -> tuple[DiskSpec, ...]: ...
+
+    async def reuse(self, spec: VMSpec) -> tuple[DiskSpec, ...]:
+        """The disks of a VM whose volumes were prepared before (``disks_ready``), checked
+        to be its own; ``InvalidState`` naming one that is not (or is missing)."""
+        ...
 
     async def released(self, spec: VMSpec) -> None: ...
 
@@ -117,6 +123,32 @@ class VMDisks:
         )
         return self.disks(spec)
 
+    async def reuse(self, spec: VMSpec) -> tuple[DiskSpec, ...]:
+        """The disks of a VM whose status says its volumes are ready: each must be the VM's
+        own. One without an owner is a disk this VM made before volumes recorded owners (the
+        status says this VM prepared it, and its name is derived from the VM's, which no one
+        else could take while the VM exists): it is given to the VM by compare-and-swap, once.
+        ``InvalidState`` naming a volume that belongs to anyone else, or that is missing."""
+        for name in spec.volumes():
+            try:
+                vol, _ = await self.meta.volume(name)
+            except NotFound:
+                raise InvalidState(
+                    f"volume {name} of VM {spec.name} no longer exists: the VM cannot start "
+                    "without it",
+                    volume=name,
+                ) from None
+            if vol.owner is None:
+                await self.meta.adopt_volume(name, owner(spec))
+                log.info(
+                    "vm %s: volume %s had no owner (made before owners): now the VM's",
+                    spec.name,
+                    name,
+                )
+            else:
+                self._require_own(spec, vol.owner, name)
+        return self.disks(spec)
+
     async def _ensure(self, spec: VMSpec, name: str, size: int) -> None:
         """Create volume ``name`` as the VM's, or find it is already the VM's own."""
         try:
@@ -168,8 +200,8 @@ class VMDisks:
                 break
             except (NotFound, InvalidInput):  # gone, or a name no volume can have
                 return True
-            except InvalidState:
-                if loop.time() > deadline:
+            except InvalidState:  # only an attachment goes away by waiting (not snapshots)
+                if loop.time() > deadline or await self.meta.attachment(name) is None:
                     raise
                 await asyncio.sleep(0.2)
         await self.pool.delete_replicas(freed)

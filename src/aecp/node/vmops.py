@@ -4,8 +4,10 @@ repaired by the next reconcile pass (it re-reads both sides).
 
 Operations: an action finishes the operation of the spec it acted on, by compare-and-swap; if
 a later request superseded that operation meanwhile, the API has already cancelled it and it
-stays cancelled (a finished operation never changes). A failed action fails its own operation
-(never a later one) and records state ``error`` with the reason."""
+stays cancelled (a finished operation never changes). A failed action records state ``error``
+with the reason, keeping everything else the status knew (the disks stay ready, the reboots
+done stay done); its operation keeps running, saying that the action is retried, until the
+retry succeeds or the reconciler gives up, which fails it (never a later one)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ import logging
 import socket
 from pathlib import Path
 
-from aecp.cluster.opsend import end_with_vm, succeed
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import Conflict, ImageError
 from aecp.compute.hypervisor import (
@@ -25,10 +26,12 @@ from aecp.compute.hypervisor import (
     PortForward,
 )
 from aecp.model.image import ImageRecord
+from aecp.model.operation import Operation
 from aecp.model.vm import Power, VMSpec, VMState, VMStatus
 from aecp.node.vmdisks import DiskProvider
 from aecp.store import keys
 from aecp.store.base import Compare, Delete, Put, Store
+from aecp.store.opsend import end_strays, succeed
 from aecp.store.snapshot import VMEntry
 from aecp.store.typed import read, update_op
 
@@ -68,7 +71,7 @@ class VMActions:
         await self._op(spec, 40, f"preparing disks on {self.node}")
         last = self._last(e)
         if last is not None and last.disks_ready:
-            vm_disks = self.disks.disks(spec)
+            vm_disks = await self.disks.reuse(spec)
         else:
             if spec.disks_prepared:
                 vm_disks = await self.disks.prepare(spec, Path(), "raw", 0)
@@ -162,21 +165,19 @@ class VMActions:
         self._status.pop(name, None)
 
     async def _delete_keys(self, name: str, message: str) -> None:
-        """Delete the VM's keys, succeed its current operation (the delete) and cancel any
-        other still open on it, in one transaction (retried if one of them changes)."""
+        """End the VM's stray operations (one compare-and-swap each), then delete its keys and
+        succeed its current operation (the delete) in one transaction (retried if the spec or
+        the operation changes)."""
         for _ in range(5):
             got = await read(self.store, keys.vm_spec(name), VMSpec)
             if got is None:
                 return
             spec, rev = got
-            now = self.clock.wall()
-            cmp, puts = await succeed(self.store, spec.op_id, message, now)
-            cmp2, puts2 = await end_with_vm(
-                self.store, name, f"VM {name} was deleted", now, {spec.op_id}
-            )
+            await end_strays(self.store, name, self.clock.wall())
+            cmp, puts = await succeed(self.store, spec.op_id, message, self.clock.wall())
             ok = await self.store.txn(
-                [Compare.unchanged(keys.vm_spec(name), rev), *cmp, *cmp2],
-                [Delete(keys.vm_prefix(name), prefix=True), *puts, *puts2],
+                [Compare.unchanged(keys.vm_spec(name), rev), *cmp],
+                [Delete(keys.vm_prefix(name), prefix=True), *puts],
             )
             if ok:
                 self._ops_done.add(spec.op_id)
@@ -215,22 +216,61 @@ class VMActions:
     def op_done(self, op_id: str) -> bool:
         return op_id in self._ops_done
 
-    async def record_failure(self, name: str, op_id: str, error: str) -> None:
-        """Record that the action for operation ``op_id`` failed: state ``error`` with the
-        reason, and that operation failed (if it is still running)."""
-        if await self.store.get(keys.vm_spec(name)) is None:
-            return
-        status = VMStatus(
+    async def record_failure(
+        self, name: str, op_id: str, error: str, attempt: int, retry_in: float, give_up: bool
+    ) -> bool:
+        """Record that attempt ``attempt`` of the action for operation ``op_id`` failed: state
+        ``error`` with the reason, built on the last status (disks_ready, reboot_seq, boots
+        and the rest stay as they were). The operation, if still running, says it is retried
+        in ``retry_in`` s; with ``give_up`` it fails instead, in the same transaction as the
+        status that says the agent gave up (so no later pass retries it). Returns whether it
+        gave up: False if the operation had already ended (there is nothing to give up: the
+        agent keeps the VM's desired state on its own)."""
+        error = error[:500]
+        for _ in range(5):
+            if await self.store.get(keys.vm_spec(name)) is None:
+                return False
+            last = self._status.get(name) or await self._stored_status(name)
+            op_kv = await self.store.get(keys.op(op_id)) if op_id else None
+            op = Operation.load(op_kv.value) if op_kv else None
+            running = op is not None and not op.state.done
+            status = self._failed_status(last, op_id, error, gave_up=give_up and running)
+            if not (running and give_up) or op is None or op_kv is None:
+                await self.store.put(keys.vm_status(name), status.dump())
+                self._status[name] = status
+                if running:
+                    why = error.splitlines()[0][:200] if error else "?"
+                    note = f"retrying: {why} (attempt {attempt}, next in {retry_in:.0f} s)"
+                    await update_op(self.store, op_id, message=note, clock=self.clock)
+                return False
+            failed = op.fail(f"{error} (gave up after {attempt} attempts)", self.clock.wall())
+            if await self.store.txn(
+                [Compare.unchanged(op_kv.key, op_kv.mod_revision)],
+                [Put(keys.vm_status(name), status.dump()), Put(op_kv.key, failed.dump())],
+            ):
+                self._status[name] = status
+                self._ops_done.add(op_id)
+                log.info("operation %s (%s %s) failed: %s", op_id, op.kind, name, failed.error)
+                return True
+        raise Conflict(f"operation {op_id} kept changing while its failure was recorded")
+
+    def _failed_status(
+        self, last: VMStatus | None, op_id: str, error: str, gave_up: bool
+    ) -> VMStatus:
+        base = last.model_dump() if last is not None else {}
+        base.update(
             state=VMState.ERROR,
             node=self.node,
-            message=error[:500],
+            message=error,
             failed_op=op_id,
+            gave_up=gave_up,
             updated_at=self.clock.wall(),
         )
-        await self.store.put(keys.vm_status(name), status.dump())
-        self._status[name] = status
-        if op_id and await update_op(self.store, op_id, error=error[:500], clock=self.clock):
-            self._ops_done.add(op_id)
+        return VMStatus.model_validate(base)
+
+    async def _stored_status(self, name: str) -> VMStatus | None:
+        got = await read(self.store, keys.vm_status(name), VMStatus)
+        return got[0] if got else None
 
     async def _finish(self, spec: VMSpec, message: str) -> None:
         if spec.op_id and spec.op_id not in self._ops_done:
@@ -251,8 +291,10 @@ class VMActions:
         last = self._last(e)
         base = last.model_dump() if last else {}
         base.update(state=state, node=self.node, updated_at=self.clock.wall())
-        if "message" not in fields and state is not VMState.ERROR:
-            base["message"] = ""
+        if state is not VMState.ERROR:  # no failure to report any more
+            base.update(failed_op="", gave_up=False)
+            if "message" not in fields:
+                base["message"] = ""
         base.update(fields)
         status = VMStatus.model_validate(base)
         await self.store.put(keys.vm_status(e.spec.name), status.dump())

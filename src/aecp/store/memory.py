@@ -3,8 +3,9 @@
 Owns: a key space with one revision counter (bumped once per write or transaction that changes
 something; create/mod revisions and versions per key, like etcd), leases that expire by an
 injectable ``Clock``, watches fed through asyncio queues with the full event history (so
-``start_revision`` replays), transactions with every ``Compare`` target and operator, and named
-failure injection: ``set_reachable(False)`` and ``UnreachableMemoryStore``.
+``start_revision`` replays), transactions with every ``Compare`` target and operator (and
+etcd's limit on their size), and named failure injection: ``set_reachable(False)`` and
+``UnreachableMemoryStore``.
 
 Lease expiry happens when a call notices it (every call first expires what is due) or when a
 test calls ``expire_leases()``, typically right after ``FakeClock.advance``. Nothing runs in the
@@ -57,11 +58,19 @@ class _LeaseState:
     keys: set[str] = field(default_factory=set)
 
 
-class MemoryStore(Store):
-    """The ``Store`` contract in memory. ``clock`` decides when leases expire."""
+MAX_TXN_OPS = 128
+"""etcd's default ``--max-txn-ops``: the most compares, or operations in one branch, that a
+transaction may have."""
 
-    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+
+class MemoryStore(Store):
+    """The ``Store`` contract in memory. ``clock`` decides when leases expire; a transaction
+    with more than ``max_txn_ops`` compares, or operations in a branch, is refused
+    (``ValueError``, as the etcd adapter reports etcd's refusal)."""
+
+    def __init__(self, clock: Clock = SYSTEM_CLOCK, max_txn_ops: int = MAX_TXN_OPS) -> None:
         self.clock = clock
+        self.max_txn_ops = max_txn_ops
         self._data: dict[str, _Entry] = {}
         self._revision = 1  # etcd's first revision, before any write
         self._history: list[WatchEvent] = []
@@ -151,6 +160,10 @@ class MemoryStore(Store):
         self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
     ) -> bool:
         await self._enter("txn")
+        if max(len(compare), len(success), len(failure)) > self.max_txn_ops:
+            raise ValueError(
+                f"memory txn: too many operations in txn request (more than {self.max_txn_ops})"
+            )
         held = all(self._holds(c) for c in compare)
         self._apply(success if held else failure)
         return held

@@ -3,6 +3,7 @@ the name rule for path parameters."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path as FilePath
 from typing import Annotated
@@ -20,14 +21,20 @@ from aecp.storage.snapshots import SnapshotService
 from aecp.store import keys
 from aecp.store.typed import read
 
+ConsoleFinder = Callable[[str], FilePath | None]
+"""The serial console socket of the named VM's QEMU on this node (None: it runs none here)."""
+
 
 @dataclass(frozen=True)
 class NodeContext:
-    """The node serving this API: where its VMs' consoles live."""
+    """The node serving this API: where its VMs' logs live (``run_dir/<vm>/``) and how to
+    find the console socket of a VM it runs (wherever its QEMU has it: an instance started
+    by an older agent keeps the layout of its day)."""
 
     name: str
     api_url: str
     run_dir: FilePath
+    console_socket: ConsoleFinder
 
 
 def service(request: Request) -> ClusterService:

@@ -12,6 +12,7 @@ on the virtio-net device ``nic<i>``; the serial console is chardev ``console0``.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,11 +41,12 @@ class RuntimePaths:
     console_socket: Path
     console_log: Path
     qemu_log: Path
+    acpi_pressed: Path  # exists while a power-off would answer our ACPI press
 
     @classmethod
     def for_instance(cls, base: Path, name: str) -> RuntimePaths:
-        """The standard layout: ``base/<name>/`` holding ``qemu.pid``, ``console.log`` and
-        ``qemu.log``; the unix sockets in ``base/.sock/`` as ``<id>.qmp`` and
+        """The standard layout: ``base/<name>/`` holding ``qemu.pid``, ``console.log``,
+        ``qemu.log`` and ``acpi-pressed``; the unix sockets in ``base/.sock/`` as ``<id>.qmp`` and
         ``<id>.console``, ``<id>`` a short digest of the name: a unix socket path has at most
         107 bytes, so its length must not grow with the VM's name."""
         d = base / name
@@ -57,6 +59,7 @@ class RuntimePaths:
             console_socket=sockets / f"{sid}.console",
             console_log=d / "console.log",
             qemu_log=d / "qemu.log",
+            acpi_pressed=d / "acpi-pressed",
         )
 
     @classmethod
@@ -69,9 +72,18 @@ class RuntimePaths:
             console_socket=d / "console.sock",
         )
 
+    def sockets(self) -> tuple[Path, Path]:
+        return (self.qmp_socket, self.console_socket)
+
     def transient(self) -> tuple[Path, ...]:
         """The files removed after the instance stops (the logs are kept)."""
-        return (self.pidfile, self.qmp_socket, self.console_socket)
+        return (self.pidfile, self.qmp_socket, self.console_socket, self.acpi_pressed)
+
+
+def longest_socket(base: Path) -> Path:
+    """The longest unix socket path of any instance under run dir ``base`` (the same for every
+    VM name: check it once, at start-up)."""
+    return max(RuntimePaths.for_instance(base, "x").sockets(), key=lambda p: len(os.fsencode(p)))
 
 
 def escape(value: object) -> str:

@@ -10,9 +10,13 @@ files except the logs, and raises ``LaunchError`` (exit code, argv, this launch'
 
 QEMU runs with ``-no-shutdown``: a guest power-off leaves it alive in status ``shutdown``; the QMP
 event handler then quits it (GUEST_SHUTDOWN, then STOPPED) unless a ``reboot`` is in progress,
-which resets and continues the same process. Whatever ends the process, the monitor reaps it if it
-is our child, removes the runtime files and emits STOPPED once. The event loop never blocks:
-exits are found by ``waitpid(WNOHANG)`` and pid polling.
+which resets and continues the same process. Before ``shutdown`` or ``reboot`` presses the ACPI
+power button the driver writes ``acpi-pressed`` in the instance's directory (removed with the
+other runtime files once the process is gone): a driver that re-attaches while the guest is
+still acting on the press reports the power-off as requested, not as the guest's own decision.
+Whatever ends the process, the monitor reaps it if it is our child, removes the runtime files
+and emits STOPPED once. The event loop never blocks: exits are found by ``waitpid(WNOHANG)``
+and pid polling.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from aecp.compute.hypervisor import (
 )
 from aecp.compute.qemu.argv import RuntimePaths, build_argv, name_option
 from aecp.compute.qemu.qmp import QmpConnection, QmpDisconnected
+from aecp.conf.settings import MAX_SOCKET_PATH
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,6 @@ QMP_CONNECT_TIMEOUT = 15.0  # s from spawn until QMP must answer
 QUIT_TIMEOUT = 5.0  # s for QEMU to exit after ``quit`` (then SIGKILL), and after SIGKILL
 POLL_INTERVAL = 0.1  # s between liveness checks of a QEMU process
 PRESS_EVERY = 5.0  # s between ACPI power-button presses while waiting for a guest to power off
-_SUN_PATH_MAX = 107  # bytes in a unix socket path (sockaddr_un.sun_path minus the NUL)
 
 _STATUS: dict[str, RunState] = {
     "running": RunState.RUNNING,
@@ -169,6 +173,7 @@ class QemuHypervisor(Hypervisor):
             _cleanup(paths)
             return
         inst = self._new_instance(name, pid, paths)
+        inst.stopping = paths.acpi_pressed.exists()  # an agent before us pressed the button
         try:
             await self._postlaunch(inst)
         except HypervisorError as exc:
@@ -225,6 +230,7 @@ class QemuHypervisor(Hypervisor):
     async def shutdown(self, name: str, timeout: float) -> bool:
         inst = self._require(name)
         inst.stopping = True
+        _mark_pressed(inst.paths)
         clean = await self._press_until_off(inst, timeout)
         if not clean:
             log.warning("%s: no power-off within %.0f s: powering off hard", name, timeout)
@@ -239,6 +245,7 @@ class QemuHypervisor(Hypervisor):
     async def reboot(self, name: str, timeout: float) -> bool:
         inst = self._require(name)
         inst.rebooting = True
+        _mark_pressed(inst.paths)
         try:
             clean = await self._press_until_off(inst, timeout)
             self._require(name)
@@ -248,6 +255,7 @@ class QemuHypervisor(Hypervisor):
             inst.state = RunState.RUNNING
         finally:
             inst.rebooting = False
+            inst.paths.acpi_pressed.unlink(missing_ok=True)
         log.info("%s: rebooted (%s)", name, "clean" if clean else "hard reset after timeout")
         return clean
 
@@ -366,8 +374,8 @@ class QemuHypervisor(Hypervisor):
 
 def _prelaunch(paths: RuntimePaths, argv: list[str]) -> None:
     """Make the instance directory and remove what a previous run left behind."""
-    for sock in (paths.qmp_socket, paths.console_socket):
-        if len(os.fsencode(sock)) > _SUN_PATH_MAX:
+    for sock in paths.sockets():
+        if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
             msg = f"socket path too long for a unix socket: {sock}"
             raise LaunchError(msg, exit_code=None, argv=argv, output=msg)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
@@ -396,6 +404,14 @@ def _spawn(argv: list[str], paths: RuntimePaths) -> int:
         ) from exc
     finally:
         os.close(logfd)
+
+
+def _mark_pressed(paths: RuntimePaths) -> None:
+    """Record, before pressing the ACPI button, that a power-off now answers our press."""
+    try:
+        paths.acpi_pressed.write_text("")
+    except OSError as exc:
+        raise HypervisorError(f"cannot write {paths.acpi_pressed}: {exc}") from exc
 
 
 def _alive(inst: _Instance) -> bool:

@@ -26,7 +26,6 @@ from aecp.common.errors import (
     NotFound,
 )
 from aecp.model.base import Stored, check_name
-from aecp.model.vm import VMSpec, vm_of_volume
 from aecp.storage.meta.model import (
     DEFAULT_EXTENT_SIZE,
     AttachRecord,
@@ -40,6 +39,7 @@ from aecp.storage.meta.model import (
     slots_for,
     validate_volume,
 )
+from aecp.storage.meta.owners import VolumeOwners
 from aecp.storage.meta.tables import Tables, read_tables
 from aecp.store import keys
 from aecp.store.base import Compare, Delete, Lease, Put, Store
@@ -66,7 +66,8 @@ SETTLE = 2.0
 
 
 class MetaService:
-    """Volume and extent metadata for one cluster."""
+    """Volume and extent metadata for one cluster. ``owners`` answers whether a volume's owner
+    exists and which names are reserved for one (ABS does not know what owners are)."""
 
     def __init__(
         self,
@@ -74,12 +75,15 @@ class MetaService:
         extent_size: int = DEFAULT_EXTENT_SIZE,
         clock: Clock = SYSTEM_CLOCK,
         overcommit_ratio: float = DEFAULT_OVERCOMMIT,
+        *,
+        owners: VolumeOwners,
     ) -> None:
         self.store = store
         self.extent_size = extent_size
         self.clock = clock
         #: volumes may provision (size x replicas) up to this many times the raw capacity
         self.overcommit_ratio = overcommit_ratio
+        self.owners = owners
 
     # ---- reads -------------------------------------------------------------------------------
     async def servers(self) -> dict[str, StorageServer]:
@@ -150,20 +154,10 @@ class MetaService:
         return vol
 
     async def name_guards(self, name: str, owner: VolumeOwner | None) -> list[Compare]:
-        """The guards a transaction creating volume ``name`` for ``owner`` needs: a name derived
-        from a VM's (``x-boot``, ``x-data1``) is reserved for VM ``x``'s own disks while that VM
-        exists. ``AlreadyExists`` naming the VM if it exists now."""
-        vm = vm_of_volume(name)
-        if vm is None or (owner is not None and owner.kind == "vm" and owner.name == vm):
-            return []
-        if await self.store.get(keys.vm_spec(vm)) is not None:
-            raise AlreadyExists(
-                f"volume name {name} is reserved for the disks of VM {vm}; choose another name",
-                field="name",
-                volume=name,
-                vm=vm,
-            )
-        return [Compare.absent(keys.vm_spec(vm))]
+        """The guards a transaction creating volume ``name`` for ``owner`` needs: a name may be
+        reserved for the disks of an owner that exists (``x-boot`` for VM ``x``).
+        ``AlreadyExists`` naming that owner if it is reserved now."""
+        return await self.owners.reserve(name, owner)
 
     async def name_taken(self, name: str, owner: VolumeOwner | None) -> None:
         """Raise the reason a transaction guarded by ``Compare.absent(volume)`` and
@@ -202,6 +196,26 @@ class MetaService:
         if field is None:
             raise NoCapacity(why, provisioned=now, limit=limit)
         raise InvalidInput(field, why)
+
+    async def adopt_volume(self, name: str, owner: VolumeOwner) -> VolumeRecord:
+        """Record ``owner`` on volume ``name``, which has none (made before volumes recorded
+        owners): compare-and-swap, so it happens once. A volume that is already ``owner``'s is
+        returned as it is; one that belongs to anyone else is refused (``InvalidState``). The
+        caller decides that the volume really is ``owner``'s."""
+        for _ in range(RETRIES):
+            vol, rev = await self.volume(name)
+            if vol.owner == owner:
+                return vol
+            if vol.owner is not None:
+                raise InvalidState(
+                    f"volume {name} belongs to {vol.owner}, not to {owner}: left alone",
+                    volume=name,
+                )
+            new = vol.model_copy(update={"owner": owner})
+            if await self.store.replace(keys.abs_volume(name), new.dump(), mod_revision=rev):
+                log.info("volume %s: owner recorded: %s (it had none)", name, owner)
+                return new
+        raise Conflict(f"volume {name} keeps changing; try again")
 
     async def resize(self, name: str, size: int) -> VolumeRecord:
         """Grow a volume; shrinking is refused."""
@@ -295,7 +309,7 @@ class MetaService:
             return []
         if vol.owner is None:
             return []
-        alive, guard = await self._owner_exists(vol.owner)
+        alive, guard = await self.owners.alive(vol.owner)
         if alive:
             raise InvalidState(
                 f"volume {vol.name} is a disk of {vol.owner}; delete the {vol.owner.kind} "
@@ -304,15 +318,6 @@ class MetaService:
                 owner=str(vol.owner),
             )
         return [guard]
-
-    async def _owner_exists(self, owner: VolumeOwner) -> tuple[bool, Compare]:
-        """Whether ``owner`` still exists, and the guard that it stays as seen."""
-        key = keys.vm_spec(owner.name) if owner.kind == "vm" else keys.template(owner.name)
-        kv = await self.store.get(key)
-        if kv is None:
-            return False, Compare.absent(key)
-        same = owner.kind != "vm" or VMSpec.load(kv.value).uuid == owner.uid
-        return same, Compare.unchanged(key, kv.mod_revision)
 
     async def mark_closing(self, holder: Holder) -> None:
         """Record that ``holder``'s export is closing: its last client left, and it flushes,

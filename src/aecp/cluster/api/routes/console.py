@@ -17,7 +17,6 @@ from aecp.cluster.api.deps import NamePath, Node, Service, check_token
 from aecp.cluster.api.errors import error_responses, redact_paths
 from aecp.cluster.api.routing import api_router
 from aecp.common.errors import AecpError, Conflict, NotFound, Unavailable
-from aecp.compute.qemu.argv import RuntimePaths
 
 router = api_router("/v1/vms", "console")
 ws_router = APIRouter(prefix="/v1/vms", tags=["console"])  # authenticates inside
@@ -88,9 +87,10 @@ async def console_ws(websocket: WebSocket, name: str) -> None:
         entry, _ = await svc.vm(name)
         if entry.node != node.name:
             raise NotFound(f"VM {name} does not run on {node.name}; ask node {entry.node}")
-        reader, writer = await asyncio.open_unix_connection(
-            str(RuntimePaths.for_instance(node.run_dir, name).console_socket)
-        )
+        path = node.console_socket(name)
+        if path is None:
+            raise Conflict(f"VM {name} is not running: it has no console", vm=name)
+        reader, writer = await asyncio.open_unix_connection(str(path))
     except (AecpError, OSError) as exc:
         await websocket.close(
             code=4000 + getattr(exc, "http_status", 503) % 1000,
