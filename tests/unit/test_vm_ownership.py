@@ -10,6 +10,7 @@ import pytest
 
 from aecp.cluster.service import ClusterService
 from aecp.cluster.vmsnapshots import VMSnapshotService
+from aecp.cluster.volumes import VolumeService
 from aecp.common.errors import AlreadyExists, InvalidInput, InvalidState, NotFound
 from aecp.model.vm import Placement, Power, VMCreate, VMSpec, VMState, VMStatus
 from aecp.node.vmdisks import VMDisks, owner
@@ -200,3 +201,19 @@ async def test_deleting_an_unplaced_clone_deletes_its_own_volumes(
         await cluster.meta.volume("twin-boot")
     assert (await cluster.meta.volume("src-boot"))[0].owner is not None
     assert (await spec_of(svc.store, "src")).power is Power.STOPPED  # type: ignore[arg-type]
+
+
+async def test_a_template_whose_volume_has_a_snapshot_is_not_deleted_at_all(
+    svc: ClusterService, cluster: Cluster
+) -> None:
+    """The template record went first, leaving its volume owned by a template that no longer
+    existed (review finding): now nothing is deleted and the 409 says why."""
+    await stopped_vm(svc, cluster, "base")
+    vs = vmsnaps(svc, cluster)
+    await vs.convert_to_template("base", "gold")
+    await vs.snaps.snapshot("tpl-gold-boot", "keep")
+    before = await dump_store(svc.store)  # type: ignore[arg-type]
+    volumes = VolumeService(cluster.meta, cluster.pool)
+    with pytest.raises(InvalidState, match="tpl-gold-boot has snapshots"):
+        await vs.delete_template("gold", volumes.delete)
+    assert await dump_store(svc.store) == before  # type: ignore[arg-type]

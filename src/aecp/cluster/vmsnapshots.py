@@ -344,7 +344,18 @@ class VMSnapshotService:
         return [TemplateRecord.load(kv.value) for kv in await self.svc.store.list(keys.TEMPLATES)]
 
     async def delete_template(self, name: str, delete_volume: VolumeDeleter) -> None:
+        """Delete the template and its volumes. Every volume is checked first (``InvalidState``
+        if one has snapshots or is attached): the record is not deleted while a volume could
+        not be, which would leave that volume owned by a template that no longer exists."""
         tpl = await self.template(name)
+        for vol in tpl.volumes:
+            if await self.svc.store.list(keys.abs_snapshots(vol)):
+                raise InvalidState(
+                    f"template {name}: its volume {vol} has snapshots; delete them first",
+                    volume=vol,
+                )
+            if await self.snaps.meta.attachment(vol) is not None:
+                raise InvalidState(f"template {name}: its volume {vol} is in use", volume=vol)
         await self.svc.store.delete(keys.template(name))
         for vol in tpl.volumes:
             with contextlib.suppress(NotFound):
