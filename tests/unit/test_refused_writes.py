@@ -12,18 +12,32 @@ from typing import Any
 
 import pytest
 
+from aecp.storage.access import VolumeDevice
 from aecp.storage.blockdev import NoSpace
 from aecp.storage.chunk.errors import ChunkError, ChunkIOError, ReplicaUnavailable
+from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.recovery import RecoveryPolicy, Repairer
 from tests.unit.abskit import BLOCK, EXTENT, Cluster
 from tests.unit.test_full_disk import FullDisk, open_fd
 from tests.unit.test_recovery_races import Override
 
 
-async def extent_of(cluster: Cluster, volume: str = "v", slot: int = 0) -> tuple[str, list[str]]:
-    vol, _ = await cluster.meta.volume(volume)
-    ext, _ = await cluster.meta.extent(vol.extents[slot] or "")
-    return ext.id, ext.replicas
+async def written(
+    cluster: Cluster, size: int = EXTENT, replicas: int = 2, data: bytes = b"\x11" * BLOCK
+) -> tuple[VolumeDevice, str, list[str]]:
+    """Volume ``v`` attached on n1, ``data`` written at 0: (its access point, its first
+    extent, the nodes of that extent's replicas)."""
+    await cluster.meta.create_volume("v", size, replicas=replicas)
+    dev = await cluster.open("v", "n1")
+    await dev.write(0, data)
+    vol, _ = await cluster.meta.volume("v")
+    ext, _ = await cluster.meta.extent(vol.extents[0] or "")
+    return dev, ext.id, ext.replicas
+
+
+def fill_up(store: ReplicaStore) -> None:
+    """No room left in ``store`` for a new block."""
+    store.space.capacity = store.space.used
 
 
 async def agree(cluster: Cluster, ext_id: str, nodes: list[str]) -> bool:
@@ -51,13 +65,10 @@ async def test_an_undo_never_copies_a_replica_dropped_meanwhile_over_an_acknowle
 ) -> None:
     # W1 is refused by the full n1 and taken by n2. W2, overlapping and in flight, fails on n1
     # (dropped) and is acknowledged by n2 alone. The undo of W1 copied n1's old bytes over n2.
-    await cluster.meta.create_volume("v", 2 * EXTENT, replicas=2)
-    dev = await cluster.open("v", "n1")
-    await dev.write(0, b"\x11" * BLOCK)
-    ext_id, replicas = await extent_of(cluster)
+    dev, ext_id, replicas = await written(cluster, size=2 * EXTENT)
     other = next(n for n in replicas if n != "n1")
     n1 = cluster.replicas["n1"]
-    n1.store.space.capacity = n1.store.space.used  # n1 is full: block 1 needs space there
+    fill_up(n1.store)  # block 1 needs space there
     refused = asyncio.Event()
 
     async def write(ext: str, offset: int, data: Any, **kw: Any) -> None:
@@ -94,12 +105,8 @@ async def test_a_replica_that_failed_in_the_same_fan_out_as_a_refusal_is_dropped
     cluster: Cluster,
 ) -> None:
     # It was neither dropped nor undone: it kept the refused write, the others did not.
-    await cluster.meta.create_volume("v", EXTENT, replicas=3)
-    dev = await cluster.open("v", "n1")
-    await dev.write(0, b"\x11" * BLOCK)
-    ext_id, _ = await extent_of(cluster)
-    n1 = cluster.replicas["n1"]
-    n1.store.space.capacity = n1.store.space.used
+    dev, ext_id, _ = await written(cluster, replicas=3)
+    fill_up(cluster.replicas["n1"].store)
     n3 = cluster.replicas["n3"]
 
     async def write_then_lose_the_answer(ext: str, offset: int, data: Any, **kw: Any) -> None:
@@ -124,16 +131,12 @@ async def test_a_joining_replica_gets_a_refused_write_undone_and_is_not_admitted
     cluster: Cluster,
 ) -> None:
     # The refusal was matched against the valid replicas only: the joiner kept the write.
-    await cluster.meta.create_volume("v", EXTENT, replicas=2)
-    dev = await cluster.open("v", "n1")
-    await dev.write(0, b"\x11" * BLOCK)
-    ext_id, replicas = await extent_of(cluster)
+    dev, ext_id, replicas = await written(cluster)
     other = next(n for n in replicas if n != "n1")
     joiner = ({"n1", "n2", "n3"} - set(replicas)).pop()
     await cluster.replicas[joiner].store.create(ext_id, EXTENT, epoch=dev.epoch)
     await dev.begin_join(ext_id, joiner)  # a re-replication: live writes reach it
-    n1 = cluster.replicas["n1"].store
-    n1.space.capacity = n1.space.used
+    fill_up(cluster.replicas["n1"].store)
     with pytest.raises(NoSpace):
         await dev.write(BLOCK, b"\x66" * BLOCK)
     assert await cluster.replicas[joiner].store.read(ext_id, BLOCK, 4096) == bytes(4096)
@@ -151,10 +154,7 @@ async def test_a_trim_a_replica_refused_is_undone_on_the_replicas_that_took_it(
     cluster: Cluster,
 ) -> None:
     # Trims did not handle the refusal at all: one replica trimmed, the other not.
-    await cluster.meta.create_volume("v", EXTENT, replicas=2)
-    dev = await cluster.open("v", "n1")
-    await dev.write(0, b"\x11" * 2 * BLOCK)
-    ext_id, replicas = await extent_of(cluster)
+    dev, ext_id, replicas = await written(cluster, data=b"\x11" * 2 * BLOCK)
     other = next(n for n in replicas if n != "n1")
 
     async def no_room(*args: Any, **kw: Any) -> None:  # its disk refuses, changing nothing
@@ -175,10 +175,7 @@ async def test_a_flush_a_full_disk_refuses_fails_with_enospc_and_drops_no_replic
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The failed flush marked n1's replica failed: the next write dropped it.
-    await cluster.meta.create_volume("v", EXTENT, replicas=2)
-    dev = await cluster.open("v", "n1")
-    await dev.write(0, b"\x11" * BLOCK)
-    ext_id, replicas = await extent_of(cluster)
+    dev, ext_id, replicas = await written(cluster)
     n1 = cluster.replicas["n1"].store
     disk = FullDisk(monkeypatch, open_fd(n1.root / f"{ext_id}.jrnl"))
     with pytest.raises(NoSpace):
