@@ -23,13 +23,17 @@ from tests.labkit import LabKit, running_lab, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 MIB = 1 << 20
+GIB = 1 << 30
 CAPACITY_MIB = 48
+#: what each storage server offers: the lab's servers share one disk, whose size would
+#: otherwise decide whether a 1 TiB volume fits (3 x 400 GiB raw, 3.6 TiB provisionable)
+CAPACITY_GIB = 400
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def kit(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LabKit]:
     root: Path = tmp_path_factory.mktemp("abs-space") / "lab"
-    async with running_lab(root, subnet="127.0.81", extent_mib=4) as k:
+    async with running_lab(root, subnet="127.0.81", extent_mib=4, capacity_gib=CAPACITY_GIB) as k:
         yield k
 
 
@@ -49,6 +53,7 @@ async def test_a_1_tib_thin_volume_is_accepted_and_a_refusal_names_the_limit(kit
     vol = await create_volume(kit, "huge", "1T")
     assert vol["size"] == 1 << 40 and vol["replicas"] == 2
     st = await storage(kit)
+    assert st["raw_bytes"] == 3 * CAPACITY_GIB * GIB and st["overcommit_ratio"] == 3.0
     assert st["provisioned_bytes"] >= 2 << 40 > st["raw_bytes"]  # thin: more than raw
     r = await kit.call("POST", "/v1/volumes", json={"name": "huger", "size": "64T"})
     assert r.status_code == 422 and r.json()["field"] == "size", r.text
@@ -127,6 +132,8 @@ async def restart_storage_with(kit: LabKit, **storage_settings: Any) -> None:
     for node in kit.lab.node_names:
         cfg = kit.lab.node_dir(node) / "node.json"
         settings = json.loads(cfg.read_text())
+        for capacity in ("capacity_gib", "capacity_mib"):  # one of them at most
+            settings["storage"].pop(capacity, None)
         settings["storage"].update(storage_settings)
         cfg.write_text(json.dumps(settings, indent=2))
         kit.lab.storage(node).stop()

@@ -15,9 +15,10 @@ from aecp.storage.access import VolumeDevice, open_volume
 from aecp.storage.chunk.client import LocalChunkClient
 from aecp.storage.chunk.errors import ReplicaUnavailable
 from aecp.storage.chunk.store import ReplicaStore
-from aecp.storage.meta.model import MIB, StorageServer
+from aecp.storage.meta.model import MIB, RecoveryRecord, StorageServer
 from aecp.storage.meta.service import MetaService
 from aecp.storage.pool import ReplicaPool
+from aecp.storage.progress import RecoveryBoard
 from aecp.store import keys
 from aecp.store.memory import MemoryStore
 
@@ -45,6 +46,23 @@ class Flaky:
         return call
 
 
+class RecordingBoard(RecoveryBoard):
+    """The store's board of copies in progress (records without a lease), remembering every
+    record it was asked to publish (``puts``)."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        super().__init__(store)
+        self.puts: list[RecoveryRecord] = []
+
+    async def put(self, rec: RecoveryRecord) -> None:
+        self.puts.append(rec)
+        await super().put(rec)
+
+    async def held(self) -> list[RecoveryRecord]:
+        """The records in the store now."""
+        return [RecoveryRecord.load(kv.value) for kv in await self.store.list(keys.ABS_RECOVERY)]
+
+
 class Cluster:
     def __init__(self, store: MemoryStore, stores: dict[str, ReplicaStore], clock: Clock) -> None:
         self.meta = MetaService(store, extent_size=EXTENT, clock=clock, owners=ClusterOwners(store))
@@ -53,6 +71,7 @@ class Cluster:
         self.pool = ReplicaPool(self.meta)
         for n, f in self.replicas.items():
             self.pool.add(n, f)  # type: ignore[arg-type]
+        self.board = RecordingBoard(store)
 
     async def open(self, name: str, node: str = "n1", takeover: bool = False) -> VolumeDevice:
         lease = await self.store.grant_lease(3600)  # outlives the tests' clock advances

@@ -11,14 +11,18 @@ from typing import Any
 import pytest
 
 from aecp.common.clock import FakeClock
-from aecp.common.errors import InvalidState
+from aecp.common.errors import ConfigError, InvalidState, Unavailable
+from aecp.conf.settings import parse
+from aecp.storage.chunk.errors import ReplicaChanged
 from aecp.storage.collect import OrphanCollector, collect_unreferenced
 from aecp.storage.meta.model import ExtentRecord, Holder, RecoveryRecord, new_extent_id
-from aecp.storage.meta.service import MetaService
+from aecp.storage.meta.service import CLOSE_WAIT, SETTLE, MetaService
+from aecp.storage.recovery import RecoveryPolicy, Repairer, new_record
 from aecp.storage.snapshots import SnapshotService
 from aecp.store import keys
 from aecp.store.memory import MemoryStore
 from tests.unit.abskit import BLOCK, EXTENT, Cluster
+from tests.unit.test_settings import good
 
 
 async def fill(cluster: Cluster, name: str, data: bytes) -> None:
@@ -139,12 +143,153 @@ async def test_valid_stale_and_joining_replicas_are_never_collected(
         copied_bytes=0,
         started_at=0,
     )
-    await store.put(keys.abs_recovery(joining), copy.dump())
+    await store.put(keys.abs_recovery(joining, "n2"), copy.dump())
     gc = orphans(cluster, clock)
     for _ in range(3):
         assert await gc.run_pass() == []
         await clock.advance(61)
     assert all([await n2.exists(x) for x in (valid, stale, joining)])
+
+
+async def test_the_lost_copy_of_a_shared_extent_is_deleted_by_its_nodes_orphan_collector(
+    cluster: Cluster, store: MemoryStore, clock: FakeClock
+) -> None:
+    # A re-replication of an extent shared with a snapshot leaves the lost replica in place
+    # (another access point may be recovering it too): only its node's collector reclaims it.
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    await fill(cluster, "v", b"A" * EXTENT)
+    await SnapshotService(cluster.meta, cluster.pool).snapshot("v", "s1")  # shares the extent
+    vol, _ = await cluster.meta.volume("v")
+    ext, _ = await cluster.meta.extent(vol.extents[0] or "")
+    lost = next(n for n in ext.replicas if n != "n1")
+    server = await store.get(keys.abs_server(lost))
+    assert server is not None
+    cluster.replicas[lost].down = True
+    await store.delete(keys.abs_server(lost))  # its lease expired
+    dev = await cluster.open("v")
+    rep = Repairer(dev, RecoveryPolicy(grace=60, rate=1e12), cluster.board)
+    await rep.run_pass()  # dropped: stale
+    await clock.advance(61)
+    [sentence] = await rep.run_pass()
+    assert f"in place of {lost}" in sentence
+    await dev.close()
+    cluster.replicas[lost].down = False  # the node comes back, its old copy with it
+    await store.put(keys.abs_server(lost), server.value)
+    leftover = cluster.replicas[lost].store
+    assert await leftover.exists(ext.id)
+    gc = orphans(cluster, clock, lost)
+    assert await gc.run_pass() == []
+    await clock.advance(61)
+    [collected] = await gc.run_pass()
+    assert ext.id in collected and not await leftover.exists(ext.id)
+    assert leftover.space.used == 0
+
+
+async def test_a_copy_fenced_at_the_epoch_it_was_created_with_is_not_collected(
+    cluster: Cluster, clock: FakeClock
+) -> None:
+    # A re-replication creates its target at the access point's epoch and fences it at the
+    # same epoch before admitting it: the epoch guard of the delete did not see the join.
+    n2 = cluster.replicas["n2"].store
+    ext_id = new_extent_id()
+    await n2.create(ext_id, EXTENT, epoch=7)
+    gc = orphans(cluster, clock)
+    assert await gc.run_pass() == []  # found, unnamed
+    await clock.advance(61)
+    await n2.fence(ext_id, 7)  # a join claims it (same epoch), then is admitted
+    assert await gc.run_pass() == []
+    assert await n2.exists(ext_id)
+
+
+async def test_a_replica_changed_after_it_was_observed_is_not_deleted_as_an_orphan(
+    cluster: Cluster,
+) -> None:
+    # Nothing re-checked the replica at the delete: a join starting in between lost its copy.
+    n2 = cluster.replicas["n2"].store
+    ext_id = new_extent_id()
+    await n2.create(ext_id, EXTENT, epoch=7)
+    for claim in (
+        lambda: n2.fence(ext_id, 7),
+        lambda: n2.create(ext_id, EXTENT, epoch=7),
+        lambda: n2.write(ext_id, 0, b"x" * 4096, epoch=7, generation=1),
+    ):
+        seen = await n2.observe(ext_id)
+        await claim()
+        with pytest.raises(ReplicaChanged):
+            await n2.delete(ext_id, 7, unchanged=seen)
+        assert await n2.exists(ext_id)
+    await n2.delete(ext_id, 7, unchanged=await n2.observe(ext_id))
+    assert not await n2.exists(ext_id)
+
+
+async def test_copies_of_one_extent_to_two_targets_each_keep_their_target_named(
+    cluster: Cluster, clock: FakeClock
+) -> None:
+    # Records were keyed by extent: a second copier's record replaced the first one's, and
+    # the first one's end deleted the second one's, leaving its target to the collector.
+    ext_id = new_extent_id()
+    for node in ("n2", "n3"):
+        await cluster.replicas[node].store.create(ext_id, EXTENT)
+
+    def copy(target: str, volume: str) -> RecoveryRecord:
+        ext = ExtentRecord(id=ext_id, size=EXTENT, replicas=["n1"])
+        return new_record(volume, ext, target, "re-replicate")
+
+    to_n2, to_n3 = copy("n2", "v"), copy("n3", "c")
+    await cluster.board.put(to_n2)
+    await cluster.board.put(to_n3)
+    again = copy("n2", "c")  # a third copier, into n2 as well
+    await cluster.board.put(again)
+    await cluster.board.clear(to_n2)  # the first ends: the record is not its own any more
+    collectors = [orphans(cluster, clock, n) for n in ("n2", "n3")]
+    for _ in range(3):
+        for gc in collectors:
+            assert await gc.run_pass() == []
+        await clock.advance(61)
+    assert {(r.target, r.volume) for r in await cluster.board.held()} == {("n2", "c"), ("n3", "c")}
+    await cluster.board.clear(again)
+    await cluster.board.clear(to_n3)
+    assert await cluster.board.held() == []
+
+
+async def test_a_re_replication_whose_copy_cannot_be_published_makes_no_copy(
+    cluster: Cluster, store: MemoryStore, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The failure to publish was swallowed: the copy went on with no record naming its target.
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    dev = await cluster.open("v")
+    await dev.write(0, b"\x11" * BLOCK)
+    vol, _ = await cluster.meta.volume("v")
+    ext, _ = await cluster.meta.extent(vol.extents[0] or "")
+    lost = next(n for n in ext.replicas if n != "n1")
+    third = ({"n1", "n2", "n3"} - set(ext.replicas)).pop()
+    cluster.replicas[lost].down = True
+    await store.delete(keys.abs_server(lost))
+    rep = Repairer(dev, RecoveryPolicy(grace=60, rate=1e12), cluster.board)
+    await rep.run_pass()
+    await clock.advance(61)
+
+    async def unavailable(rec: RecoveryRecord) -> None:
+        raise Unavailable("the store is unreachable")
+
+    monkeypatch.setattr(cluster.board, "put", unavailable)
+    [sentence] = await rep.run_pass()
+    assert "repair failed, will retry" in sentence and "unreachable" in sentence
+    assert not await cluster.replicas[third].store.exists(ext.id)
+    await dev.close()
+
+
+def test_the_orphan_grace_period_has_a_floor_of_several_recovery_passes() -> None:
+    # 0 was accepted: a replica being built would be deleted before anything named it.
+    for storage, floor in (
+        ({"orphan_grace_s": 0.5}, 60),
+        ({"orphan_grace_s": 100, "recovery_interval_s": 30}, 125),
+    ):
+        with pytest.raises(ConfigError) as err:
+            parse(good() | {"storage": storage})
+        [problem] = err.value.fields["problems"]
+        assert problem.startswith(f"storage.orphan_grace_s: must be at least {floor} s")
+    assert parse(good() | {"storage": {"orphan_grace_s": 60}}).storage.orphan_grace_s == 60
 
 
 # ---- a delete while an export closes ---------------------------------------------------------
@@ -186,14 +331,24 @@ async def test_a_delete_just_after_the_client_left_waits_for_its_server_to_notic
 
 
 async def test_a_delete_of_a_volume_in_use_or_closing_too_long_is_refused(
-    cluster: Cluster, store: MemoryStore
+    cluster: Cluster, store: MemoryStore, clock: FakeClock
 ) -> None:
     holder = await attached(cluster.meta, store)
-    with pytest.raises(InvalidState, match="in use"):
-        await cluster.meta.delete_volume("v", close_wait=0.05)
+    deleting = asyncio.ensure_future(cluster.meta.delete_volume("v"))
+    await clock.until_sleeping()
+    await clock.advance(SETTLE - 0.1)
+    assert not deleting.done()  # the client may have just left: waiting for its server
+    await clock.advance(0.1)
+    with pytest.raises(InvalidState, match="in use"):  # not closing: a client holds it
+        await deleting
     await cluster.meta.mark_closing(holder)
-    with pytest.raises(InvalidState, match="in use"):
-        await cluster.meta.delete_volume("v", close_wait=0.05)
+    deleting = asyncio.ensure_future(cluster.meta.delete_volume("v"))
+    await clock.until_sleeping()
+    await clock.advance(CLOSE_WAIT - 0.1)
+    assert not deleting.done()  # closing: waiting for its flush and detach
+    await clock.advance(0.1)
+    with pytest.raises(InvalidState, match="in use"):  # the close took too long
+        await deleting
     assert await store.get(keys.abs_volume("v")) is not None
 
 

@@ -6,21 +6,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from aecp.common.clock import FakeClock
+from aecp.common.errors import InvalidState
 from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.frozen import FrozenRepairer
-from aecp.storage.meta.model import ExtentRecord, RecoveryRecord
+from aecp.storage.meta.model import ExtentRecord, new_extent_id
 from aecp.storage.recovery import RecoveryPolicy, Repairer
 from aecp.storage.snapshots import SnapshotService
 from aecp.store import keys
 from aecp.store.memory import MemoryStore
 from tests.unit.abskit import BLOCK, EXTENT, Cluster
-
-published: list[RecoveryRecord | None] = []
-
-
-async def publish(rec: RecoveryRecord | None, extent: str) -> None:
-    published.append(rec)
 
 
 async def frozen_extent(cluster: Cluster) -> ExtentRecord:
@@ -48,7 +45,9 @@ async def lose(cluster: Cluster, store: MemoryStore, node: str) -> None:
 
 
 def repairer(cluster: Cluster) -> FrozenRepairer:
-    return FrozenRepairer(cluster.meta, cluster.pool, RecoveryPolicy(grace=60, rate=1e12), publish)
+    return FrozenRepairer(
+        cluster.meta, cluster.pool, RecoveryPolicy(grace=60, rate=1e12), cluster.board
+    )
 
 
 async def test_an_extent_only_a_snapshot_names_is_re_replicated_after_its_node_is_lost(
@@ -59,7 +58,7 @@ async def test_an_extent_only_a_snapshot_names_is_re_replicated_after_its_node_i
     await lose(cluster, store, lost)
     # the volume's own recovery never looks at it: it is no longer in the volume's table
     dev = await cluster.open("v")
-    sentences = await Repairer(dev, RecoveryPolicy(60, 1e12), publish).run_pass()
+    sentences = await Repairer(dev, RecoveryPolicy(60, 1e12), cluster.board).run_pass()
     assert not any(ext.id in s for s in sentences)
     await dev.close()
     rep = repairer(cluster)
@@ -77,7 +76,8 @@ async def test_an_extent_only_a_snapshot_names_is_re_replicated_after_its_node_i
     src = await cluster.replicas[kept].store.stat(ext.id)
     assert (await cluster.replicas[third].store.stat(ext.id)).epoch >= src.epoch  # fenced
     assert await rep.run_pass() == []  # healthy now
-    assert published[-1] is None  # the progress record is removed
+    assert [r.target for r in cluster.board.puts] == [third] * len(cluster.board.puts)
+    assert await cluster.board.held() == []  # the progress record is removed
 
 
 async def test_a_frozen_extents_node_back_in_time_catches_up_without_a_copy(
@@ -108,7 +108,7 @@ async def test_an_idle_volumes_replica_whose_node_left_is_dropped_by_its_recover
     ext, _ = await cluster.meta.extent(vol.extents[0] or "")
     lost = next(n for n in ext.replicas if n != "n1")
     await lose(cluster, store, lost)
-    sentences = await Repairer(dev, RecoveryPolicy(60, 1e12), publish).run_pass()
+    sentences = await Repairer(dev, RecoveryPolicy(60, 1e12), cluster.board).run_pass()
     assert f"{lost} left the cluster" in sentences[0] and "waiting for" in sentences[1]
     now, _ = await cluster.meta.extent(ext.id)
     assert now.replicas == ["n1"] and lost in now.stale
@@ -130,3 +130,23 @@ async def test_the_scrubber_repairs_a_corrupt_sector_of_a_frozen_extent(
     assert f"repaired 1 bad sectors on {victim}" in sentence
     assert await cluster.replicas[victim].store.scrub(ext.id) == []
     assert await cluster.replicas[victim].store.read(ext.id, 0, EXTENT) == b"\x11" * EXTENT
+
+
+async def test_two_copies_replacing_one_lost_replica_are_never_both_admitted(
+    cluster: Cluster, store: MemoryStore
+) -> None:
+    # admit_copy checked neither that the replaced replica was still stale nor the factor:
+    # two leaders (or a leader and a clone's access point) made three replicas of two.
+    ext = ExtentRecord(
+        id=new_extent_id(), size=EXTENT, replicas=["n1"], stale={"n2": 1}, generation=2
+    )
+    await store.put(keys.abs_extent(ext.id), ext.dump())
+    admitted = await cluster.meta.admit_copy(ext.id, "n3", "n2", factor=2)
+    assert admitted.replicas == ["n1", "n3"] and admitted.stale == {}
+    with pytest.raises(InvalidState, match="n2 was caught up or replaced meanwhile"):
+        await cluster.meta.admit_copy(ext.id, "n4", "n2", factor=2)
+    with pytest.raises(InvalidState, match="has its 2 replicas already"):
+        await cluster.meta.admit_copy(ext.id, "n4", None, factor=2)
+    with pytest.raises(InvalidState, match="n3 is a valid replica already"):
+        await cluster.meta.admit_copy(ext.id, "n3", None, factor=3)
+    assert (await cluster.meta.extent(ext.id))[0].replicas == ["n1", "n3"]

@@ -14,15 +14,11 @@ import pytest
 from aecp.common.errors import Conflict, InvalidState, Unavailable
 from aecp.storage.access import VolumeDevice, open_volume
 from aecp.storage.chunk.errors import ReplicaUnavailable
-from aecp.storage.meta.model import Holder, RecoveryRecord
+from aecp.storage.meta.model import Holder
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.recovery import RecoveryPolicy, Repairer
 from aecp.storage.snapshots import SnapshotService
 from tests.unit.abskit import BLOCK, EXTENT, Cluster
-
-
-async def publish(rec: RecoveryRecord | None, extent: str) -> None:
-    pass
 
 
 async def filled(cluster: Cluster) -> tuple[VolumeDevice, str, str]:
@@ -63,7 +59,9 @@ async def snapshot_during_join(
     for a paused VM: (..., the recovery pass running, the event that lets it go on)."""
     dev, ext_id, other = await degraded(cluster)
     copying, go_on = hold_copy(dev)
-    repairing = asyncio.ensure_future(Repairer(dev, RecoveryPolicy(60, 1e12), publish).run_pass())
+    repairing = asyncio.ensure_future(
+        Repairer(dev, RecoveryPolicy(60, 1e12), cluster.board).run_pass()
+    )
     await copying.wait()
     await SnapshotService(cluster.meta, cluster.pool).snapshot("v", "s", paused_on="n1")
     return dev, ext_id, other, repairing, go_on
@@ -103,7 +101,9 @@ async def test_a_repair_overtaken_by_a_client_attach_does_not_admit_its_replica(
     lease = await cluster.store.grant_lease(60)  # the Meta leader repairs the idle volume
     rdev = await open_volume(cluster.meta, cluster.pool, "n1", "v", lease, purpose="repair")
     copying, go_on = hold_copy(rdev)
-    repairing = asyncio.ensure_future(Repairer(rdev, RecoveryPolicy(60, 1e12), publish).run_pass())
+    repairing = asyncio.ensure_future(
+        Repairer(rdev, RecoveryPolicy(60, 1e12), cluster.board).run_pass()
+    )
     await copying.wait()
     third = ({"n1", "n2", "n3"} - {"n1", other}).pop()
     client = await cluster.open("v", third)  # the repair attachment yields
@@ -138,7 +138,7 @@ async def test_a_failure_right_after_admission_keeps_writes_reaching_the_admitte
         raise ReplicaUnavailable(other, "blip right after admission")
 
     cluster.pool.add(other, Override(flaky, "set_generation", blip))  # type: ignore[arg-type]
-    [sentence] = await Repairer(dev, RecoveryPolicy(60, 1e12), publish).run_pass()
+    [sentence] = await Repairer(dev, RecoveryPolicy(60, 1e12), cluster.board).run_pass()
     assert "repair failed" in sentence  # a sentence: the recovery loop goes on
     cluster.pool.add(other, flaky)  # type: ignore[arg-type]
     await dev.write(12 * BLOCK, b"\x99" * 4096)
@@ -172,7 +172,7 @@ async def test_a_write_still_holding_an_ended_joins_lock_is_waited_for_by_the_ne
     await ending
     await asyncio.sleep(0.01)
     assert not writing.done()
-    rep = Repairer(dev, RecoveryPolicy(60, 1e12), publish)  # the next pass: a new join
+    rep = Repairer(dev, RecoveryPolicy(60, 1e12), cluster.board)  # the next pass: a new join
     repairing = asyncio.ensure_future(rep.run_pass())
     await asyncio.sleep(0.05)
     slow.set()
@@ -207,7 +207,7 @@ async def test_a_failed_re_replication_leaves_nothing_a_later_one_would_admit(
     await dev.write(BLOCK, b"\x22" * 4096)  # drops `other`
     policy = RecoveryPolicy(0, 1e12)  # no grace: re-replicate to `target`
     copying, go_on = hold_copy(dev)
-    first = asyncio.ensure_future(Repairer(dev, policy, publish).run_pass())
+    first = asyncio.ensure_future(Repairer(dev, policy, cluster.board).run_pass())
     await copying.wait()
     snaps = SnapshotService(cluster.meta, cluster.pool)
     await snaps.snapshot("v", "s", paused_on="n1")
@@ -217,7 +217,7 @@ async def test_a_failed_re_replication_leaves_nothing_a_later_one_would_admit(
     await dev.close()
     await snaps.clone("v", "s", "c")
     clone = await cluster.open("c", target)  # the clone's repair re-replicates to `target`
-    await Repairer(clone, policy, publish).run_pass()
+    await Repairer(clone, policy, cluster.board).run_pass()
     assert await clone.read(12 * BLOCK, 4096) == bytes(4096)
     assert await valid_and_complete(cluster, ext_id, target, 12)
 
@@ -238,7 +238,7 @@ async def test_a_join_that_fails_after_its_last_copy_is_reported_as_failed(
         await real_copy(*args)
 
     dev.copy_range = copy  # type: ignore[method-assign]
-    [sentence] = await Repairer(dev, RecoveryPolicy(60, 1e12), publish).run_pass()
+    [sentence] = await Repairer(dev, RecoveryPolicy(60, 1e12), cluster.board).run_pass()
     await asyncio.gather(*writes)
     ext, _ = await cluster.meta.extent(ext_id)
     assert other not in ext.replicas and "failed" in sentence, sentence
@@ -285,7 +285,7 @@ async def test_a_replica_a_snapshot_could_not_fence_is_dropped_by_the_snapshot(
     await dev.close()
     await SnapshotService(cluster.meta, cluster.pool).clone("v", "s", "c")
     clone = await cluster.open("c", "n1")  # the extent is in the clone's table: it repairs it
-    await Repairer(clone, RecoveryPolicy(60, 1e12), publish).run_pass()  # `other` catches up
+    await Repairer(clone, RecoveryPolicy(60, 1e12), cluster.board).run_pass()  # `other` catches up
     ext, _ = await cluster.meta.extent(ext_id)
     assert other in ext.replicas
     assert await cluster.replicas[other].store.read(ext_id, 12 * BLOCK, 4096) == b"\x11" * 4096
@@ -318,7 +318,7 @@ async def test_a_join_after_a_snapshot_keeps_every_healthy_replica(cluster: Clus
     cluster.replicas[other].down = True
     await dev.write(EXTENT + 3 * BLOCK, b"\x33" * 4096)  # drops `other`
     cluster.replicas[other].down = False
-    await Repairer(dev, RecoveryPolicy(60, 1e12), publish).run_pass()  # catches it up
+    await Repairer(dev, RecoveryPolicy(60, 1e12), cluster.board).run_pass()  # catches it up
     await dev.write(EXTENT + 5 * BLOCK, b"\x44" * 4096)
     ext, _ = await cluster.meta.extent(ext.id)
     assert sorted(ext.replicas) == sorted(["n1", other]) and not ext.stale
@@ -330,10 +330,10 @@ async def test_a_re_replication_never_deletes_the_lost_replica_another_one_caugh
     ext_id, other = await shared_and_degraded(cluster)
     v = await cluster.open("v", "n1")
     copying, go_on = hold_copy(v)
-    v_pass = asyncio.ensure_future(Repairer(v, RecoveryPolicy(0, 1e12), publish).run_pass())
+    v_pass = asyncio.ensure_future(Repairer(v, RecoveryPolicy(0, 1e12), cluster.board).run_pass())
     await copying.wait()  # v re-replicates in place of `other` ...
     c = await cluster.open("c", ({"n2", "n3"} - {other}).pop())
-    await Repairer(c, RecoveryPolicy(60, 1e12), publish).run_pass()  # ... c catches it up
+    await Repairer(c, RecoveryPolicy(60, 1e12), cluster.board).run_pass()  # ... c catches it up
     go_on.set()
     await v_pass
     ext, _ = await cluster.meta.extent(ext_id)
@@ -359,9 +359,11 @@ async def test_a_failed_re_replication_never_deletes_a_copy_another_access_point
 
     pool.add(target, Override(tgt, "flush", flush_then_hold))  # type: ignore[arg-type]
     c = await open_volume(cluster.meta, pool, "n3", "c", await cluster.store.grant_lease(3600))
-    c_pass = asyncio.ensure_future(Repairer(c, policy, publish).run_pass())
+    c_pass = asyncio.ensure_future(Repairer(c, policy, cluster.board).run_pass())
     await held.wait()
-    v_pass = asyncio.ensure_future(Repairer(v, policy, publish).run_pass())  # fails: StaleEpoch
+    v_pass = asyncio.ensure_future(
+        Repairer(v, policy, cluster.board).run_pass()
+    )  # fails: StaleEpoch
     await asyncio.sleep(0.02)
     go_on.set()
     await asyncio.gather(c_pass, v_pass)
@@ -384,7 +386,7 @@ async def test_replicas_a_snapshot_could_not_fence_all_catch_up_what_they_took(
     await SnapshotService(cluster.meta, cluster.pool).clone("v", "s", "c")
     clone = await cluster.open("c", "n1")
     for _ in range(2):  # one catch-up per pass
-        await Repairer(clone, RecoveryPolicy(60, 1e12), publish).run_pass()
+        await Repairer(clone, RecoveryPolicy(60, 1e12), cluster.board).run_pass()
     ext, _ = await cluster.meta.extent(ext_id)
     assert sorted(ext.replicas) == ["n1", "n2", "n3"]
     for node in ext.replicas:
@@ -416,7 +418,7 @@ async def test_a_shared_extent_re_replicated_keeps_its_lost_replica_on_disk(
     # Another volume sharing it could be catching that replica up right now.
     ext_id, other = await shared_and_degraded(cluster)
     v = await cluster.open("v", "n1")
-    [sentence] = await Repairer(v, RecoveryPolicy(0, 1e12), publish).run_pass()
+    [sentence] = await Repairer(v, RecoveryPolicy(0, 1e12), cluster.board).run_pass()
     assert f"in place of {other}" in sentence
     assert await cluster.replicas[other].store.exists(ext_id)
 

@@ -10,7 +10,7 @@ from typing import Any
 from aecp.storage.chunk.errors import ChecksumError, ReplicaUnavailable
 from aecp.storage.recovery import RecoveryPolicy, Repairer
 from tests.unit.abskit import BLOCK, Cluster
-from tests.unit.test_recovery_races import Override, filled, publish
+from tests.unit.test_recovery_races import Override, filled
 
 AT = 12 * BLOCK
 
@@ -35,7 +35,7 @@ async def test_a_scrub_repair_never_overwrites_a_write_acknowledged_meanwhile(
     dev, ext_id, other = await filled(cluster)
     ext, _ = await cluster.meta.extent(ext_id)
     reading, gate = held_read(cluster)
-    rep = Repairer(dev, RecoveryPolicy(60, 1e12), publish)
+    rep = Repairer(dev, RecoveryPolicy(60, 1e12), cluster.board)
     repairing = asyncio.ensure_future(rep._repair_sectors(ext, other, [AT // 4096]))
     await reading.wait()
     cluster.pool.add("n1", cluster.replicas["n1"])  # type: ignore[arg-type]
@@ -52,7 +52,7 @@ async def test_a_scrub_by_an_access_point_closed_meanwhile_changes_nothing(
     dev, ext_id, other = await filled(cluster)
     ext, _ = await cluster.meta.extent(ext_id)
     reading, go_on = held_read(cluster)
-    rep = Repairer(dev, RecoveryPolicy(60, 1e12), publish)  # the daemon's scrub pass
+    rep = Repairer(dev, RecoveryPolicy(60, 1e12), cluster.board)  # the daemon's scrub pass
     repairing = asyncio.ensure_future(rep._repair_sectors(ext, other, [AT // 4096]))
     await reading.wait()
     cluster.pool.add("n1", cluster.replicas["n1"])  # type: ignore[arg-type]

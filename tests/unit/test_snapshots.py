@@ -3,14 +3,17 @@ any order), reclaiming extents nobody names, and snapshots of a volume a paused 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
 import pytest
 
 from aecp.cluster.volumes import VolumeService
+from aecp.common.clock import FakeClock
 from aecp.common.errors import InvalidState
 from aecp.storage.access import VolumeDevice
+from aecp.storage.meta.service import SETTLE
 from aecp.storage.snapshots import SnapshotService
 from aecp.store.memory import MemoryStore
 from tests.unit.abskit import EXTENT, Cluster
@@ -116,13 +119,18 @@ async def test_a_volume_with_snapshots_cannot_be_deleted_first(cluster: Cluster)
         await cluster.meta.delete_volume("v")
 
 
-async def test_an_attached_volume_is_snapshotted_only_for_its_paused_vm(cluster: Cluster) -> None:
+async def test_an_attached_volume_is_snapshotted_only_for_its_paused_vm(
+    cluster: Cluster, clock: FakeClock
+) -> None:
     s = snaps(cluster)
     await cluster.meta.create_volume("v", EXTENT, replicas=2)
     dev = await cluster.open("v", "n1")
     await dev.write(0, b"old!" * 1024)
+    snapping = asyncio.ensure_future(s.snapshot("v", "s"))
+    await clock.until_sleeping()
+    await clock.advance(SETTLE)  # it waits as long for a client that may have just left
     with pytest.raises(InvalidState, match="attached on n1"):
-        await s.snapshot("v", "s")
+        await snapping
     await s.snapshot("v", "s", paused_on="n1")
     await dev.write(0, b"new!" * 1024)  # adopts the new epoch, copies on write
     assert await dev.read(0, 4096) == b"new!" * 1024
@@ -131,15 +139,18 @@ async def test_an_attached_volume_is_snapshotted_only_for_its_paused_vm(cluster:
     assert await content(cluster, "c", 4096) == b"old!" * 1024
 
 
-async def test_rollback_restores_a_detached_volume(cluster: Cluster) -> None:
+async def test_rollback_restores_a_detached_volume(cluster: Cluster, clock: FakeClock) -> None:
     s = snaps(cluster)
     await cluster.meta.create_volume("v", EXTENT, replicas=1)
     await fill(cluster, "v", b"a" * 4096)
     await s.snapshot("v", "s")
     await fill(cluster, "v", b"b" * 4096)
     dev = await cluster.open("v")
+    rolling = asyncio.ensure_future(s.rollback("v", "s"))
+    await clock.until_sleeping()
+    await clock.advance(SETTLE)  # it waits as long for a client that may have just left
     with pytest.raises(InvalidState, match="attached"):
-        await s.rollback("v", "s")
+        await rolling
     await dev.close()
     await s.rollback("v", "s")
     assert await content(cluster, "v", 4096) == b"a" * 4096

@@ -190,6 +190,48 @@ async def test_an_overcommit_ratio_of_one_admits_only_the_raw_capacity(
         await meta.create_volume("v", 16 * GIB, replicas=2)
 
 
+async def set_server(store: MemoryStore, node: str, **fields: object) -> None:
+    kv = await store.get(keys.abs_server(node))
+    assert kv is not None
+    s = StorageServer.load(kv.value)
+    await store.put(keys.abs_server(node), s.model_copy(update=fields).dump())
+
+
+async def test_every_node_admits_by_the_lowest_overcommit_ratio_the_storage_servers_publish(
+    store: MemoryStore,
+) -> None:
+    # The ratio was the setting of the node whose API took the request: the same volume was
+    # admitted through one node and refused through another.
+    await servers(store)  # 30 GiB raw
+    for node, ratio in (("n1", 2.0), ("n2", 3.0), ("n3", 3.0)):
+        await set_server(store, node, overcommit_ratio=ratio)
+    for local in (1.0, 5.0):  # what each API node is configured with itself
+        meta = MetaService(store, overcommit_ratio=local, owners=ClusterOwners(store))
+        with pytest.raises(InvalidInput, match=f"the limit is {60 * GIB} bytes \\(2 x "):
+            await meta.create_volume("big", 31 * GIB, replicas=2)
+    one = MetaService(store, overcommit_ratio=1.0, owners=ClusterOwners(store))
+    await one.create_volume("big", 30 * GIB, replicas=2)
+    meta = MetaService(store, owners=ClusterOwners(store))
+    st = await VolumeService(meta, pool=None).status()  # type: ignore[arg-type]
+    assert st.overcommit_ratio == 2.0 and st.provisioned_limit_bytes == 60 * GIB
+    assert any("different overcommit ratios (2 on n1, 3 on n2, 3 on n3)" in w for w in st.warnings)
+
+
+async def test_storage_status_warns_when_provisioning_exceeds_the_limit_after_capacity_shrinks(
+    store: MemoryStore,
+) -> None:
+    await servers(store)  # 30 GiB raw: 90 GiB may be provisioned
+    meta = MetaService(store, owners=ClusterOwners(store))
+    await meta.create_volume("v", 40 * GIB, replicas=2)
+    svc = VolumeService(meta, pool=None)  # type: ignore[arg-type]
+    assert not any("provisioned" in w for w in (await svc.status()).warnings)
+    for node in ("n1", "n2", "n3"):  # smaller disks: 15 GiB raw, 45 GiB may be provisioned
+        await set_server(store, node, capacity_bytes=5 * GIB, free_bytes=5 * GIB)
+    st = await svc.status()
+    warning = f"{80 * GIB} bytes are provisioned, more than the limit of {45 * GIB} bytes"
+    assert any(w.startswith(warning) for w in st.warnings)
+
+
 def test_the_overcommit_ratio_must_be_positive_and_one_capacity_is_given() -> None:
     base = good()
     with pytest.raises(ConfigError) as err:

@@ -236,7 +236,8 @@ class VolumeService:
 
     async def status(self) -> StorageStatus:
         t = await self.meta.tables()
-        servers = [_usage(s) for s in sorted((await self.meta.servers()).values(), key=_node)]
+        registered = await self.meta.servers()
+        servers = [_usage(s) for s in sorted(registered.values(), key=_node)]
         factor = {x: s.replicas for s in t.snapshots for x in s.extents if x}
         factor.update({x: v.replicas for v in t.volumes.values() for x in v.extents if x})
         missing = {x: factor[x] - len(e.replicas) for x, e in t.extents.items() if x in factor}
@@ -250,6 +251,9 @@ class VolumeService:
         ]
         if _level(used_pct) != "ok":
             warnings.append(f"the cluster's storage is {used_pct:.0f}% full ({_level(used_pct)})")
+        ratio = self.meta.cluster_overcommit(registered)
+        provisioned = sum(v.size * v.replicas for v in t.volumes.values())
+        warnings += _provisioning_warnings(servers, ratio, raw, provisioned)
         return StorageStatus(
             servers=servers,
             volumes=len(t.volumes),
@@ -260,9 +264,9 @@ class VolumeService:
             raw_bytes=raw,
             free_bytes=free,
             allocated_bytes=sum(s.used_bytes for s in servers),
-            provisioned_bytes=sum(v.size * v.replicas for v in t.volumes.values()),
-            provisioned_limit_bytes=int(raw * self.meta.overcommit_ratio),
-            overcommit_ratio=self.meta.overcommit_ratio,
+            provisioned_bytes=provisioned,
+            provisioned_limit_bytes=int(raw * ratio),
+            overcommit_ratio=ratio,
             used_pct=used_pct,
             # a full server fails the writes that need space there: the worst level counts
             level=max([_level(used_pct), *(s.level for s in servers)], key=_LEVELS.index),
@@ -339,6 +343,26 @@ def _level(pct: float) -> str:
 def _usage(s: StorageServer) -> ServerUsage:
     pct = _pct(s.capacity_bytes - s.free_bytes, s.capacity_bytes)
     return ServerUsage(**s.model_dump(), used_pct=pct, level=_level(pct))
+
+
+def _provisioning_warnings(
+    servers: list[ServerUsage], ratio: float, raw: int, provisioned: int
+) -> list[str]:
+    """Provisioned beyond the limit (the servers' capacity shrank, or one left), and servers
+    that publish different overcommit ratios (the lowest applies)."""
+    out = []
+    limit = int(raw * ratio)
+    if provisioned > limit:
+        out.append(
+            f"{provisioned} bytes are provisioned, more than the limit of {limit} bytes "
+            f"({ratio:g} x {raw} bytes of raw capacity): the capacity shrank or a storage "
+            "server left; new volumes, growth and clones are refused until it is back"
+        )
+    ratios = {s.node: s.overcommit_ratio for s in servers if s.overcommit_ratio}
+    if len(set(ratios.values())) > 1:
+        each = ", ".join(f"{r:g} on {n}" for n, r in sorted(ratios.items()))
+        out.append(f"storage servers set different overcommit ratios ({each}): {ratio:g} applies")
+    return out
 
 
 def _progress(rec: RecoveryRecord | None) -> str:

@@ -49,6 +49,19 @@ class FakeClock:
         self._waiters.append((self.now + seconds, fut))
         await fut
 
+    def sleeping(self) -> int:
+        """How many sleeps are waiting (a test waits for the code under test to sleep)."""
+        return sum(1 for _, fut in self._waiters if not fut.done())
+
+    async def until_sleeping(self, count: int = 1) -> None:
+        """Return once ``count`` sleeps are waiting (``AssertionError`` if the code under test
+        never gets there while the event loop runs everything else)."""
+        for _ in range(10_000):
+            if self.sleeping() >= count:
+                return
+            await asyncio.sleep(0)
+        raise AssertionError(f"nothing slept on the fake clock ({self.sleeping()} waiting)")
+
     async def advance(self, seconds: float) -> None:
         """Move time forward, waking every sleeper whose deadline has passed."""
         self.now += seconds

@@ -99,9 +99,10 @@ class StorageSettings(BaseModel):
     )
     orphan_grace_s: float = Field(
         600,
-        ge=0,
+        gt=0,
         description="a replica that no extent record names is deleted once it has been "
-        "found so, unchanged, for this long (a replica being built is never named yet)",
+        "found so, unchanged, for this long (a replica being built is not named yet); at "
+        "least 60 s and 4 recovery intervals plus the store timeout",
     )
     rack: str = ""
     chassis: str = ""
@@ -166,6 +167,19 @@ class NodeSettings(BaseModel):
         return self.data_dir / "nbd" / "nbd.sock"
 
 
+#: the shortest ``storage.orphan_grace_s``, and how many recovery intervals it must span
+MIN_ORPHAN_GRACE_S = 60.0
+ORPHAN_GRACE_PASSES = 4
+
+
+def orphan_grace_floor(s: NodeSettings) -> float:
+    """The shortest orphan grace period these settings allow: a replica being built (created
+    before its extent is committed, or a copy before its record is read back) stays unnamed
+    for at most a few recovery passes and a store call."""
+    passes = ORPHAN_GRACE_PASSES * s.storage.recovery_interval_s + s.store.timeout
+    return max(MIN_ORPHAN_GRACE_S, passes)
+
+
 def load(path: Path) -> NodeSettings:
     """Read and validate a settings file; ``ConfigError`` lists every problem found."""
     try:
@@ -202,6 +216,14 @@ def _semantic_problems(s: NodeSettings) -> list[str]:
         problems.append("agent.fence_margin: must be smaller than agent.lease_ttl")
     if s.storage.capacity_gib is not None and s.storage.capacity_mib is not None:
         problems.append("storage.capacity_mib: give capacity_gib or capacity_mib, not both")
+    floor = orphan_grace_floor(s)
+    if s.storage.orphan_grace_s < floor:
+        problems.append(
+            f"storage.orphan_grace_s: must be at least {floor:g} s (at least "
+            f"{MIN_ORPHAN_GRACE_S:g} s, and {ORPHAN_GRACE_PASSES} recovery intervals plus the "
+            "store timeout): a replica being built may be named by nothing that long, and the "
+            "orphan collector must not delete it"
+        )
     if not s.store.endpoints:
         problems.append("store.endpoints: at least one endpoint is needed")
     if len(str(s.nbd_socket).encode()) > MAX_SOCKET_PATH:

@@ -69,6 +69,9 @@ class LabSpec(BaseModel):
     cluster_name: str = "lab"
     extent_mib: int = 64
     recovery_grace_s: float = 10.0
+    #: space each storage server offers (None: its disk's, which the lab's nodes share, so
+    #: the cluster's raw capacity counts that disk once per node)
+    capacity_gib: int | None = Field(None, ge=1)
     storage: bool = True
 
     @field_validator("subnet")
@@ -252,6 +255,14 @@ class Lab:
     def _write_node_settings(self, name: str, probe_image: Path | None) -> None:
         d = self.node_dir(name)
         (d / "data").mkdir(parents=True, exist_ok=True)
+        storage: dict[str, object] = {
+            "extent_mib": self.spec.extent_mib,
+            "recovery_grace_s": self.spec.recovery_grace_s,
+            "recovery_interval_s": 1.0,
+            "scrub_interval_s": 30.0,
+        }
+        if self.spec.capacity_gib is not None:
+            storage["capacity_gib"] = self.spec.capacity_gib
         s = {
             "name": name,
             "address": self.spec.address(self.index(name)),
@@ -271,12 +282,7 @@ class Lab:
             },
             "api": {"port": self.spec.api_port},
             "security": {"tls_dir": str(self.ca.node_bundle(name).dir)},
-            "storage": {
-                "extent_mib": self.spec.extent_mib,
-                "recovery_grace_s": self.spec.recovery_grace_s,
-                "recovery_interval_s": 1.0,
-                "scrub_interval_s": 30.0,
-            },
+            "storage": storage,
         }
         (d / "node.json").write_text(json.dumps(s, indent=2))
 

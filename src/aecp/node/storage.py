@@ -44,9 +44,10 @@ from aecp.storage.collect import OrphanCollector, collect_unreferenced
 from aecp.storage.exports import GrantPolicy, granted_by
 from aecp.storage.frontends.nbd.server import Limits, NbdServer
 from aecp.storage.frozen import FrozenRepairer
-from aecp.storage.meta.model import MIB, RecoveryRecord, StorageServer
+from aecp.storage.meta.model import MIB, StorageServer
 from aecp.storage.meta.service import CLOSE_WAIT, SETTLE, AttachedElsewhere, MetaService
 from aecp.storage.pool import ReplicaPool
+from aecp.storage.progress import RecoveryBoard
 from aecp.storage.recovery import RecoveryPolicy, Repairer
 from aecp.store import keys
 from aecp.store.base import Lease, Store
@@ -150,6 +151,7 @@ class StorageDaemon:
         self._exports: dict[str, tuple[VolumeDevice, int]] = {}
         self._closing: dict[str, asyncio.Future[None]] = {}  # last handle gone, device closing
         self.election = Election(store, "abs-meta", self.node)
+        self.board = RecoveryBoard(store, self._lease_held)
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
 
@@ -203,6 +205,7 @@ class StorageDaemon:
             used_bytes=used,
             rack=self.s.storage.rack,
             chassis=self.s.storage.chassis,
+            overcommit_ratio=self.s.storage.overcommit_ratio,
         )
         await self.store.put(keys.abs_server(self.node), rec.dump(), lease=lease)
 
@@ -241,13 +244,9 @@ class StorageDaemon:
         st = self.s.storage
         return RecoveryPolicy(grace=st.recovery_grace_s, rate=st.recovery_mib_s * MIB)
 
-    async def _publish(self, rec: RecoveryRecord | None, extent: str) -> None:
-        lease = self.keeper.lease
-        with contextlib.suppress(AecpError):
-            if rec is None:
-                await self.store.delete(keys.abs_recovery(extent))
-            elif lease is not None:
-                await self.store.put(keys.abs_recovery(extent), rec.dump(), lease=lease)
+    def _lease_held(self) -> Lease | None:
+        """The storage lease while it is held (copies are published on it)."""
+        return self.keeper.lease if self.keeper.held() else None
 
     async def _recovery_loop(self) -> None:
         """Repair the volumes attached here; as the elected Meta leader, also the degraded
@@ -263,7 +262,7 @@ class StorageDaemon:
         while True:
             await asyncio.sleep(st.recovery_interval_s)
             await self._each_volume("repair", degraded_only=True)
-            frozen = FrozenRepairer(self.meta, self.pool, self._policy(), self._publish)
+            frozen = FrozenRepairer(self.meta, self.pool, self._policy(), self.board)
             await self._as_leader("frozen extents", frozen.run_pass)
             if self.clock.monotonic() - collected >= self._gc_every():
                 collected = self.clock.monotonic()
@@ -302,7 +301,7 @@ class StorageDaemon:
         while True:
             await asyncio.sleep(self.s.storage.scrub_interval_s)
             await self._each_volume("scrub", degraded_only=False)
-            frozen = FrozenRepairer(self.meta, self.pool, self._policy(), self._publish)
+            frozen = FrozenRepairer(self.meta, self.pool, self._policy(), self.board)
             await self._as_leader("scrub frozen extents", frozen.scrub_pass)
 
     async def _each_volume(self, what: str, degraded_only: bool) -> None:
@@ -330,7 +329,7 @@ class StorageDaemon:
             log.exception("volume %s: %s failed", name, what)
 
     async def _work(self, dev: VolumeDevice, what: str) -> None:
-        rep = Repairer(dev, self._policy(), self._publish)
+        rep = Repairer(dev, self._policy(), self.board)
         sentences = await (rep.run_pass() if what == "repair" else rep.scrub_pass())
         for sentence in sentences:
             log.info("volume %s: %s", dev.vol.name, sentence)

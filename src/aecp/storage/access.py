@@ -10,8 +10,13 @@ the volume: this one is fenced and fails every later request.
 Read path: the local replica first, then the others; a checksum failure is served from another
 replica and the bad sectors are repaired from the good data.
 
-Extents are allocated on the first write to their slot (thin): replicas created first, then
-committed to the volume's table (see ``meta.service`` for the ordering rules).
+A write (or trim) that a replica refuses for want of space fails with ENOSPC, drops nobody
+for it, and is undone on the replicas that took it (``storage.refused``). Recovery copies and
+repairs are ordered against the writes by ``storage.joins``.
+
+Extents are allocated on the first write to their slot (thin): replicas created first
+(``storage.newextent``), then committed to the volume's table (see ``meta.service`` for the
+ordering rules).
 """
 
 from __future__ import annotations
@@ -21,15 +26,14 @@ import contextlib
 import functools
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
-from aecp.common.errors import AecpError, NoCapacity, NotFound
+from aecp.common.errors import AecpError, NotFound
 from aecp.storage.blockdev import (
     Allocation,
     BlockDevice,
     BlockError,
     Fenced,
-    NoSpace,
     Span,
     check_range,
 )
@@ -56,17 +60,17 @@ from aecp.storage.fanout import (
     split,
     unavailable,
 )
+from aecp.storage.joins import Joins
 from aecp.storage.meta.model import (
     ExtentRecord,
     Holder,
     VolumeRecord,
-    new_extent_id,
     writable_in_place,
 )
-from aecp.storage.meta.placement import StorageNode, place
 from aecp.storage.meta.service import MetaService, NotHolder
+from aecp.storage.newextent import create_replicas
 from aecp.storage.pool import ReplicaPool
-from aecp.storage.refused import Refused
+from aecp.storage.refused import Refused, undo
 from aecp.store.base import Lease
 
 log = logging.getLogger(__name__)
@@ -97,13 +101,15 @@ class VolumeDevice(BlockDevice):
         self._slot_locks: dict[int, asyncio.Lock] = {}
         self._dirty = DirtyExtents()
         self._fenced: str = ""
-        # recovery (see ``begin_join``): writes in flight per extent, the copy lock of an extent
-        # being repaired, and the replica joining it (receives live writes while it copies)
-        self._active: dict[str, int] = {}
-        self._copy_locks: dict[str, asyncio.Lock] = {}
-        self._joining: dict[str, str] = {}
-        self._join_failed: set[str] = set()
-        self._background: set[asyncio.Future[None]] = set()  # write_nowait redos, late join endings
+        # recovery (see ``begin_join``, ``storage.joins``): writes in flight per extent, the
+        # copy lock of an extent being repaired, and the replica joining it (receives live
+        # writes while it copies); the dicts are the ``Joins``' own, named here for the hot path
+        self._joins = Joins()
+        self._active = self._joins.active
+        self._copy_locks = self._joins.copy_locks
+        self._joining = self._joins.joining
+        self._join_failed = self._joins.failed
+        self._background = self._joins.background  # write_nowait redos, late join endings
         self.ap = ap
 
     # ---- reads --------------------------------------------------------------------------
@@ -305,10 +311,7 @@ class VolumeDevice(BlockDevice):
             except _Reepoched:
                 continue  # a snapshot was taken: the slot may now need copy-on-write
             except Refused as exc:  # the replicas that took it get back what the full one has
-                if exc.took:
-                    async with self.quiesced(ext_id):
-                        gen = (await self._extent(ext_id)).generation
-                        await exc.undo(self.pool, offset, len(chunk), epoch, gen)
+                await undo(self, exc, offset, len(chunk), epoch)
                 raise
 
     async def trim(self, offset: int, length: int) -> None:
@@ -330,11 +333,15 @@ class VolumeDevice(BlockDevice):
                 if ext_id is None:
                     await self._ensure_writable(p.slot)
                     continue
+                epoch = self.epoch
                 try:
-                    await self._replicate(ext_id, self._trim_op(ext_id, p, self.epoch))
+                    await self._replicate(ext_id, self._trim_op(ext_id, p, epoch))
                     break
                 except _Reepoched:
                     continue
+                except Refused as exc:  # a disk refused it (a full one may refuse even a trim)
+                    await undo(self, exc, p.offset, p.length, epoch)
+                    raise
 
     # A mutation carries the epoch under which its extent was found writable in place, read in
     # the same step (no await between): after a snapshot the replicas accept the new epoch, so a
@@ -406,8 +413,12 @@ class VolumeDevice(BlockDevice):
                     failed.append(node)
                 elif isinstance(res, BaseException):
                     raise as_block_error(res)
-            if full:  # a full replica is not a failed one: the request fails, nothing is dropped
-                raise Refused(self.vol.name, ext_id, full, ext.replicas, results)
+            if full:  # a full replica is not a failed one: the request fails, it is not dropped
+                if joiner is not None:  # it may hold what the others refused
+                    self._join_failed.add(ext_id)
+                if failed:  # they may have taken it, and are not undone: they catch it up
+                    await self.drop(ext_id, failed, missed_from=ext.generation - 1)
+                raise Refused(self.vol.name, ext_id, full, targets, results, ext.generation)
             if not failed:
                 return
             if len(failed) == len(ext.replicas):
@@ -415,13 +426,23 @@ class VolumeDevice(BlockDevice):
                     f"volume {self.vol.name}: every replica of extent {ext_id} "
                     f"is unreachable ({', '.join(failed)})"
                 )
-            for node in failed:
-                try:
-                    self._keep(await self.meta.drop_replica(ext_id, node, self.holder))
-                except NotHolder as exc:  # taken over or detached meanwhile
-                    self._fence(exc.message)
+            await self.drop(ext_id, failed)
 
-    # ---- recovery support (used by ``storage.recovery``) --------------------------------
+    async def drop(self, ext_id: str, nodes: list[str], missed_from: int | None = None) -> None:
+        """Drop the replicas on ``nodes`` (they failed) while this access point holds the
+        volume, else it is fenced. They catch up the blocks modified after ``missed_from``
+        (default: the current generation): lower for replicas that may hold a write the
+        others lack, which lowers it for those already stale too."""
+        try:
+            self._keep(
+                await self.meta.drop_replicas(
+                    ext_id, nodes, missed_from=missed_from, holder=self.holder
+                )
+            )
+        except NotHolder as exc:  # taken over or detached meanwhile
+            self._fence(exc.message)
+
+    # ---- recovery support (used by ``storage.recovery`` and ``storage.refused``) ---------
     async def drop_lost(self, ext_id: str, nodes: list[str]) -> ExtentRecord:
         """Drop the replicas of ``ext_id`` on ``nodes`` (gone from the cluster) as a write
         that failed on them would; returns the extent as now held."""
@@ -435,29 +456,24 @@ class VolumeDevice(BlockDevice):
         """From now on live writes of the extent also go to ``node``; returns once every write
         that started before is done (so a copy listed afterwards misses nothing)."""
         self._check_live()
-        lock, mine = await self._take(ext_id)
-        try:
-            await self._drained(ext_id)
-        except BaseException:
-            if mine:
-                self._unregister(ext_id, lock)
-            raise
-        finally:
-            lock.release()
-        self._join_failed.discard(ext_id)
-        self._joining[ext_id] = node
+        await self._joins.begin(ext_id, node)
 
     async def copy_range(
         self, ext_id: str, src: ReplicaClient, dst: ReplicaClient, offset: int, length: int
     ) -> None:
         """Copy whole blocks from ``src`` to ``dst`` while no live write touches the extent."""
-        lock = self._copy_locks[ext_id]
-        async with lock:
-            raw = await src.read_raw(ext_id, offset, length)
-            await dst.write_raw(ext_id, raw)
+        await self._joins.copy_range(ext_id, src, dst, offset, length)
 
     def join_failed(self, ext_id: str) -> bool:
         return ext_id in self._join_failed
+
+    def mark_dirty(self, ext_id: str) -> None:
+        """The extent changed outside a write (an undo): the next flush covers it."""
+        self._dirty.add(ext_id)
+
+    def joiner(self, ext_id: str) -> str | None:
+        """The node of the replica joining ``ext_id`` now, if any."""
+        return self._joining.get(ext_id)
 
     async def end_join(
         self, ext_id: str, admit: Callable[[], Awaitable[ExtentRecord]] | None
@@ -466,38 +482,16 @@ class VolumeDevice(BlockDevice):
         touch the extent) records it as valid and returns the new extent record; None aborts.
         A join that failed, or an access point fenced or closed meanwhile, admits nothing.
         Ending a join that already ended does nothing."""
-        if ext_id not in self._joining:
-            return
-        lock = self._copy_locks[ext_id]
-        try:
-            await lock.acquire()
-        except BaseException:  # cancelled while a repair holds it: end the join after that
-            later = asyncio.ensure_future(self._end_join_later(ext_id, lock))
-            self._background.add(later)
-            later.add_done_callback(self._background.discard)
-            raise
-        try:
-            if admit is not None:
-                self._check_live()
-                if ext_id in self._join_failed:
-                    node = self._joining.get(ext_id, "?")
-                    raise ChunkError(f"extent {ext_id}: {node} failed while joining")
-                await self._admit_under_lock(ext_id, admit)
-        finally:
-            self._ended(ext_id, lock)
 
-    async def _end_join_later(self, ext_id: str, lock: asyncio.Lock) -> None:
-        await lock.acquire()
-        self._ended(ext_id, lock)
+        async def admitting() -> None:
+            assert admit is not None
+            self._check_live()
+            if ext_id in self._join_failed:
+                node = self._joining.get(ext_id, "?")
+                raise ChunkError(f"extent {ext_id}: {node} failed while joining")
+            await self._admit_under_lock(ext_id, admit)
 
-    def _ended(self, ext_id: str, lock: asyncio.Lock) -> None:
-        """The join that registered ``lock`` is over (``lock`` held): no more live writes to
-        the joiner."""
-        if self._copy_locks.get(ext_id) is lock:
-            self._joining.pop(ext_id, None)
-            self._join_failed.discard(ext_id)
-            del self._copy_locks[ext_id]
-        lock.release()
+        await self._joins.end(ext_id, admitting if admit is not None else None)
 
     def refresh(self, vol: VolumeRecord, rev: int, extents: dict[str, ExtentRecord]) -> None:
         """Adopt the metadata Meta held when read (the recovery loop reads it every pass):
@@ -523,51 +517,20 @@ class VolumeDevice(BlockDevice):
             self._extents.pop(ext_id, None)
             raise
 
-    @contextlib.asynccontextmanager
-    async def quiesced(self, ext_id: str) -> AsyncIterator[None]:
+    def quiesced(self, ext_id: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Inside the block no write to the extent runs (they wait): for repairs, which read
-        good data from one replica and write it to another."""
-        lock, mine = await self._take(ext_id)
-        try:
-            await self._drained(ext_id)
-            self._check_live()  # a closed access point is no longer the writer to order with
-            yield
-        finally:
-            if mine:
-                self._unregister(ext_id, lock)
-            lock.release()
-
-    async def _take(self, ext_id: str) -> tuple[asyncio.Lock, bool]:
-        """Acquire the extent's current copy lock, registering a new one if there is none:
-        (the lock, whether this call registered it). A lock acquired after its owner dropped
-        it is released and the current one sought again. The caller releases the lock, and
-        unregisters one it registered, when done."""
-        while True:
-            lock = self._copy_locks.get(ext_id)
-            mine = lock is None
-            if lock is None:
-                lock = self._copy_locks[ext_id] = asyncio.Lock()
-            try:
-                await lock.acquire()
-            except BaseException:
-                if mine:
-                    self._unregister(ext_id, lock)
-                raise
-            if self._copy_locks.get(ext_id) is lock:
-                return lock, mine
-            lock.release()
-
-    def _unregister(self, ext_id: str, lock: asyncio.Lock) -> None:
-        if self._copy_locks.get(ext_id) is lock:
-            del self._copy_locks[ext_id]
+        good data from one replica and write it to another. A closed or fenced access point
+        raises ``Fenced`` once the writes have drained: it is no longer the writer to order
+        with."""
+        return self._joins.quiesced(ext_id, self._check_live)
 
     async def replicas_of(self, ext_id: str) -> list[str]:
         """The extent's valid replicas as this access point (its only writer) knows them."""
         return list((await self._extent(ext_id)).replicas)
 
-    async def _drained(self, ext_id: str) -> None:
-        while self._active.get(ext_id, 0):  # noqa: ASYNC110 - a few in-flight writes
-            await asyncio.sleep(0.001)
+    async def current(self, ext_id: str) -> ExtentRecord:
+        """The extent's record as Meta holds it now (kept, unless the one held is newer)."""
+        return self._keep((await self.meta.extent(ext_id))[0])
 
     def _keep(self, ext: ExtentRecord) -> ExtentRecord:
         """Hold ``ext`` unless the record held for that extent is newer (a higher generation:
@@ -623,7 +586,7 @@ class VolumeDevice(BlockDevice):
     async def _copy_on_write(self, slot: int, shared: ExtentRecord) -> str:
         """Copy the shared extent's written blocks into a new extent owned by this volume and
         put it in ``slot`` (the snapshot keeps the old one)."""
-        new = await self._create_replicas()
+        new = await create_replicas(self.meta, self.pool, self.vol, self.node, self.epoch)
         dsts = [await self.pool.client(n) for n in new.replicas]
         try:
             copied = await self._copy_into(shared, new, dsts)
@@ -681,7 +644,7 @@ class VolumeDevice(BlockDevice):
     async def _allocate(self, slot: int) -> str:
         """Create the replicas of a new extent for ``slot`` (skipping nodes that do not answer)
         and commit it; returns the extent id now in the slot (ours or a concurrent one)."""
-        ext = await self._create_replicas()
+        ext = await create_replicas(self.meta, self.pool, self.vol, self.node, self.epoch)
         if not await self.meta.commit_extent(self.vol.name, slot, ext):
             clients = [await self.pool.client(n) for n in ext.replicas]
             await asyncio.gather(*(c.delete(ext.id) for c in clients), return_exceptions=True)
@@ -696,52 +659,6 @@ class VolumeDevice(BlockDevice):
             ", ".join(ext.replicas),
         )
         return ext_id
-
-    async def _create_replicas(self) -> ExtentRecord:
-        """A full replica set for a new extent: new data always gets the volume's factor."""
-        excluded: list[str] = []
-        while True:
-            servers = await self.meta.servers()
-            nodes = [StorageNode(s.node, s.free_bytes, s.rack, s.chassis) for s in servers.values()]
-            try:
-                chosen = place(
-                    self.vol.replicas,
-                    nodes,
-                    self.vol.extent_size,
-                    prefer=self.node,
-                    exclude=excluded,
-                )
-            except NoCapacity as exc:
-                raise NoSpace(
-                    f"volume {self.vol.name}: cannot place a new extent: {exc.message}"
-                ) from None
-            ext = ExtentRecord(
-                id=new_extent_id(),
-                size=self.vol.extent_size,
-                replicas=chosen,
-                owner=self.vol.owner_id,
-                owner_epoch=self.vol.cow_epoch,
-            )
-            results = await asyncio.gather(
-                *(self._create_on(n, ext) for n in chosen), return_exceptions=True
-            )
-            failed = [n for n, r in zip(chosen, results, strict=True) if r is not None]
-            if not failed:
-                return ext
-            excluded += failed
-            for n, r in zip(chosen, results, strict=True):
-                if r is None:
-                    await (await self.pool.client(n)).delete(ext.id)
-                elif not isinstance(r, ReplicaUnavailable | ChunkIOError):
-                    raise as_block_error(r)
-
-    async def _create_on(self, node: str, ext: ExtentRecord) -> BaseException | None:
-        try:
-            client = await self.pool.client(node)
-            await client.create(ext.id, ext.size, epoch=self.epoch, generation=ext.generation)
-        except ChunkError as exc:
-            return exc
-        return None
 
     # ---- status -------------------------------------------------------------------------
     async def block_status(self, offset: int, length: int) -> list[Span]:

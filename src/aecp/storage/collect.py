@@ -8,17 +8,22 @@ write delete the records nothing names any more and then their replicas (``MetaS
 - ``collect_unreferenced`` (the Meta leader): records no table names, left by a process that
   stopped between changing a table and collecting, are deleted with their replicas.
 - ``OrphanCollector`` (every storage server, for its own store): a replica whose extent has
-  no record, or whose record names this node neither as valid nor as stale, is an orphan: a
-  replica its node could not be reached to delete, the lost replica of a shared extent after
-  a re-replication, or a copy left by a failed one. It is deleted once it has been found an
-  orphan, unchanged (same epoch, generation and size), for ``grace`` seconds.
+  no record, or whose record names this node neither as valid nor as stale, and that no
+  recovery record is copying into, is an orphan: a replica its node could not be reached to
+  delete, the lost replica of a shared extent after a re-replication, or a copy left by a
+  failed one. It is deleted once it has been found an orphan, untouched, for ``grace``
+  seconds.
 
 A replica is an orphan only for a moment while it is built: its replicas are created before
 their extent is committed, and a recovery copy is named valid only when admitted (while it
-copies, its recovery record names it, and the collector leaves it alone). The grace period,
-the check that nothing changed, a second look at Meta just before the delete, and a delete
-that carries the epoch seen (a join fences its copy before admitting it, so such a delete is
-refused) keep it from deleting one of those.
+copies, its recovery record names it: ``storage.progress`` puts the record before the copy
+creates its target). "Untouched" is the store's own count of changes (``ReplicaStore
+.observe``): every mutation, fence and re-create counts, since a join may fence its copy at
+the very epoch the copy was created with, and a copy may write nothing new for a while. The
+delete happens only if Meta still names the replica nowhere, looked at just before, and only
+if the store finds the replica as observed, checked under its namespace lock
+(``delete(unchanged=...)``). The grace period has a floor (``conf.settings``): several
+recovery passes plus a store call, the longest a replica being built stays unnamed.
 """
 
 from __future__ import annotations
@@ -27,9 +32,8 @@ import logging
 
 from aecp.common.clock import Clock
 from aecp.common.errors import AecpError
-from aecp.storage.chunk.api import ReplicaStat
 from aecp.storage.chunk.errors import ChunkError, ExtentNotFound
-from aecp.storage.chunk.store import ReplicaStore
+from aecp.storage.chunk.store import Observed, ReplicaStore
 from aecp.storage.meta.model import ExtentRecord, RecoveryRecord
 from aecp.storage.meta.service import MetaService
 from aecp.storage.pool import ReplicaPool
@@ -62,7 +66,7 @@ class OrphanCollector:
         self.node = node
         self.grace = grace
         self.clock = clock
-        self._seen: dict[str, tuple[float, ReplicaStat]] = {}  # orphan -> (since, as then)
+        self._seen: dict[str, tuple[float, Observed]] = {}  # orphan -> (since, as then)
 
     def _named(self, ext: ExtentRecord | None, rec: RecoveryRecord | None) -> bool:
         """Whether Meta names this node's replica (valid or stale) or is copying into it."""
@@ -77,20 +81,20 @@ class OrphanCollector:
         now = self.clock.monotonic()
         out = []
         for ext_id in local:
-            if self._named(t.extents.get(ext_id), t.recoveries.get(ext_id)):
+            if self._named(t.extents.get(ext_id), t.recoveries.get((ext_id, self.node))):
                 self._seen.pop(ext_id, None)
                 continue
             try:
-                stat = await self.store.stat(ext_id)
+                seen_now = await self.store.observe(ext_id)
             except ChunkError:
                 continue
             seen = self._seen.get(ext_id)
-            if seen is None or seen[1] != stat:
-                self._seen[ext_id] = (now, stat)  # new, or changed since: someone uses it
+            if seen is None or seen[1] != seen_now:
+                self._seen[ext_id] = (now, seen_now)  # new, or changed since: someone uses it
                 continue
             if now - seen[0] < self.grace:
                 continue
-            if await self._delete(ext_id, stat):
+            if await self._delete(ext_id, seen_now):
                 out.append(
                     f"replica {ext_id}: deleted from {self.node}: no extent record named it "
                     f"for {now - seen[0]:.0f}s"
@@ -99,18 +103,19 @@ class OrphanCollector:
             del self._seen[gone]
         return out
 
-    async def _delete(self, ext_id: str, stat: ReplicaStat) -> bool:
-        """Delete the orphan if Meta still does not name it and no one fenced it since."""
+    async def _delete(self, ext_id: str, seen: Observed) -> bool:
+        """Delete the orphan if Meta still does not name it and it is still as ``seen``."""
         try:
             ext = await read(self.meta.store, keys.abs_extent(ext_id), ExtentRecord)
-            rec = await read(self.meta.store, keys.abs_recovery(ext_id), RecoveryRecord)
+            key = keys.abs_recovery(ext_id, self.node)
+            rec = await read(self.meta.store, key, RecoveryRecord)
             if self._named(ext[0] if ext else None, rec[0] if rec else None):
                 self._seen.pop(ext_id, None)
                 return False
-            await self.store.delete(ext_id, epoch=max(stat.epoch, 1))
+            await self.store.delete(ext_id, epoch=max(seen.stat.epoch, 1), unchanged=seen)
         except ExtentNotFound:
             return False
-        except AecpError as exc:  # fenced meanwhile (StaleEpoch), or Meta unreachable
+        except AecpError as exc:  # changed or fenced meanwhile, or Meta unreachable
             log.info("replica %s: orphan left for now: %s", ext_id, exc)
             self._seen.pop(ext_id, None)
             return False

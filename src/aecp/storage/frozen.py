@@ -14,8 +14,10 @@ write drops one, and is caught up if the node comes back in time.
 
 Before its copy, the new (or returning) replica is fenced at the valid replicas' epoch: a write
 still in flight from the access point that wrote the extent before the snapshot carries an
-older epoch, and the fenced replicas refuse it, so this one must too. A failed copy, and the
-lost replica after a re-replication, are not deleted here: another recoverer (the access point
+older epoch, and the fenced replicas refuse it, so this one must too. The copy is published
+(``storage.progress``) before its target is created, and admitted only while the extent is
+still below its factor and the replica it replaces still stale. A failed copy, and the lost
+replica after a re-replication, are not deleted here: another recoverer (the access point
 of a clone that names the extent again) may be making that very copy valid. Each node's
 orphan collector (``storage.collect``) deletes them once no extent record names them.
 """
@@ -23,21 +25,22 @@ orphan collector (``storage.collect``) deletes them once no extent record names 
 from __future__ import annotations
 
 import logging
-import time
 
 from aecp.common.errors import AecpError
 from aecp.storage.chunk.api import ReplicaClient
 from aecp.storage.chunk.errors import ChunkError
-from aecp.storage.meta.model import ExtentRecord, RecoveryRecord
+from aecp.storage.meta.model import ExtentRecord
 from aecp.storage.meta.service import MetaService
 from aecp.storage.meta.tables import Tables
 from aecp.storage.pool import ReplicaPool
+from aecp.storage.progress import RecoveryBoard
 from aecp.storage.recovery import (
-    Publish,
     RecoveryPolicy,
     answers,
     copy_ranges,
+    new_record,
     next_step,
+    published,
     repair_sectors,
     scrub,
     union,
@@ -50,12 +53,12 @@ class FrozenRepairer:
     """Repairs the degraded frozen extents of the cluster (run by the Meta leader)."""
 
     def __init__(
-        self, meta: MetaService, pool: ReplicaPool, policy: RecoveryPolicy, publish: Publish
+        self, meta: MetaService, pool: ReplicaPool, policy: RecoveryPolicy, board: RecoveryBoard
     ) -> None:
         self.meta = meta
         self.pool = pool
         self.policy = policy
-        self.publish = publish
+        self.board = board
 
     async def run_pass(self, tables: Tables | None = None) -> list[str]:
         """One look at every frozen extent below its factor; one sentence per extent."""
@@ -69,12 +72,12 @@ class FrozenRepairer:
                     ext = await self.meta.drop_replicas(ext.id, gone)
                     out.append(f"extent {ext.id}: {', '.join(gone)} left the cluster: stale")
                 if len(ext.replicas) < factor:
-                    out.append(await self._repair(ext, label))
+                    out.append(await self._repair(ext, factor, label))
             except (AecpError, OSError) as exc:
                 out.append(f"extent {ext.id} (snapshot {label}): repair failed, will retry: {exc}")
         return out
 
-    async def _repair(self, ext: ExtentRecord, label: str) -> str:
+    async def _repair(self, ext: ExtentRecord, factor: int, label: str) -> str:
         servers = await self.meta.servers()
         now = self.meta.clock.wall()
         step = await next_step(ext, servers, now, self.policy.grace, self._answers)
@@ -84,36 +87,29 @@ class FrozenRepairer:
         dst = await self.pool.client(step.node)
         catch_up = step.kind == "catch-up"
         since = step.since if catch_up else 0
-        if not catch_up:
-            await dst.create(ext.id, ext.size, generation=0)
-        epoch = max((await src.stat(ext.id)).epoch, (await dst.stat(ext.id)).epoch)
-        await dst.fence(ext.id, epoch)  # before the copy: an older write must miss it too
-        # the target's own blocks too: it may have changed them, or kept an earlier attempt's
-        ranges = union(
-            await src.modified_since(ext.id, since), await dst.modified_since(ext.id, since)
-        )
-        rec = RecoveryRecord(
-            volume=f"snapshot {label}",
-            extent=ext.id,
-            kind=step.kind,
-            target=step.node,
-            total_bytes=sum(n for _, n in ranges),
-            copied_bytes=0,
-            started_at=time.time(),
-        )
-        await self.publish(rec, ext.id)
-        try:
+        rec = new_record(f"snapshot {label}", ext, step.node, step.kind)
+        async with published(self.board, rec):  # names the target before it exists
+            if not catch_up:
+                await dst.create(ext.id, ext.size, generation=0)
+            epoch = max((await src.stat(ext.id)).epoch, (await dst.stat(ext.id)).epoch)
+            await dst.fence(ext.id, epoch)  # before the copy: an older write must miss it too
+            # the target's own blocks too: it may have changed them, or kept an earlier attempt's
+            ranges = union(
+                await src.modified_since(ext.id, since), await dst.modified_since(ext.id, since)
+            )
+            sized = rec.model_copy(update={"total_bytes": sum(n for _, n in ranges)})
+            await self.board.put(sized)
             copied = await copy_ranges(
                 ranges,
                 lambda pos, n: self._copy(ext.id, src, dst, pos, n),
                 self.policy.rate,
-                lambda done: self.publish(rec.model_copy(update={"copied_bytes": done}), ext.id),
+                lambda done: self.board.put(sized.model_copy(update={"copied_bytes": done})),
             )
             await dst.flush(ext.id)
-            new = await self.meta.admit_copy(ext.id, step.node, step.lost, catch_up=catch_up)
+            new = await self.meta.admit_copy(
+                ext.id, step.node, step.lost, catch_up=catch_up, factor=factor
+            )
             await dst.set_generation(ext.id, new.generation)
-        finally:
-            await self.publish(None, ext.id)
         how = "caught up" if catch_up else "re-replicated"
         return (
             f"extent {ext.id} (snapshot {label}): {how} on {step.node} from {src_node} "

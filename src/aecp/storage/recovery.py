@@ -11,9 +11,10 @@ For each extent below its factor, ``Repairer.run_pass`` decides one of:
 - *wait*: the node may still come back.
 
 Copies go block range by block range under the extent's copy lock (a live write to that extent
-waits for at most one range), throttled to ``rate`` bytes/s so VM I/O keeps priority. Progress is
-published at ``/aecp/abs/recovery/<extent>`` while it runs. ``scrub_pass`` re-verifies every
-replica's checksums and repairs bad sectors from a good replica.
+waits for at most one range), throttled to ``rate`` bytes/s so VM I/O keeps priority. Each copy
+is published (``storage.progress``) before its target is created or written, until it ends; a
+copy that cannot be published is not made. ``scrub_pass`` re-verifies every replica's checksums
+and repairs bad sectors from a good replica.
 
 The choice (``next_step``) and the throttled copy (``copy_ranges``) are shared with
 ``storage.frozen``, which repairs the extents no volume names (nothing writes them).
@@ -22,9 +23,10 @@ The choice (``next_step``) and the throttled copy (``copy_ranges``) are shared w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aecp.common.errors import AecpError, NoCapacity
@@ -39,11 +41,11 @@ from aecp.storage.meta.model import (
 )
 from aecp.storage.meta.placement import StorageNode, place
 from aecp.storage.pool import ReplicaPool
+from aecp.storage.progress import RecoveryBoard, new_copy_id
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20  # bytes copied per step (a multiple of every block size in use)
 SECTOR = 4096
-Publish = Callable[[RecoveryRecord | None, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -120,13 +122,37 @@ async def copy_ranges(
     return copied
 
 
+def new_record(volume: str, ext: ExtentRecord, target: str, kind: str) -> RecoveryRecord:
+    """The record of a copy about to start (its size is not known yet)."""
+    return RecoveryRecord(
+        volume=volume,
+        extent=ext.id,
+        kind=kind,
+        target=target,
+        total_bytes=0,
+        copied_bytes=0,
+        started_at=time.time(),
+        id=new_copy_id(),
+    )
+
+
+@contextlib.asynccontextmanager
+async def published(board: RecoveryBoard, rec: RecoveryRecord) -> AsyncIterator[None]:
+    """``rec`` is published for the block (raises, before it, if it cannot be)."""
+    await board.put(rec)
+    try:
+        yield
+    finally:
+        await board.clear(rec)
+
+
 class Repairer:
-    def __init__(self, dev: VolumeDevice, policy: RecoveryPolicy, publish: Publish) -> None:
+    def __init__(self, dev: VolumeDevice, policy: RecoveryPolicy, board: RecoveryBoard) -> None:
         self.dev = dev
         self.meta = dev.meta
         self.pool = dev.pool
         self.policy = policy
-        self.publish = publish
+        self.board = board
         self.copied_last = 0  # bytes copied by the last catch-up or re-replication (tests)
         self._fenced_at: dict[str, int] = {}  # epoch a joiner was fenced at for admission
 
@@ -141,15 +167,15 @@ class Repairer:
         servers = await self.meta.servers()
         out = []
         for ext in mine.values():
-            gone = [n for n in ext.replicas if n not in servers]
-            if gone and len(gone) < len(ext.replicas):  # an idle volume's writes never tell
-                ext = await self.dev.drop_lost(ext.id, gone)
-                out.append(f"extent {ext.id}: {', '.join(gone)} left the cluster: stale")
-            if len(ext.replicas) < vol.replicas:
-                try:
+            try:  # one extent's trouble (a conflict, Meta unreachable) stops only that one
+                gone = [n for n in ext.replicas if n not in servers]
+                if gone and len(gone) < len(ext.replicas):  # an idle volume's writes never tell
+                    ext = await self.dev.drop_lost(ext.id, gone)
+                    out.append(f"extent {ext.id}: {', '.join(gone)} left the cluster: stale")
+                if len(ext.replicas) < vol.replicas:
                     out.append(await self._repair(ext))
-                except (AecpError, OSError) as exc:
-                    out.append(f"extent {ext.id}: repair failed, will retry: {exc}")
+            except (AecpError, OSError) as exc:
+                out.append(f"extent {ext.id}: repair failed, will retry: {exc}")
         return out
 
     async def _repair(self, ext: ExtentRecord) -> str:
@@ -175,7 +201,9 @@ class Repairer:
                 await dst.modified_since(ext.id, missed_from),
             )
 
-        copied = await self._join(ext, node, src, dst, ranges, "catch-up", None)
+        rec = new_record(self.dev.vol.name, ext, node, "catch-up")
+        async with published(self.board, rec):
+            copied = await self._join(ext, node, src, dst, ranges, rec, None)
         self._fenced_at.pop(ext.id, None)
         return (
             f"extent {ext.id}: {node} caught up from {src_node}: copied {copied} bytes "
@@ -185,13 +213,15 @@ class Repairer:
     async def _rereplicate(self, ext: ExtentRecord, target: str, lost: str | None) -> str:
         src, src_node = await self._source(ext)
         dst = await self.pool.client(target)
-        await dst.create(ext.id, ext.size, epoch=self.dev.epoch, generation=0)
 
         async def ranges() -> list[tuple[int, int]]:
             # the target's own blocks too: an earlier attempt may have left some behind
             return union(await src.modified_since(ext.id, 0), await dst.modified_since(ext.id, 0))
 
-        copied = await self._join(ext, target, src, dst, ranges, "re-replicate", lost)
+        rec = new_record(self.dev.vol.name, ext, target, "re-replicate")
+        async with published(self.board, rec):  # names the target before it exists
+            await dst.create(ext.id, ext.size, epoch=self.dev.epoch, generation=0)
+            copied = await self._join(ext, target, src, dst, ranges, rec, lost)
         if lost and self._sole_recoverer(ext):
             await self._delete_quietly(lost, ext.id, self._fenced_at.pop(ext.id, self.dev.epoch))
         return f"extent {ext.id}: re-replicated to {target} from {src_node} ({copied} bytes)" + (
@@ -205,7 +235,7 @@ class Repairer:
         src: ReplicaClient,
         dst: ReplicaClient,
         ranges: Callable[[], Awaitable[list[tuple[int, int]]]],
-        kind: str,
+        rec: RecoveryRecord,
         replaces: str | None,
     ) -> int:
         """Let ``node`` join the extent: live writes reach it from now on, the listed ranges
@@ -213,8 +243,8 @@ class Repairer:
         await self.dev.begin_join(ext.id, node)
         admitted = False
         try:
-            copied = await self._copy(ext, src, dst, await ranges(), node, kind)
-            catch_up = kind == "catch-up"
+            copied = await self._copy(ext, src, dst, await ranges(), rec)
+            catch_up = rec.kind == "catch-up"
             await self.dev.end_join(
                 ext.id, lambda: self._admit(ext.id, node, dst, replaces, catch_up)
             )
@@ -222,10 +252,9 @@ class Repairer:
         finally:
             if not admitted:
                 await self.dev.end_join(ext.id, None)
-                if kind == "re-replicate" and self._sole_recoverer(ext):
+                if rec.kind == "re-replicate" and self._sole_recoverer(ext):
                     await self._drop_leftover(ext.id, node)
                 self._fenced_at.pop(ext.id, None)
-            await self.publish(None, ext.id)
         self.copied_last = copied
         return copied
 
@@ -242,7 +271,13 @@ class Repairer:
         self._fenced_at[ext_id] = att.epoch
         await dst.flush(ext_id)
         new = await self.meta.admit_replica(
-            ext_id, node, self.dev.holder, epoch=att.epoch, replaces=replaces, catch_up=catch_up
+            ext_id,
+            node,
+            self.dev.holder,
+            epoch=att.epoch,
+            replaces=replaces,
+            catch_up=catch_up,
+            factor=self.dev.vol.replicas,
         )
         await dst.set_generation(ext_id, new.generation)
         return new
@@ -260,28 +295,18 @@ class Repairer:
         src: ReplicaClient,
         dst: ReplicaClient,
         ranges: list[tuple[int, int]],
-        target: str,
-        kind: str,
+        rec: RecoveryRecord,
     ) -> int:
-        total = sum(n for _, n in ranges)
-        rec = RecoveryRecord(
-            volume=self.dev.vol.name,
-            extent=ext.id,
-            kind=kind,
-            target=target,
-            total_bytes=total,
-            copied_bytes=0,
-            started_at=time.time(),
-        )
-        await self.publish(rec, ext.id)
+        rec = rec.model_copy(update={"total_bytes": sum(n for _, n in ranges)})
+        await self.board.put(rec)
 
         async def step(pos: int, n: int) -> None:
             await self.dev.copy_range(ext.id, src, dst, pos, n)
             if self.dev.join_failed(ext.id):
-                raise ChunkError(f"extent {ext.id}: {target} failed while joining")
+                raise ChunkError(f"extent {ext.id}: {rec.target} failed while joining")
 
         async def progress(copied: int) -> None:
-            await self.publish(rec.model_copy(update={"copied_bytes": copied}), ext.id)
+            await self.board.put(rec.model_copy(update={"copied_bytes": copied}))
 
         return await copy_ranges(ranges, step, self.policy.rate, progress)
 

@@ -109,8 +109,9 @@ def abs_attach(volume: str) -> str:
     return ABS_ATTACH + volume
 
 
-def abs_recovery(extent_id: str) -> str:
-    return ABS_RECOVERY + extent_id
+def abs_recovery(extent_id: str, target: str) -> str:
+    """A copy into the replica of ``extent_id`` on node ``target`` (several may run at once)."""
+    return f"{ABS_RECOVERY}{extent_id}/{target}"
 
 
 def abs_export(volume: str) -> str:

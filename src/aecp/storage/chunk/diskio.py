@@ -2,7 +2,12 @@
 
 Each function touches only what it is given: file descriptors, buffers and copies of metadata.
 All metadata changes happen on the event-loop thread, when the job's result comes back.
-Mutating functions first append the INTENT records they are handed (see ``meta``), then write.
+Mutating functions first append the INTENT records they are handed to the replica's
+``Journal`` (see ``meta``), then write.
+
+``NotDone``: a job that failed before changing anything the replica's state depends on (an
+append the journal cut away again, a snapshot never renamed into place). The store treats such
+a failure for want of space as a refusal, not as a failed replica.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import threading
 from array import array
 
 try:  # ISA-L: the same CRC-32 as zlib's, about 4x faster on large buffers
@@ -68,6 +74,53 @@ def append_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+#: failures that mean "no room", not "the disk is broken"
+NO_ROOM = frozenset((errno.ENOSPC, errno.EDQUOT))
+
+
+class NotDone(OSError):
+    """An I/O job failed before it changed anything the replica's state depends on; ``errno``
+    is that of the failure."""
+
+
+class Journal:
+    """The journal file of one replica (``fd``), appended to from several worker threads:
+    INTENT records before a first write to a block, BLOCK and STATE records at a flush.
+
+    Appends run one at a time, and one that fails (a short write, then ENOSPC on a full disk)
+    is cut away again before the next: loading stops at the first torn record and drops every
+    record after it, so a torn record left in place would lose the flushed records behind it.
+    ``append`` then raises ``NotDone``; if the journal cannot be cut back, ``OSError(EIO)``
+    (the replica must stop taking mutations)."""
+
+    __slots__ = ("_lock", "fd")
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self._lock = threading.Lock()
+
+    def append(self, data: bytes) -> None:
+        with self._lock:
+            end = os.lseek(self.fd, 0, os.SEEK_END)
+            try:
+                append_all(self.fd, data)
+            except OSError as exc:
+                try:
+                    os.ftruncate(self.fd, end)
+                except OSError as cut:
+                    raise OSError(
+                        errno.EIO, f"journal append failed ({exc}) and was not cut back ({cut})"
+                    ) from exc
+                raise NotDone(exc.errno or errno.EIO, f"journal append failed: {exc}") from exc
+
+    def reset(self, header: bytes) -> None:
+        """Empty the journal and start it with ``header`` (durably)."""
+        with self._lock:
+            os.ftruncate(self.fd, 0)
+            append_all(self.fd, header)
+            os.fdatasync(self.fd)
 
 
 def pread_full(fd: int, length: int, offset: int) -> bytes:
@@ -167,7 +220,7 @@ Partial = tuple[bool, int] | None  # (valid, crc) of a partially written sector
 
 
 def write_sectors(
-    journal_fd: int,
+    journal: Journal,
     intents: bytes,
     extent_id: str,
     fd: int,
@@ -181,7 +234,7 @@ def write_sectors(
     content (``head``/``tail``: their validity and crc, None when fully covered); returns the
     crcs of the sectors written. INTENT records go to the journal first."""
     if intents:
-        append_all(journal_fd, intents)
+        journal.append(intents)
     first = offset // sector
     start = first * sector
     end = offset + len(data)
@@ -201,7 +254,7 @@ def write_sectors(
 
 
 def clear_sectors(
-    journal_fd: int,
+    journal: Journal,
     intents: bytes,
     extent_id: str,
     fd: int,
@@ -212,7 +265,7 @@ def clear_sectors(
     """Trim: zero the partial sectors ``(sector_no, from, to, crc)`` (all valid), then punch
     ``(offset, length)`` ranges. Returns the new crc of each partial sector."""
     if intents:
-        append_all(journal_fd, intents)
+        journal.append(intents)
     out: list[tuple[int, array[int]]] = []
     for sector_no, lo, hi, crc in partials:
         buf = bytearray(old_sector(extent_id, fd, sector_no, sector, True, crc))
@@ -269,7 +322,7 @@ def read_blocks(
 
 
 def write_blocks(
-    journal_fd: int,
+    journal: Journal,
     intents: bytes,
     fd: int,
     offset: int,
@@ -282,7 +335,7 @@ def write_blocks(
     """Recovery copy: write the valid sectors (``data`` holds them in order) of each block and
     punch blocks left empty; returns each block's crcs (0 for invalid sectors)."""
     if intents:
-        append_all(journal_fd, intents)
+        journal.append(intents)
     spb = block_size // sector
     view = memoryview(data)
     pos = 0

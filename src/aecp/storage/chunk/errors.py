@@ -32,6 +32,18 @@ class ChunkError(AecpError):
     code = "chunk_error"
 
 
+class ReplicaChanged(ChunkError):
+    """A replica changed since it was observed, so a delete conditional on it did nothing."""
+
+    code = "replica_changed"
+    http_status = 409
+
+    def __init__(self, extent_id: str) -> None:
+        super().__init__(
+            f"replica {extent_id} changed since it was observed: not deleted", extent_id=extent_id
+        )
+
+
 class StaleEpoch(ChunkError):
     """``epoch`` is older than the replica's stored epoch ``stored``; nothing was changed."""
 

@@ -14,10 +14,11 @@ resets the journal (a crash in between leaves a stale journal, ignored on load).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
-from aecp.storage.chunk.diskio import append_all, crc32, pread_full
+from aecp.storage.chunk.diskio import Journal, NotDone, append_all, crc32, pread_full
 from aecp.storage.chunk.errors import ChunkInvalid, ExtentNotFound
 from aecp.storage.chunk.meta import ReplicaMeta
 from aecp.storage.chunk.replica import Replica
@@ -34,14 +35,20 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_snapshot(path: Path, snapshot: bytes) -> None:
-    """Replace ``path`` atomically with ``snapshot`` (temp file, fsync, rename, dir fsync)."""
+    """Replace ``path`` atomically with ``snapshot`` (temp file, fsync, rename, dir fsync).
+    ``NotDone`` if the temp file could not be written: ``path`` is as it was."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        append_all(fd, snapshot)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            append_all(fd, snapshot)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise NotDone(exc.errno or errno.EIO, f"snapshot not written: {exc}") from exc
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -53,12 +60,12 @@ def create_files(rep: Replica) -> None:
     try:
         rep.data_fd = os.open(rep.data_path, _OPEN_FLAGS | os.O_CREAT | os.O_TRUNC, 0o600)
         os.ftruncate(rep.data_fd, meta.size)
-        rep.journal_fd = os.open(
+        rep.journal.fd = os.open(
             rep.journal_path, _OPEN_FLAGS | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600
         )
-        append_all(rep.journal_fd, meta.journal_header())
+        append_all(rep.journal.fd, meta.journal_header())
         os.fsync(rep.data_fd)
-        os.fsync(rep.journal_fd)
+        os.fsync(rep.journal.fd)
         write_snapshot(rep.meta_path, meta.encode_snapshot())
     except BaseException:
         close_files(rep)
@@ -84,7 +91,7 @@ def load_files(
     rep = Replica(root, extent_id, meta, lane)
     try:
         rep.data_fd = os.open(rep.data_path, _OPEN_FLAGS)
-        rep.journal_fd = os.open(rep.journal_path, _OPEN_FLAGS | os.O_CREAT | os.O_APPEND, 0o600)
+        rep.journal.fd = os.open(rep.journal_path, _OPEN_FLAGS | os.O_CREAT | os.O_APPEND, 0o600)
         suspects = _replay(rep)
         adopted = _adopt(rep, suspects)
         if suspects:
@@ -100,16 +107,17 @@ def load_files(
 
 def _replay(rep: Replica) -> set[int]:
     """Apply the journal to ``rep.meta``; cut a torn tail; reset a stale journal."""
-    size = os.fstat(rep.journal_fd).st_size
-    journal = pread_full(rep.journal_fd, size, 0)
+    fd = rep.journal.fd
+    size = os.fstat(fd).st_size
+    journal = pread_full(fd, size, 0)
     replayed = rep.meta.replay(journal)
     if replayed is None:
-        reset_journal(rep.journal_fd, rep.meta.journal_header())
+        rep.journal.reset(rep.meta.journal_header())
         return set()
     good, suspects = replayed
     if good < size:
-        os.ftruncate(rep.journal_fd, good)
-        os.fsync(rep.journal_fd)
+        os.ftruncate(fd, good)
+        os.fsync(fd)
     rep.journal_size = good - len(rep.meta.journal_header())
     rep.touched = set(suspects)
     return suspects
@@ -133,34 +141,30 @@ def _adopt(rep: Replica, suspects: set[int]) -> int:
     return adopted
 
 
-def reset_journal(journal_fd: int, header: bytes) -> None:
-    os.ftruncate(journal_fd, 0)
-    append_all(journal_fd, header)
-    os.fdatasync(journal_fd)
-
-
-def flush_files(data_fd: int, journal_fd: int, records: bytes, sync_data: bool) -> None:
-    """Make data durable, then append ``records`` to the journal and make them durable."""
+def flush_files(data_fd: int, journal: Journal, records: bytes, sync_data: bool) -> None:
+    """Make data durable, then append ``records`` to the journal and make them durable.
+    ``NotDone`` if the records could not be appended (the journal is as it was)."""
     if sync_data:
         os.fdatasync(data_fd)
     if records:
-        append_all(journal_fd, records)
-        os.fdatasync(journal_fd)
+        journal.append(records)
+        os.fdatasync(journal.fd)
 
 
 def compact_files(rep: Replica, snapshot: bytes, header: bytes) -> None:
     """Data fsync, new snapshot (atomically), then a new journal of the new serial: ``header``
-    (the journal header, and any records that start it)."""
+    (the journal header, and any records that start it). ``NotDone`` if the snapshot could not
+    be written: the old snapshot and journal still hold everything."""
     os.fdatasync(rep.data_fd)
     write_snapshot(rep.meta_path, snapshot)
-    reset_journal(rep.journal_fd, header)
+    rep.journal.reset(header)
 
 
 def close_files(rep: Replica) -> None:
-    for fd in (rep.data_fd, rep.journal_fd):
+    for fd in (rep.data_fd, rep.journal.fd):
         if fd >= 0:
             os.close(fd)
-    rep.data_fd = rep.journal_fd = -1
+    rep.data_fd = rep.journal.fd = -1
 
 
 def delete_files(rep: Replica) -> None:

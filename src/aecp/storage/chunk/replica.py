@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aecp.storage.chunk.api import EXTENT_ID, U64_MAX, Buffer, RawBlocks
-from aecp.storage.chunk.diskio import clear_sectors, read_sectors, write_sectors
+from aecp.storage.chunk.diskio import Journal, clear_sectors, read_sectors, write_sectors
 from aecp.storage.chunk.errors import ChunkInvalid
 from aecp.storage.chunk.locks import BlockLocks
 from aecp.storage.chunk.meta import ReplicaMeta
@@ -35,7 +35,7 @@ class Replica:
         self.meta_path = root / f"{extent_id}.meta"
         self.journal_path = root / f"{extent_id}.jrnl"
         self.data_fd = -1
-        self.journal_fd = -1
+        self.journal = Journal()
         self.locks = BlockLocks()
         #: blocks with an INTENT record in the journal since the last compaction
         self.touched: set[int] = set()
@@ -51,19 +51,30 @@ class Replica:
         #: why the replica stopped taking mutations (a data write or an fsync failed)
         self.failed: str | None = None
         self.deleted = False
+        #: persistence jobs that failed for want of room and put their records back
+        self.setbacks = 0
+        #: counts every mutation started, fence and re-create: a replica whose count did not
+        #: move was left alone meanwhile (the orphan collector deletes only such a one)
+        self.version = 0
 
-    def intents_for(self, first_block: int, last_block: int) -> bytes:
-        """INTENT records for the blocks not yet touched since the last compaction."""
+    def intents_for(self, first_block: int, last_block: int) -> tuple[bytes, list[int]]:
+        """INTENT records for the blocks not yet touched since the last compaction, and
+        those blocks (counted as touched from now on: ``forget_intents`` if never appended)."""
         touched = self.touched
         if last_block - first_block == 1 and first_block in touched:
-            return b""
+            return b"", []
         new = [b for b in range(first_block, last_block) if b not in touched]
         if not new:
-            return b""
+            return b"", []
         touched.update(new)
         records = ReplicaMeta.encode_intents(new)
         self.journal_size += len(records)
-        return records
+        return records, new
+
+    def forget_intents(self, records: bytes, blocks: list[int]) -> None:
+        """The INTENT ``records`` for ``blocks`` never reached the journal (it was cut back)."""
+        self.touched.difference_update(blocks)
+        self.journal_size -= len(records)
 
 
 def plan_write(

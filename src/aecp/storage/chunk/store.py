@@ -21,8 +21,10 @@ Request ordering per replica:
 Durability (``persist``): mutations change data in the page cache and metadata in memory;
 ``flush`` (and ``fua``) fsyncs data, then the metadata journal. ``close`` compacts. A failed
 data write or fsync marks the replica *failed*: later mutations and flushes raise
-``ChunkIOError`` (reads still work) until the replica is re-created from a peer. A write the
-disk refused for want of space (``ENOSPC``) fails alone: the replica lost nothing it held.
+``ChunkIOError`` (reads still work) until the replica is re-created from a peer. A write, a
+journal append or a flush the disk refused for want of space (``ENOSPC``) fails alone: the
+replica lost nothing it held (a torn journal append is cut away again, ``diskio.Journal``;
+records a flush could not write are written by the next one, ``persist``).
 
 Space (``space``): a store given a ``capacity`` refuses a mutation that would fill more blocks
 than fit (``ChunkIOError`` with ``ENOSPC``, checked with the epoch, before anything changes).
@@ -37,6 +39,7 @@ import zlib
 from array import array
 from asyncio import Future
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +47,8 @@ from aecp.storage.chunk import files
 from aecp.storage.chunk.api import U64_MAX, Buffer, RawBlocks, ReplicaStat
 from aecp.storage.chunk.diskio import (
     CACHED_READS,
+    NO_ROOM,
+    NotDone,
     read_blocks,
     sector_crcs,
     write_blocks,
@@ -56,6 +61,7 @@ from aecp.storage.chunk.errors import (
     ChunkIOError,
     ExtentExists,
     ExtentNotFound,
+    ReplicaChanged,
     StaleEpoch,
 )
 from aecp.storage.chunk.iopool import Done, IoPool
@@ -118,7 +124,7 @@ class ReplicaStore:
         self._cached_reads = cached_reads and CACHED_READS
         self._ring = Ring() if uring and not ring_unavailable() else None
         #: bytes used, and the ``capacity`` (None: the disk's) beyond which writes are refused
-        self.space = Space(self.root, capacity)
+        self.space = Space(self.root, capacity, block_size)
 
     async def __aenter__(self) -> ReplicaStore:
         return self
@@ -143,6 +149,7 @@ class ReplicaStore:
             else:
                 if rep.meta.size != size:
                     raise ExtentExists(extent_id, f"exists with size {rep.meta.size}, not {size}")
+                rep.version += 1  # someone builds on it again: not left alone
                 return
             meta = ReplicaMeta(size, self.block_size, self.sector, epoch, generation)
             rep = Replica(self.root, extent_id, meta, self._lane(extent_id))
@@ -154,18 +161,27 @@ class ReplicaStore:
             await self._run(files.create_files, rep, lane=rep.lane, done=register)
         log.info("replica %s created (%d bytes, epoch %d)", extent_id, size, epoch)
 
-    async def delete(self, extent_id: str, epoch: int = 0) -> None:
+    async def delete(
+        self, extent_id: str, epoch: int = 0, *, unchanged: Observed | None = None
+    ) -> None:
+        """``api.ReplicaClient.delete``; with ``unchanged`` (this store's own callers: the
+        orphan collector), only if the replica is still as ``observe`` saw it: not mutated,
+        fenced or created again since (``ReplicaChanged`` otherwise, nothing deleted)."""
         check_id(extent_id)
         check_u64(epoch=epoch)
         async with self._namespace:
             try:
                 rep = await self._load(extent_id)
             except (ChunkIOError, ChunkInvalid) as e:  # damaged or foreign metadata
+                if unchanged is not None:
+                    raise
                 log.warning("replica %s: deleting it although it is damaged (%s)", extent_id, e)
                 await self._run(files.remove_files, self.root, extent_id)
                 return
             if epoch and epoch < rep.meta.epoch:  # checked and marked in one step (``fence``)
                 raise StaleEpoch(extent_id, epoch, rep.meta.epoch)
+            if unchanged is not None and self._observe(rep) != unchanged:
+                raise ReplicaChanged(extent_id)
             rep.deleted = True
             await rep.locks.drain()
             self._replicas.pop(extent_id, None)
@@ -188,14 +204,16 @@ class ReplicaStore:
         return [i for i in ids if not ((r := self._replicas.get(i)) and r.deleted)]
 
     async def stat(self, extent_id: str) -> ReplicaStat:
-        meta = (await self._get(extent_id)).meta
-        return ReplicaStat(
-            size=meta.size,
-            epoch=meta.epoch,
-            generation=meta.generation,
-            allocated_bytes=meta.allocated_blocks() * meta.block_size,
-            valid_bytes=meta.valid_sectors() * meta.sector,
-        )
+        return _stat((await self._get(extent_id)).meta)
+
+    async def observe(self, extent_id: str) -> Observed:
+        """The replica's stat and how often it was changed (mutations, fences and creates
+        counted as they start): equal observations mean nobody touched it in between."""
+        return self._observe(await self._get(extent_id))
+
+    @staticmethod
+    def _observe(rep: Replica) -> Observed:
+        return Observed(_stat(rep.meta), rep.version)
 
     # --- I/O -----------------------------------------------------------------------------
 
@@ -279,6 +297,7 @@ class ReplicaStore:
         locks = rep.locks
         if not locks.try_acquire(first, last, True):
             return None
+        rep.version += 1
         if last - first == 1:
             rep.written.add(first)
         else:
@@ -297,7 +316,7 @@ class ReplicaStore:
                         fut.set_result(None)
                     return
                 code = exc.errno if isinstance(exc, OSError) else None
-                if code != errno.ENOSPC:  # out of space: this write failed, nothing was lost
+                if code not in NO_ROOM:  # out of space: this write failed, nothing was lost
                     rep.failed = rep.failed or f"write failed: {exc}"
                 if not fut.done():
                     fut.set_exception(ChunkIOError(str(exc), code or errno.EIO))
@@ -398,6 +417,7 @@ class ReplicaStore:
         check_u64(epoch=epoch)
         if epoch < rep.meta.epoch:
             raise StaleEpoch(extent_id, epoch, rep.meta.epoch)
+        rep.version += 1  # even at the same epoch: a joiner claims it (``delete(unchanged)``)
         if epoch > rep.meta.epoch:
             rep.meta.epoch = epoch
             await self._persistence.state(rep)
@@ -410,6 +430,7 @@ class ReplicaStore:
     async def set_generation(self, extent_id: str, generation: int) -> None:
         rep = await self._get(extent_id)
         check_u64(generation=generation)
+        rep.version += 1
         rep.meta.generation = generation
         await self._persistence.state(rep)
 
@@ -502,7 +523,7 @@ class ReplicaStore:
             changed = rep.journal_size or rep.unsynced or meta.dirty or meta.state_dirty
             try:
                 if changed and not rep.deleted and not rep.failed:
-                    await self._persistence.compact(rep)
+                    await self._persistence.settle(rep)
             except ChunkError as e:
                 log.error("replica %s: not persisted at close: %s", rep.id, e)
             await rep.locks.drain()
@@ -568,7 +589,8 @@ class ReplicaStore:
         try:
             if rep.deleted:
                 raise ExtentNotFound(rep.id)
-            if mutate and rep.failed:
+            if mutate:
+                rep.version += 1  # from here on: a delete of the replica as it was is refused
                 check_failed(rep)
             if epoch is not None and epoch != rep.meta.epoch:
                 await self._admit(rep, epoch)
@@ -579,10 +601,12 @@ class ReplicaStore:
             try:
                 fn, args, apply = prepare()
             except BaseException:
-                space.change(-reserved)
+                space.settle(reserved, 0)
                 raise
+            intents: tuple[bytes, list[int]] = (b"", [])
             if mutate:
-                args = (rep.journal_fd, rep.intents_for(first, last), *args)
+                intents = rep.intents_for(first, last)
+                args = (rep.journal, intents[0], *args)
                 rep.written.update(range(first, last))
 
             def done(result: Any, exc: BaseException | None) -> None:
@@ -593,10 +617,12 @@ class ReplicaStore:
                         if mutate:
                             rep.unsynced = True
                             grown = meta.allocated_in(first, last) - had
-                            space.change(grown * meta.block_size - reserved)
+                            space.settle(reserved, grown * meta.block_size)
                         return
-                    space.change(-reserved)
-                    if mutate and isinstance(exc, OSError) and exc.errno != errno.ENOSPC:
+                    space.settle(reserved, 0)
+                    if isinstance(exc, NotDone):  # the journal was cut back: no INTENT there
+                        rep.forget_intents(*intents)
+                    if mutate and isinstance(exc, OSError) and exc.errno not in NO_ROOM:
                         rep.failed = rep.failed or f"write failed: {exc}"
                 finally:
                     locks.release(first, last, mutate)
@@ -604,7 +630,9 @@ class ReplicaStore:
             try:
                 fut = self._submit(fn, args, done)
             except BaseException:
-                space.change(-reserved)
+                space.settle(reserved, 0)
+                if mutate:
+                    rep.forget_intents(*intents)
                 raise
         except BaseException:
             locks.release(first, last, mutate)
@@ -669,6 +697,24 @@ class ReplicaStore:
     def _check_open(self) -> None:
         if self._closed:
             raise ChunkError("the replica store is closed")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """A replica as ``ReplicaStore.observe`` saw it."""
+
+    stat: ReplicaStat
+    version: int
+
+
+def _stat(meta: ReplicaMeta) -> ReplicaStat:
+    return ReplicaStat(
+        size=meta.size,
+        epoch=meta.epoch,
+        generation=meta.generation,
+        allocated_bytes=meta.allocated_blocks() * meta.block_size,
+        valid_bytes=meta.valid_sectors() * meta.sector,
+    )
 
 
 def _fills_all(meta: ReplicaMeta, first: int, last: int) -> int:

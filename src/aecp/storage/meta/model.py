@@ -174,10 +174,13 @@ class StorageServer(Stored):
     used_bytes: int = 0  # held by its replicas (free can be less: the disk is shared)
     rack: str = ""
     chassis: str = ""
+    #: its ``storage.overcommit_ratio``: the cluster's is the lowest published (``MetaService``)
+    overcommit_ratio: float | None = None
 
 
 class RecoveryRecord(Stored):
-    """``/aecp/abs/recovery/<extent>``: a copy in progress (on the copier's lease)."""
+    """``/aecp/abs/recovery/<extent>/<target>``: a copy in progress (on the copier's lease).
+    ``id`` tells one copier's record from another's (``storage.progress``)."""
 
     volume: str
     extent: str
@@ -186,6 +189,7 @@ class RecoveryRecord(Stored):
     total_bytes: int
     copied_bytes: int
     started_at: float
+    id: str = ""
 
 
 class SnapshotRecord(Stored):

@@ -81,7 +81,8 @@ class MetaService:
         self.store = store
         self.extent_size = extent_size
         self.clock = clock
-        #: volumes may provision (size x replicas) up to this many times the raw capacity
+        #: volumes may provision (size x replicas) up to this many times the raw capacity, if
+        #: no storage server publishes its ratio (``cluster_overcommit``)
         self.overcommit_ratio = overcommit_ratio
         self.owners = owners
 
@@ -167,6 +168,13 @@ class MetaService:
         await self.name_guards(name, owner)
         raise Conflict(f"volume {name}: the cluster changed meanwhile; try again", volume=name)
 
+    def cluster_overcommit(self, servers: dict[str, StorageServer]) -> float:
+        """The cluster's overcommit ratio: the lowest the storage servers publish (each its own
+        ``storage.overcommit_ratio``), so every node answers admissions alike; this node's own
+        setting only if none publishes one."""
+        ratios = [s.overcommit_ratio for s in servers.values() if s.overcommit_ratio]
+        return min(ratios) if ratios else self.overcommit_ratio
+
     async def provisioned(self) -> int:
         """Bytes the volumes may come to hold: size x replicas, summed (thin: not written)."""
         return sum(v.size * v.replicas for v in await self.volumes())
@@ -179,18 +187,19 @@ class MetaService:
         servers: dict[str, StorageServer] | None = None,
     ) -> None:
         """Refuse unless ``size`` x ``factor`` more bytes keep the provisioned total within
-        ``overcommit_ratio`` x the storage servers' raw capacity: ``InvalidInput`` naming
+        ``cluster_overcommit`` x the storage servers' raw capacity: ``InvalidInput`` naming
         ``field`` (the size asked for), else ``NoCapacity`` (a clone: its size is its
         source's). A check, not a reservation: two requests at one instant may both pass."""
         servers = await self.servers() if servers is None else servers
         raw = sum(s.capacity_bytes for s in servers.values())
-        limit = int(raw * self.overcommit_ratio)
+        ratio = self.cluster_overcommit(servers)
+        limit = int(raw * ratio)
         now = await self.provisioned()
         if now + size * factor <= limit:
             return
         why = (
             f"{size} bytes x {factor} replicas would provision {now + size * factor} bytes; "
-            f"the limit is {limit} bytes ({self.overcommit_ratio:g} x {raw} bytes of raw "
+            f"the limit is {limit} bytes ({ratio:g} x {raw} bytes of raw "
             f"capacity) and {now} bytes are provisioned already"
         )
         if field is None:
@@ -271,26 +280,34 @@ class MetaService:
         """Whether ``name`` is unattached, waiting up to ``wait`` seconds while it is attached
         by an export that is closing (``mark_closing``). Any other attachment is waited on
         for ``settle`` seconds only: a client that has just exited may not have been seen
-        leaving by its storage server yet."""
+        leaving by its storage server yet. Time is this service's clock's."""
         key = keys.abs_attach(name)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        settled = loop.time() + min(settle, wait)
+        start = self.clock.monotonic()
+        deadline, settled = start + wait, start + min(settle, wait)
         while (kv := await self.store.get(key)) is not None:
             closing = AttachRecord.load(kv.value).closing
-            left = (deadline if closing else settled) - loop.time()
+            left = (deadline if closing else settled) - self.clock.monotonic()
             if left <= 0:
                 return False
             if closing:
                 log.info("volume %s: waiting for its closing export to detach", name)
-            try:
-                await asyncio.wait_for(self._changed(key, kv.mod_revision), left)
-            except TimeoutError:
-                continue  # look again: it may have turned closing meanwhile
+            await self._changed(key, kv.mod_revision, left)  # then look again
         return True
 
-    async def _changed(self, key: str, revision: int) -> None:
-        """Return once ``key`` changes after ``revision``."""
+    async def _changed(self, key: str, revision: int, seconds: float) -> None:
+        """Return once ``key`` changes after ``revision``, or after ``seconds``."""
+        change = asyncio.ensure_future(self._watch_change(key, revision))
+        timer = asyncio.ensure_future(self.clock.sleep(seconds))
+        try:
+            await asyncio.wait({change, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            change.cancel()
+            timer.cancel()
+            await asyncio.gather(change, timer, return_exceptions=True)
+        if not change.cancelled() and (exc := change.exception()) is not None:
+            raise exc
+
+    async def _watch_change(self, key: str, revision: int) -> None:
         async with self.store.watch(key, start_revision=revision + 1) as events:
             async for ev in events:
                 if ev.key == key:  # the prefix also matches longer names
@@ -467,33 +484,38 @@ class MetaService:
         """Remove ``nodes`` from the valid replicas in one change (one generation bump). Each
         catches up the blocks modified after ``missed_from`` (default: the current generation)
         — lower it for replicas that may have taken writes under a generation the others
-        refused. ``InvalidState`` if that would leave no valid replica, or if ``holder`` no
-        longer holds its attachment."""
+        refused; ``nodes`` already stale then catch up from there too, if that is lower than
+        where they were to start. ``InvalidState`` if that would leave no valid replica, or if
+        ``holder`` no longer holds its attachment."""
         for _ in range(RETRIES):
             ext, rev = await self.extent(extent_id)
             cmp = [Compare.unchanged(keys.abs_extent(extent_id), rev)]
             if holder is not None:
                 cmp.append(await self._held_by(holder, extent_id))
             gone = [n for n in ext.replicas if n in nodes]
-            if not gone:
+            since = ext.generation if missed_from is None else min(missed_from, ext.generation)
+            lower = {n: since for n in nodes if n in ext.stale and ext.stale[n] > since}
+            if not gone and not lower:
                 return ext
             if len(gone) == len(ext.replicas):
                 raise InvalidState(f"extent {extent_id}: cannot drop its last valid replica")
-            since = ext.generation if missed_from is None else min(missed_from, ext.generation)
             now = self.clock.wall()
             new = ext.model_copy(
                 update={
                     "replicas": [r for r in ext.replicas if r not in gone],
-                    "stale": {**ext.stale, **dict.fromkeys(gone, since)},
+                    "stale": {**ext.stale, **lower, **dict.fromkeys(gone, since)},
                     "stale_since": {**ext.stale_since, **dict.fromkeys(gone, now)},
-                    "generation": ext.generation + 1,
+                    "generation": ext.generation + 1 if gone else ext.generation,
                 }
             )
             if await self.store.txn(cmp, [Put(keys.abs_extent(extent_id), new.dump())]):
                 log.warning(
-                    "extent %s: replicas on %s dropped; generation %d -> %d; valid: %s",
+                    "extent %s: replicas on %s dropped, on %s to catch up from generation %d; "
+                    "generation %d -> %d; valid: %s",
                     extent_id,
-                    ", ".join(gone),
+                    ", ".join(gone) or "none",
+                    ", ".join(lower) or "none",
+                    since,
                     ext.generation,
                     new.generation,
                     ", ".join(new.replicas),
@@ -520,9 +542,13 @@ class MetaService:
         epoch: int,
         replaces: str | None = None,
         catch_up: bool = False,
+        factor: int | None = None,
     ) -> ExtentRecord:
         """Make ``node`` a valid replica again after it copied what it lacked (catch-up), or as
         a new replica that ``replaces`` a lost one (re-replication). Bumps the generation.
+        Refused (``InvalidState``) unless ``node`` is still stale (catch-up), ``replaces`` is
+        still stale, and the extent is still below ``factor``: another recoverer may have
+        done it meanwhile (``check_admission``).
 
         Only the access point that ordered the copy against the live writes may admit it: the
         change is made only while ``holder`` still holds its volume's attachment at ``epoch``
@@ -533,8 +559,7 @@ class MetaService:
             ext, rev = await self.extent(extent_id)
             att = await self.store.get(keys.abs_attach(holder.volume))
             rec = AttachRecord.load(att.value) if att else None
-            if catch_up and node not in ext.stale:  # admitted or replaced by another since
-                raise InvalidState(f"extent {extent_id}: {node} is no longer a stale replica")
+            check_admission(ext, node, replaces, catch_up, factor)
             if att is None or rec is None or not holder.holds(rec) or rec.epoch != epoch:
                 raise InvalidState(
                     f"volume {holder.volume}: no longer attached by this access point; "
@@ -550,15 +575,20 @@ class MetaService:
         raise Conflict(f"extent {extent_id} keeps changing; try again")
 
     async def admit_copy(
-        self, extent_id: str, node: str, replaces: str | None = None, catch_up: bool = False
+        self,
+        extent_id: str,
+        node: str,
+        replaces: str | None = None,
+        catch_up: bool = False,
+        factor: int | None = None,
     ) -> ExtentRecord:
         """``admit_replica`` for an extent nothing writes (no volume names it; snapshots
         only): no access point orders the copy, so none is checked. The copy on ``node`` was
-        fenced at the valid replicas' epoch before it was made."""
+        fenced at the valid replicas' epoch before it was made. Checked as there: two
+        leaders, or a leader and a clone's access point, never admit more than ``factor``."""
         for _ in range(RETRIES):
             ext, rev = await self.extent(extent_id)
-            if catch_up and node not in ext.stale:
-                raise InvalidState(f"extent {extent_id}: {node} is no longer a stale replica")
+            check_admission(ext, node, replaces, catch_up, factor)
             new = _admitted(ext, node, replaces)
             if await self.update_extent(new, rev):
                 return _log_admitted(new, node, replaces)
@@ -566,6 +596,28 @@ class MetaService:
 
     async def update_extent(self, ext: ExtentRecord, rev: int) -> bool:
         return await self.store.replace(keys.abs_extent(ext.id), ext.dump(), mod_revision=rev)
+
+
+def check_admission(
+    ext: ExtentRecord, node: str, replaces: str | None, catch_up: bool, factor: int | None
+) -> None:
+    """``InvalidState`` unless admitting ``node`` still makes sense: a catch-up's node is still
+    stale, the replica a new one ``replaces`` is still stale (not caught up or replaced by
+    another recoverer), the node is not valid already, and the extent is below ``factor``."""
+    if catch_up and node not in ext.stale:  # admitted or replaced by another since
+        raise InvalidState(f"extent {ext.id}: {node} is no longer a stale replica")
+    if node in ext.replicas:
+        raise InvalidState(f"extent {ext.id}: {node} is a valid replica already")
+    if replaces is not None and replaces not in ext.stale:
+        raise InvalidState(
+            f"extent {ext.id}: {replaces} was caught up or replaced meanwhile; "
+            f"the copy on {node} is not admitted"
+        )
+    if factor is not None and len(ext.replicas) >= factor:
+        raise InvalidState(
+            f"extent {ext.id}: has its {factor} replicas already; "
+            f"the copy on {node} is not admitted"
+        )
 
 
 def _admitted(ext: ExtentRecord, node: str, replaces: str | None) -> ExtentRecord:

@@ -27,7 +27,8 @@ class Tables:
     extents: dict[str, ExtentRecord] = field(default_factory=dict)
     #: store revision of each extent record (for a delete that must not race a change)
     extent_revs: dict[str, int] = field(default_factory=dict)
-    recoveries: dict[str, RecoveryRecord] = field(default_factory=dict)
+    #: copies in progress by (extent, target node)
+    recoveries: dict[tuple[str, str], RecoveryRecord] = field(default_factory=dict)
 
     def named_by_volumes(self) -> set[str]:
         return {x for v in self.volumes.values() for x in v.extents if x}
@@ -69,5 +70,5 @@ async def read_tables(store: Store) -> Tables:
             t.extent_revs[ext.id] = kv.mod_revision
         elif kv.key.startswith(keys.ABS_RECOVERY):
             rec = RecoveryRecord.load(kv.value)
-            t.recoveries[rec.extent] = rec
+            t.recoveries[rec.extent, rec.target] = rec
     return t
