@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import os
 import random
 import socket
+import struct
 from array import array
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,11 +18,15 @@ from typing import Any
 
 import pytest
 import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from aecp.common.tls import Credentials
 from aecp.storage.chunk import server as chunk_server_module
 from aecp.storage.chunk.api import ReplicaClient
-from aecp.storage.chunk.auth import ReplicaAuth, client_handshake
+from aecp.storage.chunk.auth import MAGIC, NONCE, ReplicaAuth, client_handshake
 from aecp.storage.chunk.client import ChunkClient, LocalChunkClient
 from aecp.storage.chunk.diskio import sector_crcs
 from aecp.storage.chunk.errors import (
@@ -528,3 +534,32 @@ async def test_one_address_holds_a_few_handshake_slots_only(
     assert server.refused == 1
     for _, w in idle:
         w.close()
+
+
+async def test_a_hello_certificate_whose_name_cannot_be_decoded_is_refused_not_a_crash(
+    server: ChunkServer, pki: TestPKI
+) -> None:
+    """Decoding its subject raised ValueError out of the handshake: the task died with a
+    traceback per connection and the socket stayed open (second security review)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    issuer = pki.node(SERVER).load().ca.subject
+    der = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "EVILEVIL")]))
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    ).replace(b"\x0c\x08EVILEVIL", b"\x0c\x08\xff\xfe\xfd\xfc\xff\xfe\xfd\xfc")
+    reader, writer = await asyncio.open_connection(HOST, server.port)
+    hello = MAGIC + b"\0" + bytes(NONCE) + der
+    writer.write(struct.pack(">I", len(hello)) + hello)
+    with contextlib.suppress(ConnectionError):
+        while await asyncio.wait_for(reader.read(4096), 30):
+            pass  # the refusal, then the server closes
+    writer.close()
+    assert server.refused == 1

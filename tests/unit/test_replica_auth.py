@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from aecp.common.errors import InvalidInput
 from aecp.common.pki import NODE, AuthError, ClusterCA, Identity, verify_peer
 from aecp.storage.chunk.auth import MAGIC, ClientAuth, Mode, ServerAuth
+from aecp.storage.chunk.server import client_key
 from tests.pkikit import TestPKI
 
 
@@ -142,3 +143,10 @@ def test_a_principal_name_cannot_leave_its_directory_in_the_ca(
     with pytest.raises(InvalidInput, match="address"):
         ca.issue_node("n1", ["not-an-ip"])
     assert not (tmp_path / "nodes").exists()
+
+
+def test_handshake_slots_count_ipv6_clients_by_their_64() -> None:
+    assert (
+        client_key("2001:db8:1:2::7") == client_key("2001:db8:1:2:ffff::1") == "2001:db8:1:2::/64"
+    )
+    assert client_key("::ffff:10.0.0.1") == "10.0.0.1" and client_key("10.0.0.2") == "10.0.0.2"

@@ -332,12 +332,21 @@ def verify_peer(
 
 
 def common_name(cert: x509.Certificate) -> str:
-    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(attrs[0].value) if attrs else ""
+    """The certificate's CN; "" without one, "?" if its subject cannot be decoded (a peer's
+    certificate is anything the peer sent)."""
+    return _attribute(cert, NameOID.COMMON_NAME)
 
 
 def role_of(cert: x509.Certificate) -> str:
-    attrs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    """The certificate's OU (the principal's role), as ``common_name``."""
+    return _attribute(cert, NameOID.ORGANIZATIONAL_UNIT_NAME)
+
+
+def _attribute(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> str:
+    try:
+        attrs = cert.subject.get_attributes_for_oid(oid)
+    except ValueError:
+        return "?"
     return str(attrs[0].value) if attrs else ""
 
 

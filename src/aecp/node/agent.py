@@ -83,7 +83,7 @@ class NodeAgent:
         auth = ReplicaAuth(
             Credentials(Bundle(settings.security.tls_dir)), settings.security.replica_encryption
         )
-        self.volume_pool = ReplicaPool(self.meta, auth=auth)
+        self.volume_pool = ReplicaPool(self.meta, auth=auth, source=settings.address)
         vmdisks = VMDisks(self.meta, self.volume_pool, settings.nbd_socket)
         self.vmdisks = vmdisks
         self.actions = VMActions(

@@ -120,7 +120,9 @@ class StorageDaemon:
         )
         self.credentials = Credentials(Bundle(settings.security.tls_dir))
         auth = ReplicaAuth(self.credentials, settings.security.replica_encryption)
-        self.pool = ReplicaPool(self.meta, self.node, self.replicas, auth=auth)
+        self.pool = ReplicaPool(
+            self.meta, self.node, self.replicas, auth=auth, source=settings.address
+        )
         self.chunk = ChunkServer(
             self.replicas, settings.address, settings.storage.chunk_port, auth=auth
         )

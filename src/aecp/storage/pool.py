@@ -34,9 +34,11 @@ class ReplicaPool:
         connections: int = 2,
         *,
         auth: ReplicaAuth | None = None,
+        source: str | None = None,
     ) -> None:
         self.meta = meta
         self.auth = auth
+        self.source = source  # the address this node connects from
         self.local_node = local_node
         self.timeout = timeout
         self.connections = connections
@@ -69,6 +71,7 @@ class ReplicaPool:
                     auth=self.auth,
                     timeout=self.timeout,
                     connections=self.connections,
+                    source=self.source,
                 )
                 self._clients[node] = c
             return c

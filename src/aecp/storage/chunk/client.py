@@ -194,11 +194,13 @@ class ChunkClient(ReplicaClient):
         auth: ReplicaAuth,
         timeout: float = 5.0,
         connections: int = 1,
+        source: str | None = None,
     ) -> None:
         if connections < 1 or timeout <= 0:
             raise ValueError("a ChunkClient needs at least one connection and a positive timeout")
         self.host, self.port, self.timeout = host, port, timeout
         self.node, self.auth = node, auth
+        self.source = source  # connect from this address (a node's own: servers count by it)
         self.address = f"{host}:{port}"
         self._conns: list[_Connection | None] = [None] * connections
         self._connecting: list[asyncio.Task[_Connection] | None] = [None] * connections
@@ -250,6 +252,8 @@ class ChunkClient(ReplicaClient):
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
+            if self.source is not None:
+                sock.bind((self.source, 0))
             async with asyncio.timeout(self.timeout):
                 await loop.sock_connect(sock, (self.host, self.port))
                 mode = await client_handshake(sock, self.auth, self.node, self.timeout)
@@ -265,6 +269,9 @@ class ChunkClient(ReplicaClient):
         except (OSError, TimeoutError, ssl.SSLError) as e:
             sock.close()
             raise ReplicaUnavailable(self.address, f"cannot connect: {e or 'timed out'}") from e
+        except Exception as e:  # whatever a peer's bytes provoke
+            sock.close()
+            raise ReplicaUnavailable(self.address, f"authentication failed: {e!r}") from e
         return conn
 
     async def _call(

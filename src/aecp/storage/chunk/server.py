@@ -4,9 +4,11 @@ Admission: the server accepts connections itself and authenticates each one (``a
 signed handshake, or TLS when the client asks for encryption) before the replica protocol
 starts on it; a connection that does not send its hello within ``HELLO_TIMEOUT`` or prove a
 node certificate of the cluster within ``handshake_timeout`` is closed. At most
-``MAX_HANDSHAKES_PER_ADDRESS`` handshakes run at once from one address (more are closed at
-once) and ``MAX_HANDSHAKES`` in all; when all are taken, the oldest gives way to the new one,
-so connections that hold a slot without authenticating cannot lock the nodes out. Refusals are
+``MAX_HANDSHAKES_PER_ADDRESS`` handshakes run at once from one client (an IPv4 address or an
+IPv6 /64; more are closed at once) and ``MAX_HANDSHAKES`` in all; when all are taken, the
+oldest handshake of the client holding the most gives way to the new one, so connections that
+hold slots without authenticating cannot lock the nodes out (nodes connect from their own
+address: ``ChunkClient(source=...)``). Refusals are
 logged at most once per ``REFUSAL_LOG_EVERY`` seconds, with the count of those not logged.
 
 Three pieces: the codec (``wire.RequestDecoder``), the session (``_Session``: one connection,
@@ -26,11 +28,13 @@ import asyncio
 import collections
 import enum
 import functools
+import ipaddress
 import logging
 import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from cryptography import x509
@@ -47,7 +51,7 @@ from aecp.storage.chunk.wire import MAX_DATA, MAX_PAYLOAD, Op, Request, Status
 
 log = logging.getLogger(__name__)
 MAX_HANDSHAKES = 64
-MAX_HANDSHAKES_PER_ADDRESS = 4
+MAX_HANDSHAKES_PER_ADDRESS = 8  # a node's two pools hold 2 connections each to every peer
 HELLO_TIMEOUT = 1.0
 REFUSAL_LOG_EVERY = 10.0
 
@@ -74,7 +78,8 @@ class ChunkServer:
         self._handshake_timeout = handshake_timeout
         self._listener: socket.socket | None = None
         self._acceptor: asyncio.Task[None] | None = None
-        self._admitting: dict[asyncio.Task[None], str] = {}  # handshake -> client address
+        self._admitting: dict[asyncio.Task[None], _Pending] = {}  # in arrival order
+        self._per_client: collections.Counter[str] = collections.Counter()
         self._sessions: set[_Session] = set()
         self.intake = Intake()  # staging and payload budget shared by the sessions
         self.refused = 0  # connections refused (authentication, limits): for tests and logs
@@ -120,18 +125,36 @@ class ChunkServer:
                 log.warning("chunk server: accepting failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            peer = f"{addr[0]}:{addr[1]}"
-            if sum(a == addr[0] for a in self._admitting.values()) >= MAX_HANDSHAKES_PER_ADDRESS:
-                self._refuse(conn, peer, f"{MAX_HANDSHAKES_PER_ADDRESS} handshakes from it")
+            peer, client = f"{addr[0]}:{addr[1]}", client_key(str(addr[0]))
+            if self._per_client[client] >= MAX_HANDSHAKES_PER_ADDRESS:
+                self._refuse(conn, peer, f"{MAX_HANDSHAKES_PER_ADDRESS} handshakes from {client}")
                 continue
-            if len(self._admitting) >= MAX_HANDSHAKES:  # the oldest gives way
-                next(iter(self._admitting)).cancel()
+            if len(self._admitting) >= MAX_HANDSHAKES:
+                self._evict()
             task = loop.create_task(self._admit(conn, peer))
-            self._admitting[task] = str(addr[0])
+            self._admitting[task] = _Pending(conn, peer, client)
+            self._per_client[client] += 1
             task.add_done_callback(self._handshake_done)
 
+    def _evict(self) -> None:
+        """Give a slot back: the oldest handshake of the client that holds the most."""
+        busiest = max(self._per_client, key=self._per_client.__getitem__)
+        task = next(t for t, p in self._admitting.items() if p.client == busiest)
+        pending = self._forget(task)
+        if pending is not None:
+            self._refuse(pending.conn, pending.peer, "not authenticated yet: every slot taken")
+        task.cancel()
+
+    def _forget(self, task: asyncio.Task[None]) -> _Pending | None:
+        pending = self._admitting.pop(task, None)
+        if pending is not None:
+            self._per_client[pending.client] -= 1
+            if self._per_client[pending.client] <= 0:
+                del self._per_client[pending.client]
+        return pending
+
     def _handshake_done(self, task: asyncio.Task[None]) -> None:
-        self._admitting.pop(task, None)
+        self._forget(task)
 
     async def _admit(self, conn: socket.socket, peer: str) -> None:
         """Authenticate ``conn``, then serve the replica protocol on it (in TLS if asked)."""
@@ -141,19 +164,21 @@ class ChunkServer:
         except (AuthError, OSError, TimeoutError) as exc:
             self._refuse(conn, peer, f"authentication failed: {exc or 'timed out'}")
             return
-        except asyncio.CancelledError:  # gave way to a newer connection, or stopping
-            why = (
-                "the server is stopping"
-                if self._listener is None
-                else "every handshake slot was taken"
-            )
-            self._refuse(conn, peer, f"not authenticated yet: {why}")
+        except asyncio.CancelledError:  # evicted (closed and counted already), or stopping
+            conn.close()
             raise
-        tls = self._auth.credentials.server_context() if auth.mode is Mode.TLS else None
+        except Exception as exc:  # whatever a peer's bytes provoke: refuse, never crash
+            self._refuse(conn, peer, f"authentication failed: {exc!r}")
+            return
+        tls = None
         try:
+            tls = self._auth.credentials.server_context() if auth.mode is Mode.TLS else None
             session = await self._serve(conn, tls)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             self._refuse(conn, peer, f"TLS failed: {exc}" if tls else str(exc))
+            return
+        except Exception as exc:  # e.g. credentials that could not be loaded just now
+            self._refuse(conn, peer, f"not served: {exc!r}")
             return
         name = auth.peer or session.peer_node
         if not name:  # a TLS peer without a node certificate: the session dropped it
@@ -190,6 +215,30 @@ class ChunkServer:
 
     def _session(self, tls_ca: x509.Certificate | None = None) -> _Session:
         return _Session(self._handler, self._max_inflight, self._sessions, self.intake, tls_ca)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A connection whose handshake runs: its socket, who sent it, and the client it counts
+    against (``client_key``)."""
+
+    conn: socket.socket
+    peer: str
+    client: str
+
+
+def client_key(address: str) -> str:
+    """What the per-client limit counts by: an IPv4 address, or an IPv6 address's /64 (one
+    site has a whole /64: counting addresses would limit nothing)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def tls_peer(transport: asyncio.BaseTransport, ca: x509.Certificate) -> str:
