@@ -31,7 +31,7 @@ from aecp.storage.blockdev import BlockDevice
 from aecp.storage.exports import Exports, GrantPolicy, granted_by
 from aecp.storage.filedev import FileDevice
 from aecp.storage.frontends.nbd import protocol as p
-from aecp.storage.frontends.nbd.server import Limits, NbdServer
+from aecp.storage.frontends.nbd.server import MAX_OPTIONS, Limits, NbdServer
 from aecp.storage.meta.model import VolumeRecord
 from aecp.store import keys
 from aecp.store.memory import MemoryStore
@@ -268,3 +268,43 @@ async def test_connections_per_client_address_are_capped(tls: Tls) -> None:
     reader, writer = await raw_tls(tls)  # room again
     writer.write(p.encode_request(p.Cmd.DISC, 9))
     await closed(reader, writer)
+
+
+async def test_only_so_many_tcp_connections_negotiate_at_once(tls: Tls) -> None:
+    """16 per address was the only limit: many addresses held thousands (second review)."""
+    tls.server.limits = Limits(handshake_timeout=30, idle_timeout=30, max_negotiating=2)
+    held = [await asyncio.open_connection(HOST, tls.server.port) for _ in range(2)]
+    for reader, _ in held:
+        await reader.readexactly(18)  # greeted: negotiating
+    reader, writer = await asyncio.open_connection(HOST, tls.server.port)
+    assert await closed(reader, writer) == b""  # closed before the greeting
+    assert tls.server.refused == 1
+    for _, w in held:
+        w.close()
+
+
+async def test_a_negotiation_of_endless_options_is_ended(tls: Tls) -> None:
+    reader, writer = await asyncio.open_connection(HOST, tls.server.port)
+    await reader.readexactly(18)
+    writer.write(struct.pack(">I", 3) + p.encode_option(p.Opt.LIST) * (MAX_OPTIONS + 1))
+    got = await closed(reader, writer)
+    assert got.count(p.OPT_REPLY_MAGIC.to_bytes(8, "big")) == MAX_OPTIONS
+
+
+async def test_starttls_while_the_grants_cannot_be_read_is_refused_in_the_protocol(
+    tls: Tls,
+) -> None:
+    """The client got a bare EOF and the server logged a traceback (second review)."""
+    tls.store.set_reachable(False)
+    tls.policy.invalidate()
+    try:
+        reader, writer = await asyncio.open_connection(HOST, tls.server.port)
+        await reader.readexactly(18)
+        writer.write(struct.pack(">I", 3) + p.encode_option(p.Opt.STARTTLS))
+        _, opt, rep, n = struct.unpack(">QIII", await reader.readexactly(20))
+        await reader.readexactly(n)
+        assert (opt, rep) == (p.Opt.STARTTLS, p.Rep.ERR_POLICY)
+        writer.write(p.encode_option(p.Opt.ABORT))
+        await closed(reader, writer)
+    finally:
+        tls.store.set_reachable(True)

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from aecp.common.errors import AlreadyExists, InvalidInput
+from aecp.common.errors import AlreadyExists, InvalidInput, StoreUnavailable
 from aecp.common.pki import ClusterCA, grant_credential
 from aecp.common.tls import Credentials
 from aecp.storage.exports import Exports, GrantPolicy, check_credential_ca
@@ -148,3 +148,47 @@ async def test_connecting_clients_refresh_the_grants_at_most_once_a_second(tmp_p
     for _ in range(50):  # fifty STARTTLS in a row
         await policy.context()
     assert store.lists - before == 1
+
+
+async def test_a_changed_grant_is_read_again_at_once_however_recent_the_last_read(
+    tmp_path: Path,
+) -> None:
+    """An export made just after a read failed to open for up to a second (full suite)."""
+    store, policy, _ = await policy_with(tmp_path)
+    await policy.context()
+    own, leaf, _ = grant_credential("c", days=3)
+    await Exports(store).grant(await volume(store, "c", "c1"), own.decode(), "n1", "t")
+    policy.invalidate()  # what the storage daemon's watch does
+    await policy.context()
+    der = x509.load_pem_x509_certificate(leaf).public_bytes(serialization.Encoding.DER)
+    assert (await policy.grants(der))[1] == {"c"}
+
+
+async def test_a_store_that_cannot_answer_is_asked_at_most_once_a_second(tmp_path: Path):
+    store, policy, _ = await policy_with(tmp_path)
+    store.set_reachable(False)
+    before = store.lists
+    for _ in range(20):  # twenty STARTTLS while the store is down
+        with pytest.raises(StoreUnavailable):
+            await policy.context()
+    assert store.lists - before == 1
+    store.set_reachable(True)
+
+
+async def test_a_grant_record_that_does_not_load_opens_nothing_and_stops_no_other(
+    tmp_path: Path,
+) -> None:
+    store, policy, leaves = await policy_with(tmp_path)
+    await store.put(keys.abs_export("zzz"), b'{"volume": 1}')
+    await policy.refresh()
+    await policy.context()
+    assert (await policy.grants(leaves["a"]))[1] == {"a"}
+
+
+async def test_two_granted_cas_may_not_share_a_subject() -> None:
+    """OpenSSL tries one CA per subject: the second credential would fail everywhere."""
+    store = MemoryStore()
+    key_a, key_b = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    await Exports(store).grant(await volume(store, "a", "a1"), ca_pem(key_a), "n1", "t")
+    with pytest.raises(AlreadyExists, match="has this subject"):
+        await Exports(store).grant(await volume(store, "b", "b1"), ca_pem(key_b), "n1", "t")

@@ -12,10 +12,10 @@ from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aecp.common.addresses import client_key
 from aecp.common.errors import InvalidInput
 from aecp.common.pki import NODE, AuthError, ClusterCA, Identity, verify_peer
 from aecp.storage.chunk.auth import MAGIC, ClientAuth, Mode, ServerAuth
-from aecp.storage.chunk.server import client_key
 from tests.pkikit import TestPKI
 
 

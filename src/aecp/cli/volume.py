@@ -10,6 +10,7 @@ import typer
 from aecp.cli.common import client
 from aecp.cli.output import Format, OutputOpt, emit, iso_time
 from aecp.common.pki import grant_credential, write_private
+from aecp.model.base import check_name
 
 app = typer.Typer(help="ABS volumes (replicated block storage).", no_args_is_help=True)
 COLS = [
@@ -119,6 +120,7 @@ def export(
     nbdcopy and fio read (ca-cert.pem, client-cert.pem, client-key.pem), and prints how to use
     it. Revoke with: aecp volume unexport NAME.
     """
+    check_name("name", name)  # before anything is written under a directory named after it
     target = (directory or Path(f"{name}-nbd-tls")).absolute()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         why = f"{target} exists and is not an empty directory"

@@ -169,6 +169,7 @@ class StorageDaemon:
         repair = asyncio.create_task(self._recovery_loop(), name=f"recovery-{self.node}")
         scrub = asyncio.create_task(self._scrub_loop(), name=f"scrub-{self.node}")
         grants = spawn(self._grants_loop(), name=f"nbd-grants-{self.node}")
+        watch = spawn(self._grants_watch(), name=f"nbd-grants-watch-{self.node}")
         log.info(
             "node %s: storage server up: replicas on %s:%d, NBD on %s:%d (TLS) and %s",
             self.node,
@@ -181,7 +182,7 @@ class StorageDaemon:
         try:
             await self._stop.wait()
         finally:
-            await cancel(keeper, report, repair, scrub, grants)
+            await cancel(keeper, report, repair, scrub, grants, watch)
             await self.nbd.stop()
             await self._close_exports()
             await self.chunk.stop()
@@ -210,6 +211,20 @@ class StorageDaemon:
             overcommit_ratio=self.s.storage.overcommit_ratio,
         )
         await self.store.put(keys.abs_server(self.node), rec.dump(), lease=lease)
+
+    async def _grants_watch(self) -> None:
+        """Tell the grant policy when a grant changes, so a new export works at once (a
+        client's STARTTLS alone may make it read the grants only once a second)."""
+        while True:
+            try:
+                async with self.store.watch(keys.ABS_EXPORTS) as events:
+                    self.grants.invalidate()  # what changed before the watch began
+                    async for _ in events:
+                        self.grants.invalidate()
+            except AecpError as exc:
+                log.debug("node %s: grants watch broke: %s", self.node, exc)
+                self.grants.invalidate()
+                await asyncio.sleep(1.0)
 
     async def _grants_loop(self) -> None:
         """Close the NBD connections whose grant was revoked, expired or moved to another

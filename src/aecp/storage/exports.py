@@ -35,9 +35,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pydantic import ValidationError
 
 from aecp.common.clock import SYSTEM_CLOCK, Clock
-from aecp.common.errors import AlreadyExists, InvalidInput, NotFound
+from aecp.common.errors import AecpError, AlreadyExists, InvalidInput, NotFound
 from aecp.common.pki import fingerprint
 from aecp.common.tls import Credentials, server_context
 from aecp.model.base import Stored, check_name
@@ -83,11 +84,17 @@ class Exports:
         that CA."""
         cert = check_credential_ca(certificate, self.clock.wall(), self.cluster_ca)
         der = cert.public_bytes(serialization.Encoding.DER)
-        if any(g.fingerprint == fingerprint(der) for g in await self.all()):
-            raise AlreadyExists(
-                "this credential is granted another volume already; make a new one",
-                field="client_ca_certificate",
-            )
+        for other in await self.all():
+            if other.fingerprint == fingerprint(der):
+                raise AlreadyExists(
+                    "this credential is granted another volume already; make a new one",
+                    field="client_ca_certificate",
+                )
+            if _subject(other.certificate) == cert.subject:  # OpenSSL would try only one
+                raise AlreadyExists(
+                    "another granted credential's CA has this subject; use another name",
+                    field="client_ca_certificate",
+                )
         grant = ExportGrant(
             volume=vol.name,
             volume_uid=vol.owner_id,
@@ -168,9 +175,28 @@ def check_credential_ca(pem: str, now: float, cluster_ca: str = "") -> x509.Cert
     return cert
 
 
+def _subject(pem: str) -> x509.Name | None:
+    try:
+        return x509.load_pem_x509_certificate(pem.encode()).subject
+    except ValueError:
+        return None
+
+
 def _same_key(a: x509.Certificate, b: x509.Certificate) -> bool:
     form = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     return a.public_key().public_bytes(*form) == b.public_key().public_bytes(*form)
+
+
+async def _readable_grants(store: Store) -> list[ExportGrant]:
+    """Every grant record that loads (one that does not, a newer or damaged one, opens nothing
+    and does not stop the others from being read)."""
+    out = []
+    for kv in await store.list(keys.ABS_EXPORTS):
+        try:
+            out.append(ExportGrant.load(kv.value))
+        except ValidationError:
+            log.warning("%s does not load: it opens nothing", kv.key)
+    return out
 
 
 def granted_by(valid: dict[str, ExportGrant], credential: str, exports: frozenset[str]) -> bool:
@@ -189,22 +215,39 @@ class GrantPolicy:
         self.clock = clock
         self._grants: dict[str, ExportGrant] = {}
         self._fetched = float("-inf")  # time.monotonic() of the last refresh
+        self._stale = True  # a grant changed since (``invalidate``)
+        self._failure: tuple[float, AecpError] | None = None  # the last failed refresh
         self._lock = asyncio.Lock()
         self._context: tuple[object, ssl.SSLContext] | None = None
 
+    def invalidate(self) -> None:
+        """A grant changed (the storage daemon watches them): the next ``context`` reads
+        them again, however recent the last read."""
+        self._stale = True
+
     async def refresh(self, *, at_most_every: float = 0.0) -> dict[str, ExportGrant]:
         """Read the grants in force (unexpired, of a volume that still exists with the same
-        unique id, naming a CA no other grant names), by fingerprint; a read younger than
-        ``at_most_every`` seconds is reused. ``StoreUnavailable`` if the store cannot say."""
+        unique id, naming a CA no other grant names), by fingerprint. Unless a grant changed
+        since (``invalidate``), a read younger than ``at_most_every`` seconds is reused, and
+        so is a failure (``StoreUnavailable``) younger than that: a client's STARTTLS never
+        makes the node read the store more often."""
         async with self._lock:
-            if time.monotonic() - self._fetched >= at_most_every:
-                self._grants = await self._read()
-                self._fetched = time.monotonic()
+            now = time.monotonic()
+            if self._failure is not None and now - self._failure[0] < at_most_every:
+                raise self._failure[1]
+            if self._stale or now - self._fetched >= at_most_every:
+                self._stale = False
+                try:
+                    self._grants = await self._read()
+                except AecpError as exc:
+                    self._stale, self._failure = True, (time.monotonic(), exc)
+                    raise
+                self._failure, self._fetched = None, time.monotonic()
             return self._grants
 
     async def _read(self) -> dict[str, ExportGrant]:
         now = self.clock.wall()
-        grants = [g for g in await Exports(self.store).all() if g.expires_at > now]
+        grants = [g for g in await _readable_grants(self.store) if g.expires_at > now]
         shared = {fp for fp, n in Counter(g.fingerprint for g in grants).items() if n > 1}
         if shared:
             log.warning("credentials granted several volumes open nothing: %s", sorted(shared))
@@ -215,7 +258,11 @@ class GrantPolicy:
         return out
 
     async def _volume_uid(self, name: str) -> str | None:
-        got = await read(self.store, keys.abs_volume(name), VolumeRecord)
+        try:
+            got = await read(self.store, keys.abs_volume(name), VolumeRecord)
+        except ValidationError:  # unreadable: not the volume the grant names
+            log.warning("volume %s: its record does not load; its export opens nothing", name)
+            return None
         return got[0].owner_id if got else None
 
     async def context(self) -> ssl.SSLContext:
@@ -244,7 +291,10 @@ class GrantPolicy:
     async def still_granted(self, credential: str, volume: str) -> bool:
         """Does ``credential`` still open ``volume``, read from the store now (the grant
         unchanged, unexpired, its volume the same one)?"""
-        got = await read(self.store, keys.abs_export(volume), ExportGrant)
+        try:
+            got = await read(self.store, keys.abs_export(volume), ExportGrant)
+        except ValidationError:
+            return False
         if got is None:
             return False
         grant = got[0]

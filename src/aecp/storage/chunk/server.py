@@ -28,7 +28,6 @@ import asyncio
 import collections
 import enum
 import functools
-import ipaddress
 import logging
 import socket
 import ssl
@@ -40,6 +39,7 @@ from typing import Any, cast
 from cryptography import x509
 
 from aecp.common import tasks
+from aecp.common.addresses import client_key
 from aecp.common.pki import NODE, AuthError, verify_peer
 from aecp.common.receive import Intake, Receiver
 from aecp.storage.chunk import wire
@@ -225,20 +225,6 @@ class _Pending:
     conn: socket.socket
     peer: str
     client: str
-
-
-def client_key(address: str) -> str:
-    """What the per-client limit counts by: an IPv4 address, or an IPv6 address's /64 (one
-    site has a whole /64: counting addresses would limit nothing)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 def tls_peer(transport: asyncio.BaseTransport, ca: x509.Certificate) -> str:

@@ -4,9 +4,10 @@ granted), one ``NbdSession`` per connection.
 
 Limits (``Limits``): a client that has not finished negotiating within ``handshake_timeout``
 is dropped; a TCP connection idle (no request in flight, nothing received) for
-``idle_timeout`` is closed; one client address holds at most ``max_per_client`` TCP connections
-(more are closed at once). ``revoke`` closes the TLS connections of credentials no longer
-granted.
+``idle_timeout`` is closed; one client (an IPv4 address or an IPv6 /64) holds at most
+``max_per_client`` TCP connections, and at most ``max_negotiating`` TCP connections negotiate
+at once (more are closed at once); a negotiation of more than ``MAX_OPTIONS`` options is ended.
+``revoke`` closes the TLS connections of credentials no longer granted.
 
 A connection is an ``asyncio.BufferedProtocol`` whose bytes go straight into the session's
 sans-I/O parser (no stream buffer in between; a large WRITE's payload is read into its own
@@ -36,12 +37,15 @@ import logging
 import os
 import ssl
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast
 
 from aecp.common import tasks
+from aecp.common.addresses import client_key
+from aecp.common.errors import AecpError
 from aecp.common.pki import fingerprint
 from aecp.common.receive import Intake, Receiver
 from aecp.storage.frontends.nbd import protocol as p
@@ -53,6 +57,8 @@ NEGOTIATION_BUFFER = 1 << 20  # unparsed bytes before negotiation stops reading 
 HIGH_WATER = 4 << 20  # stop reading requests while more replies than this wait to be sent
 INLINE_DATA = 64 * 1024  # READ data up to this size is joined to its header (one send)
 CLOSE_TIMEOUT = 5.0  # then unsent replies are dropped (the client stopped reading)
+MAX_OPTIONS = 256  # options in one negotiation
+REFUSAL_LOG_EVERY = 10.0
 _DISC = int(p.Cmd.DISC)
 
 
@@ -75,6 +81,7 @@ class Limits:
     handshake_timeout: float = 10.0
     idle_timeout: float = 600.0
     max_per_client: int = 16
+    max_negotiating: int = 128
 
 
 class NbdServer:
@@ -112,6 +119,8 @@ class NbdServer:
         self._per_client: collections.Counter[str] = collections.Counter()
         self.intake = Intake()  # staging and payload budget shared by the connections
         self.refused = 0  # connections closed for a limit (per client, negotiation time)
+        self.negotiating = 0  # TCP connections not in transmission yet
+        self._logged_at, self._unlogged = -REFUSAL_LOG_EVERY, 0
 
     @property
     def port(self) -> int:
@@ -173,16 +182,20 @@ class NbdServer:
         return len(gone)
 
     def _admit(self, conn: _Connection) -> bool:
-        """Register a new connection; False (it must close) past the per-client limit."""
+        """Register a new connection; False (it must close) past a limit (``Limits``)."""
         if not conn.local:
+            why = ""
             if self._per_client[conn.client] >= self.limits.max_per_client:
+                why = f"{self.limits.max_per_client} connections from {conn.client} already"
+            elif self.negotiating >= self.limits.max_negotiating:
+                why = f"{self.limits.max_negotiating} connections negotiating already"
+            if why:
                 self.refused += 1
-                log.warning(
-                    "nbd %s: refused: %d connections from %s already",
-                    conn.peer, self.limits.max_per_client, conn.client,
-                )  # fmt: skip
+                self._log_refusal(conn.peer, why)
                 return False
             self._per_client[conn.client] += 1
+            self.negotiating += 1
+            conn.negotiating = True
         task = tasks.spawn(conn.run(), name=f"nbd-conn-{conn.peer}")
         self._connections[task] = conn
         task.add_done_callback(functools.partial(self._closed, conn))
@@ -190,10 +203,27 @@ class NbdServer:
 
     def _closed(self, conn: _Connection, task: asyncio.Task[None]) -> None:
         self._connections.pop(task, None)
+        self.negotiated(conn)
         if not conn.local:
             self._per_client[conn.client] -= 1
             if self._per_client[conn.client] <= 0:
                 del self._per_client[conn.client]
+
+    def negotiated(self, conn: _Connection) -> None:
+        """``conn`` no longer counts against ``max_negotiating`` (transmission, or gone)."""
+        if conn.negotiating:
+            conn.negotiating = False
+            self.negotiating -= 1
+
+    def _log_refusal(self, peer: str, why: str) -> None:
+        """Log a refusal unless one was logged in the last ``REFUSAL_LOG_EVERY`` seconds."""
+        now = time.monotonic()
+        if now - self._logged_at < REFUSAL_LOG_EVERY:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more refused since the last line)" if self._unlogged else ""
+        self._logged_at, self._unlogged = now, 0
+        log.warning("nbd %s: refused: %s%s", peer, why, more)
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -205,7 +235,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._server = server
         self.local = local
         self.peer = "?"
-        self.client = ""  # the client's address (TCP), for the per-client limit
+        self.client = ""  # the client (``client_key`` of its address), for the per-client limit
+        self.negotiating = False  # counted in the server's ``negotiating``
+        self.options = 0  # options received in negotiation
         self.credential = ""  # the TLS client certificate's fingerprint, once TLS is up
         self.session = NbdSession(
             server._open_export,
@@ -241,7 +273,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._last_read = loop.time()
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
-            self.client, self.peer = str(peer[0]), f"{peer[0]}:{peer[1]}"
+            self.client, self.peer = client_key(str(peer[0])), f"{peer[0]}:{peer[1]}"
         else:
             self.peer = "local"
         self.session.peer = self.peer
@@ -314,6 +346,7 @@ class _Connection(asyncio.BufferedProtocol):
             except TimeoutError:
                 self._server.refused += 1
                 raise p.ProtocolError(f"negotiation not finished within {limit:g} s") from None
+            self._server.negotiated(self)
             if self.session.state is State.TRANSMISSION and not self._lost:
                 if not self.local:
                     self._arm_idle(self._server.limits.idle_timeout)
@@ -362,6 +395,9 @@ class _Connection(asyncio.BufferedProtocol):
             if isinstance(event, p.ClientFlags):
                 session.client_flags(event)
             elif isinstance(event, p.OptionRequest):
+                self.options += 1
+                if self.options > MAX_OPTIONS:
+                    raise p.ProtocolError(f"more than {MAX_OPTIONS} options in one negotiation")
                 reply = await session.option(event)
                 if session.starttls:
                     await self._start_tls(reply)
@@ -385,7 +421,15 @@ class _Connection(asyncio.BufferedProtocol):
             raise p.ProtocolError("data sent after NBD_OPT_STARTTLS before its reply")
         transport.pause_reading()
         self._reading_paused = True
-        context = await policy.context()
+        try:
+            context = await policy.context()
+        except AecpError as exc:  # the grants cannot be read now: say so, stay in clear
+            log.warning("nbd %s: STARTTLS refused: %s", self.peer, exc.message)
+            self.session.starttls = False
+            self._write(p.option_reply(p.Opt.STARTTLS, p.Rep.ERR_POLICY, b"try again later"))
+            self._reading_paused = False
+            transport.resume_reading()
+            return
         self._write(ack)
         upgraded = await asyncio.get_running_loop().start_tls(
             transport,
