@@ -257,14 +257,8 @@ async def test_a_replica_an_older_copier_starts_copying_into_is_not_collected(
     gc = orphans(cluster, clock)
     assert await gc.run_pass() == []  # found
     await clock.advance(61)
-    copy = RecoveryRecord(
-        volume="v",
-        extent=ext_id,
-        kind="re-replicate",
-        target="n2",
-        total_bytes=EXTENT,
-        copied_bytes=0,
-        started_at=0,
+    copy = new_record(
+        "v", ExtentRecord(id=ext_id, size=EXTENT, replicas=["n1"]), "n2", "re-replicate"
     )
     real_tables = cluster.meta.tables
 

@@ -7,7 +7,9 @@ end up agreeing, with every acknowledged write, and a full disk must not cost a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,14 @@ from aecp.storage.blockdev import NoSpace
 from aecp.storage.chunk.errors import ChunkIOError, ReplicaUnavailable
 from aecp.storage.recovery import RecoveryPolicy, Repairer
 from tests.unit.abskit import BLOCK, EXTENT, Cluster
-from tests.unit.test_refused_writes import agree, catch_up, fill_up, hook, written
+from tests.unit.test_refused_writes import (
+    agree,
+    catch_up,
+    fill_up,
+    hook,
+    lose_answers,
+    written,
+)
 
 
 def repairer(cluster: Cluster, dev: VolumeDevice) -> Repairer:
@@ -61,6 +70,29 @@ async def stale_with_a_block_nobody_else_has(
     return dev, ext_id, x, g
 
 
+async def n1_full(cluster: Cluster) -> tuple[VolumeDevice, str, str]:
+    """Volume ``v`` (two replicas, blocks 0-1 of its first extent written), then no room
+    left on n1 for a new block: (the access point, the extent, the other replica's node)."""
+    dev, ext_id, replicas = await written(cluster, size=2 * EXTENT, data=b"\x11" * 2 * BLOCK)
+    fill_up(cluster.replicas["n1"].store)
+    return dev, ext_id, next(n for n in replicas if n != "n1")
+
+
+@contextlib.contextmanager
+def meta_down_for_undos(dev: VolumeDevice) -> Iterator[None]:
+    """Inside the block, the undo cannot read the extent's record (Meta does not answer)."""
+    real = dev.current
+
+    async def meta_down(e: str) -> Any:
+        raise Unavailable("etcd: deadline exceeded")
+
+    dev.current = meta_down  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        dev.current = real  # type: ignore[method-assign]
+
+
 # ---- 1: a catch-up and the undo that lowers its start ------------------------------------------
 
 
@@ -70,10 +102,8 @@ async def test_a_catch_up_planned_before_an_undo_lowered_it_still_copies_the_ref
     # W (refused by the full n1) was taken by x; W2 then dropped x and was acknowledged by n1.
     # A recovery pass read x's catch-up start before the undo lowered it, waited for the undo,
     # copied from the old start and admitted x with W's bytes over the acknowledged 0x11.
-    dev, ext_id, replicas = await written(cluster, size=2 * EXTENT, data=b"\x11" * 2 * BLOCK)
-    x = next(n for n in replicas if n != "n1")
+    dev, ext_id, x = await n1_full(cluster)  # block 2 needs space on n1
     n1, rx = cluster.replicas["n1"], cluster.replicas[x]
-    fill_up(n1.store)  # block 2 needs space on n1
     refused = asyncio.Event()
 
     async def n1_write(e: str, offset: int, data: Any, **kw: Any) -> None:
@@ -163,10 +193,8 @@ async def test_an_undo_whose_lowering_meta_fails_still_has_the_dropped_replica_c
 ) -> None:
     # x took W and was dropped by W2 before n1's refusal of W came back. The undo's lowering of
     # x's catch-up failed; the undo gave up, and x later kept W's bytes over acknowledged data.
-    dev, ext_id, replicas = await written(cluster, size=2 * EXTENT, data=b"\x11" * 2 * BLOCK)
-    x = next(n for n in replicas if n != "n1")
+    dev, ext_id, x = await n1_full(cluster)
     n1, rx = cluster.replicas["n1"], cluster.replicas[x]
-    fill_up(n1.store)
     x_dropped = asyncio.Event()
 
     async def n1_write(e: str, offset: int, data: Any, **kw: Any) -> None:
@@ -214,13 +242,7 @@ async def test_a_refused_write_whose_drop_meta_fails_still_answers_enospc_and_is
     # reached the client instead of ENOSPC: nothing was undone, n3 and n2 kept the write.
     dev, ext_id, _ = await written(cluster, replicas=3, data=b"\x11" * 2 * BLOCK)
     fill_up(cluster.replicas["n1"].store)
-    n3 = cluster.replicas["n3"]
-
-    async def write_then_lose_the_answer(e: str, offset: int, data: Any, **kw: Any) -> None:
-        await n3.write(e, offset, data, **kw)
-        raise ReplicaUnavailable("n3", "connection reset after the write")
-
-    hook(cluster, "n3", "write", write_then_lose_the_answer)
+    lose_answers(cluster, "n3")
     real_drop = cluster.meta.drop_replicas
 
     async def drop(*a: Any, **kw: Any) -> Any:
@@ -231,7 +253,7 @@ async def test_a_refused_write_whose_drop_meta_fails_still_answers_enospc_and_is
         await dev.write(0, b"\x66" * 3 * BLOCK)  # block 2 is new: refused by n1
     assert dev.undos  # n3 failed the undo too, and could not be dropped: pending
     cluster.meta.drop_replicas = real_drop  # type: ignore[method-assign]
-    cluster.pool.add("n3", n3)  # type: ignore[arg-type]
+    cluster.pool.add("n3", cluster.replicas["n3"])  # type: ignore[arg-type]
     [sentence] = await repairer(cluster, dev).run_pass()
     assert "was undone from n1" in sentence and "failed" not in sentence
     assert not dev.undos
@@ -247,20 +269,11 @@ async def test_a_replica_dropped_while_an_undo_is_pending_catches_up_from_before
 ) -> None:
     # The undo could not read Meta and was forgotten; x kept the refused write, and when a
     # later write dropped x, its catch-up started after the refused write's generation.
-    dev, ext_id, replicas = await written(cluster, size=2 * EXTENT, data=b"\x11" * 2 * BLOCK)
-    x = next(n for n in replicas if n != "n1")
-    fill_up(cluster.replicas["n1"].store)
-    real_current = dev.current
-
-    async def meta_down(e: str) -> Any:
-        raise Unavailable("etcd: deadline exceeded")
-
-    dev.current = meta_down  # type: ignore[method-assign]
+    dev, ext_id, x = await n1_full(cluster)
     g = (await cluster.meta.extent(ext_id))[0].generation
-    with pytest.raises(NoSpace):
+    with meta_down_for_undos(dev), pytest.raises(NoSpace):
         await dev.write(0, b"\x66" * 3 * BLOCK)
     assert dev.undos
-    dev.current = real_current  # type: ignore[method-assign]
     cluster.replicas[x].down = True
     await dev.write(BLOCK + 8192, b"\x22" * 4096)  # x is dropped (n1 has room in block 1)
     ext, _ = await cluster.meta.extent(ext_id)
@@ -276,18 +289,11 @@ async def test_a_replica_dropped_while_an_undo_is_pending_catches_up_from_before
 async def test_closing_an_access_point_tries_its_pending_undos_once_more(
     cluster: Cluster,
 ) -> None:
-    dev, ext_id, replicas = await written(cluster, data=b"\x11" * 2 * BLOCK)
-    fill_up(cluster.replicas["n1"].store)
-    real_current = dev.current
-
-    async def meta_down(e: str) -> Any:
-        raise Unavailable("etcd: deadline exceeded")
-
-    dev.current = meta_down  # type: ignore[method-assign]
-    with pytest.raises(NoSpace):
+    dev, ext_id, x = await n1_full(cluster)
+    with meta_down_for_undos(dev), pytest.raises(NoSpace):
         await dev.write(0, b"\x66" * 3 * BLOCK)
+    replicas = ["n1", x]
     assert not await agree(cluster, ext_id, replicas)
-    dev.current = real_current  # type: ignore[method-assign]
     await dev.close()
     assert not dev.undos
     assert await agree(cluster, ext_id, replicas)

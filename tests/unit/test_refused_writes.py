@@ -52,6 +52,17 @@ def hook(cluster: Cluster, node: str, name: str, method: Any) -> None:
     cluster.pool.add(node, Override(cluster.replicas[node], name, method))  # type: ignore[arg-type]
 
 
+def lose_answers(cluster: Cluster, node: str) -> None:
+    """``node``'s replica takes every write, but its answer is lost on the way back."""
+    replica = cluster.replicas[node]
+
+    async def write_then_lose_the_answer(ext: str, offset: int, data: Any, **kw: Any) -> None:
+        await replica.write(ext, offset, data, **kw)
+        raise ReplicaUnavailable(node, "connection reset after the write")
+
+    hook(cluster, node, "write", write_then_lose_the_answer)
+
+
 async def catch_up(cluster: Cluster, name: str = "v") -> list[str]:
     dev = await cluster.open(name, "n1", takeover=True)
     try:
@@ -108,12 +119,7 @@ async def test_a_replica_that_failed_in_the_same_fan_out_as_a_refusal_is_dropped
     dev, ext_id, _ = await written(cluster, replicas=3)
     fill_up(cluster.replicas["n1"].store)
     n3 = cluster.replicas["n3"]
-
-    async def write_then_lose_the_answer(ext: str, offset: int, data: Any, **kw: Any) -> None:
-        await n3.write(ext, offset, data, **kw)
-        raise ReplicaUnavailable("n3", "connection reset after the write")
-
-    hook(cluster, "n3", "write", write_then_lose_the_answer)
+    lose_answers(cluster, "n3")
     with pytest.raises(NoSpace):
         await dev.write(BLOCK, b"\x66" * BLOCK)  # a new block: refused by n1
     ext, _ = await cluster.meta.extent(ext_id)
