@@ -754,6 +754,8 @@ class VolumeDevice(BlockDevice):
             await retry(self)
             with contextlib.suppress(AecpError):
                 await self.flush()
+            if self.undos:  # as after an access point that stopped between replica writes
+                log.warning("volume %s: closed with refused writes not undone", self.vol.name)
         if not self._fenced:
             await self.meta.detach(self.vol.name, self.node, self.epoch, self.ap)
         self._fenced = self._fenced or "it was closed"
