@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from aecp.cluster.volumes import VolumeService
 from aecp.common.clock import FakeClock
 from aecp.common.errors import ConfigError, InvalidState, Unavailable
 from aecp.conf.settings import parse
@@ -220,6 +221,73 @@ async def test_a_replica_changed_after_it_was_observed_is_not_deleted_as_an_orph
         assert await n2.exists(ext_id)
     await n2.delete(ext_id, 7, unchanged=await n2.observe(ext_id))
     assert not await n2.exists(ext_id)
+
+
+async def test_a_mutation_waiting_for_its_block_locks_keeps_its_replica_from_the_collector(
+    cluster: Cluster,
+) -> None:
+    # A mutation was counted only once it had its block locks: one queued behind a read
+    # left the replica "unchanged", and the orphan collector deleted it under the write.
+    n2 = cluster.replicas["n2"].store
+    ext_id = new_extent_id()
+    await n2.create(ext_id, EXTENT, epoch=7)
+    seen = await n2.observe(ext_id)
+    locks = n2._replicas[ext_id].locks  # a read holds block 0
+    await locks.acquire(0, 1, False)
+    write = asyncio.ensure_future(n2.write(ext_id, 0, b"x" * 4096, epoch=7, generation=1))
+    await asyncio.sleep(0)
+    assert not write.done()  # it waits for the read
+    deleting = asyncio.ensure_future(n2.delete(ext_id, 7, unchanged=seen))
+    await asyncio.sleep(0)
+    locks.release(0, 1, False)
+    with pytest.raises(ReplicaChanged):
+        await deleting
+    await write
+    assert await n2.read(ext_id, 0, 4096) == b"x" * 4096
+
+
+async def test_a_replica_an_older_copier_starts_copying_into_is_not_collected(
+    cluster: Cluster, store: MemoryStore, clock: FakeClock
+) -> None:
+    # The look at Meta just before the delete knew only <extent>/<target> records: a copier
+    # of the version before, during a rolling upgrade, puts <extent> alone.
+    n2 = cluster.replicas["n2"].store
+    ext_id = new_extent_id()
+    await n2.create(ext_id, EXTENT)
+    gc = orphans(cluster, clock)
+    assert await gc.run_pass() == []  # found
+    await clock.advance(61)
+    copy = new_record(
+        "v", ExtentRecord(id=ext_id, size=EXTENT, replicas=["n1"]), "n2", "re-replicate"
+    )
+    real_tables = cluster.meta.tables
+
+    async def tables() -> Any:  # the older copier starts right after the collector's look
+        t = await real_tables()
+        await store.put(keys.ABS_RECOVERY + ext_id, copy.dump())
+        return t
+
+    cluster.meta.tables = tables  # type: ignore[method-assign]
+    assert await gc.run_pass() == []
+    assert await n2.exists(ext_id)
+
+
+async def test_volume_show_lists_every_copy_of_an_extent_in_progress(
+    cluster: Cluster, store: MemoryStore
+) -> None:
+    # Copies were keyed by extent: of two copies of one extent, one was shown.
+    await cluster.meta.create_volume("v", EXTENT, replicas=2)
+    await fill(cluster, "v", b"A" * BLOCK)
+    vol, _ = await cluster.meta.volume("v")
+    ext, _ = await cluster.meta.extent(vol.extents[0] or "")
+    for target, copied in (("n3", BLOCK), ("n4", 0)):
+        rec = new_record("v", ext, target, "re-replicate")
+        rec = rec.model_copy(update={"total_bytes": 2 * BLOCK, "copied_bytes": copied})
+        await store.put(keys.abs_recovery(ext.id, target), rec.dump())
+    shown = await VolumeService(cluster.meta, cluster.pool).show("v")
+    assert shown.extents[0].recovery == (
+        f"re-replicate to n3: 50% of {2 * BLOCK} bytes; re-replicate to n4: 0% of {2 * BLOCK} bytes"
+    )
 
 
 async def test_copies_of_one_extent_to_two_targets_each_keep_their_target_named(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from aecp.storage.chunk.diskio import Journal, NotDone
 from aecp.storage.chunk.errors import ChunkIOError, StaleEpoch
 from aecp.storage.chunk.store import ReplicaStore
 
@@ -192,3 +193,55 @@ async def test_space_measured_on_disk_counts_whole_blocks_as_writes_do_so_a_capa
         data = os.stat(root / "e1.data").st_blocks * 512
         assert data <= capacity
         assert await s.space.measure() >= taken * BLOCK
+
+
+async def test_a_replica_create_a_full_disk_refuses_leaves_no_files_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its data file and journal stayed, without a snapshot: the orphan collector, which
+    # looks for snapshots, never saw them.
+    root = tmp_path / "r"
+    async with ReplicaStore(root) as s:
+        await s.create("e1", 16 * BLOCK)
+        real_write = os.write
+
+        def full(fd: int, data: bytes | memoryview) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "write", full)
+        with pytest.raises(ChunkIOError) as err:
+            await s.create("e2", 16 * BLOCK)
+        assert err.value.errno == errno.ENOSPC
+        monkeypatch.setattr(os, "write", real_write)
+        assert sorted(p.name for p in root.iterdir() if p.name.startswith("e2")) == []
+        assert not await s.exists("e2")
+        await s.create("e2", 16 * BLOCK)  # once there is room
+        await s.write("e2", 0, b"A" * SECTOR, epoch=0, generation=1)
+
+
+def test_journal_appends_keep_its_end_without_seeking_and_a_torn_one_is_still_cut_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every append asked the kernel where the file ended (an lseek each).
+    path = tmp_path / "j"
+    journal = Journal()
+    journal.open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    real_lseek = os.lseek
+    seeks: list[int] = []
+
+    def lseek(fd: int, pos: int, how: int) -> int:
+        seeks.append(fd)
+        return real_lseek(fd, pos, how)
+
+    monkeypatch.setattr(os, "lseek", lseek)
+    journal.append(b"a" * 100)
+    journal.append(b"b" * 50)
+    assert seeks == [] and journal.end == 150
+    disk = FullDisk(monkeypatch, journal.fd)
+    with pytest.raises(NotDone):
+        journal.append(b"c" * 64)
+    disk.off()
+    assert path.read_bytes() == b"a" * 100 + b"b" * 50 and journal.end == 150
+    journal.append(b"d" * 10)
+    assert path.read_bytes()[150:] == b"d" * 10 and journal.end == 160
+    os.close(journal.fd)

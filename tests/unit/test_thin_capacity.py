@@ -232,6 +232,32 @@ async def test_storage_status_warns_when_provisioning_exceeds_the_limit_after_ca
     assert any(w.startswith(warning) for w in st.warnings)
 
 
+async def test_a_published_overcommit_ratio_that_is_not_a_finite_positive_number_is_ignored(
+    store: MemoryStore,
+) -> None:
+    # A negative ratio in a record made the limit negative (nothing could be created), and an
+    # infinite one made it infinite where it was the lowest published.
+    await servers(store)  # 30 GiB raw
+    for node, ratio in (("n1", "-1.0"), ("n2", "1e400"), ("n3", "2.0")):
+        kv = await store.get(keys.abs_server(node))
+        assert kv is not None
+        raw = kv.value.decode().replace('"overcommit_ratio":null', f'"overcommit_ratio":{ratio}')
+        await store.put(keys.abs_server(node), raw.encode())
+    meta = MetaService(store, owners=ClusterOwners(store))
+    assert [s.overcommit_ratio for s in (await meta.servers()).values()] == [None, None, 2.0]
+    with pytest.raises(InvalidInput, match=f"the limit is {60 * GIB} bytes \\(2 x "):
+        await meta.create_volume("big", 31 * GIB, replicas=2)
+    await meta.create_volume("fits", 30 * GIB, replicas=2)
+
+
+def test_an_overcommit_ratio_that_is_not_finite_is_refused_in_the_settings() -> None:
+    # It was accepted: the server published null (ignored), and int(raw x inf) failed creates.
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ConfigError) as err:
+            parse(good() | {"storage": {"overcommit_ratio": bad}})
+        assert "storage.overcommit_ratio" in " ".join(err.value.fields["problems"])
+
+
 def test_the_overcommit_ratio_must_be_positive_and_one_capacity_is_given() -> None:
     base = good()
     with pytest.raises(ConfigError) as err:

@@ -172,7 +172,7 @@ class VolumeService:
         recs = await self._recoveries()
         healths = await asyncio.gather(
             *(
-                self._health(slot, exts[x], vol.replicas, recs.get(x))
+                self._health(slot, exts[x], vol.replicas, recs.get(x, []))
                 for slot, x in enumerate(vol.extents)
                 if x and x in exts
             )
@@ -194,12 +194,17 @@ class VolumeService:
             extents=list(healths) if detail else [],
         )
 
-    async def _recoveries(self) -> dict[str, RecoveryRecord]:
-        kvs = await self.meta.store.list(keys.ABS_RECOVERY)
-        return {r.extent: r for r in (RecoveryRecord.load(kv.value) for kv in kvs)}
+    async def _recoveries(self) -> dict[str, list[RecoveryRecord]]:
+        """The copies in progress by extent (one extent may be copied into several targets
+        at once: recoverers of a shared extent each make their own)."""
+        out: dict[str, list[RecoveryRecord]] = {}
+        for kv in await self.meta.store.list(keys.ABS_RECOVERY):
+            rec = RecoveryRecord.load(kv.value)
+            out.setdefault(rec.extent, []).append(rec)
+        return out
 
     async def _health(
-        self, slot: int, ext: ExtentRecord, factor: int, rec: RecoveryRecord | None
+        self, slot: int, ext: ExtentRecord, factor: int, recs: list[RecoveryRecord]
     ) -> ExtentHealth:
         allocated = 0
         for node in ext.replicas:
@@ -215,7 +220,7 @@ class VolumeService:
             generation=ext.generation,
             allocated_bytes=allocated,
             healthy=len(ext.replicas) >= factor,
-            recovery=_progress(rec),
+            recovery="; ".join(_progress(r) for r in sorted(recs, key=lambda r: r.target)),
         )
 
     async def all(self) -> list[VolumePublic]:
@@ -365,8 +370,6 @@ def _provisioning_warnings(
     return out
 
 
-def _progress(rec: RecoveryRecord | None) -> str:
-    if rec is None:
-        return ""
+def _progress(rec: RecoveryRecord) -> str:
     pct = 100 * rec.copied_bytes // rec.total_bytes if rec.total_bytes else 100
     return f"{rec.kind} to {rec.target}: {pct}% of {rec.total_bytes} bytes"

@@ -94,8 +94,9 @@ class StorageSettings(BaseModel):
     overcommit_ratio: float = Field(
         3.0,
         gt=0,
+        allow_inf_nan=False,
         description="thin provisioning: volumes may provision (size x replicas) up to this "
-        "many times the storage servers' raw capacity",
+        "many times the storage servers' raw capacity (a finite number above 0)",
     )
     orphan_grace_s: float = Field(
         600,

@@ -11,8 +11,8 @@ Read path: the local replica first, then the others; a checksum failure is serve
 replica and the bad sectors are repaired from the good data.
 
 A write (or trim) that a replica refuses for want of space fails with ENOSPC, drops nobody
-for it, and is undone on the replicas that took it (``storage.refused``). Recovery copies and
-repairs are ordered against the writes by ``storage.joins``.
+for it, and is undone: the replicas are made to agree on its range (``storage.refused``).
+Recovery copies and repairs are ordered against the writes by ``storage.joins``.
 
 Extents are allocated on the first write to their slot (thin): replicas created first
 (``storage.newextent``), then committed to the volume's table (see ``meta.service`` for the
@@ -70,7 +70,7 @@ from aecp.storage.meta.model import (
 from aecp.storage.meta.service import MetaService, NotHolder
 from aecp.storage.newextent import create_replicas
 from aecp.storage.pool import ReplicaPool
-from aecp.storage.refused import Refused, undo
+from aecp.storage.refused import Refused, Undos, retry, undo
 from aecp.store.base import Lease
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class VolumeDevice(BlockDevice):
         self._joining = self._joins.joining
         self._join_failed = self._joins.failed
         self._background = self._joins.background  # write_nowait redos, late join endings
+        self.undos = Undos()  # refused writes and trims whose undo is not complete yet
         self.ap = ap
 
     # ---- reads --------------------------------------------------------------------------
@@ -311,7 +312,7 @@ class VolumeDevice(BlockDevice):
             except _Reepoched:
                 continue  # a snapshot was taken: the slot may now need copy-on-write
             except Refused as exc:  # the replicas that took it get back what the full one has
-                await undo(self, exc, offset, len(chunk), epoch)
+                await undo(self, exc, offset, len(chunk))
                 raise
 
     async def trim(self, offset: int, length: int) -> None:
@@ -340,7 +341,7 @@ class VolumeDevice(BlockDevice):
                 except _Reepoched:
                     continue
                 except Refused as exc:  # a disk refused it (a full one may refuse even a trim)
-                    await undo(self, exc, p.offset, p.length, epoch)
+                    await undo(self, exc, p.offset, p.length, trim=True)
                     raise
 
     # A mutation carries the epoch under which its extent was found writable in place, read in
@@ -416,9 +417,15 @@ class VolumeDevice(BlockDevice):
             if full:  # a full replica is not a failed one: the request fails, it is not dropped
                 if joiner is not None:  # it may hold what the others refused
                     self._join_failed.add(ext_id)
-                if failed:  # they may have taken it, and are not undone: they catch it up
-                    await self.drop(ext_id, failed, missed_from=ext.generation - 1)
-                raise Refused(self.vol.name, ext_id, full, targets, results, ext.generation)
+                refused = Refused(self.vol.name, ext_id, full, targets, results, ext.generation)
+                if failed:  # they may have taken it: they catch it up, or the undo restores them
+                    try:
+                        await self.drop(ext_id, failed, missed_from=ext.generation - 1)
+                    except Fenced:
+                        raise
+                    except AecpError as exc:  # Meta unreachable: they stay members for the undo
+                        log.warning("volume %s: %s not dropped: %s", self.vol.name, failed, exc)
+                raise refused
             if not failed:
                 return
             if len(failed) == len(ext.replicas):
@@ -432,7 +439,9 @@ class VolumeDevice(BlockDevice):
         """Drop the replicas on ``nodes`` (they failed) while this access point holds the
         volume, else it is fenced. They catch up the blocks modified after ``missed_from``
         (default: the current generation): lower for replicas that may hold a write the
-        others lack, which lowers it for those already stale too."""
+        others lack, which lowers it for those already stale too. While an undo of the extent
+        is pending, no later than its floor (``refused.Undos.floor``)."""
+        missed_from = self._floored(ext_id, missed_from)
         try:
             self._keep(
                 await self.meta.drop_replicas(
@@ -442,15 +451,19 @@ class VolumeDevice(BlockDevice):
         except NotHolder as exc:  # taken over or detached meanwhile
             self._fence(exc.message)
 
+    def _floored(self, ext_id: str, missed_from: int | None) -> int | None:
+        """``missed_from`` for a drop, no later than a pending undo's floor."""
+        floor = self.undos.floor(ext_id)
+        if floor is None:
+            return missed_from
+        return floor if missed_from is None else min(missed_from, floor)
+
     # ---- recovery support (used by ``storage.recovery`` and ``storage.refused``) ---------
     async def drop_lost(self, ext_id: str, nodes: list[str]) -> ExtentRecord:
         """Drop the replicas of ``ext_id`` on ``nodes`` (gone from the cluster) as a write
         that failed on them would; returns the extent as now held."""
-        try:
-            return self._keep(await self.meta.drop_replicas(ext_id, nodes, holder=self.holder))
-        except NotHolder as exc:  # taken over or detached meanwhile
-            self._fence(exc.message)
-            raise
+        await self.drop(ext_id, nodes)
+        return self._extents[ext_id]
 
     async def begin_join(self, ext_id: str, node: str) -> None:
         """From now on live writes of the extent also go to ``node``; returns once every write
@@ -466,6 +479,11 @@ class VolumeDevice(BlockDevice):
 
     def join_failed(self, ext_id: str) -> bool:
         return ext_id in self._join_failed
+
+    def fail_join(self, ext_id: str) -> None:
+        """The joining replica of ``ext_id`` missed a change: its join fails."""
+        if ext_id in self._joining:
+            self._join_failed.add(ext_id)
 
     def mark_dirty(self, ext_id: str) -> None:
         """The extent changed outside a write (an undo): the next flush covers it."""
@@ -730,7 +748,14 @@ class VolumeDevice(BlockDevice):
         return Holder(self.vol.name, self.node, self.epoch, self.ap)
 
     async def close(self) -> None:
-        """Detach (unless fenced); every later request, and any join, fails."""
+        """Detach (unless fenced) after a last try at the pending undos (``storage.refused``);
+        every later request, and any join, fails."""
+        if not self._fenced and self.undos:
+            await retry(self)
+            with contextlib.suppress(AecpError):
+                await self.flush()
+            if self.undos:  # as after an access point that stopped between replica writes
+                log.warning("volume %s: closed with refused writes not undone", self.vol.name)
         if not self._fenced:
             await self.meta.detach(self.vol.name, self.node, self.epoch, self.ap)
         self._fenced = self._fenced or "it was closed"

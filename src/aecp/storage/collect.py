@@ -68,11 +68,11 @@ class OrphanCollector:
         self.clock = clock
         self._seen: dict[str, tuple[float, Observed]] = {}  # orphan -> (since, as then)
 
-    def _named(self, ext: ExtentRecord | None, rec: RecoveryRecord | None) -> bool:
-        """Whether Meta names this node's replica (valid or stale) or is copying into it."""
+    def _named(self, ext: ExtentRecord | None, copying: bool) -> bool:
+        """Whether Meta names this node's replica (valid or stale) or a copy goes into it."""
         if ext is not None and (self.node in ext.replicas or self.node in ext.stale):
             return True
-        return rec is not None and rec.target == self.node
+        return copying
 
     async def run_pass(self) -> list[str]:
         """One look at every replica of the store; one sentence per replica deleted."""
@@ -81,7 +81,7 @@ class OrphanCollector:
         now = self.clock.monotonic()
         out = []
         for ext_id in local:
-            if self._named(t.extents.get(ext_id), t.recoveries.get((ext_id, self.node))):
+            if self._named(t.extents.get(ext_id), (ext_id, self.node) in t.recoveries):
                 self._seen.pop(ext_id, None)
                 continue
             try:
@@ -103,13 +103,23 @@ class OrphanCollector:
             del self._seen[gone]
         return out
 
+    async def _copying_into(self, ext_id: str) -> bool:
+        """Whether a recovery record says a copy goes into this node's replica of ``ext_id``:
+        ``<extent>/<node>``, or ``<extent>`` alone, as a copier of an older version (before
+        records were per target) puts it during a rolling upgrade."""
+        base = keys.abs_recovery(ext_id, "")[:-1]
+        kvs = await self.meta.store.list(base)
+        return any(
+            RecoveryRecord.load(kv.value).target == self.node
+            for kv in kvs
+            if kv.key == base or kv.key.startswith(base + "/")
+        )
+
     async def _delete(self, ext_id: str, seen: Observed) -> bool:
         """Delete the orphan if Meta still does not name it and it is still as ``seen``."""
         try:
             ext = await read(self.meta.store, keys.abs_extent(ext_id), ExtentRecord)
-            key = keys.abs_recovery(ext_id, self.node)
-            rec = await read(self.meta.store, key, RecoveryRecord)
-            if self._named(ext[0] if ext else None, rec[0] if rec else None):
+            if self._named(ext[0] if ext else None, await self._copying_into(ext_id)):
                 self._seen.pop(ext_id, None)
                 return False
             await self.store.delete(ext_id, epoch=max(seen.stat.epoch, 1), unchanged=seen)

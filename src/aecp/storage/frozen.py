@@ -107,7 +107,7 @@ class FrozenRepairer:
             )
             await dst.flush(ext.id)
             new = await self.meta.admit_copy(
-                ext.id, step.node, step.lost, catch_up=catch_up, factor=factor
+                ext.id, step.node, step.lost, catch_up=catch_up, factor=factor, since=since
             )
             await dst.set_generation(ext.id, new.generation)
         how = "caught up" if catch_up else "re-replicated"

@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from aecp.common.errors import AecpError, NoCapacity
+from aecp.common.errors import AecpError, InvalidState, NoCapacity
 from aecp.storage.access import VolumeDevice
 from aecp.storage.chunk.api import ReplicaClient
 from aecp.storage.chunk.errors import ChecksumError, ChunkError
@@ -42,6 +42,7 @@ from aecp.storage.meta.model import (
 from aecp.storage.meta.placement import StorageNode, place
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.progress import RecoveryBoard, new_copy_id
+from aecp.storage.refused import retry
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20  # bytes copied per step (a multiple of every block size in use)
@@ -159,13 +160,14 @@ class Repairer:
     async def run_pass(self) -> list[str]:
         """Look at every allocated extent once; returns one sentence per degraded extent. A
         replica whose node has no storage server registered (its lease expired) is dropped
-        first, as a write to it would have dropped it."""
+        first, as a write to it would have dropped it. Undos of refused writes still pending
+        are tried again before (``refused.retry``)."""
+        out = await retry(self.dev)
         vol, rev = await self.meta.volume(self.dev.vol.name)
         exts = await self.meta.extents()
         mine = {x: exts[x] for x in vol.extents if x and x in exts}
         self.dev.refresh(vol, rev, mine)
         servers = await self.meta.servers()
-        out = []
         for ext in mine.values():
             try:  # one extent's trouble (a conflict, Meta unreachable) stops only that one
                 gone = [n for n in ext.replicas if n not in servers]
@@ -183,7 +185,7 @@ class Repairer:
         now = self.meta.clock.wall()
         step = await next_step(ext, servers, now, self.policy.grace, self._answers)
         if step.kind == "catch-up":
-            return await self._catch_up(ext, step.node, step.since)
+            return await self._catch_up(ext, step.node)
         if step.kind == "re-replicate":
             return await self._rereplicate(ext, step.node, step.lost)
         return step.why
@@ -191,24 +193,36 @@ class Repairer:
     async def _answers(self, node: str) -> bool:
         return await answers(self.pool, node)
 
-    async def _catch_up(self, ext: ExtentRecord, node: str, missed_from: int) -> str:
+    async def _catch_up(self, ext: ExtentRecord, node: str) -> str:
         src, src_node = await self._source(ext)
         dst = await self.pool.client(node)
+        since = -1
 
         async def ranges() -> list[tuple[int, int]]:
+            nonlocal since  # read now that the join has begun, not as the pass began
+            since = await self._catch_up_from(ext.id, node)
             return union(
-                await src.modified_since(ext.id, missed_from),
-                await dst.modified_since(ext.id, missed_from),
+                await src.modified_since(ext.id, since), await dst.modified_since(ext.id, since)
             )
 
         rec = new_record(self.dev.vol.name, ext, node, "catch-up")
         async with published(self.board, rec):
-            copied = await self._join(ext, node, src, dst, ranges, rec, None)
+            copied = await self._join(ext, node, src, dst, ranges, rec, None, lambda: since)
         self._fenced_at.pop(ext.id, None)
         return (
             f"extent {ext.id}: {node} caught up from {src_node}: copied {copied} bytes "
-            f"modified since generation {missed_from}"
+            f"modified since generation {since}"
         )
+
+    async def _catch_up_from(self, ext_id: str, node: str) -> int:
+        """The generation ``node`` catches ``ext_id`` up from, read once its join has begun
+        (no write, nor the undo of a refused one, runs then): what Meta records for it, or a
+        pending undo's floor if lower (``refused.Undos``)."""
+        ext, _ = await self.meta.extent(ext_id)
+        if node not in ext.stale:
+            raise InvalidState(f"extent {ext_id}: {node} was caught up or replaced meanwhile")
+        floor = self.dev.undos.floor(ext_id)
+        return ext.stale[node] if floor is None else min(ext.stale[node], floor)
 
     async def _rereplicate(self, ext: ExtentRecord, target: str, lost: str | None) -> str:
         src, src_node = await self._source(ext)
@@ -221,7 +235,7 @@ class Repairer:
         rec = new_record(self.dev.vol.name, ext, target, "re-replicate")
         async with published(self.board, rec):  # names the target before it exists
             await dst.create(ext.id, ext.size, epoch=self.dev.epoch, generation=0)
-            copied = await self._join(ext, target, src, dst, ranges, rec, lost)
+            copied = await self._join(ext, target, src, dst, ranges, rec, lost, lambda: 0)
         if lost and self._sole_recoverer(ext):
             await self._delete_quietly(lost, ext.id, self._fenced_at.pop(ext.id, self.dev.epoch))
         return f"extent {ext.id}: re-replicated to {target} from {src_node} ({copied} bytes)" + (
@@ -237,16 +251,18 @@ class Repairer:
         ranges: Callable[[], Awaitable[list[tuple[int, int]]]],
         rec: RecoveryRecord,
         replaces: str | None,
+        since: Callable[[], int],
     ) -> int:
         """Let ``node`` join the extent: live writes reach it from now on, the listed ranges
-        are copied to it, then it is admitted (or, on any failure, the join is undone)."""
+        are copied to it, then it is admitted (or, on any failure, the join is undone).
+        ``since()``: the generation the copy started from, once ``ranges()`` has run."""
         await self.dev.begin_join(ext.id, node)
         admitted = False
         try:
             copied = await self._copy(ext, src, dst, await ranges(), rec)
             catch_up = rec.kind == "catch-up"
             await self.dev.end_join(
-                ext.id, lambda: self._admit(ext.id, node, dst, replaces, catch_up)
+                ext.id, lambda: self._admit(ext.id, node, dst, replaces, catch_up, since())
             )
             admitted = True
         finally:
@@ -259,11 +275,18 @@ class Repairer:
         return copied
 
     async def _admit(
-        self, ext_id: str, node: str, dst: ReplicaClient, replaces: str | None, catch_up: bool
+        self,
+        ext_id: str,
+        node: str,
+        dst: ReplicaClient,
+        replaces: str | None,
+        catch_up: bool,
+        since: int,
     ) -> ExtentRecord:
         """Make the copy valid: fenced at the attachment's epoch (a snapshot taken during the
         join fenced only the valid replicas), durable, then admitted by Meta while this access
-        point still holds that attachment at that epoch."""
+        point still holds that attachment at that epoch, and (a catch-up) while Meta still has
+        it catch up from no earlier than ``since``."""
         att = await self.meta.attachment(self.dev.vol.name)
         if att is None or not self.dev.holder.holds(att):
             raise ChunkError(f"extent {ext_id}: the volume is no longer attached here")
@@ -278,6 +301,7 @@ class Repairer:
             replaces=replaces,
             catch_up=catch_up,
             factor=self.dev.vol.replicas,
+            since=since,
         )
         await dst.set_generation(ext_id, new.generation)
         return new

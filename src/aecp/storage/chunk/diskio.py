@@ -93,17 +93,30 @@ class Journal:
     is cut away again before the next: loading stops at the first torn record and drops every
     record after it, so a torn record left in place would lose the flushed records behind it.
     ``append`` then raises ``NotDone``; if the journal cannot be cut back, ``OSError(EIO)``
-    (the replica must stop taking mutations)."""
+    (the replica must stop taking mutations). Where the journal ends is kept (``end``), not
+    asked of the kernel at each append: every change to the file goes through this class."""
 
-    __slots__ = ("_lock", "fd")
+    __slots__ = ("_lock", "end", "fd")
 
     def __init__(self) -> None:
         self.fd = -1
+        self.end = 0
         self._lock = threading.Lock()
+
+    def open(self, fd: int) -> None:
+        """Use ``fd``, the journal opened for appending, as it is now."""
+        self.fd = fd
+        self.end = os.fstat(fd).st_size
+
+    def cut(self, size: int) -> None:
+        """Drop what follows the first ``size`` bytes (a torn tail found when loading)."""
+        with self._lock:
+            os.ftruncate(self.fd, size)
+            self.end = size
 
     def append(self, data: bytes) -> None:
         with self._lock:
-            end = os.lseek(self.fd, 0, os.SEEK_END)
+            end = self.end
             try:
                 append_all(self.fd, data)
             except OSError as exc:
@@ -114,13 +127,17 @@ class Journal:
                         errno.EIO, f"journal append failed ({exc}) and was not cut back ({cut})"
                     ) from exc
                 raise NotDone(exc.errno or errno.EIO, f"journal append failed: {exc}") from exc
+            self.end = end + len(data)
 
     def reset(self, header: bytes) -> None:
         """Empty the journal and start it with ``header`` (durably)."""
         with self._lock:
-            os.ftruncate(self.fd, 0)
-            append_all(self.fd, header)
-            os.fdatasync(self.fd)
+            try:
+                os.ftruncate(self.fd, 0)
+                append_all(self.fd, header)
+                os.fdatasync(self.fd)
+            finally:  # after a failure, however far it got
+                self.end = os.fstat(self.fd).st_size
 
 
 def pread_full(fd: int, length: int, offset: int) -> bytes:

@@ -60,15 +60,18 @@ def create_files(rep: Replica) -> None:
     try:
         rep.data_fd = os.open(rep.data_path, _OPEN_FLAGS | os.O_CREAT | os.O_TRUNC, 0o600)
         os.ftruncate(rep.data_fd, meta.size)
-        rep.journal.fd = os.open(
-            rep.journal_path, _OPEN_FLAGS | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600
+        rep.journal.open(
+            os.open(rep.journal_path, _OPEN_FLAGS | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         )
-        append_all(rep.journal.fd, meta.journal_header())
+        rep.journal.append(meta.journal_header())
         os.fsync(rep.data_fd)
         os.fsync(rep.journal.fd)
         write_snapshot(rep.meta_path, meta.encode_snapshot())
-    except BaseException:
-        close_files(rep)
+    except BaseException:  # e.g. a full disk: nothing is left behind (the collector only
+        close_files(rep)  # sees replicas with a snapshot, and these would never get one)
+        for path in (rep.meta_path, rep.journal_path, rep.data_path):
+            with contextlib.suppress(OSError):
+                path.unlink()
         raise
 
 
@@ -91,7 +94,7 @@ def load_files(
     rep = Replica(root, extent_id, meta, lane)
     try:
         rep.data_fd = os.open(rep.data_path, _OPEN_FLAGS)
-        rep.journal.fd = os.open(rep.journal_path, _OPEN_FLAGS | os.O_CREAT | os.O_APPEND, 0o600)
+        rep.journal.open(os.open(rep.journal_path, _OPEN_FLAGS | os.O_CREAT | os.O_APPEND, 0o600))
         suspects = _replay(rep)
         adopted = _adopt(rep, suspects)
         if suspects:
@@ -116,7 +119,7 @@ def _replay(rep: Replica) -> set[int]:
         return set()
     good, suspects = replayed
     if good < size:
-        os.ftruncate(fd, good)
+        rep.journal.cut(good)
         os.fsync(fd)
     rep.journal_size = good - len(rep.meta.journal_header())
     rep.touched = set(suspects)

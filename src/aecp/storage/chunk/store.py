@@ -584,13 +584,14 @@ class ReplicaStore:
         (meta, first, last) says how many empty blocks it may fill, which must fit first."""
         first, last = self._blocks(offset, length)
         locks = rep.locks
+        if mutate:  # from here on, waiting for its blocks too: a delete of it as it was fails
+            rep.version += 1
         if not locks.try_acquire(first, last, mutate):
             await locks.acquire(first, last, mutate)
         try:
             if rep.deleted:
                 raise ExtentNotFound(rep.id)
             if mutate:
-                rep.version += 1  # from here on: a delete of the replica as it was is refused
                 check_failed(rep)
             if epoch is not None and epoch != rep.meta.epoch:
                 await self._admit(rep, epoch)

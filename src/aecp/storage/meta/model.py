@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
 
 from aecp.common.errors import InvalidInput
 from aecp.model.base import Stored, check_name
@@ -175,7 +175,18 @@ class StorageServer(Stored):
     rack: str = ""
     chassis: str = ""
     #: its ``storage.overcommit_ratio``: the cluster's is the lowest published (``MetaService``)
-    overcommit_ratio: float | None = None
+    overcommit_ratio: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+    @field_validator("overcommit_ratio", mode="wrap")
+    @classmethod
+    def _ignore_a_bad_ratio(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        """A published ratio that is not a finite number above 0 is ignored (read as none
+        published), rather than failing every read of the servers or admitting against a
+        negative or infinite limit."""
+        try:
+            return handler(value)
+        except ValidationError:
+            return None
 
 
 class RecoveryRecord(Stored):

@@ -543,12 +543,14 @@ class MetaService:
         replaces: str | None = None,
         catch_up: bool = False,
         factor: int | None = None,
+        since: int | None = None,
     ) -> ExtentRecord:
         """Make ``node`` a valid replica again after it copied what it lacked (catch-up), or as
         a new replica that ``replaces`` a lost one (re-replication). Bumps the generation.
-        Refused (``InvalidState``) unless ``node`` is still stale (catch-up), ``replaces`` is
-        still stale, and the extent is still below ``factor``: another recoverer may have
-        done it meanwhile (``check_admission``).
+        Refused (``InvalidState``) unless ``node`` is still stale (catch-up) and still to catch
+        up from no earlier than ``since`` (the generation its copy started from), ``replaces``
+        is still stale, and the extent is still below ``factor``: another recoverer may have
+        done it meanwhile, or the undo of a refused write lowered it (``check_admission``).
 
         Only the access point that ordered the copy against the live writes may admit it: the
         change is made only while ``holder`` still holds its volume's attachment at ``epoch``
@@ -559,7 +561,7 @@ class MetaService:
             ext, rev = await self.extent(extent_id)
             att = await self.store.get(keys.abs_attach(holder.volume))
             rec = AttachRecord.load(att.value) if att else None
-            check_admission(ext, node, replaces, catch_up, factor)
+            check_admission(ext, node, replaces, catch_up, factor, since)
             if att is None or rec is None or not holder.holds(rec) or rec.epoch != epoch:
                 raise InvalidState(
                     f"volume {holder.volume}: no longer attached by this access point; "
@@ -581,6 +583,7 @@ class MetaService:
         replaces: str | None = None,
         catch_up: bool = False,
         factor: int | None = None,
+        since: int | None = None,
     ) -> ExtentRecord:
         """``admit_replica`` for an extent nothing writes (no volume names it; snapshots
         only): no access point orders the copy, so none is checked. The copy on ``node`` was
@@ -588,7 +591,7 @@ class MetaService:
         leaders, or a leader and a clone's access point, never admit more than ``factor``."""
         for _ in range(RETRIES):
             ext, rev = await self.extent(extent_id)
-            check_admission(ext, node, replaces, catch_up, factor)
+            check_admission(ext, node, replaces, catch_up, factor, since)
             new = _admitted(ext, node, replaces)
             if await self.update_extent(new, rev):
                 return _log_admitted(new, node, replaces)
@@ -599,13 +602,25 @@ class MetaService:
 
 
 def check_admission(
-    ext: ExtentRecord, node: str, replaces: str | None, catch_up: bool, factor: int | None
+    ext: ExtentRecord,
+    node: str,
+    replaces: str | None,
+    catch_up: bool,
+    factor: int | None,
+    since: int | None = None,
 ) -> None:
     """``InvalidState`` unless admitting ``node`` still makes sense: a catch-up's node is still
-    stale, the replica a new one ``replaces`` is still stale (not caught up or replaced by
-    another recoverer), the node is not valid already, and the extent is below ``factor``."""
+    stale, and not to catch up from before ``since`` (where its copy started: the undo of a
+    refused write may have lowered it meanwhile, and the copy then lacks that write's range),
+    the replica a new one ``replaces`` is still stale (not caught up or replaced by another
+    recoverer), the node is not valid already, and the extent is below ``factor``."""
     if catch_up and node not in ext.stale:  # admitted or replaced by another since
         raise InvalidState(f"extent {ext.id}: {node} is no longer a stale replica")
+    if catch_up and since is not None and ext.stale[node] < since:
+        raise InvalidState(
+            f"extent {ext.id}: {node} must catch up from generation {ext.stale[node]}, "
+            f"its copy started from {since}: not admitted"
+        )
     if node in ext.replicas:
         raise InvalidState(f"extent {ext.id}: {node} is a valid replica already")
     if replaces is not None and replaces not in ext.stale:
