@@ -244,44 +244,70 @@ class Api:
         return str(grant["uri"])
 
 
+Rounds = dict[tuple[str, str], list[Result]]  # (job, target) -> one result per round
+
+
 def run_jobs(
     targets: dict[str, Target], names: list[str], size: int, args: argparse.Namespace
-) -> dict[tuple[str, str], Result]:
-    results: dict[tuple[str, str], Result] = {}
+) -> Rounds:
+    """Every job on every target, ``args.rounds`` times; each round runs every target once
+    (in a rotated order), so a target and its baseline of the same round are minutes apart."""
+    results: Rounds = collections.defaultdict(list)
     for j, (name, rw, bs, qd) in enumerate(JOBS):
-        runs: dict[str, list[Result]] = collections.defaultdict(list)
         for r in range(args.rounds):
             k = (j + r) % len(names)
             for target in names[k:] + names[:k]:
                 settle()
                 x = fio(targets[target], rw, bs, qd, size, args.runtime)
                 log(f"{name} on {target}: {x.iops:.0f} IOPS, srv {x.cpu:.0f}%, host {x.host:.0f}%")
-                runs[target].append(x)
-        for target, rs in runs.items():  # the round with the median IOPS
-            results[(name, target)] = sorted(rs, key=lambda x: x.iops)[len(rs) // 2]
+                results[(name, target)].append(x)
     return results
 
 
-def ratio(results: dict[tuple[str, str], Result], job: str, target: str) -> float:
-    return results[(job, target)].iops / results[(job, BASELINE[target])].iops
+def median_round(results: Rounds, job: str, target: str) -> Result:
+    """The round with the median IOPS (what the table shows for the target itself)."""
+    rs = results[(job, target)]
+    return sorted(rs, key=lambda x: x.iops)[len(rs) // 2]
 
 
-def print_table(results: dict[tuple[str, str], Result], names: list[str]) -> None:
-    """Every job and target; the ratio is to the target's baseline (``BASELINE``)."""
-    head = f"{'job':<18} {'target':<12} {'IOPS':>7} {'MiB/s':>7} {'p99 us':>7} srv% host%  ratio"
+def round_ratios(results: Rounds, job: str, target: str) -> list[float]:
+    """The target's IOPS over its baseline's, round by round (the machine's speed drifts by
+    tens of percent over minutes: a ratio pairs runs of the same round)."""
+    base = results[(job, BASELINE[target])]
+    return [x.iops / b.iops for x, b in zip(results[(job, target)], base, strict=True)]
+
+
+def ratio(results: Rounds, job: str, target: str) -> float:
+    """The median of the round ratios."""
+    return statistics.median(round_ratios(results, job, target))
+
+
+def spread(results: Rounds, job: str, target: str) -> str:
+    rs = round_ratios(results, job, target)
+    return f"{min(rs):.2f}-{max(rs):.2f}" if len(rs) > 1 else ""
+
+
+def print_table(results: Rounds, names: list[str]) -> None:
+    """Every job and target: its median round, and the median (and spread) of its round
+    ratios to its baseline (``BASELINE``)."""
+    head = (
+        f"{'job':<18} {'target':<12} {'IOPS':>7} {'MiB/s':>7} {'p99 us':>7} srv% host%"
+        "  ratio  rounds"
+    )
     print(head)
     print("-" * len(head))
     for name, *_ in JOBS:
         for target in names:
-            x = results[(name, target)]
+            x = median_round(results, name, target)
             r = f"{ratio(results, name, target):5.2f}" if target in BASELINE else "    -"
+            s = spread(results, name, target) if target in BASELINE else ""
             print(
                 f"{name:<18} {target:<12} {x.iops:>7.0f} {x.mib:>7.1f} {x.p99_us:>7.0f}"
-                f" {x.cpu:>4.0f} {x.host:>5.0f}  {r}"
+                f" {x.cpu:>4.0f} {x.host:>5.0f}  {r}  {s}"
             )
 
 
-def print_goals(results: dict[tuple[str, str], Result]) -> None:
+def print_goals(results: Rounds) -> None:
     print("\nGoals (ABS IOPS / qemu-nbd IOPS, same job, same run; the local socket path):")
     for target, jobs, need in GOALS:
         for name in jobs:
@@ -293,9 +319,7 @@ def print_goals(results: dict[tuple[str, str], Result]) -> None:
         print(f"  {name:<18} {ratio(results, name, 'abs-f2-tls'):6.1%}")
 
 
-def print_encryption(
-    plain: dict[tuple[str, str], Result], enc: dict[tuple[str, str], Result]
-) -> None:
+def print_encryption(plain: Rounds, enc: Rounds) -> None:
     print("\nReplica encryption (factor 2, local socket; ratio to qemu-nbd in the same pass):")
     print(f"  {'job':<18} {'off':>7} {'on':>7} {'on/off':>7}")
     for name, *_ in JOBS:
@@ -375,6 +399,8 @@ async def snapshot_times(api: Api, uri_of: dict[str, str]) -> None:
                     "POST", f"/v1/volumes/{vol}/snapshots/s{i}/clone", json={"name": f"{vol}-c{i}"}
                 )
             )
+            # each 1 TiB clone provisions 2 TiB of the thin overcommit limit: give it back
+            await api.call("DELETE", f"/v1/volumes/{vol}-c{i}")
         rows[label] = (statistics.median(snaps), statistics.median(clones), statistics.median(gets))
     print(f"  {'':<22} {'1 GiB':>8} {'1 TiB':>8}")
     for i, what in enumerate(("snapshot", "clone", "GET volume (reference)")):
