@@ -191,6 +191,22 @@ async def test_modified_since_names_only_blocks_written_after_the_generation(
     assert (await store.stat("e1")).generation == 7
 
 
+async def test_a_trim_of_part_of_a_sector_never_written_still_raises_its_blocks_generation(
+    store: ReplicaStore,
+) -> None:
+    # Only valid partial sectors were written with zeros, and only they raised their block's
+    # modification generation: a replica behind that held data there kept it through a
+    # catch-up from before the trim (the undo of a refused write relies on the raise).
+    await store.create("e1", 4 * MIB, generation=1)
+    await store.write("e1", 0, b"a" * SECTOR, epoch=0, generation=1)
+    await store.trim("e1", 2 * BLOCK + 100, 200, epoch=0, generation=4)
+    await store.trim("e1", SECTOR + 10, SECTOR, epoch=0, generation=5)  # two partial ones
+    assert await store.modified_since("e1", 3) == [(0, BLOCK), (2 * BLOCK, BLOCK)]
+    assert await store.modified_since("e1", 4) == [(0, BLOCK)]
+    assert (await store.stat("e1")).generation == 5
+    assert await store.allocation("e1") == [(0, SECTOR, True), (SECTOR, 4 * MIB - SECTOR, False)]
+
+
 async def test_trim_frees_whole_blocks_and_zeroes_partial_sectors(
     store: ReplicaStore, root: Path
 ) -> None:

@@ -188,12 +188,13 @@ async def test_a_catch_up_whose_start_is_lowered_during_its_copy_is_not_admitted
 # ---- 2: Meta failing during the refusal ---------------------------------------------------------
 
 
-async def test_an_undo_whose_lowering_meta_fails_still_has_the_dropped_replica_copy_the_range(
-    cluster: Cluster,
+async def refused_once_x_is_dropped(
+    cluster: Cluster, dev: VolumeDevice, x: str, offset: int, length: int
 ) -> None:
-    # x took W and was dropped by W2 before n1's refusal of W came back. The undo's lowering of
-    # x's catch-up failed; the undo gave up, and x later kept W's bytes over acknowledged data.
-    dev, ext_id, x = await n1_full(cluster)
+    """W (``length`` bytes of 0x66 at ``offset``, needing a new block on the full n1) is
+    taken by x; W2 (0x77 at 8192) then drops x and is acknowledged by n1; only then does
+    n1's refusal of W come back. Meta fails every lowering of a stale replica's catch-up
+    meanwhile (the undo's). Returns with W refused, Meta as it was and x back in the pool."""
     n1, rx = cluster.replicas["n1"], cluster.replicas[x]
     x_dropped = asyncio.Event()
 
@@ -219,20 +220,30 @@ async def test_an_undo_whose_lowering_meta_fails_still_has_the_dropped_replica_c
             x_dropped.set()
 
     cluster.meta.drop_replicas = drop  # type: ignore[method-assign]
-    w = asyncio.ensure_future(dev.write(0, b"\x66" * 3 * BLOCK))
+    w = asyncio.ensure_future(dev.write(offset, b"\x66" * length))
     await asyncio.sleep(0)
     await dev.write(8192, b"\x77" * 4096)  # x dropped, acknowledged by n1
     with pytest.raises(NoSpace):
         await w
-    assert not dev.undos  # the undo is complete: the rewrite covers x's catch-up
     cluster.meta.drop_replicas = real_drop  # type: ignore[method-assign]
-    await dev.close()
+    cluster.pool.add("n1", n1)  # type: ignore[arg-type]
     cluster.pool.add(x, rx)  # type: ignore[arg-type]
-    n1.store.space.capacity = None
+
+
+async def test_an_undo_whose_lowering_meta_fails_still_has_the_dropped_replica_copy_the_range(
+    cluster: Cluster,
+) -> None:
+    # x took W and was dropped by W2 before n1's refusal of W came back. The undo's lowering of
+    # x's catch-up failed; the undo gave up, and x later kept W's bytes over acknowledged data.
+    dev, ext_id, x = await n1_full(cluster)
+    await refused_once_x_is_dropped(cluster, dev, x, 0, 3 * BLOCK)
+    assert not dev.undos  # the undo is complete: the rewrite covers x's catch-up
+    await dev.close()
+    cluster.replicas["n1"].store.space.capacity = None
     [sentence] = await catch_up(cluster)
     assert f"{x} caught up" in sentence
     assert await agree(cluster, ext_id, ["n1", x])
-    assert await rx.store.read(ext_id, BLOCK, 4096) == b"\x11" * 4096
+    assert await cluster.replicas[x].store.read(ext_id, BLOCK, 4096) == b"\x11" * 4096
 
 
 async def test_a_refused_write_whose_drop_meta_fails_still_answers_enospc_and_is_undone(

@@ -352,15 +352,18 @@ class StorageDaemon:
             log.info("volume %s: %s", dev.vol.name, sentence)
 
     async def _idle_volumes(self, attached: set[str], degraded_only: bool) -> list[str]:
+        """The volumes nobody has attached: all, or (``degraded_only``) those with an extent
+        below its factor or an undo of a refused write left unsettled (``meta.unsettled``)."""
         vols = await self.meta.volumes()
         exts = await self.meta.extents()
         servers = await self.meta.servers()  # a replica whose node left counts as missing
+        unsettled = await self.meta.unsettled.volumes()
         out = []
         for v in vols:
             if v.name in attached or await self.meta.attachment(v.name) is not None:
                 continue
             live = [sum(n in servers for n in exts[x].replicas) for x in v.extents if x in exts]
-            if not degraded_only or any(n < v.replicas for n in live):
+            if not degraded_only or v.name in unsettled or any(n < v.replicas for n in live):
                 out.append(v.name)
         return out
 

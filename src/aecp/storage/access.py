@@ -70,7 +70,7 @@ from aecp.storage.meta.model import (
 from aecp.storage.meta.service import MetaService, NotHolder
 from aecp.storage.newextent import create_replicas
 from aecp.storage.pool import ReplicaPool
-from aecp.storage.refused import Refused, Undos, retry, undo
+from aecp.storage.refused import Refused, Undos, last_try, take_over, undo
 from aecp.store.base import Lease
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ class VolumeDevice(BlockDevice):
         self._join_failed = self._joins.failed
         self._background = self._joins.background  # write_nowait redos, late join endings
         self.undos = Undos()  # refused writes and trims whose undo is not complete yet
+        self._undoing = self.undos.by_extent  # extents with one, for the hot path
         self.ap = ap
 
     # ---- reads --------------------------------------------------------------------------
@@ -125,7 +126,8 @@ class VolumeDevice(BlockDevice):
 
     def read_nowait(self, offset: int, length: int) -> bytes | None:
         """The usual read done at once: inside one extent, never written (zeros) or served by
-        this node's replica from the page cache. None in every other case: await ``read``."""
+        this node's replica from the page cache. None in every other case (an extent with an
+        undo pending among them: ``_read_order``): await ``read``."""
         esize = self.vol.extent_size
         slot, inside = divmod(offset, esize)
         if self._fenced or length <= 0 or offset < 0 or inside + length > esize:
@@ -136,7 +138,7 @@ class VolumeDevice(BlockDevice):
         if ext_id is None:
             return bytes(length)
         ext = self._extents.get(ext_id)
-        if ext is None or self.node not in ext.replicas:
+        if ext is None or self.node not in ext.replicas or ext_id in self._undoing:
             return None
         client = self.pool.cached(self.node)
         return None if client is None else client.read_nowait(ext_id, inside, length)
@@ -168,7 +170,10 @@ class VolumeDevice(BlockDevice):
         raise BlockError(f"volume {self.vol.name}: no replica of extent {ext_id} could be read")
 
     def _read_order(self, ext: ExtentRecord) -> list[str]:
-        return sorted(ext.replicas, key=lambda n: n != self.node)
+        """This node's replica first; while an undo of the extent is pending, the one it
+        copies from before it (reads then return what every replica will hold)."""
+        first = self.undos.source(ext) if ext.id in self._undoing else None
+        return sorted(ext.replicas, key=lambda n: (n != first, n != self.node))
 
     async def _repair(self, ext_id: str, good: str, bad: list[tuple[str, ChecksumError]]) -> None:
         async with self.quiesced(ext_id):  # else a write could land between read and repair
@@ -417,7 +422,9 @@ class VolumeDevice(BlockDevice):
             if full:  # a full replica is not a failed one: the request fails, it is not dropped
                 if joiner is not None:  # it may hold what the others refused
                     self._join_failed.add(ext_id)
-                refused = Refused(self.vol.name, ext_id, full, targets, results, ext.generation)
+                refused = Refused.of_fan_out(
+                    self.vol.name, ext_id, full, targets, results, ext.generation
+                )
                 if failed:  # they may have taken it: they catch it up, or the undo restores them
                     try:
                         await self.drop(ext_id, failed, missed_from=ext.generation - 1)
@@ -467,15 +474,19 @@ class VolumeDevice(BlockDevice):
 
     async def begin_join(self, ext_id: str, node: str) -> None:
         """From now on live writes of the extent also go to ``node``; returns once every write
-        that started before is done (so a copy listed afterwards misses nothing)."""
+        that started before is done (so a copy listed afterwards misses nothing). ``node`` is
+        fenced at this epoch first: it refuses what an older access point still sends."""
         self._check_live()
+        await (await self.pool.client(node)).fence(ext_id, self.epoch)
         await self._joins.begin(ext_id, node)
 
     async def copy_range(
         self, ext_id: str, src: ReplicaClient, dst: ReplicaClient, offset: int, length: int
     ) -> None:
-        """Copy whole blocks from ``src`` to ``dst`` while no live write touches the extent."""
-        await self._joins.copy_range(ext_id, src, dst, offset, length)
+        """Copy whole blocks from ``src`` to ``dst`` while no live write touches the extent
+        (``StaleEpoch`` once a newer access point claimed ``dst``)."""
+        self._check_live()
+        await self._joins.copy_range(ext_id, src, dst, offset, length, self.epoch)
 
     def join_failed(self, ext_id: str) -> bool:
         return ext_id in self._join_failed
@@ -492,6 +503,16 @@ class VolumeDevice(BlockDevice):
     def joiner(self, ext_id: str) -> str | None:
         """The node of the replica joining ``ext_id`` now, if any."""
         return self._joining.get(ext_id)
+
+    def held(self, ext_id: str) -> ExtentRecord | None:
+        """The extent's record as this access point holds it now (None: not held)."""
+        return self._extents.get(ext_id)
+
+    async def stale_epoch_met(self, why: str, used: int) -> None:
+        """A replica refused epoch ``used`` outside a request (an undo): returns once a
+        snapshot's epoch is adopted (decide again); ``Fenced`` if another holds the volume."""
+        with contextlib.suppress(_Reepoched):
+            await self._stale_epoch(why, used)
 
     async def end_join(
         self, ext_id: str, admit: Callable[[], Awaitable[ExtentRecord]] | None
@@ -748,13 +769,13 @@ class VolumeDevice(BlockDevice):
         return Holder(self.vol.name, self.node, self.epoch, self.ap)
 
     async def close(self) -> None:
-        """Detach (unless fenced) after a last try at the pending undos (``storage.refused``);
-        every later request, and any join, fails."""
-        if not self._fenced and self.undos:
-            await retry(self)
+        """Detach (unless fenced) after a last try at the pending undos, made only while this
+        access point still holds the attachment (``refused.last_try``); every later request,
+        and any join, fails."""
+        if not self._fenced and self.undos and await last_try(self):
             with contextlib.suppress(AecpError):
                 await self.flush()
-            if self.undos:  # as after an access point that stopped between replica writes
+            if self.undos:  # recorded in Meta: the next access point of the volume takes them
                 log.warning("volume %s: closed with refused writes not undone", self.vol.name)
         if not self._fenced:
             await self.meta.detach(self.vol.name, self.node, self.epoch, self.ap)
@@ -779,6 +800,7 @@ async def open_volume(
     except BaseException:
         await meta.detach(name, node, epoch, ap)
         raise
+    await take_over(dev)  # undos an earlier access point left unsettled: their floor holds now
     return dev
 
 

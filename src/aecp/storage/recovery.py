@@ -215,9 +215,11 @@ class Repairer:
         )
 
     async def _catch_up_from(self, ext_id: str, node: str) -> int:
-        """The generation ``node`` catches ``ext_id`` up from, read once its join has begun
-        (no write, nor the undo of a refused one, runs then): what Meta records for it, or a
-        pending undo's floor if lower (``refused.Undos``)."""
+        """The generation ``node`` catches ``ext_id`` up from, read once its join has begun:
+        what Meta records for it, or a pending undo's floor if lower (``refused.Undos``).
+        Writes and undos still run during the join (each between two copied ranges), but
+        from its beginning they reach ``node`` too; an undo that lowers the start after this
+        read makes the admission fail (``MetaService.admit_replica``, ``since``)."""
         ext, _ = await self.meta.extent(ext_id)
         if node not in ext.stale:
             raise InvalidState(f"extent {ext_id}: {node} was caught up or replaced meanwhile")

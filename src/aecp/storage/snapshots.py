@@ -12,6 +12,10 @@ after pausing the VM (QEMU drains in-flight I/O on pause): the snapshot then re-
 access point (same instance, newer epoch, fenced on the replicas), so its next write learns of
 the snapshot from the replicas and copies on write. Any other attached volume is refused: a
 write in flight could land on one replica before the snapshot and on another after it.
+
+A snapshot or clone of a volume is also refused while the undo of a write its replicas refused
+for want of space is not settled (``meta.unsettled``): the replicas may then differ in that
+range, and the snapshot would keep the difference for good.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class SnapshotService:
                     volume=volume,
                     node=att.node,
                 )
+            settled = await self.meta.unsettled.settled(volume)  # its replicas agree
             snap = SnapshotRecord(
                 volume=volume,
                 name=name,
@@ -96,6 +101,7 @@ class SnapshotService:
             cmp += [
                 Compare.unchanged(keys.abs_volume(volume), rev),
                 Compare.absent(keys.abs_snapshot(volume, name)),
+                settled,
             ]
             ops += [
                 Put(keys.abs_volume(volume), new.dump()),
@@ -276,6 +282,7 @@ class SnapshotService:
             guards = await self.meta.name_guards(new_volume, owner)
             vol, rev = await self.meta.volume(source)
             await self.meta.check_provisioning(None, vol.size, vol.replicas)
+            settled = await self.meta.unsettled.settled(source)  # its replicas agree
             clone = VolumeRecord(
                 name=new_volume,
                 size=vol.size,
@@ -292,6 +299,7 @@ class SnapshotService:
                     Compare.unchanged(keys.abs_volume(source), rev),
                     Compare.absent(keys.abs_attach(source)),
                     Compare.absent(keys.abs_volume(new_volume)),
+                    settled,
                     *guards,
                 ],
                 [
@@ -335,7 +343,8 @@ class SnapshotService:
                     Compare.unchanged(keys.abs_snapshot(volume, name), srev),
                     Compare.absent(keys.abs_attach(volume)),
                 ],
-                [Put(keys.abs_volume(volume), new.dump())],
+                # the extents it names leave the volume: nothing left to undo there
+                [Put(keys.abs_volume(volume), new.dump()), self.meta.unsettled.delete(volume)],
             )
             if ok:
                 await self._reclaim({x for x in vol.extents if x})

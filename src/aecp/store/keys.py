@@ -19,6 +19,7 @@
     /aecp/abs/recovery/<extent>        RecoveryRecord: a recovery copy and its progress
     /aecp/abs/snapshots/<vol>/<snap>   SnapshotRecord: a frozen extent table
     /aecp/abs/exports/<volume>         ExportGrant: the client credential that may open it (NBD TLS)
+    /aecp/abs/unsettled/<volume>       UnsettledRecord: refused writes whose undo is not settled
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ ABS_ATTACH = ROOT + "abs/attach/"
 ABS_RECOVERY = ROOT + "abs/recovery/"
 ABS_SNAPSHOTS = ROOT + "abs/snapshots/"
 ABS_EXPORTS = ROOT + "abs/exports/"
+ABS_UNSETTLED = ROOT + "abs/unsettled/"
 ABS_EPOCH = ROOT + "abs/epoch"  # the last attach epoch handed out, cluster-wide
 
 
@@ -116,6 +118,11 @@ def abs_recovery(extent_id: str, target: str) -> str:
 
 def abs_export(volume: str) -> str:
     return ABS_EXPORTS + volume
+
+
+def abs_unsettled(volume: str) -> str:
+    """The unsettled undos of ``volume``'s refused writes (one key: snapshots guard it)."""
+    return ABS_UNSETTLED + volume
 
 
 def abs_snapshots(volume: str) -> str:

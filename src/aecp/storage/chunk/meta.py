@@ -233,6 +233,17 @@ class ReplicaMeta:
             self.generation = modgen
             self.state_dirty = True
 
+    def touch(self, first_block: int, last_block: int, modgen: int) -> None:
+        """Blocks ``[first_block, last_block)`` get ``modgen`` (when higher), as does the
+        replica generation, whatever changed in them (a trim of sectors already invalid)."""
+        for block in range(first_block, last_block):
+            if self.modgens[block] < modgen:
+                self.modgens[block] = modgen
+                self.dirty.add(block)
+        if modgen > self.generation:
+            self.generation = modgen
+            self.state_dirty = True
+
     def set_block(self, block: int, bitmap: int, modgen: int, crcs: array[int]) -> None:
         """Make block ``block`` exactly this (recovery copy)."""
         self.bitmaps[block] = bitmap

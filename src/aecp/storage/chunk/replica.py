@@ -109,7 +109,10 @@ def plan_read(rep: Replica, offset: int, length: int) -> Job:
 
 
 def plan_trim(rep: Replica, offset: int, length: int, generation: int) -> Job:
-    """Whole sectors become invalid, valid partial ones get zeros, emptied blocks are punched."""
+    """Whole sectors become invalid, valid partial ones get zeros, emptied blocks are punched.
+    Every block the range touches gets ``generation``, even where nothing changed (a partial
+    sector already invalid): a catch-up from before it then copies the block, whatever the
+    replica behind holds there."""
     meta, sec, bs = rep.meta, rep.meta.sector, rep.meta.block_size
     end = offset + length
     whole = (-(-offset // sec), end // sec)
@@ -129,6 +132,7 @@ def plan_trim(rep: Replica, offset: int, length: int, generation: int) -> Job:
             meta.clear(whole[0], whole[1], generation)
         for s, crcs in results:
             meta.mark_written(s, crcs, generation)
+        meta.touch(offset // bs, (end - 1) // bs + 1, generation)
 
     return clear_sectors, (rep.id, rep.data_fd, sec, valid, punches), apply
 

@@ -203,6 +203,33 @@ class RecoveryRecord(Stored):
     id: str = ""
 
 
+class UnsettledUndo(Stored):
+    """One write (or trim) of extent ``extent`` some replicas refused for want of space,
+    whose undo (``storage.refused``) is not settled yet: ``[offset, offset+length)``, the
+    replicas that refused it (``full``), took it (``took``) or failed otherwise (``unknown``:
+    they may have taken it), and the generation it was sent under."""
+
+    id: str
+    extent: str
+    offset: int
+    length: int
+    trim: bool = False
+    full: list[str]
+    took: list[str]
+    unknown: list[str] = Field(default_factory=list)
+    generation: int
+    at: float = 0.0  # when it was recorded
+
+
+class UnsettledRecord(Stored):
+    """``/aecp/abs/unsettled/<volume>``: every unsettled undo of the volume, in one key so
+    that a snapshot or a clone can require its absence in its own transaction
+    (``storage.meta.unsettled``)."""
+
+    volume: str
+    undos: list[UnsettledUndo]
+
+
 class SnapshotRecord(Stored):
     """``/aecp/abs/snapshots/<volume>/<snapshot>``: a frozen copy of a volume's extent table.
 

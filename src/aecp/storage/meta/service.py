@@ -26,6 +26,8 @@ from aecp.common.errors import (
     NotFound,
 )
 from aecp.model.base import Stored, check_name
+from aecp.storage.meta.holding import NotHolder as NotHolder  # re-exported
+from aecp.storage.meta.holding import held_by
 from aecp.storage.meta.model import (
     DEFAULT_EXTENT_SIZE,
     AttachRecord,
@@ -41,16 +43,13 @@ from aecp.storage.meta.model import (
 )
 from aecp.storage.meta.owners import VolumeOwners
 from aecp.storage.meta.tables import Tables, read_tables
+from aecp.storage.meta.unsettled import Unsettled
 from aecp.store import keys
 from aecp.store.base import Compare, Delete, Lease, Put, Store
 from aecp.store.typed import read
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Stored)
-
-
-class NotHolder(InvalidState):
-    """The access point asking no longer holds its volume's attachment."""
 
 
 class AttachedElsewhere(InvalidState):
@@ -85,6 +84,7 @@ class MetaService:
         #: no storage server publishes its ratio (``cluster_overcommit``)
         self.overcommit_ratio = overcommit_ratio
         self.owners = owners
+        self.unsettled = Unsettled(store)  # undos of refused writes not settled yet
 
     # ---- reads -------------------------------------------------------------------------------
     async def servers(self) -> dict[str, StorageServer]:
@@ -268,7 +268,11 @@ class MetaService:
                     Compare.absent(keys.abs_attach(name)),
                     *guards,
                 ],
-                [Delete(keys.abs_volume(name)), Delete(keys.abs_export(name))],
+                [
+                    Delete(keys.abs_volume(name)),
+                    Delete(keys.abs_export(name)),
+                    self.unsettled.delete(name),  # its extents go: nothing left to undo
+                ],
             )
             if ok:
                 freed = await self.collect({e for e in vol.extents if e})
@@ -525,14 +529,8 @@ class MetaService:
 
     async def _held_by(self, holder: Holder, extent_id: str) -> Compare:
         """The guard that ``holder`` still holds its volume's attachment as now stored;
-        ``InvalidState`` if it does not hold it now."""
-        att = await self.store.get(keys.abs_attach(holder.volume))
-        if att is None or not holder.holds(AttachRecord.load(att.value)):
-            raise NotHolder(
-                f"volume {holder.volume}: no longer attached by this access point; "
-                f"extent {extent_id} left as it is"
-            )
-        return Compare.unchanged(keys.abs_attach(holder.volume), att.mod_revision)
+        ``NotHolder`` if it does not hold it now."""
+        return await held_by(self.store, holder, f"extent {extent_id} left as it is")
 
     async def admit_replica(
         self,
