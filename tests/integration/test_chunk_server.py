@@ -251,8 +251,10 @@ async def test_every_operation_behaves_the_same_over_tcp_and_locally(
         (3 * BLOCK, 4 * MIB - 3 * BLOCK, False),
     ]
     raw = await replica.read_raw("e1", 0, 4 * BLOCK)
-    await replica.create("e2", 4 * MIB)
-    await replica.write_raw("e2", raw)
+    await replica.create("e2", 4 * MIB, epoch=2)
+    with pytest.raises(StaleEpoch):  # the epoch crosses the wire with the raw blocks
+        await replica.write_raw("e2", raw, 1)
+    await replica.write_raw("e2", raw, 2)
     assert await replica.read("e2", 0, 4 * BLOCK) == await replica.read("e1", 0, 4 * BLOCK)
     assert await replica.scrub("e1") == []
     await replica.repair("e1", 0, pattern(SECTOR, 9))

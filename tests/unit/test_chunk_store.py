@@ -318,6 +318,23 @@ async def test_raw_blocks_copy_data_valid_sectors_and_modgens(root: Path) -> Non
             await b.write_raw("e1", RawBlocks(0, BLOCK, SECTOR, (1,), (0,), b""))
 
 
+async def test_a_raw_copy_from_an_older_access_point_is_refused_by_the_replica(root: Path) -> None:
+    """A raw write carried no epoch: an old copier's could reach a replica a newer access
+    point had claimed (third review of the refused-write undo)."""
+    async with ReplicaStore(root / "a") as a, ReplicaStore(root / "b") as b:
+        await a.create("e1", 4 * MIB, epoch=3)
+        await b.create("e1", 4 * MIB, epoch=3)
+        await a.write("e1", 0, pattern(BLOCK, 1), epoch=3, generation=2)
+        raw = await a.read_raw("e1", 0, BLOCK)
+        await b.fence("e1", 5)  # a newer access point claimed b
+        with pytest.raises(StaleEpoch):
+            await b.write_raw("e1", raw, 4)
+        assert await b.allocation("e1") == [(0, 4 * MIB, False)]
+        await b.write_raw("e1", raw, 6)  # a newer epoch is taken, as for a write
+        assert (await b.stat("e1")).epoch == 6
+        assert await b.read("e1", 0, BLOCK) == pattern(BLOCK, 1)
+
+
 async def test_concurrent_overlapping_writes_keep_checksums_consistent(store: ReplicaStore) -> None:
     await store.create("e1", 4 * MIB)
     writes = [

@@ -96,14 +96,11 @@ class Joins:
         epoch: int,
     ) -> None:
         """Copy whole blocks from ``src`` to ``dst`` while no live write touches the extent.
-        ``dst`` is fenced at ``epoch`` (the copier's) just before the blocks are written:
-        ``StaleEpoch`` if a newer access point claimed it meanwhile. (A raw write carries no
-        epoch of its own on the replica protocol, so this narrows, but does not close, the
-        window in which an old copier's write reaches a replica a newer one has claimed.)"""
+        The raw write carries the copier's ``epoch``: ``StaleEpoch`` if a newer access point
+        claimed ``dst`` meanwhile, checked by the replica in the same step as the write."""
         async with self.copy_locks[ext_id]:
             raw = await src.read_raw(ext_id, offset, length)
-            await dst.fence(ext_id, epoch)
-            await dst.write_raw(ext_id, raw)
+            await dst.write_raw(ext_id, raw, epoch)
 
     async def end(self, ext_id: str, admit: Callable[[], Awaitable[None]] | None) -> None:
         """Stop sending live writes to the joining replica; ``admit`` runs first, while no

@@ -171,10 +171,12 @@ class ReplicaClient(ABC):
         valid sectors are verified (``ChecksumError``). Recovery only."""
 
     @abstractmethod
-    async def write_raw(self, extent_id: str, raw: RawBlocks) -> None:
-        """Make the blocks exactly as ``raw`` describes (valid sectors, data, modgens); no
-        epoch check and the replica generation is unchanged. Recovery only: the caller
-        orders it against live writes. Durable after ``flush``."""
+    async def write_raw(self, extent_id: str, raw: RawBlocks, epoch: int | None = None) -> None:
+        """Make the blocks exactly as ``raw`` describes (valid sectors, data, modgens); the
+        replica generation is unchanged. With ``epoch``: ``StaleEpoch`` if it is older than
+        the replica's (a newer access point claimed it), and a newer one is recorded first,
+        as for writes. Recovery only: the caller orders it against live writes. Durable after
+        ``flush``."""
 
     @abstractmethod
     async def scrub(self, extent_id: str) -> list[int]:

@@ -402,8 +402,9 @@ class ChunkClient(ReplicaClient):
             await self._call(Op.READ_RAW, extent_id, wire.decode_raw, offset=offset, length=length)
         )
 
-    async def write_raw(self, extent_id: str, raw: RawBlocks) -> None:
-        await self._call(Op.WRITE_RAW, extent_id, payload=wire.encode_raw(raw))
+    async def write_raw(self, extent_id: str, raw: RawBlocks, epoch: int | None = None) -> None:
+        payload = wire.encode_raw(raw)
+        await self._call(Op.WRITE_RAW, extent_id, epoch=epoch or 0, payload=payload)
 
     async def scrub(self, extent_id: str) -> list[int]:
         return _some(await self._call(Op.SCRUB, extent_id, wire.decode_sectors))
@@ -536,8 +537,8 @@ class LocalChunkClient(ReplicaClient):
     async def read_raw(self, extent_id: str, offset: int, length: int) -> RawBlocks:
         return await self._open().read_raw(extent_id, offset, length)
 
-    async def write_raw(self, extent_id: str, raw: RawBlocks) -> None:
-        await self._open().write_raw(extent_id, raw)
+    async def write_raw(self, extent_id: str, raw: RawBlocks, epoch: int | None = None) -> None:
+        await self._open().write_raw(extent_id, raw, epoch)
 
     async def scrub(self, extent_id: str) -> list[int]:
         return await self._open().scrub(extent_id)

@@ -492,7 +492,7 @@ class _Handler:
         return wire.encode_raw(await self.store.read_raw(r.extent_id, r.offset, r.length))
 
     async def _write_raw(self, r: Request) -> bytes:
-        await self.store.write_raw(r.extent_id, wire.decode_raw(r.payload))
+        await self.store.write_raw(r.extent_id, wire.decode_raw(r.payload), r.epoch or None)
         return b""
 
     async def _scrub(self, r: Request) -> bytes:

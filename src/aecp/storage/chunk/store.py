@@ -460,7 +460,7 @@ class ReplicaStore:
         data = await self._locked(rep, offset, length, False, None, plan)
         return RawBlocks(offset, bs, sec, seen[0][0], seen[0][1], data)
 
-    async def write_raw(self, extent_id: str, raw: RawBlocks) -> None:
+    async def write_raw(self, extent_id: str, raw: RawBlocks, epoch: int | None = None) -> None:
         rep = await self._get(extent_id)
         check_raw(rep, raw)
         if not raw.bitmaps:
@@ -480,7 +480,7 @@ class ReplicaStore:
             old = meta.bitmaps[first:last]
             return sum(1 for i, b in enumerate(raw.bitmaps) if b and not old[i])
 
-        await self._locked(rep, raw.offset, raw.length, True, None, plan, fills)
+        await self._locked(rep, raw.offset, raw.length, True, epoch, plan, fills)
 
     async def scrub(self, extent_id: str) -> list[int]:
         rep = await self._get(extent_id)

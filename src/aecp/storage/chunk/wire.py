@@ -33,7 +33,7 @@ WRITE and REPAIR ``length`` equals ``payload_len``)::
     12  MODIFIED_SINCE  id, gen                          per range: offset u64, length u64
     13  ALLOCATION      id                               per run: offset u64, length u64, valid u8
     14  READ_RAW        id, offset, length               raw blocks (below)
-    15  WRITE_RAW       id, raw blocks                   -
+    15  WRITE_RAW       id, epoch (0: unchecked), raw blk -
     16  SCRUB           id                               per bad sector: index u64
     17  REPAIR          id, offset, data                 -
 
