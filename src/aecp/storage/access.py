@@ -68,14 +68,13 @@ from aecp.storage.meta.model import (
     writable_in_place,
 )
 from aecp.storage.meta.service import MetaService, NotHolder
-from aecp.storage.newextent import create_replicas
+from aecp.storage.newextent import copy_written, create_replicas
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.refused import Refused, Undos, last_try, take_over, undo
 from aecp.store.base import Lease
 
 log = logging.getLogger(__name__)
 SECTOR = 4096
-COPY_CHUNK = 1 << 20
 
 
 class VolumeDevice(BlockDevice):
@@ -657,18 +656,8 @@ class VolumeDevice(BlockDevice):
     ) -> int:
         """Copy the written blocks of ``shared`` to ``new``'s replicas, durably; bytes copied."""
         src, _ = await self._readable(shared)
-        copied = 0
         async with self.quiesced(shared.id):  # a write to it still in flight lands first
-            for offset, length in await src.modified_since(shared.id, 0):
-                pos = offset
-                while pos < offset + length:
-                    n = min(COPY_CHUNK, offset + length - pos)
-                    raw = await src.read_raw(shared.id, pos, n)
-                    await asyncio.gather(*(d.write_raw(new.id, raw) for d in dsts))
-                    pos += n
-                    copied += n
-        await asyncio.gather(*(d.flush(new.id) for d in dsts))
-        return copied
+            return await copy_written(src, shared.id, new.id, dsts)
 
     async def _readable(self, ext: ExtentRecord) -> tuple[ReplicaClient, str]:
         for node in self._read_order(ext):

@@ -1,7 +1,8 @@
 """The replicas of a new extent, created before any table names the extent (the ordering rule
 of ``meta.service``): placed by the placement rules with the writing node first, always at the
 volume's full factor (new data never starts under-replicated), skipping nodes that do not
-answer; ``NoSpace`` when no set of nodes can take it."""
+answer; ``NoSpace`` when no set of nodes can take it. A copy-on-write new extent is filled
+from the shared one by ``copy_written``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 
 from aecp.common.errors import NoCapacity
 from aecp.storage.blockdev import NoSpace
+from aecp.storage.chunk.api import ReplicaClient
 from aecp.storage.chunk.errors import ChunkError, ChunkIOError, ReplicaUnavailable
 from aecp.storage.fanout import as_block_error
 from aecp.storage.meta.model import ExtentRecord, VolumeRecord, new_extent_id
@@ -59,3 +61,26 @@ async def _create_on(
     except ChunkError as exc:
         return exc
     return None
+
+
+COPY_CHUNK = 1 << 20
+
+
+async def copy_written(
+    src: ReplicaClient, src_id: str, new_id: str, dsts: list[ReplicaClient]
+) -> int:
+    """Copy the written blocks of extent ``src_id`` (from ``src``) into the new extent
+    ``new_id`` on every client of ``dsts``, then flush them: durable when it returns; bytes
+    copied. The caller keeps writes to ``src_id`` out meanwhile; ``new_id`` is named by no
+    table yet, so its raw writes carry no epoch."""
+    copied = 0
+    for offset, length in await src.modified_since(src_id, 0):
+        pos = offset
+        while pos < offset + length:
+            n = min(COPY_CHUNK, offset + length - pos)
+            raw = await src.read_raw(src_id, pos, n)
+            await asyncio.gather(*(d.write_raw(new_id, raw) for d in dsts))
+            pos += n
+            copied += n
+    await asyncio.gather(*(d.flush(new_id) for d in dsts))
+    return copied
