@@ -3,9 +3,12 @@ through ``LocalChunkClient``, and through ``ChunkClient`` to a ``ChunkServer`` i
 and in a child process. Prints operations per second and CPU microseconds per operation (of
 this process; for the child-server case, of the client process only). Connections are
 authenticated as in the product (a throwaway cluster CA; ``--encrypt``: TLS).
+``--handshakes N`` measures instead what authentication costs a connection: N fresh
+connections to an in-process server, each authenticated and answering one PING, in the signed
+mode and in TLS, against the PING round trip on a connection already open (median of N each).
 
 Usage: .venv/bin/python benchmarks/chunk_store.py [--seconds 3] [--qd 32] [--dir /tmp/x]
-       [--size-mib 256] [--threads 4] [--uvloop] [--encrypt]
+       [--size-mib 256] [--threads 4] [--uvloop] [--encrypt] [--handshakes N]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -139,6 +143,36 @@ async def bench_child_server(args: argparse.Namespace, root: Path) -> None:
         await child.wait()
 
 
+async def bench_handshakes(args: argparse.Namespace, root: Path) -> None:
+    """Median time of a new authenticated connection's first PING, per mode, against a PING
+    on an open connection: the cost authentication adds, once per connection."""
+    async with ReplicaStore(root / "handshakes", threads=args.threads) as store:
+        server = ChunkServer(store, HOST, 0, auth=auth(root, "server", False))
+        await server.start()
+        try:
+            warm = ChunkClient(HOST, server.port, node="server", auth=auth(root, "client", False))
+            await warm.ping()
+            rtt = [await timed(warm.ping) for _ in range(args.handshakes)]
+            await warm.close()
+            print(f"{'PING, connection open':<34} {statistics.median(rtt) * 1e3:7.3f} ms")
+            for encrypt, mode in ((False, "signed"), (True, "TLS")):
+                times, a = [], auth(root, "client", encrypt)  # as a node: credentials loaded once
+                for _ in range(args.handshakes):
+                    client = ChunkClient(HOST, server.port, node="server", auth=a)
+                    times.append(await timed(client.ping))
+                    await client.close()
+                med = statistics.median(times)
+                print(f"{'connect + ' + mode + ' handshake + PING':<34} {med * 1e3:7.3f} ms")
+        finally:
+            await server.stop()
+
+
+async def timed(call: Callable[[], Awaitable[object]]) -> float:
+    t0 = time.perf_counter()
+    await call()
+    return time.perf_counter() - t0
+
+
 async def serve(root: Path, threads: int, encrypt: bool, node: str) -> None:
     async with ReplicaStore(root, threads=threads) as store:
         server = ChunkServer(store, HOST, 0, auth=auth(root.parent, node, encrypt))
@@ -154,6 +188,9 @@ async def main(args: argparse.Namespace) -> None:
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="chunk-bench-"))
     print(f"extent {args.size_mib} MiB in {root}, queue depth {args.qd}, {args.seconds:g} s each")
     try:
+        if args.handshakes:
+            await bench_handshakes(args, root)
+            return
         await bench_store(args, root)
         await bench_inproc_server(args, root)
         await bench_child_server(args, root)
@@ -171,6 +208,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--uvloop", action="store_true")
     p.add_argument("--encrypt", action="store_true", help="replica connections in TLS")
+    p.add_argument("--handshakes", type=int, default=0, help="measure N connections per mode")
     p.add_argument("--serve", help=argparse.SUPPRESS)
     p.add_argument("--node", default="server", help=argparse.SUPPRESS)
     return p.parse_args()
