@@ -234,11 +234,12 @@ async def test_a_write_that_completes_after_a_flush_began_is_covered_by_the_next
     await dev.write(0, b"a" * 4096)
     await dev.flush()
     store = cluster.replicas["n1"].store
-    gate = asyncio.Event()
+    gate, in_flight = asyncio.Event(), asyncio.Event()
     real_write, real_flush = store.write, store.flush
     flushed: list[str | None] = []
 
     async def slow_write(*args: Any, **kw: Any) -> None:
+        in_flight.set()
         await gate.wait()
         await real_write(*args, **kw)
 
@@ -250,7 +251,7 @@ async def test_a_write_that_completes_after_a_flush_began_is_covered_by_the_next
     store.write = slow_write  # type: ignore[method-assign]
     store.flush = counting_flush  # type: ignore[method-assign]
     writing = asyncio.ensure_future(dev.write(4096, b"b" * 4096))
-    await asyncio.sleep(0.01)
+    await in_flight.wait()  # the write reached the replica, not acknowledged yet
     await dev.flush()  # overlaps the write in flight
     gate.set()
     await writing

@@ -11,6 +11,7 @@ import pytest
 from aecp.storage.blockdev import BlockError
 from aecp.storage.dirty import DirtyExtents
 from aecp.storage.snapshots import SnapshotService
+from tests.unit._sync import run_ready
 from tests.unit.abskit import EXTENT, Cluster
 
 
@@ -19,19 +20,20 @@ async def test_a_flush_waits_for_the_flush_in_flight_before_it(cluster: Cluster)
     dev = await cluster.open("v")
     await dev.write(0, b"a" * 4096)  # acknowledged: its extent is dirty
     store = cluster.replicas["n1"].store
-    gate, real_flush = asyncio.Event(), store.flush
+    gate, flushing, real_flush = asyncio.Event(), asyncio.Event(), store.flush
     durable: list[str | None] = []
 
     async def slow_flush(extent_id: str | None = None) -> None:
+        flushing.set()
         await gate.wait()
         await real_flush(extent_id)
         durable.append(extent_id)
 
     store.flush = slow_flush  # type: ignore[method-assign]
     first = asyncio.ensure_future(dev.flush())  # e.g. FLUSH on one NBD connection
-    await asyncio.sleep(0.01)
+    await flushing.wait()  # it took the dirty extent and flushes it
     second = asyncio.ensure_future(dev.flush())  # another connection's, sent after the ack
-    await asyncio.sleep(0.01)
+    await run_ready()  # nothing to do but wait for the first: no I/O before that
     assert not second.done(), "answered while the acknowledged write is not durable yet"
     gate.set()
     await asyncio.gather(first, second)
@@ -45,17 +47,19 @@ async def test_a_flush_after_a_failed_flush_in_flight_fails_too_if_it_fails_agai
     dev = await cluster.open("v")
     await dev.write(0, b"a" * 4096)
     store = cluster.replicas["n1"].store
-    gate, real_flush = asyncio.Event(), store.flush
+    gate, flushing, real_flush = asyncio.Event(), asyncio.Event(), store.flush
 
     async def failing_flush(extent_id: str | None = None) -> None:
+        flushing.set()
         await gate.wait()
         raise OSError(5, "Input/output error")
 
     store.flush = failing_flush  # type: ignore[method-assign]
     first = asyncio.ensure_future(dev.flush())
-    await asyncio.sleep(0.01)
+    await flushing.wait()
     second = asyncio.ensure_future(dev.flush())
-    await asyncio.sleep(0.01)
+    await run_ready()  # the second waits for the first
+    assert not second.done()
     gate.set()
     results = await asyncio.gather(first, second, return_exceptions=True)
     assert all(isinstance(r, BaseException) for r in results), results

@@ -5,7 +5,9 @@ scrubber repairs corrupt sectors from a good replica."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,14 +68,27 @@ async def test_a_replica_gone_past_the_grace_period_is_recreated_elsewhere(
 
 async def test_writes_during_a_catch_up_reach_the_returning_replica(cluster: Cluster) -> None:
     rep, ext_id, other = await degraded_volume(cluster)
-    rep.policy = RecoveryPolicy(grace=60, rate=4 * BLOCK)  # slow copy: ~0.75 s
+    dev, real_copy, value = rep.dev, rep.dev.copy_range, itertools.count(1)
+    copied: list[int] = []
 
-    async def writer() -> None:
-        for i in range(20):
-            await rep.dev.write(i * 4096 * 3, bytes([i + 1]) * 4096)
-            await asyncio.sleep(0.02)
+    async def write(offset: int) -> None:
+        await dev.write(offset, bytes([next(value)]) * 4096)
 
-    await asyncio.gather(rep.run_pass(), writer())
+    async def copy_amid_writes(ext: str, src: Any, dst: Any, offset: int, length: int) -> None:
+        """Live writes land before each copied range: to a block no range holds, to this
+        range, to the range copied before it (or another block no range holds). Others, to
+        this range, wait while it is copied (the copy takes the copy lock before it awaits)."""
+        for at in (len(copied) * 3 * 4096, offset + 4096, copied[-1] if copied else BLOCK):
+            await write(at)
+        inside = (offset, offset + length // 2, offset + length - 4096)
+        waiting = [asyncio.ensure_future(write(at)) for at in inside]
+        await real_copy(ext, src, dst, offset, length)
+        await asyncio.gather(*waiting)
+        copied.append(offset)
+
+    dev.copy_range = copy_amid_writes  # type: ignore[method-assign]
+    await rep.run_pass()
+    assert copied  # the catch-up copied ranges, amid live writes
     ext, _ = await cluster.meta.extent(ext_id)
     assert other in ext.replicas
     good = await cluster.replicas["n1"].store.read(ext_id, 0, EXTENT)

@@ -18,6 +18,7 @@ from aecp.storage.meta.model import Holder
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.recovery import RecoveryPolicy, Repairer
 from aecp.storage.snapshots import SnapshotService
+from tests.unit._sync import run_ready
 from tests.unit.abskit import BLOCK, EXTENT, Cluster
 
 
@@ -119,10 +120,9 @@ async def test_a_snapshot_taken_during_a_join_stays_out_of_the_joining_replica(
     cluster: Cluster,
 ) -> None:
     dev, ext_id, other, repairing, go_on = await snapshot_during_join(cluster)
-    writing = asyncio.ensure_future(dev.write(12 * BLOCK, b"A" * 4096))  # copies on write
-    await asyncio.sleep(0.02)
+    await dev.write(12 * BLOCK, b"A" * 4096)  # copies on write while the join waits
     go_on.set()
-    await asyncio.gather(repairing, writing)
+    await repairing
     # the extent is the snapshot's now: on every valid replica it still holds the old data
     assert await cluster.replicas["n1"].store.read(ext_id, 12 * BLOCK, 4096) == b"\x11" * 4096
     assert await valid_and_complete(cluster, ext_id, other, 12)
@@ -149,32 +149,45 @@ async def test_a_write_still_holding_an_ended_joins_lock_is_waited_for_by_the_ne
     cluster: Cluster,
 ) -> None:
     dev, ext_id, other = await degraded(cluster)
-    n1, slow = cluster.replicas["n1"], asyncio.Event()
+    n1, in_flight, slow = cluster.replicas["n1"], asyncio.Event(), asyncio.Event()
 
     async def write(ext: str, offset: int, *args: Any, **kw: Any) -> Any:
         if offset == 12 * BLOCK:
+            in_flight.set()
             await slow.wait()
         return await n1.write(ext, offset, *args, **kw)
 
     cluster.pool.add("n1", Override(n1, "write", write))  # type: ignore[arg-type]
     await dev.begin_join(ext_id, other)
-    gate = asyncio.Event()
+    admitting, gate = asyncio.Event(), asyncio.Event()
 
     async def nothing_admitted() -> Any:
+        admitting.set()
         await gate.wait()
         return (await cluster.meta.extent(ext_id))[0]
 
     ending = asyncio.ensure_future(dev.end_join(ext_id, nothing_admitted))
-    await asyncio.sleep(0)
+    await admitting.wait()  # the join's end holds lock 1
     writing = asyncio.ensure_future(dev.write(12 * BLOCK, b"\x99" * 4096))  # waits on lock 1
-    await asyncio.sleep(0.01)
+    await run_ready()  # no I/O before the lock
+    assert not in_flight.is_set()
     gate.set()
     await ending
-    await asyncio.sleep(0.01)
+    await in_flight.wait()  # it looked again: in flight, outside any join
     assert not writing.done()
+    fenced = asyncio.Event()
+
+    async def fence(*args: Any) -> Any:  # a join's first step: fence its joiner
+        epoch = await cluster.replicas[other].fence(*args)
+        fenced.set()
+        return epoch
+
+    cluster.pool.add(other, Override(cluster.replicas[other], "fence", fence))  # type: ignore[arg-type]
     rep = Repairer(dev, RecoveryPolicy(60, 1e12), cluster.board)  # the next pass: a new join
     repairing = asyncio.ensure_future(rep.run_pass())
-    await asyncio.sleep(0.05)
+    await fenced.wait()  # the new join fenced its joiner: it waits for the write in flight
+    await run_ready()
+    assert dev.joiner(ext_id) is None, "the next join began with a write still in flight"
     slow.set()
     await asyncio.gather(repairing, writing)
     assert await valid_and_complete(cluster, ext_id, other, 12)
@@ -361,12 +374,9 @@ async def test_a_failed_re_replication_never_deletes_a_copy_another_access_point
     c = await open_volume(cluster.meta, pool, "n3", "c", await cluster.store.grant_lease(3600))
     c_pass = asyncio.ensure_future(Repairer(c, policy, cluster.board).run_pass())
     await held.wait()
-    v_pass = asyncio.ensure_future(
-        Repairer(v, policy, cluster.board).run_pass()
-    )  # fails: StaleEpoch
-    await asyncio.sleep(0.02)
+    await Repairer(v, policy, cluster.board).run_pass()  # fails: StaleEpoch
     go_on.set()
-    await asyncio.gather(c_pass, v_pass)
+    await c_pass
     ext, _ = await cluster.meta.extent(ext_id)
     assert target in ext.replicas and await tgt.store.exists(ext_id)
 

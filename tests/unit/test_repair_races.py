@@ -9,6 +9,7 @@ from typing import Any
 
 from aecp.storage.chunk.errors import ChecksumError, ReplicaUnavailable
 from aecp.storage.recovery import RecoveryPolicy, Repairer
+from tests.unit._sync import run_ready
 from tests.unit.abskit import BLOCK, Cluster
 from tests.unit.test_recovery_races import Override, filled
 
@@ -40,7 +41,7 @@ async def test_a_scrub_repair_never_overwrites_a_write_acknowledged_meanwhile(
     await reading.wait()
     cluster.pool.add("n1", cluster.replicas["n1"])  # type: ignore[arg-type]
     writing = asyncio.ensure_future(dev.write(AT, b"\x99" * 4096))
-    await asyncio.sleep(0.01)
+    await run_ready()  # it waits for the repair (no I/O before that)
     gate.set()
     await asyncio.gather(repairing, writing)
     assert await cluster.replicas[other].store.read(ext_id, AT, 4096) == b"\x99" * 4096
@@ -69,8 +70,8 @@ async def test_a_read_repair_never_copies_from_a_replica_dropped_while_it_waited
     cluster: Cluster,
 ) -> None:
     dev, ext_id, other = await filled(cluster)
-    n1 = cluster.replicas["n1"]
-    gate, in_flight, once = asyncio.Event(), asyncio.Event(), []
+    n1, elsewhere = cluster.replicas["n1"], cluster.replicas[other]
+    gate, in_flight, served, once = asyncio.Event(), asyncio.Event(), asyncio.Event(), []
 
     async def n1_read(ext: str, offset: int, length: int) -> Any:
         if offset == AT and not once:  # a latent bad sector on n1
@@ -86,12 +87,20 @@ async def test_a_read_repair_never_copies_from_a_replica_dropped_while_it_waited
     async def other_write(*args: Any, **kw: Any) -> Any:
         raise ReplicaUnavailable(other, "its writes fail")
 
+    async def other_read(*args: Any, **kw: Any) -> Any:
+        data = await elsewhere.read(*args, **kw)
+        served.set()
+        return data
+
     cluster.pool.add("n1", Override(Override(n1, "read", n1_read), "write", n1_write))  # type: ignore[arg-type]
-    cluster.pool.add(other, Override(cluster.replicas[other], "write", other_write))  # type: ignore[arg-type]
+    failing = Override(Override(elsewhere, "read", other_read), "write", other_write)
+    cluster.pool.add(other, failing)  # type: ignore[arg-type]
     writing = asyncio.ensure_future(dev.write(AT, b"\x99" * 4096))
     await in_flight.wait()
     reading = asyncio.ensure_future(dev.read(AT, 4096))  # good data from `other`; repair waits
-    await asyncio.sleep(0.01)
+    await served.wait()
+    await run_ready()  # on to the repair, which waits for the write (no I/O before that)
+    assert not reading.done()
     gate.set()  # the write lands on n1, `other` is dropped, the write is acknowledged
     await asyncio.gather(writing, reading)
     ext, _ = await cluster.meta.extent(ext_id)

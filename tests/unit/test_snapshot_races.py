@@ -19,6 +19,7 @@ from aecp.storage.blockdev import Fenced
 from aecp.storage.chunk.errors import ReplicaUnavailable
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.snapshots import SnapshotService
+from tests.unit._sync import TURNS, run_ready
 from tests.unit.abskit import BLOCK, EXTENT, Cluster
 from tests.unit.test_recovery_races import Override, fence_fails, filled
 
@@ -53,6 +54,7 @@ async def test_copy_on_write_waits_for_a_write_still_in_flight_to_the_extent(
 ) -> None:
     dev, _ = await failed_then_taken(cluster, again=False)
     n1, held, go_on = cluster.replicas["n1"], asyncio.Event(), asyncio.Event()
+    copying = asyncio.Event()
 
     async def held_write(ext: str, offset: int, *args: Any, **kw: Any) -> Any:
         if offset == AT:
@@ -60,33 +62,43 @@ async def test_copy_on_write_waits_for_a_write_still_in_flight_to_the_extent(
             await go_on.wait()
         return await n1.write(ext, offset, *args, **kw)
 
-    cluster.pool.add("n1", Override(n1, "write", held_write))  # type: ignore[arg-type]
+    async def ping(*args: Any) -> Any:  # the copy on write's last step before it waits
+        answer = await n1.ping(*args)
+        copying.set()
+        return answer
+
+    cluster.pool.add("n1", Override(Override(n1, "write", held_write), "ping", ping))  # type: ignore[arg-type]
     first = asyncio.ensure_future(dev.write(AT, b"W" * 4096))  # in place: nothing refuses it
     await held.wait()
     vol, rev = await cluster.meta.volume("v")
     dev.refresh(vol, rev, {})  # the recovery loop's next pass: the extent is shared now
     second = asyncio.ensure_future(dev.write(AT + 2 * BLOCK, b"X" * 4096))  # copies on write
-    await asyncio.sleep(0.01)
+    await copying.wait()  # it found its source replica
+    await run_ready()  # and waits for the write in flight (no I/O before that)
     go_on.set()
     await asyncio.gather(first, second)
     assert await dev.read(AT, 4096) == b"W" * 4096
 
 
-def fence_held(cluster: Cluster, node: str, fail: bool) -> tuple[ReplicaPool, asyncio.Event]:
-    """A pool whose fence on ``node`` waits for the returned event (then fails if ``fail``);
-    with ``fail``, the other nodes' fences fail at once."""
-    pool, go_on = ReplicaPool(cluster.meta), asyncio.Event()
+def fence_held(
+    cluster: Cluster, node: str, fail: bool
+) -> tuple[ReplicaPool, asyncio.Event, asyncio.Event]:
+    """A pool whose fence on ``node`` waits for ``go_on`` (then fails if ``fail``); with
+    ``fail``, the other nodes' fences fail at once: (the pool, held: set once that fence
+    waits, go_on)."""
+    pool, held, go_on = ReplicaPool(cluster.meta), asyncio.Event(), asyncio.Event()
     for name, client in cluster.replicas.items():
 
         async def fence(*args: Any, _c: Any = client, _held: bool = name == node) -> Any:
             if _held:
+                held.set()
                 await go_on.wait()
             if fail:
                 raise ReplicaUnavailable("-", "no answer")
             return await _c.fence(*args)
 
         pool.add(name, Override(client, "fence", fence))  # type: ignore[arg-type]
-    return pool, go_on
+    return pool, held, go_on
 
 
 @pytest.mark.parametrize("fails", [True, False], ids=["late-failure", "late-success"])
@@ -94,9 +106,9 @@ async def test_a_snapshot_finishing_late_leaves_a_namesake_taken_meanwhile_alone
     cluster: Cluster, fails: bool
 ) -> None:
     _, _, other = await filled(cluster)
-    pool, go_on = fence_held(cluster, other, fails)
+    pool, held, go_on = fence_held(cluster, other, fails)
     first = asyncio.ensure_future(SnapshotService(cluster.meta, pool).snapshot("v", "s", "n1"))
-    await asyncio.sleep(0.01)
+    await held.wait()  # taken, not ready: its fence of `other` hangs
     snaps = SnapshotService(cluster.meta, cluster.pool)
     await snaps.delete("v", "s")  # the operator deletes the not-ready one, takes it again
     again = await snaps.snapshot("v", "s", paused_on="n1")
@@ -126,12 +138,12 @@ async def test_two_snapshots_of_one_vm_never_resume_it_under_each_other() -> Non
     agent._pauses = {}
     seen: list[RunState] = []
 
-    async def snapshot(hold: float) -> None:
+    async def snapshot(hold: int) -> None:
         async with agent.paused("vm"):
-            await asyncio.sleep(hold)
+            await run_ready(hold)  # long enough for the other one to run through, if let in
             seen.append(state["vm"])
 
-    await asyncio.gather(snapshot(0.02), snapshot(0.0))
+    await asyncio.gather(snapshot(TURNS), snapshot(0))
     assert seen == [RunState.PAUSED, RunState.PAUSED] and state["vm"] is RunState.RUNNING
 
 
@@ -188,7 +200,7 @@ async def test_a_copy_on_write_committed_but_unconfirmed_keeps_its_replicas(
         committed.set()
         if then == "raises":
             raise StoreUnavailable("the reply was lost")
-        await asyncio.sleep(10)
+        await asyncio.Event().wait()  # no answer: the request is cancelled meanwhile
         return True
 
     monkeypatch.setattr(cluster.meta, "replace_extent", unconfirmed)

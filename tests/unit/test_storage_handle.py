@@ -15,6 +15,7 @@ from aecp.node.storage import StorageDaemon, _Handle
 from aecp.storage.access import VolumeDevice
 from aecp.storage.blockdev import BlockDevice
 from aecp.storage.meta.service import AttachedElsewhere
+from tests.unit._sync import run_ready
 
 
 class Recorder:
@@ -99,7 +100,7 @@ async def test_reopening_a_volume_waits_until_its_last_close_has_flushed(
     closing = asyncio.ensure_future(first.close())
     await asyncio.sleep(0)
     reopening = asyncio.ensure_future(d.open_export("v"))
-    await asyncio.sleep(0.01)
+    await run_ready()  # nothing to do but wait for the close: no I/O before that
     assert not reopening.done()
     gate.set()
     await closing
