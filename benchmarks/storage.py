@@ -413,7 +413,7 @@ async def configure_storage(lab: Lab, api: Api, gib: int, *, encrypt: bool = Fal
     each offers ``gib`` GiB to admit the 1 TiB thin volume. Background work: the lab scrubs
     every 30 s and looks for repairs every 1 s (for tests); a scrub pass reads and verifies
     every replica, so the product defaults (3600 s, 5 s) are used instead. ``encrypt``: replica
-    connections in TLS."""
+    connections in TLS (the agents restart too)."""
     for name in lab.node_names:
         cfg = lab.node_dir(name) / "node.json"
         settings = json.loads(cfg.read_text())
@@ -422,8 +422,11 @@ async def configure_storage(lab: Lab, api: Api, gib: int, *, encrypt: bool = Fal
         for key in ("scrub_interval_s", "recovery_interval_s"):
             settings["storage"].pop(key, None)
         cfg.write_text(json.dumps(settings, indent=2))
-        lab.storage(name).stop()
-        lab.storage(name).start()
+        # the agent opens replica connections too (deletes, copies): it must switch with them
+        daemons = [lab.storage(name)] + ([lab.agent(name)] if encrypt else [])
+        for daemon in daemons:
+            daemon.stop()
+            daemon.start()
     await api.poll(
         "/v1/storage",
         lambda st: sum(s["capacity_bytes"] >= gib << 30 for s in st["servers"]) == 3,
