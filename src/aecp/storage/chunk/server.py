@@ -31,7 +31,6 @@ import functools
 import logging
 import socket
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -41,6 +40,7 @@ from cryptography import x509
 from aecp.common import tasks
 from aecp.common.addresses import client_key
 from aecp.common.pki import NODE, AuthError, verify_peer
+from aecp.common.ratelog import RefusalLog
 from aecp.common.receive import Intake, Receiver
 from aecp.storage.chunk import wire
 from aecp.storage.chunk.api import Buffer
@@ -83,8 +83,7 @@ class ChunkServer:
         self._sessions: set[_Session] = set()
         self.intake = Intake()  # staging and payload budget shared by the sessions
         self.refused = 0  # connections refused (authentication, limits): for tests and logs
-        self._unlogged = 0  # refusals since the last one logged
-        self._logged_at = -REFUSAL_LOG_EVERY
+        self._refusals = RefusalLog(log, REFUSAL_LOG_EVERY)
 
     @property
     def port(self) -> int:
@@ -205,13 +204,7 @@ class ChunkServer:
         ``REFUSAL_LOG_EVERY`` seconds (then it is counted in the next line)."""
         self.refused += 1
         conn.close()
-        now = time.monotonic()
-        if now - self._logged_at < REFUSAL_LOG_EVERY:
-            self._unlogged += 1
-            return
-        more = f" ({self._unlogged} more refused since the last line)" if self._unlogged else ""
-        self._logged_at, self._unlogged = now, 0
-        log.warning("chunk server: refused the connection from %s: %s%s", peer, reason, more)
+        self._refusals.warning("chunk server: refused the connection from %s: %s", peer, reason)
 
     def _session(self, tls_ca: x509.Certificate | None = None) -> _Session:
         return _Session(self._handler, self._max_inflight, self._sessions, self.intake, tls_ca)

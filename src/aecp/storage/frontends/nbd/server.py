@@ -37,7 +37,6 @@ import logging
 import os
 import ssl
 import stat
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from aecp.common import tasks
 from aecp.common.addresses import client_key
 from aecp.common.errors import AecpError
 from aecp.common.pki import fingerprint
+from aecp.common.ratelog import RefusalLog
 from aecp.common.receive import Intake, Receiver
 from aecp.storage.frontends.nbd import protocol as p
 from aecp.storage.frontends.nbd.session import ListExports, NbdSession, OpenExport, State
@@ -120,7 +120,7 @@ class NbdServer:
         self.intake = Intake()  # staging and payload budget shared by the connections
         self.refused = 0  # connections closed for a limit (per client, negotiation time)
         self.negotiating = 0  # TCP connections not in transmission yet
-        self._logged_at, self._unlogged = -REFUSAL_LOG_EVERY, 0
+        self._refusals = RefusalLog(log, REFUSAL_LOG_EVERY)  # one line per interval
 
     @property
     def port(self) -> int:
@@ -191,7 +191,7 @@ class NbdServer:
                 why = f"{self.limits.max_negotiating} connections negotiating already"
             if why:
                 self.refused += 1
-                self._log_refusal(conn.peer, why)
+                self._refusals.warning("nbd %s: refused: %s", conn.peer, why)
                 return False
             self._per_client[conn.client] += 1
             self.negotiating += 1
@@ -214,16 +214,6 @@ class NbdServer:
         if conn.negotiating:
             conn.negotiating = False
             self.negotiating -= 1
-
-    def _log_refusal(self, peer: str, why: str) -> None:
-        """Log a refusal unless one was logged in the last ``REFUSAL_LOG_EVERY`` seconds."""
-        now = time.monotonic()
-        if now - self._logged_at < REFUSAL_LOG_EVERY:
-            self._unlogged += 1
-            return
-        more = f" ({self._unlogged} more refused since the last line)" if self._unlogged else ""
-        self._logged_at, self._unlogged = now, 0
-        log.warning("nbd %s: refused: %s%s", peer, why, more)
 
 
 class _Connection(asyncio.BufferedProtocol):
