@@ -657,7 +657,9 @@ class VolumeDevice(BlockDevice):
         """Copy the written blocks of ``shared`` to ``new``'s replicas, durably; bytes copied."""
         src, _ = await self._readable(shared)
         async with self.quiesced(shared.id):  # a write to it still in flight lands first
-            return await copy_written(src, shared.id, new.id, dsts)
+            copied = await copy_written(src, shared.id, new.id, dsts)
+        await asyncio.gather(*(d.flush(new.id) for d in dsts))
+        return copied
 
     async def _readable(self, ext: ExtentRecord) -> tuple[ReplicaClient, str]:
         for node in self._read_order(ext):

@@ -97,9 +97,12 @@ class Joins:
     ) -> None:
         """Copy whole blocks from ``src`` to ``dst`` while no live write touches the extent.
         The raw write carries the copier's ``epoch``: ``StaleEpoch`` if a newer access point
-        claimed ``dst`` meanwhile, checked by the replica in the same step as the write."""
+        claimed ``dst`` meanwhile, checked by the replica in the same step as the write. ``dst``
+        is also fenced at ``epoch`` first: a server of an earlier version ignores the raw
+        write's epoch, and the fence narrows the window there (a rolling upgrade)."""
         async with self.copy_locks[ext_id]:
             raw = await src.read_raw(ext_id, offset, length)
+            await dst.fence(ext_id, epoch)
             await dst.write_raw(ext_id, raw, epoch)
 
     async def end(self, ext_id: str, admit: Callable[[], Awaitable[None]] | None) -> None:

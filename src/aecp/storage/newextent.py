@@ -70,9 +70,9 @@ async def copy_written(
     src: ReplicaClient, src_id: str, new_id: str, dsts: list[ReplicaClient]
 ) -> int:
     """Copy the written blocks of extent ``src_id`` (from ``src``) into the new extent
-    ``new_id`` on every client of ``dsts``, then flush them: durable when it returns; bytes
-    copied. The caller keeps writes to ``src_id`` out meanwhile; ``new_id`` is named by no
-    table yet, so its raw writes carry no epoch."""
+    ``new_id`` on every client of ``dsts``; bytes copied. Not durable until the caller
+    flushes ``new_id``. The caller keeps writes to ``src_id`` out meanwhile; ``new_id`` is
+    named by no table yet, so its raw writes carry no epoch."""
     copied = 0
     for offset, length in await src.modified_since(src_id, 0):
         pos = offset
@@ -82,5 +82,4 @@ async def copy_written(
             await asyncio.gather(*(d.write_raw(new_id, raw) for d in dsts))
             pos += n
             copied += n
-    await asyncio.gather(*(d.flush(new_id) for d in dsts))
     return copied

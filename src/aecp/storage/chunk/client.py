@@ -538,7 +538,7 @@ class LocalChunkClient(ReplicaClient):
         return await self._open().read_raw(extent_id, offset, length)
 
     async def write_raw(self, extent_id: str, raw: RawBlocks, epoch: int | None = None) -> None:
-        await self._open().write_raw(extent_id, raw, epoch)
+        await self._open().write_raw(extent_id, raw, epoch or None)  # 0: unchecked, as on TCP
 
     async def scrub(self, extent_id: str) -> list[int]:
         return await self._open().scrub(extent_id)
