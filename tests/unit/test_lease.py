@@ -4,8 +4,8 @@ store could expire it, when it does not."""
 from __future__ import annotations
 
 from aecp.common.clock import FakeClock
-from aecp.node.lease import LeaseKeeper
 from aecp.store.base import Lease
+from aecp.store.lease import LeaseKeeper
 from aecp.store.memory import MemoryStore
 
 

@@ -21,7 +21,6 @@ import uvicorn
 from aecp import __version__
 from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
-from aecp.cluster.election import Election
 from aecp.cluster.scheduler import Scheduler
 from aecp.cluster.service import ClusterService
 from aecp.cluster.vmsnapshots import VMSnapshotService
@@ -36,7 +35,6 @@ from aecp.compute.hypervisor import Accel, Hypervisor, RunState
 from aecp.conf.settings import NodeSettings
 from aecp.model.node import NodeHeartbeat, NodeRecord
 from aecp.node import host
-from aecp.node.lease import LeaseKeeper
 from aecp.node.reconciler import Decision, Reconciler, Say
 from aecp.node.vmdisks import VMDisks
 from aecp.node.vmops import VMActions
@@ -47,6 +45,8 @@ from aecp.storage.pool import ReplicaPool
 from aecp.storage.snapshots import SnapshotService
 from aecp.store import keys
 from aecp.store.base import Lease, Store
+from aecp.store.election import Election
+from aecp.store.lease import LeaseKeeper
 from aecp.store.opsend import sweep_strays
 from aecp.store.snapshot import read_snapshot
 

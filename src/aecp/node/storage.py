@@ -25,7 +25,6 @@ from typing import Any
 
 import uvloop
 
-from aecp.cluster.election import Election
 from aecp.cluster.volumeowners import ClusterOwners
 from aecp.common import log as logsetup
 from aecp.common.clock import SYSTEM_CLOCK, Clock
@@ -34,7 +33,6 @@ from aecp.common.pki import Bundle
 from aecp.common.tasks import cancel, spawn
 from aecp.common.tls import Credentials
 from aecp.conf.settings import NodeSettings
-from aecp.node.lease import LeaseKeeper
 from aecp.storage.access import VolumeDevice, open_volume
 from aecp.storage.blockdev import BlockDevice, Fenced, Span
 from aecp.storage.chunk.auth import ReplicaAuth
@@ -51,7 +49,9 @@ from aecp.storage.progress import RecoveryBoard
 from aecp.storage.recovery import RecoveryPolicy, Repairer
 from aecp.store import keys
 from aecp.store.base import Lease, Store
+from aecp.store.election import Election
 from aecp.store.etcd import EtcdStore
+from aecp.store.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
 REPORT_EVERY = 5.0
