@@ -126,9 +126,17 @@ async def test_a_catch_up_planned_before_an_undo_lowered_it_still_copies_the_ref
 
     async def current(e: str) -> Any:  # the undo's first read: a recovery pass starts now
         cluster.pool.add(x, rx)  # type: ignore[arg-type]  # x answers again
-        passes.append(asyncio.ensure_future(repairer(cluster, dev).run_pass()))
-        for _ in range(200):
-            await asyncio.sleep(0)
+        rep, read = repairer(cluster, dev), asyncio.Event()
+        real_from = rep._catch_up_from
+
+        async def catch_up_from(ext: str, node: str) -> int:
+            since = await real_from(ext, node)
+            read.set()  # the pass has read x's start: the undo may lower it now
+            return since
+
+        rep._catch_up_from = catch_up_from  # type: ignore[method-assign]
+        passes.append(asyncio.ensure_future(rep.run_pass()))
+        await read.wait()
         return await real_current(e)
 
     dev.current = current  # type: ignore[method-assign]
