@@ -10,9 +10,12 @@ import pytest
 
 from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
+from aecp.cluster.scheduler import Scheduler
 from aecp.cluster.service import ClusterService
 from aecp.model.cluster import ClusterInfo, new_token
 from aecp.store import keys
+from aecp.store.controllers import ControllerHost
+from aecp.store.history import History
 from aecp.store.memory import MemoryStore
 from tests.unit.conftest import add_node, dump_store
 
@@ -125,3 +128,26 @@ async def test_the_openapi_document_covers_every_route_with_an_operation_id(
         "get_console_log",
     } <= ids
     assert "bearer" in str(doc["components"]["securitySchemes"]).lower()
+
+
+async def test_a_vms_events_say_where_it_was_placed_and_go_with_the_vm(
+    api: tuple[httpx.AsyncClient, str], store: MemoryStore
+) -> None:
+    client, token = api
+    auth = {"authorization": f"Bearer {token}"}
+    body = {"name": "vm1", "image": "tiny", "start": False}
+    await client.post("/v1/vms", json=body, headers=auth)
+    host = ControllerHost(store, "n1", History(store, "n1"), [Scheduler(store)])
+    await host.run_pass(await store.grant_lease(10))
+    r = await client.get("/v1/vms/vm1/events", headers=auth)
+    assert r.status_code == 200
+    [event] = r.json()
+    assert event["role"] == "scheduler" and event["node"] == "n1"
+    assert event["sentence"].startswith("placed on n1")
+    assert (await client.get("/v1/nodes/n1/events", headers=auth)).json() == []
+    for path in ("/v1/vms/nope/events", "/v1/nodes/nope/events"):
+        r = await client.get(path, headers=auth)
+        assert r.status_code == 404 and r.json()["error"] == "not_found"
+    await store.delete_prefix(keys.vm_placement("vm1"))  # never placed: deleted at once
+    assert (await client.delete("/v1/vms/vm1", headers=auth)).status_code == 202
+    assert await store.list(keys.object_events("vm", "vm1")) == []

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from aecp.common.errors import InvalidState, Unavailable
-from aecp.node.storage import StorageDaemon
 from aecp.storage.access import VolumeDevice, open_volume
 from aecp.storage.blockdev import Fenced, NoSpace
 from aecp.storage.chunk.errors import ReplicaUnavailable, StaleEpoch
+from aecp.storage.leader import idle_volumes
 from aecp.storage.refused import PIECE, retry
 from aecp.storage.snapshots import SnapshotService
 from tests.unit.abskit import BLOCK, EXTENT, Cluster
@@ -155,9 +155,7 @@ async def test_the_meta_leader_finishes_the_undo_of_a_volume_nobody_attached(
         await snaps.snapshot("v", "s")
     with pytest.raises(InvalidState, match=ext_id):
         await snaps.clone_volume("v", "c")
-    leader = StorageDaemon.__new__(StorageDaemon)
-    leader.meta = cluster.meta
-    assert await leader._idle_volumes(set(), degraded_only=True) == ["v"]
+    assert await idle_volumes(cluster.meta, degraded_only=True) == ["v"]
     room_again(cluster, "n1")
     lease = await cluster.store.grant_lease(3600)
     repair = await open_volume(cluster.meta, cluster.pool, "n2", "v", lease, purpose="repair")
@@ -165,7 +163,7 @@ async def test_the_meta_leader_finishes_the_undo_of_a_volume_nobody_attached(
     assert "was undone" in sentence
     await repair.close()
     assert await agree(cluster, ext_id, replicas)
-    assert await leader._idle_volumes(set(), degraded_only=True) == []
+    assert await idle_volumes(cluster.meta, degraded_only=True) == []
     await snaps.clone_volume("v", "c")
 
 

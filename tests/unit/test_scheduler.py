@@ -92,7 +92,8 @@ async def test_one_pass_spreads_new_vms_across_equal_nodes(store: MemoryStore) -
         assert got is not None
         placed[f"vm{i}"] = got[0].node
     assert sorted(placed.values()) == ["n1", "n2", "n3"]
-    assert all("placed on" in d for d in decisions)
+    assert all("placed on" in d.sentence for d in decisions)
+    assert sorted(d.name for d in decisions) == ["vm0", "vm1", "vm2"]
 
 
 async def test_an_unplaceable_vm_waits_as_unschedulable_with_the_reason(
@@ -107,7 +108,7 @@ async def test_an_unplaceable_vm_waits_as_unschedulable_with_the_reason(
         keys.vm_spec("big"), vm("big", mem=4096).model_copy(update={"op_id": "op-1"}).dump()
     )
     decisions = await Scheduler(store).run_pass()
-    assert decisions[0].startswith("big cannot be placed now: no node can run VM big")
+    assert str(decisions[0]).startswith("vm big: cannot be placed now: no node can run VM big")
     status = await read(store, keys.vm_status("big"), VMStatus)
     assert status is not None and status[0].state is VMState.UNSCHEDULABLE
     got = await read(store, keys.op("op-1"), Operation)
@@ -115,4 +116,4 @@ async def test_an_unplaceable_vm_waits_as_unschedulable_with_the_reason(
     assert "waiting for a node" in got[0].message and "n1: 1024 MiB free" in got[0].message
     assert await store.get(keys.vm_placement("big")) is None
     await add_node(store, "n2", memory_mib=8192)
-    assert (await Scheduler(store).run_pass())[0].startswith("big placed on n2")
+    assert str((await Scheduler(store).run_pass())[0]).startswith("vm big: placed on n2")

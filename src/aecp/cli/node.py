@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from aecp.cli.common import client
-from aecp.cli.output import Format, OutputOpt, emit
+from aecp.cli.output import Format, OutputOpt, emit, emit_events
 
 app = typer.Typer(help="Cluster nodes.", no_args_is_help=True)
 COLS = [
@@ -38,6 +38,13 @@ def show(name: str, output: OutputOpt = Format.TABLE) -> None:
     """Show one node."""
     with client() as c:
         emit(c.get(f"/v1/nodes/{name}"), output)
+
+
+@app.command("events")
+def events(name: str, output: OutputOpt = Format.TABLE) -> None:
+    """What controllers decided about one node, newest first."""
+    with client() as c:
+        emit_events(c.get(f"/v1/nodes/{name}/events"), output, f"events of node {name}")
 
 
 @app.command("run")

@@ -49,6 +49,15 @@ def emit(data: Any, fmt: Format, columns: Sequence[str] = (), title: str = "") -
     console.print(table)
 
 
+def emit_events(events: list[dict[str, Any]], fmt: Format, title: str) -> None:
+    """An object's events, newest first: times for people in a table, raw in JSON."""
+    if fmt is Format.JSON:
+        emit(events, fmt)
+        return
+    rows = [{**e, "at": iso_time(e["at"])} for e in events]
+    emit(rows, fmt, ["at", "role", "node", "sentence"], title=title)
+
+
 def iso_time(ts: float) -> str:
     """A Unix time for people: ISO 8601 in UTC, to the second."""
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

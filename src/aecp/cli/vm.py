@@ -8,7 +8,7 @@ import typer
 
 from aecp.cli import console as vmconsole
 from aecp.cli.common import client, follow
-from aecp.cli.output import Format, NoWaitOpt, OutputOpt, emit
+from aecp.cli.output import Format, NoWaitOpt, OutputOpt, emit, emit_events
 
 app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
 COLS = ["name", "state", "node", "vcpus", "memory_mib", "image", "http_url", "message"]
@@ -56,6 +56,13 @@ def show(name: str, output: OutputOpt = Format.TABLE) -> None:
     """Show one VM."""
     with client() as c:
         emit(c.get(f"/v1/vms/{name}"), output)
+
+
+@app.command("events")
+def events(name: str, output: OutputOpt = Format.TABLE) -> None:
+    """What controllers decided about one VM (placement, ...), newest first."""
+    with client() as c:
+        emit_events(c.get(f"/v1/vms/{name}/events"), output, f"events of VM {name}")
 
 
 def _power(action: str, help_text: str) -> None:

@@ -5,8 +5,10 @@ vCPUs <= the node's CPUs), the one with the most free memory; ties go to the nam
 first. Free memory is capacity minus the memory of every VM placed on the node (running or not:
 a VM's disk lives on its node, so its place is kept).
 
-``Scheduler.run_pass`` is the control loop body run by the elected leader: read a snapshot,
-place every unplaced VM, return one sentence per decision. A VM that fits nowhere stays pending
+``Scheduler`` is the controller of the ``scheduler`` role (``store.controllers``): each pass
+reads a snapshot, places every unplaced VM and returns one decision per VM; the first pass of
+a term also ends the operations an earlier version left running (``sweep_strays``). A VM that
+fits nowhere stays pending
 (state ``unschedulable``, its operation still running with the reason as its message) and is
 placed as soon as a node can take it — a pinned node coming back, memory freed by a delete.
 """
@@ -22,6 +24,8 @@ from aecp.model.node import NodeState, NodeView
 from aecp.model.vm import Placement, VMSpec, VMState, VMStatus
 from aecp.store import keys
 from aecp.store.base import Compare, Put, Store
+from aecp.store.controllers import Decision
+from aecp.store.opsend import sweep_strays
 from aecp.store.snapshot import Snapshot, VMEntry, read_snapshot
 from aecp.store.typed import update_op
 
@@ -73,18 +77,24 @@ def reserve(view: NodeView, spec: VMSpec) -> NodeView:
 class Scheduler:
     """Places unplaced VMs. Run only by the holder of the scheduler role."""
 
+    role = "scheduler"
+
     def __init__(self, store: Store, clock: Clock = SYSTEM_CLOCK) -> None:
         self.store = store
         self.clock = clock
 
-    async def run_pass(self) -> list[str]:
+    async def run_pass(self, new_term: bool = False) -> list[Decision]:
+        decisions = []
+        if new_term:  # once per term: operations older versions left running
+            ended = await sweep_strays(self.store, self.clock.wall())
+            decisions.append(Decision(f"took the role; {ended} stray operations ended"))
         snap = await read_snapshot(self.store)
         views = {v.name: v for v in snap.node_views()}
-        decisions = []
         for entry in sorted(snap.vms.values(), key=lambda e: (e.spec.created_at, e.spec.name)):
             if entry.placement is not None or entry.spec.deleting:
                 continue
-            decisions.append(await self._place(entry, views, snap))
+            sentence = await self._place(entry, views, snap)
+            decisions.append(Decision(sentence, "vm", entry.spec.name))
         return decisions
 
     async def _place(self, entry: VMEntry, views: dict[str, NodeView], snap: Snapshot) -> str:
@@ -102,7 +112,7 @@ class Scheduler:
             [Put(keys.vm_placement(spec.name), placement.dump())],
         )
         if not placed:
-            return f"{spec.name} changed while being placed: will look again"
+            return "changed while being placed: will look again"
         views[chosen.name] = reserve(chosen, spec)
         await update_op(
             self.store,
@@ -112,7 +122,7 @@ class Scheduler:
             clock=self.clock,
         )
         return (
-            f"{spec.name} placed on {chosen.name}: most free memory "
+            f"placed on {chosen.name}: most free memory "
             f"({chosen.free_memory_mib} MiB) among ready nodes"
         )
 
@@ -131,4 +141,4 @@ class Scheduler:
             await update_op(
                 self.store, spec.op_id, message=f"waiting for a node: {reason}", clock=self.clock
             )
-        return f"{spec.name} cannot be placed now: {reason}"
+        return f"cannot be placed now: {reason}"

@@ -25,6 +25,7 @@ from aecp.common.errors import (
 )
 from aecp.compute.images import catalog
 from aecp.model.base import check_name
+from aecp.model.event import ObjectEvent
 from aecp.model.image import ImageRecord
 from aecp.model.node import NodeState, NodeView
 from aecp.model.operation import Operation, new_op_id
@@ -39,6 +40,7 @@ from aecp.model.vm import (
 )
 from aecp.store import keys
 from aecp.store.base import Compare, Delete, Put, Store
+from aecp.store.history import History
 from aecp.store.opsend import end_strays, succeed, supersede
 from aecp.store.snapshot import Snapshot, VMEntry, read_snapshot
 from aecp.store.typed import read, update_op
@@ -88,6 +90,14 @@ class ClusterService:
         if name not in snap.vms:
             raise NotFound(f"VM {name} does not exist", vm=name)
         return snap.vms[name], snap
+
+    async def events(self, kind: str, name: str) -> list[ObjectEvent]:
+        """The events of an existing VM or node, newest first (``NotFound`` otherwise)."""
+        if kind == "vm":
+            await self.vm(name)
+        else:
+            await self.node(name)
+        return await History(self.store, "").events(kind, name)
 
     async def operation(self, op_id: str) -> Operation:
         got = await read(self.store, keys.op(op_id), Operation)
@@ -266,7 +276,11 @@ class ClusterService:
                     Compare.absent(keys.vm_placement(name)),
                     *cmp,
                 ],
-                [Delete(keys.vm_prefix(name), prefix=True), *puts],
+                [
+                    Delete(keys.vm_prefix(name), prefix=True),
+                    Delete(keys.object_events("vm", name), prefix=True),
+                    *puts,
+                ],
             ):
                 log.info("vm %s: deleted at once (never placed) as %s", name, op_id)
                 return await self.operation(op_id)

@@ -1,5 +1,6 @@
 """The node process: registers the node, keeps its lease (self-fencing when it is lost),
-reconciles its VMs, runs the scheduler when elected, and serves the cluster API.
+reconciles its VMs, runs the controllers of the roles it holds (the scheduler) and serves
+the cluster API.
 
 Start-up order: decide the accelerator → re-attach to running QEMU instances → serve the API →
 keep the lease (registering the node on each new lease) → reconcile and schedule. Shutdown
@@ -45,9 +46,9 @@ from aecp.storage.pool import ReplicaPool
 from aecp.storage.snapshots import SnapshotService
 from aecp.store import keys
 from aecp.store.base import Lease, Store
-from aecp.store.election import Election
+from aecp.store.controllers import ControllerHost
+from aecp.store.history import History
 from aecp.store.lease import LeaseKeeper
-from aecp.store.opsend import sweep_strays
 from aecp.store.snapshot import read_snapshot
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,13 @@ class NodeAgent:
             clock,
             node=settings.name,
         )
-        self.election = Election(store, "scheduler", settings.name)
-        self.scheduler = Scheduler(store, clock)
+        self.controllers = ControllerHost(
+            store, settings.name, History(store, settings.name, clock)
+        )
+        self.controllers.register(Scheduler(store, clock))
         self.dirty = asyncio.Event()
         self._stop = asyncio.Event()
         self._last_decisions: dict[str, str] = {}
-        self._swept = False  # stray operations ended in this leadership term
 
     def stop(self) -> None:
         self._stop.set()
@@ -228,7 +230,7 @@ class NodeAgent:
         for n, r in zip(names, results, strict=True):
             if isinstance(r, BaseException):
                 log.error("vm %s: fencing power-off failed: %r", n, r)
-        self.election.leading = False
+        self.controllers.step_down()
 
     async def _heartbeat_loop(self) -> None:
         every = self.keeper.interval * self.s.agent.heartbeat_every
@@ -276,15 +278,7 @@ class NodeAgent:
     async def _control_pass(self) -> None:
         lease = self.keeper.lease
         held = lease is not None and self.keeper.held()
-        if held and lease is not None and await self.election.check(lease):
-            if not self._swept:  # once per term: operations older versions left running
-                ended = await sweep_strays(self.store, self.clock.wall())
-                log.info("node %s: leading; %d stray operations ended", self.name, ended)
-                self._swept = True
-            for sentence in await self.scheduler.run_pass():
-                log.info("scheduler: %s", sentence)
-        else:
-            self._swept = False
+        await self.controllers.run_pass(lease if held else None)
         snap = await read_snapshot(self.store)
         for decision in self.reconciler.run_pass(snap, held):
             self._log_decision(decision)

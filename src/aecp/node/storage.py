@@ -34,22 +34,22 @@ from aecp.common.tasks import cancel, spawn
 from aecp.common.tls import Credentials
 from aecp.conf.settings import NodeSettings
 from aecp.storage.access import VolumeDevice, open_volume
-from aecp.storage.blockdev import BlockDevice, Fenced, Span
+from aecp.storage.blockdev import BlockDevice, Span
 from aecp.storage.chunk.auth import ReplicaAuth
 from aecp.storage.chunk.server import ChunkServer
 from aecp.storage.chunk.store import ReplicaStore
-from aecp.storage.collect import OrphanCollector, collect_unreferenced
+from aecp.storage.collect import OrphanCollector
 from aecp.storage.exports import GrantPolicy, granted_by
 from aecp.storage.frontends.nbd.server import Limits, NbdServer
-from aecp.storage.frozen import FrozenRepairer
+from aecp.storage.leader import MetaLeader, volume_work
 from aecp.storage.meta.model import MIB, StorageServer
 from aecp.storage.meta.service import CLOSE_WAIT, SETTLE, AttachedElsewhere, MetaService
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.progress import RecoveryBoard
-from aecp.storage.recovery import RecoveryPolicy, Repairer
+from aecp.storage.recovery import RecoveryPolicy
 from aecp.store import keys
 from aecp.store.base import Lease, Store
-from aecp.store.election import Election
+from aecp.store.controllers import ControllerHost
 from aecp.store.etcd import EtcdStore
 from aecp.store.lease import LeaseKeeper
 
@@ -152,8 +152,19 @@ class StorageDaemon:
         )
         self._exports: dict[str, tuple[VolumeDevice, int]] = {}
         self._closing: dict[str, asyncio.Future[None]] = {}  # last handle gone, device closing
-        self.election = Election(store, "abs-meta", self.node)
         self.board = RecoveryBoard(store, self._lease_held)
+        self.controllers = ControllerHost(store, self.node)
+        self.leader = MetaLeader(
+            self.meta,
+            self.pool,
+            self.node,
+            self.board,
+            self._policy,
+            self._lease_held,
+            self._gc_every(),
+            clock,
+        )
+        self.controllers.register(self.leader)
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
 
@@ -266,11 +277,9 @@ class StorageDaemon:
         return self.keeper.lease if self.keeper.held() else None
 
     async def _recovery_loop(self) -> None:
-        """Repair the volumes attached here; as the elected Meta leader, also the degraded
-        volumes nobody has attached (attached for repair, which yields to any client) and
-        the frozen extents (named by snapshots only, so by no volume). Every ``_gc_every``
-        seconds, collect garbage: the leader the extent records nothing names, every node
-        the replicas in its store that no extent record names (``storage.collect``)."""
+        """Repair the volumes attached here; run the controllers of the roles this server
+        holds (the Meta leader: ``storage.leader``). Every ``_gc_every`` seconds, collect the
+        replicas in this node's store that no extent record names (``storage.collect``)."""
         st = self.s.storage
         orphans = OrphanCollector(
             self.replicas, self.meta, self.node, st.orphan_grace_s, self.clock
@@ -278,31 +287,19 @@ class StorageDaemon:
         collected = self.clock.monotonic()
         while True:
             await asyncio.sleep(st.recovery_interval_s)
-            await self._each_volume("repair", degraded_only=True)
-            frozen = FrozenRepairer(self.meta, self.pool, self._policy(), self.board)
-            await self._as_leader("frozen extents", frozen.run_pass)
+            await self._each_attached("repair")
+            try:
+                await self.controllers.run_pass(self._lease_held())
+            except AecpError as exc:
+                log.warning("node %s: controllers skipped: %s", self.node, exc)
             if self.clock.monotonic() - collected >= self._gc_every():
                 collected = self.clock.monotonic()
-                await self._as_leader("collect", lambda: collect_unreferenced(self.meta, self.pool))
                 await self._logged("orphans", orphans.run_pass)
 
     def _gc_every(self) -> float:
         """Orphans are looked at a few times per grace period (no more than recovery)."""
         st = self.s.storage
         return max(st.recovery_interval_s, st.orphan_grace_s / 4)
-
-    async def _as_leader(self, what: str, work: Callable[[], Awaitable[list[str]]]) -> None:
-        """Run ``work`` if this node is the elected Meta leader."""
-        lease = self.keeper.lease
-        if lease is None or not self.keeper.held():
-            return
-        try:
-            leader = await self.election.check(lease)
-        except AecpError as exc:
-            log.warning("node %s: %s skipped: %s", self.node, what, exc)
-            return
-        if leader:
-            await self._logged(what, work)
 
     async def _logged(self, what: str, work: Callable[[], Awaitable[list[str]]]) -> None:
         """Run ``work`` and log its sentences; a failure is logged and the loop goes on."""
@@ -317,69 +314,19 @@ class StorageDaemon:
     async def _scrub_loop(self) -> None:
         while True:
             await asyncio.sleep(self.s.storage.scrub_interval_s)
-            await self._each_volume("scrub", degraded_only=False)
-            frozen = FrozenRepairer(self.meta, self.pool, self._policy(), self.board)
-            await self._as_leader("scrub frozen extents", frozen.scrub_pass)
+            await self._each_attached("scrub")
+            if self.controllers.leads(self.leader.role):
+                await self._logged("scrub as the Meta leader", self.leader.scrub_pass)
 
-    async def _each_volume(self, what: str, degraded_only: bool) -> None:
-        lease = self.keeper.lease
-        if lease is None or not self.keeper.held():
+    async def _each_attached(self, what: str) -> None:
+        """``what`` (repair or scrub) on each volume attached here, one after the other."""
+        if not self.keeper.held():
             return
-        try:
-            async with self._lock:
-                attached = {name: dev for name, (dev, _) in self._exports.items()}
-            for name, dev in attached.items():
-                await self._guarded(name, what, self._work(dev, what))
-            if await self.election.check(lease):
-                for name in await self._idle_volumes(set(attached), degraded_only):
-                    await self._guarded(name, what, self._work_idle(name, lease, what))
-        except AecpError as exc:
-            log.warning("node %s: %s pass stopped: %s", self.node, what, exc)
-
-    async def _guarded(self, name: str, what: str, work: Coroutine[Any, Any, None]) -> None:
-        """Run one volume's work; its failure is logged and the pass goes on to the next."""
-        try:
-            await work
-        except AecpError as exc:
-            log.warning("volume %s: %s stopped: %s", name, what, exc)
-        except Exception:  # a bug on one volume must not stop the others, nor the loop
-            log.exception("volume %s: %s failed", name, what)
-
-    async def _work(self, dev: VolumeDevice, what: str) -> None:
-        rep = Repairer(dev, self._policy(), self.board)
-        sentences = await (rep.run_pass() if what == "repair" else rep.scrub_pass())
-        for sentence in sentences:
-            log.info("volume %s: %s", dev.vol.name, sentence)
-
-    async def _idle_volumes(self, attached: set[str], degraded_only: bool) -> list[str]:
-        """The volumes nobody has attached: all, or (``degraded_only``) those with an extent
-        below its factor or an undo of a refused write left unsettled (``meta.unsettled``)."""
-        vols = await self.meta.volumes()
-        exts = await self.meta.extents()
-        servers = await self.meta.servers()  # a replica whose node left counts as missing
-        unsettled = await self.meta.unsettled.volumes()
-        out = []
-        for v in vols:
-            if v.name in attached or await self.meta.attachment(v.name) is not None:
-                continue
-            live = [sum(n in servers for n in exts[x].replicas) for x in v.extents if x in exts]
-            if not degraded_only or v.name in unsettled or any(n < v.replicas for n in live):
-                out.append(v.name)
-        return out
-
-    async def _work_idle(self, name: str, lease: Lease, what: str) -> None:
-        try:
-            dev = await open_volume(self.meta, self.pool, self.node, name, lease, purpose="repair")
-        except AecpError as exc:
-            log.info("volume %s: not attached for %s: %s", name, what, exc)
-            return
-        try:
-            await self._work(dev, what)
-            await dev.flush()
-        except Fenced:
-            log.info("volume %s: %s interrupted: a client attached it", name, what)
-        finally:
-            await dev.close()
+        async with self._lock:
+            attached = {name: dev for name, (dev, _) in self._exports.items()}
+        for name, dev in attached.items():
+            work = functools.partial(volume_work, dev, what, self._policy(), self.board)
+            await self._logged(f"volume {name}: {what}", work)
 
     async def _lost(self, reason: str) -> None:
         log.warning(
@@ -388,6 +335,7 @@ class StorageDaemon:
             reason,
             len(self._exports),
         )
+        self.controllers.step_down()
         await self._close_exports()
 
     async def _close_exports(self) -> None:

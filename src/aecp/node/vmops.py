@@ -177,7 +177,11 @@ class VMActions:
             cmp, puts = await succeed(self.store, spec.op_id, message, self.clock.wall())
             ok = await self.store.txn(
                 [Compare.unchanged(keys.vm_spec(name), rev), *cmp],
-                [Delete(keys.vm_prefix(name), prefix=True), *puts],
+                [
+                    Delete(keys.vm_prefix(name), prefix=True),
+                    Delete(keys.object_events("vm", name), prefix=True),
+                    *puts,
+                ],
             )
             if ok:
                 self._ops_done.add(spec.op_id)

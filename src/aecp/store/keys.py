@@ -33,6 +33,7 @@ IMAGES = ROOT + "images/"
 OPS = ROOT + "ops/"
 TEMPLATES = ROOT + "templates/"
 LEADERS = ROOT + "leaders/"
+EVENTS = ROOT + "events/"  # events/<kind>/<name>/<stamp>: what controllers decided about it
 ABS_SERVERS = ROOT + "abs/servers/"
 ABS_VOLUMES = ROOT + "abs/volumes/"
 ABS_EXTENTS = ROOT + "abs/extents/"
@@ -74,6 +75,11 @@ def image(name: str) -> str:
 
 def op(op_id: str) -> str:
     return OPS + op_id
+
+
+def object_events(kind: str, name: str) -> str:
+    """The prefix of the events of object ``name`` of ``kind`` (vm, node, ...)."""
+    return f"{EVENTS}{kind}/{name}/"
 
 
 def leader(role: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from aecp.cluster.api.errors import redact_paths
+from aecp.model.event import ObjectEvent
 from aecp.model.operation import Operation
 from aecp.model.vm import Power, VMState
 from aecp.store.snapshot import Snapshot
@@ -54,6 +55,19 @@ class VMPublic(BaseModel):
             created_at=e.spec.created_at,
             last_operation=e.spec.op_id,
         )
+
+
+class EventPublic(BaseModel):
+    """What a controller decided about an object (``aecp vm events``, ``aecp node events``)."""
+
+    at: float
+    role: str
+    node: str
+    sentence: str
+
+    @classmethod
+    def of(cls, event: ObjectEvent) -> EventPublic:
+        return cls(at=event.at, role=event.role, node=event.node, sentence=event.sentence)
 
 
 class Accepted(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aecp.cluster.api.deps import NamePath, Service
 from aecp.cluster.api.errors import error_responses
+from aecp.cluster.api.models import EventPublic
 from aecp.cluster.api.routing import api_router
 from aecp.model.node import NodeView
 
@@ -18,3 +19,9 @@ async def list_nodes(svc: Service) -> list[NodeView]:
 @router.get("/{name}", operation_id="get_node", responses=error_responses(404))
 async def get_node(name: NamePath, svc: Service) -> NodeView:
     return await svc.node(name)
+
+
+@router.get("/{name}/events", operation_id="list_node_events", responses=error_responses(404))
+async def list_node_events(name: NamePath, svc: Service) -> list[EventPublic]:
+    """What controllers decided about the node, newest first."""
+    return [EventPublic.of(e) for e in await svc.events("node", name)]

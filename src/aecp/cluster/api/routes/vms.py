@@ -6,7 +6,7 @@ from fastapi import Request, status
 
 from aecp.cluster.api.deps import NamePath, Service, vm_snapshot_service
 from aecp.cluster.api.errors import error_responses
-from aecp.cluster.api.models import Accepted, VMPublic
+from aecp.cluster.api.models import Accepted, EventPublic, VMPublic
 from aecp.cluster.api.routing import api_router
 from aecp.model.vm import PowerOp, VMCreate
 
@@ -39,6 +39,12 @@ async def create_vm(body: VMCreate, svc: Service, request: Request) -> Accepted:
 async def get_vm(name: NamePath, svc: Service) -> VMPublic:
     _, snap = await svc.vm(name)
     return VMPublic.from_snapshot(snap, name)
+
+
+@router.get("/{name}/events", operation_id="list_vm_events", responses=error_responses(404))
+async def list_vm_events(name: NamePath, svc: Service) -> list[EventPublic]:
+    """What controllers decided about the VM (placement, ...), newest first."""
+    return [EventPublic.of(e) for e in await svc.events("vm", name)]
 
 
 @router.delete(
