@@ -28,7 +28,7 @@ from pathlib import Path
 
 from aecp.common.pki import ClusterCA
 from aecp.common.tls import Credentials
-from aecp.node.storage import tune_gc, tune_malloc
+from aecp.node.storage_server import tune_gc, tune_malloc
 from aecp.storage.chunk.api import ReplicaClient
 from aecp.storage.chunk.auth import ReplicaAuth
 from aecp.storage.chunk.client import ChunkClient, LocalChunkClient

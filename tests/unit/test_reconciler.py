@@ -15,8 +15,8 @@ from aecp.node.reconciler import Reconciler
 from aecp.node.vmops import VMActions
 from aecp.store import keys
 from aecp.store.memory import MemoryStore
-from aecp.store.snapshot import read_snapshot
 from aecp.store.typed import read
+from aecp.store.view import read_cluster
 from tests.unit.conftest import add_node
 from tests.unit.localdisks import LocalDisks
 
@@ -41,7 +41,7 @@ class World:
         )
 
     async def reconcile(self, held: bool = True) -> list[str]:
-        decisions = self.rec.run_pass(await read_snapshot(self.store), held)
+        decisions = self.rec.run_pass(await read_cluster(self.store), held)
         while self.rec.inflight:
             await asyncio.gather(*self.rec.inflight.values())
         return [d.sentence for d in decisions]

@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import pytest
 
-from aecp.node.storage import StorageDaemon, _Handle
+from aecp.node.storage_server import StorageDaemon, _Handle
 from aecp.storage.access import VolumeDevice
 from aecp.storage.blockdev import BlockDevice
 from aecp.storage.meta.service import AttachedElsewhere
@@ -76,7 +76,7 @@ def daemon(
         events.append(f"opened {opened[-1].n}")
         return opened[-1]
 
-    monkeypatch.setattr("aecp.node.storage.open_volume", open_volume)
+    monkeypatch.setattr("aecp.node.storage_server.open_volume", open_volume)
     d = StorageDaemon.__new__(StorageDaemon)
     d.keeper = cast(Any, SimpleNamespace(lease=object(), held=lambda: True))
 
@@ -155,7 +155,7 @@ async def test_opening_a_volume_another_nodes_export_is_closing_waits_for_its_de
         return True
 
     d = daemon(monkeypatch, events, asyncio.Event())
-    monkeypatch.setattr("aecp.node.storage.open_volume", open_volume)
+    monkeypatch.setattr("aecp.node.storage_server.open_volume", open_volume)
     d.meta = cast(Any, SimpleNamespace(wait_detached=wait_detached))
     opening = asyncio.ensure_future(d.open_export("v"))
     await asyncio.sleep(0)

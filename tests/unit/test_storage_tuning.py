@@ -9,7 +9,7 @@ import sys
 ROUNDS = """
 import resource, sys
 if sys.argv[1] == "tuned":
-    from aecp.node.storage import tune_malloc
+    from aecp.node.storage_server import tune_malloc
     assert tune_malloc()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(50):  # 50 rounds of 16 request buffers of 1 MiB, as a burst of 1 MiB writes

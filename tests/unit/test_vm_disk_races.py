@@ -18,7 +18,7 @@ from aecp.node.vmdisks import owner
 from aecp.storage.meta.model import VolumeOwner
 from aecp.store import keys
 from aecp.store.memory import MemoryStore
-from aecp.store.snapshot import read_snapshot
+from aecp.store.view import read_cluster
 from tests.unit.abskit import Cluster
 from tests.unit.conftest import add_node
 from tests.unit.test_vm_ownership import disks, spec_of, stopped_vm, vmsnaps
@@ -75,7 +75,7 @@ async def test_an_unplaced_delete_interrupted_after_it_was_marked_is_finished_by
     await vmsnaps(svc, cluster).clone("src", "twin", start=False)
     with pytest.raises(StoreUnavailable):
         await ClusterService(store, images_dir, disks=DiesHalfway()).delete_vm("twin")
-    snap = await read_snapshot(store)
+    snap = await read_cluster(store)
     assert snap.vm_state("twin") is VMState.DELETING  # says what is under way
     first = snap.vms["twin"].spec.op_id
 
@@ -96,7 +96,7 @@ async def test_an_unplaced_vm_whose_disks_cannot_be_deleted_shows_error_and_can_
     failed = await svc.delete_vm("twin")
 
     assert failed.state is OpState.FAILED and "has snapshots" in failed.error
-    assert (await read_snapshot(store)).vm_state("twin") is VMState.ERROR
+    assert (await read_cluster(store)).vm_state("twin") is VMState.ERROR
     await vmsnaps(svc, cluster).delete("twin", "keep")
     assert (await svc.delete_vm("twin")).state is OpState.SUCCEEDED
     assert "twin-boot" not in await volume_names(cluster)

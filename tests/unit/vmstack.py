@@ -18,8 +18,8 @@ from aecp.node.reconciler import Decision, Reconciler
 from aecp.node.vmops import VMActions
 from aecp.store import keys
 from aecp.store.memory import MemoryStore
-from aecp.store.snapshot import read_snapshot
 from aecp.store.typed import read
+from aecp.store.view import read_cluster
 
 
 class NullDisks:
@@ -80,7 +80,7 @@ class Stack:
 
     async def run_pass(self) -> list[Decision]:
         """Decide and start the actions, without waiting for them."""
-        decisions = self.rec.run_pass(await read_snapshot(self.store), lease_held=True)
+        decisions = self.rec.run_pass(await read_cluster(self.store), lease_held=True)
         self.feed_events()
         return decisions
 
@@ -118,7 +118,7 @@ class Stack:
         return [Operation.load(kv.value) for kv in await self.store.list(keys.OPS)]
 
     async def state(self, name: str) -> VMState:
-        return (await read_snapshot(self.store)).vm_state(name)
+        return (await read_cluster(self.store)).vm_state(name)
 
     async def status(self, name: str) -> VMStatus | None:
         got = await read(self.store, keys.vm_status(name), VMStatus)

@@ -17,7 +17,7 @@ app = typer.Typer(help="The ABS storage server of a node.", no_args_is_help=True
 def run(config: Annotated[Path, typer.Option(help="node settings (JSON)")]) -> None:
     """Run this node's storage server: replicas and NBD exports (a daemon; SIGTERM stops it)."""
     from aecp.conf.settings import load
-    from aecp.node.storage import main
+    from aecp.node.storage_server import main
 
     main(load(config))
 

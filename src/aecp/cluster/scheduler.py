@@ -26,8 +26,8 @@ from aecp.store import keys
 from aecp.store.base import Compare, Put, Store
 from aecp.store.controllers import Decision
 from aecp.store.opsend import sweep_strays
-from aecp.store.snapshot import Snapshot, VMEntry, read_snapshot
 from aecp.store.typed import update_op
+from aecp.store.view import ClusterView, VMEntry, read_cluster
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Scheduler:
         if new_term:  # once per term: operations older versions left running
             ended = await sweep_strays(self.store, self.clock.wall())
             decisions.append(Decision(f"took the role; {ended} stray operations ended"))
-        snap = await read_snapshot(self.store)
+        snap = await read_cluster(self.store)
         views = {v.name: v for v in snap.node_views()}
         for entry in sorted(snap.vms.values(), key=lambda e: (e.spec.created_at, e.spec.name)):
             if entry.placement is not None or entry.spec.deleting:
@@ -97,7 +97,7 @@ class Scheduler:
             decisions.append(Decision(sentence, "vm", entry.spec.name))
         return decisions
 
-    async def _place(self, entry: VMEntry, views: dict[str, NodeView], snap: Snapshot) -> str:
+    async def _place(self, entry: VMEntry, views: dict[str, NodeView], snap: ClusterView) -> str:
         spec = entry.spec
         try:
             chosen = choose_node(spec, list(views.values()))

@@ -42,8 +42,8 @@ from aecp.store import keys
 from aecp.store.base import Compare, Delete, Put, Store
 from aecp.store.history import History
 from aecp.store.opsend import end_strays, succeed, supersede
-from aecp.store.snapshot import Snapshot, VMEntry, read_snapshot
 from aecp.store.typed import read, update_op
+from aecp.store.view import ClusterView, VMEntry, read_cluster
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +72,21 @@ class ClusterService:
         self.disks = disks
 
     # ---- reads -------------------------------------------------------------------------
-    async def snapshot(self) -> Snapshot:
-        return await read_snapshot(self.store)
+    async def cluster_view(self) -> ClusterView:
+        return await read_cluster(self.store)
 
     async def nodes(self) -> list[NodeView]:
-        return (await self.snapshot()).node_views()
+        return (await self.cluster_view()).node_views()
 
     async def node(self, name: str) -> NodeView:
-        snap = await self.snapshot()
+        snap = await self.cluster_view()
         if name not in snap.nodes:
             raise NotFound(f"node {name} does not exist", node=name)
         return snap.node_view(name)
 
-    async def vm(self, name: str) -> tuple[VMEntry, Snapshot]:
+    async def vm(self, name: str) -> tuple[VMEntry, ClusterView]:
         check_name("name", name)
-        snap = await self.snapshot()
+        snap = await self.cluster_view()
         if name not in snap.vms:
             raise NotFound(f"VM {name} does not exist", vm=name)
         return snap.vms[name], snap
@@ -136,7 +136,7 @@ class ClusterService:
         from an image, not from cloned volumes), including that no volume holds one of the
         names its disks will have."""
         req.validate_fields()
-        snap = await self.snapshot()
+        snap = await self.cluster_view()
         if req.name in snap.vms:
             raise AlreadyExists(f"VM {req.name} already exists", field="name")
         await self._check_volume_names(VMSpec.from_create(req, "", 0.0))
@@ -189,7 +189,7 @@ class ClusterService:
             op.id,
         )
 
-    def _check_fits(self, req: VMCreate, snap: Snapshot) -> None:
+    def _check_fits(self, req: VMCreate, snap: ClusterView) -> None:
         views = snap.node_views()
         if req.node is not None and req.node not in snap.nodes:
             raise InvalidInput("node", f"node {req.node} does not exist")
@@ -331,7 +331,9 @@ class ClusterService:
 
     async def delete_image(self, name: str) -> None:
         record = await self.image(name)
-        users = [e.spec.name for e in (await self.snapshot()).vms.values() if e.spec.image == name]
+        users = [
+            e.spec.name for e in (await self.cluster_view()).vms.values() if e.spec.image == name
+        ]
         if users:
             raise Conflict(
                 f"image {name} is used by VMs: {', '.join(sorted(users))}", vms=sorted(users)

@@ -37,8 +37,8 @@ from aecp.storage.meta.model import VolumeOwner, VolumeRecord
 from aecp.storage.snapshots import SnapshotService
 from aecp.store import keys
 from aecp.store.base import Compare, Put
-from aecp.store.snapshot import VMEntry
 from aecp.store.typed import read
+from aecp.store.view import VMEntry
 
 log = logging.getLogger(__name__)
 LIVE = {VMState.RUNNING, VMState.PAUSED, VMState.STARTING, VMState.REBOOTING, VMState.STOPPING}

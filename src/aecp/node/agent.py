@@ -49,7 +49,7 @@ from aecp.store.base import Lease, Store
 from aecp.store.controllers import ControllerHost
 from aecp.store.history import History
 from aecp.store.lease import LeaseKeeper
-from aecp.store.snapshot import read_snapshot
+from aecp.store.view import read_cluster
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class NodeAgent:
         accel_reason: str = "",
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self.s = settings
+        self.settings = settings
         self.store = store
         self.hv = hv
         self.accel = accel
@@ -165,17 +165,19 @@ class NodeAgent:
             log.info("node %s: agent stopped (VMs keep running)", self.name)
 
     def _api_server(self) -> uvicorn.Server:
-        svc = ClusterService(self.store, self.s.images_dir, self.clock, disks=self.vmdisks)
-        ctx = NodeContext(self.name, self.s.api_url, self.s.run_dir, self._console_socket)
-        ca = Bundle(self.s.security.tls_dir).ca_file.read_text()
+        svc = ClusterService(self.store, self.settings.images_dir, self.clock, disks=self.vmdisks)
+        ctx = NodeContext(
+            self.name, self.settings.api_url, self.settings.run_dir, self._console_socket
+        )
+        ca = Bundle(self.settings.security.tls_dir).ca_file.read_text()
         volumes = VolumeService(self.meta, self.volume_pool, ca_certificate=ca)
         vmsnaps = VMSnapshotService(
             svc, SnapshotService(self.meta, self.volume_pool), self.name, self
         )
         config = uvicorn.Config(
             create_app(svc, ctx, volumes, vmsnaps),
-            host=self.s.address,
-            port=self.s.api.port,
+            host=self.settings.address,
+            port=self.settings.api.port,
             log_level="warning",
             lifespan="off",
             access_log=False,
@@ -190,11 +192,13 @@ class NodeAgent:
     # ---- lease ------------------------------------------------------------------------------
     async def _registered(self, lease: Lease) -> None:
         """A new lease: (re-)register the node record and put the heartbeat on the lease."""
-        cap = host.capacity(self.s.data_dir, self.s.compute.cpus, self.s.compute.memory_mib)
+        cap = host.capacity(
+            self.settings.data_dir, self.settings.compute.cpus, self.settings.compute.memory_mib
+        )
         record = NodeRecord(
             name=self.name,
-            address=self.s.address,
-            api_url=self.s.api_url,
+            address=self.settings.address,
+            api_url=self.settings.api_url,
             capacity=cap,
             registered_at=self.clock.wall(),
             agent_version=__version__,
@@ -233,7 +237,7 @@ class NodeAgent:
         self.controllers.step_down()
 
     async def _heartbeat_loop(self) -> None:
-        every = self.keeper.interval * self.s.agent.heartbeat_every
+        every = self.keeper.interval * self.settings.agent.heartbeat_every
         while True:
             await self.clock.sleep(every)
             lease = self.keeper.lease
@@ -261,7 +265,7 @@ class NodeAgent:
 
     async def _control_loop(self) -> None:
         while True:
-            wait = self.reconciler.wait_before_pass(self.s.agent.resync_interval)
+            wait = self.reconciler.wait_before_pass(self.settings.agent.resync_interval)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.dirty.wait(), timeout=wait)
             self.dirty.clear()
@@ -279,7 +283,7 @@ class NodeAgent:
         lease = self.keeper.lease
         held = lease is not None and self.keeper.held()
         await self.controllers.run_pass(lease if held else None)
-        snap = await read_snapshot(self.store)
+        snap = await read_cluster(self.store)
         for decision in self.reconciler.run_pass(snap, held):
             self._log_decision(decision)
 

@@ -34,7 +34,7 @@ from aecp.common.tasks import spawn
 from aecp.compute.hypervisor import EventKind, Hypervisor, InstanceEvent, InstanceInfo, RunState
 from aecp.model.vm import Power, VMState, VMStatus
 from aecp.node.vmops import VMActions
-from aecp.store.snapshot import Snapshot, VMEntry
+from aecp.store.view import ClusterView, VMEntry
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Reconciler:
         if ev.kind is EventKind.GUEST_SHUTDOWN and not ev.detail.get("requested"):
             self.note_guest_poweroff(ev.name)
 
-    def run_pass(self, snap: Snapshot, lease_held: bool) -> list[Decision]:
+    def run_pass(self, snap: ClusterView, lease_held: bool) -> list[Decision]:
         """Decide and start the actions; returns one decision (a sentence) per VM."""
         if not lease_held:
             return [Decision("", "this node does not hold its lease: changing nothing")]
@@ -169,7 +169,7 @@ class Reconciler:
         due = self.next_retry()
         return resync if due is None else min(resync, max(0.0, due - self.clock.monotonic()))
 
-    def decide(self, snap: Snapshot, instances: dict[str, InstanceInfo]) -> list[Decision]:
+    def decide(self, snap: ClusterView, instances: dict[str, InstanceInfo]) -> list[Decision]:
         mine = {e.spec.name: e for e in snap.vms_on(self.node)}
         for gone in set(self.failures) - set(mine) - set(instances):
             del self.failures[gone]  # deleted, or moved away: nothing left to retry here

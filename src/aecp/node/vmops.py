@@ -32,8 +32,8 @@ from aecp.node.vmdisks import DiskProvider
 from aecp.store import keys
 from aecp.store.base import Compare, Delete, Put, Store
 from aecp.store.opsend import end_strays, succeed
-from aecp.store.snapshot import VMEntry
 from aecp.store.typed import read, update_op
+from aecp.store.view import VMEntry
 
 log = logging.getLogger(__name__)
 

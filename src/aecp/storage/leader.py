@@ -14,7 +14,7 @@ attached volumes; each pass (every ``storage.recovery_interval_s``):
 server runs it in its own loop, every ``storage.scrub_interval_s``, while it holds the role (a
 scrub of the whole cluster must not hold up repairs). Each step's failure is logged and the
 pass goes on with the next. The volumes attached on a node are repaired and scrubbed by that
-node itself, leader or not (``node.storage``).
+node itself, leader or not (``node.storage_server``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from aecp.cluster.api.errors import redact_paths
 from aecp.model.event import ObjectEvent
 from aecp.model.operation import Operation
 from aecp.model.vm import Power, VMState
-from aecp.store.snapshot import Snapshot
+from aecp.store.view import ClusterView
 
 
 class VMPublic(BaseModel):
@@ -30,7 +30,7 @@ class VMPublic(BaseModel):
     last_operation: str
 
     @classmethod
-    def from_snapshot(cls, snap: Snapshot, name: str) -> VMPublic:
+    def from_view(cls, snap: ClusterView, name: str) -> VMPublic:
         e = snap.vms[name]
         st = e.status
         state = snap.vm_state(name)

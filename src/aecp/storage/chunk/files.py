@@ -20,7 +20,7 @@ from pathlib import Path
 
 from aecp.storage.chunk.diskio import Journal, NotDone, append_all, crc32, pread_full
 from aecp.storage.chunk.errors import ChunkInvalid, ExtentNotFound
-from aecp.storage.chunk.meta import ReplicaMeta
+from aecp.storage.chunk.journal import ReplicaMeta
 from aecp.storage.chunk.replica import Replica
 
 _OPEN_FLAGS = os.O_RDWR | os.O_CLOEXEC

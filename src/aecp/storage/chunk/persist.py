@@ -35,7 +35,7 @@ from aecp.storage.chunk import files
 from aecp.storage.chunk.diskio import NO_ROOM, NotDone
 from aecp.storage.chunk.errors import ChunkIOError, ExtentNotFound
 from aecp.storage.chunk.iopool import IoPool
-from aecp.storage.chunk.meta import ReplicaMeta
+from aecp.storage.chunk.journal import ReplicaMeta
 from aecp.storage.chunk.replica import Replica
 
 T = TypeVar("T")

@@ -17,8 +17,8 @@ from typing import Any
 from aecp.storage.chunk.api import EXTENT_ID, U64_MAX, Buffer, RawBlocks
 from aecp.storage.chunk.diskio import Journal, clear_sectors, read_sectors, write_sectors
 from aecp.storage.chunk.errors import ChunkInvalid
+from aecp.storage.chunk.journal import ReplicaMeta
 from aecp.storage.chunk.locks import BlockLocks
-from aecp.storage.chunk.meta import ReplicaMeta
 
 #: what a request does once it holds its locks: (worker function, its arguments, apply result)
 Job = tuple[Callable[..., Any], tuple[Any, ...], Callable[[Any], None] | None]

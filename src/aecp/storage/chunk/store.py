@@ -65,7 +65,7 @@ from aecp.storage.chunk.errors import (
     StaleEpoch,
 )
 from aecp.storage.chunk.iopool import Done, IoPool
-from aecp.storage.chunk.meta import ReplicaMeta
+from aecp.storage.chunk.journal import ReplicaMeta
 from aecp.storage.chunk.persist import Persistence, await_io, check_failed
 from aecp.storage.chunk.replica import (
     Job,

@@ -15,8 +15,8 @@ router = api_router("/v1/vms", "vms")
 
 @router.get("", operation_id="list_vms")
 async def list_vms(svc: Service) -> list[VMPublic]:
-    snap = await svc.snapshot()
-    return [VMPublic.from_snapshot(snap, n) for n in sorted(snap.vms)]
+    snap = await svc.cluster_view()
+    return [VMPublic.from_view(snap, n) for n in sorted(snap.vms)]
 
 
 @router.post(
@@ -38,7 +38,7 @@ async def create_vm(body: VMCreate, svc: Service, request: Request) -> Accepted:
 @router.get("/{name}", operation_id="get_vm", responses=error_responses(404))
 async def get_vm(name: NamePath, svc: Service) -> VMPublic:
     _, snap = await svc.vm(name)
-    return VMPublic.from_snapshot(snap, name)
+    return VMPublic.from_view(snap, name)
 
 
 @router.get("/{name}/events", operation_id="list_vm_events", responses=error_responses(404))

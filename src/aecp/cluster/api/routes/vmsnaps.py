@@ -41,7 +41,7 @@ class CloneRequest(BaseModel):
 async def forward(request: Request, node: str, body: dict[str, Any] | None) -> Response:
     """Send this request to ``node``'s API and relay its answer."""
     svc: VMSnapshotService = request.app.state.vmsnaps
-    snap = await svc.svc.snapshot()
+    snap = await svc.svc.cluster_view()
     if node not in snap.nodes:
         raise Unavailable(f"node {node} is unknown")
     url = snap.nodes[node].api_url + request.url.path

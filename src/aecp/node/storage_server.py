@@ -106,7 +106,7 @@ class StorageDaemon:
     """Chunk server + NBD server + access points of one node."""
 
     def __init__(self, settings: NodeSettings, store: Store, clock: Clock = SYSTEM_CLOCK):
-        self.s = settings
+        self.settings = settings
         self.store = store
         self.clock = clock
         self.node = settings.name
@@ -184,11 +184,11 @@ class StorageDaemon:
         log.info(
             "node %s: storage server up: replicas on %s:%d, NBD on %s:%d (TLS) and %s",
             self.node,
-            self.s.address,
-            self.s.storage.chunk_port,
-            self.s.address,
-            self.s.storage.nbd_port,
-            self.s.nbd_socket,
+            self.settings.address,
+            self.settings.storage.chunk_port,
+            self.settings.address,
+            self.settings.storage.nbd_port,
+            self.settings.nbd_socket,
         )
         try:
             await self._stop.wait()
@@ -205,21 +205,21 @@ class StorageDaemon:
 
     async def _register(self, lease: Lease) -> None:
         """Publish this server (and its free space) on ``lease``."""
-        st = os.statvfs(self.s.chunk_dir)
-        capacity = self.s.storage.capacity_bytes or st.f_blocks * st.f_frsize
+        st = os.statvfs(self.settings.chunk_dir)
+        capacity = self.settings.storage.capacity_bytes or st.f_blocks * st.f_frsize
         used = await self.replicas.space.measure()
         free = max(0, min(capacity - used, st.f_bavail * st.f_frsize))
         rec = StorageServer(
             node=self.node,
-            address=self.s.address,
-            chunk_port=self.s.storage.chunk_port,
-            nbd_port=self.s.storage.nbd_port,
+            address=self.settings.address,
+            chunk_port=self.settings.storage.chunk_port,
+            nbd_port=self.settings.storage.nbd_port,
             capacity_bytes=capacity,
             free_bytes=free,
             used_bytes=used,
-            rack=self.s.storage.rack,
-            chassis=self.s.storage.chassis,
-            overcommit_ratio=self.s.storage.overcommit_ratio,
+            rack=self.settings.storage.rack,
+            chassis=self.settings.storage.chassis,
+            overcommit_ratio=self.settings.storage.overcommit_ratio,
         )
         await self.store.put(keys.abs_server(self.node), rec.dump(), lease=lease)
 
@@ -269,7 +269,7 @@ class StorageDaemon:
 
     # ---- recovery and scrubbing ----------------------------------------------------------
     def _policy(self) -> RecoveryPolicy:
-        st = self.s.storage
+        st = self.settings.storage
         return RecoveryPolicy(grace=st.recovery_grace_s, rate=st.recovery_mib_s * MIB)
 
     def _lease_held(self) -> Lease | None:
@@ -280,7 +280,7 @@ class StorageDaemon:
         """Repair the volumes attached here; run the controllers of the roles this server
         holds (the Meta leader: ``storage.leader``). Every ``_gc_every`` seconds, collect the
         replicas in this node's store that no extent record names (``storage.collect``)."""
-        st = self.s.storage
+        st = self.settings.storage
         orphans = OrphanCollector(
             self.replicas, self.meta, self.node, st.orphan_grace_s, self.clock
         )
@@ -298,7 +298,7 @@ class StorageDaemon:
 
     def _gc_every(self) -> float:
         """Orphans are looked at a few times per grace period (no more than recovery)."""
-        st = self.s.storage
+        st = self.settings.storage
         return max(st.recovery_interval_s, st.orphan_grace_s / 4)
 
     async def _logged(self, what: str, work: Callable[[], Awaitable[list[str]]]) -> None:
@@ -313,7 +313,7 @@ class StorageDaemon:
 
     async def _scrub_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.s.storage.scrub_interval_s)
+            await asyncio.sleep(self.settings.storage.scrub_interval_s)
             await self._each_attached("scrub")
             if self.controllers.leads(self.leader.role):
                 await self._logged("scrub as the Meta leader", self.leader.scrub_pass)

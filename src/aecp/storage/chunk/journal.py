@@ -1,4 +1,4 @@
-"""Replica metadata: the in-memory tables of one extent replica and their on-disk encoding.
+"""The replica journal: the in-memory tables of one extent replica and their on-disk encoding.
 
 In memory (``ReplicaMeta``), per block: the valid bitmap (``array('Q')``, bit i = sector i of
 the block), the modification generation (``array('Q')``), and per sector a CRC-32 (zlib) of its

@@ -1,4 +1,5 @@
-"""A consistent-enough snapshot of the cluster (nodes, heartbeats, VMs) for control loops."""
+"""The cluster as the control loops read it: nodes, heartbeats and VMs, read together (one
+read per prefix, not one revision: each loop acts by compare-and-swap on what it read)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class VMEntry:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class ClusterView:
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
     alive: dict[str, NodeHeartbeat] = field(default_factory=dict)
     vms: dict[str, VMEntry] = field(default_factory=dict)
@@ -68,7 +69,7 @@ class Snapshot:
         )
 
 
-async def read_snapshot(store: Store) -> Snapshot:
+async def read_cluster(store: Store) -> ClusterView:
     """Read nodes, heartbeats and VMs (three prefix reads, concurrently)."""
     node_kvs, alive_kvs, vm_kvs = await asyncio.gather(
         store.list(keys.NODES), store.list(keys.ALIVE), store.list(keys.VMS)
@@ -92,4 +93,4 @@ async def read_snapshot(store: Store) -> Snapshot:
             placement=Placement.load(p["placement"][0]) if "placement" in p else None,
             status=VMStatus.load(p["status"][0]) if "status" in p else None,
         )
-    return Snapshot(nodes=nodes, alive=alive, vms=vms)
+    return ClusterView(nodes=nodes, alive=alive, vms=vms)
