@@ -129,6 +129,10 @@ async def test_the_cli_still_sends_bodies_the_strict_api_accepts(kit: LabKit) ->
         ("vm", "create", "cli-vm", "--memory", "128", "--vcpus", "1", "--no-start", "--no-wait"),
         ("vm", "create", "cli-vm2", "--data-disk", "8", "--no-start", "--no-wait"),
         ("vm", "clone", "st-vm", "cli-clone", "--no-start", "--no-wait"),
+        ("node", "cordon", "node1", "--reason", "cli check"),
+        ("node", "uncordon", "node1"),
+        ("node", "events", "node1"),
+        ("vm", "events", "cli-vm"),
     ]
     for args in commands:
         proc = await asyncio.to_thread(
@@ -144,6 +148,11 @@ async def test_the_cli_still_sends_bodies_the_strict_api_accepts(kit: LabKit) ->
     assert (await kit.call("GET", "/v1/volumes/cli-vol")).json()["size"] == 2 << 20
     assert (await kit.vm("cli-vm"))["memory_mib"] == 128
     assert (await kit.vm("cli-vm2"))["data_disks_mib"] == [8]
+    events = (await kit.call("GET", "/v1/nodes/node1/events")).json()
+    assert [e["sentence"] for e in events[:2]] == [
+        "uncordoned: VMs may be placed on it again",
+        "cordoned: cli check",
+    ]
 
 
 @dataclass

@@ -151,3 +151,43 @@ async def test_a_vms_events_say_where_it_was_placed_and_go_with_the_vm(
     await store.delete_prefix(keys.vm_placement("vm1"))  # never placed: deleted at once
     assert (await client.delete("/v1/vms/vm1", headers=auth)).status_code == 202
     assert await store.list(keys.object_events("vm", "vm1")) == []
+
+
+async def test_a_cordoned_node_says_so_takes_no_new_vm_and_keeps_it_in_its_events(
+    api: tuple[httpx.AsyncClient, str], store: MemoryStore
+) -> None:
+    client, token = api
+    auth = {"authorization": f"Bearer {token}"}
+    await add_node(store, "n2")
+    r = await client.post("/v1/nodes/n1/cordon", json={"reason": "disk swap"}, headers=auth)
+    assert r.status_code == 200 and r.json()["cordoned"] and r.json()["cordon_reason"]
+    pinned = {"name": "pinned", "image": "tiny", "start": False, "node": "n1"}
+    r = await client.post("/v1/vms", json=pinned, headers=auth)
+    assert r.status_code >= 400 and "n1: cordoned (disk swap)" in r.json()["message"]
+    body = {"name": "vm1", "image": "tiny", "start": False}
+    assert (await client.post("/v1/vms", json=body, headers=auth)).status_code == 202
+    host = ControllerHost(store, "n1", History(store, "n1"), [Scheduler(store)])
+    await host.run_pass(await store.grant_lease(10))
+    assert (await client.get("/v1/vms/vm1", headers=auth)).json()["node"] == "n2"
+    r = await client.post("/v1/nodes/n1/uncordon", headers=auth)
+    assert r.status_code == 200 and not r.json()["cordoned"]
+    assert (await client.post("/v1/vms", json=pinned, headers=auth)).status_code == 202
+    events = (await client.get("/v1/nodes/n1/events", headers=auth)).json()
+    assert [e["sentence"] for e in events] == [
+        "uncordoned: VMs may be placed on it again",
+        "cordoned: disk swap",
+    ]
+
+
+async def test_cordoning_an_unknown_node_or_with_a_bad_body_changes_nothing(
+    api: tuple[httpx.AsyncClient, str], store: MemoryStore
+) -> None:
+    client, token = api
+    auth = {"authorization": f"Bearer {token}"}
+    before = await dump_store(store)
+    r = await client.post("/v1/nodes/nope/cordon", json={}, headers=auth)
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    for body in ({"reason": "x" * 201}, {"reason": "x", "colour": "red"}, {"reason": 5}):
+        r = await client.post("/v1/nodes/n1/cordon", json=body, headers=auth)
+        assert r.status_code == 422, body
+    assert await dump_store(store) == before

@@ -6,12 +6,13 @@ import pytest
 
 from aecp.cluster.scheduler import Scheduler, choose_node, reserve
 from aecp.common.errors import NoCapacity
-from aecp.model.node import Capacity, NodeState, NodeView
+from aecp.model.node import Capacity, NodeAdmin, NodeState, NodeView
 from aecp.model.operation import OpState
 from aecp.model.vm import Placement, VMSpec, VMState, VMStatus
 from aecp.store import keys
 from aecp.store.memory import MemoryStore
 from aecp.store.typed import read
+from aecp.store.view import read_cluster
 from tests.unit.conftest import add_node
 
 
@@ -117,3 +118,21 @@ async def test_an_unplaceable_vm_waits_as_unschedulable_with_the_reason(
     assert await store.get(keys.vm_placement("big")) is None
     await add_node(store, "n2", memory_mib=8192)
     assert str((await Scheduler(store).run_pass())[0]).startswith("vm big: placed on n2")
+
+
+def test_a_cordoned_node_gets_no_new_vm_and_the_refusal_says_why() -> None:
+    cordoned = view("n1", 8192).model_copy(update={"cordoned": True, "cordon_reason": "disk swap"})
+    assert choose_node(vm(), [cordoned, view("n2", 1024)]).name == "n2"
+    with pytest.raises(NoCapacity, match=r"n1: cordoned \(disk swap\)"):
+        choose_node(vm(node="n1"), [cordoned, view("n2", 1024)])
+
+
+async def test_the_cluster_view_reads_the_admin_key_beside_the_agents_record(
+    store: MemoryStore,
+) -> None:
+    await add_node(store, "n1")
+    admin = NodeAdmin(cordoned=True, reason="maintenance", updated_at=5)
+    await store.put(keys.node_admin("n1"), admin.dump())
+    cluster = await read_cluster(store)
+    assert list(cluster.nodes) == ["n1"]
+    assert cluster.node_view("n1").cordoned and cluster.node_view("n1").cordon_reason

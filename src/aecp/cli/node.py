@@ -21,6 +21,7 @@ COLS = [
     "capacity.memory_mib",
     "reserved_memory_mib",
     "vms",
+    "cordoned",
     "usage.cpu_percent",
     "usage.memory_used_mib",
 ]
@@ -40,9 +41,27 @@ def show(name: str, output: OutputOpt = Format.TABLE) -> None:
         emit(c.get(f"/v1/nodes/{name}"), output)
 
 
+@app.command("cordon")
+def cordon(
+    name: str,
+    reason: Annotated[str, typer.Option(help="why, shown with the node")] = "",
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """Place no new VM on a node (the VMs there stay)."""
+    with client() as c:
+        emit(c.post(f"/v1/nodes/{name}/cordon", json={"reason": reason}), output)
+
+
+@app.command("uncordon")
+def uncordon(name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Let VMs be placed on a node again."""
+    with client() as c:
+        emit(c.post(f"/v1/nodes/{name}/uncordon"), output)
+
+
 @app.command("events")
 def events(name: str, output: OutputOpt = Format.TABLE) -> None:
-    """What controllers decided about one node, newest first."""
+    """What was decided about one node (by controllers, by administrators), newest first."""
     with client() as c:
         emit_events(c.get(f"/v1/nodes/{name}/events"), output, f"events of node {name}")
 

@@ -1,16 +1,16 @@
 """Placement: which node runs a new VM.
 
-``choose_node`` is the pure rule: among ready nodes with room (free memory >= the VM's memory,
-vCPUs <= the node's CPUs), the one with the most free memory; ties go to the name that sorts
-first. Free memory is capacity minus the memory of every VM placed on the node (running or not:
-a VM's disk lives on its node, so its place is kept).
+``choose_node`` is the pure rule: among ready nodes that are not cordoned and have room (free
+memory >= the VM's memory, vCPUs <= the node's CPUs), the one with the most free memory; ties
+go to the name that sorts first. Free memory is capacity minus the memory of every VM placed on
+the node (running or not: a VM's disk lives on its node, so its place is kept).
 
 ``Scheduler`` is the controller of the ``scheduler`` role (``store.controllers``): each pass
-reads a snapshot, places every unplaced VM and returns one decision per VM; the first pass of
-a term also ends the operations an earlier version left running (``sweep_strays``). A VM that
-fits nowhere stays pending
-(state ``unschedulable``, its operation still running with the reason as its message) and is
-placed as soon as a node can take it — a pinned node coming back, memory freed by a delete.
+reads the cluster (``store.view``), places every unplaced VM and returns one decision per VM;
+the first pass of a term also ends the operations an earlier version left running
+(``sweep_strays``). A VM that fits nowhere stays pending (state ``unschedulable``, its
+operation still running with the reason as its message) and is placed as soon as a node can
+take it — a pinned node coming back or uncordoned, memory freed by a delete.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def choose_node(spec: VMSpec, nodes: Sequence[NodeView]) -> NodeView:
 def _unfit_reason(spec: VMSpec, n: NodeView) -> str:
     if spec.node is not None and n.name != spec.node:
         return f"the VM is pinned to {spec.node}"
+    if n.cordoned:
+        return f"cordoned ({n.cordon_reason})" if n.cordon_reason else "cordoned"
     if n.state is not NodeState.READY:
         return "unreachable"
     if spec.vcpus > n.capacity.cpus:

@@ -27,7 +27,7 @@ from aecp.compute.images import catalog
 from aecp.model.base import check_name
 from aecp.model.event import ObjectEvent
 from aecp.model.image import ImageRecord
-from aecp.model.node import NodeState, NodeView
+from aecp.model.node import NodeAdmin, NodeState, NodeView
 from aecp.model.operation import Operation, new_op_id
 from aecp.model.vm import (
     PowerOp,
@@ -90,6 +90,21 @@ class ClusterService:
         if name not in snap.vms:
             raise NotFound(f"VM {name} does not exist", vm=name)
         return snap.vms[name], snap
+
+    async def set_cordon(self, name: str, cordoned: bool, reason: str = "") -> NodeView:
+        """Cordon node ``name`` (no new VM is placed on it; those there stay) or uncordon it.
+        Writes the node's admin key only while the node exists; recorded as a node event."""
+        admin = NodeAdmin(cordoned=cordoned, reason=reason, updated_at=self.clock.wall())
+        exists = Compare(keys.node(name), "create", ">", 0)
+        if not await self.store.txn([exists], [Put(keys.node_admin(name), admin.dump())]):
+            raise NotFound(f"node {name} does not exist", node=name)
+        if cordoned:
+            sentence = f"cordoned: {reason}" if reason else "cordoned"
+        else:
+            sentence = "uncordoned: VMs may be placed on it again"
+        await History(self.store, "", self.clock).record("node", name, "api", sentence)
+        log.info("node %s: %s", name, sentence)
+        return await self.node(name)
 
     async def events(self, kind: str, name: str) -> list[ObjectEvent]:
         """The events of an existing VM or node, newest first (``NotFound`` otherwise)."""

@@ -1,4 +1,5 @@
-"""Nodes: the static record a node registers, and the heartbeat it keeps alive under its lease."""
+"""Nodes: the static record a node registers, the heartbeat it keeps alive under its lease,
+and what the administrator says of it (``NodeAdmin``)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,16 @@ class NodeRecord(Stored):
     agent_version: str = ""
 
 
+class NodeAdmin(Stored):
+    """``/aecp/nodes/<name>/admin``: written by the API only, never by the node's agent (which
+    rewrites its own record on every new lease). ``cordoned``: no VM is placed on the node
+    (those already there stay); ``reason`` says why, for people."""
+
+    cordoned: bool = False
+    reason: str = ""
+    updated_at: float = 0.0
+
+
 class NodeHeartbeat(Stored):
     """``/aecp/alive/<name>``: attached to the node's lease; present while the node is alive."""
 
@@ -71,6 +82,8 @@ class NodeView(BaseModel):
     reserved_memory_mib: int
     reserved_vcpus: int
     vms: int
+    cordoned: bool = False
+    cordon_reason: str = ""
 
     @property
     def free_memory_mib(self) -> int:

@@ -49,6 +49,11 @@ def node(name: str) -> str:
     return NODES + name
 
 
+def node_admin(name: str) -> str:
+    """What the administrator says of node ``name`` (the API is its only writer)."""
+    return NODES + name + "/admin"
+
+
 def alive(name: str) -> str:
     return ALIVE + name
 

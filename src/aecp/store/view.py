@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from aecp.model.node import Capacity, NodeHeartbeat, NodeRecord, NodeState, NodeView
+from aecp.model.node import Capacity, NodeAdmin, NodeHeartbeat, NodeRecord, NodeState, NodeView
 from aecp.model.vm import Placement, VMSpec, VMState, VMStatus, observed_state
 from aecp.store import keys
 from aecp.store.base import Store
@@ -31,6 +31,7 @@ class ClusterView:
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
     alive: dict[str, NodeHeartbeat] = field(default_factory=dict)
     vms: dict[str, VMEntry] = field(default_factory=dict)
+    admin: dict[str, NodeAdmin] = field(default_factory=dict)
 
     def vm_state(self, name: str) -> VMState:
         e = self.vms[name]
@@ -46,6 +47,7 @@ class ClusterView:
         rec = self.nodes[name]
         hb = self.alive.get(name)
         placed = self.vms_on(name)
+        admin = self.admin.get(name, NodeAdmin())
         return NodeView(
             name=name,
             address=rec.address,
@@ -57,6 +59,8 @@ class ClusterView:
             reserved_memory_mib=sum(e.spec.memory_mib for e in placed),
             reserved_vcpus=sum(e.spec.vcpus for e in placed),
             vms=len(placed),
+            cordoned=admin.cordoned,
+            cordon_reason=admin.reason,
         )
 
     def largest_capacity(self) -> Capacity | None:
@@ -74,7 +78,14 @@ async def read_cluster(store: Store) -> ClusterView:
     node_kvs, alive_kvs, vm_kvs = await asyncio.gather(
         store.list(keys.NODES), store.list(keys.ALIVE), store.list(keys.VMS)
     )
-    nodes = {keys.last_segment(kv.key, keys.NODES): NodeRecord.load(kv.value) for kv in node_kvs}
+    nodes: dict[str, NodeRecord] = {}
+    admin: dict[str, NodeAdmin] = {}
+    for kv in node_kvs:  # /aecp/nodes/<name> (the agent's) and /aecp/nodes/<name>/admin
+        name, _, part = keys.last_segment(kv.key, keys.NODES).partition("/")
+        if not part:
+            nodes[name] = NodeRecord.load(kv.value)
+        elif part == "admin":
+            admin[name] = NodeAdmin.load(kv.value)
     alive = {
         keys.last_segment(kv.key, keys.ALIVE): NodeHeartbeat.load(kv.value) for kv in alive_kvs
     }
@@ -93,4 +104,4 @@ async def read_cluster(store: Store) -> ClusterView:
             placement=Placement.load(p["placement"][0]) if "placement" in p else None,
             status=VMStatus.load(p["status"][0]) if "status" in p else None,
         )
-    return ClusterView(nodes=nodes, alive=alive, vms=vms)
+    return ClusterView(nodes=nodes, alive=alive, vms=vms, admin=admin)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from aecp.cluster.api.deps import NamePath, Service
 from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models import EventPublic
@@ -25,3 +27,23 @@ async def get_node(name: NamePath, svc: Service) -> NodeView:
 async def list_node_events(name: NamePath, svc: Service) -> list[EventPublic]:
     """What controllers decided about the node, newest first."""
     return [EventPublic.of(e) for e in await svc.events("node", name)]
+
+
+class CordonRequest(BaseModel):
+    """The body of ``POST /v1/nodes/{name}/cordon``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field("", max_length=200, description="why, for people (shown with the node)")
+
+
+@router.post("/{name}/cordon", operation_id="cordon_node", responses=error_responses(404))
+async def cordon_node(name: NamePath, body: CordonRequest, svc: Service) -> NodeView:
+    """Place no new VM on the node (the VMs there stay); undone by ``uncordon``."""
+    return await svc.set_cordon(name, True, body.reason)
+
+
+@router.post("/{name}/uncordon", operation_id="uncordon_node", responses=error_responses(404))
+async def uncordon_node(name: NamePath, svc: Service) -> NodeView:
+    """Let VMs be placed on the node again."""
+    return await svc.set_cordon(name, False)
