@@ -14,7 +14,7 @@ import pytest
 from aecp.cluster.volumes import VolumeService
 from aecp.common.errors import Conflict, StoreUnavailable, Unavailable
 from aecp.compute.hypervisor import RunState
-from aecp.node.agent import NodeAgent
+from aecp.node.pauses import VMPauses
 from aecp.storage.blockdev import Fenced
 from aecp.storage.chunk.errors import ReplicaUnavailable
 from aecp.storage.pool import ReplicaPool
@@ -125,21 +125,16 @@ async def test_two_snapshots_of_one_vm_never_resume_it_under_each_other() -> Non
     async def set_state(vm: str, to: RunState) -> None:
         state[vm] = to
 
-    agent = NodeAgent.__new__(NodeAgent)  # only ``paused`` runs
-    agent.hv = cast(
-        Any,
-        SimpleNamespace(
-            state=lambda vm: asyncio.sleep(0, state[vm]),
-            pause=lambda vm: set_state(vm, RunState.PAUSED),
-            resume=lambda vm: set_state(vm, RunState.RUNNING),
-        ),
+    hv = SimpleNamespace(
+        state=lambda vm: asyncio.sleep(0, state[vm]),
+        pause=lambda vm: set_state(vm, RunState.PAUSED),
+        resume=lambda vm: set_state(vm, RunState.RUNNING),
     )
-    agent.reconciler = cast(Any, SimpleNamespace(held=set()))
-    agent._pauses = {}
+    pauses = VMPauses(cast(Any, hv), held=set())
     seen: list[RunState] = []
 
     async def snapshot(hold: int) -> None:
-        async with agent.paused("vm"):
+        async with pauses.paused("vm"):
             await run_ready(hold)  # long enough for the other one to run through, if let in
             seen.append(state["vm"])
 
