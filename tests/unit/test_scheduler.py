@@ -136,3 +136,24 @@ async def test_the_cluster_view_reads_the_admin_key_beside_the_agents_record(
     cluster = await read_cluster(store)
     assert list(cluster.nodes) == ["n1"]
     assert cluster.node_view("n1").cordoned and cluster.node_view("n1").cordon_reason
+
+
+async def test_a_vm_is_not_placed_on_a_node_cordoned_after_the_pass_read_the_cluster(
+    store: MemoryStore,
+) -> None:
+    await add_node(store, "n1")
+    await store.put(keys.vm_spec("vm1"), vm("vm1").dump())
+    real_txn = store.txn
+
+    async def cordon_first(*args: object, **kw: object) -> bool:
+        admin = NodeAdmin(cordoned=True, reason="now", updated_at=5)
+        await store.put(keys.node_admin("n1"), admin.dump())  # between the read and the write
+        store.txn = real_txn  # type: ignore[method-assign]
+        return await real_txn(*args, **kw)  # type: ignore[arg-type]
+
+    store.txn = cordon_first  # type: ignore[method-assign]
+    [decision] = await Scheduler(store).run_pass()
+    assert "changed while being placed" in decision.sentence
+    assert await store.get(keys.vm_placement("vm1")) is None
+    [decision] = await Scheduler(store).run_pass()
+    assert "cannot be placed now" in decision.sentence and "n1: cordoned (now)" in decision.sentence

@@ -110,11 +110,12 @@ class Scheduler:
             [
                 Compare.absent(keys.vm_placement(spec.name)),
                 Compare.unchanged(keys.vm_spec(spec.name), entry.spec_rev),
+                snap.admin_unchanged(chosen.name),  # not cordoned since it was read
             ],
             [Put(keys.vm_placement(spec.name), placement.dump())],
         )
         if not placed:
-            return "changed while being placed: will look again"
+            return "it or its node changed while being placed: will look again"
         views[chosen.name] = reserve(chosen, spec)
         await update_op(
             self.store,

@@ -93,17 +93,23 @@ class ClusterService:
 
     async def set_cordon(self, name: str, cordoned: bool, reason: str = "") -> NodeView:
         """Cordon node ``name`` (no new VM is placed on it; those there stay) or uncordon it.
-        Writes the node's admin key only while the node exists; recorded as a node event."""
+        Writes the node's admin key only while the node exists; a change (not a repeat) is
+        recorded as a node event, and a failure to record it fails nothing."""
+        before = (await self.cluster_view()).admin.get(name, NodeAdmin())
         admin = NodeAdmin(cordoned=cordoned, reason=reason, updated_at=self.clock.wall())
         exists = Compare(keys.node(name), "create", ">", 0)
         if not await self.store.txn([exists], [Put(keys.node_admin(name), admin.dump())]):
             raise NotFound(f"node {name} does not exist", node=name)
-        if cordoned:
-            sentence = f"cordoned: {reason}" if reason else "cordoned"
-        else:
-            sentence = "uncordoned: VMs may be placed on it again"
-        await History(self.store, "", self.clock).record("node", name, "api", sentence)
-        log.info("node %s: %s", name, sentence)
+        if (before.cordoned, before.reason) != (cordoned, reason):
+            if cordoned:
+                sentence = f"cordoned: {reason}" if reason else "cordoned"
+            else:
+                sentence = "uncordoned: VMs may be placed on it again"
+            log.info("node %s: %s", name, sentence)
+            try:
+                await History(self.store, "", self.clock).record("node", name, "api", sentence)
+            except AecpError as exc:
+                log.warning("node %s: event not recorded: %s", name, exc)
         return await self.node(name)
 
     async def events(self, kind: str, name: str) -> list[ObjectEvent]:

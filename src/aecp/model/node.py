@@ -43,7 +43,7 @@ class NodeRecord(Stored):
 
 
 class NodeAdmin(Stored):
-    """``/aecp/nodes/<name>/admin``: written by the API only, never by the node's agent (which
+    """``/aecp/node-admin/<name>``: written by the API only, never by the node's agent (which
     rewrites its own record on every new lease). ``cordoned``: no VM is placed on the node
     (those already there stay); ``reason`` says why, for people."""
 

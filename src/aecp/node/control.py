@@ -19,6 +19,7 @@ from aecp.store.lease import LeaseKeeper
 from aecp.store.view import read_cluster
 
 log = logging.getLogger(__name__)
+WAKING = (keys.VMS, keys.ALIVE, keys.NODES, keys.NODE_ADMIN)  # a change under these wakes it
 
 
 class ControlLoop:
@@ -46,12 +47,12 @@ class ControlLoop:
         self.dirty.set()
 
     async def watch(self) -> None:
-        """Wake the loop on any change to VMs, heartbeats or nodes."""
+        """Wake the loop on any change to VMs, heartbeats or nodes (records or admin keys)."""
         while True:
             try:
                 async with self.store.watch(keys.ROOT) as events:
                     async for ev in events:
-                        if ev.key.startswith((keys.VMS, keys.ALIVE, keys.NODES)):
+                        if ev.key.startswith(WAKING):
                             self.dirty.set()
             except StoreUnavailable:
                 await self.clock.sleep(1.0)

@@ -4,6 +4,7 @@
 
     /aecp/cluster                      ClusterInfo (name, created, API token digest)
     /aecp/nodes/<node>                 NodeRecord: address, API URL, capacity (persistent)
+    /aecp/node-admin/<node>            NodeAdmin: what the administrator says of it (API only)
     /aecp/alive/<node>                 NodeHeartbeat: usage, accel (attached to the node's lease)
     /aecp/vms/<vm>/spec                VMSpec: desired state (written by the API)
     /aecp/vms/<vm>/placement           Placement: the node chosen by the scheduler
@@ -12,6 +13,7 @@
     /aecp/ops/<op-id>                  Operation: a long-running request and its progress
     /aecp/templates/<template>         TemplateRecord: frozen VM disks and the VM's shape
     /aecp/leaders/<role>               the holder of a controller role (attached to its lease)
+    /aecp/events/<kind>/<name>/<stamp> ObjectEvent: a decision about an object (store.history)
     /aecp/abs/servers/<node>           StorageServer: a node's chunk/NBD addresses (on its lease)
     /aecp/abs/volumes/<volume>         VolumeRecord: size, factor, extent table, epoch
     /aecp/abs/extents/<extent>         ExtentRecord: valid replicas, generation, stale replicas
@@ -27,6 +29,8 @@ from __future__ import annotations
 ROOT = "/aecp/"
 CLUSTER = ROOT + "cluster"
 NODES = ROOT + "nodes/"
+# not under nodes/: agents before it was added read every key there as a node record
+NODE_ADMIN = ROOT + "node-admin/"
 ALIVE = ROOT + "alive/"
 VMS = ROOT + "vms/"
 IMAGES = ROOT + "images/"
@@ -51,7 +55,7 @@ def node(name: str) -> str:
 
 def node_admin(name: str) -> str:
     """What the administrator says of node ``name`` (the API is its only writer)."""
-    return NODES + name + "/admin"
+    return NODE_ADMIN + name
 
 
 def alive(name: str) -> str:

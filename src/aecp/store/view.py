@@ -1,5 +1,6 @@
-"""The cluster as the control loops read it: nodes, heartbeats and VMs, read together (one
-read per prefix, not one revision: each loop acts by compare-and-swap on what it read)."""
+"""The cluster as the control loops read it: nodes (the agents' records and the administrator's
+keys), heartbeats and VMs, read together (one read per prefix, not one revision: each loop
+acts by compare-and-swap on what it read)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from aecp.model.node import Capacity, NodeAdmin, NodeHeartbeat, NodeRecord, NodeState, NodeView
 from aecp.model.vm import Placement, VMSpec, VMState, VMStatus, observed_state
 from aecp.store import keys
-from aecp.store.base import Store
+from aecp.store.base import Compare, Store
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,13 @@ class ClusterView:
     alive: dict[str, NodeHeartbeat] = field(default_factory=dict)
     vms: dict[str, VMEntry] = field(default_factory=dict)
     admin: dict[str, NodeAdmin] = field(default_factory=dict)
+    admin_revs: dict[str, int] = field(default_factory=dict)  # for CAS on what was read
+
+    def admin_unchanged(self, node: str) -> Compare:
+        """A guard that ``node``'s admin key is still as read (absent, if it was)."""
+        rev = self.admin_revs.get(node)
+        key = keys.node_admin(node)
+        return Compare.absent(key) if rev is None else Compare.unchanged(key, rev)
 
     def vm_state(self, name: str) -> VMState:
         e = self.vms[name]
@@ -75,17 +83,17 @@ class ClusterView:
 
 async def read_cluster(store: Store) -> ClusterView:
     """Read nodes, heartbeats and VMs (three prefix reads, concurrently)."""
-    node_kvs, alive_kvs, vm_kvs = await asyncio.gather(
-        store.list(keys.NODES), store.list(keys.ALIVE), store.list(keys.VMS)
+    node_kvs, admin_kvs, alive_kvs, vm_kvs = await asyncio.gather(
+        store.list(keys.NODES),
+        store.list(keys.NODE_ADMIN),
+        store.list(keys.ALIVE),
+        store.list(keys.VMS),
     )
-    nodes: dict[str, NodeRecord] = {}
-    admin: dict[str, NodeAdmin] = {}
-    for kv in node_kvs:  # /aecp/nodes/<name> (the agent's) and /aecp/nodes/<name>/admin
-        name, _, part = keys.last_segment(kv.key, keys.NODES).partition("/")
-        if not part:
-            nodes[name] = NodeRecord.load(kv.value)
-        elif part == "admin":
-            admin[name] = NodeAdmin.load(kv.value)
+    nodes = {keys.last_segment(kv.key, keys.NODES): NodeRecord.load(kv.value) for kv in node_kvs}
+    admin = {
+        keys.last_segment(kv.key, keys.NODE_ADMIN): NodeAdmin.load(kv.value) for kv in admin_kvs
+    }
+    admin_revs = {keys.last_segment(kv.key, keys.NODE_ADMIN): kv.mod_revision for kv in admin_kvs}
     alive = {
         keys.last_segment(kv.key, keys.ALIVE): NodeHeartbeat.load(kv.value) for kv in alive_kvs
     }
@@ -104,4 +112,4 @@ async def read_cluster(store: Store) -> ClusterView:
             placement=Placement.load(p["placement"][0]) if "placement" in p else None,
             status=VMStatus.load(p["status"][0]) if "status" in p else None,
         )
-    return ClusterView(nodes=nodes, alive=alive, vms=vms, admin=admin)
+    return ClusterView(nodes=nodes, alive=alive, vms=vms, admin=admin, admin_revs=admin_revs)

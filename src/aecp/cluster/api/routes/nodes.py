@@ -25,7 +25,7 @@ async def get_node(name: NamePath, svc: Service) -> NodeView:
 
 @router.get("/{name}/events", operation_id="list_node_events", responses=error_responses(404))
 async def list_node_events(name: NamePath, svc: Service) -> list[EventPublic]:
-    """What controllers decided about the node, newest first."""
+    """What was decided about the node (by controllers, by administrators), newest first."""
     return [EventPublic.of(e) for e in await svc.events("node", name)]
 
 
