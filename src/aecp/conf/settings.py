@@ -37,6 +37,13 @@ class AgentSettings(BaseModel):
     )
     resync_interval: float = Field(5.0, gt=0, description="full reconcile at least this often")
     heartbeat_every: int = Field(3, ge=1, description="rewrite usage every N lease refreshes")
+    operation_retention_h: float = Field(
+        168.0,
+        gt=0,
+        le=24 * 3650,
+        description="finished operations are deleted this many hours after they ended (the node "
+        "that holds the operation-reaper role applies its own setting: set it alike everywhere)",
+    )
 
 
 class ComputeSettings(BaseModel):

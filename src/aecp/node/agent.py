@@ -22,6 +22,7 @@ import uvicorn
 from aecp import __version__
 from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
+from aecp.cluster.reaper import OperationReaper
 from aecp.cluster.scheduler import Scheduler
 from aecp.cluster.service import ClusterService
 from aecp.cluster.vmsnapshots import VMSnapshotService
@@ -92,6 +93,9 @@ class NodeAgent:
             store, settings.name, History(store, settings.name, clock)
         )
         self.controllers.register(Scheduler(store, clock))
+        self.controllers.register(
+            OperationReaper(store, settings.agent.operation_retention_h * 3600, clock)
+        )
         self.fencer = Fencer(settings.name, hv, self.controllers.step_down)
         self.presence = Presence(settings, store, hv, accel, accel_reason, self._wake, clock)
         self.keeper = LeaseKeeper(
