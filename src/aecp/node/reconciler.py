@@ -242,61 +242,115 @@ class Reconciler:
         )
 
     def _decide_change(self, e: VMEntry, inst: InstanceInfo | None) -> Decision:
-        name = e.spec.name
+        """The first situation that applies to the VM, in order (one method each)."""
         state = inst.state if inst else RunState.STOPPED
-        if name in self.guest_off and not e.spec.deleting:
-            return Decision(
-                name,
-                f"{name} powered itself off from inside: recording it as stopped",
-                lambda: self._guest_off(name),
-                kind="guest-off",
-            )
-        if e.spec.deleting:
-            return Decision(
-                name,
-                f"{name} is being deleted: powering off and removing its disks",
-                lambda: self.actions.delete(e),
-                kind="delete",
-            )
-        if e.spec.power is Power.STOPPED:
-            return self._want_stopped(e, state)
-        if state in (RunState.STOPPED, RunState.CRASHED):
-            verb = "restarting it" if state is RunState.CRASHED else "starting it"
-            return Decision(
-                name,
-                f"{name} should run and is {state.value}: {verb}",
-                lambda: self.actions.start(e),
-                kind="start",
-            )
-        if state is RunState.SHUTDOWN:
-            return Decision(
-                name, f"{name}'s guest has powered off: waiting for QEMU to exit", say=Say.ON_CHANGE
-            )
-        if e.spec.power is Power.PAUSED:
-            if state is RunState.RUNNING:
-                return Decision(
-                    name,
-                    f"{name} should be suspended and is running: pausing it",
-                    lambda: self.actions.pause(e),
-                    kind="pause",
-                )
-            return self._in_sync(e, inst, VMState.PAUSED)
-        if state is RunState.PAUSED:
-            return Decision(
-                name,
-                f"{name} should run and is paused: resuming it",
-                lambda: self.actions.resume(e),
-                kind="resume",
-            )
-        done = e.status.reboot_seq if e.status else 0
-        if e.spec.reboot_seq > done:
-            return Decision(
-                name,
-                f"{name} has a reboot request: rebooting it",
-                lambda: self.actions.reboot(e),
-                kind="reboot",
-            )
+        for situation in (
+            self._powered_off_from_inside,
+            self._being_deleted,
+            self._should_be_off,
+            self._should_run_and_is_down,
+            self._guest_is_shutting_down,
+            self._should_be_suspended,
+            self._should_run_and_is_paused,
+            self._reboot_requested,
+        ):
+            d = situation(e, state, inst)
+            if d is not None:
+                return d
         return self._in_sync(e, inst, VMState.RUNNING)
+
+    def _powered_off_from_inside(
+        self, e: VMEntry, state: RunState, inst: InstanceInfo | None
+    ) -> Decision | None:
+        name = e.spec.name
+        if name not in self.guest_off or e.spec.deleting:
+            return None
+        return Decision(
+            name,
+            f"{name} powered itself off from inside: recording it as stopped",
+            lambda: self._guest_off(name),
+            kind="guest-off",
+        )
+
+    def _being_deleted(
+        self, e: VMEntry, state: RunState, inst: InstanceInfo | None
+    ) -> Decision | None:
+        if not e.spec.deleting:
+            return None
+        return Decision(
+            e.spec.name,
+            f"{e.spec.name} is being deleted: powering off and removing its disks",
+            lambda: self.actions.delete(e),
+            kind="delete",
+        )
+
+    def _should_be_off(
+        self, e: VMEntry, state: RunState, inst: InstanceInfo | None
+    ) -> Decision | None:
+        return self._want_stopped(e, state) if e.spec.power is Power.STOPPED else None
+
+    def _should_run_and_is_down(
+        self, e: VMEntry, state: RunState, inst: InstanceInfo | None
+    ) -> Decision | None:
+        if state not in (RunState.STOPPED, RunState.CRASHED):
+            return None
+        verb = "restarting it" if state is RunState.CRASHED else "starting it"
+        return Decision(
+            e.spec.name,
+            f"{e.spec.name} should run and is {state.value}: {verb}",
+            lambda: self.actions.start(e),
+            kind="start",
+        )
+
+    def _guest_is_shutting_down(
+        self, e: VMEntry, state: RunState, inst: InstanceInfo | None
+    ) -> Decision | None:
+        if state is not RunState.SHUTDOWN:
+            return None
+        return Decision(
+            e.spec.name,
+            f"{e.spec.name}'s guest has powered off: waiting for QEMU to exit",
+            say=Say.ON_CHANGE,
+        )
+
+    def _should_be_suspended(
+        self, e: VMEntry, state: RunState, inst: InstanceInfo | None
+    ) -> Decision | None:
+        if e.spec.power is not Power.PAUSED:
+            return None
+        if state is not RunState.RUNNING:
+            return self._in_sync(e, inst, VMState.PAUSED)
+        return Decision(
+            e.spec.name,
+            f"{e.spec.name} should be suspended and is running: pausing it",
+            lambda: self.actions.pause(e),
+            kind="pause",
+        )
+
+    def _should_run_and_is_paused(
+        self, e: VMEntry, state: RunState, inst: InstanceInfo | None
+    ) -> Decision | None:
+        if state is not RunState.PAUSED:
+            return None
+        return Decision(
+            e.spec.name,
+            f"{e.spec.name} should run and is paused: resuming it",
+            lambda: self.actions.resume(e),
+            kind="resume",
+        )
+
+    def _reboot_requested(
+        self, e: VMEntry, state: RunState, inst: InstanceInfo | None
+    ) -> Decision | None:
+        done = e.status.reboot_seq if e.status else 0
+        if e.spec.reboot_seq <= done:
+            return None
+        return Decision(
+            e.spec.name,
+            f"{e.spec.name} has a reboot request: rebooting it",
+            lambda: self.actions.reboot(e),
+            kind="reboot",
+        )
 
     async def _guest_off(self, name: str) -> None:
         log.info("vm %s: %s", name, await self.actions.guest_powered_off(name))
