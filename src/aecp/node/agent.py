@@ -26,12 +26,10 @@ from aecp.cluster.reaper import OperationReaper
 from aecp.cluster.scheduler import Scheduler
 from aecp.cluster.service import ClusterService
 from aecp.cluster.vmsnapshots import VMSnapshotService
-from aecp.cluster.volumeowners import ClusterOwners
 from aecp.cluster.volumes import VolumeService
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.pki import Bundle
 from aecp.common.tasks import cancel, spawn
-from aecp.common.tls import Credentials
 from aecp.compute.hypervisor import Accel, Hypervisor
 from aecp.conf.settings import NodeSettings
 from aecp.node.control import ControlLoop
@@ -39,11 +37,9 @@ from aecp.node.fencing import Fencer
 from aecp.node.pauses import VMPauses
 from aecp.node.presence import Presence
 from aecp.node.reconciler import Reconciler
+from aecp.node.storagewiring import meta_service, replica_auth
 from aecp.node.vmdisks import VMDisks
 from aecp.node.vmops import VMActions
-from aecp.storage.chunk.auth import ReplicaAuth
-from aecp.storage.meta.model import MIB
-from aecp.storage.meta.service import MetaService
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.snapshots import SnapshotService
 from aecp.store.base import Store
@@ -71,16 +67,8 @@ class NodeAgent:
         self.settings, self.store, self.hv, self.clock = settings, store, hv, clock
         self.accel, self.accel_reason = accel, accel_reason
         self.name = settings.name
-        self.meta = MetaService(
-            store,
-            settings.storage.extent_mib * MIB,
-            clock,
-            overcommit_ratio=settings.storage.overcommit_ratio,
-            owners=ClusterOwners(store),
-        )
-        auth = ReplicaAuth(
-            Credentials(Bundle(settings.security.tls_dir)), settings.security.replica_encryption
-        )
+        self.meta = meta_service(settings, store, clock)
+        auth = replica_auth(settings)
         self.volume_pool = ReplicaPool(self.meta, auth=auth, source=settings.address)
         self.vmdisks = VMDisks(self.meta, self.volume_pool, settings.nbd_socket)
         self.actions = VMActions(

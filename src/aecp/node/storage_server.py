@@ -25,7 +25,6 @@ from typing import Any
 
 import uvloop
 
-from aecp.cluster.volumeowners import ClusterOwners
 from aecp.common import log as logsetup
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, NotFound, Unavailable
@@ -33,9 +32,9 @@ from aecp.common.pki import Bundle
 from aecp.common.tasks import cancel, spawn
 from aecp.common.tls import Credentials
 from aecp.conf.settings import NodeSettings
+from aecp.node.storagewiring import meta_service, replica_auth
 from aecp.storage.access import VolumeDevice, open_volume
 from aecp.storage.blockdev import BlockDevice, Span
-from aecp.storage.chunk.auth import ReplicaAuth
 from aecp.storage.chunk.server import ChunkServer
 from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.collect import OrphanCollector
@@ -43,7 +42,7 @@ from aecp.storage.exports import GrantPolicy, granted_by
 from aecp.storage.frontends.nbd.server import Limits, NbdServer
 from aecp.storage.leader import MetaLeader, volume_work
 from aecp.storage.meta.model import MIB, StorageServer
-from aecp.storage.meta.service import CLOSE_WAIT, SETTLE, AttachedElsewhere, MetaService
+from aecp.storage.meta.service import CLOSE_WAIT, SETTLE, AttachedElsewhere
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.progress import RecoveryBoard
 from aecp.storage.recovery import RecoveryPolicy
@@ -111,15 +110,9 @@ class StorageDaemon:
         self.clock = clock
         self.node = settings.name
         self.replicas = ReplicaStore(settings.chunk_dir, capacity=settings.storage.capacity_bytes)
-        self.meta = MetaService(
-            store,
-            settings.storage.extent_mib * MIB,
-            clock,
-            overcommit_ratio=settings.storage.overcommit_ratio,
-            owners=ClusterOwners(store),
-        )
+        self.meta = meta_service(settings, store, clock)
         self.credentials = Credentials(Bundle(settings.security.tls_dir))
-        auth = ReplicaAuth(self.credentials, settings.security.replica_encryption)
+        auth = replica_auth(settings, self.credentials)
         self.pool = ReplicaPool(
             self.meta, self.node, self.replicas, auth=auth, source=settings.address
         )
