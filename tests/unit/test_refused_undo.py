@@ -124,7 +124,14 @@ async def test_a_catch_up_planned_before_an_undo_lowered_it_still_copies_the_ref
     passes: list[asyncio.Future[list[str]]] = []
     real_current = dev.current
 
+    dropped, real_drop = asyncio.Event(), dev.drop
+
+    async def drop(*args: Any, **kw: Any) -> None:
+        await real_drop(*args, **kw)
+        dropped.set()  # W2 dropped x: x is stale in Meta
+
     async def current(e: str) -> Any:  # the undo's first read: a recovery pass starts now
+        await dropped.wait()
         cluster.pool.add(x, rx)  # type: ignore[arg-type]  # x answers again
         rep, read = repairer(cluster, dev), asyncio.Event()
         real_from = rep._catch_up_from
@@ -136,8 +143,12 @@ async def test_a_catch_up_planned_before_an_undo_lowered_it_still_copies_the_ref
 
         rep._catch_up_from = catch_up_from  # type: ignore[method-assign]
         passes.append(asyncio.ensure_future(rep.run_pass()))
-        await read.wait()
+        reading = asyncio.ensure_future(read.wait())
+        await asyncio.wait([reading, passes[-1]], return_when=asyncio.FIRST_COMPLETED)
+        reading.cancel()  # (a pass that ended without reading fails the test below)
         return await real_current(e)
+
+    dev.drop = drop  # type: ignore[method-assign]
 
     dev.current = current  # type: ignore[method-assign]
     w = asyncio.ensure_future(dev.write(0, b"\x66" * 3 * BLOCK))
