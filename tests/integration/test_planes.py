@@ -169,8 +169,11 @@ async def test_rotated_certificates_are_served_and_the_cluster_keeps_working(
         kit.nbd_uri("renewed", "node2"),
     )  # fmt: skip
     assert code == 0 and "verification failed" not in out.lower(), out
-    log = kit.lab.agent("node1").log_file.read_text()
-    assert "TLS credentials changed" in log  # the agent's etcd client switched
+
+    async def switched() -> bool:  # the agent's etcd client, on a store call after the check
+        return "TLS credentials changed" in kit.lab.agent("node1").log_file.read_text()
+
+    await wait_for(switched, "node1's agent to switch its etcd client to the new credentials", 30)
 
 
 async def etcd_leader(kit: LabKit, ask: list[str]) -> str:
