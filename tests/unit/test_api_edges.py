@@ -47,7 +47,7 @@ async def api(
     await add_node(store, "n1")
     svc = ClusterService(store, images_dir)
     volumes = VolumeService(cluster.meta, cluster.pool)
-    vmsnaps = VMSnapshotService(svc, SnapshotService(cluster.meta, cluster.pool), "n1", None)
+    vmsnaps = VMSnapshotService(svc, SnapshotService(cluster.meta, cluster.pool))
     node = NodeContext("n1", "http://127.0.9.1:8700", tmp_path / "run", lambda vm: None)
     async with await _client(create_app(svc, node, volumes, vmsnaps)) as client:
         yield client, {"authorization": f"Bearer {token}"}

@@ -1,25 +1,22 @@
 """Snapshots of a running VM's volumes ordered against everything else: a snapshot whose
 fencing failed leaves nothing a later snapshot would miss, a snapshot finishing late never
-touches a namesake taken meanwhile, copy-on-write waits for a write still in flight to the
-extent it copies, and two snapshots of one VM never resume it under each other."""
+touches a namesake taken meanwhile, and copy-on-write waits for a write still in flight to the
+extent it copies (two snapshots of one VM: ``test_vm_jobs``)."""
 
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from aecp.cluster.volumes import VolumeService
 from aecp.common.errors import Conflict, StoreUnavailable, Unavailable
-from aecp.compute.hypervisor import RunState
-from aecp.node.pauses import VMPauses
 from aecp.storage.blockdev import Fenced
 from aecp.storage.chunk.errors import ReplicaUnavailable
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.snapshots import SnapshotService
-from tests.unit._sync import TURNS, run_ready
+from tests.unit._sync import run_ready
 from tests.unit.abskit import BLOCK, EXTENT, Cluster
 from tests.unit.test_recovery_races import Override, fence_fails, filled
 
@@ -117,29 +114,6 @@ async def test_a_snapshot_finishing_late_leaves_a_namesake_taken_meanwhile_alone
         await first
     [now] = await snaps.snapshots("v")
     assert now.uid == again.uid and now.ready
-
-
-async def test_two_snapshots_of_one_vm_never_resume_it_under_each_other() -> None:
-    state = {"vm": RunState.RUNNING}
-
-    async def set_state(vm: str, to: RunState) -> None:
-        state[vm] = to
-
-    hv = SimpleNamespace(
-        state=lambda vm: asyncio.sleep(0, state[vm]),
-        pause=lambda vm: set_state(vm, RunState.PAUSED),
-        resume=lambda vm: set_state(vm, RunState.RUNNING),
-    )
-    pauses = VMPauses(cast(Any, hv), held=set())
-    seen: list[RunState] = []
-
-    async def snapshot(hold: int) -> None:
-        async with pauses.paused("vm"):
-            await run_ready(hold)  # long enough for the other one to run through, if let in
-            seen.append(state["vm"])
-
-    await asyncio.gather(snapshot(TURNS), snapshot(0))
-    assert seen == [RunState.PAUSED, RunState.PAUSED] and state["vm"] is RunState.RUNNING
 
 
 async def test_an_extent_an_earlier_snapshot_fenced_does_not_fail_the_next_one(

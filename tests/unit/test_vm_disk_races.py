@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from aecp.cluster.service import ClusterService
-from aecp.common.errors import Conflict, InvalidState, NotFound, StoreUnavailable
+from aecp.common.errors import InvalidState, NotFound, StoreUnavailable
 from aecp.model.operation import Operation, OpState
 from aecp.model.vm import PowerOp, VMSpec, VMState, VMStatus
 from aecp.node.vmdisks import owner
@@ -21,7 +21,7 @@ from aecp.store.memory import MemoryStore
 from aecp.store.view import read_cluster
 from tests.unit.abskit import Cluster
 from tests.unit.conftest import add_node
-from tests.unit.test_vm_ownership import disks, spec_of, stopped_vm, vmsnaps
+from tests.unit.test_vm_ownership import JobFailed, disks, spec_of, stopped_vm, vmsnaps
 
 
 @pytest.fixture
@@ -90,14 +90,15 @@ async def test_an_unplaced_vm_whose_disks_cannot_be_deleted_shows_error_and_can_
     store: MemoryStore, svc: ClusterService, cluster: Cluster
 ) -> None:
     await stopped_vm(svc, cluster, "src")
-    await vmsnaps(svc, cluster).clone("src", "twin", start=False)
-    await vmsnaps(svc, cluster).snapshot("twin", "keep")  # a volume with snapshots stays
+    vs = vmsnaps(svc, cluster)
+    await vs.clone("src", "twin", start=False)
+    await vs.snaps.snapshot("twin-boot", "keep")  # a volume with snapshots stays
 
     failed = await svc.delete_vm("twin")
 
     assert failed.state is OpState.FAILED and "has snapshots" in failed.error
     assert (await read_cluster(store)).vm_state("twin") is VMState.ERROR
-    await vmsnaps(svc, cluster).delete("twin", "keep")
+    await vs.snaps.delete("twin-boot", "keep")
     assert (await svc.delete_vm("twin")).state is OpState.SUCCEEDED
     assert "twin-boot" not in await volume_names(cluster)
 
@@ -116,7 +117,7 @@ async def test_a_clone_whose_volume_is_deleted_before_its_spec_is_stored_is_not_
     await stopped_vm(svc, cluster, "src", data=1)
     racing = VolumeApiMeanwhile(store, images_dir, disks=disks(cluster))
 
-    with pytest.raises(Conflict, match="its disks changed while it was created"):
+    with pytest.raises(JobFailed, match="its disks changed while it was created"):
         await vmsnaps(racing, cluster).clone("src", "twin", start=False)
 
     assert await store.get(keys.vm_spec("twin")) is None
@@ -146,15 +147,15 @@ async def test_a_template_whose_volume_is_deleted_before_it_is_stored_is_not_sto
 ) -> None:
     await stopped_vm(svc, cluster, "base")
     vs = vmsnaps(svc, cluster)
-    clone = vs._clone_volumes
+    clone = vs.cloner.clone_volumes
 
     async def volume_api_meanwhile(*args, **kw):  # type: ignore[no-untyped-def]
         made = await clone(*args, **kw)
         await cluster.meta.delete_volume("tpl-gold-boot")  # its template does not exist yet
         return made
 
-    vs._clone_volumes = volume_api_meanwhile  # type: ignore[method-assign]
-    with pytest.raises(Conflict, match="was deleted while it was made for template gold"):
+    vs.cloner.clone_volumes = volume_api_meanwhile  # type: ignore[method-assign]
+    with pytest.raises(JobFailed, match="was deleted while it was made for template gold"):
         await vs.convert_to_template("base", "gold")
     assert await store.get(keys.template("gold")) is None
     assert await store.get(keys.vm_spec("base")) is not None  # not deleted either

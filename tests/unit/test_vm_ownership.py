@@ -5,6 +5,7 @@ the VM is created, naming the volume."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,13 +13,17 @@ from aecp.cluster.service import ClusterService
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.common.errors import AlreadyExists, InvalidInput, InvalidState, NotFound
+from aecp.compute.fake import FakeHypervisor
+from aecp.model.operation import Operation, OpState
 from aecp.model.vm import Placement, Power, VMCreate, VMSpec, VMState, VMStatus
 from aecp.node.vmdisks import VMDisks, owner
+from aecp.node.vmjobs import VMJobs
 from aecp.storage.meta.model import MIB, VolumeOwner, VolumeRecord
 from aecp.storage.snapshots import SnapshotService
 from aecp.store import keys
 from aecp.store.memory import MemoryStore
 from aecp.store.typed import read
+from aecp.store.view import read_cluster
 from tests.unit.abskit import Cluster
 from tests.unit.conftest import add_node, dump_store
 
@@ -33,8 +38,47 @@ def disks(cluster: Cluster) -> VMDisks:
     return VMDisks(cluster.meta, cluster.pool, Path("/nonexistent/nbd.sock"))
 
 
-def vmsnaps(svc: ClusterService, cluster: Cluster) -> VMSnapshotService:
-    return VMSnapshotService(svc, SnapshotService(cluster.meta, cluster.pool), "n1", None)
+class JobFailed(Exception):
+    """A VM job ended as failed: its operation's error."""
+
+
+class CarriedOut:
+    """``VMSnapshotService`` whose jobs the VM's node (n1) carries out at once: a test of
+    what the jobs do, not of who runs them. A job that fails raises ``JobFailed``."""
+
+    def __init__(self, svc: ClusterService, cluster: Cluster) -> None:
+        self.service = VMSnapshotService(svc, SnapshotService(cluster.meta, cluster.pool))
+        self.cloner = self.service.cloner
+        self.snaps = self.service.snaps
+        self.store = svc.store
+        self.jobs = VMJobs("n1", FakeHypervisor(), self.cloner, svc.clock)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.service, name)
+
+    async def _carried_out(self, vm: str, op: Operation) -> Operation:
+        await self.jobs.run((await read_cluster(self.store)).vms[vm])
+        got = await read(self.store, keys.op(op.id), Operation)
+        assert got is not None
+        if got[0].state is OpState.FAILED:
+            raise JobFailed(got[0].error)
+        return got[0]
+
+    async def snapshot(self, vm: str, name: str) -> Operation:
+        return await self._carried_out(vm, await self.service.snapshot(vm, name))
+
+    async def rollback(self, vm: str, name: str) -> Operation:
+        return await self._carried_out(vm, await self.service.rollback(vm, name))
+
+    async def clone(self, vm: str, new: str, start: bool = True) -> Operation:
+        return await self._carried_out(vm, await self.service.clone(vm, new, start))
+
+    async def convert_to_template(self, vm: str, template: str) -> Operation:
+        return await self._carried_out(vm, await self.service.convert_to_template(vm, template))
+
+
+def vmsnaps(svc: ClusterService, cluster: Cluster) -> CarriedOut:
+    return CarriedOut(svc, cluster)
 
 
 async def spec_of(store: MemoryStore, name: str) -> VMSpec:

@@ -115,14 +115,12 @@ app.add_typer(snapshot_app, name="snapshot")
 
 
 @snapshot_app.command("create")
-def snapshot_create(vm: str, name: str, output: OutputOpt = Format.TABLE) -> None:
+def snapshot_create(
+    vm: str, name: str, no_wait: NoWaitOpt = False, output: OutputOpt = Format.TABLE
+) -> None:
     """Snapshot every disk of a VM at one instant (a running VM is paused for it)."""
     with client() as c:
-        emit(
-            c.post(f"/v1/vms/{vm}/snapshots", json={"name": name}),
-            output,
-            ["vm", "name", "volumes", "created_at"],
-        )
+        follow(c, c.post(f"/v1/vms/{vm}/snapshots", json={"name": name}), no_wait, output)
 
 
 @snapshot_app.command("list")
@@ -133,10 +131,12 @@ def snapshot_list(vm: str, output: OutputOpt = Format.TABLE) -> None:
 
 
 @snapshot_app.command("rollback")
-def snapshot_rollback(vm: str, name: str, output: OutputOpt = Format.TABLE) -> None:
+def snapshot_rollback(
+    vm: str, name: str, no_wait: NoWaitOpt = False, output: OutputOpt = Format.TABLE
+) -> None:
     """Return a stopped VM's disks to a snapshot."""
     with client() as c:
-        emit(c.post(f"/v1/vms/{vm}/snapshots/{name}/rollback"), output, ["vm", "name", "volumes"])
+        follow(c, c.post(f"/v1/vms/{vm}/snapshots/{name}/rollback"), no_wait, output)
 
 
 @snapshot_app.command("delete")
@@ -166,12 +166,10 @@ def clone(
 def convert_to_template(
     vm: str,
     template: Annotated[str | None, typer.Option(help="template name [default: the VM's]")] = None,
+    no_wait: NoWaitOpt = False,
     output: OutputOpt = Format.TABLE,
 ) -> None:
     """Turn a stopped VM into a template (the VM is deleted; its disks are kept frozen)."""
     with client() as c:
-        emit(
-            c.post(f"/v1/vms/{vm}/convert-to-template", json={"name": template or vm}),
-            output,
-            ["name", "vcpus", "memory_mib", "volumes", "source_vm"],
-        )
+        body = {"name": template or vm}
+        follow(c, c.post(f"/v1/vms/{vm}/convert-to-template", json=body), no_wait, output)

@@ -20,6 +20,7 @@ from aecp.common.errors import (
     AlreadyExists,
     Conflict,
     InvalidInput,
+    InvalidState,
     NotFound,
     StoreUnavailable,
 )
@@ -160,6 +161,12 @@ class ClusterService:
         snap = await self.cluster_view()
         if req.name in snap.vms:
             raise AlreadyExists(f"VM {req.name} already exists", field="name")
+        for e in snap.vms.values():
+            if e.job is not None and e.job.kind == "clone" and e.job.target == req.name:
+                raise AlreadyExists(
+                    f"VM {req.name} is being made as a clone of {e.spec.name} ({e.job.op_id})",
+                    field="name",
+                )
         await self._check_volume_names(VMSpec.from_create(req, "", 0.0))
         self._check_fits(req, snap)
         return await self._usable_image(req.image) if image else None
@@ -182,16 +189,18 @@ class ClusterService:
         op: Operation,
         volumes_free: bool = False,
         guards: Sequence[Compare] = (),
+        also: Sequence[Put | Delete] = (),
     ) -> None:
-        """Store a new VM's spec and its operation in one transaction; ``volumes_free``: only
-        while no volume holds one of its disks' names (``AlreadyExists`` naming it);
-        ``guards``: only while they hold too (``Conflict`` if one failed: the volumes made for
-        the VM changed meanwhile)."""
+        """Store a new VM's spec and its operation (and ``also``) in one transaction;
+        ``volumes_free``: only while no volume holds one of its disks' names (``AlreadyExists``
+        naming it); ``guards``: only while they hold too (``Conflict`` if one failed: the
+        volumes made for the VM, or the job making it, changed meanwhile)."""
         cmp = [Compare.absent(keys.vm_spec(spec.name)), *guards]
         if volumes_free:
             cmp += [Compare.absent(keys.abs_volume(v)) for v in spec.volumes()]
         ok = await self.store.txn(
-            cmp, [Put(keys.vm_spec(spec.name), spec.dump()), Put(keys.op(op.id), op.dump())]
+            cmp,
+            [Put(keys.vm_spec(spec.name), spec.dump()), Put(keys.op(op.id), op.dump()), *also],
         )
         if not ok:
             if await self.store.get(keys.vm_spec(spec.name)) is not None:
@@ -259,10 +268,18 @@ class ClusterService:
             if entry.spec.deleting and entry.placement is None and state is not VMState.ERROR:
                 return await self._delete_unplaced(name, entry.spec.op_id)
             check_deletable(entry.spec, state)
+            if entry.job is not None:
+                raise InvalidState(
+                    f"VM {name} has a {entry.job.describe()} in progress ({entry.job.op_id}); "
+                    "wait for it to end",
+                    operation=entry.job.op_id,
+                )
             op = self.new_op("vm.delete", name, "delete requested")
             spec = entry.spec.model_copy(update={"deleting": True, "op_id": op.id})
             unplaced = entry.placement is None
-            guard = [Compare.absent(keys.vm_placement(name))] if unplaced else []
+            guard = [Compare.absent(keys.vm_job(name))]
+            if unplaced:
+                guard.append(Compare.absent(keys.vm_placement(name)))
             if await self._swap_spec(entry, spec, op, guard):
                 log.info("vm %s: delete requested as %s", name, op.id)
                 return await self._delete_unplaced(name, op.id) if unplaced else op

@@ -16,6 +16,7 @@ class TemplateRecord(Stored):
     volumes: list[str]
     source_vm: str
     created_at: float
+    op: str = ""  # the conversion that made it (records before it have none)
 
 
 def template_volume(template: str, vm_volume: str, vm: str) -> str:

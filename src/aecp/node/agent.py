@@ -25,6 +25,7 @@ from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.reaper import OperationReaper
 from aecp.cluster.scheduler import Scheduler
 from aecp.cluster.service import ClusterService
+from aecp.cluster.vmclones import DiskCloner
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.common.clock import SYSTEM_CLOCK, Clock
@@ -34,11 +35,11 @@ from aecp.compute.hypervisor import Accel, Hypervisor
 from aecp.conf.settings import NodeSettings
 from aecp.node.control import ControlLoop
 from aecp.node.fencing import Fencer
-from aecp.node.pauses import VMPauses
 from aecp.node.presence import Presence
 from aecp.node.reconciler import Reconciler
 from aecp.node.storagewiring import meta_service, replica_auth
 from aecp.node.vmdisks import VMDisks
+from aecp.node.vmjobs import VMJobs
 from aecp.node.vmops import VMActions
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.snapshots import SnapshotService
@@ -52,7 +53,8 @@ log = logging.getLogger(__name__)
 
 class NodeAgent:
     """Everything one node runs, wired together (the pieces are ``Presence``, ``Fencer``,
-    ``VMPauses``, ``ControlLoop``, the reconciler, the controller host and the API server).
+    ``ControlLoop``, the reconciler and its job runner, the controller host and the API
+    server).
     ``run`` returns when ``stop`` is called."""
 
     def __init__(
@@ -75,8 +77,10 @@ class NodeAgent:
             settings.name, settings.address, store, hv, self.vmdisks, settings.images_dir, accel,
             clock,
         )  # fmt: skip
-        self.reconciler = Reconciler(settings.name, hv, self.actions, clock)
-        self.pauses = VMPauses(hv, self.reconciler.held)
+        self.service = ClusterService(store, settings.images_dir, clock, disks=self.vmdisks)
+        self.snapshots = SnapshotService(self.meta, self.volume_pool)
+        jobs = VMJobs(settings.name, hv, DiskCloner(self.service, self.snapshots), clock)
+        self.reconciler = Reconciler(settings.name, hv, self.actions, clock, jobs)
         self.controllers = ControllerHost(
             store, settings.name, History(store, settings.name, clock)
         )
@@ -143,15 +147,13 @@ class NodeAgent:
             log.info("node %s: agent stopped (VMs keep running)", self.name)
 
     def _api_server(self) -> uvicorn.Server:
-        svc = ClusterService(self.store, self.settings.images_dir, self.clock, disks=self.vmdisks)
+        svc = self.service
         ctx = NodeContext(
             self.name, self.settings.api_url, self.settings.run_dir, self._console_socket
         )
         ca = Bundle(self.settings.security.tls_dir).ca_file.read_text()
         volumes = VolumeService(self.meta, self.volume_pool, ca_certificate=ca)
-        vmsnaps = VMSnapshotService(
-            svc, SnapshotService(self.meta, self.volume_pool), self.name, self.pauses
-        )
+        vmsnaps = VMSnapshotService(svc, self.snapshots)
         config = uvicorn.Config(
             create_app(svc, ctx, volumes, vmsnaps),
             host=self.settings.address,

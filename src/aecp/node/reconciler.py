@@ -27,18 +27,27 @@ import enum
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError
 from aecp.common.tasks import spawn
 from aecp.compute.hypervisor import EventKind, Hypervisor, InstanceEvent, InstanceInfo, RunState
 from aecp.model.vm import Power, VMState, VMStatus
+from aecp.model.vmjob import VMJob
 from aecp.node.vmops import VMActions
 from aecp.store.view import ClusterView, VMEntry
 
 log = logging.getLogger(__name__)
 
 Action = Callable[[], Awaitable[None]]
+
+
+class JobRunner(Protocol):
+    async def run(self, e: VMEntry) -> None:
+        """Carry out ``e``'s job (``node.vmjobs``); never raises."""
+
+
 RETRY_FIRST = 1.0  # s before the first retry of a failed action
 RETRY_MAX = 60.0  # s: the back-off stops growing here
 RETRY_ATTEMPTS = 10  # failed attempts of a request's action before its operation fails (~4 min)
@@ -80,16 +89,21 @@ class Reconciler:
     """Per-node VM control loop body."""
 
     def __init__(
-        self, node: str, hv: Hypervisor, actions: VMActions, clock: Clock = SYSTEM_CLOCK
+        self,
+        node: str,
+        hv: Hypervisor,
+        actions: VMActions,
+        clock: Clock = SYSTEM_CLOCK,
+        jobs: JobRunner | None = None,
     ) -> None:
         self.node = node
         self.hv = hv
         self.actions = actions
         self.clock = clock
+        self.jobs = jobs  # None: this reconciler carries out no jobs (a test of the rest)
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.failures: dict[str, Failure] = {}
         self.guest_off: set[str] = set()
-        self.held: set[str] = set()  # VMs paused for a snapshot: leave them alone
 
     def note_guest_poweroff(self, name: str) -> None:
         """The guest of ``name`` powered itself off: record that, do not restart it."""
@@ -221,10 +235,8 @@ class Reconciler:
             return Decision(
                 name, f"{name} has an action in progress: waiting for it", say=Say.ON_CHANGE
             )
-        if name in self.held:
-            return Decision(
-                name, f"{name} is paused for a snapshot: waiting for it", say=Say.ON_CHANGE
-            )
+        if e.job is not None and not e.spec.deleting:
+            return self._has_job(e, e.job)
         st = e.status
         if st is not None and st.gave_up and e.spec.op_id and st.failed_op == e.spec.op_id:
             return self._given_up(name, st.message.splitlines()[0][:200] if st.message else "?")
@@ -239,6 +251,19 @@ class Reconciler:
             op_id=e.spec.op_id,
             spec_rev=e.spec_rev,
             say=Say.DEBUG if retry else d.say,
+        )
+
+    def _has_job(self, e: VMEntry, job: VMJob) -> Decision:
+        """A job comes before any other change (the VM is left alone while it runs); a
+        request made meanwhile (a start after a rollback) is carried out after it."""
+        name = e.spec.name
+        what = f"{job.describe()} ({job.op_id})"
+        if self.jobs is None:
+            sentence = f"{name} has a job, {what}, and this agent runs none"
+            return Decision(name, sentence, say=Say.ON_CHANGE)
+        jobs = self.jobs
+        return Decision(
+            name, f"{name} has a job, {what}: carrying it out", lambda: jobs.run(e), kind="job"
         )
 
     def _decide_change(self, e: VMEntry, inst: InstanceInfo | None) -> Decision:

@@ -60,10 +60,11 @@ class SnapshotService:
         self.pool = pool
 
     async def snapshot(
-        self, volume: str, name: str, paused_on: str | None = None
+        self, volume: str, name: str, paused_on: str | None = None, op: str = ""
     ) -> SnapshotRecord:
         """Snapshot ``volume`` as ``name``. ``paused_on``: the node whose paused VM has the
-        volume attached (the only attached case allowed)."""
+        volume attached (the only attached case allowed); ``op``: the VM operation taking it
+        (recorded, so that an interrupted one finds what it made)."""
         check_name("snapshot", name)
         # an export that is closing: after its flush (a paused VM's disks stay attached)
         await self.meta.wait_detached(volume, settle=0 if paused_on else SETTLE)
@@ -89,6 +90,7 @@ class SnapshotService:
                 created_at=self.meta.clock.wall(),
                 ready=att is None,
                 uid=secrets.token_hex(8),
+                op=op,
             )
             epoch = vol.epoch
             cmp: list[Compare] = []

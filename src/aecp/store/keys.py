@@ -9,6 +9,7 @@
     /aecp/vms/<vm>/spec                VMSpec: desired state (written by the API)
     /aecp/vms/<vm>/placement           Placement: the node chosen by the scheduler
     /aecp/vms/<vm>/status              VMStatus: actual state (written by the node agent)
+    /aecp/vm-jobs/<vm>                 VMJob: a disk change for the VM's agent (snapshot, ...)
     /aecp/images/<image>               ImageRecord
     /aecp/ops/<op-id>                  Operation: a long-running request and its progress
     /aecp/templates/<template>         TemplateRecord: frozen VM disks and the VM's shape
@@ -33,6 +34,8 @@ NODES = ROOT + "nodes/"
 NODE_ADMIN = ROOT + "node-admin/"
 ALIVE = ROOT + "alive/"
 VMS = ROOT + "vms/"
+# not under vms/: agents before it was added read every key there as a part of a VM
+VM_JOBS = ROOT + "vm-jobs/"
 IMAGES = ROOT + "images/"
 OPS = ROOT + "ops/"
 TEMPLATES = ROOT + "templates/"
@@ -93,6 +96,11 @@ def object_events(kind: str, name: str) -> str:
 
 def leader(role: str) -> str:
     return LEADERS + role
+
+
+def vm_job(name: str) -> str:
+    """The change of VM ``name``'s disks its node agent is asked to carry out (one at a time)."""
+    return VM_JOBS + name
 
 
 def split_vm_key(key: str) -> tuple[str, str] | None:

@@ -11,7 +11,8 @@ is changed.
 
 Strays are ended one compare-and-swap each (``end_strays``, ``sweep_strays``), never inside
 another transaction: a VM can have any number of them, and etcd refuses a transaction of more
-than 128 operations. A VM has one current operation, the one its spec names; every other
+than 128 operations. A VM has one current operation, the one its spec names, and the
+operation of its job if it has one (``model.vmjob``: a clone's names the new VM); every other
 operation on it still running is a stray (the request that followed it would have cancelled
 it), and so is every one on a VM that no longer exists. Each stray is ended only while the
 VM's spec is still the one read, so an operation that became current meanwhile is never
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterable
 
 from aecp.model.operation import Operation
 from aecp.model.vm import VMSpec
+from aecp.model.vmjob import VMJob
 from aecp.store import keys
 from aecp.store.base import Compare, KeyValue, Put, Store
 
@@ -65,19 +67,29 @@ def _open_on_vms(kvs: Iterable[KeyValue]) -> dict[str, list[tuple[Operation, int
     return out
 
 
+async def _job_ops(store: Store) -> set[str]:
+    """The operations of the VM jobs (``model.vmjob``): their agents end them."""
+    return {VMJob.load(kv.value).op_id for kv in await store.list(keys.VM_JOBS)}
+
+
 async def end_strays(store: Store, vm: str, now: float) -> int:
     """End every stray operation on VM ``vm`` (see the module docstring); returns how many.
-    Operations must be read before the spec: an operation created after the spec was read
+    Operations must be read before the jobs and the spec: an operation created after them
     would look like a stray."""
     ops = _open_on_vms(await store.list(keys.OPS)).get(vm, [])
-    return await _end_strays(store, vm, ops, now) if ops else 0
+    if not ops:
+        return 0
+    jobs = await _job_ops(store)
+    return await _end_strays(store, vm, [o for o in ops if o[0].id not in jobs], now)
 
 
 async def sweep_strays(store: Store, now: float) -> int:
     """End the stray operations of every VM, existing or not; returns how many."""
     ended = 0
-    for vm, ops in sorted(_open_on_vms(await store.list(keys.OPS)).items()):
-        ended += await _end_strays(store, vm, ops, now)
+    open_ops = _open_on_vms(await store.list(keys.OPS))
+    jobs = await _job_ops(store)
+    for vm, ops in sorted(open_ops.items()):
+        ended += await _end_strays(store, vm, [o for o in ops if o[0].id not in jobs], now)
     return ended
 
 

@@ -9,18 +9,22 @@ from dataclasses import dataclass, field
 
 from aecp.model.node import Capacity, NodeAdmin, NodeHeartbeat, NodeRecord, NodeState, NodeView
 from aecp.model.vm import Placement, VMSpec, VMState, VMStatus, observed_state
+from aecp.model.vmjob import VMJob
 from aecp.store import keys
 from aecp.store.base import Compare, Store
 
 
 @dataclass(frozen=True)
 class VMEntry:
-    """The three keys of one VM. ``spec_rev`` is the spec's mod_revision (for CAS)."""
+    """The three keys of one VM, and its job if it has one. ``spec_rev`` is the spec's
+    mod_revision (for CAS)."""
 
     spec: VMSpec
     spec_rev: int
     placement: Placement | None = None
     status: VMStatus | None = None
+    job: VMJob | None = None
+    job_rev: int = 0  # the job's mod_revision
 
     @property
     def node(self) -> str | None:
@@ -82,12 +86,13 @@ class ClusterView:
 
 
 async def read_cluster(store: Store) -> ClusterView:
-    """Read nodes, heartbeats and VMs (three prefix reads, concurrently)."""
-    node_kvs, admin_kvs, alive_kvs, vm_kvs = await asyncio.gather(
+    """Read nodes, heartbeats, VMs and their jobs (a prefix read each, concurrently)."""
+    node_kvs, admin_kvs, alive_kvs, vm_kvs, job_kvs = await asyncio.gather(
         store.list(keys.NODES),
         store.list(keys.NODE_ADMIN),
         store.list(keys.ALIVE),
         store.list(keys.VMS),
+        store.list(keys.VM_JOBS),
     )
     nodes = {keys.last_segment(kv.key, keys.NODES): NodeRecord.load(kv.value) for kv in node_kvs}
     admin = {
@@ -102,14 +107,24 @@ async def read_cluster(store: Store) -> ClusterView:
         split = keys.split_vm_key(kv.key)
         if split is not None:
             parts.setdefault(split[0], {})[split[1]] = (kv.value, kv.mod_revision)
+    jobs = {
+        keys.last_segment(kv.key, keys.VM_JOBS): (VMJob.load(kv.value), kv.mod_revision)
+        for kv in job_kvs
+    }
     vms = {}
     for name, p in parts.items():
         if "spec" not in p:
             continue  # a half-deleted VM: status or placement without a spec
+        spec = VMSpec.load(p["spec"][0])
+        job, job_rev = jobs.get(name, (None, 0))
+        if job is not None and job.vm_uuid != spec.uuid:
+            job, job_rev = None, 0  # asked of an earlier VM of that name
         vms[name] = VMEntry(
-            spec=VMSpec.load(p["spec"][0]),
+            spec=spec,
             spec_rev=p["spec"][1],
             placement=Placement.load(p["placement"][0]) if "placement" in p else None,
             status=VMStatus.load(p["status"][0]) if "status" in p else None,
+            job=job,
+            job_rev=job_rev,
         )
     return ClusterView(nodes=nodes, alive=alive, vms=vms, admin=admin, admin_revs=admin_revs)

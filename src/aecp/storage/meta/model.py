@@ -247,6 +247,7 @@ class SnapshotRecord(Stored):
     # them could still take a write, so it is neither cloned nor rolled back to
     ready: bool = True
     uid: str = ""  # this one, not a namesake taken later (records before it have none)
+    op: str = ""  # the VM operation that took it: undone whole if that one is interrupted
 
 
 def writable_in_place(ext: ExtentRecord, vol: VolumeRecord) -> bool:

@@ -1,0 +1,236 @@
+"""VM jobs (snapshot, rollback, clone, convert-to-template): the API only records them, the
+VM's node agent carries them out, one at a time per VM, and a run interrupted half-way (the
+agent killed) is undone by the next run before it starts again: a snapshot is then whole or
+absent, never partial, and a clone is made once."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aecp.cluster.service import ClusterService
+from aecp.cluster.vmclones import DiskCloner
+from aecp.cluster.vmsnapshots import VMSnapshotService
+from aecp.common.errors import InvalidState
+from aecp.compute.fake import FakeHypervisor
+from aecp.compute.hypervisor import InstanceSpec, RunState
+from aecp.model.operation import Operation, OpState
+from aecp.model.vm import Power, PowerOp, VMState
+from aecp.model.vmjob import JobKind
+from aecp.node.reconciler import Reconciler
+from aecp.node.vmjobs import VMJobs
+from aecp.storage.snapshots import SnapshotService
+from aecp.store import keys
+from aecp.store.base import Store
+from aecp.store.memory import MemoryStore
+from aecp.store.opsend import sweep_strays
+from aecp.store.typed import read
+from aecp.store.view import VMEntry, read_cluster
+from tests.unit.abskit import Cluster
+from tests.unit.conftest import add_node, dump_store
+from tests.unit.test_vm_ownership import disks, stopped_vm
+
+
+@pytest.fixture
+async def svc(store: MemoryStore, images_dir: Path, cluster: Cluster) -> ClusterService:
+    await add_node(store, "n1", memory_mib=4096, cpus=2)
+    return ClusterService(store, images_dir, disks=disks(cluster))
+
+
+@pytest.fixture
+def hv() -> FakeHypervisor:
+    return FakeHypervisor()
+
+
+@pytest.fixture
+def requests(svc: ClusterService, cluster: Cluster) -> VMSnapshotService:
+    return VMSnapshotService(svc, SnapshotService(cluster.meta, cluster.pool))
+
+
+def agent(svc: ClusterService, requests: VMSnapshotService, hv: FakeHypervisor) -> VMJobs:
+    """The job runner of n1's agent (a new one is a restarted agent)."""
+    return VMJobs("n1", hv, requests.cloner, svc.clock)
+
+
+async def entry(store: Store, vm: str) -> VMEntry:
+    return (await read_cluster(store)).vms[vm]
+
+
+async def op_of(store: Store, op_id: str) -> Operation:
+    got = await read(store, keys.op(op_id), Operation)
+    assert got is not None
+    return got[0]
+
+
+async def running(svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, name: str) -> None:
+    """A VM with two disks, running on n1."""
+    spec = await stopped_vm(svc, cluster, name, data=1)
+    await svc.store.put(keys.vm_spec(name), spec.model_copy(update={"power": Power.RUNNING}).dump())
+    await hv.start(InstanceSpec(name, spec.uuid, 1, 256, disks=()))
+
+
+async def snapshot_names(requests: VMSnapshotService, vm: str) -> dict[str, list[str]]:
+    return {
+        vol: [s.name for s in await requests.snaps.snapshots(vol)]
+        for vol in (f"{vm}-boot", f"{vm}-data1")
+    }
+
+
+async def test_a_snapshot_request_only_records_a_job_and_the_agent_takes_it_paused(
+    svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
+) -> None:
+    await running(svc, cluster, hv, "web")
+    op = await requests.snapshot("web", "s1")
+    assert op.kind == "vm.snapshot" and op.state is OpState.RUNNING
+    assert await snapshot_names(requests, "web") == {"web-boot": [], "web-data1": []}
+    job = (await entry(svc.store, "web")).job
+    assert job is not None and job.kind is JobKind.SNAPSHOT and job.op_id == op.id
+
+    await agent(svc, requests, hv).run(await entry(svc.store, "web"))
+
+    assert await snapshot_names(requests, "web") == {"web-boot": ["s1"], "web-data1": ["s1"]}
+    assert [c for c in hv.calls if c[0] in ("pause", "resume")] == [
+        ("pause", "web"),
+        ("resume", "web"),
+    ]
+    assert await hv.state("web") is RunState.RUNNING
+    done = await op_of(svc.store, op.id)
+    assert done.state is OpState.SUCCEEDED and "2 disks" in done.message
+    assert (await entry(svc.store, "web")).job is None
+
+
+async def test_a_vm_has_one_job_at_a_time_and_is_not_deleted_under_it(
+    store: MemoryStore,
+    svc: ClusterService,
+    cluster: Cluster,
+    hv: FakeHypervisor,
+    requests: VMSnapshotService,
+) -> None:
+    """Two snapshots of one VM never pause and resume it under each other: the second is
+    refused while the first is recorded (and a delete too), naming the first."""
+    await stopped_vm(svc, cluster, "web")
+    op = await requests.snapshot("web", "s1")
+    before = await dump_store(store)
+    for refused in (
+        requests.snapshot("web", "s2"),
+        requests.clone("web", "twin"),
+        requests.convert_to_template("web", "gold"),
+        svc.delete_vm("web"),
+    ):
+        with pytest.raises(InvalidState, match=f"in progress \\({op.id}\\)"):
+            await refused
+    assert await dump_store(store) == before
+
+
+class KilledAfterOneSnapshot(SnapshotService):
+    """Takes one snapshot, then hangs in the next one (where the agent is killed)."""
+
+    taken = asyncio.Event()
+
+    async def snapshot(self, volume: str, name: str, *args: Any, **kw: Any) -> Any:
+        if self.taken.is_set():
+            await asyncio.Event().wait()
+        rec = await super().snapshot(volume, name, *args, **kw)
+        self.taken.set()
+        return rec
+
+
+class KilledBeforeStoring(DiskCloner):
+    """Makes a clone's volumes, then dies before its record is stored."""
+
+    async def store_vm(self, *args: Any, **kw: Any) -> None:
+        raise asyncio.CancelledError
+
+
+async def test_a_snapshot_interrupted_half_way_is_undone_and_taken_whole_by_the_next_run(
+    svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
+) -> None:
+    await running(svc, cluster, hv, "web")
+    op = await requests.snapshot("web", "s1")
+    dying = KilledAfterOneSnapshot(cluster.meta, cluster.pool)
+    first = VMJobs("n1", hv, DiskCloner(svc, dying), svc.clock)
+    task = asyncio.create_task(first.run(await entry(svc.store, "web")))
+    await dying.taken.wait()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert await snapshot_names(requests, "web") == {"web-boot": ["s1"], "web-data1": []}
+
+    await agent(svc, requests, hv).run(await entry(svc.store, "web"))
+
+    assert await snapshot_names(requests, "web") == {"web-boot": ["s1"], "web-data1": ["s1"]}
+    assert (await op_of(svc.store, op.id)).state is OpState.SUCCEEDED
+    assert await hv.state("web") is RunState.RUNNING
+
+
+async def test_a_snapshot_that_fails_leaves_none_and_fails_its_operation(
+    svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
+) -> None:
+    await running(svc, cluster, hv, "web")
+    op = await requests.snapshot("web", "s1")
+    await requests.snaps.snapshot("web-data1", "s1")  # taken through the volume API meanwhile
+
+    await agent(svc, requests, hv).run(await entry(svc.store, "web"))
+
+    failed = await op_of(svc.store, op.id)
+    assert failed.state is OpState.FAILED and "web-data1@s1 already exists" in failed.error
+    # its own snapshot of web-boot is gone; the namesake taken meanwhile is not its own: kept
+    assert await snapshot_names(requests, "web") == {"web-boot": [], "web-data1": ["s1"]}
+    assert await hv.state("web") is RunState.RUNNING
+    assert (await entry(svc.store, "web")).job is None
+
+
+async def test_a_clone_interrupted_after_its_volumes_were_made_is_made_once(
+    svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
+) -> None:
+    await stopped_vm(svc, cluster, "src", data=1)
+    op = await requests.clone("src", "twin", start=False)
+    first = VMJobs("n1", hv, KilledBeforeStoring(svc, requests.snaps), svc.clock)
+    with pytest.raises(asyncio.CancelledError):
+        await first.run(await entry(svc.store, "src"))
+    assert {v.name for v in await cluster.meta.volumes()} >= {"twin-boot", "twin-data1"}
+
+    await agent(svc, requests, hv).run(await entry(svc.store, "src"))
+
+    view = await read_cluster(svc.store)
+    twin = view.vms["twin"].spec
+    assert twin.op_id == op.id and twin.source == "clone of src"
+    for vol in ("twin-boot", "twin-data1"):
+        owner = (await cluster.meta.volume(vol))[0].owner
+        assert owner is not None and owner.uid == twin.uuid
+    assert view.vms["src"].job is None
+    assert (await op_of(svc.store, op.id)).state is OpState.RUNNING
+
+
+async def test_the_operation_of_a_job_is_not_ended_as_a_stray(
+    svc: ClusterService, cluster: Cluster, requests: VMSnapshotService
+) -> None:
+    """The scheduler's sweep ends operations no spec names; a job's is named by its job (a
+    clone's names a VM that does not exist yet)."""
+    await stopped_vm(svc, cluster, "src")
+    snap = await requests.snapshot("src", "s1")
+    ended = await sweep_strays(svc.store, 0.0)
+    assert ended == 0
+    assert (await op_of(svc.store, snap.id)).state is OpState.RUNNING
+
+
+async def test_the_reconciler_runs_a_job_before_a_start_requested_after_it(
+    svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
+) -> None:
+    await stopped_vm(svc, cluster, "web")
+    await requests.snaps.snapshot("web-boot", "s0")
+    rb = await requests.rollback("web", "s0")
+    await svc.power("web", PowerOp.START)
+    rec = Reconciler("n1", hv, None, svc.clock, agent(svc, requests, hv))  # type: ignore[arg-type]
+
+    decisions = rec.run_pass(await read_cluster(svc.store), lease_held=True)
+
+    assert [d.sentence for d in decisions] == [
+        f"web has a job, rollback to snapshot s0 ({rb.id}): carrying it out"
+    ]
+    await rec.inflight["web"]
+    assert (await op_of(svc.store, rb.id)).state is OpState.SUCCEEDED
+    view = await read_cluster(svc.store)
+    assert view.vms["web"].job is None and view.vm_state("web") is VMState.STOPPED
