@@ -67,6 +67,7 @@ POOLS = {
     "image": ["st-img", MISSING],
     "template": [MISSING],
     "node": ["node1", MISSING],
+    "principal": ["st-ops", MISSING],  # never the admin the test calls as
 }
 PROMPT = "aecp:/# "
 
@@ -87,6 +88,7 @@ async def _make_objects(kit: LabKit) -> None:
         ("POST", "/v1/volumes", {"json": {"name": "st-vol", "size": "1M"}}),
         ("POST", "/v1/volumes/st-vol/snapshots", {"json": {"name": "st-snap"}}),
         ("PUT", "/v1/images/st-img", {"content": b"\0" * 65536}),
+        ("POST", "/v1/tokens", {"json": {"name": "st-ops", "role": "operator"}}),
     ]
     for method, path, kw in made:
         r = await kit.call(method, path, **kw)
@@ -258,6 +260,7 @@ def _kind(path: str, param: str) -> str:
         "images": "image",
         "templates": "template",
         "nodes": "node",
+        "tokens": "principal",
     }[resource]
 
 

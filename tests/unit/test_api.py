@@ -56,7 +56,8 @@ async def test_health_needs_no_token_and_says_nothing_else(
 ) -> None:
     client, _ = api
     r = await client.get("/healthz")
-    assert r.status_code == 200 and r.json() == {"status": "ok", "node": "n1"}
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "node": "n1", "store": "ok", "lease": "held"}
 
 
 async def test_create_returns_202_with_an_operation(api: tuple[httpx.AsyncClient, str]) -> None:

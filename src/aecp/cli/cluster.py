@@ -1,7 +1,8 @@
-"""``aecp cluster``: the cluster's certificate authority — create it, issue node and client
-credentials, and renew them all (``rotate-certs``).
+"""``aecp cluster``: the cluster (``show``: its name and id, through the API) and its
+certificate authority — create it, issue node and client credentials, and renew them all
+(``rotate-certs``).
 
-These commands work on a CA directory on this machine (``--pki-dir``; by default the lab's),
+The CA commands work on a CA directory on this machine (``--pki-dir``; by default the lab's),
 not through the API: the CA's key is never sent anywhere. Running processes pick renewed
 credentials up by themselves: etcd on its next connections, AECP's processes within seconds
 (``common.tls.Credentials``, ``EtcdStore``).
@@ -15,12 +16,13 @@ from typing import Annotated
 import typer
 from cryptography import x509
 
+from aecp.cli.common import client
 from aecp.cli.output import Format, OutputOpt, emit, iso_time
 from aecp.common.errors import NotFound
 from aecp.common.pki import LEAF_DAYS, Bundle, ClusterCA, common_name, role_of
 from aecp.lab.harness import Lab
 
-app = typer.Typer(help="The cluster: its certificate authority.", no_args_is_help=True)
+app = typer.Typer(help="The cluster: its id, its certificate authority.", no_args_is_help=True)
 cert_app = typer.Typer(help="Issue credentials from the cluster CA.", no_args_is_help=True)
 app.add_typer(cert_app, name="cert")
 PkiOpt = Annotated[
@@ -51,6 +53,13 @@ def _row(bundle: Bundle) -> dict[str, object]:
         "expires": iso_time(expires),
         "expires_at": expires,
     }
+
+
+@app.command("show")
+def show(output: OutputOpt = Format.TABLE) -> None:
+    """The cluster's name and id, and the version of the node that answers."""
+    with client() as c:
+        emit(c.get("/v1/cluster"), output)
 
 
 @app.command("init-ca")

@@ -24,6 +24,7 @@ from aecp.common.errors import (
     NotFound,
     StoreUnavailable,
 )
+from aecp.common.requester import REQUESTED_BY
 from aecp.compute.images import catalog
 from aecp.model.base import check_name
 from aecp.model.event import ObjectEvent
@@ -358,6 +359,7 @@ class ClusterService:
             kind=kind,
             target=target,
             message=message,
+            requested_by=REQUESTED_BY.get(),
             created_at=now,
             updated_at=now,
         )

@@ -58,6 +58,13 @@ class Unauthorized(AecpError):
     http_status = 401
 
 
+class Forbidden(AecpError):
+    """The caller is known, and its role does not allow the request."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class NotFound(AecpError):
     code = "not_found"
     http_status = 404

@@ -27,6 +27,7 @@ from typing import Literal
 import httpx
 from pydantic import BaseModel, Field, field_validator
 
+from aecp.cluster.principals import first_admin
 from aecp.common.errors import InvalidInput, NotFound, Unavailable
 from aecp.common.pki import ClusterCA
 from aecp.common.proc import pid_alive, read_pidfile
@@ -34,7 +35,8 @@ from aecp.conf import settings
 from aecp.conf.settings import NodeSettings
 from aecp.lab.etcd import EtcdCluster, EtcdMember, loopback_sans
 from aecp.lab.process import Daemon, kill_pidfiles
-from aecp.model.cluster import ClusterInfo, new_token
+from aecp.model.cluster import ClusterInfo, new_cluster_id
+from aecp.model.principal import FIRST_ADMIN, new_principal_token
 from aecp.store import keys
 from aecp.store.etcd import EtcdStore
 
@@ -230,13 +232,15 @@ class Lab:
             raise Unavailable(f"importing image {name} failed: {r.text[:300]}")
 
     async def _init_cluster(self, endpoints: list[str]) -> None:
-        token, digest = new_token()
+        token, digest = new_principal_token(FIRST_ADMIN)
         self.token_file.touch(mode=0o600)
         self.token_file.write_text(token + "\n")
-        info = ClusterInfo(name=self.spec.cluster_name, created_at=time.time(), token_sha256=digest)
+        now = time.time()
+        info = ClusterInfo(name=self.spec.cluster_name, created_at=now, id=new_cluster_id())
         store = EtcdStore(endpoints, tls=self.etcd_cluster().client_tls)
         try:
             await store.put(keys.CLUSTER, info.dump())
+            await store.put(keys.principal(FIRST_ADMIN), first_admin(digest, now).dump())
         finally:
             await store.close()
         (self.root / "cli.json").write_text(

@@ -38,6 +38,7 @@ class Operation(Stored):
     message: str = ""
     error: str = ""
     superseded_by: str = ""  # the operation that cancelled this one, if any
+    requested_by: str = ""  # the principal whose request created it ("" for none)
     created_at: float
     updated_at: float
 

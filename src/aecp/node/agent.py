@@ -25,10 +25,12 @@ from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.reaper import OperationReaper
 from aecp.cluster.scheduler import Scheduler
 from aecp.cluster.service import ClusterService
+from aecp.cluster.upgrades import upgrade_records
 from aecp.cluster.vmclones import DiskCloner
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.common.clock import SYSTEM_CLOCK, Clock
+from aecp.common.errors import AecpError
 from aecp.common.pki import Bundle
 from aecp.common.tasks import cancel, spawn
 from aecp.compute.hypervisor import Accel, Hypervisor
@@ -43,7 +45,7 @@ from aecp.node.vmjobs import VMJobs
 from aecp.node.vmops import VMActions
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.snapshots import SnapshotService
-from aecp.store.base import Store
+from aecp.store.base import Lease, Store
 from aecp.store.controllers import ControllerHost
 from aecp.store.history import History
 from aecp.store.lease import LeaseKeeper
@@ -94,7 +96,7 @@ class NodeAgent:
             store,
             settings.agent.lease_ttl,
             settings.agent.fence_margin,
-            self.presence.registered,
+            self._acquired,
             self.fencer.fence,
             clock,
             node=settings.name,
@@ -110,6 +112,15 @@ class NodeAgent:
             clock,
         )
         self._stop = asyncio.Event()
+
+    async def _acquired(self, lease: Lease) -> None:
+        """A new lease: register the node; bring older records up to date (once per
+        cluster; a failure is logged, and tried again on the next lease)."""
+        await self.presence.registered(lease)
+        try:
+            await upgrade_records(self.store, self.clock)
+        except AecpError as exc:
+            log.warning("node %s: records not upgraded yet: %s", self.name, exc)
 
     def _wake(self) -> None:
         self.control.wake()
@@ -149,7 +160,11 @@ class NodeAgent:
     def _api_server(self) -> uvicorn.Server:
         svc = self.service
         ctx = NodeContext(
-            self.name, self.settings.api_url, self.settings.run_dir, self._console_socket
+            self.name,
+            self.settings.api_url,
+            self.settings.run_dir,
+            self._console_socket,
+            self.keeper.held,
         )
         ca = Bundle(self.settings.security.tls_dir).ca_file.read_text()
         volumes = VolumeService(self.meta, self.volume_pool, ca_certificate=ca)

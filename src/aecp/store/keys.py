@@ -12,6 +12,7 @@
     /aecp/vm-jobs/<vm>                 VMJob: a disk change for the VM's agent (snapshot, ...)
     /aecp/images/<image>               ImageRecord
     /aecp/ops/<op-id>                  Operation: a long-running request and its progress
+    /aecp/principals/<name>            PrincipalRecord: an API token's holder, role and digest
     /aecp/templates/<template>         TemplateRecord: frozen VM disks and the VM's shape
     /aecp/leaders/<role>               the holder of a controller role (attached to its lease)
     /aecp/events/<kind>/<name>/<stamp> ObjectEvent: a decision about an object (store.history)
@@ -38,6 +39,7 @@ VMS = ROOT + "vms/"
 VM_JOBS = ROOT + "vm-jobs/"
 IMAGES = ROOT + "images/"
 OPS = ROOT + "ops/"
+PRINCIPALS = ROOT + "principals/"
 TEMPLATES = ROOT + "templates/"
 LEADERS = ROOT + "leaders/"
 EVENTS = ROOT + "events/"  # events/<kind>/<name>/<stamp>: what controllers decided about it
@@ -96,6 +98,10 @@ def object_events(kind: str, name: str) -> str:
 
 def leader(role: str) -> str:
     return LEADERS + role
+
+
+def principal(name: str) -> str:
+    return PRINCIPALS + name
 
 
 def vm_job(name: str) -> str:

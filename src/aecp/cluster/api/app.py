@@ -3,21 +3,26 @@ so the OpenAPI document is always complete), and the error shape of ``errors``."
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
 
 from aecp import __version__
 from aecp.cluster.api import errors
 from aecp.cluster.api.deps import NodeContext
+from aecp.cluster.api.health import CLUSTER_ID_HEADER, ClusterId, Health, check_health
 from aecp.cluster.api.routes import (
     cluster,
     console,
     images,
     nodes,
     operations,
+    tokens,
     vms,
     vmsnaps,
     volumes,
 )
+from aecp.cluster.principals import PrincipalService
 from aecp.cluster.service import ClusterService
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
@@ -34,6 +39,7 @@ ROUTERS = [
     volumes.storage_router,
     vmsnaps.router,
     vmsnaps.templates_router,
+    tokens.router,
 ]
 
 
@@ -52,6 +58,7 @@ def create_app(
         "answer has the ErrorBody shape.",
     )
     app.state.service = service
+    app.state.principals = PrincipalService(service.store, service.clock)
     app.state.node = node
     app.state.volumes = volume_service
     app.state.vmsnaps = vm_snapshots
@@ -63,9 +70,30 @@ def create_app(
     app.include_router(console.ws_router)
     errors.install(app)
 
-    @app.get("/healthz", tags=["health"], operation_id="health")
-    async def healthz() -> dict[str, str]:
-        """Liveness of this API process (no authentication, no cluster data)."""
-        return {"status": "ok", "node": node.name}
+    cluster_id = ClusterId(service.store)
+
+    @app.middleware("http")
+    async def with_cluster_id(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        known = await cluster_id.get()
+        if known:
+            response.headers[CLUSTER_ID_HEADER] = known
+        return response
+
+    @app.get(
+        "/healthz",
+        tags=["health"],
+        operation_id="health",
+        responses={503: {"model": Health, "description": "a check failed"}},
+    )
+    async def healthz(response: Response) -> Health:
+        """This node's health (no authentication, no cluster data): the cluster store answers
+        and the node holds its lease. 503 when a check fails, with which."""
+        health = await check_health(service.store, node)
+        if health.status != "ok":
+            response.status_code = 503
+        return health
 
     return app

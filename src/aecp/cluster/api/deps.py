@@ -1,5 +1,5 @@
-"""Request dependencies: the services, this node's identity, bearer-token authentication, and
-the name rule for path parameters."""
+"""Request dependencies: the services, this node's identity, bearer-token authentication and
+role authorization, and the name rule for path parameters."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPBearer
 
+from aecp.cluster.principals import PrincipalService
 from aecp.cluster.service import ClusterService
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
-from aecp.common.errors import StoreUnavailable, Unauthorized, Unavailable
+from aecp.common.errors import Forbidden, Unauthorized, Unavailable
 from aecp.common.names import NAME_PATTERN, NAME_RULE
-from aecp.model.cluster import ClusterInfo
+from aecp.common.requester import REQUESTED_BY
+from aecp.model.principal import PrincipalRecord, Role
 from aecp.storage.snapshots import SnapshotService
-from aecp.store import keys
-from aecp.store.typed import read
 
 ConsoleFinder = Callable[[str], FilePath | None]
 """The serial console socket of the named VM's QEMU on this node (None: it runs none here)."""
@@ -35,6 +35,7 @@ class NodeContext:
     api_url: str
     run_dir: FilePath
     console_socket: ConsoleFinder
+    lease_held: Callable[[], bool] = lambda: True  # for /healthz: the node's lease is held
 
 
 def service(request: Request) -> ClusterService:
@@ -73,39 +74,48 @@ def vm_snapshot_service(request: Request) -> VMSnapshotService:
 
 
 # documents the scheme in the OpenAPI document; the check itself is ``authenticate``
-bearer = HTTPBearer(auto_error=False, description="the cluster API token")
+bearer = HTTPBearer(auto_error=False, description="a principal's API token")
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-async def authenticate(request: Request) -> str:
-    """The caller's name (the shared token's holder is ``admin``); ``Unauthorized`` without a
-    valid bearer token. Checked once per request: later calls return the name found."""
-    known: str | None = getattr(request.state, "principal", None)
+def principal_service(request: Request) -> PrincipalService:
+    svc: PrincipalService = request.app.state.principals
+    return svc
+
+
+async def authenticate(request: Request) -> PrincipalRecord:
+    """The caller's principal; ``Unauthorized`` without a valid bearer token. Checked once
+    per request (later calls return the principal found), which then names the operations
+    the request creates (``REQUESTED_BY``)."""
+    known: PrincipalRecord | None = getattr(request.state, "principal", None)
     if known is not None:
         return known
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
-    await check_token(request.app.state.service, token.strip())
-    request.state.principal = "admin"
-    return "admin"
+    found = await principal_service(request).authenticate(token.strip())
+    request.state.principal = found
+    REQUESTED_BY.set(found.name)
+    return found
 
 
-async def check_token(svc: ClusterService, token: str) -> None:
-    """``Unauthorized`` unless ``token`` is the cluster's. A store that cannot be read says
-    only that (``Unavailable`` without its details: the caller is not authenticated yet)."""
-    try:
-        got = await read(svc.store, keys.CLUSTER, ClusterInfo)
-    except StoreUnavailable:
-        raise StoreUnavailable(
-            "the token cannot be checked now: the cluster store cannot be reached"
-        ) from None
-    if got is None or not got[0].token_ok(token):
-        raise Unauthorized("invalid token")
+def authorize(principal: PrincipalRecord, method: str, needs: Role | None) -> None:
+    """``Forbidden`` unless ``principal``'s role allows a ``method`` request on a route that
+    ``needs`` a role (None: reads need ``read-only``, anything else ``operator``)."""
+    needed = needs or (Role.READ_ONLY if method in SAFE_METHODS else Role.OPERATOR)
+    if not principal.role.allows(needed):
+        raise Forbidden(
+            f"principal {principal.name} has role {principal.role.value}; this request needs "
+            f"{needed.value}",
+            role=principal.role.value,
+            needs=needed.value,
+        )
 
 
 Service = Annotated[ClusterService, Depends(service)]
-Principal = Annotated[str, Depends(authenticate)]
-"""The caller's name (the shared token's holder is ``admin``)."""
+Principal = Annotated[PrincipalRecord, Depends(authenticate)]
+"""The caller."""
+Principals = Annotated[PrincipalService, Depends(principal_service)]
 Node = Annotated[NodeContext, Depends(node_context)]
 # a path parameter that names an object
 NamePath = Annotated[str, Path(pattern=NAME_PATTERN, description=f"a name: {NAME_RULE}")]

@@ -59,6 +59,7 @@ HTTP_CODES = {
 DESCRIPTIONS = {
     400: "the body is not UTF-8 JSON",
     401: "no or bad bearer token",
+    403: "the caller's role does not allow this request",
     404: "the named object does not exist",
     409: "the request clashes with the object's state",
     413: "the body is too large",

@@ -1,8 +1,10 @@
 """Authenticated routes: every route of the cluster API except ``/healthz`` (and the console
 WebSocket, which checks the token itself) is an ``AuthenticatedRoute``.
 
-Such a route authenticates its caller before anything else: before the body is read, parsed or
-validated, so a caller without a token learns nothing but 401. It then reads a JSON body up to
+Such a route authenticates and authorizes its caller before anything else: before the body is
+read, parsed or validated, so a caller without a token learns nothing but 401, and one whose
+role does not allow the request nothing but 403 (reads need ``read-only``, other methods
+``operator``, and the routes of an ``admin`` router ``admin``). It then reads a JSON body up to
 ``MAX_JSON_BODY`` bytes (413 beyond). It documents the error statuses that follow from what it
 takes (401, 500 and 503 always; 422 with parameters or a body; 400 and 413 with a JSON body), so
 a route declares only the statuses of its own logic (404, 409...).
@@ -19,8 +21,9 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.types import Message
 
-from aecp.cluster.api.deps import authenticate, bearer
+from aecp.cluster.api.deps import authenticate, authorize, bearer
 from aecp.cluster.api.errors import error_responses
+from aecp.model.principal import Role
 
 MAX_JSON_BODY = 1024 * 1024
 
@@ -28,12 +31,14 @@ Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
 class AuthenticatedRoute(APIRoute):
+    needs: Role | None = None  # set by the router (``api_router(needs=...)``)
+
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, endpoint, **kwargs)
         self.responses = {**error_responses(*self._implied_statuses()), **self.responses}
 
     def _implied_statuses(self) -> list[int]:
-        statuses = [401, 500, 503]
+        statuses = [401, 403, 500, 503]
         if get_flat_params(self.dependant) or self.body_field is not None:
             statuses.append(422)
         if self.body_field is not None:
@@ -45,7 +50,7 @@ class AuthenticatedRoute(APIRoute):
         json_body = self.body_field is not None
 
         async def authenticated(request: Request) -> Response:
-            await authenticate(request)
+            authorize(await authenticate(request), request.method, self.needs)
             if json_body:
                 request = await bounded(request, MAX_JSON_BODY)
             return await handler(request)
@@ -53,12 +58,18 @@ class AuthenticatedRoute(APIRoute):
         return authenticated
 
 
-def api_router(prefix: str, tag: str) -> APIRouter:
-    """A router whose routes are ``AuthenticatedRoute`` s (the bearer scheme documented)."""
+class AdminRoute(AuthenticatedRoute):
+    needs = Role.ADMIN
+
+
+def api_router(prefix: str, tag: str, admin_only: bool = False) -> APIRouter:
+    """A router whose routes are ``AuthenticatedRoute`` s (the bearer scheme documented);
+    ``admin_only``: every one of its routes needs ``admin`` (else the role goes by method)."""
+    route_class = AdminRoute if admin_only else AuthenticatedRoute
     return APIRouter(
         prefix=prefix,
         tags=[tag],
-        route_class=AuthenticatedRoute,
+        route_class=route_class,
         # the route's handler authenticates before the body is read; ``authenticate`` here
         # too (it returns the name found then) keeps every route closed should a FastAPI
         # version build routes without ``get_route_handler``

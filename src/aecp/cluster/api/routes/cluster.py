@@ -1,8 +1,9 @@
-"""``/v1/cluster``: the cluster's name and the software version of the node that answers."""
+"""``/v1/cluster``: the cluster's name and id, and the software version of the node that
+answers."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from aecp import __version__
 from aecp.cluster.api.deps import Node, Service
@@ -16,6 +17,8 @@ router = api_router("/v1/cluster", "cluster")
 
 class ClusterPublic(BaseModel):
     name: str
+    id: str = Field(description="stable for the cluster's life (a UUID); also in every answer's "
+                    "X-AECP-Cluster-Id header")  # fmt: skip
     version: str
     served_by: str
 
@@ -23,4 +26,10 @@ class ClusterPublic(BaseModel):
 @router.get("", operation_id="get_cluster")
 async def get_cluster(svc: Service, node: Node) -> ClusterPublic:
     got = await read(svc.store, keys.CLUSTER, ClusterInfo)
-    return ClusterPublic(name=got[0].name if got else "", version=__version__, served_by=node.name)
+    info = got[0] if got else None
+    return ClusterPublic(
+        name=info.name if info else "",
+        id=info.id if info else "",
+        version=__version__,
+        served_by=node.name,
+    )

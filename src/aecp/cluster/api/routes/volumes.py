@@ -76,7 +76,7 @@ async def export_volume(
 ) -> ExportPublic:
     """Let one outside NBD client (the holder of the key under ``client_ca_certificate``) read
     and write the volume over NBD with TLS. 409 if the volume is exported already."""
-    return await svc.export(name, body, who)
+    return await svc.export(name, body, who.name)
 
 
 @router.get("/{name}/export", operation_id="get_volume_export", responses=error_responses(404))

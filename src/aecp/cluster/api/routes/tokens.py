@@ -1,0 +1,52 @@
+"""``/v1/tokens``: API principals (admin only). A new principal's token is in the answer to
+its creation, and nowhere else, ever."""
+
+from __future__ import annotations
+
+from fastapi import status
+from pydantic import BaseModel, ConfigDict, Field
+
+from aecp.cluster.api.deps import NamePath, Principal, Principals
+from aecp.cluster.api.errors import error_responses
+from aecp.cluster.api.routing import api_router
+from aecp.cluster.principals import ROLES, PrincipalCreated, PrincipalPublic
+from aecp.model.base import Name
+
+router = api_router("/v1/tokens", "tokens", admin_only=True)
+
+
+class PrincipalCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name = Field(description="the principal's name (the token starts with it)")
+    role: str = Field(description=f"one of {ROLES}")
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    operation_id="create_token",
+    responses=error_responses(409),
+)
+async def create_token(
+    body: PrincipalCreate, principals: Principals, caller: Principal
+) -> PrincipalCreated:
+    """A new principal with ``role``; the answer holds its token, shown this once."""
+    return await principals.create(body.name, body.role, caller.name)
+
+
+@router.get("", operation_id="list_tokens")
+async def list_tokens(principals: Principals) -> list[PrincipalPublic]:
+    return await principals.principals()
+
+
+@router.delete(
+    "/{name}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="revoke_token",
+    responses=error_responses(404, 409),
+)
+async def revoke_token(name: NamePath, principals: Principals, caller: Principal) -> None:
+    """Revoke the principal: its token stops working at once, on every node. The last admin
+    cannot be revoked."""
+    await principals.revoke(name, caller.name)
