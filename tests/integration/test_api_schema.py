@@ -17,6 +17,7 @@ draws new ones (the default is the same every run).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -159,6 +160,49 @@ async def test_the_cli_still_sends_bodies_the_strict_api_accepts(kit: LabKit) ->
     ]
 
 
+async def next_feed_event(lines: AsyncIterator[str]) -> tuple[str, str, dict[str, Any]]:
+    """The next server-sent event (event, id, data) of a stream, skipping comments."""
+    fields: dict[str, str] = {}
+    async for line in lines:
+        if not line:
+            if "event" in fields:
+                return fields["event"], fields.get("id", ""), json.loads(fields["data"])
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(": ")
+            fields[name] = value
+    raise AssertionError("the stream ended")
+
+
+async def test_the_change_feed_streams_changes_and_resumes_after_the_last_one(
+    kit: LabKit,
+) -> None:
+    async with kit.http.stream("GET", kit.url() + "/v1/events", timeout=60) as r:
+        assert r.status_code == 200 and r.headers["x-aecp-cluster-id"]
+        lines = r.aiter_lines()
+        event, _, sync = await next_feed_event(lines)
+        assert event == "sync"
+        made = await kit.call("POST", "/v1/volumes", json={"name": "feed-vol", "size": "1M"})
+        assert made.status_code == 201, made.text
+        while True:
+            event, ident, data = await next_feed_event(lines)
+            assert int(ident) > sync["revision"]
+            if (event, data["name"]) == ("volume", "feed-vol"):
+                break
+    gone = await kit.call("DELETE", "/v1/volumes/feed-vol")
+    assert gone.status_code in (200, 202, 204), gone.text
+    # a new stream from the last event handled sees what happened while none was open
+    async with kit.http.stream(
+        "GET", kit.url() + "/v1/events", params={"since": ident}, timeout=60
+    ) as r:
+        lines = r.aiter_lines()
+        assert (await next_feed_event(lines))[0] == "sync"
+        while True:
+            event, _, data = await next_feed_event(lines)
+            if (event, data["name"], data["change"]) == ("volume", "feed-vol", "deleted"):
+                break
+
+
 @dataclass
 class Run:
     """What the generated requests did: counts per operation and status, and the failures."""
@@ -242,7 +286,15 @@ def _cases(op: Any, mode: GenerationMode) -> st.SearchStrategy[Case]:
         cases = ours if _destructive(op) else st.one_of(generated, ours)
     if mode is GenerationMode.POSITIVE and op.method.upper() == "POST":
         cases = cases.map(_stopped)
+    if mode is GenerationMode.POSITIVE and op.path == "/v1/events":
+        cases = cases.map(_short_stream)
     return cases
+
+
+def _short_stream(case: Case) -> Case:
+    """The change feed is a stream: a conforming request ends it soon."""
+    case.query = {**(case.query or {}), "timeout": 0.05}
+    return case
 
 
 def _destructive(op: Any) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 from aecp.common.clock import FakeClock
-from aecp.common.errors import LeaseExpired, StoreUnavailable
+from aecp.common.errors import Compacted, LeaseExpired, StoreUnavailable
 from aecp.lab.etcd import EtcdCluster
 from aecp.store.base import Compare, Delete, EventKind, Put, Store, WatchEvent
 from aecp.store.etcd import EtcdStore, grpc_target
@@ -384,6 +384,23 @@ async def test_a_watch_from_a_start_revision_replays_the_changes_since(store: St
         WatchEvent(EventKind.DELETE, prefix + "before", None, deleted_at),
         WatchEvent(EventKind.PUT, prefix + "b", b"2", live),
     ]
+
+
+async def test_a_watch_from_a_compacted_revision_raises_compacted_and_one_after_works(
+    store: Store, prefix: str
+):
+    old = await store.put(prefix + "a", b"1")
+    await store.put(prefix + "a", b"2")
+    kept = await store.put(prefix + "a", b"3")
+    await store.compact(kept)
+
+    with pytest.raises(Compacted) as refused:
+        async with store.watch(prefix, start_revision=old) as events:
+            await next_events(events, 1)
+
+    assert refused.value.fields["compact_revision"] >= kept
+    async with store.watch(prefix, start_revision=kept) as events:
+        assert await next_events(events, 1) == [WatchEvent(EventKind.PUT, prefix + "a", b"3", kept)]
 
 
 async def test_a_watch_sees_lease_expiry_as_delete_events(backend: Backend, prefix: str):

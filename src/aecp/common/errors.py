@@ -87,6 +87,14 @@ class NoCapacity(Conflict):
     code = "no_capacity"
 
 
+class Compacted(AecpError):
+    """A watch asked for changes from a revision the store no longer keeps: the caller must
+    read everything again (``compact_revision``: the oldest revision still kept)."""
+
+    code = "compacted"
+    http_status = 410
+
+
 class Unavailable(AecpError):
     code = "unavailable"
     http_status = 503

@@ -156,8 +156,13 @@ class Store(ABC):
         Use as ``async with store.watch(p) as events: async for ev in events: ...``. Events come
         in revision order, starting after the current revision (or at ``start_revision``).
         Iteration raises ``StoreUnavailable`` when the watch breaks; leaving the ``async with``
-        cancels the watch.
+        cancels the watch. A ``start_revision`` older than the store keeps (compacted) raises
+        ``Compacted``, on entering or on the first iteration.
         """
+
+    @abstractmethod
+    async def compact(self, revision: int) -> None:
+        """Forget the history before ``revision`` (watches can no longer start there)."""
 
     @abstractmethod
     async def revision(self) -> int:

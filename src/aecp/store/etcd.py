@@ -54,7 +54,7 @@ import aetcd.watcher
 import grpc
 
 from aecp.common import tasks
-from aecp.common.errors import AecpError, LeaseExpired, StoreUnavailable
+from aecp.common.errors import AecpError, Compacted, LeaseExpired, StoreUnavailable
 from aecp.common.pki import ETCD_SERVER_NAME, Bundle
 from aecp.common.tls import RECHECK_S
 from aecp.store.base import (
@@ -296,6 +296,11 @@ class EtcdStore(Store):
         """The contract's exception for a client error; other errors are returned unchanged."""
         if _is_lease_not_found(error):
             return LeaseExpired(f"etcd {what}: the lease is gone")
+        if isinstance(error, aetcd.exceptions.RevisionCompactedError):
+            return Compacted(
+                f"etcd {what}: the history before revision {error.compacted_revision} is compacted",
+                compact_revision=error.compacted_revision,
+            )
         if isinstance(error, aetcd.exceptions.InvalidArgumentError):
             return ValueError(f"etcd {what}: {error}")
         if isinstance(error, _CLIENT_ERRORS):
@@ -459,6 +464,9 @@ class EtcdStore(Store):
             yield events
         finally:
             await events.cancel()
+
+    async def compact(self, revision: int) -> None:
+        await self._call("compact", lambda c: c.compact(revision))
 
     # -- lifecycle -----------------------------------------------------------------------------
 

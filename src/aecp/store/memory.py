@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from aecp.common.clock import SYSTEM_CLOCK, Clock
-from aecp.common.errors import LeaseExpired, StoreUnavailable
+from aecp.common.errors import Compacted, LeaseExpired, StoreUnavailable
 from aecp.store.base import (
     Compare,
     Delete,
@@ -74,6 +74,7 @@ class MemoryStore(Store):
         self._data: dict[str, _Entry] = {}
         self._revision = 1  # etcd's first revision, before any write
         self._history: list[WatchEvent] = []
+        self._compacted = 0  # watches cannot start before this revision
         self._leases: dict[int, _LeaseState] = {}
         self._lease_ids = itertools.count(0x1000)
         self._watches: set[_MemoryWatch] = set()
@@ -269,6 +270,11 @@ class MemoryStore(Store):
     ) -> AsyncIterator[AsyncIterator[WatchEvent]]:
         await self._enter("watch")
         first = self._revision + 1 if start_revision is None else start_revision
+        if first < self._compacted:
+            raise Compacted(
+                f"memory watch: the history before revision {self._compacted} is compacted",
+                compact_revision=self._compacted,
+            )
         watch = _MemoryWatch(prefix, first)
         for event in self._history:
             watch.offer(event)
@@ -277,6 +283,11 @@ class MemoryStore(Store):
             yield watch
         finally:
             self._watches.discard(watch)
+
+    async def compact(self, revision: int) -> None:
+        await self._enter("compact")
+        self._compacted = max(self._compacted, min(revision, self._revision))
+        self._history = [e for e in self._history if e.mod_revision >= self._compacted]
 
     def _publish(self, events: Sequence[WatchEvent]) -> None:
         self._history.extend(events)

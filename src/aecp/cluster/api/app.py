@@ -14,6 +14,7 @@ from aecp.cluster.api.health import CLUSTER_ID_HEADER, ClusterId, Health, check_
 from aecp.cluster.api.routes import (
     cluster,
     console,
+    events,
     images,
     nodes,
     operations,
@@ -40,6 +41,7 @@ ROUTERS = [
     vmsnaps.router,
     vmsnaps.templates_router,
     tokens.router,
+    events.router,
 ]
 
 

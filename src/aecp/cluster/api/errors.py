@@ -62,6 +62,7 @@ DESCRIPTIONS = {
     403: "the caller's role does not allow this request",
     404: "the named object does not exist",
     409: "the request clashes with the object's state",
+    410: "the revision asked for is compacted: read everything again",
     413: "the body is too large",
     422: "a field is invalid (the body names it)",
     500: "internal error",

@@ -4,7 +4,8 @@ WebSocket, which checks the token itself) is an ``AuthenticatedRoute``.
 Such a route authenticates and authorizes its caller before anything else: before the body is
 read, parsed or validated, so a caller without a token learns nothing but 401, and one whose
 role does not allow the request nothing but 403 (reads need ``read-only``, other methods
-``operator``, and the routes of an ``admin`` router ``admin``). It then reads a JSON body up to
+``operator``, and the routes of an ``admin`` router ``admin``). A query parameter the route
+does not take is refused (422), not ignored. It then reads a JSON body up to
 ``MAX_JSON_BODY`` bytes (413 beyond). It documents the error statuses that follow from what it
 takes (401, 500 and 503 always; 422 with parameters or a body; 400 and 413 with a JSON body), so
 a route declares only the statuses of its own logic (404, 409...).
@@ -16,6 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response, Security
+from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import get_flat_params
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
@@ -23,6 +25,7 @@ from starlette.types import Message
 
 from aecp.cluster.api.deps import authenticate, authorize, bearer
 from aecp.cluster.api.errors import error_responses
+from aecp.common.errors import InvalidInput
 from aecp.model.principal import Role
 
 MAX_JSON_BODY = 1024 * 1024
@@ -48,9 +51,13 @@ class AuthenticatedRoute(APIRoute):
     def get_route_handler(self) -> Handler:
         handler = super().get_route_handler()
         json_body = self.body_field is not None
+        known = _query_names(self.dependant)
 
         async def authenticated(request: Request) -> Response:
             authorize(await authenticate(request), request.method, self.needs)
+            for name in request.query_params:
+                if name not in known:
+                    raise InvalidInput(name or "query", "unknown query parameter")
             if json_body:
                 request = await bounded(request, MAX_JSON_BODY)
             return await handler(request)
@@ -60,6 +67,14 @@ class AuthenticatedRoute(APIRoute):
 
 class AdminRoute(AuthenticatedRoute):
     needs = Role.ADMIN
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    """The query parameters a route takes, its dependencies' included."""
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
 
 
 def api_router(prefix: str, tag: str, admin_only: bool = False) -> APIRouter:
