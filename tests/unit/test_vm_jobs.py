@@ -14,12 +14,13 @@ import pytest
 from aecp.cluster.service import ClusterService
 from aecp.cluster.vmclones import DiskCloner
 from aecp.cluster.vmsnapshots import VMSnapshotService
-from aecp.common.errors import InvalidState
+from aecp.common.clock import FakeClock
+from aecp.common.errors import InvalidState, StoreUnavailable, Unavailable
 from aecp.compute.fake import FakeHypervisor
 from aecp.compute.hypervisor import InstanceSpec, RunState
 from aecp.model.operation import Operation, OpState
 from aecp.model.vm import Power, PowerOp, VMState
-from aecp.model.vmjob import JobKind
+from aecp.model.vmjob import JobKind, clone_snapshot
 from aecp.node.reconciler import Reconciler
 from aecp.node.vmjobs import VMJobs
 from aecp.storage.snapshots import SnapshotService
@@ -234,3 +235,144 @@ async def test_the_reconciler_runs_a_job_before_a_start_requested_after_it(
     assert (await op_of(svc.store, rb.id)).state is OpState.SUCCEEDED
     view = await read_cluster(svc.store)
     assert view.vms["web"].job is None and view.vm_state("web") is VMState.STOPPED
+
+
+# ---- found by review: each failed before its fix -------------------------------------------
+
+
+async def test_a_pass_on_a_view_read_before_the_job_ended_does_not_run_it_again(
+    svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
+) -> None:
+    """The rerun's undo deleted the finished snapshot, the operation saying it was taken."""
+    await running(svc, cluster, hv, "web")
+    op = await requests.snapshot("web", "s1")
+    rec = Reconciler("n1", hv, None, svc.clock, agent(svc, requests, hv))  # type: ignore[arg-type]
+    rec.run_pass(await read_cluster(svc.store), lease_held=True)
+    stale = await read_cluster(svc.store)  # the next pass read its view here...
+    await rec.inflight["web"]  # ...and the job ended before it decided
+
+    rec.run_pass(stale, lease_held=True)
+    await rec.inflight["web"]
+
+    assert (await op_of(svc.store, op.id)).state is OpState.SUCCEEDED
+    assert await snapshot_names(requests, "web") == {"web-boot": ["s1"], "web-data1": ["s1"]}
+    assert [c for c in hv.calls if c[0] == "pause"] == [("pause", "web")]
+
+
+class StoreDownAtData1(SnapshotService):
+    async def snapshot(self, volume: str, name: str, *args: Any, **kw: Any) -> Any:
+        if volume.endswith("data1"):
+            raise StoreUnavailable("etcd txn: deadline exceeded")
+        return await super().snapshot(volume, name, *args, **kw)
+
+
+async def test_a_job_that_could_not_end_is_tried_again_after_a_back_off_not_every_pass(
+    svc: ClusterService,
+    cluster: Cluster,
+    hv: FakeHypervisor,
+    requests: VMSnapshotService,
+    clock: FakeClock,
+) -> None:
+    await running(svc, cluster, hv, "web")
+    op = await requests.snapshot("web", "s1")
+    jobs = VMJobs("n1", hv, DiskCloner(svc, StoreDownAtData1(cluster.meta, cluster.pool)), clock)
+    rec = Reconciler("n1", hv, None, clock, jobs)  # type: ignore[arg-type]
+    rec.run_pass(await read_cluster(svc.store), lease_held=True)
+    await rec.inflight["web"]
+
+    again = rec.run_pass(await read_cluster(svc.store), lease_held=True)
+
+    assert [d.sentence for d in again] == [
+        f"web's job, snapshot s1 ({op.id}), is tried again later"
+    ]
+    assert rec.next_retry() is not None and "web" not in rec.inflight
+    assert (await read_cluster(svc.store)).vms["web"].status.state is VMState.STOPPED  # type: ignore[union-attr]
+    waiting = await op_of(svc.store, op.id)
+    assert waiting.state is OpState.RUNNING and "trying again" in waiting.message
+    assert await snapshot_names(requests, "web") == {"web-boot": ["s1"], "web-data1": []}
+    await clock.advance(60)
+    rec.jobs = agent(svc, requests, hv)  # the store answers again
+    rec.run_pass(await read_cluster(svc.store), lease_held=True)
+    await rec.inflight["web"]
+    assert (await op_of(svc.store, op.id)).state is OpState.SUCCEEDED
+
+
+class Data1RollbackFails(SnapshotService):
+    async def rollback(self, volume: str, name: str) -> Any:
+        if volume.endswith("data1"):
+            raise Unavailable("extent e1: no replica answers")
+        return await super().rollback(volume, name)
+
+
+async def test_a_rollback_that_reached_one_disk_is_tried_again_and_a_start_waits_for_it(
+    svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
+) -> None:
+    """The rollback failed half-way and the start queued behind it booted mixed disks."""
+    await stopped_vm(svc, cluster, "web", data=1)
+    for vol in ("web-boot", "web-data1"):
+        await requests.snaps.snapshot(vol, "s0")
+    rb = await requests.rollback("web", "s0")
+    await svc.power("web", PowerOp.START)
+    cloner = DiskCloner(svc, Data1RollbackFails(cluster.meta, cluster.pool))
+    rec = Reconciler("n1", hv, None, svc.clock, VMJobs("n1", hv, cloner, svc.clock))  # type: ignore[arg-type]
+    rec.run_pass(await read_cluster(svc.store), lease_held=True)
+    await rec.inflight["web"]
+
+    assert (await op_of(svc.store, rb.id)).state is OpState.RUNNING
+    decisions = rec.decide(await read_cluster(svc.store), {})
+    assert "tried again later" in decisions[0].sentence  # not "starting it"
+
+
+async def test_a_job_left_by_a_vm_deleted_before_jobs_blocks_nothing_and_its_op_ends(
+    svc: ClusterService, cluster: Cluster, requests: VMSnapshotService
+) -> None:
+    await stopped_vm(svc, cluster, "web")
+    old = await requests.snapshot("web", "s1")
+    # deleted by a version that knows no jobs: its keys go, the job stays
+    await cluster.meta.delete_volume("web-boot", (await cluster.meta.volume("web-boot"))[0].owner)
+    for part in ("spec", "placement", "status"):
+        await svc.store.delete(keys.vm_prefix("web") + part)
+    await stopped_vm(svc, cluster, "web")  # a new VM of that name
+
+    await sweep_strays(svc.store, 0.0)
+    assert (await op_of(svc.store, old.id)).state is OpState.CANCELLED
+    new = await requests.snapshot("web", "s2")  # the stale job is no obstacle
+    assert (await entry(svc.store, "web")).job.op_id == new.id  # type: ignore[union-attr]
+
+
+async def test_a_job_is_refused_while_the_vms_node_is_unreachable(
+    store: MemoryStore, svc: ClusterService, cluster: Cluster, requests: VMSnapshotService
+) -> None:
+    await stopped_vm(svc, cluster, "web")
+    await store.delete(keys.alive("n1"))
+    before = await dump_store(store)
+    with pytest.raises(Unavailable, match="node n1 is unreachable"):
+        await requests.snapshot("web", "s1")
+    assert await dump_store(store) == before
+
+
+async def test_a_jobs_own_snapshots_are_not_listed_nor_deletable_while_it_runs(
+    svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
+) -> None:
+    await running(svc, cluster, hv, "web")
+    await requests.snapshot("web", "s0")
+    await agent(svc, requests, hv).run(await entry(svc.store, "web"))
+    op = await requests.clone("web", "twin")
+    tmp = clone_snapshot(op.id)
+    await requests.snaps.snapshot("web-boot", tmp, op=op.id)  # the clone's, half made
+
+    assert [s.name for s in await requests.snapshots("web")] == ["s0"]
+    with pytest.raises(InvalidState, match=f"in use by {op.id}"):
+        await requests.delete("web", tmp)
+
+
+async def test_converting_a_vm_with_snapshots_is_refused_before_anything_is_made(
+    store: MemoryStore, svc: ClusterService, cluster: Cluster, requests: VMSnapshotService
+) -> None:
+    """The template was stored, then the VM's delete failed on its snapshots."""
+    await stopped_vm(svc, cluster, "web")
+    await requests.snaps.snapshot("web-boot", "keep")
+    before = await dump_store(store)
+    with pytest.raises(InvalidState, match="web-boot has snapshots"):
+        await requests.convert_to_template("web", "gold")
+    assert await dump_store(store) == before

@@ -40,6 +40,7 @@ from aecp.model.vm import (
     apply_power_op,
     check_deletable,
 )
+from aecp.model.vmjob import VMJob
 from aecp.store import keys
 from aecp.store.base import Compare, Delete, Put, Store
 from aecp.store.history import History
@@ -278,7 +279,7 @@ class ClusterService:
             op = self.new_op("vm.delete", name, "delete requested")
             spec = entry.spec.model_copy(update={"deleting": True, "op_id": op.id})
             unplaced = entry.placement is None
-            guard = [Compare.absent(keys.vm_job(name))]
+            guard = [await self.job_guard(entry.spec)]
             if unplaced:
                 guard.append(Compare.absent(keys.vm_placement(name)))
             if await self._swap_spec(entry, spec, op, guard):
@@ -317,6 +318,7 @@ class ClusterService:
                 ],
                 [
                     Delete(keys.vm_prefix(name), prefix=True),
+                    Delete(keys.vm_job(name)),
                     Delete(keys.object_events("vm", name), prefix=True),
                     *puts,
                 ],
@@ -351,6 +353,15 @@ class ClusterService:
             [Compare.unchanged(keys.vm_spec(spec.name), entry.spec_rev), *guards, *cmp],
             [Put(keys.vm_spec(spec.name), spec.dump()), Put(keys.op(op.id), op.dump()), *puts],
         )
+
+    async def job_guard(self, spec: VMSpec) -> Compare:
+        """A guard that the VM has no job: its job key is absent, or still the one left by
+        an earlier VM of that name (a VM deleted by a version before jobs; the delete of this
+        one deletes it)."""
+        kv = await self.store.get(keys.vm_job(spec.name))
+        if kv is not None and VMJob.load(kv.value).vm_uuid != spec.uuid:
+            return Compare.unchanged(kv.key, kv.mod_revision)
+        return Compare.absent(keys.vm_job(spec.name))
 
     def new_op(self, kind: str, target: str, message: str) -> Operation:
         now = self.clock.wall()

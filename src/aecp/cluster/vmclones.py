@@ -47,9 +47,12 @@ class DiskCloner:
             raise
         return made
 
-    async def remove_volumes(self, volumes: list[str], owner: VolumeOwner) -> None:
-        """Best effort: delete ``owner``'s ``volumes`` made for a record never stored (a
-        volume that is not there, or not ``owner``'s, is left alone)."""
+    async def remove_volumes(
+        self, volumes: list[str], owner: VolumeOwner, strict: bool = False
+    ) -> None:
+        """Delete ``owner``'s ``volumes`` made for a record never stored (a volume that is
+        not there, or not ``owner``'s, is left alone). Best effort, unless ``strict``: then
+        the first volume that cannot be deleted raises (the caller tries again later)."""
         for vol in volumes:
             kv = await self.store.get(keys.abs_volume(vol))
             if kv is None or VolumeRecord.load(kv.value).owner != owner:
@@ -59,6 +62,8 @@ class DiskCloner:
                     await self.snaps.meta.delete_volume(vol, owner)
                 )
             except AecpError as exc:
+                if strict:
+                    raise
                 log.warning("volume %s of %s left behind: %s", vol, owner, exc)
 
     async def unchanged(self, made: list[VolumeRecord]) -> list[Compare]:

@@ -29,6 +29,7 @@ from aecp.common.errors import (
     InvalidInput,
     InvalidState,
     NotFound,
+    Unavailable,
 )
 from aecp.model.base import check_name
 from aecp.model.operation import Operation
@@ -78,9 +79,11 @@ class VMSnapshotService:
             records = await self.snaps.snapshots(boot)
         except NotFound:
             return []
+        busy = entry.job.op_id if entry.job is not None else None
         return [
             VMSnapshot(vm=vm, name=r.name, volumes=entry.spec.volumes(), created_at=r.created_at)
             for r in records
+            if not (busy and r.op == busy)  # a job's own, being made: not one yet
         ]
 
     async def _find(self, spec: VMSpec, name: str) -> VMSnapshot:
@@ -93,8 +96,8 @@ class VMSnapshotService:
         """Delete the snapshot from every disk, the boot disk last: it names the VM snapshot,
         so a delete interrupted half-way is finished by the next one."""
         entry, _ = await self.svc.vm(vm)
-        await self._find(entry.spec, name)
-        if entry.job is not None and entry.job.snapshot == name:
+        rec, _ = await self.snaps.get(entry.spec.volumes()[0], name)
+        if entry.job is not None and (entry.job.snapshot == name or rec.op == entry.job.op_id):
             raise InvalidState(
                 f"VM {vm}: snapshot {name} is in use by {entry.job.op_id} "
                 f"({entry.job.describe()}); wait for it to end",
@@ -152,6 +155,13 @@ class VMSnapshotService:
                 )
         vols = [template_volume(template, v, vm) for v in entry.spec.volumes()]
         await self._check_template_volumes(template, vols)
+        for vol in entry.spec.volumes():  # the VM is deleted after: it must be deletable
+            if await self.svc.store.list(keys.abs_snapshots(vol)):
+                raise InvalidState(
+                    f"VM {vm}: its volume {vol} has snapshots, and the VM is deleted once "
+                    "converted; delete them first",
+                    volume=vol,
+                )
         job = self._job(entry, JobKind.TEMPLATE, target=template)
         return await self._record(entry, view, job)
 
@@ -215,6 +225,11 @@ class VMSnapshotService:
                 f"VM {vm} is {state.value}: it is on no node yet, and its node carries this out",
                 state=state.value,
             )
+        if entry.node not in view.alive:
+            raise Unavailable(
+                f"VM {vm}'s node {entry.node} is unreachable, and it carries this out",
+                node=entry.node,
+            )
         ready = entry.status is not None and entry.status.disks_ready
         if not (ready or entry.spec.disks_prepared):
             raise InvalidState(
@@ -246,7 +261,7 @@ class VMSnapshotService:
         ok = await self.svc.store.txn(
             [
                 Compare.unchanged(keys.vm_spec(name), entry.spec_rev),
-                Compare.absent(keys.vm_job(name)),
+                await self.svc.job_guard(entry.spec),
             ],
             [Put(keys.vm_job(name), job.dump()), Put(keys.op(op.id), op.dump())],
         )

@@ -19,7 +19,7 @@ from aecp.store.lease import LeaseKeeper
 from aecp.store.view import read_cluster
 
 log = logging.getLogger(__name__)
-WAKING = (keys.VMS, keys.ALIVE, keys.NODES, keys.NODE_ADMIN)  # a change under these wakes it
+WAKING = (keys.VMS, keys.VM_JOBS, keys.ALIVE, keys.NODES, keys.NODE_ADMIN)  # these wake it
 
 
 class ControlLoop:

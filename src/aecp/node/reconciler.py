@@ -130,7 +130,9 @@ class Reconciler:
         assert d.action is not None
         try:
             await d.action()
-            self.failures.pop(d.vm, None)
+            last = self.failures.get(d.vm)
+            if last is not None and (d.kind != "job" or last.kind == "job"):
+                del self.failures[d.vm]  # a job's run says nothing of the VM's other actions
         except Exception as exc:
             await self._failed(d, exc)
         finally:
@@ -145,6 +147,9 @@ class Reconciler:
         delay = min(RETRY_FIRST * 2 ** (attempts - 1), RETRY_MAX)
         failure = Failure(error, d.spec_rev, d.kind, attempts, self.clock.monotonic() + delay)
         self.failures[d.vm] = failure
+        if d.kind == "job":  # the VM itself is fine: its job's operation says why
+            log.warning("vm %s: %s (next try in %.0f s)", d.vm, error, delay)
+            return
         if last is None or last.error != error:
             log.error(
                 "vm %s: action failed: %s (retrying after a back-off of %.0f s, growing to %.0f s)",
@@ -261,9 +266,18 @@ class Reconciler:
         if self.jobs is None:
             sentence = f"{name} has a job, {what}, and this agent runs none"
             return Decision(name, sentence, say=Say.ON_CHANGE)
+        failure = self.failures.get(name)
+        retry = failure is not None and (failure.spec_rev, failure.kind) == (e.job_rev, "job")
+        if retry and failure is not None and self.clock.monotonic() < failure.retry_at:
+            return Decision(name, f"{name}'s job, {what}, is tried again later", say=Say.ON_CHANGE)
         jobs = self.jobs
         return Decision(
-            name, f"{name} has a job, {what}: carrying it out", lambda: jobs.run(e), kind="job"
+            name,
+            f"{name} has a job, {what}: carrying it out",
+            lambda: jobs.run(e),
+            spec_rev=e.job_rev,
+            say=Say.DEBUG if failure is not None and failure.kind == "job" else Say.ALWAYS,
+            kind="job",
         )
 
     def _decide_change(self, e: VMEntry, inst: InstanceInfo | None) -> Decision:

@@ -18,7 +18,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from aecp.cluster.vmclones import DiskCloner
 from aecp.common.clock import SYSTEM_CLOCK, Clock
-from aecp.common.errors import AecpError, Conflict, InvalidState, NotFound, StoreUnavailable
+from aecp.common.errors import (
+    AecpError,
+    Conflict,
+    InvalidState,
+    NotFound,
+    StoreUnavailable,
+    Unavailable,
+)
 from aecp.common.failpoints import failpoint
 from aecp.compute.hypervisor import Hypervisor, RunState
 from aecp.model.operation import Operation
@@ -35,6 +42,17 @@ from aecp.store.view import VMEntry
 log = logging.getLogger(__name__)
 
 
+class JobNotEnded(AecpError):
+    """A job's run ended without ending the job: it is tried again (after a back-off)."""
+
+    code = "job_not_ended"
+    http_status = 503
+
+
+# failures that say nothing about the job itself: it is tried again rather than failed
+RETRIED = (StoreUnavailable, Unavailable, JobNotEnded)
+
+
 class VMJobs:
     """Runs the jobs of node ``node``'s VMs."""
 
@@ -47,20 +65,30 @@ class VMJobs:
         self.snaps = cloner.snaps
         self.store = cloner.store
         self.clock = clock
+        self._touched = False  # a rollback changed a disk in this run
 
     async def run(self, e: VMEntry) -> None:
-        """Carry out ``e``'s job (see the module docstring). Never raises: a failure ends
-        the job as failed, and a store that cannot be reached leaves it for the next pass."""
+        """Carry out ``e``'s job (see the module docstring), if it is still the job read (a
+        view read while the last run ended may still show it: a job ended is never run
+        again). A failure ends the job as failed; ``JobNotEnded`` if it could not be ended
+        (the store, or a replica, did not answer; a rollback did not reach every disk; what
+        a failed run made could not all be undone): the reconciler tries again after a
+        back-off."""
         job = e.job
         assert job is not None
         name = e.spec.name
+        if not await self._still_pending(e):
+            log.debug("vm %s: %s (%s) ended already", name, job.describe(), job.op_id)
+            return
         log.info("vm %s: %s (%s): starting", name, job.describe(), job.op_id)
         try:
             await self._undo(e.spec, job)
             await self._do(e, job)
-        except StoreUnavailable as exc:
-            log.warning("vm %s: %s interrupted, tried again later: %s", name, job.describe(), exc)
-        except Exception as exc:  # every failure ends the job, with its reason
+        except RETRIED as exc:
+            await self._not_ended(job, exc.message)
+        except Exception as exc:  # every other failure ends the job, with its reason
+            if job.kind is JobKind.ROLLBACK and isinstance(exc, AecpError) and self._touched:
+                await self._not_ended(job, exc.message)  # mixed disks: never left so
             error = exc.message if isinstance(exc, AecpError) else f"{type(exc).__name__}: {exc}"
             log.error(
                 "vm %s: %s failed: %s",
@@ -71,7 +99,19 @@ class VMJobs:
             )
             await self._fail(e, job, error)
 
+    async def _still_pending(self, e: VMEntry) -> bool:
+        kv = await self.store.get(keys.vm_job(e.spec.name))
+        return kv is not None and kv.mod_revision == e.job_rev
+
+    async def _not_ended(self, job: VMJob, why: str) -> None:
+        """Say so on the operation (best effort) and raise ``JobNotEnded``."""
+        message = f"{job.describe()}: {why}; trying again"
+        with contextlib.suppress(AecpError):
+            await self._progress(job, 0, message)
+        raise JobNotEnded(message, vm=job.vm, operation=job.op_id)
+
     async def _do(self, e: VMEntry, job: VMJob) -> None:
+        self._touched = False
         if job.kind is JobKind.SNAPSHOT:
             await self._snapshot(e, job)
         elif job.kind is JobKind.ROLLBACK:
@@ -86,9 +126,9 @@ class VMJobs:
             await self._undo(e.spec, job)
             why = f"{job.describe()} failed: {error}"
             await self._end(e, job, lambda op: op.fail(why, self._now()))
-        except AecpError as exc:
-            log.warning("vm %s: %s: could not end it (%s); tried again later",
-                        e.spec.name, job.describe(), exc)  # fmt: skip
+        except Exception as exc:
+            reason = exc.message if isinstance(exc, AecpError) else repr(exc)
+            await self._not_ended(job, f"failed ({error}), and could not be ended: {reason}")
 
     # ---- the jobs -------------------------------------------------------------------------
     async def _snapshot(self, e: VMEntry, job: VMJob) -> None:
@@ -116,6 +156,7 @@ class VMJobs:
         for vol in vols:  # all usable before any is rolled back
             await self.snaps.usable(vol, job.snapshot)
         for i, vol in enumerate(vols, 1):
+            self._touched = True  # from here on, a failure is tried again, never left
             await self.snaps.rollback(vol, job.snapshot)
             done = f"disk {i} of {len(vols)} rolled back"
             await self._progress(job, 10 + 80 * i // len(vols), done)
@@ -213,7 +254,8 @@ class VMJobs:
         elif job.kind is JobKind.CLONE:
             await self._delete_snapshots(spec.volumes(), clone_snapshot(job.op_id), job.op_id)
             new = new_clone_spec(spec, job)
-            await self.cloner.remove_volumes(new.volumes(), VolumeOwner.vm(new.name, new.uuid))
+            owner = VolumeOwner.vm(new.name, new.uuid)
+            await self.cloner.remove_volumes(new.volumes(), owner, strict=True)
         elif job.kind is JobKind.TEMPLATE:
             if await self.store.get(keys.template(job.target)) is not None:
                 return  # another one's (ours is stored with the job's end): its volumes stay
@@ -222,7 +264,7 @@ class VMJobs:
                 tpl_vol = template_volume(job.target, vol, spec.name)
                 got = await read(self.store, keys.abs_volume(tpl_vol), VolumeRecord)
                 if got is not None and got[0].source == f"volume {vol}":
-                    await self.cloner.remove_volumes([tpl_vol], owner)
+                    await self.cloner.remove_volumes([tpl_vol], owner, strict=True)
 
     async def _delete_snapshots(self, vols: Sequence[str], name: str, op_id: str) -> None:
         """Delete snapshot ``name`` of each volume where operation ``op_id`` took it."""

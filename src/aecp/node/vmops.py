@@ -179,6 +179,7 @@ class VMActions:
                 [Compare.unchanged(keys.vm_spec(name), rev), *cmp],
                 [
                     Delete(keys.vm_prefix(name), prefix=True),
+                    Delete(keys.vm_job(name)),
                     Delete(keys.object_events("vm", name), prefix=True),
                     *puts,
                 ],

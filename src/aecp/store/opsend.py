@@ -68,8 +68,16 @@ def _open_on_vms(kvs: Iterable[KeyValue]) -> dict[str, list[tuple[Operation, int
 
 
 async def _job_ops(store: Store) -> set[str]:
-    """The operations of the VM jobs (``model.vmjob``): their agents end them."""
-    return {VMJob.load(kv.value).op_id for kv in await store.list(keys.VM_JOBS)}
+    """The operations of the VM jobs (``model.vmjob``) of VMs that exist: their agents end
+    them (a job left by a VM deleted before jobs existed is nobody's: its operation is a
+    stray)."""
+    out = set()
+    for kv in await store.list(keys.VM_JOBS):
+        job = VMJob.load(kv.value)
+        spec = await store.get(keys.vm_spec(job.vm))
+        if spec is not None and VMSpec.load(spec.value).uuid == job.vm_uuid:
+            out.add(job.op_id)
+    return out
 
 
 async def end_strays(store: Store, vm: str, now: float) -> int:
