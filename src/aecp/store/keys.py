@@ -13,6 +13,7 @@
     /aecp/images/<image>               ImageRecord
     /aecp/ops/<op-id>                  Operation: a long-running request and its progress
     /aecp/principals/<name>            PrincipalRecord: an API token's holder, role and digest
+    /aecp/idempotency/<who>/<key hash> IdempotentAnswer: a mutating request's first answer
     /aecp/templates/<template>         TemplateRecord: frozen VM disks and the VM's shape
     /aecp/leaders/<role>               the holder of a controller role (attached to its lease)
     /aecp/events/<kind>/<name>/<stamp> ObjectEvent: a decision about an object (store.history)
@@ -40,6 +41,7 @@ VM_JOBS = ROOT + "vm-jobs/"
 IMAGES = ROOT + "images/"
 OPS = ROOT + "ops/"
 PRINCIPALS = ROOT + "principals/"
+IDEMPOTENCY = ROOT + "idempotency/"
 TEMPLATES = ROOT + "templates/"
 LEADERS = ROOT + "leaders/"
 EVENTS = ROOT + "events/"  # events/<kind>/<name>/<stamp>: what controllers decided about it
@@ -98,6 +100,10 @@ def object_events(kind: str, name: str) -> str:
 
 def leader(role: str) -> str:
     return LEADERS + role
+
+
+def idempotency(principal: str, key_sha256: str) -> str:
+    return f"{IDEMPOTENCY}{principal}/{key_sha256}"
 
 
 def principal(name: str) -> str:

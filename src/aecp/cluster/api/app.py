@@ -23,6 +23,7 @@ from aecp.cluster.api.routes import (
     vmsnaps,
     volumes,
 )
+from aecp.cluster.idempotency import IdempotencyKeys
 from aecp.cluster.principals import PrincipalService
 from aecp.cluster.service import ClusterService
 from aecp.cluster.vmsnapshots import VMSnapshotService
@@ -61,6 +62,7 @@ def create_app(
     )
     app.state.service = service
     app.state.principals = PrincipalService(service.store, service.clock)
+    app.state.idempotency = IdempotencyKeys(service.store, service.clock)
     app.state.node = node
     app.state.volumes = volume_service
     app.state.vmsnaps = vm_snapshots

@@ -13,6 +13,8 @@ a route declares only the statuses of its own logic (404, 409...).
 
 from __future__ import annotations
 
+import base64
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -23,11 +25,14 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.types import Message
 
-from aecp.cluster.api.deps import authenticate, authorize, bearer
-from aecp.cluster.api.errors import error_responses
-from aecp.common.errors import InvalidInput
+from aecp.cluster import idempotency
+from aecp.cluster.api.deps import SAFE_METHODS, authenticate, authorize, bearer
+from aecp.cluster.api.errors import error_response, error_responses
+from aecp.cluster.idempotency import IdempotencyKeys
+from aecp.common.errors import AecpError, InvalidInput
 from aecp.model.principal import Role
 
+log = logging.getLogger(__name__)
 MAX_JSON_BODY = 1024 * 1024
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
@@ -42,8 +47,11 @@ class AuthenticatedRoute(APIRoute):
 
     def _implied_statuses(self) -> list[int]:
         statuses = [401, 403, 500, 503]
-        if get_flat_params(self.dependant) or self.body_field is not None:
+        mutating = bool((self.methods or set()) - SAFE_METHODS)
+        if get_flat_params(self.dependant) or self.body_field is not None or mutating:
             statuses.append(422)
+        if mutating:  # an Idempotency-Key whose request is still being carried out
+            statuses.append(409)
         if self.body_field is not None:
             statuses += [400, 413]
         return statuses
@@ -54,15 +62,65 @@ class AuthenticatedRoute(APIRoute):
         known = _query_names(self.dependant)
 
         async def authenticated(request: Request) -> Response:
-            authorize(await authenticate(request), request.method, self.needs)
+            principal = await authenticate(request)
+            authorize(principal, request.method, self.needs)
             for name in request.query_params:
                 if name not in known:
                     raise InvalidInput(name or "query", "unknown query parameter")
             if json_body:
                 request = await bounded(request, MAX_JSON_BODY)
-            return await handler(request)
+            key = request.headers.get(idempotency.HEADER)
+            if key is None or request.method in SAFE_METHODS:
+                return await handler(request)
+            return await _at_most_once(request, handler, principal.name, key, json_body)
 
         return authenticated
+
+
+async def _at_most_once(
+    request: Request, handler: Handler, principal: str, key: str, json_body: bool
+) -> Response:
+    """Carry the request out once per ``Idempotency-Key`` (``cluster.idempotency``): a
+    retry gets the first answer (``Idempotent-Replayed: true``)."""
+    keys: IdempotencyKeys = request.app.state.idempotency
+    idempotency.check_key(key)
+    body = await request.body() if json_body else b""  # an upload: method, path and query
+    print_ = idempotency.fingerprint(request.method, request.url.path, request.url.query, body)
+    claim = await keys.claim(principal, key, print_)
+    if claim.replay is not None:
+        return Response(
+            base64.b64decode(claim.replay.body_b64),
+            status_code=claim.replay.status,
+            media_type=claim.replay.content_type or None,
+            headers={"Idempotent-Replayed": "true"},
+        )
+    try:
+        response = await handler(request)
+    except AecpError as exc:
+        if exc.http_status >= 500:
+            await _forget(keys, claim)
+            raise
+        response = error_response(exc.http_status, exc.to_dict())
+    except BaseException:
+        await _forget(keys, claim)
+        raise
+    body_out = getattr(response, "body", None)
+    try:
+        if isinstance(body_out, bytes):
+            ctype = response.headers.get("content-type", "")
+            await keys.answered(claim, print_, response.status_code, body_out, ctype)
+        else:  # a streamed answer cannot be replayed: a retry runs again
+            await keys.abandon(claim)
+    except AecpError as exc:
+        log.warning("%s: the answer was not kept: %s", idempotency.HEADER, exc)
+    return response
+
+
+async def _forget(keys: IdempotencyKeys, claim: idempotency.Claim) -> None:
+    try:
+        await keys.abandon(claim)
+    except AecpError as exc:
+        log.warning("%s: not released (a retry waits for it): %s", idempotency.HEADER, exc)
 
 
 class AdminRoute(AuthenticatedRoute):
