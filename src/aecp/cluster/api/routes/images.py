@@ -8,10 +8,11 @@ import secrets
 import shutil
 from pathlib import Path
 
-from fastapi import Query, Request, status
+from fastapi import Query, Request, Response, status
 
 from aecp.cluster.api.deps import NamePath, Service
 from aecp.cluster.api.errors import error_responses
+from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
 from aecp.cluster.service import ClusterService
 from aecp.common.errors import AlreadyExists, ImageError, InvalidInput, Unavailable
@@ -31,8 +32,8 @@ RAW_BODY = {
 
 
 @router.get("", operation_id="list_images")
-async def list_images(svc: Service) -> list[ImageRecord]:
-    return await svc.images()
+async def list_images(svc: Service, page: Page, response: Response) -> list[ImageRecord]:
+    return paginate(await svc.images(), "images", lambda i: [i.name], page, response)
 
 
 @router.get("/{name}", operation_id="get_image", responses=error_responses(404))

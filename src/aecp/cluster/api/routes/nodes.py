@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from aecp.cluster.api.deps import NamePath, Service
 from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models import EventPublic
+from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
 from aecp.model.node import NodeView
 
@@ -14,8 +16,8 @@ router = api_router("/v1/nodes", "nodes")
 
 
 @router.get("", operation_id="list_nodes")
-async def list_nodes(svc: Service) -> list[NodeView]:
-    return await svc.nodes()
+async def list_nodes(svc: Service, page: Page, response: Response) -> list[NodeView]:
+    return paginate(await svc.nodes(), "nodes", lambda n: [n.name], page, response)
 
 
 @router.get("/{name}", operation_id="get_node", responses=error_responses(404))

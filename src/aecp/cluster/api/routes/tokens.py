@@ -3,11 +3,12 @@ its creation, and nowhere else, ever."""
 
 from __future__ import annotations
 
-from fastapi import status
+from fastapi import Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from aecp.cluster.api.deps import NamePath, Principal, Principals
 from aecp.cluster.api.errors import error_responses
+from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
 from aecp.cluster.principals import ROLES, PrincipalCreated, PrincipalPublic
 from aecp.model.base import Name
@@ -36,8 +37,10 @@ async def create_token(
 
 
 @router.get("", operation_id="list_tokens")
-async def list_tokens(principals: Principals) -> list[PrincipalPublic]:
-    return await principals.principals()
+async def list_tokens(
+    principals: Principals, page: Page, response: Response
+) -> list[PrincipalPublic]:
+    return paginate(await principals.principals(), "tokens", lambda p: [p.name], page, response)
 
 
 @router.delete(

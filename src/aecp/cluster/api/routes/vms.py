@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
-from fastapi import Request, status
+from typing import Annotated
+
+from fastapi import Query, Request, Response, status
 
 from aecp.cluster.api.deps import NamePath, Service, vm_snapshot_service
 from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models import Accepted, EventPublic, VMPublic
+from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
-from aecp.model.vm import PowerOp, VMCreate
+from aecp.common.names import NAME_PATTERN
+from aecp.model.vm import PowerOp, VMCreate, VMState
 
 router = api_router("/v1/vms", "vms")
 
 
 @router.get("", operation_id="list_vms")
-async def list_vms(svc: Service) -> list[VMPublic]:
+async def list_vms(
+    svc: Service,
+    page: Page,
+    response: Response,
+    node: Annotated[str | None, Query(pattern=NAME_PATTERN, description="on this node")] = None,
+    state: Annotated[VMState | None, Query(description="in this state")] = None,
+) -> list[VMPublic]:
+    """VMs by name (``limit``/``cursor`` pages them; ``node`` and ``state`` filter them)."""
     snap = await svc.cluster_view()
-    return [VMPublic.from_view(snap, n) for n in sorted(snap.vms)]
+    vms = [VMPublic.from_view(snap, n) for n in snap.vms]
+    vms = [
+        v for v in vms if (node is None or v.node == node) and (state is None or v.state == state)
+    ]
+    list_id = f"vms?node={node or ''}&state={state.value if state else ''}"
+    return paginate(vms, list_id, lambda v: [v.name], page, response)
 
 
 @router.post(

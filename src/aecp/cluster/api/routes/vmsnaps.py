@@ -4,13 +4,14 @@ by the VM's node agent: these requests answer 202 with the operation to follow."
 
 from __future__ import annotations
 
-from fastapi import Depends, Request, status
+from fastapi import Depends, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from aecp.cluster.api.deps import NamePath, volume_service
 from aecp.cluster.api.deps import vm_snapshot_service as vmsnaps
 from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models import Accepted
+from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
 from aecp.cluster.vmsnapshots import VMSnapshot, VMSnapshotService
 from aecp.model.base import Name
@@ -108,8 +109,10 @@ async def convert(
 
 
 @templates_router.get("", operation_id="list_templates")
-async def list_templates(svc: VMSnapshotService = Depends(vmsnaps)) -> list[TemplateRecord]:
-    return await svc.templates()
+async def list_templates(
+    page: Page, response: Response, svc: VMSnapshotService = Depends(vmsnaps)
+) -> list[TemplateRecord]:
+    return paginate(await svc.templates(), "templates", lambda t: [t.name], page, response)
 
 
 @templates_router.delete(

@@ -4,13 +4,14 @@ volume."""
 
 from __future__ import annotations
 
-from fastapi import Depends, status
+from fastapi import Depends, Response, status
 from pydantic import BaseModel, ConfigDict
 
 from aecp.cluster.api.deps import NamePath, Principal
 from aecp.cluster.api.deps import snapshot_service as snapshots
 from aecp.cluster.api.deps import volume_service as volumes
 from aecp.cluster.api.errors import error_responses
+from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
 from aecp.cluster.volumes import (
     ExportCreate,
@@ -29,8 +30,10 @@ router = api_router("/v1/volumes", "volumes")
 
 
 @router.get("", operation_id="list_volumes")
-async def list_volumes(svc: VolumeService = Depends(volumes)) -> list[VolumePublic]:
-    return await svc.all()
+async def list_volumes(
+    page: Page, response: Response, svc: VolumeService = Depends(volumes)
+) -> list[VolumePublic]:
+    return paginate(await svc.all(), "volumes", lambda v: [v.name], page, response)
 
 
 @router.post(
