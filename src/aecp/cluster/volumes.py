@@ -61,6 +61,8 @@ class VolumePublic(BaseModel):
     epoch: int
     health: str
     owner: VolumeOwner | None = None  # the VM or template whose disk it is; None: standalone
+    source: str = ""  # what it was made from: "snapshot v@s", "volume v", "" (empty)
+    created_at: float = 0.0
     extents: list[ExtentHealth] = []
 
 
@@ -191,6 +193,8 @@ class VolumeService:
             epoch=vol.epoch,
             health="degraded" if degraded else "healthy",
             owner=vol.owner,
+            source=vol.source,
+            created_at=vol.created_at,
             extents=list(healths) if detail else [],
         )
 

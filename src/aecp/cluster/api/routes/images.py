@@ -12,6 +12,7 @@ from fastapi import Query, Request, Response, status
 
 from aecp.cluster.api.deps import NamePath, Service
 from aecp.cluster.api.errors import error_responses
+from aecp.cluster.api.models.images import ImagePublic
 from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
 from aecp.cluster.service import ClusterService
@@ -32,13 +33,14 @@ RAW_BODY = {
 
 
 @router.get("", operation_id="list_images")
-async def list_images(svc: Service, page: Page, response: Response) -> list[ImageRecord]:
-    return paginate(await svc.images(), "images", lambda i: [i.name], page, response)
+async def list_images(svc: Service, page: Page, response: Response) -> list[ImagePublic]:
+    images = [ImagePublic.of(i) for i in await svc.images()]
+    return paginate(images, "images", lambda i: [i.name], page, response)
 
 
 @router.get("/{name}", operation_id="get_image", responses=error_responses(404))
-async def get_image(name: NamePath, svc: Service) -> ImageRecord:
-    return await svc.image(name)
+async def get_image(name: NamePath, svc: Service) -> ImagePublic:
+    return ImagePublic.of(await svc.image(name))
 
 
 @router.put(
@@ -54,13 +56,13 @@ async def upload_image(
     svc: Service,
     format: ImageFormat | None = Query(None, description="expected format; detected if absent"),
     source: str = Query("", max_length=200, description="where the image came from"),
-) -> ImageRecord:
+) -> ImagePublic:
     """Store the request body as image ``name`` after checking format and integrity (422 names
     what is wrong with the file; 503 if this node cannot store it)."""
     if any(i.name == name for i in await svc.images()):
         raise AlreadyExists(f"image {name} already exists", field="name")
     try:
-        return await _store(name, request, svc, format, source)
+        return ImagePublic.of(await _store(name, request, svc, format, source))
     except OSError as exc:  # the images directory: full, read-only... (never say where it is)
         raise Unavailable(f"cannot store image {name}: {exc.strerror or 'I/O error'}") from None
 

@@ -7,10 +7,11 @@ from typing import Annotated
 from fastapi import Query, Response
 
 from aecp.cluster.api.deps import Service
-from aecp.cluster.api.errors import error_responses, redact_paths
+from aecp.cluster.api.errors import error_responses
+from aecp.cluster.api.models.operations import OperationPublic
 from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
-from aecp.model.operation import Operation, OpState
+from aecp.model.operation import OpState
 
 router = api_router("/v1/operations", "operations")
 
@@ -22,11 +23,11 @@ async def list_operations(
     response: Response,
     state: Annotated[OpState | None, Query(description="in this state")] = None,
     target: Annotated[str | None, Query(max_length=128, description="about this object")] = None,
-) -> list[Operation]:
+) -> list[OperationPublic]:
     """Operations, oldest first (``limit``/``cursor`` pages them; ``state`` and ``target``
     filter them)."""
     ops = [
-        public(op)
+        OperationPublic.of(op)
         for op in await svc.operations()
         if (state is None or op.state is state) and (target is None or op.target == target)
     ]
@@ -35,12 +36,5 @@ async def list_operations(
 
 
 @router.get("/{op_id}", operation_id="get_operation", responses=error_responses(404))
-async def get_operation(op_id: str, svc: Service) -> Operation:
-    return public(await svc.operation(op_id))
-
-
-def public(op: Operation) -> Operation:
-    """``op`` as callers see it: no server path in its message or error."""
-    return op.model_copy(
-        update={"message": redact_paths(op.message), "error": redact_paths(op.error)}
-    )
+async def get_operation(op_id: str, svc: Service) -> OperationPublic:
+    return OperationPublic.of(await svc.operation(op_id))

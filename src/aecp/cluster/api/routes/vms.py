@@ -46,9 +46,9 @@ async def create_vm(body: VMCreate, svc: Service, request: Request) -> Accepted:
     O(1) clone of a template (404 if there is no such template)."""
     if body.template is not None:
         vmsnaps = vm_snapshot_service(request)
-        return Accepted(operation=await vmsnaps.create_from_template(body))
+        return Accepted.of(await vmsnaps.create_from_template(body))
     _, op = await svc.create_vm(body)
-    return Accepted(operation=op)
+    return Accepted.of(op)
 
 
 @router.get("/{name}", operation_id="get_vm", responses=error_responses(404))
@@ -70,7 +70,7 @@ async def list_vm_events(name: NamePath, svc: Service) -> list[EventPublic]:
     responses=error_responses(404, 409),
 )
 async def delete_vm(name: NamePath, svc: Service) -> Accepted:
-    return Accepted(operation=await svc.delete_vm(name))
+    return Accepted.of(await svc.delete_vm(name))
 
 
 @router.post(
@@ -81,4 +81,4 @@ async def delete_vm(name: NamePath, svc: Service) -> Accepted:
 )
 async def vm_action(name: NamePath, action: PowerOp, svc: Service) -> Accepted:
     """Power operations: start, shutdown (ACPI), poweroff, reboot, suspend, resume."""
-    return Accepted(operation=await svc.power(name, action))
+    return Accepted.of(await svc.power(name, action))

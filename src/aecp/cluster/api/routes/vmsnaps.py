@@ -11,11 +11,11 @@ from aecp.cluster.api.deps import NamePath, volume_service
 from aecp.cluster.api.deps import vm_snapshot_service as vmsnaps
 from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models import Accepted
+from aecp.cluster.api.models.templates import TemplatePublic
 from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
 from aecp.cluster.vmsnapshots import VMSnapshot, VMSnapshotService
 from aecp.model.base import Name
-from aecp.model.template import TemplateRecord
 
 router = api_router("/v1/vms", "vm snapshots")
 templates_router = api_router("/v1/templates", "templates")
@@ -45,7 +45,7 @@ async def create_snapshot(
 ) -> Accepted:
     """Crash-consistent snapshot of every disk of the VM (paused for the instant), taken by
     the VM's node."""
-    return Accepted(operation=await svc.snapshot(name, body.name))
+    return Accepted.of(await svc.snapshot(name, body.name))
 
 
 @router.get("/{name}/snapshots", operation_id="list_vm_snapshots", responses=error_responses(404))
@@ -77,7 +77,7 @@ async def rollback(
     name: NamePath, snap: NamePath, svc: VMSnapshotService = Depends(vmsnaps)
 ) -> Accepted:
     """Return a stopped VM's disks to the snapshot (carried out by the VM's node)."""
-    return Accepted(operation=await svc.rollback(name, snap))
+    return Accepted.of(await svc.rollback(name, snap))
 
 
 @router.post(
@@ -91,7 +91,7 @@ async def clone(
 ) -> Accepted:
     """A new VM whose disks are O(1) clones of this VM's (made by this VM's node; the
     operation ends when the new VM runs)."""
-    return Accepted(operation=await svc.clone(name, body.name, body.start))
+    return Accepted.of(await svc.clone(name, body.name, body.start))
 
 
 @router.post(
@@ -105,14 +105,15 @@ async def convert(
 ) -> Accepted:
     """Freeze a stopped VM's disks as a template; the VM itself is deleted (carried out by
     the VM's node)."""
-    return Accepted(operation=await svc.convert_to_template(name, body.name))
+    return Accepted.of(await svc.convert_to_template(name, body.name))
 
 
 @templates_router.get("", operation_id="list_templates")
 async def list_templates(
     page: Page, response: Response, svc: VMSnapshotService = Depends(vmsnaps)
-) -> list[TemplateRecord]:
-    return paginate(await svc.templates(), "templates", lambda t: [t.name], page, response)
+) -> list[TemplatePublic]:
+    templates = [TemplatePublic.of(t) for t in await svc.templates()]
+    return paginate(templates, "templates", lambda t: [t.name], page, response)
 
 
 @templates_router.delete(

@@ -11,6 +11,7 @@ from aecp.cluster.api.deps import NamePath, Principal
 from aecp.cluster.api.deps import snapshot_service as snapshots
 from aecp.cluster.api.deps import volume_service as volumes
 from aecp.cluster.api.errors import error_responses
+from aecp.cluster.api.models.volumes import SnapshotPublic
 from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
 from aecp.cluster.volumes import (
@@ -23,7 +24,6 @@ from aecp.cluster.volumes import (
     VolumeService,
 )
 from aecp.model.base import Name
-from aecp.storage.meta.model import SnapshotRecord, VolumeRecord
 from aecp.storage.snapshots import SnapshotService
 
 router = api_router("/v1/volumes", "volumes")
@@ -42,8 +42,8 @@ async def list_volumes(
     operation_id="create_volume",
     responses=error_responses(409),
 )
-async def create_volume(body: VolumeCreate, svc: VolumeService = Depends(volumes)) -> VolumeRecord:
-    return await svc.create(body)
+async def create_volume(body: VolumeCreate, svc: VolumeService = Depends(volumes)) -> VolumePublic:
+    return await svc.show((await svc.create(body)).name, detail=False)
 
 
 @router.get("/{name}", operation_id="get_volume", responses=error_responses(404))
@@ -54,8 +54,9 @@ async def get_volume(name: NamePath, svc: VolumeService = Depends(volumes)) -> V
 @router.post("/{name}/resize", operation_id="resize_volume", responses=error_responses(404, 409))
 async def resize_volume(
     name: NamePath, body: VolumeResize, svc: VolumeService = Depends(volumes)
-) -> VolumeRecord:
-    return await svc.resize(name, body.size)
+) -> VolumePublic:
+    await svc.resize(name, body.size)
+    return await svc.show(name, detail=False)
 
 
 @router.delete(
@@ -125,9 +126,9 @@ class NewName(BaseModel):
 )
 async def create_snapshot(
     name: NamePath, body: NewName, svc: SnapshotService = Depends(snapshots)
-) -> SnapshotRecord:
+) -> SnapshotPublic:
     """O(1) snapshot of a volume that no client has attached (VM disks: snapshot the VM)."""
-    return await svc.snapshot(name, body.name)
+    return SnapshotPublic.of(await svc.snapshot(name, body.name))
 
 
 @router.get(
@@ -135,8 +136,8 @@ async def create_snapshot(
 )
 async def list_snapshots(
     name: NamePath, svc: SnapshotService = Depends(snapshots)
-) -> list[SnapshotRecord]:
-    return await svc.snapshots(name)
+) -> list[SnapshotPublic]:
+    return [SnapshotPublic.of(s) for s in await svc.snapshots(name)]
 
 
 @router.delete(
@@ -159,10 +160,14 @@ async def delete_snapshot(
     responses=error_responses(404, 409),
 )
 async def clone_snapshot(
-    name: NamePath, snap: NamePath, body: NewName, svc: SnapshotService = Depends(snapshots)
-) -> VolumeRecord:
+    name: NamePath,
+    snap: NamePath,
+    body: NewName,
+    svc: SnapshotService = Depends(snapshots),
+    vols: VolumeService = Depends(volumes),
+) -> VolumePublic:
     """A new volume with the snapshot's content (O(1), independent of the snapshot)."""
-    return await svc.clone(name, snap, body.name)
+    return await vols.show((await svc.clone(name, snap, body.name)).name, detail=False)
 
 
 @router.post(
@@ -171,7 +176,11 @@ async def clone_snapshot(
     responses=error_responses(404, 409),
 )
 async def rollback(
-    name: NamePath, snap: NamePath, svc: SnapshotService = Depends(snapshots)
-) -> VolumeRecord:
+    name: NamePath,
+    snap: NamePath,
+    svc: SnapshotService = Depends(snapshots),
+    vols: VolumeService = Depends(volumes),
+) -> VolumePublic:
     """Make a detached volume hold the snapshot's content again."""
-    return await svc.rollback(name, snap)
+    await svc.rollback(name, snap)
+    return await vols.show(name, detail=False)

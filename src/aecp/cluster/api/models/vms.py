@@ -1,12 +1,11 @@
-"""Public (response) models of the cluster API."""
+"""VMs as the API shows them (the create body is ``model.vm.VMCreate``: the service's input,
+validated the same way wherever it comes from)."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel
 
 from aecp.cluster.api.errors import redact_paths
-from aecp.model.event import ObjectEvent
-from aecp.model.operation import Operation
 from aecp.model.vm import Power, VMState
 from aecp.store.view import ClusterView
 
@@ -55,22 +54,3 @@ class VMPublic(BaseModel):
             created_at=e.spec.created_at,
             last_operation=e.spec.op_id,
         )
-
-
-class EventPublic(BaseModel):
-    """What a controller decided about an object (``aecp vm events``, ``aecp node events``)."""
-
-    at: float
-    role: str
-    node: str
-    sentence: str
-
-    @classmethod
-    def of(cls, event: ObjectEvent) -> EventPublic:
-        return cls(at=event.at, role=event.role, node=event.node, sentence=event.sentence)
-
-
-class Accepted(BaseModel):
-    """A request that takes time: follow ``operation`` to its end."""
-
-    operation: Operation
