@@ -394,11 +394,14 @@ async def test_a_watch_from_a_compacted_revision_raises_compacted_and_one_after_
     kept = await store.put(prefix + "a", b"3")
     await store.compact(kept)
 
-    with pytest.raises(Compacted) as refused:
-        async with store.watch(prefix, start_revision=old) as events:
-            await next_events(events, 1)
+    with pytest.raises(Compacted):
+        async with store.watch(prefix, start_revision=old):
+            pass  # refused on entering: a feed can answer 410 before it streams
+    with pytest.raises(Compacted):
+        await store.compact(kept)  # compacted already
+    with pytest.raises(ValueError):
+        await store.compact(await store.revision() + 100)
 
-    assert refused.value.fields["compact_revision"] >= kept
     async with store.watch(prefix, start_revision=kept) as events:
         assert await next_events(events, 1) == [WatchEvent(EventKind.PUT, prefix + "a", b"3", kept)]
 

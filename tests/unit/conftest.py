@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from aecp.cluster.principals import first_admin
 from aecp.common.clock import FakeClock
+from aecp.model.cluster import ClusterInfo, new_cluster_id
 from aecp.model.image import ImageFormat, ImageRecord
 from aecp.model.node import Capacity, NodeHeartbeat, NodeRecord, Usage
+from aecp.model.principal import FIRST_ADMIN, new_principal_token
 from aecp.store import keys
 from aecp.store.base import Lease
 from aecp.store.memory import MemoryStore
@@ -71,3 +74,11 @@ async def dump_store(store: MemoryStore) -> dict[str, bytes]:
 
 
 from tests.unit.abskit import cluster as cluster  # noqa: E402 - the fixture, re-exported
+
+
+async def admin_token(store: MemoryStore) -> str:
+    """A cluster record and its first admin principal; that admin's token."""
+    token, digest = new_principal_token(FIRST_ADMIN)
+    await store.put(keys.CLUSTER, ClusterInfo(name="t", created_at=1, id=new_cluster_id()).dump())
+    await store.put(keys.principal(FIRST_ADMIN), first_admin(digest, 1).dump())
+    return token

@@ -12,20 +12,18 @@ from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.scheduler import Scheduler
 from aecp.cluster.service import ClusterService
-from aecp.model.cluster import ClusterInfo, new_token
 from aecp.store import keys
 from aecp.store.controllers import ControllerHost
 from aecp.store.history import History
 from aecp.store.memory import MemoryStore
-from tests.unit.conftest import add_node, dump_store
+from tests.unit.conftest import add_node, admin_token, dump_store
 
 
 @pytest.fixture
 async def api(
     store: MemoryStore, images_dir: Path, tmp_path: Path
 ) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
-    token, digest = new_token()
-    await store.put(keys.CLUSTER, ClusterInfo(name="t", created_at=1, token_sha256=digest).dump())
+    token = await admin_token(store)
     await add_node(store, "n1")
     app = create_app(
         ClusterService(store, images_dir),

@@ -21,14 +21,13 @@ from aecp.cluster.service import ClusterService
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.common.names import NAME_PATTERN
-from aecp.model.cluster import ClusterInfo, new_token
 from aecp.model.operation import Operation
 from aecp.model.vm import Placement, VMState, VMStatus
 from aecp.storage.snapshots import SnapshotService
 from aecp.store import keys
 from aecp.store.memory import MemoryStore
 from tests.unit.abskit import Cluster
-from tests.unit.conftest import add_node, dump_store
+from tests.unit.conftest import add_node, admin_token, dump_store
 
 Api = tuple[httpx.AsyncClient, dict[str, str]]
 
@@ -42,8 +41,7 @@ async def _client(app: Any) -> httpx.AsyncClient:
 async def api(
     store: MemoryStore, images_dir: Path, tmp_path: Path, cluster: Cluster
 ) -> AsyncIterator[Api]:
-    token, digest = new_token()
-    await store.put(keys.CLUSTER, ClusterInfo(name="t", created_at=1, token_sha256=digest).dump())
+    token = await admin_token(store)
     await add_node(store, "n1")
     svc = ClusterService(store, images_dir)
     volumes = VolumeService(cluster.meta, cluster.pool)
@@ -165,8 +163,7 @@ async def test_an_unexpected_error_gets_500_in_the_error_shape_without_its_text(
     images_dir: Path, tmp_path: Path
 ) -> None:
     store = BuggyStore()
-    token, digest = new_token()
-    await store.put(keys.CLUSTER, ClusterInfo(name="t", created_at=1, token_sha256=digest).dump())
+    token = await admin_token(store)
     app = create_app(
         ClusterService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None)
     )
@@ -319,8 +316,7 @@ async def test_the_openapi_document_is_complete_without_the_optional_services(
 async def test_a_route_of_a_service_the_node_lacks_answers_503(
     store: MemoryStore, images_dir: Path, tmp_path: Path
 ) -> None:
-    token, digest = new_token()
-    await store.put(keys.CLUSTER, ClusterInfo(name="t", created_at=1, token_sha256=digest).dump())
+    token = await admin_token(store)
     bare = create_app(
         ClusterService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None)
     )

@@ -138,3 +138,16 @@ async def test_a_request_still_running_under_the_key_is_409_and_one_that_died_is
     r = await api.client.post(path, content=body, headers=headers)
     assert r.status_code == 200, r.text
     assert await store.get(keys.node_admin("n1")) is not None
+
+
+async def test_a_request_whose_answer_holds_a_secret_takes_no_key(
+    api: Api, store: MemoryStore
+) -> None:
+    """The new token was kept in the store in plain text for the replay (review finding)."""
+    before = await dump_store(store)
+    r = await api.post("/v1/tokens", {"name": "ci", "role": "operator"}, "k")
+    assert r.status_code == 422 and r.json()["field"] == "Idempotency-Key", r.text
+    assert await dump_store(store) == before
+    r = await api.post("/v1/tokens", {"name": "ci", "role": "operator"}, None)
+    token = r.json()["token"]
+    assert all(token.encode() not in v for v in (await dump_store(store)).values())

@@ -197,3 +197,26 @@ async def test_a_cluster_from_before_principals_gets_an_id_and_its_token_becomes
     assert admin is not None and admin[0].role == "admin" and admin[0].token_ok(token)
     again = await read(store, keys.CLUSTER, ClusterInfo)
     assert again is not None and again[0].id == info[0].id
+
+
+async def test_an_old_clusters_token_used_before_its_upgrade_is_adopted_and_stays_admin(
+    store: MemoryStore, images_dir: Path, tmp_path: Path
+) -> None:
+    """Its first use created an operator, after which the old token (no longer the only
+    credential) was refused and the cluster had no admin (review finding)."""
+    token, digest = new_token()
+    await store.put(keys.CLUSTER, ClusterInfo(name="old", created_at=1, token_sha256=digest).dump())
+    app = create_app(
+        ClusterService(store, images_dir), NodeContext("n1", "", tmp_path, lambda v: None)
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    auth = {"authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        r = await client.post("/v1/tokens", json={"name": "ci", "role": "operator"}, headers=auth)
+        assert r.status_code == 201, r.text
+        listed = await client.get("/v1/tokens", headers=auth)
+    assert listed.status_code == 200
+    assert {(p["name"], p["role"]) for p in listed.json()} == {
+        ("admin", "admin"),
+        ("ci", "operator"),
+    }

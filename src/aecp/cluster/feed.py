@@ -3,16 +3,18 @@ from a revision of the cluster store, as one ``FeedEvent`` per object changed in
 
 A feed event says which object changed (or was deleted) and at which revision, not what it
 now is: a client reads the object through the API (the stored records are not the API's
-schema). A client that keeps the revision of the last event it handled and reconnects with it
-misses nothing; a revision the store has compacted since raises ``Compacted`` (the API answers
-410): the client then reads every list again and follows from the revision the feed's first
-(``sync``) event names.
+schema). A client that keeps the position of the last event it handled (``Position``) and
+reconnects with it misses nothing; a revision the store has compacted since raises
+``Compacted`` (the API answers 410): the client then reads every list again and follows from
+the revision the feed's first (``sync``) event names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel
@@ -71,29 +73,53 @@ def classify(ev: WatchEvent) -> FeedEvent | None:
     return None
 
 
-Opened = tuple[int, contextlib.AsyncExitStack, AsyncIterator[WatchEvent]]
+@dataclass(frozen=True)
+class Position:
+    """Where a client is in the feed: every change up to ``revision`` handled, or, with
+    ``index``, the changes of ``revision`` up to that one (a stream may end inside a
+    revision: one transaction often changes several objects). Written ``R`` or ``R.i``: the
+    ``id`` of each event is its position."""
+
+    revision: int
+    index: int | None = None
+
+    @classmethod
+    def parse(cls, text: str, field: str = "since") -> Position:
+        m = _POSITION.match(text)
+        if m is None:
+            raise InvalidInput(field, "must be a revision (R) or an event id (R.i) of the feed")
+        return cls(int(m["rev"]), None if m["index"] is None else int(m["index"]))
+
+    def __str__(self) -> str:
+        return str(self.revision) if self.index is None else f"{self.revision}.{self.index}"
+
+    def first_revision(self) -> int:
+        """The revision the feed resumes at."""
+        return self.revision if self.index is not None else self.revision + 1
+
+
+_POSITION = re.compile(r"^(?P<rev>[0-9]{1,18})(?:\.(?P<index>[0-9]{1,9}))?$")
+Opened = tuple[Position, contextlib.AsyncExitStack, AsyncIterator[WatchEvent]]
 
 
 class ChangeFeed:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def start(
-        self, since: int | None
-    ) -> tuple[int, contextlib.AsyncExitStack, AsyncIterator[WatchEvent]]:
-        """Open the feed after revision ``since`` (now, if None): the revision it follows
-        from, the stack that closes it, and the store's events. ``InvalidInput`` for a revision
-        from the future; ``Compacted`` for one the store no longer keeps."""
+    async def start(self, since: Position | None) -> Opened:
+        """Open the feed after ``since`` (now, if None): the position it follows from, the
+        stack that closes it, and the store's events. ``InvalidInput`` for a revision from
+        the future; ``Compacted`` for one the store no longer keeps."""
         current = await self.store.revision()
-        if since is not None and since > current:
+        if since is not None and since.revision > current:
             raise InvalidInput(
-                "since", f"revision {since} is in the future (the store is at {current})"
+                "since", f"revision {since.revision} is in the future (the store is at {current})"
             )
-        start = current if since is None else since
+        start = since if since is not None else Position(current)
         stack = contextlib.AsyncExitStack()
         try:
             events = await stack.enter_async_context(
-                self.store.watch(keys.ROOT, start_revision=start + 1)
+                self.store.watch(keys.ROOT, start_revision=start.first_revision())
             )
         except BaseException:
             await stack.aclose()
@@ -101,20 +127,26 @@ class ChangeFeed:
         return start, stack, events
 
 
-async def feed_events(events: AsyncIterator[WatchEvent]) -> AsyncIterator[FeedEvent]:
-    """``events`` as feed events: one per object and revision (a deletion wins over a change
-    of the same object in the same revision only if it comes first: clients read the object
-    again either way)."""
+async def feed_events(
+    events: AsyncIterator[WatchEvent], after: Position
+) -> AsyncIterator[tuple[FeedEvent, Position]]:
+    """``events`` as feed events with their positions: one per object and revision (a
+    deletion wins over a change of the same object in the same revision only if it comes
+    first: clients read the object again either way), those up to ``after`` left out. The
+    same revision gives the same events in the same order every time it is read."""
     seen: set[tuple[str, str, str | None]] = set()
-    revision = 0
+    revision, index = 0, -1
     async for ev in events:
         out = classify(ev)
         if out is None:
             continue
         if out.revision != revision:
-            revision, seen = out.revision, set()
+            revision, index, seen = out.revision, -1, set()
         key = (out.kind, out.name, out.volume)
         if out.change == "changed" and key in seen:
             continue
         seen.add(key)
-        yield out
+        index += 1
+        handled = after.index is not None and revision == after.revision and index <= after.index
+        if not handled:
+            yield out, Position(revision, index)

@@ -96,16 +96,19 @@ class PrincipalService:
         return None
 
     async def _before_principals(self, token: str) -> PrincipalRecord | None:
-        """A cluster made before principals, not yet adopted (``adopt_first_token``): its
-        one token is the admin's while no principal exists."""
+        """A cluster made before principals, not yet adopted (``cluster.upgrades``): its one
+        token is the admin's while no principal exists, and using it adopts it now (so a
+        principal it creates next never leaves the cluster without an admin)."""
         if await self.store.list(keys.PRINCIPALS):
             return None
         got = await read(self.store, keys.CLUSTER, ClusterInfo)
         if got is None or not got[0].token_sha256 or not got[0].token_ok(token):
             return None
-        return PrincipalRecord(
-            name=FIRST_ADMIN, role=Role.ADMIN, token_sha256=got[0].token_sha256, created_at=0
-        )
+        rec = legacy_admin(got[0].token_sha256, self.clock.wall())
+        if await self.store.create(keys.principal(FIRST_ADMIN), rec.dump()):
+            log.info("the cluster's token is now principal %s (admin)", FIRST_ADMIN)
+            return rec
+        return await self._holder(token)  # adopted meanwhile, or another admin made
 
     async def create(self, name: str, role: str, by: str) -> PrincipalCreated:
         check_name("name", name)
@@ -153,6 +156,17 @@ class PrincipalService:
                 log.info("principal %s revoked by %s", name, by or "?")
                 return
         raise Conflict("the principals keep changing; try again")
+
+
+def legacy_admin(token_digest: str, now: float) -> PrincipalRecord:
+    """The ``admin`` principal of a cluster's token from before principals."""
+    return PrincipalRecord(
+        name=FIRST_ADMIN,
+        role=Role.ADMIN,
+        token_sha256=token_digest,
+        created_at=now,
+        created_by="the cluster's first token",
+    )
 
 
 def first_admin(token_digest: str, now: float) -> PrincipalRecord:

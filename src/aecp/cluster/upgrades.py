@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 
+from aecp.cluster.principals import legacy_admin
 from aecp.common.clock import SYSTEM_CLOCK, Clock
+from aecp.common.errors import AecpError
 from aecp.model.cluster import ClusterInfo, new_cluster_id
-from aecp.model.principal import FIRST_ADMIN, PrincipalRecord, Role
+from aecp.model.principal import FIRST_ADMIN
 from aecp.store import keys
 from aecp.store.base import Store
 from aecp.store.typed import read
@@ -47,14 +49,19 @@ async def adopt_first_token(store: Store, clock: Clock = SYSTEM_CLOCK) -> bool:
     got = await read(store, keys.CLUSTER, ClusterInfo)
     if got is None or not got[0].token_sha256:
         return False
-    rec = PrincipalRecord(
-        name=FIRST_ADMIN,
-        role=Role.ADMIN,
-        token_sha256=got[0].token_sha256,
-        created_at=clock.wall(),
-        created_by="the cluster's first token",
-    )
+    rec = legacy_admin(got[0].token_sha256, clock.wall())
     made = await store.create(keys.principal(FIRST_ADMIN), rec.dump())
     if made:
         log.info("the cluster's token is now principal %s (admin)", FIRST_ADMIN)
     return made
+
+
+async def upgrade_until_done(store: Store, clock: Clock = SYSTEM_CLOCK, every: float = 5.0) -> None:
+    """``upgrade_records`` until it succeeds (a task of its own: never in a lease's way)."""
+    while True:
+        try:
+            await upgrade_records(store, clock)
+            return
+        except AecpError as exc:
+            log.warning("records not upgraded yet (again in %.0f s): %s", every, exc)
+        await clock.sleep(every)

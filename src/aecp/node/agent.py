@@ -25,12 +25,11 @@ from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.reaper import OperationReaper
 from aecp.cluster.scheduler import Scheduler
 from aecp.cluster.service import ClusterService
-from aecp.cluster.upgrades import upgrade_records
+from aecp.cluster.upgrades import upgrade_until_done
 from aecp.cluster.vmclones import DiskCloner
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.common.clock import SYSTEM_CLOCK, Clock
-from aecp.common.errors import AecpError
 from aecp.common.pki import Bundle
 from aecp.common.tasks import cancel, spawn
 from aecp.compute.hypervisor import Accel, Hypervisor
@@ -45,7 +44,7 @@ from aecp.node.vmjobs import VMJobs
 from aecp.node.vmops import VMActions
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.snapshots import SnapshotService
-from aecp.store.base import Lease, Store
+from aecp.store.base import Store
 from aecp.store.controllers import ControllerHost
 from aecp.store.history import History
 from aecp.store.lease import LeaseKeeper
@@ -96,7 +95,7 @@ class NodeAgent:
             store,
             settings.agent.lease_ttl,
             settings.agent.fence_margin,
-            self._acquired,
+            self.presence.registered,
             self.fencer.fence,
             clock,
             node=settings.name,
@@ -112,15 +111,6 @@ class NodeAgent:
             clock,
         )
         self._stop = asyncio.Event()
-
-    async def _acquired(self, lease: Lease) -> None:
-        """A new lease: register the node; bring older records up to date (once per
-        cluster; a failure is logged, and tried again on the next lease)."""
-        await self.presence.registered(lease)
-        try:
-            await upgrade_records(self.store, self.clock)
-        except AecpError as exc:
-            log.warning("node %s: records not upgraded yet: %s", self.name, exc)
 
     def _wake(self) -> None:
         self.control.wake()
@@ -146,6 +136,7 @@ class NodeAgent:
             spawn(self.control.watch(), name=f"watch-{self.name}"),
             spawn(self.control.hypervisor_events(), name=f"hv-events-{self.name}"),
             spawn(self.control.run(), name=f"control-{self.name}"),
+            spawn(upgrade_until_done(self.store, self.clock), name=f"upgrades-{self.name}"),
         ]
         try:
             await self._stop.wait()

@@ -157,12 +157,14 @@ class Store(ABC):
         in revision order, starting after the current revision (or at ``start_revision``).
         Iteration raises ``StoreUnavailable`` when the watch breaks; leaving the ``async with``
         cancels the watch. A ``start_revision`` older than the store keeps (compacted) raises
-        ``Compacted``, on entering or on the first iteration.
+        ``Compacted`` on entering. A reader that falls far behind has its watch broken
+        (``StoreUnavailable``) rather than the events held for it without bound.
         """
 
     @abstractmethod
     async def compact(self, revision: int) -> None:
-        """Forget the history before ``revision`` (watches can no longer start there)."""
+        """Forget the history before ``revision`` (watches can no longer start there);
+        ``ValueError`` for a revision not written yet, ``Compacted`` if it is gone already."""
 
     @abstractmethod
     async def revision(self) -> int:

@@ -78,6 +78,7 @@ _CLIENT_ERRORS: tuple[type[Exception], ...] = (
 )
 """What aetcd and gRPC raise when etcd cannot be reached or refuses a call."""
 
+WATCH_BUFFER = 10_000  # events a watch holds for a reader that does not keep up
 _CLEANUP_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *_CLIENT_ERRORS)
 
 T = TypeVar("T")
@@ -296,6 +297,11 @@ class EtcdStore(Store):
         """The contract's exception for a client error; other errors are returned unchanged."""
         if _is_lease_not_found(error):
             return LeaseExpired(f"etcd {what}: the lease is gone")
+        text = str(error)
+        if "required revision has been compacted" in text:
+            return Compacted(f"etcd {what}: the revision asked for is compacted")
+        if "required revision is a future revision" in text:
+            return ValueError(f"etcd {what}: the revision asked for is in the future")
         if isinstance(error, aetcd.exceptions.RevisionCompactedError):
             return Compacted(
                 f"etcd {what}: the history before revision {error.compacted_revision} is compacted",
@@ -456,6 +462,8 @@ class EtcdStore(Store):
         self, prefix: str, start_revision: int | None
     ) -> AsyncIterator[AsyncIterator[WatchEvent]]:
         start, end = prefix_range(prefix)
+        if start_revision is not None:
+            await self._check_kept(start_revision)
         handle = await self._call(
             "watch", lambda c: c.watch(start, range_end=end, start_revision=start_revision)
         )
@@ -464,6 +472,21 @@ class EtcdStore(Store):
             yield events
         finally:
             await events.cancel()
+
+    async def _check_kept(self, revision: int) -> None:
+        """``Compacted`` if the history at ``revision`` is gone. etcd would tell a watch so
+        only after confirming it; a read at that revision tells at once. A revision not
+        written yet is kept, of course."""
+        request = aetcd.rpc.RangeRequest(key=b"\0", count_only=True, revision=revision)
+
+        async def probe(c: Any) -> Any:
+            await c.connect()
+            return await c.kvstub.Range(request, timeout=self.timeout, metadata=c.metadata)
+
+        try:
+            await self._call("watch", probe)
+        except ValueError:
+            return  # in the future: the watch waits for it
 
     async def compact(self, revision: int) -> None:
         await self._call("compact", lambda c: c.compact(revision))
@@ -592,6 +615,13 @@ class _WatchEvents:
         None when it ended."""
         try:
             async for event in self._handle:
+                if self._queue.qsize() >= WATCH_BUFFER:  # its reader fell behind: break it
+                    self._queue.put_nowait(
+                        self._store._unavailable(
+                            "watch", f"the reader of {self._prefix!r} fell {WATCH_BUFFER} behind"
+                        )
+                    )
+                    return
                 self._queue.put_nowait(_watch_event(event))
         except Exception as e:
             translated = self._store._translate("watch", e)

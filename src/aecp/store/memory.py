@@ -286,7 +286,11 @@ class MemoryStore(Store):
 
     async def compact(self, revision: int) -> None:
         await self._enter("compact")
-        self._compacted = max(self._compacted, min(revision, self._revision))
+        if revision > self._revision:  # as etcd answers
+            raise ValueError(f"memory compact: revision {revision} is in the future")
+        if revision <= self._compacted:
+            raise Compacted(f"memory compact: revision {revision} is compacted already")
+        self._compacted = revision
         self._history = [e for e in self._history if e.mod_revision >= self._compacted]
 
     def _publish(self, events: Sequence[WatchEvent]) -> None:

@@ -34,6 +34,9 @@ from aecp.model.principal import Role
 
 log = logging.getLogger(__name__)
 MAX_JSON_BODY = 1024 * 1024
+# a route whose answer holds a secret (a new token) says so in the document: its answer is
+# never kept, so it takes no Idempotency-Key
+SECRET_ANSWER = "x-answer-holds-secret"
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
@@ -60,6 +63,7 @@ class AuthenticatedRoute(APIRoute):
         handler = super().get_route_handler()
         json_body = self.body_field is not None
         known = _query_names(self.dependant)
+        secret_answer = bool((self.openapi_extra or {}).get(SECRET_ANSWER))
 
         async def authenticated(request: Request) -> Response:
             principal = await authenticate(request)
@@ -72,6 +76,12 @@ class AuthenticatedRoute(APIRoute):
             key = request.headers.get(idempotency.HEADER)
             if key is None or request.method in SAFE_METHODS:
                 return await handler(request)
+            if secret_answer:
+                raise InvalidInput(
+                    idempotency.HEADER,
+                    "this request's answer holds a secret shown once, which is never kept for "
+                    "a retry: send it without the header",
+                )
             return await _at_most_once(request, handler, principal.name, key, json_body)
 
         return authenticated

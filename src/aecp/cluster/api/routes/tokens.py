@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from aecp.cluster.api.deps import NamePath, Principal, Principals
 from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.pages import Page, paginate
-from aecp.cluster.api.routing import api_router
+from aecp.cluster.api.routing import SECRET_ANSWER, api_router
 from aecp.cluster.principals import ROLES, PrincipalCreated, PrincipalPublic
 from aecp.model.base import Name
 
@@ -28,6 +28,7 @@ class PrincipalCreate(BaseModel):
     status_code=status.HTTP_201_CREATED,
     operation_id="create_token",
     responses=error_responses(409),
+    openapi_extra={SECRET_ANSWER: True},
 )
 async def create_token(
     body: PrincipalCreate, principals: Principals, caller: Principal
