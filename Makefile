@@ -14,7 +14,8 @@ PYTEST_ARGS ?=
 APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils qemu-block-extra busybox-static cpio \
 	etcd-server etcd-client syslinux syslinux-common mtools dosfstools kmod curl libnbd-bin fio
 
-.PHONY: help run test deps system-deps venv image lint typecheck unit integration e2e down status \
+.PHONY: help run test deps system-deps venv image lint typecheck unit functional integration e2e \
+	down status \
 	bench-storage
 
 help:
@@ -59,6 +60,9 @@ typecheck: venv
 
 unit: venv
 	$(VENV)/bin/pytest tests/unit -q $(PYTEST_ARGS)
+
+functional: venv
+	$(VENV)/bin/pytest tests/functional -q $(PYTEST_ARGS)
 
 integration: deps
 	$(VENV)/bin/pytest tests/integration -q $(PYTEST_ARGS)

@@ -15,6 +15,9 @@ import pytest_asyncio
 
 from aecp.compute.images.tiny import BOOT_MARKER
 from aecp.compute.qemu.argv import RuntimePaths
+from aecp.model.image import ImageRecord
+from aecp.store import keys
+from aecp.store.typed import read
 from tests.labkit import LabKit, console_command, running_lab, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -124,10 +127,21 @@ async def test_power_requests_sent_one_after_another_all_end_in_the_last_ones_st
     assert [o for o in everything if o["state"] == "running"] == []
 
 
+async def image_file(kit: LabKit, name: str) -> Path:
+    """Where the lab keeps image ``name`` (the cluster's record: the API does not say)."""
+    store = kit.etcd()
+    try:
+        got = await read(store, keys.image(name), ImageRecord)
+    finally:
+        await store.close()
+    assert got is not None
+    return kit.lab.images_dir / got[0].file
+
+
 async def test_a_vm_whose_start_failed_shows_error_and_can_be_deleted(kit: LabKit) -> None:
     op = await kit.create_vm("broken", start=False)
     assert op["state"] == "succeeded", op
-    image = kit.lab.images_dir / (await kit.call("GET", "/v1/images/tiny")).json()["file"]
+    image = await image_file(kit, "tiny")
     aside = image.with_suffix(".aside")
     image.rename(aside)  # the start fails, and so does every retry, until it is back
     try:
@@ -155,7 +169,7 @@ async def test_a_start_that_fails_until_its_cause_is_gone_ends_as_succeeded(kit:
     """Review finding: the start's operation failed at the first failure, the agent went on
     retrying, the VM ran, and the operation stayed failed."""
     assert (await kit.create_vm("later", start=False))["state"] == "succeeded"
-    image = kit.lab.images_dir / (await kit.call("GET", "/v1/images/tiny")).json()["file"]
+    image = await image_file(kit, "tiny")
     aside = image.with_suffix(".aside")
     image.rename(aside)
     try:

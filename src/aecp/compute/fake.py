@@ -3,7 +3,7 @@
 ``FakeHypervisor`` keeps instances in a dict and emits the same events, in the same order, as the
 QEMU driver. Tests drive the "outside world" with ``crash(name)`` (QEMU died) and
 ``guest_poweroff(name)`` (the guest powered itself off). Failure injection uses named subclasses
-(``FailingLaunchHypervisor``), never ad-hoc mocks.
+(``FailingLaunchHypervisor``, ``GatedStartHypervisor``), never ad-hoc mocks.
 """
 
 from __future__ import annotations
@@ -197,6 +197,21 @@ class FailingLaunchHypervisor(FakeHypervisor):
             argv=["qemu-system-x86_64", "-name", f"guest={spec.name}"],
             output=f"qemu-system-x86_64: Could not open '{_first_disk(spec)}'",
         )
+
+
+class GatedStartHypervisor(FakeHypervisor):
+    """``start`` sets ``entered`` and then waits for ``gate`` before launching: a test acts
+    while a start is in flight (QEMU launching), then lets it finish."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def start(self, spec: InstanceSpec) -> InstanceInfo:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().start(spec)
 
 
 def _first_disk(spec: InstanceSpec) -> str:

@@ -24,6 +24,7 @@ class VMEntry:
     placement: Placement | None = None
     status: VMStatus | None = None
     job: VMJob | None = None
+    placement_rev: int = 0  # the placement's mod_revision (for CAS; 0 without one)
     job_rev: int = 0  # the job's mod_revision
 
     @property
@@ -123,6 +124,7 @@ async def read_cluster(store: Store) -> ClusterView:
             spec=spec,
             spec_rev=p["spec"][1],
             placement=Placement.load(p["placement"][0]) if "placement" in p else None,
+            placement_rev=p["placement"][1] if "placement" in p else 0,
             status=VMStatus.load(p["status"][0]) if "status" in p else None,
             job=job,
             job_rev=job_rev,
