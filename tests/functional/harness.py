@@ -147,7 +147,9 @@ class FunctionalNode:
             self.reconciler.note_event(ev)
 
     async def kill(self) -> None:
-        """``kill -9`` of the agent: its actions stop where they are; its QEMUs run on."""
+        """The agent dies: its actions stop where they are; its QEMUs run on. (A task's
+        cancellation still runs its ``finally`` blocks, which a ``kill -9`` does not: the
+        integration tier kills real agents, ``tests/integration/test_vm_abs.py``.)"""
         await cancel(*self.reconciler.inflight.values())
         self.reconciler.inflight.clear()
 
@@ -187,10 +189,16 @@ class FunctionalCluster:
         return node
 
     async def close(self) -> None:
+        """End the test's cluster: an action still running on a live node is a leak (the
+        test did not wait for what it started), so it fails the test."""
+        left = sorted(
+            f"{n.name}: {vm}" for n in self.nodes.values() for vm in n.reconciler.inflight
+        )
         for node in self.nodes.values():
             await node.kill()
         if self._client is not None:
             await self._client.aclose()
+        assert not left, f"actions left running: {left}"
 
     async def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
         assert self._client is not None

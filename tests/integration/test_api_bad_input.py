@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from tests.integration.test_vm_naming_ops import image_file
 from tests.labkit import LabKit, running_lab
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -94,10 +95,10 @@ async def test_a_corrupt_upload_is_refused_and_leaves_no_file(kit: LabKit) -> No
 
 
 async def test_a_corrupted_image_file_fails_at_create_time(kit: LabKit) -> None:
-    src = kit.lab.images_dir / "tiny.raw"
+    src = await image_file(kit, "tiny")
     r = await kit.call("PUT", "/v1/images/tiny2", content=src.read_bytes())
     assert r.status_code == 201, r.text
-    with (kit.lab.images_dir / "tiny2.raw").open("r+b") as f:
+    with (await image_file(kit, "tiny2")).open("r+b") as f:
         f.seek(4096)
         f.write(b"corrupted!")
     err = await refused(kit, "POST", "/v1/vms", 422, json={"name": "c1", "image": "tiny2"})

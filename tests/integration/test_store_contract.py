@@ -15,7 +15,7 @@ import pytest
 from aecp.common.clock import FakeClock
 from aecp.common.errors import Compacted, LeaseExpired, StoreUnavailable
 from aecp.lab.etcd import EtcdCluster
-from aecp.store.base import Compare, Delete, EventKind, Put, Store, WatchEvent
+from aecp.store.base import ChangeKind, Compare, Delete, Put, Store, WatchEvent
 from aecp.store.etcd import EtcdStore, grpc_target
 from aecp.store.memory import MemoryStore
 
@@ -363,9 +363,9 @@ async def test_a_watch_sees_puts_and_deletes_under_its_prefix_in_order(store: St
         seen = await next_events(events, 3)
 
     assert seen == [
-        WatchEvent(EventKind.PUT, prefix + "w/a", b"1", r1),
-        WatchEvent(EventKind.PUT, prefix + "w/b", b"2", r2),
-        WatchEvent(EventKind.DELETE, prefix + "w/a", None, r3),
+        WatchEvent(ChangeKind.PUT, prefix + "w/a", b"1", r1),
+        WatchEvent(ChangeKind.PUT, prefix + "w/b", b"2", r2),
+        WatchEvent(ChangeKind.DELETE, prefix + "w/a", None, r3),
     ]
 
 
@@ -380,9 +380,9 @@ async def test_a_watch_from_a_start_revision_replays_the_changes_since(store: St
         seen = await next_events(events, 3)
 
     assert seen == [
-        WatchEvent(EventKind.PUT, prefix + "a", b"1", start),
-        WatchEvent(EventKind.DELETE, prefix + "before", None, deleted_at),
-        WatchEvent(EventKind.PUT, prefix + "b", b"2", live),
+        WatchEvent(ChangeKind.PUT, prefix + "a", b"1", start),
+        WatchEvent(ChangeKind.DELETE, prefix + "before", None, deleted_at),
+        WatchEvent(ChangeKind.PUT, prefix + "b", b"2", live),
     ]
 
 
@@ -403,7 +403,9 @@ async def test_a_watch_from_a_compacted_revision_raises_compacted_and_one_after_
         await store.compact(await store.revision() + 100)
 
     async with store.watch(prefix, start_revision=kept) as events:
-        assert await next_events(events, 1) == [WatchEvent(EventKind.PUT, prefix + "a", b"3", kept)]
+        assert await next_events(events, 1) == [
+            WatchEvent(ChangeKind.PUT, prefix + "a", b"3", kept)
+        ]
 
 
 async def test_a_watch_sees_lease_expiry_as_delete_events(backend: Backend, prefix: str):
@@ -415,7 +417,7 @@ async def test_a_watch_sees_lease_expiry_as_delete_events(backend: Backend, pref
         await backend.pass_time(lease.ttl + 0.5)
         seen = await next_events(events, 1)
 
-    assert [(e.kind, e.key) for e in seen] == [(EventKind.DELETE, prefix + "held")]
+    assert [(e.kind, e.key) for e in seen] == [(ChangeKind.DELETE, prefix + "held")]
 
 
 async def test_a_watch_survives_a_timed_out_wait_for_its_next_event(store: Store, prefix: str):
@@ -425,7 +427,7 @@ async def test_a_watch_survives_a_timed_out_wait_for_its_next_event(store: Store
                 await anext(events)
         rev = await store.put(prefix + "k", b"v")
 
-        assert await next_events(events, 1) == [WatchEvent(EventKind.PUT, prefix + "k", b"v", rev)]
+        assert await next_events(events, 1) == [WatchEvent(ChangeKind.PUT, prefix + "k", b"v", rev)]
 
 
 async def test_watches_can_be_opened_and_left_one_after_another(store: Store, prefix: str):
@@ -433,7 +435,7 @@ async def test_watches_can_be_opened_and_left_one_after_another(store: Store, pr
         async with store.watch(prefix) as events:
             rev = await store.put(prefix + "k", str(i).encode())
             assert await next_events(events, 1) == [
-                WatchEvent(EventKind.PUT, prefix + "k", str(i).encode(), rev)
+                WatchEvent(ChangeKind.PUT, prefix + "k", str(i).encode(), rev)
             ]
 
 
@@ -564,7 +566,7 @@ async def test_a_watch_breaks_with_store_unavailable_when_its_member_dies_and_ca
     async with store.watch(prefix, start_revision=last + 1) as events:
         missed = await put_eventually(store, prefix + "k", b"w")
         assert await next_events(events, 1) == [
-            WatchEvent(EventKind.PUT, prefix + "k", b"w", missed)
+            WatchEvent(ChangeKind.PUT, prefix + "k", b"w", missed)
         ]
 
 

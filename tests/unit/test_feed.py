@@ -20,7 +20,7 @@ from aecp.cluster.service import ClusterService
 from aecp.model.cluster import ClusterInfo, new_cluster_id
 from aecp.model.principal import FIRST_ADMIN, new_principal_token
 from aecp.store import keys
-from aecp.store.base import EventKind, WatchEvent
+from aecp.store.base import ChangeKind, WatchEvent
 from aecp.store.memory import MemoryStore
 from tests.unit.conftest import add_node, dump_store
 
@@ -59,28 +59,28 @@ async def follow(api: Api, **params: object) -> list[tuple[str, str | None, dict
     return parse(r.text)
 
 
-def ev(key: str, kind: EventKind = EventKind.PUT, rev: int = 7) -> WatchEvent:
-    return WatchEvent(kind, key, None if kind is EventKind.DELETE else b"{}", rev)
+def ev(key: str, kind: ChangeKind = ChangeKind.PUT, rev: int = 7) -> WatchEvent:
+    return WatchEvent(kind, key, None if kind is ChangeKind.DELETE else b"{}", rev)
 
 
 @pytest.mark.parametrize(
     ("key", "kind", "expected"),
     [
-        ("/aecp/vms/web/spec", EventKind.PUT, ("vm", "web", None, "changed")),
-        ("/aecp/vms/web/spec", EventKind.DELETE, ("vm", "web", None, "deleted")),
-        ("/aecp/vms/web/status", EventKind.DELETE, ("vm", "web", None, "changed")),
-        ("/aecp/vm-jobs/web", EventKind.DELETE, ("vm", "web", None, "changed")),
-        ("/aecp/nodes/n1", EventKind.DELETE, ("node", "n1", None, "deleted")),
-        ("/aecp/alive/n1", EventKind.DELETE, ("node", "n1", None, "changed")),
-        ("/aecp/abs/volumes/db", EventKind.DELETE, ("volume", "db", None, "deleted")),
-        ("/aecp/abs/attach/db", EventKind.DELETE, ("volume", "db", None, "changed")),
-        ("/aecp/abs/snapshots/db/s1", EventKind.PUT, ("snapshot", "s1", "db", "changed")),
-        ("/aecp/templates/gold", EventKind.DELETE, ("template", "gold", None, "deleted")),
-        ("/aecp/ops/op-1", EventKind.PUT, ("operation", "op-1", None, "changed")),
+        ("/aecp/vms/web/spec", ChangeKind.PUT, ("vm", "web", None, "changed")),
+        ("/aecp/vms/web/spec", ChangeKind.DELETE, ("vm", "web", None, "deleted")),
+        ("/aecp/vms/web/status", ChangeKind.DELETE, ("vm", "web", None, "changed")),
+        ("/aecp/vm-jobs/web", ChangeKind.DELETE, ("vm", "web", None, "changed")),
+        ("/aecp/nodes/n1", ChangeKind.DELETE, ("node", "n1", None, "deleted")),
+        ("/aecp/alive/n1", ChangeKind.DELETE, ("node", "n1", None, "changed")),
+        ("/aecp/abs/volumes/db", ChangeKind.DELETE, ("volume", "db", None, "deleted")),
+        ("/aecp/abs/attach/db", ChangeKind.DELETE, ("volume", "db", None, "changed")),
+        ("/aecp/abs/snapshots/db/s1", ChangeKind.PUT, ("snapshot", "s1", "db", "changed")),
+        ("/aecp/templates/gold", ChangeKind.DELETE, ("template", "gold", None, "deleted")),
+        ("/aecp/ops/op-1", ChangeKind.PUT, ("operation", "op-1", None, "changed")),
     ],
 )
 def test_a_store_change_is_the_change_of_one_object(
-    key: str, kind: EventKind, expected: tuple[str, str, str | None, str]
+    key: str, kind: ChangeKind, expected: tuple[str, str, str | None, str]
 ) -> None:
     got = classify(ev(key, kind))
     assert got is not None

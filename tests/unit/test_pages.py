@@ -3,6 +3,9 @@ from another list, or one that is no cursor, is refused naming the field."""
 
 from __future__ import annotations
 
+import base64
+import json
+
 import pytest
 
 from aecp.store.memory import MemoryStore
@@ -80,3 +83,15 @@ async def test_a_cursor_of_a_list_with_other_filters_is_refused(api: Api) -> Non
         "/v1/vms", params={"state": "pending", "cursor": r.headers["x-next-cursor"]}, headers=auth
     )
     assert other.status_code == 422 and "another list" in other.json()["message"]
+
+
+@pytest.mark.parametrize("position", [[1], [None], [{}], [1.5, "x"]])
+async def test_a_forged_cursor_for_the_right_list_is_422_not_500(
+    api: Api, position: list[object]
+) -> None:
+    client, auth = api
+    await client.post("/v1/vms", json={"name": "a", "image": "tiny"}, headers=auth)
+    raw = json.dumps({"l": "vms?node=&state=", "a": position}).encode()
+    cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    r = await client.get("/v1/vms", params={"cursor": cursor}, headers=auth)
+    assert r.status_code == 422 and r.json()["field"] == "cursor", r.text

@@ -10,7 +10,7 @@ import pytest
 
 from aecp.common.clock import FakeClock
 from aecp.common.errors import LeaseExpired, StoreUnavailable
-from aecp.store.base import Compare, EventKind, Lease, Put, WatchEvent
+from aecp.store.base import ChangeKind, Compare, Lease, Put, WatchEvent
 from aecp.store.memory import MemoryStore, UnreachableMemoryStore
 
 
@@ -69,8 +69,8 @@ async def test_expire_leases_names_the_expired_leases_and_deletes_their_keys(
         seen = [await next_event(events), await next_event(events)]
 
     assert [(e.kind, e.key) for e in seen] == [
-        (EventKind.DELETE, "/short/a"),
-        (EventKind.DELETE, "/short/b"),
+        (ChangeKind.DELETE, "/short/a"),
+        (ChangeKind.DELETE, "/short/b"),
     ]
     assert {e.mod_revision for e in seen} == {before + 1}
     assert [kv.key for kv in await store.list("/")] == ["/long"]
@@ -175,7 +175,7 @@ async def test_a_watch_ignores_changes_before_its_start_revision(store: MemorySt
     start = await store.put("/b", b"2")
 
     async with store.watch("/", start_revision=start) as events:
-        assert await next_event(events) == WatchEvent(EventKind.PUT, "/b", b"2", start)
+        assert await next_event(events) == WatchEvent(ChangeKind.PUT, "/b", b"2", start)
 
 
 async def test_a_txn_with_nothing_to_change_keeps_the_revision(store: MemoryStore):

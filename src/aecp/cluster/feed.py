@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from aecp.common.errors import InvalidInput
 from aecp.store import keys
-from aecp.store.base import EventKind, Store, WatchEvent
+from aecp.store.base import ChangeKind, Store, WatchEvent
 
 Kind = Literal["vm", "node", "volume", "snapshot", "template", "operation"]
 
@@ -61,7 +61,7 @@ def classify(ev: WatchEvent) -> FeedEvent | None:
         if len(rest) != (2 if prefix in _TWO_PARTS else 1) or not all(rest):
             return None
         spec = prefix == keys.VMS and rest[1] == "spec"
-        gone = ev.kind is EventKind.DELETE and (deletes or spec)
+        gone = ev.kind is ChangeKind.DELETE and (deletes or spec)
         name, volume = (rest[1], rest[0]) if prefix == keys.ABS_SNAPSHOTS else (rest[0], None)
         return FeedEvent(
             revision=ev.mod_revision,

@@ -11,7 +11,7 @@ the old instance's writes on the replicas).
 from __future__ import annotations
 
 from aecp.common.clock import SYSTEM_CLOCK, Clock
-from aecp.common.errors import InvalidInput
+from aecp.common.errors import InvalidInput, InvalidState
 from aecp.model.vm import Placement
 from aecp.store import keys
 from aecp.store.base import Compare, Put, Store
@@ -23,12 +23,19 @@ async def move(store: Store, entry: VMEntry, to: str, clock: Clock = SYSTEM_CLOC
     and the node exists. False if something changed (read again and decide again)."""
     if entry.placement is None:
         raise InvalidInput("vm", f"VM {entry.spec.name} is not placed yet: the scheduler is")
+    if entry.job is not None:  # its node is carrying a job out: the new one would redo it
+        raise InvalidState(
+            f"VM {entry.spec.name} has a {entry.job.describe()} in progress "
+            f"({entry.job.op_id}); move it when that ends",
+            operation=entry.job.op_id,
+        )
     name = entry.spec.name
     return await store.txn(
         [
             Compare.unchanged(keys.vm_placement(name), entry.placement_rev),
             Compare.unchanged(keys.vm_spec(name), entry.spec_rev),
             Compare(keys.node(to), "create", ">", 0),
+            Compare.absent(keys.vm_job(name)),
         ],
         [Put(keys.vm_placement(name), Placement(node=to, at=clock.wall()).dump())],
     )

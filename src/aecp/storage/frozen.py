@@ -87,7 +87,7 @@ class FrozenRepairer:
         dst = await self.pool.client(step.node)
         catch_up = step.kind == "catch-up"
         since = step.since if catch_up else 0
-        rec = new_record(f"snapshot {label}", ext, step.node, step.kind)
+        rec = new_record(f"snapshot {label}", ext, step.node, step.kind, self.meta.clock)
         async with published(self.board, rec):  # names the target before it exists
             if not catch_up:
                 await dst.create(ext.id, ext.size, generation=0)
@@ -104,6 +104,7 @@ class FrozenRepairer:
                 lambda pos, n: self._copy(ext.id, src, dst, pos, n),
                 self.policy.rate,
                 lambda done: self.board.put(sized.model_copy(update={"copied_bytes": done})),
+                self.meta.clock,
             )
             await dst.flush(ext.id)
             new = await self.meta.admit_copy(

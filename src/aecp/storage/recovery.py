@@ -22,13 +22,12 @@ The choice (``next_step``) and the throttled copy (``copy_ranges``) are shared w
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, InvalidState, NoCapacity
 from aecp.storage.access import VolumeDevice
 from aecp.storage.chunk.api import ReplicaClient
@@ -98,15 +97,20 @@ async def next_step(
     return Step("re-replicate", target, lost=lost)
 
 
+THROTTLE_MIN = 0.001  # s: a copy this little ahead of its rate does not pause
+
+
 async def copy_ranges(
     ranges: list[tuple[int, int]],
     step: Callable[[int, int], Awaitable[None]],
     rate: float,
     progress: Callable[[int], Awaitable[None]],
+    clock: Clock = SYSTEM_CLOCK,
 ) -> int:
     """Copy ``ranges`` (offset, length) ``CHUNK`` by ``CHUNK`` with ``step`` at no more than
-    ``rate`` bytes/s; ``progress(copied)`` at most twice a second. Returns bytes copied."""
-    copied, last_report, started = 0, time.monotonic(), time.monotonic()
+    ``rate`` bytes/s (on ``clock``); ``progress(copied)`` at most twice a second. Returns
+    bytes copied."""
+    copied, last_report, started = 0, clock.monotonic(), clock.monotonic()
     for offset, length in ranges:
         pos = offset
         while pos < offset + length:
@@ -114,16 +118,18 @@ async def copy_ranges(
             await step(pos, n)
             pos += n
             copied += n
-            ahead = copied / rate - (time.monotonic() - started)
-            if ahead > 0:
-                await asyncio.sleep(ahead)  # throttle: VM I/O keeps priority
-            if time.monotonic() - last_report > 0.5:
-                last_report = time.monotonic()
+            ahead = copied / rate - (clock.monotonic() - started)
+            if ahead > THROTTLE_MIN:
+                await clock.sleep(ahead)  # throttle: VM I/O keeps priority
+            if clock.monotonic() - last_report > 0.5:
+                last_report = clock.monotonic()
                 await progress(copied)
     return copied
 
 
-def new_record(volume: str, ext: ExtentRecord, target: str, kind: str) -> RecoveryRecord:
+def new_record(
+    volume: str, ext: ExtentRecord, target: str, kind: str, clock: Clock = SYSTEM_CLOCK
+) -> RecoveryRecord:
     """The record of a copy about to start (its size is not known yet)."""
     return RecoveryRecord(
         volume=volume,
@@ -132,7 +138,7 @@ def new_record(volume: str, ext: ExtentRecord, target: str, kind: str) -> Recove
         target=target,
         total_bytes=0,
         copied_bytes=0,
-        started_at=time.time(),
+        started_at=clock.wall(),
         id=new_copy_id(),
     )
 
@@ -205,7 +211,7 @@ class Repairer:
                 await src.modified_since(ext.id, since), await dst.modified_since(ext.id, since)
             )
 
-        rec = new_record(self.dev.vol.name, ext, node, "catch-up")
+        rec = new_record(self.dev.vol.name, ext, node, "catch-up", self.meta.clock)
         async with published(self.board, rec):
             copied = await self._join(ext, node, src, dst, ranges, rec, None, lambda: since)
         self._fenced_at.pop(ext.id, None)
@@ -234,7 +240,7 @@ class Repairer:
             # the target's own blocks too: an earlier attempt may have left some behind
             return union(await src.modified_since(ext.id, 0), await dst.modified_since(ext.id, 0))
 
-        rec = new_record(self.dev.vol.name, ext, target, "re-replicate")
+        rec = new_record(self.dev.vol.name, ext, target, "re-replicate", self.meta.clock)
         async with published(self.board, rec):  # names the target before it exists
             await dst.create(ext.id, ext.size, epoch=self.dev.epoch, generation=0)
             copied = await self._join(ext, target, src, dst, ranges, rec, lost, lambda: 0)
@@ -334,7 +340,7 @@ class Repairer:
         async def progress(copied: int) -> None:
             await self.board.put(rec.model_copy(update={"copied_bytes": copied}))
 
-        return await copy_ranges(ranges, step, self.policy.rate, progress)
+        return await copy_ranges(ranges, step, self.policy.rate, progress, self.meta.clock)
 
     def _sole_recoverer(self, ext: ExtentRecord) -> bool:
         """Whether only this access point recovers ``ext``: the extent is this volume's own,

@@ -1,9 +1,9 @@
 """The cluster store: contract (base), etcd adapter, in-memory double (memory), key layout."""
 
 from aecp.store.base import (
+    ChangeKind,
     Compare,
     Delete,
-    EventKind,
     KeyValue,
     Lease,
     Put,
@@ -11,4 +11,4 @@ from aecp.store.base import (
     WatchEvent,
 )
 
-__all__ = ["Compare", "Delete", "EventKind", "KeyValue", "Lease", "Put", "Store", "WatchEvent"]
+__all__ = ["ChangeKind", "Compare", "Delete", "KeyValue", "Lease", "Put", "Store", "WatchEvent"]

@@ -42,7 +42,7 @@ class Lease:
     ttl: int
 
 
-class EventKind(enum.Enum):
+class ChangeKind(enum.Enum):
     PUT = "put"
     DELETE = "delete"
 
@@ -51,7 +51,7 @@ class EventKind(enum.Enum):
 class WatchEvent:
     """A change under a watched prefix. ``value`` is None for DELETE."""
 
-    kind: EventKind
+    kind: ChangeKind
     key: str
     value: bytes | None
     mod_revision: int

@@ -58,9 +58,9 @@ from aecp.common.errors import AecpError, Compacted, LeaseExpired, StoreUnavaila
 from aecp.common.pki import ETCD_SERVER_NAME, Bundle
 from aecp.common.tls import RECHECK_S
 from aecp.store.base import (
+    ChangeKind,
     Compare,
     Delete,
-    EventKind,
     KeyValue,
     Lease,
     Op,
@@ -678,8 +678,8 @@ def _key_value(kv: Any) -> KeyValue:
 
 
 def _watch_event(event: Any) -> WatchEvent:
-    kind = EventKind.PUT if str(event.kind) == "PUT" else EventKind.DELETE
-    value = bytes(event.kv.value) if kind is EventKind.PUT else None
+    kind = ChangeKind.PUT if str(event.kind) == "PUT" else ChangeKind.DELETE
+    value = bytes(event.kv.value) if kind is ChangeKind.PUT else None
     return WatchEvent(kind, bytes(event.kv.key).decode(), value, int(event.kv.mod_revision))
 
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import Compacted, LeaseExpired, StoreUnavailable
 from aecp.store.base import (
+    ChangeKind,
     Compare,
     Delete,
-    EventKind,
     KeyValue,
     Lease,
     Op,
@@ -222,13 +222,13 @@ class MemoryStore(Store):
             version=old.version + 1 if old else 1,
             lease=lease_id,
         )
-        return WatchEvent(EventKind.PUT, op.key, op.value, revision)
+        return WatchEvent(ChangeKind.PUT, op.key, op.value, revision)
 
     def _delete(self, key: str, revision: int) -> WatchEvent:
         old = self._data.pop(key)
         if old.lease and old.lease in self._leases:
             self._leases[old.lease].keys.discard(key)
-        return WatchEvent(EventKind.DELETE, key, None, revision)
+        return WatchEvent(ChangeKind.DELETE, key, None, revision)
 
     # -- leases ----------------------------------------------------------------------------------
 

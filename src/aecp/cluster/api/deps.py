@@ -116,6 +116,9 @@ Service = Annotated[ClusterService, Depends(service)]
 Principal = Annotated[PrincipalRecord, Depends(authenticate)]
 """The caller."""
 Principals = Annotated[PrincipalService, Depends(principal_service)]
+Volumes = Annotated[VolumeService, Depends(volume_service)]
+Snapshots = Annotated[SnapshotService, Depends(snapshot_service)]
+VMSnapshots = Annotated[VMSnapshotService, Depends(vm_snapshot_service)]
 Node = Annotated[NodeContext, Depends(node_context)]
 # a path parameter that names an object
 NamePath = Annotated[str, Path(pattern=NAME_PATTERN, description=f"a name: {NAME_RULE}")]

@@ -59,7 +59,10 @@ def paginate(
     ordered = sorted(items, key=key)
     if page.cursor is not None:
         after = _decode(page.cursor, list_id)
-        ordered = [i for i in ordered if key(i) > after]
+        try:
+            ordered = [i for i in ordered if key(i) > after]
+        except TypeError:  # a position of another shape: not one this list gave
+            raise InvalidInput("cursor", "is not a cursor of this list") from None
     if page.limit is not None and len(ordered) > page.limit:
         ordered = ordered[: page.limit]
         response.headers[NEXT_CURSOR] = _encode(list_id, key(ordered[-1]))

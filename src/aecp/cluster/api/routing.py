@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response, Security
@@ -29,7 +29,7 @@ from aecp.cluster import idempotency
 from aecp.cluster.api.deps import SAFE_METHODS, authenticate, authorize, bearer
 from aecp.cluster.api.errors import error_response, error_responses
 from aecp.cluster.idempotency import IdempotencyKeys
-from aecp.common.errors import AecpError, InvalidInput
+from aecp.common.errors import AecpError, InvalidInput, StoreUnavailable
 from aecp.model.principal import Role
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class AuthenticatedRoute(APIRoute):
         json_body = self.body_field is not None
         known = _query_names(self.dependant)
         secret_answer = bool((self.openapi_extra or {}).get(SECRET_ANSWER))
+        raw_body = bool((self.openapi_extra or {}).get("requestBody"))  # an upload
 
         async def authenticated(request: Request) -> Response:
             principal = await authenticate(request)
@@ -76,11 +77,11 @@ class AuthenticatedRoute(APIRoute):
             key = request.headers.get(idempotency.HEADER)
             if key is None or request.method in SAFE_METHODS:
                 return await handler(request)
-            if secret_answer:
+            if secret_answer or raw_body:
                 raise InvalidInput(
                     idempotency.HEADER,
-                    "this request's answer holds a secret shown once, which is never kept for "
-                    "a retry: send it without the header",
+                    "not taken by this request: its answer holds a secret shown once (never "
+                    "kept), or its body is an upload (not compared); send it without the header",
                 )
             return await _at_most_once(request, handler, principal.name, key, json_body)
 
@@ -94,7 +95,7 @@ async def _at_most_once(
     retry gets the first answer (``Idempotent-Replayed: true``)."""
     keys: IdempotencyKeys = request.app.state.idempotency
     idempotency.check_key(key)
-    body = await request.body() if json_body else b""  # an upload: method, path and query
+    body = await request.body() if json_body else b""
     print_ = idempotency.fingerprint(request.method, request.url.path, request.url.query, body)
     claim = await keys.claim(principal, key, print_)
     if claim.replay is not None:
@@ -104,33 +105,34 @@ async def _at_most_once(
             media_type=claim.replay.content_type or None,
             headers={"Idempotent-Replayed": "true"},
         )
-    try:
-        response = await handler(request)
-    except AecpError as exc:
-        if exc.http_status >= 500:
-            await _forget(keys, claim)
+    async with keys.holding(claim):
+        try:
+            response = await handler(request)
+        except AecpError as exc:
+            if isinstance(exc, StoreUnavailable) or exc.http_status == 500:
+                await _settle(keys.unknown(claim, print_, exc.message))
+                raise
+            if exc.http_status >= 500:  # the API's own checks refused it: nothing changed
+                await _settle(keys.release(claim))
+                raise
+            response = error_response(exc.http_status, exc.to_dict())
+        except BaseException as exc:
+            await _settle(keys.unknown(claim, print_, type(exc).__name__))
             raise
-        response = error_response(exc.http_status, exc.to_dict())
-    except BaseException:
-        await _forget(keys, claim)
-        raise
-    body_out = getattr(response, "body", None)
-    try:
+        body_out = getattr(response, "body", None)
         if isinstance(body_out, bytes):
             ctype = response.headers.get("content-type", "")
-            await keys.answered(claim, print_, response.status_code, body_out, ctype)
-        else:  # a streamed answer cannot be replayed: a retry runs again
-            await keys.abandon(claim)
-    except AecpError as exc:
-        log.warning("%s: the answer was not kept: %s", idempotency.HEADER, exc)
+            await _settle(keys.answered(claim, print_, response.status_code, body_out, ctype))
+        else:
+            await _settle(keys.unknown(claim, print_, "its answer was a stream"))
     return response
 
 
-async def _forget(keys: IdempotencyKeys, claim: idempotency.Claim) -> None:
+async def _settle(step: Awaitable[None]) -> None:
     try:
-        await keys.abandon(claim)
-    except AecpError as exc:
-        log.warning("%s: not released (a retry waits for it): %s", idempotency.HEADER, exc)
+        await step
+    except AecpError as exc:  # the record says pending: retries are told the outcome is unknown
+        log.warning("%s: the outcome was not recorded: %s", idempotency.HEADER, exc)
 
 
 class AdminRoute(AuthenticatedRoute):

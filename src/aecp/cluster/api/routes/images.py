@@ -75,7 +75,9 @@ async def _store(
     try:
         await _receive(request, tmp)
         info = await asyncio.to_thread(catalog.inspect, tmp, format)
-        final = svc.images_dir / f"{name}.{info.format.value}"
+        # a name of its own: a concurrent upload of the same image name that loses the race
+        # deletes its own file, never the winner's
+        final = svc.images_dir / f"{name}-{secrets.token_hex(4)}.{info.format.value}"
         record = ImageRecord(
             name=name,
             format=info.format,

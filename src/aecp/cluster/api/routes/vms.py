@@ -44,7 +44,7 @@ async def list_vms(
 async def create_vm(body: VMCreate, svc: Service, request: Request) -> Accepted:
     """Create a VM from an image (its disk is filled from it) or, with ``template``, as an
     O(1) clone of a template (404 if there is no such template)."""
-    if body.template is not None:
+    if body.template is not None:  # only then: a node without ABS still creates from images
         vmsnaps = vm_snapshot_service(request)
         return Accepted.of(await vmsnaps.create_from_template(body))
     _, op = await svc.create_vm(body)

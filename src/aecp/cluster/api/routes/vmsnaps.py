@@ -4,17 +4,16 @@ by the VM's node agent: these requests answer 202 with the operation to follow."
 
 from __future__ import annotations
 
-from fastapi import Depends, Request, Response, status
+from fastapi import Response, status
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from aecp.cluster.api.deps import NamePath, volume_service
-from aecp.cluster.api.deps import vm_snapshot_service as vmsnaps
+from aecp.cluster.api.deps import NamePath, VMSnapshots, Volumes
 from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models import Accepted
 from aecp.cluster.api.models.templates import TemplatePublic
 from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
-from aecp.cluster.vmsnapshots import VMSnapshot, VMSnapshotService
+from aecp.cluster.vmsnapshots import VMSnapshot
 from aecp.model.base import Name
 
 router = api_router("/v1/vms", "vm snapshots")
@@ -40,18 +39,14 @@ class CloneRequest(BaseModel):
     operation_id="create_vm_snapshot",
     responses=error_responses(404, 409),
 )
-async def create_snapshot(
-    name: NamePath, body: Named, svc: VMSnapshotService = Depends(vmsnaps)
-) -> Accepted:
+async def create_snapshot(name: NamePath, body: Named, svc: VMSnapshots) -> Accepted:
     """Crash-consistent snapshot of every disk of the VM (paused for the instant), taken by
     the VM's node."""
     return Accepted.of(await svc.snapshot(name, body.name))
 
 
 @router.get("/{name}/snapshots", operation_id="list_vm_snapshots", responses=error_responses(404))
-async def list_snapshots(
-    name: NamePath, svc: VMSnapshotService = Depends(vmsnaps)
-) -> list[VMSnapshot]:
+async def list_snapshots(name: NamePath, svc: VMSnapshots) -> list[VMSnapshot]:
     return await svc.snapshots(name)
 
 
@@ -61,9 +56,7 @@ async def list_snapshots(
     operation_id="delete_vm_snapshot",
     responses=error_responses(404, 409),
 )
-async def delete_snapshot(
-    name: NamePath, snap: NamePath, svc: VMSnapshotService = Depends(vmsnaps)
-) -> None:
+async def delete_snapshot(name: NamePath, snap: NamePath, svc: VMSnapshots) -> None:
     await svc.delete(name, snap)
 
 
@@ -73,9 +66,7 @@ async def delete_snapshot(
     operation_id="rollback_vm",
     responses=error_responses(404, 409),
 )
-async def rollback(
-    name: NamePath, snap: NamePath, svc: VMSnapshotService = Depends(vmsnaps)
-) -> Accepted:
+async def rollback(name: NamePath, snap: NamePath, svc: VMSnapshots) -> Accepted:
     """Return a stopped VM's disks to the snapshot (carried out by the VM's node)."""
     return Accepted.of(await svc.rollback(name, snap))
 
@@ -86,9 +77,7 @@ async def rollback(
     operation_id="clone_vm",
     responses=error_responses(404, 409),
 )
-async def clone(
-    name: NamePath, body: CloneRequest, svc: VMSnapshotService = Depends(vmsnaps)
-) -> Accepted:
+async def clone(name: NamePath, body: CloneRequest, svc: VMSnapshots) -> Accepted:
     """A new VM whose disks are O(1) clones of this VM's (made by this VM's node; the
     operation ends when the new VM runs)."""
     return Accepted.of(await svc.clone(name, body.name, body.start))
@@ -100,18 +89,14 @@ async def clone(
     operation_id="convert_vm_to_template",
     responses=error_responses(404, 409),
 )
-async def convert(
-    name: NamePath, body: Named, svc: VMSnapshotService = Depends(vmsnaps)
-) -> Accepted:
+async def convert(name: NamePath, body: Named, svc: VMSnapshots) -> Accepted:
     """Freeze a stopped VM's disks as a template; the VM itself is deleted (carried out by
     the VM's node)."""
     return Accepted.of(await svc.convert_to_template(name, body.name))
 
 
 @templates_router.get("", operation_id="list_templates")
-async def list_templates(
-    page: Page, response: Response, svc: VMSnapshotService = Depends(vmsnaps)
-) -> list[TemplatePublic]:
+async def list_templates(page: Page, response: Response, svc: VMSnapshots) -> list[TemplatePublic]:
     templates = [TemplatePublic.of(t) for t in await svc.templates()]
     return paginate(templates, "templates", lambda t: [t.name], page, response)
 
@@ -122,8 +107,6 @@ async def list_templates(
     operation_id="delete_template",
     responses=error_responses(404, 409),
 )
-async def delete_template(
-    name: NamePath, request: Request, svc: VMSnapshotService = Depends(vmsnaps)
-) -> None:
+async def delete_template(name: NamePath, svc: VMSnapshots, vols: Volumes) -> None:
     """Delete a template; VMs created from it do not depend on it."""
-    await svc.delete_template(name, volume_service(request).delete)
+    await svc.delete_template(name, vols.delete)

@@ -4,12 +4,10 @@ volume."""
 
 from __future__ import annotations
 
-from fastapi import Depends, Response, status
+from fastapi import Response, status
 from pydantic import BaseModel, ConfigDict
 
-from aecp.cluster.api.deps import NamePath, Principal
-from aecp.cluster.api.deps import snapshot_service as snapshots
-from aecp.cluster.api.deps import volume_service as volumes
+from aecp.cluster.api.deps import NamePath, Principal, Snapshots, Volumes
 from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models.volumes import SnapshotPublic
 from aecp.cluster.api.pages import Page, paginate
@@ -21,18 +19,14 @@ from aecp.cluster.volumes import (
     VolumeCreate,
     VolumePublic,
     VolumeResize,
-    VolumeService,
 )
 from aecp.model.base import Name
-from aecp.storage.snapshots import SnapshotService
 
 router = api_router("/v1/volumes", "volumes")
 
 
 @router.get("", operation_id="list_volumes")
-async def list_volumes(
-    page: Page, response: Response, svc: VolumeService = Depends(volumes)
-) -> list[VolumePublic]:
+async def list_volumes(page: Page, response: Response, svc: Volumes) -> list[VolumePublic]:
     return paginate(await svc.all(), "volumes", lambda v: [v.name], page, response)
 
 
@@ -42,19 +36,17 @@ async def list_volumes(
     operation_id="create_volume",
     responses=error_responses(409),
 )
-async def create_volume(body: VolumeCreate, svc: VolumeService = Depends(volumes)) -> VolumePublic:
+async def create_volume(body: VolumeCreate, svc: Volumes) -> VolumePublic:
     return await svc.show((await svc.create(body)).name, detail=False)
 
 
 @router.get("/{name}", operation_id="get_volume", responses=error_responses(404))
-async def get_volume(name: NamePath, svc: VolumeService = Depends(volumes)) -> VolumePublic:
+async def get_volume(name: NamePath, svc: Volumes) -> VolumePublic:
     return await svc.show(name)
 
 
 @router.post("/{name}/resize", operation_id="resize_volume", responses=error_responses(404, 409))
-async def resize_volume(
-    name: NamePath, body: VolumeResize, svc: VolumeService = Depends(volumes)
-) -> VolumePublic:
+async def resize_volume(name: NamePath, body: VolumeResize, svc: Volumes) -> VolumePublic:
     await svc.resize(name, body.size)
     return await svc.show(name, detail=False)
 
@@ -65,7 +57,7 @@ async def resize_volume(
     operation_id="delete_volume",
     responses=error_responses(404, 409),
 )
-async def delete_volume(name: NamePath, svc: VolumeService = Depends(volumes)) -> None:
+async def delete_volume(name: NamePath, svc: Volumes) -> None:
     await svc.delete(name)
 
 
@@ -76,7 +68,7 @@ async def delete_volume(name: NamePath, svc: VolumeService = Depends(volumes)) -
     responses=error_responses(404, 409),
 )
 async def export_volume(
-    name: NamePath, body: ExportCreate, who: Principal, svc: VolumeService = Depends(volumes)
+    name: NamePath, body: ExportCreate, who: Principal, svc: Volumes
 ) -> ExportPublic:
     """Let one outside NBD client (the holder of the key under ``client_ca_certificate``) read
     and write the volume over NBD with TLS. 409 if the volume is exported already."""
@@ -84,7 +76,7 @@ async def export_volume(
 
 
 @router.get("/{name}/export", operation_id="get_volume_export", responses=error_responses(404))
-async def get_volume_export(name: NamePath, svc: VolumeService = Depends(volumes)) -> ExportPublic:
+async def get_volume_export(name: NamePath, svc: Volumes) -> ExportPublic:
     """The volume's export (404 if it has none)."""
     return await svc.export_info(name)
 
@@ -95,7 +87,7 @@ async def get_volume_export(name: NamePath, svc: VolumeService = Depends(volumes
     operation_id="unexport_volume",
     responses=error_responses(404),
 )
-async def unexport_volume(name: NamePath, svc: VolumeService = Depends(volumes)) -> None:
+async def unexport_volume(name: NamePath, svc: Volumes) -> None:
     """Revoke the volume's export: its credential opens nothing any more and the connections
     made with it are closed."""
     await svc.unexport(name)
@@ -105,7 +97,7 @@ storage_router = api_router("/v1/storage", "volumes")
 
 
 @storage_router.get("", operation_id="storage_status")
-async def storage_status(svc: VolumeService = Depends(volumes)) -> StorageStatus:
+async def storage_status(svc: Volumes) -> StorageStatus:
     """Storage servers with capacity, and the volumes' health (degraded extents)."""
     return await svc.status()
 
@@ -124,9 +116,7 @@ class NewName(BaseModel):
     operation_id="create_volume_snapshot",
     responses=error_responses(404, 409),
 )
-async def create_snapshot(
-    name: NamePath, body: NewName, svc: SnapshotService = Depends(snapshots)
-) -> SnapshotPublic:
+async def create_snapshot(name: NamePath, body: NewName, svc: Snapshots) -> SnapshotPublic:
     """O(1) snapshot of a volume that no client has attached (VM disks: snapshot the VM)."""
     return SnapshotPublic.of(await svc.snapshot(name, body.name))
 
@@ -134,9 +124,7 @@ async def create_snapshot(
 @router.get(
     "/{name}/snapshots", operation_id="list_volume_snapshots", responses=error_responses(404)
 )
-async def list_snapshots(
-    name: NamePath, svc: SnapshotService = Depends(snapshots)
-) -> list[SnapshotPublic]:
+async def list_snapshots(name: NamePath, svc: Snapshots) -> list[SnapshotPublic]:
     return [SnapshotPublic.of(s) for s in await svc.snapshots(name)]
 
 
@@ -146,9 +134,7 @@ async def list_snapshots(
     operation_id="delete_volume_snapshot",
     responses=error_responses(404, 409),
 )
-async def delete_snapshot(
-    name: NamePath, snap: NamePath, svc: SnapshotService = Depends(snapshots)
-) -> None:
+async def delete_snapshot(name: NamePath, snap: NamePath, svc: Snapshots) -> None:
     """Delete a snapshot. Clones made from it do not depend on it and are not affected."""
     await svc.delete(name, snap)
 
@@ -163,8 +149,8 @@ async def clone_snapshot(
     name: NamePath,
     snap: NamePath,
     body: NewName,
-    svc: SnapshotService = Depends(snapshots),
-    vols: VolumeService = Depends(volumes),
+    svc: Snapshots,
+    vols: Volumes,
 ) -> VolumePublic:
     """A new volume with the snapshot's content (O(1), independent of the snapshot)."""
     return await vols.show((await svc.clone(name, snap, body.name)).name, detail=False)
@@ -178,8 +164,8 @@ async def clone_snapshot(
 async def rollback(
     name: NamePath,
     snap: NamePath,
-    svc: SnapshotService = Depends(snapshots),
-    vols: VolumeService = Depends(volumes),
+    svc: Snapshots,
+    vols: Volumes,
 ) -> VolumePublic:
     """Make a detached volume hold the snapshot's content again."""
     await svc.rollback(name, snap)
