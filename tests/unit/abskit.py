@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from aecp.cluster.volumeowners import ClusterOwners
 from aecp.common.clock import Clock, FakeClock
 from aecp.storage.access import VolumeDevice, open_volume
-from aecp.storage.chunk.client import LocalChunkClient
-from aecp.storage.chunk.errors import ReplicaUnavailable
+from aecp.storage.chunk.fake import FakeReplica
 from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.meta.model import MIB, RecoveryRecord, StorageServer
 from aecp.storage.meta.service import MetaService
@@ -24,26 +22,6 @@ from aecp.store.memory import MemoryStore
 
 EXTENT = 1 * MIB
 BLOCK = 64 * 1024
-
-
-class Flaky:
-    """A replica whose node can be switched off: every call then raises ReplicaUnavailable."""
-
-    def __init__(self, store: ReplicaStore) -> None:
-        self.store = store
-        self.down = False
-
-    def __getattr__(self, name: str) -> Any:
-        target = getattr(LocalChunkClient(self.store), name)
-        if name.endswith("_nowait"):  # answers at once or declines (None): down, it declines
-            return lambda *args, **kw: None if self.down else target(*args, **kw)
-
-        async def call(*args: Any, **kw: Any) -> Any:
-            if self.down:
-                raise ReplicaUnavailable("test-node", "switched off by the test")
-            return await target(*args, **kw)
-
-        return call
 
 
 class RecordingBoard(RecoveryBoard):
@@ -67,7 +45,7 @@ class Cluster:
     def __init__(self, store: MemoryStore, stores: dict[str, ReplicaStore], clock: Clock) -> None:
         self.meta = MetaService(store, extent_size=EXTENT, clock=clock, owners=ClusterOwners(store))
         self.store = store
-        self.replicas = {n: Flaky(s) for n, s in stores.items()}
+        self.replicas = {n: FakeReplica(s, n) for n, s in stores.items()}
         self.pool = ReplicaPool(self.meta)
         for n, f in self.replicas.items():
             self.pool.add(n, f)  # type: ignore[arg-type]

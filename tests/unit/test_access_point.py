@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 from array import array
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -233,28 +232,14 @@ async def test_a_write_that_completes_after_a_flush_began_is_covered_by_the_next
     dev = await cluster.open("v")
     await dev.write(0, b"a" * 4096)
     await dev.flush()
-    store = cluster.replicas["n1"].store
-    gate, in_flight = asyncio.Event(), asyncio.Event()
-    real_write, real_flush = store.write, store.flush
-    flushed: list[str | None] = []
-
-    async def slow_write(*args: Any, **kw: Any) -> None:
-        in_flight.set()
-        await gate.wait()
-        await real_write(*args, **kw)
-
-    async def counting_flush(extent_id: str | None = None) -> None:
-        flushed.append(extent_id)
-        await real_flush(extent_id)
-
-    store.write_nowait = lambda *args, **kw: None  # type: ignore[method-assign]
-    store.write = slow_write  # type: ignore[method-assign]
-    store.flush = counting_flush  # type: ignore[method-assign]
+    replica = cluster.replicas["n1"]
+    gate = replica.gate("write")
     writing = asyncio.ensure_future(dev.write(4096, b"b" * 4096))
-    await in_flight.wait()  # the write reached the replica, not acknowledged yet
+    await gate.entered.wait()  # the write reached the replica, not acknowledged yet
     await dev.flush()  # overlaps the write in flight
-    gate.set()
+    gate.open()
     await writing
-    flushed.clear()
+    replica.calls.clear()
     await dev.flush()
+    flushed = [c for c in replica.calls if c == "flush"]
     assert flushed, "the write completed before this flush, yet its extent was not flushed"
