@@ -7,12 +7,12 @@ a refused request changes nothing that was stored.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from aecp.cluster.images import ImageService
 from aecp.cluster.scheduler import choose_node
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import (
@@ -25,7 +25,6 @@ from aecp.common.errors import (
     StoreUnavailable,
 )
 from aecp.common.requester import REQUESTED_BY
-from aecp.compute.images import catalog
 from aecp.model.base import check_name
 from aecp.model.event import ObjectEvent
 from aecp.model.image import ImageRecord
@@ -73,6 +72,7 @@ class ClusterService:
         self.images_dir = images_dir
         self.clock = clock
         self.disks = disks
+        self.image_service = ImageService(store, images_dir, clock)
 
     # ---- reads -------------------------------------------------------------------------
     async def cluster_view(self) -> ClusterView:
@@ -132,16 +132,6 @@ class ClusterService:
     async def operations(self) -> list[Operation]:
         ops = [Operation.load(kv.value) for kv in await self.store.list(keys.OPS)]
         return sorted(ops, key=lambda o: o.created_at)
-
-    async def images(self) -> list[ImageRecord]:
-        return [ImageRecord.load(kv.value) for kv in await self.store.list(keys.IMAGES)]
-
-    async def image(self, name: str) -> ImageRecord:
-        check_name("image", name)
-        got = await read(self.store, keys.image(name), ImageRecord)
-        if got is None:
-            raise NotFound(f"image {name} does not exist", image=name)
-        return got[0]
 
     # ---- VM create / power / delete -------------------------------------------------------
     async def create_vm(self, req: VMCreate) -> tuple[VMSpec, Operation]:
@@ -239,12 +229,7 @@ class ClusterService:
         choose_node(probe, views)  # raises NoCapacity with the reason per node
 
     async def _usable_image(self, name: str) -> ImageRecord:
-        try:
-            record = await self.image(name)
-        except NotFound:
-            raise InvalidInput("image", f"image {name} does not exist") from None
-        await asyncio.to_thread(catalog.verify, record, self.images_dir)
-        return record
+        return await self.image_service.usable(name)
 
     async def power(self, name: str, op: PowerOp) -> Operation:
         """Apply a power operation; ``InvalidState`` when it is not valid in the VM's state.
@@ -375,19 +360,15 @@ class ClusterService:
             updated_at=now,
         )
 
-    # ---- images ----------------------------------------------------------------------------
+    # ---- images (``cluster.images``) -------------------------------------------------------
+    async def images(self) -> list[ImageRecord]:
+        return await self.image_service.images()
+
+    async def image(self, name: str) -> ImageRecord:
+        return await self.image_service.image(name)
+
     async def register_image(self, record: ImageRecord) -> None:
-        if not await self.store.create(keys.image(record.name), record.dump()):
-            raise AlreadyExists(f"image {record.name} already exists", field="name")
+        await self.image_service.register(record)
 
     async def delete_image(self, name: str) -> None:
-        record = await self.image(name)
-        users = [
-            e.spec.name for e in (await self.cluster_view()).vms.values() if e.spec.image == name
-        ]
-        if users:
-            raise Conflict(
-                f"image {name} is used by VMs: {', '.join(sorted(users))}", vms=sorted(users)
-            )
-        await self.store.delete(keys.image(name))
-        (self.images_dir / record.file).unlink(missing_ok=True)
+        await self.image_service.delete(name)

@@ -61,6 +61,7 @@ def create_app(
         "answer has the ErrorBody shape.",
     )
     app.state.service = service
+    app.state.images = service.image_service
     app.state.principals = PrincipalService(service.store, service.clock)
     app.state.idempotency = IdempotencyKeys(service.store, service.clock)
     app.state.node = node

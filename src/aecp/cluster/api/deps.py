@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPBearer
 
+from aecp.cluster.images import ImageService
 from aecp.cluster.principals import PrincipalService
 from aecp.cluster.service import ClusterService
 from aecp.cluster.vmsnapshots import VMSnapshotService
@@ -40,6 +41,11 @@ class NodeContext:
 
 def service(request: Request) -> ClusterService:
     svc: ClusterService = request.app.state.service
+    return svc
+
+
+def image_service(request: Request) -> ImageService:
+    svc: ImageService = request.app.state.images
     return svc
 
 
@@ -116,6 +122,7 @@ Service = Annotated[ClusterService, Depends(service)]
 Principal = Annotated[PrincipalRecord, Depends(authenticate)]
 """The caller."""
 Principals = Annotated[PrincipalService, Depends(principal_service)]
+Images = Annotated[ImageService, Depends(image_service)]
 Volumes = Annotated[VolumeService, Depends(volume_service)]
 Snapshots = Annotated[SnapshotService, Depends(snapshot_service)]
 VMSnapshots = Annotated[VMSnapshotService, Depends(vm_snapshot_service)]
