@@ -14,7 +14,7 @@ from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.principals import first_admin
 from aecp.cluster.scheduler import Scheduler
-from aecp.cluster.service import ClusterService
+from aecp.cluster.vms import VMService
 from aecp.cluster.vmclones import DiskCloner
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
@@ -159,7 +159,7 @@ class FunctionalCluster:
         self, store: MemoryStore, clock: FakeClock, abs_: Cluster, images_dir: Path
     ) -> None:
         self.store, self.clock, self.abs, self.images_dir = store, clock, abs_, images_dir
-        self.service = ClusterService(store, images_dir, clock)
+        self.service = VMService(store, images_dir, clock)
         self.nodes: dict[str, FunctionalNode] = {}
         self.token = ""
         self._client: httpx.AsyncClient | None = None

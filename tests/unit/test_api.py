@@ -11,7 +11,7 @@ import pytest
 from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.scheduler import Scheduler
-from aecp.cluster.service import ClusterService
+from aecp.cluster.vms import VMService
 from aecp.store import keys
 from aecp.store.controllers import ControllerHost
 from aecp.store.history import History
@@ -26,7 +26,7 @@ async def api(
     token = await admin_token(store)
     await add_node(store, "n1")
     app = create_app(
-        ClusterService(store, images_dir),
+        VMService(store, images_dir),
         NodeContext("n1", "http://127.0.9.1:8700", tmp_path / "run", lambda vm: None),
     )
     transport = httpx.ASGITransport(app=app)

@@ -17,7 +17,7 @@ from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.api.errors import ErrorBody, error_response, redact_paths
 from aecp.cluster.api.routing import MAX_JSON_BODY
-from aecp.cluster.service import ClusterService
+from aecp.cluster.vms import VMService
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.common.names import NAME_PATTERN
@@ -43,7 +43,7 @@ async def api(
 ) -> AsyncIterator[Api]:
     token = await admin_token(store)
     await add_node(store, "n1")
-    svc = ClusterService(store, images_dir)
+    svc = VMService(store, images_dir)
     volumes = VolumeService(cluster.meta, cluster.pool)
     vmsnaps = VMSnapshotService(svc, SnapshotService(cluster.meta, cluster.pool))
     node = NodeContext("n1", "http://127.0.9.1:8700", tmp_path / "run", lambda vm: None)
@@ -165,7 +165,7 @@ async def test_an_unexpected_error_gets_500_in_the_error_shape_without_its_text(
     store = BuggyStore()
     token = await admin_token(store)
     app = create_app(
-        ClusterService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None)
+        VMService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None)
     )
     async with await _client(app) as client:
         r = await client.get("/v1/vms", headers={"authorization": f"Bearer {token}"})
@@ -307,7 +307,7 @@ async def test_the_openapi_document_is_complete_without_the_optional_services(
     client, _ = api
     full = (await client.get("/openapi.json")).json()
     bare = create_app(
-        ClusterService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None)
+        VMService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None)
     )
     async with await _client(bare) as c:
         assert (await c.get("/openapi.json")).json() == full
@@ -318,7 +318,7 @@ async def test_a_route_of_a_service_the_node_lacks_answers_503(
 ) -> None:
     token = await admin_token(store)
     bare = create_app(
-        ClusterService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None)
+        VMService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None)
     )
     async with await _client(bare) as c:
         r = await c.get("/v1/volumes", headers={"authorization": f"Bearer {token}"})

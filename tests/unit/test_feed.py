@@ -16,7 +16,7 @@ from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.feed import FeedEvent, classify
 from aecp.cluster.principals import first_admin
-from aecp.cluster.service import ClusterService
+from aecp.cluster.vms import VMService
 from aecp.model.cluster import ClusterInfo, new_cluster_id
 from aecp.model.principal import FIRST_ADMIN, new_principal_token
 from aecp.store import keys
@@ -34,7 +34,7 @@ async def api(store: MemoryStore, images_dir: Path, tmp_path: Path) -> AsyncIter
     await store.put(keys.principal(FIRST_ADMIN), first_admin(digest, 1).dump())
     await add_node(store, "n1")
     app = create_app(
-        ClusterService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None)
+        VMService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None)
     )
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:

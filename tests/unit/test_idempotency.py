@@ -14,7 +14,7 @@ from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.idempotency import HOLD_TTL, IdempotencyKeys, fingerprint
 from aecp.cluster.principals import PrincipalService, first_admin
-from aecp.cluster.service import ClusterService
+from aecp.cluster.vms import VMService
 from aecp.common.clock import FakeClock
 from aecp.model.cluster import ClusterInfo, new_cluster_id
 from aecp.model.principal import FIRST_ADMIN, new_principal_token
@@ -46,7 +46,7 @@ async def api(
     other = (await PrincipalService(store).create("aoc", "operator", "t")).token
     await add_node(store, "n1")
     app = create_app(
-        ClusterService(store, images_dir, clock), NodeContext("n1", "", tmp_path, lambda vm: None)
+        VMService(store, images_dir, clock), NodeContext("n1", "", tmp_path, lambda vm: None)
     )
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:

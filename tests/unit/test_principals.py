@@ -13,7 +13,7 @@ import pytest
 from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.principals import first_admin
-from aecp.cluster.service import ClusterService
+from aecp.cluster.vms import VMService
 from aecp.cluster.upgrades import upgrade_records
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
@@ -60,7 +60,7 @@ async def api(
     await store.put(keys.CLUSTER, info.dump())
     await store.put(keys.principal(FIRST_ADMIN), first_admin(digest, 1).dump())
     await add_node(store, "n1")
-    svc = ClusterService(store, images_dir)
+    svc = VMService(store, images_dir)
     volumes = VolumeService(cluster.meta, cluster.pool)
     vmsnaps = VMSnapshotService(svc, SnapshotService(cluster.meta, cluster.pool))
     lease = [True]
@@ -207,7 +207,7 @@ async def test_an_old_clusters_token_used_before_its_upgrade_is_adopted_and_stay
     token, digest = new_token()
     await store.put(keys.CLUSTER, ClusterInfo(name="old", created_at=1, token_sha256=digest).dump())
     app = create_app(
-        ClusterService(store, images_dir), NodeContext("n1", "", tmp_path, lambda v: None)
+        VMService(store, images_dir), NodeContext("n1", "", tmp_path, lambda v: None)
     )
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     auth = {"authorization": f"Bearer {token}"}

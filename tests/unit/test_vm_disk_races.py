@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aecp.cluster.service import ClusterService
+from aecp.cluster.vms import VMService
 from aecp.common.errors import InvalidState, NotFound, StoreUnavailable
 from aecp.model.operation import Operation, OpState
 from aecp.model.vm import PowerOp, VMSpec, VMState, VMStatus
@@ -25,9 +25,9 @@ from tests.unit.test_vm_ownership import JobFailed, disks, spec_of, stopped_vm, 
 
 
 @pytest.fixture
-async def svc(store: MemoryStore, images_dir: Path, cluster: Cluster) -> ClusterService:
+async def svc(store: MemoryStore, images_dir: Path, cluster: Cluster) -> VMService:
     await add_node(store, "n1", memory_mib=4096, cpus=2)
-    return ClusterService(store, images_dir, disks=disks(cluster))
+    return VMService(store, images_dir, disks=disks(cluster))
 
 
 async def volume_names(cluster: Cluster) -> set[str]:
@@ -35,7 +35,7 @@ async def volume_names(cluster: Cluster) -> set[str]:
 
 
 async def test_a_start_sent_while_an_unplaced_vm_is_deleted_never_leaves_it_without_disks(
-    store: MemoryStore, images_dir: Path, cluster: Cluster, svc: ClusterService
+    store: MemoryStore, images_dir: Path, cluster: Cluster, svc: VMService
 ) -> None:
     """The reviewer's race: the volumes were deleted before the transaction that decided the
     delete; a start landing in between won, and the VM stayed without its disks."""
@@ -50,7 +50,7 @@ async def test_a_start_sent_while_an_unplaced_vm_is_deleted_never_leaves_it_with
                 refused.append(exc)
             return await real.remove(spec)
 
-    racing = ClusterService(store, images_dir, disks=StartMeanwhile())
+    racing = VMService(store, images_dir, disks=StartMeanwhile())
     await stopped_vm(svc, cluster, "src")
     await vmsnaps(svc, cluster).clone("src", "twin", start=False)
 
@@ -63,7 +63,7 @@ async def test_a_start_sent_while_an_unplaced_vm_is_deleted_never_leaves_it_with
 
 
 async def test_an_unplaced_delete_interrupted_after_it_was_marked_is_finished_by_the_next(
-    store: MemoryStore, images_dir: Path, cluster: Cluster, svc: ClusterService
+    store: MemoryStore, images_dir: Path, cluster: Cluster, svc: VMService
 ) -> None:
     real = disks(cluster)
 
@@ -74,12 +74,12 @@ async def test_an_unplaced_delete_interrupted_after_it_was_marked_is_finished_by
     await stopped_vm(svc, cluster, "src")
     await vmsnaps(svc, cluster).clone("src", "twin", start=False)
     with pytest.raises(StoreUnavailable):
-        await ClusterService(store, images_dir, disks=DiesHalfway()).delete_vm("twin")
+        await VMService(store, images_dir, disks=DiesHalfway()).delete_vm("twin")
     snap = await read_cluster(store)
     assert snap.vm_state("twin") is VMState.DELETING  # says what is under way
     first = snap.vms["twin"].spec.op_id
 
-    op = await ClusterService(store, images_dir, disks=real).delete_vm("twin")
+    op = await VMService(store, images_dir, disks=real).delete_vm("twin")
 
     assert op.id == first and op.state is OpState.SUCCEEDED
     assert await store.list(keys.vm_prefix("twin")) == []
@@ -87,7 +87,7 @@ async def test_an_unplaced_delete_interrupted_after_it_was_marked_is_finished_by
 
 
 async def test_an_unplaced_vm_whose_disks_cannot_be_deleted_shows_error_and_can_be_deleted_again(
-    store: MemoryStore, svc: ClusterService, cluster: Cluster
+    store: MemoryStore, svc: VMService, cluster: Cluster
 ) -> None:
     await stopped_vm(svc, cluster, "src")
     vs = vmsnaps(svc, cluster)
@@ -104,12 +104,12 @@ async def test_an_unplaced_vm_whose_disks_cannot_be_deleted_shows_error_and_can_
 
 
 async def test_a_clone_whose_volume_is_deleted_before_its_spec_is_stored_is_not_stored(
-    store: MemoryStore, images_dir: Path, cluster: Cluster, svc: ClusterService
+    store: MemoryStore, images_dir: Path, cluster: Cluster, svc: VMService
 ) -> None:
     """Until the spec is stored the clone's volumes have no living owner, so the volume API
     may delete them; the spec was stored anyway and the VM had no disk."""
 
-    class VolumeApiMeanwhile(ClusterService):
+    class VolumeApiMeanwhile(VMService):
         async def store_new(self, spec: VMSpec, op: Operation, *args: object, **kw: object):  # type: ignore[no-untyped-def]
             await cluster.meta.delete_volume(f"{spec.name}-boot")  # what the volume API does
             return await super().store_new(spec, op, *args, **kw)  # type: ignore[arg-type]
@@ -125,9 +125,9 @@ async def test_a_clone_whose_volume_is_deleted_before_its_spec_is_stored_is_not_
 
 
 async def test_a_clone_whose_store_answer_was_lost_after_it_was_stored_keeps_its_volumes(
-    store: MemoryStore, images_dir: Path, cluster: Cluster, svc: ClusterService
+    store: MemoryStore, images_dir: Path, cluster: Cluster, svc: VMService
 ) -> None:
-    class AnswerLost(ClusterService):
+    class AnswerLost(VMService):
         async def store_new(self, spec: VMSpec, op: Operation, *args: object, **kw: object):  # type: ignore[no-untyped-def]
             await super().store_new(spec, op, *args, **kw)  # type: ignore[arg-type]
             raise StoreUnavailable("etcd txn: the connection broke")
@@ -143,7 +143,7 @@ async def test_a_clone_whose_store_answer_was_lost_after_it_was_stored_keeps_its
 
 
 async def test_a_template_whose_volume_is_deleted_before_it_is_stored_is_not_stored(
-    store: MemoryStore, svc: ClusterService, cluster: Cluster
+    store: MemoryStore, svc: VMService, cluster: Cluster
 ) -> None:
     await stopped_vm(svc, cluster, "base")
     vs = vmsnaps(svc, cluster)
@@ -161,7 +161,7 @@ async def test_a_template_whose_volume_is_deleted_before_it_is_stored_is_not_sto
     assert await store.get(keys.vm_spec("base")) is not None  # not deleted either
 
 
-async def legacy_vm(svc: ClusterService, cluster: Cluster, name: str) -> VMSpec:
+async def legacy_vm(svc: VMService, cluster: Cluster, name: str) -> VMSpec:
     """A VM whose volumes were made before volumes recorded owners, its disks ready."""
     spec = await stopped_vm(svc, cluster, name, data=1)
     for vol in spec.volumes():
@@ -172,7 +172,7 @@ async def legacy_vm(svc: ClusterService, cluster: Cluster, name: str) -> VMSpec:
 
 
 async def test_a_vm_made_before_volumes_had_owners_adopts_its_own_volumes_and_starts(
-    svc: ClusterService, cluster: Cluster
+    svc: VMService, cluster: Cluster
 ) -> None:
     spec = await legacy_vm(svc, cluster, "old")
     vm_disks = disks(cluster)
@@ -187,7 +187,7 @@ async def test_a_vm_made_before_volumes_had_owners_adopts_its_own_volumes_and_st
 
 
 async def test_a_volume_owned_by_someone_else_is_never_adopted(
-    svc: ClusterService, cluster: Cluster
+    svc: VMService, cluster: Cluster
 ) -> None:
     spec = await legacy_vm(svc, cluster, "old")
     rec, rev = await cluster.meta.volume("old-data1")
@@ -205,7 +205,7 @@ async def test_a_volume_owned_by_someone_else_is_never_adopted(
 
 
 async def test_a_vm_whose_ready_disk_is_gone_fails_to_start_naming_it(
-    svc: ClusterService, cluster: Cluster
+    svc: VMService, cluster: Cluster
 ) -> None:
     spec = await legacy_vm(svc, cluster, "old")
     await cluster.meta.delete_volume("old-data1")  # owner-less: the volume API may

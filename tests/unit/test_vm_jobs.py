@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from aecp.cluster.service import ClusterService
+from aecp.cluster.vms import VMService
 from aecp.cluster.vmclones import DiskCloner
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.common.clock import FakeClock
@@ -36,9 +36,9 @@ from tests.unit.test_vm_ownership import disks, stopped_vm
 
 
 @pytest.fixture
-async def svc(store: MemoryStore, images_dir: Path, cluster: Cluster) -> ClusterService:
+async def svc(store: MemoryStore, images_dir: Path, cluster: Cluster) -> VMService:
     await add_node(store, "n1", memory_mib=4096, cpus=2)
-    return ClusterService(store, images_dir, disks=disks(cluster))
+    return VMService(store, images_dir, disks=disks(cluster))
 
 
 @pytest.fixture
@@ -47,11 +47,11 @@ def hv() -> FakeHypervisor:
 
 
 @pytest.fixture
-def requests(svc: ClusterService, cluster: Cluster) -> VMSnapshotService:
+def requests(svc: VMService, cluster: Cluster) -> VMSnapshotService:
     return VMSnapshotService(svc, SnapshotService(cluster.meta, cluster.pool))
 
 
-def agent(svc: ClusterService, requests: VMSnapshotService, hv: FakeHypervisor) -> VMJobs:
+def agent(svc: VMService, requests: VMSnapshotService, hv: FakeHypervisor) -> VMJobs:
     """The job runner of n1's agent (a new one is a restarted agent)."""
     return VMJobs("n1", hv, requests.cloner, svc.clock)
 
@@ -66,7 +66,7 @@ async def op_of(store: Store, op_id: str) -> Operation:
     return got[0]
 
 
-async def running(svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, name: str) -> None:
+async def running(svc: VMService, cluster: Cluster, hv: FakeHypervisor, name: str) -> None:
     """A VM with two disks, running on n1."""
     spec = await stopped_vm(svc, cluster, name, data=1)
     await svc.store.put(keys.vm_spec(name), spec.model_copy(update={"power": Power.RUNNING}).dump())
@@ -81,7 +81,7 @@ async def snapshot_names(requests: VMSnapshotService, vm: str) -> dict[str, list
 
 
 async def test_a_snapshot_request_only_records_a_job_and_the_agent_takes_it_paused(
-    svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
+    svc: VMService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
 ) -> None:
     await running(svc, cluster, hv, "web")
     op = await requests.snapshot("web", "s1")
@@ -105,7 +105,7 @@ async def test_a_snapshot_request_only_records_a_job_and_the_agent_takes_it_paus
 
 async def test_a_vm_has_one_job_at_a_time_and_is_not_deleted_under_it(
     store: MemoryStore,
-    svc: ClusterService,
+    svc: VMService,
     cluster: Cluster,
     hv: FakeHypervisor,
     requests: VMSnapshotService,
@@ -147,7 +147,7 @@ class KilledBeforeStoring(DiskCloner):
 
 
 async def test_a_snapshot_interrupted_half_way_is_undone_and_taken_whole_by_the_next_run(
-    svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
+    svc: VMService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
 ) -> None:
     await running(svc, cluster, hv, "web")
     op = await requests.snapshot("web", "s1")
@@ -167,7 +167,7 @@ async def test_a_snapshot_interrupted_half_way_is_undone_and_taken_whole_by_the_
 
 
 async def test_a_snapshot_that_fails_leaves_none_and_fails_its_operation(
-    svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
+    svc: VMService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
 ) -> None:
     await running(svc, cluster, hv, "web")
     op = await requests.snapshot("web", "s1")
@@ -184,7 +184,7 @@ async def test_a_snapshot_that_fails_leaves_none_and_fails_its_operation(
 
 
 async def test_a_clone_interrupted_after_its_volumes_were_made_is_made_once(
-    svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
+    svc: VMService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
 ) -> None:
     await stopped_vm(svc, cluster, "src", data=1)
     op = await requests.clone("src", "twin", start=False)
@@ -206,7 +206,7 @@ async def test_a_clone_interrupted_after_its_volumes_were_made_is_made_once(
 
 
 async def test_the_operation_of_a_job_is_not_ended_as_a_stray(
-    svc: ClusterService, cluster: Cluster, requests: VMSnapshotService
+    svc: VMService, cluster: Cluster, requests: VMSnapshotService
 ) -> None:
     """The scheduler's sweep ends operations no spec names; a job's is named by its job (a
     clone's names a VM that does not exist yet)."""
@@ -218,7 +218,7 @@ async def test_the_operation_of_a_job_is_not_ended_as_a_stray(
 
 
 async def test_the_reconciler_runs_a_job_before_a_start_requested_after_it(
-    svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
+    svc: VMService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
 ) -> None:
     await stopped_vm(svc, cluster, "web")
     await requests.snaps.snapshot("web-boot", "s0")
@@ -241,7 +241,7 @@ async def test_the_reconciler_runs_a_job_before_a_start_requested_after_it(
 
 
 async def test_a_pass_on_a_view_read_before_the_job_ended_does_not_run_it_again(
-    svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
+    svc: VMService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
 ) -> None:
     """The rerun's undo deleted the finished snapshot, the operation saying it was taken."""
     await running(svc, cluster, hv, "web")
@@ -267,7 +267,7 @@ class StoreDownAtData1(SnapshotService):
 
 
 async def test_a_job_that_could_not_end_is_tried_again_after_a_back_off_not_every_pass(
-    svc: ClusterService,
+    svc: VMService,
     cluster: Cluster,
     hv: FakeHypervisor,
     requests: VMSnapshotService,
@@ -305,7 +305,7 @@ class Data1RollbackFails(SnapshotService):
 
 
 async def test_a_rollback_that_reached_one_disk_is_tried_again_and_a_start_waits_for_it(
-    svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
+    svc: VMService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
 ) -> None:
     """The rollback failed half-way and the start queued behind it booted mixed disks."""
     await stopped_vm(svc, cluster, "web", data=1)
@@ -324,7 +324,7 @@ async def test_a_rollback_that_reached_one_disk_is_tried_again_and_a_start_waits
 
 
 async def test_a_job_left_by_a_vm_deleted_before_jobs_blocks_nothing_and_its_op_ends(
-    svc: ClusterService, cluster: Cluster, requests: VMSnapshotService
+    svc: VMService, cluster: Cluster, requests: VMSnapshotService
 ) -> None:
     await stopped_vm(svc, cluster, "web")
     old = await requests.snapshot("web", "s1")
@@ -341,7 +341,7 @@ async def test_a_job_left_by_a_vm_deleted_before_jobs_blocks_nothing_and_its_op_
 
 
 async def test_a_job_is_refused_while_the_vms_node_is_unreachable(
-    store: MemoryStore, svc: ClusterService, cluster: Cluster, requests: VMSnapshotService
+    store: MemoryStore, svc: VMService, cluster: Cluster, requests: VMSnapshotService
 ) -> None:
     await stopped_vm(svc, cluster, "web")
     await store.delete(keys.alive("n1"))
@@ -352,7 +352,7 @@ async def test_a_job_is_refused_while_the_vms_node_is_unreachable(
 
 
 async def test_a_jobs_own_snapshots_are_not_listed_nor_deletable_while_it_runs(
-    svc: ClusterService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
+    svc: VMService, cluster: Cluster, hv: FakeHypervisor, requests: VMSnapshotService
 ) -> None:
     await running(svc, cluster, hv, "web")
     await requests.snapshot("web", "s0")
@@ -367,7 +367,7 @@ async def test_a_jobs_own_snapshots_are_not_listed_nor_deletable_while_it_runs(
 
 
 async def test_converting_a_vm_with_snapshots_is_refused_before_anything_is_made(
-    store: MemoryStore, svc: ClusterService, cluster: Cluster, requests: VMSnapshotService
+    store: MemoryStore, svc: VMService, cluster: Cluster, requests: VMSnapshotService
 ) -> None:
     """The template was stored, then the VM's delete failed on its snapshots."""
     await stopped_vm(svc, cluster, "web")

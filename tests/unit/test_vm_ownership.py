@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from aecp.cluster.service import ClusterService
+from aecp.cluster.vms import VMService
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.common.errors import AlreadyExists, InvalidInput, InvalidState, NotFound
@@ -29,9 +29,9 @@ from tests.unit.conftest import add_node, dump_store
 
 
 @pytest.fixture
-async def svc(store: MemoryStore, images_dir: Path, cluster: Cluster) -> ClusterService:
+async def svc(store: MemoryStore, images_dir: Path, cluster: Cluster) -> VMService:
     await add_node(store, "n1", memory_mib=4096, cpus=2)
-    return ClusterService(store, images_dir, disks=disks(cluster))
+    return VMService(store, images_dir, disks=disks(cluster))
 
 
 def disks(cluster: Cluster) -> VMDisks:
@@ -46,7 +46,7 @@ class CarriedOut:
     """``VMSnapshotService`` whose jobs the VM's node (n1) carries out at once: a test of
     what the jobs do, not of who runs them. A job that fails raises ``JobFailed``."""
 
-    def __init__(self, svc: ClusterService, cluster: Cluster) -> None:
+    def __init__(self, svc: VMService, cluster: Cluster) -> None:
         self.service = VMSnapshotService(svc, SnapshotService(cluster.meta, cluster.pool))
         self.cloner = self.service.cloner
         self.snaps = self.service.snaps
@@ -77,7 +77,7 @@ class CarriedOut:
         return await self._carried_out(vm, await self.service.convert_to_template(vm, template))
 
 
-def vmsnaps(svc: ClusterService, cluster: Cluster) -> CarriedOut:
+def vmsnaps(svc: VMService, cluster: Cluster) -> CarriedOut:
     return CarriedOut(svc, cluster)
 
 
@@ -87,7 +87,7 @@ async def spec_of(store: MemoryStore, name: str) -> VMSpec:
     return got[0]
 
 
-async def stopped_vm(svc: ClusterService, cluster: Cluster, name: str, data: int = 0) -> VMSpec:
+async def stopped_vm(svc: VMService, cluster: Cluster, name: str, data: int = 0) -> VMSpec:
     """A VM placed on n1 and stopped, with its volumes as its node would have made them."""
     await svc.create_vm(VMCreate(name=name, image="tiny", start=False, data_disks_mib=[1] * data))
     spec = await spec_of(svc.store, name)  # type: ignore[arg-type]
@@ -100,7 +100,7 @@ async def stopped_vm(svc: ClusterService, cluster: Cluster, name: str, data: int
 
 
 async def test_a_vm_is_refused_at_create_when_a_volume_holds_its_disk_name(
-    svc: ClusterService, cluster: Cluster
+    svc: VMService, cluster: Cluster
 ) -> None:
     await cluster.meta.create_volume("x-boot", 64 * MIB, replicas=1)
     before = await dump_store(svc.store)  # type: ignore[arg-type]
@@ -111,7 +111,7 @@ async def test_a_vm_is_refused_at_create_when_a_volume_holds_its_disk_name(
 
 
 async def test_a_clashing_data_disk_name_is_refused_too(
-    svc: ClusterService, cluster: Cluster
+    svc: VMService, cluster: Cluster
 ) -> None:
     await cluster.meta.create_volume("x-data2", MIB, replicas=1)
     with pytest.raises(AlreadyExists, match="volume x-data2"):
@@ -157,7 +157,7 @@ async def test_a_vm_with_a_name_too_long_for_its_volumes_is_deleted_not_stuck(
 
 
 async def test_a_standalone_volume_cannot_take_a_name_reserved_for_an_existing_vm(
-    svc: ClusterService, cluster: Cluster
+    svc: VMService, cluster: Cluster
 ) -> None:
     await svc.create_vm(VMCreate(name="web", image="tiny", start=False))
     with pytest.raises(AlreadyExists, match="reserved for the disks of VM web"):
@@ -173,7 +173,7 @@ async def test_a_standalone_volume_cannot_take_a_name_reserved_for_an_existing_v
 
 
 async def test_a_vms_disk_cannot_be_deleted_through_the_volume_api_while_the_vm_exists(
-    svc: ClusterService, cluster: Cluster
+    svc: VMService, cluster: Cluster
 ) -> None:
     spec = await stopped_vm(svc, cluster, "db")
     with pytest.raises(InvalidState, match="is a disk of VM db; delete the vm instead"):
@@ -190,7 +190,7 @@ def test_a_volume_record_without_an_owner_still_loads() -> None:
 
 
 async def test_a_clone_owns_its_volumes_and_a_clashing_clone_makes_none(
-    svc: ClusterService, cluster: Cluster
+    svc: VMService, cluster: Cluster
 ) -> None:
     await stopped_vm(svc, cluster, "src", data=1)
     vs = vmsnaps(svc, cluster)
@@ -206,7 +206,7 @@ async def test_a_clone_owns_its_volumes_and_a_clashing_clone_makes_none(
 
 
 async def test_a_vm_from_a_template_owns_its_volumes_and_a_clash_is_refused(
-    svc: ClusterService, cluster: Cluster
+    svc: VMService, cluster: Cluster
 ) -> None:
     await stopped_vm(svc, cluster, "base")
     vs = vmsnaps(svc, cluster)
@@ -224,7 +224,7 @@ async def test_a_vm_from_a_template_owns_its_volumes_and_a_clash_is_refused(
 
 
 async def test_a_template_name_too_long_for_its_volume_names_is_refused(
-    svc: ClusterService, cluster: Cluster
+    svc: VMService, cluster: Cluster
 ) -> None:
     await stopped_vm(svc, cluster, "base")
     before = await dump_store(svc.store)  # type: ignore[arg-type]
@@ -235,7 +235,7 @@ async def test_a_template_name_too_long_for_its_volume_names_is_refused(
 
 
 async def test_deleting_an_unplaced_clone_deletes_its_own_volumes(
-    svc: ClusterService, cluster: Cluster
+    svc: VMService, cluster: Cluster
 ) -> None:
     await stopped_vm(svc, cluster, "src")
     await vmsnaps(svc, cluster).clone("src", "twin", start=False)
@@ -248,7 +248,7 @@ async def test_deleting_an_unplaced_clone_deletes_its_own_volumes(
 
 
 async def test_a_template_whose_volume_has_a_snapshot_is_not_deleted_at_all(
-    svc: ClusterService, cluster: Cluster
+    svc: VMService, cluster: Cluster
 ) -> None:
     """The template record went first, leaving its volume owned by a template that no longer
     existed (review finding): now nothing is deleted and the 409 says why."""

@@ -1,4 +1,4 @@
-"""The VM control path in one process: requests through ``ClusterService``, carried out by a
+"""The VM control path in one process: requests through ``VMService``, carried out by a
 ``Reconciler`` and ``VMActions`` over the memory store and the fake hypervisor, with reconcile
 passes driven by the test (so interleavings are deterministic)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from aecp.cluster.service import ClusterService
+from aecp.cluster.vms import VMService
 from aecp.common.clock import FakeClock
 from aecp.common.errors import InvalidState
 from aecp.compute.fake import FakeHypervisor
@@ -61,7 +61,7 @@ class Stack:
             "n1", "127.0.0.1", store, self.hv, self.disks, images_dir, Accel.TCG, clock
         )
         self.rec = Reconciler("n1", self.hv, self.actions, clock)
-        self.svc = ClusterService(store, images_dir, clock)
+        self.svc = VMService(store, images_dir, clock)
 
     async def add_vm(self, name: str, power: Power = Power.RUNNING, op_id: str = "") -> None:
         """A VM placed on n1 (as if created and scheduled)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from aecp.cluster.service import ClusterService
+from aecp.cluster.vms import VMService
 from aecp.common.errors import AecpError, Conflict
 from aecp.model.operation import Operation
 from aecp.model.vm import VMSpec
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class DiskCloner:
-    def __init__(self, svc: ClusterService, snaps: SnapshotService) -> None:
+    def __init__(self, svc: VMService, snaps: SnapshotService) -> None:
         self.svc = svc
         self.snaps = snaps
         self.store = svc.store

@@ -21,8 +21,8 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
-from aecp.cluster.service import ClusterService
 from aecp.cluster.vmclones import DiskCloner
+from aecp.cluster.vms import VMService
 from aecp.common.errors import (
     AlreadyExists,
     Conflict,
@@ -54,7 +54,7 @@ class VMSnapshot(BaseModel):
 
 
 class VMSnapshotService:
-    def __init__(self, svc: ClusterService, snaps: SnapshotService) -> None:
+    def __init__(self, svc: VMService, snaps: SnapshotService) -> None:
         self.svc = svc
         self.snaps = snaps
         self.cloner = DiskCloner(svc, snaps)

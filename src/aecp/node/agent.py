@@ -24,9 +24,9 @@ from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.reaper import OperationReaper
 from aecp.cluster.scheduler import Scheduler
-from aecp.cluster.service import ClusterService
 from aecp.cluster.upgrades import upgrade_until_done
 from aecp.cluster.vmclones import DiskCloner
+from aecp.cluster.vms import VMService
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.common.clock import SYSTEM_CLOCK, Clock
@@ -78,7 +78,7 @@ class NodeAgent:
             settings.name, settings.address, store, hv, self.vmdisks, settings.images_dir, accel,
             clock,
         )  # fmt: skip
-        self.service = ClusterService(store, settings.images_dir, clock, disks=self.vmdisks)
+        self.service = VMService(store, settings.images_dir, clock, disks=self.vmdisks)
         self.snapshots = SnapshotService(self.meta, self.volume_pool)
         jobs = VMJobs(settings.name, hv, DiskCloner(self.service, self.snapshots), clock)
         self.reconciler = Reconciler(settings.name, hv, self.actions, clock, jobs)

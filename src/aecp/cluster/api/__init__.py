@@ -1,1 +1,1 @@
-"""The cluster REST API (FastAPI): thin routes over ``ClusterService``."""
+"""The cluster REST API (FastAPI): thin routes over ``VMService``."""

@@ -24,8 +24,10 @@ from aecp.cluster.api.routes import (
     volumes,
 )
 from aecp.cluster.idempotency import IdempotencyKeys
+from aecp.cluster.nodes import NodeService
+from aecp.cluster.operations import OperationService
 from aecp.cluster.principals import PrincipalService
-from aecp.cluster.service import ClusterService
+from aecp.cluster.vms import VMService
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.storage.snapshots import SnapshotService
@@ -47,7 +49,7 @@ ROUTERS = [
 
 
 def create_app(
-    service: ClusterService,
+    service: VMService,
     node: NodeContext,
     volume_service: VolumeService | None = None,
     vm_snapshots: VMSnapshotService | None = None,
@@ -62,6 +64,8 @@ def create_app(
     )
     app.state.service = service
     app.state.images = service.image_service
+    app.state.nodes = NodeService(service.store, service.clock)
+    app.state.operations = OperationService(service.store)
     app.state.principals = PrincipalService(service.store, service.clock)
     app.state.idempotency = IdempotencyKeys(service.store, service.clock)
     app.state.node = node

@@ -12,8 +12,10 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPBearer
 
 from aecp.cluster.images import ImageService
+from aecp.cluster.nodes import NodeService
+from aecp.cluster.operations import OperationService
 from aecp.cluster.principals import PrincipalService
-from aecp.cluster.service import ClusterService
+from aecp.cluster.vms import VMService
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.common.errors import Forbidden, Unauthorized, Unavailable
@@ -39,13 +41,23 @@ class NodeContext:
     lease_held: Callable[[], bool] = lambda: True  # for /healthz: the node's lease is held
 
 
-def service(request: Request) -> ClusterService:
-    svc: ClusterService = request.app.state.service
+def service(request: Request) -> VMService:
+    svc: VMService = request.app.state.service
     return svc
 
 
 def image_service(request: Request) -> ImageService:
     svc: ImageService = request.app.state.images
+    return svc
+
+
+def node_service(request: Request) -> NodeService:
+    svc: NodeService = request.app.state.nodes
+    return svc
+
+
+def operation_service(request: Request) -> OperationService:
+    svc: OperationService = request.app.state.operations
     return svc
 
 
@@ -118,11 +130,13 @@ def authorize(principal: PrincipalRecord, method: str, needs: Role | None) -> No
         )
 
 
-Service = Annotated[ClusterService, Depends(service)]
+Service = Annotated[VMService, Depends(service)]
 Principal = Annotated[PrincipalRecord, Depends(authenticate)]
 """The caller."""
 Principals = Annotated[PrincipalService, Depends(principal_service)]
 Images = Annotated[ImageService, Depends(image_service)]
+Nodes = Annotated[NodeService, Depends(node_service)]
+Operations = Annotated[OperationService, Depends(operation_service)]
 Volumes = Annotated[VolumeService, Depends(volume_service)]
 Snapshots = Annotated[SnapshotService, Depends(snapshot_service)]
 VMSnapshots = Annotated[VMSnapshotService, Depends(vm_snapshot_service)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from aecp.cluster.api.deps import NamePath, Service
+from aecp.cluster.api.deps import NamePath, Nodes
 from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models import EventPublic
 from aecp.cluster.api.pages import Page, paginate
@@ -16,19 +16,19 @@ router = api_router("/v1/nodes", "nodes")
 
 
 @router.get("", operation_id="list_nodes")
-async def list_nodes(svc: Service, page: Page, response: Response) -> list[NodeView]:
+async def list_nodes(svc: Nodes, page: Page, response: Response) -> list[NodeView]:
     return paginate(await svc.nodes(), "nodes", lambda n: [n.name], page, response)
 
 
 @router.get("/{name}", operation_id="get_node", responses=error_responses(404))
-async def get_node(name: NamePath, svc: Service) -> NodeView:
+async def get_node(name: NamePath, svc: Nodes) -> NodeView:
     return await svc.node(name)
 
 
 @router.get("/{name}/events", operation_id="list_node_events", responses=error_responses(404))
-async def list_node_events(name: NamePath, svc: Service) -> list[EventPublic]:
+async def list_node_events(name: NamePath, svc: Nodes) -> list[EventPublic]:
     """What was decided about the node (by controllers, by administrators), newest first."""
-    return [EventPublic.of(e) for e in await svc.events("node", name)]
+    return [EventPublic.of(e) for e in await svc.events(name)]
 
 
 class CordonRequest(BaseModel):
@@ -40,12 +40,12 @@ class CordonRequest(BaseModel):
 
 
 @router.post("/{name}/cordon", operation_id="cordon_node", responses=error_responses(404))
-async def cordon_node(name: NamePath, body: CordonRequest, svc: Service) -> NodeView:
+async def cordon_node(name: NamePath, body: CordonRequest, svc: Nodes) -> NodeView:
     """Place no new VM on the node (the VMs there stay); undone by ``uncordon``."""
     return await svc.set_cordon(name, True, body.reason)
 
 
 @router.post("/{name}/uncordon", operation_id="uncordon_node", responses=error_responses(404))
-async def uncordon_node(name: NamePath, svc: Service) -> NodeView:
+async def uncordon_node(name: NamePath, svc: Nodes) -> NodeView:
     """Let VMs be placed on the node again."""
     return await svc.set_cordon(name, False)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Query, Response
 
-from aecp.cluster.api.deps import Service
+from aecp.cluster.api.deps import Operations
 from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models.operations import OperationPublic
 from aecp.cluster.api.pages import Page, paginate
@@ -18,7 +18,7 @@ router = api_router("/v1/operations", "operations")
 
 @router.get("", operation_id="list_operations")
 async def list_operations(
-    svc: Service,
+    svc: Operations,
     page: Page,
     response: Response,
     state: Annotated[OpState | None, Query(description="in this state")] = None,
@@ -36,5 +36,5 @@ async def list_operations(
 
 
 @router.get("/{op_id}", operation_id="get_operation", responses=error_responses(404))
-async def get_operation(op_id: str, svc: Service) -> OperationPublic:
+async def get_operation(op_id: str, svc: Operations) -> OperationPublic:
     return OperationPublic.of(await svc.operation(op_id))

@@ -60,7 +60,7 @@ async def get_vm(name: NamePath, svc: Service) -> VMPublic:
 @router.get("/{name}/events", operation_id="list_vm_events", responses=error_responses(404))
 async def list_vm_events(name: NamePath, svc: Service) -> list[EventPublic]:
     """What controllers decided about the VM (placement, ...), newest first."""
-    return [EventPublic.of(e) for e in await svc.events("vm", name)]
+    return [EventPublic.of(e) for e in await svc.vm_events(name)]
 
 
 @router.delete(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from aecp.cluster.images import ImageService
+from aecp.cluster.operations import OperationService
 from aecp.cluster.scheduler import choose_node
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import (
@@ -28,7 +29,7 @@ from aecp.common.requester import REQUESTED_BY
 from aecp.model.base import check_name
 from aecp.model.event import ObjectEvent
 from aecp.model.image import ImageRecord
-from aecp.model.node import NodeAdmin, NodeState, NodeView
+from aecp.model.node import NodeState
 from aecp.model.operation import Operation, new_op_id
 from aecp.model.vm import (
     PowerOp,
@@ -56,8 +57,9 @@ class DiskRemover(Protocol):
         ...
 
 
-class ClusterService:
-    """VM, node, image and operation requests over the cluster store. ``disks`` deletes the
+class VMService:
+    """VM requests over the cluster store (nodes: ``cluster.nodes``; images:
+    ``cluster.images``; operations: ``cluster.operations``). ``disks`` deletes the
     volumes of a VM deleted before it reached a node (a clone or a template's VM owns its
     volumes from the start); without it (tests without storage) they are not touched."""
 
@@ -78,14 +80,13 @@ class ClusterService:
     async def cluster_view(self) -> ClusterView:
         return await read_cluster(self.store)
 
-    async def nodes(self) -> list[NodeView]:
-        return (await self.cluster_view()).node_views()
+    async def vm_events(self, name: str) -> list[ObjectEvent]:
+        """The events of an existing VM, newest first (``NotFound`` otherwise)."""
+        await self.vm(name)
+        return await History(self.store, "").events("vm", name)
 
-    async def node(self, name: str) -> NodeView:
-        snap = await self.cluster_view()
-        if name not in snap.nodes:
-            raise NotFound(f"node {name} does not exist", node=name)
-        return snap.node_view(name)
+    async def operation(self, op_id: str) -> Operation:
+        return await OperationService(self.store).operation(op_id)
 
     async def vm(self, name: str) -> tuple[VMEntry, ClusterView]:
         check_name("name", name)
@@ -93,45 +94,6 @@ class ClusterService:
         if name not in snap.vms:
             raise NotFound(f"VM {name} does not exist", vm=name)
         return snap.vms[name], snap
-
-    async def set_cordon(self, name: str, cordoned: bool, reason: str = "") -> NodeView:
-        """Cordon node ``name`` (no new VM is placed on it; those there stay) or uncordon it.
-        Writes the node's admin key only while the node exists; a change (not a repeat) is
-        recorded as a node event, and a failure to record it fails nothing."""
-        before = (await self.cluster_view()).admin.get(name, NodeAdmin())
-        admin = NodeAdmin(cordoned=cordoned, reason=reason, updated_at=self.clock.wall())
-        exists = Compare(keys.node(name), "create", ">", 0)
-        if not await self.store.txn([exists], [Put(keys.node_admin(name), admin.dump())]):
-            raise NotFound(f"node {name} does not exist", node=name)
-        if (before.cordoned, before.reason) != (cordoned, reason):
-            if cordoned:
-                sentence = f"cordoned: {reason}" if reason else "cordoned"
-            else:
-                sentence = "uncordoned: VMs may be placed on it again"
-            log.info("node %s: %s", name, sentence)
-            try:
-                await History(self.store, "", self.clock).record("node", name, "api", sentence)
-            except AecpError as exc:
-                log.warning("node %s: event not recorded: %s", name, exc)
-        return await self.node(name)
-
-    async def events(self, kind: str, name: str) -> list[ObjectEvent]:
-        """The events of an existing VM or node, newest first (``NotFound`` otherwise)."""
-        if kind == "vm":
-            await self.vm(name)
-        else:
-            await self.node(name)
-        return await History(self.store, "").events(kind, name)
-
-    async def operation(self, op_id: str) -> Operation:
-        got = await read(self.store, keys.op(op_id), Operation)
-        if got is None:
-            raise NotFound(f"operation {op_id} does not exist", operation=op_id)
-        return got[0]
-
-    async def operations(self) -> list[Operation]:
-        ops = [Operation.load(kv.value) for kv in await self.store.list(keys.OPS)]
-        return sorted(ops, key=lambda o: o.created_at)
 
     # ---- VM create / power / delete -------------------------------------------------------
     async def create_vm(self, req: VMCreate) -> tuple[VMSpec, Operation]:
