@@ -166,7 +166,7 @@ class StorageDaemon:
         while not self.keeper.held():  # registered before the first client can connect
             log.info("node %s/storage: %s", self.node, await self.keeper.step())
             if not self.keeper.held():
-                await asyncio.sleep(1.0)
+                await self.clock.sleep(1.0)
         await self.nbd.start()
         keeper = asyncio.create_task(self.keeper.run(), name=f"storage-lease-{self.node}")
         report = asyncio.create_task(self._report_loop(), name=f"storage-report-{self.node}")
@@ -228,7 +228,7 @@ class StorageDaemon:
             except AecpError as exc:
                 log.debug("node %s: grants watch broke: %s", self.node, exc)
                 self.grants.invalidate()
-                await asyncio.sleep(1.0)
+                await self.clock.sleep(1.0)
 
     async def _grants_loop(self) -> None:
         """Close the NBD connections whose grant was revoked, expired or moved to another
@@ -236,7 +236,7 @@ class StorageDaemon:
         checks, then every TLS connection is closed (fail closed)."""
         failures = 0
         while True:
-            await asyncio.sleep(GRANT_CHECK_EVERY)
+            await self.clock.sleep(GRANT_CHECK_EVERY)
             try:
                 valid = await self.grants.refresh()
             except Exception as exc:  # a corrupt or newer record too: never stop checking
@@ -254,7 +254,7 @@ class StorageDaemon:
     async def _report_loop(self) -> None:
         """Refresh the published free space every few seconds (placement balances on it)."""
         while True:
-            await asyncio.sleep(REPORT_EVERY)
+            await self.clock.sleep(REPORT_EVERY)
             lease = self.keeper.lease
             if lease is not None and self.keeper.held():
                 with contextlib.suppress(AecpError):
@@ -279,7 +279,7 @@ class StorageDaemon:
         )
         collected = self.clock.monotonic()
         while True:
-            await asyncio.sleep(st.recovery_interval_s)
+            await self.clock.sleep(st.recovery_interval_s)
             await self._each_attached("repair")
             try:
                 await self.controllers.run_pass(self._lease_held())
@@ -306,7 +306,7 @@ class StorageDaemon:
 
     async def _scrub_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.storage.scrub_interval_s)
+            await self.clock.sleep(self.settings.storage.scrub_interval_s)
             await self._each_attached("scrub")
             if self.controllers.leads(self.leader.role):
                 await self._logged("scrub as the Meta leader", self.leader.scrub_pass)

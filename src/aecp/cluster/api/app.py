@@ -23,6 +23,7 @@ from aecp.cluster.api.routes import (
     vmsnaps,
     volumes,
 )
+from aecp.cluster.console import ConsoleService
 from aecp.cluster.idempotency import IdempotencyKeys
 from aecp.cluster.nodes import NodeService
 from aecp.cluster.operations import OperationService
@@ -64,6 +65,7 @@ def create_app(
     )
     app.state.service = service
     app.state.images = service.image_service
+    app.state.consoles = ConsoleService(service, node.name, node.run_dir, node.console_socket)
     app.state.nodes = NodeService(service.store, service.clock)
     app.state.operations = OperationService(service.store)
     app.state.principals = PrincipalService(service.store, service.clock)

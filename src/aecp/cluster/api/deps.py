@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPBearer
 
+from aecp.cluster.console import ConsoleService
 from aecp.cluster.images import ImageService
 from aecp.cluster.nodes import NodeService
 from aecp.cluster.operations import OperationService
@@ -58,6 +59,11 @@ def node_service(request: Request) -> NodeService:
 
 def operation_service(request: Request) -> OperationService:
     svc: OperationService = request.app.state.operations
+    return svc
+
+
+def consoles(request: Request) -> ConsoleService:
+    svc: ConsoleService = request.app.state.consoles
     return svc
 
 
@@ -135,6 +141,7 @@ Principal = Annotated[PrincipalRecord, Depends(authenticate)]
 """The caller."""
 Principals = Annotated[PrincipalService, Depends(principal_service)]
 Images = Annotated[ImageService, Depends(image_service)]
+Consoles = Annotated[ConsoleService, Depends(consoles)]
 Nodes = Annotated[NodeService, Depends(node_service)]
 Operations = Annotated[OperationService, Depends(operation_service)]
 Volumes = Annotated[VolumeService, Depends(volume_service)]

@@ -1,6 +1,6 @@
-"""``/v1/vms/{name}/console``: the serial console of a VM.
+"""``/v1/vms/{name}/console``: the serial console of a VM (``cluster.console`` decides).
 
-``GET .../console/log`` works on any node (it is forwarded to the VM's node); the interactive
+``GET .../console/log`` works on any node (it is relayed from the VM's node); the interactive
 WebSocket is served by the VM's node only (clients look the node up with ``GET /v1/vms/{name}``).
 """
 
@@ -9,19 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import httpx
 from fastapi import APIRouter, Query, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import PlainTextResponse
 
-from aecp.cluster.api.deps import NamePath, Node, Service, authorize
+from aecp.cluster.api.deps import Consoles, NamePath, authorize
 from aecp.cluster.api.errors import error_responses, redact_paths
 from aecp.cluster.api.routing import api_router
-from aecp.common.errors import AecpError, Conflict, NotFound, Unavailable
+from aecp.cluster.console import MAX_LOG
+from aecp.common.errors import AecpError
 
 router = api_router("/v1/vms", "console")
 ws_router = APIRouter(prefix="/v1/vms", tags=["console"])  # authenticates inside
-
-MAX_LOG = 4 * 1024 * 1024
 
 
 @router.get(
@@ -33,66 +31,28 @@ MAX_LOG = 4 * 1024 * 1024
 async def console_log(
     name: NamePath,
     request: Request,
-    svc: Service,
-    node: Node,
+    consoles: Consoles,
     tail: int = Query(MAX_LOG, ge=1, le=MAX_LOG, description="at most this many last bytes"),
 ) -> Response:
-    entry, snap = await svc.vm(name)
-    owner = entry.node
-    if owner is None:
-        raise Conflict(f"VM {name} has not been placed on a node yet", vm=name)
-    if owner != node.name:
-        if owner not in snap.nodes:
-            raise Unavailable(f"VM {name} is on node {owner}, which is not registered")
-        return await _forward(snap.nodes[owner].api_url, request)
-    path = node.run_dir / name / "console.log"
-    data = await asyncio.to_thread(_read_tail, path, tail)
-    return PlainTextResponse(data.decode(errors="replace"))
-
-
-def _read_tail(path: object, tail: int) -> bytes:
-    try:
-        with open(path, "rb") as f:  # type: ignore[call-overload]
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - tail))
-            data: bytes = f.read()
-            return data
-    except FileNotFoundError:
-        return b""
-
-
-async def _forward(api_url: str, request: Request) -> Response:
-    """The VM's node's answer, relayed as it is (a log, or an error body)."""
-    headers = {"authorization": request.headers.get("authorization", "")}
-    url = api_url + request.url.path
-    try:
-        async with httpx.AsyncClient(timeout=10) as client:
-            resp = await client.get(url, params=dict(request.query_params), headers=headers)
-    except httpx.HTTPError as exc:
-        raise Unavailable(f"the VM's node at {api_url} did not answer: {exc}") from None
-    return Response(
-        resp.content, status_code=resp.status_code, media_type=resp.headers.get("content-type")
-    )
+    where = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    auth = request.headers.get("authorization", "")
+    answer = await consoles.log(name, tail, where, auth)
+    if answer.status == 200 and answer.content_type.startswith("text/plain"):
+        return PlainTextResponse(answer.body.decode(errors="replace"))
+    return Response(answer.body, status_code=answer.status, media_type=answer.content_type)
 
 
 @ws_router.websocket("/{name}/console")
 async def console_ws(websocket: WebSocket, name: str) -> None:
     """Bridge the WebSocket to the VM's serial console socket (bytes both ways)."""
-    svc = websocket.app.state.service
-    node = websocket.app.state.node
+    consoles = websocket.app.state.consoles
     scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
     token = token.strip() if scheme.lower() == "bearer" else ""
     try:
         # typing into a VM's console changes it: an operator's
         caller = await websocket.app.state.principals.authenticate(token)
         authorize(caller, "POST", None)
-        entry, _ = await svc.vm(name)
-        if entry.node != node.name:
-            raise NotFound(f"VM {name} does not run on {node.name}; ask node {entry.node}")
-        path = node.console_socket(name)
-        if path is None:
-            raise Conflict(f"VM {name} is not running: it has no console", vm=name)
+        path = await consoles.socket(name)
         reader, writer = await asyncio.open_unix_connection(str(path))
     except (AecpError, OSError) as exc:
         await websocket.close(
