@@ -14,8 +14,8 @@ from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.principals import first_admin
 from aecp.cluster.scheduler import Scheduler
-from aecp.cluster.vms import VMService
 from aecp.cluster.vmclones import DiskCloner
+from aecp.cluster.vms import VMService
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.common.clock import FakeClock

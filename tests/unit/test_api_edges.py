@@ -164,9 +164,7 @@ async def test_an_unexpected_error_gets_500_in_the_error_shape_without_its_text(
 ) -> None:
     store = BuggyStore()
     token = await admin_token(store)
-    app = create_app(
-        VMService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None)
-    )
+    app = create_app(VMService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None))
     async with await _client(app) as client:
         r = await client.get("/v1/vms", headers={"authorization": f"Bearer {token}"})
     body = _error_shaped(r, 500)

@@ -33,9 +33,7 @@ async def api(store: MemoryStore, images_dir: Path, tmp_path: Path) -> AsyncIter
     await store.put(keys.CLUSTER, ClusterInfo(name="t", created_at=1, id=new_cluster_id()).dump())
     await store.put(keys.principal(FIRST_ADMIN), first_admin(digest, 1).dump())
     await add_node(store, "n1")
-    app = create_app(
-        VMService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None)
-    )
+    app = create_app(VMService(store, images_dir), NodeContext("n1", "", tmp_path, lambda vm: None))
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
         yield client, {"authorization": f"Bearer {token}"}

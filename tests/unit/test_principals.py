@@ -13,8 +13,8 @@ import pytest
 from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.principals import first_admin
-from aecp.cluster.vms import VMService
 from aecp.cluster.upgrades import upgrade_records
+from aecp.cluster.vms import VMService
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
 from aecp.model.cluster import ClusterInfo, new_cluster_id, new_token
@@ -206,9 +206,7 @@ async def test_an_old_clusters_token_used_before_its_upgrade_is_adopted_and_stay
     credential) was refused and the cluster had no admin (review finding)."""
     token, digest = new_token()
     await store.put(keys.CLUSTER, ClusterInfo(name="old", created_at=1, token_sha256=digest).dump())
-    app = create_app(
-        VMService(store, images_dir), NodeContext("n1", "", tmp_path, lambda v: None)
-    )
+    app = create_app(VMService(store, images_dir), NodeContext("n1", "", tmp_path, lambda v: None))
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     auth = {"authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from aecp.cluster.vms import VMService
 from aecp.cluster.vmclones import DiskCloner
+from aecp.cluster.vms import VMService
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.common.clock import FakeClock
 from aecp.common.errors import InvalidState, StoreUnavailable, Unavailable

@@ -110,9 +110,7 @@ async def test_a_vm_is_refused_at_create_when_a_volume_holds_its_disk_name(
     assert await dump_store(svc.store) == before  # type: ignore[arg-type]
 
 
-async def test_a_clashing_data_disk_name_is_refused_too(
-    svc: VMService, cluster: Cluster
-) -> None:
+async def test_a_clashing_data_disk_name_is_refused_too(svc: VMService, cluster: Cluster) -> None:
     await cluster.meta.create_volume("x-data2", MIB, replicas=1)
     with pytest.raises(AlreadyExists, match="volume x-data2"):
         await svc.create_vm(VMCreate(name="x", image="tiny", data_disks_mib=[1, 1]))
