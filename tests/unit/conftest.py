@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,17 @@ async def admin_token(store: MemoryStore) -> str:
     await store.put(keys.CLUSTER, ClusterInfo(name="t", created_at=1, id=new_cluster_id()).dump())
     await store.put(keys.principal(FIRST_ADMIN), first_admin(digest, 1).dump())
     return token
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves a task it started running (cancelled and awaited first)."""
+    before = asyncio.all_tasks()
+    yield
+    await asyncio.sleep(0)
+    me = asyncio.current_task()
+    leaked = [t for t in asyncio.all_tasks() - before if not t.done() and t is not me]
+    for t in leaked:
+        t.cancel()
+    await asyncio.gather(*leaked, return_exceptions=True)
+    assert not leaked, f"tasks left running: {sorted(t.get_name() for t in leaked)}"

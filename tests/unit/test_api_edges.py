@@ -292,7 +292,7 @@ async def test_the_openapi_document_states_the_name_rule_on_every_name(api: Api)
             if p["in"] == "path" and p["name"] in ("name", "snap"):
                 assert p["schema"]["pattern"] == NAME_PATTERN, f"{method} {path} {p['name']}"
     schemas = doc["components"]["schemas"]
-    for model in ("VMCreate", "VolumeCreate", "Named", "NewName", "CloneRequest"):
+    for model in ("VMCreate", "VolumeCreate", "NewName", "VMClone", "PrincipalCreate"):
         assert schemas[model]["properties"]["name"]["pattern"] == NAME_PATTERN, model
     for field in ("node", "template"):
         shapes = schemas["VMCreate"]["properties"][field]["anyOf"]

@@ -3,9 +3,10 @@ events."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from aecp.cluster.api.models.operations import OperationPublic
+from aecp.model.base import Name
 from aecp.model.event import ObjectEvent
 from aecp.model.operation import Operation
 
@@ -31,3 +32,12 @@ class Accepted(BaseModel):
     @classmethod
     def of(cls, op: Operation) -> Accepted:
         return cls(operation=OperationPublic.of(op))
+
+
+class NewName(BaseModel):
+    """The body of a request that makes an object of this name (a snapshot, a template, a
+    clone of a volume)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name

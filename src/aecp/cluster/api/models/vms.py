@@ -3,9 +3,10 @@ validated the same way wherever it comes from)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from aecp.cluster.api.errors import redact_paths
+from aecp.model.base import Name
 from aecp.model.vm import Power, VMState
 from aecp.store.view import ClusterView
 
@@ -54,3 +55,12 @@ class VMPublic(BaseModel):
             created_at=e.spec.created_at,
             last_operation=e.spec.op_id,
         )
+
+
+class VMClone(BaseModel):
+    """The body of ``POST /v1/vms/{name}/clone``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name = Field(description="the new VM's name")
+    start: StrictBool = Field(True, description="power the new VM on")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from fastapi import Response
-from pydantic import BaseModel, ConfigDict, Field
 
 from aecp.cluster.api.deps import NamePath, Nodes
 from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models import EventPublic
+from aecp.cluster.api.models.nodes import NodeCordon
 from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
 from aecp.model.node import NodeView
@@ -31,16 +31,8 @@ async def list_node_events(name: NamePath, svc: Nodes) -> list[EventPublic]:
     return [EventPublic.of(e) for e in await svc.events(name)]
 
 
-class CordonRequest(BaseModel):
-    """The body of ``POST /v1/nodes/{name}/cordon``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    reason: str = Field("", max_length=200, description="why, for people (shown with the node)")
-
-
 @router.post("/{name}/cordon", operation_id="cordon_node", responses=error_responses(404))
-async def cordon_node(name: NamePath, body: CordonRequest, svc: Nodes) -> NodeView:
+async def cordon_node(name: NamePath, body: NodeCordon, svc: Nodes) -> NodeView:
     """Place no new VM on the node (the VMs there stay); undone by ``uncordon``."""
     return await svc.set_cordon(name, True, body.reason)
 

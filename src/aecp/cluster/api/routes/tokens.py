@@ -4,23 +4,14 @@ its creation, and nowhere else, ever."""
 from __future__ import annotations
 
 from fastapi import Response, status
-from pydantic import BaseModel, ConfigDict, Field
 
 from aecp.cluster.api.deps import NamePath, Principal, Principals
 from aecp.cluster.api.errors import error_responses
+from aecp.cluster.api.models.tokens import PrincipalCreate, PrincipalCreated, PrincipalPublic
 from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import SECRET_ANSWER, api_router
-from aecp.cluster.principals import ROLES, PrincipalCreated, PrincipalPublic
-from aecp.model.base import Name
 
 router = api_router("/v1/tokens", "tokens", admin_only=True)
-
-
-class PrincipalCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: Name = Field(description="the principal's name (the token starts with it)")
-    role: str = Field(description=f"one of {ROLES}")
 
 
 @router.post(

@@ -5,32 +5,19 @@ by the VM's node agent: these requests answer 202 with the operation to follow."
 from __future__ import annotations
 
 from fastapi import Response, status
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from aecp.cluster.api.deps import NamePath, VMSnapshots, Volumes
 from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models import Accepted
+from aecp.cluster.api.models.common import NewName
 from aecp.cluster.api.models.templates import TemplatePublic
+from aecp.cluster.api.models.vms import VMClone
 from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
 from aecp.cluster.vmsnapshots import VMSnapshot
-from aecp.model.base import Name
 
 router = api_router("/v1/vms", "vm snapshots")
 templates_router = api_router("/v1/templates", "templates")
-
-
-class Named(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: Name
-
-
-class CloneRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: Name = Field(description="the new VM's name")
-    start: StrictBool = Field(True, description="power the new VM on")
 
 
 @router.post(
@@ -39,7 +26,7 @@ class CloneRequest(BaseModel):
     operation_id="create_vm_snapshot",
     responses=error_responses(404, 409),
 )
-async def create_snapshot(name: NamePath, body: Named, svc: VMSnapshots) -> Accepted:
+async def create_snapshot(name: NamePath, body: NewName, svc: VMSnapshots) -> Accepted:
     """Crash-consistent snapshot of every disk of the VM (paused for the instant), taken by
     the VM's node."""
     return Accepted.of(await svc.snapshot(name, body.name))
@@ -77,7 +64,7 @@ async def rollback(name: NamePath, snap: NamePath, svc: VMSnapshots) -> Accepted
     operation_id="clone_vm",
     responses=error_responses(404, 409),
 )
-async def clone(name: NamePath, body: CloneRequest, svc: VMSnapshots) -> Accepted:
+async def clone(name: NamePath, body: VMClone, svc: VMSnapshots) -> Accepted:
     """A new VM whose disks are O(1) clones of this VM's (made by this VM's node; the
     operation ends when the new VM runs)."""
     return Accepted.of(await svc.clone(name, body.name, body.start))
@@ -89,7 +76,7 @@ async def clone(name: NamePath, body: CloneRequest, svc: VMSnapshots) -> Accepte
     operation_id="convert_vm_to_template",
     responses=error_responses(404, 409),
 )
-async def convert(name: NamePath, body: Named, svc: VMSnapshots) -> Accepted:
+async def convert(name: NamePath, body: NewName, svc: VMSnapshots) -> Accepted:
     """Freeze a stopped VM's disks as a template; the VM itself is deleted (carried out by
     the VM's node)."""
     return Accepted.of(await svc.convert_to_template(name, body.name))

@@ -5,10 +5,10 @@ volume."""
 from __future__ import annotations
 
 from fastapi import Response, status
-from pydantic import BaseModel, ConfigDict
 
 from aecp.cluster.api.deps import NamePath, Principal, Snapshots, Volumes
 from aecp.cluster.api.errors import error_responses
+from aecp.cluster.api.models.common import NewName
 from aecp.cluster.api.models.volumes import SnapshotPublic
 from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
@@ -20,7 +20,6 @@ from aecp.cluster.volumes import (
     VolumePublic,
     VolumeResize,
 )
-from aecp.model.base import Name
 
 router = api_router("/v1/volumes", "volumes")
 
@@ -100,14 +99,6 @@ storage_router = api_router("/v1/storage", "volumes")
 async def storage_status(svc: Volumes) -> StorageStatus:
     """Storage servers with capacity, and the volumes' health (degraded extents)."""
     return await svc.status()
-
-
-class NewName(BaseModel):
-    """The name of the object a request makes (a snapshot, a clone)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: Name
 
 
 @router.post(
