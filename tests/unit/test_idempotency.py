@@ -178,3 +178,13 @@ async def test_a_request_whose_answer_holds_a_secret_takes_no_key(
     r = await api.post("/v1/tokens", {"name": "ci", "role": "operator"}, None)
     token = r.json()["token"]
     assert all(token.encode() not in v for v in (await dump_store(store)).values())
+
+
+async def test_a_body_the_api_refuses_releases_the_key(api: Api, store: MemoryStore) -> None:
+    """A 422 of the request's own validation ran nothing: the key was left 'unknown' and every
+    retry refused (review finding)."""
+    bad = {**VM, "bogus": 1}
+    first = await api.post("/v1/vms", bad, "k")
+    again = await api.post("/v1/vms", bad, "k")
+    assert first.status_code == again.status_code == 422, again.text
+    assert await store.list(keys.IDEMPOTENCY) == []

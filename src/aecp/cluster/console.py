@@ -21,7 +21,7 @@ MAX_LOG = 4 * 1024 * 1024
 class Answer:
     status: int
     body: bytes
-    content_type: str
+    content_type: str | None
 
 
 class ConsoleService:
@@ -81,4 +81,4 @@ async def _relay(api_url: str, path_and_query: str, authorization: str) -> Answe
             )
     except httpx.HTTPError as exc:
         raise Unavailable(f"the VM's node at {api_url} did not answer: {exc}") from None
-    return Answer(resp.status_code, resp.content, resp.headers.get("content-type", ""))
+    return Answer(resp.status_code, resp.content, resp.headers.get("content-type"))

@@ -9,24 +9,28 @@ its *hold* (a key on a short lease, kept alive by the request) says so: a retry 
 told to wait (409). A retry with another request under the same key is refused (422).
 
 Strictly at most once: if the first request's outcome cannot be known — its server stopped
-(the hold expired without an answer), or it failed in a way that may have written (the
-store did not answer; an internal error) — the record says ``unknown`` and every retry with
-that key is refused (409) saying so: the client looks at the object and goes on with a new
-key. A failure known to have changed nothing (a 503 of the API's own checks) releases the
-key, so a retry runs. Records live ``RETENTION`` seconds (on a shared lease, renewed hourly
-and re-granted if the store lost it).
+(the hold expired without an answer), it was stopped because its hold could not be kept, or
+it failed in a way that may have written (the store did not answer, even on a read: which
+call failed is not tracked; an internal error) — the record says ``unknown`` and every retry
+with that key is refused (409) saying so: the client looks at the object and goes on with a
+new key. A failure known to have changed nothing (the request refused before the endpoint
+ran; a 503 of the API's own checks) releases the key, so a retry runs. Records live
+``RETENTION`` seconds (on a shared lease, renewed hourly and re-granted if the store lost
+it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
 import json
 import logging
 import re
+import secrets
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode
 
 from aecp.common.clock import SYSTEM_CLOCK, Clock
@@ -40,13 +44,14 @@ from aecp.common.errors import (
 from aecp.common.tasks import cancel, spawn
 from aecp.model.base import Stored
 from aecp.store import keys
-from aecp.store.base import Compare, Lease, Put, Store
+from aecp.store.base import Compare, Delete, Lease, Put, Store
 
 log = logging.getLogger(__name__)
 HEADER = "Idempotency-Key"
 RETENTION = 24 * 3600  # s
 LEASE_EVERY = 3600  # s: a new shared lease this often (records live RETENTION..+this)
 HOLD_TTL = 30  # s: a running request's hold lives this long unless kept alive
+HOLD_MARGIN = 5.0  # s: the request is stopped this long before its hold could lapse
 MAX_ANSWER = 256 * 1024  # bytes of answer body kept (larger ones are not replayable)
 _KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -59,6 +64,7 @@ class IdempotentAnswer(Stored):
     body_b64: str = ""
     content_type: str = ""
     error: str = ""  # unknown: why
+    nonce: str = ""  # pending: this claim's, so that undoing it never undoes another's
 
 
 def check_key(value: str) -> str:
@@ -114,7 +120,10 @@ class IdempotencyKeys:
         outcome is unknown."""
         store_key = keys.idempotency(principal, hashlib.sha256(key.encode()).hexdigest())
         pending = IdempotentAnswer(
-            fingerprint=print_, state="pending", started_at=self.clock.wall()
+            fingerprint=print_,
+            state="pending",
+            started_at=self.clock.wall(),
+            nonce=secrets.token_hex(8),
         )
         for _ in range(5):
             hold = await self.store.grant_lease(HOLD_TTL)
@@ -131,8 +140,7 @@ class IdempotencyKeys:
                 await self.store.revoke_lease(hold)
                 continue
             if made:
-                kv = await self.store.get(store_key)
-                return Claim(store_key, kv.mod_revision if kv else 0, None, hold)
+                return await self._held(store_key, pending, hold)
             await self.store.revoke_lease(hold)
             kv = await self.store.get(store_key)
             if kv is None:
@@ -141,6 +149,23 @@ class IdempotencyKeys:
                 store_key, IdempotentAnswer.load(kv.value), print_, kv.mod_revision
             )
         raise Conflict(f"the {HEADER} record keeps changing; try again")
+
+    async def _held(self, store_key: str, pending: IdempotentAnswer, hold: Lease) -> Claim:
+        """The claim just made, with its record's revision. If that cannot be read, the
+        claim is undone (the record only while still this one) and the error raised: the
+        request did not run, and a retry must not find the key held."""
+        try:
+            kv = await self.store.get(store_key)
+            if kv is None:
+                raise Conflict(f"the {HEADER} record vanished as it was made; try again")
+            return Claim(store_key, kv.mod_revision, None, hold)
+        except AecpError:
+            with contextlib.suppress(AecpError):
+                await self.store.txn(
+                    [Compare(store_key, "value", "==", pending.dump())], [Delete(store_key)]
+                )
+                await self.store.revoke_lease(hold)
+            raise
 
     async def _taken(self, store_key: str, old: IdempotentAnswer, print_: str, rev: int) -> Claim:
         if old.fingerprint != print_:
@@ -160,23 +185,34 @@ class IdempotencyKeys:
         raise Conflict(unknown.format(why="the server carrying it out stopped"))
 
     @contextlib.asynccontextmanager
-    async def holding(self, claim: Claim) -> AsyncIterator[None]:
-        """Keep the claim's hold alive for the block; release it after."""
+    async def holding(self, claim: Claim, work: asyncio.Future[Any]) -> AsyncIterator[None]:
+        """Keep the claim's hold alive while ``work`` (the request) runs, and release it
+        after. If the hold cannot be kept (the store does not answer), ``work`` is cancelled
+        before the hold can lapse: a retry is never told the outcome is unknown while this
+        request can still take effect."""
         hold = claim.hold
-        task = spawn(self._keep(hold), name="idempotency-hold") if hold else None
+        keeper = spawn(self._keep(hold, work), name="idempotency-hold") if hold else None
         try:
             yield
         finally:
-            await cancel(task)
+            await cancel(keeper)
             if hold is not None:
                 with contextlib.suppress(AecpError):
                     await self.store.revoke_lease(hold)
 
-    async def _keep(self, hold: Lease) -> None:
+    async def _keep(self, hold: Lease, work: asyncio.Future[Any]) -> None:
+        certain = self.clock.monotonic() + HOLD_TTL - HOLD_MARGIN
         while True:
-            await self.clock.sleep(HOLD_TTL / 3)
-            with contextlib.suppress(AecpError):
+            await self.clock.sleep(min(HOLD_TTL / 3, max(0.0, certain - self.clock.monotonic())))
+            sent = self.clock.monotonic()
+            try:
                 await self.store.refresh_lease(hold)
+                certain = sent + HOLD_TTL - HOLD_MARGIN
+            except AecpError as exc:
+                if self.clock.monotonic() >= certain:
+                    log.warning("%s: the hold lapsed (%s): the request is stopped", HEADER, exc)
+                    work.cancel()
+                    return
 
     async def answered(
         self, claim: Claim, print_: str, status: int, body: bytes, content_type: str
@@ -214,6 +250,8 @@ class IdempotencyKeys:
                 return
             except LeaseExpired:
                 self._lease = None
+                if attempt == 2:
+                    raise
             except StoreUnavailable:
                 if attempt == 2:
                     raise

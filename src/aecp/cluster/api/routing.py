@@ -13,6 +13,7 @@ a route declares only the statuses of its own logic (404, 409...).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -21,6 +22,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response, Security
 from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import get_flat_params
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.types import Message
@@ -105,9 +107,13 @@ async def _at_most_once(
             media_type=claim.replay.content_type or None,
             headers={"Idempotent-Replayed": "true"},
         )
-    async with keys.holding(claim):
+    task = asyncio.ensure_future(handler(request))
+    async with keys.holding(claim, task):
         try:
-            response = await handler(request)
+            response = await _fenced(task)
+        except (RequestValidationError, HTTPException):  # refused before the endpoint ran
+            await _settle(keys.release(claim))
+            raise
         except AecpError as exc:
             if isinstance(exc, StoreUnavailable) or exc.http_status == 500:
                 await _settle(keys.unknown(claim, print_, exc.message))
@@ -126,6 +132,25 @@ async def _at_most_once(
         else:
             await _settle(keys.unknown(claim, print_, "its answer was a stream"))
     return response
+
+
+async def _fenced(task: asyncio.Future[Response]) -> Response:
+    """The handler's answer; a handler cancelled because its hold lapsed (see
+    ``IdempotencyKeys.holding``) is a 503 whose outcome is unknown."""
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not task.cancelled() or _being_cancelled():
+            raise
+        raise StoreUnavailable(
+            f"this request's hold on its {idempotency.HEADER} lapsed (the cluster store did "
+            "not answer): whether it took effect is unknown"
+        ) from None
+
+
+def _being_cancelled() -> bool:
+    me = asyncio.current_task()
+    return me is not None and me.cancelling() > 0
 
 
 async def _settle(step: Awaitable[None]) -> None:

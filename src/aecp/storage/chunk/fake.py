@@ -32,6 +32,10 @@ class Gate:
         self._open = asyncio.Event()
         self.calls = 0
 
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
     def open(self) -> None:
         self._open.set()
 
@@ -64,9 +68,10 @@ class FakeReplica:
         target = getattr(LocalChunkClient(self.store), name)
         if name.endswith("_nowait"):  # answers at once or declines (None)
             slow = name.removesuffix("_nowait")
-            held = slow in self._gates or slow in self._failures
 
             def nowait(*args: Any, **kw: Any) -> Any:
+                gate = self._gates.get(slow)
+                held = (gate is not None and not gate.is_open) or slow in self._failures
                 return None if self.down or held else target(*args, **kw)
 
             return nowait

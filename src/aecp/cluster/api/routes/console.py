@@ -37,7 +37,7 @@ async def console_log(
     where = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     auth = request.headers.get("authorization", "")
     answer = await consoles.log(name, tail, where, auth)
-    if answer.status == 200 and answer.content_type.startswith("text/plain"):
+    if answer.status == 200 and (answer.content_type or "").startswith("text/plain"):
         return PlainTextResponse(answer.body.decode(errors="replace"))
     return Response(answer.body, status_code=answer.status, media_type=answer.content_type)
 
