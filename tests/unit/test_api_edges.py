@@ -15,11 +15,11 @@ import pytest
 
 from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
-from aecp.cluster.api.errors import ErrorBody, error_response, redact_paths
 from aecp.cluster.api.routing import MAX_JSON_BODY
 from aecp.cluster.vms import VMService
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
+from aecp.common.apierrors import ErrorBody, error_response, redact_paths
 from aecp.common.names import NAME_PATTERN
 from aecp.model.operation import Operation
 from aecp.model.vm import Placement, VMState, VMStatus

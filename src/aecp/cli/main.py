@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from aecp.cli import cluster, image, lab, node, ops, storage, template, token, vm, volume
+from aecp.cli import center, cluster, image, lab, node, ops, storage, template, token, vm, volume
 from aecp.cli.client import ApiError
 from aecp.cli.output import err_console
 from aecp.common.errors import AecpError
@@ -29,6 +29,7 @@ app.add_typer(volume.app, name="volume")
 app.add_typer(storage.app, name="storage")
 app.add_typer(template.app, name="template")
 app.add_typer(token.app, name="token")
+app.add_typer(center.app, name="center")
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI, Request, Response
 
 from aecp import __version__
-from aecp.cluster.api import errors
 from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.api.health import CLUSTER_ID_HEADER, ClusterId, Health, check_health
 from aecp.cluster.api.routes import (
@@ -31,6 +30,7 @@ from aecp.cluster.principals import PrincipalService
 from aecp.cluster.vms import VMService
 from aecp.cluster.vmsnapshots import VMSnapshotService
 from aecp.cluster.volumes import VolumeService
+from aecp.common import apierrors as errors
 from aecp.storage.snapshots import SnapshotService
 
 ROUTERS = [

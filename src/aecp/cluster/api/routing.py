@@ -29,8 +29,8 @@ from starlette.types import Message
 
 from aecp.cluster import idempotency
 from aecp.cluster.api.deps import SAFE_METHODS, authenticate, authorize, bearer
-from aecp.cluster.api.errors import error_response, error_responses
 from aecp.cluster.idempotency import IdempotencyKeys
+from aecp.common.apierrors import error_response, error_responses
 from aecp.common.errors import AecpError, InvalidInput, StoreUnavailable
 from aecp.model.principal import Role
 

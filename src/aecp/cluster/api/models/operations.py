@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from aecp.cluster.api.errors import redact_paths
+from aecp.common.apierrors import redact_paths
 from aecp.model.operation import Operation, OpState
 
 

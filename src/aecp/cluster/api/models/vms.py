@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from aecp.cluster.api.errors import redact_paths
+from aecp.common.apierrors import redact_paths
 from aecp.model.base import Name
 from aecp.model.vm import Power, VMState
 from aecp.store.view import ClusterView

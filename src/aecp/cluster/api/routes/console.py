@@ -13,9 +13,9 @@ from fastapi import APIRouter, Query, Request, Response, WebSocket, WebSocketDis
 from fastapi.responses import PlainTextResponse
 
 from aecp.cluster.api.deps import Consoles, NamePath, authorize
-from aecp.cluster.api.errors import error_responses, redact_paths
 from aecp.cluster.api.routing import api_router
 from aecp.cluster.console import MAX_LOG
+from aecp.common.apierrors import error_responses, redact_paths
 from aecp.common.errors import AecpError
 
 router = api_router("/v1/vms", "console")

@@ -25,9 +25,9 @@ from fastapi import Header, Query
 from fastapi.responses import StreamingResponse
 
 from aecp.cluster.api.deps import Service
-from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.routing import api_router
 from aecp.cluster.feed import ChangeFeed, FeedEvent, Kind, Position, feed_events
+from aecp.common.apierrors import error_responses
 from aecp.common.errors import AecpError
 from aecp.common.tasks import cancel, spawn
 from aecp.store.base import WatchEvent

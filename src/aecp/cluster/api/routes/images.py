@@ -6,10 +6,10 @@ from __future__ import annotations
 from fastapi import Query, Request, Response, status
 
 from aecp.cluster.api.deps import Images, NamePath
-from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models.images import ImagePublic
 from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
+from aecp.common.apierrors import error_responses
 from aecp.model.image import ImageFormat
 
 router = api_router("/v1/images", "images")

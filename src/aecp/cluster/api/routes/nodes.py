@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import Response
 
 from aecp.cluster.api.deps import NamePath, Nodes
-from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models import EventPublic
 from aecp.cluster.api.models.nodes import NodeCordon
 from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
+from aecp.common.apierrors import error_responses
 from aecp.model.node import NodeView
 
 router = api_router("/v1/nodes", "nodes")

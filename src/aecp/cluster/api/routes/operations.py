@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import Query, Response
 
 from aecp.cluster.api.deps import Operations
-from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models.operations import OperationPublic
 from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
+from aecp.common.apierrors import error_responses
 from aecp.model.operation import OpState
 
 router = api_router("/v1/operations", "operations")

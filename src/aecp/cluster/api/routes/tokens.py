@@ -6,10 +6,10 @@ from __future__ import annotations
 from fastapi import Response, status
 
 from aecp.cluster.api.deps import NamePath, Principal, Principals
-from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models.tokens import PrincipalCreate, PrincipalCreated, PrincipalPublic
 from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import SECRET_ANSWER, api_router
+from aecp.common.apierrors import error_responses
 
 router = api_router("/v1/tokens", "tokens", admin_only=True)
 

@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import Query, Request, Response, status
 
 from aecp.cluster.api.deps import NamePath, Service, vm_snapshot_service
-from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models import Accepted, EventPublic, VMPublic
 from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
+from aecp.common.apierrors import error_responses
 from aecp.common.names import NAME_PATTERN
 from aecp.model.vm import PowerOp, VMCreate, VMState
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 from fastapi import Response, status
 
 from aecp.cluster.api.deps import NamePath, VMSnapshots, Volumes
-from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models import Accepted
 from aecp.cluster.api.models.common import NewName
 from aecp.cluster.api.models.templates import TemplatePublic
@@ -15,6 +14,7 @@ from aecp.cluster.api.models.vms import VMClone
 from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
 from aecp.cluster.vmsnapshots import VMSnapshot
+from aecp.common.apierrors import error_responses
 
 router = api_router("/v1/vms", "vm snapshots")
 templates_router = api_router("/v1/templates", "templates")

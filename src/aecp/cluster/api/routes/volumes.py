@@ -7,7 +7,6 @@ from __future__ import annotations
 from fastapi import Response, status
 
 from aecp.cluster.api.deps import NamePath, Principal, Snapshots, Volumes
-from aecp.cluster.api.errors import error_responses
 from aecp.cluster.api.models.common import NewName
 from aecp.cluster.api.models.volumes import SnapshotPublic
 from aecp.cluster.api.pages import Page, paginate
@@ -20,6 +19,7 @@ from aecp.cluster.volumes import (
     VolumePublic,
     VolumeResize,
 )
+from aecp.common.apierrors import error_responses
 
 router = api_router("/v1/volumes", "volumes")
 

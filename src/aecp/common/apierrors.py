@@ -1,4 +1,4 @@
-"""The API's one error shape and the handlers that give every error status that shape.
+"""The one error shape of the HTTP APIs (the cluster's and the center's).
 
 Whatever answers an error — an ``AecpError`` from a service, a request that fails validation, a
 body that is not JSON, an unknown route, a wrong method, a bug — the body is an ``ErrorBody``:

@@ -1,0 +1,1 @@
+"""AOC, the operation center: many clusters, one API and console, users and roles, audit."""

@@ -1,0 +1,1 @@
+"""The center's REST API (``/v1``): sessions, users, roles, audit."""

@@ -1,0 +1,131 @@
+"""Request dependencies of the center's API: a database unit of work per request (committed
+when the route succeeds), the caller from its session token, the action a route needs, and
+the audit of mutations (a refused or failed one too, in a unit of work of its own)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPBearer
+from sqlalchemy.orm import Session as DB
+from sqlalchemy.orm import sessionmaker
+
+from aecp.center import audit
+from aecp.center.accounts import Accounts, Caller
+from aecp.common.clock import Clock
+from aecp.common.errors import AecpError, Forbidden, Unauthorized
+
+T = TypeVar("T")
+bearer = HTTPBearer(auto_error=False, description="a session token from POST /v1/login")
+
+
+@dataclass
+class Center:
+    """What the routes share: the database, the accounts, the clock."""
+
+    sessions: sessionmaker[DB]
+    accounts: Accounts
+    clock: Clock
+
+
+def center(request: Request) -> Center:
+    c: Center = request.app.state.center
+    return c
+
+
+def database(request: Request) -> Iterator[DB]:
+    db = center(request).sessions()
+    try:
+        yield db
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+    finally:
+        db.close()
+
+
+Database = Annotated[DB, Depends(database)]
+
+
+def unit_of_work(request: Request, db: Database) -> DB:
+    """The request's database session, also kept for ``audited``."""
+    request.state.db = db
+    return db
+
+
+UnitOfWork = Annotated[DB, Depends(unit_of_work)]
+
+
+def token_of(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("a session token is required (Authorization: Bearer <token>)")
+    return token.strip()
+
+
+def caller(request: Request, db: Database) -> Caller:
+    known: Caller | None = getattr(request.state, "caller", None)
+    if known is None:
+        known = center(request).accounts.caller(db, token_of(request))
+        request.state.caller = known
+    return known
+
+
+def needs(action: str) -> Callable[..., Caller]:
+    """A dependency: the caller, if its role allows ``action`` (``Forbidden`` if not)."""
+
+    def check(request: Request, db: Database) -> Caller:
+        who = caller(request, db)
+        if not who.may(action):
+            raise Forbidden(
+                f"user {who.user} (role {who.role}) may not {action}", needs=action, role=who.role
+            )
+        return who
+
+    check.__name__ = f"needs_{action.replace('.', '_')}"
+    return check
+
+
+def audited(
+    request: Request,
+    who: str,
+    action: str,
+    target: str,
+    params: Any,
+    work: Callable[[], T],
+) -> T:
+    """Run ``work`` (which changes the request's unit of work) and record it; a failure is
+    recorded in a unit of work of its own (the request's rolls back), then raised."""
+    c = center(request)
+    address = request.client.host if request.client else ""
+    try:
+        result = work()
+    except AecpError as exc:
+        with c.sessions.begin() as own:
+            audit.record(
+                own,
+                at=c.clock.wall(),
+                user=who,
+                address=address,
+                action=action,
+                target=target,
+                params=params,
+                result=f"{exc.code}: {exc.message}",
+            )
+        raise
+    db: DB = request.state.db
+    audit.record(
+        db,
+        at=c.clock.wall(),
+        user=who,
+        address=address,
+        action=action,
+        target=target,
+        params=params,
+        result="ok",
+    )
+    return result

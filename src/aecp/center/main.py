@@ -1,0 +1,45 @@
+"""``aecp center run``: bring the database to the newest schema, make the preset roles and,
+at first start, the ``root`` user (its random password written to a 0600 file and printed
+once), then serve the API."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import uvicorn
+from fastapi import FastAPI
+from sqlalchemy.orm import sessionmaker
+
+from aecp.center.accounts import Accounts, create_root, ensure_presets
+from aecp.center.api.app import create_app
+from aecp.center.db.engine import make_engine, upgrade
+from aecp.center.settings import CenterSettings
+from aecp.common.clock import SYSTEM_CLOCK, Clock
+
+log = logging.getLogger(__name__)
+
+
+def bootstrap(settings: CenterSettings, clock: Clock = SYSTEM_CLOCK) -> tuple[FastAPI, str | None]:
+    """The app over an up-to-date database; the root password if it was made now."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    upgrade(settings.url)
+    sessions = sessionmaker(make_engine(settings.url), expire_on_commit=False)
+    with sessions.begin() as db:
+        ensure_presets(db, clock.wall())
+        password = create_root(db, clock.wall())
+    if password is not None:
+        path = settings.root_password_file
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+        log.info("center: user root created; its password is in %s", path)
+    accounts = Accounts(settings.session_ttl_s, settings.lockout_after, settings.lockout_s, clock)
+    return create_app(sessions, accounts, clock), password
+
+
+def run(settings: CenterSettings) -> None:
+    app, password = bootstrap(settings)
+    if password is not None:
+        print(f"user root, password {password} (also in {settings.root_password_file})")
+    uvicorn.run(app, host=settings.address, port=settings.port, log_level="warning")
