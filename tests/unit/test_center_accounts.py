@@ -183,3 +183,23 @@ async def test_every_mutation_and_login_is_audited_once_without_secrets(center: 
     dumped = json.dumps(records)
     assert STRONG not in dumped and center.root_password not in dumped
     assert json.loads(records[-3]["params"])["password"] == "[redacted]"
+
+
+def test_the_systemd_unit_starts_the_center_with_options_the_cli_takes() -> None:
+    import configparser
+    import shlex
+
+    import typer.main
+
+    from aecp.cli.main import app
+
+    unit = Path(__file__).parents[2] / "deploy" / "systemd" / "aecp-center.service"
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.read(unit)
+    argv = shlex.split(parser["Service"]["ExecStart"])
+    assert argv[:3] == ["/opt/aecp/bin/aecp", "center", "run"]
+    group = typer.main.get_command(app)
+    run = group.commands["center"].commands["run"]  # type: ignore[attr-defined]
+    ctx = run.make_context("run", argv[3:])
+    assert ctx.params["data_dir"] == Path("/var/lib/aecp/center")
+    assert (ctx.params["address"], ctx.params["port"]) == ("0.0.0.0", 8800)
