@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 from sqlalchemy.orm import sessionmaker
@@ -14,13 +15,19 @@ from sqlalchemy.orm import sessionmaker
 from aecp.center.accounts import Accounts, create_root, ensure_presets
 from aecp.center.api.app import create_app
 from aecp.center.db.engine import make_engine, upgrade
+from aecp.center.registry import ClientFactory, Registry
+from aecp.center.secrets import SecretBox
 from aecp.center.settings import CenterSettings
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger(__name__)
 
 
-def bootstrap(settings: CenterSettings, clock: Clock = SYSTEM_CLOCK) -> tuple[FastAPI, str | None]:
+def bootstrap(
+    settings: CenterSettings,
+    clock: Clock = SYSTEM_CLOCK,
+    cluster_client: ClientFactory = httpx.AsyncClient,
+) -> tuple[FastAPI, str | None]:
     """The app over an up-to-date database; the root password if it was made now."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     upgrade(settings.url)
@@ -35,7 +42,8 @@ def bootstrap(settings: CenterSettings, clock: Clock = SYSTEM_CLOCK) -> tuple[Fa
             f.write(password + "\n")
         log.info("center: user root created; its password is in %s", path)
     accounts = Accounts(settings.session_ttl_s, settings.lockout_after, settings.lockout_s, clock)
-    return create_app(sessions, accounts, clock), password
+    registry = Registry(SecretBox.at(settings.data_dir / "secret.key"), clock)
+    return create_app(sessions, accounts, clock, registry, cluster_client), password
 
 
 def run(settings: CenterSettings) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import httpx
 from fastapi import Depends, FastAPI, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session as DB
@@ -14,6 +15,7 @@ from sqlalchemy.orm import sessionmaker
 from aecp import __version__
 from aecp.center import audit
 from aecp.center.accounts import Accounts, Caller
+from aecp.center.api import registry as registry_routes
 from aecp.center.api.deps import (
     Center,
     UnitOfWork,
@@ -24,6 +26,7 @@ from aecp.center.api.deps import (
     token_of,
 )
 from aecp.center.db.models import AuditRecord, Role, User
+from aecp.center.registry import ClientFactory, Registry
 from aecp.center.roles import parse_actions
 from aecp.common import apierrors as errors
 from aecp.common.clock import Clock
@@ -129,9 +132,20 @@ class AuditPublic(BaseModel):
         )
 
 
-def create_app(sessions: sessionmaker[DB], accounts: Accounts, clock: Clock) -> FastAPI:
+def create_app(
+    sessions: sessionmaker[DB],
+    accounts: Accounts,
+    clock: Clock,
+    registry: Registry,
+    cluster_client: ClientFactory = httpx.AsyncClient,
+) -> FastAPI:
+    """The center's app; ``cluster_client`` makes the HTTP clients the center reaches
+    clusters with (tests give one over an in-process cluster)."""
     app = FastAPI(title="AECP operation center API", version=__version__)
     app.state.center = Center(sessions, accounts, clock)
+    app.state.registry = registry
+    app.state.cluster_client = cluster_client
+    app.include_router(registry_routes.router)
     errors.install(app)
 
     protected = [Depends(bearer)]

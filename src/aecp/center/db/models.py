@@ -59,3 +59,26 @@ class AuditRecord(Base):
     params: Mapped[str] = mapped_column(Text)  # JSON, secrets redacted
     result: Mapped[str] = mapped_column(String(256))
     task_id: Mapped[str] = mapped_column(String(64), default="")
+
+
+class Datacenter(Base):
+    """A data center of the organization: clusters belong to one."""
+
+    __tablename__ = "datacenters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Cluster(Base):
+    """A registered ACOS cluster: where its API is, its id (checked at registration), and the
+    token the center uses there, encrypted with the center's key (``center.secrets``)."""
+
+    __tablename__ = "clusters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    datacenter: Mapped[str] = mapped_column(ForeignKey("datacenters.name"), index=True)
+    endpoint: Mapped[str] = mapped_column(String(256), unique=True)
+    cluster_id: Mapped[str] = mapped_column(String(64), unique=True)
+    token_encrypted: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
