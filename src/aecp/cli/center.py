@@ -8,8 +8,19 @@ from typing import Annotated
 import typer
 
 from aecp.center.settings import CenterSettings
+from aecp.cli.centerctx import center_client
+from aecp.cli.output import Format, OutputOpt, emit
 
-app = typer.Typer(help="The operation center (AOC): users, roles, audit.", no_args_is_help=True)
+app = typer.Typer(
+    help="The operation center (AOC): data centers, clusters, users, audit.", no_args_is_help=True
+)
+cluster_app = typer.Typer(help="Clusters registered in the center.", no_args_is_help=True)
+dc_app = typer.Typer(help="Data centers.", no_args_is_help=True)
+user_app = typer.Typer(help="The center's users.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(dc_app, name="datacenter")
+app.add_typer(user_app, name="user")
+CLUSTER_COLS = ["name", "datacenter", "endpoint", "cluster_id", "created_at"]
 
 
 @app.command("run")
@@ -24,3 +35,113 @@ def run(
     from aecp.center.main import run as serve
 
     serve(CenterSettings(data_dir=data_dir, address=address, port=port, database_url=database_url))
+
+
+@dc_app.command("add")
+def dc_add(name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Add a data center."""
+    with center_client() as c:
+        emit(c.post("/v1/datacenters", json={"name": name}), output)
+
+
+@dc_app.command("list")
+def dc_list(output: OutputOpt = Format.TABLE) -> None:
+    with center_client() as c:
+        emit(c.get("/v1/datacenters"), output, ["name", "created_at"])
+
+
+@dc_app.command("delete")
+def dc_delete(name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Delete a data center that has no clusters."""
+    with center_client() as c:
+        c.delete(f"/v1/datacenters/{name}")
+    emit({"datacenter": name, "deleted": True}, output)
+
+
+@cluster_app.command("add")
+def cluster_add(
+    name: str,
+    endpoint: Annotated[str, typer.Option(help="the cluster API's URL")],
+    token_file: Annotated[Path, typer.Option(help="a file holding a token of the cluster")],
+    datacenter: Annotated[str, typer.Option(help="the data center it is in")],
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """Register a cluster (its endpoint and the token are checked before anything is kept)."""
+    token = token_file.read_text().strip()
+    body = {"name": name, "endpoint": endpoint, "token": token, "datacenter": datacenter}
+    with center_client() as c:
+        emit(c.post("/v1/clusters", json=body), output, CLUSTER_COLS)
+
+
+@cluster_app.command("list")
+def cluster_list(
+    datacenter: Annotated[str | None, typer.Option(help="only those in this one")] = None,
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    params = {"datacenter": datacenter} if datacenter else {}
+    with center_client() as c:
+        emit(c.get("/v1/clusters", params=params), output, CLUSTER_COLS)
+
+
+@cluster_app.command("move")
+def cluster_move(
+    name: str,
+    datacenter: Annotated[str, typer.Option(help="the data center to move it to")],
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    with center_client() as c:
+        emit(c.request("PATCH", f"/v1/clusters/{name}", json={"datacenter": datacenter}), output)
+
+
+@cluster_app.command("remove")
+def cluster_remove(name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Stop managing a cluster (the cluster itself is not touched)."""
+    with center_client() as c:
+        c.delete(f"/v1/clusters/{name}")
+    emit({"cluster": name, "removed": True}, output)
+
+
+@user_app.command("add")
+def user_add(
+    name: str,
+    role: Annotated[str, typer.Option(help="ROOT, ADMIN, READ_ONLY, AUDITOR, VM_USER or custom")],
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """Add a user (its password is asked for)."""
+    password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    with center_client() as c:
+        emit(c.post("/v1/users", json={"name": name, "role": role, "password": password}), output)
+
+
+@user_app.command("list")
+def user_list(output: OutputOpt = Format.TABLE) -> None:
+    with center_client() as c:
+        emit(c.get("/v1/users"), output, ["name", "role", "disabled", "locked", "created_at"])
+
+
+@user_app.command("disable")
+def user_disable(name: str, output: OutputOpt = Format.TABLE) -> None:
+    """Disable a user: its sessions end at once."""
+    with center_client() as c:
+        emit(c.request("PATCH", f"/v1/users/{name}", json={"disabled": True}), output)
+
+
+@app.command("audit")
+def audit(
+    user: Annotated[str | None, typer.Option(help="only this user's")] = None,
+    action: Annotated[str | None, typer.Option(help="only this action")] = None,
+    limit: Annotated[int, typer.Option(help="at most this many, newest first")] = 50,
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """The audit trail, newest first."""
+    params: dict[str, object] = {"limit": limit}
+    if user:
+        params["user"] = user
+    if action:
+        params["action"] = action
+    with center_client() as c:
+        emit(
+            c.get("/v1/audit", params=params),
+            output,
+            ["id", "at", "user", "address", "action", "target", "result"],
+        )

@@ -59,6 +59,12 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def request(self, method: str, path: str, **kw: Any) -> Any:
         last = ""
         for url in self.urls:
@@ -68,7 +74,7 @@ class Client:
                 last = f"{url}: {exc}"
                 continue
             return _decode(r)
-        raise ApiError(f"no cluster API answered ({last})")
+        raise ApiError(f"no API answered ({last})")
 
     def get(self, path: str, **kw: Any) -> Any:
         return self.request("GET", path, **kw)

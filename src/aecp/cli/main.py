@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from aecp.cli import center, cluster, image, lab, node, ops, storage, template, token, vm, volume
-from aecp.cli.client import ApiError
+from aecp.cli import (
+    center,
+    centerctx,
+    cluster,
+    image,
+    lab,
+    node,
+    ops,
+    storage,
+    template,
+    token,
+    vm,
+    volume,
+)
+from aecp.cli.client import ApiError, Client
 from aecp.cli.output import err_console
 from aecp.common.errors import AecpError
 
@@ -30,6 +46,46 @@ app.add_typer(storage.app, name="storage")
 app.add_typer(template.app, name="template")
 app.add_typer(token.app, name="token")
 app.add_typer(center.app, name="center")
+
+
+@app.command("login")
+def login(
+    url: str,
+    user: Annotated[str, typer.Option(help="the center's user")] = "root",
+    password_file: Annotated[
+        Path | None, typer.Option(help="read the password from this file (else: asked)")
+    ] = None,
+) -> None:
+    """Log in to an operation center; the session is kept in ~/.config/aecp/center.json
+    (mode 0600) for the aecp center commands."""
+    password = (
+        password_file.read_text().strip()
+        if password_file
+        else typer.prompt("password", hide_input=True)
+    )
+    with Client([url.rstrip("/")], "") as c:
+        got = c.post("/v1/login", json={"user": user, "password": password})
+    path = centerctx.save(
+        {
+            "url": url.rstrip("/"),
+            "user": user,
+            "token": got["token"],
+            "expires_at": got["expires_at"],
+        }
+    )
+    err_console.print(f"logged in to {url} as {user} (session kept in {path})")
+
+
+@app.command("logout")
+def logout() -> None:
+    """End the session with the operation center."""
+    try:
+        context = centerctx.load()
+    except ApiError:
+        return
+    with Client([context["url"]], context["token"]) as c, contextlib.suppress(ApiError):
+        c.post("/v1/logout")
+    centerctx.forget()
 
 
 def main() -> None:
