@@ -20,7 +20,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from tests.labkit import LabKit, running_lab
+from tests.labkit import LabKit, running_lab, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -74,6 +74,18 @@ class CenterProcess:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+    async def until_listed(self, kind: str, name: str) -> None:
+        token = json.loads((self.home / "aecp" / "center.json").read_text())["token"]
+
+        async def listed() -> bool:
+            async with httpx.AsyncClient(timeout=10) as http:
+                r = await http.get(
+                    f"{self.url}/v1/inventory/{kind}", headers={"authorization": f"Bearer {token}"}
+                )
+            return name in [o["name"] for o in r.json()]
+
+        await wait_for(listed, f"{kind} {name} in the center's copy", timeout=60)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "XDG_CONFIG_HOME": str(self.home)}
@@ -139,6 +151,11 @@ async def test_a_cluster_is_registered_through_the_cli_and_survives_a_kill(
     assert [(c["name"], c["datacenter"], c["endpoint"]) for c in listed] == [
         ("c1", "dc1", kit.url())
     ]
+    # the center keeps a copy of the cluster, current from its change feed
+    await center.until_listed("node", "node1")
+    r = await kit.call("POST", "/v1/vms", json={"name": "seen", "image": "tiny", "start": False})
+    assert r.status_code == 202, r.text
+    await center.until_listed("vm", "seen")
 
     center.kill()  # kill -9, then a restart: everything kept, no second root
     first_password = password_file.read_text()

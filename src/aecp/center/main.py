@@ -4,17 +4,21 @@ once), then serve the API."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from aecp.center.accounts import Accounts, create_root, ensure_presets
 from aecp.center.api.app import create_app
 from aecp.center.db.engine import make_engine, upgrade
+from aecp.center.db.models import Cluster
+from aecp.center.inventory import Syncer
 from aecp.center.registry import ClientFactory, Registry
 from aecp.center.secrets import SecretBox
 from aecp.center.settings import CenterSettings
@@ -50,4 +54,18 @@ def run(settings: CenterSettings) -> None:
     app, password = bootstrap(settings)
     if password is not None:
         print(f"user root, password {password} (also in {settings.root_password_file})")
-    uvicorn.run(app, host=settings.address, port=settings.port, log_level="warning")
+    asyncio.run(serve(app, settings))
+
+
+async def serve(app: FastAPI, settings: CenterSettings) -> None:
+    """Serve the API, and keep every registered cluster's copy current (``Syncer``)."""
+    syncer = Syncer(app.state.inventory)
+    app.state.syncer = syncer
+    with app.state.center.sessions() as db:
+        for name in db.scalars(select(Cluster.name)):
+            syncer.watch(name)
+    config = uvicorn.Config(app, host=settings.address, port=settings.port, log_level="warning")
+    try:
+        await uvicorn.Server(config).serve()
+    finally:
+        await syncer.close()

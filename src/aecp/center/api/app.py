@@ -26,6 +26,7 @@ from aecp.center.api.deps import (
     token_of,
 )
 from aecp.center.db.models import AuditRecord, Role, User
+from aecp.center.inventory import Inventory
 from aecp.center.registry import ClientFactory, Registry
 from aecp.center.roles import parse_actions
 from aecp.common import apierrors as errors
@@ -145,6 +146,7 @@ def create_app(
     app.state.center = Center(sessions, accounts, clock)
     app.state.registry = registry
     app.state.cluster_client = cluster_client
+    app.state.inventory = Inventory(sessions, registry, cluster_client, clock)
     app.include_router(registry_routes.router)
     errors.install(app)
 

@@ -4,7 +4,8 @@ nothing unless its endpoint answers and accepts the token."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import json
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
@@ -13,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from aecp.center import audit
 from aecp.center.accounts import Caller
 from aecp.center.api.deps import UnitOfWork, audited, bearer, center, needs
-from aecp.center.db.models import Cluster, Datacenter
+from aecp.center.db.models import Cluster, ClusterSync, Datacenter
+from aecp.center.inventory import Inventory
 from aecp.center.registry import Registry, probe
 from aecp.common.apierrors import error_responses
 from aecp.common.errors import AecpError
@@ -53,15 +55,21 @@ class ClusterPublic(BaseModel):
     endpoint: str
     cluster_id: str
     created_at: float
+    sync_state: str = Field("new", description="ok, unreachable, or new (not read yet)")
+    last_sync_at: float = Field(0.0, description="the last good sync (0: none yet)")
+    sync_error: str = ""
 
     @classmethod
-    def of(cls, c: Cluster) -> ClusterPublic:
+    def of(cls, c: Cluster, sync: ClusterSync | None = None) -> ClusterPublic:
         return cls(
             name=c.name,
             datacenter=c.datacenter,
             endpoint=c.endpoint,
             cluster_id=c.cluster_id,
             created_at=c.created_at,
+            sync_state=sync.state if sync else "new",
+            last_sync_at=sync.last_sync_at if sync else 0.0,
+            sync_error=sync.error if sync else "",
         )
 
 
@@ -117,7 +125,7 @@ def list_clusters(
     who: MayRead,
     datacenter: Annotated[str | None, Query(max_length=64)] = None,
 ) -> list[ClusterPublic]:
-    return [ClusterPublic.of(c) for c in reg.clusters(db, datacenter)]
+    return [ClusterPublic.of(c, db.get(ClusterSync, c.name)) for c in reg.clusters(db, datacenter)]
 
 
 @router.post(
@@ -157,7 +165,11 @@ async def register_cluster(
                 )
                 return ClusterPublic.of(made)
 
-        return await run_in_threadpool(store)
+        made = await run_in_threadpool(store)
+        syncer = getattr(request.app.state, "syncer", None)
+        if syncer is not None:
+            syncer.watch(made.name)
+        return made
     except AecpError as exc:
         why = f"{exc.code}: {exc.message}"
 
@@ -203,8 +215,54 @@ def move_cluster(
     status_code=status.HTTP_204_NO_CONTENT,
     responses=error_responses(401, 403, 404),
 )
-def remove_cluster(name: str, request: Request, db: UnitOfWork, reg: Reg, who: MayWrite) -> None:
-    audited(request, who.user, "cluster.remove", name, {}, lambda: reg.remove(db, name))
+async def remove_cluster(name: str, request: Request, reg: Reg, who: MayWrite) -> None:
+    """Stop managing the cluster (the cluster itself is not touched); its copy goes."""
+    syncer = getattr(request.app.state, "syncer", None)
+    if syncer is not None:
+        await syncer.forget(name)
+
+    def remove() -> None:
+        c = center(request)
+        with c.sessions.begin() as db:
+            request.state.db = db
+            audited(request, who.user, "cluster.remove", name, {}, lambda: reg.remove(db, name))
+
+    await run_in_threadpool(remove)
+
+
+class InventoryPublic(BaseModel):
+    cluster: str
+    kind: str
+    name: str
+    data: dict[str, Any]
+    synced_at: float
+
+
+@router.get(
+    "/inventory/{kind}",
+    operation_id="list_inventory",
+    responses=error_responses(401, 403, 422),
+)
+def list_inventory(
+    kind: Literal["node", "vm", "volume", "template", "operation"],
+    request: Request,
+    db: UnitOfWork,
+    who: MayRead,
+    cluster: Annotated[str | None, Query(max_length=64)] = None,
+) -> list[InventoryPublic]:
+    """The center's copy of every cluster's objects of ``kind`` (each with the time it was
+    read: a cluster that is unreachable keeps its last copy, see its sync state)."""
+    inv: Inventory = request.app.state.inventory
+    return [
+        InventoryPublic(
+            cluster=o.cluster,
+            kind=o.kind,
+            name=o.name,
+            data=json.loads(o.data),
+            synced_at=o.synced_at,
+        )
+        for o in inv.objects(db, kind, cluster)
+    ]
 
 
 def _address(request: Request) -> str:

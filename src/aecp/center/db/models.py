@@ -82,3 +82,33 @@ class Cluster(Base):
     cluster_id: Mapped[str] = mapped_column(String(64), unique=True)
     token_encrypted: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class InventoryObject(Base):
+    """The center's copy of one object of a cluster (``kind``: vm, node, volume, template,
+    operation), as the cluster's API shows it."""
+
+    __tablename__ = "inventory"
+
+    cluster: Mapped[str] = mapped_column(
+        ForeignKey("clusters.name", ondelete="CASCADE"), primary_key=True
+    )
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    data: Mapped[str] = mapped_column(Text)  # JSON
+    synced_at: Mapped[float] = mapped_column(Float)
+
+
+class ClusterSync(Base):
+    """How current the center's copy of a cluster is: the change-feed position it follows
+    from, the last good sync, and the state (``ok``, ``unreachable``)."""
+
+    __tablename__ = "cluster_sync"
+
+    cluster: Mapped[str] = mapped_column(
+        ForeignKey("clusters.name", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[str] = mapped_column(String(64), default="")
+    last_sync_at: Mapped[float] = mapped_column(Float, default=0.0)
+    state: Mapped[str] = mapped_column(String(16), default="new")
+    error: Mapped[str] = mapped_column(Text, default="")
