@@ -121,3 +121,16 @@ async def test_an_unreachable_cluster_keeps_its_copy_and_says_since_when(world: 
     assert after["sync_state"] == "unreachable" and "network is down" in after["sync_error"]
     assert after["last_sync_at"] == before["last_sync_at"]
     assert await world.names("node") == ["n1"]  # the last copy is still served
+
+
+async def test_metrics_count_requests_and_say_how_old_each_copy_is(world: World) -> None:
+    await world.inventory.resync("c1")
+    await world.get("/v1/clusters")
+    r = await world.aoc.get("/metrics", headers={"authorization": f"Bearer {world.token}"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert 'aoc_requests_total{method="GET",route="/v1/clusters",status="200"} 1' in text
+    assert 'aoc_request_seconds_count{method="GET",route="/v1/clusters"} 1' in text
+    assert 'aoc_cluster_reachable{cluster="c1"} 1' in text
+    assert 'aoc_cluster_sync_age_seconds{cluster="c1"} ' in text
+    assert (await world.aoc.get("/metrics")).status_code == 401

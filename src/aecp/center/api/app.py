@@ -4,10 +4,12 @@ audited."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 import httpx
-from fastapi import Depends, FastAPI, Query, Request, status
+from fastapi import Depends, FastAPI, Query, Request, Response, status
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session as DB
 from sqlalchemy.orm import sessionmaker
@@ -27,6 +29,7 @@ from aecp.center.api.deps import (
 )
 from aecp.center.db.models import AuditRecord, Role, User
 from aecp.center.inventory import Inventory
+from aecp.center.metrics import RequestMetrics, timer
 from aecp.center.registry import ClientFactory, Registry
 from aecp.center.roles import parse_actions
 from aecp.common import apierrors as errors
@@ -40,6 +43,9 @@ MayRoleWrite = Annotated[Caller, Depends(needs("role.write"))]
 MaySessionRead = Annotated[Caller, Depends(needs("session.read"))]
 MayUserRead = Annotated[Caller, Depends(needs("user.read"))]
 MayUserWrite = Annotated[Caller, Depends(needs("user.write"))]
+
+
+MayClusterRead = Annotated[Caller, Depends(needs("cluster.read"))]
 
 
 class Login(BaseModel):
@@ -148,6 +154,34 @@ def create_app(
     app.state.cluster_client = cluster_client
     app.state.inventory = Inventory(sessions, registry, cluster_client, clock)
     app.include_router(registry_routes.router)
+    metrics = RequestMetrics()
+
+    @app.middleware("http")
+    async def measured(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = timer()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.observe(request.method, path, response.status_code, timer() - started)
+        return response
+
+    @app.get(
+        "/metrics",
+        tags=["metrics"],
+        operation_id="metrics",
+        response_class=PlainTextResponse,
+        dependencies=[Depends(bearer)],
+        responses=errors.error_responses(401, 403),
+    )
+    def prometheus(db: UnitOfWork, who: MayClusterRead) -> PlainTextResponse:
+        """Requests by route and status with latencies; per cluster, the age of the center's
+        copy and whether it answers (Prometheus text format)."""
+        return PlainTextResponse(
+            metrics.render(db, clock.wall()), media_type="text/plain; version=0.0.4"
+        )
+
     errors.install(app)
 
     protected = [Depends(bearer)]
