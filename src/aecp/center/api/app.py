@@ -20,6 +20,7 @@ from aecp.center.accounts import Accounts, Caller
 from aecp.center.api import registry as registry_routes
 from aecp.center.api.deps import (
     Center,
+    CenterRoute,
     UnitOfWork,
     audited,
     bearer,
@@ -149,6 +150,7 @@ def create_app(
     """The center's app; ``cluster_client`` makes the HTTP clients the center reaches
     clusters with (tests give one over an in-process cluster)."""
     app = FastAPI(title="AECP operation center API", version=__version__)
+    app.router.route_class = CenterRoute
     app.state.center = Center(sessions, accounts, clock)
     app.state.registry = registry
     app.state.cluster_client = cluster_client

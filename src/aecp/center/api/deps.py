@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from sqlalchemy.orm import Session as DB
 from sqlalchemy.orm import sessionmaker
 
 from aecp.center import audit
 from aecp.center.accounts import Accounts, Caller
+from aecp.common.apierrors import error_responses
 from aecp.common.clock import Clock
 from aecp.common.errors import AecpError, Forbidden, Unauthorized
 
@@ -129,3 +131,13 @@ def audited(
         result="ok",
     )
     return result
+
+
+class CenterRoute(APIRoute):
+    """A route of the center: one that takes a JSON body also documents 400 (a body that is
+    not UTF-8 JSON) and 422."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        if self.body_field is not None:
+            self.responses = {**error_responses(400, 422), **self.responses}

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aecp.center import audit
 from aecp.center.accounts import Caller
-from aecp.center.api.deps import UnitOfWork, audited, bearer, center, needs
+from aecp.center.api.deps import CenterRoute, UnitOfWork, audited, bearer, center, needs
 from aecp.center.db.models import Cluster, ClusterSync, Datacenter
 from aecp.center.inventory import Inventory
 from aecp.center.registry import Registry, probe
@@ -21,7 +21,9 @@ from aecp.common.apierrors import error_responses
 from aecp.common.errors import AecpError
 from aecp.model.base import Name
 
-router = APIRouter(prefix="/v1", tags=["registry"], dependencies=[Depends(bearer)])
+router = APIRouter(
+    prefix="/v1", tags=["registry"], dependencies=[Depends(bearer)], route_class=CenterRoute
+)
 MayRead = Annotated[Caller, Depends(needs("cluster.read"))]
 MayWrite = Annotated[Caller, Depends(needs("cluster.write"))]
 
