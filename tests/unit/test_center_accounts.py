@@ -203,3 +203,55 @@ def test_the_systemd_unit_starts_the_center_with_options_the_cli_takes() -> None
     ctx = run.make_context("run", argv[3:])
     assert ctx.params["data_dir"] == Path("/var/lib/aecp/center")
     assert (ctx.params["address"], ctx.params["port"]) == ("0.0.0.0", 8800)
+
+
+# ---- found by review: each failed before its fix -------------------------------------------
+
+
+async def test_a_user_manager_cannot_grant_more_than_its_own_role_nor_change_its_own(
+    center: Center,
+) -> None:
+    root = await center.token("root", center.root_password)
+    actions = ["user.read", "user.write", "session.read"]
+    r = await center.call("POST", "/v1/roles", root, json={"name": "helpdesk", "actions": actions})
+    assert r.status_code == 201, r.text
+    hd = await center.user(root, "hd", "helpdesk")
+    await center.user(root, "boss", "ADMIN")
+    refused = [
+        await center.call("PATCH", "/v1/users/hd", hd, json={"role": "ADMIN"}),
+        await center.call(
+            "POST", "/v1/users", hd, json={"name": "x", "role": "ADMIN", "password": STRONG}
+        ),
+        await center.call("PATCH", "/v1/users/boss", hd, json={"password": "Another-Pass-77"}),
+    ]
+    assert [r.status_code for r in refused] == [403, 403, 403], [r.text for r in refused]
+    me = (await center.call("GET", "/v1/session", hd)).json()
+    assert me["role"] == "helpdesk"
+    records = (await center.call("GET", "/v1/audit", root, params={"user": "hd"})).json()
+    assert [a["result"].split(":")[0] for a in records if a["action"] != "session.login"] == [
+        "forbidden"
+    ] * 3
+
+
+async def test_a_password_reset_ends_the_users_sessions_and_lifts_its_lock_out(
+    center: Center,
+) -> None:
+    root = await center.token("root", center.root_password)
+    bob = await center.user(root, "bob", "READ_ONLY")
+    for _ in range(3):
+        await center.login("bob", "wrong-password-1")
+    assert (await center.login("bob", STRONG)).status_code == 401  # locked out
+    r = await center.call("PATCH", "/v1/users/bob", root, json={"password": "Fresh-Pass-123"})
+    assert r.status_code == 200, r.text
+    assert (await center.call("GET", "/v1/session", bob)).status_code == 401
+    assert (await center.login("bob", "Fresh-Pass-123")).status_code == 200
+
+
+async def test_any_role_can_log_out_and_the_logout_is_audited(center: Center) -> None:
+    root = await center.token("root", center.root_password)
+    await center.call("POST", "/v1/roles", root, json={"name": "viewer", "actions": ["vm.read"]})
+    viewer = await center.user(root, "vi", "viewer")
+    assert (await center.call("POST", "/v1/logout", viewer)).status_code == 204
+    assert (await center.call("GET", "/v1/roles", viewer)).status_code == 401
+    records = (await center.call("GET", "/v1/audit", root, params={"user": "vi"})).json()
+    assert "session.logout" in [a["action"] for a in records]

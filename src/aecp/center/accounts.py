@@ -8,7 +8,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session as DB
 
 from aecp.center import passwords
@@ -91,10 +91,15 @@ class Accounts:
         if user is None or user.disabled or user.locked_until > now:
             raise Unauthorized(BAD_LOGIN)
         if not ok:
-            user.failed_logins += 1
-            if user.failed_logins >= self.lockout_after:
-                user.locked_until = now + self.lockout_s
-                user.failed_logins = 0
+            # counted in the database, not read-modify-write: concurrent attempts all count
+            db.execute(
+                update(User).where(User.name == name).values(failed_logins=User.failed_logins + 1)
+            )
+            db.execute(
+                update(User)
+                .where(User.name == name, User.failed_logins >= self.lockout_after)
+                .values(failed_logins=0, locked_until=now + self.lockout_s)
+            )
             raise Unauthorized(BAD_LOGIN)
         user.failed_logins = 0
         token = "aoc_" + secrets.token_urlsafe(32)
@@ -134,9 +139,7 @@ class Accounts:
     def create_user(self, db: DB, by: Caller, name: str, role: str, password: str) -> User:
         check_name("name", name)
         passwords.check_new(password)
-        self._role(db, role)
-        if role == "ROOT" and by.role != "ROOT":
-            raise Forbidden("only a ROOT user may make a ROOT user", field="role")
+        self._grantable(db, by, role)
         if db.get(User, name) is not None:
             raise AlreadyExists(f"user {name} already exists", field="name")
         user = User(
@@ -163,15 +166,19 @@ class Accounts:
         """Change a user's role, password, or disable it (its sessions end at once)."""
         user = self.user(db, name)
         self._guard_root(by, user)
+        self._grantable(db, by, user.role)  # nobody changes a user wider than itself
         if role is not None:
-            self._role(db, role)
-            if role == "ROOT" and by.role != "ROOT":
-                raise Forbidden("only a ROOT user may make a ROOT user", field="role")
+            if name == by.user and by.role != "ROOT":
+                raise Forbidden("a user cannot change its own role", field="role")
+            self._grantable(db, by, role)
             if name == ROOT and role != "ROOT":
                 raise Conflict("the root user keeps the ROOT role", field="role")
             user.role = role
+            db.execute(delete(Session).where(Session.user == name))
         if password is not None:
             user.password_hash = passwords.hash_password(passwords.check_new(password))
+            user.failed_logins, user.locked_until = 0, 0.0  # a reset also unlocks
+            db.execute(delete(Session).where(Session.user == name))
         if disabled is not None:
             if name == ROOT and disabled:
                 raise Conflict("the root user cannot be disabled", field="disabled")
@@ -183,12 +190,27 @@ class Accounts:
     def delete_user(self, db: DB, by: Caller, name: str) -> None:
         user = self.user(db, name)
         self._guard_root(by, user)
+        self._grantable(db, by, user.role)
         if name == ROOT:
             raise Conflict("the root user cannot be deleted", user=name)
         if name == by.user:
             raise Conflict("a user cannot delete itself", user=name)
         db.execute(delete(Session).where(Session.user == name))
         db.delete(user)
+
+    def _grantable(self, db: DB, by: Caller, role: str) -> None:
+        """``Forbidden`` unless ``by`` may hand out (or act on a holder of) ``role``: its
+        actions are all ``by``'s own (``*`` only from ``*``; ROOT only from ROOT)."""
+        target = self._role(db, role)
+        actions = frozenset(target.actions.split())
+        if role == "ROOT" and by.role != "ROOT":
+            raise Forbidden("only a ROOT user may make a ROOT user", field="role")
+        if "*" in by.actions:
+            return
+        if "*" in actions or not actions <= by.actions:
+            raise Forbidden(
+                f"role {role} allows more than {by.user}'s own role {by.role}", field="role"
+            )
 
     @staticmethod
     def _guard_root(by: Caller, user: User) -> None:

@@ -4,6 +4,7 @@ redacted from the parameters."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from sqlalchemy import select
@@ -14,13 +15,19 @@ from aecp.center.db.models import AuditRecord
 SECRET_FIELDS = frozenset({"password", "token", "secret", "credentials", "private_key"})
 
 
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
 def redact(params: Any) -> Any:
+    """``params`` with secret fields, and a URL's user and password, replaced."""
     if isinstance(params, dict):
         return {
             k: "[redacted]" if k.lower() in SECRET_FIELDS else redact(v) for k, v in params.items()
         }
     if isinstance(params, list):
         return [redact(v) for v in params]
+    if isinstance(params, str):
+        return _USERINFO.sub("[redacted]@", params)
     return params
 
 
@@ -44,7 +51,7 @@ def record(
             action=action[:64],
             target=target[:256],
             params=json.dumps(redact(params), sort_keys=True, default=str)[:8192],
-            result=result[:256],
+            result=redact(result)[:256],
             task_id=task_id,
         )
     )

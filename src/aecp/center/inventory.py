@@ -27,6 +27,7 @@ from sqlalchemy.orm import sessionmaker
 from aecp.center.db.models import Cluster, ClusterSync, InventoryObject
 from aecp.center.registry import ClientFactory, Registry
 from aecp.common.clock import SYSTEM_CLOCK, Clock
+from aecp.common.errors import AecpError
 from aecp.common.tasks import cancel, spawn
 
 log = logging.getLogger(__name__)
@@ -68,40 +69,43 @@ class Inventory:
 
     async def resync(self, cluster: str) -> int:
         """Read the cluster whole and replace its copy; returns how many objects it has."""
-        endpoint, auth = self._target(cluster)
+        endpoint, auth = await asyncio.to_thread(self._target, cluster)
         async with self.client_factory() as http:
             position = await _position(http, endpoint, auth)
             lists = {
                 kind: await _get(http, endpoint + path, auth) for kind, (path, _) in KINDS.items()
             }
         now = self.clock.wall()
-        with self.sessions.begin() as db:
-            db.execute(delete(InventoryObject).where(InventoryObject.cluster == cluster))
-            count = 0
-            for kind, items in lists.items():
-                key = KINDS[kind][1]
-                for item in items:
-                    db.add(
-                        InventoryObject(
-                            cluster=cluster,
-                            kind=kind,
-                            name=str(item[key]),
-                            data=json.dumps(item),
-                            synced_at=now,
+
+        def replace() -> int:
+            with self.sessions.begin() as db:
+                db.execute(delete(InventoryObject).where(InventoryObject.cluster == cluster))
+                count = 0
+                for kind, items in lists.items():
+                    key = KINDS[kind][1]
+                    for item in items:
+                        db.add(
+                            InventoryObject(
+                                cluster=cluster,
+                                kind=kind,
+                                name=str(item[key]),
+                                data=json.dumps(item),
+                                synced_at=now,
+                            )
                         )
-                    )
-                    count += 1
-            self._synced(db, cluster, position, now)
+                        count += 1
+                self._synced(db, cluster, position, now)
+            return count
+
+        count = await asyncio.to_thread(replace)  # never the event loop: other clusters go on
         log.info("center: cluster %s read whole (%d objects)", cluster, count)
         return count
 
     async def follow(self, cluster: str, wait: float = FOLLOW_FOR) -> int:
         """Handle the feed's events from the kept position for ``wait`` seconds; returns how
         many. ``Gone`` if the position is compacted."""
-        endpoint, auth = self._target(cluster)
-        with self.sessions() as db:
-            sync = db.get(ClusterSync, cluster)
-            position = sync.position if sync else ""
+        endpoint, auth = await asyncio.to_thread(self._target, cluster)
+        position = await asyncio.to_thread(self._position_kept, cluster)
         if not position:
             raise Gone(cluster)
         handled = 0
@@ -113,12 +117,19 @@ class Inventory:
                     raise httpx.HTTPError(f"the feed ended with an error: {data}")
                 if event in KINDS:
                     await self._refresh(http, endpoint, auth, cluster, event, data)
-                with self.sessions.begin() as db:
-                    self._synced(db, cluster, ident, self.clock.wall())
+                await asyncio.to_thread(self._mark, cluster, ident)
                 handled += 1
-        with self.sessions.begin() as db:
-            self._synced(db, cluster, None, self.clock.wall())
+        await asyncio.to_thread(self._mark, cluster, None)
         return handled
+
+    def _position_kept(self, cluster: str) -> str:
+        with self.sessions() as db:
+            sync = db.get(ClusterSync, cluster)
+            return sync.position if sync else ""
+
+    def _mark(self, cluster: str, position: str | None) -> None:
+        with self.sessions.begin() as db:
+            self._synced(db, cluster, position, self.clock.wall())
 
     async def _refresh(
         self,
@@ -142,6 +153,11 @@ class Inventory:
             item = r.json() if r.status_code == 200 else None
             if r.status_code not in (200, 404):
                 r.raise_for_status()
+        await asyncio.to_thread(self._keep, cluster, kind, name, item, now)
+
+    def _keep(
+        self, cluster: str, kind: str, name: str, item: dict[str, Any] | None, now: float
+    ) -> None:
         with self.sessions.begin() as db:
             row = db.get(InventoryObject, (cluster, kind, name))
             if item is None:
@@ -215,8 +231,12 @@ class Syncer:
                 return  # removed
             except Gone:
                 resync_at = 0.0
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
-                self.inventory.unreachable(cluster, f"{type(exc).__name__}: {exc}")
+            except Exception as exc:
+                why = exc.message if isinstance(exc, AecpError) else f"{type(exc).__name__}: {exc}"
+                try:
+                    await asyncio.to_thread(self.inventory.unreachable, cluster, why)
+                except Exception:
+                    log.exception("center: cluster %s: its sync state was not kept", cluster)
                 await self.clock.sleep(RETRY_AFTER)
 
 

@@ -42,6 +42,7 @@ def bootstrap(
     if password is not None:
         path = settings.root_password_file
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an older file keeps its mode otherwise
         with os.fdopen(fd, "w") as f:
             f.write(password + "\n")
         log.info("center: user root created; its password is in %s", path)

@@ -38,6 +38,10 @@ class Checked:
 def check_endpoint(endpoint: str) -> str:
     """``endpoint`` without a trailing slash, if it is an http(s) URL with a host."""
     parts = urlsplit(endpoint)
+    if parts.username or parts.password:
+        raise InvalidInput(
+            "endpoint", "must not carry a user or password (the token is given apart)"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise InvalidInput(
             "endpoint", "must be an http(s) URL of a cluster's API, e.g. http://10.0.0.1:8700"

@@ -23,9 +23,9 @@ def save(context: dict[str, Any]) -> Path:
     path = config_path()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # before the token is written: an older file keeps its mode otherwise
     with os.fdopen(fd, "w") as f:
         json.dump(context, f)
-    os.chmod(path, 0o600)  # an older file keeps its mode otherwise
     return path
 
 

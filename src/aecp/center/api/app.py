@@ -24,6 +24,7 @@ from aecp.center.api.deps import (
     UnitOfWork,
     audited,
     bearer,
+    caller,
     center,
     needs,
     token_of,
@@ -163,11 +164,15 @@ def create_app(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         started = timer()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.observe(request.method, path, response.status_code, timer() - started)
-        return response
+        status_code = 500  # unless an answer comes back: an error that escaped counts too
+        try:
+            response = await call_next(request)
+            status_code = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            metrics.observe(request.method, path, status_code, timer() - started)
 
     @app.get(
         "/metrics",
@@ -237,8 +242,17 @@ def create_app(
         dependencies=protected,
         responses=errors.error_responses(401, 403),
     )
-    def logout(request: Request, db: UnitOfWork, who: MaySessionRead) -> None:
-        center(request).accounts.logout(db, token_of(request))
+    def logout(request: Request, db: UnitOfWork) -> None:
+        """End this session (any valid one may: a role needs no action to log out)."""
+        who = caller(request, db)
+        audited(
+            request,
+            who.user,
+            "session.logout",
+            who.user,
+            {},
+            lambda: center(request).accounts.logout(db, token_of(request)),
+        )
 
     @app.get(
         "/v1/session",

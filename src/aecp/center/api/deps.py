@@ -50,7 +50,9 @@ def database(request: Request) -> Iterator[DB]:
         db.close()
 
 
-Database = Annotated[DB, Depends(database)]
+# scope "function": the unit of work commits before the answer is sent (a commit that fails
+# is the answer then, never a 2xx for a change that was not stored)
+Database = Annotated[DB, Depends(database, scope="function")]
 
 
 def unit_of_work(request: Request, db: Database) -> DB:
@@ -59,7 +61,7 @@ def unit_of_work(request: Request, db: Database) -> DB:
     return db
 
 
-UnitOfWork = Annotated[DB, Depends(unit_of_work)]
+UnitOfWork = Annotated[DB, Depends(unit_of_work, scope="function")]
 
 
 def token_of(request: Request) -> str:
@@ -83,6 +85,19 @@ def needs(action: str) -> Callable[..., Caller]:
     def check(request: Request, db: Database) -> Caller:
         who = caller(request, db)
         if not who.may(action):
+            if request.method not in ("GET", "HEAD", "OPTIONS"):  # a refused mutation: audited
+                c = center(request)
+                with c.sessions.begin() as own:
+                    audit.record(
+                        own,
+                        at=c.clock.wall(),
+                        user=who.user,
+                        address=request.client.host if request.client else "",
+                        action=action,
+                        target=request.url.path,
+                        params={},
+                        result=f"forbidden: role {who.role} lacks {action}",
+                    )
             raise Forbidden(
                 f"user {who.user} (role {who.role}) may not {action}", needs=action, role=who.role
             )
@@ -106,7 +121,8 @@ def audited(
     address = request.client.host if request.client else ""
     try:
         result = work()
-    except AecpError as exc:
+    except Exception as exc:
+        why = f"{exc.code}: {exc.message}" if isinstance(exc, AecpError) else "internal error"
         with c.sessions.begin() as own:
             audit.record(
                 own,
@@ -116,7 +132,7 @@ def audited(
                 action=action,
                 target=target,
                 params=params,
-                result=f"{exc.code}: {exc.message}",
+                result=why,
             )
         raise
     db: DB = request.state.db
