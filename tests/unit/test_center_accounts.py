@@ -255,3 +255,15 @@ async def test_any_role_can_log_out_and_the_logout_is_audited(center: Center) ->
     assert (await center.call("GET", "/v1/roles", viewer)).status_code == 401
     records = (await center.call("GET", "/v1/audit", root, params={"user": "vi"})).json()
     assert "session.logout" in [a["action"] for a in records]
+
+
+def test_two_starts_at_once_upgrade_the_schema_once_and_make_one_root(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Without the start lock, one of them failed on a table the other had just made."""
+    import concurrent.futures
+
+    settings = CenterSettings(data_dir=tmp_path / "both")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: bootstrap(settings, clock)[1], range(2)))
+    assert sum(p is not None for p in results) == 1

@@ -5,8 +5,12 @@ once), then serve the API."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -32,23 +36,37 @@ def bootstrap(
     clock: Clock = SYSTEM_CLOCK,
     cluster_client: ClientFactory = httpx.AsyncClient,
 ) -> tuple[FastAPI, str | None]:
-    """The app over an up-to-date database; the root password if it was made now."""
+    """The app over an up-to-date database; the root password if it was made now. Two
+    starts at once on one data directory take turns (a lock file there): the schema is
+    upgraded once and one root is made."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    upgrade(settings.url)
     sessions = sessionmaker(make_engine(settings.url), expire_on_commit=False)
-    with sessions.begin() as db:
-        ensure_presets(db, clock.wall())
-        password = create_root(db, clock.wall())
-    if password is not None:
-        path = settings.root_password_file
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # an older file keeps its mode otherwise
-        with os.fdopen(fd, "w") as f:
-            f.write(password + "\n")
-        log.info("center: user root created; its password is in %s", path)
+    with _start_lock(settings.data_dir / "start.lock"):
+        upgrade(settings.url)
+        with sessions.begin() as db:
+            ensure_presets(db, clock.wall())
+            password = create_root(db, clock.wall())
+        if password is not None:
+            path = settings.root_password_file
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # an older file keeps its mode otherwise
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+            log.info("center: user root created; its password is in %s", path)
     accounts = Accounts(settings.session_ttl_s, settings.lockout_after, settings.lockout_s, clock)
     registry = Registry(SecretBox.at(settings.data_dir / "secret.key"), clock)
     return create_app(sessions, accounts, clock, registry, cluster_client), password
+
+
+@contextlib.contextmanager
+def _start_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` for the block (``flock``: released if the process dies)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def run(settings: CenterSettings) -> None:
