@@ -27,6 +27,9 @@ from aecp.center.api.deps import (
     caller,
     center,
     needs,
+    outcome,
+    record,
+    record_apart,
     token_of,
 )
 from aecp.center.db.models import AuditRecord, Role, User
@@ -205,33 +208,13 @@ def create_app(
     )
     def login(body: Login, request: Request, db: UnitOfWork) -> SessionPublic:
         c = center(request)
-        address = request.client.host if request.client else ""
         try:
             token, expires = c.accounts.login(db, body.user, body.password)
         except AecpError as exc:
             db.commit()  # the failed attempt counts (lock-out)
-            with c.sessions.begin() as own:
-                audit.record(
-                    own,
-                    at=c.clock.wall(),
-                    user=body.user,
-                    address=address,
-                    action="session.login",
-                    target=body.user,
-                    params={},
-                    result=f"{exc.code}: {exc.message}",
-                )
+            record_apart(request, body.user, "session.login", body.user, {}, outcome(exc))
             raise
-        audit.record(
-            db,
-            at=c.clock.wall(),
-            user=body.user,
-            address=address,
-            action="session.login",
-            target=body.user,
-            params={},
-            result="ok",
-        )
+        record(db, request, body.user, "session.login", body.user, {}, "ok")
         return SessionPublic(token=token, expires_at=expires)
 
     @app.post(

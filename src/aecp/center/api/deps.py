@@ -86,18 +86,8 @@ def needs(action: str) -> Callable[..., Caller]:
         who = caller(request, db)
         if not who.may(action):
             if request.method not in ("GET", "HEAD", "OPTIONS"):  # a refused mutation: audited
-                c = center(request)
-                with c.sessions.begin() as own:
-                    audit.record(
-                        own,
-                        at=c.clock.wall(),
-                        user=who.user,
-                        address=request.client.host if request.client else "",
-                        action=action,
-                        target=request.url.path,
-                        params={},
-                        result=f"forbidden: role {who.role} lacks {action}",
-                    )
+                why = f"forbidden: role {who.role} lacks {action}"
+                record_apart(request, who.user, action, request.url.path, {}, why)
             raise Forbidden(
                 f"user {who.user} (role {who.role}) may not {action}", needs=action, role=who.role
             )
@@ -117,36 +107,42 @@ def audited(
 ) -> T:
     """Run ``work`` (which changes the request's unit of work) and record it; a failure is
     recorded in a unit of work of its own (the request's rolls back), then raised."""
-    c = center(request)
-    address = request.client.host if request.client else ""
     try:
         result = work()
     except Exception as exc:
-        why = f"{exc.code}: {exc.message}" if isinstance(exc, AecpError) else "internal error"
-        with c.sessions.begin() as own:
-            audit.record(
-                own,
-                at=c.clock.wall(),
-                user=who,
-                address=address,
-                action=action,
-                target=target,
-                params=params,
-                result=why,
-            )
+        record_apart(request, who, action, target, params, outcome(exc))
         raise
-    db: DB = request.state.db
+    record(request.state.db, request, who, action, target, params, "ok")
+    return result
+
+
+def outcome(exc: BaseException) -> str:
+    """An audit record's result for a failure (an unexpected one says no more than that)."""
+    return f"{exc.code}: {exc.message}" if isinstance(exc, AecpError) else "internal error"
+
+
+def record(
+    db: DB, request: Request, who: str, action: str, target: str, params: Any, result: str
+) -> None:
+    """An audit record of this request, in unit of work ``db``."""
     audit.record(
         db,
-        at=c.clock.wall(),
+        at=center(request).clock.wall(),
         user=who,
-        address=address,
+        address=request.client.host if request.client else "",
         action=action,
         target=target,
         params=params,
-        result="ok",
+        result=result,
     )
-    return result
+
+
+def record_apart(
+    request: Request, who: str, action: str, target: str, params: Any, result: str
+) -> None:
+    """An audit record in a unit of work of its own (the request's rolls back)."""
+    with center(request).sessions.begin() as own:
+        record(own, request, who, action, target, params, result)
 
 
 class CenterRoute(APIRoute):

@@ -11,9 +11,18 @@ from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
-from aecp.center import audit
 from aecp.center.accounts import Caller
-from aecp.center.api.deps import CenterRoute, UnitOfWork, audited, bearer, center, needs
+from aecp.center.api.deps import (
+    CenterRoute,
+    UnitOfWork,
+    audited,
+    bearer,
+    center,
+    needs,
+    outcome,
+    record,
+    record_apart,
+)
 from aecp.center.db.models import Cluster, ClusterSync, Datacenter
 from aecp.center.inventory import Inventory
 from aecp.center.registry import Registry, probe
@@ -155,16 +164,7 @@ async def register_cluster(
         def store() -> ClusterPublic:
             with c.sessions.begin() as db:
                 made = reg.add(db, body.name, body.datacenter, checked, body.token)
-                audit.record(
-                    db,
-                    at=c.clock.wall(),
-                    user=who.user,
-                    address=_address(request),
-                    action="cluster.register",
-                    target=body.name,
-                    params=params,
-                    result="ok",
-                )
+                record(db, request, who.user, "cluster.register", body.name, params, "ok")
                 return ClusterPublic.of(made)
 
         made = await run_in_threadpool(store)
@@ -173,22 +173,10 @@ async def register_cluster(
             syncer.watch(made.name)
         return made
     except AecpError as exc:
-        why = f"{exc.code}: {exc.message}"
-
-        def failed() -> None:
-            with c.sessions.begin() as db:
-                audit.record(
-                    db,
-                    at=c.clock.wall(),
-                    user=who.user,
-                    address=_address(request),
-                    action="cluster.register",
-                    target=body.name,
-                    params=params,
-                    result=why,
-                )
-
-        await run_in_threadpool(failed)
+        why = outcome(exc)
+        await run_in_threadpool(
+            record_apart, request, who.user, "cluster.register", body.name, params, why
+        )
         raise
 
 
@@ -265,7 +253,3 @@ def list_inventory(
         )
         for o in inv.objects(db, kind, cluster)
     ]
-
-
-def _address(request: Request) -> str:
-    return request.client.host if request.client else ""
