@@ -7,13 +7,13 @@ import pytest
 
 from aecp.cluster.volumeowners import ClusterOwners
 from aecp.common.errors import AlreadyExists, InvalidInput, InvalidState, NoCapacity
+from aecp.common.sizes import parse_size
 from aecp.storage.meta.model import (
     MIB,
     ExtentRecord,
     StorageServer,
     default_replicas,
     new_extent_id,
-    parse_size,
 )
 from aecp.storage.meta.placement import StorageNode, place
 from aecp.storage.meta.service import MetaService

@@ -44,9 +44,13 @@ def token_digest(token: str) -> str:
 
 
 def ensure_presets(db: DB, now: float) -> None:
+    """The preset roles, with this version's actions (a newer version may add some)."""
     for name, actions in PRESETS.items():
-        if db.get(Role, name) is None:
+        role = db.get(Role, name)
+        if role is None:
             db.add(Role(name=name, actions=" ".join(sorted(actions)), preset=True, created_at=now))
+        else:
+            role.actions = " ".join(sorted(actions))
 
 
 def create_root(db: DB, now: float) -> str | None:

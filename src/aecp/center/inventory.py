@@ -91,6 +91,7 @@ class Inventory:
                                 name=str(item[key]),
                                 data=json.dumps(item),
                                 synced_at=now,
+                                **_columns(item),
                             )
                         )
                         count += 1
@@ -166,11 +167,18 @@ class Inventory:
             elif row is None:
                 db.add(
                     InventoryObject(
-                        cluster=cluster, kind=kind, name=name, data=json.dumps(item), synced_at=now
+                        cluster=cluster,
+                        kind=kind,
+                        name=name,
+                        data=json.dumps(item),
+                        synced_at=now,
+                        **_columns(item),
                     )
                 )
             else:
                 row.data, row.synced_at = json.dumps(item), now
+                for column, value in _columns(item).items():
+                    setattr(row, column, value)
 
     def unreachable(self, cluster: str, error: str) -> None:
         """Say so; the copy and the time of its last good sync stay."""
@@ -198,6 +206,11 @@ class Inventory:
         if cluster is not None:
             q = q.where(InventoryObject.cluster == cluster)
         return list(db.scalars(q.order_by(InventoryObject.cluster, InventoryObject.name)))
+
+
+def _columns(item: dict[str, Any]) -> dict[str, str]:
+    """What lists filter and sort on, out of an object's JSON."""
+    return {"state": str(item.get("state") or "")[:32], "node": str(item.get("node") or "")[:64]}
 
 
 class Syncer:

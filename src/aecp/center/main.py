@@ -26,7 +26,9 @@ from aecp.center.inventory import Syncer
 from aecp.center.registry import ClientFactory, Registry
 from aecp.center.secrets import SecretBox
 from aecp.center.settings import CenterSettings
+from aecp.center.tasks import Runner
 from aecp.common.clock import SYSTEM_CLOCK, Clock
+from aecp.common.tasks import cancel, spawn
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +79,19 @@ def run(settings: CenterSettings) -> None:
 
 
 async def serve(app: FastAPI, settings: CenterSettings) -> None:
-    """Serve the API, and keep every registered cluster's copy current (``Syncer``)."""
+    """Serve the API, keep every registered cluster's copy current (``Syncer``) and carry
+    tasks out (``Runner``: first those a killed center left executing)."""
     syncer = Syncer(app.state.inventory)
     app.state.syncer = syncer
     with app.state.center.sessions() as db:
         for name in db.scalars(select(Cluster.name)):
             syncer.watch(name)
+    runner: Runner = app.state.runner
+    running = spawn(runner.run(), name="task-runner")
     config = uvicorn.Config(app, host=settings.address, port=settings.port, log_level="warning")
     try:
         await uvicorn.Server(config).serve()
     finally:
+        await cancel(running)
+        await runner.close()
         await syncer.close()

@@ -3,7 +3,9 @@
 Actions are ``<object>.<verb>``; ``*`` is every action. The presets: ``ROOT`` (everything,
 and the only role that may change a ROOT user), ``ADMIN`` (everything), ``READ_ONLY`` (every
 read but the audit), ``AUDITOR`` (the audit, nothing else), ``VM_USER`` (the VMs it owns:
-read, change, power). Custom roles name any of ``ACTIONS``; an unknown action is refused.
+read, change, power, and the tasks it made). ``vm.all`` widens a role's VM actions from the
+VMs the user made through the center to every VM (and its tasks from its own to all).
+Custom roles name any of ``ACTIONS``; an unknown action is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ ACTIONS = frozenset(
         "vm.read",
         "vm.write",
         "vm.power",
+        "vm.all",
+        "volume.read",
+        "volume.write",
         "task.read",
         "task.write",
         "alert.read",
@@ -34,9 +39,11 @@ READS = frozenset(a for a in ACTIONS if a.endswith(".read"))
 PRESETS: dict[str, frozenset[str]] = {
     "ROOT": frozenset({"*"}),
     "ADMIN": frozenset({"*"}),
-    "READ_ONLY": READS - {"audit.read"},
+    "READ_ONLY": (READS - {"audit.read"}) | {"vm.all"},
     "AUDITOR": frozenset({"audit.read", "session.read"}),
-    "VM_USER": frozenset({"session.read", "vm.read", "vm.write", "vm.power", "task.read"}),
+    "VM_USER": frozenset(
+        {"session.read", "vm.read", "vm.write", "vm.power", "task.read", "task.write"}
+    ),
 }
 
 

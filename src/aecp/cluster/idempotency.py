@@ -148,7 +148,7 @@ class IdempotencyKeys:
             return await self._taken(
                 store_key, IdempotentAnswer.load(kv.value), print_, kv.mod_revision
             )
-        raise Conflict(f"the {HEADER} record keeps changing; try again")
+        raise Conflict(f"the {HEADER} record keeps changing; try again", idempotency="retry")
 
     async def _held(self, store_key: str, pending: IdempotentAnswer, hold: Lease) -> Claim:
         """The claim just made, with its record's revision. If that cannot be read, the
@@ -157,7 +157,9 @@ class IdempotencyKeys:
         try:
             kv = await self.store.get(store_key)
             if kv is None:
-                raise Conflict(f"the {HEADER} record vanished as it was made; try again")
+                raise Conflict(
+                    f"the {HEADER} record vanished as it was made; try again", idempotency="retry"
+                )
             return Claim(store_key, kv.mod_revision, None, hold)
         except AecpError:
             with contextlib.suppress(AecpError):
@@ -177,12 +179,15 @@ class IdempotencyKeys:
             "it took effect is unknown; look at the object, then use a new key"
         )
         if old.state == "unknown":
-            raise Conflict(unknown.format(why=old.error or "?"))
+            raise Conflict(unknown.format(why=old.error or "?"), idempotency="unknown")
         if await self.store.get(_holder(store_key)) is not None:
             raise Conflict(
-                f"a request with this {HEADER} is still being carried out; try again later"
+                f"a request with this {HEADER} is still being carried out; try again later",
+                idempotency="in_progress",
             )
-        raise Conflict(unknown.format(why="the server carrying it out stopped"))
+        raise Conflict(
+            unknown.format(why="the server carrying it out stopped"), idempotency="unknown"
+        )
 
     @contextlib.asynccontextmanager
     async def holding(self, claim: Claim, work: asyncio.Future[Any]) -> AsyncIterator[None]:

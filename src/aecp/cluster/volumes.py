@@ -17,6 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 from pydantic_core import PydanticCustomError
 
 from aecp.common.errors import NotFound, Unavailable
+from aecp.common.sizes import parse_size
 from aecp.model.base import Name, check_name
 from aecp.storage.chunk.errors import ChunkError
 from aecp.storage.exports import ExportGrant, Exports
@@ -26,7 +27,6 @@ from aecp.storage.meta.model import (
     StorageServer,
     VolumeOwner,
     VolumeRecord,
-    parse_size,
 )
 from aecp.storage.meta.service import MetaService
 from aecp.storage.pool import ReplicaPool

@@ -17,7 +17,9 @@ from sqlalchemy.orm import sessionmaker
 from aecp import __version__
 from aecp.center import audit
 from aecp.center.accounts import Accounts, Caller
+from aecp.center.api import objects as objects_routes
 from aecp.center.api import registry as registry_routes
+from aecp.center.api import tasks as tasks_routes
 from aecp.center.api.deps import (
     Center,
     CenterRoute,
@@ -37,6 +39,7 @@ from aecp.center.inventory import Inventory
 from aecp.center.metrics import RequestMetrics, timer
 from aecp.center.registry import ClientFactory, Registry
 from aecp.center.roles import parse_actions
+from aecp.center.tasks import Runner
 from aecp.common import apierrors as errors
 from aecp.common.clock import Clock
 from aecp.common.errors import AecpError
@@ -159,7 +162,10 @@ def create_app(
     app.state.registry = registry
     app.state.cluster_client = cluster_client
     app.state.inventory = Inventory(sessions, registry, cluster_client, clock)
+    app.state.runner = Runner(sessions, registry, cluster_client, clock)
     app.include_router(registry_routes.router)
+    app.include_router(tasks_routes.router)
+    app.include_router(objects_routes.router)
     metrics = RequestMetrics()
 
     @app.middleware("http")

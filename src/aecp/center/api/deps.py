@@ -104,15 +104,18 @@ def audited(
     target: str,
     params: Any,
     work: Callable[[], T],
+    task_of: Callable[[T], str] | None = None,
 ) -> T:
-    """Run ``work`` (which changes the request's unit of work) and record it; a failure is
-    recorded in a unit of work of its own (the request's rolls back), then raised."""
+    """Run ``work`` (which changes the request's unit of work) and record it (with the id
+    of the task it made, ``task_of(result)``); a failure is recorded in a unit of work of
+    its own (the request's rolls back), then raised."""
     try:
         result = work()
     except Exception as exc:
         record_apart(request, who, action, target, params, outcome(exc))
         raise
-    record(request.state.db, request, who, action, target, params, "ok")
+    task_id = task_of(result) if task_of is not None else ""
+    record(request.state.db, request, who, action, target, params, "ok", task_id)
     return result
 
 
@@ -122,7 +125,14 @@ def outcome(exc: BaseException) -> str:
 
 
 def record(
-    db: DB, request: Request, who: str, action: str, target: str, params: Any, result: str
+    db: DB,
+    request: Request,
+    who: str,
+    action: str,
+    target: str,
+    params: Any,
+    result: str,
+    task_id: str = "",
 ) -> None:
     """An audit record of this request, in unit of work ``db``."""
     audit.record(
@@ -134,6 +144,7 @@ def record(
         target=target,
         params=params,
         result=result,
+        task_id=task_id,
     )
 
 

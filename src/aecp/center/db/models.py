@@ -3,7 +3,7 @@ test checks against them."""
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -97,6 +97,11 @@ class InventoryObject(Base):
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     data: Mapped[str] = mapped_column(Text)  # JSON
     synced_at: Mapped[float] = mapped_column(Float)
+    # copied out of ``data`` so lists filter and sort in SQL
+    state: Mapped[str] = mapped_column(String(32), default="")
+    node: Mapped[str] = mapped_column(String(64), default="")
+
+    __table_args__ = (Index("ix_inventory_kind_name", "kind", "name"),)
 
 
 class ClusterSync(Base):
@@ -112,3 +117,44 @@ class ClusterSync(Base):
     last_sync_at: Mapped[float] = mapped_column(Float, default=0.0)
     state: Mapped[str] = mapped_column(String(16), default="new")
     error: Mapped[str] = mapped_column(Text, default="")
+
+
+class Task(Base):
+    """A mutation carried out through the center: one request to one cluster, sent with the
+    task's id as its ``Idempotency-Key`` (so a resent request is never carried out twice),
+    then the cluster operation it started followed to its end (``center.tasks``)."""
+
+    __tablename__ = "tasks"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # order
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    cluster: Mapped[str] = mapped_column(String(64), index=True)  # kept after a removal
+    target: Mapped[str] = mapped_column(String(256))
+    user: Mapped[str] = mapped_column(String(64), index=True)
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(512))
+    body: Mapped[str] = mapped_column(Text)  # JSON, or "" for none
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    progress: Mapped[int] = mapped_column(Integer, default=0)
+    steps: Mapped[str] = mapped_column(Text, default="[]")  # JSON [{at, sentence}]
+    error: Mapped[str] = mapped_column(Text, default="")
+    cluster_operation: Mapped[str] = mapped_column(String(64), default="")
+    sent: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    started_at: Mapped[float] = mapped_column(Float, default=0.0)
+    finished_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class VMOwner(Base):
+    """Who made a VM through the center: a role without ``vm.all`` sees and acts on its own
+    VMs only."""
+
+    __tablename__ = "vm_owners"
+
+    cluster: Mapped[str] = mapped_column(
+        ForeignKey("clusters.name", ondelete="CASCADE"), primary_key=True
+    )
+    vm: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user: Mapped[str] = mapped_column(String(64), index=True)

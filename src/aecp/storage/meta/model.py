@@ -10,7 +10,6 @@ modified at a later generation.
 
 from __future__ import annotations
 
-import re
 import secrets
 from dataclasses import dataclass
 from typing import Literal
@@ -24,8 +23,6 @@ MIB = 1024 * 1024
 GIB = 1024 * MIB
 DEFAULT_EXTENT_SIZE = 256 * MIB
 SECTOR = 512
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
 class VolumeOwner(Stored):
@@ -123,16 +120,6 @@ def new_volume_uid() -> str:
 
 def new_extent_id() -> str:
     return "ext-" + secrets.token_hex(8)
-
-
-def parse_size(field: str, value: str | int) -> int:
-    """``10G``, ``512M``, ``4096`` → bytes; ``InvalidInput`` naming ``field`` otherwise."""
-    if isinstance(value, int):
-        return value
-    m = _SIZE_RE.match(value)
-    if not m:
-        raise InvalidInput(field, f"{value!r} is not a size (e.g. 10G, 512M, 1048576)")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
 def validate_volume(name: str, size: int, replicas: int, storage_nodes: int) -> None:
