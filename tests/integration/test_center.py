@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,8 +88,16 @@ class CenterProcess:
 
         await wait_for(listed, f"{kind} {name} in the center's copy", timeout=60)
 
+    async def api(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """A call with the session ``aecp login`` kept."""
+        token = json.loads((self.home / "aecp" / "center.json").read_text())["token"]
+        async with httpx.AsyncClient(timeout=30) as http:
+            return await http.request(
+                method, self.url + path, headers={"authorization": f"Bearer {token}"}, **kw
+            )
+
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "XDG_CONFIG_HOME": str(self.home)}
+        env = {**os.environ, "XDG_CONFIG_HOME": str(self.home), "COLUMNS": "200"}
         done = subprocess.run(
             [sys.executable, "-m", "aecp", *args],
             env=env,
@@ -173,3 +182,126 @@ async def test_a_cluster_is_registered_through_the_cli_and_survives_a_kill(
     ]
     center.cli("logout")
     assert not session.exists()
+
+
+class HungCluster:
+    """An endpoint that says it is a cluster, then never answers anything else: a cluster
+    that is slow or cut off mid-way."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            request = conn.recv(65536)
+            if request.startswith(b"GET /v1/cluster "):
+                body = b'{"id": "hung-cluster-id", "name": "hung"}'
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+                )
+                conn.close()
+            else:
+                self.held.append(conn)  # never answered
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+async def test_tasks_go_through_the_cli_and_a_task_survives_a_kill_of_the_center(
+    kit: LabKit, center: CenterProcess
+) -> None:
+    password_file = center.data_dir / "root-password"
+    center.cli("login", center.url, "--password-file", str(password_file))
+    center.cli("center", "datacenter", "add", "dc1")
+    center.cli(
+        "center", "cluster", "add", "c1", "--endpoint", kit.url(),
+        "--token-file", str(kit.lab.token_file), "--datacenter", "dc1",
+    )  # fmt: skip
+    # a change made in the cluster shows in the center (the figure is printed, not asserted)
+    started = time.monotonic()
+    r = await kit.call("POST", "/v1/vms", json={"name": "direct", "image": "tiny", "start": False})
+    assert r.status_code == 202, r.text
+    await center.until_listed("vm", "direct")
+    print(f"a change in the cluster showed in the center after {time.monotonic() - started:.2f} s")
+
+    # every command works through the center: a VM made there is a task, followed to its end
+    center.cli("vm", "create", "web", "--memory", "128", "--no-start")
+    listed = json.loads(center.cli("vm", "list", "--output", "json").stdout)
+    assert {(v["cluster"], v["name"]) for v in listed} >= {("c1", "web"), ("c1", "direct")}
+    assert "CLUSTER" in center.cli("vm", "list").stdout.upper()
+    [task] = json.loads((await center.api("GET", "/v1/tasks", params={"kind": "vm.create"})).text)
+    assert task["state"] == "succeeded" and task["user"] == "root" and task["target"] == "web"
+
+    # the center is killed while a task executes; after the restart it ends, one VM made
+    r = await center.api(
+        "POST", "/v1/clusters/c1/vms", json={"name": "twice", "image": "tiny", "start": False}
+    )
+    assert r.status_code == 202, r.text
+    task_id = r.json()["id"]
+
+    async def executing() -> bool:
+        t = (await center.api("GET", f"/v1/tasks/{task_id}")).json()
+        return bool(t["state"] != "pending")
+
+    await wait_for(executing, "the task to start", timeout=30, every=0.01)
+    center.kill()
+    center.start()
+
+    async def ended() -> dict[str, Any] | None:
+        t: dict[str, Any] = (await center.api("GET", f"/v1/tasks/{task_id}")).json()
+        return t if t["state"] in ("succeeded", "failed", "cancelled") else None
+
+    done = await wait_for(ended, "the task to end after the restart", timeout=120)
+    assert done["state"] == "succeeded", done
+    vms = (await kit.call("GET", "/v1/vms")).json()
+    assert [v["name"] for v in vms].count("twice") == 1
+
+
+async def test_a_hung_cluster_never_holds_up_another_nor_a_request(
+    kit: LabKit, center: CenterProcess
+) -> None:
+    password_file = center.data_dir / "root-password"
+    center.cli("login", center.url, "--password-file", str(password_file))
+    hung = HungCluster()
+    try:
+        for dc in ("dc1", "dc2"):
+            assert (
+                await center.api("POST", "/v1/datacenters", json={"name": dc})
+            ).status_code == 201
+        token = kit.lab.token_file.read_text().strip()
+        for name, dc, url in (("slow", "dc2", hung.url), ("c1", "dc1", kit.url())):
+            body = {"name": name, "datacenter": dc, "endpoint": url, "token": token}
+            r = await center.api("POST", "/v1/clusters", json=body)
+            assert r.status_code == 201, r.text
+        await center.until_listed("node", "node1")
+        r = await kit.call(
+            "POST", "/v1/vms", json={"name": "while-hung", "image": "tiny", "start": False}
+        )
+        assert r.status_code == 202, r.text
+        await center.until_listed("vm", "while-hung")  # c1's changes still arrive
+
+        async def slow_is_unreachable() -> bool:
+            clusters = (await center.api("GET", "/v1/clusters")).json()
+            return {c["name"]: c["sync_state"] for c in clusters} == {
+                "slow": "unreachable",
+                "c1": "ok",
+            }
+
+        await wait_for(slow_is_unreachable, "the hung cluster marked unreachable", timeout=60)
+        r = await center.api("GET", "/v1/clusters/slow/proxy/v1/nodes")
+        assert r.status_code == 503 and "did not answer" in r.json()["message"]
+    finally:
+        hung.close()

@@ -133,4 +133,5 @@ async def test_metrics_count_requests_and_say_how_old_each_copy_is(world: World)
     assert 'aoc_request_seconds_count{method="GET",route="/v1/clusters"} 1' in text
     assert 'aoc_cluster_reachable{cluster="c1"} 1' in text
     assert 'aoc_cluster_sync_age_seconds{cluster="c1"} ' in text
+    assert 'aoc_tasks{state="executing"} 0' in text
     assert (await world.aoc.get("/metrics")).status_code == 401

@@ -1,15 +1,16 @@
 """``/metrics`` in the Prometheus text format: requests by route and status with their
-latencies, and per cluster how old the center's copy is and whether it answers."""
+latencies, per cluster how old the center's copy is and whether it answers, and the tasks by
+state."""
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session as DB
 
-from aecp.center.db.models import Cluster, ClusterSync
+from aecp.center.db.models import Cluster, ClusterSync, Task
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -64,6 +65,16 @@ class RequestMetrics:
             ok = 1 if sync is not None and sync.state == "ok" else 0
             out.append(f'aoc_cluster_sync_age_seconds{{cluster="{cl.name}"}} {age:.3f}')
             out.append(f'aoc_cluster_reachable{{cluster="{cl.name}"}} {ok}')
+        out += [
+            "# HELP aoc_tasks Tasks by state.",
+            "# TYPE aoc_tasks gauge",
+        ]
+        counts = {
+            state: n
+            for state, n in db.execute(select(Task.state, func.count()).group_by(Task.state))
+        }
+        for state in ("pending", "executing", "succeeded", "failed", "cancelled"):
+            out.append(f'aoc_tasks{{state="{state}"}} {counts.get(state, 0)}')
         return "\n".join(out) + "\n"
 
 

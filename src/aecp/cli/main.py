@@ -14,6 +14,7 @@ from aecp.cli import (
     center,
     centerctx,
     cluster,
+    common,
     image,
     lab,
     node,
@@ -35,6 +36,24 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def root(
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster",
+            envvar="AECP_CLUSTER",
+            help="through an operation center: the cluster a command is about",
+        ),
+    ] = None,
+) -> None:
+    """AECP: run ACOS clusters of virtual machines. Start with: make run (or aecp lab up).
+    After aecp login URL, commands go through that operation center (AECP_API set: direct)."""
+    common.cluster_option = cluster
+
+
 app.add_typer(cluster.app, name="cluster")
 app.add_typer(node.app, name="node")
 app.add_typer(vm.app, name="vm")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from aecp.cli.common import client
+from aecp.cli.common import client, done
 from aecp.cli.output import Format, OutputOpt, emit
 
 app = typer.Typer(help="VM templates (create VMs from them with --template).", no_args_is_help=True)
@@ -21,5 +21,8 @@ def list_templates(output: OutputOpt = Format.TABLE) -> None:
 def delete(name: str, output: OutputOpt = Format.TABLE) -> None:
     """Delete a template (VMs created from it are not affected)."""
     with client() as c:
-        c.delete(f"/v1/templates/{name}")
+        answer = c.delete(f"/v1/templates/{name}")
+        if answer is not None:
+            done(c, answer, output)
+            return
     emit({"template": name, "deleted": True}, output)

@@ -7,7 +7,9 @@ from typing import Annotated
 import typer
 
 from aecp.cli import console as vmconsole
-from aecp.cli.common import client, follow
+from aecp.cli.centerclient import CenterClient
+from aecp.cli.client import ApiError
+from aecp.cli.common import client, done, follow
 from aecp.cli.output import Format, NoWaitOpt, OutputOpt, emit, emit_events
 
 app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
@@ -45,10 +47,17 @@ def create(
 
 
 @app.command("list")
-def list_vms(output: OutputOpt = Format.TABLE) -> None:
-    """List VMs with their state and node."""
-    with client() as c:
-        emit(c.get("/v1/vms"), output, COLS)
+def list_vms(
+    cluster: Annotated[
+        str | None, typer.Option(help="through an operation center: this cluster's only")
+    ] = None,
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """List VMs with their state and node (through an operation center: of every cluster,
+    with a CLUSTER column)."""
+    with client(cluster) as c:
+        cols = ["cluster", *COLS] if isinstance(c, CenterClient) else COLS
+        emit(c.get("/v1/vms"), output, cols)
 
 
 @app.command("show")
@@ -101,6 +110,11 @@ def console(
         if log:
             typer.echo(c.get(f"/v1/vms/{name}/console/log"), nl=False)
             return
+        if isinstance(c, CenterClient):
+            raise ApiError(
+                "attaching to a console is not carried by the operation center (--log is): "
+                "reach the cluster directly (AECP_API=<its URL> AECP_TOKEN_FILE=<token file>)"
+            )
         vm = c.get(f"/v1/vms/{name}")
         if not vm["node"]:
             raise typer.BadParameter(f"VM {name} is not on a node yet", param_hint="NAME")
@@ -143,7 +157,10 @@ def snapshot_rollback(
 def snapshot_delete(vm: str, name: str, output: OutputOpt = Format.TABLE) -> None:
     """Delete a VM snapshot."""
     with client() as c:
-        c.delete(f"/v1/vms/{vm}/snapshots/{name}")
+        answer = c.delete(f"/v1/vms/{vm}/snapshots/{name}")
+        if answer is not None:
+            done(c, answer, output)
+            return
     emit({"vm": vm, "snapshot": name, "deleted": True}, output)
 
 

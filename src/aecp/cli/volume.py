@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from aecp.cli.common import client
+from aecp.cli.common import client, done
 from aecp.cli.output import Format, OutputOpt, emit, iso_time
 from aecp.common.pki import grant_credential, write_private
 from aecp.model.base import check_name
@@ -44,7 +44,8 @@ def create(
 ) -> None:
     """Create a thin volume (space is used on first write)."""
     with client() as c:
-        emit(
+        done(
+            c,
             c.post("/v1/volumes", json={"name": name, "size": size, "replicas": replicas}),
             output,
             ["name", "size", "replicas", "extent_size"],
@@ -86,7 +87,8 @@ def resize(
 ) -> None:
     """Grow a volume."""
     with client() as c:
-        emit(
+        done(
+            c,
             c.post(f"/v1/volumes/{name}/resize", json={"size": size}),
             output,
             ["name", "size", "replicas"],
@@ -97,7 +99,10 @@ def resize(
 def delete(name: str, output: OutputOpt = Format.TABLE) -> None:
     """Delete a volume nobody has attached."""
     with client() as c:
-        c.delete(f"/v1/volumes/{name}")
+        answer = c.delete(f"/v1/volumes/{name}")
+        if answer is not None:
+            done(c, answer, output)
+            return
     emit({"volume": name, "deleted": True}, output)
 
 
@@ -194,7 +199,7 @@ SNAP_COLS = ["volume", "name", "size", "created_at"]
 def snapshot_create(volume: str, name: str, output: OutputOpt = Format.TABLE) -> None:
     """Snapshot a volume no client has attached (for a VM's disks use: aecp vm snapshot)."""
     with client() as c:
-        emit(c.post(f"/v1/volumes/{volume}/snapshots", json={"name": name}), output, SNAP_COLS)
+        done(c, c.post(f"/v1/volumes/{volume}/snapshots", json={"name": name}), output, SNAP_COLS)
 
 
 @snapshot_app.command("list")
@@ -208,7 +213,10 @@ def snapshot_list(volume: str, output: OutputOpt = Format.TABLE) -> None:
 def snapshot_delete(volume: str, name: str, output: OutputOpt = Format.TABLE) -> None:
     """Delete a snapshot (clones made from it are not affected)."""
     with client() as c:
-        c.delete(f"/v1/volumes/{volume}/snapshots/{name}")
+        answer = c.delete(f"/v1/volumes/{volume}/snapshots/{name}")
+        if answer is not None:
+            done(c, answer, output)
+            return
     emit({"snapshot": f"{volume}@{name}", "deleted": True}, output)
 
 
@@ -216,7 +224,8 @@ def snapshot_delete(volume: str, name: str, output: OutputOpt = Format.TABLE) ->
 def snapshot_rollback(volume: str, name: str, output: OutputOpt = Format.TABLE) -> None:
     """Make a detached volume hold the snapshot's content again."""
     with client() as c:
-        emit(
+        done(
+            c,
             c.post(f"/v1/volumes/{volume}/snapshots/{name}/rollback"),
             output,
             ["name", "size", "replicas"],
@@ -234,7 +243,8 @@ def clone(
     if not sep or not volume or not snap:
         raise typer.BadParameter("expected VOLUME@SNAPSHOT", param_hint="SNAPSHOT")
     with client() as c:
-        emit(
+        done(
+            c,
             c.post(f"/v1/volumes/{volume}/snapshots/{snap}/clone", json={"name": new}),
             output,
             ["name", "size", "replicas", "source"],
