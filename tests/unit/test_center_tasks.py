@@ -39,6 +39,7 @@ class FakeCluster:
         self.script: list[str] = []
         self.keys: list[str] = []
         self.hang = asyncio.Event()
+        self.applied = asyncio.Event()  # a change was carried out
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         path, method = request.url.path, request.method
@@ -66,6 +67,7 @@ class FakeCluster:
             return httpx.Response(409, json=body)
         answer = self.apply(method, path, json.loads(request.content or b"{}"))
         self.answers[key] = answer
+        self.applied.set()
         if mode == "hang":
             await self.hang.wait()
         if mode == "lose":
@@ -124,8 +126,8 @@ class World:
                 await runner.pass_once()
             elif self.clock.sleeping():
                 await self.clock.advance(1.0)
-            else:
-                await asyncio.sleep(0.002)  # a thread of the runner is at work
+            else:  # a thread of the runner is at work: until a task ends, or a moment
+                await asyncio.wait(set(runner.running.values()), timeout=0.01)
         raise AssertionError(f"task {task_id} never ended: {await self.task(task_id)}")
 
     async def user(self, name: str, role: str) -> str:
@@ -193,10 +195,7 @@ async def test_a_center_killed_mid_request_takes_the_task_up_again_and_makes_one
     world.fake.script = ["hang"]
     task = await world.submit("/v1/clusters/c1/vms", json=VM)
     await world.runner.pass_once()
-    for _ in range(1000):  # until the request reached the cluster (which made the VM)
-        if world.fake.vms:
-            break
-        await asyncio.sleep(0.002)
+    await asyncio.wait_for(world.fake.applied.wait(), 30)  # the cluster made the VM
     await world.runner.close()  # the center dies before the answer arrives
     assert (await world.task(task["id"]))["state"] == "executing"
 
