@@ -1,54 +1,78 @@
-"""``aecp lab``: the all-in-one lab on this machine (no root needed)."""
+"""``aecp lab``: the all-in-one lab on this machine (no root needed): one cluster, or with
+``--clusters N`` an operation center and N clusters in N data centers (``aecp.lab.site``)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from aecp.cli.output import Format, OutputOpt, emit, err_console
+from aecp.cli import centerctx
+from aecp.cli.client import ApiError
+from aecp.cli.output import Format, OutputOpt, console, emit, err_console
+from aecp.common.errors import AecpError, InvalidInput
 from aecp.lab.harness import Lab, LabSpec, default_root
+from aecp.lab.site import Site, SiteSpec, create_demo_vm
 
-app = typer.Typer(help="The all-in-one lab: N nodes on this machine.", no_args_is_help=True)
+app = typer.Typer(
+    help="The all-in-one lab: N nodes on this machine, or an operation center and N clusters.",
+    no_args_is_help=True,
+)
 RootOpt = Annotated[
     Path | None,
     typer.Option(help="lab directory (default: AECP_LAB_DIR or ~/.local/state/aecp/lab)"),
 ]
+ClusterOpt = Annotated[str, typer.Option("--cluster", help="the cluster (c1, c2...)")]
+NODE_COLS = ["node", "address", "api", "agent_pid", "etcd", "etcd_pid", "vms_running"]
 
 
 def _say(msg: str) -> None:
-    err_console.print(f"[dim]lab:[/dim] {msg}")
+    err_console.print(f"[dim]lab:[/dim] {msg}", soft_wrap=True)
 
 
 @app.command("up")
 def up(
-    nodes: Annotated[int, typer.Option(help="number of nodes", min=1, max=9)] = 3,
+    nodes: Annotated[int, typer.Option(help="number of nodes (of each cluster)", min=1, max=9)] = 3,
+    clusters: Annotated[
+        int,
+        typer.Option(
+            help="1: one cluster; more: an operation center and N clusters, cluster k in data "
+            "center dck on subnet <subnet + k - 1>",
+            min=1,
+            max=9,
+        ),
+    ] = 1,
     root: RootOpt = None,
     accel: Annotated[str, typer.Option(help="auto, kvm or tcg")] = "auto",
     node_memory: Annotated[int | None, typer.Option(help="MiB each node offers")] = None,
     subnet: Annotated[str, typer.Option(help="node k listens on <subnet>.k")] = "127.0.1",
+    center_address: Annotated[str, typer.Option(help="the center's address")] = "127.0.0.1",
+    center_port: Annotated[int, typer.Option(help="the center's port")] = 8800,
+    demo: Annotated[bool, typer.Option(help="start VM demo on each cluster")] = False,
     output: OutputOpt = Format.TABLE,
 ) -> None:
-    """Start a lab of N nodes (3 etcd members), import the tiny image, print the endpoints."""
+    """Start a lab of N nodes (3 etcd members), import the tiny image, print the endpoints.
+    With --clusters 2 or more, also start the operation center, register every cluster in it
+    and log this CLI in to it as root."""
     from aecp.compute.images.tiny import ensure_tiny_image
 
     if accel not in ("auto", "kvm", "tcg"):
         raise typer.BadParameter("must be auto, kvm or tcg", param_hint="--accel")
     _say("making sure the tiny guest image is built")
     image = ensure_tiny_image()
-    memory = node_memory or _default_node_memory(nodes)
-    lab = Lab(
-        root or default_root(),
-        LabSpec(
-            nodes=nodes,
-            subnet=subnet,
-            accel=accel,
-            node_memory_mib=memory,
-        ),
-    )
+    memory = node_memory or _default_node_memory(nodes * clusters)
+    spec = LabSpec(nodes=nodes, subnet=subnet, accel=accel, node_memory_mib=memory)
+    if clusters > 1:
+        _site_up(root, spec, clusters, center_address, center_port, demo, output)
+        return
+    lab = Lab(root or default_root(), spec)
     asyncio.run(lab.up(_say, image=image))
+    if demo:
+        _say("starting the demo VM")
+        asyncio.run(create_demo_vm(lab))
     emit(
         {
             "root": str(lab.root),
@@ -60,6 +84,68 @@ def up(
     )
 
 
+def _site_up(
+    root: Path | None,
+    spec: LabSpec,
+    clusters: int,
+    center_address: str,
+    center_port: int,
+    demo: bool,
+    output: Format,
+) -> None:
+    from aecp.compute.images.tiny import ensure_tiny_image
+
+    try:
+        site_spec = SiteSpec(
+            clusters=clusters,
+            cluster=spec,
+            center_address=center_address,
+            center_port=center_port,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--clusters") from None
+    site = Site(root or default_root(), site_spec)
+    existed = Site.exists(site.root) or (site.root / "lab.json").exists()
+    try:
+        session = asyncio.run(site.up(_say, image=ensure_tiny_image(), demo=demo))
+    except AecpError:
+        if not existed and Site.exists(site.root):
+            _say("not all of it came up: 'aecp lab down' stops what did")
+        raise
+    path = centerctx.save(session)  # as 'aecp login' keeps it
+    _say(f"logged in to the center as root (session kept in {path})")
+    status = site.status()
+    summary = {
+        "root": str(site.root),
+        "center": site.center_url,
+        "web_console": site.center_url + "/",
+        "password_file": str(site.password_file),
+        "session_file": str(path),
+        "clusters": status["clusters"],
+    }
+    if output is Format.JSON:
+        emit(summary, output)
+        return
+    emit(
+        {k: v for k, v in summary.items() if k != "clusters"},
+        output,
+        title="operation center",
+    )
+    emit(status["clusters"], output, ["cluster", "datacenter", "api", "nodes"])
+    _print_direct(status["clusters"])
+
+
+def _print_direct(clusters: list[dict[str, Any]]) -> None:
+    """How to reach each cluster without the center."""
+    console.print("the CLI's direct cluster mode talks to c1; another cluster directly:")
+    for c in clusters[1:]:
+        console.print(
+            f"  AECP_API={c['api']} AECP_TOKEN_FILE={c['token_file']} aecp node list"
+            f"   # {c['cluster']}",
+            soft_wrap=True,
+        )
+
+
 def _default_node_memory(nodes: int) -> int:
     from aecp.node.host import meminfo
 
@@ -68,33 +154,67 @@ def _default_node_memory(nodes: int) -> int:
 
 @app.command("status")
 def status(root: RootOpt = None, output: OutputOpt = Format.TABLE) -> None:
-    """Show the lab's processes per node."""
+    """Show the lab's processes per node (and the center's, in a multi-cluster lab)."""
+    root = root or default_root()
+    if Site.exists(root):
+        got = Site.open(root).status()
+        if output is Format.JSON:
+            emit(got, output)
+            return
+        emit(got["center"], output, title="operation center")
+        emit(got["nodes"], output, ["cluster", "datacenter", *NODE_COLS])
+        _print_direct(got["clusters"])
+        return
     lab = Lab.open(root)
-    emit(
-        lab.status(),
-        output,
-        ["node", "address", "api", "agent_pid", "etcd", "etcd_pid", "vms_running"],
-    )
+    emit(lab.status(), output, NODE_COLS)
 
 
 @app.command("down")
 def down(root: RootOpt = None, output: OutputOpt = Format.TABLE) -> None:
-    """Stop every process of the lab (agents, VMs, etcd) and remove its directory."""
+    """Stop every process of the lab (center, agents, VMs, etcd) and remove its directory."""
+    root = root or default_root()
+    if Site.exists(root):
+        site = Site.open(root)
+        pids = site.down()
+        _forget_session(site.center_url)
+        emit({"stopped_processes": len(pids), "root": str(site.root)}, output)
+        return
     lab = Lab.open(root)
     pids = lab.down()
     emit({"stopped_processes": len(pids), "root": str(lab.root)}, output)
 
 
+def _forget_session(url: str) -> None:
+    """The CLI's session with the center just stopped is of no use any more."""
+    with contextlib.suppress(ApiError):
+        if centerctx.load().get("url") == url:
+            centerctx.forget()
+
+
+def _lab(root: Path | None, cluster: str) -> Lab:
+    root = root or default_root()
+    if Site.exists(root):
+        site = Site.open(root)
+        site.spec.index(cluster)  # InvalidInput naming the clusters there are
+        return site.lab(cluster)
+    if cluster != "c1":
+        raise InvalidInput("cluster", f"the lab at {root} has one cluster: c1")
+    return Lab.open(root)
+
+
 @app.command("kill-node")
-def kill_node(name: str, root: RootOpt = None, output: OutputOpt = Format.TABLE) -> None:
+def kill_node(
+    name: str, cluster: ClusterOpt = "c1", root: RootOpt = None, output: OutputOpt = Format.TABLE
+) -> None:
     """Simulate a power loss: SIGKILL the node's agent, VMs and etcd member."""
-    pids = Lab.open(root).kill_node(name)
-    emit({"node": name, "killed_vms": len(pids)}, output)
+    pids = _lab(root, cluster).kill_node(name)
+    emit({"cluster": cluster, "node": name, "killed_vms": len(pids)}, output)
 
 
 @app.command("start-node")
-def start_node(name: str, root: RootOpt = None, output: OutputOpt = Format.TABLE) -> None:
+def start_node(
+    name: str, cluster: ClusterOpt = "c1", root: RootOpt = None, output: OutputOpt = Format.TABLE
+) -> None:
     """Start a killed node again (etcd member, then agent)."""
-    lab = Lab.open(root)
-    lab.start_node(name)
-    emit({"node": name, "started": True}, output)
+    _lab(root, cluster).start_node(name)
+    emit({"cluster": cluster, "node": name, "started": True}, output)

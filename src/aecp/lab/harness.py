@@ -105,7 +105,11 @@ class Lab:
 
     @classmethod
     def open(cls, root: Path | None = None) -> Lab:
+        """The lab at ``root``; where a multi-cluster lab (``lab.site``) lives, the cluster its
+        ``cli.json`` names (``lab_root``: c1)."""
         root = root or default_root()
+        if not (root / "lab.json").exists():
+            root = _pointed_at(root)
         try:
             spec = LabSpec.model_validate_json((root / "lab.json").read_text())
         except FileNotFoundError:
@@ -426,6 +430,16 @@ class Lab:
             raise Unavailable(f"processes still alive after lab down: {left}")
         _rmtree(self.root)
         return stopped
+
+
+def _pointed_at(root: Path) -> Path:
+    """The lab ``root/cli.json`` names as ``lab_root``, else ``root`` itself."""
+    try:
+        cfg = json.loads((root / "cli.json").read_text())
+    except (OSError, ValueError):
+        return root
+    pointed = cfg.get("lab_root") if isinstance(cfg, dict) else None
+    return Path(pointed) if isinstance(pointed, str) and pointed else root
 
 
 def _live(pidfile: Path) -> int | None:
