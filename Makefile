@@ -77,19 +77,24 @@ run: deps
 	@if $(AECP) lab status >/dev/null 2>&1; then \
 		echo "a lab is already running:"; $(AECP) lab status; \
 	else \
-		$(AECP) lab up; \
+		$(AECP) lab up --clusters 2 --demo; \
 	fi
-	@$(AECP) vm show demo >/dev/null 2>&1 || $(AECP) vm create demo --image tiny --memory 256
-	@echo
-	@echo "The lab is up: 3 nodes, a demo VM booted from its own disk."
-	@echo "  export PATH=$$PWD/$(VENV)/bin:\$$PATH     # put 'aecp' on your PATH"
-	@echo "  aecp node list                      # the nodes, their capacity and usage"
-	@echo "  aecp vm list                        # VMs, their node and HTTP address"
-	@echo "  aecp vm console demo --log          # what the demo VM printed on its serial console"
-	@echo "  aecp vm console demo                # attach (Ctrl-] detaches)"
-	@echo "  aecp vm create web --memory 256     # another VM"
-	@echo "  aecp lab status / aecp lab down     # the lab's processes / stop everything"
-	@echo "API: $$($(AECP) lab status -o json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)[0]["api"])')/docs  (token: $$HOME/.local/state/aecp/lab/token)"
+	@center=$$($(AECP) lab status -o json | $(PY) -c 'import json,sys; s=json.load(sys.stdin); print(s["center"]["url"] if isinstance(s, dict) else "")'); \
+	if [ -z "$$center" ]; then echo "(this lab is a single cluster without a center: 'aecp lab down', then 'make run')"; exit 0; fi; \
+	pw=$$($(AECP) lab status -o json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["center"]["password_file"])'); \
+	echo; \
+	echo "The lab is up: the operation center and 2 clusters of 3 nodes (c1 in dc1 on 127.0.1.1-3,"; \
+	echo "c2 in dc2 on 127.0.2.1-3), a demo VM on each; the CLI is logged in to the center as root."; \
+	echo "  web console:   $$center/   (user root)"; \
+	echo "  root password: $$pw"; \
+	echo "Next:"; \
+	echo "  export PATH=$$PWD/$(VENV)/bin:\$$PATH     # put 'aecp' on your PATH"; \
+	echo "  aecp center cluster list            # c1 and c2, their data centers, their sync state"; \
+	echo "  aecp vm list                        # the demo VMs"; \
+	echo "  aecp node list                      # c1's nodes (c2: see 'aecp lab status')"; \
+	echo "  aecp vm console demo --log          # what c1's demo VM printed on its serial console"; \
+	echo "  aecp vm create web --memory 256     # another VM"; \
+	echo "  aecp lab status / aecp lab down     # the lab's processes / stop everything"
 
 bench-storage: deps
 	$(PY) benchmarks/storage.py $(BENCH_ARGS)
