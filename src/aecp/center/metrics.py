@@ -69,12 +69,12 @@ class RequestMetrics:
             "# HELP aoc_tasks Tasks by state.",
             "# TYPE aoc_tasks gauge",
         ]
-        counts = {
+        by_state = {
             state: n
             for state, n in db.execute(select(Task.state, func.count()).group_by(Task.state))
         }
         for state in ("pending", "executing", "succeeded", "failed", "cancelled"):
-            out.append(f'aoc_tasks{{state="{state}"}} {counts.get(state, 0)}')
+            out.append(f'aoc_tasks{{state="{state}"}} {by_state.get(state, 0)}')
         return "\n".join(out) + "\n"
 
 
