@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from aecp.center.db.models import InventoryObject
 from aecp.center.main import bootstrap
 from aecp.center.settings import CenterSettings
 from aecp.center.tasks import Runner
@@ -40,9 +41,14 @@ class FakeCluster:
         self.keys: list[str] = []
         self.hang = asyncio.Event()
         self.applied = asyncio.Event()  # a change was carried out
+        self.down: set[str] = set()  # hosts that do not answer
+        self.hosts: list[str] = []  # the host of every request, in order
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         path, method = request.url.path, request.method
+        self.hosts.append(request.url.host)
+        if request.url.host in self.down:
+            raise httpx.ConnectError("no route to host", request=request)
         if path == "/v1/cluster":
             return httpx.Response(200, json={"id": "cid-1", "name": "c1"})
         if method == "GET" and path.startswith("/v1/operations/"):
@@ -299,3 +305,18 @@ async def test_bad_input_is_refused_naming_the_field_and_records_no_task(world: 
     assert (await world.call("GET", "/v1/vms", params={"sort": "data"})).status_code == 422
     r = await world.call("POST", "/v1/tasks/nope/cancel")
     assert r.status_code == 404
+
+
+async def test_a_node_that_stops_answering_is_replaced_by_another_of_the_same_cluster(
+    world: World,
+) -> None:
+    with world.runner.sessions.begin() as db:  # the copy knows the cluster's two nodes
+        for n in ("c1", "n2"):
+            data = json.dumps({"name": n, "api_url": f"http://{n}:8700"})
+            db.add(InventoryObject(cluster="c1", kind="node", name=n, data=data, synced_at=1.0))
+    world.fake.down.add("c1")  # the registered endpoint's node is gone
+    task = await world.submit("/v1/clusters/c1/vms", json=VM)
+    done = await world.until_ended(task["id"])
+    assert done["state"] == "succeeded", done
+    assert world.fake.hosts[-1] == "n2" and list(world.fake.vms) == ["web"]
+    assert world.runner.registry.in_use == {"c1": "http://n2:8700"}

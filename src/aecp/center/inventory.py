@@ -65,7 +65,7 @@ class Inventory:
             c = db.get(Cluster, cluster)
             if c is None:
                 raise LookupError(cluster)
-            return c.endpoint, {"authorization": f"Bearer {self.registry.token(c)}"}
+            return self.registry.address(c), {"authorization": f"Bearer {self.registry.token(c)}"}
 
     async def resync(self, cluster: str) -> int:
         """Read the cluster whole and replace its copy; returns how many objects it has."""
@@ -250,7 +250,19 @@ class Syncer:
                     await asyncio.to_thread(self.inventory.unreachable, cluster, why)
                 except Exception:
                     log.exception("center: cluster %s: its sync state was not kept", cluster)
+                if isinstance(exc, httpx.TransportError) and await self._failover(cluster):
+                    continue  # another node of the cluster answers: at once
                 await self.clock.sleep(RETRY_AFTER)
+
+    async def _failover(self, cluster: str) -> bool:
+        inv = self.inventory
+        try:
+            return (
+                await inv.registry.failover(inv.sessions, inv.client_factory, cluster) is not None
+            )
+        except Exception:
+            log.exception("center: cluster %s: looking for another address failed", cluster)
+            return False
 
 
 async def _get(http: httpx.AsyncClient, url: str, auth: dict[str, str]) -> list[dict[str, Any]]:

@@ -8,6 +8,10 @@ the same endpoint or the same cluster id is refused.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -15,13 +19,15 @@ from urllib.parse import urlsplit
 import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DB
+from sqlalchemy.orm import sessionmaker
 
-from aecp.center.db.models import Cluster, Datacenter
+from aecp.center.db.models import Cluster, Datacenter, InventoryObject
 from aecp.center.secrets import SecretBox
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AlreadyExists, Conflict, InvalidInput, NotFound
 from aecp.model.base import check_name
 
+log = logging.getLogger(__name__)
 CHECK_TIMEOUT = 5.0  # s
 ClientFactory = Callable[[], httpx.AsyncClient]
 
@@ -79,9 +85,14 @@ async def probe(client_factory: ClientFactory, endpoint: str, token: str) -> Che
 
 
 class Registry:
+    """Data centers and clusters, their credentials, and which address of each cluster's
+    API the center uses now (``address``: the registered endpoint, or after it stopped
+    answering, another node's API that answers as the same cluster: ``failover``)."""
+
     def __init__(self, box: SecretBox, clock: Clock = SYSTEM_CLOCK) -> None:
         self.box = box
         self.clock = clock
+        self.in_use: dict[str, str] = {}  # cluster → the address that answered last
 
     # ---- data centers -----------------------------------------------------------------------
     def datacenters(self, db: DB) -> list[Datacenter]:
@@ -157,6 +168,62 @@ class Registry:
 
     def remove(self, db: DB, name: str) -> None:
         db.delete(self.cluster(db, name))
+        self.in_use.pop(name, None)
 
     def token(self, c: Cluster) -> str:
         return self.box.open(c.token_encrypted)
+
+    # ---- which address ------------------------------------------------------------------------
+    def address(self, c: Cluster) -> str:
+        """Where to reach cluster ``c`` now."""
+        return self.in_use.get(c.name, c.endpoint)
+
+    def addresses(self, db: DB, c: Cluster) -> list[str]:
+        """Every address of ``c``'s API the center knows: the registered endpoint, then each
+        node's API address from the center's copy of its nodes."""
+        found = [c.endpoint]
+        rows = db.scalars(
+            select(InventoryObject.data).where(
+                InventoryObject.cluster == c.name, InventoryObject.kind == "node"
+            )
+        )
+        for data in rows:
+            url = str(json.loads(data).get("api_url") or "").rstrip("/")
+            with contextlib.suppress(InvalidInput):
+                if url and check_endpoint(url) not in found:
+                    found.append(url)
+        return found
+
+    async def failover(
+        self, sessions: sessionmaker[DB], client_factory: ClientFactory, cluster: str
+    ) -> str | None:
+        """The address in use stopped answering: use the next one that answers as the same
+        cluster (its id, to the same token); returns it, or None if none does (the address
+        stays as it was)."""
+
+        def known() -> tuple[Cluster, list[str], str] | None:
+            with sessions() as db:
+                c = db.get(Cluster, cluster)
+                if c is None:
+                    return None
+                db.expunge(c)
+                return c, self.addresses(db, c), self.token(c)
+
+        got = await asyncio.to_thread(known)
+        if got is None:
+            return None
+        c, candidates, token = got
+        bad = self.address(c)
+        start = candidates.index(bad) + 1 if bad in candidates else 0
+        for url in candidates[start:] + candidates[:start]:
+            if url == bad:
+                continue
+            try:
+                checked = await probe(client_factory, url, token)
+            except InvalidInput:
+                continue
+            if checked.cluster_id == c.cluster_id:
+                log.warning("center: cluster %s: %s does not answer; using %s", cluster, bad, url)
+                self.in_use[cluster] = url
+                return url
+        return None

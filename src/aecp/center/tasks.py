@@ -327,7 +327,7 @@ class Runner:
             c = db.get(Cluster, cluster)
             if c is None:
                 return None
-            return c.endpoint, {"authorization": f"Bearer {self.registry.token(c)}"}
+            return self.registry.address(c), {"authorization": f"Bearer {self.registry.token(c)}"}
 
     async def _send(self, task: Task) -> Answer:
         """Send the task's request until the cluster gives a definite answer (2xx or a
@@ -356,6 +356,7 @@ class Runner:
                     )
             except httpx.HTTPError as exc:
                 why = f"cluster {task.cluster} did not answer ({type(exc).__name__})"
+                await self._failover(task.cluster, exc)
             else:
                 body = _json(r)
                 if r.is_success:
@@ -386,6 +387,13 @@ class Runner:
             attempt += 1
             await asyncio.to_thread(self._step, task.id, f"{why}; sending again in {delay:g} s")
             await self.clock.sleep(delay)
+
+    async def _failover(self, cluster: str, exc: httpx.HTTPError) -> None:
+        """A cluster address that does not answer: the next call goes to another node of the
+        cluster, if one answers as the same cluster (the key makes a resend safe there too:
+        the cluster keeps it in its store, not in one node)."""
+        if isinstance(exc, httpx.TransportError):
+            await self.registry.failover(self.sessions, self.client_factory, cluster)
 
     def _mark_sent(self, task_id: str) -> None:
         with self.sessions.begin() as db:
@@ -424,6 +432,7 @@ class Runner:
             except httpx.HTTPError as exc:
                 r = None
                 why = f"cluster {cluster} did not answer ({type(exc).__name__})"
+                await self._failover(cluster, exc)
             if r is not None and r.status_code == 200:
                 silent_since = None
                 op = r.json()

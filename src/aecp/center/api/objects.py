@@ -206,7 +206,8 @@ async def read_cluster(cluster: str, path: str, request: Request) -> Response:
             row = db.get(Cluster, cluster)
             if row is None:
                 raise NotFound(f"no cluster named {cluster!r} is registered", cluster=cluster)
-            return row.endpoint, request.app.state.registry.token(row)
+            reg = request.app.state.registry
+            return reg.address(row), reg.token(row)
 
     endpoint, token = await run_in_threadpool(check)
     query = str(request.url.query)
@@ -218,6 +219,9 @@ async def read_cluster(cluster: str, path: str, request: Request) -> Response:
                 timeout=PROXY_TIMEOUT,
             )
     except httpx.HTTPError as exc:
+        if isinstance(exc, httpx.TransportError):  # the next request may find another node
+            reg, sessions = request.app.state.registry, center(request).sessions
+            await reg.failover(sessions, request.app.state.cluster_client, cluster)
         raise Unavailable(
             f"cluster {cluster} did not answer ({type(exc).__name__})", cluster=cluster
         ) from None
