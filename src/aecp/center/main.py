@@ -19,10 +19,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from aecp.center.accounts import Accounts, create_root, ensure_presets
+from aecp.center.alerts import Alerting
 from aecp.center.api.app import create_app
 from aecp.center.db.engine import make_engine, upgrade
 from aecp.center.db.models import Cluster
 from aecp.center.inventory import Syncer
+from aecp.center.notify import Outbox
 from aecp.center.registry import ClientFactory, Registry
 from aecp.center.secrets import SecretBox
 from aecp.center.settings import CenterSettings
@@ -88,6 +90,11 @@ async def serve(app: FastAPI, settings: CenterSettings) -> None:
             syncer.watch(name)
     runner: Runner = app.state.runner
     running = spawn(runner.run(), name="task-runner")
+    c = app.state.center
+    alerting = Alerting(
+        c.sessions, settings.data_dir, Outbox(c.sessions, app.state.registry.box, c.clock), c.clock
+    )
+    alerting.start()
     config = uvicorn.Config(app, host=settings.address, port=settings.port, log_level="warning")
     try:
         await uvicorn.Server(config).serve()
@@ -95,3 +102,4 @@ async def serve(app: FastAPI, settings: CenterSettings) -> None:
         await cancel(running)
         await runner.close()
         await syncer.close()
+        await alerting.close()

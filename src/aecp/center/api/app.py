@@ -17,6 +17,7 @@ from sqlalchemy.orm import sessionmaker
 from aecp import __version__
 from aecp.center import audit
 from aecp.center.accounts import Accounts, Caller
+from aecp.center.api import alerts as alerts_routes
 from aecp.center.api import objects as objects_routes
 from aecp.center.api import registry as registry_routes
 from aecp.center.api import tasks as tasks_routes
@@ -164,6 +165,7 @@ def create_app(
     app.state.inventory = Inventory(sessions, registry, cluster_client, clock)
     app.state.runner = Runner(sessions, registry, cluster_client, clock)
     app.include_router(registry_routes.router)
+    app.include_router(alerts_routes.router)
     app.include_router(tasks_routes.router)
     app.include_router(objects_routes.router)
     metrics = RequestMetrics()

@@ -158,3 +158,93 @@ class VMOwner(Base):
     )
     vm: Mapped[str] = mapped_column(String(128), primary_key=True)
     user: Mapped[str] = mapped_column(String(64), index=True)
+
+
+class Alert(Base):
+    """One alert (``center.alerts``): opened once for a cause (rule, cluster, object), kept
+    current while the cause lasts, resolved when it is gone. ``open_key`` names the cause
+    while the alert is open and is NULL once resolved: one open alert per cause, enforced."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rule: Mapped[str] = mapped_column(String(64), index=True)
+    level: Mapped[str] = mapped_column(String(16))
+    cluster: Mapped[str] = mapped_column(String(64), index=True)  # "": the center itself
+    object_kind: Mapped[str] = mapped_column(String(16))
+    object_name: Mapped[str] = mapped_column(String(256))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # open, resolved
+    open_key: Mapped[str | None] = mapped_column(String(512), unique=True)
+    opened_at: Mapped[float] = mapped_column(Float, index=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+    resolved_at: Mapped[float] = mapped_column(Float, default=0.0)
+    value: Mapped[float | None] = mapped_column(Float)
+    cause: Mapped[str] = mapped_column(Text)
+    impact: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(Text)
+    resolution: Mapped[str] = mapped_column(Text, default="")  # why it was resolved
+
+
+class AlertRuleSetting(Base):
+    """An alert rule as the organization set it, over its shipped defaults: a field left NULL
+    keeps the default."""
+
+    __tablename__ = "alert_rules"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    enabled: Mapped[bool | None] = mapped_column(Boolean)
+    level: Mapped[str | None] = mapped_column(String(16))
+    thresholds: Mapped[str | None] = mapped_column(Text)  # JSON {level: percent}
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class AlertRuleOverride(Base):
+    """An alert rule as set for one cluster, over the organization's setting: a field left
+    NULL keeps that."""
+
+    __tablename__ = "alert_rule_overrides"
+
+    cluster: Mapped[str] = mapped_column(
+        ForeignKey("clusters.name", ondelete="CASCADE"), primary_key=True
+    )
+    rule: Mapped[str] = mapped_column(String(64), primary_key=True)
+    enabled: Mapped[bool | None] = mapped_column(Boolean)
+    level: Mapped[str | None] = mapped_column(String(16))
+    thresholds: Mapped[str | None] = mapped_column(Text)  # JSON {level: percent}
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Notifier(Base):
+    """Where alerts are sent (``center.notify``): a webhook or an SMTP server. ``config`` holds
+    no secret; the SMTP password is sealed with the center's key (``center.secrets``)."""
+
+    __tablename__ = "notifiers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # webhook, smtp
+    min_level: Mapped[str] = mapped_column(String(16))
+    config: Mapped[str] = mapped_column(Text)  # JSON
+    secret_encrypted: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Notification(Base):
+    """The outbox: one message to one notifier, written in the transaction that changed the
+    alert, so a notification survives a restart; retried with backoff until sent or given up."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    notifier: Mapped[int] = mapped_column(
+        ForeignKey("notifiers.id", ondelete="CASCADE"), index=True
+    )
+    alert: Mapped[int] = mapped_column(Integer, index=True)
+    event: Mapped[str] = mapped_column(String(16))  # opened, escalated, resolved
+    payload: Mapped[str] = mapped_column(Text)  # JSON
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending, sent, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[float] = mapped_column(Float)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    sent_at: Mapped[float] = mapped_column(Float, default=0.0)
