@@ -145,3 +145,73 @@ def audit(
             output,
             ["id", "at", "user", "address", "action", "target", "result"],
         )
+
+
+task_app = typer.Typer(help="Tasks: the changes made through the center.", no_args_is_help=True)
+alert_app = typer.Typer(help="Alerts of every cluster and of the center.", no_args_is_help=True)
+app.add_typer(task_app, name="task")
+app.add_typer(alert_app, name="alert")
+TASK_COLS = ["id", "kind", "cluster", "target", "user", "state", "progress", "created_at", "error"]
+
+
+@task_app.command("list")
+def task_list(
+    state: Annotated[str | None, typer.Option(help="pending, executing, succeeded, ...")] = None,
+    cluster: Annotated[str | None, typer.Option(help="only this cluster's")] = None,
+    limit: Annotated[int, typer.Option(help="at most this many, newest first")] = 50,
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """Tasks, newest first."""
+    params: dict[str, object] = {"limit": limit}
+    if state:
+        params["state"] = state
+    if cluster:
+        params["cluster"] = cluster
+    with center_client() as c:
+        emit(c.get("/v1/tasks", params=params), output, TASK_COLS)
+
+
+@task_app.command("show")
+def task_show(task_id: str, output: OutputOpt = Format.TABLE) -> None:
+    """One task and its steps."""
+    with center_client() as c:
+        task = c.get(f"/v1/tasks/{task_id}")
+    if output is Format.JSON:
+        emit(task, output)
+        return
+    steps = task.pop("steps")
+    emit(task, output)
+    emit(steps, output, ["at", "sentence"], title="steps")
+
+
+@task_app.command("cancel")
+def task_cancel(task_id: str, output: OutputOpt = Format.TABLE) -> None:
+    """Cancel a task that has not started."""
+    with center_client() as c:
+        emit(c.post(f"/v1/tasks/{task_id}/cancel"), output, TASK_COLS)
+
+
+@alert_app.command("list")
+def alert_list(
+    resolved: Annotated[bool, typer.Option("--resolved", help="the resolved ones")] = False,
+    cluster: Annotated[str | None, typer.Option(help="only this cluster's")] = None,
+    limit: Annotated[int, typer.Option(help="at most this many, newest first")] = 50,
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """Open alerts (or resolved ones), newest first."""
+    params: dict[str, object] = {"state": "resolved" if resolved else "open", "limit": limit}
+    if cluster:
+        params["cluster"] = cluster
+    with center_client() as c:
+        emit(
+            c.get("/v1/alerts", params=params),
+            output,
+            ["id", "level", "cluster", "object.name", "opened_at", "cause", "action"],
+        )
+
+
+@alert_app.command("acknowledge")
+def alert_acknowledge(alert_id: int, output: OutputOpt = Format.TABLE) -> None:
+    """Acknowledge an alert of a failed task (it resolves)."""
+    with center_client() as c:
+        emit(c.post(f"/v1/alerts/{alert_id}/acknowledge"), output, ["id", "state", "resolution"])
