@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session as DB
 from sqlalchemy.orm import sessionmaker
 
 from aecp import __version__
-from aecp.center import audit
+from aecp.center import audit, web
 from aecp.center.accounts import Accounts, Caller
 from aecp.center.api import alerts as alerts_routes
 from aecp.center.api import objects as objects_routes
@@ -415,4 +415,5 @@ def create_app(
         """Newest first; ``before``: the ``id`` of the last record of the page before."""
         return [AuditPublic.of(a) for a in audit.records(db, user, action, limit, before)]
 
+    web.mount(app)  # the web console at /, with the same sessions, actions and audit
     return app
