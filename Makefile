@@ -12,11 +12,12 @@ AECP := $(VENV)/bin/aecp
 PYTEST_ARGS ?=
 
 APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils qemu-block-extra busybox-static cpio \
-	etcd-server etcd-client syslinux syslinux-common mtools dosfstools kmod curl libnbd-bin fio
+	etcd-server etcd-client syslinux syslinux-common mtools dosfstools kmod curl libnbd-bin fio \
+	chromium
 
 .PHONY: help run test deps system-deps venv image lint typecheck unit functional integration e2e \
 	down status \
-	bench-storage
+	bench-storage bench-center
 
 help:
 	@echo "make run    start the all-in-one lab (3 nodes) with a demo VM"
@@ -98,6 +99,9 @@ run: deps
 
 bench-storage: deps
 	$(PY) benchmarks/storage.py $(BENCH_ARGS)
+
+bench-center: venv
+	$(PY) benchmarks/center.py $(BENCH_ARGS)
 
 status: venv
 	@$(AECP) lab status
