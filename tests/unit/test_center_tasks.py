@@ -18,8 +18,9 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
-from aecp.center.db.models import InventoryObject
+from aecp.center.db.models import InventoryObject, VMOwner
 from aecp.center.main import bootstrap
 from aecp.center.settings import CenterSettings
 from aecp.center.tasks import Runner
@@ -81,6 +82,8 @@ class FakeCluster:
         return answer
 
     def apply(self, method: str, path: str, body: dict[str, Any]) -> httpx.Response:
+        if method == "DELETE" and path.startswith("/v1/vms/"):
+            self.vms.pop(path.rsplit("/", 1)[1], None)
         if method == "POST" and path == "/v1/vms":
             if body["name"] in self.vms:
                 msg = f"VM {body['name']} already exists"
@@ -102,14 +105,16 @@ class World:
     def __init__(self, app: Any, client: httpx.AsyncClient, clock: FakeClock, fake: FakeCluster):
         self.app, self.client, self.clock, self.fake = app, client, clock, fake
         self.runner: Runner = app.state.runner
-        self.token = ""
+        self.token = self.password = ""
 
     async def call(self, method: str, path: str, token: str = "", **kw: Any) -> httpx.Response:
         auth = {"authorization": f"Bearer {token or self.token}"}
         return await self.client.request(method, path, headers=auth, **kw)
 
-    async def submit(self, path: str, token: str = "", **kw: Any) -> dict[str, Any]:
-        r = await self.call("POST", path, token, **kw)
+    async def submit(
+        self, path: str, token: str = "", method: str = "POST", **kw: Any
+    ) -> dict[str, Any]:
+        r = await self.call(method, path, token, **kw)
         assert r.status_code == 202, r.text
         task: dict[str, Any] = r.json()
         assert task["state"] == "pending"
@@ -158,7 +163,7 @@ async def world(tmp_path: Path, clock: FakeClock) -> AsyncIterator[World]:
     async with httpx.AsyncClient(transport=transport, base_url="http://aoc") as http:
         w = World(app, http, clock, fake)
         r = await http.post("/v1/login", json={"user": "root", "password": password})
-        w.token = r.json()["token"]
+        w.token, w.password = r.json()["token"], password
         assert (await w.call("POST", "/v1/datacenters", json={"name": "dc1"})).status_code == 201
         body = {"name": "c1", "datacenter": "dc1", "endpoint": "http://c1:8700", "token": "t.s"}
         assert (await w.call("POST", "/v1/clusters", json=body)).status_code == 201
@@ -261,29 +266,58 @@ async def test_tasks_on_one_object_run_in_order_and_only_a_pending_one_can_be_ca
 async def test_a_vm_user_sees_and_acts_on_its_own_vms_only(world: World) -> None:
     carol = await world.user("carol", "VM_USER")
     dave = await world.user("dave", "VM_USER")
+    world.fake.vms["prod"] = {"name": "prod"}  # made on the cluster directly: nobody's
     mine = await world.submit("/v1/clusters/c1/vms", carol, json=VM)
+    r = await world.call("POST", "/v1/clusters/c1/vms/web/actions/start", carol)
+    assert r.status_code == 403  # carol's only once the cluster has accepted the create
     await world.until_ended(mine["id"])
 
     r = await world.call("POST", "/v1/clusters/c1/vms/web/actions/poweroff", dave)
     assert r.status_code == 403 and "own VMs" in r.json()["message"]
-    r = await world.call("DELETE", "/v1/clusters/c1/vms/web", dave)
-    assert r.status_code == 403
-    r = await world.call("POST", "/v1/clusters/c1/vms", dave, json=VM)  # the name is carol's
-    assert r.status_code == 409
+    assert (await world.call("DELETE", "/v1/clusters/c1/vms/web", dave)).status_code == 403
+    # asking to create a name that exists wins dave nothing: the cluster refuses it
+    stolen = await world.submit("/v1/clusters/c1/vms", dave, json={**VM, "name": "prod"})
+    assert (await world.call("DELETE", "/v1/clusters/c1/vms/prod", dave)).status_code == 403
+    assert (await world.until_ended(stolen["id"]))["state"] == "failed"
+    assert (await world.call("DELETE", "/v1/clusters/c1/vms/prod", dave)).status_code == 403
+    assert sorted(world.fake.vms) == ["prod", "web"]
+
     tasks = (await world.call("GET", "/v1/tasks")).json()
-    assert [t["user"] for t in tasks] == ["carol"]  # nothing was recorded for dave
-    assert (await world.call("GET", "/v1/tasks", dave)).json() == []
+    assert sorted(t["user"] for t in tasks) == ["carol", "dave"]
+    assert [t["target"] for t in (await world.call("GET", "/v1/tasks", dave)).json()] == ["prod"]
     assert (await world.call("GET", f"/v1/tasks/{mine['id']}", dave)).status_code == 404
+    r = await world.call("GET", "/v1/tasks", dave, params={"user": "carol"})
+    assert r.status_code == 200 and r.json() == [] and r.headers["x-total-count"] == "0"
     refused = (await world.call("GET", "/v1/audit", params={"user": "dave"})).json()
-    assert [a["result"].split(":")[0] for a in refused if a["action"] != "session.login"] == [
-        "invalid_state",  # newest first
-        "forbidden",
-        "forbidden",
-    ]
+    results = [a["result"].split(":")[0] for a in refused if a["action"] != "session.login"]
+    assert results == ["forbidden", "forbidden", "ok", "forbidden", "forbidden"]
     r = await world.call("POST", "/v1/clusters/c1/vms/web/actions/poweroff", carol)
     assert r.status_code == 202
-    r = await world.call("GET", "/v1/clusters/c1/proxy/v1/vms", dave)
-    assert r.status_code == 403
+    assert (await world.call("GET", "/v1/clusters/c1/proxy/v1/vms", dave)).status_code == 403
+    assert (await world.call("GET", "/v1/inventory/vm", dave)).status_code == 403
+
+
+async def test_owners_follow_what_the_cluster_accepted(world: World) -> None:
+    carol = await world.user("carol", "VM_USER")
+
+    async def owners() -> list[tuple[str, str]]:
+        with world.runner.sessions() as db:
+            return [(o.vm, o.user) for o in db.scalars(select(VMOwner))]
+
+    first = await world.submit("/v1/clusters/c1/vms", carol, json=VM)
+    await world.until_ended(first["id"])
+    again = await world.submit("/v1/clusters/c1/vms", carol, json=VM)  # refused: exists
+    assert (await world.until_ended(again["id"]))["state"] == "failed"
+    assert await owners() == [("web", "carol")]  # a failed retry takes nothing away
+    gone = await world.submit("/v1/clusters/c1/vms/web", carol, method="DELETE")
+    remade = await world.submit("/v1/clusters/c1/vms", carol, json=VM)
+    await world.until_ended(gone["id"])
+    assert (await world.until_ended(remade["id"]))["state"] == "succeeded"
+    assert await owners() == [("web", "carol")]  # the new VM is carol's again
+
+    r = await world.call("DELETE", "/v1/users/carol")
+    assert r.status_code == 204
+    assert await owners() == []  # a later carol inherits nothing
 
 
 async def test_bad_input_is_refused_naming_the_field_and_records_no_task(world: World) -> None:
@@ -320,3 +354,24 @@ async def test_a_node_that_stops_answering_is_replaced_by_another_of_the_same_cl
     assert done["state"] == "succeeded", done
     assert world.fake.hosts[-1] == "n2" and list(world.fake.vms) == ["web"]
     assert world.runner.registry.in_use == {"c1": "http://n2:8700"}
+
+
+async def test_a_request_sent_longer_ago_than_the_cluster_keeps_keys_is_not_sent_again(
+    world: World,
+) -> None:
+    world.fake.script = ["hang"]
+    task = await world.submit("/v1/clusters/c1/vms", json=VM)
+    await world.runner.pass_once()
+    await asyncio.wait_for(world.fake.applied.wait(), 30)
+    await world.runner.close()  # the center stops; it stays down for a day
+    await world.clock.advance(24 * 3600)
+    world.fake.answers.clear()  # and the cluster has forgotten the key by then
+    r = await world.client.post("/v1/login", json={"user": "root", "password": world.password})
+    world.token = r.json()["token"]
+    restarted = Runner(
+        world.runner.sessions, world.runner.registry, world.runner.client_factory, world.clock
+    )
+    done = await world.until_ended(task["id"], restarted)
+    await restarted.close()
+    assert done["state"] == "failed" and "could do it twice" in done["error"]
+    assert world.fake.keys == [task["id"]]  # never sent again

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session as DB
 
-from aecp.center import passwords
+from aecp.center import passwords, tasks
 from aecp.center.db.models import Role, Session, User
 from aecp.center.roles import PRESETS, allows
 from aecp.common.clock import SYSTEM_CLOCK, Clock
@@ -200,6 +200,7 @@ class Accounts:
         if name == by.user:
             raise Conflict("a user cannot delete itself", user=name)
         db.execute(delete(Session).where(Session.user == name))
+        tasks.forget_user(db, name, self.clock.wall())
         db.delete(user)
 
     def _grantable(self, db: DB, by: Caller, role: str) -> None:

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session as DB
 from sqlalchemy.orm import sessionmaker
 
-from aecp.center.db.models import Cluster, Datacenter, InventoryObject
+from aecp.center.db.models import Cluster, Datacenter, InventoryObject, Task
 from aecp.center.secrets import SecretBox
 from aecp.common.clock import SYSTEM_CLOCK, Clock
-from aecp.common.errors import AlreadyExists, Conflict, InvalidInput, NotFound
+from aecp.common.errors import AlreadyExists, Conflict, InvalidInput, InvalidState, NotFound
 from aecp.model.base import check_name
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,21 @@ class Registry:
         return c
 
     def remove(self, db: DB, name: str) -> None:
-        db.delete(self.cluster(db, name))
+        """Stop managing a cluster (``InvalidState`` while tasks on it are not finished:
+        they would be sent to whatever is registered under its name next)."""
+        c = self.cluster(db, name)
+        live = db.scalar(
+            select(func.count())
+            .select_from(Task)
+            .where(Task.cluster == name, Task.state.in_(("pending", "executing")))
+        )
+        if live:
+            raise InvalidState(
+                f"cluster {name} has {live} unfinished tasks: let them end (or cancel the "
+                "pending ones) first",
+                cluster=name,
+            )
+        db.delete(c)
         self.in_use.pop(name, None)
 
     def token(self, c: Cluster) -> str:

@@ -32,14 +32,14 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session as DB
 from sqlalchemy.orm import sessionmaker
 
-from aecp.center.db.models import Cluster, Task, VMOwner
+from aecp.center.db.models import Cluster, InventoryObject, Task, VMOwner
 from aecp.center.registry import ClientFactory, Registry
 from aecp.common.clock import SYSTEM_CLOCK, Clock
-from aecp.common.errors import InvalidState, NotFound
+from aecp.common.errors import AlreadyExists, InvalidState, NotFound
 from aecp.common.tasks import cancel, spawn
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ CALL_TIMEOUT = 15.0  # s: one call to a cluster
 FOLLOW_EVERY = 0.25  # s: between two reads of a followed operation
 BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)  # s: between attempts while a cluster does not answer
 SEND_PATIENCE = 600.0  # s: how long a request is retried while its cluster does not answer
+# s: a request first sent longer ago than this is never sent again (the cluster keeps the
+# answer to a key for 24 h: cluster/idempotency.py RETENTION), with a margin
+KEY_LIFETIME = 20 * 3600.0
 FOLLOW_PATIENCE = 3600.0  # s: how long an operation is followed while its cluster is silent
 IDLE_POLL = 2.0  # s: the runner looks for work this often even if nobody wakes it
 MAX_STEPS = 50
@@ -93,20 +96,17 @@ def submit(
     makes: Owned | None = None,
 ) -> Task:
     """Record a task (``pending``) in unit of work ``db``; the runner carries it out once
-    the unit of work commits (wake it then). ``makes``: the VM this task creates, owned by
-    ``user`` from now on (``AlreadyExists``-like ``InvalidState`` if another user owns that
-    name)."""
+    the unit of work commits (wake it then). ``makes``: the VM this task creates
+    (``AlreadyExists`` naming ``name`` if the center's copy of the cluster has one so
+    named); its maker owns it once the cluster has accepted the request."""
     if db.get(Cluster, cluster) is None:
         raise NotFound(f"no cluster named {cluster!r} is registered", cluster=cluster)
     if makes is not None:
-        owner = db.get(VMOwner, (makes.cluster, makes.vm))
-        if owner is not None and owner.user != user:
-            raise InvalidState(
-                f"a VM named {makes.vm!r} in cluster {makes.cluster} belongs to another user",
-                vm=makes.vm,
+        known = db.get(InventoryObject, (makes.cluster, "vm", makes.vm))
+        if known is not None:
+            raise AlreadyExists(
+                f"cluster {makes.cluster} has a VM named {makes.vm} already", field="name"
             )
-        if owner is None:
-            db.add(VMOwner(cluster=makes.cluster, vm=makes.vm, user=user))
     task = Task(
         id=uuid.uuid4().hex,
         kind=kind,
@@ -162,8 +162,18 @@ def cancel_task(db: DB, task_id: str, who: str, now: float) -> Task:
         raise InvalidState(f"task {task_id} has just started: it cannot be cancelled now")
     db.refresh(task)
     _add_step(task, now, f"cancelled by {who} before it started")
-    _release_owner(db, task)
     return task
+
+
+def forget_user(db: DB, user: str, now: float) -> None:
+    """A deleted user: its pending tasks are cancelled and its VMs have no owner any more
+    (a later user of the same name inherits nothing)."""
+    for task in db.scalars(
+        select(Task).where(Task.user == user, Task.state == TaskState.PENDING.value)
+    ):
+        task.state, task.finished_at = TaskState.CANCELLED.value, now
+        _add_step(task, now, f"cancelled: user {user} was deleted")
+    db.execute(delete(VMOwner).where(VMOwner.user == user))
 
 
 def steps(task: Task) -> list[dict[str, Any]]:
@@ -177,14 +187,20 @@ def _add_step(task: Task, now: float, sentence: str) -> None:
     task.steps = json.dumps(kept[-MAX_STEPS:])
 
 
-def _release_owner(db: DB, task: Task) -> None:
-    """A create or clone that did not happen leaves no owner behind."""
-    if task.kind not in ("vm.create", "vm.clone"):
+MAKERS = ("vm.create", "vm.clone")  # tasks whose VM is owned by their user once accepted
+
+
+def _owned_by_maker(db: DB, task: Task) -> None:
+    """The cluster accepted a create or clone: the VM (which did not exist, or the cluster
+    would have refused) is the task's user's."""
+    if task.kind not in MAKERS:
         return
-    name = json.loads(task.body or "{}").get("name", "")
+    name = str(json.loads(task.body or "{}").get("name", ""))
     owner = db.get(VMOwner, (task.cluster, name))
-    if owner is not None and owner.user == task.user:
-        db.delete(owner)
+    if owner is None:
+        db.add(VMOwner(cluster=task.cluster, vm=name, user=task.user))
+    else:
+        owner.user = task.user
 
 
 class Ended(Exception):
@@ -212,6 +228,7 @@ class Runner:
         self.client_factory, self.clock = client_factory, clock
         self.concurrency = concurrency
         self.running: dict[str, asyncio.Task[None]] = {}
+        self.seen: set[str] = set()  # every task started by this runner (never twice)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -233,11 +250,11 @@ class Runner:
         """Take up executing tasks (after a restart), then pending ones, forever."""
         self._loop = asyncio.get_running_loop()
         while True:
+            self._wake.clear()  # a wake during the pass makes another pass at once
             try:
                 await self.pass_once()
             except Exception:  # the runner never stops: the next pass tries again
                 log.exception("tasks: a pass of the runner failed")
-            self._wake.clear()
             waiter = asyncio.ensure_future(self._wake.wait())
             sleeper = asyncio.ensure_future(self.clock.sleep(IDLE_POLL))
             try:
@@ -255,6 +272,7 @@ class Runner:
         """Start what may start now; returns the ids started."""
         ids = await asyncio.to_thread(self._claim)
         for task_id in ids:
+            self.seen.add(task_id)
             self.running[task_id] = spawn(self._carry_out(task_id), name=f"task-{task_id}")
         return ids
 
@@ -275,9 +293,10 @@ class Runner:
             for t in live:
                 if len(self.running) + len(started) >= self.concurrency:
                     break
-                if t.id in self.running:
+                if t.id in self.seen:  # running here, or ended here since the read
                     continue
-                if t.state == TaskState.EXECUTING.value:
+                if t.state == TaskState.EXECUTING.value:  # left by a center that stopped
+                    db.refresh(t)
                     _add_step(t, now, "taken up again after a restart of the center")
                     started.append(t.id)
                     continue
@@ -299,6 +318,8 @@ class Runner:
     async def _carry_out(self, task_id: str) -> None:
         try:
             task = await asyncio.to_thread(self._load, task_id)
+            if task.state != TaskState.EXECUTING.value:
+                return
             op_id = task.cluster_operation
             if not op_id:
                 answer = await self._send(task)
@@ -332,14 +353,20 @@ class Runner:
     async def _send(self, task: Task) -> Answer:
         """Send the task's request until the cluster gives a definite answer (2xx or a
         refusal), with the task's id as the ``Idempotency-Key`` every time."""
-        started = self.clock.monotonic()
         attempt = 0
         while True:
             target = await asyncio.to_thread(self._target, task.cluster)
             if target is None:
                 await self._fail(task.id, f"cluster {task.cluster} is no longer registered")
             endpoint, auth = target
-            await asyncio.to_thread(self._mark_sent, task.id)
+            first_sent = await asyncio.to_thread(self._mark_sent, task.id)
+            if self.clock.wall() - first_sent > KEY_LIFETIME:
+                await self._fail(
+                    task.id,
+                    f"first sent {self.clock.wall() - first_sent:.0f} s ago, longer than the "
+                    "cluster keeps its answer: sending it again could do it twice; whether it "
+                    f"took effect is unknown (look at {task.target})",
+                )
             why = ""
             try:
                 async with self.client_factory() as http:
@@ -376,7 +403,7 @@ class Runner:
                     await self._fail(
                         task.id, f"cluster {task.cluster} refused: {_message(body, r.status_code)}"
                     )
-            waited = self.clock.monotonic() - started
+            waited = self.clock.wall() - first_sent
             if waited >= SEND_PATIENCE:
                 await self._fail(
                     task.id,
@@ -395,19 +422,24 @@ class Runner:
         if isinstance(exc, httpx.TransportError):
             await self.registry.failover(self.sessions, self.client_factory, cluster)
 
-    def _mark_sent(self, task_id: str) -> None:
+    def _mark_sent(self, task_id: str) -> float:
+        """Say the request is about to leave (again); returns when it first left."""
         with self.sessions.begin() as db:
             task = get(db, task_id)
             task.sent = True
             task.attempts += 1
+            if not task.first_sent_at:
+                task.first_sent_at = self.clock.wall()
+            return task.first_sent_at
 
     def _answered(self, task_id: str, answer: Answer) -> str:
         """Record the cluster's answer: the operation to follow, or the end of the task."""
         op = answer.body.get("operation") if isinstance(answer.body, dict) else None
         now = self.clock.wall()
-        if isinstance(op, dict) and op.get("id"):
-            with self.sessions.begin() as db:
-                task = get(db, task_id)
+        with self.sessions.begin() as db:
+            task = get(db, task_id)
+            _owned_by_maker(db, task)
+            if isinstance(op, dict) and op.get("id"):
                 task.cluster_operation = str(op["id"])
                 task.progress = int(op.get("progress") or 0)
                 _add_step(task, now, f"cluster {task.cluster} accepted it as operation {op['id']}")
@@ -442,7 +474,11 @@ class Runner:
                 if op["state"] != "running":
                     raise Ended
             elif r is not None and r.status_code == 404:
-                await self._fail(task_id, f"cluster {cluster} no longer knows operation {op_id}")
+                await self._fail(
+                    task_id,
+                    f"cluster {cluster} no longer knows operation {op_id} (reaped): whether it "
+                    "succeeded is unknown; look at the object",
+                )
             else:
                 if r is not None:
                     why = f"cluster {cluster} answered {r.status_code}"
@@ -491,9 +527,7 @@ class Runner:
             if state is TaskState.SUCCEEDED:
                 task.progress = 100
             _add_step(task, now, sentence or error)
-            if state is not TaskState.SUCCEEDED:
-                _release_owner(db, task)
-            elif task.kind in ("vm.delete", "vm.template"):  # the VM is gone
+            if state is TaskState.SUCCEEDED and task.kind in ("vm.delete", "vm.template"):
                 owner = db.get(VMOwner, (task.cluster, task.target))
                 if owner is not None:
                     db.delete(owner)

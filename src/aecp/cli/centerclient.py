@@ -28,19 +28,18 @@ from aecp.cli.client import ApiError, Client
 PAGE = 1000
 INVENTORY = {"/v1/nodes": "node", "/v1/volumes": "volume", "/v1/templates": "template"}
 _VM_PATH = re.compile(r"^/v1/vms/([^/]+)")
-NOT_CARRIED = {
-    "/v1/tokens": "each cluster's principals are managed on the cluster",
-    "/v1/images": "images are uploaded to each cluster",
-    "/v1/nodes/": "cordoning a node is done on its cluster (maintenance comes with issue 14)",
-    "/export": "volume exports are granted by the cluster",
-}
+# what the center does not carry: (methods, path pattern, why)
+NOT_CARRIED = (
+    (None, re.compile(r"^/v1/tokens(/|$)"), "each cluster's principals are managed on it"),
+    ("write", re.compile(r"^/v1/images(/|$)"), "images are uploaded to each cluster"),
+    ("write", re.compile(r"^/v1/nodes/"), "a node is cordoned on its cluster"),
+    ("write", re.compile(r"^/v1/volumes/[^/]+/export$"), "exports are granted by the cluster"),
+)
 
 
 def _not_carried(method: str, path: str) -> str:
-    for part, why in NOT_CARRIED.items():
-        if method != "GET" and part in path:
-            return why
-        if part == "/v1/tokens" and path.startswith(part):
+    for methods, pattern, why in NOT_CARRIED:
+        if pattern.match(path) and (methods is None or method != "GET"):
             return why
     return ""
 
@@ -96,7 +95,9 @@ class CenterClient(Client):
         )
 
     def _vms_named(self, name: str) -> list[dict[str, Any]]:
-        got: list[dict[str, Any]] = super().request("GET", "/v1/vms", params={"name": name})
+        got: list[dict[str, Any]] = super().request(
+            "GET", "/v1/vms", params={"name": name, "limit": PAGE}
+        )
         return [v for v in got if v["name"] == name]
 
     # ---- requests -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import httpx
@@ -33,7 +34,6 @@ from aecp.center.api.deps import (
     bearer,
     center,
     needs,
-    record_apart,
 )
 from aecp.center.api.tasks import TaskPublic, submitted
 from aecp.center.db.models import Cluster, InventoryObject, Task, VMOwner
@@ -48,7 +48,8 @@ MayVMRead = Annotated[Caller, Depends(needs("vm.read"))]
 MayVMWrite = Annotated[Caller, Depends(needs("vm.write"))]
 MayVMPower = Annotated[Caller, Depends(needs("vm.power"))]
 MayVolumeWrite = Annotated[Caller, Depends(needs("volume.write"))]
-ACCEPTED = error_responses(401, 403, 404, 409, 422)
+ACCEPTED = error_responses(401, 403, 404, 422)
+ACCEPTED_NEW = error_responses(401, 403, 404, 409, 422)  # a name taken: 409
 VMSort = Literal["name", "-name", "cluster", "-cluster", "state", "-state", "node", "-node"]
 PROXY_TIMEOUT = 10.0  # s
 
@@ -175,7 +176,7 @@ _PROXY_PATH = re.compile(r"^v1/([a-z]+)(/[A-Za-z0-9._/-]*)?$")
     "/clusters/{cluster}/proxy/{path:path}",
     tags=["clusters"],
     operation_id="read_cluster",
-    responses=error_responses(401, 403, 404, 422, 503),
+    responses=error_responses(400, 401, 403, 404, 409, 410, 422, 503),
 )
 async def read_cluster(cluster: str, path: str, request: Request) -> Response:
     """Ask the cluster a read of its API (``path``: e.g. ``v1/vms/web/snapshots``), with the
@@ -197,7 +198,7 @@ async def read_cluster(cluster: str, path: str, request: Request) -> Response:
                     path=path,
                 )
             if kind == "vms" and rest:
-                _check_owner(db, who, cluster, rest.split("/")[0], "GET", request)
+                _check_owner(db, who, cluster, rest.split("/")[0], "GET")
             elif kind == "vms" and not who.may("vm.all"):
                 raise Forbidden(
                     f"user {who.user} sees its own VMs only: list them with GET /v1/vms",
@@ -241,9 +242,9 @@ async def read_cluster(cluster: str, path: str, request: Request) -> Response:
 
 
 # ---- changes: tasks -----------------------------------------------------------------------
-def _check_owner(db: DB, who: Caller, cluster: str, vm: str, method: str, request: Request) -> None:
+def _check_owner(db: DB, who: Caller, cluster: str, vm: str, method: str) -> None:
     """``who`` may touch VM ``vm`` (its own, or any with ``vm.all``): a read of another's
-    is ``NotFound``, a change ``Forbidden`` (audited)."""
+    is ``NotFound``, a change ``Forbidden``."""
     if who.may("vm.all"):
         return
     owner = db.get(VMOwner, (cluster, vm))
@@ -251,9 +252,14 @@ def _check_owner(db: DB, who: Caller, cluster: str, vm: str, method: str, reques
         return
     if method == "GET":
         raise NotFound(f"no VM {vm!r} in cluster {cluster!r}", vm=vm, cluster=cluster)
-    why = f"forbidden: {who.user} does not own VM {vm} (role {who.role} lacks vm.all)"
-    record_apart(request, who.user, "vm.change", f"{cluster}/{vm}", {}, why)
-    raise Forbidden(f"user {who.user} may act only on its own VMs; {vm} is not one", vm=vm)
+    raise Forbidden(
+        f"user {who.user} may act only on its own VMs (role {who.role} lacks vm.all); "
+        f"{vm} is not one",
+        vm=vm,
+    )
+
+
+Call = tasks.ClusterCall | Callable[[], tasks.ClusterCall]
 
 
 def _task(
@@ -265,36 +271,34 @@ def _task(
     kind: str,
     cluster: str,
     target: str,
-    call: tasks.ClusterCall,
+    call: Call,
+    params: dict[str, Any] | None = None,
     vm: str | None = None,
     makes: str | None = None,
 ) -> TaskPublic:
-    """Check ownership, record the task and its audit record in the request's unit of
-    work, and wake the runner once that commits."""
-    if vm is not None:
-        _check_owner(db, who, cluster, vm, call.method, request)
+    """Check the request (``call`` may be a function that checks the body and makes the
+    request) and ownership, record the task and its audit record in the request's unit of
+    work, and wake the runner once that commits. A refusal is audited too."""
     now = center(request).clock.wall()
 
     def work() -> Task:
+        made = call() if callable(call) else call
+        if vm is not None:
+            _check_owner(db, who, cluster, vm, made.method)
         return tasks.submit(
             db,
             kind=kind,
             cluster=cluster,
             target=target,
             user=who.user,
-            call=call,
+            call=made,
             now=now,
             makes=tasks.Owned(cluster, makes) if makes else None,
         )
 
+    given = params if params is not None else (call.body if not callable(call) else None)
     made = audited(
-        request,
-        who.user,
-        kind,
-        f"{cluster}/{target}",
-        call.body or {},
-        work,
-        task_of=lambda t: t.id,
+        request, who.user, kind, f"{cluster}/{target}", given or {}, work, task_of=lambda t: t.id
     )
     submitted(request, background)
     return TaskPublic.of(made)
@@ -305,7 +309,7 @@ def _task(
     tags=["vms"],
     operation_id="create_cluster_vm",
     status_code=202,
-    responses=ACCEPTED,
+    responses=ACCEPTED_NEW,
 )
 def create_vm(
     cluster: str,
@@ -316,11 +320,14 @@ def create_vm(
     who: MayVMWrite,
 ) -> TaskPublic:
     """Create a VM in ``cluster`` (the cluster's ``POST /v1/vms``); its maker owns it."""
-    body.validate_fields()
-    call = tasks.ClusterCall("POST", "/v1/vms", body.model_dump(mode="json"))
+
+    def call() -> tasks.ClusterCall:
+        body.validate_fields()
+        return tasks.ClusterCall("POST", "/v1/vms", body.model_dump(mode="json"))
+
     return _task(
         request, background, db, who, kind="vm.create", cluster=cluster, target=body.name,
-        call=call, makes=body.name,
+        call=call, params=body.model_dump(mode="json"), makes=body.name,
     )  # fmt: skip
 
 
@@ -444,7 +451,7 @@ def rollback_vm(
     tags=["vms"],
     operation_id="clone_cluster_vm",
     status_code=202,
-    responses=ACCEPTED,
+    responses=ACCEPTED_NEW,
 )
 def clone_vm(
     cluster: str,
@@ -537,13 +544,16 @@ def create_volume(
     db: UnitOfWork,
     who: MayVolumeWrite,
 ) -> TaskPublic:
-    if body.replicas is not None and body.replicas not in (1, 2, 3):
-        raise InvalidInput("replicas", f"must be 1, 2 or 3, got {body.replicas}")
-    sent = {"name": body.name, "size": _size(body.size), "replicas": body.replicas}
-    call = tasks.ClusterCall("POST", "/v1/volumes", sent)
+
+    def call() -> tasks.ClusterCall:
+        if body.replicas is not None and body.replicas not in (1, 2, 3):
+            raise InvalidInput("replicas", f"must be 1, 2 or 3, got {body.replicas}")
+        sent = {"name": body.name, "size": _size(body.size), "replicas": body.replicas}
+        return tasks.ClusterCall("POST", "/v1/volumes", sent)
+
     return _task(
         request, background, db, who, kind="volume.create", cluster=cluster,
-        target=body.name, call=call,
+        target=body.name, call=call, params=body.model_dump(),
     )  # fmt: skip
 
 
@@ -563,10 +573,13 @@ def resize_volume(
     db: UnitOfWork,
     who: MayVolumeWrite,
 ) -> TaskPublic:
-    call = tasks.ClusterCall("POST", f"/v1/volumes/{name}/resize", {"size": _size(body.size)})
+
+    def call() -> tasks.ClusterCall:
+        return tasks.ClusterCall("POST", f"/v1/volumes/{name}/resize", {"size": _size(body.size)})
+
     return _task(
         request, background, db, who, kind="volume.resize", cluster=cluster, target=name,
-        call=call,
+        call=call, params=body.model_dump(),
     )  # fmt: skip
 
 

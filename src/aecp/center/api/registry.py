@@ -17,6 +17,7 @@ from aecp.center.api.deps import (
     UnitOfWork,
     audited,
     bearer,
+    caller,
     center,
     needs,
     outcome,
@@ -203,10 +204,11 @@ def move_cluster(
     "/clusters/{name}",
     operation_id="remove_cluster",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=error_responses(401, 403, 404),
+    responses=error_responses(401, 403, 404, 409),
 )
 async def remove_cluster(name: str, request: Request, reg: Reg, who: MayWrite) -> None:
-    """Stop managing the cluster (the cluster itself is not touched); its copy goes."""
+    """Stop managing the cluster (the cluster itself is not touched); its copy goes. Refused
+    (409) while tasks on it are unfinished."""
     syncer = getattr(request.app.state, "syncer", None)
     if syncer is not None:
         await syncer.forget(name)
@@ -217,7 +219,30 @@ async def remove_cluster(name: str, request: Request, reg: Reg, who: MayWrite) -
             request.state.db = db
             audited(request, who.user, "cluster.remove", name, {}, lambda: reg.remove(db, name))
 
-    await run_in_threadpool(remove)
+    try:
+        await run_in_threadpool(remove)
+    except AecpError:
+        if syncer is not None:  # still managed: its copy is kept current again
+            syncer.watch(name)
+        raise
+
+
+INVENTORY_ACTIONS = {
+    "node": ("cluster.read",),
+    "operation": ("cluster.read",),
+    "volume": ("volume.read",),
+    "template": ("vm.read",),
+    "vm": ("vm.read", "vm.all"),
+}
+
+
+def inventory_reader(request: Request, db: UnitOfWork) -> Caller:
+    """The caller, if its role has the actions of the kind asked for (checked before the
+    kind itself is: an unknown kind needs ``cluster.read``)."""
+    who = caller(request, db)
+    for action in INVENTORY_ACTIONS.get(request.path_params.get("kind", ""), ("cluster.read",)):
+        needs(action)(request, db)
+    return who
 
 
 class InventoryPublic(BaseModel):
@@ -237,11 +262,14 @@ def list_inventory(
     kind: Literal["node", "vm", "volume", "template", "operation"],
     request: Request,
     db: UnitOfWork,
-    who: MayRead,
+    who: Annotated[Caller, Depends(inventory_reader)],
     cluster: Annotated[str | None, Query(max_length=64)] = None,
 ) -> list[InventoryPublic]:
     """The center's copy of every cluster's objects of ``kind`` (each with the time it was
-    read: a cluster that is unreachable keeps its last copy, see its sync state)."""
+    read: a cluster that is unreachable keeps its last copy, see its sync state). The role
+    needs the kind's action: ``cluster.read`` (nodes, operations), ``volume.read``,
+    ``vm.read`` (templates) or ``vm.read`` with ``vm.all`` (VMs: ``GET /v1/vms`` shows a
+    user its own)."""
     inv: Inventory = request.app.state.inventory
     return [
         InventoryPublic(

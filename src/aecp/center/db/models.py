@@ -142,6 +142,7 @@ class Task(Base):
     cluster_operation: Mapped[str] = mapped_column(String(64), default="")
     sent: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    first_sent_at: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[float] = mapped_column(Float, index=True)
     started_at: Mapped[float] = mapped_column(Float, default=0.0)
     finished_at: Mapped[float] = mapped_column(Float, default=0.0)
