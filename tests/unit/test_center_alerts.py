@@ -218,7 +218,8 @@ def test_objects_are_read_into_findings_as_the_cluster_api_shows_them() -> None:
     ready = {
         "state": "ready",
         "capacity": cap,
-        "usage": {"memory_used_mib": 950, "disk_used_bytes": 100},
+        "usage": {"memory_used_mib": 1950, "disk_used_bytes": 100},  # the host's own use
+        "reserved_memory_mib": 950,  # what VMs hold of what the node offers
     }
     found = {(f.rule, f.value) for f in al.node_findings("c1", "n1", ready)}
     assert found == {("node_storage_use", 5.0), ("node_memory_use", 95.0)}
@@ -330,8 +331,13 @@ class World:
 
 def node(state: str = "ready", disk: float = 10.0, memory: float = 10.0) -> dict[str, Any]:
     cap = {"cpus": 4, "memory_mib": 1000, "disk_bytes": 1000}
-    usage = {"memory_used_mib": memory * 10, "disk_used_bytes": disk * 10}
-    return {"state": state, "capacity": cap, "usage": usage if state == "ready" else None}
+    usage = {"memory_used_mib": 2000, "disk_used_bytes": disk * 10}
+    return {
+        "state": state,
+        "capacity": cap,
+        "usage": usage if state == "ready" else None,
+        "reserved_memory_mib": memory * 10,
+    }
 
 
 @pytest.fixture

@@ -130,10 +130,10 @@ RULES: dict[str, RuleSpec] = {
         RuleSpec(
             "node_memory_use",
             "node",
-            "a node's memory is filling up",
-            "the memory of node {name} of cluster {cluster} is {value:.1f}% used",
-            "VMs may not start on it, and memory pressure slows those that run",
-            "move VMs to other nodes, or add memory",
+            "a node's memory is nearly all given to VMs",
+            "VMs hold {value:.1f}% of the memory node {name} of cluster {cluster} offers",
+            "new VMs, and VMs moved off a failed node, may find no room on it",
+            "move VMs to other nodes, stop some, or add memory",
             thresholds=_USE,
         ),
         RuleSpec(

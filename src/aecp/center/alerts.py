@@ -287,7 +287,9 @@ def node_findings(cluster: str, name: str, data: Mapping[str, Any]) -> list[Find
         why = "it reports no usage although it is ready"
         out.append(Finding("node_trouble", cluster, "node", name, detail=why))
     disk = _percent(usage, "disk_used_bytes", capacity, "disk_bytes")
-    memory = _percent(usage, "memory_used_mib", capacity, "memory_mib")
+    # memory: what VMs hold of what the node offers (a node may offer less than its host
+    # has, so the host's own use says nothing of room for VMs)
+    memory = _percent(data, "reserved_memory_mib", capacity, "memory_mib")
     out.append(Finding("node_storage_use", cluster, "node", name, disk))
     out.append(Finding("node_memory_use", cluster, "node", name, memory))
     return out
