@@ -1,5 +1,5 @@
 # AECP — the two commands a newcomer needs:
-#   make run    install what is missing, start the all-in-one lab (3 nodes) and a demo VM
+#   make run    install what is missing, start the lab: AOC and 2 clusters of 3 nodes, a demo VM on each
 #   make test   install what is missing, run every test (lint, types, unit, integration, e2e)
 # System packages come from Debian via apt (needs root); Python packages from PyPI, pinned in
 # requirements.lock, into .venv. Both targets are idempotent and fast the second time.
@@ -20,7 +20,7 @@ APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils qemu-block-extra busybox
 	bench-storage bench-center
 
 help:
-	@echo "make run    start the all-in-one lab (3 nodes) with a demo VM"
+	@echo "make run    start the lab: AOC, 2 clusters of 3 nodes, a demo VM on each"
 	@echo "make test   run every test"
 	@echo "make down   stop the lab"
 
@@ -91,10 +91,11 @@ run: deps
 	echo "Next:"; \
 	echo "  export PATH=$$PWD/$(VENV)/bin:\$$PATH     # put 'aecp' on your PATH"; \
 	echo "  aecp center cluster list            # c1 and c2, their data centers, their sync state"; \
-	echo "  aecp vm list                        # the demo VMs"; \
-	echo "  aecp node list                      # c1's nodes (c2: see 'aecp lab status')"; \
-	echo "  aecp vm console demo --log          # what c1's demo VM printed on its serial console"; \
-	echo "  aecp vm create web --memory 256     # another VM"; \
+	echo "  aecp vm list                        # the demo VMs of both clusters (a CLUSTER column)"; \
+	echo "  aecp --cluster c2 node list         # c2's nodes (every command goes through the center)"; \
+	echo "  aecp --cluster c1 vm console demo --log   # what c1's demo VM printed on its console"; \
+	echo "  aecp --cluster c2 vm create web --memory 256   # another VM: a task with a progress bar"; \
+	echo "  aecp center task list / alert list / audit     # tasks, open alerts, who did what"; \
 	echo "  aecp lab status / aecp lab down     # the lab's processes / stop everything"
 
 bench-storage: deps
