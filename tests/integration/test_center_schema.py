@@ -1,7 +1,8 @@
 """Schemathesis over the center's OpenAPI document (a real center process, real SQLite): generated
 requests, conforming and not, with a root session, get no 5xx and no status the document
-does not declare, and a 4xx changes nothing stored; a login with generated bodies never
-answers anything but 200, 401 or 422."""
+does not declare, a 4xx changes nothing stored, and every change that succeeds leaves
+exactly one audit record; a login with generated bodies never answers anything but 200,
+401 or 422."""
 
 from __future__ import annotations
 
@@ -60,6 +61,14 @@ def stored(center: CenterProcess) -> dict[str, list[Any]]:
         db.close()
 
 
+def audit_count(center: CenterProcess) -> int:
+    db = sqlite3.connect(f"file:{center.data_dir / 'center.db'}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT count(*) FROM audit").fetchone()[0])
+    finally:
+        db.close()
+
+
 def _explore_all(center: CenterProcess) -> None:
     password = (center.data_dir / "root-password").read_text().strip()
     session = requests.Session()
@@ -86,13 +95,16 @@ def _explore_all(center: CenterProcess) -> None:
             )
             @hypothesis.given(case=op.as_strategy(generation_mode=mode))
             def explore(case: Any) -> None:
-                before = stored(center)
+                before, audited_before = stored(center), audit_count(center)
                 response = case.call(base_url=center.url, session=session, headers=auth, timeout=30)
                 case.validate_response(
                     response, checks=[not_a_server_error, status_code_conformance]
                 )
                 if 400 <= response.status_code < 500:
                     assert stored(center) == before, f"{response.status_code} changed state"
+                if case.method != "GET" and 200 <= response.status_code < 300:
+                    added = audit_count(center) - audited_before
+                    assert added == 1, f"a change left {added} audit records, not one"
 
             try:
                 explore()
