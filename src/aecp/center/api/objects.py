@@ -59,20 +59,20 @@ class NewName(BaseModel):
     name: Name
 
 
-class VMCloneBody(BaseModel):
+class VMClone(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Name = Field(description="the new VM's name")
     start: StrictBool = True
 
 
-class VolumeCreateBody(BaseModel):
+class VolumeCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Name
     size: StrictInt | str = Field(description="bytes, or a size like 10G, 512M")
     replicas: StrictInt | None = Field(None, description="1, 2 or 3 (default: by node count)")
 
 
-class VolumeResizeBody(BaseModel):
+class VolumeResize(BaseModel):
     model_config = ConfigDict(extra="forbid")
     size: StrictInt | str = Field(description="bytes, or a size like 10G, 512M")
 
@@ -456,7 +456,7 @@ def rollback_vm(
 def clone_vm(
     cluster: str,
     name: Name,
-    body: VMCloneBody,
+    body: VMClone,
     request: Request,
     background: BackgroundTasks,
     db: UnitOfWork,
@@ -538,7 +538,7 @@ def _size(value: int | str) -> int:
 )
 def create_volume(
     cluster: str,
-    body: VolumeCreateBody,
+    body: VolumeCreate,
     request: Request,
     background: BackgroundTasks,
     db: UnitOfWork,
@@ -567,7 +567,7 @@ def create_volume(
 def resize_volume(
     cluster: str,
     name: Name,
-    body: VolumeResizeBody,
+    body: VolumeResize,
     request: Request,
     background: BackgroundTasks,
     db: UnitOfWork,
