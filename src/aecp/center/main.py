@@ -103,3 +103,6 @@ async def serve(app: FastAPI, settings: CenterSettings) -> None:
         await runner.close()
         await syncer.close()
         await alerting.close()
+        shared = getattr(app.state, "shared_http", None)
+        if shared is not None:
+            await shared.aclose()

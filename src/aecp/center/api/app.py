@@ -410,7 +410,7 @@ def create_app(
         user: Annotated[str | None, Query(max_length=64)] = None,
         action: Annotated[str | None, Query(max_length=64)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        before: Annotated[int | None, Query(ge=1)] = None,
+        before: Annotated[int | None, Query(ge=1, le=2**62)] = None,
     ) -> list[AuditPublic]:
         """Newest first; ``before``: the ``id`` of the last record of the page before."""
         return [AuditPublic.of(a) for a in audit.records(db, user, action, limit, before)]
