@@ -16,10 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import Response
 
+from aecp.center.accounts import Caller
+from aecp.center.db.models import InventoryObject, VMOwner
 from aecp.center.main import bootstrap
 from aecp.center.settings import CenterSettings
-from aecp.center.web import live
+from aecp.center.web import live, remote
 from aecp.cluster.api.app import create_app as cluster_app
 from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.vms import VMService
@@ -333,6 +336,20 @@ async def test_users_and_roles_are_administered_through_the_forms(
 
 
 # ---- live updates ---------------------------------------------------------------------------
+def request_of(console: Console) -> Any:
+    class Req:  # what ``changes`` reads of a request: the app
+        app = console.app
+
+    return Req
+
+
+async def caller_of(console: Console, http: httpx.AsyncClient) -> Caller:
+    c = console.app.state.center
+    with c.sessions() as db:
+        who: Caller = c.accounts.caller(db, http.cookies["aoc_session"])
+    return who
+
+
 async def test_the_live_events_name_the_topics_that_changed(
     console: Console, root: httpx.AsyncClient, clock: FakeClock
 ) -> None:
@@ -342,10 +359,10 @@ async def test_the_live_events_name_the_topics_that_changed(
     since = live.decode(m.group(1))
     assert set(since) == set(live.TOPICS)
 
-    class Req:  # what ``changes`` reads of a request: the app
-        app = console.app
+    Req = request_of(console)
 
-    stream = live.changes(Req(), root.cookies["aoc_session"], since)  # type: ignore[arg-type]
+    who = await caller_of(console, root)
+    stream = live.changes(Req(), root.cookies["aoc_session"], who, since)
     try:
         assert (await anext(stream)).startswith("retry:")
         form = {"name": "db", "image": "tiny", "memory_mib": "128"}
@@ -376,3 +393,236 @@ def test_no_template_has_an_inline_script_or_style() -> None:
         )
     ]
     assert found == []
+
+
+# ---- what each role may read (review fixes) -------------------------------------------------
+async def make_role(console: Console, name: str, *actions: str) -> None:
+    body = {"name": name, "actions": ["session.read", *actions]}
+    r = await console.api("POST", "/v1/roles", json=body)
+    assert r.status_code == 201, r.text
+
+
+async def test_the_cluster_page_shows_only_what_the_role_may_read(console: Console) -> None:
+    """Nodes need ``cluster.read``; VMs ``vm.read`` (a user's own, without ``vm.all``);
+    volumes ``volume.read``; templates ``vm.read``: as the API's inventory and ``list_vms``."""
+    r = await console.c1.post("/v1/volumes", json={"name": "scratch", "size": 1 << 20})
+    assert r.status_code == 201, r.text
+    r = await console.c1.post("/v1/vms", json={"name": "mine", "image": "tiny", "start": False})
+    assert r.status_code == 202, r.text
+    with console.app.state.center.sessions.begin() as db:
+        db.add(VMOwner(cluster="c1", vm="mine", user="nic"))
+    await console.app.state.inventory.resync("c1")
+    await make_role(console, "watcher", "cluster.read")
+    await make_role(console, "owner", "cluster.read", "vm.read")
+    await make_role(console, "storage", "cluster.read", "volume.read")
+
+    async with user_browser(console, "wes", "watcher") as wes:
+        page = await wes.get("/ui/clusters/c1")
+        assert page.status_code == 200 and 'data-node="n1"' in page.text
+        assert "data-vm=" not in page.text and "data-volume=" not in page.text
+        assert "Templates" not in page.text
+        for part in ("vms", "volumes"):
+            r = await wes.get("/ui/clusters/c1", params={"part": part})
+            assert r.status_code == 403 and "data-v" not in r.text, part
+    async with user_browser(console, "nic", "owner") as nic:
+        page = await nic.get("/ui/clusters/c1")
+        assert 'data-vm="mine"' in page.text and 'data-vm="web"' not in page.text
+        assert "data-volume=" not in page.text and "Templates" in page.text
+        vms = await nic.get("/ui/clusters/c1", params={"part": "vms"})
+        assert 'data-vm="mine"' in vms.text and 'data-vm="web"' not in vms.text
+    async with user_browser(console, "sam", "storage") as sam:
+        page = await sam.get("/ui/clusters/c1")
+        assert 'data-volume="scratch"' in page.text and "data-vm=" not in page.text
+
+
+async def test_a_vm_page_shows_disks_and_cluster_operations_only_to_roles_that_read_them(
+    console: Console, root: httpx.AsyncClient
+) -> None:
+    assert "Cluster operations" in (await root.get("/ui/clusters/c1/vms/web")).text
+    await make_role(console, "viewer", "vm.read", "vm.all", "task.read")
+    async with user_browser(console, "vic", "viewer") as vic:
+        page = await vic.get("/ui/clusters/c1/vms/web")
+        assert page.status_code == 200 and "VM web" in page.text
+        assert 'id="disks"' not in page.text and "Cluster operations" not in page.text
+        assert (
+            await vic.get("/ui/clusters/c1/vms/web", params={"part": "disks"})
+        ).status_code == 403
+        tasks = await vic.get("/ui/clusters/c1/vms/web", params={"part": "tasks"})
+        assert tasks.status_code == 200 and "Cluster operations" not in tasks.text
+
+
+# ---- live updates: one poller, keyed versions, each role its topics -------------------------
+async def test_a_role_hears_only_of_the_topics_it_may_read(
+    console: Console, root: httpx.AsyncClient
+) -> None:
+    async with user_browser(console, "eve", "AUDITOR") as eve:
+        page = (await eve.get("/ui/audit")).text
+        m = re.search(r'data-since="([^"]*)"', page)
+        assert m is not None
+        since = live.decode(m.group(1))
+        assert set(since) == {"audit"}
+        who = await caller_of(console, eve)
+        stream = live.changes(request_of(console), eve.cookies["aoc_session"], who, since)
+        try:
+            assert (await anext(stream)).startswith("retry:")
+            form = {"name": "db", "image": "tiny", "memory_mib": "128"}
+            await root.post("/ui/clusters/c1/vms", data=form, headers=SAME_SITE)  # tasks, audit
+            event = await anext(stream)
+            assert '"topics": ["audit"]' in event, event
+            assert set(live.decode(event.split("\n")[0].removeprefix("id: "))) == {"audit"}
+        finally:
+            await stream.aclose()
+    async with user_browser(console, "val", "VM_USER") as val:
+        page = (await val.get("/ui/vms")).text
+        m = re.search(r'data-since="([^"]*)"', page)
+        assert m is not None and set(live.decode(m.group(1))) == {"inventory", "tasks"}
+
+
+async def test_the_versions_are_keyed_digests_under_a_random_key_of_the_process(
+    console: Console, root: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    who = await caller_of(console, root)
+    c = console.app.state.center
+    with c.sessions() as db:
+        first = live.versions(db, who, c.clock.wall())
+        monkeypatch.setattr(live, "KEY", b"another key of 32 bytes, really")
+        second = live.versions(db, who, c.clock.wall())
+    assert set(first) == set(live.TOPICS) == set(second)
+    assert all(first[t] != second[t] for t in first)  # nothing in them but the key's digest
+    assert all(re.fullmatch("[0-9a-f]{16}", v) for v in first.values())
+
+
+async def test_the_inventory_version_says_a_change_at_once_and_drifting_figures_by_step(
+    console: Console, root: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """A node's heartbeat rewrites its copy every few seconds: its figures count in steps of
+    ``AGE_STEP`` (and are never lost in one); a node's state, a VM, at once."""
+    who = await caller_of(console, root)
+    c = console.app.state.center
+
+    def version() -> str:
+        with c.sessions() as db:
+            return live.versions(db, who, clock.wall())["inventory"]
+
+    def rewrite(kind: str, name: str, **changes: Any) -> None:
+        with c.sessions.begin() as db:
+            row = db.get(InventoryObject, ("c1", kind, name))
+            row.synced_at = clock.wall()
+            for column, value in changes.items():
+                setattr(row, column, value)
+
+    assert clock.wall() % live.AGE_STEP < live.AGE_STEP - 3  # the steps below stay in one
+    first = version()
+    await clock.advance(1)
+    rewrite("node", "n1")  # a heartbeat, within the step
+    assert version() == first
+    rewrite("node", "n1", state="unreachable")
+    second = version()
+    assert second != first
+    await clock.advance(1)
+    rewrite("vm", "web", state="running")
+    third = version()
+    assert third != second
+    await clock.advance(live.AGE_STEP)  # no copy came for a step: the last one shows
+    settled = version()
+    assert settled != third
+    await clock.advance(live.AGE_STEP)
+    assert version() == settled
+
+
+async def test_one_poller_reads_the_versions_for_every_stream_and_stops_with_the_last(
+    console: Console, root: httpx.AsyncClient, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[int] = []
+    original = live.read
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        reads.append(1)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(live, "read", counted)
+    who = await caller_of(console, root)
+    token = root.cookies["aoc_session"]
+    poller: live.Poller = console.app.state.live
+    streams = [live.changes(request_of(console), token, who, {}) for _ in range(5)]
+    try:
+        for s in streams:
+            assert (await anext(s)).startswith("retry:")
+        events = await asyncio.gather(*(anext(s) for s in streams))
+        assert all("event: change" in e for e in events)
+        assert len(reads) == 1  # one read of the database for the five streams
+        assert poller.running
+        pending = [asyncio.ensure_future(anext(s)) for s in streams]
+        await clock.until_sleeping()
+        await clock.advance(live.POLL_EVERY)  # one more read, nothing changed: no event yet
+        await asyncio.sleep(0.2)
+        assert len(reads) == 2 and not any(p.done() for p in pending)
+        for p in pending:
+            p.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    finally:
+        for s in streams:
+            await s.aclose()
+    assert not poller.running  # the last stream gone: so is the poller
+
+
+async def test_the_script_lets_go_of_its_stream_and_falls_back_to_a_slow_refresh(
+    root: httpx.AsyncClient,
+) -> None:
+    """A browser opens 6 connections to a host: a page must not hold one once it is gone or
+    hidden, and must still refresh (slowly) when its stream cannot be opened."""
+    js = (await root.get("/ui/static/console.js")).text
+    assert "pagehide" in js and "visibilitychange" in js and ".close()" in js
+    assert "FALLBACK_EVERY" in js and "document.hidden" in js
+    vm = (await root.get("/ui/clusters/c1/vms/web")).text
+    assert 'data-every="5"' in vm and 'data-every="2"' not in vm  # the console log: 5 s
+
+
+# ---- input that once made a 500 ---------------------------------------------------------------
+async def test_numbers_out_of_range_are_refused_not_a_500(root: httpx.AsyncClient) -> None:
+    r = await root.post("/ui/alerts/9223372036854775808/acknowledge", headers=SAME_SITE)
+    assert r.status_code in (404, 422), r.status_code
+    r = await root.post("/ui/alerts/0/acknowledge", headers=SAME_SITE)
+    assert r.status_code in (404, 422), r.status_code
+    for before in ("1e30", "9223372036854775808", "0"):
+        r = await root.get("/ui/audit", params={"before": before})
+        assert r.status_code == 422, (before, r.status_code)
+
+
+@pytest.mark.parametrize(
+    ("body", "media_type"),
+    [
+        (b"{not json", "application/json"),
+        (b'{"snapshots": 1}', "application/json"),
+        (b"3", "application/json"),
+        (b"a page of text", "text/plain"),
+    ],
+)
+async def test_a_cluster_answer_of_an_unexpected_shape_is_said_not_a_500(
+    root: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, body: bytes, media_type: str
+) -> None:
+    async def answer(cluster: str, path: str, request: Any) -> Response:
+        return Response(body, media_type=media_type)
+
+    monkeypatch.setattr(remote, "read_cluster", answer)
+    page = await root.get("/ui/clusters/c1/vms/web")
+    assert page.status_code == 200, page.text[-2000:]
+    assert "unreadable" in page.text
+
+
+async def test_snapshots_with_missing_or_odd_fields_are_shown_as_far_as_they_go(
+    root: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    odd = b'[{"name": "s1"}, {"name": "s2", "volumes": 5, "created_at": "soon"}, 3, null]'
+
+    async def answer(cluster: str, path: str, request: Any) -> Response:
+        if "snapshots" in path:
+            return Response(odd, media_type="application/json")
+        return Response(b'{"log": "not text"}', media_type="application/json")
+
+    monkeypatch.setattr(remote, "read_cluster", answer)
+    page = await root.get("/ui/clusters/c1/vms/web")
+    assert page.status_code == 200, page.text[-2000:]
+    assert "<td>s1</td>" in page.text and "<td>s2</td>" in page.text
+    part = await root.get("/ui/clusters/c1/vms/web", params={"part": "console"})
+    assert part.status_code == 200 and "unreadable" in part.text

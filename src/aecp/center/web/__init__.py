@@ -17,7 +17,9 @@ from aecp.center.web import forms, live, pages
 
 
 def mount(app: FastAPI) -> None:
-    """Serve the console's pages, forms, events and static files from ``app``."""
+    """Serve the console's pages, forms, events and static files from ``app`` (the events
+    of every stream read by one poller, ``live.Poller``)."""
+    app.state.live = live.Poller(app.state.center)
     app.include_router(pages.router)
     app.include_router(forms.router)
     app.include_router(live.router)

@@ -1,18 +1,13 @@
-"""Alerts as the console shows them: listed by the API's own ``list_alerts`` (newest first),
-and a version of the alerts table for the live updates (``live``)."""
+"""Alerts as the console shows them: listed by the API's own ``list_alerts`` (newest first)."""
 
 from __future__ import annotations
 
-import hashlib
-
 from fastapi import Request
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session as DB
 
 from aecp.center.accounts import Caller
 from aecp.center.alerts import RULES
 from aecp.center.api import alerts as alert_api
-from aecp.center.db.models import Alert
 
 SHOWN = 200
 # the rules whose alerts a person resolves (a failed task: "handled"); others resolve alone
@@ -27,10 +22,3 @@ def alert_rows(
         return alert_api.list_alerts(request, db, who, state="open", limit=SHOWN)
     found = alert_api.list_alerts(request, db, who, limit=SHOWN)
     return sorted(found, key=lambda a: a.state != "open")
-
-
-def alerts_version(db: DB) -> str:
-    row = db.execute(
-        select(func.count(), func.max(Alert.id), func.max(Alert.updated_at)).select_from(Alert)
-    ).one()
-    return hashlib.sha256(repr(tuple(row)).encode()).hexdigest()[:12]

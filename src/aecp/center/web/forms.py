@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, Path, Request
 from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 
@@ -184,7 +184,12 @@ def cancel_task(task_id: str, request: Request, db: UnitOfWork, who: MayTaskWrit
 
 
 @router.post("/ui/alerts/{alert_id}/acknowledge")
-def acknowledge_alert(alert_id: int, request: Request, db: UnitOfWork, who: MayAlertWrite) -> Any:
+def acknowledge_alert(
+    alert_id: Annotated[int, Path(ge=1, le=2**62)],
+    request: Request,
+    db: UnitOfWork,
+    who: MayAlertWrite,
+) -> Any:
     """The API's ``POST /v1/alerts/{id}/acknowledge`` (an alert of a failed task)."""
     alert_api.acknowledge_alert(alert_id, request, db, who)
     return done(back(request, "/ui/alerts"), f"alert {alert_id} acknowledged")

@@ -29,7 +29,7 @@ from aecp.center.web import live, remote, views
 from aecp.center.web.alerts import ACKNOWLEDGED, alert_rows
 from aecp.center.web.auth import COOKIE, may
 from aecp.center.web.render import WebRoute, redirect, render, safe_next
-from aecp.common.errors import NotFound, Unauthorized
+from aecp.common.errors import Forbidden, NotFound, Unauthorized
 from aecp.model.vm import PowerOp
 
 router = APIRouter(include_in_schema=False, route_class=WebRoute)
@@ -92,9 +92,22 @@ def page(
     return render(request, f"parts/{template}_{part}.html", **context)
 
 
+def may_part(who: Caller, part: str | None, needs: dict[str, str]) -> None:
+    """``Forbidden`` if part ``part`` of a page shows what ``who`` may not read (the API's
+    answer to the same read)."""
+    action = needs.get(part or "")
+    if action is not None and not who.may(action):
+        raise Forbidden(
+            f"user {who.user} (role {who.role}) may not {action}", needs=action, role=who.role
+        )
+
+
 def live_since(request: Request) -> str:
-    with center(request).sessions() as db:
-        return live.encode(live.versions(db))
+    """The versions of the live topics the caller may hear of, now."""
+    who: Caller = request.state.caller
+    c = center(request)
+    with c.sessions() as db:
+        return live.encode(live.versions(db, who, c.clock.wall()))
 
 
 def tasks_of(db: UnitOfWork, who: Caller, **filters: Any) -> tuple[list[Any], int]:
@@ -156,7 +169,10 @@ def dashboard(request: Request, db: UnitOfWork, who: MaySession, part: Part = No
 def cluster_page(
     name: str, request: Request, db: UnitOfWork, who: MayCluster, part: Part = None
 ) -> Any:
-    data = views.cluster_page(db, _registry(request), _inventory(request), name)
+    """Nodes (``cluster.read``), and what else the role may read: VMs (``vm.read``: its
+    own only, without ``vm.all``), volumes (``volume.read``), templates (``vm.read``)."""
+    may_part(who, part, {"vms": "vm.read", "volumes": "volume.read", "tasks": "task.read"})
+    data = views.cluster_page(db, _registry(request), _inventory(request), name, who)
     return page(
         request,
         "cluster",
@@ -184,7 +200,9 @@ def vms_page(
 async def vm_page(
     cluster: str, name: str, request: Request, db: UnitOfWork, who: MayVM, part: Part = None
 ) -> Any:
-    """A VM: its state and power buttons, disks, snapshots, tasks, and its serial console."""
+    """A VM: its state and power buttons, disks (``volume.read``), snapshots, tasks (and the
+    cluster's operations on it: ``cluster.read``), and its serial console."""
+    may_part(who, part, {"disks": "volume.read", "tasks": "task.read"})
 
     def local() -> dict[str, Any]:
         vm = object_api.get_vm(cluster, name, db, who).model_dump()
@@ -192,8 +210,10 @@ async def vm_page(
         return {
             "vm": vm,
             "power": power_ops(vm),
-            "disks": views.disks_of(db, inv, cluster, name),
-            "operations": views.operations_on(db, inv, cluster, name),
+            "disks": views.disks_of(db, inv, cluster, name) if who.may("volume.read") else [],
+            "operations": views.operations_on(db, inv, cluster, name)
+            if who.may("cluster.read")
+            else [],
             "tasks": tasks_of(db, who, cluster=cluster, target=name, limit=10)[0]
             if who.may("task.read")
             else [],
@@ -290,7 +310,7 @@ def audit_page(
     part: Part = None,
     user: Annotated[str | None, Query(max_length=64)] = None,
     action: Annotated[str | None, Query(max_length=64)] = None,
-    before: Annotated[int | None, Query(ge=1)] = None,
+    before: Annotated[int | None, Query(ge=1, le=2**62)] = None,
 ) -> Any:
     """Newest first, a page at a time (``before``: the last id of the page before)."""
     found = audit.records(db, user or None, action or None, PAGE, before)

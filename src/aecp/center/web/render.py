@@ -4,15 +4,17 @@ Templates and static files are package data (``aecp.center.web``: ``templates/``
 ``static/``). Every HTML answer forbids framing and any script or style but the console's own
 files (``Content-Security-Policy``). ``WebRoute`` turns what a route raises into what a
 browser expects: no session is a redirect to the login page; a refusal (403), a missing object
-(404) or an error on a page is an error page with that status; a refused form (a name taken,
-a field wrong) goes back to the page it came from with the reason shown once (a "flash"
-cookie).
+(404), an address with a parameter out of bounds (422: no form can mend it) or an error on a
+page is an error page with that status; a refused form (a name taken, a field wrong) goes back
+to the page it came from with the reason shown once (a "flash" cookie). Filters show what a
+cluster sent that is not a figure as ``-``.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -42,11 +44,19 @@ SECURITY_HEADERS = {
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
-def size(n: float | int | None) -> str:
-    """``1073741824`` → ``1.0 GiB``."""
-    if n is None:
-        return "-"
+def figure(n: Any) -> float | None:
+    """A number a cluster sent, or ``None`` if it sent something else (shown as ``-``)."""
+    if isinstance(n, bool) or not isinstance(n, int | float):
+        return None
     v = float(n)
+    return v if math.isfinite(v) else None
+
+
+def size(n: Any) -> str:
+    """``1073741824`` → ``1.0 GiB``."""
+    v = figure(n)
+    if v is None:
+        return "-"
     for unit in UNITS:
         if abs(v) < 1024 or unit == UNITS[-1]:
             return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
@@ -54,26 +64,37 @@ def size(n: float | int | None) -> str:
     return "-"
 
 
-def mib(n: float | int | None) -> str:
-    return "-" if n is None else size(float(n) * 1024 * 1024)
+def mib(n: Any) -> str:
+    v = figure(n)
+    return "-" if v is None else size(v * 1024 * 1024)
 
 
-def utc(ts: float | None) -> str:
-    if not ts:
+def utc(ts: Any) -> str:
+    t = figure(ts)
+    if not t:
         return "-"
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):  # a time no calendar holds
+        return "-"
 
 
-def ago(ts: float | None, now: float) -> str:
-    if not ts:
+def ago(ts: Any, now: float) -> str:
+    t = figure(ts)
+    if not t:
         return "never"
-    seconds = now - ts
+    seconds = now - t
     if seconds < 0:
         return "just now"
     for limit, unit, div in ((60, "s", 1), (3600, "min", 60), (86400, "h", 3600)):
         if seconds < limit:
             return f"{seconds / div:.0f} {unit} ago"
     return f"{seconds / 86400:.0f} d ago"
+
+
+def mapping(value: Any) -> dict[str, Any]:
+    """``value`` if a cluster sent a mapping there, else an empty one (``.get`` works)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _environment() -> jinja2.Environment:
@@ -84,7 +105,7 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(size=size, mib=mib, utc=utc)
+    env.filters.update(size=size, mib=mib, utc=utc, mapping=mapping)
     env.globals.update(version=__version__, quote=quote)
     return env
 
@@ -189,9 +210,10 @@ class WebRoute(APIRoute):
                 return to_login(request)
             except AecpError as exc:
                 return failed(request, exc)
-            except RequestValidationError as exc:
+            except RequestValidationError as exc:  # the address: no form can mend it
                 where = ", ".join(".".join(map(str, e.get("loc", ()))) for e in exc.errors())
-                return failed(request, _Invalid(f"invalid request: {where}"))
+                invalid = _Invalid(f"invalid request: {where}")
+                return render(request, "error.html", invalid.http_status, error=invalid)
 
         return guarded
 

@@ -2,9 +2,10 @@
 uses (the registry, the inventory, the accounts, the audit trail).
 
 Each function takes the request's unit of work and returns plain values for a template; none
-changes anything. A cluster's health is read off the center's copy: ``unreachable`` when
-the center cannot read it, ``new`` before its first read, ``degraded`` when a node is not
-ready or a volume is not healthy, else ``ok``.
+changes anything. What a role may not read through the API is not read for it here either
+(``cluster_page``: the API's ``INVENTORY_ACTIONS`` and ``list_vms``). A cluster's health is
+read off the center's copy: ``unreachable`` when the center cannot read it, ``new`` before
+its first read, ``degraded`` when a node is not ready or a volume is not healthy, else ``ok``.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi import Response
 from sqlalchemy.orm import Session as DB
 
+from aecp.center.accounts import Caller
+from aecp.center.api import objects as object_api
 from aecp.center.db.models import Cluster, ClusterSync
 from aecp.center.inventory import Inventory
 from aecp.center.registry import Registry
+
+VM_PAGE = 1000  # VMs read at a time (the most ``GET /v1/vms`` answers)
 
 
 @dataclass(frozen=True)
@@ -75,8 +81,13 @@ class Totals:
 
 
 def objects(db: DB, inventory: Inventory, kind: str, cluster: str) -> list[dict[str, Any]]:
-    """The center's copy of ``cluster``'s objects of ``kind``, as the cluster shows them."""
-    return [json.loads(o.data) for o in inventory.objects(db, kind, cluster)]
+    """The center's copy of ``cluster``'s objects of ``kind``, as the cluster shows them
+    (each a mapping with its name, whatever else the cluster said)."""
+    found = []
+    for o in inventory.objects(db, kind, cluster):
+        data = json.loads(o.data)
+        found.append({**data, "name": o.name} if isinstance(data, dict) else {"name": o.name})
+    return found
 
 
 def cluster_row(db: DB, inventory: Inventory, c: Cluster) -> ClusterRow:
@@ -125,27 +136,45 @@ def totals(dcs: list[DatacenterRow]) -> Totals:
 
 @dataclass(frozen=True)
 class ClusterPage:
+    """What a cluster's page shows its caller: ``None`` for what its role may not read."""
+
     row: ClusterRow
     nodes: list[dict[str, Any]]
-    vms: list[dict[str, Any]]
-    volumes: list[dict[str, Any]]
-    templates: list[dict[str, Any]]
-    operations: list[dict[str, Any]]
+    vms: list[dict[str, Any]] | None
+    volumes: list[dict[str, Any]] | None
+    templates: list[dict[str, Any]] | None
 
 
-def cluster_page(db: DB, registry: Registry, inventory: Inventory, name: str) -> ClusterPage:
-    """``NotFound`` for a cluster that is not registered."""
+def cluster_page(
+    db: DB, registry: Registry, inventory: Inventory, name: str, who: Caller
+) -> ClusterPage:
+    """``NotFound`` for a cluster that is not registered. Each kind is read as the API reads
+    it for ``who`` (``INVENTORY_ACTIONS``): nodes with ``cluster.read`` (the page's own
+    action), VMs with ``vm.read`` through ``list_vms`` (its own only, without ``vm.all``),
+    volumes with ``volume.read``, templates with ``vm.read``."""
     c = registry.cluster(db, name)
-    operations = objects(db, inventory, "operation", name)
-    operations.sort(key=lambda o: o.get("created_at", 0.0), reverse=True)
     return ClusterPage(
         row=cluster_row(db, inventory, c),
         nodes=objects(db, inventory, "node", name),
-        vms=objects(db, inventory, "vm", name),
-        volumes=objects(db, inventory, "volume", name),
-        templates=objects(db, inventory, "template", name),
-        operations=operations[:20],
+        vms=vms_of(db, who, name) if who.may("vm.read") else None,
+        volumes=objects(db, inventory, "volume", name) if who.may("volume.read") else None,
+        templates=objects(db, inventory, "template", name) if who.may("vm.read") else None,
     )
+
+
+def vms_of(db: DB, who: Caller, cluster: str | None = None) -> list[dict[str, Any]]:
+    """The VMs ``who`` may see (``GET /v1/vms``: its own only, without ``vm.all``), every
+    page of them."""
+    found: list[dict[str, Any]] = []
+    while True:
+        answer = Response()
+        page = object_api.list_vms(
+            db, who, answer, cluster=cluster, state=None, node=None, name=None,
+            sort="name", limit=VM_PAGE, offset=len(found),
+        )  # fmt: skip
+        found.extend(v.model_dump() for v in page)
+        if len(page) < VM_PAGE or len(found) >= int(answer.headers["X-Total-Count"]):
+            return found
 
 
 def disks_of(db: DB, inventory: Inventory, cluster: str, vm: str) -> list[dict[str, Any]]:
@@ -154,12 +183,14 @@ def disks_of(db: DB, inventory: Inventory, cluster: str, vm: str) -> list[dict[s
     mine = []
     for v in objects(db, inventory, "volume", cluster):
         owner = v.get("owner") or {}
+        if not isinstance(owner, dict):
+            continue
         name = str(v.get("name", ""))
         if (owner.get("kind") == "vm" and owner.get("name") == vm) or (
             not owner and (name == f"{vm}-boot" or name.startswith(f"{vm}-data"))
         ):
             mine.append(v)
-    mine.sort(key=lambda v: (not str(v["name"]).endswith("-boot"), v["name"]))
+    mine.sort(key=lambda v: (not str(v.get("name", "")).endswith("-boot"), str(v.get("name"))))
     return mine
 
 
@@ -167,5 +198,10 @@ def operations_on(
     db: DB, inventory: Inventory, cluster: str, target: str, limit: int = 10
 ) -> list[dict[str, Any]]:
     ops = [o for o in objects(db, inventory, "operation", cluster) if o.get("target") == target]
-    ops.sort(key=lambda o: o.get("created_at", 0.0), reverse=True)
+    ops.sort(key=lambda o: number(o.get("created_at")), reverse=True)
     return ops[:limit]
+
+
+def number(value: Any) -> float:
+    """A figure the cluster sent, or 0 if it is not one."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
