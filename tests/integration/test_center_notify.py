@@ -1,15 +1,21 @@
 """Notifications end to end, against real receivers that the tests start on loopback: a webhook
-(an HTTP server that refuses the first attempt, so the retry with backoff is seen) and an SMTP
-server (aiosmtpd, with a login). The alerts come from the center's own loop over a real
-database, in virtual time; the messages go over real sockets."""
+(an HTTP server that refuses the first attempt, so the retry with backoff is seen), an SMTP
+server (aiosmtpd, with STARTTLS under a test CA and a login), and a tarpit that takes a
+connection and never answers (the send's deadline, on the center's clock, ends it). The
+alerts come from the center's own loop over a real database, in virtual time; the messages go
+over real sockets. The center allows private webhook targets here (its receivers are on
+loopback), as a lab would."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email
 import email.policy
 import json
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import AsyncIterator, Iterator
 from email.message import EmailMessage
@@ -24,12 +30,14 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from sqlalchemy import select
 
+from aecp.center import notify
 from aecp.center.alerts import Alerting, AlertSettings
 from aecp.center.db.models import Notification
 from aecp.center.main import bootstrap
-from aecp.center.notify import Outbox
+from aecp.center.notify import Outbox, SmtpChannel, WebhookChannel
 from aecp.center.settings import CenterSettings
 from aecp.common.clock import FakeClock
+from tests.pkikit import TestPKI
 
 pytestmark = pytest.mark.integration
 MAIL_USER, MAIL_PASSWORD = "aoc", "Mail-Pass-4711"
@@ -114,15 +122,25 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def mailbox() -> Iterator[tuple[Mailbox, int]]:
+def pki(tmp_path: Path) -> TestPKI:
+    return TestPKI(tmp_path / "pki", address="127.0.0.1")
+
+
+@pytest.fixture
+def mailbox(pki: TestPKI) -> Iterator[tuple[Mailbox, int]]:
     box = Mailbox()
     port = free_port()
+    server = pki.node("smtp")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(server.cert_file, server.key_file)
     controller = Controller(
         box,
         hostname="127.0.0.1",
         port=port,
         authenticator=box.authenticate,
-        auth_require_tls=False,  # loopback only; STARTTLS is the notifier's option
+        tls_context=tls,
+        require_starttls=True,  # nothing, a login least of all, before STARTTLS
+        auth_require_tls=True,
     )
     controller.start()
     try:
@@ -146,13 +164,58 @@ class Aoc:
             return list(db.scalars(select(Notification).order_by(Notification.id)))
 
 
+class Tarpit(threading.Thread):
+    """Takes one connection and never says a word; ``accepted`` once it has it, ``closed``
+    once the client has let go of it."""
+
+    def __init__(self) -> None:
+        super().__init__(name="tarpit", daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.accepted, self.closed = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            self.accepted.set()
+            while conn.recv(4096):
+                pass  # a request, unanswered
+            self.closed.set()
+
+
 @pytest.fixture
-async def aoc(tmp_path: Path) -> AsyncIterator[Aoc]:
+def tarpit() -> Iterator[Tarpit]:
+    t = Tarpit()
+    t.start()
+    try:
+        yield t
+    finally:
+        with contextlib.suppress(OSError):  # never connected to: let the thread go
+            socket.create_connection(("127.0.0.1", t.port), timeout=5).close()
+        t.join(timeout=10)
+        t.listener.close()
+
+
+async def waited(event: threading.Event) -> bool:
+    """Whether ``event`` (set by a receiver's thread) is set; a safety bound, not a measure."""
+    return await asyncio.to_thread(event.wait, 30)
+
+
+@pytest.fixture
+async def aoc(tmp_path: Path, pki: TestPKI) -> AsyncIterator[Aoc]:
     clock = FakeClock()
     settings = CenterSettings(data_dir=tmp_path / "aoc")
-    app, password = bootstrap(settings, clock)
+    app, password = bootstrap(
+        settings, clock, alert_settings=AlertSettings(allow_private_webhooks=True)
+    )
     sessions = app.state.center.sessions
-    outbox = Outbox(sessions, app.state.registry.box, clock)  # the real channels
+    ca = str(pki.node("smtp").ca_file)
+    channels = {  # the real channels: loopback receivers, a mail server under the test CA
+        "webhook": WebhookChannel(allow_private=True),
+        "smtp": SmtpChannel(tls=lambda: ssl.create_default_context(cafile=ca)),
+    }
+    outbox = Outbox(sessions, app.state.registry.box, clock, channels)
+    app.state.outbox = outbox  # the one POST /v1/notifiers/{id}/test uses
     holder: dict[str, Aoc] = {}
 
     def usage(path: Path) -> SimpleNamespace:
@@ -221,9 +284,9 @@ async def test_a_test_message_to_a_webhook_that_does_not_answer_says_why(aoc: Ao
     )
     test = await aoc.call("POST", f"/v1/notifiers/{r.json()['id']}/test")
     assert test.status_code == 200
-    assert test.json()["delivered"] is False and "ConnectError" in test.json()["error"]
+    assert test.json() == {"delivered": False, "error": "ConnectError"}  # no more than that
     audit = (await aoc.call("GET", "/v1/audit", params={"action": "notifier.test"})).json()
-    assert audit[0]["result"].startswith("undelivered: ConnectError")
+    assert audit[0]["result"] == "undelivered: ConnectError"
 
 
 async def test_a_mail_goes_through_a_real_smtp_server_with_a_login_and_the_password_stays_hidden(
@@ -238,6 +301,7 @@ async def test_a_mail_goes_through_a_real_smtp_server_with_a_login_and_the_passw
         "port": port,
         "sender": "aoc@example.com",
         "recipients": ["ops@example.com", "oncall@example.com"],
+        "starttls": True,
         "user": MAIL_USER,
         "password": MAIL_PASSWORD,
         "min_level": "notice",
@@ -276,11 +340,36 @@ async def test_a_refused_smtp_login_is_reported_without_the_password(
         "port": port,
         "sender": "aoc@example.com",
         "recipients": ["ops@example.com"],
+        "starttls": True,
         "user": MAIL_USER,
         "password": "Not-The-Password-1",
     }
     r = await aoc.call("POST", "/v1/notifiers", json=body)
     test = (await aoc.call("POST", f"/v1/notifiers/{r.json()['id']}/test")).json()
-    assert test["delivered"] is False and "SMTPAuthenticationError" in test["error"]
-    assert "Not-The-Password-1" not in test["error"]
+    assert test == {"delivered": False, "error": "SMTPAuthenticationError"}
     assert box.mails == [] and box.logins and all(not ok for _, ok in box.logins)
+
+
+@pytest.mark.parametrize("kind", ["webhook", "smtp"])
+async def test_a_receiver_that_takes_the_connection_and_never_answers_is_cut_at_the_deadline(
+    aoc: Aoc, tarpit: Tarpit, kind: str
+) -> None:
+    body: dict[str, Any] = {"name": "slow", "kind": kind}
+    if kind == "webhook":
+        body["url"] = f"http://127.0.0.1:{tarpit.port}/hooks"
+    else:
+        body |= {"host": "127.0.0.1", "port": tarpit.port, "sender": "a@example.com",
+                 "recipients": ["b@example.com"]}  # fmt: skip
+    r = await aoc.call("POST", "/v1/notifiers", json=body)
+    assert r.status_code == 201, r.text
+    aoc.disk["pct"] = 95.0
+    await aoc.loop.evaluate_pass()
+    delivery = asyncio.create_task(aoc.loop.outbox.deliver_due())
+    assert await waited(tarpit.accepted)
+    await aoc.clock.until_sleeping(1)  # the send's deadline
+    await aoc.clock.advance(notify.SEND_DEADLINE)
+    assert await asyncio.wait_for(delivery, timeout=60) == 0
+    assert await waited(tarpit.closed)  # the connection (and an SMTP thread) let go at once
+    (msg,) = aoc.messages()
+    assert (msg.state, msg.attempts) == ("pending", 1)
+    assert msg.last_error == "TimeoutError: no answer within 30 s"

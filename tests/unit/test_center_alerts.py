@@ -8,11 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -21,6 +20,7 @@ from sqlalchemy.orm import Session as DB
 from sqlalchemy.orm import sessionmaker
 
 from aecp.center import alerts as al
+from aecp.center import notify
 from aecp.center.alerts import (
     Alerting,
     AlertSettings,
@@ -45,9 +45,11 @@ from aecp.center.db.models import (
     Task,
 )
 from aecp.center.main import bootstrap
-from aecp.center.notify import MemoryChannel, Outbox
+from aecp.center.notify import DeliveryError, MemoryChannel, Message, Outbox, Target
 from aecp.center.settings import CenterSettings
 from aecp.common.clock import FakeClock
+
+T = TypeVar("T")
 
 # ---- the evaluation, pure ---------------------------------------------------------------------
 
@@ -239,18 +241,50 @@ def test_objects_are_read_into_findings_as_the_cluster_api_shows_them() -> None:
 # ---- the loop over a real database, in virtual time -------------------------------------------
 
 
+class Receivers(MemoryChannel):
+    """Webhooks by notifier name: a dead one refuses every message, a stuck one holds the
+    message it is given until ``release`` is set (``entered`` says one is held)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dead: set[str] = set()
+        self.stuck: set[str] = set()
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.cancelled = 0
+        self.tried: list[tuple[str, str]] = []  # (notifier, event)
+
+    async def send(self, target: Target, message: Message) -> None:
+        self.tried.append((target.name, message.payload["event"]))
+        if target.name in self.dead:
+            raise DeliveryError("ConnectError")
+        if target.name in self.stuck:
+            self.entered.set()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        await super().send(target, message)
+
+    def to(self, name: str) -> list[str]:
+        """The events sent to notifier ``name``, in order."""
+        return [m.payload["event"] for t, m in self.sent if t.name == name]
+
+
 class World:
     def __init__(
         self,
+        app: Any,
         sessions: sessionmaker[DB],
         clock: FakeClock,
         aoc: httpx.AsyncClient,
         token: str,
         loop: Alerting,
-        channel: MemoryChannel,
+        channel: Receivers,
         disk: dict[str, float],
     ) -> None:
-        self.sessions, self.clock, self.aoc, self.token = sessions, clock, aoc, token
+        self.app, self.sessions, self.clock, self.aoc, self.token = app, sessions, clock, aoc, token
         self.loop, self.channel, self.disk = loop, channel, disk
 
     async def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -345,8 +379,9 @@ async def world(tmp_path: Path, clock: FakeClock) -> AsyncIterator[World]:
     settings = CenterSettings(data_dir=tmp_path / "aoc")
     app, password = bootstrap(settings, clock)
     sessions = app.state.center.sessions
-    channel = MemoryChannel()
-    outbox = Outbox(sessions, app.state.registry.box, clock, {"webhook": channel})
+    channel = Receivers()
+    outbox = Outbox(sessions, app.state.registry.box, clock, {"webhook": channel}, owner="aoc-1")
+    app.state.outbox = outbox  # the one POST /v1/notifiers/{id}/test uses
     used = {"pct": 40.0}
 
     def usage(path: Path) -> SimpleNamespace:
@@ -357,7 +392,7 @@ async def world(tmp_path: Path, clock: FakeClock) -> AsyncIterator[World]:
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://aoc") as aoc:
         r = await aoc.post("/v1/login", json={"user": "root", "password": password})
-        w = World(sessions, clock, aoc, r.json()["token"], loop, channel, used)
+        w = World(app, sessions, clock, aoc, r.json()["token"], loop, channel, used)
         body = {"name": "ops", "kind": "webhook", "url": "http://hooks.invalid/aecp"}
         assert (await w.call("POST", "/v1/notifiers", json=body)).status_code == 201
         yield w
@@ -518,21 +553,22 @@ async def test_the_loop_runs_on_its_clock_until_closed(world: World) -> None:
     w.add_cluster("c1")
     w.put("c1", "vm", "web", {"state": "error", "message": "boom"})
     w.loop.start()
-    await until(lambda: w.clock.sleeping() == 1)
+    await bounded(w.loop.until_passes(1))
     assert len(w.rows(select(Alert))) == 1
+    await bounded(w.channel.until(lambda: len(w.channel.sent) == 1))  # woken, not on a tick
     w.put("c1", "vm", "web", {"state": "running", "message": ""})
     await w.clock.advance(AlertSettings().every_s)
-    await until(lambda: len(w.channel.sent) == 2)  # the resolution, written and sent
+    await bounded(w.loop.until_passes(2))
+    await bounded(w.channel.until(lambda: len(w.channel.sent) == 2))  # the resolution
     await w.loop.close()
     assert w.rows(select(Alert))[0].state == "resolved"
     assert events(w) == [("opened", "vm_failed", "web"), ("resolved", "vm_failed", "web")]
 
 
-async def until(check: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "the condition did not come true in time"
-        await asyncio.sleep(0.01)
+async def bounded(work: Awaitable[T]) -> T:
+    """``work``, which the test expects to end: a hang fails the test instead of stalling it
+    (the bound is a safety net, never what the test measures)."""
+    return await asyncio.wait_for(work, timeout=60)
 
 
 # ---- the API ----------------------------------------------------------------------------------
@@ -744,3 +780,426 @@ async def test_a_channel_that_breaks_fails_its_attempt_and_holds_up_no_other_not
     assert "the smtp channel failed" in caplog.text
     states = {m.notifier: (m.state, m.last_error) for m in w.rows(select(Notification))}
     assert states == {1: ("sent", ""), r.json()["id"]: ("pending", "internal error (KeyError)")}
+
+
+# ---- delivery apart from evaluation, deadlines, breakers, claims ------------------------------
+
+
+def outbox_rows(w: World) -> list[Notification]:
+    return w.rows(select(Notification).order_by(Notification.id))
+
+
+async def add_notifier(w: World, name: str, **fields: Any) -> int:
+    body = {"name": name, "kind": "webhook", "url": f"http://{name}.invalid/h", **fields}
+    r = await w.call("POST", "/v1/notifiers", json=body)
+    assert r.status_code == 201, r.text
+    return int(r.json()["id"])
+
+
+async def test_a_receiver_that_never_answers_holds_up_no_evaluation_and_is_cut_at_its_deadline(
+    world: World,
+) -> None:
+    w = world
+    w.channel.stuck.add("ops")
+    w.disk["pct"] = 95.0
+    w.loop.start()
+    await bounded(w.channel.entered.wait())  # the opening is being sent, and never answered
+    w.disk["pct"] = 40.0
+    await w.clock.advance(AlertSettings().every_s)
+    await bounded(w.loop.until_passes(2))  # the next evaluation ran all the same
+    (a,) = w.rows(select(Alert))
+    assert a.state == "resolved"
+    await w.clock.advance(notify.SEND_DEADLINE)  # the send's deadline, on the center's clock
+    await bounded(w.loop.outbox.settle())
+    assert w.channel.cancelled == 1
+    opened, resolved = outbox_rows(w)
+    assert (opened.state, opened.attempts) == ("pending", 1)
+    assert opened.last_error == "TimeoutError: no answer within 30 s"
+    assert opened.claimed_by == "" and resolved.attempts == 0  # the order holds
+    await w.loop.close()
+
+
+async def test_smtp_sends_run_in_the_channels_own_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    seen: list[str] = []
+
+    def mail(*args: Any) -> None:
+        seen.append(threading.current_thread().name)
+
+    monkeypatch.setattr(notify, "_mail", mail)
+    channel = notify.SmtpChannel()
+    target = Target(1, "mail", "smtp", {})
+    try:
+        await channel.send(target, notify.message_of("test", TEST_ALERT))
+    finally:
+        await channel.aclose()
+    assert len(seen) == 1 and seen[0].startswith("aecp-smtp"), seen
+
+
+TEST_ALERT: dict[str, Any] = {
+    "id": 1,
+    "rule": "vm_failed",
+    "level": "critical",
+    "cluster": "c1",
+    "object": {"kind": "vm", "name": "web"},
+    "state": "open",
+    "opened_at": 1.0,
+    "updated_at": 1.0,
+    "resolved_at": 0.0,
+    "duration_s": 0.0,
+    "value": None,
+    "cause": "VM web of cluster c1 failed",
+    "impact": "x",
+    "action": "y",
+    "resolution": "",
+}
+
+
+async def test_a_dead_notifiers_backlog_starves_no_other_notifier(world: World) -> None:
+    w = world
+    dead = await add_notifier(w, "dead")
+    w.channel.dead.add("dead")
+    with w.sessions.begin() as db:  # a long backlog, backed off, older than anything else
+        for i in range(250):
+            db.add(
+                Notification(
+                    notifier=dead,
+                    alert=10_000 + i,
+                    event="opened",
+                    payload=json.dumps({"event": "opened", "alert": TEST_ALERT}),
+                    state="pending",
+                    attempts=3,
+                    next_at=w.clock.wall() + 300,
+                    last_error="ConnectError",
+                    created_at=w.clock.wall(),
+                )
+            )
+    w.disk["pct"] = 85.0
+    await w.loop.pass_once()
+    assert w.channel.to("ops") == ["opened"]
+    assert w.channel.tried == [("ops", "opened")]  # the dead one is not due: not tried
+
+
+async def test_a_failing_notifier_is_backed_off_as_a_whole_and_keeps_its_order(
+    world: World,
+) -> None:
+    w = world
+    await add_notifier(w, "dead")
+    w.channel.dead.add("dead")
+    w.add_cluster("c1")
+    w.put("c1", "vm", "a", {"state": "error", "message": "x"})
+    w.put("c1", "vm", "b", {"state": "error", "message": "y"})
+    await w.loop.evaluate()  # two openings for each notifier, not sent yet
+    first = next(m for m in outbox_rows(w) if m.notifier == 2)
+    with w.sessions.begin() as db:  # its first message is at its last attempt
+        row = db.get(Notification, first.id)
+        assert row is not None
+        row.attempts = notify.MAX_ATTEMPTS - 1
+    await w.loop.outbox.deliver_due()
+    given_up, second = [m for m in outbox_rows(w) if m.notifier == 2]
+    assert (given_up.state, given_up.attempts) == ("failed", notify.MAX_ATTEMPTS)
+    # the next message waits as the notifier does, not from scratch
+    wait = notify.backoff(notify.MAX_ATTEMPTS)
+    assert (second.state, second.attempts, second.next_at) == ("pending", 0, w.clock.wall() + wait)
+    await w.clock.advance(5)
+    w.put("c1", "vm", "c", {"state": "error", "message": "z"})
+    await w.loop.pass_once()
+    assert [t for t in w.channel.tried if t[0] == "dead"] == [("dead", "opened")]
+    assert w.channel.to("ops") == ["opened"] * 3  # the others go on meanwhile
+    w.channel.dead.clear()
+    await w.clock.advance(wait)
+    await w.loop.pass_once()
+    assert w.channel.to("dead") == ["opened", "opened"]  # the rest, in order
+    assert [m.state for m in outbox_rows(w) if m.notifier == 2] == ["failed", "sent", "sent"]
+
+
+async def test_a_notifier_that_heard_of_an_opening_hears_of_the_resolution_below_its_level(
+    world: World,
+) -> None:
+    w = world
+    await add_notifier(w, "pager", min_level="critical")
+    w.disk["pct"] = 95.0  # critical: the pager hears of it
+    await w.loop.pass_once()
+    w.disk["pct"] = 85.0  # falls back to notice: nothing to tell
+    await w.loop.pass_once()
+    w.disk["pct"] = 40.0  # resolved at notice
+    await w.loop.pass_once()
+    assert w.channel.to("pager") == ["opened", "resolved"]
+    assert w.channel.to("ops") == ["opened", "resolved"]
+    w.disk["pct"] = 85.0  # a notice alert: never the pager's, nor its resolution
+    await w.loop.pass_once()
+    w.disk["pct"] = 40.0
+    await w.loop.pass_once()
+    assert w.channel.to("pager") == ["opened", "resolved"]
+    assert w.channel.to("ops") == ["opened", "resolved"] * 2
+
+
+async def test_a_webhook_url_is_sealed_shown_cut_and_redacted_in_the_audit(world: World) -> None:
+    w = world
+    url = "https://aoc:Pw-9@hooks.example.com/services/T0/B0/XyZ-Secret?token=abc123"
+    r = await w.call("POST", "/v1/notifiers", json={"name": "slack", "kind": "webhook", "url": url})
+    assert r.status_code == 201, r.text
+    assert r.json()["url"] == "https://hooks.example.com/…"
+    shown = [(await w.call("GET", p)).json() for p in ("/v1/notifiers", "/v1/audit")]
+    everything = json.dumps(shown)
+    for secret in ("XyZ-Secret", "abc123", "Pw-9", "services"):
+        assert secret not in everything
+    (audited,) = [a for a in shown[1] if a["action"] == "notifier.create"][:1]
+    params = json.loads(audited["params"])
+    assert params["url"] == "https://[redacted]@hooks.example.com/[redacted]"
+    with w.sessions() as db:
+        (row,) = [n for n in al.notify.notifiers(db) if n.name == "slack"]
+        assert "XyZ-Secret" not in row.config + row.secret_encrypted
+    w.disk["pct"] = 85.0
+    await w.loop.pass_once()
+    (target,) = [t for t, _ in w.channel.sent if t.name == "slack"]
+    assert target.url == url  # the channel gets the whole URL
+
+
+async def test_a_webhook_url_an_older_center_stored_in_clear_is_sealed_at_start(
+    world: World, tmp_path: Path
+) -> None:
+    w = world
+    url = "https://hooks.example.com/T0/B0/old-token"
+    with w.sessions.begin() as db:
+        db.add(
+            al.notify.Notifier(
+                name="old",
+                kind="webhook",
+                min_level="info",
+                config=json.dumps({"url": url}),
+                secret_encrypted="",
+                created_at=0.0,
+            )
+        )
+    (shown,) = [n for n in (await w.call("GET", "/v1/notifiers")).json() if n["name"] == "old"]
+    assert shown["url"] == "https://hooks.example.com/…"  # not sealed yet, shown cut already
+    bootstrap(CenterSettings(data_dir=tmp_path / "aoc"), w.clock)  # the center starts again
+    with w.sessions() as db:
+        (row,) = [n for n in al.notify.notifiers(db) if n.name == "old"]
+        assert "old-token" not in row.config and row.secret_encrypted
+        assert al.notify.target_of(row, w.app.state.registry.box).url == url
+
+
+def test_the_audit_cuts_a_urls_path_and_query_and_keeps_a_bare_endpoint() -> None:
+    from aecp.center.audit import redact
+
+    assert redact({"endpoint": "http://10.0.0.1:8700", "name": "c1"}) == {
+        "endpoint": "http://10.0.0.1:8700",
+        "name": "c1",
+    }
+    assert redact({"url": "https://h.example.com/"}) == {"url": "https://h.example.com/"}
+    assert redact({"webhook": "https://h.example.com/x?t=1", "other_url": "http://h/a"}) == {
+        "webhook": "https://h.example.com/[redacted]",
+        "other_url": "http://h/[redacted]",
+    }
+    assert redact({"endpoint": "https://u:p@h:8700"}) == {"endpoint": "https://[redacted]@h:8700"}
+    assert redact({"url": "hooks.example.com/T0/token"}) == {"url": "[redacted]"}
+
+
+async def test_an_smtp_login_without_starttls_is_refused_naming_starttls(world: World) -> None:
+    w = world
+    body = {
+        "name": "mail",
+        "kind": "smtp",
+        "host": "mail.invalid",
+        "sender": "aoc@example.com",
+        "recipients": ["ops@example.com"],
+        "user": "aoc",
+        "password": "Sm7p-Secret-Word",
+    }
+    for extra in ({}, {"password": ""}, {"starttls": False}):
+        r = await w.call("POST", "/v1/notifiers", json=dict(body, **extra))
+        assert r.status_code == 422 and r.json()["field"] == "starttls", r.text
+    r = await w.call("POST", "/v1/notifiers", json=dict(body, starttls=True))
+    assert r.status_code == 201, r.text
+
+
+PRIVATE_URLS = (
+    "http://127.0.0.1:9000/h",
+    "http://127.1/h",
+    "http://2130706433/h",
+    "http://localhost/h",
+    "http://LocalHost./h",
+    "http://api.localhost/h",
+    "http://[::1]/h",
+    "http://[::ffff:127.0.0.1]/h",
+    "http://0.0.0.0/h",
+    "http://169.254.169.254/latest/meta-data",
+    "http://[fe80::1%25eth0]/h",
+    "http://[fd00:ec2::254]/h",
+)
+
+
+async def test_a_webhook_on_a_loopback_or_link_local_address_is_refused_unless_allowed(
+    world: World,
+) -> None:
+    w = world
+    before = (await w.call("GET", "/v1/notifiers")).json()
+    for i, url in enumerate(PRIVATE_URLS):
+        r = await w.call(
+            "POST", "/v1/notifiers", json={"name": f"p{i}", "kind": "webhook", "url": url}
+        )
+        assert r.status_code == 422 and r.json()["field"] == "url", (url, r.text)
+    assert (await w.call("GET", "/v1/notifiers")).json() == before
+    for url in ("http://10.1.2.3/h", "https://hooks.example.com/h", "http://[fd00::1]/h"):
+        assert not notify.private_host(notify.urlsplit(url).hostname or ""), url
+    w.app.state.alert_settings = AlertSettings(allow_private_webhooks=True)
+    r = await w.call(
+        "POST", "/v1/notifiers", json={"name": "lab", "kind": "webhook", "url": PRIVATE_URLS[0]}
+    )
+    assert r.status_code == 201, r.text
+
+
+async def test_a_webhook_name_that_resolves_to_loopback_is_refused_at_send(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    async def resolve(host: str, port: int, **kw: Any) -> list[Any]:
+        assert host == "hooks.example.com"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", resolve)
+    channel = notify.WebhookChannel()
+    target = Target(1, "h", "webhook", {}, "https://hooks.example.com/x")
+    with pytest.raises(DeliveryError, match="resolves to a loopback"):
+        await channel.send(target, notify.message_of("test", TEST_ALERT))
+    await channel.aclose()
+
+
+async def test_old_sent_messages_and_old_resolved_alerts_are_deleted_in_batches(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = world
+    now, day = w.clock.wall(), 86400.0
+    with w.sessions.begin() as db:
+        alerts = []
+        for state, at in [("resolved", 91), ("resolved", 92), ("resolved", 93), ("resolved", 89),
+                          ("open", 100)]:  # fmt: skip
+            a = Alert(
+                rule="aoc_disk_use", level="critical", cluster="", object_kind="center",
+                object_name="data", state=state,
+                open_key=None if state == "resolved" else "aoc_disk_use||center|data",
+                opened_at=now - at * day, updated_at=now - at * day,
+                resolved_at=now - at * day if state == "resolved" else 0.0,
+                value=None, cause="c", impact="i", action="a", resolution="",
+            )  # fmt: skip
+            db.add(a)
+            db.flush()
+            alerts.append(a.id)
+        rows = [  # (alert, state, age in days)
+            (alerts[3], "sent", 31),  # deleted
+            (alerts[3], "failed", 40),  # deleted
+            (alerts[3], "sent", 29),  # kept: recent
+            (alerts[3], "pending", 31),  # kept: not sent yet
+            (alerts[4], "sent", 31),  # kept: its alert is open (its resolution goes there)
+        ]
+        for alert, state, age in rows:
+            db.add(
+                Notification(
+                    notifier=1, alert=alert, event="opened", payload="{}", state=state,
+                    attempts=1, next_at=now + day, last_error="", created_at=now - age * day,
+                )
+            )  # fmt: skip
+    w.disk["pct"] = 95.0  # the open alert stays open
+    monkeypatch.setattr(al, "PRUNE_BATCH", 2)
+    await w.loop.evaluate_pass()
+    assert len(w.rows(select(Alert))) == 3  # two of the three old ones: a batch
+    await w.loop.evaluate_pass()  # the batch was full: again at once
+    assert sorted(a.id for a in w.rows(select(Alert))) == alerts[3:]
+    kept = [(m.state, round((now - m.created_at) / day)) for m in outbox_rows(w)]
+    assert kept == [("sent", 29), ("pending", 31), ("sent", 31)]
+    assert 90 * day == al.KEEP_RESOLVED_S and 30 * day == notify.KEEP_SENT_S
+
+
+async def test_a_webhook_channel_keeps_one_client_and_closes_it_with_the_loop(
+    world: World,
+) -> None:
+    w = world
+    made: list[httpx.AsyncClient] = []
+    bodies: list[dict[str, Any]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(204)
+
+    def client() -> httpx.AsyncClient:
+        made.append(httpx.AsyncClient(transport=httpx.MockTransport(answer)))
+        return made[-1]
+
+    w.loop.outbox.channels["webhook"] = notify.WebhookChannel(client, allow_private=True)
+    w.add_cluster("c1")
+    for name in ("a", "b", "c"):
+        w.put("c1", "vm", name, {"state": "error", "message": "x"})
+    await w.loop.pass_once()
+    assert len(bodies) == 3 and len(made) == 1
+    await w.loop.close()
+    assert made[0].is_closed
+
+
+async def test_two_centers_on_one_database_send_a_message_once_and_in_order(
+    world: World,
+) -> None:
+    w = world
+    other = Receivers()
+    second = Outbox(
+        w.sessions, w.app.state.registry.box, w.clock, {"webhook": other}, owner="aoc-2"
+    )
+    w.channel.stuck.add("ops")
+    w.add_cluster("c1")
+    w.put("c1", "vm", "a", {"state": "error", "message": "x"})
+    await w.loop.evaluate()
+    w.put("c1", "vm", "b", {"state": "error", "message": "y"})
+    await w.loop.evaluate()
+    first = asyncio.create_task(w.loop.outbox.deliver_due())
+    await bounded(w.channel.entered.wait())  # center 1 sends a's opening
+    assert await second.deliver_due() == 0  # center 2 neither sends it nor b's before it
+    assert other.tried == []
+    w.channel.release.set()
+    assert await bounded(first) == 2
+    assert await second.deliver_due() == 0
+    assert [m.state for m in outbox_rows(w)] == ["sent", "sent"]
+    assert [m.payload["alert"]["object"]["name"] for _, m in w.channel.sent] == ["a", "b"]
+    # a center that died holding a claim: the other sends once the claim has lapsed
+    w.put("c1", "vm", "a", {"state": "running", "message": ""})
+    await w.loop.evaluate()
+    (resolved,) = [m for m in outbox_rows(w) if m.event == "resolved"]
+    with w.sessions.begin() as db:
+        row = db.get(Notification, resolved.id)
+        assert row is not None
+        row.claimed_by, row.claimed_until = "aoc-dead", w.clock.wall() + notify.CLAIM_S
+    assert await second.deliver_due() == 0
+    await w.clock.advance(notify.CLAIM_S)
+    assert await second.deliver_due() == 1 and other.to("ops") == ["resolved"]
+    await second.aclose()
+
+
+async def test_a_pass_that_loses_a_race_to_open_an_alert_decides_again_and_keeps_the_rest(
+    world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    w = world
+    w.add_cluster("c1")
+    w.put("c1", "vm", "a", {"state": "error", "message": "x"})
+    w.put("c1", "vm", "b", {"state": "error", "message": "y"})
+    real = al.apply
+    raced: list[bool] = []
+
+    def apply(db: DB, decisions: Iterable[al.Decision], now: float) -> None:
+        if not raced:  # another center's pass opens a's alert first
+            raced.append(True)
+            decided = [d for d in decisions if isinstance(d, Open) and d.key.name == "a"]
+            with w.sessions.begin() as other:
+                real(other, decided, now)
+        real(db, decisions, now)
+
+    monkeypatch.setattr(al, "apply", apply)
+    with caplog.at_level(logging.INFO, logger="aecp.center.alerts"):
+        said = await w.loop.pass_once()
+    assert "this evaluation failed" not in caplog.text
+    assert "deciding again" in caplog.text
+    assert [s.split(":")[0] for s in said] == ["VM b of cluster c1 failed"]
+    opened = sorted((a.object_name, a.state) for a in w.rows(select(Alert)))
+    assert opened == [("a", "open"), ("b", "open")]
+    assert sorted(events(w)) == [("opened", "vm_failed", "a"), ("opened", "vm_failed", "b")]

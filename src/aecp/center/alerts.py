@@ -27,6 +27,13 @@ open alerts.
 ``task_failed`` is one alert per failed task (of the last ``TASK_WINDOW_S``). It resolves when a
 task on the same cluster and target created after it succeeds, when someone acknowledges it,
 or when the task is older than the window; a resolved one is never opened again.
+
+The loop (``Alerting``) evaluates every ``every_s`` seconds; the outbox delivers in a task of
+its own (``notify.Outbox.run``), so a receiver that is slow or dead never holds up an
+evaluation. Several centers may share the database: a pass that loses a race to open an alert
+(the ``open_key`` refuses its second) decides again over what is stored now. Retention: the
+loop deletes resolved alerts older than ``KEEP_RESOLVED_S`` (and the outbox's sent messages
+older than ``notify.KEEP_SENT_S``), ``PRUNE_BATCH`` rows at a time.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DB
 from sqlalchemy.orm import sessionmaker
 
@@ -67,6 +75,10 @@ from aecp.common.tasks import cancel, spawn
 log = logging.getLogger(__name__)
 CLEAR_MARGIN = 2.0  # percentage points below a threshold before an open alert falls back
 TASK_WINDOW_S = 7 * 24 * 3600.0  # failed tasks older than this are not alerted on
+KEEP_RESOLVED_S = 90 * 86400.0  # resolved alerts are deleted after this (retention)
+PRUNE_BATCH = 500  # rows deleted in one transaction, per table
+PRUNE_EVERY_S = 3600.0  # between two retention runs (at once again while batches are full)
+DECIDE_TRIES = 3  # a pass that loses a race to another center decides again, this often
 
 
 class AlertSettings(BaseModel):
@@ -75,6 +87,11 @@ class AlertSettings(BaseModel):
     every_s: float = Field(10.0, gt=0, description="seconds between two evaluations")
     cluster_grace_s: float = Field(
         60.0, ge=0, description="how long a cluster fails to answer before its alert opens"
+    )
+    allow_private_webhooks: bool = Field(
+        False,
+        description="let webhooks point at loopback, link-local or metadata addresses (tests "
+        "and labs with receivers on loopback); off, such a URL is refused (422)",
     )
 
 
@@ -485,6 +502,22 @@ def apply(db: DB, decisions: Iterable[Decision], now: float) -> None:
             resolve(db, found, d.why, now)
 
 
+def prune(db: DB, before: float, limit: int) -> int:
+    """Delete up to ``limit`` alerts resolved before ``before``, oldest first; returns how
+    many. (A failed task's alert is past its window long before: it cannot open again.)"""
+    ids = list(
+        db.scalars(
+            select(Alert.id)
+            .where(Alert.state == "resolved", Alert.resolved_at < before)
+            .order_by(Alert.id)
+            .limit(limit)
+        )
+    )
+    if ids:
+        db.execute(delete(Alert).where(Alert.id.in_(ids)))
+    return len(ids)
+
+
 def resolve(db: DB, a: Alert, why: str, now: float) -> None:
     a.state, a.open_key, a.resolved_at, a.updated_at, a.resolution = "resolved", None, now, now, why
     notify.enqueue(db, a, "resolved", now)
@@ -613,9 +646,11 @@ def overrides(db: DB, cluster: str | None = None) -> dict[tuple[str, str], Setti
 # ---- the loop ---------------------------------------------------------------------------------
 @dataclass
 class Alerting:
-    """The center's alert loop: every ``settings.every_s`` seconds, one evaluation, then one
-    delivery pass of the outbox. Neither ever stops the loop: a pass that fails is logged and
-    the next one runs. The database is read and written in threads, never on the event loop."""
+    """The center's alert loop: every ``settings.every_s`` seconds, one evaluation (and, when
+    due, a batch of retention); beside it, the outbox's own delivery loop, woken when an
+    evaluation writes messages. Neither waits for the other, and neither ever stops: a pass
+    that fails is logged and the next one runs. The database is read and written in threads,
+    never on the event loop."""
 
     sessions: sessionmaker[DB]
     data_dir: Path
@@ -623,28 +658,55 @@ class Alerting:
     clock: Clock = SYSTEM_CLOCK
     settings: AlertSettings = field(default_factory=AlertSettings)
     disk_usage: Callable[[Path], Any] = shutil.disk_usage
-    _task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    passes: int = field(default=0, init=False)  # evaluations run so far
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False, repr=False)
+    _passed: asyncio.Condition = field(default_factory=asyncio.Condition, init=False, repr=False)
+    _prune_at: float = field(default=0.0, init=False, repr=False)
 
     def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = spawn(self._run(), name="alerts")
+        if any(not t.done() for t in self._tasks):
+            return
+        self._tasks = [
+            spawn(self._run(), name="alerts"),
+            spawn(self.outbox.run(), name="alert-delivery"),
+        ]
 
     async def close(self) -> None:
-        await cancel(self._task)
-        self._task = None
+        await cancel(*self._tasks)
+        self._tasks = []
+        await self.outbox.aclose()
 
     async def _run(self) -> None:
         while True:
-            await self.pass_once()
+            await self.evaluate_pass()
             await self.clock.sleep(self.settings.every_s)
 
-    async def pass_once(self) -> list[str]:
-        """One evaluation and one delivery pass; the sentences of the decisions taken."""
+    async def until_passes(self, count: int) -> None:
+        """Return once ``count`` evaluations have run."""
+        async with self._passed:
+            await self._passed.wait_for(lambda: self.passes >= count)
+
+    async def evaluate_pass(self) -> list[str]:
+        """One evaluation, then retention if due; the sentences of the decisions taken. Never
+        raises: a failure is logged."""
         sentences: list[str] = []
         try:
             sentences = await self.evaluate()
         except Exception:
             log.exception("alerts: this evaluation failed; the next runs as usual")
+        try:
+            await self.prune()
+        except Exception:
+            log.exception("alerts: this retention run failed; the next runs as usual")
+        async with self._passed:
+            self.passes += 1
+            self._passed.notify_all()
+        return sentences
+
+    async def pass_once(self) -> list[str]:
+        """One evaluation, then one delivery pass awaited to its end (the loop runs the two
+        apart; this is for the tests and tools)."""
+        sentences = await self.evaluate_pass()
         try:
             await self.outbox.deliver_due()
         except Exception:
@@ -654,9 +716,19 @@ class Alerting:
     async def evaluate(self) -> list[str]:
         disk = await asyncio.to_thread(disk_percent, self.data_dir, self.disk_usage)
         now = self.clock.wall()
-        decisions = await asyncio.to_thread(self._decide, now, disk)
+        for attempt in range(1, DECIDE_TRIES + 1):
+            decisions = await asyncio.to_thread(self._decide, now, disk)
+            if not decisions:
+                break
+            try:
+                await asyncio.to_thread(self._apply, decisions, now)
+                break
+            except IntegrityError:
+                if attempt == DECIDE_TRIES:
+                    raise
+                log.info("alerts: another center changed the alerts meanwhile: deciding again")
         if decisions:
-            await asyncio.to_thread(self._apply, decisions, now)
+            self.outbox.wake()
         sentences = [d.sentence() for d in decisions]
         for s in sentences:
             log.info("alerts: %s", s)
@@ -670,3 +742,24 @@ class Alerting:
     def _apply(self, decisions: list[Decision], now: float) -> None:
         with self.sessions.begin() as db:
             apply(db, decisions, now)
+
+    async def prune(self) -> None:
+        """Retention, every ``PRUNE_EVERY_S`` (at the next pass again while a batch is full)."""
+        now = self.clock.wall()
+        if now < self._prune_at:
+            return
+        full = await asyncio.to_thread(self._prune, now)
+        self._prune_at = now if full else now + PRUNE_EVERY_S
+
+    def _prune(self, now: float) -> bool:
+        with self.sessions.begin() as db:
+            messages = notify.prune(db, now - notify.KEEP_SENT_S, PRUNE_BATCH)
+        with self.sessions.begin() as db:
+            resolved = prune(db, now - KEEP_RESOLVED_S, PRUNE_BATCH)
+        if messages or resolved:
+            log.info(
+                "alerts: retention deleted %d old messages and %d old resolved alerts",
+                messages,
+                resolved,
+            )
+        return PRUNE_BATCH in (messages, resolved)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DB
@@ -13,22 +14,52 @@ from sqlalchemy.orm import Session as DB
 from aecp.center.db.models import AuditRecord
 
 SECRET_FIELDS = frozenset({"password", "token", "secret", "credentials", "private_key"})
+# a URL under one of these keys may carry a token in its path or query (a webhook's does,
+# often): both are redacted when there is more than "/"; a bare endpoint such as
+# http://10.0.0.1:8700 says where, not how to get in, and is kept
+URL_FIELDS = frozenset({"url", "webhook", "endpoint"})
 
 
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 def redact(params: Any) -> Any:
-    """``params`` with secret fields, and a URL's user and password, replaced."""
+    """``params`` with secret fields, a URL's user and password, and the path and query of a
+    URL under a key in ``URL_FIELDS``, replaced."""
     if isinstance(params, dict):
-        return {
-            k: "[redacted]" if k.lower() in SECRET_FIELDS else redact(v) for k, v in params.items()
-        }
+        return {k: _redact_field(k, v) for k, v in params.items()}
     if isinstance(params, list):
         return [redact(v) for v in params]
     if isinstance(params, str):
         return _USERINFO.sub("[redacted]@", params)
     return params
+
+
+def _redact_field(key: Any, value: Any) -> Any:
+    name = str(key).lower()
+    if name in SECRET_FIELDS:
+        return "[redacted]"
+    if isinstance(value, str) and (name in URL_FIELDS or name.endswith("_url")):
+        return redact_url(value)
+    return redact(value)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its user and password replaced, and its path, query and fragment too if
+    it has any beyond "/". A value that is not a URL is replaced whole if it could hide one
+    (a refused URL may still hold a real token)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a port out of range raises here)
+    except ValueError:
+        return "[redacted]"
+    if not parts.scheme or not parts.netloc:
+        return "[redacted]" if any(c in url for c in "/?@#") else url
+    _, at, host = parts.netloc.rpartition("@")
+    netloc = f"[redacted]@{host}" if at else host
+    if parts.path in ("", "/") and not parts.query and not parts.fragment:
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return f"{parts.scheme}://{netloc}/[redacted]"
 
 
 def record(

@@ -18,8 +18,9 @@ from fastapi import FastAPI
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from aecp.center import notify
 from aecp.center.accounts import Accounts, create_root, ensure_presets
-from aecp.center.alerts import Alerting
+from aecp.center.alerts import Alerting, AlertSettings
 from aecp.center.api.app import create_app
 from aecp.center.db.engine import make_engine, upgrade
 from aecp.center.db.models import Cluster
@@ -39,17 +40,22 @@ def bootstrap(
     settings: CenterSettings,
     clock: Clock = SYSTEM_CLOCK,
     cluster_client: ClientFactory = httpx.AsyncClient,
+    alert_settings: AlertSettings | None = None,
 ) -> tuple[FastAPI, str | None]:
     """The app over an up-to-date database; the root password if it was made now. Two
     starts at once on one data directory take turns (a lock file there): the schema is
-    upgraded once and one root is made."""
+    upgraded once and one root is made. ``app.state.alert_settings`` and ``app.state.outbox``
+    are what the alert loop and the notifier routes use."""
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     sessions = sessionmaker(make_engine(settings.url), expire_on_commit=False)
     with _start_lock(settings.data_dir / "start.lock"):
         upgrade(settings.url)
+        box = SecretBox.at(settings.data_dir / "secret.key")
         with sessions.begin() as db:
             ensure_presets(db, clock.wall())
             password = create_root(db, clock.wall())
+            if sealed := notify.seal_webhook_urls(db, box):  # stored by an older center
+                log.info("center: the URLs of %d webhooks are sealed now", sealed)
         if password is not None:
             path = settings.root_password_file
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -58,8 +64,12 @@ def bootstrap(
                 f.write(password + "\n")
             log.info("center: user root created; its password is in %s", path)
     accounts = Accounts(settings.session_ttl_s, settings.lockout_after, settings.lockout_s, clock)
-    registry = Registry(SecretBox.at(settings.data_dir / "secret.key"), clock)
-    return create_app(sessions, accounts, clock, registry, cluster_client), password
+    registry = Registry(box, clock)
+    app = create_app(sessions, accounts, clock, registry, cluster_client)
+    alerting = alert_settings or AlertSettings()
+    app.state.alert_settings = alerting
+    app.state.outbox = Outbox(sessions, box, clock, allow_private=alerting.allow_private_webhooks)
+    return app, password
 
 
 @contextlib.contextmanager
@@ -92,7 +102,7 @@ async def serve(app: FastAPI, settings: CenterSettings) -> None:
     running = spawn(runner.run(), name="task-runner")
     c = app.state.center
     alerting = Alerting(
-        c.sessions, settings.data_dir, Outbox(c.sessions, app.state.registry.box, c.clock), c.clock
+        c.sessions, settings.data_dir, app.state.outbox, c.clock, app.state.alert_settings
     )
     alerting.start()
     config = uvicorn.Config(app, host=settings.address, port=settings.port, log_level="warning")

@@ -4,33 +4,59 @@ sent from, and the channels that carry one message each.
 Ordering: an alert's change and its notifications are written in one transaction
 (``enqueue``), so a change is never stored without its messages, nor a message without its
 change, and a message waiting when the center stops is sent after it starts again. Each
-notifier's messages go out in the order they were written: the oldest pending one first, and
-the next only once it is sent or given up, so a receiver never learns of a resolution before
-the opening. A failed attempt is tried again after ``backoff(attempts)`` (5 s, doubling, at
-most 10 min), ``MAX_ATTEMPTS`` times in all; then the message is marked ``failed``.
+notifier's messages go out in the order they were written: the oldest pending one (its queue's
+head) first, and the next only once it is sent or given up, so a receiver never learns of a
+resolution before the opening. Each notifier's queue is read and drained apart from the others,
+so one that does not answer holds up none but itself.
 
-Secrets: the SMTP password is sealed with the center's key (``center.secrets``) before it is
-stored, is opened only to log in, and is never returned, logged or audited. A delivery error
-is kept as the channel words it, which never includes it.
+Failures: a failed attempt backs the whole notifier off (a circuit breaker): no message goes to
+it before ``backoff(n)`` has passed (5 s, doubling, at most 10 min; ``n`` failed attempts in a
+row), whichever message is next. A message is tried ``MAX_ATTEMPTS`` times in all, then marked
+``failed``. One send has ``SEND_DEADLINE`` in all, however slowly the receiver trickles.
+
+Several centers on one database: a message is claimed (a conditional ``UPDATE`` of a pending,
+unclaimed row) before it is sent, so one center sends it; since only a queue's head is ever
+claimed, the order holds across centers too. A center that dies while sending leaves its claim
+to lapse after ``CLAIM_S``; the message is then sent again (at least once, never lost).
+
+Secrets: the SMTP password and the webhook URL (whose path, query or user often carries a
+token) are sealed with the center's key (``center.secrets``) before they are stored, are
+opened only to send, and are never returned, logged or audited; readers see a webhook as
+``scheme://host[:port]/…`` (``shown_url``). A delivery error is kept as a short class of
+error, never the receiver's own words.
+
+Targets: a webhook URL on a loopback, link-local, unspecified or cloud-metadata address (or a
+name that resolves to one, checked again at each send) is refused unless the center allows
+private targets (``AlertSettings.allow_private_webhooks``): a webhook would otherwise let
+anyone who may add one make the center call its own services.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
+import functools
+import ipaddress
 import json
 import logging
+import os
 import re
 import smtplib
+import socket
 import ssl
-from collections.abc import Callable, Mapping
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import CursorResult, delete, func, or_, select, update
 from sqlalchemy.orm import Session as DB
 from sqlalchemy.orm import sessionmaker
 
@@ -38,38 +64,71 @@ from aecp.center.db.models import Alert, Notification, Notifier
 from aecp.center.secrets import SecretBox
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, AlreadyExists, InvalidInput, NotFound
+from aecp.common.tasks import cancel, spawn
 from aecp.model.base import check_name
 
 log = logging.getLogger(__name__)
-SEND_TIMEOUT = 10.0  # s: one attempt
+T = TypeVar("T")
+SEND_TIMEOUT = 10.0  # s: one network operation of a send (connect, one read, one write)
+SEND_DEADLINE = 30.0  # s: one send in all, whatever the receiver does
+CLAIM_S = 2 * SEND_DEADLINE  # s: a center's claim on the message it sends
 BACKOFF_FIRST = 5.0  # s
 BACKOFF_MAX = 600.0  # s
 MAX_ATTEMPTS = 10
-BATCH = 200  # pending messages read per pass
+PER_PASS = 20  # messages of one notifier sent in one pass at most
+DELIVERY_TICK = 1.0  # s between two looks at the outbox (an alert's change wakes it at once)
+SMTP_THREADS = 2  # the SMTP channel's own threads (never the default executor's)
+KEEP_SENT_S = 30 * 86400.0  # sent or failed messages are deleted after this (retention)
 LEVELS = ("info", "notice", "critical")  # the order of ``center.alerts.Level``
 KINDS = ("webhook", "smtp")
 _ADDRESS = re.compile(r"^[^@\s<>,;]+@[^@\s<>,;]+$")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.:-]{0,251}[A-Za-z0-9])?$")
+# loopback, "this network", link-local (with the clouds' metadata at 169.254.169.254), and
+# AWS's IPv6 metadata address; RFC 1918 networks are allowed: on-premises receivers live there
+_DENIED = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "127.0.0.0/8",
+        "0.0.0.0/8",
+        "169.254.0.0/16",
+        "::1/128",
+        "::/128",
+        "fe80::/10",
+        "fd00:ec2::254/128",
+    )
+)
 
 
 def backoff(attempts: int) -> float:
-    """The wait before attempt ``attempts + 1``."""
+    """The wait after ``attempts`` failed attempts in a row."""
     return float(min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, attempts - 1)))
 
 
 class DeliveryError(Exception):
-    """A message was not accepted; the text says why, for people (never a secret)."""
+    """A message was not accepted. The text says why in short, for people and the API (a class
+    of error, never a secret nor the receiver's words); ``detail`` is for the log."""
+
+    def __init__(self, why: str, detail: str = "") -> None:
+        super().__init__(why)
+        self.detail = detail
 
 
 @dataclass(frozen=True)
 class Target:
-    """A notifier as a channel needs it: its kind, its settings, and its secret opened."""
+    """A notifier as a channel needs it: its kind, its settings, and its secret opened (the
+    SMTP password, or the webhook's whole URL)."""
 
     id: int
     name: str
     kind: str
     config: Mapping[str, Any]
     secret: str = field(default="", repr=False)
+
+    @property
+    def url(self) -> str:
+        """A webhook's whole URL (sealed; an unsealed one of an older center is in its
+        config)."""
+        return self.secret or str(self.config.get("url", ""))
 
 
 @dataclass(frozen=True)
@@ -81,84 +140,301 @@ class Message:
     text: str
 
 
+async def within(clock: Clock, seconds: float, work: Awaitable[T]) -> T:
+    """``work``'s result, or ``TimeoutError`` once ``seconds`` have passed on ``clock``
+    (``work`` is cancelled then): a hard deadline, as ``asyncio.timeout`` sets one, on the
+    center's clock."""
+    timer = asyncio.ensure_future(clock.sleep(seconds))
+    job = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait((job, timer), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+        if not job.done():
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
+    if job.cancelled():
+        raise TimeoutError(f"no answer within {seconds:.0f} s")
+    return job.result()
+
+
+# ---- where a webhook may point ----------------------------------------------------------------
+def denied_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``addr`` is loopback, unspecified, link-local or a metadata address."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr.version == net.version and addr in net for net in _DENIED)
+
+
+def private_host(host: str) -> bool:
+    """Whether a URL's host (a name or an address, as ``urlsplit`` gives it) names a denied
+    address without asking DNS: ``localhost`` (and ``*.localhost``) or a denied literal,
+    including the forms ``inet_aton`` takes (``127.1``, ``2130706433``, ``0x7f.0.0.1``)."""
+    h = host.strip("[]").rstrip(".").lower()
+    if h == "localhost" or h.endswith(".localhost"):
+        return True
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address
+    try:
+        addr = ipaddress.ip_address(h.partition("%")[0])  # fe80::1%eth0: a zone
+    except ValueError:
+        try:
+            addr = ipaddress.IPv4Address(socket.inet_aton(h))
+        except OSError:
+            return False
+    return denied_address(addr)
+
+
+async def _refuse_private(url: str) -> None:
+    """``DeliveryError`` if ``url``'s host is, or resolves to, a denied address."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    if private_host(host):
+        raise DeliveryError("the webhook's address is loopback or link-local: refused")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise DeliveryError(type(exc).__name__, str(exc)) from None
+    for *_, sockaddr in infos:
+        if denied_address(ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])):
+            raise DeliveryError("the webhook's name resolves to a loopback or link-local address")
+
+
+def shown_url(url: str) -> str:
+    """A webhook URL as readers see it: ``scheme://host[:port]/``, with ``…`` in place of any
+    path, query or user (they often carry a token)."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return "[unreadable]"
+    if ":" in host:
+        host = f"[{host}]"
+    base = f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+    hidden = parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc
+    return base + ("/…" if hidden else "/")
+
+
 # ---- channels ---------------------------------------------------------------------------------
 class Channel(abc.ABC):
     """Carries one message to one receiver.
 
     ``send`` returns once the receiver has accepted the message, and raises ``DeliveryError``
-    otherwise (a receiver that does not answer within ``SEND_TIMEOUT`` has not accepted it). It
-    never retries: the outbox does, with backoff. It never blocks the event loop.
+    otherwise. It never retries: the outbox does, with backoff; and the outbox cancels it at
+    ``SEND_DEADLINE``. It never blocks the event loop. ``aclose`` lets go of what it holds.
     """
 
     @abc.abstractmethod
     async def send(self, target: Target, message: Message) -> None: ...
 
+    async def aclose(self) -> None:
+        return None
+
+
+def _client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(SEND_TIMEOUT),
+        follow_redirects=False,
+        headers={"user-agent": "aecp-center"},
+    )
+
 
 class WebhookChannel(Channel):
-    """A JSON ``POST`` to the notifier's URL; any 2xx is accepted. Redirects are not followed."""
+    """A JSON ``POST`` to the notifier's URL; any 2xx is accepted. Redirects are not followed.
+    One HTTP client for every message (its connections are kept), made at the first send and
+    closed by ``aclose``. A URL whose host is or resolves to a denied address is refused unless
+    ``allow_private``."""
 
-    def __init__(self, client_factory: Callable[[], httpx.AsyncClient] = httpx.AsyncClient):
-        self.client_factory = client_factory
+    def __init__(
+        self,
+        client_factory: Callable[[], httpx.AsyncClient] = _client,
+        allow_private: bool = False,
+    ) -> None:
+        self.client_factory, self.allow_private = client_factory, allow_private
+        self._client: httpx.AsyncClient | None = None
+
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None or self._client.is_closed:
+            self._client = self.client_factory()
+        return self._client
 
     async def send(self, target: Target, message: Message) -> None:
+        url = target.url
+        if not self.allow_private:
+            await _refuse_private(url)
         try:
-            async with self.client_factory() as http:
-                r = await http.post(
-                    str(target.config["url"]),
-                    json=message.payload,
-                    headers={"user-agent": "aecp-center"},
-                    timeout=SEND_TIMEOUT,
-                    follow_redirects=False,
-                )
+            r = await self.client().post(
+                url,
+                json=message.payload,
+                headers={"user-agent": "aecp-center"},
+                timeout=SEND_TIMEOUT,
+                follow_redirects=False,
+            )
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            raise DeliveryError(f"{type(exc).__name__}: {exc}"[:300]) from None
+            detail = str(exc).replace(url, shown_url(url))
+            raise DeliveryError(type(exc).__name__, detail) from None
         if not 200 <= r.status_code < 300:
             raise DeliveryError(f"the webhook answered HTTP {r.status_code}")
 
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
 
 class SmtpChannel(Channel):
-    """A mail through the notifier's SMTP server (``smtplib`` in a thread), with STARTTLS and
-    a login when the notifier says so."""
+    """A mail through the notifier's SMTP server, with STARTTLS and a login when the notifier
+    says so (``tls``: the TLS settings, the system's trusted CAs by default). ``smtplib`` runs
+    in the channel's own few threads (``SMTP_THREADS``), never the default executor, with every
+    socket operation bounded by what is left of ``SEND_DEADLINE``; a send the outbox gives up
+    has its socket shut at once, so its thread ends with it."""
+
+    def __init__(
+        self,
+        tls: Callable[[], ssl.SSLContext] = ssl.create_default_context,
+        threads: int = SMTP_THREADS,
+    ) -> None:
+        self.tls, self.threads = tls, threads
+        self._pool: ThreadPoolExecutor | None = None
+
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="aecp-smtp")
+        return self._pool
 
     async def send(self, target: Target, message: Message) -> None:
+        abort = _Abort()
+        job = asyncio.get_running_loop().run_in_executor(
+            self.pool(), _mail, target, message, self.tls, abort
+        )
         try:
-            await asyncio.to_thread(_mail, target, message)
+            await job
+        except asyncio.CancelledError:
+            abort.fire()  # the thread's socket is shut: it ends now, not at its timeout
+            raise
         except (OSError, ValueError, smtplib.SMTPException) as exc:
-            raise DeliveryError(f"{type(exc).__name__}: {exc}"[:300]) from None
+            raise DeliveryError(type(exc).__name__, str(exc)[:300]) from None
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
-def _mail(target: Target, message: Message) -> None:
+class _Abort:
+    """The socket a send in a thread uses, so that the event loop can shut it (``fire``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.fired = False
+
+    def attach(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            self._sock = sock
+            fired = self.fired
+        if fired and sock is not None:
+            _shut(sock)
+
+    def fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            sock = self._sock
+        if sock is not None:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    # the plain socket's shutdown, also under TLS: a read blocked in another thread returns
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _SMTP(smtplib.SMTP):
+    """``smtplib.SMTP`` that hands its socket to ``abort`` as soon as it is connected."""
+
+    def __init__(self, abort: _Abort, host: str, port: int, timeout: float) -> None:
+        self._abort = abort
+        super().__init__(host, port, timeout=timeout)  # connects (and names the TLS server)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock = socket.create_connection((host, port), timeout, self.source_address)
+        self._abort.attach(sock)
+        return sock
+
+
+def _mail(
+    target: Target, message: Message, tls: Callable[[], ssl.SSLContext], abort: _Abort
+) -> None:
+    deadline = time.monotonic() + SEND_DEADLINE
+
+    def left() -> float:
+        if abort.fired:
+            raise TimeoutError("given up")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no answer within {SEND_DEADLINE:.0f} s")
+        return min(SEND_TIMEOUT, remaining)
+
     cfg = target.config
     mail = EmailMessage()
     mail["From"] = str(cfg["sender"])
     mail["To"] = ", ".join(cfg["recipients"])
     mail["Subject"] = message.subject
     mail.set_content(message.text)
-    with smtplib.SMTP(str(cfg["host"]), int(cfg["port"]), timeout=SEND_TIMEOUT) as smtp:
-        if cfg.get("starttls"):
-            smtp.starttls(context=ssl.create_default_context())
-        if cfg.get("user"):
-            smtp.login(str(cfg["user"]), target.secret)
-        smtp.send_message(mail)
+    try:
+        with _SMTP(abort, str(cfg["host"]), int(cfg["port"]), timeout=left()) as smtp:
+            if cfg.get("starttls"):
+                _bound(smtp, left())
+                smtp.starttls(context=tls())
+                abort.attach(smtp.sock)  # the TLS socket now
+            if cfg.get("user"):
+                _bound(smtp, left())
+                smtp.login(str(cfg["user"]), target.secret)
+            _bound(smtp, left())
+            smtp.send_message(mail)
+            _bound(smtp, left())
+    finally:
+        abort.attach(None)
+
+
+def _bound(smtp: smtplib.SMTP, seconds: float) -> None:
+    if smtp.sock is not None:
+        smtp.sock.settimeout(seconds)
 
 
 class MemoryChannel(Channel):
-    """The test double: keeps what it is given; the first ``fail_first`` sends fail."""
+    """The test double: keeps what it is given; the first ``fail_first`` sends fail. ``until``
+    waits for what it has seen."""
 
     def __init__(self, fail_first: int = 0) -> None:
         self.sent: list[tuple[Target, Message]] = []
         self.fail_first = fail_first
         self.attempts = 0
+        self._seen: asyncio.Condition | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._seen is None:
+            self._seen = asyncio.Condition()
+        return self._seen
 
     async def send(self, target: Target, message: Message) -> None:
         self.attempts += 1
-        if self.attempts <= self.fail_first:
-            raise DeliveryError(f"attempt {self.attempts} refused (fail_first)")
-        self.sent.append((target, message))
+        try:
+            if self.attempts <= self.fail_first:
+                raise DeliveryError(f"attempt {self.attempts} refused (fail_first)")
+            self.sent.append((target, message))
+        finally:
+            async with self._condition():
+                self._condition().notify_all()
+
+    async def until(self, check: Callable[[], bool]) -> None:
+        """Return once ``check()`` holds (checked again after every send)."""
+        async with self._condition():
+            await self._condition().wait_for(check)
 
 
-def default_channels() -> dict[str, Channel]:
-    return {"webhook": WebhookChannel(), "smtp": SmtpChannel()}
+def default_channels(allow_private: bool = False) -> dict[str, Channel]:
+    return {"webhook": WebhookChannel(allow_private=allow_private), "smtp": SmtpChannel()}
 
 
 # ---- notifiers --------------------------------------------------------------------------------
@@ -169,7 +445,7 @@ class NotifierSpec:
     name: str
     kind: str
     min_level: str = "info"
-    url: str = ""
+    url: str = field(default="", repr=False)
     host: str = ""
     port: int = 25
     sender: str = ""
@@ -179,14 +455,15 @@ class NotifierSpec:
     password: str = field(default="", repr=False)
 
 
-def check_spec(spec: NotifierSpec) -> dict[str, Any]:
-    """The stored settings of ``spec`` (without its password); ``InvalidInput`` naming the
-    field at fault."""
+def check_spec(spec: NotifierSpec, allow_private: bool = False) -> tuple[dict[str, Any], str]:
+    """The stored settings of ``spec`` and its secret (sealed apart: the password, or the
+    webhook's URL); ``InvalidInput`` naming the field at fault."""
     check_name("name", spec.name)
     if spec.min_level not in LEVELS:
         raise InvalidInput("min_level", f"must be one of {', '.join(LEVELS)}")
     if spec.kind == "webhook":
-        return {"url": check_webhook_url(spec.url)}
+        url = check_webhook_url(spec.url, allow_private)
+        return {"url": shown_url(url)}, url
     if spec.kind != "smtp":
         raise InvalidInput("kind", f"must be one of {', '.join(KINDS)}")
     if not _HOST.match(spec.host):
@@ -199,7 +476,11 @@ def check_spec(spec: NotifierSpec) -> dict[str, Any]:
         raise InvalidInput("recipients", "must be one or more mail addresses")
     if spec.password and not spec.user:
         raise InvalidInput("user", "a password needs a user to log in with")
-    return {
+    if spec.user and not spec.starttls:
+        raise InvalidInput(
+            "starttls", "a login needs STARTTLS: without it the password would cross in clear"
+        )
+    config = {
         "host": spec.host,
         "port": spec.port,
         "sender": spec.sender,
@@ -207,9 +488,10 @@ def check_spec(spec: NotifierSpec) -> dict[str, Any]:
         "starttls": spec.starttls,
         "user": spec.user,
     }
+    return config, spec.password
 
 
-def check_webhook_url(url: str) -> str:
+def check_webhook_url(url: str, allow_private: bool = False) -> str:
     try:
         parts = urlsplit(url)
         scheme, host, _ = parts.scheme, parts.hostname, parts.port
@@ -217,11 +499,19 @@ def check_webhook_url(url: str) -> str:
         scheme, host = "", None
     if scheme not in ("http", "https") or not host or any(c.isspace() for c in url):
         raise InvalidInput("url", "must be an http(s) URL, e.g. https://hooks.example.com/aecp")
+    if not allow_private and private_host(host):
+        raise InvalidInput(
+            "url",
+            "must not point at a loopback, link-local or metadata address (the center does "
+            "not allow private webhook targets)",
+        )
     return url
 
 
-def add_notifier(db: DB, box: SecretBox, spec: NotifierSpec, now: float) -> Notifier:
-    config = check_spec(spec)
+def add_notifier(
+    db: DB, box: SecretBox, spec: NotifierSpec, now: float, allow_private: bool = False
+) -> Notifier:
+    config, secret = check_spec(spec, allow_private)
     if db.scalars(select(Notifier).where(Notifier.name == spec.name)).first() is not None:
         raise AlreadyExists(f"notifier {spec.name} already exists", field="name")
     n = Notifier(
@@ -229,12 +519,26 @@ def add_notifier(db: DB, box: SecretBox, spec: NotifierSpec, now: float) -> Noti
         kind=spec.kind,
         min_level=spec.min_level,
         config=json.dumps(config, sort_keys=True),
-        secret_encrypted=box.seal(spec.password) if spec.password else "",
+        secret_encrypted=box.seal(secret) if secret else "",
         created_at=now,
     )
     db.add(n)
     db.flush()  # its id
     return n
+
+
+def seal_webhook_urls(db: DB, box: SecretBox) -> int:
+    """Seal the URL of every webhook an older center stored in the clear (at start, with the
+    center's key, which the migrations do not have); returns how many."""
+    count = 0
+    for n in notifiers(db):
+        config = json.loads(n.config)
+        if n.kind != "webhook" or n.secret_encrypted or not config.get("url"):
+            continue
+        n.secret_encrypted = box.seal(str(config["url"]))
+        n.config = json.dumps(dict(config, url=shown_url(str(config["url"]))), sort_keys=True)
+        count += 1
+    return count
 
 
 def notifiers(db: DB) -> list[Notifier]:
@@ -302,13 +606,18 @@ def message_of(event: str, alert: Mapping[str, Any]) -> Message:
 
 
 def enqueue(db: DB, alert: Alert, event: str, now: float) -> int:
-    """Write a message about ``alert`` for every notifier whose ``min_level`` it reaches, in
-    unit of work ``db`` (the one that changed the alert); returns how many."""
+    """Write a message about ``alert`` in unit of work ``db`` (the one that changed the alert)
+    for every notifier whose ``min_level`` it reaches, and for every notifier already written
+    to about it (so one that heard of the opening hears of the resolution, even if the alert
+    fell below its level meanwhile); returns how many."""
     rank = LEVELS.index(alert.level) if alert.level in LEVELS else len(LEVELS)
+    told = set(
+        db.scalars(select(Notification.notifier).where(Notification.alert == alert.id).distinct())
+    )
     doc = json.dumps({"event": event, "alert": alert_document(alert, now)}, sort_keys=True)
     count = 0
     for n in notifiers(db):
-        if rank >= LEVELS.index(n.min_level):
+        if rank >= LEVELS.index(n.min_level) or n.id in told:
             db.add(
                 Notification(
                     notifier=n.id,
@@ -320,10 +629,35 @@ def enqueue(db: DB, alert: Alert, event: str, now: float) -> int:
                     next_at=now,
                     last_error="",
                     created_at=now,
+                    sent_at=0.0,
+                    claimed_by="",
+                    claimed_until=0.0,
                 )
             )
             count += 1
     return count
+
+
+def prune(db: DB, before: float, limit: int) -> int:
+    """Delete up to ``limit`` messages sent or given up before ``before``, oldest first,
+    except those of an alert still open (they say whom its resolution goes to); returns how
+    many."""
+    still_open = select(Alert.id).where(Alert.state == "open")
+    ids = list(
+        db.scalars(
+            select(Notification.id)
+            .where(
+                Notification.state.in_(("sent", "failed")),
+                Notification.created_at < before,
+                Notification.alert.not_in(still_open),
+            )
+            .order_by(Notification.id)
+            .limit(limit)
+        )
+    )
+    if ids:
+        db.execute(delete(Notification).where(Notification.id.in_(ids)))
+    return len(ids)
 
 
 # ---- the outbox -------------------------------------------------------------------------------
@@ -336,9 +670,14 @@ class Pending:
     payload: str
 
 
+def _rowcount(result: Any) -> int:
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
 class Outbox:
-    """Sends the messages waiting in the ``notifications`` table (``deliver_due``), and a
-    test message to one notifier (``test``)."""
+    """Sends the messages waiting in the ``notifications`` table: ``run`` as a loop of its own
+    (each notifier drained by a task of its own), ``deliver_due`` for one pass; and a test
+    message to one notifier (``test``). ``aclose`` stops it and closes its channels."""
 
     def __init__(
         self,
@@ -346,74 +685,210 @@ class Outbox:
         box: SecretBox,
         clock: Clock = SYSTEM_CLOCK,
         channels: Mapping[str, Channel] | None = None,
+        *,
+        allow_private: bool = False,
+        owner: str = "",
     ) -> None:
         self.sessions, self.box, self.clock = sessions, box, clock
-        self.channels = dict(channels) if channels is not None else default_channels()
+        self.channels = dict(channels) if channels is not None else default_channels(allow_private)
+        # who claims messages: this center process (several may share the database)
+        self.owner = (owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")[:64]
+        self._drains: dict[int, asyncio.Task[int]] = {}
+        # notifier: (failed attempts in a row, no attempt before): the circuit breaker
+        self._breaker: dict[int, tuple[int, float]] = {}
+        self._wake = asyncio.Event()
 
-    async def deliver_due(self) -> int:
-        """One pass: each notifier's due messages in order, until one fails; the notifiers
-        side by side. Returns how many were sent."""
-        queues = await asyncio.to_thread(self._pending)
-        sent = await asyncio.gather(*(self._drain(t, q) for t, q in queues))
-        return sum(sent)
+    def wake(self) -> None:
+        """New messages are waiting: the loop looks now, not at its next tick."""
+        self._wake.set()
 
-    def _pending(self) -> list[tuple[Target, list[Pending]]]:
+    async def run(self, every_s: float = DELIVERY_TICK) -> None:
+        """Deliver until cancelled: a pass every ``every_s`` or when woken; never waits for a
+        notifier's sends (each drains in a task of its own)."""
+        while True:
+            self._wake.clear()
+            try:
+                await self.deliver_due(wait=False)
+            except Exception:
+                log.exception("notify: this delivery pass failed; the next runs as usual")
+            await self._nap(every_s)
+
+    async def _nap(self, seconds: float) -> None:
+        if self._wake.is_set():
+            return
+        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait((sleeper, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            woken.cancel()
+
+    async def aclose(self) -> None:
+        """Stop the drains in flight (their claims lapse) and close the channels."""
+        await cancel(*self._drains.values())
+        self._drains.clear()
+        for channel in self.channels.values():
+            try:
+                await channel.aclose()
+            except Exception:
+                log.exception("notify: a channel did not close cleanly")
+
+    async def settle(self) -> None:
+        """Return once the drains in flight have ended."""
+        while self._drains:
+            await asyncio.gather(*self._drains.values(), return_exceptions=True)
+
+    async def deliver_due(self, wait: bool = True) -> int:
+        """One pass: each notifier whose queue's head is due, not backed off and not being
+        drained already is drained by a task of its own (up to ``PER_PASS`` messages, in order,
+        until one fails). ``wait``: return once those drains end, with how many were sent."""
+        now = self.clock.wall()
+        due = await asyncio.to_thread(self._due, now)
+        started = []
+        for ident in due:
+            if ident in self._drains or self._breaker.get(ident, (0, 0.0))[1] > now:
+                continue
+            task = spawn(self._drain(ident), name=f"notify-{ident}")
+            self._drains[ident] = task
+            task.add_done_callback(functools.partial(self._done, ident))
+            started.append(task)
+        if not wait or not started:
+            return 0
+        sent = await asyncio.gather(*started, return_exceptions=True)
+        return sum(s for s in sent if isinstance(s, int))
+
+    def _done(self, ident: int, task: asyncio.Task[Any]) -> None:
+        if self._drains.get(ident) is task:
+            del self._drains[ident]
+
+    def _due(self, now: float) -> list[int]:
+        """The notifiers whose queue's head is due and not claimed by another center."""
+        heads = (
+            select(func.min(Notification.id))
+            .where(Notification.state == "pending")
+            .group_by(Notification.notifier)
+        )
         with self.sessions() as db:
+            found = db.scalars(
+                select(Notification.notifier).where(
+                    Notification.id.in_(heads),
+                    Notification.next_at <= now,
+                    or_(Notification.claimed_until <= now, Notification.claimed_by == self.owner),
+                )
+            )
+            return sorted(set(found))
+
+    def _queue(self, ident: int) -> tuple[Target | str, list[Pending]]:
+        """The notifier as a channel needs it (or why it cannot be used) and the head of its
+        queue, oldest first."""
+        with self.sessions() as db:
+            n = db.get(Notifier, ident)
+            if n is None:
+                return "the notifier is gone", []
+            target: Target | str
+            try:
+                target = target_of(n, self.box)
+            except AecpError:
+                target = "its secret does not open with this center's key (secret.key replaced?)"
             rows = db.scalars(
                 select(Notification)
-                .where(Notification.state == "pending")
+                .where(Notification.notifier == ident, Notification.state == "pending")
                 .order_by(Notification.id)
-                .limit(BATCH)
+                .limit(PER_PASS)
             )
-            queues: dict[int, list[Pending]] = {}
-            for r in rows:
-                queues.setdefault(r.notifier, []).append(
-                    Pending(r.id, r.notifier, r.attempts, r.next_at, r.payload)
-                )
-            out = []
-            for ident, queue in queues.items():
-                n = db.get(Notifier, ident)
-                try:
-                    if n is not None:
-                        out.append((target_of(n, self.box), queue))
-                except AecpError as exc:  # its password does not open: the others go on
-                    log.warning("notify: notifier %d cannot be used: %s", ident, exc.message)
-            return out
+            return target, [
+                Pending(r.id, r.notifier, r.attempts, r.next_at, r.payload) for r in rows
+            ]
 
-    async def _drain(self, target: Target, queue: list[Pending]) -> int:
+    async def _drain(self, ident: int) -> int:
         sent = 0
-        for p in queue:
-            if p.next_at > self.clock.wall():
-                break  # a later message waits for this one: the order holds
-            doc = json.loads(p.payload)
-            error = await self._attempt(target, message_of(doc["event"], doc["alert"]))
-            await asyncio.to_thread(self._mark, p, error)
-            if error:
-                break
-            sent += 1
+        try:
+            target, queue = await asyncio.to_thread(self._queue, ident)
+            for p in queue:
+                now = self.clock.wall()
+                if p.next_at > now or self._breaker.get(ident, (0, 0.0))[1] > now:
+                    break  # it waits, and so do those after it: the order holds
+                if not await asyncio.to_thread(self._claim, p.id, now):
+                    break  # another center sends it (or it is gone)
+                try:
+                    if isinstance(target, str):
+                        error = target
+                    else:
+                        doc = json.loads(p.payload)
+                        error = await self._attempt(target, message_of(doc["event"], doc["alert"]))
+                except asyncio.CancelledError:
+                    await asyncio.to_thread(self._release, p.id)
+                    raise
+                retry_at = self._failed(ident, p.attempts + 1) if error else 0.0
+                if not error:
+                    self._breaker.pop(ident, None)
+                await asyncio.to_thread(self._mark, p, error, retry_at)
+                if error:
+                    break
+                sent += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("notify: notifier %d: this delivery pass failed", ident)
         return sent
 
+    def _failed(self, ident: int, attempts: int) -> float:
+        """Open the notifier's breaker after a failed attempt; when it lets one through next."""
+        streak = max(self._breaker.get(ident, (0, 0.0))[0] + 1, attempts)
+        retry_at = self.clock.wall() + backoff(streak)
+        self._breaker[ident] = (streak, retry_at)
+        return retry_at
+
+    def _claim(self, ident: int, now: float) -> bool:
+        with self.sessions.begin() as db:
+            result = db.execute(
+                update(Notification)
+                .where(
+                    Notification.id == ident,
+                    Notification.state == "pending",
+                    Notification.next_at <= now,
+                    or_(Notification.claimed_until <= now, Notification.claimed_by == self.owner),
+                )
+                .values(claimed_by=self.owner, claimed_until=now + CLAIM_S)
+            )
+            return _rowcount(result) == 1
+
+    def _release(self, ident: int) -> None:
+        with self.sessions.begin() as db:
+            db.execute(
+                update(Notification)
+                .where(Notification.id == ident, Notification.claimed_by == self.owner)
+                .values(claimed_by="", claimed_until=0.0)
+            )
+
     async def _attempt(self, target: Target, message: Message) -> str:
-        """ "" if the message was accepted, else why not."""
+        """ "" if the message was accepted, else why not (in short)."""
         channel = self.channels.get(target.kind)
         if channel is None:
             return f"no channel for notifiers of kind {target.kind}"
         try:
-            await channel.send(target, message)
+            await within(self.clock, SEND_DEADLINE, channel.send(target, message))
+        except TimeoutError:
+            return f"TimeoutError: no answer within {SEND_DEADLINE:.0f} s"
         except DeliveryError as exc:
+            if exc.detail:
+                log.info("notify: notifier %d: %s (%s)", target.id, exc, exc.detail)
             return str(exc) or "refused"
         except Exception as exc:  # a bug must not hold the notifier's queue: a failed attempt
             log.exception("notify: notifier %d: the %s channel failed", target.id, target.kind)
             return f"internal error ({type(exc).__name__})"
         return ""
 
-    def _mark(self, p: Pending, error: str) -> None:
+    def _mark(self, p: Pending, error: str, retry_at: float) -> None:
         now = self.clock.wall()
         with self.sessions.begin() as db:
             row = db.get(Notification, p.id)
-            if row is None:
-                return  # its notifier was deleted meanwhile
-            row.attempts = p.attempts + 1
+            if row is None or row.state != "pending" or row.claimed_by != self.owner:
+                log.warning("notify: message %d was no longer this center's to mark", p.id)
+                return
+            row.attempts += 1
+            row.claimed_by, row.claimed_until = "", 0.0
             if not error:
                 row.state, row.sent_at, row.last_error = "sent", now, ""
                 log.info("notify: message %d sent to notifier %d", p.id, p.notifier)
@@ -429,19 +904,30 @@ class Outbox:
                     error,
                 )
             else:
-                row.next_at = now + backoff(row.attempts)
                 log.info(
                     "notify: message %d to notifier %d failed (attempt %d), again in %.0f s: %s",
                     p.id,
                     p.notifier,
                     row.attempts,
-                    backoff(row.attempts),
+                    retry_at - now,
                     error,
                 )
+            # the notifier is backed off as a whole: its next message waits as well, also
+            # for another center or after a restart
+            db.flush()
+            db.execute(
+                update(Notification)
+                .where(
+                    Notification.notifier == p.notifier,
+                    Notification.state == "pending",
+                    Notification.next_at < retry_at,
+                )
+                .values(next_at=retry_at)
+            )
 
     async def test(self, ident: int) -> str:
         """Send a test message to notifier ``ident`` now, once (nothing is stored): "" if it
-        was accepted, else why not. ``NotFound`` if there is no such notifier."""
+        was accepted, else why not (in short). ``NotFound`` if there is no such notifier."""
 
         def load() -> Target:
             with self.sessions() as db:

@@ -1,6 +1,8 @@
 """``/v1/alerts``, ``/v1/alert-rules`` and ``/v1/notifiers``: the alerts (open and resolved),
 the rules they come from with the organization's and each cluster's settings, and where they
-are sent (``center.alerts``, ``center.notify``). A notifier's password is taken, never shown."""
+are sent (``center.alerts``, ``center.notify``). A notifier's password is taken, never shown;
+a webhook's URL is shown as ``scheme://host[:port]/…`` only (its path and query often hold a
+token)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from sqlalchemy.orm import Session as DB
 
 from aecp.center import alerts, notify
 from aecp.center.accounts import Caller
-from aecp.center.alerts import Level, Rule, Setting
+from aecp.center.alerts import AlertSettings, Level, Rule, Setting
 from aecp.center.api.deps import (
     CenterRoute,
     UnitOfWork,
@@ -146,7 +148,13 @@ class NotifierCreate(BaseModel):
     name: Name
     kind: Literal["webhook", "smtp"]
     min_level: Level = Field(Level.INFO, description="the lowest level it is sent")
-    url: str = Field("", max_length=2048, description="webhook: the http(s) URL POSTed to")
+    url: str = Field(
+        "",
+        max_length=2048,
+        description="webhook: the http(s) URL POSTed to (kept encrypted; shown as "
+        "scheme://host[:port]/… only). Not a loopback or link-local address unless the center "
+        "allows private webhooks",
+    )
     host: str = Field("", max_length=253, description="smtp: the server")
     port: int = Field(25, ge=1, le=65535, description="smtp: the server's port")
     sender: str = Field("", max_length=254, description="smtp: the From address")
@@ -154,7 +162,7 @@ class NotifierCreate(BaseModel):
         default_factory=list, max_length=20, description="smtp: the To addresses"
     )
     starttls: bool = Field(False, description="smtp: STARTTLS before anything else")
-    user: str = Field("", max_length=256, description="smtp: log in as this user")
+    user: str = Field("", max_length=256, description="smtp: log in as this user (needs starttls)")
     password: str = Field(
         "", max_length=1024, description="smtp: its password (kept encrypted, never shown)"
     )
@@ -180,7 +188,7 @@ class NotifierPublic(BaseModel):
     name: str
     kind: str
     min_level: Level
-    url: str = ""
+    url: str = Field("", description="webhook: scheme://host[:port]/… (the rest is secret)")
     host: str = ""
     port: int | None = None
     sender: str = ""
@@ -196,6 +204,8 @@ class NotifierPublic(BaseModel):
     @classmethod
     def of(cls, n: Notifier, counts: dict[str, int], last_error: str) -> NotifierPublic:
         config: dict[str, Any] = json.loads(n.config)  # never the secret: it is apart
+        if "url" in config:  # an older center's whole URL, not sealed yet, shown cut too
+            config["url"] = notify.shown_url(str(config["url"]))
         return cls(
             id=n.id,
             name=n.name,
@@ -212,12 +222,17 @@ class NotifierPublic(BaseModel):
 
 class TestResult(BaseModel):
     delivered: bool
-    error: str = Field("", description="why the receiver did not take it")
+    error: str = Field("", description="why the receiver did not take it, in short")
 
 
 def box(request: Request) -> SecretBox:
     b: SecretBox = request.app.state.registry.box
     return b
+
+
+def alert_settings(request: Request) -> AlertSettings:
+    found: AlertSettings | None = getattr(request.app.state, "alert_settings", None)
+    return found if found is not None else AlertSettings()
 
 
 # ---- alerts -----------------------------------------------------------------------------------
@@ -411,7 +426,9 @@ def create_notifier(
         "notifier.create",
         body.name,
         body.model_dump(mode="json"),  # the password is redacted by the audit
-        lambda: notify.add_notifier(db, box(request), body.spec(), now),
+        lambda: notify.add_notifier(
+            db, box(request), body.spec(), now, alert_settings(request).allow_private_webhooks
+        ),
     )
     return _public(db, n)
 
@@ -435,15 +452,25 @@ def delete_notifier(id: Ident, request: Request, db: UnitOfWork, who: MayWrite) 
     responses=error_responses(401, 403, 404, 422),
 )
 async def test_notifier(id: Ident, request: Request, who: MayWrite) -> TestResult:
-    """Send a test message now, once: whether the receiver took it, and why not."""
+    """Send a test message now, once: whether the receiver took it, and why not (in short:
+    the class of error, never the receiver's own words)."""
     c = center(request)
-    outbox = notify.Outbox(c.sessions, box(request), c.clock)
+    shared: notify.Outbox | None = getattr(request.app.state, "outbox", None)
+    outbox = shared or notify.Outbox(
+        c.sessions,
+        box(request),
+        c.clock,
+        allow_private=alert_settings(request).allow_private_webhooks,
+    )
     try:
         error = await outbox.test(id)
     except AecpError as exc:
         why = outcome(exc)
         await run_in_threadpool(record_apart, request, who.user, "notifier.test", str(id), {}, why)
         raise
+    finally:
+        if shared is None:
+            await outbox.aclose()
     result = f"undelivered: {error}" if error else "ok"
     await run_in_threadpool(record_apart, request, who.user, "notifier.test", str(id), {}, result)
     return TestResult(delivered=not error, error=error)

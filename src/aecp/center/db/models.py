@@ -217,7 +217,8 @@ class AlertRuleOverride(Base):
 
 class Notifier(Base):
     """Where alerts are sent (``center.notify``): a webhook or an SMTP server. ``config`` holds
-    no secret; the SMTP password is sealed with the center's key (``center.secrets``)."""
+    no secret (a webhook's URL there is only ``scheme://host[:port]/…``); the SMTP password or
+    the webhook's whole URL is sealed with the center's key (``center.secrets``)."""
 
     __tablename__ = "notifiers"
 
@@ -232,7 +233,9 @@ class Notifier(Base):
 
 class Notification(Base):
     """The outbox: one message to one notifier, written in the transaction that changed the
-    alert, so a notification survives a restart; retried with backoff until sent or given up."""
+    alert, so a notification survives a restart; retried with backoff until sent or given up.
+    A center claims the message it sends (``claimed_by`` until ``claimed_until``), so two
+    centers on one database never both send it."""
 
     __tablename__ = "notifications"
 
@@ -249,3 +252,8 @@ class Notification(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[float] = mapped_column(Float)
     sent_at: Mapped[float] = mapped_column(Float, default=0.0)
+    claimed_by: Mapped[str] = mapped_column(String(64), default="")
+    claimed_until: Mapped[float] = mapped_column(Float, default=0.0)
+
+    # a notifier's queue, in order
+    __table_args__ = (Index("ix_notifications_queue", "notifier", "state", "id"),)
