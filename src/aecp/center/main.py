@@ -66,7 +66,9 @@ def bootstrap(
     accounts = Accounts(settings.session_ttl_s, settings.lockout_after, settings.lockout_s, clock)
     registry = Registry(box, clock)
     app = create_app(sessions, accounts, clock, registry, cluster_client)
-    alerting = alert_settings or AlertSettings()
+    alerting = alert_settings or AlertSettings(
+        allow_private_webhooks=settings.allow_private_webhooks
+    )
     app.state.alert_settings = alerting
     app.state.outbox = Outbox(sessions, box, clock, allow_private=alerting.allow_private_webhooks)
     return app, password

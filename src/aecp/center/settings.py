@@ -18,6 +18,9 @@ class CenterSettings(BaseModel):
     session_ttl_s: float = Field(12 * 3600, gt=0)
     lockout_after: int = Field(5, ge=1, description="failed logins in a row before a lock-out")
     lockout_s: float = Field(15 * 60, gt=0)
+    allow_private_webhooks: bool = Field(
+        False, description="let webhooks reach loopback, link-local and metadata addresses"
+    )
 
     @property
     def url(self) -> str:

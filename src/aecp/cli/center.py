@@ -29,12 +29,23 @@ def run(
     address: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8800,
     database_url: Annotated[str, typer.Option(help="SQLAlchemy URL [default: SQLite]")] = "",
+    allow_private_webhooks: Annotated[
+        bool, typer.Option(help="let webhooks reach loopback, link-local, metadata addresses")
+    ] = False,
 ) -> None:
     """Serve the center (its database is made or upgraded first; at first start the root
     user's password is printed once and written to DATA_DIR/root-password, mode 0600)."""
     from aecp.center.main import run as serve
 
-    serve(CenterSettings(data_dir=data_dir, address=address, port=port, database_url=database_url))
+    serve(
+        CenterSettings(
+            data_dir=data_dir,
+            address=address,
+            port=port,
+            database_url=database_url,
+            allow_private_webhooks=allow_private_webhooks,
+        )
+    )
 
 
 @dc_app.command("add")
