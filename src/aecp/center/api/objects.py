@@ -134,9 +134,11 @@ def list_vms(
         q = q.where(InventoryObject.name.contains(name, autoescape=True))
     q = _owned(who, q)
     total = db.scalar(select(func.count()).select_from(q.subquery())) or 0
-    column = getattr(InventoryObject, sort.lstrip("-"))
-    order = column.desc() if sort.startswith("-") else column
-    q = q.order_by(order, InventoryObject.cluster, InventoryObject.name)
+    # the sort column, then cluster and name to make the order total, all one direction
+    # (so an index gives the page without sorting: migration 0008)
+    first = getattr(InventoryObject, sort.lstrip("-"))
+    keys = [first, *(c for c in (InventoryObject.cluster, InventoryObject.name) if c is not first)]
+    q = q.order_by(*(k.desc() if sort.startswith("-") else k for k in keys))
     response.headers["X-Total-Count"] = str(total)
     return [VMPublic.of(row) for row in db.scalars(q.limit(limit).offset(offset))]
 

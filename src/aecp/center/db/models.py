@@ -101,7 +101,11 @@ class InventoryObject(Base):
     state: Mapped[str] = mapped_column(String(32), default="")
     node: Mapped[str] = mapped_column(String(64), default="")
 
-    __table_args__ = (Index("ix_inventory_kind_name", "kind", "name"),)
+    __table_args__ = (  # what /v1/vms filters and sorts on (migration 0008)
+        Index("ix_inventory_kind_name_cluster", "kind", "name", "cluster"),
+        Index("ix_inventory_kind_state_name", "kind", "state", "name", "cluster"),
+        Index("ix_inventory_kind_node_cluster", "kind", "node", "cluster", "name"),
+    )
 
 
 class ClusterSync(Base):
