@@ -84,7 +84,7 @@ async def test_a_vm_is_made_powered_off_and_a_dead_node_alerted_through_the_cons
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            page = await browser.new_page()
+            page = await (await browser.new_context()).new_page()  # a context: tabs share it
             page.set_default_timeout(30 * SECOND)
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
