@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session as DB
 from sqlalchemy.orm import sessionmaker
 
 from aecp.center import alerts as al
-from aecp.center import notify
+from aecp.center import channels, notify
 from aecp.center.alerts import (
     Alerting,
     AlertSettings,
@@ -827,7 +827,7 @@ async def test_smtp_sends_run_in_the_channels_own_threads(monkeypatch: pytest.Mo
     def mail(*args: Any) -> None:
         seen.append(threading.current_thread().name)
 
-    monkeypatch.setattr(notify, "_mail", mail)
+    monkeypatch.setattr(channels, "_mail", mail)
     channel = notify.SmtpChannel()
     target = Target(1, "mail", "smtp", {})
     try:
