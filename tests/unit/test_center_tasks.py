@@ -20,7 +20,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from aecp.center.db.models import InventoryObject, VMOwner
+from aecp.center.db.models import Cluster, InventoryObject, VMOwner
 from aecp.center.main import bootstrap
 from aecp.center.settings import CenterSettings
 from aecp.center.tasks import Runner
@@ -375,3 +375,21 @@ async def test_a_request_sent_longer_ago_than_the_cluster_keeps_keys_is_not_sent
     await restarted.close()
     assert done["state"] == "failed" and "could do it twice" in done["error"]
     assert world.fake.keys == [task["id"]]  # never sent again
+
+
+async def test_the_token_goes_only_where_the_registered_endpoints_would(world: World) -> None:
+    nodes = {
+        "n1": "http://c1:8700",  # the registered endpoint itself
+        "n2": "http://n2:8700",
+        "n3": "https://n3:8700",  # another scheme
+        "n4": "http://127.0.0.1:8700",  # loopback, for a cluster registered elsewhere
+        "n5": "http://169.254.169.254",  # the clouds' metadata address
+    }
+    with world.runner.sessions.begin() as db:
+        for n, url in nodes.items():
+            data = json.dumps({"name": n, "api_url": url})
+            db.add(InventoryObject(cluster="c1", kind="node", name=n, data=data, synced_at=1.0))
+    with world.runner.sessions() as db:
+        c1 = db.get(Cluster, "c1")
+        assert c1 is not None
+        assert world.runner.registry.addresses(db, c1) == ["http://c1:8700", "http://n2:8700"]

@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session as DB
 from sqlalchemy.orm import sessionmaker
 
+from aecp.center.channels import private_host
 from aecp.center.db.models import Cluster, Datacenter, InventoryObject, Task
 from aecp.center.secrets import SecretBox
 from aecp.common.clock import SYSTEM_CLOCK, Clock
@@ -29,6 +30,7 @@ from aecp.model.base import check_name
 
 log = logging.getLogger(__name__)
 CHECK_TIMEOUT = 5.0  # s
+FAILOVER_EVERY = 10.0  # s: at most one look for another address of a cluster this often
 ClientFactory = Callable[[], httpx.AsyncClient]
 
 
@@ -93,6 +95,8 @@ class Registry:
         self.box = box
         self.clock = clock
         self.in_use: dict[str, str] = {}  # cluster → the address that answered last
+        self._failover_locks: dict[str, asyncio.Lock] = {}
+        self._failover_at: dict[str, float] = {}
 
     # ---- data centers -----------------------------------------------------------------------
     def datacenters(self, db: DB) -> list[Datacenter]:
@@ -201,10 +205,18 @@ class Registry:
                 InventoryObject.cluster == c.name, InventoryObject.kind == "node"
             )
         )
+        scheme = urlsplit(c.endpoint).scheme
+        local = private_host(urlsplit(c.endpoint).hostname or "")
         for data in rows:
             url = str(json.loads(data).get("api_url") or "").rstrip("/")
             with contextlib.suppress(InvalidInput):
-                if url and check_endpoint(url) not in found:
+                if not url or check_endpoint(url) in found:
+                    continue
+                parts = urlsplit(url)
+                # the token goes only where the registered endpoint's would: the same scheme
+                # (never https to http), and no loopback, link-local or metadata address
+                # unless the cluster was registered on one (the lab)
+                if parts.scheme == scheme and (local or not private_host(parts.hostname or "")):
                     found.append(url)
         return found
 
@@ -213,7 +225,23 @@ class Registry:
     ) -> str | None:
         """The address in use stopped answering: use the next one that answers as the same
         cluster (its id, to the same token); returns it, or None if none does (the address
-        stays as it was)."""
+        stays as it was). One look at a time per cluster, and at most one every
+        ``FAILOVER_EVERY`` seconds: callers that fail together share it. Never raises."""
+        lock = self._failover_locks.setdefault(cluster, asyncio.Lock())
+        async with lock:
+            now = self.clock.monotonic()
+            if now - self._failover_at.get(cluster, -FAILOVER_EVERY) < FAILOVER_EVERY:
+                return None
+            self._failover_at[cluster] = now
+            try:
+                return await self._failover(sessions, client_factory, cluster)
+            except Exception:
+                log.exception("center: cluster %s: looking for another address failed", cluster)
+                return None
+
+    async def _failover(
+        self, sessions: sessionmaker[DB], client_factory: ClientFactory, cluster: str
+    ) -> str | None:
 
         def known() -> tuple[Cluster, list[str], str] | None:
             with sessions() as db:

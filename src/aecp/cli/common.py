@@ -9,7 +9,7 @@ from typing import Any
 
 from aecp.cli import centerctx
 from aecp.cli.centerclient import CenterClient
-from aecp.cli.client import Client, discover
+from aecp.cli.client import ApiError, Client, discover
 from aecp.cli.output import Format, emit, progress_bar
 
 cluster_option: str | None = None  # the root's --cluster
@@ -26,11 +26,17 @@ def client(cluster: str | None = None) -> Iterator[Client]:
     """A client of a cluster's API: direct, or carried by the operation center logged in
     to (``cluster``, the root's ``--cluster`` or ``AECP_CLUSTER`` pick the cluster there)."""
     c: Client
+    picked = cluster or cluster_option or os.environ.get("AECP_CLUSTER") or None
     if through_center():
         context = centerctx.load()
-        picked = cluster or cluster_option or os.environ.get("AECP_CLUSTER") or None
         c = CenterClient(context["url"], context["token"], picked)
     else:
+        if picked:
+            raise ApiError(
+                f"a cluster ({picked}) is named, but the CLI talks to one cluster directly "
+                "(AECP_API or the lab's); to pick among clusters, log in to an operation "
+                "center: aecp login URL"
+            )
         urls, token = discover()
         c = Client(urls, token)
     try:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from aecp.cli import centerctx
+from aecp.cli import centerctx, common
 from aecp.cli.client import ApiError
 from aecp.cli.output import Format, OutputOpt, console, emit, err_console
 from aecp.common.errors import AecpError, InvalidInput
@@ -25,8 +26,22 @@ RootOpt = Annotated[
     Path | None,
     typer.Option(help="lab directory (default: AECP_LAB_DIR or ~/.local/state/aecp/lab)"),
 ]
-ClusterOpt = Annotated[str, typer.Option("--cluster", help="the cluster (c1, c2...)")]
+ClusterOpt = Annotated[
+    str | None,
+    typer.Option("--cluster", help="the cluster (c1, c2...) [default: aecp --cluster, else c1]"),
+]
 NODE_COLS = ["node", "address", "api", "agent_pid", "etcd", "etcd_pid", "vms_running"]
+
+
+def _which(cluster: str | None) -> str:
+    """The cluster a node command is about: its --cluster, else the root's (aecp --cluster
+    or AECP_CLUSTER), else c1; the two named differently is an error."""
+    root = common.cluster_option or os.environ.get("AECP_CLUSTER") or None
+    if cluster and root and cluster != root:
+        raise typer.BadParameter(
+            f"{cluster}, but aecp --cluster says {root}", param_hint="--cluster"
+        )
+    return cluster or root or "c1"
 
 
 def _say(msg: str) -> None:
@@ -175,8 +190,10 @@ def down(root: RootOpt = None, output: OutputOpt = Format.TABLE) -> None:
     root = root or default_root()
     if Site.exists(root):
         site = Site.open(root)
-        pids = site.down()
-        _forget_session(site.center_url)
+        try:
+            pids = site.down()
+        finally:  # the center is stopped first: its session is of no use even if a cluster
+            _forget_session(site.center_url)  # fails to stop
         emit({"stopped_processes": len(pids), "root": str(site.root)}, output)
         return
     lab = Lab.open(root)
@@ -204,17 +221,19 @@ def _lab(root: Path | None, cluster: str) -> Lab:
 
 @app.command("kill-node")
 def kill_node(
-    name: str, cluster: ClusterOpt = "c1", root: RootOpt = None, output: OutputOpt = Format.TABLE
+    name: str, cluster: ClusterOpt = None, root: RootOpt = None, output: OutputOpt = Format.TABLE
 ) -> None:
     """Simulate a power loss: SIGKILL the node's agent, VMs and etcd member."""
+    cluster = _which(cluster)
     pids = _lab(root, cluster).kill_node(name)
     emit({"cluster": cluster, "node": name, "killed_vms": len(pids)}, output)
 
 
 @app.command("start-node")
 def start_node(
-    name: str, cluster: ClusterOpt = "c1", root: RootOpt = None, output: OutputOpt = Format.TABLE
+    name: str, cluster: ClusterOpt = None, root: RootOpt = None, output: OutputOpt = Format.TABLE
 ) -> None:
     """Start a killed node again (etcd member, then agent)."""
+    cluster = _which(cluster)
     _lab(root, cluster).start_node(name)
     emit({"cluster": cluster, "node": name, "started": True}, output)

@@ -114,6 +114,12 @@ def main() -> None:
         field = exc.body.get("field") if exc.body else None
         where = f" [field: {field}]" if field else ""
         err_console.print(f"[red]error:[/red] {escape(str(exc) + where)}")
+        if common.through_center() and (exc.status == 401 or "no API answered" in str(exc)):
+            url = centerctx.load().get("url", "URL")
+            err_console.print(
+                f"(through the operation center at {url}: log in again with aecp login {url}, "
+                "or aecp logout to talk to a cluster directly)"
+            )
         sys.exit(1)
     except AecpError as exc:
         err_console.print(f"[red]error:[/red] {escape(exc.message)}")

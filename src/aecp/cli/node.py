@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from aecp.cli.centerclient import CenterClient
 from aecp.cli.common import client
 from aecp.cli.output import Format, OutputOpt, emit, emit_events
 
@@ -31,7 +32,9 @@ COLS = [
 def list_nodes(output: OutputOpt = Format.TABLE) -> None:
     """List nodes with state, capacity and usage."""
     with client() as c:
-        emit(c.get("/v1/nodes"), output, COLS)
+        emit(
+            c.get("/v1/nodes"), output, ["cluster", *COLS] if isinstance(c, CenterClient) else COLS
+        )
 
 
 @app.command("show")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from aecp.cli.centerclient import CenterClient
 from aecp.cli.common import client, done
 from aecp.cli.output import Format, OutputOpt, emit
 
@@ -14,7 +15,12 @@ app = typer.Typer(help="VM templates (create VMs from them with --template).", n
 def list_templates(output: OutputOpt = Format.TABLE) -> None:
     """List templates."""
     with client() as c:
-        emit(c.get("/v1/templates"), output, ["name", "vcpus", "memory_mib", "source_vm"])
+        cols = ["name", "vcpus", "memory_mib", "source_vm"]
+        emit(
+            c.get("/v1/templates"),
+            output,
+            ["cluster", *cols] if isinstance(c, CenterClient) else cols,
+        )
 
 
 @app.command("delete")

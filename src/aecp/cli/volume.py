@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from aecp.cli.centerclient import CenterClient
 from aecp.cli.common import client, done
 from aecp.cli.output import Format, OutputOpt, emit, iso_time
 from aecp.common.pki import grant_credential, write_private
@@ -57,7 +58,8 @@ def list_volumes(output: OutputOpt = Format.TABLE) -> None:
     """List volumes with allocated vs provisioned bytes and health."""
     with client() as c:
         vols = c.get("/v1/volumes")
-        emit(vols if output is Format.JSON else [_readable(v) for v in vols], output, COLS)
+        cols = ["cluster", *COLS] if isinstance(c, CenterClient) else COLS
+        emit(vols if output is Format.JSON else [_readable(v) for v in vols], output, cols)
 
 
 @app.command("show")

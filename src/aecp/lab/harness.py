@@ -191,7 +191,7 @@ class Lab:
         ``image`` is also the KVM probe's guest. Raises ``InvalidInput`` if a lab already exists
         at ``root``.
         """
-        if (self.root / "lab.json").exists():
+        if (self.root / "lab.json").exists() or (self.root / "site.json").exists():
             raise InvalidInput(
                 "root", f"a lab already exists at {self.root}; run 'aecp lab down' first"
             )

@@ -40,6 +40,7 @@ from aecp.center.db.models import Cluster, InventoryObject, Task, VMOwner
 from aecp.common.apierrors import error_responses
 from aecp.common.errors import Forbidden, InvalidInput, NotFound, Unavailable
 from aecp.common.sizes import parse_size
+from aecp.common.tasks import spawn
 from aecp.model.base import Name
 from aecp.model.vm import PowerOp, VMCreate, VMState
 
@@ -170,6 +171,7 @@ READ_ACTIONS = {
     "nodes": "cluster.read",
     "operations": "cluster.read",
     "images": "cluster.read",
+    "cluster": "cluster.read",
 }
 _PROXY_PATH = re.compile(r"^v1/([a-z]+)(/[A-Za-z0-9._/-]*)?$")
 
@@ -223,7 +225,10 @@ async def read_cluster(cluster: str, path: str, request: Request) -> Response:
     except httpx.HTTPError as exc:
         if isinstance(exc, httpx.TransportError):  # the next request may find another node
             reg, sessions = request.app.state.registry, center(request).sessions
-            await reg.failover(sessions, request.app.state.cluster_client, cluster)
+            spawn(  # in the background: this answer does not wait for it
+                reg.failover(sessions, request.app.state.cluster_client, cluster),
+                name=f"failover-{cluster}",
+            )
         raise Unavailable(
             f"cluster {cluster} did not answer ({type(exc).__name__})", cluster=cluster
         ) from None
