@@ -87,7 +87,7 @@ run: deps
 	echo "The lab is up: the operation center and 2 clusters of 3 nodes (c1 in dc1 on 127.0.1.1-3,"; \
 	echo "c2 in dc2 on 127.0.2.1-3), a demo VM on each; the CLI is logged in to the center as root."; \
 	echo "  web console:   $$center/   (user root)"; \
-	echo "  root password: $$pw"; \
+	echo "  root password file: $$pw"; \
 	echo "Next:"; \
 	echo "  export PATH=$$PWD/$(VENV)/bin:\$$PATH     # put 'aecp' on your PATH"; \
 	echo "  aecp center cluster list            # c1 and c2, their data centers, their sync state"; \
