@@ -555,7 +555,10 @@ async def test_one_poller_reads_the_versions_for_every_stream_and_stops_with_the
         pending = [asyncio.ensure_future(anext(s)) for s in streams]
         await clock.until_sleeping()
         await clock.advance(live.POLL_EVERY)  # one more read, nothing changed: no event yet
-        await asyncio.sleep(0.2)
+        for _ in range(1000):  # until the poller has read and sleeps again
+            if len(reads) >= 2 and clock.sleeping():
+                break
+            await asyncio.to_thread(lambda: None)  # a hop behind the poller's thread work
         assert len(reads) == 2 and not any(p.done() for p in pending)
         for p in pending:
             p.cancel()
