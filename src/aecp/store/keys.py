@@ -25,6 +25,12 @@
     /aecp/abs/snapshots/<vol>/<snap>   SnapshotRecord: a frozen extent table
     /aecp/abs/exports/<volume>         ExportGrant: the client credential that may open it (NBD TLS)
     /aecp/abs/unsettled/<volume>       UnsettledRecord: refused writes whose undo is not settled
+    /aecp/abs/handoffs/<volume>        Handoff: attach the volume on a node now (migration's source)
+    /aecp/abs/handoffs-done/<volume>   HandoffDone: the attach it asked for, done or failed
+    /aecp/vm-migrations/<vm>           MigrationMark: a live migration's started/phase (source)
+    /aecp/vm-incoming/<vm>             Incoming: the destination's waiting QEMU (destination)
+    /aecp/networks/<network>           NetworkRecord: a VM network (VLAN, subnet)
+    /aecp/network-ips/<network>/<ip>   the VM NIC an address of the network is given to
 """
 
 from __future__ import annotations
@@ -54,6 +60,12 @@ ABS_SNAPSHOTS = ROOT + "abs/snapshots/"
 ABS_EXPORTS = ROOT + "abs/exports/"
 ABS_UNSETTLED = ROOT + "abs/unsettled/"
 ABS_EPOCH = ROOT + "abs/epoch"  # the last attach epoch handed out, cluster-wide
+ABS_HANDOFFS = ROOT + "abs/handoffs/"
+ABS_HANDOFFS_DONE = ROOT + "abs/handoffs-done/"
+VM_MIGRATIONS = ROOT + "vm-migrations/"
+VM_INCOMING = ROOT + "vm-incoming/"
+NETWORKS = ROOT + "networks/"
+NETWORK_IPS = ROOT + "network-ips/"
 
 
 def node(name: str) -> str:
@@ -170,3 +182,35 @@ def abs_snapshot(volume: str, snap: str) -> str:
 
 def template(name: str) -> str:
     return TEMPLATES + name
+
+
+def abs_handoff(volume: str) -> str:
+    """A migration's request that ``volume`` be attached on the node it names, now."""
+    return ABS_HANDOFFS + volume
+
+
+def abs_handoff_done(volume: str) -> str:
+    """The storage server's answer to ``abs_handoff(volume)``."""
+    return ABS_HANDOFFS_DONE + volume
+
+
+def vm_migration(name: str) -> str:
+    """The phase of VM ``name``'s live migration (its source agent is the only writer)."""
+    return VM_MIGRATIONS + name
+
+
+def vm_incoming(name: str) -> str:
+    """VM ``name``'s incoming QEMU on a migration's destination (that agent writes it)."""
+    return VM_INCOMING + name
+
+
+def network(name: str) -> str:
+    return NETWORKS + name
+
+
+def network_ips(name: str) -> str:
+    return f"{NETWORK_IPS}{name}/"
+
+
+def network_ip(name: str, ip: str) -> str:
+    return f"{NETWORK_IPS}{name}/{ip}"
