@@ -54,6 +54,33 @@ class ComputeSettings(BaseModel):
     cpus: int | None = Field(None, ge=1, description="vCPUs offered (default: host cores)")
     memory_mib: int | None = Field(None, ge=64, description="memory offered (default: host)")
     probe_image: str | None = Field(None, description="bootable image used by the KVM probe")
+    migration_address: str | None = Field(
+        None,
+        description="the address a VM migrating here is received on (the storage network's; "
+        "default: the node's address)",
+    )
+    migration_max_bandwidth_mib_s: int = Field(
+        4096, ge=1, description="live migration bandwidth cap (QEMU max-bandwidth)"
+    )
+    migration_downtime_limit_ms: int = Field(
+        300,
+        ge=1,
+        le=60_000,
+        description="the longest pause QEMU may plan for a live migration's last pass",
+    )
+    migration_timeout_s: float = Field(
+        600, gt=0, description="a live migration not finished by then is cancelled"
+    )
+
+
+class NetworkSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vm_uplink: str = Field(
+        "",
+        description="the host interface VM networks are bridged onto, tagged with each "
+        "network's VLAN (empty: VM networks stay on this node)",
+    )
 
 
 class ApiSettings(BaseModel):
@@ -125,6 +152,12 @@ class StorageSettings(BaseModel):
         5, gt=0, description="how often degraded extents are looked at"
     )
     scrub_interval_s: float = Field(3600, gt=0, description="re-verify every replica this often")
+    maintenance_grace_s: float = Field(
+        3600,
+        ge=0,
+        description="while a node is in maintenance, wait this long for its replicas before "
+        "copying their data elsewhere (instead of recovery_grace_s)",
+    )
 
     @property
     def capacity_bytes(self) -> int | None:
@@ -149,6 +182,7 @@ class NodeSettings(BaseModel):
     compute: ComputeSettings = Field(default_factory=lambda: ComputeSettings())
     api: ApiSettings = Field(default_factory=lambda: ApiSettings())
     storage: StorageSettings = Field(default_factory=lambda: StorageSettings())
+    network: NetworkSettings = Field(default_factory=lambda: NetworkSettings())
     security: SecuritySettings
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
