@@ -21,10 +21,16 @@ from aecp.compute.hypervisor import (
     InstanceEvent,
     InstanceInfo,
     InstanceSpec,
+    MigrationParams,
+    MigrationStatus,
     RunState,
 )
 
 _PIDS = itertools.count(40000)
+#: migration listeners of every fake in the process: ``listen`` URI -> (hypervisor, instance)
+_LISTENERS: dict[str, tuple[FakeHypervisor, str]] = {}
+#: ``migration()`` calls a fake migration stays ``active`` before it pauses at pre-switchover
+ACTIVE_POLLS = 2
 
 
 @dataclass
@@ -35,6 +41,10 @@ class FakeInstance:
     pid: int
     state: RunState
     boots: int = 1
+    listen: str = ""  # an incoming migration's URI
+    migration: str = "none"  # QEMU's migration status
+    polls: int = 0
+    peer: tuple[FakeHypervisor, str] | None = None  # a migration's destination
 
 
 class FakeHypervisor(Hypervisor):
@@ -124,6 +134,84 @@ class FakeHypervisor(Hypervisor):
         inst.state = RunState.RUNNING
         self._emit(name, EventKind.RESUMED)
 
+    # --- live migration: a fake migrates to another fake of this process ----------------------
+
+    async def start_incoming(self, spec: InstanceSpec, listen: str) -> InstanceInfo:
+        self.calls.append(("start_incoming", spec.name))
+        if spec.name in self.world:
+            raise InvalidState(f"{spec.name} is already running", name=spec.name)
+        self._launch(spec)
+        inst = FakeInstance(spec, next(_PIDS), RunState.PAUSED, listen=listen)
+        self.world[spec.name] = self._tracked[spec.name] = inst
+        self.files.add(spec.name)
+        _LISTENERS[listen] = (self, spec.name)
+        self._emit(spec.name, EventKind.STARTED)
+        return self._info(inst)
+
+    async def migrate(self, name: str, uri: str, params: MigrationParams) -> None:
+        self.calls.append(("migrate", name))
+        inst = self._require(name, RunState.RUNNING)
+        inst.peer = _LISTENERS.get(uri)
+        inst.migration = "active" if inst.peer is not None else "failed"
+        inst.polls = 0
+
+    async def migration(self, name: str) -> MigrationStatus:
+        inst = self._require(name)
+        if inst.migration in ("active", "pre-switchover") and not self._peer_alive(inst):
+            self._end_migration(inst, "failed")
+        elif inst.migration == "active":
+            inst.polls += 1
+            if inst.polls >= ACTIVE_POLLS:
+                inst.migration = "pre-switchover"
+                inst.state = RunState.PAUSED
+                self._emit(name, EventKind.PAUSED)
+        total = inst.spec.memory_mib << 20
+        sent = total if inst.migration in ("pre-switchover", "completed") else total // 2
+        done = inst.migration == "completed"
+        return MigrationStatus(
+            status=inst.migration,
+            ram_total=total,
+            ram_transferred=sent,
+            ram_remaining=total - sent,
+            passes=inst.polls,
+            downtime_ms=5 if done else None,
+            total_time_ms=50 if done else None,
+        )
+
+    async def migrate_continue(self, name: str) -> None:
+        self.calls.append(("migrate_continue", name))
+        inst = self._require(name)
+        if inst.migration != "pre-switchover":
+            raise InvalidState(f"{name}: no migration waits at pre-switchover")
+        if not self._peer_alive(inst):
+            self._end_migration(inst, "failed")
+            return
+        assert inst.peer is not None
+        hv, dest = inst.peer
+        inst.migration = "completed"
+        incoming = hv._tracked[dest]
+        incoming.state = RunState.RUNNING
+        incoming.migration = "completed"
+        _LISTENERS.pop(incoming.listen, None)
+        hv._emit(dest, EventKind.RESUMED)
+
+    async def migrate_cancel(self, name: str) -> None:
+        self.calls.append(("migrate_cancel", name))
+        inst = self._tracked.get(name)
+        if inst is not None and inst.migration in ("active", "pre-switchover"):
+            self._end_migration(inst, "cancelled")
+
+    @staticmethod
+    def _peer_alive(inst: FakeInstance) -> bool:
+        return inst.peer is not None and inst.peer[1] in inst.peer[0]._tracked
+
+    def _end_migration(self, inst: FakeInstance, status: str) -> None:
+        """The migration failed or was cancelled: the guest runs on here."""
+        inst.migration = status
+        if inst.state is RunState.PAUSED:
+            inst.state = RunState.RUNNING
+            self._emit(inst.spec.name, EventKind.RESUMED)
+
     async def remove_files(self, name: str) -> None:
         self.calls.append(("remove_files", name))
         if name in self._tracked:
@@ -169,7 +257,9 @@ class FakeHypervisor(Hypervisor):
         return inst
 
     def _gone(self, name: str, reason: str = "quit") -> None:
-        self._tracked.pop(name, None)
+        inst = self._tracked.pop(name, None)
+        if inst is not None and inst.listen:
+            _LISTENERS.pop(inst.listen, None)
         self.world.pop(name, None)
         self._emit(name, EventKind.STOPPED, reason=reason)
 

@@ -91,6 +91,39 @@ class InstanceInfo:
     console_socket: Path
 
 
+@dataclass(frozen=True)
+class MigrationParams:
+    """How a live migration may run: its bandwidth cap and the longest pause QEMU may plan
+    for its last pass."""
+
+    max_bandwidth: int  # bytes/s
+    downtime_limit_ms: int
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    """A migration as QEMU reports it (``query-migrate``). ``status`` is QEMU's: ``none``,
+    ``setup``, ``active``, ``pre-switchover`` (paused before the switch-over, waiting for
+    ``migrate_continue``), ``device``, ``completed``, ``failed``, ``cancelling``,
+    ``cancelled``."""
+
+    status: str
+    ram_total: int = 0
+    ram_transferred: int = 0
+    ram_remaining: int = 0
+    passes: int = 0  # dirty-sync passes over guest memory
+    dirty_rate: int = 0  # pages/s
+    expected_downtime_ms: int = 0
+    downtime_ms: int | None = None  # known once completed
+    total_time_ms: int | None = None
+    setup_time_ms: int | None = None
+    error: str = ""
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ("completed", "failed", "cancelled", "none")
+
+
 class EventKind(enum.StrEnum):
     STARTED = "started"
     PAUSED = "paused"
@@ -170,6 +203,34 @@ class Hypervisor(ABC):
     async def remove_files(self, name: str) -> None:
         """Delete everything the instance left on this node (``run_dir/<name>/`` with its
         logs): its VM is being deleted. ``InvalidState`` if it is running. Idempotent."""
+
+    # --- live migration (the source runs ``migrate``, the destination ``start_incoming``) ---
+
+    @abstractmethod
+    async def start_incoming(self, spec: InstanceSpec, listen: str) -> InstanceInfo:
+        """Launch the instance waiting for a migration (``-incoming defer``), then listen on
+        ``listen`` (``tcp:<address>:<port>``). Its disks are opened but not used until the
+        migration completes; then the guest runs here (``RUNNING``, a RESUMED event).
+        ``LaunchError`` as for ``start``."""
+
+    @abstractmethod
+    async def migrate(self, name: str, uri: str, params: MigrationParams) -> None:
+        """Start migrating the running instance to ``uri``, pausing before the switch-over
+        (status ``pre-switchover``) until ``migrate_continue``. ``InvalidState`` if it is not
+        running."""
+
+    @abstractmethod
+    async def migration(self, name: str) -> MigrationStatus:
+        """The instance's migration now (``none`` if none ever ran)."""
+
+    @abstractmethod
+    async def migrate_continue(self, name: str) -> None:
+        """Go on from ``pre-switchover``: the rest of the state goes to the destination."""
+
+    @abstractmethod
+    async def migrate_cancel(self, name: str) -> None:
+        """Cancel the migration: the instance goes on running here (resumed if the migration
+        had paused it). Idempotent."""
 
     @abstractmethod
     def events(self) -> AsyncIterator[InstanceEvent]:

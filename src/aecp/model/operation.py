@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 import secrets
 
+from pydantic import Field
+
 from aecp.model.base import Stored
 
 
@@ -39,13 +41,28 @@ class Operation(Stored):
     error: str = ""
     superseded_by: str = ""  # the operation that cancelled this one, if any
     requested_by: str = ""  # the principal whose request created it ("" for none)
+    # figures of the work under way, for people and tools (a migration: bytes sent and left,
+    # passes, dirty rate, expected downtime); raw numbers, the CLI and UI format them
+    detail: dict[str, float | int | str] = Field(default_factory=dict)
+    cancel_requested: bool = False  # a user asked to cancel it; its carrier decides
     created_at: float
     updated_at: float
 
-    def advance(self, progress: int, message: str, now: float) -> Operation:
-        return self.model_copy(
-            update={"progress": max(self.progress, progress), "message": message, "updated_at": now}
-        )
+    def advance(
+        self,
+        progress: int,
+        message: str,
+        now: float,
+        detail: dict[str, float | int | str] | None = None,
+    ) -> Operation:
+        update: dict[str, object] = {
+            "progress": max(self.progress, progress),
+            "message": message,
+            "updated_at": now,
+        }
+        if detail is not None:
+            update["detail"] = detail
+        return self.model_copy(update=update)
 
     def succeed(self, message: str, now: float) -> Operation:
         return self.model_copy(

@@ -18,6 +18,9 @@ absent, never partial):
   interrupted run's volumes are deleted unless the new VM was stored.
 - ``template``: clone a stopped VM's disks as a template's volumes, store the template (it
   records the operation) and mark the VM deleted, which its agent then carries out.
+- ``migrate``: live-migrate the running VM to node ``target`` (``docs/design/migration.md``):
+  the source agent runs it, the destination agent only receives; it ends with the VM running
+  in exactly one place (the placement moves in the transaction that ends it).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class JobKind(enum.StrEnum):
     ROLLBACK = "rollback"
     CLONE = "clone"
     TEMPLATE = "template"
+    MIGRATE = "migrate"
 
 
 # the operation kind of each job (a clone's operation is the new VM's create: it ends when
@@ -41,6 +45,7 @@ OP_KINDS = {
     JobKind.ROLLBACK: "vm.rollback",
     JobKind.CLONE: "vm.create",
     JobKind.TEMPLATE: "vm.template",
+    JobKind.MIGRATE: "vm.migrate",
 }
 
 
@@ -52,7 +57,8 @@ class VMJob(Stored):
     kind: JobKind
     op_id: str
     snapshot: str = ""  # snapshot, rollback: the snapshot's name
-    target: str = ""  # clone: the new VM's name; template: the template's name
+    target: str = ""  # clone: the new VM's name; template: the template's name; migrate: node
+    source: str = ""  # migrate: the node it runs on when asked
     target_uuid: str = ""  # clone: the new VM's uuid (the owner of its volumes)
     start: bool = True  # clone: power the new VM on
     created_at: float
@@ -65,6 +71,8 @@ class VMJob(Stored):
             return f"rollback to snapshot {self.snapshot}"
         if self.kind is JobKind.CLONE:
             return f"clone as VM {self.target}"
+        if self.kind is JobKind.MIGRATE:
+            return f"live migration from {self.source} to {self.target}"
         return f"conversion to template {self.target}"
 
 

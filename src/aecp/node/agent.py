@@ -32,10 +32,11 @@ from aecp.cluster.volumes import VolumeService
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.pki import Bundle
 from aecp.common.tasks import cancel, spawn
-from aecp.compute.hypervisor import Accel, Hypervisor
+from aecp.compute.hypervisor import Accel, Hypervisor, MigrationParams
 from aecp.conf.settings import NodeSettings
 from aecp.node.control import ControlLoop
 from aecp.node.fencing import Fencer
+from aecp.node.migration import MigrationConfig, Migrator
 from aecp.node.presence import Presence
 from aecp.node.reconciler import Reconciler
 from aecp.node.storagewiring import meta_service, replica_auth
@@ -80,8 +81,28 @@ class NodeAgent:
         )  # fmt: skip
         self.service = VMService(store, settings.images_dir, clock, disks=self.vmdisks)
         self.snapshots = SnapshotService(self.meta, self.volume_pool)
-        jobs = VMJobs(settings.name, hv, DiskCloner(self.service, self.snapshots), clock)
-        self.reconciler = Reconciler(settings.name, hv, self.actions, clock, jobs)
+        comp = settings.compute
+        self.migrator = Migrator(
+            settings.name,
+            store,
+            hv,
+            self.actions,
+            self.vmdisks,
+            MigrationConfig(
+                address=comp.migration_address or settings.address,
+                params=MigrationParams(
+                    max_bandwidth=comp.migration_max_bandwidth_mib_s << 20,
+                    downtime_limit_ms=comp.migration_downtime_limit_ms,
+                ),
+                timeout=comp.migration_timeout_s,
+            ),
+            clock,
+        )
+        cloner = DiskCloner(self.service, self.snapshots)
+        jobs = VMJobs(settings.name, hv, cloner, clock, migrator=self.migrator)
+        self.reconciler = Reconciler(
+            settings.name, hv, self.actions, clock, jobs, receiver=self.migrator
+        )
         self.controllers = ControllerHost(
             store, settings.name, History(store, settings.name, clock)
         )

@@ -34,7 +34,7 @@ from aecp.common.errors import AecpError
 from aecp.common.tasks import spawn
 from aecp.compute.hypervisor import EventKind, Hypervisor, InstanceEvent, InstanceInfo, RunState
 from aecp.model.vm import Power, VMState, VMStatus
-from aecp.model.vmjob import VMJob
+from aecp.model.vmjob import JobKind, VMJob
 from aecp.node.vmops import VMActions
 from aecp.store.view import ClusterView, VMEntry
 
@@ -46,6 +46,11 @@ Action = Callable[[], Awaitable[None]]
 class JobRunner(Protocol):
     async def run(self, e: VMEntry) -> None:
         """Carry out ``e``'s job (``node.vmjobs``); never raises."""
+
+
+class Receiver(Protocol):
+    async def receive(self, e: VMEntry) -> None:
+        """Start ``e``'s QEMU here for its migration job (``node.migration``)."""
 
 
 RETRY_FIRST = 1.0  # s before the first retry of a failed action
@@ -95,12 +100,14 @@ class Reconciler:
         actions: VMActions,
         clock: Clock = SYSTEM_CLOCK,
         jobs: JobRunner | None = None,
+        receiver: Receiver | None = None,
     ) -> None:
         self.node = node
         self.hv = hv
         self.actions = actions
         self.clock = clock
         self.jobs = jobs  # None: this reconciler carries out no jobs (a test of the rest)
+        self.receiver = receiver  # None: no VM migrates to this node
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.failures: dict[str, Failure] = {}
         self.guest_off: set[str] = set()
@@ -193,11 +200,47 @@ class Reconciler:
         for gone in set(self.failures) - set(mine) - set(instances):
             del self.failures[gone]  # deleted, or moved away: nothing left to retry here
         out = [self._decide_vm(e, instances.get(n)) for n, e in sorted(mine.items())]
-        for name in sorted(set(instances) - set(mine)):
+        incoming = {n: e for n, e in snap.vms.items() if self._migrating_here(e)}
+        out += [self._incoming(e, instances.get(n)) for n, e in sorted(incoming.items())]
+        for name in sorted(set(instances) - set(mine) - set(incoming)):
             if name not in self.inflight:
                 orphan = self._orphan(name)
                 out.append(self._backing_off(name, 0, orphan.kind) or orphan)
         return out
+
+    def _migrating_here(self, e: VMEntry) -> bool:
+        job = e.job
+        return (
+            job is not None
+            and job.kind is JobKind.MIGRATE
+            and job.target == self.node
+            and e.node != self.node
+            and not e.spec.deleting
+        )
+
+    def _incoming(self, e: VMEntry, inst: InstanceInfo | None) -> Decision:
+        """A VM migrating here (its placement is still its source's): its QEMU is started
+        waiting for the migration, and left alone while the job lasts (when the job ends
+        without moving the VM here, it is an orphan and powered off)."""
+        name = e.spec.name
+        assert e.job is not None
+        what = f"{e.job.describe()} ({e.job.op_id})"
+        if name in self.inflight:
+            return Decision(name, f"{name} is being received here: waiting", say=Say.ON_CHANGE)
+        if inst is not None:
+            sentence = f"{name} is migrating here, {what}: its QEMU waits for it"
+            return Decision(name, sentence, say=Say.ON_CHANGE)
+        if self.receiver is None:
+            sentence = f"{name} is to migrate here, {what}, and this agent receives none"
+            return Decision(name, sentence, say=Say.ON_CHANGE)
+        receiver = self.receiver
+        return Decision(
+            name,
+            f"{name} is to migrate here, {what}: starting its QEMU to receive it",
+            lambda: receiver.receive(e),
+            say=Say.DEBUG,
+            kind="receive",
+        )
 
     def _backing_off(self, name: str, spec_rev: int, kind: str) -> Decision | None:
         """A decision to wait if ``name``'s last action of ``kind`` failed on this same spec

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import gc
 import logging
@@ -32,6 +33,7 @@ from aecp.common.pki import Bundle
 from aecp.common.tasks import cancel, spawn
 from aecp.common.tls import Credentials
 from aecp.conf.settings import NodeSettings
+from aecp.model.vmjob import JobKind, VMJob
 from aecp.node.storagewiring import meta_service, replica_auth
 from aecp.storage.access import VolumeDevice, open_volume
 from aecp.storage.blockdev import BlockDevice, Span
@@ -40,6 +42,7 @@ from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.collect import OrphanCollector
 from aecp.storage.exports import GrantPolicy, granted_by
 from aecp.storage.frontends.nbd.server import Limits, NbdServer
+from aecp.storage.handoff import Handoff, HandoffDone
 from aecp.storage.leader import MetaLeader, volume_work
 from aecp.storage.meta.model import MIB, StorageServer
 from aecp.storage.meta.service import CLOSE_WAIT, SETTLE, AttachedElsewhere
@@ -51,6 +54,7 @@ from aecp.store.base import Lease, Store
 from aecp.store.controllers import ControllerHost
 from aecp.store.etcd import EtcdStore
 from aecp.store.lease import LeaseKeeper
+from aecp.store.typed import read
 
 log = logging.getLogger(__name__)
 REPORT_EVERY = 5.0
@@ -60,45 +64,86 @@ GRANT_FAIL_CLOSED_AFTER = 5
 
 class _Handle(BlockDevice):
     """One NBD connection's view of a shared ``VolumeDevice``; closing it releases one
-    reference (the volume detaches when the last connection closes)."""
+    reference (the volume detaches when the last connection closes). A handle opened for a
+    migration's destination before the hand-off has no device yet (``dev`` None, see
+    ``storage.handoff``): its requests wait for the hand-off."""
 
-    def __init__(self, daemon: StorageDaemon, name: str, dev: VolumeDevice) -> None:
+    def __init__(
+        self, daemon: StorageDaemon, name: str, dev: VolumeDevice | None, size: int
+    ) -> None:
         self.daemon, self.name, self.dev = daemon, name, dev
-        self.size = dev.size
+        self.size = size
         self._closed = False
+        daemon.handles.setdefault(name, set()).add(self)
+
+    async def _device(self) -> VolumeDevice:
+        return await self.daemon.handed_over(self.name, self)
 
     def read(self, offset: int, length: int) -> Coroutine[Any, Any, bytes]:
-        return self.dev.read(offset, length)  # the device's coroutine: one frame less
+        dev = self.dev
+        if dev is None:
+            return self._read_later(offset, length)
+        return dev.read(offset, length)  # the device's coroutine: one frame less
+
+    async def _read_later(self, offset: int, length: int) -> bytes:
+        return await (await self._device()).read(offset, length)
 
     def write(
         self, offset: int, data: bytes | bytearray, fua: bool = False
     ) -> Coroutine[Any, Any, None]:
-        return self.dev.write(offset, data, fua)
+        dev = self.dev
+        if dev is None:
+            return self._write_later(offset, data, fua)
+        return dev.write(offset, data, fua)
+
+    async def _write_later(self, offset: int, data: bytes | bytearray, fua: bool) -> None:
+        await (await self._device()).write(offset, data, fua)
 
     def read_nowait(self, offset: int, length: int) -> bytes | None:
-        return self.dev.read_nowait(offset, length)
+        dev = self.dev
+        return None if dev is None else dev.read_nowait(offset, length)
 
     def write_nowait(self, offset: int, data: bytes | bytearray) -> asyncio.Future[None] | None:
-        return self.dev.write_nowait(offset, data)
+        dev = self.dev
+        return None if dev is None else dev.write_nowait(offset, data)
 
     async def flush(self) -> None:
-        await self.dev.flush()
+        if self.dev is not None or self.daemon.deferred(self.name):
+            await (self.dev or await self._device()).flush()
 
     async def trim(self, offset: int, length: int) -> None:
-        await self.dev.trim(offset, length)
+        await (self.dev or await self._device()).trim(offset, length)
 
     async def write_zeroes(
         self, offset: int, length: int, fua: bool = False, may_trim: bool = True
     ) -> None:
-        await self.dev.write_zeroes(offset, length, fua, may_trim)
+        await (self.dev or await self._device()).write_zeroes(offset, length, fua, may_trim)
 
     async def block_status(self, offset: int, length: int) -> list[Span]:
-        return await self.dev.block_status(offset, length)
+        return await (self.dev or await self._device()).block_status(offset, length)
 
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            await self.daemon.release(self.name, self.dev)
+            handles = self.daemon.handles.get(self.name)
+            if handles is not None:
+                handles.discard(self)
+                if not handles:
+                    del self.daemon.handles[self.name]
+            if self.dev is None:
+                self.daemon.release_deferred(self.name)
+            else:
+                await self.daemon.release(self.name, self.dev)
+
+
+@dataclasses.dataclass(eq=False)
+class _Deferred:
+    """The opens of a volume waiting for its hand-off to this node."""
+
+    vm: str
+    refs: int = 0
+    ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    error: str = ""
 
 
 class StorageDaemon:
@@ -144,6 +189,8 @@ class StorageDaemon:
             node=f"{self.node}/storage",
         )
         self._exports: dict[str, tuple[VolumeDevice, int]] = {}
+        self._deferred: dict[str, _Deferred] = {}  # opens waiting for a migration's hand-off
+        self.handles: dict[str, set[_Handle]] = {}  # the open handles of each volume
         self._closing: dict[str, asyncio.Future[None]] = {}  # last handle gone, device closing
         self.board = RecoveryBoard(store, self._lease_held)
         self.controllers = ControllerHost(store, self.node)
@@ -174,6 +221,7 @@ class StorageDaemon:
         scrub = asyncio.create_task(self._scrub_loop(), name=f"scrub-{self.node}")
         grants = spawn(self._grants_loop(), name=f"nbd-grants-{self.node}")
         watch = spawn(self._grants_watch(), name=f"nbd-grants-watch-{self.node}")
+        handoffs = spawn(self._handoffs_watch(), name=f"handoffs-{self.node}")
         log.info(
             "node %s: storage server up: replicas on %s:%d, NBD on %s:%d (TLS) and %s",
             self.node,
@@ -186,7 +234,7 @@ class StorageDaemon:
         try:
             await self._stop.wait()
         finally:
-            await cancel(keeper, report, repair, scrub, grants, watch)
+            await cancel(keeper, report, repair, scrub, grants, watch, handoffs)
             await self.nbd.stop()
             await self._close_exports()
             await self.chunk.stop()
@@ -371,13 +419,124 @@ class StorageDaemon:
             raise Unavailable(f"node {self.node} holds no storage lease")
         entry = self._exports.get(name)
         if entry is None:
+            deferred = self._deferred.get(name)
+            if deferred is not None:
+                deferred.refs += 1
+                return _Handle(self, name, None, (await self.meta.volume(name))[0].size)
             try:
                 dev = await open_volume(self.meta, self.pool, self.node, name, lease)
             except NotFound:
                 raise KeyError(name) from None
+            except AttachedElsewhere:
+                vm = await self._migrating_here(name)
+                if vm is None:
+                    raise
+                self._deferred[name] = _Deferred(vm, refs=1)
+                log.info("volume %s: opened for VM %s migrating here: deferred", name, vm)
+                return _Handle(self, name, None, (await self.meta.volume(name))[0].size)
             entry = (dev, 0)
         self._exports[name] = (entry[0], entry[1] + 1)
-        return _Handle(self, name, entry[0])
+        return _Handle(self, name, entry[0], entry[0].size)
+
+    # ---- migration hand-off (``storage.handoff``) -------------------------------------------
+    async def _migrating_here(self, volume: str) -> str | None:
+        """The VM owning ``volume`` if it has a live migration to this node, else None."""
+        vol, _ = await self.meta.volume(volume)
+        if vol.owner is None or vol.owner.kind != "vm":
+            return None
+        got = await read(self.store, keys.vm_job(vol.owner.name), VMJob)
+        if got is None:
+            return None
+        job = got[0]
+        here = job.kind is JobKind.MIGRATE and job.target == self.node
+        return job.vm if here and job.vm_uuid == vol.owner.uid else None
+
+    def deferred(self, name: str) -> bool:
+        return name in self._deferred
+
+    async def handed_over(self, name: str, handle: _Handle) -> VolumeDevice:
+        """The device of a deferred ``handle`` once the hand-off attached it here."""
+        deferred = self._deferred.get(name)
+        if deferred is not None:
+            await deferred.ready.wait()
+            if deferred.error:
+                raise Unavailable(f"volume {name}: {deferred.error}", volume=name)
+        if handle.dev is None:
+            raise Unavailable(f"volume {name} was not handed over to node {self.node}")
+        return handle.dev
+
+    def release_deferred(self, name: str) -> None:
+        deferred = self._deferred.get(name)
+        if deferred is None:
+            return
+        deferred.refs -= 1
+        if deferred.refs <= 0:
+            del self._deferred[name]
+            deferred.error = "its last client left before the hand-off"
+            deferred.ready.set()
+
+    async def _handoffs_watch(self) -> None:
+        """Carry out the hand-offs naming this node, as they are written."""
+        while True:
+            try:
+                async with self.store.watch(keys.ABS_HANDOFFS) as events:
+                    async for ev in events:
+                        if ev.value is None:
+                            continue
+                        rec = Handoff.load(ev.value)
+                        if rec.to == self.node:
+                            await self._hand_over(rec)
+            except AecpError as exc:
+                log.debug("node %s: hand-off watch broke: %s", self.node, exc)
+                await self.clock.sleep(0.2)
+
+    async def _hand_over(self, rec: Handoff) -> None:
+        """Attach ``rec.volume`` here with takeover and give it to the handles waiting (a
+        migration's destination) or still open (its source, taking a volume back); answer
+        with a ``HandoffDone`` either way."""
+        name = rec.volume
+        epoch, error = 0, ""
+        try:
+            epoch = await self._take_over(name)
+            log.info("volume %s: handed over to %s, epoch %d (%s)", name, self.node, epoch, rec.op)
+        except Exception as exc:  # the answer says why; the source decides
+            error = exc.message if isinstance(exc, AecpError) else f"{type(exc).__name__}: {exc}"
+            log.warning("volume %s: hand-off to %s failed: %s", name, self.node, error)
+        done = HandoffDone(
+            volume=name,
+            node=self.node,
+            op=rec.op,
+            ok=not error,
+            epoch=epoch,
+            error=error,
+            at=self.clock.wall(),
+        )
+        with contextlib.suppress(AecpError):
+            await self.store.put(keys.abs_handoff_done(name), done.dump())
+
+    async def _take_over(self, name: str) -> int:
+        lease = self.keeper.lease
+        if lease is None or not self.keeper.held():
+            raise Unavailable(f"node {self.node} holds no storage lease")
+        async with self._lock:
+            deferred = self._deferred.get(name)
+            entry = self._exports.get(name)
+            if deferred is None and entry is None:
+                raise Unavailable(f"no client of volume {name} is open on node {self.node}")
+            dev = await open_volume(self.meta, self.pool, self.node, name, lease, takeover=True)
+            for handle in self.handles.get(name, ()):
+                handle.dev = dev
+            if deferred is not None:
+                del self._deferred[name]
+                self._exports[name] = (dev, deferred.refs)
+                deferred.ready.set()
+                return dev.epoch
+            assert entry is not None
+            old, refs = entry
+            self._exports[name] = (dev, refs)
+        with contextlib.suppress(Exception):
+            await old.close()  # fenced by the takeover: detaches nothing
+        return dev.epoch
 
     async def release(self, name: str, dev: VolumeDevice) -> None:
         """One handle on ``dev`` closed; the last one flushes and detaches it, its attachment

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol
 
 from aecp.cluster.vmclones import DiskCloner
 from aecp.common.clock import SYSTEM_CLOCK, Clock
@@ -53,13 +54,24 @@ class JobNotEnded(AecpError):
 RETRIED = (StoreUnavailable, Unavailable, JobNotEnded)
 
 
+class SourceRunner(Protocol):
+    async def run_source(self, e: VMEntry) -> None:
+        """Carry out ``e``'s migrate job as its source (``node.migration``)."""
+
+
 class VMJobs:
     """Runs the jobs of node ``node``'s VMs."""
 
     def __init__(
-        self, node: str, hv: Hypervisor, cloner: DiskCloner, clock: Clock = SYSTEM_CLOCK
+        self,
+        node: str,
+        hv: Hypervisor,
+        cloner: DiskCloner,
+        clock: Clock = SYSTEM_CLOCK,
+        migrator: SourceRunner | None = None,
     ) -> None:
         self.node = node
+        self.migrator = migrator
         self.hv = hv
         self.cloner = cloner
         self.snaps = cloner.snaps
@@ -79,6 +91,11 @@ class VMJobs:
         name = e.spec.name
         if not await self._still_pending(e):
             log.debug("vm %s: %s (%s) ended already", name, job.describe(), job.op_id)
+            return
+        if job.kind is JobKind.MIGRATE:
+            if self.migrator is None:
+                raise JobNotEnded(f"{job.describe()}: this agent cannot migrate", vm=name)
+            await self.migrator.run_source(e)
             return
         log.info("vm %s: %s (%s): starting", name, job.describe(), job.op_id)
         try:

@@ -20,6 +20,7 @@ from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import Conflict, ImageError
 from aecp.compute.hypervisor import (
     Accel,
+    DiskSpec,
     Hypervisor,
     InstanceSpec,
     NicSpec,
@@ -64,6 +65,7 @@ class VMActions:
         self.clock = clock
         self._status: dict[str, VMStatus] = {}
         self._ops_done: set[str] = set()
+        self._arrivals: dict[str, dict[str, object]] = {}
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self, e: VMEntry) -> None:
@@ -79,21 +81,8 @@ class VMActions:
                 path, fmt, vsize = await self._image(spec.image)
                 vm_disks = await self.disks.prepare(spec, path, fmt, vsize)
             await self._write(e, VMState.STARTING, disks_ready=True, message="disks ready")
-        port = _free_port(self.address)
-        inst = InstanceSpec(
-            name=spec.name,
-            uuid=spec.uuid,
-            vcpus=spec.vcpus,
-            memory_mib=spec.memory_mib,
-            disks=vm_disks,
-            accel=self.accel,
-            nics=(
-                NicSpec(
-                    mac=mac_for(spec.uuid),
-                    forwards=(PortForward(self.address, port, GUEST_HTTP_PORT),),
-                ),
-            ),
-        )
+        port = free_port(self.address)
+        inst = self.instance_spec(spec, vm_disks, port)
         await self._write(e, VMState.STARTING, message="starting QEMU")
         await self._op(spec, 60, f"starting QEMU on {self.node}")
         info = await self.hv.start(inst)
@@ -112,6 +101,31 @@ class VMActions:
             await self.hv.pause(spec.name)
             await self._write(e, VMState.PAUSED)
         await self._finish(spec, f"{spec.name} is {spec.power.value} on {self.node}")
+
+    def instance_spec(
+        self, spec: VMSpec, vm_disks: tuple[DiskSpec, ...], port: int
+    ) -> InstanceSpec:
+        """What QEMU runs for ``spec`` here, its guest's HTTP port forwarded to ``port``
+        (a user-mode NIC)."""
+        return InstanceSpec(
+            name=spec.name,
+            uuid=spec.uuid,
+            vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib,
+            disks=vm_disks,
+            accel=self.accel,
+            nics=(
+                NicSpec(
+                    mac=mac_for(spec.uuid),
+                    forwards=(PortForward(self.address, port, GUEST_HTTP_PORT),),
+                ),
+            ),
+        )
+
+    def expect_arrival(self, name: str, **fields: object) -> None:
+        """A VM migrating here: the status fields to record once it is placed here
+        (its pid, its forwarded HTTP port)."""
+        self._arrivals[name] = fields
 
     async def stop(self, e: VMEntry, hard: bool) -> None:
         spec = e.spec
@@ -212,7 +226,8 @@ class VMActions:
 
     # ---- status and operations ----------------------------------------------------------
     async def record(self, e: VMEntry, state: VMState, pid: int | None) -> None:
-        await self._write(e, state, pid=pid)
+        arrived = self._arrivals.pop(e.spec.name, {})
+        await self._write(e, state, **{**arrived, "pid": pid})
         await self.finish_op(e)
 
     async def finish_op(self, e: VMEntry) -> None:
@@ -324,7 +339,7 @@ def mac_for(uuid: str) -> str:
     return f"52:54:00:{h[0]:02x}:{h[1]:02x}:{h[2]:02x}"
 
 
-def _free_port(address: str) -> int:
+def free_port(address: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((address, 0))
         port: int = s.getsockname()[1]

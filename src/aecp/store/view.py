@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from aecp.model.node import Capacity, NodeAdmin, NodeHeartbeat, NodeRecord, NodeState, NodeView
 from aecp.model.vm import Placement, VMSpec, VMState, VMStatus, observed_state
-from aecp.model.vmjob import VMJob
+from aecp.model.vmjob import JobKind, VMJob
 from aecp.store import keys
 from aecp.store.base import Compare, Store
 
@@ -60,6 +60,8 @@ class ClusterView:
         rec = self.nodes[name]
         hb = self.alive.get(name)
         placed = self.vms_on(name)
+        # a VM migrating here already needs its memory here (it is placed on its source)
+        incoming = [e for e in self.vms.values() if _migrating_to(e, name)]
         admin = self.admin.get(name, NodeAdmin())
         return NodeView(
             name=name,
@@ -69,8 +71,8 @@ class ClusterView:
             capacity=rec.capacity,
             usage=hb.usage if hb else None,
             accel=hb.accel if hb else "unknown",
-            reserved_memory_mib=sum(e.spec.memory_mib for e in placed),
-            reserved_vcpus=sum(e.spec.vcpus for e in placed),
+            reserved_memory_mib=sum(e.spec.memory_mib for e in (*placed, *incoming)),
+            reserved_vcpus=sum(e.spec.vcpus for e in (*placed, *incoming)),
             vms=len(placed),
             cordoned=admin.cordoned,
             cordon_reason=admin.reason,
@@ -84,6 +86,10 @@ class ClusterView:
             memory_mib=max(n.capacity.memory_mib for n in self.nodes.values()),
             disk_bytes=max(n.capacity.disk_bytes for n in self.nodes.values()),
         )
+
+
+def _migrating_to(e: VMEntry, node: str) -> bool:
+    return e.job is not None and e.job.kind is JobKind.MIGRATE and e.job.target == node
 
 
 async def read_cluster(store: Store) -> ClusterView:

@@ -15,6 +15,7 @@ from aecp.cluster.api.routes import (
     console,
     events,
     images,
+    migrations,
     nodes,
     operations,
     tokens,
@@ -46,6 +47,8 @@ ROUTERS = [
     vmsnaps.templates_router,
     tokens.router,
     events.router,
+    migrations.router,
+    migrations.ops_router,
 ]
 
 

@@ -42,6 +42,8 @@ from aecp.compute.hypervisor import (
     InstanceEvent,
     InstanceInfo,
     InstanceSpec,
+    MigrationParams,
+    MigrationStatus,
     RunState,
 )
 from aecp.compute.qemu.argv import RuntimePaths, build_argv, name_option
@@ -107,18 +109,28 @@ class QemuHypervisor(Hypervisor):
     # --- launch ---------------------------------------------------------------------------------
 
     async def start(self, spec: InstanceSpec) -> InstanceInfo:
+        return await self._launch(spec, incoming=None)
+
+    async def start_incoming(self, spec: InstanceSpec, listen: str) -> InstanceInfo:
+        return await self._launch(spec, incoming=listen)
+
+    async def _launch(self, spec: InstanceSpec, incoming: str | None) -> InstanceInfo:
         paths = RuntimePaths.for_instance(self.run_dir, spec.name)
         if spec.name in self._instances or _live_qemu_pid(paths, spec.name) is not None:
             raise InvalidState(f"{spec.name} is already running", name=spec.name)
         if self._accel is not None:
             spec = replace(spec, accel=self._accel)
         argv = build_argv(spec, paths, self._qemu_binary)
+        if incoming is not None:
+            argv += ["-incoming", "defer"]
         _prelaunch(paths, argv)
         log_offset = paths.qemu_log.stat().st_size if paths.qemu_log.exists() else 0
         pid = _spawn(argv, paths)
         inst = self._new_instance(spec.name, pid, paths)
         try:
             await self._postlaunch(inst)
+            if incoming is not None:
+                await inst.qmp.execute("migrate-incoming", {"uri": incoming})
         except BaseException as exc:
             await self._abort_launch(inst)
             if not isinstance(exc, HypervisorError):
@@ -268,6 +280,37 @@ class QemuHypervisor(Hypervisor):
         inst = self._require(name, RunState.PAUSED)
         await inst.qmp.execute("cont")
         self._set_state(inst, RunState.RUNNING, EventKind.RESUMED)
+
+    # --- live migration -------------------------------------------------------------------------
+
+    async def migrate(self, name: str, uri: str, params: MigrationParams) -> None:
+        inst = self._require(name, RunState.RUNNING)
+        caps = [
+            {"capability": "pause-before-switchover", "state": True},
+            {"capability": "events", "state": True},
+        ]
+        await inst.qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+        await inst.qmp.execute(
+            "migrate-set-parameters",
+            {"max-bandwidth": params.max_bandwidth, "downtime-limit": params.downtime_limit_ms},
+        )
+        await inst.qmp.execute("migrate", {"uri": uri})
+        log.info("%s: migrating to %s", name, uri)
+
+    async def migration(self, name: str) -> MigrationStatus:
+        inst = self._require(name)
+        return _migration_status(await inst.qmp.execute("query-migrate"))
+
+    async def migrate_continue(self, name: str) -> None:
+        inst = self._require(name)
+        await inst.qmp.execute("migrate-continue", {"state": "pre-switchover"})
+
+    async def migrate_cancel(self, name: str) -> None:
+        inst = self._instances.get(name)
+        if inst is None or inst.gone.is_set():
+            return
+        with contextlib.suppress(QmpDisconnected):
+            await inst.qmp.execute("migrate_cancel")
 
     async def remove_files(self, name: str) -> None:
         paths = RuntimePaths.for_instance(self.run_dir, name)
@@ -443,6 +486,28 @@ async def _wait_first(within: float, *events: asyncio.Event) -> bool:
             w.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
     return bool(done)
+
+
+def _migration_status(raw: dict[str, Any]) -> MigrationStatus:
+    """``query-migrate``'s answer as a ``MigrationStatus``."""
+    ram = raw.get("ram") or {}
+    return MigrationStatus(
+        status=str(raw.get("status", "none")),
+        ram_total=int(ram.get("total", 0)),
+        ram_transferred=int(ram.get("transferred", 0)),
+        ram_remaining=int(ram.get("remaining", 0)),
+        passes=int(ram.get("dirty-sync-count", 0)),
+        dirty_rate=int(ram.get("dirty-pages-rate", 0)),
+        expected_downtime_ms=int(raw.get("expected-downtime", 0)),
+        downtime_ms=_opt_int(raw.get("downtime")),
+        total_time_ms=_opt_int(raw.get("total-time")),
+        setup_time_ms=_opt_int(raw.get("setup-time")),
+        error=str(raw.get("error-desc", "")),
+    )
+
+
+def _opt_int(value: object) -> int | None:
+    return int(value) if isinstance(value, int | float) else None
 
 
 def _live_qemu_pid(paths: RuntimePaths, name: str) -> int | None:

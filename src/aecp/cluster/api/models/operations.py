@@ -18,6 +18,8 @@ class OperationPublic(BaseModel):
     error: str
     superseded_by: str
     requested_by: str
+    detail: dict[str, float | int | str] = {}
+    cancel_requested: bool = False
     created_at: float
     updated_at: float
 
