@@ -1,6 +1,7 @@
 """Placement: which node runs a new VM.
 
-``choose_node`` is the pure rule: among ready nodes that are not cordoned and have room (free
+``choose_node`` is the pure rule: among ready nodes in use (not cordoned, not in or entering
+or leaving maintenance: ``model.node.MaintenanceState``) that have room (free
 memory >= the VM's memory, vCPUs <= the node's CPUs), the one with the most free memory; ties
 go to the name that sorts first. Free memory is capacity minus the memory of every VM placed on
 the node (running or not: a VM's disk lives on its node, so its place is kept).
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import NoCapacity
-from aecp.model.node import NodeState, NodeView
+from aecp.model.node import MaintenanceState, NodeAdmin, NodeState, NodeView
 from aecp.model.vm import Placement, VMSpec, VMState, VMStatus
 from aecp.store import keys
 from aecp.store.base import Compare, Put, Store
@@ -51,9 +52,16 @@ def choose_node(spec: VMSpec, nodes: Sequence[NodeView]) -> NodeView:
     return min(fits, key=lambda n: (-n.free_memory_mib, n.name))
 
 
+def node_views(snap: ClusterView) -> list[NodeView]:
+    """The nodes of ``snap`` as placement sees them, maintenance state included."""
+    return [v.under(snap.admin.get(v.name, NodeAdmin())) for v in snap.node_views()]
+
+
 def _unfit_reason(spec: VMSpec, n: NodeView) -> str:
     if spec.node is not None and n.name != spec.node:
         return f"the VM is pinned to {spec.node}"
+    if n.maintenance is not MaintenanceState.IN_USE:
+        return f"in maintenance mode ({n.maintenance.value})"
     if n.cordoned:
         return f"cordoned ({n.cordon_reason})" if n.cordon_reason else "cordoned"
     if n.state is not NodeState.READY:
@@ -91,7 +99,7 @@ class Scheduler:
             ended = await sweep_strays(self.store, self.clock.wall())
             decisions.append(Decision(f"took the role; {ended} stray operations ended"))
         snap = await read_cluster(self.store)
-        views = {v.name: v for v in snap.node_views()}
+        views = {v.name: v for v in node_views(snap)}
         for entry in sorted(snap.vms.values(), key=lambda e: (e.spec.created_at, e.spec.name)):
             if entry.placement is not None or entry.spec.deleting:
                 continue
@@ -110,7 +118,7 @@ class Scheduler:
             [
                 Compare.absent(keys.vm_placement(spec.name)),
                 Compare.unchanged(keys.vm_spec(spec.name), entry.spec_rev),
-                snap.admin_unchanged(chosen.name),  # not cordoned since it was read
+                snap.admin_unchanged(chosen.name),  # not cordoned nor in maintenance since read
             ],
             [Put(keys.vm_placement(spec.name), placement.dump())],
         )
