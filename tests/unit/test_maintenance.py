@@ -3,10 +3,17 @@ failing check is listed at once, and the drain's plan is in its order."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
 import pytest
 
+from aecp.cluster.api.app import create_app
+from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.maintenance import Action, Storage, check_exit, plan, precheck
 from aecp.cluster.scheduler import choose_node, node_views
+from aecp.cluster.vms import VMService
 from aecp.common.errors import NoCapacity
 from aecp.model.node import (
     Capacity,
@@ -19,7 +26,10 @@ from aecp.model.node import (
 from aecp.model.vm import Placement, Power, VMSpec, VMState, VMStatus
 from aecp.model.vmjob import JobKind, VMJob
 from aecp.storage.meta.model import ExtentRecord, RecoveryRecord, VolumeRecord
+from aecp.store import keys
+from aecp.store.memory import MemoryStore
 from aecp.store.view import ClusterView, VMEntry
+from tests.unit.conftest import add_node, admin_token, dump_store
 
 
 def node(name: str, memory_mib: int = 4096) -> NodeRecord:
@@ -245,3 +255,145 @@ def test_no_new_vm_is_placed_on_a_node_not_in_use_and_the_refusal_names_its_stat
         pinned = spec.model_copy(update={"node": "n1"})
         with pytest.raises(NoCapacity, match=rf"n1: in maintenance mode \({state.value}\)"):
             choose_node(pinned, views)
+
+
+# ---- the API -------------------------------------------------------------------------------
+@pytest.fixture
+async def api(
+    store: MemoryStore, images_dir: Path, tmp_path: Path
+) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
+    token = await admin_token(store)
+    for n in ("n1", "n2", "n3"):
+        await add_node(store, n)
+    app = create_app(
+        VMService(store, images_dir),
+        NodeContext("n1", "http://127.0.9.1:8700", tmp_path / "run", lambda vm: None),
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        yield client, {"authorization": f"Bearer {token}"}
+
+
+async def put_vm(store: MemoryStore, e: VMEntry) -> None:
+    name = e.spec.name
+    await store.put(keys.vm_spec(name), e.spec.dump())
+    assert e.placement is not None and e.status is not None
+    await store.put(keys.vm_placement(name), e.placement.dump())
+    await store.put(keys.vm_status(name), e.status.dump())
+
+
+API = tuple[httpx.AsyncClient, dict[str, str]]
+
+
+async def test_entering_records_the_request_and_the_node_list_shows_it(
+    api: API, store: MemoryStore
+) -> None:
+    client, auth = api
+    await put_vm(store, vm("web"))
+    r = await client.post("/v1/nodes/n1/maintenance/enter", headers=auth)
+    assert r.status_code == 202
+    op = r.json()["operation"]
+    assert (op["kind"], op["target"], op["state"]) == ("node.maintenance", "n1", "running")
+    assert op["message"] == "entering maintenance: 1 VMs to move or power off"
+    nodes = {n["name"]: n for n in (await client.get("/v1/nodes", headers=auth)).json()}
+    assert nodes["n1"]["maintenance"] == "entering_maintenance"
+    assert nodes["n1"]["maintenance_op"] == op["id"]
+    assert nodes["n2"]["maintenance"] == "in_use"
+    admin = NodeAdmin.load((await store.get(keys.node_admin("n1"))).value)  # type: ignore[union-attr]
+    assert not admin.shutdown_unmigratable and admin.maintenance_since > 0
+    events = (await client.get("/v1/nodes/n1/events", headers=auth)).json()
+    assert events[0]["sentence"] == f"entering maintenance as {op['id']}"
+
+
+async def test_entering_a_second_node_is_refused_and_changes_nothing(
+    api: API, store: MemoryStore
+) -> None:
+    client, auth = api
+    assert (await client.post("/v1/nodes/n1/maintenance/enter", headers=auth)).status_code == 202
+    before = await dump_store(store)
+    r = await client.post("/v1/nodes/n2/maintenance/enter", headers=auth)
+    assert r.status_code == 409 and r.json()["error"] == "invalid_state"
+    assert r.json()["checks"] == [
+        {
+            "check": "one-at-a-time",
+            "reason": "node n1 is entering_maintenance: one node of a cluster at a time",
+        }
+    ]
+    assert await dump_store(store) == before
+
+
+async def test_entering_the_last_ready_node_is_refused(api: API, store: MemoryStore) -> None:
+    client, auth = api
+    await store.delete(keys.alive("n2"))
+    await store.delete(keys.alive("n3"))
+    before = await dump_store(store)
+    r = await client.post("/v1/nodes/n1/maintenance/enter", headers=auth)
+    assert r.status_code == 409
+    assert [c["check"] for c in r.json()["checks"]] == ["last-ready-node"]
+    assert await dump_store(store) == before
+
+
+async def test_failing_pre_checks_are_each_listed_and_nothing_changes(
+    api: API, store: MemoryStore
+) -> None:
+    client, auth = api
+    await put_vm(store, vm("paused", state=VMState.PAUSED, power=Power.PAUSED))
+    await put_vm(store, vm("pinned", pin="n1"))
+    await store.put(
+        keys.abs_extent("ext-1"), ExtentRecord(id="ext-1", size=1, replicas=["n1"]).dump()
+    )
+    before = await dump_store(store)
+    r = await client.post(
+        "/v1/nodes/n1/maintenance/enter", json={"shutdown_unmigratable": False}, headers=auth
+    )
+    assert r.status_code == 409
+    body = r.json()
+    assert [c["check"] for c in body["checks"]] == ["single-replica", "vm-state", "migratable"]
+    assert body["message"].startswith("node n1 cannot enter maintenance: 3 pre-checks failed: ")
+    assert "VM paused is suspended" in body["message"]
+    assert await dump_store(store) == before
+    # powering off what cannot move lifts the pinned VM's check only
+    r = await client.post(
+        "/v1/nodes/n1/maintenance/enter", json={"shutdown_unmigratable": True}, headers=auth
+    )
+    assert [c["check"] for c in r.json()["checks"]] == ["single-replica", "vm-state"]
+
+
+async def test_exiting_needs_the_node_in_maintenance(api: API, store: MemoryStore) -> None:
+    client, auth = api
+    before = await dump_store(store)
+    r = await client.post("/v1/nodes/n1/maintenance/exit", headers=auth)
+    assert r.status_code == 409 and r.json()["state"] == "in_use"
+    assert r.json()["message"] == "node n1 is not in maintenance (it is in_use)"
+    assert await dump_store(store) == before
+    admin = NodeAdmin(maintenance=MaintenanceState.MAINTENANCE, maintenance_since=3)
+    await store.put(keys.node_admin("n1"), admin.dump())
+    r = await client.post("/v1/nodes/n1/maintenance/exit", json={"restore_vms": True}, headers=auth)
+    assert r.status_code == 202 and r.json()["operation"]["message"].startswith("exiting")
+    got = NodeAdmin.load((await store.get(keys.node_admin("n1"))).value)  # type: ignore[union-attr]
+    assert got.maintenance is MaintenanceState.EXITING and got.restore_vms
+    r = await client.post("/v1/nodes/n1/maintenance/exit", headers=auth)
+    assert r.status_code == 409  # exiting already
+
+
+async def test_an_unknown_node_is_404_and_a_bad_body_422_and_nothing_changes(
+    api: API, store: MemoryStore
+) -> None:
+    client, auth = api
+    before = await dump_store(store)
+    for path in ("/v1/nodes/nope/maintenance/enter", "/v1/nodes/nope/maintenance/exit"):
+        r = await client.post(path, headers=auth)
+        assert r.status_code == 404 and r.json()["error"] == "not_found"
+    for body in ({"shutdown_unmigratable": "yes"}, {"colour": "red"}):
+        r = await client.post("/v1/nodes/n1/maintenance/enter", json=body, headers=auth)
+        assert r.status_code == 422, body
+    r = await client.post("/v1/nodes/n1/maintenance/exit", json={"restore": True}, headers=auth)
+    assert r.status_code == 422
+    assert await dump_store(store) == before
+
+
+async def test_cordoning_keeps_the_maintenance_fields(api: API, store: MemoryStore) -> None:
+    client, auth = api
+    assert (await client.post("/v1/nodes/n1/maintenance/enter", headers=auth)).status_code == 202
+    r = await client.post("/v1/nodes/n1/cordon", json={"reason": "disk"}, headers=auth)
+    assert r.json()["cordoned"] and r.json()["maintenance"] == "entering_maintenance"

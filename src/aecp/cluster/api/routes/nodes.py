@@ -1,12 +1,13 @@
-"""``/v1/nodes``: the cluster's nodes with capacity, usage and reachability."""
+"""``/v1/nodes``: the cluster's nodes with capacity, usage, reachability and maintenance state;
+cordon, and maintenance mode (``docs/design/maintenance.md``)."""
 
 from __future__ import annotations
 
-from fastapi import Response
+from fastapi import Response, status
 
 from aecp.cluster.api.deps import NamePath, Nodes
-from aecp.cluster.api.models import EventPublic
-from aecp.cluster.api.models.nodes import NodeCordon
+from aecp.cluster.api.models import Accepted, EventPublic
+from aecp.cluster.api.models.nodes import NodeCordon, NodeMaintenanceEnter, NodeMaintenanceExit
 from aecp.cluster.api.pages import Page, paginate
 from aecp.cluster.api.routing import api_router
 from aecp.common.apierrors import error_responses
@@ -41,3 +42,35 @@ async def cordon_node(name: NamePath, body: NodeCordon, svc: Nodes) -> NodeView:
 async def uncordon_node(name: NamePath, svc: Nodes) -> NodeView:
     """Let VMs be placed on the node again."""
     return await svc.set_cordon(name, False)
+
+
+@router.post(
+    "/{name}/maintenance/enter",
+    status_code=status.HTTP_202_ACCEPTED,
+    operation_id="enter_node_maintenance",
+    responses=error_responses(404, 409),
+)
+async def enter_maintenance(
+    name: NamePath, svc: Nodes, body: NodeMaintenanceEnter | None = None
+) -> Accepted:
+    """Run the maintenance pre-checks; if any fails, 409 listing every failing one (the
+    error's ``checks``: ``[{check, reason}]``) and nothing changes. Else the node is
+    ``entering_maintenance``: no new VM goes to it, its VMs are moved off one at a time
+    (follow the operation), then it is in ``maintenance``."""
+    body = body or NodeMaintenanceEnter()
+    return Accepted.of(await svc.enter_maintenance(name, body.shutdown_unmigratable))
+
+
+@router.post(
+    "/{name}/maintenance/exit",
+    status_code=status.HTTP_202_ACCEPTED,
+    operation_id="exit_node_maintenance",
+    responses=error_responses(404, 409),
+)
+async def exit_maintenance(
+    name: NamePath, svc: Nodes, body: NodeMaintenanceExit | None = None
+) -> Accepted:
+    """Return a node in maintenance to use (409 if it is not in maintenance); with
+    ``restore_vms``, the VMs moved off it are moved back, one at a time."""
+    body = body or NodeMaintenanceExit()
+    return Accepted.of(await svc.exit_maintenance(name, body.restore_vms))
