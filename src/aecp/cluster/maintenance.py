@@ -69,6 +69,7 @@ class Move:
     target: str = ""
     why: str = ""
     check: str = ""
+    lasting: bool = False  # a WAIT that will not end by itself (suspended, in error)
 
     @property
     def blocks(self) -> bool:
@@ -210,9 +211,11 @@ def plan(view: ClusterView, node: str, shutdown_unmigratable: bool) -> list[Move
     moves: list[Move] = []
     running, stopped = [], []
     for e in entries:
-        why = _unsettled(e, view.vm_state(e.spec.name))
+        state = view.vm_state(e.spec.name)
+        why = _unsettled(e, state)
         if why:
-            moves.append(Move(e.spec.name, Action.WAIT, why=why, check="vm-state"))
+            lasting = state in (VMState.PAUSED, VMState.ERROR) or e.spec.power is Power.PAUSED
+            moves.append(Move(e.spec.name, Action.WAIT, why=why, check="vm-state", lasting=lasting))
         elif e.spec.power is Power.STOPPED:
             stopped.append(e)
         else:
