@@ -22,6 +22,7 @@ import uvicorn
 from aecp import __version__
 from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
+from aecp.cluster.drain import Drain
 from aecp.cluster.reaper import OperationReaper
 from aecp.cluster.scheduler import Scheduler
 from aecp.cluster.upgrades import upgrade_until_done
@@ -107,6 +108,7 @@ class NodeAgent:
             store, settings.name, History(store, settings.name, clock)
         )
         self.controllers.register(Scheduler(store, clock))
+        self.controllers.register(Drain(store, self.service.power, clock))
         self.controllers.register(
             OperationReaper(store, settings.agent.operation_retention_h * 3600, clock)
         )
