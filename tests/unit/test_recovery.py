@@ -13,6 +13,7 @@ import pytest
 
 from aecp.common.clock import FakeClock
 from aecp.common.errors import Conflict
+from aecp.model.node import MaintenanceState, NodeAdmin
 from aecp.storage.meta.model import ExtentRecord
 from aecp.storage.recovery import RecoveryPolicy, Repairer
 from aecp.store import keys
@@ -146,3 +147,54 @@ async def test_one_extents_failure_to_drop_a_lost_replica_does_not_stop_the_pass
     assert any(second in s and f"{lost} left the cluster" in s for s in sentences)
     assert lost in (await cluster.meta.extent(second))[0].stale
     await dev.close()
+
+
+async def test_a_node_in_maintenance_gets_the_maintenance_grace_before_re_replication(
+    cluster: Cluster, clock: FakeClock, store: MemoryStore
+) -> None:
+    rep, ext_id, other = await degraded_volume(cluster)
+    rep.policy = RecoveryPolicy(grace=60, rate=1e12, maintenance_grace=3600)
+    admin = NodeAdmin(maintenance=MaintenanceState.MAINTENANCE, maintenance_since=1)
+    await store.put(keys.node_admin(other), admin.dump())
+    cluster.replicas[other].down = True
+    await clock.advance(61)  # past recovery_grace_s, within the maintenance grace
+    [waiting] = await rep.run_pass()
+    assert waiting == f"extent {ext_id}: waiting for {other} to come back (grace 3600s)"
+    assert await cluster.board.held() == []  # no copy started
+    cluster.replicas[other].down = False  # back: it catches up, nothing re-replicated
+    [sentence] = await rep.run_pass()
+    assert f"{other} caught up" in sentence and rep.copied_last == 3 * BLOCK
+    ext, _ = await cluster.meta.extent(ext_id)
+    assert other in ext.replicas and ext.stale == {}
+
+
+async def test_a_node_back_in_use_gets_the_ordinary_grace_again(
+    cluster: Cluster, clock: FakeClock, store: MemoryStore
+) -> None:
+    rep, _, other = await degraded_volume(cluster)
+    rep.policy = RecoveryPolicy(grace=60, rate=1e12, maintenance_grace=3600)
+    await store.put(keys.node_admin(other), NodeAdmin().dump())  # in use
+    cluster.replicas[other].down = True
+    await clock.advance(61)
+    [sentence] = await rep.run_pass()
+    assert "re-replicated to" in sentence and f"in place of {other}" in sentence
+
+
+async def test_grace_for_is_the_longer_one_only_for_nodes_in_maintenance(
+    store: MemoryStore,
+) -> None:
+    for state in MaintenanceState:
+        await store.put(keys.node_admin(f"n-{state.value}"), NodeAdmin(maintenance=state).dump())
+    policy = await RecoveryPolicy(60, 1, maintenance_grace=3600).current(store)
+    assert {n: policy.grace_for(n) for n in sorted(policy.in_maintenance)} == {
+        "n-entering_maintenance": 3600,
+        "n-exiting_maintenance": 3600,
+        "n-maintenance": 3600,
+    }
+    assert policy.grace_for("n-in_use") == 60 and policy.grace_for("other") == 60
+    assert (
+        RecoveryPolicy(60, 1, maintenance_grace=10, in_maintenance=frozenset({"a"})).grace_for("a")
+        == 60
+    )  # never shorter than the ordinary grace
+    plain = RecoveryPolicy(60, 1)
+    assert await plain.current(store) is plain  # no maintenance grace: nothing read

@@ -7,6 +7,8 @@ attached volumes; each pass (every ``storage.recovery_interval_s``):
   undo of a refused write left unsettled: ``meta.unsettled``), attaching each for repair (a
   client attaching it takes over: the repair stops);
 - repairs the frozen extents (named by snapshots or templates only, so by no volume);
+  the replicas of a node in maintenance wait for its longer grace
+  (``RecoveryPolicy.grace_for``), as in the volumes' own repairs;
 - every ``collect_every`` seconds, collects the extent records nothing names (with their
   replicas).
 
@@ -90,7 +92,7 @@ class MetaLeader:
 
     async def run_pass(self, new_term: bool) -> list[Decision]:
         said: list[str] = []
-        frozen = FrozenRepairer(self.meta, self.pool, self.policy(), self.board)
+        frozen = FrozenRepairer(self.meta, self.pool, await self._policy(), self.board)
         said += await self._volumes("repair", degraded_only=True)
         said += await _step("frozen extents", frozen.run_pass)
         now = self.clock.monotonic()
@@ -101,9 +103,13 @@ class MetaLeader:
 
     async def scrub_pass(self) -> list[str]:
         """Scrub the volumes nobody has attached, then the frozen extents; the sentences."""
-        frozen = FrozenRepairer(self.meta, self.pool, self.policy(), self.board)
+        frozen = FrozenRepairer(self.meta, self.pool, await self._policy(), self.board)
         said = await self._volumes("scrub", degraded_only=False)
         return said + await _step("scrub frozen extents", frozen.scrub_pass)
+
+    async def _policy(self) -> RecoveryPolicy:
+        """The recovery policy with the nodes in maintenance now (their longer grace)."""
+        return await self.policy().current(self.meta.store)
 
     async def _volumes(self, what: str, degraded_only: bool) -> list[str]:
         """``what`` on each idle volume in turn (one failing does not stop the others)."""

@@ -10,6 +10,11 @@ For each extent below its factor, ``Repairer.run_pass`` decides one of:
   admit it in place of the lost one;
 - *wait*: the node may still come back.
 
+The grace period is ``RecoveryPolicy.grace_for(node)``: ``maintenance_grace`` for a node in
+(entering or leaving) maintenance, whose replicas are only temporarily absent
+(``docs/design/maintenance.md``), else ``grace``. ``RecoveryPolicy.current`` reads which
+nodes those are from their admin keys, once per pass.
+
 Copies go block range by block range under the extent's copy lock (a live write to that extent
 waits for at most one range), throttled to ``rate`` bytes/s so VM I/O keeps priority. Each copy
 is published (``storage.progress``) before its target is created or written, until it ends; a
@@ -25,10 +30,11 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, InvalidState, NoCapacity
+from aecp.model.node import MaintenanceState, NodeAdmin
 from aecp.storage.access import VolumeDevice
 from aecp.storage.chunk.api import ReplicaClient
 from aecp.storage.chunk.errors import ChecksumError, ChunkError
@@ -42,6 +48,8 @@ from aecp.storage.meta.placement import StorageNode, place
 from aecp.storage.pool import ReplicaPool
 from aecp.storage.progress import RecoveryBoard, new_copy_id
 from aecp.storage.refused import retry
+from aecp.store import keys
+from aecp.store.base import Store
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20  # bytes copied per step (a multiple of every block size in use)
@@ -52,6 +60,27 @@ SECTOR = 4096
 class RecoveryPolicy:
     grace: float  # seconds a dropped replica's node may take to come back
     rate: float  # bytes per second
+    # seconds for a node in maintenance (None: no node's grace is longer than ``grace``)
+    maintenance_grace: float | None = None
+    in_maintenance: frozenset[str] = frozenset()  # the nodes in, entering or leaving it
+
+    def grace_for(self, node: str) -> float:
+        """The grace period of ``node``'s dropped replicas (never shorter than ``grace``)."""
+        if self.maintenance_grace is not None and node in self.in_maintenance:
+            return max(self.grace, self.maintenance_grace)
+        return self.grace
+
+    async def current(self, store: Store) -> RecoveryPolicy:
+        """This policy with ``in_maintenance`` as the nodes' admin keys say now (itself,
+        without reading, when it has no ``maintenance_grace``)."""
+        if self.maintenance_grace is None:
+            return self
+        nodes = frozenset(
+            keys.last_segment(kv.key, keys.NODE_ADMIN)
+            for kv in await store.list(keys.NODE_ADMIN)
+            if NodeAdmin.load(kv.value).maintenance is not MaintenanceState.IN_USE
+        )
+        return replace(self, in_maintenance=nodes)
 
 
 @dataclass(frozen=True)
@@ -71,22 +100,26 @@ async def next_step(
     ext: ExtentRecord,
     servers: dict[str, StorageServer],
     now: float,
-    grace: float,
+    grace: float | Callable[[str], float],
     answers: Callable[[str], Awaitable[bool]],
 ) -> Step:
-    """The step for ``ext``, below its factor: a stale node back within the grace period
-    catches up; once no stale node may still come back, a new replica goes to the node the
-    placement rules pick."""
+    """The step for ``ext``, below its factor: a stale node back within its grace period
+    (``grace``, or ``grace(node)``: ``RecoveryPolicy.grace_for``) catches up; once no stale
+    node may still come back, a new replica goes to the node the placement rules pick."""
+    grace_of = grace if callable(grace) else (lambda _node: grace)
+
+    def in_grace(node: str) -> bool:
+        return now - ext.stale_since.get(node, now) < grace_of(node)
+
     for node, gen in sorted(ext.stale.items()):
-        in_grace = now - ext.stale_since.get(node, now) < grace
-        if node in servers and in_grace and await answers(node):
+        if node in servers and in_grace(node) and await answers(node):
             return Step("catch-up", node, since=gen)
-    waiting = [n for n in ext.stale if now - ext.stale_since.get(n, now) < grace]
+    waiting = sorted(n for n in ext.stale if in_grace(n))
     if waiting:
+        graces = ", ".join(f"{grace_of(n):.0f}s" for n in waiting)
         return Step(
             "",
-            why=f"extent {ext.id}: waiting for {', '.join(sorted(waiting))} to come back "
-            f"(grace {grace:.0f}s)",
+            why=f"extent {ext.id}: waiting for {', '.join(waiting)} to come back (grace {graces})",
         )
     lost = min(ext.stale, key=lambda n: ext.stale_since.get(n, 0)) if ext.stale else None
     nodes = [StorageNode(s.node, s.free_bytes, s.rack, s.chassis) for s in servers.values()]
@@ -169,6 +202,7 @@ class Repairer:
         first, as a write to it would have dropped it. Undos of refused writes still pending
         are tried again before (``refused.retry``)."""
         out = await retry(self.dev)
+        self.policy = await self.policy.current(self.meta.store)
         vol, rev = await self.meta.volume(self.dev.vol.name)
         exts = await self.meta.extents()
         mine = {x: exts[x] for x in vol.extents if x and x in exts}
@@ -189,7 +223,7 @@ class Repairer:
     async def _repair(self, ext: ExtentRecord) -> str:
         servers = await self.meta.servers()
         now = self.meta.clock.wall()
-        step = await next_step(ext, servers, now, self.policy.grace, self._answers)
+        step = await next_step(ext, servers, now, self.policy.grace_for, self._answers)
         if step.kind == "catch-up":
             return await self._catch_up(ext, step.node)
         if step.kind == "re-replicate":
