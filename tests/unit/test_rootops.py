@@ -11,6 +11,7 @@ import pytest
 
 from aecp.common.errors import InvalidInput
 from aecp.common.proc import CommandFailed, Result
+from aecp.lab import netns
 from aecp.network import rootops
 
 
@@ -209,3 +210,68 @@ async def test_a_bad_cidr_is_refused_before_anything_runs(cidr: str) -> None:
     with pytest.raises(InvalidInput) as err:
         await rootops.addr_add("eth0", cidr)
     assert err.value.fields["field"] == "address"
+
+
+async def test_addr_list_reads_interface_and_address(rec: Recorder) -> None:
+    rec.stdout = (
+        "1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever\n"
+        "4: eth0    inet6 fd00::2/64 scope global nodad \\       valid_lft forever\n"
+        "9: mgmt0@if12    inet 10.231.0.1/24 scope global mgmt0\n"
+    )
+    assert await rootops.addr_list(netns="ns1") == [
+        ("lo", "127.0.0.1/8"),
+        ("eth0", "fd00::2/64"),
+        ("mgmt0", "10.231.0.1/24"),
+    ]
+    assert rec.calls == [["ip", "-n", "ns1", "-o", "addr", "show"]]
+
+
+# --- the netns lab's plumbing goes through the same chokepoint ----------------------------------
+
+
+async def test_the_netns_lab_plumbs_one_node_with_three_veths(rec: Recorder) -> None:
+    plan = netns.NetnsPlan("ab12", 1, "10.231.0.0/24", "10.231.1.0/24")
+    await netns.create(plan)
+    ns = "aecp-ab12-n1"
+    assert rec.calls[0] == ["ip", "-o", "addr", "show"]
+    assert rec.calls[1:4] == [
+        ["ip", "link", "add", "aeab12m", "type", "bridge"],
+        ["ip", "addr", "add", "10.231.0.254/24", "dev", "aeab12m"],
+        ["ip", "link", "set", "aeab12m", "up"],
+    ]
+    assert ["ip", "netns", "add", ns] in rec.calls
+    veth = f"ip link add aeab12n1s type veth peer name stor0 netns {ns}"
+    assert veth.split() in rec.calls
+    assert ["ip", "-n", ns, "addr", "add", "10.231.1.1/24", "dev", "stor0"] in rec.calls
+    assert ["ip", "link", "set", "aeab12n1v", "master", "aeab12v"] in rec.calls
+    assert not [c for c in rec.calls if "addr" in c and "aeab12v" in c]  # vm bridge: no address
+
+
+async def test_the_netns_lab_refuses_a_subnet_already_in_use(rec: Recorder) -> None:
+    rec.stdout = "7: br9    inet 10.231.1.254/24 scope global br9\n"
+    plan = netns.NetnsPlan("ab12", 3, "10.231.0.0/24", "10.231.1.0/24")
+    with pytest.raises(InvalidInput, match="in use on this host"):
+        await netns.create(plan)
+    assert rec.calls == [["ip", "-o", "addr", "show"]]
+
+
+async def test_the_netns_lab_teardown_deletes_namespaces_then_veths_then_bridges(
+    rec: Recorder,
+) -> None:
+    rec.fail_with = 'Cannot find device "x"'  # nothing is left: still no error
+    await netns.destroy(netns.NetnsPlan("ab12", 2, "10.231.0.0/24", "10.231.1.0/24"))
+    assert rec.calls[:2] == [
+        ["ip", "netns", "delete", "aecp-ab12-n1"],
+        ["ip", "netns", "delete", "aecp-ab12-n2"],
+    ]
+    assert rec.calls[-1] == ["ip", "link", "delete", "aeab12v"]
+    assert len(rec.calls) == 2 + 6 + 3
+
+
+def test_the_netns_lab_names_fit_in_an_interface_name() -> None:
+    plan = netns.NetnsPlan("abcdef", 9, "10.231.0.0/24", "10.231.1.0/24")
+    for net in netns.NETWORKS:
+        rootops.check_ifname(plan.bridge(net))
+        rootops.check_ifname(plan.host_veth(9, net))
+        rootops.check_ifname(netns.NODE_IFACE[net])
+    rootops.check_netns(plan.namespace(9))

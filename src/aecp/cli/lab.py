@@ -1,5 +1,8 @@
 """``aecp lab``: the all-in-one lab on this machine (no root needed): one cluster, or with
-``--clusters N`` an operation center and N clusters in N data centers (``aecp.lab.site``)."""
+``--clusters N`` an operation center and N clusters in N data centers (``aecp.lab.site``).
+``--netns`` (root only) puts each node of one cluster in a network namespace of its own, on a
+management and a storage network (``aecp.lab.netns``); ``cut`` and ``restore`` take one network
+of one node away and give it back."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from aecp.cli import centerctx, common
 from aecp.cli.client import ApiError
 from aecp.cli.output import Format, OutputOpt, console, emit, err_console
 from aecp.common.errors import AecpError, InvalidInput
+from aecp.lab import netns as labnet
 from aecp.lab.harness import Lab, LabSpec, default_root
 from aecp.lab.site import Site, SiteSpec, create_demo_vm
 
@@ -67,6 +71,20 @@ def up(
     center_address: Annotated[str, typer.Option(help="the center's address")] = "127.0.0.1",
     center_port: Annotated[int, typer.Option(help="the center's port")] = 8800,
     demo: Annotated[bool, typer.Option(help="start VM demo on each cluster")] = False,
+    netns: Annotated[
+        bool,
+        typer.Option(
+            "--netns",
+            help="root only: each node in a network namespace of its own, with a management "
+            "and a storage network (one cluster)",
+        ),
+    ] = False,
+    mgmt_cidr: Annotated[
+        str, typer.Option(help="--netns: the management network (node k: host k)")
+    ] = "10.231.0.0/24",
+    storage_cidr: Annotated[
+        str, typer.Option(help="--netns: the storage network (node k: host k)")
+    ] = "10.231.1.0/24",
     output: OutputOpt = Format.TABLE,
 ) -> None:
     """Start a lab of N nodes (3 etcd members), import the tiny image, print the endpoints.
@@ -76,10 +94,25 @@ def up(
 
     if accel not in ("auto", "kvm", "tcg"):
         raise typer.BadParameter("must be auto, kvm or tcg", param_hint="--accel")
+    if netns:
+        labnet.require_root()
+        if clusters > 1:
+            raise typer.BadParameter("the netns lab runs one cluster", param_hint="--clusters")
     _say("making sure the tiny guest image is built")
     image = ensure_tiny_image()
     memory = node_memory or _default_node_memory(nodes * clusters)
-    spec = LabSpec(nodes=nodes, subnet=subnet, accel=accel, node_memory_mib=memory)
+    try:
+        spec = LabSpec(
+            nodes=nodes,
+            subnet=subnet,
+            accel=accel,
+            node_memory_mib=memory,
+            netns=netns,
+            mgmt_cidr=mgmt_cidr,
+            storage_cidr=storage_cidr,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     if clusters > 1:
         _site_up(root, spec, clusters, center_address, center_port, demo, output)
         return
@@ -88,15 +121,16 @@ def up(
     if demo:
         _say("starting the demo VM")
         asyncio.run(create_demo_vm(lab))
-    emit(
-        {
-            "root": str(lab.root),
-            "api": ", ".join(lab.api_urls()),
-            "token_file": str(lab.token_file),
-            "nodes": nodes,
-        },
-        output,
-    )
+    summary: dict[str, object] = {
+        "root": str(lab.root),
+        "api": ", ".join(lab.api_urls()),
+        "token_file": str(lab.token_file),
+        "nodes": nodes,
+    }
+    if netns:
+        summary["storage"] = ", ".join(lab.storage_address(n) for n in lab.node_names)
+        summary["namespaces"] = ", ".join(str(lab.namespace(n)) for n in lab.node_names)
+    emit(summary, output)
 
 
 def _site_up(
@@ -237,3 +271,40 @@ def start_node(
     cluster = _which(cluster)
     _lab(root, cluster).start_node(name)
     emit({"cluster": cluster, "node": name, "started": True}, output)
+
+
+NetworkOpt = Annotated[
+    str, typer.Option("--network", help="mgmt, storage or vm (the netns lab's networks)")
+]
+
+
+def _network(network: str) -> labnet.Network:
+    if network not in labnet.NETWORKS:
+        raise typer.BadParameter("must be mgmt, storage or vm", param_hint="--network")
+    return network
+
+
+@app.command("cut")
+def cut(
+    name: str,
+    network: NetworkOpt = "storage",
+    root: RootOpt = None,
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """The netns lab: cut node NAME off one network (its link goes down on the host side)."""
+    lab = _lab(root, "c1")
+    asyncio.run(lab.cut(name, _network(network)))
+    emit({"node": name, "network": network, "link": "down"}, output)
+
+
+@app.command("restore")
+def restore(
+    name: str,
+    network: NetworkOpt = "storage",
+    root: RootOpt = None,
+    output: OutputOpt = Format.TABLE,
+) -> None:
+    """The netns lab: give node NAME back the network ``cut`` took."""
+    lab = _lab(root, "c1")
+    asyncio.run(lab.restore(name, _network(network)))
+    emit({"node": name, "network": network, "link": "up"}, output)

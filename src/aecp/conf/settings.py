@@ -158,6 +158,11 @@ class StorageSettings(BaseModel):
         description="while a node is in maintenance, wait this long for its replicas before "
         "copying their data elsewhere (instead of recovery_grace_s)",
     )
+    address: str | None = Field(
+        None,
+        description="this node's address on the storage network: the storage server's replica "
+        "and NBD ports, and the source of replica connections (default: the node's address)",
+    )
 
     @property
     def capacity_bytes(self) -> int | None:

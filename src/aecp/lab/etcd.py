@@ -95,7 +95,8 @@ def etcd_argv(
 class EtcdMember:
     """One etcd process: its name, addresses (``host:port``), data dir, log file, pidfile and
     TLS bundle (its node's: the certificate names the member's address and
-    ``pki.ETCD_SERVER_NAME``).
+    ``pki.ETCD_SERVER_NAME``). ``launch_prefix`` is put in front of the etcd command line
+    (``ip netns exec NS``, which execs etcd in place: the pid stays etcd's).
 
     The pidfile (``<name>.pid``) and, by default, the log file (``<name>.log``) live in the data
     dir's parent.
@@ -112,6 +113,7 @@ class EtcdMember:
         *,
         tuning: EtcdTuning | None = None,
         binary: str = ETCD_BINARY,
+        launch_prefix: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.client_address = client_address
@@ -122,6 +124,7 @@ class EtcdMember:
         self.pidfile = self.data_dir.parent / f"{name}.pid"
         self.tuning = tuning or EtcdTuning()
         self.binary = binary
+        self.launch_prefix = list(launch_prefix)  # e.g. ``ip netns exec NS`` (the netns lab)
         self.argv: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -149,7 +152,7 @@ class EtcdMember:
         if self.is_running():
             raise InvalidState(f"etcd member {self.name} is already running", member=self.name)
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.argv = etcd_argv(
+        self.argv = self.launch_prefix + etcd_argv(
             self,
             initial_cluster=initial_cluster,
             token=token,
@@ -285,12 +288,15 @@ class EtcdCluster:
         peer_port: int = 2380,
         token: str = "aecp-lab",
         tuning: EtcdTuning | None = None,
+        launch_prefixes: Sequence[Sequence[str]] | None = None,
     ) -> EtcdCluster:
         """Members ``etcd1..N`` on the given loopback addresses (one address each), with data
         dirs, logs and pidfiles under ``base_dir``. Member i presents the bundle of node
         ``nodes[i]`` (default ``etcd<i>``) and clients the ``client_role`` bundle, each issued
-        by ``ca`` if missing."""
+        by ``ca`` if missing. ``launch_prefixes[i]`` (the netns lab: ``ip netns exec NS``)
+        starts member i inside its node's network namespace, on that namespace's address."""
         names = list(nodes or [f"etcd{i}" for i in range(1, len(hosts) + 1)])
+        prefixes = list(launch_prefixes or [[] for _ in hosts])
         members = [
             EtcdMember(
                 f"etcd{i}",
@@ -299,8 +305,11 @@ class EtcdCluster:
                 Path(base_dir) / f"etcd{i}.data",
                 _issued(ca.node_bundle(node)) or ca.issue_node(node, loopback_sans(host)),
                 tuning=tuning,
+                launch_prefix=prefix,
             )
-            for i, (host, node) in enumerate(zip(hosts, names, strict=True), start=1)
+            for i, (host, node, prefix) in enumerate(
+                zip(hosts, names, prefixes, strict=True), start=1
+            )
         ]
         client = _issued(ca.client_bundle(client_role)) or ca.issue_client(client_role)
         return cls(members, client_tls=client, token=token)

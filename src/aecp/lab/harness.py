@@ -1,11 +1,17 @@
 """The all-in-one lab: N nodes on this machine, node k on loopback address ``<subnet>.k`` with its
-own data directory; the first three also run an etcd member. Usable from the CLI
+own data directory; the first three also run an etcd member. With ``netns`` (root only) node k
+runs in a network namespace of its own instead, with a management and a storage network
+(``lab.netns``): its API on the management address, etcd, replicas, NBD and migration on the
+storage address. Usable from the CLI
 (``aecp lab ...``, one process per command: all state is in ``<root>/lab.json`` and pidfiles)
 and from tests (the same class).
 
 Layout of ``root``::
 
     lab.json  token  cli.json  images/  etcd/  pki/  nodes/<node>/{node.json,agent.log,...,data/}
+
+In the netns lab the storage server reads ``nodes/<node>/storage.json``: ``node.json`` with the
+storage address as the node's address (the storage server binds and registers that address).
 
 ``pki/`` is the cluster's certificate authority (``common.pki``): created by ``up`` with a
 bundle per node (its etcd member, its processes' etcd client, replica and NBD credentials) and
@@ -15,8 +21,10 @@ one for the ``admin`` role (the lab's own tools: initialising the cluster, tests
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -33,10 +41,13 @@ from aecp.common.pki import ClusterCA
 from aecp.common.proc import pid_alive, read_pidfile
 from aecp.conf import settings
 from aecp.conf.settings import NodeSettings
+from aecp.lab import netns
 from aecp.lab.etcd import EtcdCluster, EtcdMember, loopback_sans
+from aecp.lab.netns import NetnsPlan, Network
 from aecp.lab.process import Daemon, kill_pidfiles
 from aecp.model.cluster import ClusterInfo, new_cluster_id
 from aecp.model.principal import FIRST_ADMIN, new_principal_token
+from aecp.network.rootops import in_netns
 from aecp.store import keys
 from aecp.store.etcd import EtcdStore
 
@@ -75,6 +86,20 @@ class LabSpec(BaseModel):
     #: the cluster's raw capacity counts that disk once per node)
     capacity_gib: int | None = Field(None, ge=1)
     storage: bool = True
+    #: each node in a network namespace of its own, on a management and a storage network
+    netns: bool = False
+    #: the netns lab's short id (namespace, bridge and veth names); made by ``up``
+    lab_id: str = Field("", pattern=r"^[a-z0-9]{0,6}$")
+    mgmt_cidr: str = "10.231.0.0/24"
+    storage_cidr: str = "10.231.1.0/24"
+
+    @field_validator("mgmt_cidr", "storage_cidr")
+    @classmethod
+    def _lab_subnet(cls, v: str) -> str:
+        net = ipaddress.IPv4Network(v)  # ValueError: not a network (or host bits set)
+        if not 16 <= net.prefixlen <= 24:
+            raise ValueError(f"{v}: the prefix length must be 16 to 24 (hosts .1-.9 and .254)")
+        return str(net)
 
     @field_validator("subnet")
     @classmethod
@@ -89,7 +114,21 @@ class LabSpec(BaseModel):
         return v
 
     def address(self, k: int) -> str:
+        """Node k's address: its API's and the one the lab host reaches it on (the management
+        address in the netns lab)."""
+        if self.netns:
+            return self.plan().address("mgmt", k)
         return f"{self.subnet}.{k}"
+
+    def storage_address(self, k: int) -> str:
+        """Node k's etcd, replica, NBD and migration address (``address`` on loopback)."""
+        if self.netns:
+            return self.plan().address("storage", k)
+        return self.address(k)
+
+    def plan(self) -> NetnsPlan:
+        """The netns lab's names and addresses."""
+        return NetnsPlan(self.lab_id, self.nodes, self.mgmt_cidr, self.storage_cidr)
 
 
 class Lab:
@@ -129,6 +168,23 @@ class Lab:
     def node_dir(self, name: str) -> Path:
         return self.root / "nodes" / name
 
+    def mgmt_address(self, name: str) -> str:
+        """The node's management address (API; its loopback address outside the netns lab)."""
+        return self.spec.address(self.index(name))
+
+    def storage_address(self, name: str) -> str:
+        """The node's storage address (etcd, replicas, NBD, migration)."""
+        return self.spec.storage_address(self.index(name))
+
+    def namespace(self, name: str) -> str | None:
+        """The node's network namespace (None outside the netns lab)."""
+        return self.spec.plan().namespace(self.index(name)) if self.spec.netns else None
+
+    def _launch(self, name: str, argv: list[str]) -> list[str]:
+        """``argv`` as started for node ``name``: inside its namespace in the netns lab."""
+        ns = self.namespace(name)
+        return in_netns(ns, argv) if ns is not None else argv
+
     def api_url(self, name: str) -> str:
         return f"http://{self.spec.address(self.index(name))}:{self.spec.api_port}"
 
@@ -149,14 +205,17 @@ class Lab:
         return self._etcd
 
     def _make_etcd_cluster(self) -> EtcdCluster:
-        hosts = [self.spec.address(k) for k in range(1, min(ETCD_MEMBERS, self.spec.nodes) + 1)]
+        count = min(ETCD_MEMBERS, self.spec.nodes)
+        hosts = [self.spec.storage_address(k) for k in range(1, count + 1)]
+        nodes = self.node_names[:count]
         return EtcdCluster.on_loopback(
             self.root / "etcd",
             hosts,
             self.ca,
-            nodes=self.node_names[: len(hosts)],
+            nodes=nodes,
             client_port=self.spec.etcd_client_port,
             peer_port=self.spec.etcd_peer_port,
+            launch_prefixes=[self._launch(n, []) for n in nodes],
         )
 
     def etcd_member(self, name: str) -> EtcdMember | None:
@@ -167,13 +226,15 @@ class Lab:
         d = self.node_dir(name)
         cfg = d / "node.json"
         argv = [sys.executable, "-m", "aecp", "node", "run", "--config", str(cfg)]
-        return Daemon(argv, d / "agent.pid", d / "agent.log", marker=str(cfg))
+        return Daemon(self._launch(name, argv), d / "agent.pid", d / "agent.log", marker=str(cfg))
 
     def storage(self, name: str) -> Daemon:
         d = self.node_dir(name)
-        cfg = d / "node.json"
+        cfg = d / ("storage.json" if self.spec.netns else "node.json")
         argv = [sys.executable, "-m", "aecp", "storage", "run", "--config", str(cfg)]
-        return Daemon(argv, d / "storage.pid", d / "storage.log", marker=str(cfg))
+        return Daemon(
+            self._launch(name, argv), d / "storage.pid", d / "storage.log", marker=str(cfg)
+        )
 
     def daemons(self, name: str) -> list[Daemon]:
         """The node's processes other than QEMU and etcd: agent, then storage server."""
@@ -189,15 +250,23 @@ class Lab:
         then import ``image`` (the tiny guest image) as image ``tiny``.
 
         ``image`` is also the KVM probe's guest. Raises ``InvalidInput`` if a lab already exists
-        at ``root``.
+        at ``root``, or for a netns lab when not root. The netns lab's networks are made after
+        ``lab.json`` is written, so ``down`` removes them whatever fails later.
         """
         if (self.root / "lab.json").exists() or (self.root / "site.json").exists():
             raise InvalidInput(
                 "root", f"a lab already exists at {self.root}; run 'aecp lab down' first"
             )
+        if self.spec.netns:
+            netns.require_root()
+            if not self.spec.lab_id:
+                self.spec = self.spec.model_copy(update={"lab_id": secrets.token_hex(2)})
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "lab.json").write_text(self.spec.model_dump_json(indent=2))
         self.images_dir.mkdir(exist_ok=True)
+        if self.spec.netns:
+            progress("creating the namespaces, bridges and veths of the netns lab")
+            await netns.create(self.spec.plan())
         progress("creating the cluster's certificate authority")
         self._issue_credentials()
         progress("starting etcd")
@@ -220,7 +289,12 @@ class Lab:
         """The cluster CA, a bundle per node and one for the lab's own tools (``admin``)."""
         ClusterCA.create(self.ca.root, self.spec.cluster_name)
         for name in self.node_names:
-            self.ca.issue_node(name, loopback_sans(self.spec.address(self.index(name))))
+            k = self.index(name)
+            if self.spec.netns:  # etcd checks a peer's certificate against its source address
+                sans = [self.spec.address(k), self.spec.storage_address(k)]
+            else:
+                sans = loopback_sans(self.spec.address(k))
+            self.ca.issue_node(name, sans)
         self.ca.issue_client("admin")
 
     async def import_image(self, name: str, path: Path) -> None:
@@ -271,7 +345,7 @@ class Lab:
         }
         if self.spec.capacity_gib is not None:
             storage["capacity_gib"] = self.spec.capacity_gib
-        s = {
+        s: dict[str, object] = {
             "name": name,
             "address": self.spec.address(self.index(name)),
             "data_dir": str(d / "data"),
@@ -292,7 +366,21 @@ class Lab:
             "security": {"tls_dir": str(self.ca.node_bundle(name).dir)},
             "storage": storage,
         }
+        if self.spec.netns:
+            self._netns_settings(name, s, storage)
         (d / "node.json").write_text(json.dumps(s, indent=2))
+
+    def _netns_settings(self, name: str, s: dict[str, object], storage: dict[str, object]) -> None:
+        """The netns lab's additions to ``s`` (the node's settings); writes ``storage.json``,
+        the storage server's: the same with the storage address as the node's address."""
+        address = self.storage_address(name)
+        storage["address"] = address
+        compute = s["compute"]
+        assert isinstance(compute, dict)
+        compute["migration_address"] = address
+        s["network"] = {"vm_uplink": netns.NODE_IFACE["vm"]}
+        own = {**s, "address": address}
+        (self.node_dir(name) / "storage.json").write_text(json.dumps(own, indent=2))
 
     async def wait_ready(self, progress: Progress = lambda _: None, timeout: float = 120) -> None:
         """Wait until every node answers its API and shows as ready."""
@@ -333,7 +421,7 @@ class Lab:
         if not self.spec.storage:
             return True
         try:
-            _, writer = await asyncio.open_connection(self.spec.address(self.index(name)), NBD_PORT)
+            _, writer = await asyncio.open_connection(self.storage_address(name), NBD_PORT)
         except OSError:
             return False
         writer.close()
@@ -387,6 +475,20 @@ class Lab:
         for d in self.daemons(name):
             d.start()
 
+    async def cut(self, name: str, network: Network) -> None:
+        """Cut node ``name`` off one network of the netns lab (its veth's host end down)."""
+        await netns.cut(self._plan_for(name), self.index(name), network)
+
+    async def restore(self, name: str, network: Network) -> None:
+        """Undo ``cut``."""
+        await netns.restore(self._plan_for(name), self.index(name), network)
+
+    def _plan_for(self, name: str) -> NetnsPlan:
+        if not self.spec.netns:
+            raise InvalidInput("netns", "only the netns lab (aecp lab up --netns) has networks")
+        self.index(name)
+        return self.spec.plan()
+
     # ---- status and down -------------------------------------------------------------------
     def status(self) -> list[dict[str, object]]:
         rows: list[dict[str, object]] = []
@@ -404,6 +506,9 @@ class Lab:
                     "vms_running": len([p for p in self.qemu_pidfiles(name) if _live(p)]),
                 }
             )
+            if self.spec.netns:
+                rows[-1]["storage_address"] = self.storage_address(name)
+                rows[-1]["netns"] = self.namespace(name)
         return rows
 
     def processes(self) -> list[int]:
@@ -416,15 +521,22 @@ class Lab:
         return pids
 
     def down(self) -> list[int]:
-        """Stop everything the lab started and remove its directory. Returns the pids stopped."""
+        """Stop everything the lab started, remove the netns lab's namespaces, bridges and veths
+        (those that exist: idempotent, also after a crash) and the lab's directory. Returns the
+        pids stopped."""
         stopped = self.processes()
-        for name in self.node_names:
-            for d in self.daemons(name):
-                d.stop()
-        for name in self.node_names:
-            pf = self.qemu_pidfiles(name)
-            kill_pidfiles(list(pf), pf)
-        self.etcd_cluster().stop()
+        try:
+            for name in self.node_names:
+                for d in self.daemons(name):
+                    d.stop()
+            for name in self.node_names:
+                pf = self.qemu_pidfiles(name)
+                kill_pidfiles(list(pf), pf)
+            self.etcd_cluster().stop()
+        finally:
+            if self.spec.netns and self.spec.lab_id:
+                plan = self.spec.plan()
+                netns.run_sync(lambda: netns.destroy(plan))
         left = [p for p in stopped if pid_alive(p)]
         if left:
             raise Unavailable(f"processes still alive after lab down: {left}")

@@ -189,6 +189,17 @@ async def addr_add(name: str, cidr: str, *, netns: str | None = None) -> None:
     await run_root(_ip(netns, "addr", "add", cidr, "dev", check_ifname(name)))
 
 
+async def addr_list(*, netns: str | None = None) -> list[tuple[str, str]]:
+    """Every address as ``(interface, cidr)`` (``ip -o addr show``)."""
+    res = await run_root(_ip(netns, "-o", "addr", "show"))
+    out = []
+    for line in res.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[2] in ("inet", "inet6"):
+            out.append((parts[1].split("@")[0], parts[3]))
+    return out
+
+
 # --- nftables -----------------------------------------------------------------------------------
 
 
