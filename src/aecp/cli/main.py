@@ -17,6 +17,8 @@ from aecp.cli import (
     common,
     image,
     lab,
+    migrate,
+    network,
     node,
     ops,
     storage,
@@ -56,11 +58,13 @@ def root(
 
 app.add_typer(cluster.app, name="cluster")
 app.add_typer(node.app, name="node")
+migrate.register(vm.app)
 app.add_typer(vm.app, name="vm")
 app.add_typer(image.app, name="image")
 app.add_typer(lab.app, name="lab")
 app.add_typer(ops.app, name="operation")
 app.add_typer(volume.app, name="volume")
+app.add_typer(network.app, name="network")
 app.add_typer(storage.app, name="storage")
 app.add_typer(template.app, name="template")
 app.add_typer(token.app, name="token")

@@ -23,3 +23,11 @@ def show(op_id: str, output: OutputOpt = Format.TABLE) -> None:
     """Show one operation."""
     with client() as c:
         emit(c.get(f"/v1/operations/{op_id}"), output)
+
+
+@app.command("cancel")
+def cancel(op_id: str, output: OutputOpt = Format.TABLE) -> None:
+    """Ask for a running operation to be cancelled (live migrations can be): the node carrying
+    it out decides; `aecp operation show ID` tells how it ended."""
+    with client() as c:
+        emit(c.post(f"/v1/operations/{op_id}/cancel"), output, COLS)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError, Conflict
+from aecp.common.failpoints import failpoint
 from aecp.compute.hypervisor import Hypervisor, MigrationParams, MigrationStatus, RunState
 from aecp.model.migration import Incoming, MigrationMark, Phase
 from aecp.model.operation import Operation
@@ -43,8 +44,8 @@ from aecp.store.view import VMEntry
 
 log = logging.getLogger(__name__)
 
-POLL = 0.1  # s between query-migrate calls
-REPORT_EVERY = 0.5  # s between progress writes to the operation
+POLL = 0.01  # s between query-migrate calls (the switch-over waits for the next one)
+REPORT_EVERY = 0.5  # s between progress writes to the operation (and cancel checks)
 INCOMING_WAIT = 120.0  # s for the destination to start its QEMU
 HANDOFF_WAIT = 10.0  # s for storage servers to answer a hand-off
 SWITCH_WAIT = 60.0  # s for QEMU to complete after migrate-continue
@@ -172,9 +173,9 @@ class Migrator:
             if loop.time() - reported >= REPORT_EVERY:
                 reported = loop.time()
                 await self._report(job, st)
-            if await self._cancel_requested(job):
-                await self.hv.migrate_cancel(name)
-                raise _Cancelled(f"cancelled by request: VM {name} runs on {self.node}")
+                if await self._cancel_requested(job):
+                    await self.hv.migrate_cancel(name)
+                    raise _Cancelled(f"cancelled by request: VM {name} runs on {self.node}")
             if loop.time() > deadline:
                 await self.hv.migrate_cancel(name)
                 raise MigrationFailed(
@@ -191,6 +192,7 @@ class Migrator:
             await self._take_back(e.spec, job)  # while the guest is still paused
             await self.hv.migrate_cancel(name)
             raise MigrationFailed(f"disk hand-off to {job.target} failed: {error}")
+        await failpoint("migration-after-handoff")  # tests kill the agent here
         await self.hv.migrate_continue(name)
         st = await self._wait_switched(name)
         if st.status != "completed":
@@ -203,9 +205,13 @@ class Migrator:
         deadline = loop.time() + SWITCH_WAIT
         while True:
             st = await self.hv.migration(name)
-            if st.status in ("completed", "failed", "cancelled") or loop.time() > deadline:
+            # QEMU says completed a moment before it has summed up the times
+            timed = st.status != "completed" or bool(st.total_time_ms)
+            if (st.status in ("completed", "failed", "cancelled") and timed) or (
+                loop.time() > deadline
+            ):
                 return st
-            await self.clock.sleep(POLL / 10)
+            await self.clock.sleep(POLL)
 
     # ---- the disk hand-off --------------------------------------------------------------------
     async def _hand_off(self, spec: VMSpec, job: VMJob, to: str) -> str:
@@ -280,6 +286,8 @@ class Migrator:
             await self._succeed(e, job, st)
             return
         if st is not None and st.status in ("active", "setup", "pre-switchover", "device"):
+            if st.status == "pre-switchover":
+                await self._take_back(e.spec, job)  # while the guest is still paused
             await self.hv.migrate_cancel(name)
         await self._fail(e, job, "the source agent restarted during the migration")
 

@@ -86,6 +86,9 @@ class _Handle(BlockDevice):
         return dev.read(offset, length)  # the device's coroutine: one frame less
 
     async def _read_later(self, offset: int, length: int) -> bytes:
+        peek = self.daemon.peek(self.name)
+        if peek is not None and self.dev is None:  # QEMU reads a sector as it starts
+            return await peek.read(offset, length)
         return await (await self._device()).read(offset, length)
 
     def write(
@@ -108,8 +111,8 @@ class _Handle(BlockDevice):
         return None if dev is None else dev.write_nowait(offset, data)
 
     async def flush(self) -> None:
-        if self.dev is not None or self.daemon.deferred(self.name):
-            await (self.dev or await self._device()).flush()
+        if self.dev is not None:  # before the hand-off nothing was written here
+            await self.dev.flush()
 
     async def trim(self, offset: int, length: int) -> None:
         await (self.dev or await self._device()).trim(offset, length)
@@ -141,6 +144,7 @@ class _Deferred:
     """The opens of a volume waiting for its hand-off to this node."""
 
     vm: str
+    peek: VolumeDevice  # reads only, attached nowhere (epoch 0: it could write nothing)
     refs: int = 0
     ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     error: str = ""
@@ -431,9 +435,11 @@ class StorageDaemon:
                 vm = await self._migrating_here(name)
                 if vm is None:
                     raise
-                self._deferred[name] = _Deferred(vm, refs=1)
+                vol = (await self.meta.volume(name))[0]
+                peek = VolumeDevice(self.meta, self.pool, self.node, vol, 0)
+                self._deferred[name] = _Deferred(vm, peek, refs=1)
                 log.info("volume %s: opened for VM %s migrating here: deferred", name, vm)
-                return _Handle(self, name, None, (await self.meta.volume(name))[0].size)
+                return _Handle(self, name, None, vol.size)
             entry = (dev, 0)
         self._exports[name] = (entry[0], entry[1] + 1)
         return _Handle(self, name, entry[0], entry[0].size)
@@ -451,8 +457,10 @@ class StorageDaemon:
         here = job.kind is JobKind.MIGRATE and job.target == self.node
         return job.vm if here and job.vm_uuid == vol.owner.uid else None
 
-    def deferred(self, name: str) -> bool:
-        return name in self._deferred
+    def peek(self, name: str) -> VolumeDevice | None:
+        """A read-only view of a volume whose hand-off to this node is awaited."""
+        deferred = self._deferred.get(name)
+        return None if deferred is None else deferred.peek
 
     async def handed_over(self, name: str, handle: _Handle) -> VolumeDevice:
         """The device of a deferred ``handle`` once the hand-off attached it here."""
