@@ -70,6 +70,7 @@ class FakeHypervisor(Hypervisor):
         self._tracked: dict[str, FakeInstance] = {}
         self._events: asyncio.Queue[InstanceEvent] = asyncio.Queue()
         self.calls: list[tuple[str, str]] = []  # (method, name), for assertions
+        self.active_polls = ACTIVE_POLLS  # a migration stays active this many polls
 
     # --- the contract -------------------------------------------------------------------------
 
@@ -161,7 +162,7 @@ class FakeHypervisor(Hypervisor):
             self._end_migration(inst, "failed")
         elif inst.migration == "active":
             inst.polls += 1
-            if inst.polls >= ACTIVE_POLLS:
+            if inst.polls >= self.active_polls:
                 inst.migration = "pre-switchover"
                 inst.state = RunState.PAUSED
                 self._emit(name, EventKind.PAUSED)

@@ -144,8 +144,7 @@ class Migrator:
         await self._switch_over(e, job)
 
     async def _wait_incoming(self, e: VMEntry, job: VMJob) -> Incoming:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + INCOMING_WAIT
+        deadline = self.clock.monotonic() + INCOMING_WAIT
         while True:
             got = await read(self.store, keys.vm_incoming(e.spec.name), Incoming)
             if got is not None and got[0].op == job.op_id:
@@ -153,7 +152,7 @@ class Migrator:
                     raise MigrationFailed(f"{job.target} cannot receive it: {got[0].error}")
                 return got[0]
             await self._check_cancel(job)
-            if loop.time() > deadline:
+            if self.clock.monotonic() > deadline:
                 raise MigrationFailed(f"{job.target} did not start the VM's QEMU in time")
             await self.clock.sleep(POLL)
 
@@ -161,8 +160,7 @@ class Migrator:
         """Poll the migration until QEMU pauses at pre-switchover, reporting progress;
         a cancel, a failure or the timeout cancels it (the VM runs on here)."""
         name = e.spec.name
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.timeout
+        deadline = self.clock.monotonic() + self.config.timeout
         reported = 0.0
         while True:
             st = await self.hv.migration(name)
@@ -170,13 +168,13 @@ class Migrator:
                 return
             if st.status in ("failed", "cancelled", "none"):
                 raise MigrationFailed(f"QEMU's migration {st.status}: {st.error or 'no reason'}")
-            if loop.time() - reported >= REPORT_EVERY:
-                reported = loop.time()
+            if self.clock.monotonic() - reported >= REPORT_EVERY:
+                reported = self.clock.monotonic()
                 await self._report(job, st)
                 if await self._cancel_requested(job):
                     await self.hv.migrate_cancel(name)
                     raise _Cancelled(f"cancelled by request: VM {name} runs on {self.node}")
-            if loop.time() > deadline:
+            if self.clock.monotonic() > deadline:
                 await self.hv.migrate_cancel(name)
                 raise MigrationFailed(
                     f"not done in {self.config.timeout:.0f} s (the guest dirties memory faster "
@@ -201,23 +199,24 @@ class Migrator:
         await self._succeed(e, job, st)
 
     async def _wait_switched(self, name: str) -> MigrationStatus:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + SWITCH_WAIT
+        deadline = self.clock.monotonic() + SWITCH_WAIT
         while True:
             st = await self.hv.migration(name)
             # QEMU says completed a moment before it has summed up the times
             timed = st.status != "completed" or bool(st.total_time_ms)
             if (st.status in ("completed", "failed", "cancelled") and timed) or (
-                loop.time() > deadline
+                self.clock.monotonic() > deadline
             ):
                 return st
             await self.clock.sleep(POLL)
 
     # ---- the disk hand-off --------------------------------------------------------------------
-    async def _hand_off(self, spec: VMSpec, job: VMJob, to: str) -> str:
-        """Ask node ``to``'s storage server to attach every disk of the VM now; "" once every
-        one answered it did, else why not."""
-        vols = spec.volumes()
+    async def _hand_off(
+        self, spec: VMSpec, job: VMJob, to: str, vols: list[str] | None = None
+    ) -> str:
+        """Ask node ``to``'s storage server to attach ``vols`` (default: every disk of the VM)
+        now; "" once every one answered it did, else why not."""
+        vols = spec.volumes() if vols is None else vols
         now = self.clock.wall()
         async with self.store.watch(keys.ABS_HANDOFFS_DONE) as events:
             await self.store.txn(
@@ -256,14 +255,15 @@ class Migrator:
     async def _take_back(self, spec: VMSpec, job: VMJob) -> None:
         """Attach the VM's disks here again if any was handed over (a migration that failed
         after the hand-off); raises if they could not all be."""
-        handed = False
+        handed = []
         for v in spec.volumes():
             got = await read(self.store, keys.abs_handoff_done(v), HandoffDone)
             away = got is not None and got[0].node != self.node
-            handed = handed or (away and got is not None and got[0].op == job.op_id and got[0].ok)
+            if away and got is not None and got[0].op == job.op_id and got[0].ok:
+                handed.append(v)
         if not handed:
             return
-        error = await self._hand_off(spec, job, self.node)
+        error = await self._hand_off(spec, job, self.node, handed)
         if error:
             raise Conflict(f"could not take the VM's disks back: {error}")
         log.info("vm %s: disks taken back after the failed migration (%s)", spec.name, job.op_id)
