@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 
 from aecp.compute.hypervisor import Accel, DiskSpec, InstanceSpec, NicSpec, PortForward
-from aecp.compute.qemu.argv import RuntimePaths, build_argv, escape, name_option
+from aecp.compute.qemu.argv import RuntimePaths, build_argv, escape, name_option, nic_args
 
 UUID = "0d4f3a52-8c1e-4f7a-9d6b-2a1c3e5f7b90"
 PATHS = RuntimePaths.for_instance(Path("/run/aecp"), "vm-1")
@@ -168,3 +168,13 @@ def test_socket_paths_do_not_grow_with_the_vm_name() -> None:
     assert len(str(longest.console_socket)) == len(str(short.console_socket))
     assert longest.qmp_socket != short.qmp_socket
     assert longest.console_log == Path("/var/lib/aecp/run") / ("a" * 63) / "console.log"
+
+
+def test_a_tap_nic_becomes_a_tap_netdev_without_scripts() -> None:
+    args = nic_args(1, NicSpec(mac="52:54:00:01:02:03", tap="vt0123abcdn1"))
+    assert args == [
+        "-netdev",
+        "tap,id=net1,ifname=vt0123abcdn1,script=no,downscript=no",
+        "-device",
+        "virtio-net-pci,netdev=net1,mac=52:54:00:01:02:03,id=nic1",
+    ]

@@ -25,6 +25,10 @@ def create(
     memory: Annotated[int | None, typer.Option(help="memory in MiB [default: 256]")] = None,
     node: Annotated[str | None, typer.Option(help="pin to this node")] = None,
     data_disk: Annotated[list[int] | None, typer.Option(help="extra blank disk, MiB")] = None,
+    network: Annotated[
+        list[str] | None,
+        typer.Option(help="a NIC on this VM network (repeatable) [default: user-mode NIC]"),
+    ] = None,
     start: Annotated[bool, typer.Option(help="power on once created")] = True,
     no_wait: NoWaitOpt = False,
     output: OutputOpt = Format.TABLE,
@@ -40,10 +44,12 @@ def create(
         body["vcpus"] = vcpus
     if memory is not None:
         body["memory_mib"] = memory
+    if network:
+        body["networks"] = network
     with client() as c:
         follow(c, c.post("/v1/vms", json=body), no_wait, output)
         if not no_wait and output is Format.TABLE:
-            emit(c.get(f"/v1/vms/{name}"), output)
+            _emit_vm(c.get(f"/v1/vms/{name}"), output)
 
 
 @app.command("list")
@@ -62,9 +68,16 @@ def list_vms(
 
 @app.command("show")
 def show(name: str, output: OutputOpt = Format.TABLE) -> None:
-    """Show one VM."""
+    """Show one VM (with each NIC's network, MAC and address)."""
     with client() as c:
-        emit(c.get(f"/v1/vms/{name}"), output)
+        _emit_vm(c.get(f"/v1/vms/{name}"), output)
+
+
+def _emit_vm(vm: dict[str, object], output: Format) -> None:
+    nics = vm.pop("nics", None) if output is Format.TABLE else None
+    emit(vm, output)
+    if isinstance(nics, list) and nics:
+        emit(nics, output, ["network", "mac", "ip"], title="nics")
 
 
 @app.command("events")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from aecp.cluster.images import ImageService
+from aecp.cluster.networks import NetworkService, release
 from aecp.cluster.operations import OperationService
 from aecp.cluster.scheduler import choose_node
 from aecp.common.clock import SYSTEM_CLOCK, Clock
@@ -75,6 +76,7 @@ class VMService:
         self.clock = clock
         self.disks = disks
         self.image_service = ImageService(store, images_dir, clock)
+        self.networks = NetworkService(store, clock)
 
     # ---- reads -------------------------------------------------------------------------
     async def cluster_view(self) -> ClusterView:
@@ -102,10 +104,16 @@ class VMService:
         image = await self.validate_new(req)
         assert image is not None
         op = self.new_op("vm.create", req.name, f"creating from image {image.name}")
-        spec = VMSpec.from_create(req, op.id, self.clock.wall())
+        spec = await self.new_spec(req, op.id)
         spec = spec.model_copy(update={"source": f"image {image.name}"})
-        await self.store_new(spec, op, volumes_free=True)
+        spec = await self.store_new(spec, op, volumes_free=True)
         return spec, op
+
+    async def new_spec(self, req: VMCreate, op_id: str) -> VMSpec:
+        """The spec of a new VM; its NICs (one per network of ``req``) get their addresses
+        when it is stored (``store_new``)."""
+        vlans = await self.networks.vlans(req.networks)
+        return VMSpec.from_create(req, op_id, self.clock.wall(), vlans)
 
     async def validate_new(self, req: VMCreate, image: bool = True) -> ImageRecord | None:
         """Every check of a new VM that can be made before storing it (``image``: it boots
@@ -123,6 +131,7 @@ class VMService:
                 )
         await self._check_volume_names(VMSpec.from_create(req, "", 0.0))
         self._check_fits(req, snap)
+        await self.networks.vlans(req.networks)  # each exists
         return await self._usable_image(req.image) if image else None
 
     async def _check_volume_names(self, spec: VMSpec) -> None:
@@ -144,34 +153,45 @@ class VMService:
         volumes_free: bool = False,
         guards: Sequence[Compare] = (),
         also: Sequence[Put | Delete] = (),
-    ) -> None:
-        """Store a new VM's spec and its operation (and ``also``) in one transaction;
-        ``volumes_free``: only while no volume holds one of its disks' names (``AlreadyExists``
-        naming it); ``guards``: only while they hold too (``Conflict`` if one failed: the
-        volumes made for the VM, or the job making it, changed meanwhile)."""
+    ) -> VMSpec:
+        """Store a new VM's spec and its operation (and ``also``) in one transaction, its NICs
+        given their addresses in the same transaction (``NetworkService.allocate_nics``; an
+        address taken meanwhile: picked again); ``volumes_free``: only while no volume holds
+        one of its disks' names (``AlreadyExists`` naming it); ``guards``: only while they hold
+        too (``Conflict`` if one failed: the volumes made for the VM, or the job making it,
+        changed meanwhile). Returns the spec as stored."""
         cmp = [Compare.absent(keys.vm_spec(spec.name)), *guards]
         if volumes_free:
             cmp += [Compare.absent(keys.abs_volume(v)) for v in spec.volumes()]
-        ok = await self.store.txn(
-            cmp,
-            [Put(keys.vm_spec(spec.name), spec.dump()), Put(keys.op(op.id), op.dump()), *also],
-        )
-        if not ok:
+        for _ in range(5):
+            alloc = await self.networks.allocate_nics(spec)
+            stored = spec.model_copy(update={"nics": alloc.nics})
+            puts = [Put(keys.vm_spec(spec.name), stored.dump()), Put(keys.op(op.id), op.dump())]
+            if await self.store.txn([*cmp, *alloc.guards], [*puts, *also, *alloc.puts]):
+                break
             if await self.store.get(keys.vm_spec(spec.name)) is not None:
                 raise AlreadyExists(f"VM {spec.name} already exists", field="name")
             if volumes_free:
                 await self._check_volume_names(spec)
+            if not await self.networks.taken_meanwhile(alloc):
+                raise Conflict(
+                    f"VM {spec.name}: its disks changed while it was created; try again",
+                    vm=spec.name,
+                )
+        else:
             raise Conflict(
-                f"VM {spec.name}: its disks changed while it was created; try again", vm=spec.name
+                f"VM {spec.name}: its networks' addresses kept changing; try again", vm=spec.name
             )
         log.info(
-            "vm %s: created (%d vCPUs, %d MiB, %s) as %s",
+            "vm %s: created (%d vCPUs, %d MiB, %s%s) as %s",
             spec.name,
             spec.vcpus,
             spec.memory_mib,
             spec.source,
+            "".join(f", {n.network} {n.ip}" for n in stored.nics),
             op.id,
         )
+        return stored
 
     def _check_fits(self, req: VMCreate, snap: ClusterView) -> None:
         views = snap.node_views()
@@ -267,6 +287,7 @@ class VMService:
                     Delete(keys.vm_prefix(name), prefix=True),
                     Delete(keys.vm_job(name)),
                     Delete(keys.object_events("vm", name), prefix=True),
+                    *release(spec),
                     *puts,
                 ],
             ):

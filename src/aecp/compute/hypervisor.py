@@ -62,8 +62,12 @@ class PortForward:
 
 @dataclass(frozen=True)
 class NicSpec:
+    """A virtio-net NIC: on QEMU user networking with ``forwards`` (``tap`` empty), or on the
+    existing tap interface ``tap`` (made and bridged before the launch; QEMU runs no script)."""
+
     mac: str
     forwards: tuple[PortForward, ...] = ()
+    tap: str = ""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from aecp.common.errors import InvalidInput, InvalidState
 from aecp.common.names import NAME_RULE
 from aecp.model.base import Name, OptionalName, Stored, check_name
+from aecp.model.network import MAX_NICS, nic_mac
 
 MAX_DATA_DISKS = 4
 MAX_DATA_DISK_MIB = 1024 * 1024
@@ -81,6 +82,11 @@ class VMCreate(BaseModel):
     node: Name | None = Field(None, description="pin the VM to this node")
     start: StrictBool = Field(True, description="power the VM on once created")
     template: Name | None = Field(None, description="create as an O(1) clone of this template")
+    networks: list[Name] = Field(
+        default_factory=list,
+        description=f"VM networks, one NIC on each, in order (at most {MAX_NICS}); none: one "
+        "user-mode NIC (the loopback lab)",
+    )
 
     def validate_fields(self) -> None:
         """Raise ``InvalidInput`` naming the first bad field (pure checks only)."""
@@ -102,6 +108,22 @@ class VMCreate(BaseModel):
                 raise InvalidInput(
                     "data_disks_mib", f"each size must be 1..{MAX_DATA_DISK_MIB} MiB, got {size}"
                 )
+        if len(self.networks) > MAX_NICS:
+            raise InvalidInput("networks", f"at most {MAX_NICS} networks (one NIC each)")
+        for net in self.networks:
+            check_name("networks", net)
+
+
+class VMNic(BaseModel):
+    """One NIC of a VM on a VM network: its MAC (stable: from the VM's uuid and the NIC's
+    index) and the address the cluster handed out to it (given to the guest by DHCP)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    network: str
+    vlan: int  # the network's (immutable): names the bridge on the node
+    mac: str
+    ip: str = ""
 
 
 class VMSpec(Stored):
@@ -123,6 +145,7 @@ class VMSpec(Stored):
     created_at: float = 0.0
     disks_prepared: bool = False  # volumes were cloned for it (template, clone): no image copy
     source: str = ""  # "image tiny", "template web", "clone of vm1"
+    nics: list[VMNic] = Field(default_factory=list)  # none: one user-mode NIC
 
     def volumes(self) -> list[str]:
         """The ABS volumes holding this VM's disks: boot first, then data disks."""
@@ -131,10 +154,16 @@ class VMSpec(Stored):
         ]
 
     @classmethod
-    def from_create(cls, req: VMCreate, op_id: str, now: float) -> VMSpec:
+    def from_create(
+        cls, req: VMCreate, op_id: str, now: float, vlans: dict[str, int] | None = None
+    ) -> VMSpec:
+        """The new VM's spec; ``vlans``: each of ``req.networks``' VLAN (its NICs get their
+        addresses when it is stored: ``cluster.networks``)."""
+        uuid = str(uuidlib.uuid4())
+        vlans = vlans or {}
         return cls(
             name=req.name,
-            uuid=str(uuidlib.uuid4()),
+            uuid=uuid,
             image=req.image,
             vcpus=req.vcpus,
             memory_mib=req.memory_mib,
@@ -143,6 +172,10 @@ class VMSpec(Stored):
             power=Power.RUNNING if req.start else Power.STOPPED,
             op_id=op_id,
             created_at=now,
+            nics=[
+                VMNic(network=n, vlan=vlans.get(n, 0), mac=nic_mac(uuid, i))
+                for i, n in enumerate(req.networks)
+            ],
         )
 
 

@@ -16,6 +16,7 @@ from aecp.cluster.api.routes import (
     events,
     images,
     migrations,
+    networks,
     nodes,
     operations,
     tokens,
@@ -49,6 +50,7 @@ ROUTERS = [
     events.router,
     migrations.router,
     migrations.ops_router,
+    networks.router,
 ]
 
 

@@ -176,9 +176,13 @@ def disk_args(index: int, disk: DiskSpec) -> list[str]:
 
 
 def nic_args(index: int, nic: NicSpec) -> list[str]:
-    """User-mode networking with the NIC's TCP host forwards, on a virtio-net device."""
-    netdev = f"user,id=net{index}"
-    for fwd in nic.forwards:
-        netdev += f",hostfwd=tcp:{escape(fwd.host_address)}:{fwd.host_port}-:{fwd.guest_port}"
+    """A virtio-net device on the NIC's tap interface (``nic.tap``, no scripts: it is bridged
+    already), or on user-mode networking with the NIC's TCP host forwards."""
+    if nic.tap:
+        netdev = f"tap,id=net{index},ifname={escape(nic.tap)},script=no,downscript=no"
+    else:
+        netdev = f"user,id=net{index}"
+        for fwd in nic.forwards:
+            netdev += f",hostfwd=tcp:{escape(fwd.host_address)}:{fwd.host_port}-:{fwd.guest_port}"
     device = f"virtio-net-pci,netdev=net{index},mac={escape(nic.mac)},id=nic{index}"
     return ["-netdev", netdev, "-device", device]

@@ -11,6 +11,14 @@ from aecp.model.vm import Power, VMState
 from aecp.store.view import ClusterView
 
 
+class NicPublic(BaseModel):
+    """A NIC on a VM network: its MAC and the address the cluster gave it (by DHCP)."""
+
+    network: str
+    mac: str
+    ip: str
+
+
 class VMPublic(BaseModel):
     name: str
     uuid: str
@@ -28,6 +36,7 @@ class VMPublic(BaseModel):
     boots: int
     created_at: float
     last_operation: str
+    nics: list[NicPublic] = []  # none: one user-mode NIC (http_url reaches it)
 
     @classmethod
     def from_view(cls, snap: ClusterView, name: str) -> VMPublic:
@@ -54,6 +63,7 @@ class VMPublic(BaseModel):
             boots=st.boots if st else 0,
             created_at=e.spec.created_at,
             last_operation=e.spec.op_id,
+            nics=[NicPublic(network=n.network, mac=n.mac, ip=n.ip) for n in e.spec.nics],
         )
 
 
