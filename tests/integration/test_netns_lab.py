@@ -93,9 +93,7 @@ async def test_cutting_storage_loses_the_storage_lease_while_the_api_stays_reach
     await kit.lab.wait_ready(timeout=60)
 
 
-async def test_down_leaves_no_namespace_bridge_or_veth_of_the_lab(
-    tmp_path: Path, kit: LabKit
-) -> None:
+async def test_down_leaves_no_namespace_bridge_or_veth_of_the_lab(kit: LabKit) -> None:
     plan = kit.lab.spec.plan()
     assert len(await netns.leftovers(plan)) == 3 + 3 + 9
     kit.lab.down()

@@ -275,3 +275,9 @@ def test_the_netns_lab_names_fit_in_an_interface_name() -> None:
         rootops.check_ifname(plan.host_veth(9, net))
         rootops.check_ifname(netns.NODE_IFACE[net])
     rootops.check_netns(plan.namespace(9))
+
+
+def test_the_netns_lab_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    with pytest.raises(InvalidInput, match="the netns lab needs root"):
+        netns.require_root()

@@ -215,7 +215,8 @@ def status(root: RootOpt = None, output: OutputOpt = Format.TABLE) -> None:
         _print_direct(got["clusters"])
         return
     lab = Lab.open(root)
-    emit(lab.status(), output, NODE_COLS)
+    cols = NODE_COLS + (["storage_address", "netns"] if lab.spec.netns else [])
+    emit(lab.status(), output, cols)
 
 
 @app.command("down")
