@@ -37,7 +37,8 @@ class Recorder:
 
 async def test_the_handle_forwards_the_fast_paths_to_its_volume() -> None:
     dev = Recorder()
-    handle = _Handle(cast(StorageDaemon, None), "v", cast(VolumeDevice, dev))
+    owner = cast(StorageDaemon, SimpleNamespace(handles={}))
+    handle = _Handle(owner, "v", cast(VolumeDevice, dev), dev.size)
     for name in ("read_nowait", "write_nowait"):  # overridden, not BlockDevice's "never can"
         assert getattr(type(handle), name) is not getattr(BlockDevice, name), name
     assert handle.read_nowait(4096, 8) == b"r" * 8
@@ -86,6 +87,7 @@ def daemon(
     d.meta = cast(Any, SimpleNamespace(mark_closing=mark_closing))
     d.pool, d.node = cast(Any, None), "n1"
     d._lock, d._exports, d._closing = asyncio.Lock(), {}, {}
+    d._deferred, d.handles = {}, {}
     return d
 
 
@@ -156,7 +158,11 @@ async def test_opening_a_volume_another_nodes_export_is_closing_waits_for_its_de
 
     d = daemon(monkeypatch, events, asyncio.Event())
     monkeypatch.setattr("aecp.node.storage_server.open_volume", open_volume)
-    d.meta = cast(Any, SimpleNamespace(wait_detached=wait_detached))
+
+    async def volume(name: str) -> tuple[object, int]:  # a standalone volume: no migration
+        return SimpleNamespace(owner=None), 1
+
+    d.meta = cast(Any, SimpleNamespace(wait_detached=wait_detached, volume=volume))
     opening = asyncio.ensure_future(d.open_export("v"))
     await asyncio.sleep(0)
     assert not opening.done() and events == ["waited"]

@@ -196,6 +196,11 @@ class NodeSettings(BaseModel):
         return f"http://{self.address}:{self.api.port}"
 
     @property
+    def storage_address(self) -> str:
+        """Where the storage server listens and replica connections come from."""
+        return self.storage.address or self.address
+
+    @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
 

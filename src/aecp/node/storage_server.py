@@ -163,15 +163,15 @@ class StorageDaemon:
         self.credentials = Credentials(Bundle(settings.security.tls_dir))
         auth = replica_auth(settings, self.credentials)
         self.pool = ReplicaPool(
-            self.meta, self.node, self.replicas, auth=auth, source=settings.address
+            self.meta, self.node, self.replicas, auth=auth, source=settings.storage_address
         )
         self.chunk = ChunkServer(
-            self.replicas, settings.address, settings.storage.chunk_port, auth=auth
+            self.replicas, settings.storage_address, settings.storage.chunk_port, auth=auth
         )
         self.grants = GrantPolicy(store, self.credentials, clock)
         st = settings.storage
         self.nbd = NbdServer(
-            settings.address,
+            settings.storage_address,
             st.nbd_port,
             self.open_export,
             self.list_exports,
@@ -229,9 +229,9 @@ class StorageDaemon:
         log.info(
             "node %s: storage server up: replicas on %s:%d, NBD on %s:%d (TLS) and %s",
             self.node,
-            self.settings.address,
+            self.settings.storage_address,
             self.settings.storage.chunk_port,
-            self.settings.address,
+            self.settings.storage_address,
             self.settings.storage.nbd_port,
             self.settings.nbd_socket,
         )
@@ -256,7 +256,7 @@ class StorageDaemon:
         free = max(0, min(capacity - used, st.f_bavail * st.f_frsize))
         rec = StorageServer(
             node=self.node,
-            address=self.settings.address,
+            address=self.settings.storage_address,
             chunk_port=self.settings.storage.chunk_port,
             nbd_port=self.settings.storage.nbd_port,
             capacity_bytes=capacity,
@@ -315,7 +315,11 @@ class StorageDaemon:
     # ---- recovery and scrubbing ----------------------------------------------------------
     def _policy(self) -> RecoveryPolicy:
         st = self.settings.storage
-        return RecoveryPolicy(grace=st.recovery_grace_s, rate=st.recovery_mib_s * MIB)
+        return RecoveryPolicy(
+            grace=st.recovery_grace_s,
+            rate=st.recovery_mib_s * MIB,
+            maintenance_grace=st.maintenance_grace_s,
+        )
 
     def _lease_held(self) -> Lease | None:
         """The storage lease while it is held (copies are published on it)."""

@@ -80,7 +80,7 @@ class FrozenRepairer:
     async def _repair(self, ext: ExtentRecord, factor: int, label: str) -> str:
         servers = await self.meta.servers()
         now = self.meta.clock.wall()
-        step = await next_step(ext, servers, now, self.policy.grace, self._answers)
+        step = await next_step(ext, servers, now, self.policy.grace_for, self._answers)
         if not step.kind:
             return step.why
         src, src_node = await self._source(ext)

@@ -76,6 +76,10 @@ class ClusterView:
             vms=len(placed),
             cordoned=admin.cordoned,
             cordon_reason=admin.reason,
+            maintenance=admin.maintenance,
+            maintenance_since=admin.maintenance_since,
+            maintenance_op=admin.maintenance_op,
+            maintenance_error=admin.maintenance_error,
         )
 
     def largest_capacity(self) -> Capacity | None:
