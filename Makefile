@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils qemu-block-extra busybox-static cpio \
 	etcd-server etcd-client syslinux syslinux-common mtools dosfstools kmod curl libnbd-bin fio \
-	chromium
+	chromium dnsmasq-base
 
 .PHONY: help run test deps system-deps venv image lint typecheck unit functional integration e2e \
 	down status \

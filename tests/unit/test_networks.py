@@ -15,9 +15,10 @@ from aecp.cluster.api.app import create_app
 from aecp.cluster.api.deps import NodeContext
 from aecp.cluster.networks import NetworkService, release
 from aecp.cluster.vms import VMService
-from aecp.model.network import AddressHolder, NetworkCreate, nic_mac
+from aecp.model.network import AddressHolder, NetworkCreate, NetworkRecord, nic_mac
 from aecp.model.vm import VMCreate, VMSpec
 from aecp.network.bridges import bridge_name, tap_name
+from aecp.network.dhcp import dnsmasq_argv, hosts_text
 from aecp.node.vmnics import nics_for
 from aecp.store import keys
 from aecp.store.base import Delete
@@ -236,3 +237,27 @@ def test_a_vm_on_networks_gets_one_tap_per_nic_with_short_stable_names() -> None
     assert tap_name(spec.uuid, 7) == "vt0123abcdn7"
     assert len(bridge_name(4094, "a-very-long-node-name-indeed")) <= 15
     assert bridge_name(7, "n1") != bridge_name(7, "n2")
+
+
+def test_the_dhcp_hosts_file_lists_vm_nics_by_address_and_not_nodes() -> None:
+    held = [
+        ("10.5.0.10", AddressHolder(kind="vm", vm="b", mac="52:54:00:00:00:0b")),
+        ("10.5.0.9", AddressHolder(kind="vm", vm="a", mac="52:54:00:00:00:0a")),
+        ("10.5.0.254", AddressHolder(kind="node", node="n1")),
+    ]
+    assert hosts_text(held) == "52:54:00:00:00:0a,10.5.0.9\n52:54:00:00:00:0b,10.5.0.10\n"
+
+
+def test_dnsmasq_serves_only_static_leases_on_the_bridge_without_dns(tmp_path: Path) -> None:
+    rec = NetworkRecord(name="blue", vlan=5, subnet="10.5.0.0/24", gateway="10.5.0.1")
+    argv = dnsmasq_argv(rec, "vb5-abcdef", tmp_path)
+    assert {
+        "--interface=vb5-abcdef",
+        "--bind-interfaces",
+        "--except-interface=lo",
+        "--port=0",
+        "--leasefile-ro",
+        "--dhcp-range=10.5.0.0,static,255.255.255.0,1h",
+        f"--dhcp-hostsfile={tmp_path / 'hosts'}",
+        "--dhcp-option=option:router,10.5.0.1",
+    } <= set(argv)

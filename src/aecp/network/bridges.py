@@ -74,7 +74,7 @@ async def ensure_bridge(bridge: str, vlan: int, uplink: str, node: str, address:
         if not link_exists_here(vl):
             await rootops.vlan_add(uplink, vl, vlan)
             done.append(f"VLAN link {vl} created")
-        if _master(vl) != bridge:
+        if master(vl) != bridge:
             await rootops.link_set_master(vl, bridge)
             done.append(f"{vl} joined {bridge}")
         await rootops.link_up(vl)
@@ -98,7 +98,7 @@ async def ensure_tap(tap: str, bridge: str) -> None:
         await rootops.link_up(bridge)
     if not link_exists_here(tap):
         await rootops.tap_add(tap)
-    if _master(tap) != bridge:
+    if master(tap) != bridge:
         await rootops.link_set_master(tap, bridge)
     await rootops.link_up(tap)
 
@@ -107,7 +107,7 @@ async def remove_tap(tap: str) -> None:
     await rootops.link_delete(tap)
 
 
-def _master(link: str) -> str:
+def master(link: str) -> str:
     """The bridge ``link`` is enslaved to ("" if none)."""
     path = SYS_NET / link / "master"
     try:

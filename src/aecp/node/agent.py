@@ -38,6 +38,7 @@ from aecp.conf.settings import NodeSettings
 from aecp.node.control import ControlLoop
 from aecp.node.fencing import Fencer
 from aecp.node.migration import MigrationConfig, Migrator
+from aecp.node.netreconciler import NetworkReconciler
 from aecp.node.presence import Presence
 from aecp.node.reconciler import Reconciler
 from aecp.node.storagewiring import meta_service, replica_auth
@@ -133,6 +134,14 @@ class NodeAgent:
             settings.agent.resync_interval,
             clock,
         )
+        self.networks = NetworkReconciler(
+            settings.name,
+            store,
+            settings.data_dir / "networks",
+            settings.network.vm_uplink,
+            clock,
+            settings.agent.resync_interval,
+        )
         self._stop = asyncio.Event()
 
     def _wake(self) -> None:
@@ -160,6 +169,7 @@ class NodeAgent:
             spawn(self.control.hypervisor_events(), name=f"hv-events-{self.name}"),
             spawn(self.control.run(), name=f"control-{self.name}"),
             spawn(upgrade_until_done(self.store, self.clock), name=f"upgrades-{self.name}"),
+            spawn(self.networks.run(), name=f"networks-{self.name}"),
         ]
         try:
             await self._stop.wait()
