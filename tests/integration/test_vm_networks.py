@@ -92,8 +92,12 @@ async def test_a_vm_on_a_network_gets_its_address_by_dhcp_and_serves_http_there(
     r = await kit.call("DELETE", "/v1/vms/web")
     assert r.status_code == 202, r.text
     assert (await kit.wait_op(r.json()["operation"]["id"]))["state"] == "succeeded"
-    addresses = (await kit.call("GET", f"/v1/networks/{NET}")).json()["addresses"]
-    assert [a["holder"] for a in addresses] == ["node"]  # the VM's address was given back
+
+    async def given_back() -> bool:
+        addresses = (await kit.call("GET", f"/v1/networks/{NET}")).json()["addresses"]
+        return [a["holder"] for a in addresses] == ["node"]
+
+    await wait_for(given_back, "the VM's address given back", timeout=30)
 
     r = await kit.call("DELETE", "/v1/networks/" + NET)
     assert r.status_code == 204, r.text
