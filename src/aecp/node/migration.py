@@ -184,8 +184,12 @@ class Migrator:
 
     async def _switch_over(self, e: VMEntry, job: VMJob) -> None:
         name = e.spec.name
-        await self._mark(job, Phase.HANDOFF)
-        error = await self._hand_off(e.spec, job, job.target)
+        t0 = self.clock.monotonic()
+        mark = MigrationMark(op=job.op_id, phase=Phase.HANDOFF, target=job.target, at=t0)
+        error = await self._hand_off(
+            e.spec, job, job.target, also=[Put(keys.vm_migration(name), mark.dump())]
+        )  # the mark in the same transaction: a restart knows the disks may have moved
+        t2 = self.clock.monotonic()
         if error:
             await self._take_back(e.spec, job)  # while the guest is still paused
             await self.hv.migrate_cancel(name)
@@ -195,8 +199,13 @@ class Migrator:
         st = await self._wait_switched(name)
         if st.status != "completed":
             raise MigrationFailed(f"QEMU's migration {st.status} at the switch-over: {st.error}")
+        phases: Detail = {
+            "handoff_ms": round((t2 - t0) * 1000, 1),
+            "completion_ms": round((self.clock.monotonic() - t2) * 1000, 1),
+        }
+        log.info("vm %s: switch-over %s (%s)", name, phases, job.op_id)
         await self._mark(job, Phase.COMPLETED)
-        await self._succeed(e, job, st)
+        await self._succeed(e, job, st, phases)
 
     async def _wait_switched(self, name: str) -> MigrationStatus:
         deadline = self.clock.monotonic() + SWITCH_WAIT
@@ -212,7 +221,12 @@ class Migrator:
 
     # ---- the disk hand-off --------------------------------------------------------------------
     async def _hand_off(
-        self, spec: VMSpec, job: VMJob, to: str, vols: list[str] | None = None
+        self,
+        spec: VMSpec,
+        job: VMJob,
+        to: str,
+        vols: list[str] | None = None,
+        also: list[Put] | None = None,
     ) -> str:
         """Ask node ``to``'s storage server to attach ``vols`` (default: every disk of the VM)
         now; "" once every one answered it did, else why not."""
@@ -227,7 +241,8 @@ class Migrator:
                         Handoff(volume=v, to=to, vm=spec.name, op=job.op_id, at=now).dump(),
                     )
                     for v in vols
-                ],
+                ]
+                + (also or []),
             )
             answers: dict[str, HandoffDone] = {}
             for v in vols:  # answered before the watch saw it
@@ -304,16 +319,16 @@ class Migrator:
         why = f"live migration to {job.target} failed: {error}; VM {name} runs on {self.node}"
         await self._end(e, job, lambda op: op.fail(why, self.clock.wall()))
 
-    async def _succeed(self, e: VMEntry, job: VMJob, st: MigrationStatus | None) -> None:
+    async def _succeed(
+        self, e: VMEntry, job: VMJob, st: MigrationStatus | None, extra: Detail | None = None
+    ) -> None:
         """Move the placement (and a pin) to the destination and end the job, in one
         transaction; then power off what is left here."""
         name = e.spec.name
         down = f", downtime {st.downtime_ms} ms" if st and st.downtime_ms is not None else ""
         total = f"in {st.total_time_ms / 1000:.1f} s" if st and st.total_time_ms else ""
         message = f"{name} moved live from {self.node} to {job.target} {total}{down}".strip()
-        detail: dict[str, float | int | str] = {}
-        if st is not None:
-            detail = _detail(st)
+        detail: Detail = {**(_detail(st) if st is not None else {}), **(extra or {})}
         moved = Placement(node=job.target, at=self.clock.wall())
         puts: list[Put | Delete] = [Put(keys.vm_placement(name), moved.dump())]
         cmp = [Compare.unchanged(keys.vm_placement(name), e.placement_rev)]

@@ -488,19 +488,26 @@ class StorageDaemon:
             deferred.ready.set()
 
     async def _handoffs_watch(self) -> None:
-        """Carry out the hand-offs naming this node, as they are written."""
-        while True:
-            try:
-                async with self.store.watch(keys.ABS_HANDOFFS) as events:
-                    async for ev in events:
-                        if ev.value is None:
-                            continue
-                        rec = Handoff.load(ev.value)
-                        if rec.to == self.node:
-                            await self._hand_over(rec)
-            except AecpError as exc:
-                log.debug("node %s: hand-off watch broke: %s", self.node, exc)
-                await self.clock.sleep(0.2)
+        """Carry out the hand-offs naming this node as they are written, each volume's at
+        once (a VM's disks are handed over together: the guest is paused meanwhile)."""
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                try:
+                    async with self.store.watch(keys.ABS_HANDOFFS) as events:
+                        async for ev in events:
+                            if ev.value is None:
+                                continue
+                            rec = Handoff.load(ev.value)
+                            if rec.to == self.node:
+                                task = spawn(self._hand_over(rec), f"handoff-{rec.volume}")
+                                running.add(task)
+                                task.add_done_callback(running.discard)
+                except AecpError as exc:
+                    log.debug("node %s: hand-off watch broke: %s", self.node, exc)
+                    await self.clock.sleep(0.2)
+        finally:
+            await cancel(*running)
 
     async def _hand_over(self, rec: Handoff) -> None:
         """Attach ``rec.volume`` here with takeover and give it to the handles waiting (a
@@ -527,27 +534,39 @@ class StorageDaemon:
             await self.store.put(keys.abs_handoff_done(name), done.dump())
 
     async def _take_over(self, name: str) -> int:
+        """Attach ``name`` here with takeover (outside the exports' lock, so that a VM's
+        volumes are attached in parallel) and give the device to its handles; ``Unavailable``
+        if none is open here, or all closed meanwhile."""
         lease = self.keeper.lease
         if lease is None or not self.keeper.held():
             raise Unavailable(f"node {self.node} holds no storage lease")
         async with self._lock:
             deferred = self._deferred.get(name)
             entry = self._exports.get(name)
-            if deferred is None and entry is None:
-                raise Unavailable(f"no client of volume {name} is open on node {self.node}")
-            dev = await open_volume(self.meta, self.pool, self.node, name, lease, takeover=True)
-            for handle in self.handles.get(name, ()):
-                handle.dev = dev
-            if deferred is not None:
+        if deferred is None and entry is None:
+            raise Unavailable(f"no client of volume {name} is open on node {self.node}")
+        dev = await open_volume(self.meta, self.pool, self.node, name, lease, takeover=True)
+        old: VolumeDevice | None = None
+        async with self._lock:
+            current = self._exports.get(name)
+            if deferred is not None and self._deferred.get(name) is deferred:
                 del self._deferred[name]
                 self._exports[name] = (dev, deferred.refs)
                 deferred.ready.set()
-                return dev.epoch
-            assert entry is not None
-            old, refs = entry
-            self._exports[name] = (dev, refs)
-        with contextlib.suppress(Exception):
-            await old.close()  # fenced by the takeover: detaches nothing
+            elif deferred is None and entry is not None and current and current[0] is entry[0]:
+                old = current[0]
+                self._exports[name] = (dev, current[1])
+            else:
+                old = dev  # every client left meanwhile: nobody to give it to
+            if old is not dev:
+                for handle in self.handles.get(name, ()):
+                    handle.dev = dev
+        if old is dev:
+            await _flush_and_close(dev)
+            raise Unavailable(f"the clients of volume {name} left during the hand-off")
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.close()  # fenced by the takeover: detaches nothing
         return dev.epoch
 
     async def release(self, name: str, dev: VolumeDevice) -> None:

@@ -391,13 +391,13 @@ class MetaService:
         attachment held only for repair always yields to a client.
         """
         for _ in range(RETRIES):
-            vol, rev = await self.volume(name)
-            current = await self.attachment(name)
+            (vol, rev), current, (epoch, epoch_cmp, epoch_put) = await asyncio.gather(
+                self.volume(name), self.attachment(name), self.next_epoch()
+            )  # read at once: an attach at a migration's switch-over is inside its downtime
             if current is not None and _refused(current, node, takeover, purpose):
                 raise AttachedElsewhere(
                     f"volume {name} is attached on {current.node}", volume=name, node=current.node
                 )
-            epoch, epoch_cmp, epoch_put = await self.next_epoch()
             new = vol.model_copy(update={"epoch": epoch})
             rec = AttachRecord(
                 volume=name, node=node, epoch=epoch, at=self.clock.wall(), purpose=purpose, ap=ap
