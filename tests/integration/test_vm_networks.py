@@ -84,7 +84,7 @@ async def test_a_vm_on_a_network_gets_its_address_by_dhcp_and_serves_http_there(
         text = await wait_for(page, f"the guest's web page at {nic['ip']}", timeout=30)
     assert "AECP tiny guest web" in text
 
-    tap = bridges.tap_name(vm["uuid"], 0)
+    tap = bridges.tap_name(vm["uuid"], 0, vm["node"])
     assert bridges.link_exists_here(tap)
     assert (await kit.action("web", "poweroff"))["state"] == "succeeded"
     r = await kit.call("DELETE", "/v1/networks/" + NET)

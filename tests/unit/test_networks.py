@@ -221,7 +221,7 @@ def _spec(nets: list[str]) -> VMSpec:
 
 
 def test_a_vm_without_networks_keeps_its_user_mode_nic() -> None:
-    (nic,) = nics_for(_spec([]), "127.0.0.9", 4000)
+    (nic,) = nics_for(_spec([]), "n1", "127.0.0.9", 4000)
     assert nic.tap == ""
     assert [(f.host_address, f.host_port, f.guest_port) for f in nic.forwards] == [
         ("127.0.0.9", 4000, 80)
@@ -230,11 +230,14 @@ def test_a_vm_without_networks_keeps_its_user_mode_nic() -> None:
 
 def test_a_vm_on_networks_gets_one_tap_per_nic_with_short_stable_names() -> None:
     spec = _spec(["blue", "blue"])
-    nics = nics_for(spec, "127.0.0.9", 4000)
-    assert [n.tap for n in nics] == ["vt0123abcdn0", "vt0123abcdn1"]
+    nics = nics_for(spec, "n1", "127.0.0.9", 4000)
+    taps = [n.tap for n in nics]
+    assert [t[:9] for t in taps] == ["vt0123abc"] * 2 and [t[-2:] for t in taps] == ["n0", "n1"]
+    assert all(len(t) <= 15 for t in taps)
+    assert nics_for(spec, "n2", "127.0.0.9", 4000)[0].tap != taps[0]  # a migration has both
     assert [n.mac for n in nics] == [n.mac for n in spec.nics]
     assert all(n.forwards == () for n in nics)
-    assert tap_name(spec.uuid, 7) == "vt0123abcdn7"
+    assert tap_name(spec.uuid, 7, "n1") == taps[0][:-1] + "7"
     assert len(bridge_name(4094, "a-very-long-node-name-indeed")) <= 15
     assert bridge_name(7, "n1") != bridge_name(7, "n2")
 

@@ -21,6 +21,8 @@ import ipaddress
 import logging
 from pathlib import Path
 
+from aecp.common.errors import InvalidState
+from aecp.common.proc import CommandFailed
 from aecp.network import rootops
 
 log = logging.getLogger(__name__)
@@ -43,9 +45,11 @@ def vlan_link_name(uplink: str, vlan: int, node: str) -> str:
     return name if len(name) <= IFNAMSIZ else f"vl{vlan}-{_hex(uplink + node, 6)}"
 
 
-def tap_name(vm_uuid: str, index: int) -> str:
-    """The tap of NIC ``index`` of the VM ``vm_uuid`` (``vt0123abcdn0``)."""
-    return f"vt{vm_uuid.replace('-', '')[:8]}n{index}"
+def tap_name(vm_uuid: str, index: int, node: str) -> str:
+    """The tap of NIC ``index`` of the VM ``vm_uuid`` on node ``node`` (``vt0123abc9fn0``):
+    during a live migration the VM has a tap on its source and on its destination, which in
+    the loopback lab share one network namespace."""
+    return f"vt{vm_uuid.replace('-', '')[:7]}{_hex(node, 2)}n{index}"
 
 
 def link_exists_here(name: str) -> bool:
@@ -69,19 +73,46 @@ async def ensure_bridge(bridge: str, vlan: int, uplink: str, node: str, address:
         await rootops.bridge_add(bridge)
         done.append(f"bridge {bridge} created")
     await rootops.link_up(bridge)
-    if uplink:
+    if uplink and master(uplink) != bridge:
         vl = vlan_link_name(uplink, vlan, node)
-        if not link_exists_here(vl):
-            await rootops.vlan_add(uplink, vl, vlan)
-            done.append(f"VLAN link {vl} created")
-        if master(vl) != bridge:
-            await rootops.link_set_master(vl, bridge)
-            done.append(f"{vl} joined {bridge}")
-        await rootops.link_up(vl)
+        if not link_exists_here(vl) and not await _vlan_link(uplink, vl, vlan):
+            done += await _untagged(uplink, bridge)
+        else:
+            if master(vl) != bridge:
+                await rootops.link_set_master(vl, bridge)
+                done.append(f"{vl} joined {bridge}")
+            await rootops.link_up(vl)
     if address and not await _has_address(bridge, address):
         await rootops.addr_add(bridge, f"{address}/32")
         done.append(f"{bridge} has address {address}")
     return done
+
+
+async def _vlan_link(uplink: str, link: str, vlan: int) -> bool:
+    """Make ``uplink``'s VLAN link; False (nothing made) where the kernel has no 802.1Q."""
+    try:
+        await rootops.vlan_add(uplink, link, vlan)
+    except CommandFailed as exc:
+        if "Unknown device type" not in str(exc):
+            raise
+        return False
+    return True
+
+
+async def _untagged(uplink: str, bridge: str) -> list[str]:
+    """Without VLAN support in the kernel (``CONFIG_VLAN_8021Q``, as on the lab's test
+    machine) the uplink itself joins the bridge, untagged: it can carry one VM network only."""
+    taken = master(uplink)
+    if taken:
+        raise InvalidState(
+            f"this kernel has no VLAN (802.1Q) support and uplink {uplink} already carries the "
+            f"network of bridge {taken}: bridge {bridge}'s network stays on this node",
+            bridge=bridge,
+        )
+    log.warning("no VLAN support in this kernel: uplink %s joins %s untagged", uplink, bridge)
+    await rootops.link_set_master(uplink, bridge)
+    await rootops.link_up(uplink)
+    return [f"{uplink} joined {bridge} untagged (no VLAN support in this kernel)"]
 
 
 async def remove_bridge(bridge: str, vlan: int, uplink: str, node: str) -> None:

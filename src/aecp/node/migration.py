@@ -35,6 +35,7 @@ from aecp.model.operation import Operation
 from aecp.model.vm import Placement, VMSpec
 from aecp.model.vmjob import VMJob
 from aecp.node.vmdisks import DiskProvider
+from aecp.node.vmnics import ensure_taps
 from aecp.node.vmops import VMActions, free_port
 from aecp.storage.handoff import Handoff, HandoffDone
 from aecp.store import keys
@@ -94,6 +95,7 @@ class Migrator:
             disks = await self.disks.reuse(e.spec)
             port = free_port(self.actions.address)
             listen = f"tcp:{self.config.address}:{free_port(self.config.address)}"
+            await ensure_taps(e.spec, self.node)  # QEMU opens them as it starts
             info = await self.hv.start_incoming(
                 self.actions.instance_spec(e.spec, disks, port), listen
             )
@@ -101,7 +103,7 @@ class Migrator:
             log.warning("vm %s: cannot receive its migration (%s): %s", name, job.op_id, exc)
             rec = Incoming(op=job.op_id, node=self.node, error=exc.message, at=now)
         else:
-            http_url = f"http://{self.actions.address}:{port}/"
+            http_url = self.actions.http_url(e.spec, port)
             self.actions.expect_arrival(name, http_url=http_url)
             rec = Incoming(
                 op=job.op_id, node=self.node, uri=listen, pid=info.pid, http_url=http_url, at=now
@@ -350,7 +352,7 @@ class Migrator:
             raise Conflict(f"VM {name} changed while its migration ended; trying again")
         log.info("vm %s: %s (%s)", name, message, job.op_id)
         with contextlib.suppress(AecpError):
-            await self.hv.poweroff(name)
+            await self.actions.poweroff(name)  # and its taps here
 
     async def _end(
         self,

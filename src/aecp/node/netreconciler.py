@@ -41,7 +41,7 @@ from aecp.store.base import Store
 
 log = logging.getLogger(__name__)
 WATCHED = keys.ROOT + "network"  # networks/ and network-ips/
-_TAP = re.compile(r"^vt([0-9a-f]{8})n[0-9]+$")
+_TAP = re.compile(r"^vt([0-9a-f]{7})[0-9a-f]{2}n[0-9]+$")
 
 
 class NetworkReconciler:
@@ -141,7 +141,7 @@ class NetworkReconciler:
         if not taps:
             return []
         uuids = {
-            VMSpec.load(kv.value).uuid.replace("-", "")[:8]
+            VMSpec.load(kv.value).uuid.replace("-", "")[:7]
             for kv in await self.store.list(keys.VMS)
             if kv.key.endswith("/spec")
         }

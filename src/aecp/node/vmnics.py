@@ -19,13 +19,14 @@ log = logging.getLogger(__name__)
 GUEST_HTTP_PORT = 80
 
 
-def nics_for(spec: VMSpec, node_address: str, port: int) -> tuple[NicSpec, ...]:
-    """The NICs to launch ``spec``'s QEMU with on this node (pure)."""
+def nics_for(spec: VMSpec, node: str, node_address: str, port: int) -> tuple[NicSpec, ...]:
+    """The NICs to launch ``spec``'s QEMU with on node ``node`` (pure)."""
     if not spec.nics:
         fwd = PortForward(node_address, port, GUEST_HTTP_PORT)
         return (NicSpec(mac=user_mac(spec.uuid), forwards=(fwd,)),)
     return tuple(
-        NicSpec(mac=nic.mac, tap=bridges.tap_name(spec.uuid, i)) for i, nic in enumerate(spec.nics)
+        NicSpec(mac=nic.mac, tap=bridges.tap_name(spec.uuid, i, node))
+        for i, nic in enumerate(spec.nics)
     )
 
 
@@ -48,14 +49,14 @@ async def ensure_taps(spec: VMSpec, node: str) -> None:
     bridge (the bridge is created if the network reconciler has not made it yet). Call before
     QEMU starts (it opens the taps by name); idempotent."""
     for i, nic in enumerate(spec.nics):
-        tap = bridges.tap_name(spec.uuid, i)
+        tap = bridges.tap_name(spec.uuid, i, node)
         await bridges.ensure_tap(tap, bridges.bridge_name(nic.vlan, node))
     if spec.nics:
         log.info("vm %s: %d taps ready on %s", spec.name, len(spec.nics), node)
 
 
-async def remove_taps(spec: VMSpec) -> None:
+async def remove_taps(spec: VMSpec, node: str) -> None:
     """Delete the taps of ``spec``'s network NICs on this node. Call once its QEMU is gone
     (stopped, deleted, migrated away); idempotent."""
     for i in range(len(spec.nics)):
-        await bridges.remove_tap(bridges.tap_name(spec.uuid, i))
+        await bridges.remove_tap(bridges.tap_name(spec.uuid, i, node))

@@ -16,6 +16,7 @@ import logging
 import socket
 from pathlib import Path
 
+from aecp.cluster.networks import release
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import Conflict, ImageError
 from aecp.compute.hypervisor import (
@@ -23,13 +24,12 @@ from aecp.compute.hypervisor import (
     DiskSpec,
     Hypervisor,
     InstanceSpec,
-    NicSpec,
-    PortForward,
 )
 from aecp.model.image import ImageRecord
 from aecp.model.operation import Operation
 from aecp.model.vm import Power, VMSpec, VMState, VMStatus
 from aecp.node.vmdisks import DiskProvider
+from aecp.node.vmnics import ensure_taps, http_url_for, nics_for, remove_taps
 from aecp.store import keys
 from aecp.store.base import Compare, Delete, Put, Store
 from aecp.store.opsend import end_strays, succeed
@@ -85,6 +85,7 @@ class VMActions:
         inst = self.instance_spec(spec, vm_disks, port)
         await self._write(e, VMState.STARTING, message="starting QEMU")
         await self._op(spec, 60, f"starting QEMU on {self.node}")
+        await ensure_taps(spec, self.node)
         info = await self.hv.start(inst)
         last = self._last(e)
         boots = (last.boots if last else 0) + 1
@@ -94,7 +95,7 @@ class VMActions:
             pid=info.pid,
             boots=boots,
             message="",
-            http_url=f"http://{self.address}:{port}/",
+            http_url=self.http_url(spec, port),
             reboot_seq=spec.reboot_seq,
         )
         if spec.power is Power.PAUSED:
@@ -105,8 +106,8 @@ class VMActions:
     def instance_spec(
         self, spec: VMSpec, vm_disks: tuple[DiskSpec, ...], port: int
     ) -> InstanceSpec:
-        """What QEMU runs for ``spec`` here, its guest's HTTP port forwarded to ``port``
-        (a user-mode NIC)."""
+        """What QEMU runs for ``spec`` here: its NICs on its VM networks' taps, or (without
+        networks) one user-mode NIC with its guest's HTTP port forwarded to ``port``."""
         return InstanceSpec(
             name=spec.name,
             uuid=spec.uuid,
@@ -114,13 +115,11 @@ class VMActions:
             memory_mib=spec.memory_mib,
             disks=vm_disks,
             accel=self.accel,
-            nics=(
-                NicSpec(
-                    mac=mac_for(spec.uuid),
-                    forwards=(PortForward(self.address, port, GUEST_HTTP_PORT),),
-                ),
-            ),
+            nics=nics_for(spec, self.node, self.address, port),
         )
+
+    def http_url(self, spec: VMSpec, port: int) -> str:
+        return http_url_for(spec, self.address, port)
 
     def expect_arrival(self, name: str, **fields: object) -> None:
         """A VM migrating here: the status fields to record once it is placed here
@@ -141,6 +140,7 @@ class VMActions:
                 if clean
                 else (f"powered off after the guest ignored ACPI for {spec.shutdown_timeout:.0f}s")
             )
+        await remove_taps(spec, self.node)
         await self.disks.released(spec)
         await self._write(e, VMState.STOPPED, pid=None, http_url="")
         log.info("vm %s: %s", spec.name, how)
@@ -172,6 +172,7 @@ class VMActions:
         anywhere before that leaves the spec saying ``deleting``, and the next pass goes on."""
         name = e.spec.name
         await self.hv.poweroff(name)
+        await remove_taps(e.spec, self.node)
         kept = await self.disks.remove(e.spec)
         await self.hv.remove_files(name)
         note = f"; volumes not its own left alone: {', '.join(kept)}" if kept else ""
@@ -194,6 +195,7 @@ class VMActions:
                 [
                     Delete(keys.vm_prefix(name), prefix=True),
                     Delete(keys.vm_job(name)),
+                    *release(spec),
                     Delete(keys.object_events("vm", name), prefix=True),
                     *puts,
                 ],
@@ -205,7 +207,12 @@ class VMActions:
         raise Conflict(f"VM {name} kept changing while its keys were deleted", vm=name)
 
     async def poweroff(self, name: str) -> None:
+        """Power off an instance that is not (or no longer) this node's, and remove its
+        taps (a VM migrated away, or a failed migration's destination)."""
         await self.hv.poweroff(name)
+        got = await read(self.store, keys.vm_spec(name), VMSpec)
+        if got is not None:
+            await remove_taps(got[0], self.node)
 
     async def guest_powered_off(self, name: str) -> str:
         """Record a power-off decided inside the guest as the desired state (not a failure:
