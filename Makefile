@@ -17,7 +17,7 @@ APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils qemu-block-extra busybox
 
 .PHONY: help run test deps system-deps venv image lint typecheck unit functional integration e2e \
 	down status \
-	bench-storage bench-center
+	bench-storage bench-center bench-migration
 
 help:
 	@echo "make run    start the lab: AOC, 2 clusters of 3 nodes, a demo VM on each"
@@ -103,6 +103,9 @@ bench-storage: deps
 
 bench-center: venv
 	$(PY) benchmarks/center.py $(BENCH_ARGS)
+
+bench-migration: deps
+	$(PY) benchmarks/migration.py $(BENCH_ARGS)
 
 status: venv
 	@$(AECP) lab status

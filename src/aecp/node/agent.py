@@ -75,7 +75,7 @@ class NodeAgent:
         self.name = settings.name
         self.meta = meta_service(settings, store, clock)
         auth = replica_auth(settings)
-        self.volume_pool = ReplicaPool(self.meta, auth=auth, source=settings.address)
+        self.volume_pool = ReplicaPool(self.meta, auth=auth, source=settings.storage_address)
         self.vmdisks = VMDisks(self.meta, self.volume_pool, settings.nbd_socket)
         self.actions = VMActions(
             settings.name, settings.address, store, hv, self.vmdisks, settings.images_dir, accel,
