@@ -32,7 +32,10 @@ _VM_PATH = re.compile(r"^/v1/vms/([^/]+)")
 NOT_CARRIED = (
     (None, re.compile(r"^/v1/tokens(/|$)"), "each cluster's principals are managed on it"),
     ("write", re.compile(r"^/v1/images(/|$)"), "images are uploaded to each cluster"),
-    ("write", re.compile(r"^/v1/nodes/"), "a node is cordoned on its cluster"),
+    ("write", re.compile(r"^/v1/nodes/"), "cordons and maintenance mode are set on the cluster"),
+    ("write", re.compile(r"^/v1/vms/[^/]+/migrate$"), "the center does not carry migrations yet"),
+    ("write", re.compile(r"^/v1/networks(/|$)"), "the center does not carry VM networks yet"),
+    ("write", re.compile(r"^/v1/operations/[^/]+/cancel$"), "cancel it on its cluster"),
     ("write", re.compile(r"^/v1/volumes/[^/]+/export$"), "exports are granted by the cluster"),
 )
 
