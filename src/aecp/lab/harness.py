@@ -47,6 +47,7 @@ from aecp.lab.netns import NetnsPlan, Network
 from aecp.lab.process import Daemon, kill_pidfiles
 from aecp.model.cluster import ClusterInfo, new_cluster_id
 from aecp.model.principal import FIRST_ADMIN, new_principal_token
+from aecp.network import bridges, rootops
 from aecp.network.rootops import in_netns
 from aecp.store import keys
 from aecp.store.etcd import EtcdStore
@@ -239,6 +240,18 @@ class Lab:
     def daemons(self, name: str) -> list[Daemon]:
         """The node's processes other than QEMU and etcd: agent, then storage server."""
         return [self.agent(name)] + ([self.storage(name)] if self.spec.storage else [])
+
+    def _stop_vm_networks(self, name: str) -> None:
+        """Stop node ``name``'s DHCP servers of VM networks (they outlive its agent by design)
+        and, outside the netns lab (whose namespaces take its links with them), remove its
+        network bridges and their taps."""
+        networks = self.node_dir(name) / "data" / "networks"
+        pidfiles = sorted(networks.glob("*/dnsmasq.pid"))
+        kill_pidfiles(pidfiles, {pf: str(pf) for pf in pidfiles})
+        if not self.spec.netns and os.geteuid() == 0:
+            names = _realised_bridges(networks)
+            if names:
+                netns.run_sync(lambda: _remove_bridges(names))
 
     def qemu_pidfiles(self, name: str) -> dict[Path, str]:
         run = self.node_dir(name) / "data" / "run"
@@ -532,6 +545,7 @@ class Lab:
             for name in self.node_names:
                 pf = self.qemu_pidfiles(name)
                 kill_pidfiles(list(pf), pf)
+                self._stop_vm_networks(name)
             self.etcd_cluster().stop()
         finally:
             if self.spec.netns and self.spec.lab_id:
@@ -542,6 +556,28 @@ class Lab:
             raise Unavailable(f"processes still alive after lab down: {left}")
         _rmtree(self.root)
         return stopped
+
+
+def _realised_bridges(networks: Path) -> list[str]:
+    out = []
+    for rec in sorted(networks.glob("*/realised.json")):
+        try:
+            bridge = json.loads(rec.read_text()).get("bridge")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(bridge, str) and bridge:
+            out.append(bridge)
+    return out
+
+
+async def _remove_bridges(names: list[str]) -> None:
+    """Delete the VM network bridges ``names`` and the taps still on them (their QEMUs are
+    gone). The loopback lab's nodes share the host's namespace, so only these, by name."""
+    for tap in bridges.links_here("vt"):
+        if bridges.master(tap) in names:
+            await bridges.remove_tap(tap)
+    for name in names:
+        await rootops.link_delete(name)
 
 
 def _pointed_at(root: Path) -> Path:
