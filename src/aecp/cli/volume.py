@@ -64,19 +64,30 @@ def list_volumes(output: OutputOpt = Format.TABLE) -> None:
 
 @app.command("show")
 def show(name: str, output: OutputOpt = Format.TABLE) -> None:
-    """Show a volume and the health of each allocated extent."""
+    """Show a volume, how many of its extents have a replica on the node it is attached to
+    (locality), its copies in progress, and the health of each allocated extent."""
     with client() as c:
         vol = c.get(f"/v1/volumes/{name}")
         if output is Format.JSON:
             emit(vol, output)
             return
         extents = vol.pop("extents")
+        vol["recoveries"] = "; ".join(vol.get("recoveries", [])) or "-"
         emit(_readable(vol), output)
         if extents:
             emit(
                 extents,
                 output,
-                ["slot", "id", "replicas", "stale", "generation", "allocated_bytes", "healthy"],
+                [
+                    "slot",
+                    "id",
+                    "replicas",
+                    "stale",
+                    "generation",
+                    "allocated_bytes",
+                    "healthy",
+                    "recovery",
+                ],
                 title="extents",
             )
 

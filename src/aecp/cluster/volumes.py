@@ -64,6 +64,10 @@ class VolumePublic(BaseModel):
     source: str = ""  # what it was made from: "snapshot v@s", "volume v", "" (empty)
     created_at: float = 0.0
     extents: list[ExtentHealth] = []
+    #: allocated extents with a valid replica on the node it is attached to (data locality)
+    local_extents: int = 0
+    locality: str = ""  # "3 of 4 extents on node2"; "" when not attached
+    recoveries: list[str] = []  # its copies in progress: "<extent>: locality to node2: 40% ..."
 
 
 class ServerUsage(StorageServer):
@@ -180,6 +184,8 @@ class VolumeService:
             )
         )
         degraded = any(not h.healthy for h in healths)
+        node = att.node if att else None
+        local = sum(1 for h in healths if node in h.replicas)
         return VolumePublic(
             name=vol.name,
             size=vol.size,
@@ -196,6 +202,13 @@ class VolumeService:
             source=vol.source,
             created_at=vol.created_at,
             extents=list(healths) if detail else [],
+            local_extents=local,
+            locality=f"{local} of {len(healths)} extents on {node}" if node else "",
+            recoveries=[
+                f"{x}: {_progress(r)}"
+                for x in dict.fromkeys(x for x in vol.extents if x)
+                for r in sorted(recs.get(x, []), key=lambda r: r.target)
+            ],
         )
 
     async def _recoveries(self) -> dict[str, list[RecoveryRecord]]:

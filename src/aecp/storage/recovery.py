@@ -10,6 +10,16 @@ For each extent below its factor, ``Repairer.run_pass`` decides one of:
   admit it in place of the lost one;
 - *wait*: the node may still come back.
 
+Then, once per pass and only when no extent needed a copy, *data locality* for a volume
+attached for a client's I/O (a VM's disk, ``purpose == "io"``): the first healthy extent (its
+factor of valid replicas, none stale, no copy of it on the board) with no replica on the access
+point's node, whose storage server has room (``locality_move``), gets one there: the new
+replica joins like a re-replication's and is admitted by Meta *in place of* one of the valid
+ones in the same change (``MetaService.admit_replica``, ``moving``), so the extent never has
+fewer valid replicas than its factor; the replaced one is deleted only after that. A VM that
+moved thus reads locally again, one extent per pass, at the recovery rate. Extents shared with
+a snapshot or a clone are left where they are (several access points may recover those).
+
 The grace period is ``RecoveryPolicy.grace_for(node)``: ``maintenance_grace`` for a node in
 (entering or leaving) maintenance, whose replicas are only temporarily absent
 (``docs/design/maintenance.md``), else ``grace``. ``RecoveryPolicy.current`` reads which
@@ -42,6 +52,7 @@ from aecp.storage.meta.model import (
     ExtentRecord,
     RecoveryRecord,
     StorageServer,
+    VolumeRecord,
     writable_in_place,
 )
 from aecp.storage.meta.placement import StorageNode, place
@@ -52,6 +63,7 @@ from aecp.store import keys
 from aecp.store.base import Store
 
 log = logging.getLogger(__name__)
+LOCALITY = "locality"  # the recovery board's kind of a locality move
 CHUNK = 1 << 20  # bytes copied per step (a multiple of every block size in use)
 SECTOR = 4096
 
@@ -87,7 +99,8 @@ class RecoveryPolicy:
 class Step:
     """What to do for a degraded extent now: ``kind`` "catch-up" (``node`` copies what it
     missed since generation ``since``), "re-replicate" (a new replica on ``node`` replaces
-    ``lost``), or "" (nothing now; ``why`` says why)."""
+    ``lost``), or "" (nothing now; ``why`` says why). A healthy extent's "locality" move is
+    chosen by ``locality_move`` instead."""
 
     kind: str
     node: str = ""
@@ -128,6 +141,41 @@ async def next_step(
     except NoCapacity:
         return Step("", why=f"extent {ext.id}: no node can take a new replica; it stays degraded")
     return Step("re-replicate", target, lost=lost)
+
+
+def locality_move(
+    ext: ExtentRecord, servers: dict[str, StorageServer], local: str, factor: int
+) -> str | None:
+    """The valid replica of the healthy extent ``ext`` that a new one on ``local`` (the access
+    point's node) should replace, or None: ``ext`` has one on ``local`` already, is not
+    healthy (fewer than ``factor`` valid replicas, or a stale one), a replica's node has no
+    storage server registered, or ``local`` has none or no room (``place``, as for a new
+    replica). Of the valid replicas, the one whose replacement leaves the fewest replicas
+    sharing a rack, then a chassis, then the one on the node with the least free space
+    (then by name): deterministic."""
+    if local in ext.replicas or ext.stale or len(ext.replicas) < factor:
+        return None
+    if local not in servers or any(n not in servers for n in ext.replicas):
+        return None
+    nodes = [StorageNode(s.node, s.free_bytes, s.rack, s.chassis) for s in servers.values()]
+    try:
+        target = place(1, nodes, ext.size, prefer=local, exclude=ext.replicas)
+    except NoCapacity:
+        return None
+    if target != [local]:
+        return None
+
+    def rank(node: str) -> tuple[int, int, int, str]:
+        kept = [servers[local], *(servers[n] for n in ext.replicas if n != node)]
+        return (_sharing(kept, "rack"), _sharing(kept, "chassis"), servers[node].free_bytes, node)
+
+    return min(ext.replicas, key=rank)
+
+
+def _sharing(servers: list[StorageServer], domain: str) -> int:
+    """How many pairs of ``servers`` share a (tagged) ``domain``: "rack" or "chassis"."""
+    values = [getattr(s, domain) for s in servers if getattr(s, domain)]
+    return sum(values.count(v) * (values.count(v) - 1) // 2 for v in set(values))
 
 
 THROTTLE_MIN = 0.001  # s: a copy this little ahead of its rate does not pause
@@ -195,12 +243,15 @@ class Repairer:
         self.board = board
         self.copied_last = 0  # bytes copied by the last catch-up or re-replication (tests)
         self._fenced_at: dict[str, int] = {}  # epoch a joiner was fenced at for admission
+        self._repairing = False  # this pass tried a catch-up or re-replication
 
     async def run_pass(self) -> list[str]:
         """Look at every allocated extent once; returns one sentence per degraded extent. A
         replica whose node has no storage server registered (its lease expired) is dropped
         first, as a write to it would have dropped it. Undos of refused writes still pending
-        are tried again before (``refused.retry``)."""
+        are tried again before (``refused.retry``). Then, if no extent needed a copy, at most
+        one locality move (``_locality``)."""
+        self._repairing = False
         out = await retry(self.dev)
         self.policy = await self.policy.current(self.meta.store)
         vol, rev = await self.meta.volume(self.dev.vol.name)
@@ -217,13 +268,17 @@ class Repairer:
                 if len(ext.replicas) < vol.replicas:
                     out.append(await self._repair(ext))
             except (AecpError, OSError) as exc:
+                self._repairing = True
                 out.append(f"extent {ext.id}: repair failed, will retry: {exc}")
+        if not self._repairing:
+            out += await self._locality(vol, list(mine.values()), servers)
         return out
 
     async def _repair(self, ext: ExtentRecord) -> str:
         servers = await self.meta.servers()
         now = self.meta.clock.wall()
         step = await next_step(ext, servers, now, self.policy.grace_for, self._answers)
+        self._repairing = self._repairing or bool(step.kind)
         if step.kind == "catch-up":
             return await self._catch_up(ext, step.node)
         if step.kind == "re-replicate":
@@ -302,15 +357,15 @@ class Repairer:
         admitted = False
         try:
             copied = await self._copy(ext, src, dst, await ranges(), rec)
-            catch_up = rec.kind == "catch-up"
+            kind = rec.kind
             await self.dev.end_join(
-                ext.id, lambda: self._admit(ext.id, node, dst, replaces, catch_up, since())
+                ext.id, lambda: self._admit(ext.id, node, dst, replaces, kind, since())
             )
             admitted = True
         finally:
             if not admitted:
                 await self.dev.end_join(ext.id, None)
-                if rec.kind == "re-replicate" and self._sole_recoverer(ext):
+                if rec.kind in ("re-replicate", LOCALITY) and self._sole_recoverer(ext):
                     await self._drop_leftover(ext.id, node)
                 self._fenced_at.pop(ext.id, None)
         self.copied_last = copied
@@ -322,13 +377,14 @@ class Repairer:
         node: str,
         dst: ReplicaClient,
         replaces: str | None,
-        catch_up: bool,
+        kind: str,
         since: int,
     ) -> ExtentRecord:
         """Make the copy valid: fenced at the attachment's epoch (a snapshot taken during the
         join fenced only the valid replicas), durable, then admitted by Meta while this access
         point still holds that attachment at that epoch, and (a catch-up) while Meta still has
-        it catch up from no earlier than ``since``."""
+        it catch up from no earlier than ``since``; a locality move (``kind``) in place of the
+        valid replica ``replaces``, in the same change."""
         att = await self.meta.attachment(self.dev.vol.name)
         if att is None or not self.dev.holder.holds(att):
             raise ChunkError(f"extent {ext_id}: the volume is no longer attached here")
@@ -341,12 +397,77 @@ class Repairer:
             self.dev.holder,
             epoch=att.epoch,
             replaces=replaces,
-            catch_up=catch_up,
+            catch_up=kind == "catch-up",
             factor=self.dev.vol.replicas,
             since=since,
+            moving=kind == LOCALITY,
         )
         await dst.set_generation(ext_id, new.generation)
         return new
+
+    # ---- data locality --------------------------------------------------------------------
+    async def _locality(
+        self, vol: VolumeRecord, exts: list[ExtentRecord], servers: dict[str, StorageServer]
+    ) -> list[str]:
+        """Move one replica of the first extent (in slot order) that ``locality_move`` picks
+        to this access point's node; nothing unless the volume is attached here for a
+        client's I/O. Skipped: extents shared with a snapshot or clone (not writable in place:
+        another access point may recover them), and extents being joined, copied (a record on
+        the board) or undone. One sentence, or none when nothing is to move."""
+        local = self.dev.node
+        if not await self._serves_io(vol.name):
+            return []
+        for ext in exts:
+            if not writable_in_place(ext, vol) or self.dev.joiner(ext.id) is not None:
+                continue
+            if self.dev.undos.floor(ext.id) is not None:
+                continue
+            moved = locality_move(ext, servers, local, vol.replicas)
+            if moved is None or await self._being_copied(ext.id):
+                continue
+            if not await self._answers(local):
+                return []
+            try:
+                return [await self._relocate(ext, moved)]
+            except (AecpError, OSError) as exc:
+                return [f"extent {ext.id}: locality move to {local} failed, will retry: {exc}"]
+        return []
+
+    async def _serves_io(self, volume: str) -> bool:
+        """Whether this access point holds ``volume``'s attachment for a client's I/O (not
+        one held only for repair)."""
+        att = await self.meta.attachment(volume)
+        return att is not None and att.purpose == "io" and self.dev.holder.holds(att)
+
+    async def _being_copied(self, ext_id: str) -> bool:
+        """Whether any copier has a copy of ``ext_id`` on the recovery board now."""
+        return bool(await self.meta.store.list(keys.abs_recovery(ext_id, "")))
+
+    async def _relocate(self, ext: ExtentRecord, moved: str) -> str:
+        """Copy ``ext`` to this node as a re-replication would (the replica joins: live
+        writes reach it from the start of the copy; throttled; on the board as "locality"),
+        have Meta admit it in place of the valid replica on ``moved`` in one change, and only
+        then delete the one on ``moved``. A failure before the admission deletes the copy
+        (``_join``) and leaves the extent as it was."""
+        local = self.dev.node
+        src, src_node = await self._source(ext)
+        dst = await self.pool.client(local)
+
+        async def ranges() -> list[tuple[int, int]]:
+            # the target's own blocks too: an earlier attempt may have left some behind
+            return union(await src.modified_since(ext.id, 0), await dst.modified_since(ext.id, 0))
+
+        rec = new_record(self.dev.vol.name, ext, local, LOCALITY, self.meta.clock)
+        async with published(self.board, rec):  # names the target before it exists
+            await dst.create(ext.id, ext.size, epoch=self.dev.epoch, generation=0)
+            copied = await self._join(ext, local, src, dst, ranges, rec, moved, lambda: 0)
+        if self._sole_recoverer(ext):
+            await self._drop_leftover(ext.id, moved)  # Meta names it no more: deleted
+        self._fenced_at.pop(ext.id, None)
+        return (
+            f"extent {ext.id}: locality: replica moved from {moved} to {local} "
+            f"(copied {copied} bytes from {src_node})"
+        )
 
     async def _source(self, ext: ExtentRecord) -> tuple[ReplicaClient, str]:
         order = sorted(ext.replicas, key=lambda n: n != self.dev.node)
@@ -389,14 +510,16 @@ class Repairer:
         return False
 
     async def _drop_leftover(self, ext_id: str, node: str) -> None:
-        """Delete what a failed re-replication left on ``node``, unless Meta made it valid
-        (a failure after the admission)."""
+        """Delete what a failed re-replication or locality move left on ``node``, or the
+        replica a locality move replaced, unless Meta names it (valid: a failure after the
+        admission; or stale)."""
         try:
             ext, _ = await self.meta.extent(ext_id)
         except AecpError as exc:
             log.info("extent %s: copy on %s left as it is (%s)", ext_id, node, exc)
             return
-        if node not in ext.replicas:  # nor fenced since by another access point's join
+        # named nowhere (and not fenced since by another access point's join: the epoch)
+        if node not in ext.replicas and node not in ext.stale:
             await self._delete_quietly(node, ext_id, self._fenced_at.pop(ext_id, self.dev.epoch))
 
     async def _delete_quietly(self, node: str, ext_id: str, epoch: int = 0) -> None:

@@ -542,6 +542,7 @@ class MetaService:
         catch_up: bool = False,
         factor: int | None = None,
         since: int | None = None,
+        moving: bool = False,
     ) -> ExtentRecord:
         """Make ``node`` a valid replica again after it copied what it lacked (catch-up), or as
         a new replica that ``replaces`` a lost one (re-replication). Bumps the generation.
@@ -549,6 +550,12 @@ class MetaService:
         up from no earlier than ``since`` (the generation its copy started from), ``replaces``
         is still stale, and the extent is still below ``factor``: another recoverer may have
         done it meanwhile, or the undo of a refused write lowered it (``check_admission``).
+
+        ``moving`` (a locality move, ``storage.recovery``): ``replaces`` is a *valid* replica;
+        ``node`` takes its place in the same change, so the extent keeps as many valid
+        replicas as it had. Refused unless ``replaces`` is still valid and the extent still
+        has its ``factor`` replicas, none stale. The caller deletes the replaced copy only
+        after this returns.
 
         Only the access point that ordered the copy against the live writes may admit it: the
         change is made only while ``holder`` still holds its volume's attachment at ``epoch``
@@ -559,7 +566,7 @@ class MetaService:
             ext, rev = await self.extent(extent_id)
             att = await self.store.get(keys.abs_attach(holder.volume))
             rec = AttachRecord.load(att.value) if att else None
-            check_admission(ext, node, replaces, catch_up, factor, since)
+            check_admission(ext, node, replaces, catch_up, factor, since, moving)
             if att is None or rec is None or not holder.holds(rec) or rec.epoch != epoch:
                 raise InvalidState(
                     f"volume {holder.volume}: no longer attached by this access point; "
@@ -571,7 +578,7 @@ class MetaService:
                 Compare.unchanged(keys.abs_attach(holder.volume), att.mod_revision),
             ]
             if await self.store.txn(cmp, [Put(keys.abs_extent(extent_id), new.dump())]):
-                return _log_admitted(new, node, replaces)
+                return _log_admitted(new, node, replaces, moving)
         raise Conflict(f"extent {extent_id} keeps changing; try again")
 
     async def admit_copy(
@@ -606,12 +613,18 @@ def check_admission(
     catch_up: bool,
     factor: int | None,
     since: int | None = None,
+    moving: bool = False,
 ) -> None:
     """``InvalidState`` unless admitting ``node`` still makes sense: a catch-up's node is still
     stale, and not to catch up from before ``since`` (where its copy started: the undo of a
     refused write may have lowered it meanwhile, and the copy then lacks that write's range),
     the replica a new one ``replaces`` is still stale (not caught up or replaced by another
-    recoverer), the node is not valid already, and the extent is below ``factor``."""
+    recoverer), the node is not valid already, and the extent is below ``factor``. A move
+    (``moving``) instead needs ``replaces`` still valid and the extent still healthy: its
+    ``factor`` valid replicas, none stale (``check_move``)."""
+    if moving:
+        check_move(ext, node, replaces, factor)
+        return
     if catch_up and node not in ext.stale:  # admitted or replaced by another since
         raise InvalidState(f"extent {ext.id}: {node} is no longer a stale replica")
     if catch_up and since is not None and ext.stale[node] < since:
@@ -633,12 +646,32 @@ def check_admission(
         )
 
 
+def check_move(ext: ExtentRecord, node: str, moved: str | None, factor: int | None) -> None:
+    """``InvalidState`` unless ``node`` may take the place of the valid replica on ``moved``
+    (a locality move): ``node`` is not valid already, ``moved`` still is, and the extent has
+    not lost a replica meanwhile (its ``factor`` valid ones, none stale): the move never
+    leaves it with fewer valid replicas than it has now, nor while it is degraded."""
+    if node in ext.replicas:
+        raise InvalidState(f"extent {ext.id}: {node} is a valid replica already")
+    if moved is None or moved not in ext.replicas:
+        raise InvalidState(
+            f"extent {ext.id}: {moved} is no longer a valid replica; "
+            f"the copy on {node} is not admitted in its place"
+        )
+    if ext.stale or (factor is not None and len(ext.replicas) < factor):
+        raise InvalidState(
+            f"extent {ext.id}: lost a replica meanwhile; the copy on {node} is not admitted "
+            f"in place of {moved}"
+        )
+
+
 def _admitted(ext: ExtentRecord, node: str, replaces: str | None) -> ExtentRecord:
-    """``ext`` with ``node`` valid (and ``replaces`` no longer stale), one generation on."""
+    """``ext`` with ``node`` valid and ``replaces`` gone (no longer stale, or, a locality
+    move, no longer valid: ``node`` takes its place in the same change), one generation on."""
     gone = {node, replaces} - {None}
     return ext.model_copy(
         update={
-            "replicas": [*[r for r in ext.replicas if r != node], node],
+            "replicas": [*[r for r in ext.replicas if r not in gone], node],
             "stale": {k: v for k, v in ext.stale.items() if k not in gone},
             "stale_since": {k: v for k, v in ext.stale_since.items() if k not in gone},
             "generation": ext.generation + 1,
@@ -646,12 +679,14 @@ def _admitted(ext: ExtentRecord, node: str, replaces: str | None) -> ExtentRecor
     )
 
 
-def _log_admitted(new: ExtentRecord, node: str, replaces: str | None) -> ExtentRecord:
+def _log_admitted(
+    new: ExtentRecord, node: str, replaces: str | None, moving: bool = False
+) -> ExtentRecord:
     log.info(
         "extent %s: replica on %s admitted%s; generation %d; valid: %s",
         new.id,
         node,
-        f" in place of {replaces}" if replaces else "",
+        f" in place of {'valid replica ' if moving else ''}{replaces}" if replaces else "",
         new.generation,
         ", ".join(new.replicas),
     )
