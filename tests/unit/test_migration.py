@@ -329,6 +329,13 @@ async def test_bad_requests_are_refused_and_change_nothing(
     await refused(world, "n3", Exception, "not ready")
     await add_node(store, "n4", memory_mib=128)
     await refused(world, "n4", NoCapacity, "MiB free")
+    before = await dump_store(store)
+    view = await read_cluster(store)
+    with pytest.raises(InvalidInput, match="bandwidth_mib_s"):
+        await migrations.request_migration(
+            store, view.vms[VM], view, "n2", clock, bandwidth_mib_s=-1
+        )
+    assert await dump_store(store) == before
     op = await world.request("n2")
     await refused(world, "n2", InvalidState, "in progress")
     assert (await world.op(op.id)).kind == "vm.migrate"

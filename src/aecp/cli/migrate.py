@@ -15,13 +15,18 @@ def migrate(
     node: Annotated[
         str | None, typer.Option("--node", help="the node to move to (default: the scheduler's)")
     ] = None,
+    bandwidth: Annotated[
+        int, typer.Option("--bandwidth", min=0, help="cap this migration's bandwidth, MiB/s")
+    ] = 0,
     no_wait: NoWaitOpt = False,
     output: OutputOpt = Format.TABLE,
 ) -> None:
     """Move a VM to another node: live (it keeps running, its memory copied, its disks handed
     over at the switch-over) when it runs, cold (nothing copied) when it is stopped. Shows the
     migration's progress; `aecp operation cancel ID` cancels a live one."""
-    body = {"node": node} if node else {}
+    body: dict[str, object] = {"node": node} if node else {}
+    if bandwidth:
+        body["bandwidth_mib_s"] = bandwidth
     with client() as c:
         follow(c, c.post(f"/v1/vms/{name}/migrate", json=body), no_wait, output)
 

@@ -50,9 +50,13 @@ async def request_migration(
     clock: Clock,
     *,
     reason: str = "",
+    bandwidth_mib_s: int = 0,
 ) -> Operation:
     """Record the migration of ``entry``'s VM to ``target`` (None: the scheduler's choice)
-    and return its ``vm.migrate`` operation (see the module docstring)."""
+    and return its ``vm.migrate`` operation (see the module docstring). ``bandwidth_mib_s``
+    caps a live migration's bandwidth (0: the source node's setting)."""
+    if bandwidth_mib_s < 0:
+        raise InvalidInput("bandwidth_mib_s", f"must be 0 or more, got {bandwidth_mib_s}")
     name = entry.spec.name
     state = view.vm_state(name)
     source = _movable(entry, state)
@@ -60,7 +64,7 @@ async def request_migration(
     why = f" ({reason})" if reason else ""
     if state is VMState.STOPPED:
         return await _cold(store, entry, source, dest.name, clock, why)
-    return await _live(store, entry, source, dest.name, clock, why)
+    return await _live(store, entry, source, dest.name, clock, why, bandwidth_mib_s)
 
 
 def _movable(entry: VMEntry, state: VMState) -> str:
@@ -124,7 +128,7 @@ def _new_op(name: str, message: str, clock: Clock) -> Operation:
 
 
 async def _live(
-    store: Store, entry: VMEntry, source: str, dest: str, clock: Clock, why: str
+    store: Store, entry: VMEntry, source: str, dest: str, clock: Clock, why: str, mib_s: int
 ) -> Operation:
     name = entry.spec.name
     op = _new_op(name, f"live migration to {dest} requested{why}: waiting for {source}", clock)
@@ -135,6 +139,7 @@ async def _live(
         op_id=op.id,
         target=dest,
         source=source,
+        bandwidth_mib_s=mib_s,
         created_at=clock.wall(),
     )
     ok = await store.txn(

@@ -59,6 +59,7 @@ class VMJob(Stored):
     snapshot: str = ""  # snapshot, rollback: the snapshot's name
     target: str = ""  # clone: the new VM's name; template: the template's name; migrate: node
     source: str = ""  # migrate: the node it runs on when asked
+    bandwidth_mib_s: int = 0  # migrate: a cap for this migration (0: the node's setting)
     target_uuid: str = ""  # clone: the new VM's uuid (the owner of its volumes)
     start: bool = True  # clone: power the new VM on
     created_at: float

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,7 +141,10 @@ class Migrator:
         await self._progress(job, 2, f"waiting for {job.target} to start the VM's QEMU")
         incoming = await self._wait_incoming(e, job)
         await self._mark(job, Phase.TRANSFERRING)
-        await self.hv.migrate(name, incoming.uri, self.config.params)
+        params = self.config.params
+        if job.bandwidth_mib_s:
+            params = dataclasses.replace(params, max_bandwidth=job.bandwidth_mib_s << 20)
+        await self.hv.migrate(name, incoming.uri, params)
         log.info("vm %s: migrating to %s over %s (%s)", name, job.target, incoming.uri, job.op_id)
         await self._transfer(e, job)
         await self._switch_over(e, job)

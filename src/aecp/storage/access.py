@@ -43,6 +43,7 @@ from aecp.storage.chunk.errors import (
     ChecksumError,
     ChunkError,
     ChunkIOError,
+    ExtentNotFound,
     ReplicaUnavailable,
     StaleEpoch,
 )
@@ -143,11 +144,23 @@ class VolumeDevice(BlockDevice):
         return None if client is None else client.read_nowait(ext_id, inside, length)
 
     async def _read_piece(self, p: Piece) -> bytes:
+        """Read ``p`` from the first replica that answers. A replica deleted between the
+        choice and the read (moved for locality, an undone copy-on-write) answers "not
+        found": the next one is tried, and if none had it, Meta's record is read again
+        once (the extent moved meanwhile)."""
         ext_id = self.vol.extents[p.slot]
         if ext_id is None:
             return bytes(p.length)
         ext = await self._extent(ext_id)
+        try:
+            return await self._read_replicas(ext, p)
+        except _AllGone:
+            return await self._read_replicas(await self.current(ext_id), p, last=True)
+
+    async def _read_replicas(self, ext: ExtentRecord, p: Piece, last: bool = False) -> bytes:
+        ext_id = ext.id
         bad: list[tuple[str, ChecksumError]] = []
+        gone = 0
         for node in self._read_order(ext):
             try:
                 data = await (await self.pool.client(node)).read(ext_id, p.offset, p.length)
@@ -163,9 +176,14 @@ class VolumeDevice(BlockDevice):
                 continue
             except ReplicaUnavailable:
                 continue
+            except ExtentNotFound:
+                gone += 1
+                continue
             if bad:
                 await self._repair(ext_id, node, bad)
             return data
+        if gone and not bad and not last:
+            raise _AllGone(ext_id)
         raise BlockError(f"volume {self.vol.name}: no replica of extent {ext_id} could be read")
 
     def _read_order(self, ext: ExtentRecord) -> list[str]:
@@ -793,6 +811,10 @@ async def open_volume(
         raise
     await take_over(dev)  # undos an earlier access point left unsettled: their floor holds now
     return dev
+
+
+class _AllGone(Exception):
+    """Every replica a read tried answered "not found": the extent moved meanwhile."""
 
 
 class _Reepoched(Exception):

@@ -24,6 +24,9 @@ class VMMigrate(BaseModel):
     node: str | None = Field(
         None, pattern=NAME_PATTERN, description="the node to move to (default: the scheduler's)"
     )
+    bandwidth_mib_s: int = Field(
+        0, ge=0, le=1 << 20, description="cap a live migration's bandwidth, MiB/s (0: the node's)"
+    )
 
 
 @router.post(
@@ -37,7 +40,9 @@ async def migrate_vm(name: NamePath, body: VMMigrate, svc: Service) -> Accepted:
     at the switch-over) when it runs, cold (its placement only) when it is stopped. 409 when
     it cannot move now or the node cannot take it, 404 for an unknown node."""
     entry, view = await svc.vm(name)
-    op = await migrations.request_migration(svc.store, entry, view, body.node, svc.clock)
+    op = await migrations.request_migration(
+        svc.store, entry, view, body.node, svc.clock, bandwidth_mib_s=body.bandwidth_mib_s
+    )
     return Accepted.of(op)
 
 
