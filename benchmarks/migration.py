@@ -133,12 +133,46 @@ async def aecp_runs(api: Api, mib: int, dirty: bool, rounds: int) -> list[Run]:
         if op["state"] != "succeeded":
             raise RuntimeError(f"migrate {vm}: {op}")
         d = op["detail"]
-        runs.append(
-            Run(float(d["total_time_ms"]), float(d["downtime_ms"]), wall, d["handoff_ms"])
-        )
+        runs.append(Run(float(d["total_time_ms"]), float(d["downtime_ms"]), wall, d["handoff_ms"]))
     await api.op(await api.call("POST", f"/v1/vms/{vm}/actions/poweroff"))
     await api.op(await api.call("DELETE", f"/v1/vms/{vm}"))
     return runs
+
+
+async def evacuation(api: Api, count: int) -> tuple[float, list[str]]:
+    """Put ``count`` running VMs on node1, then time ``maintenance enter node1`` until its
+    operation ends (every VM live-migrated off, one at a time); exit again after. Returns the
+    time in ms and the nodes the VMs ended on."""
+    names = [f"evac{i}" for i in range(count)]
+    for name in names:
+        body = {"name": name, "image": "tiny", "memory_mib": 128}
+        op = await api.op(await api.call("POST", "/v1/vms", json=body))
+        if op["state"] != "succeeded":
+            raise RuntimeError(f"create {name}: {op}")
+    for name in names:
+        marker = f"{BOOT_MARKER} name={name}"
+
+        async def booted(name: str = name, marker: str = marker) -> bool:
+            log = await api.console(name)
+            return marker in log and PROMPT in log.rsplit(marker, 1)[1]
+
+        await until(booted, f"{name} at its prompt")
+        if (await api.call("GET", f"/v1/vms/{name}"))["node"] != "node1":
+            body = {"node": "node1"}
+            op = await api.op(await api.call("POST", f"/v1/vms/{name}/migrate", json=body))
+            if op["state"] != "succeeded":
+                raise RuntimeError(f"migrate {name} to node1: {op}")
+    t0 = time.perf_counter()
+    op = await api.op(await api.call("POST", "/v1/nodes/node1/maintenance/enter", json={}))
+    took = (time.perf_counter() - t0) * 1000
+    if op["state"] != "succeeded":
+        raise RuntimeError(f"maintenance enter node1: {op}")
+    where = [(await api.call("GET", f"/v1/vms/{n}"))["node"] for n in names]
+    await api.op(await api.call("POST", "/v1/nodes/node1/maintenance/exit", json={}))
+    for name in names:
+        await api.op(await api.call("POST", f"/v1/vms/{name}/actions/poweroff"))
+        await api.op(await api.call("DELETE", f"/v1/vms/{name}"))
+    return took, where
 
 
 # ---- raw QEMU -------------------------------------------------------------------------------
@@ -296,9 +330,14 @@ async def bench(lab: Lab, tmp: Path, args: argparse.Namespace) -> None:
                     f"{[round(r.downtime_ms) for r in raw]} ms down",
                     flush=True,
                 )
+        took, where = await evacuation(api, 3)
     finally:
         await api.http.aclose()
     report(rows)
+    print(
+        f"\nevacuation of node1 with 3 running 128 MiB VMs (maintenance enter until done): "
+        f"{took / 1000:.1f} s; the VMs ended on {where}"
+    )
 
 
 def main() -> None:
