@@ -13,13 +13,15 @@ from typing import Any
 import pytest
 
 from aecp.cluster import migrations
+from aecp.cluster.vms import VMService
 from aecp.common.clock import FakeClock
 from aecp.common.errors import InvalidInput, InvalidState, NoCapacity, NotFound
 from aecp.compute.fake import FailingLaunchHypervisor, FakeHypervisor
 from aecp.compute.hypervisor import Accel, DiskSpec, InstanceSpec, MigrationParams, RunState
 from aecp.model.migration import Incoming, MigrationMark, Phase
+from aecp.model.node import MaintenanceState, NodeAdmin
 from aecp.model.operation import Operation, OpState
-from aecp.model.vm import Placement, Power, VMCreate, VMSpec, VMState, VMStatus
+from aecp.model.vm import Placement, Power, PowerOp, VMCreate, VMSpec, VMState, VMStatus
 from aecp.model.vmjob import JobKind, VMJob
 from aecp.node.migration import MigrationConfig, Migrator
 from aecp.node.vmops import VMActions
@@ -381,3 +383,17 @@ async def test_only_running_migrations_can_be_cancelled(
         created_at=1.0,
     )  # fmt: skip
     assert job.describe() == "live migration from n1 to n2"
+
+
+async def test_a_stopped_vm_on_a_node_in_maintenance_is_not_started_there(
+    store: MemoryStore, clock: FakeClock, images_dir: Path
+) -> None:
+    for n in ("n1", "n2"):
+        await add_node(store, n)
+    await stored_vm(store, clock, power=Power.STOPPED)
+    admin = NodeAdmin(maintenance=MaintenanceState.MAINTENANCE)
+    await store.put(keys.node_admin("n1"), admin.dump())
+    before = await dump_store(store)
+    with pytest.raises(InvalidState, match="n1, which is maintenance"):
+        await VMService(store, images_dir, clock).power(VM, PowerOp.START)
+    assert await dump_store(store) == before

@@ -219,6 +219,7 @@ class VMService:
         transaction."""
         for _ in range(5):
             entry, snap = await self.vm(name)
+            _refuse_start_in_maintenance(op, entry, snap)
             new_op = self.new_op(f"vm.{op.value}", name, f"{op.value} requested")
             spec = apply_power_op(op, entry.spec, snap.vm_state(name), new_op.id)
             if await self._swap_spec(entry, spec, new_op):
@@ -355,3 +356,16 @@ class VMService:
 
     async def delete_image(self, name: str) -> None:
         await self.image_service.delete(name)
+
+
+def _refuse_start_in_maintenance(op: PowerOp, entry: VMEntry, snap: ClusterView) -> None:
+    """A stopped VM left on a node in maintenance (pinned there, or no room elsewhere) is not
+    started there: ``InvalidState`` naming the node's state."""
+    node = entry.node
+    admin = snap.admin.get(node) if node else None
+    if op is PowerOp.START and admin is not None and not admin.in_use:
+        raise InvalidState(
+            f"VM {entry.spec.name} is on node {node}, which is {admin.maintenance.value}: "
+            "migrate it to another node, or end the maintenance, to start it",
+            node=node,
+        )
