@@ -15,7 +15,13 @@ import pytest
 from aecp.cluster import migrations
 from aecp.cluster.vms import VMService
 from aecp.common.clock import FakeClock
-from aecp.common.errors import InvalidInput, InvalidState, NoCapacity, NotFound
+from aecp.common.errors import (
+    InvalidInput,
+    InvalidState,
+    NoCapacity,
+    NotFound,
+    StoreUnavailable,
+)
 from aecp.compute.fake import FailingLaunchHypervisor, FakeHypervisor
 from aecp.compute.hypervisor import Accel, DiskSpec, InstanceSpec, MigrationParams, RunState
 from aecp.model.migration import Incoming, MigrationMark, Phase
@@ -26,6 +32,7 @@ from aecp.model.vmjob import JobKind, VMJob
 from aecp.node.migration import MigrationConfig, Migrator
 from aecp.node.vmops import VMActions
 from aecp.storage.handoff import Handoff, HandoffDone
+from aecp.storage.meta.model import AttachRecord
 from aecp.store import keys
 from aecp.store.memory import MemoryStore
 from aecp.store.typed import read
@@ -71,7 +78,14 @@ async def stored_vm(store: MemoryStore, clock: FakeClock, power: Power = Power.R
     state = VMState.RUNNING if power is Power.RUNNING else VMState.STOPPED
     status = VMStatus(state=state, node="n1", updated_at=1.0, disks_ready=True)
     await store.put(keys.vm_status(VM), status.dump())
+    if power is not Power.STOPPED:  # its disks are attached where its QEMU runs
+        for v in spec.volumes():
+            await store.put(keys.abs_attach(v), attached(v, "n1").dump())
     return spec
+
+
+def attached(volume: str, node: str) -> AttachRecord:
+    return AttachRecord(volume=volume, node=node, epoch=1, at=1.0)
 
 
 async def answer_handoffs(
@@ -85,6 +99,8 @@ async def answer_handoffs(
             h = Handoff.load(ev.value)
             seen.append(h)
             good = ok(h)
+            if good:  # the storage server named attached it
+                await store.put(keys.abs_attach(h.volume), attached(h.volume, h.to).dump())
             done = HandoffDone(
                 volume=h.volume, node=h.to, op=h.op, ok=good, epoch=7 if good else 0,
                 error="" if good else "refused", at=1.0,
@@ -397,3 +413,30 @@ async def test_a_stopped_vm_on_a_node_in_maintenance_is_not_started_there(
     with pytest.raises(InvalidState, match="n1, which is maintenance"):
         await VMService(store, images_dir, clock).power(VM, PowerOp.START)
     assert await dump_store(store) == before
+
+
+class LosesTheCompletedMark(Migrator):
+    """The store fails once, right after QEMU completed the switch-over."""
+
+    failed = False
+
+    async def _mark(self, job: VMJob, phase: Phase) -> None:
+        if phase is Phase.COMPLETED and not self.failed:
+            self.failed = True
+            raise StoreUnavailable("etcd did not answer in time")
+        await super()._mark(job, phase)
+
+
+async def test_an_error_after_the_switch_over_never_rolls_the_move_back(world: World) -> None:
+    """QEMU completed: the VM runs on the destination. An error then (the store, once) must
+    not hand the disks back or resume the source: the migration ends as succeeded."""
+    src = migrator("n1", world.store, world.src_hv, world.clock)
+    world.src = LosesTheCompletedMark(
+        src.node, src.store, src.hv, src.actions, src.disks, src.config, src.clock
+    )
+    op = await migrate(world)
+    assert op.state is OpState.SUCCEEDED, op
+    assert (await world.entry()).node == "n2"
+    assert [h.to for h in world.handoffs] == ["n2", "n2"]  # nothing taken back
+    assert world.src_hv.instances() == []
+    assert [i.state for i in world.dst_hv.instances()] == [RunState.RUNNING]

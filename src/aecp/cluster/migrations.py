@@ -62,9 +62,10 @@ async def request_migration(
     source = _movable(entry, state)
     dest = _destination(entry, view, source, target)
     why = f" ({reason})" if reason else ""
+    guard = view.admin_unchanged(dest.name)  # not cordoned nor in maintenance meanwhile
     if state is VMState.STOPPED:
-        return await _cold(store, entry, source, dest.name, clock, why)
-    return await _live(store, entry, source, dest.name, clock, why, bandwidth_mib_s)
+        return await _cold(store, entry, source, dest.name, clock, why, guard)
+    return await _live(store, entry, source, dest.name, clock, why, bandwidth_mib_s, guard)
 
 
 def _movable(entry: VMEntry, state: VMState) -> str:
@@ -128,7 +129,14 @@ def _new_op(name: str, message: str, clock: Clock) -> Operation:
 
 
 async def _live(
-    store: Store, entry: VMEntry, source: str, dest: str, clock: Clock, why: str, mib_s: int
+    store: Store,
+    entry: VMEntry,
+    source: str,
+    dest: str,
+    clock: Clock,
+    why: str,
+    mib_s: int,
+    guard: Compare,
 ) -> Operation:
     name = entry.spec.name
     op = _new_op(name, f"live migration to {dest} requested{why}: waiting for {source}", clock)
@@ -148,6 +156,7 @@ async def _live(
             Compare.unchanged(keys.vm_placement(name), entry.placement_rev),
             Compare.absent(keys.vm_job(name)),
             Compare(keys.node(dest), "create", ">", 0),
+            guard,
         ],
         [Put(keys.vm_job(name), job.dump()), Put(keys.op(op.id), op.dump())],
     )
@@ -158,7 +167,7 @@ async def _live(
 
 
 async def _cold(
-    store: Store, entry: VMEntry, source: str, dest: str, clock: Clock, why: str
+    store: Store, entry: VMEntry, source: str, dest: str, clock: Clock, why: str, guard: Compare
 ) -> Operation:
     """Move a stopped VM: its placement (and pin), if none of its disks is attached."""
     name = entry.spec.name
@@ -184,6 +193,7 @@ async def _cold(
             Compare.unchanged(keys.vm_placement(name), entry.placement_rev),
             Compare.absent(keys.vm_job(name)),
             Compare(keys.node(dest), "create", ">", 0),
+            guard,
             *guards,
         ],
         puts,

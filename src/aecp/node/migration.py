@@ -36,9 +36,10 @@ from aecp.model.operation import Operation
 from aecp.model.vm import Placement, VMSpec
 from aecp.model.vmjob import VMJob
 from aecp.node.vmdisks import DiskProvider
-from aecp.node.vmnics import ensure_taps
+from aecp.node.vmnics import ensure_taps, remove_taps
 from aecp.node.vmops import VMActions, free_port
 from aecp.storage.handoff import Handoff, HandoffDone
+from aecp.storage.meta.model import AttachRecord
 from aecp.store import keys
 from aecp.store.base import Compare, Delete, Put, Store
 from aecp.store.typed import read
@@ -100,9 +101,12 @@ class Migrator:
             info = await self.hv.start_incoming(
                 self.actions.instance_spec(e.spec, disks, port), listen
             )
-        except AecpError as exc:
-            log.warning("vm %s: cannot receive its migration (%s): %s", name, job.op_id, exc)
-            rec = Incoming(op=job.op_id, node=self.node, error=exc.message, at=now)
+        except Exception as exc:  # recorded: the source fails the migration with the reason
+            why = exc.message if isinstance(exc, AecpError) else f"{type(exc).__name__}: {exc}"
+            log.warning("vm %s: cannot receive its migration (%s): %s", name, job.op_id, why)
+            rec = Incoming(op=job.op_id, node=self.node, error=why, at=now)
+            with contextlib.suppress(Exception):
+                await remove_taps(e.spec, self.node)
         else:
             http_url = self.actions.http_url(e.spec, port)
             self.actions.expect_arrival(name, http_url=http_url)
@@ -273,14 +277,28 @@ class Migrator:
         failed = [f"{d.volume}: {d.error}" for d in answers.values() if not d.ok]
         return "; ".join(failed)
 
+    async def _settled(self, name: str) -> MigrationStatus | None:
+        """QEMU's migration status once it is not between states (``device``: sending the
+        last state after the switch-over; ``cancelling``); None if QEMU is gone."""
+        deadline = self.clock.monotonic() + SWITCH_WAIT
+        while True:
+            if await self.hv.state(name) is RunState.STOPPED:
+                return None
+            st = await self.hv.migration(name)
+            if st.status not in ("device", "cancelling") or self.clock.monotonic() > deadline:
+                return st
+            await self.clock.sleep(POLL)
+
     async def _take_back(self, spec: VMSpec, job: VMJob) -> None:
-        """Attach the VM's disks here again if any was handed over (a migration that failed
-        after the hand-off); raises if they could not all be."""
+        """Attach the VM's disks here again where one is attached elsewhere or nowhere (a
+        hand-off that went wholly or partly through, also one whose answer was lost), while
+        this node's QEMU still has them open; raises if they could not all be."""
+        if await self.hv.state(spec.name) is RunState.STOPPED:
+            return  # no QEMU here holds them: its next start attaches them as usual
         handed = []
         for v in spec.volumes():
-            got = await read(self.store, keys.abs_handoff_done(v), HandoffDone)
-            away = got is not None and got[0].node != self.node
-            if away and got is not None and got[0].op == job.op_id and got[0].ok:
+            got = await read(self.store, keys.abs_attach(v), AttachRecord)
+            if got is None or got[0].node != self.node:
                 handed.append(v)
         if not handed:
             return
@@ -301,22 +319,33 @@ class Migrator:
             mark.phase.value,
             st.status if st else "gone",
         )
-        if (st is not None and st.status == "completed") or (
-            st is None and mark.phase is Phase.COMPLETED
-        ):
+        if st is None and mark.phase is Phase.COMPLETED:
             await self._succeed(e, job, st)
             return
-        if st is not None and st.status in ("active", "setup", "pre-switchover", "device"):
-            if st.status == "pre-switchover":
-                await self._take_back(e.spec, job)  # while the guest is still paused
-            await self.hv.migrate_cancel(name)
         await self._fail(e, job, "the source agent restarted during the migration")
 
     # ---- ends ---------------------------------------------------------------------------------
     async def _fail(self, e: VMEntry, job: VMJob, error: str) -> None:
-        """Take the disks back if they were handed over, resume the guest if QEMU left it
-        paused, and end the job failed (the VM runs on here)."""
+        """End a migration that went wrong by what QEMU says of it, never by the error alone:
+        completed (the error came after the switch-over) → it succeeded; still sending the
+        last state → wait for its end; running or paused before the switch-over → disks taken
+        back while the guest is paused, then cancelled. Then the disks are taken back if any
+        is attached elsewhere, the guest resumed if left paused, and the job ends failed (the
+        VM runs on here)."""
         name = e.spec.name
+        st = await self._settled(name)
+        if st is not None and st.status == "completed":
+            log.info("vm %s: QEMU completed the migration (%s): finishing it", name, job.op_id)
+            await self._succeed(e, job, st)
+            return
+        if st is not None and st.status in ("active", "setup", "pre-switchover"):
+            if st.status == "pre-switchover":
+                await self._take_back(e.spec, job)  # while the guest is still paused
+            await self.hv.migrate_cancel(name)
+            st = await self._settled(name)
+            if st is not None and st.status == "completed":  # too late to cancel
+                await self._succeed(e, job, st)
+                return
         await self._take_back(e.spec, job)
         if await self.hv.state(name) is RunState.PAUSED:
             with contextlib.suppress(AecpError):

@@ -271,7 +271,7 @@ class Reconciler:
         return Decision(
             name,
             f"{name} runs here but is not assigned to this node: powering it off",
-            lambda: self.actions.poweroff(name),
+            lambda: self.actions.poweroff_orphan(name),
             kind="orphan",
         )
 

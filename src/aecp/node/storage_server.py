@@ -133,10 +133,7 @@ class _Handle(BlockDevice):
                 handles.discard(self)
                 if not handles:
                     del self.daemon.handles[self.name]
-            if self.dev is None:
-                self.daemon.release_deferred(self.name)
-            else:
-                await self.daemon.release(self.name, self.dev)
+            await self.daemon.release_handle(self)
 
 
 @dataclasses.dataclass(eq=False)
@@ -430,7 +427,7 @@ class StorageDaemon:
             deferred = self._deferred.get(name)
             if deferred is not None:
                 deferred.refs += 1
-                return _Handle(self, name, None, (await self.meta.volume(name))[0].size)
+                return _Handle(self, name, None, deferred.peek.size)
             try:
                 dev = await open_volume(self.meta, self.pool, self.node, name, lease)
             except NotFound:
@@ -549,7 +546,9 @@ class StorageDaemon:
         old: VolumeDevice | None = None
         async with self._lock:
             current = self._exports.get(name)
-            if deferred is not None and self._deferred.get(name) is deferred:
+            if not self.keeper.held() or self.keeper.lease is not lease:
+                old = dev  # the lease was lost meanwhile: every export closed
+            elif deferred is not None and self._deferred.get(name) is deferred:
                 del self._deferred[name]
                 self._exports[name] = (dev, deferred.refs)
                 deferred.ready.set()
@@ -569,12 +568,24 @@ class StorageDaemon:
                 await old.close()  # fenced by the takeover: detaches nothing
         return dev.epoch
 
-    async def release(self, name: str, dev: VolumeDevice) -> None:
+    async def release_handle(self, handle: _Handle) -> None:
+        """``handle`` closed: one reference less on whatever device it holds when the
+        exports' lock is taken (a hand-off may give it another one until then)."""
+        await self.release(handle.name, handle.dev, handle)
+
+    async def release(
+        self, name: str, dev: VolumeDevice | None, handle: _Handle | None = None
+    ) -> None:
         """One handle on ``dev`` closed; the last one flushes and detaches it, its attachment
         marked closing meanwhile (a delete of the volume waits for it). A handle whose
         device was closed already (the lease was lost, then the volume opened again) leaves
         the new device alone."""
         async with self._lock:
+            if handle is not None:
+                dev = handle.dev
+                if dev is None:
+                    self.release_deferred(name)
+                    return
             entry = self._exports.get(name)
             if entry is None or entry[0] is not dev:
                 return

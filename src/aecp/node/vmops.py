@@ -27,7 +27,8 @@ from aecp.compute.hypervisor import (
 )
 from aecp.model.image import ImageRecord
 from aecp.model.operation import Operation
-from aecp.model.vm import Power, VMSpec, VMState, VMStatus
+from aecp.model.vm import Placement, Power, VMSpec, VMState, VMStatus
+from aecp.model.vmjob import JobKind, VMJob
 from aecp.node.vmdisks import DiskProvider
 from aecp.node.vmnics import ensure_taps, http_url_for, nics_for, remove_taps
 from aecp.store import keys
@@ -205,6 +206,19 @@ class VMActions:
                 log.info("vm %s: %s (operation %s)", name, message, spec.op_id or "none")
                 return
         raise Conflict(f"VM {name} kept changing while its keys were deleted", vm=name)
+
+    async def poweroff_orphan(self, name: str) -> None:
+        """Power off an instance the reconciler found not placed here, after reading its
+        placement and job again: a view read across a migration's end (its placement read
+        before the move, its job after) must not power off the VM that just arrived."""
+        placement = await read(self.store, keys.vm_placement(name), Placement)
+        job = await read(self.store, keys.vm_job(name), VMJob)
+        here = placement is not None and placement[0].node == self.node
+        coming = job is not None and job[0].kind is JobKind.MIGRATE and job[0].target == self.node
+        if here or coming:
+            log.info("vm %s: placed or migrating here after all: left running", name)
+            return
+        await self.poweroff(name)
 
     async def poweroff(self, name: str) -> None:
         """Power off an instance that is not (or no longer) this node's, and remove its
