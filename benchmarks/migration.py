@@ -8,7 +8,8 @@ For a 256 MiB and a 1 GiB tiny guest, idle and with a memory-dirtying workload i
   downtime (``query-migrate``, in the operation's detail) and the request's wall time until
   its operation ended;
 - **raw**: the same guest, the same QEMU argv (``compute.qemu.argv``), the same migration
-  parameters (``max-bandwidth``, ``downtime-limit`` from the node settings' defaults) and
+  parameters (``max-bandwidth``, ``downtime-limit`` from the node settings' defaults,
+  ``return-path``) and
   NBD disks (one ``qemu-nbd`` serving a copy of the image to both QEMUs, so there is no
   hand-off), migrated by QMP directly, without ``pause-before-switchover``.
 
@@ -252,8 +253,10 @@ async def raw_runs(tmp: Path, image: Path, mib: int, dirty: bool, rounds: int) -
 async def _raw_migrate(src: RawGuest, dst: RawGuest) -> Run:
     await dst.connect()
     port = _free_port()
+    rp = [{"capability": "return-path", "state": True}]  # as AECP's driver sets it
+    await dst.qmp.execute("migrate-set-capabilities", {"capabilities": rp})
     await dst.qmp.execute("migrate-incoming", {"uri": f"tcp:127.0.0.1:{port}"})
-    caps = [{"capability": "events", "state": True}]
+    caps = [{"capability": "events", "state": True}, *rp]
     await src.qmp.execute("migrate-set-capabilities", {"capabilities": caps})
     await src.qmp.execute(
         "migrate-set-parameters",

@@ -57,6 +57,10 @@ QUIT_TIMEOUT = 5.0  # s for QEMU to exit after ``quit`` (then SIGKILL), and afte
 POLL_INTERVAL = 0.1  # s between liveness checks of a QEMU process
 PRESS_EVERY = 5.0  # s between ACPI power-button presses while waiting for a guest to power off
 
+# the destination tells the source whether it loaded the state: "completed" then means the
+# guest can run there (without it, a destination failing to load still reads as completed)
+_RETURN_PATH = [{"capability": "return-path", "state": True}]
+
 _STATUS: dict[str, RunState] = {
     "running": RunState.RUNNING,
     "shutdown": RunState.SHUTDOWN,
@@ -130,6 +134,7 @@ class QemuHypervisor(Hypervisor):
         try:
             await self._postlaunch(inst)
             if incoming is not None:
+                await inst.qmp.execute("migrate-set-capabilities", {"capabilities": _RETURN_PATH})
                 await inst.qmp.execute("migrate-incoming", {"uri": incoming})
         except BaseException as exc:
             await self._abort_launch(inst)
@@ -288,6 +293,7 @@ class QemuHypervisor(Hypervisor):
         caps = [
             {"capability": "pause-before-switchover", "state": True},
             {"capability": "events", "state": True},
+            *_RETURN_PATH,
         ]
         await inst.qmp.execute("migrate-set-capabilities", {"capabilities": caps})
         await inst.qmp.execute(
