@@ -69,6 +69,7 @@ POOLS = {
     "template": [MISSING],
     "node": ["node1", MISSING],
     "principal": ["st-ops", MISSING],  # never the admin the test calls as
+    "network": ["st-net", MISSING],
 }
 PROMPT = "aecp:/# "
 
@@ -90,6 +91,11 @@ async def _make_objects(kit: LabKit) -> None:
         ("POST", "/v1/volumes/st-vol/snapshots", {"json": {"name": "st-snap"}}),
         ("PUT", "/v1/images/st-img", {"content": b"\0" * 65536}),
         ("POST", "/v1/tokens", {"json": {"name": "st-ops", "role": "operator"}}),
+        (
+            "POST",
+            "/v1/networks",
+            {"json": {"name": "st-net", "vlan": 3999, "subnet": "10.250.0.0/24"}},
+        ),
     ]
     for method, path, kw in made:
         r = await kit.call(method, path, **kw)
@@ -313,6 +319,7 @@ def _kind(path: str, param: str) -> str:
         "templates": "template",
         "nodes": "node",
         "tokens": "principal",
+        "networks": "network",
     }[resource]
 
 
