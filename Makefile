@@ -71,8 +71,11 @@ integration: deps
 e2e: deps
 	$(VENV)/bin/pytest tests/e2e -q $(PYTEST_ARGS)
 
+# the unit and functional tiers (in-process, no shared ports) run on every core; the lab tiers
+# one module after another (each starts its own etcd, agents and QEMU)
 test: deps lint typecheck
-	$(VENV)/bin/pytest tests -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests/unit tests/functional -q -n auto $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests/integration tests/e2e -q $(PYTEST_ARGS)
 
 run: deps
 	@if $(AECP) lab status >/dev/null 2>&1; then \
