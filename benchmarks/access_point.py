@@ -37,7 +37,7 @@ from chunk_store import auth  # the sibling script
 from aecp.cluster.volumeowners import ClusterOwners
 from aecp.common.clock import SYSTEM_CLOCK
 from aecp.node.storage_server import tune_gc, tune_malloc
-from aecp.storage.access import open_volume
+from aecp.storage.attach import open_volume
 from aecp.storage.blockdev import BlockDevice
 from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.frontends.nbd.server import NbdServer

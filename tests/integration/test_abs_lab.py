@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from aecp.cluster.volumeowners import ClusterOwners
 from aecp.common.errors import InvalidState
-from aecp.storage.access import open_volume
+from aecp.storage.attach import open_volume
 from aecp.storage.blockdev import Fenced
 from aecp.storage.meta.service import MetaService
 from aecp.storage.pool import ReplicaPool

@@ -10,7 +10,8 @@ import pytest
 
 from aecp.cluster.volumeowners import ClusterOwners
 from aecp.common.clock import Clock, FakeClock
-from aecp.storage.access import VolumeDevice, open_volume
+from aecp.storage.access import VolumeDevice
+from aecp.storage.attach import open_volume
 from aecp.storage.chunk.fake import FakeReplica
 from aecp.storage.chunk.store import ReplicaStore
 from aecp.storage.meta.model import MIB, RecoveryRecord, StorageServer

@@ -14,7 +14,8 @@ import pytest
 
 from aecp.cluster.volumes import VolumeService
 from aecp.common.clock import FakeClock
-from aecp.storage.access import VolumeDevice, open_volume
+from aecp.storage.access import VolumeDevice
+from aecp.storage.attach import open_volume
 from aecp.storage.chunk.errors import ExtentNotFound
 from aecp.storage.meta.model import ExtentRecord, StorageServer
 from aecp.storage.recovery import LOCALITY, RecoveryPolicy, Repairer, locality_move

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from aecp.common.errors import Conflict, InvalidState, Unavailable
-from aecp.storage.access import VolumeDevice, open_volume
+from aecp.storage.access import VolumeDevice
+from aecp.storage.attach import open_volume
 from aecp.storage.chunk.errors import ReplicaUnavailable
 from aecp.storage.meta.model import Holder
 from aecp.storage.pool import ReplicaPool

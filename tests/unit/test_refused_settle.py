@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from aecp.common.errors import InvalidState, Unavailable
-from aecp.storage.access import VolumeDevice, open_volume
+from aecp.storage.access import VolumeDevice
+from aecp.storage.attach import open_volume
 from aecp.storage.blockdev import Fenced, NoSpace
 from aecp.storage.chunk.errors import ReplicaUnavailable, StaleEpoch
 from aecp.storage.leader import idle_volumes

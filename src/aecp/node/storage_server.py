@@ -35,7 +35,8 @@ from aecp.common.tls import Credentials
 from aecp.conf.settings import NodeSettings
 from aecp.model.vmjob import JobKind, VMJob
 from aecp.node.storagewiring import meta_service, replica_auth
-from aecp.storage.access import VolumeDevice, open_volume
+from aecp.storage.access import VolumeDevice
+from aecp.storage.attach import open_volume
 from aecp.storage.blockdev import BlockDevice, Span
 from aecp.storage.chunk.server import ChunkServer
 from aecp.storage.chunk.store import ReplicaStore

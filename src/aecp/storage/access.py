@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import secrets
 from collections.abc import Awaitable, Callable
 
 from aecp.common.errors import AecpError, NotFound
@@ -71,8 +70,7 @@ from aecp.storage.meta.model import (
 from aecp.storage.meta.service import MetaService, NotHolder
 from aecp.storage.newextent import copy_written, create_replicas
 from aecp.storage.pool import ReplicaPool
-from aecp.storage.refused import Refused, Undos, last_try, take_over, undo
-from aecp.store.base import Lease
+from aecp.storage.refused import Refused, Undos, last_try, undo
 
 log = logging.getLogger(__name__)
 SECTOR = 4096
@@ -789,28 +787,6 @@ class VolumeDevice(BlockDevice):
         if not self._fenced:
             await self.meta.detach(self.vol.name, self.node, self.epoch, self.ap)
         self._fenced = self._fenced or "it was closed"
-
-
-async def open_volume(
-    meta: MetaService,
-    pool: ReplicaPool,
-    node: str,
-    name: str,
-    lease: Lease,
-    takeover: bool = False,
-    purpose: str = "io",
-) -> VolumeDevice:
-    """Attach ``name`` here under a new epoch, fence older access points, return the device."""
-    ap = secrets.token_hex(6)
-    vol, epoch = await meta.attach(name, node, lease, takeover=takeover, purpose=purpose, ap=ap)
-    dev = VolumeDevice(meta, pool, node, vol, epoch, ap)
-    try:
-        await dev.fence_replicas()
-    except BaseException:
-        await meta.detach(name, node, epoch, ap)
-        raise
-    await take_over(dev)  # undos an earlier access point left unsettled: their floor holds now
-    return dev
 
 
 class _AllGone(Exception):

@@ -27,7 +27,8 @@ from collections.abc import Awaitable, Callable
 
 from aecp.common.clock import SYSTEM_CLOCK, Clock
 from aecp.common.errors import AecpError
-from aecp.storage.access import VolumeDevice, open_volume
+from aecp.storage.access import VolumeDevice
+from aecp.storage.attach import open_volume
 from aecp.storage.blockdev import Fenced
 from aecp.storage.collect import collect_unreferenced
 from aecp.storage.frozen import FrozenRepairer
