@@ -36,6 +36,7 @@ from aecp.model.operation import Operation
 from aecp.model.vm import Placement, VMSpec
 from aecp.model.vmjob import VMJob
 from aecp.node.vmdisks import DiskProvider
+from aecp.node.vmjobs import end_job
 from aecp.node.vmnics import ensure_taps, remove_taps
 from aecp.node.vmops import VMActions, free_port
 from aecp.storage.handoff import Handoff, HandoffDone
@@ -399,28 +400,12 @@ class Migrator:
         transaction (retried while only the operation moved)."""
         name = e.spec.name
         cleanup: list[Put | Delete] = [
-            Delete(keys.vm_job(name)),
             Delete(keys.vm_migration(name)),
             Delete(keys.vm_incoming(name)),
             *(Delete(keys.abs_handoff(v)) for v in e.spec.volumes()),
             *(Delete(keys.abs_handoff_done(v)) for v in e.spec.volumes()),
         ]
-        for _ in range(5):
-            kv = await self.store.get(keys.op(job.op_id))
-            ops: list[Put | Delete] = [*cleanup, *(puts or [])]
-            guards = [Compare.unchanged(keys.vm_job(name), e.job_rev), *(cmp or [])]
-            if kv is not None:
-                op = Operation.load(kv.value)
-                if not op.state.done:
-                    guards.append(Compare.unchanged(kv.key, kv.mod_revision))
-                    ops.append(Put(kv.key, end(op).dump()))
-            if await self.store.txn(guards, ops):
-                return True
-            again = await self.store.get(keys.op(job.op_id))
-            if again is not None and kv is not None and again.mod_revision != kv.mod_revision:
-                continue
-            return False
-        return False
+        return await end_job(self.store, e, job, end, cmp or [], [*cleanup, *(puts or [])])
 
     # ---- records and progress -----------------------------------------------------------------
     async def _mark(self, job: VMJob, phase: Phase) -> None:

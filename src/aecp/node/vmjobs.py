@@ -35,7 +35,7 @@ from aecp.model.vm import VMCreate, VMSpec
 from aecp.model.vmjob import JobKind, VMJob, clone_snapshot
 from aecp.storage.meta.model import SnapshotRecord, VolumeOwner, VolumeRecord
 from aecp.store import keys
-from aecp.store.base import Compare, Delete, Put
+from aecp.store.base import Compare, Delete, Put, Store
 from aecp.store.opsend import supersede
 from aecp.store.typed import read, update_op
 from aecp.store.view import VMEntry
@@ -337,25 +337,7 @@ class VMJobs:
         cmp: Sequence[Compare] = (),
         puts: Sequence[Put | Delete] = (),
     ) -> bool:
-        """Delete the job and end its operation with ``end`` (and ``puts``, while ``cmp``
-        hold) in one transaction, retried while only the operation changed; False if ``cmp``
-        or the job changed."""
-        for _ in range(5):
-            kv = await self.store.get(keys.op(job.op_id))
-            ops: list[Put | Delete] = [Delete(keys.vm_job(job.vm)), *puts]
-            guards = [Compare.unchanged(keys.vm_job(job.vm), e.job_rev), *cmp]
-            if kv is not None:
-                op = Operation.load(kv.value)
-                if not op.state.done:
-                    guards.append(Compare.unchanged(kv.key, kv.mod_revision))
-                    ops.append(Put(kv.key, end(op).dump()))
-            if await self.store.txn(guards, ops):
-                return True
-            op_kv = await self.store.get(keys.op(job.op_id))
-            if op_kv is not None and kv is not None and op_kv.mod_revision != kv.mod_revision:
-                continue  # only the operation moved (its progress): again
-            return False
-        return False
+        return await end_job(self.store, e, job, end, cmp, puts)
 
     async def _succeed(self, e: VMEntry, job: VMJob, message: str) -> None:
         if not await self._end(e, job, lambda op: op.succeed(message, self._now())):
@@ -383,3 +365,32 @@ def new_clone_spec(source: VMSpec, job: VMJob) -> VMSpec:
             "source": f"clone of {source.name}",
         }
     )
+
+
+async def end_job(
+    store: Store,
+    e: VMEntry,
+    job: VMJob,
+    end: Callable[[Operation], Operation],
+    cmp: Sequence[Compare] = (),
+    puts: Sequence[Put | Delete] = (),
+) -> bool:
+    """Delete ``e``'s job and end its operation with ``end`` (and ``puts``, while ``cmp``
+    hold) in one transaction, retried while only the operation changed; False if ``cmp`` or
+    the job changed."""
+    for _ in range(5):
+        kv = await store.get(keys.op(job.op_id))
+        ops: list[Put | Delete] = [Delete(keys.vm_job(job.vm)), *puts]
+        guards = [Compare.unchanged(keys.vm_job(job.vm), e.job_rev), *cmp]
+        if kv is not None:
+            op = Operation.load(kv.value)
+            if not op.state.done:
+                guards.append(Compare.unchanged(kv.key, kv.mod_revision))
+                ops.append(Put(kv.key, end(op).dump()))
+        if await store.txn(guards, ops):
+            return True
+        op_kv = await store.get(keys.op(job.op_id))
+        if op_kv is not None and kv is not None and op_kv.mod_revision != kv.mod_revision:
+            continue  # only the operation moved (its progress): again
+        return False
+    return False
