@@ -293,9 +293,7 @@ def cut(
     output: OutputOpt = Format.TABLE,
 ) -> None:
     """The netns lab: cut node NAME off one network (its link goes down on the host side)."""
-    lab = _lab(root, "c1")
-    asyncio.run(lab.cut(name, _network(network)))
-    emit({"node": name, "network": network, "link": "down"}, output)
+    _set_link(name, network, root, output, up=False)
 
 
 @app.command("restore")
@@ -306,6 +304,11 @@ def restore(
     output: OutputOpt = Format.TABLE,
 ) -> None:
     """The netns lab: give node NAME back the network ``cut`` took."""
+    _set_link(name, network, root, output, up=True)
+
+
+def _set_link(name: str, network: str, root: Path | None, output: Format, up: bool) -> None:
     lab = _lab(root, "c1")
-    asyncio.run(lab.restore(name, _network(network)))
-    emit({"node": name, "network": network, "link": "up"}, output)
+    net = _network(network)
+    asyncio.run(lab.restore(name, net) if up else lab.cut(name, net))
+    emit({"node": name, "network": network, "link": "up" if up else "down"}, output)
