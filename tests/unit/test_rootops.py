@@ -163,6 +163,27 @@ async def test_addr_add_normalises_the_address(rec: Recorder) -> None:
     assert rec.calls == [["ip", "-n", "ns1", "addr", "add", "10.231.0.1/24", "dev", "mgmt0"]]
 
 
+async def test_addr_del_removes_the_address_and_a_missing_one_is_not_an_error(
+    rec: Recorder,
+) -> None:
+    await rootops.addr_del("mgmt0", "10.232.0.100/24")
+    rec.fail_with = "RTNETLINK answers: Cannot assign requested address"
+    await rootops.addr_del("mgmt0", "10.232.0.100/24", netns="ns1")
+    rec.fail_with = 'Cannot find device "mgmt0"'
+    await rootops.addr_del("mgmt0", "10.232.0.100/24")
+    assert rec.calls == [
+        ["ip", "addr", "del", "10.232.0.100/24", "dev", "mgmt0"],
+        ["ip", "-n", "ns1", "addr", "del", "10.232.0.100/24", "dev", "mgmt0"],
+        ["ip", "addr", "del", "10.232.0.100/24", "dev", "mgmt0"],
+    ]
+
+
+async def test_addr_del_reports_other_failures(rec: Recorder) -> None:
+    rec.fail_with = "RTNETLINK answers: Operation not permitted"
+    with pytest.raises(CommandFailed):
+        await rootops.addr_del("mgmt0", "10.232.0.100/24")
+
+
 async def test_nft_apply_feeds_the_ruleset_on_stdin(rec: Recorder) -> None:
     await rootops.nft_apply("table inet t {\n}\n")
     await rootops.nft_apply("flush ruleset\n", netns="ns1")
@@ -207,9 +228,10 @@ async def test_a_vlan_outside_1_to_4094_is_refused_before_anything_runs(vid: int
 
 @pytest.mark.parametrize("cidr", ["10.0.0.1", "10.0.0.300/24", "10.0.0.1/33", "eth0", ""])
 async def test_a_bad_cidr_is_refused_before_anything_runs(cidr: str) -> None:
-    with pytest.raises(InvalidInput) as err:
-        await rootops.addr_add("eth0", cidr)
-    assert err.value.fields["field"] == "address"
+    for action in (rootops.addr_add, rootops.addr_del):
+        with pytest.raises(InvalidInput) as err:
+            await action("eth0", cidr)
+        assert err.value.fields["field"] == "address"
 
 
 async def test_addr_list_reads_interface_and_address(rec: Recorder) -> None:

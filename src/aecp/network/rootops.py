@@ -24,6 +24,7 @@ from aecp.common.proc import CommandFailed, Result, arun
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _NSNAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _NOT_FOUND = ("Cannot find device", "does not exist", "No such file or directory")
+_ADDR_GONE = "Cannot assign requested address"  # ``ip addr del`` of an address the link lacks
 
 
 async def run_root(argv: Sequence[str], *, input_data: bytes | None = None) -> Result:
@@ -187,6 +188,16 @@ async def addr_add(name: str, cidr: str, *, netns: str | None = None) -> None:
     """Add address ``cidr`` (``10.0.0.1/24``) to link ``name``."""
     cidr = check_iface_cidr(cidr)
     await run_root(_ip(netns, "addr", "add", cidr, "dev", check_ifname(name)))
+
+
+async def addr_del(name: str, cidr: str, *, netns: str | None = None) -> None:
+    """Remove address ``cidr`` from link ``name``; a missing address or link is not an error."""
+    cidr = check_iface_cidr(cidr)
+    try:
+        await run_root(_ip(netns, "addr", "del", cidr, "dev", check_ifname(name)))
+    except CommandFailed as exc:
+        if not (_missing(exc) or _ADDR_GONE in exc.output):
+            raise
 
 
 async def addr_list(*, netns: str | None = None) -> list[tuple[str, str]]:
