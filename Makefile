@@ -7,15 +7,17 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 VENV := .venv
+# Patroni's own, on Debian's python3: it runs as user postgres (docs/design/center-ha.md)
+HA_VENV := .venv-ha
 PY := $(VENV)/bin/python
 AECP := $(VENV)/bin/aecp
 PYTEST_ARGS ?=
 
 APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils qemu-block-extra busybox-static cpio \
 	etcd-server etcd-client syslinux syslinux-common mtools dosfstools kmod curl libnbd-bin fio \
-	chromium dnsmasq-base
+	chromium dnsmasq-base postgresql-15
 
-.PHONY: help run test deps system-deps venv image lint typecheck unit functional integration e2e \
+.PHONY: help run test deps system-deps venv ha-venv image lint typecheck unit functional integration e2e \
 	down status \
 	bench-storage bench-center bench-migration
 
@@ -24,7 +26,7 @@ help:
 	@echo "make test   run every test"
 	@echo "make down   stop the lab"
 
-deps: system-deps venv image
+deps: system-deps venv ha-venv image
 
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -42,6 +44,13 @@ system-deps:
 	fi
 
 venv: $(VENV)/.installed
+
+ha-venv: $(HA_VENV)/.installed
+
+$(HA_VENV)/.installed: requirements-ha.lock
+	@test -x $(HA_VENV)/bin/python || /usr/bin/python3 -m venv $(HA_VENV)
+	@$(HA_VENV)/bin/pip install -q --disable-pip-version-check -r requirements-ha.lock
+	@touch $@
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)

@@ -40,7 +40,7 @@ class FakeAddress:
 
     def __init__(self, present: bool = False) -> None:
         self.on = present
-        self.adds = self.removes = self.announces = 0
+        self.adds = self.removes = self.announces = self.renews = 0
         self.fail_remove = False
 
     async def present(self) -> bool:
@@ -50,6 +50,10 @@ class FakeAddress:
         assert not self.on, "added an address that was already there"
         self.on = True
         self.adds += 1
+
+    async def renew(self) -> None:
+        assert self.on, "renewed an address that is not there"
+        self.renews += 1
 
     async def remove(self) -> None:
         if self.fail_remove:
@@ -134,6 +138,17 @@ async def test_it_takes_the_ip_when_the_key_is_mine_and_postgresql_is_the_primar
     assert r.mover.holds and r.address.on
     assert (r.address.adds, r.address.announces) == (1, 1)
     assert r.mover.valid_until == START + 19.2 - MARGIN
+
+
+async def test_every_confirmed_round_renews_the_address_lifetime() -> None:
+    """The kernel drops an address nobody renews: each round that confirms renews it."""
+    r = rig()
+    await held(r)
+    assert r.address.renews == 0  # just added, with a fresh lifetime
+    for _ in range(3):
+        r.leader.mine(10.0)
+        assert await r.mover.step() is None
+    assert (r.address.renews, r.address.adds, r.address.announces) == (3, 1, 1)
 
 
 async def test_it_drops_the_ip_at_once_when_the_key_names_another_member() -> None:
@@ -527,11 +542,14 @@ async def test_netns_address_manages_the_ip_through_rootops(
     address = NetnsAddress("mgmt0", "10.232.0.100/24", arp=lambda *a: sent.append(a))
     assert await address.present()
     await address.add()
+    await address.renew()
     await address.remove()
     await address.announce()
+    lease = ["10.232.0.100/24", "dev", "mgmt0", "valid_lft", "3", "preferred_lft", "3"]
     assert rec.calls == [
         ["ip", "-o", "addr", "show"],
-        ["ip", "addr", "add", "10.232.0.100/24", "dev", "mgmt0"],
+        ["ip", "addr", "replace", *lease],
+        ["ip", "addr", "replace", *lease],
         ["ip", "addr", "del", "10.232.0.100/24", "dev", "mgmt0"],
     ]
     assert sent == [("mgmt0", ipaddress.IPv4Address("10.232.0.100"), 3)]

@@ -178,6 +178,18 @@ async def test_addr_del_removes_the_address_and_a_missing_one_is_not_an_error(
     ]
 
 
+async def test_addr_lease_replaces_with_a_lifetime(rec: Recorder) -> None:
+    await rootops.addr_lease("mgmt0", "10.233.0.200/24", 3)
+    await rootops.addr_lease("mgmt0", "10.233.0.200/24", 3, netns="ns1")
+    tail = ["10.233.0.200/24", "dev", "mgmt0", "valid_lft", "3", "preferred_lft", "3"]
+    assert rec.calls == [
+        ["ip", "addr", "replace", *tail],
+        ["ip", "-n", "ns1", "addr", "replace", *tail],
+    ]
+    with pytest.raises(InvalidInput):
+        await rootops.addr_lease("mgmt0", "10.233.0.200/24", 0)
+
+
 async def test_addr_del_reports_other_failures(rec: Recorder) -> None:
     rec.fail_with = "RTNETLINK answers: Operation not permitted"
     with pytest.raises(CommandFailed):

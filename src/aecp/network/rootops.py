@@ -190,6 +190,20 @@ async def addr_add(name: str, cidr: str, *, netns: str | None = None) -> None:
     await run_root(_ip(netns, "addr", "add", cidr, "dev", check_ifname(name)))
 
 
+async def addr_lease(name: str, cidr: str, lifetime_s: int, *, netns: str | None = None) -> None:
+    """Put address ``cidr`` on link ``name`` for ``lifetime_s`` seconds, or renew it for that
+    long if it is there (``ip addr replace ... valid_lft``): the kernel removes it when the
+    time runs out, even if whoever renews it is dead."""
+    cidr = check_iface_cidr(cidr)
+    if not 1 <= lifetime_s <= 3600:
+        raise InvalidInput("lifetime_s", f"{lifetime_s} is outside 1-3600 s")
+    life = str(lifetime_s)
+    await run_root(
+        _ip(netns, "addr", "replace", cidr, "dev", check_ifname(name),
+            "valid_lft", life, "preferred_lft", life)
+    )  # fmt: skip
+
+
 async def addr_del(name: str, cidr: str, *, netns: str | None = None) -> None:
     """Remove address ``cidr`` from link ``name``; a missing address or link is not an error."""
     cidr = check_iface_cidr(cidr)

@@ -47,6 +47,10 @@ from aecp.network import rootops
 
 log = logging.getLogger(__name__)
 
+ADDRESS_LIFETIME_S = 3
+"""The management IP's lifetime in the kernel, renewed every round: an agent that dies (and
+with it every renewal) leaves the IP for at most this long, far less than the ``ttl`` before
+another node may take the leader key."""
 DECISIONS_KEPT = 50
 """How many of the mover's last sentences ``Mover.decisions`` keeps."""
 
@@ -62,6 +66,11 @@ class Address(Protocol):
 
     async def add(self) -> None:
         """Put the address on the interface."""
+        ...
+
+    async def renew(self) -> None:
+        """Renew the address's lifetime (it is there): the kernel drops an address nobody
+        renews, so a node whose agent died gives the IP up by itself."""
         ...
 
     async def remove(self) -> None:
@@ -188,8 +197,9 @@ class Mover:
         return None
 
     async def _keep(self, why: str) -> str | None:
-        """Holding and may go on: put the address back if someone removed it."""
+        """Holding and may go on: renew the address, or put it back if someone removed it."""
         if await self._address.present():
+            await self._address.renew()
             return None
         await self._address.add()
         await self._address.announce()
@@ -389,7 +399,9 @@ class NetnsAddress:
         *,
         netns: str | None = None,
         arp: Callable[[str, ipaddress.IPv4Address, int], None] = send_gratuitous_arp,
+        lifetime_s: int = ADDRESS_LIFETIME_S,
     ) -> None:
+        self.lifetime_s = lifetime_s
         self.iface = rootops.check_ifname(iface)
         self.cidr = rootops.check_iface_cidr(cidr)
         ip = ipaddress.ip_interface(self.cidr)
@@ -407,7 +419,10 @@ class NetnsAddress:
         return False
 
     async def add(self) -> None:
-        await rootops.addr_add(self.iface, self.cidr, netns=self.netns)
+        await rootops.addr_lease(self.iface, self.cidr, self.lifetime_s, netns=self.netns)
+
+    async def renew(self) -> None:
+        await rootops.addr_lease(self.iface, self.cidr, self.lifetime_s, netns=self.netns)
 
     async def remove(self) -> None:
         await rootops.addr_del(self.iface, self.cidr, netns=self.netns)
