@@ -658,6 +658,10 @@ class Alerting:
     clock: Clock = SYSTEM_CLOCK
     settings: AlertSettings = field(default_factory=AlertSettings)
     disk_usage: Callable[[Path], Any] = shutil.disk_usage
+    # findings the database does not hold (the HA trio's, ``center.ha.findings``); ``None``
+    # from it: not known now, and the open alerts of ``external_rules`` are kept as they are
+    external: Callable[[], list[Finding] | None] | None = None
+    external_rules: frozenset[str] = frozenset()
     passes: int = field(default=0, init=False)  # evaluations run so far
     _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False, repr=False)
     _passed: asyncio.Condition = field(default_factory=asyncio.Condition, init=False, repr=False)
@@ -735,9 +739,12 @@ class Alerting:
         return sentences
 
     def _decide(self, now: float, disk: float | None) -> list[Decision]:
+        extra = self.external() if self.external is not None else []
+        held = self.external_rules if extra is None else frozenset()
         with self.sessions() as db:
-            findings = observe(db, now, disk, self.settings.cluster_grace_s)
-            return evaluate(findings, open_alerts(db), book(db), settled_keys(db, findings))
+            findings = observe(db, now, disk, self.settings.cluster_grace_s) + (extra or [])
+            decisions = evaluate(findings, open_alerts(db), book(db), settled_keys(db, findings))
+        return [d for d in decisions if not (isinstance(d, Resolve) and d.key.rule in held)]
 
     def _apply(self, decisions: list[Decision], now: float) -> None:
         with self.sessions.begin() as db:

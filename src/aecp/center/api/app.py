@@ -18,6 +18,7 @@ from aecp import __version__
 from aecp.center import audit, web
 from aecp.center.accounts import Accounts, Caller
 from aecp.center.api import alerts as alerts_routes
+from aecp.center.api import ha as ha_routes
 from aecp.center.api import objects as objects_routes
 from aecp.center.api import registry as registry_routes
 from aecp.center.api import tasks as tasks_routes
@@ -36,6 +37,7 @@ from aecp.center.api.deps import (
     token_of,
 )
 from aecp.center.db.models import AuditRecord, Role, User
+from aecp.center.ha import gate
 from aecp.center.inventory import Inventory
 from aecp.center.metrics import RequestMetrics, timer
 from aecp.center.registry import ClientFactory, Registry
@@ -168,6 +170,8 @@ def create_app(
     app.include_router(alerts_routes.router)
     app.include_router(tasks_routes.router)
     app.include_router(objects_routes.router)
+    app.include_router(ha_routes.router)
+    gate.install(app)  # in HA (app.state.leadership): changes only on the active (measured)
     metrics = RequestMetrics()
 
     @app.middleware("http")
@@ -205,8 +209,9 @@ def create_app(
     protected = [Depends(bearer)]
 
     @app.get("/healthz", tags=["health"], operation_id="health")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    def healthz() -> dict[str, str | bool]:
+        """``role``: ``active`` or ``passive`` in an HA trio, else ``standalone``."""
+        return {"status": "ok", **gate.health(app)}
 
     @app.post(
         "/v1/login",

@@ -27,6 +27,7 @@ from fastapi.routing import APIRoute
 
 from aecp import __version__
 from aecp.center.accounts import Caller
+from aecp.center.ha.gate import Badge, leadership_of
 from aecp.center.web.auth import LoginRequired, end_session, origin_of, own_origin
 from aecp.common.errors import AecpError, Forbidden, NotFound, Unauthorized
 
@@ -120,9 +121,10 @@ def render(
     since: str = "",
     **context: Any,
 ) -> HTMLResponse:
-    """The page ``template`` with ``context``, the caller (if known), the clock and the flash
-    message (shown once: its cookie goes with this answer); ``since``: the versions of the
-    live topics the page was made from (``live``)."""
+    """The page ``template`` with ``context``, the caller (if known), the clock, the flash
+    message (shown once: its cookie goes with this answer) and the HA badge (``ha``; ``None``
+    standalone); ``since``: the versions of the live topics the page was made from
+    (``live``)."""
     center = request.app.state.center
     now = center.clock.wall()
     who: Caller | None = getattr(request.state, "caller", None)
@@ -135,12 +137,19 @@ def render(
         flash=flash,
         path=request.url.path,
         since=since,
+        ha=_ha_badge(request),
         **context,
     )
     response = HTMLResponse(page, status_code=status, headers=SECURITY_HEADERS)
     if flash is not None:
         response.delete_cookie(FLASH, path="/")
     return response
+
+
+def _ha_badge(request: Request) -> Badge | None:
+    """What the header says of the HA trio: the last status read, never one read now."""
+    leadership = leadership_of(request.app)
+    return leadership.badge() if leadership is not None else None
 
 
 def _flash(request: Request) -> tuple[str, str] | None:
