@@ -88,7 +88,7 @@ class Topology(BaseModel):
 
 def check(topology: Topology) -> Topology:
     """``topology`` if the trio can run it; ``InvalidInput`` naming the field otherwise."""
-    if not _ID.match(topology.cluster_id):
+    if not _ID.fullmatch(topology.cluster_id):
         raise InvalidInput("cluster_id", "3-32 lower-case letters, digits and dashes")
     nodes = topology.nodes
     if len(nodes) != 3:
