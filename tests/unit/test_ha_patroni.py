@@ -169,11 +169,10 @@ def test_timing_accepts_the_bound_itself() -> None:
     assert t.loop_wait + 2 * t.retry_timeout == t.ttl
 
 
-@pytest.mark.xfail(strict=True, reason="gap: Timing takes values Patroni silently raises")
 @pytest.mark.parametrize(
     ("ttl", "loop_wait", "retry_timeout"), [(11, 1, 5), (20, 0, 5), (20, 1, 2)]
 )
-def test_gap_timing_below_patronis_floors(ttl: int, loop_wait: int, retry_timeout: int) -> None:
+def test_refused_timing_below_patronis_floors(ttl: int, loop_wait: int, retry_timeout: int) -> None:
     """Patroni raises ttl < 20, loop_wait < 1, retry_timeout < 3 to those floors (config.py,
     ``_validate_and_adjust_timeouts``): the timing in the file would not be the one that runs."""
     with pytest.raises(ValueError):
@@ -361,8 +360,7 @@ def test_write_replaces_the_old_content(tmp_path: Path) -> None:
     assert json.loads(path.read_text()) == {"scope": "aoc-prod"}
 
 
-@pytest.mark.xfail(strict=True, reason="gap: write() keeps the mode of a file that exists")
-def test_gap_write_over_a_world_readable_file(tmp_path: Path) -> None:
+def test_refused_write_over_a_world_readable_file(tmp_path: Path) -> None:
     """``os.open(..., 0o600)`` sets the mode only when it creates the file: a patroni.json an
     operator made first (umask 022) keeps 0644 and every password in it is world-readable."""
     path = tmp_path / "patroni.json"

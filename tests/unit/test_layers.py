@@ -61,12 +61,18 @@ def test_every_import_points_down_or_across_the_top_layer() -> None:
     assert bad == []
 
 
+# the HA agent's management-IP mover moves an address on its own host: it runs ``ip`` through
+# the one root-command chokepoint, which is no way into a cluster
+HOST_ACTIONS = {("center/ha/vip.py", "aecp.network")}  # rootops
+
+
 def test_the_center_reaches_clusters_only_over_rest() -> None:
     bad = [
         f"{s} imports {t}"
         for s, t in imports()
         if s.startswith("center/")
         and t.split(".")[1] in ("compute", "storage", "network", "node", "cluster")
+        and (s, t) not in HOST_ACTIONS
     ]
     assert bad == []
 

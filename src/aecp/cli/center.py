@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from aecp.center.settings import CenterSettings
+from aecp.cli import centerha
 from aecp.cli.centerctx import center_client
 from aecp.cli.output import Format, OutputOpt, emit
 
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 cluster_app = typer.Typer(help="Clusters registered in the center.", no_args_is_help=True)
 dc_app = typer.Typer(help="Data centers.", no_args_is_help=True)
+app.add_typer(centerha.app, name="ha")
 user_app = typer.Typer(help="The center's users.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(dc_app, name="datacenter")
@@ -29,14 +31,47 @@ def run(
     address: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8800,
     database_url: Annotated[str, typer.Option(help="SQLAlchemy URL [default: SQLite]")] = "",
+    database_url_file: Annotated[
+        Path | None,
+        typer.Option(help="a file holding the URL (keeps its password off the command line)"),
+    ] = None,
     allow_private_webhooks: Annotated[
         bool, typer.Option(help="let webhooks reach loopback, link-local, metadata addresses")
     ] = False,
+    ha_patroni_url: Annotated[
+        str | None, typer.Option(help="HA trio: the local Patroni's REST API")
+    ] = None,
+    ha_management_ip: Annotated[
+        str | None, typer.Option(help="HA trio: the management IP (where the active is)")
+    ] = None,
+    ha_status_url: Annotated[
+        str | None, typer.Option(help="HA trio: the local HA agent's /status")
+    ] = None,
+    ha_status_token_file: Annotated[
+        Path | None, typer.Option(help="HA trio: a file holding the agents' secret")
+    ] = None,
 ) -> None:
     """Serve the center (its database is made or upgraded first; at first start the root
-    user's password is printed once and written to DATA_DIR/root-password, mode 0600)."""
+    user's password is printed once and written to DATA_DIR/root-password, mode 0600). With
+    the --ha-* options it is one of an HA trio's two centers (docs/design/center-ha.md)."""
     from aecp.center.main import run as serve
+    from aecp.center.settings import CenterHA
 
+    if database_url_file is not None:
+        database_url = database_url_file.read_text().strip()
+    ha = None
+    given = [ha_patroni_url, ha_management_ip, ha_status_url]
+    if any(given):
+        if not all(given):
+            raise typer.BadParameter(
+                "give --ha-patroni-url, --ha-management-ip and --ha-status-url together"
+            )
+        ha = CenterHA(
+            patroni_url=ha_patroni_url,
+            management_ip=ha_management_ip,
+            status_url=ha_status_url,
+            **_token(ha_status_token_file),
+        )
     serve(
         CenterSettings(
             data_dir=data_dir,
@@ -44,8 +79,13 @@ def run(
             port=port,
             database_url=database_url,
             allow_private_webhooks=allow_private_webhooks,
+            ha=ha,
         )
     )
+
+
+def _token(path: Path | None) -> dict[str, str]:
+    return {} if path is None else {"status_token": path.read_text().strip()}
 
 
 @dc_app.command("add")

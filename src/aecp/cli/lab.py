@@ -85,6 +85,16 @@ def up(
     storage_cidr: Annotated[
         str, typer.Option(help="--netns: the storage network (node k: host k)")
     ] = "10.231.1.0/24",
+    center: Annotated[
+        str,
+        typer.Option(
+            help="ha: also the operation center as an HA trio (active, passive, witness) in "
+            "namespaces of their own, the cluster registered in it (root; implies --netns)"
+        ),
+    ] = "",
+    ha_cidr: Annotated[
+        str, typer.Option(help="--center ha: the trio's HA network")
+    ] = "10.232.0.0/24",
     output: OutputOpt = Format.TABLE,
 ) -> None:
     """Start a lab of N nodes (3 etcd members), import the tiny image, print the endpoints.
@@ -94,6 +104,10 @@ def up(
 
     if accel not in ("auto", "kvm", "tcg"):
         raise typer.BadParameter("must be auto, kvm or tcg", param_hint="--accel")
+    if center not in ("", "ha"):
+        raise typer.BadParameter("must be ha (or left out)", param_hint="--center")
+    if center == "ha":
+        netns = True
     if netns:
         labnet.require_root()
         if clusters > 1:
@@ -130,6 +144,10 @@ def up(
     if netns:
         summary["storage"] = ", ".join(lab.storage_address(n) for n in lab.node_names)
         summary["namespaces"] = ", ".join(str(lab.namespace(n)) for n in lab.node_names)
+    if center == "ha":
+        from aecp.cli.labha import trio_up
+
+        summary.update(trio_up(lab, ha_cidr, _say))
     emit(summary, output)
 
 
@@ -231,6 +249,9 @@ def down(root: RootOpt = None, output: OutputOpt = Format.TABLE) -> None:
             _forget_session(site.center_url)  # fails to stop
         emit({"stopped_processes": len(pids), "root": str(site.root)}, output)
         return
+    from aecp.cli.labha import trio_down
+
+    trio_down(root, _forget_session)
     lab = Lab.open(root)
     pids = lab.down()
     emit({"stopped_processes": len(pids), "root": str(lab.root)}, output)

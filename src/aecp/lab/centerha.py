@@ -47,10 +47,11 @@ from aecp.center.ha.topology import (
     Topology,
     check,
 )
-from aecp.common.errors import InvalidInput, Unavailable
+from aecp.center.secrets import SecretBox
+from aecp.common.errors import InvalidInput, NotFound, Unavailable
 from aecp.common.pki import ClusterCA
 from aecp.lab.etcd import EtcdMember, EtcdTuning
-from aecp.lab.process import Daemon
+from aecp.lab.process import Daemon, wait_gone
 from aecp.network import rootops
 
 Link = Literal["ha", "mgmt"]
@@ -68,6 +69,8 @@ class TrioPlan:
     lab_id: str
     ha_cidr: str = "10.232.0.0/24"
     mgmt_cidr: str = "10.233.0.0/24"
+    #: join this existing management bridge (the netns cluster lab's) instead of making one
+    mgmt_bridge: str = ""
 
     def name(self, k: int) -> str:
         return f"aoc{k}"
@@ -76,7 +79,13 @@ class TrioPlan:
         return f"aecp-{self.lab_id}-c{k}"
 
     def bridge(self, link: Link) -> str:
+        if link == "mgmt" and self.mgmt_bridge:
+            return self.mgmt_bridge
         return f"ae{self.lab_id}{'h' if link == 'ha' else 'a'}"
+
+    def owned_bridges(self) -> list[Link]:
+        """The links whose bridge the trio makes (and removes)."""
+        return ["ha"] if self.mgmt_bridge else ["ha", "mgmt"]
 
     def host_veth(self, k: int, link: Link) -> str:
         return f"ae{self.lab_id}c{k}{'h' if link == 'ha' else 'a'}"
@@ -104,6 +113,22 @@ class Trio:
         self.root, self.plan, self.python = Path(root), plan, python
         self.bin = Path(python).parent
         self.ha_venv = ha_venv(Path(python))
+        self._members: dict[int, EtcdMember] = {}  # kept: they hold the Popen to reap
+
+    @classmethod
+    def open(cls, root: Path) -> Trio:
+        """The trio saved under ``root`` (``NotFound`` if there is none)."""
+        try:
+            data = json.loads((Path(root) / "trio.json").read_text())
+        except FileNotFoundError:
+            raise NotFound(
+                f"no HA trio in {root} (start one with aecp lab up --center ha)"
+            ) from None
+        return cls(Path(root), TrioPlan(**data))
+
+    def save(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "trio.json").write_text(json.dumps(self.plan.__dict__))
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -153,8 +178,8 @@ class Trio:
     async def create(self) -> None:
         """Networks, CA, secrets and every node's configuration (no process starts)."""
         topology = check(self.topology())
+        self.save()
         await self._networks()
-        self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "topology.json").write_text(topology.model_dump_json(indent=2))
         if not self.secrets_file.exists():
             pat.write(self.secrets_file, pat.Secrets.generate().to_dict())
@@ -165,9 +190,12 @@ class Trio:
             self._prepare_node(k, node, ca)
 
     async def _networks(self) -> None:
-        for link in LINKS:
+        for link in self.plan.owned_bridges():
             await rootops.bridge_add(self.plan.bridge(link))
-            await rootops.addr_add(self.plan.bridge(link), f"{self.plan.host_address(link)}/24")
+            await rootops.addr_add(
+                self.plan.bridge(link),
+                f"{self.plan.host_address(link)}/{self.plan.subnet(link).prefixlen}",
+            )
             await rootops.link_up(self.plan.bridge(link))
         for k in (1, 2, 3):
             ns = self.plan.namespace(k)
@@ -200,6 +228,12 @@ class Trio:
         for f in paths.tls.iterdir():
             os.chown(f, postgres.pw_uid, postgres.pw_gid)
         os.chown(paths.tls, postgres.pw_uid, postgres.pw_gid)
+        # one key for both centers: credentials one stored the other must open after a failover
+        box_key = self.root / "center-secret.key"
+        SecretBox.at(box_key)
+        (self.base(k) / "center").mkdir(exist_ok=True)
+        shutil.copyfile(box_key, self.base(k) / "center" / "secret.key")
+        os.chmod(self.base(k) / "center" / "secret.key", 0o600)
         secrets = self.secrets()
         script = Path(bootstrapdb.__file__)
         post = f"{self.ha_venv / 'bin' / 'python'} {script} {self.secrets_file}"
@@ -217,7 +251,7 @@ class Trio:
             await rootops.netns_delete(self.plan.namespace(k))
             for link in LINKS:
                 await rootops.link_delete(self.plan.host_veth(k, link))
-        for link in LINKS:
+        for link in self.plan.owned_bridges():
             await rootops.link_delete(self.plan.bridge(link))
 
     # -- processes -------------------------------------------------------------------------
@@ -226,8 +260,10 @@ class Trio:
         return rootops.in_netns(self.plan.namespace(k), [])
 
     def etcd(self, k: int) -> EtcdMember:
+        if k in self._members:
+            return self._members[k]
         node = self.topology().nodes[k - 1]
-        return EtcdMember(
+        self._members[k] = EtcdMember(
             node.name,
             f"{node.ha_ip}:2379",
             f"{node.ha_ip}:2380",
@@ -236,6 +272,7 @@ class Trio:
             tuning=EtcdTuning(),
             launch_prefix=self._in_ns(k),
         )
+        return self._members[k]
 
     def patroni(self, k: int) -> Daemon:
         paths = self.paths(k)
@@ -335,10 +372,27 @@ class Trio:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        for pid in pids:  # reap the ones this process started
+            wait_gone(pid, 5.0)
+        if k in self._members:
+            self._members[k].kill()
         for pidfile in self.base(k).glob("*.pid"):
             pidfile.unlink(missing_ok=True)
         (self.paths(k).etcd_data.parent / f"{self.plan.name(k)}.pid").unlink(missing_ok=True)
         return pids
+
+    async def force_promote(self, k: int) -> None:
+        """Make node k's etcd member a cluster of one (``--force-new-cluster``): with the quorum
+        it then has alone, its Patroni takes the leader key once the old lease runs out, if it
+        is the synchronous standby named in ``/sync``. The caller has checked that the active
+        and the witness are gone; the other two members must be rebuilt before they rejoin."""
+        member = self.etcd(k)
+        member.stop()
+        member.start(
+            self.topology().initial_cluster(),
+            token=self.topology().cluster_id,
+            extra=["--force-new-cluster"],
+        )
 
     async def cut(self, k: int, links: tuple[Link, ...] = ("ha",)) -> None:
         for link in links:

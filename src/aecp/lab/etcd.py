@@ -145,20 +145,27 @@ class EtcdMember:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start(self, initial_cluster: str, *, token: str = "aecp-lab") -> None:
+    def start(
+        self, initial_cluster: str, *, token: str = "aecp-lab", extra: Sequence[str] = ()
+    ) -> None:
         """Launch etcd detached (own session), output appended to the log file, pid written to
-        the pidfile. Raises ``InvalidState`` if this member is already running. Returns at once:
-        use ``EtcdCluster.wait_healthy`` to know when it serves."""
+        the pidfile; ``extra`` flags go at the end (``--force-new-cluster``). Raises
+        ``InvalidState`` if this member is already running. Returns at once: use
+        ``EtcdCluster.wait_healthy`` to know when it serves."""
         if self.is_running():
             raise InvalidState(f"etcd member {self.name} is already running", member=self.name)
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.argv = self.launch_prefix + etcd_argv(
-            self,
-            initial_cluster=initial_cluster,
-            token=token,
-            state=self.initial_cluster_state(),
-            tuning=self.tuning,
-            binary=self.binary,
+        self.argv = (
+            self.launch_prefix
+            + etcd_argv(
+                self,
+                initial_cluster=initial_cluster,
+                token=token,
+                state=self.initial_cluster_state(),
+                tuning=self.tuning,
+                binary=self.binary,
+            )
+            + list(extra)
         )
         with self.log_file.open("ab") as log:
             log.write(f"--- {time.strftime('%F %T')} starting: {' '.join(self.argv)}\n".encode())

@@ -39,6 +39,9 @@ class Timing:
     retry_timeout: int = 5
 
     def __post_init__(self) -> None:
+        # Patroni raises lower values to these floors: the file must say what runs
+        if self.ttl < 20 or self.loop_wait < 1 or self.retry_timeout < 3:
+            raise ValueError("Patroni's floors: ttl >= 20, loop_wait >= 1, retry_timeout >= 3")
         if self.loop_wait + 2 * self.retry_timeout > self.ttl:
             raise ValueError("loop_wait + 2 * retry_timeout must not exceed ttl")
 
@@ -185,6 +188,7 @@ def write(path: Path, document: dict[str, Any]) -> None:
     import os
 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that was there keeps its mode otherwise
     with os.fdopen(fd, "w") as f:
         json.dump(document, f, indent=2)
 
@@ -194,5 +198,6 @@ def write_text(path: Path, text: str) -> None:
     import os
 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)

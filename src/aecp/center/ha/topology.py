@@ -34,7 +34,7 @@ CENTER_PORT = 8800
 class HANode(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,30}$")
+    name: str = Field(pattern=r"^[a-z]([a-z0-9-]{0,29}[a-z0-9])?$")
     role: Role
     ha_ip: str = Field(description="the node's address on the HA network")
     data_dir: Path | None = Field(None, description="PostgreSQL's home; none on the witness")
@@ -53,7 +53,7 @@ class Topology(BaseModel):
     cluster_id: str
     ha_cidr: str
     management_ip: str
-    management_iface: str = "mgmt0"
+    management_iface: str = Field("mgmt0", pattern=r"^[A-Za-z0-9_.-]{1,15}$")
     nodes: list[HANode]
 
     def node(self, name: str) -> HANode:
@@ -100,8 +100,17 @@ def check(topology: Topology) -> Topology:
             raise InvalidInput("nodes", f"one node must be the {role}, not {len(holders)}")
     subnet = _network("ha_cidr", topology.ha_cidr)
     for n in nodes:
-        if ipaddress.IPv4Address(n.ha_ip) not in subnet:
+        ip = ipaddress.IPv4Address(n.ha_ip)
+        if ip not in subnet:
             raise InvalidInput(f"nodes.{n.name}.ha_ip", f"{n.ha_ip} is outside {subnet}")
+        if subnet.prefixlen < 31 and ip in (subnet.network_address, subnet.broadcast_address):
+            raise InvalidInput(
+                f"nodes.{n.name}.ha_ip", f"{n.ha_ip} is {subnet}'s network or broadcast address"
+            )
+        if n.data_dir is not None and (
+            str(n.data_dir) in ("", ".") or not n.data_dir.is_absolute()
+        ):
+            raise InvalidInput(f"nodes.{n.name}.data_dir", "give an absolute path")
         if n.role is Role.WITNESS and n.data_dir is not None:
             raise InvalidInput(
                 f"nodes.{n.name}.data_dir", "the witness stores no service data: give it none"
@@ -136,6 +145,15 @@ def _check_management(topology: Topology, subnet: ipaddress.IPv4Network) -> None
         raise InvalidInput("management_ip", f"not address/prefix: {e}") from None
     if "/" not in topology.management_ip:
         raise InvalidInput("management_ip", "give it with its prefix, e.g. 10.231.0.200/24")
+    ip, net = mgmt.ip, mgmt.network
+    if ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_reserved or ip.is_link_local:
+        raise InvalidInput("management_ip", f"{ip} cannot be a host's address")
+    if (
+        ip.version == 4
+        and net.prefixlen < 31
+        and ip in (net.network_address, net.broadcast_address)
+    ):
+        raise InvalidInput("management_ip", f"{ip} is {net}'s network or broadcast address")
     if mgmt.ip in subnet or mgmt.network.overlaps(subnet):
         raise InvalidInput(
             "management_ip",
