@@ -18,6 +18,7 @@ import yaml
 
 from aecp.center.ha import patroni as pat
 from aecp.center.ha.topology import HANode, Topology, parse
+from aecp.common.errors import InvalidInput
 
 BASE = Path("/var/lib/aecp-center-ha")
 SECRETS = pat.Secrets(
@@ -386,3 +387,12 @@ def test_hanode_type_is_what_config_takes() -> None:
     node = HANode(name="aoc1", role="active", ha_ip="10.232.0.1", data_dir=Path("/srv/pg"))
     doc = pat.config(trio(), node, pat.NodePaths(BASE), SECRETS, post_bootstrap=POST)
     assert doc == config_of("aoc1")
+
+
+def test_a_node_directory_joins_only_the_trio_it_was_made_for(tmp_path: Path) -> None:
+    paths = pat.NodePaths(tmp_path / "node")
+    paths.claim("aoc-prod")
+    paths.claim("aoc-prod")  # the same trio again: fine
+    with pytest.raises(InvalidInput) as e:
+        paths.claim("aoc-other")
+    assert e.value.fields["field"] == "cluster_id" and "aoc-prod" in e.value.message

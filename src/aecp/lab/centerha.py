@@ -50,6 +50,7 @@ from aecp.center.ha.topology import (
 from aecp.center.secrets import SecretBox
 from aecp.common.errors import InvalidInput, NotFound, Unavailable
 from aecp.common.pki import ClusterCA
+from aecp.lab import etcd as labetcd
 from aecp.lab.etcd import EtcdMember, EtcdTuning
 from aecp.lab.process import Daemon, wait_gone
 from aecp.network import rootops
@@ -178,6 +179,7 @@ class Trio:
     async def create(self) -> None:
         """Networks, CA, secrets and every node's configuration (no process starts)."""
         topology = check(self.topology())
+        await self._check_free(topology)
         self.save()
         await self._networks()
         (self.root / "topology.json").write_text(topology.model_dump_json(indent=2))
@@ -188,6 +190,25 @@ class Trio:
             ca = ClusterCA.create(self.root / "ca", topology.cluster_id)
         for k, node in enumerate(topology.nodes, start=1):
             self._prepare_node(k, node, ca)
+
+    async def _check_free(self, topology: Topology) -> None:
+        """``InvalidInput`` if the trio's subnets (those it makes a bridge for) or its
+        management IP are in use on this host or in any of its namespaces already."""
+        ours = [self.plan.subnet(link) for link in self.plan.owned_bridges()]
+        wanted = ipaddress.IPv4Address(topology.management_address)
+        spaces: list[str | None] = [None, *await rootops.netns_list()]
+        for ns in spaces:
+            for iface, cidr in await rootops.addr_list(netns=ns):
+                found = ipaddress.ip_interface(cidr)
+                if found.version != 4:
+                    continue
+                where = f"{iface} in {ns or 'the host'}"
+                if found.ip == wanted:
+                    raise InvalidInput(
+                        "management_ip", f"{wanted} is in use already ({where} has it)"
+                    )
+                if ns is None and any(found.network.overlaps(sub) for sub in ours):
+                    raise InvalidInput("cidr", f"{cidr} on {where} overlaps the trio's networks")
 
     async def _networks(self) -> None:
         for link in self.plan.owned_bridges():
@@ -211,6 +232,7 @@ class Trio:
 
     def _prepare_node(self, k: int, node: HANode, ca: ClusterCA) -> None:
         paths = self.paths(k)
+        paths.claim(self.topology().cluster_id)
         postgres = pwd.getpwnam("postgres")
         for d in (paths.base, paths.tls, paths.run, paths.logs, paths.logs / "patroni"):
             d.mkdir(parents=True, exist_ok=True)
@@ -373,7 +395,8 @@ class Trio:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for pid in pids:  # reap the ones this process started
-            wait_gone(pid, 5.0)
+            if not labetcd.reap(pid):
+                wait_gone(pid, 5.0)
         if k in self._members:
             self._members[k].kill()
         for pidfile in self.base(k).glob("*.pid"):

@@ -37,6 +37,10 @@ from aecp.store.etcd import DEFAULT_TIMEOUT, EtcdStore
 ETCD_BINARY = "/usr/bin/etcd"
 
 ClusterState = Literal["new", "existing"]
+# every member started by this process, kept until it is reaped: a member object may be dropped
+# while its etcd runs on (a command that started it and returned), and its Popen must not be
+# collected with it while the process lives
+_STARTED: dict[int, subprocess.Popen[bytes]] = {}
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,20 @@ class EtcdTuning:
     quota_backend_bytes: int = 512 * 1024 * 1024
     compaction_retention_revisions: int = 100_000
     log_level: str = "warn"
+
+
+def reap(pid: int, timeout: float = 5.0) -> bool:
+    """Wait for ``pid`` if it is an etcd member this process started (True once reaped);
+    False for any other pid."""
+    proc = _STARTED.get(pid)
+    if proc is None:
+        return False
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    _STARTED.pop(pid, None)
+    return True
 
 
 def etcd_argv(
@@ -177,6 +195,7 @@ class EtcdMember:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        _STARTED[self._proc.pid] = self._proc
         self.pidfile.write_text(f"{self._proc.pid}\n")
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -248,11 +267,13 @@ class EtcdMember:
         return True
 
     def _wait_exit(self, timeout: float) -> bool:
-        if self._proc is not None:
+        proc = self._proc or _STARTED.get(read_pidfile(self.pidfile) or -1)
+        if proc is not None:
             try:
-                self._proc.wait(timeout)
+                proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 return False
+            _STARTED.pop(proc.pid, None)
             return True
         pid = read_pidfile(self.pidfile)
         deadline = time.monotonic() + timeout

@@ -35,6 +35,7 @@ from aecp.center.ha.rpo import RPOTracker, standbys_from_patroni
 from aecp.center.ha.topology import AGENT_PORT, PATRONI_PORT, HANode, Topology, load
 from aecp.center.ha.vip import GatewayLeader, Mover, NetnsAddress, PatroniRole
 from aecp.common.clock import SYSTEM_CLOCK, Clock
+from aecp.common.errors import InvalidInput
 from aecp.common.tasks import cancel, spawn
 
 log = logging.getLogger("aecp.center.ha.agent")
@@ -195,9 +196,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    topology = load(args.topology)
-    me = topology.node(args.node)
-    asyncio.run(serve(topology, me, NodePaths(args.base), load_secrets(args.secrets)))
+    try:
+        topology = load(args.topology)
+        me = topology.node(args.node)
+        paths = NodePaths(args.base)
+        paths.claim(topology.cluster_id)
+    except InvalidInput as e:
+        raise SystemExit(f"aecp center ha agent: {e.fields.get('field')}: {e}") from None
+    asyncio.run(serve(topology, me, paths, load_secrets(args.secrets)))
 
 
 if __name__ == "__main__":

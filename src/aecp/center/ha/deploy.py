@@ -275,6 +275,7 @@ def write_node(
     is). Owners are set only with ``chown`` (as root, once the users exist: ``InvalidInput``
     names a missing one). Returns the files written."""
     files = node_files(topology, name, paths, secrets, install=install, etcd_state=etcd_state)
+    paths.claim(topology.cluster_id)  # another trio's node is refused before anything changes
     entries = layout(topology, name)
     for rel, entry in entries.items():
         if rel.endswith("/"):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from aecp.center.ha.topology import PATRONI_PORT, PG_PORT, HANode, Topology
+from aecp.common.errors import InvalidInput
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 CENTER_DB = "aecp"
@@ -96,6 +97,24 @@ class NodePaths:
     @property
     def logs(self) -> Path:
         return self.base / "log"
+
+    def claim(self, cluster_id: str) -> None:
+        """Mark this node's directory as a member of trio ``cluster_id``; ``InvalidInput`` if
+        it already belongs to another trio (a node never joins with a different cluster id:
+        its etcd and PostgreSQL data are another trio's)."""
+        stamp = self.base / "cluster-id"
+        try:
+            found = stamp.read_text().strip()
+        except FileNotFoundError:
+            self.base.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(cluster_id + "\n")
+            return
+        if found != cluster_id:
+            raise InvalidInput(
+                "cluster_id",
+                f"{self.base} belongs to trio {found!r}, not {cluster_id!r}: a node joins only "
+                "the trio it was made for (wipe it to make it a new node)",
+            )
 
 
 def center_url(topology: Topology, node: HANode, secrets: Secrets) -> str:
