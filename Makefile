@@ -19,7 +19,7 @@ APT_PACKAGES := python3-venv qemu-system-x86 qemu-utils qemu-block-extra busybox
 
 .PHONY: help run test deps system-deps venv ha-venv image lint typecheck unit functional integration e2e \
 	down status \
-	bench-storage bench-center bench-migration
+	bench-storage bench-center bench-migration bench-center-ha
 
 help:
 	@echo "make run    start the lab: AOC, 2 clusters of 3 nodes, a demo VM on each"
@@ -118,6 +118,9 @@ bench-center: venv
 
 bench-migration: deps
 	$(PY) benchmarks/migration.py $(BENCH_ARGS)
+
+bench-center-ha: deps
+	$(PY) benchmarks/center_ha.py $(BENCH_ARGS)
 
 status: venv
 	@$(AECP) lab status

@@ -15,6 +15,7 @@ from aecp.cli import (
     centerctx,
     cluster,
     common,
+    drill,
     image,
     lab,
     migrate,
@@ -69,6 +70,7 @@ app.add_typer(storage.app, name="storage")
 app.add_typer(template.app, name="template")
 app.add_typer(token.app, name="token")
 app.add_typer(center.app, name="center")
+app.add_typer(drill.app, name="drill")
 
 
 @app.command("login")
