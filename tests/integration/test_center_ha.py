@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -86,6 +87,33 @@ class Sampler:
         doubles = [(t, h) for t, h in self.samples if len(h) > 1]
         assert not doubles, f"the management IP was on two nodes: {doubles[:3]}"
         assert len(self.samples) > 20
+
+
+class RoleWatch:
+    """A center's role (its ``/healthz``), every 50 ms, in the background."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.seen: list[tuple[float, str]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(trust_env=False) as http:
+            while True:
+                try:
+                    r = await http.get(self.url, timeout=1.0)
+                    self.seen.append((time.time(), str(r.json().get("role"))))
+                except (httpx.HTTPError, ValueError):
+                    self.seen.append((time.time(), "unreachable"))
+                await asyncio.sleep(0.05)
+
+    def __enter__(self) -> RoleWatch:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
 
 
 @contextlib.asynccontextmanager
@@ -238,7 +266,8 @@ async def _leader(trio: Trio, name: str, epoch_above: int = 0) -> HAStatus | Non
 
 async def test_active_isolated_steps_down_before_the_passive_is_promoted(trio: Trio) -> None:
     # aoc2 is the active now; cut its HA link: it loses etcd's quorum
-    with Sampler(trio) as sampler:
+    roles = RoleWatch(f"http://{trio.plan.address('mgmt', 2)}:8800/healthz")
+    with Sampler(trio) as sampler, roles:
         async with writing(trio, "isolated") as w:
             await trio.cut(2, ("ha",))
             cut = time.time()
@@ -246,24 +275,54 @@ async def test_active_isolated_steps_down_before_the_passive_is_promoted(trio: T
                 lambda: acks_after(w, cut), "writes after the failover", timeout=FAILOVER
             )
         st = await wait_for(lambda: _leader(trio, "aoc1"), "aoc1 active", timeout=FAILOVER)
-        # the isolated node (still reachable on its management address) refuses writes
-        async with httpx.AsyncClient() as http:
-            login = await http.post(
-                f"{trio.center_url}/v1/login",
-                json={"user": "root", "password": root_password(trio)},
-                timeout=5,
-            )
-            token = login.json()["token"]
-            r = await http.post(
-                f"http://{trio.plan.address('mgmt', 2)}:8800/v1/datacenters",
-                json={"name": "on-the-isolated"},
-                headers={"Authorization": f"Bearer {token}"},
-                timeout=10,
-            )
-            assert r.status_code == 503
+    # the isolated center stopped being the active, and its node dropped the IP, before aoc1
+    # held it
+    took = min(t for t, h in sampler.samples if h == [1])
+    dropped = max(t for t, h in sampler.samples if t < took and h == [2])
+    stepped_down = min(t for t, role in roles.seen if role == "passive" and t > cut)
+    assert stepped_down < took and dropped < took
+    # the isolated node (still reachable on its management address) refuses writes
+    async with httpx.AsyncClient(trust_env=False) as http:
+        login = await http.post(
+            f"{trio.center_url}/v1/login",
+            json={"user": "root", "password": root_password(trio)},
+            timeout=5,
+        )
+        token = login.json()["token"]
+        r = await http.post(
+            f"http://{trio.plan.address('mgmt', 2)}:8800/v1/datacenters",
+            json={"name": "on-the-isolated"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        assert r.status_code == 503
     sampler.assert_never_two()
     assert st.leader == "aoc1"
     await trio.restore(2)
+    await whole_again(trio, "aoc1")
+    assert await w.verify() == []
+
+
+async def test_a_switchover_and_back_never_puts_the_ip_on_two_nodes(trio: Trio) -> None:
+    """Patroni releases the leader key on purpose and the other node takes it at once: the
+    hand-over the lease alone does not cover."""
+    password = trio.secrets().restapi
+    with Sampler(trio) as sampler:
+        async with writing(trio, "switchover") as w:
+            for old, new in (("aoc1", "aoc2"), ("aoc2", "aoc1")):
+                k_old = int(old[-1])
+                async with httpx.AsyncClient(trust_env=False) as http:
+                    r = await http.post(
+                        f"http://{trio.plan.address('ha', k_old)}:8008/switchover",
+                        json={"leader": old, "candidate": new},
+                        auth=("patroni", password),
+                        timeout=60,
+                    )
+                assert r.status_code == 200, r.text
+                moved = time.time()
+                await wait_for(functools.partial(_leader, trio, new), f"{new} active", FAILOVER)
+                await wait_for(functools.partial(acks_after, w, moved), "writes after", FAILOVER)
+    sampler.assert_never_two()
     await whole_again(trio, "aoc1")
     assert await w.verify() == []
 
@@ -278,6 +337,8 @@ async def test_active_and_witness_lost_no_promotion_until_forced(trio: Trio) -> 
         await asyncio.to_thread(promote, "aoc2", True, trio.root)
     async with writing(trio, "forced") as w:
         trio.kill_node(1)
+        with pytest.raises(InvalidState):  # the witness answers: failover comes by itself
+            await asyncio.to_thread(promote, "aoc2", True, trio.root)
         trio.kill_node(3)
         lost = time.time()
         # the passive decides, loop after loop, past the time the lease ran out (ttl 20 s), to

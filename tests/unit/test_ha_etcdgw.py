@@ -1,6 +1,6 @@
 """The etcd gateway client reads the leader key and its lease as etcd 3.4's JSON gateway
-answers them (base64 keys and values, int64 as strings, zero values left out), asks only the
-first endpoint, and turns every failure into ``GatewayError``."""
+answers them (base64 keys and values, int64 as strings, zero values left out), asks the
+endpoints in order until one answers, and turns every failure into ``GatewayError``."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ async def test_no_answer_is_an_error(error: type[httpx.TransportError]) -> None:
         await gateway(fail).leader(KEY)
 
 
-async def test_only_the_first_endpoint_is_asked_even_when_it_fails() -> None:
+async def test_the_endpoints_are_asked_in_order_until_one_answers() -> None:
     hosts: list[str] = []
 
     def fail(request: httpx.Request) -> httpx.Response:
@@ -151,7 +151,22 @@ async def test_only_the_first_endpoint_is_asked_even_when_it_fails() -> None:
 
     with pytest.raises(GatewayError):
         await gateway(fail, "10.232.0.3:2379", "10.232.0.1:2379").leader(KEY)
-    assert hosts == ["10.232.0.3"]
+    assert hosts == ["10.232.0.3", "10.232.0.1"]
+    hosts.clear()
+
+    def first_down(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        if request.url.host == "10.232.0.3":
+            raise httpx.ConnectError("refused", request=request)
+        if request.url.path == "/v3/kv/range":
+            return httpx.Response(
+                200, json={"kvs": [{"value": base64.b64encode(b"n1").decode(), "lease": "7"}]}
+            )
+        return httpx.Response(200, json={"TTL": "19"})
+
+    lease = await gateway(first_down, "10.232.0.3:2379", "10.232.0.1:2379").leader(KEY)
+    assert lease is not None and lease.holder == "n1"
+    assert hosts == ["10.232.0.3", "10.232.0.1", "10.232.0.1"]
 
 
 def test_no_endpoint_is_refused() -> None:

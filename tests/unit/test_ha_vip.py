@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from aecp.center.ha.etcdgw import GatewayError, LeaderLease
 from aecp.center.ha.vip import (
+    ANNOUNCE_ROUNDS,
     DECISIONS_KEPT,
     GatewayLeader,
     Mover,
@@ -106,14 +107,31 @@ class Rig:
     mover: Mover
 
 
-def rig(present: bool = False, interval_s: float = 0.25) -> Rig:
+def rig(
+    present: bool = False,
+    interval_s: float = 0.25,
+    hold_s: float = 1000.0,
+    take_after_s: float = 0.0,
+) -> Rig:
+    """A mover over fakes; by default without the hold limit and the take delay (the tests of
+    those pass them)."""
     clock, address, leader, role = (
         FakeClock(START),
         FakeAddress(present),
         ScriptedLeader(),
         FakeRole(),
     )
-    mover = Mover("n1", address, leader, role, clock, interval_s=interval_s, margin_s=MARGIN)
+    mover = Mover(
+        "n1",
+        address,
+        leader,
+        role,
+        clock,
+        interval_s=interval_s,
+        margin_s=MARGIN,
+        hold_s=hold_s,
+        take_after_s=take_after_s,
+    )
     return Rig(clock, address, leader, role, mover)
 
 
@@ -148,7 +166,8 @@ async def test_every_confirmed_round_renews_the_address_lifetime() -> None:
     for _ in range(3):
         r.leader.mine(10.0)
         assert await r.mover.step() is None
-    assert (r.address.renews, r.address.adds, r.address.announces) == (3, 1, 1)
+    assert (r.address.renews, r.address.adds) == (3, 1)
+    assert r.address.announces == ANNOUNCE_ROUNDS  # the take's, then one a round
 
 
 async def test_it_drops_the_ip_at_once_when_the_key_names_another_member() -> None:
@@ -182,23 +201,107 @@ async def test_it_never_holds_the_ip_while_postgresql_here_is_a_replica() -> Non
     assert await r.mover.step() == "dropped the management IP: PostgreSQL here is not the primary"
 
 
-async def test_an_unchanged_round_says_nothing_and_announces_nothing() -> None:
+async def test_an_unchanged_round_says_nothing_and_announces_only_the_takes_arps() -> None:
     r = rig()
     await held(r)
     for _ in range(5):
         await r.clock.advance(0.25)
         assert await r.mover.step() is None
-    assert (r.address.adds, r.address.announces) == (1, 1)
+    assert (r.address.adds, r.address.announces) == (1, ANNOUNCE_ROUNDS)
 
 
-async def test_announce_comes_once_per_take() -> None:
+async def test_each_take_announces_on_its_round_and_the_next_ones() -> None:
     r = rig()
     for take in (1, 2, 3):
         await held(r)
-        await r.mover.step()
+        for _ in range(ANNOUNCE_ROUNDS + 2):
+            await r.mover.step()
         r.leader.mine(holder="n2")
         await r.mover.step()
-        assert (r.address.adds, r.address.announces, r.address.removes) == (take, take, take)
+        assert (r.address.adds, r.address.removes) == (take, take)
+        assert r.address.announces == take * ANNOUNCE_ROUNDS
+
+
+# --- the hold limit and the take delay (a voluntary release of the leader key) ------------------
+
+
+async def test_a_confirmation_lets_it_hold_for_hold_s_at_most() -> None:
+    r = rig(hold_s=1.5)
+    await held(r, ttl=19.0)
+    assert r.mover.valid_until == START + 1.5
+    r.leader.answer = OSError("etcd down")
+    await r.clock.advance(1.4)
+    await r.mover.step()
+    assert r.mover.holds
+    await r.clock.advance(0.1)
+    await r.mover.step()
+    assert not r.mover.holds and not r.address.on
+
+
+async def test_a_new_holder_waits_take_after_s_of_unbroken_confirmations() -> None:
+    r = rig(hold_s=1.5, take_after_s=4.0)
+    for _ in range(16):  # 3.75 s of rounds: not yet
+        r.leader.mine(19.0)
+        assert await r.mover.step() is None
+        await r.clock.advance(0.25)
+    assert not r.address.on
+    r.leader.mine(19.0)
+    assert (await r.mover.step() or "").startswith("took the management IP")
+    assert r.address.on
+
+
+async def test_a_break_in_the_confirmations_restarts_the_wait() -> None:
+    r = rig(hold_s=1.5, take_after_s=4.0)
+    for _ in range(12):
+        r.leader.mine(19.0)
+        await r.mover.step()
+        await r.clock.advance(0.25)
+    r.leader.answer = OSError("etcd down")
+    await r.mover.step()
+    for _ in range(12):  # 3 s since the break: still waiting
+        r.leader.mine(19.0)
+        await r.mover.step()
+        await r.clock.advance(0.25)
+    assert not r.address.on
+
+
+async def test_two_movers_never_hold_at_once_across_a_voluntary_release() -> None:
+    """n1 holds; Patroni releases the key on purpose and n2 takes it at once (a switchover):
+    n1's last "mine" was read just before, and then neither its etcd nor its Patroni answer.
+    Round by round, at most one node holds the IP."""
+    clock = FakeClock(START)
+    world = {"holder": "n1", "n1 silent": False}
+
+    class Key:
+        def __init__(self, me: str) -> None:
+            self.me = me
+
+        async def leader(self) -> LeaderLease | None:
+            if self.me == "n1" and world["n1 silent"]:
+                raise OSError("etcd down")
+            return LeaderLease(holder=str(world["holder"]), ttl_remaining_s=19.0, revision=1)
+
+        async def is_primary(self) -> bool:
+            if self.me == "n1" and world["n1 silent"]:
+                raise OSError("Patroni down")
+            return world["holder"] == self.me
+
+    a1, a2 = FakeAddress(), FakeAddress()
+    m1 = Mover("n1", a1, Key("n1"), Key("n1"), clock, take_after_s=4.0)
+    m2 = Mover("n2", a2, Key("n2"), Key("n2"), clock, take_after_s=4.0)
+    for _ in range(20):
+        await m1.step()
+        await m2.step()
+        await clock.advance(0.25)
+    assert a1.on and not a2.on
+    await m1.step()  # n1's last "mine"
+    world.update({"holder": "n2", "n1 silent": True})
+    for _ in range(40):
+        await m2.step()
+        await m1.step()
+        assert not (a1.on and a2.on), f"both hold at {clock.monotonic() - START:.2f} s"
+        await clock.advance(0.25)
+    assert a2.on and not a1.on
 
 
 async def test_a_lease_with_less_than_the_margin_left_is_not_taken() -> None:
@@ -545,7 +648,7 @@ async def test_netns_address_manages_the_ip_through_rootops(
     await address.renew()
     await address.remove()
     await address.announce()
-    lease = ["10.232.0.100/24", "dev", "mgmt0", "valid_lft", "3", "preferred_lft", "3"]
+    lease = ["10.232.0.100/24", "dev", "mgmt0", "valid_lft", "2", "preferred_lft", "2"]
     assert rec.calls == [
         ["ip", "-o", "addr", "show"],
         ["ip", "addr", "replace", *lease],

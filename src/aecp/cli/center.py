@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from aecp.center.settings import CenterSettings
 from aecp.cli import centerha
@@ -58,7 +59,7 @@ def run(
     from aecp.center.settings import CenterHA
 
     if database_url_file is not None:
-        database_url = database_url_file.read_text().strip()
+        database_url = _read(database_url_file, "--database-url-file")
     ha = None
     given = [ha_patroni_url, ha_management_ip, ha_status_url]
     if any(given):
@@ -66,14 +67,17 @@ def run(
             raise typer.BadParameter(
                 "give --ha-patroni-url, --ha-management-ip and --ha-status-url together"
             )
-        ha = CenterHA(
-            patroni_url=ha_patroni_url,
-            management_ip=ha_management_ip,
-            status_url=ha_status_url,
-            **_token(ha_status_token_file),
-        )
-    serve(
-        CenterSettings(
+        try:
+            ha = CenterHA(
+                patroni_url=ha_patroni_url,
+                management_ip=ha_management_ip,
+                status_url=ha_status_url,
+                **_token(ha_status_token_file),
+            )
+        except ValidationError as e:
+            raise _bad(e, "--ha-") from None
+    try:
+        settings = CenterSettings(
             data_dir=data_dir,
             address=address,
             port=port,
@@ -81,11 +85,27 @@ def run(
             allow_private_webhooks=allow_private_webhooks,
             ha=ha,
         )
-    )
+    except ValidationError as e:
+        raise _bad(e, "--") from None
+    serve(settings)
+
+
+def _bad(e: ValidationError, prefix: str) -> typer.BadParameter:
+    """The first error of ``e`` as the option it came from."""
+    err = e.errors()[0]
+    field = str(err["loc"][-1]) if err["loc"] else ""
+    return typer.BadParameter(err["msg"], param_hint=prefix + field.replace("_", "-"))
+
+
+def _read(path: Path, option: str) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as e:
+        raise typer.BadParameter(f"cannot read {path}: {e.strerror}", param_hint=option) from None
 
 
 def _token(path: Path | None) -> dict[str, str]:
-    return {} if path is None else {"status_token": path.read_text().strip()}
+    return {} if path is None else {"status_token": _read(path, "--ha-status-token-file")}
 
 
 @dc_app.command("add")

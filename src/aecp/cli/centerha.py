@@ -51,7 +51,7 @@ async def fetch_status(topology: Topology, secrets: Secrets) -> HAStatus:
     order = sorted(topology.nodes, key=lambda n: n.role is not Role.WITNESS)
     headers = {"Authorization": f"Bearer {secrets.agent}"}
     errors = []
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(trust_env=False) as http:
         for node in order:
             url = f"http://{node.ha_ip}:{AGENT_PORT}/status"
             try:
@@ -133,7 +133,7 @@ def promote(
     quorum, so no automatic failover). RISK: if the active is in fact alive and writing (cut
     off, not dead), two actives result and the writes one of them takes are lost when the
     trio is rebuilt. Refused unless --force and the active is unreachable from here."""
-    topo, _, root = _where(lab_dir, topology, secrets)
+    topo, sec, root = _where(lab_dir, topology, secrets)
     target = topo.node(node)
     if target.role is Role.WITNESS:
         raise InvalidInput("node", f"{node} is the witness: it has no database to promote")
@@ -143,11 +143,12 @@ def promote(
             "a forced promotion can lose data and make two actives if the active is alive; "
             "add --force once you are sure the active is down",
         )
-    alive = asyncio.run(_answering_leaders(topo, exclude=node))
+    alive = asyncio.run(_answering(topo, sec, exclude=node))
     if alive:
         raise InvalidState(
-            f"{', '.join(alive)} answers as the active: a forced promotion would make two "
-            "actives (use it only when the active is unreachable)"
+            f"{'; '.join(alive)}: a forced promotion is only for when the active and the "
+            "witness are both gone (with either alive it could make two actives, and with the "
+            "witness alive an automatic failover comes by itself)"
         )
     if root is None:
         raise InvalidState(
@@ -165,19 +166,25 @@ def promote(
     )
 
 
-async def _answering_leaders(topology: Topology, exclude: str) -> list[str]:
-    """Data nodes other than ``exclude`` whose Patroni says they are the primary."""
+async def _answering(topology: Topology, secrets: Secrets, exclude: str) -> list[str]:
+    """The other members that answer at all (their Patroni or their agent), one phrase each:
+    a member that answers, even as a replica, is not gone."""
     found = []
-    async with httpx.AsyncClient() as http:
-        for n in topology.data_nodes:
+    auth = {"Authorization": f"Bearer {secrets.agent}"}
+    async with httpx.AsyncClient(trust_env=False, timeout=2.0) as http:
+        for n in topology.nodes:
             if n.name == exclude:
                 continue
-            try:
-                r = await http.get(f"http://{n.ha_ip}:{PATRONI_PORT}/primary", timeout=2.0)
-            except httpx.HTTPError:
-                continue
-            if r.status_code == 200:
-                found.append(n.name)
+            urls = [(f"http://{n.ha_ip}:{AGENT_PORT}/local", auth, "its HA agent")]
+            if n.role is not Role.WITNESS:
+                urls.insert(0, (f"http://{n.ha_ip}:{PATRONI_PORT}/patroni", {}, "its Patroni"))
+            for url, headers, what in urls:
+                try:
+                    await http.get(url, headers=headers)
+                except httpx.HTTPError:
+                    continue
+                found.append(f"{n.name} ({n.role}) answers: {what}")
+                break
     return found
 
 

@@ -364,7 +364,7 @@ class Trio:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         url = f"http://{self.plan.address('ha', k)}:{PATRONI_PORT}/primary"
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(trust_env=False) as http:
             while loop.time() < deadline:
                 with contextlib.suppress(httpx.HTTPError):
                     if (await http.get(url, timeout=1.0)).status_code == 200:
@@ -460,7 +460,7 @@ class Trio:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         last: Any = None
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(trust_env=False) as http:
             while loop.time() < deadline:
                 for k in (3, 1, 2):
                     try:

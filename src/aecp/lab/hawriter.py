@@ -79,7 +79,7 @@ class Writer:
 
     async def run(self, stop: asyncio.Event, pause: float = 0.02) -> None:
         """Write until ``stop`` is set (a short pause after a failure, none after a success)."""
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(trust_env=False) as http:
             while not stop.is_set():
                 if await self.write_once(http) is None:
                     await asyncio.sleep(pause * 5)
@@ -96,7 +96,7 @@ class Writer:
     async def verify(self) -> list[str]:
         """The acknowledged writes missing from the center (data centers or audit); [] is the
         pass. Raises ``Unavailable`` if the center cannot be read."""
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(trust_env=False) as http:
             try:
                 await self.login(http)
                 headers = {"Authorization": f"Bearer {self._token}"}

@@ -157,21 +157,24 @@ def load_secrets(path: Path) -> Secrets:
 async def serve(topology: Topology, me: HANode, paths: NodePaths, secrets: Secrets) -> None:
     import uvicorn
 
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(trust_env=False) as http:
         mover = None
         gateway = None
+        role = None
         if me.role is not Role.WITNESS:
+            own = f"{me.ha_ip}:2379"  # its own member first, then the others
             gateway = EtcdGateway(
-                [f"{me.ha_ip}:2379"],
+                [own, *(e for e in topology.etcd_endpoints() if e != own)],
                 ca=paths.tls / "ca.crt",
                 cert=paths.tls / "node.crt",
                 key=paths.tls / "node.key",
             )
+            role = PatroniRole(f"http://{me.ha_ip}:{PATRONI_PORT}")
             mover = Mover(
                 me.name,
                 NetnsAddress(topology.management_iface, topology.management_ip),
                 GatewayLeader(gateway, topology.leader_key),
-                PatroniRole(f"http://{me.ha_ip}:{PATRONI_PORT}"),
+                role,
                 SYSTEM_CLOCK,
             )
         agent = Agent(topology, me, secrets, http, mover)
@@ -185,6 +188,8 @@ async def serve(topology: Topology, me: HANode, paths: NodePaths, secrets: Secre
             await cancel(running)
             if gateway is not None:
                 await gateway.aclose()
+            if role is not None:
+                await role.aclose()
 
 
 def main(argv: list[str] | None = None) -> None:

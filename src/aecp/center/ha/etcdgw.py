@@ -75,7 +75,9 @@ def _unb64(text: str) -> str:
 
 
 class EtcdGateway:
-    """Reads of the leader key through the first of ``endpoints`` (``host:port``).
+    """Reads of the leader key through ``endpoints`` (``host:port``), in order: the first that
+    answers both calls gives the answer (a linearizable read needs a quorum through whichever
+    member serves it, so asking another member when one is down is as safe).
 
     ``server_name``: the name the member's certificate must carry, when it is not the endpoint's
     host. ``transport`` replaces the network (tests pass an ``httpx.MockTransport``); no TLS
@@ -95,21 +97,38 @@ class EtcdGateway:
     ) -> None:
         if not endpoints:
             raise InvalidInput("endpoints", "no etcd endpoint given")
-        self.endpoint = endpoints[0]
+        self.endpoints = list(endpoints)
+        self.endpoint = self.endpoints[0]
         self._extensions = {"sni_hostname": server_name} if server_name else {}
         verify: ssl.SSLContext | bool = True
         if transport is None:
             verify = client_context(ca, cert, key)
-        self._http = httpx.AsyncClient(
-            base_url=f"https://{self.endpoint}",
-            verify=verify,
-            timeout=timeout,
-            trust_env=False,  # no proxy from the environment between an agent and its member
-            transport=transport,
-        )
+        self._clients = {
+            e: httpx.AsyncClient(
+                base_url=f"https://{e}",
+                verify=verify,
+                timeout=timeout,
+                trust_env=False,  # no proxy from the environment between an agent and etcd
+                transport=transport,
+            )
+            for e in self.endpoints
+        }
+        self._http = self._clients[self.endpoint]
 
     async def leader(self, key: str) -> LeaderLease | None:
-        """Who holds ``key`` and how long its lease has left; ``None`` if there is no such key."""
+        """Who holds ``key`` and how long its lease has left; ``None`` if there is no such key.
+        ``GatewayError`` (the last one) if no endpoint answers."""
+        error: GatewayError | None = None
+        for endpoint in self.endpoints:
+            self.endpoint, self._http = endpoint, self._clients[endpoint]
+            try:
+                return await self._leader(key)
+            except GatewayError as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    async def _leader(self, key: str) -> LeaderLease | None:
         body = await self._post("/v3/kv/range", {"key": _b64(key), "serializable": False})
         kvs = body.get("kvs") or []
         if not kvs:
@@ -156,4 +175,5 @@ class EtcdGateway:
         return body
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for client in self._clients.values():
+            await client.aclose()

@@ -4,17 +4,26 @@ may (``docs/design/center-ha.md``, "The management IP").
 The rule, decided by ``Mover.step`` once a round:
 
 - **take** when a quorum read of etcd says the leader key is this member's *and* the local
-  Patroni says its PostgreSQL is the primary: ``add``, then ``announce`` (gratuitous ARP);
+  Patroni says its PostgreSQL is the primary, and has said so without a break for
+  ``take_after_s``: ``add``, then ``announce`` (gratuitous ARP, repeated on the next rounds);
 - **drop at once** when a read says otherwise (the key is another member's or absent, or
-  PostgreSQL here is not the primary): ``remove``;
-- **without an answer** (etcd or Patroni failed or is slow) keep holding only until the deadline
-  of the last confirmation, ``read start + remaining TTL - margin``, where ``read start`` is the
-  monotonic time taken *before* the etcd read. The lease cannot expire before then, so no rival
-  can hold the key while this node still holds the IP. A read that is still running at the
-  deadline does not delay the drop: the read is abandoned and the IP dropped on time.
+  PostgreSQL here is not the primary; also when etcd gives no answer but Patroni here says its
+  PostgreSQL is not the primary): ``remove``;
+- **without an answer** keep holding only until the deadline of the last confirmation,
+  ``read start + min(hold_s, remaining TTL - margin)``, where ``read start`` is the monotonic
+  time taken *before* the etcd read. A read that is still running at the deadline does not
+  delay the drop: the read is abandoned and the IP dropped on time.
 
-Also: a mover's first round removes an IP it finds but may not hold (a restarted agent never
-inherits one); an IP that should be held but is gone (someone removed it) is added back; and
+Why two nodes never hold it: a rival may take the leader key either when the lease expires
+(never before this node's deadline) or at once when Patroni releases it on purpose (a
+switchover, a stop). In the second case this node's last "mine" was read before the release,
+so it drops the IP within ``hold_s`` of that read, while the rival, whose first "mine" came
+after the release, waits ``take_after_s`` > ``hold_s`` before adding it. The kernel backs this
+up: the address is put on with a lifetime (``ADDRESS_LIFETIME_S``) that each round renews, so a
+node whose agent died gives it up by itself.
+
+Also: an IP found on the interface that may not be held is removed (a restarted agent never
+inherits one it may not hold); an IP that should be held but is gone is added back; and
 ``run`` removes the IP when it is cancelled (an agent that stops does not leave it behind).
 
 Everything outside is behind a protocol (``Address``, ``LeaderSource``, ``LocalRole``) and time
@@ -47,10 +56,18 @@ from aecp.network import rootops
 
 log = logging.getLogger(__name__)
 
-ADDRESS_LIFETIME_S = 3
+ADDRESS_LIFETIME_S = 2
 """The management IP's lifetime in the kernel, renewed every round: an agent that dies (and
-with it every renewal) leaves the IP for at most this long, far less than the ``ttl`` before
-another node may take the leader key."""
+with it every renewal) leaves the IP for at most this long (plus the kernel's check, about a
+second), less than ``TAKE_AFTER_S`` minus ``HOLD_S``... and far less than the ``ttl`` before
+another node may take an expired leader key."""
+HOLD_S = 1.5
+"""How long one confirmation lets the mover go on holding without another."""
+TAKE_AFTER_S = 4.0
+"""How long a node must have been confirmed without a break before it adds the IP: more than
+``HOLD_S`` + ``ADDRESS_LIFETIME_S`` - a round, so a holder that was confirmed just before a
+voluntary release has dropped it (or its kernel has) first."""
+ANNOUNCE_ROUNDS = 3
 DECISIONS_KEPT = 50
 """How many of the mover's last sentences ``Mover.decisions`` keeps."""
 
@@ -105,6 +122,7 @@ class _Answer:
     kind: Literal["mine", "not mine", "no answer"]
     why: str
     until: float | None = None
+    started: float = 0.0
 
 
 class Mover:
@@ -125,12 +143,18 @@ class Mover:
         *,
         interval_s: float = 0.25,
         margin_s: float = 2.0,
+        hold_s: float = HOLD_S,
+        take_after_s: float = TAKE_AFTER_S,
     ) -> None:
         self.me = me
         self._address, self._leader, self._role, self._clock = address, leader, role, clock
         self.interval_s, self.margin_s = interval_s, margin_s
+        self.hold_s, self.take_after_s = hold_s, take_after_s
         self._holds = False
         self._rounds = 0
+        self._swept = False  # an IP found here that may not be held has been looked for
+        self._mine_since: float | None = None  # start of an unbroken run of "mine" answers
+        self._announce_left = 0
         self._valid_until: float | None = None
         self.decisions: list[str] = []
 
@@ -169,7 +193,10 @@ class Mover:
         answer = await self._ask_by_deadline()
         if answer.kind == "mine":
             self._valid_until = answer.until
+            if self._mine_since is None:
+                self._mine_since = answer.started
             return await self._on_mine(answer)
+        self._mine_since = None
         if answer.kind == "not mine":
             self._valid_until = None
             return await self._on_no(answer.why)
@@ -185,32 +212,57 @@ class Mover:
             return await self._on_no(f"the lease has less than the {self.margin_s:g} s margin left")
         if self._holds:
             return await self._keep(answer.why)
+        if self._rounds == 1 and await self._address.present():
+            return await self._take(answer.why)  # this node's own, from an agent before me
+        assert self._mine_since is not None
+        if self._clock.monotonic() - self._mine_since < self.take_after_s:
+            return None  # a holder confirmed before a voluntary release may still hold it
         return await self._take(answer.why)
 
     async def _on_no(self, why: str) -> str | None:
         """May not hold: drop what is held, and on the first round what is found."""
         if self._holds:
             return await self._drop(why)
-        if self._rounds == 1 and await self._address.present():
-            await self._address.remove()
-            return self._note(f"removed the management IP found here (I may not hold it): {why}")
+        if not self._swept:
+            found = await self._address.present()
+            self._swept = True
+            if found:
+                await self._address.remove()
+                return self._note(
+                    f"removed the management IP found here (I may not hold it): {why}"
+                )
         return None
 
     async def _keep(self, why: str) -> str | None:
         """Holding and may go on: renew the address, or put it back if someone removed it."""
         if await self._address.present():
             await self._address.renew()
+            await self._announce_again()
             return None
         await self._address.add()
-        await self._address.announce()
+        self._announce_left = ANNOUNCE_ROUNDS
+        await self._announce_again()
         return self._note(f"put the management IP back (it had been removed): {why}")
+
+    async def _announce_again(self) -> None:
+        """One of the gratuitous ARPs owed after a take; a failure is logged and retried."""
+        if self._announce_left <= 0:
+            return
+        try:
+            await self._address.announce()
+        except Exception:
+            log.warning("management IP: announcing it failed; trying again next round")
+            return
+        self._announce_left -= 1
 
     async def _take(self, why: str) -> str:
         found = await self._address.present()
         if not found:
             await self._address.add()
         self._holds = True
-        await self._address.announce()
+        self._swept = True
+        self._announce_left = ANNOUNCE_ROUNDS
+        await self._announce_again()
         verb = "kept the management IP found here" if found else "took the management IP"
         return self._note(f"{verb}: {why}")
 
@@ -235,7 +287,7 @@ class Mover:
         try:
             lease = await self._leader.leader()
         except Exception as exc:
-            return _Answer("no answer", f"etcd did not answer ({_short(exc)})")
+            return await self._without_etcd(f"etcd did not answer ({_short(exc)})")
         if lease is None:
             return _Answer("not mine", "there is no leader key")
         if lease.holder != self.me:
@@ -250,7 +302,18 @@ class Mover:
             f"the leader key is mine (lease {lease.ttl_remaining_s:.1f} s left) "
             "and PostgreSQL here is the primary"
         )
-        return _Answer("mine", why, started + lease.ttl_remaining_s - self.margin_s)
+        until = started + min(self.hold_s, lease.ttl_remaining_s - self.margin_s)
+        return _Answer("mine", why, until, started)
+
+    async def _without_etcd(self, why: str) -> _Answer:
+        """etcd gave no answer: a definite "not the primary" from Patroni here still drops."""
+        try:
+            primary = await self._role.is_primary()
+        except Exception:
+            return _Answer("no answer", why)
+        if not primary:
+            return _Answer("not mine", f"{why} and PostgreSQL here is not the primary")
+        return _Answer("no answer", why)
 
     # --- time and bookkeeping -------------------------------------------------------------------
 
