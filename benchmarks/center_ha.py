@@ -93,7 +93,8 @@ async def failovers(trio: Trio, n: int, writes_before: int) -> list[DrillReport]
         report = await run_drill(trio, writes_before=writes_before, restore=True)
         reports.append(report)
         log(
-            f"failover {i}/{n}: {report.old_active} -> {report.new_active}: "
+            f"failover {i}/{n}: {report.old_active} -> {report.new_active} (etcd leader "
+            f"{report.etcd_leader_before}): "
             f"RTO {_s(report.rto_s)}, IP moved {_s(report.ip_moved_s)}, "
             f"{report.acknowledged} acknowledged, {report.ambiguous} ambiguous, "
             f"{report.lost} lost, IP on two {report.ip_on_two}, "
@@ -229,6 +230,16 @@ def report(reports: list[DrillReport], cost: dict[str, object], timing: pat.Timi
         print(f"{'RTO worst (client)':>34} | {max(rtos):>7.1f} s |")
     if moved:
         print(f"{'management IP moved, median':>34} | {statistics.median(moved):>7.1f} s |")
+    for same, label in ((True, "etcd leader on the killed node"), (False, "etcd leader elsewhere")):
+        part = [
+            r.rto_s
+            for r in reports
+            if r.rto_s is not None and (r.etcd_leader_before == r.old_active) is same
+        ]
+        if part:
+            print(
+                f"{'RTO median, ' + label:>34} | {statistics.median(part):>7.1f} s | ({len(part)})"
+            )
     print(f"{'lost acknowledged writes':>34} | {lost:>9} | 0")
     print(f"{'management IP on two (samples)':>34} | {sum(r.ip_on_two for r in reports):>9} | 0")
     print(f"{'ambiguous writes (all failovers)':>34} | {sum(r.ambiguous for r in reports):>9} |")

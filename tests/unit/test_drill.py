@@ -19,6 +19,7 @@ from aecp.lab.drill import (
     Event,
     ack_bounds,
     decision_events,
+    etcd_leader_of,
     holder_events,
     ip_moved_at,
     iso,
@@ -191,6 +192,14 @@ def test_patroni_events_before_the_kill_are_left_out() -> None:
     assert patroni_events("aoc2", ["no stamp at all"], T0) == []
 
 
+def test_etcd_leader_is_named_from_the_gateways_answers() -> None:
+    status = {"header": {"member_id": "17"}, "leader": "9"}
+    members = {"members": [{"ID": "17", "name": "aoc3"}, {"ID": "9", "name": "aoc1"}]}
+    assert etcd_leader_of(status, members) == "aoc1"
+    assert etcd_leader_of({"leader": "5"}, members) is None
+    assert etcd_leader_of({}, {}) is None
+
+
 # --- whole or not --------------------------------------------------------------------------------
 
 
@@ -264,6 +273,7 @@ def test_the_report_for_people_rounds_and_uses_iso_times() -> None:
     assert summary["RTO (client)"] == "20.8 s"
     assert summary["management IP moved"] == "20.1 s"
     assert summary["epoch"] == "3 -> 4"
+    assert summary["etcd leader before"] == "unknown"
     assert summary["killed"] == "aoc1 at 2027-01-15T08:00:00.000Z"
     assert summary["result"] == "PASS"
     failed = report(rto_s=None, new_active=None, epoch_after=None, restored=False).summary()

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import datetime
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -248,6 +249,7 @@ class DrillReport:
     lost: int  # acknowledged writes missing afterwards: must be 0
     missing: list[str] = field(default_factory=list)
     ip_on_two: int = 0  # samples in which two nodes held the management IP: must be 0
+    etcd_leader_before: str | None = None  # the node whose etcd member led etcd at the start
     restored: bool | None = None  # None: not asked; else whether the old active came back
     timeline: list[Event] = field(default_factory=list)
 
@@ -273,6 +275,7 @@ class DrillReport:
             "killed": f"{self.old_active} at {iso(self.killed_at)}",
             "new active": self.new_active or "none seen",
             "epoch": f"{_num(self.epoch_before)} -> {_num(self.epoch_after)}",
+            "etcd leader before": self.etcd_leader_before or "unknown",
             "old active back as passive": restored,
             "result": "PASS" if self.passed else "FAIL",
         }
@@ -425,6 +428,34 @@ async def agent_decisions(trio: Trio, since: float) -> list[Event]:
     return events
 
 
+def etcd_leader_of(status: dict[str, Any], members: dict[str, Any]) -> str | None:
+    """The name of etcd's leader from the JSON gateway's ``/v3/maintenance/status`` and
+    ``/v3/cluster/member/list`` answers (None if they do not say)."""
+    leader = str(status.get("leader", ""))
+    names = {str(m.get("ID")): m.get("name") for m in members.get("members", [])}
+    name = names.get(leader)
+    return str(name) if name else None
+
+
+async def etcd_leader(trio: Trio) -> str | None:
+    """Which node's etcd member leads etcd now (asked of the witness's member with its client
+    certificate); None if it does not answer. It matters to the RTO: a new etcd leader renews
+    every lease for a full ``ttl`` when it is elected, so killing the etcd leader's node
+    postpones the expiry of the dead active's lease by the etcd election."""
+    k = len(trio.topology().nodes)
+    tls = trio.paths(k).tls
+    context = ssl.create_default_context(cafile=str(tls / "ca.crt"))
+    context.load_cert_chain(str(tls / "node.crt"), str(tls / "node.key"))
+    url = f"https://{trio.plan.address('ha', k)}:2379"
+    try:
+        async with httpx.AsyncClient(verify=context, timeout=2.0) as http:
+            st = await http.post(f"{url}/v3/maintenance/status", json={})
+            members = await http.post(f"{url}/v3/cluster/member/list", json={})
+        return etcd_leader_of(st.json(), members.json())
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
 def patroni_log(trio: Trio, k: int) -> Path:
     return trio.base(k) / "log" / "patroni" / "patroni.log"
 
@@ -517,13 +548,15 @@ async def run_drill(
     assert old is not None
     names = [n.name for n in trio.topology().nodes]
     k = names.index(old) + 1
+    etcd_before = await etcd_leader(trio)
     start = time.time()
     drill: list[Event] = [
         Event(
             start,
             "drill",
             f"the trio is whole: {old} active (epoch {_num(st.epoch)}), the RPO in sync, "
-            f"the management IP on {old}",
+            f"the management IP on {old}; etcd's leader is the member on "
+            f"{etcd_before or 'an unknown node'}",
         )
     ]
     say(f"the trio is whole: {old} is the active; writing through {trio.center_url}")
@@ -613,6 +646,7 @@ async def run_drill(
         new_active=new,
         epoch_before=st.epoch,
         epoch_after=epoch_after,
+        etcd_leader_before=etcd_before,
         killed_at=kill_started,
         rto_s=rto_of(writer.acked, killed_at),
         ip_moved_s=None if moved is None else moved - kill_started,
