@@ -250,6 +250,19 @@ async def test_a_new_holder_waits_take_after_s_of_unbroken_confirmations() -> No
     assert r.address.on
 
 
+async def test_no_wait_once_the_last_holders_lease_has_surely_run_out() -> None:
+    """The old holder crashed: its lease, last seen with 5 s left, expired; past 5 + 2 s the
+    key is mine and there is nothing to wait for (its holder dropped the IP a margin before)."""
+    r = rig(hold_s=1.5, take_after_s=4.0)
+    r.leader.mine(5.0, holder="n2")
+    await r.mover.step()
+    await r.clock.advance(6.9)
+    r.leader.mine(19.0)
+    assert await r.mover.step() is None  # 6.9 s: not surely gone yet
+    await r.clock.advance(0.1)
+    assert (await r.mover.step() or "").startswith("took the management IP")
+
+
 async def test_a_break_in_the_confirmations_restarts_the_wait() -> None:
     r = rig(hold_s=1.5, take_after_s=4.0)
     for _ in range(12):

@@ -18,7 +18,10 @@ Why two nodes never hold it: a rival may take the leader key either when the lea
 (never before this node's deadline) or at once when Patroni releases it on purpose (a
 switchover, a stop). In the second case this node's last "mine" was read before the release,
 so it drops the IP within ``hold_s`` of that read, while the rival, whose first "mine" came
-after the release, waits ``take_after_s`` > ``hold_s`` before adding it. The kernel backs this
+after the release, waits ``take_after_s`` > ``hold_s`` before adding it. The wait is skipped
+when the rival's first "mine" was read after the old holder's lease, as last seen, had surely
+run out (its remaining TTL + 2 s): the old holder's deadline fell at least the margin before
+that. The kernel backs this
 up: the address is put on with a lifetime (``ADDRESS_LIFETIME_S``) that each round renews, so a
 node whose agent died gives it up by itself.
 
@@ -154,6 +157,8 @@ class Mover:
         self._rounds = 0
         self._swept = False  # an IP found here that may not be held has been looked for
         self._mine_since: float | None = None  # start of an unbroken run of "mine" answers
+        # by when the lease of the last rival holder seen has surely run out (monotonic)
+        self._rival_gone_by: float | None = None
         self._announce_left = 0
         self._valid_until: float | None = None
         self.decisions: list[str] = []
@@ -215,7 +220,8 @@ class Mover:
         if self._rounds == 1 and await self._address.present():
             return await self._take(answer.why)  # this node's own, from an agent before me
         assert self._mine_since is not None
-        if self._clock.monotonic() - self._mine_since < self.take_after_s:
+        expired = self._rival_gone_by is not None and answer.started >= self._rival_gone_by
+        if not expired and self._clock.monotonic() - self._mine_since < self.take_after_s:
             return None  # a holder confirmed before a voluntary release may still hold it
         return await self._take(answer.why)
 
@@ -291,6 +297,11 @@ class Mover:
         if lease is None:
             return _Answer("not mine", "there is no leader key")
         if lease.holder != self.me:
+            # its lease runs out before this (etcd rounds the TTL down; a second more for the
+            # kernel to drop an address its holder renewed last): past it, that holder has
+            # dropped the IP, so a take need not wait
+            gone_by = self._clock.monotonic() + lease.ttl_remaining_s + 2.0
+            self._rival_gone_by = gone_by
             return _Answer("not mine", f"the leader key is {lease.holder}'s")
         try:
             primary = await self._role.is_primary()
