@@ -44,6 +44,8 @@ from aecp.center.db.models import (
     Notification,
     Task,
 )
+from aecp.center.ha import findings as ha_findings
+from aecp.center.ha.model import HAStatus, RPOKind, RPOState
 from aecp.center.main import bootstrap
 from aecp.center.notify import DeliveryError, MemoryChannel, Message, Outbox, Target
 from aecp.center.settings import CenterSettings
@@ -213,6 +215,48 @@ def test_a_settled_one_shot_cause_never_opens_again() -> None:
     sim.run([])  # a later task on its target succeeded: the finding is gone
     assert sim.open == {} and sim.settled == {failed.key}
     assert sim.run([failed]) == []
+
+
+def rpo(kind: RPOKind, behind_s: float | None = None) -> list[Finding]:
+    """The HA trio's findings for an RPO (``center.ha.findings``)."""
+    status = HAStatus(
+        cluster_id="aoc-trio",
+        leader="aoc-a",
+        epoch=3,
+        management_ip="10.231.0.200",
+        ip_holders=["aoc-a"],
+        rpo=RPOState(kind=kind, behind_s=behind_s),
+        automatic_failover=True,
+        members=[],
+        as_of=1000.0,
+    )
+    return ha_findings.ha_findings(status)
+
+
+def test_each_change_of_the_rpo_notifies_its_one_alert_and_a_moving_figure_does_not() -> None:
+    sim = Sim()
+    assert sim.run(rpo(RPOKind.IN_SYNC)) == []
+    (opened,) = sim.run(rpo(RPOKind.DEGRADED, 12))
+    assert isinstance(opened, Open) and opened.cause == (
+        "AOC is unprotected: degraded: passive 12 s behind"
+    )
+    (later,) = sim.run(rpo(RPOKind.DEGRADED, 14))  # the same state, a new figure
+    assert isinstance(later, Update) and later.event is None
+    assert "14 s behind" in later.cause and "state changed" not in later.sentence()
+    for kind in (RPOKind.NO_STANDBY, RPOKind.UNKNOWN, RPOKind.DEGRADED):
+        (moved,) = sim.run(rpo(kind, 3))
+        assert isinstance(moved, Update) and moved.changed and moved.event == "changed", kind
+        assert not moved.escalated and "its state changed" in moved.sentence()
+    (gone,) = sim.run(rpo(RPOKind.IN_SYNC))
+    assert isinstance(gone, Resolve)
+    assert sim.opened == [opened.key]  # one alert through every state
+
+
+def test_a_finding_without_notify_change_updates_its_words_silently() -> None:
+    sim = Sim()
+    sim.run(vm("web", "error", message="QEMU exited with status 1"))
+    (moved,) = sim.run(vm("web", "error", message="no node fits it"))
+    assert isinstance(moved, Update) and not moved.changed and moved.event is None
 
 
 def test_objects_are_read_into_findings_as_the_cluster_api_shows_them() -> None:
@@ -444,6 +488,37 @@ async def test_the_loop_opens_updates_and_resolves_alerts_and_notifies_open_and_
         ("escalated", "node_storage_use", "n1"),
         ("resolved", "node_storage_use", "n1"),
     ]
+
+
+async def test_the_loop_notifies_each_change_of_the_rpo_once(world: World) -> None:
+    w = world
+    now = [rpo(RPOKind.IN_SYNC)]
+    w.loop.external = lambda: now[0]
+    w.loop.external_rules = ha_findings.HA_RULE_NAMES
+    for kind, behind in (
+        (RPOKind.DEGRADED, 12.0),
+        (RPOKind.DEGRADED, 20.0),
+        (RPOKind.NO_STANDBY, None),
+        (RPOKind.NO_STANDBY, None),
+        (RPOKind.UNKNOWN, None),
+        (RPOKind.DEGRADED, 2.0),
+        (RPOKind.IN_SYNC, None),
+    ):
+        now[0] = rpo(kind, behind)
+        await w.clock.advance(10)
+        await w.loop.pass_once()
+    trio = ("aoc_unprotected", "aoc-trio")
+    assert events(w) == [
+        ("opened", *trio),
+        ("changed", *trio),  # no standby
+        ("changed", *trio),  # unknown
+        ("changed", *trio),  # degraded again
+        ("resolved", *trio),
+    ]
+    assert len(w.rows(select(Alert))) == 1  # one alert through it all
+    changed = [m for _, m in w.channel.sent if m.payload["event"] == "changed"]
+    assert changed[0].payload["alert"]["cause"] == "AOC is unprotected: no standby"
+    assert changed[0].subject.startswith("[AECP critical] changed: AOC is unprotected")
 
 
 async def test_no_second_alert_opens_for_a_cause_even_if_the_database_is_asked_to(

@@ -1,9 +1,11 @@
 """The center in an HA trio, in process and in virtual time, over a fake Patroni and a fake HA
 agent: the settings refuse what cannot work, naming the field; the leadership follows
 Patroni's ``/primary`` and starts the background work on becoming the leader and stops it at
-once on losing it (and starts it afresh next time); a passive center serves reads and answers
+once on losing it (and starts it afresh next time), while a Patroni that gives no answer (slow,
+restarting) keeps the last answer for a grace only; a passive center serves reads and answers
 every change with 503 naming the active, and so does an active whose database refuses a write
-as read-only; ``/healthz`` says the role; ``/v1/ha`` relays the agent's status (404 standalone,
+as read-only or is being demoted (shut down, restarting, connection lost); ``/healthz`` says
+the role; ``/v1/ha`` relays the agent's status (404 standalone,
 503 without an agent); the console's header shows the last status read; and the active turns
 the status into alerts that open once and resolve when their cause is gone."""
 
@@ -22,12 +24,12 @@ import pytest
 from fastapi import FastAPI
 from pydantic import SecretStr, ValidationError
 from sqlalchemy import select
-from sqlalchemy.exc import InternalError, OperationalError
+from sqlalchemy.exc import IntegrityError, InternalError, OperationalError
 
 from aecp.center.alerts import Alerting, AlertSettings
 from aecp.center.db.models import Alert
 from aecp.center.ha import findings
-from aecp.center.ha.gate import Leadership, is_read_only_error
+from aecp.center.ha.gate import Leadership, is_demotion_error, is_read_only_error
 from aecp.center.ha.model import HAStatus, Member, Replication, Role, RPOKind, RPOState
 from aecp.center.main import CenterLoops, bootstrap
 from aecp.center.settings import CenterHA, CenterSettings
@@ -225,6 +227,83 @@ async def test_the_status_is_read_every_few_seconds_and_dropped_when_the_agent_i
         await asyncio.gather(running, return_exceptions=True)
 
 
+async def probe_at(leadership: Leadership, trio: FakeTrio, clock: FakeClock, answer: Any) -> bool:
+    """``answer`` from Patroni at the next poll, in virtual time; the leadership after it."""
+    trio.primary = answer
+    seen = leadership.probes
+    await clock.advance(leadership.ha.poll_s)
+    await until(leadership, lambda s: s.probes > seen)
+    return leadership.leader
+
+
+async def test_one_slow_probe_or_a_patroni_restart_keeps_the_leadership_and_the_work(
+    clock: FakeClock,
+) -> None:
+    """A probe that times out, or a Patroni restarting (PostgreSQL runs on: nothing refused),
+    is no answer: the center stays the active and its work is neither stopped nor restarted
+    (which would re-run the tasks it was executing)."""
+    trio, duties = FakeTrio(), FakeDuties()
+    trio.primary = 200
+    leadership = Leadership(HA, duties, clock, trio.client(), 8800)
+    assert leadership.unknown_grace_s == 3 * HA.poll_s
+    running = asyncio.create_task(leadership.run())
+    try:
+        await until(leadership, lambda s: s.probes >= 1 and s.leader)
+        assert await probe_at(leadership, trio, clock, httpx.ReadTimeout)  # one slow probe
+        assert await probe_at(leadership, trio, clock, 200)
+        assert leadership.unknown_since is None
+        for _ in range(2):  # Patroni restarting: refused connections for a second
+            assert await probe_at(leadership, trio, clock, httpx.ConnectError)
+        assert await probe_at(leadership, trio, clock, 200)
+        assert duties.calls == ["start"]
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_503_drops_the_leadership_at_once(clock: FakeClock) -> None:
+    trio, duties = FakeTrio(), FakeDuties()
+    trio.primary = 200
+    leadership = Leadership(HA, duties, clock, trio.client(), 8800)
+    running = asyncio.create_task(leadership.run())
+    try:
+        await until(leadership, lambda s: s.probes >= 1 and s.leader)
+        assert await probe_at(leadership, trio, clock, httpx.ConnectTimeout)
+        assert not await probe_at(leadership, trio, clock, 503)  # a definite no, within the grace
+        assert duties.calls == ["start", "stop"]
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_no_answer_for_longer_than_the_grace_drops_the_leadership(clock: FakeClock) -> None:
+    trio, duties = FakeTrio(), FakeDuties()
+    trio.primary = 200
+    leadership = Leadership(HA, duties, clock, trio.client(), 8800, unknown_grace_s=2.0)
+    running = asyncio.create_task(leadership.run())
+    try:
+        await until(leadership, lambda s: s.probes >= 1 and s.leader)
+        first = clock.monotonic() + HA.poll_s  # the first probe without an answer
+        kept = []
+        while await probe_at(leadership, trio, clock, httpx.ConnectTimeout):
+            kept.append(clock.monotonic() - first)
+        assert kept == [0.0, 0.5, 1.0, 1.5]  # under the grace: still the active
+        assert clock.monotonic() - first == 2.0 and duties.calls == ["start", "stop"]
+        assert not await probe_at(leadership, trio, clock, httpx.ConnectTimeout)  # stays passive
+        assert await probe_at(leadership, trio, clock, 200)  # back: a new term
+        assert duties.calls == ["start", "stop", "start"]
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_passive_without_answers_stays_passive(clock: FakeClock) -> None:
+    trio, duties = FakeTrio(), FakeDuties()
+    trio.primary = httpx.ConnectError
+    leadership = Leadership(HA, duties, clock, trio.client(), 8800)
+    assert await leadership.probe() is False and duties.calls == []
+
+
 # ---- the gate ---------------------------------------------------------------------------------
 @dataclass
 class Center:
@@ -319,6 +398,82 @@ async def test_a_write_a_read_only_database_refuses_is_503_and_other_db_errors_s
     assert is_read_only_error(refused) and not is_read_only_error(RuntimeError("x"))
 
 
+def _shutdown() -> OperationalError:
+    return OperationalError(
+        "INSERT INTO users ...",
+        {},
+        psycopg.errors.AdminShutdown("terminating connection due to administrator command"),
+    )
+
+
+def _starting() -> OperationalError:
+    return OperationalError(
+        "INSERT INTO users ...", {}, psycopg.errors.CannotConnectNow("the database is starting up")
+    )
+
+
+def _lost() -> OperationalError:
+    return OperationalError(
+        "INSERT INTO users ...", {}, psycopg.OperationalError("server closed the connection")
+    )
+
+
+def _dropped() -> OperationalError:
+    return OperationalError(
+        "INSERT INTO users ...", {}, RuntimeError("gone"), connection_invalidated=True
+    )
+
+
+DEMOTION_ERRORS = [_shutdown, _starting, _lost, _dropped]
+
+
+@pytest.mark.parametrize("make", DEMOTION_ERRORS)
+async def test_a_write_that_meets_a_demotion_is_503_naming_the_active(
+    center: Center, monkeypatch: pytest.MonkeyPatch, make: Callable[[], OperationalError]
+) -> None:
+    """A demotion shuts PostgreSQL down and starts it as a standby: a write in between meets
+    57P01, 57P03 or a lost connection, never only 25006."""
+    c = center
+
+    def demoted(*_: Any) -> None:
+        raise make()
+
+    monkeypatch.setattr(c.app.state.center.accounts, "create_user", demoted)
+    body = {"name": "alice", "role": "ADMIN", "password": "Correct-Horse-9"}
+    r = await c.http.post("/v1/users", headers=auth(c.root), json=body)
+    assert r.status_code == 503, r.text
+    assert r.json()["active"] == ACTIVE and r.json()["error"] == "unavailable"
+    assert is_demotion_error(make())
+
+
+async def test_a_standalone_center_keeps_500_for_a_shut_down_database(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a trio no other center takes over: a shut-down database is an error."""
+    app, password = bootstrap(CenterSettings(data_dir=tmp_path / "alone"), clock)
+
+    def down(*_: Any) -> None:
+        raise _shutdown()
+
+    monkeypatch.setattr(app.state.center.accounts, "create_user", down)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url=AOC) as http:
+        token = (await http.post("/v1/login", json={"user": "root", "password": password})).json()
+        body = {"name": "alice", "role": "ADMIN", "password": "Correct-Horse-9"}
+        r = await http.post("/v1/users", headers=auth(token["token"]), json=body)
+        assert r.status_code == 500 and r.json()["error"] == "internal", r.text
+
+
+def test_other_database_errors_are_no_demotion() -> None:
+    full = OperationalError("INSERT ...", {}, psycopg.errors.DiskFull("disk full"))
+    unique = IntegrityError("INSERT ...", {}, psycopg.errors.UniqueViolation("duplicate"))
+    assert not is_demotion_error(full) and not is_demotion_error(unique)
+    assert not is_demotion_error(RuntimeError("x"))
+    assert is_demotion_error(
+        InternalError("INSERT ...", {}, psycopg.errors.ReadOnlySqlTransaction("read-only"))
+    )
+
+
 async def test_v1_ha_relays_the_agents_status_and_says_why_when_it_cannot(
     center: Center, tmp_path: Path, clock: FakeClock
 ) -> None:
@@ -377,7 +532,7 @@ async def test_each_term_of_leadership_starts_the_work_afresh(center: Center) ->
     assert isinstance(loops, CenterLoops) and loops.running
     first = c.app.state.runner
     assert c.app.state.syncer is not None
-    c.trio.primary = httpx.ReadTimeout
+    c.trio.primary = 503
     await c.leadership.probe()
     assert not loops.running and c.app.state.syncer is None
     c.trio.primary = 200

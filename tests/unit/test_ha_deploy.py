@@ -1,20 +1,28 @@
 """The production layout: ``deploy.node_files`` gives each node what its role needs (the witness
-no Patroni or center files), ``etcd.env`` is the lab's etcd command line as ``ETCD_*`` variables
-and holds no secret, ``write_node`` writes secrets 0600, and the example topology and the
-systemd units in ``deploy/center-ha/`` agree with the code."""
+no Patroni or center files; a data node the center's ``secret.key``, the trio's ``box_key``),
+``etcd.env`` is the lab's etcd command line as ``ETCD_*`` variables and holds no secret,
+``write_node`` writes secrets 0600, a secrets file without ``box_key`` is refused naming it, the
+center's role is made from a SCRAM verifier (RFC 7677's vector), and the example topology and
+the systemd units in ``deploy/center-ha/`` agree with the code."""
 
 from __future__ import annotations
 
+import ast
+import base64
+import hashlib
+import hmac
 import json
 import re
 import stat
+import sys
+import types
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from aecp.center.ha import deploy
+from aecp.center.ha import bootstrapdb, deploy
 from aecp.center.ha import patroni as pat
 from aecp.center.ha.model import Role
 from aecp.center.ha.topology import Topology, load, parse
@@ -34,6 +42,7 @@ SECRETS = pat.Secrets(
     center="center-Secret-4",
     restapi="api-Secret-5",
     agent="agent-Secret-6",
+    box_key="Ym94LWtleS1ib3gta2V5LWJveC1rZXktYm94LWtleS0=",
 )
 DATA_FILES = {
     "topology.json",
@@ -43,6 +52,7 @@ DATA_FILES = {
     "patroni.json",
     "center/database-url",
     "center/agent-token",
+    "center/secret.key",
 }
 WITNESS_FILES = {"topology.json", "secrets.json", "etcd.env", "node.env"}
 
@@ -159,6 +169,36 @@ def test_the_center_files() -> None:
         "postgresql+psycopg://aecp:center-Secret-4@10.232.0.2:5432/aecp"
     )
     assert files["center/agent-token"].strip() == "agent-Secret-6"
+
+
+@pytest.mark.parametrize("name", ["aoc1", "aoc2"])
+def test_both_data_nodes_get_the_trios_box_key_as_the_centers_secret_key(name: str) -> None:
+    """The center in a trio refuses to start without ``data_dir/secret.key`` and both need the
+    same: the deploy step writes it from the shared secrets, readable by the center only."""
+    assert files_of(name)["center/secret.key"] == SECRETS.box_key + "\n"
+    entry = deploy.layout(trio(), name)["center/secret.key"]
+    assert entry == deploy.Entry(0o600, deploy.CENTER_USER, deploy.CENTER_USER)
+    assert deploy.layout(trio(), name)["center/"].user == entry.user
+
+
+def test_the_box_key_is_in_no_file_but_the_secrets_and_the_centers_key() -> None:
+    for name in ("aoc1", "aoc2", "aoc3"):
+        holders = {rel for rel, content in files_of(name).items() if SECRETS.box_key in content}
+        want = {"secrets.json"} if name == "aoc3" else {"secrets.json", "center/secret.key"}
+        assert holders == want, name
+
+
+def test_the_centers_secret_key_opens_with_the_centers_secret_box(tmp_path: Path) -> None:
+    from aecp.center.secrets import SecretBox
+
+    t = trio(tmp_path / "pg")
+    sealed = ""
+    for name in ("aoc1", "aoc2"):
+        paths = pat.NodePaths(tmp_path / name)
+        deploy.write_node(t, name, paths, SECRETS)
+        box = SecretBox.at(paths.base / "center" / "secret.key")
+        sealed = sealed or box.seal("cluster credential")
+        assert box.open(sealed) == "cluster credential"  # what one sealed, the other opens
 
 
 # --- etcd.env -----------------------------------------------------------------------------------
@@ -293,7 +333,13 @@ def test_write_node_writes_a_data_node(tmp_path: Path) -> None:
     assert {str(p.relative_to(paths.base)) for p in written} == DATA_FILES
     for rel, content in files.items():
         assert (paths.base / rel).read_text() == content
-    for rel in ("secrets.json", "patroni.json", "center/database-url", "center/agent-token"):
+    for rel in (
+        "secrets.json",
+        "patroni.json",
+        "center/database-url",
+        "center/agent-token",
+        "center/secret.key",
+    ):
         assert mode(paths.base / rel) == 0o600, rel
     for rel in ("topology.json", "etcd.env", "node.env"):
         assert mode(paths.base / rel) == 0o644, rel
@@ -348,6 +394,7 @@ def test_write_node_sets_owners_only_when_asked(
     assert owners["patroni.json"] == ("postgres", "postgres")
     assert owners["secrets.json"] == ("postgres", "postgres")
     assert owners["database-url"] == owners["agent-token"] == ("aecp", "aecp")
+    assert owners["secret.key"] == owners["center"] == ("aecp", "aecp")
     assert owners["etcd"] == ("etcd", "etcd") and owners["tls"] == ("root", "aecp-ha")
     assert owners["etcd.env"] == ("root", "root")
 
@@ -388,7 +435,7 @@ def test_main_makes_secrets_once_and_writes_a_node(
 ) -> None:
     secrets = tmp_path / "secrets.json"
     assert deploy.main(["secrets", str(secrets)]) == 0
-    assert mode(secrets) == 0o600 and len(set(json.loads(secrets.read_text()).values())) == 6
+    assert mode(secrets) == 0o600 and len(set(json.loads(secrets.read_text()).values())) == 7
     assert deploy.main(["secrets", str(secrets)]) == 2  # never overwritten
     base = tmp_path / "base"
     argv = ["node", "--topology", str(EXAMPLE), "--node", "aoc3", "--secrets", str(secrets)]
@@ -404,6 +451,98 @@ def test_main_refuses_a_secrets_file_without_every_secret(tmp_path: Path) -> Non
     secrets.write_text(json.dumps({"agent": "x"}))
     argv = ["node", "--topology", str(EXAMPLE), "--node", "aoc3", "--secrets", str(secrets)]
     assert deploy.main([*argv, "--base", str(tmp_path / "base")]) == 2
+
+
+def test_a_secrets_file_from_before_the_box_key_is_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secrets = tmp_path / "secrets.json"
+    secrets.write_text(json.dumps({k: v for k, v in SECRETS.to_dict().items() if k != "box_key"}))
+    with pytest.raises(InvalidInput) as e:
+        deploy.read_secrets(secrets)
+    assert e.value.fields["field"] == "box_key" and str(secrets) in e.value.message
+    argv = ["node", "--topology", str(EXAMPLE), "--node", "aoc1", "--secrets", str(secrets)]
+    assert deploy.main([*argv, "--base", str(tmp_path / "base")]) == 2
+    assert "box_key is missing" in capsys.readouterr().err
+    assert not (tmp_path / "base").exists()  # nothing written
+    secrets.write_text("[]")
+    with pytest.raises(InvalidInput) as e:
+        deploy.read_secrets(secrets)
+    assert e.value.fields["field"] == "secrets"
+
+
+# --- the center's role: a SCRAM verifier, never the password -------------------------------------
+
+
+def test_the_scram_verifier_matches_rfc_7677s_example() -> None:
+    """RFC 7677, section 3: user ``user``, password ``pencil``, this salt, 4096 iterations. The
+    server's signature there is HMAC(ServerKey, AuthMessage); the client's proof XOR
+    HMAC(StoredKey, AuthMessage) is the ClientKey, whose SHA-256 is the StoredKey."""
+    salt = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")
+    verifier = bootstrapdb.scram_verifier("pencil", salt, 4096)
+    match = re.fullmatch(r"SCRAM-SHA-256\$4096:([^$]+)\$([^:]+):(.+)", verifier)
+    assert match is not None, verifier
+    assert base64.b64decode(match[1]) == salt
+    stored_key, server_key = base64.b64decode(match[2]), base64.b64decode(match[3])
+    nonce = "rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"
+    auth = (
+        f"n=user,r=rOprNGfwEbeRWgbNEkqO,r={nonce},s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096,"
+        f"c=biws,r={nonce}"
+    ).encode()
+    server_signature = hmac.digest(server_key, auth, "sha256")
+    assert base64.b64encode(server_signature) == b"6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+    proof = base64.b64decode("dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
+    client_key = bytes(
+        p ^ s for p, s in zip(proof, hmac.digest(stored_key, auth, "sha256"), strict=True)
+    )
+    assert hashlib.sha256(client_key).digest() == stored_key
+
+
+def test_the_scram_verifier_is_salted_afresh_and_refuses_what_saslprep_would_change() -> None:
+    one, two = bootstrapdb.scram_verifier("pw"), bootstrapdb.scram_verifier("pw")
+    assert one != two and one.startswith("SCRAM-SHA-256$4096:")
+    assert len(base64.b64decode(one.split("$")[1].split(":")[1])) == 16
+    with pytest.raises(ValueError):
+        bootstrapdb.scram_verifier("pässword")
+
+
+def test_bootstrapdb_imports_only_psycopg_and_the_standard_library() -> None:
+    """Patroni's interpreter runs it: it has psycopg and nothing of AECP's."""
+    tree = ast.parse(Path(bootstrapdb.__file__).read_text())
+    imported: set[str] = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            imported |= {a.name.split(".")[0] for a in n.names}
+        elif isinstance(n, ast.ImportFrom):
+            imported.add((n.module or "").split(".")[0])
+    imported.discard("__future__")
+    assert imported - set(sys.stdlib_module_names) == {"psycopg"}
+
+
+def test_bootstrapdb_sends_the_verifier_not_the_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[str] = []
+
+    class Conn:
+        def __enter__(self) -> Conn:
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            return None
+
+        def execute(self, statement: Any, params: Any = None) -> Any:
+            text = statement if isinstance(statement, str) else statement.as_string(None)
+            sent.append(text)
+            return types.SimpleNamespace(fetchone=lambda: None)
+
+    monkeypatch.setattr("psycopg.connect", lambda *a, **kw: Conn())
+    secrets = tmp_path / "secrets.json"
+    secrets.write_text(json.dumps(SECRETS.to_dict()))
+    assert bootstrapdb.main([str(secrets), "host=x"]) == 0
+    create = next(s for s in sent if s.startswith("CREATE ROLE"))
+    assert SECRETS.center not in " ".join(sent)
+    assert "PASSWORD 'SCRAM-SHA-256$4096:" in create
 
 
 # --- the systemd units --------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """Patroni's configuration is what ``docs/design/center-ha.md`` says: synchronous but not strict,
 rewindable (checksums, ``wal_log_hints``), lease timing that demotes an isolated active before
 its lease can expire, every listener on the HA IP, no password-less network access, etcd over
-TLS with client certificates; the secrets are six distinct values and land in 0600 files."""
+TLS with client certificates; the secrets are seven distinct values (six passwords and the
+centers' Fernet key), a file without the key is refused naming it, and they land in 0600
+files."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -28,6 +31,7 @@ SECRETS = pat.Secrets(
     center="center-secret",
     restapi="api-secret",
     agent="agent-secret",
+    box_key="Ym94LWtleS1ib3gta2V5LWJveC1rZXktYm94LWtleS0=",
 )
 POST = "/opt/aecp/venv-ha/bin/python /opt/aecp/bootstrapdb.py /var/lib/aecp-center-ha/secrets.json"
 
@@ -109,8 +113,11 @@ def test_synchronous_mode_on_and_strict_off() -> None:
     assert d["postgresql"]["parameters"]["synchronous_commit"] == "on"
 
 
-def test_no_standby_with_any_lag_may_be_promoted() -> None:
-    assert dcs(config_of())["maximum_lag_on_failover"] == 0
+def test_unacknowledged_wal_in_flight_does_not_block_a_failover() -> None:
+    """Patroni compares the lost leader's last published flush position (unacknowledged WAL
+    included) with the standby's: 0 would block every failover during a bulk write. ``/sync``
+    keeps a promotion from losing a commit (synchronous mode, above)."""
+    assert dcs(config_of())["maximum_lag_on_failover"] == 1024 * 1024 * 1024
 
 
 def test_pg_rewind_with_data_checksums_and_wal_log_hints() -> None:
@@ -260,6 +267,7 @@ def test_etcd_over_https_with_the_nodes_certificate() -> None:
 def test_the_agent_and_center_secrets_are_not_in_patronis_config() -> None:
     text = json.dumps(config_of())
     assert "agent-secret" not in text and "center-secret" not in text
+    assert SECRETS.box_key not in text
 
 
 def test_paths() -> None:
@@ -317,11 +325,36 @@ def test_patronis_own_schema_accepts_it(monkeypatch: pytest.MonkeyPatch) -> None
 # --- secrets and files --------------------------------------------------------------------------
 
 
-def test_secrets_generate_six_distinct_values() -> None:
+def test_secrets_generate_seven_distinct_values() -> None:
     s = pat.Secrets.generate()
     values = list(s.to_dict().values())
-    assert len(values) == 6 and len(set(values)) == 6
-    assert all(len(v) >= 32 and v.replace("-", "").replace("_", "").isalnum() for v in values)
+    assert len(values) == 7 and len(set(values)) == 7
+    passwords = [v for k, v in s.to_dict().items() if k != "box_key"]
+    assert all(len(v) >= 32 and v.replace("-", "").replace("_", "").isalnum() for v in passwords)
+
+
+def test_the_box_key_is_a_fernet_key() -> None:
+    fernet = pytest.importorskip("cryptography.fernet")
+    key = pat.Secrets.generate().box_key
+    assert len(base64.urlsafe_b64decode(key)) == 32
+    box = fernet.Fernet(key.encode())
+    assert box.decrypt(box.encrypt(b"cluster credential")) == b"cluster credential"
+
+
+def test_secrets_without_the_box_key_are_refused_naming_it() -> None:
+    """A file made before ``box_key`` existed: no silent default (the centers would each make
+    their own key and could not open what the other sealed)."""
+    old = {k: v for k, v in SECRETS.to_dict().items() if k != "box_key"}
+    with pytest.raises(InvalidInput) as e:
+        pat.Secrets.from_dict(old)
+    assert e.value.fields["field"] == "box_key" and "box_key is missing" in e.value.message
+    with pytest.raises(InvalidInput) as e:
+        pat.Secrets.from_dict({**old, "box_key": "not-a-key"})
+    assert e.value.fields["field"] == "box_key"
+    with pytest.raises(InvalidInput) as e:
+        pat.Secrets.from_dict({**SECRETS.to_dict(), "agent": 7})
+    assert e.value.fields["field"] == "agent"
+    assert pat.Secrets.from_dict(SECRETS.to_dict()) == SECRETS
 
 
 def test_secrets_differ_between_two_trios() -> None:
@@ -332,8 +365,17 @@ def test_secrets_differ_between_two_trios() -> None:
 def test_secrets_round_trip_through_their_dict() -> None:
     s = pat.Secrets.generate()
     d = s.to_dict()
-    assert set(d) == {"superuser", "replication", "rewind", "center", "restapi", "agent"}
+    assert set(d) == {
+        "superuser",
+        "replication",
+        "rewind",
+        "center",
+        "restapi",
+        "agent",
+        "box_key",
+    }
     assert pat.Secrets(**json.loads(json.dumps(d))) == s
+    assert pat.Secrets.from_dict(json.loads(json.dumps(d))) == s
 
 
 def _mode(path: Path) -> int:

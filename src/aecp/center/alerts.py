@@ -7,8 +7,10 @@ the open alerts and the rule settings to ``evaluate``, a pure function that retu
 ``Open`` (a cause with no open alert), ``Update`` (an open alert whose level, value or cause
 changed) and ``Resolve`` (an open alert whose cause is gone or whose rule is disabled). The
 decisions are applied in one transaction together with their notifications
-(``center.notify.enqueue``): a notification when an alert opens, when its level rises, and when
-it resolves.
+(``center.notify.enqueue``): a notification when an alert opens (``opened``), when its level
+rises (``escalated``), and when it resolves (``resolved``); and, for a finding that names a
+state (``Finding.notify_change``: the HA trio's RPO), when its words change other than in their
+numbers (``changed``: ``degraded`` to ``no standby``, not ``12 s behind`` to ``14 s behind``).
 
 One open alert per cause (rule, cluster, object kind, object name): ``evaluate`` never opens a
 second, and the ``open_key`` column, unique, makes the database refuse one.
@@ -41,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -79,6 +82,7 @@ KEEP_RESOLVED_S = 90 * 86400.0  # resolved alerts are deleted after this (retent
 PRUNE_BATCH = 500  # rows deleted in one transaction, per table
 PRUNE_EVERY_S = 3600.0  # between two retention runs (at once again while batches are full)
 DECIDE_TRIES = 3  # a pass that loses a race to another center decides again, this often
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 class AlertSettings(BaseModel):
@@ -172,7 +176,9 @@ class Key(NamedTuple):
 @dataclass(frozen=True)
 class Finding:
     """What a pass saw: the cause of ``rule`` on an object, with a value (a percentage, for a
-    threshold rule; ``None`` there: it could not be read)."""
+    threshold rule; ``None`` there: it could not be read). ``notify_change``: the detail names
+    a state the cause goes through while its alert stays open (the RPO: degraded, no standby,
+    unknown), and each change of state notifies; a change of a number alone does not."""
 
     rule: str
     cluster: str
@@ -180,6 +186,7 @@ class Finding:
     name: str
     value: float | None = None
     detail: str = ""
+    notify_change: bool = False
 
     @property
     def key(self) -> Key:
@@ -210,16 +217,27 @@ class Open:
 
 @dataclass(frozen=True)
 class Update:
+    """An open alert's new level, value or cause. ``escalated``: its level rose;
+    ``changed``: its cause names another state (``Finding.notify_change``). Either notifies."""
+
     id: int
     key: Key
     level: Level
     value: float | None
     cause: str
     escalated: bool
+    changed: bool = False
+
+    @property
+    def event(self) -> str | None:
+        """The notification it sends: ``escalated``, ``changed`` or none."""
+        return "escalated" if self.escalated else "changed" if self.changed else None
 
     def sentence(self) -> str:
-        rose = ", its level rose" if self.escalated else ""
-        return f"alert {self.id}: {self.cause} ({self.level}){rose}: updated"
+        why = (
+            ", its level rose" if self.escalated else ", its state changed" if self.changed else ""
+        )
+        return f"alert {self.id}: {self.cause} ({self.level}){why}: updated"
 
 
 @dataclass(frozen=True)
@@ -279,7 +297,13 @@ def _fires(
         return [] if f.key in settled else [Open(f.key, level, f.value, cause, impact, action)]
     if (a.level, a.value, a.cause) == (level, f.value, cause):
         return []
-    return [Update(a.id, a.key, level, f.value, cause, level.rank > a.level.rank)]
+    changed = f.notify_change and _shape(cause) != _shape(a.cause)
+    return [Update(a.id, a.key, level, f.value, cause, level.rank > a.level.rank, changed)]
+
+
+def _shape(words: str) -> str:
+    """``words`` with every number made ``#``: what stays when only a figure moves."""
+    return _NUMBER.sub("#", words)
 
 
 def _why_resolved(key: Key, book: RuleBook) -> str:
@@ -496,8 +520,8 @@ def apply(db: DB, decisions: Iterable[Decision], now: float) -> None:
         if isinstance(d, Update):
             found.level, found.value, found.cause = d.level.value, d.value, d.cause
             found.updated_at = now
-            if d.escalated:
-                notify.enqueue(db, found, "escalated", now)
+            if d.event is not None:
+                notify.enqueue(db, found, d.event, now)
         else:
             resolve(db, found, d.why, now)
 

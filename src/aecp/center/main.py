@@ -1,6 +1,7 @@
 """``aecp center run``: bring the database to the newest schema, make the preset roles and,
-at first start, the ``root`` user (its random password written to a 0600 file and printed
-once), then serve the API.
+at first start, the ``root`` user (its random password written to a 0600 file whose path is
+printed; the password itself is never printed or logged, standalone or in HA: the output lands
+in journald or a lab's log, which others may read), then serve the API.
 
 Standalone (no ``settings.ha``), the center does all of it at once and carries out tasks, syncs
 inventories and evaluates alerts for as long as it runs. In an HA trio (``settings.ha``) its
@@ -142,7 +143,8 @@ def _secret_box(settings: CenterSettings) -> SecretBox:
         raise ConfigError(
             [
                 f"data_dir: {path} is missing: both data nodes' centers need the same key "
-                "(copy it from the other data node, or make one for both at deployment)"
+                "(the deploy step writes it from the box_key of the trio's secrets file: "
+                "python -m aecp.center.ha.deploy node ...; or copy the other data node's)"
             ]
         )
     return SecretBox.at(path)
@@ -283,8 +285,10 @@ async def _run_ha(settings: CenterSettings) -> None:
 
 
 def _announce(settings: CenterSettings, password: str | None) -> None:
+    """Say where root's password is when root was made now: the 0600 file's path only (this
+    output goes to journald or a log file, so it never holds the password)."""
     if password is not None:
-        print(f"user root, password {password} (also in {settings.root_password_file})")
+        print(f"user root created; its password is in {settings.root_password_file} (0600)")
 
 
 async def serve(app: FastAPI, settings: CenterSettings, stop: asyncio.Event | None = None) -> None:

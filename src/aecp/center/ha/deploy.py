@@ -12,12 +12,18 @@ Under the node's base directory (``NodePaths.base``, ``/var/lib/aecp-center-ha``
     patroni.json         data   0600  postgres      aecp-ha-patroni.service
     center/database-url  data   0600  aecp          the center (``--database-url-file``)
     center/agent-token   data   0600  aecp          the center (``--ha-status-token-file``)
+    center/secret.key    data   0600  aecp          the center (its ``data_dir/secret.key``)
     tls/                 all    0750  root:aecp-ha  etcd, Patroni, the agent (``install_bundle``)
     etcd/                all    0700  etcd          etcd's data
     run/ log/ log/patroni/  data  0700  postgres    Patroni: pgpass, the socket, its log
     center/              data   0700  aecp          the center's data directory
 
     (1) root on the witness, which runs no PostgreSQL.
+
+``center/secret.key`` is the trio's ``box_key`` (``Secrets``): the Fernet key the center seals
+cluster credentials with. A center in a trio never makes one and refuses to start without it,
+and both data nodes' centers must have the same, so the deploy step writes it from the shared
+secrets file.
 
 Secrets appear only in the 0600 files: ``etcd.env`` and ``node.env`` hold names, addresses and
 paths, never a password. ``etcd.env`` sets, as ``ETCD_*`` variables, exactly the flags that
@@ -37,7 +43,7 @@ import secrets as tokens
 import shutil
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -62,6 +68,7 @@ NODE_ENV = "node.env"
 PATRONI = "patroni.json"
 DATABASE_URL = "center/database-url"
 AGENT_TOKEN = "center/agent-token"
+SECRET_KEY = "center/secret.key"
 CENTER_DIR = "center"
 HA_GROUP = "aecp-ha"
 """The group that may read the node's TLS key: etcd, Patroni and the agent (root)."""
@@ -201,7 +208,7 @@ def node_files(
 ) -> dict[str, str]:
     """Every file node ``name`` needs, as ``{path relative to paths.base: content}`` (pure;
     ``InvalidInput`` if ``name`` is not a node of the trio). The witness gets no
-    ``patroni.json`` and no center files."""
+    ``patroni.json`` and no center files (``center/secret.key`` among them)."""
     node = topology.node(name)
     files = {
         TOPOLOGY: topology.model_dump_json(indent=2) + "\n",
@@ -223,6 +230,7 @@ def node_files(
         PATRONI: json.dumps(document, indent=2) + "\n",
         DATABASE_URL: center_url(topology, node, secrets) + "\n",
         AGENT_TOKEN: secrets.agent + "\n",
+        SECRET_KEY: secrets.box_key + "\n",
     }
 
 
@@ -253,6 +261,7 @@ def layout(topology: Topology, name: str) -> dict[str, Entry]:
         PATRONI: Entry(0o600, "postgres", "postgres"),
         DATABASE_URL: center,
         AGENT_TOKEN: center,
+        SECRET_KEY: center,
     }
 
 
@@ -362,11 +371,19 @@ def write_secrets(path: Path) -> Secrets:
 
 
 def read_secrets(path: Path) -> Secrets:
+    """The trio's secrets in ``path``; ``InvalidInput`` if the file cannot be read or parsed,
+    or naming the field that is missing or wrong (a file made before ``box_key`` existed is
+    refused so: ``Secrets.from_dict`` says how to add it)."""
     try:
         data = json.loads(path.read_text())
-        return Secrets(**{f.name: str(data[f.name]) for f in fields(Secrets)})
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         raise InvalidInput("secrets", f"cannot read the secrets in {path}: {e!r}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("secrets", f"{path} does not hold a JSON object")
+    try:
+        return Secrets.from_dict(data)
+    except InvalidInput as e:
+        raise InvalidInput(e.fields["field"], f"{path}: {e.fields['reason']}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,9 @@
 the active center's alert loop draws from the last HA status it read (``gate.Leadership``).
 
 - ``aoc_unprotected`` (critical), one per trio: a failover now could lose data or has nobody
-  to fail over to (the RPO is not ``in sync``).
+  to fail over to (the RPO is not ``in sync``). Its one alert notifies each change of the RPO
+  (``degraded``, ``no standby``, ``unknown``: ``Finding.notify_change``), not the seconds
+  behind moving.
 - ``aoc_failover_off`` (notice), one per trio: a promotion could not happen now (the witness or
   the passive is lost, or an operator paused it); the status says why.
 - ``aoc_member_unreachable`` (notice), one per member: its agent does not answer.
@@ -67,7 +69,9 @@ def ha_findings(status: HAStatus) -> list[Finding]:
     out: list[Finding] = []
     trio = status.cluster_id
     if status.rpo.kind is not RPOKind.IN_SYNC:
-        out.append(Finding("aoc_unprotected", "", KIND, trio, detail=status.rpo.text))
+        out.append(
+            Finding("aoc_unprotected", "", KIND, trio, detail=status.rpo.text, notify_change=True)
+        )
     if not status.automatic_failover:
         why = status.failover_note or "the status gives no reason"
         out.append(Finding("aoc_failover_off", "", KIND, trio, detail=why))

@@ -9,6 +9,9 @@ The choices that matter (``docs/design/center-ha.md``):
 - ``use_pg_rewind`` with data checksums (``initdb -k``) and ``wal_log_hints``: an old active
   comes back as the passive without a new base backup. ``wal_keep_size`` keeps the WAL a rewind
   needs.
+- ``maximum_lag_on_failover`` 1 GiB, not 0: Patroni compares the lost leader's last published
+  WAL flush position, unacknowledged WAL included, so 0 would block every failover after a bulk
+  write; ``/sync`` is what keeps a promotion from losing a commit.
 - Timing: Patroni's floor is ``ttl`` 20 s, ``loop_wait`` 1 s, ``retry_timeout`` 3 s. We use the
   floor for ``ttl`` and ``loop_wait`` (a failover after an active's crash comes 19-20 s after
   its last lease renewal), and ``retry_timeout`` 5 s (an isolated active demotes within 6 s of
@@ -20,8 +23,11 @@ The choices that matter (``docs/design/center-ha.md``):
 
 from __future__ import annotations
 
+import base64
 import json
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +55,9 @@ class Timing:
 
 @dataclass(frozen=True)
 class Secrets:
-    """The trio's shared passwords (one file, 0600, the same on every node)."""
+    """The trio's shared secrets (one file, 0600, the same on every node): six passwords and
+    ``box_key``, the Fernet key (urlsafe base64 of 32 random bytes) both data nodes' centers
+    seal cluster credentials with (``center/secret.key``; ``center.secrets.SecretBox``)."""
 
     superuser: str
     replication: str
@@ -57,15 +65,48 @@ class Secrets:
     center: str
     restapi: str
     agent: str
+    box_key: str
 
     @classmethod
     def generate(cls) -> Secrets:
+        """Seven new, distinct values: six passwords and a Fernet key."""
         import secrets
 
-        return cls(*(secrets.token_urlsafe(24) for _ in range(6)))
+        passwords = {f.name: secrets.token_urlsafe(24) for f in fields(cls) if f.name != "box_key"}
+        return cls(**passwords, box_key=base64.urlsafe_b64encode(os.urandom(32)).decode())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Secrets:
+        """The secrets of a parsed secrets file; ``InvalidInput`` naming the first field that
+        is missing or not a string, or a ``box_key`` that is no Fernet key. A file made before
+        ``box_key`` existed is refused: add one, the same on the three nodes (a running
+        center's ``secret.key``, or a new key: ``deploy/center-ha/README.md`` says how)."""
+        values: dict[str, str] = {}
+        for f in fields(cls):
+            value = data.get(f.name)
+            if not isinstance(value, str) or not value:
+                why = "is missing" if value is None else "must be a non-empty string"
+                extra = (
+                    " (the centers' Fernet key, 32 random bytes in urlsafe base64, the same on "
+                    "the three nodes)"
+                    if f.name == "box_key"
+                    else ""
+                )
+                raise InvalidInput(f.name, f"the trio's secrets file: {f.name} {why}{extra}")
+            values[f.name] = value
+        if not _is_fernet_key(values["box_key"]):
+            raise InvalidInput("box_key", "is not a Fernet key (32 bytes in urlsafe base64)")
+        return cls(**values)
 
     def to_dict(self) -> dict[str, str]:
         return dict(self.__dict__)
+
+
+def _is_fernet_key(key: str) -> bool:
+    try:
+        return len(base64.urlsafe_b64decode(key.encode("ascii"))) == 32
+    except (ValueError, UnicodeEncodeError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -157,7 +198,12 @@ def config(
                 "ttl": timing.ttl,
                 "loop_wait": timing.loop_wait,
                 "retry_timeout": timing.retry_timeout,
-                "maximum_lag_on_failover": 0,
+                # Not 0: Patroni compares the dead leader's last published WAL *flush*
+                # position (which includes WAL no standby acknowledged yet) with the standby's,
+                # so with 0 any bulk write in flight at the crash would block every failover,
+                # forced ones too. In synchronous mode ``/sync`` is the guarantee: only the
+                # member it names, which holds every acknowledged commit, may be promoted.
+                "maximum_lag_on_failover": 1024 * 1024 * 1024,  # 1 GiB
                 "synchronous_mode": True,
                 "synchronous_mode_strict": False,
                 "postgresql": {
@@ -204,8 +250,6 @@ def config(
 
 def write(path: Path, document: dict[str, Any]) -> None:
     """Write a configuration (JSON, which Patroni reads as YAML) readable by its owner only."""
-    import os
-
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # a file that was there keeps its mode otherwise
     with os.fdopen(fd, "w") as f:
@@ -214,8 +258,6 @@ def write(path: Path, document: dict[str, Any]) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Write a secret-bearing file readable by its owner only."""
-    import os
-
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
