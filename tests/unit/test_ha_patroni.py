@@ -438,3 +438,9 @@ def test_a_node_directory_joins_only_the_trio_it_was_made_for(tmp_path: Path) ->
     with pytest.raises(InvalidInput) as e:
         paths.claim("aoc-other")
     assert e.value.fields["field"] == "cluster_id" and "aoc-prod" in e.value.message
+
+
+def test_a_standby_far_behind_is_not_made_synchronous_until_it_is_near() -> None:
+    """Every commit would wait for a returning passive's whole catch-up otherwise."""
+    dcs = config_of()["bootstrap"]["dcs"]
+    assert 0 < dcs["maximum_lag_on_syncnode"] <= 64 * 1024 * 1024

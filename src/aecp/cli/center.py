@@ -53,7 +53,7 @@ def run(
     ] = None,
 ) -> None:
     """Serve the center (its database is made or upgraded first; at first start the root
-    user's password is printed once and written to DATA_DIR/root-password, mode 0600). With
+    user's password is written to DATA_DIR/root-password, mode 0600, and that path printed). With
     the --ha-* options it is one of an HA trio's two centers (docs/design/center-ha.md)."""
     from aecp.center.main import run as serve
     from aecp.center.settings import CenterHA

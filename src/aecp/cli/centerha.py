@@ -37,12 +37,20 @@ def _where(
     if topology is not None or secrets is not None:
         if topology is None or secrets is None:
             raise InvalidInput("topology", "give both --topology and --secrets")
-        return load(topology), Secrets(**json.loads(secrets.read_text())), None
+        return load(topology), _secrets(secrets), None
     from aecp.lab.centerha import Trio
     from aecp.lab.harness import default_root
 
     trio = Trio.open(lab_dir or default_root() / "center-ha")
     return trio.topology(), trio.secrets(), trio.root
+
+
+def _secrets(path: Path) -> Secrets:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidInput("secrets", f"cannot read {path}: {e}") from None
+    return Secrets.from_dict(data)
 
 
 async def fetch_status(topology: Topology, secrets: Secrets) -> HAStatus:

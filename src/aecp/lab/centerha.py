@@ -47,7 +47,6 @@ from aecp.center.ha.topology import (
     Topology,
     check,
 )
-from aecp.center.secrets import SecretBox
 from aecp.common.errors import InvalidInput, NotFound, Unavailable
 from aecp.common.pki import ClusterCA
 from aecp.lab import etcd as labetcd
@@ -160,7 +159,7 @@ class Trio:
         return self.root / "secrets.json"
 
     def secrets(self) -> pat.Secrets:
-        return pat.Secrets(**json.loads(self.secrets_file.read_text()))
+        return pat.Secrets.from_dict(json.loads(self.secrets_file.read_text()))
 
     @property
     def management_address(self) -> str:
@@ -250,13 +249,10 @@ class Trio:
         for f in paths.tls.iterdir():
             os.chown(f, postgres.pw_uid, postgres.pw_gid)
         os.chown(paths.tls, postgres.pw_uid, postgres.pw_gid)
-        # one key for both centers: credentials one stored the other must open after a failover
-        box_key = self.root / "center-secret.key"
-        SecretBox.at(box_key)
-        (self.base(k) / "center").mkdir(exist_ok=True)
-        shutil.copyfile(box_key, self.base(k) / "center" / "secret.key")
-        os.chmod(self.base(k) / "center" / "secret.key", 0o600)
         secrets = self.secrets()
+        # one key for both centers: credentials one stored the other must open after a failover
+        (self.base(k) / "center").mkdir(exist_ok=True)
+        pat.write_text(self.base(k) / "center" / "secret.key", secrets.box_key + "\n")
         script = Path(bootstrapdb.__file__)
         post = f"{self.ha_venv / 'bin' / 'python'} {script} {self.secrets_file}"
         document = pat.config(self.topology(), node, paths, secrets, post_bootstrap=post)

@@ -248,7 +248,7 @@ class Notification(Base):
         ForeignKey("notifiers.id", ondelete="CASCADE"), index=True
     )
     alert: Mapped[int] = mapped_column(Integer, index=True)
-    event: Mapped[str] = mapped_column(String(16))  # opened, escalated, resolved
+    event: Mapped[str] = mapped_column(String(16))  # opened, escalated, changed, resolved
     payload: Mapped[str] = mapped_column(Text)  # JSON
     state: Mapped[str] = mapped_column(String(16), index=True)  # pending, sent, failed
     attempts: Mapped[int] = mapped_column(Integer, default=0)

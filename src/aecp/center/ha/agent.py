@@ -151,7 +151,7 @@ def make_app(agent: Agent) -> FastAPI:
 
 
 def load_secrets(path: Path) -> Secrets:
-    return Secrets(**json.loads(path.read_text()))
+    return Secrets.from_dict(json.loads(path.read_text()))
 
 
 async def serve(topology: Topology, me: HANode, paths: NodePaths, secrets: Secrets) -> None:

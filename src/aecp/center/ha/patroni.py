@@ -204,6 +204,9 @@ def config(
                 # forced ones too. In synchronous mode ``/sync`` is the guarantee: only the
                 # member it names, which holds every acknowledged commit, may be promoted.
                 "maximum_lag_on_failover": 1024 * 1024 * 1024,  # 1 GiB
+                # a returning passive far behind is made synchronous only once it is within
+                # 16 MiB: before, every commit would wait for its whole catch-up
+                "maximum_lag_on_syncnode": 16 * 1024 * 1024,
                 "synchronous_mode": True,
                 "synchronous_mode_strict": False,
                 "postgresql": {
