@@ -175,24 +175,31 @@ async def test_the_trio_comes_up_with_the_active_in_sync(trio: Trio) -> None:
     assert st.epoch is not None and st.epoch >= 1
     assert member(st, "aoc2") is Replication.IN_SYNC
     assert await trio.holders() == [1]
-    async with httpx.AsyncClient() as http:
-        # the passive's center serves reads and refuses writes, naming the active
+    # the passive's center serves reads and refuses writes, naming the active
+    async with httpx.AsyncClient(trust_env=False) as http:
         r = await http.get(f"{trio.center_url_of(2)}/healthz", timeout=5)
         assert r.status_code == 200
+    r = await write_on(trio, trio.center_url_of(2), "on-the-passive")
+    assert r.status_code == 503
+    assert trio.management_address in r.text
+
+
+async def write_on(trio: Trio, url: str, name: str) -> httpx.Response:
+    """Log in through the management IP, then try to make data center ``name`` on the center
+    at ``url``."""
+    async with httpx.AsyncClient(trust_env=False) as http:
         login = await http.post(
             f"{trio.center_url}/v1/login",
             json={"user": "root", "password": root_password(trio)},
             timeout=5,
         )
         token = login.json()["token"]
-        r = await http.post(
-            f"{trio.center_url_of(2)}/v1/datacenters",
-            json={"name": "on-the-passive"},
+        return await http.post(
+            f"{url}/v1/datacenters",
+            json={"name": name},
             headers={"Authorization": f"Bearer {token}"},
-            timeout=5,
+            timeout=10,
         )
-        assert r.status_code == 503
-        assert trio.management_address in r.text
 
 
 # --- the failure table -------------------------------------------------------------------------
@@ -282,20 +289,8 @@ async def test_active_isolated_steps_down_before_the_passive_is_promoted(trio: T
     stepped_down = min(t for t, role in roles.seen if role == "passive" and t > cut)
     assert stepped_down < took and dropped < took
     # the isolated node (still reachable on its management address) refuses writes
-    async with httpx.AsyncClient(trust_env=False) as http:
-        login = await http.post(
-            f"{trio.center_url}/v1/login",
-            json={"user": "root", "password": root_password(trio)},
-            timeout=5,
-        )
-        token = login.json()["token"]
-        r = await http.post(
-            f"http://{trio.plan.address('mgmt', 2)}:8800/v1/datacenters",
-            json={"name": "on-the-isolated"},
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=10,
-        )
-        assert r.status_code == 503
+    isolated = f"http://{trio.plan.address('mgmt', 2)}:8800"
+    assert (await write_on(trio, isolated, "on-the-isolated")).status_code == 503
     sampler.assert_never_two()
     assert st.leader == "aoc1"
     await trio.restore(2)

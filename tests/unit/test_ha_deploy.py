@@ -639,7 +639,8 @@ def _options(command: Any) -> set[str]:
 def test_the_units_give_only_options_the_cli_has() -> None:
     """The center and agent command lines of the units against ``aecp center run`` and
     ``aecp center ha agent`` as the CLI defines them."""
-    typer_main = pytest.importorskip("typer.main")
+    import typer.main as typer_main
+
     from aecp.cli.center import app
 
     center = typer_main.get_command(app)

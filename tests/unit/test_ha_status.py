@@ -380,7 +380,6 @@ def test_replication_of(role: str, state: str, expected: Replication) -> None:
 def test_compose_reads_what_patronis_cluster_as_json_writes() -> None:
     """Patroni's own serializer (no process, no DCS): a leader on timeline 5 and the synchronous
     standby named in ``/sync``, 648 bytes behind on replay."""
-    pytest.importorskip("patroni")
     from patroni.dcs import Cluster, ClusterConfig, Leader, Member, Status, SyncState
     from patroni.utils import cluster_as_json
 
