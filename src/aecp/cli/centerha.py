@@ -212,3 +212,40 @@ def agent(
             "--base", str(base), "--secrets", str(secrets),
         ]
     )  # fmt: skip
+
+
+@app.command("secrets")
+def secrets_file(
+    file: Annotated[Path, typer.Argument(help="where to write the trio's secrets (mode 0600)")],
+) -> None:
+    """Generate the trio's secrets file, once; copy it to the three nodes."""
+    from aecp.center.ha.deploy import main
+
+    raise typer.Exit(main(["secrets", str(file)]))
+
+
+@app.command("deploy")
+def deploy(
+    topology: Annotated[Path, typer.Option(help="the trio's topology file")],
+    node: Annotated[str, typer.Option(help="this node's name")],
+    secrets: Annotated[Path, typer.Option(help="the trio's secrets file")],
+    base: Annotated[Path, typer.Option(help="this node's state directory")] = Path(
+        "/var/lib/aecp-center-ha"
+    ),
+    bundle: Annotated[
+        Path | None, typer.Option(help="the node's credential directory to install")
+    ] = None,
+    etcd_state: Annotated[str, typer.Option(help="new, or existing for a returning node")] = "new",
+    chown: Annotated[bool, typer.Option(help="set owners (as root)")] = False,
+) -> None:
+    """Write one node's configuration (Patroni, etcd, agent, center) under BASE for the units
+    in deploy/center-ha/systemd; a node of another trio is refused, nothing changed."""
+    from aecp.center.ha.deploy import main
+
+    argv = ["node", "--topology", str(topology), "--node", node, "--secrets", str(secrets)]
+    argv += ["--base", str(base), "--etcd-state", etcd_state]
+    if bundle is not None:
+        argv += ["--bundle", str(bundle)]
+    if chown:
+        argv.append("--chown")
+    raise typer.Exit(main(argv))
