@@ -317,9 +317,13 @@ def fake_drill(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 def test_the_command_prints_figures_and_the_timeline(
-    fake_drill: dict[str, Any], tmp_path: Path
+    fake_drill: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from aecp.cli import output
     from aecp.cli.main import app
+
+    # the console's width is fixed when it is made: wide, so no sentence wraps in the table
+    monkeypatch.setattr(output.console, "width", 200)
 
     result = CliRunner().invoke(
         app,

@@ -50,6 +50,7 @@ from aecp.store.typed import read, update_op
 from aecp.store.view import ClusterView, VMEntry, read_cluster
 
 log = logging.getLogger(__name__)
+CREATE_ATTEMPTS = 32
 
 
 class DiskRemover(Protocol):
@@ -163,7 +164,9 @@ class VMService:
         cmp = [Compare.absent(keys.vm_spec(spec.name)), *guards]
         if volumes_free:
             cmp += [Compare.absent(keys.abs_volume(v)) for v in spec.volumes()]
-        for _ in range(5):
+        # a lost race means another creation took an address (progress): enough attempts for
+        # that many VMs created at once on one network
+        for _ in range(CREATE_ATTEMPTS):
             alloc = await self.networks.allocate_nics(spec)
             stored = spec.model_copy(update={"nics": alloc.nics})
             puts = [Put(keys.vm_spec(spec.name), stored.dump()), Put(keys.op(op.id), op.dump())]
