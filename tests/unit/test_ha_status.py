@@ -417,3 +417,17 @@ def test_compose_reads_what_patronis_cluster_as_json_writes() -> None:
     st = compose_(patroni, all_local("aoc1"))
     assert (st.leader, st.epoch, st.automatic_failover) == ("aoc1", 5, True)
     assert st.members[1].replication is Replication.IN_SYNC and st.members[1].lag_bytes == 648
+
+
+def test_a_paused_patroni_or_a_nofailover_tag_turns_automatic_failover_off() -> None:
+    topology = trio()
+    healthy: dict[str, Any] = {"members": [leader("aoc1", timeline=2), standby("aoc2")]}
+    locals_ = {n.name: {"holds_management_ip": n.name == "aoc1"} for n in topology.nodes}
+    rpo = IN_SYNC
+    assert compose(topology, healthy, locals_, rpo, 0.0).automatic_failover
+    paused = compose(topology, {**healthy, "pause": True}, locals_, rpo, 0.0)
+    assert not paused.automatic_failover and "paused" in paused.failover_note
+    members: list[dict[str, Any]] = [dict(m) for m in healthy["members"]]
+    members[1]["tags"] = {"nofailover": True}
+    tagged = compose(topology, {"members": members}, locals_, rpo, 0.0)
+    assert not tagged.automatic_failover and "aoc2" in tagged.failover_note

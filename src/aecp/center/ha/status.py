@@ -29,7 +29,7 @@ def compose(
     leader = next((m.name for m in members if m.leader), None)
     epoch = next((m.timeline for m in members if m.leader), None)
     holders = [m.name for m in members if m.holds_management_ip]
-    note = _failover_note(members, leader)
+    note = _failover_note(members, leader, _paused(patroni_cluster, by_name))
     return HAStatus(
         cluster_id=topology.cluster_id,
         leader=leader,
@@ -87,9 +87,22 @@ def replication_of(role: str, state: str) -> Replication:
     return Replication.IN_SYNC if role == "sync_standby" else Replication.CATCHING_UP
 
 
-def _failover_note(members: list[Member], leader: str | None) -> str:
+def _paused(cluster: Mapping[str, Any] | None, by_name: Mapping[str, Mapping[str, Any]]) -> str:
+    """Why Patroni would not fail over by itself whatever the members' health: maintenance
+    mode (``pause``), or a standby tagged ``nofailover``; "" if neither."""
+    if cluster and cluster.get("pause"):
+        return "Patroni is paused (maintenance mode): it promotes nobody"
+    tagged = sorted(n for n, m in by_name.items() if (m.get("tags") or {}).get("nofailover"))
+    if tagged:
+        return f"{', '.join(tagged)} tagged nofailover: Patroni will not promote it"
+    return ""
+
+
+def _failover_note(members: list[Member], leader: str | None, paused: str = "") -> str:
     if leader is None:
         return "no active: nothing to fail over from"
+    if paused:
+        return paused
     gone = [m for m in members if not m.reachable and m.name != leader]
     if gone:
         names = ", ".join(f"the {m.role} {m.name}" for m in gone)
