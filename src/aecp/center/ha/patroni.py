@@ -33,6 +33,7 @@ from typing import Any
 
 from aecp.center.ha.topology import PATRONI_PORT, PG_PORT, HANode, Topology
 from aecp.common.errors import InvalidInput
+from aecp.common.pki import write_private
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 CENTER_DB = "aecp"
@@ -253,15 +254,9 @@ def config(
 
 def write(path: Path, document: dict[str, Any]) -> None:
     """Write a configuration (JSON, which Patroni reads as YAML) readable by its owner only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # a file that was there keeps its mode otherwise
-    with os.fdopen(fd, "w") as f:
-        json.dump(document, f, indent=2)
+    write_private(path, json.dumps(document, indent=2).encode())
 
 
 def write_text(path: Path, text: str) -> None:
     """Write a secret-bearing file readable by its owner only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    write_private(path, text.encode())
